@@ -1,0 +1,34 @@
+// Schemas of the kernel-level primitives (see scnet_fused/ops/_dispatch.py for their contract).
+// CPU kernels register in csrc/cpu/, CUDA kernels in csrc/cuda/.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "sc_index.h"
+
+namespace scnet_fused {
+
+// The nearest-upsampling source index of every output index, as int64 (for tests of the C++ math).
+at::Tensor nearest_index(int64_t out_size, int64_t in_size) {
+  TORCH_CHECK(out_size > 0 && in_size > 0, "nearest_index: sizes must be positive, got out=", out_size,
+              ", in=", in_size);
+  auto out = at::empty({out_size}, at::kLong);
+  auto* p = out.data_ptr<int64_t>();
+  const float scale = nearest_scale(in_size, out_size);
+  for (int64_t i = 0; i < out_size; ++i) p[i] = nearest_source(i, scale, in_size, out_size);
+  return out;
+}
+
+}  // namespace scnet_fused
+
+TORCH_LIBRARY(scnet_fused, m) {
+  m.def("_nearest_index(int out_size, int in_size) -> Tensor");
+  m.def("_gate_forward(Tensor x, Tensor small, Tensor k3, Tensor? scale, Tensor? shift) -> Tensor");
+  m.def("_gate_backward(Tensor dy, Tensor x, Tensor small, Tensor k3, Tensor? scale, Tensor? shift, "
+        "Tensor? center, bool need_dk3) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_gate_backward_k3(Tensor dy, Tensor x, Tensor small, Tensor k3, Tensor p, Tensor q, Tensor r) -> Tensor");
+  m.def("_channel_stats(Tensor t) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(scnet_fused, CompositeExplicitAutograd, m) {
+  m.impl("_nearest_index", &scnet_fused::nearest_index);
+}

@@ -1,0 +1,71 @@
+"""The nearest-upsampling index map, computed exactly as PyTorch computes it.
+
+PyTorch's ``interpolate(mode="nearest", size=...)`` maps output index ``i`` to source index
+``min(floor(float32(i) * s), in - 1)`` with ``s = float32(in) / float32(out)`` (float32 division and
+float32 product), and to ``i >> 1`` when ``out == 2 * in`` (the same value). The map is monotone and
+steps by at most one, so the output indices that read source index ``a`` form one contiguous run
+``[start[a], start[a + 1])``: kernels walk these "cells" and reduce the upsampling adjoint inside them.
+A run can be empty (rounding can leave the last source index unread); its gradient is then zero.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+__all__ = ["nearest_source_index", "cell_starts", "cell_tables", "max_run"]
+
+
+@functools.lru_cache(maxsize=512)
+def _source_index_np(out_size: int, in_size: int) -> np.ndarray:
+    if out_size <= 0 or in_size <= 0:
+        raise ValueError(f"sizes must be positive, got out={out_size}, in={in_size}")
+    if out_size == in_size:
+        return np.arange(out_size, dtype=np.int64)
+    if out_size == 2 * in_size:
+        return np.arange(out_size, dtype=np.int64) >> 1
+    scale = np.float32(in_size) / np.float32(out_size)
+    prod = np.arange(out_size, dtype=np.float32) * scale  # float32 product, as the C++ kernels
+    idx = np.floor(prod).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
+def nearest_source_index(out_size: int, in_size: int) -> list:
+    """Source index of every output index (length ``out_size``)."""
+    return _source_index_np(int(out_size), int(in_size)).tolist()
+
+
+@functools.lru_cache(maxsize=512)
+def _starts_np(out_size: int, in_size: int) -> np.ndarray:
+    idx = _source_index_np(out_size, in_size)
+    # start[a] = first output index whose source is >= a; start[in_size] = out_size.
+    return np.searchsorted(idx, np.arange(in_size + 1), side="left").astype(np.int32)
+
+
+def cell_starts(out_size: int, in_size: int) -> list:
+    """``start`` of length ``in_size + 1``: source ``a`` is read by outputs ``[start[a], start[a+1])``."""
+    return _starts_np(int(out_size), int(in_size)).tolist()
+
+
+def max_run(out_size: int, in_size: int) -> int:
+    """Longest run of outputs sharing one source index (the cell extent a kernel must cover)."""
+    s = _starts_np(int(out_size), int(in_size))
+    return int(np.max(np.diff(s))) if len(s) > 1 else 0
+
+
+_TABLE_CACHE: dict = {}
+
+
+def cell_tables(H: int, W: int, h: int, w: int, device) -> torch.Tensor:
+    """One int32 tensor on ``device``: row starts (h + 1 entries) then column starts (w + 1)."""
+    key = (H, W, h, w, str(device))
+    t = _TABLE_CACHE.get(key)
+    if t is None:
+        arr = np.concatenate([_starts_np(H, h), _starts_np(W, w)]).astype(np.int32)
+        t = torch.from_numpy(arr).to(device)
+        if len(_TABLE_CACHE) > 256:
+            _TABLE_CACHE.clear()
+        _TABLE_CACHE[key] = t
+    return t

@@ -1,0 +1,16 @@
+"""Fused ops: public functions over torch.library custom ops, one file per fused computation."""
+
+from ._dispatch import BACKENDS, BackendUnavailable, available, backend, requested, select
+from .sc_gate import check_gate_inputs, sc_gate, sc_gate_bn_train
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "available",
+    "backend",
+    "requested",
+    "select",
+    "check_gate_inputs",
+    "sc_gate",
+    "sc_gate_bn_train",
+]

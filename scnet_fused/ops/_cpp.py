@@ -1,0 +1,62 @@
+"""The compiled extension ``scnet_fused._C`` as a backend: C++ (CPU) and CUDA kernels.
+
+The extension registers the kernel-level primitives as ``torch.ops.scnet_fused._gate_forward`` and
+friends (schemas in ``csrc/ops.cpp``; CPU kernels in ``csrc/cpu/``, CUDA kernels in ``csrc/cuda/``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_OPS = ("_gate_forward", "_gate_backward", "_gate_backward_k3", "_channel_stats")
+_import_error: Optional[str] = None
+
+try:
+    from .. import _C  # noqa: F401  (loads the op library)
+except Exception as exc:  # not built, or built against another torch
+    _import_error = f"the compiled extension scnet_fused._C is not importable ({type(exc).__name__}: {exc})"
+
+
+def has_kernel(op: str, key: str) -> bool:
+    if _import_error is not None:
+        return False
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"scnet_fused::{op}", key))
+    except RuntimeError:
+        return False
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """None when backend ``name`` ('cpu' or 'cuda') has compiled kernels, else why not."""
+    if _import_error is not None:
+        return _import_error
+    key = "CPU" if name == "cpu" else "CUDA"
+    missing = [op for op in _OPS if not has_kernel(op, key)]
+    if missing:
+        if name == "cuda":
+            return "scnet_fused._C was built without CUDA kernels (no CUDA toolkit at build time, or SCNET_FUSED_CUDA=0)"
+        return f"scnet_fused._C has no {key} kernels for {', '.join(missing)}"
+    return None
+
+
+class Primitives:
+    """The four primitives of ``scnet_fused.ops._dispatch`` over the extension's ops."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._ops = torch.ops.scnet_fused
+
+    def gate_forward(self, x, small, k3, scale, shift):
+        return self._ops._gate_forward(x, small, k3, scale, shift)
+
+    def gate_backward(self, dy, x, small, k3, scale, shift, center, need_dk3):
+        dx, dsmall, dk3, sum_g, sum_gk = self._ops._gate_backward(dy, x, small, k3, scale, shift, center, need_dk3)
+        return dx, dsmall, (dk3 if need_dk3 else None), sum_g, sum_gk
+
+    def gate_backward_k3(self, dy, x, small, k3, p, q, r):
+        return self._ops._gate_backward_k3(dy, x, small, k3, p, q, r)
+
+    def channel_stats(self, t):
+        return self._ops._channel_stats(t)

@@ -1,0 +1,170 @@
+"""Backend selection for the fused ops.
+
+Every backend provides the same four kernel-level primitives (no autograd, no torch.library):
+
+``gate_forward(x, small, k3, scale, shift) -> y``
+    ``y = (k3 * scale[c] + shift[c]) * sigmoid(x + small[n, c, ri(i), ci(j)])`` with the nearest
+    index maps ``ri``/``ci`` of :mod:`scnet_fused._index`; ``scale``/``shift`` are float32 ``[C]`` or
+    None (identity). ``y`` has x's dtype and memory format.
+``gate_backward(dy, x, small, k3, scale, shift, center, need_dk3) -> (dx, dsmall, dk3|None, sum_g, sum_gk)``
+    one pass: ``s = sigmoid(x + up(small))``, ``g = dy * s``, ``dx = dy * affine(k3) * s * (1 - s)``,
+    ``dsmall`` = the upsampling adjoint of dx (cell sums, accumulated in float32), ``dk3 = g * scale``
+    when ``need_dk3``, and float32 per-channel sums ``sum_g = sum g``,
+    ``sum_gk = sum g * (k3 - center)`` (center float32 ``[C]`` or None for 0).
+``gate_backward_k3(dy, x, small, k3, p, q, r) -> dk3``
+    ``dk3 = p[c] * g + q[c] * k3 + r[c]`` (the input gradient of a training-mode BatchNorm on k3).
+``channel_stats(t) -> (mean, var)``
+    per-channel mean and biased variance over N, H, W, float32.
+
+Inputs reach a backend already checked (see ``scnet_fused.ops.sc_gate``): 4-D x, k3 (same shape,
+dtype, device and memory format: contiguous or channels_last), small ``(N, C, h, w)`` contiguous in
+the same dtype, float64 only on the reference backend.
+
+Backends: ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``cuda`` and ``cpu``
+(the compiled extension ``scnet_fused._C``), ``reference`` (ATen). ``auto`` picks, per device, the
+fastest one available; an unavailable backend falls back with one warning; forcing one that cannot
+run the given tensors is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+from typing import Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+_ENV = "SCNET_FUSED_BACKEND"
+
+_state = threading.local()
+_warned: set = set()
+_module_cache: dict = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (not built, not installed, or wrong device)."""
+
+
+def _validate(name: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown scnet_fused backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def requested() -> str:
+    """The backend asked for: the innermost ``backend(...)`` context, else $SCNET_FUSED_BACKEND, else auto."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get(_ENV, "").strip()
+    return _validate(env) if env else "auto"
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Force a backend inside a ``with`` block: ``with scnet_fused.backend("triton"): ...``."""
+    name = _validate(name)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _load(name: str):
+    """Import a backend's primitives module, or return the reason it is unavailable (a str)."""
+    if name in _module_cache:
+        return _module_cache[name]
+    result: object
+    try:
+        if name == "reference":
+            result = importlib.import_module("scnet_fused.reference")
+        elif name == "triton":
+            result = importlib.import_module("scnet_fused.triton.sc_gate")
+        else:
+            from . import _cpp
+
+            reason = _cpp.unavailable_reason(name)
+            result = reason if reason else _cpp.Primitives(name)
+    except Exception as exc:  # ImportError of triton, a broken extension, ...
+        result = f"{type(exc).__name__}: {exc}"
+    _module_cache[name] = result
+    return result
+
+
+def available(name: str) -> Optional[str]:
+    """None when ``name`` is usable on this machine, else the reason it is not."""
+    mod = _load(_validate(name))
+    return mod if isinstance(mod, str) else None
+
+
+def _device_ok(name: str, device: torch.device) -> Optional[str]:
+    if name == "reference":
+        return None
+    if name == "cpu":
+        return None if device.type == "cpu" else f"the cpu backend needs CPU tensors, got {device}"
+    if name == "cuda":
+        return None if device.type == "cuda" else f"the cuda backend needs CUDA tensors, got {device}"
+    if name == "triton":
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreted():
+            return None
+        return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}"
+    return f"no backend {name}"
+
+
+def _auto_order(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float64:
+        return ("reference",)
+    if device.type == "cuda":
+        return ("cuda", "triton", "reference")
+    if device.type == "cpu":
+        return ("cpu", "reference")
+    return ("reference",)
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def select(device: torch.device, dtype: torch.dtype):
+    """Return ``(name, primitives_module)`` for tensors on ``device`` of ``dtype``."""
+    name = requested()
+    if name != "auto":
+        bad = _device_ok(name, device)
+        if bad is None and dtype == torch.float64 and name != "reference":
+            bad = f"the {name} backend has no float64 kernels (use the reference backend)"
+        if bad is None:
+            mod = _load(name)
+            if isinstance(mod, str):
+                bad = f"the {name} backend is unavailable: {mod}"
+            else:
+                return name, mod
+        raise BackendUnavailable(f"scnet_fused backend {name!r} was requested but cannot run: {bad}")
+    order = _auto_order(device, dtype)
+    for i, cand in enumerate(order):
+        mod = _load(cand)
+        if not isinstance(mod, str):
+            if i > 0 and cand == "reference" and dtype != torch.float64:
+                _warn_once(f"{device.type}", f"scnet_fused: no fused backend for {device.type} tensors "
+                           f"({order[0]}: {_load(order[0])}); using the reference backend")
+            elif i > 0:
+                _warn_once(f"{device.type}:{cand}", f"scnet_fused: backend {order[0]} unavailable "
+                           f"({_load(order[0])}); using {cand}")
+            return cand, mod
+    raise BackendUnavailable(f"no scnet_fused backend can run {device} tensors")  # pragma: no cover

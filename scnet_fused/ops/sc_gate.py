@@ -1,0 +1,286 @@
+"""The self-calibration gate as custom ops with autograd.
+
+``sc_gate(x, small, k3, scale=None, shift=None)``
+    ``(k3 * scale + shift) * sigmoid(x + interpolate(small, size=x.shape[-2:], mode="nearest"))``;
+    with ``scale``/``shift`` None it is the plain SCConv gate ``k3 * sigmoid(x + up(small))``.
+    ``scale``/``shift`` are per-channel (``[C]``): an eval-mode BatchNorm of k3 folded in.
+``sc_gate_bn_train(x, small, k3, weight, bias, eps)``
+    the gate with a training-mode BatchNorm of k3 inside: returns ``(y, mean, var)`` where
+    ``y = gate(x, small, bn(k3))`` normalized with the batch statistics, and ``mean`` / ``var`` (biased)
+    are those statistics (float32, for the running-stat update; not differentiable).
+
+The backward passes are custom ops too (``sc_gate_backward``, ``sc_gate_bn_train_backward``), so
+``torch.compile`` sees them as single nodes. Nothing but the inputs is saved for backward: the
+sigmoid, the gate and the normalized k3 are recomputed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _dispatch
+
+__all__ = ["sc_gate", "sc_gate_bn_train", "check_gate_inputs"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def check_gate_inputs(x: Tensor, small: Tensor, k3: Tensor, *per_channel: Optional[Tensor],
+                      names: Tuple[str, ...] = ()) -> None:
+    """Validate the gate's inputs before any kernel runs; raise ValueError/TypeError naming the problem."""
+    for name, t in (("x", x), ("small", small), ("k3", k3)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"sc_gate: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"sc_gate: {name} must be 4-D (N, C, H, W), got shape {_shape(t)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"sc_gate: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if small.dtype != x.dtype or k3.dtype != x.dtype:
+        raise TypeError(
+            f"sc_gate: x, small and k3 must share one dtype, got x {x.dtype}, small {small.dtype}, k3 {k3.dtype}"
+        )
+    if small.device != x.device or k3.device != x.device:
+        raise ValueError(
+            f"sc_gate: x, small and k3 must be on one device, got x {x.device}, small {small.device}, k3 {k3.device}"
+        )
+    if _shape(k3) != _shape(x):
+        raise ValueError(f"sc_gate: k3 must have x's shape {_shape(x)}, got {_shape(k3)}")
+    if small.shape[0] != x.shape[0] or small.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"sc_gate: small must have x's batch and channel sizes (N={x.shape[0]}, C={x.shape[1]}), "
+            f"got small {_shape(small)} for x {_shape(x)}"
+        )
+    if small.shape[2] < 1 or small.shape[3] < 1:
+        raise ValueError(
+            f"sc_gate: the pooled map is empty (small {_shape(small)}): H and W of x {_shape(x)} "
+            f"must be at least the pooling rate"
+        )
+    if small.shape[2] > x.shape[2] or small.shape[3] > x.shape[3]:
+        raise ValueError(
+            f"sc_gate: small {_shape(small)} must not be larger than x {_shape(x)} in H or W "
+            f"(the gate upsamples it to x's size)"
+        )
+    C = x.shape[1]
+    for i, t in enumerate(per_channel):
+        if t is None:
+            continue
+        name = names[i] if i < len(names) else f"per-channel argument {i}"
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != C:
+            raise ValueError(f"sc_gate: {name} must be a 1-D tensor of C={C} values, got "
+                             f"{_shape(t) if isinstance(t, Tensor) else type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"sc_gate: {name} is on {t.device}, x on {x.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"sc_gate: {name} must be floating point, got {t.dtype}")
+
+
+def _format(x: Tensor) -> torch.memory_format:
+    """The memory format the kernels use (and the outputs get) for an input like ``x``."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _empty_like_x(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(x))
+
+
+def _as(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    return t.contiguous(memory_format=fmt)
+
+
+def _vec(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.detach().to(dtype).contiguous()
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _prepare(x: Tensor, small: Tensor, k3: Tensor, *rest: Tensor):
+    fmt = _format(x)
+    return (fmt, _as(x, fmt), small.contiguous(), _as(k3, fmt)) + tuple(_as(t, fmt) for t in rest)
+
+
+# ----------------------------------------------------------------------------------------------
+# sc_gate
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("scnet_fused::sc_gate", mutates_args=())
+def _sc_gate(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor],
+             shift: Optional[Tensor]) -> Tensor:
+    check_gate_inputs(x, small, k3, scale, shift, names=("scale", "shift"))
+    if x.numel() == 0:
+        return _empty_like_x(x)
+    _, prims = _dispatch.select(x.device, x.dtype)
+    _, x, small, k3 = _prepare(x, small, k3)
+    acc = _acc_dtype(x)
+    return prims.gate_forward(x, small, k3, _vec(scale, acc), _vec(shift, acc))
+
+
+@_sc_gate.register_fake
+def _(x, small, k3, scale, shift):
+    check_gate_inputs(x, small, k3, scale, shift, names=("scale", "shift"))
+    return _empty_like_x(x)
+
+
+@torch.library.custom_op("scnet_fused::sc_gate_backward", mutates_args=())
+def _sc_gate_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor],
+                      shift: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    acc = _acc_dtype(x)
+    if x.numel() == 0:
+        zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+        return (_empty_like_x(x), torch.zeros_like(small, memory_format=torch.contiguous_format),
+                _empty_like_x(x), zeros, zeros.clone())
+    _, prims = _dispatch.select(x.device, x.dtype)
+    _, x, small, k3, dy = _prepare(x, small, k3, dy.to(x.dtype))
+    dx, dsmall, dk3, sum_g, sum_gk = prims.gate_backward(
+        dy, x, small, k3, _vec(scale, acc), _vec(shift, acc), None, True)
+    return dx, dsmall, dk3, sum_g, sum_gk
+
+
+@_sc_gate_backward.register_fake
+def _(dy, x, small, k3, scale, shift):
+    acc = _acc_dtype(x)
+    c = x.new_empty(x.shape[1], dtype=acc)
+    return (_empty_like_x(x), small.new_empty(small.shape), _empty_like_x(x), c, c.new_empty(c.shape))
+
+
+def _sc_gate_setup(ctx, inputs, output):
+    x, small, k3, scale, shift = inputs
+    ctx.save_for_backward(x, small, k3, scale, shift)
+
+
+def _sc_gate_bwd(ctx, dy):
+    x, small, k3, scale, shift = ctx.saved_tensors
+    dx, dsmall, dk3, sum_g, sum_gk = torch.ops.scnet_fused.sc_gate_backward(dy, x, small, k3, scale, shift)
+    dscale = sum_gk.to(scale.dtype) if scale is not None else None
+    dshift = sum_g.to(shift.dtype) if shift is not None else None
+    return dx, dsmall, dk3, dscale, dshift
+
+
+_sc_gate.register_autograd(_sc_gate_bwd, setup_context=_sc_gate_setup)
+
+
+def sc_gate(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor] = None,
+            shift: Optional[Tensor] = None) -> Tensor:
+    """``(k3 * scale + shift) * sigmoid(x + interpolate(small, size=x.shape[-2:], mode="nearest"))``.
+
+    x, k3: ``(N, C, H, W)``; small: ``(N, C, h, w)`` with ``1 <= h <= H``, ``1 <= w <= W``; one dtype
+    (float16, bfloat16, float32; float64 on the reference backend) and one device. ``scale``/``shift``:
+    optional ``[C]`` per-channel affine of k3. The output has x's memory format (contiguous or
+    channels_last). Differentiable in every input.
+    """
+    check_gate_inputs(x, small, k3, scale, shift, names=("scale", "shift"))
+    return torch.ops.scnet_fused.sc_gate(x, small, k3, scale, shift)
+
+
+# ----------------------------------------------------------------------------------------------
+# sc_gate_bn_train: the gate with a training-mode BatchNorm of k3 folded in
+# ----------------------------------------------------------------------------------------------
+
+
+def _bn_fold(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float):
+    invstd = torch.rsqrt(var + eps)
+    scale = weight.detach().to(mean.dtype) * invstd
+    shift = bias.detach().to(mean.dtype) - mean * scale
+    return invstd, scale, shift
+
+
+def _check_bn(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor) -> None:
+    check_gate_inputs(x, small, k3, weight, bias, names=("weight", "bias"))
+    if weight is None or bias is None:
+        raise ValueError("sc_gate_bn_train: weight and bias are required (pass ones and zeros for affine=False)")
+    n_per_channel = x.shape[0] * x.shape[2] * x.shape[3]
+    if n_per_channel <= 1:
+        raise ValueError(
+            f"sc_gate_bn_train: expected more than 1 value per channel when training, got input of shape {_shape(x)}"
+        )
+
+
+@torch.library.custom_op("scnet_fused::sc_gate_bn_train", mutates_args=())
+def _sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor,
+                      eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_bn(x, small, k3, weight, bias)
+    _, prims = _dispatch.select(x.device, x.dtype)
+    _, x, small, k3 = _prepare(x, small, k3)
+    mean, var = prims.channel_stats(k3)
+    _, scale, shift = _bn_fold(weight, bias, mean, var, eps)
+    y = prims.gate_forward(x, small, k3, scale.contiguous(), shift.contiguous())
+    return y, mean, var
+
+
+@_sc_gate_bn_train.register_fake
+def _(x, small, k3, weight, bias, eps):
+    _check_bn(x, small, k3, weight, bias)
+    acc = _acc_dtype(x)
+    c = x.new_empty(x.shape[1], dtype=acc)
+    return _empty_like_x(x), c, c.new_empty(c.shape)
+
+
+@torch.library.custom_op("scnet_fused::sc_gate_bn_train_backward", mutates_args=())
+def _sc_gate_bn_train_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, weight: Tensor,
+                               bias: Tensor, mean: Tensor, var: Tensor,
+                               eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _, prims = _dispatch.select(x.device, x.dtype)
+    _, x, small, k3, dy = _prepare(x, small, k3, dy.to(x.dtype))
+    invstd, scale, shift = _bn_fold(weight, bias, mean, var, eps)
+    scale, shift = scale.contiguous(), shift.contiguous()
+    # Pass 1: dx, dsmall and the per-channel sums sum(g), sum(g * (k3 - mean)), g = dy * sigmoid(.).
+    dx, dsmall, _, sum_g, sum_gc = prims.gate_backward(dy, x, small, k3, scale, shift, mean.contiguous(), False)
+    m = float(x.shape[0] * x.shape[2] * x.shape[3])
+    dbias = sum_g
+    dweight = sum_gc * invstd  # sum(g * xhat)
+    # Pass 2: BatchNorm's input gradient, dk3 = scale * (g - sum_g / M - xhat * dweight / M),
+    # written as p * g + q * k3 + r with per-channel p, q, r.
+    q = -scale * invstd * dweight / m
+    r = -q * mean - scale * sum_g / m
+    dk3 = prims.gate_backward_k3(dy, x, small, k3, scale, q.contiguous(), r.contiguous())
+    return dx, dsmall, dk3, dweight.to(weight.dtype), dbias.to(bias.dtype)
+
+
+@_sc_gate_bn_train_backward.register_fake
+def _(dy, x, small, k3, weight, bias, mean, var, eps):
+    return (_empty_like_x(x), small.new_empty(small.shape), _empty_like_x(x),
+            weight.new_empty(weight.shape), bias.new_empty(bias.shape))
+
+
+def _bn_setup(ctx, inputs, output):
+    x, small, k3, weight, bias, eps = inputs
+    _, mean, var = output
+    ctx.eps = eps
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(x, small, k3, weight, bias, mean, var)
+
+
+def _bn_bwd(ctx, dy, _dmean, _dvar):
+    x, small, k3, weight, bias, mean, var = ctx.saved_tensors
+    dx, dsmall, dk3, dweight, dbias = torch.ops.scnet_fused.sc_gate_bn_train_backward(
+        dy, x, small, k3, weight, bias, mean, var, ctx.eps)
+    return dx, dsmall, dk3, dweight, dbias, None
+
+
+_sc_gate_bn_train.register_autograd(_bn_bwd, setup_context=_bn_setup)
+
+
+def sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor,
+                     eps: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gate with a training-mode BatchNorm of ``k3`` fused in.
+
+    Returns ``(y, mean, var)``: ``y = bn(k3) * sigmoid(x + up(small))`` with ``bn`` normalizing by the
+    batch statistics of k3 and applying ``weight``/``bias``; ``mean`` and biased ``var`` (float32,
+    ``[C]``) are the batch statistics, for updating running stats. Differentiable in x, small, k3,
+    weight and bias.
+    """
+    _check_bn(x, small, k3, weight, bias)
+    return torch.ops.scnet_fused.sc_gate_bn_train(x, small, k3, weight, bias, float(eps))
