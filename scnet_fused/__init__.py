@@ -1,12 +1,26 @@
-"""scnet_fused: a fused, drop-in self-calibrated convolution (SCNet, CVPR 2020) for PyTorch."""
+"""scnet_fused: a fused, drop-in self-calibrated convolution (SCNet, CVPR 2020) for PyTorch.
 
-from . import reference
+    import scnet_fused
+    conv = scnet_fused.SCConv(64, 64, stride=1, padding=1, dilation=1, groups=1, pooling_r=4,
+                              norm_layer=torch.nn.BatchNorm2d)      # same args/state_dict as SCNet's
+    model = scnet_fused.convert(existing_scnet)                      # swap in the fused modules
+    model = scnet_fused.models.scnet50(pretrained="scnet50-dc6a7e87.pth")
+"""
+
+from . import models, reference
 from .checkpoint import CheckpointError, load_checkpoint
+from .convert import convert, convert_with_report
+from .modules import SCBottleneck, SCConv
 from .ops import backend, sc_gate, sc_gate_bn_train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SCConv",
+    "SCBottleneck",
+    "convert",
+    "convert_with_report",
+    "models",
     "reference",
     "backend",
     "sc_gate",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -65,13 +65,14 @@ def _strip_prefix(state: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.
 
 
 def load_checkpoint(model: nn.Module, path_or_state: Union[str, os.PathLike, Mapping],
-                    sha256_prefix: Optional[str] = None) -> nn.Module:
+                    sha256_prefix: Optional[str] = None, ignore_prefixes: Sequence[str] = ()) -> nn.Module:
     """Load an SCNet checkpoint into ``model`` (reference or fused; the keys are the same).
 
     ``path_or_state`` is a file path or an in-memory state_dict. The file may hold a bare state_dict
     or one under ``"state_dict"`` / ``"model"``; a ``"module."`` prefix (DataParallel) is stripped.
     Missing, unexpected or mis-shaped keys raise :class:`CheckpointError` listing all of them.
-    ``sha256_prefix``: when given, the file's SHA-256 must start with it.
+    ``sha256_prefix``: when given, the file's SHA-256 must start with it. ``ignore_prefixes``: keys of
+    the checkpoint to drop before matching (e.g. ``("fc.",)`` for a headless backbone).
     """
     if isinstance(path_or_state, Mapping):
         raw = path_or_state
@@ -90,6 +91,8 @@ def load_checkpoint(model: nn.Module, path_or_state: Union[str, os.PathLike, Map
         except Exception as exc:  # pickle errors, unsafe globals, truncated files
             raise CheckpointError(f"could not read checkpoint {path} safely (weights_only=True): {exc}") from exc
     state = _strip_prefix(_extract_state_dict(raw))
+    if ignore_prefixes:
+        state = OrderedDict((k, v) for k, v in state.items() if not k.startswith(tuple(ignore_prefixes)))
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -123,7 +126,8 @@ def _download(url: str, dst: str) -> None:
     torch.hub.download_url_to_file(url, dst, hash_prefix=None, progress=True)
 
 
-def load_pretrained(model: nn.Module, arch: str, pretrained, check_hash: bool = False) -> nn.Module:
+def load_pretrained(model: nn.Module, arch: str, pretrained, check_hash: bool = False,
+                    ignore_prefixes: Sequence[str] = ()) -> nn.Module:
     """``pretrained=True``: the published file from the hub cache, downloaded on first use;
     ``pretrained="path.pth"``: that file. ``check_hash`` compares the SHA-256 prefix in the file name."""
     if pretrained is True:
@@ -140,7 +144,7 @@ def load_pretrained(model: nn.Module, arch: str, pretrained, check_hash: bool = 
                     f"{arch}(pretrained='/path/to/{PUBLISHED[arch]}')"
                 ) from exc
         prefix = PUBLISHED[arch].rsplit("-", 1)[1].split(".")[0] if check_hash else None
-        return load_checkpoint(model, dst, sha256_prefix=prefix)
+        return load_checkpoint(model, dst, sha256_prefix=prefix, ignore_prefixes=ignore_prefixes)
     if isinstance(pretrained, (str, os.PathLike)):
-        return load_checkpoint(model, pretrained)
+        return load_checkpoint(model, pretrained, ignore_prefixes=ignore_prefixes)
     raise TypeError(f"pretrained must be False, True or a file path, got {pretrained!r}")

@@ -1,0 +1,81 @@
+"""``convert(model)``: swap every SCConv / SCBottleneck-compatible submodule for the fused one."""
+
+from __future__ import annotations
+
+import copy
+from typing import List, Tuple
+
+from torch import nn
+
+from .modules import SCBottleneck, SCConv
+
+__all__ = ["convert", "convert_with_report", "is_scconv_like", "is_bottleneck_like"]
+
+
+def _is_seq(m, n: int) -> bool:
+    return isinstance(m, nn.Sequential) and len(m) == n
+
+
+def is_scconv_like(m: nn.Module) -> bool:
+    """The SCConv layout of the paper: k2 = (AvgPool2d, Conv2d, norm), k3 = k4 = (Conv2d, norm)."""
+    k2, k3, k4 = (getattr(m, a, None) for a in ("k2", "k3", "k4"))
+    return (_is_seq(k2, 3) and isinstance(k2[0], nn.AvgPool2d) and isinstance(k2[1], nn.Conv2d)
+            and _is_seq(k3, 2) and isinstance(k3[0], nn.Conv2d)
+            and _is_seq(k4, 2) and isinstance(k4[0], nn.Conv2d)
+            and k3[0].in_channels == k3[0].out_channels
+            and k3[0].stride in (1, (1, 1)))
+
+
+def is_bottleneck_like(m: nn.Module) -> bool:
+    """The SCBottleneck layout: conv1_a/b, bn1_a/b, k1, scconv, conv3, bn3, relu (downsample optional)."""
+    names = ("conv1_a", "bn1_a", "conv1_b", "bn1_b", "k1", "scconv", "conv3", "bn3", "relu")
+    return all(isinstance(getattr(m, a, None), nn.Module) for a in names) and is_scconv_like(m.scconv)
+
+
+def convert_with_report(model: nn.Module, inplace: bool = False) -> Tuple[nn.Module, List[Tuple[str, str, str]]]:
+    """Like :func:`convert`, also returning ``[(qualified name, old class, new class), ...]``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report: List[Tuple[str, str, str]] = []
+
+    def swap(parent_name: str, module: nn.Module) -> nn.Module:
+        if type(module) in (SCConv, SCBottleneck):
+            new = module
+        elif is_bottleneck_like(module):
+            new = SCBottleneck.adopt(module)
+            report.append((parent_name or "<root>", type(module).__qualname__, "scnet_fused.SCBottleneck"))
+            report.append((f"{parent_name}.scconv" if parent_name else "scconv",
+                           type(module.scconv).__qualname__, "scnet_fused.SCConv"))
+            return new
+        elif is_scconv_like(module):
+            new = SCConv.adopt(module)
+            report.append((parent_name or "<root>", type(module).__qualname__, "scnet_fused.SCConv"))
+            return new
+        else:
+            new = module
+        for name, child in list(new.named_children()):
+            qual = f"{parent_name}.{name}" if parent_name else name
+            replaced = swap(qual, child)
+            if replaced is not child:
+                setattr(new, name, replaced)
+        return new
+
+    return swap("", model), report
+
+
+def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
+    """Replace every SCConv / SCBottleneck-compatible submodule of ``model`` with the fused one.
+
+    Compatible means the module tree of the paper's classes (the reference's, the published
+    ``scnet.py``'s, or any module with the same attributes and forward). Weights, buffers, device,
+    dtype and train/eval mode are kept (the fused modules take over the same submodules), so the
+    state_dict is unchanged. ``inplace=False`` converts a deep copy. ``verbose`` prints what was replaced.
+    """
+    new, report = convert_with_report(model, inplace=inplace)
+    if verbose:
+        print(f"scnet_fused.convert: replaced {len(report)} module(s)")
+        for name, old, cls in report:
+            print(f"  {name}: {old} -> {cls}")
+    return new

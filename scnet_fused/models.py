@@ -1,0 +1,114 @@
+"""SCNet-50/101 (and v1d) built from the fused modules, with checkpoint loading and a
+feature-pyramid mode for detection and segmentation backbones."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+from torch import Tensor, nn
+
+from . import reference
+from .checkpoint import load_pretrained
+from .modules import SCBottleneck
+
+__all__ = ["scnet50", "scnet50_v1d", "scnet101", "scnet101_v1d", "SCNetFeatures", "build"]
+
+
+class SCNetFeatures(reference.SCNet):
+    """SCNet returning the stage feature maps selected by ``out_indices`` (1..4 = layer1..layer4).
+
+    ``feature_info``: one dict per returned map with ``module``, ``num_chs`` and ``reduction`` (stride
+    to the input). The classifier head (``avgpool``, ``fc``) is removed; checkpoints load with their
+    ``fc.*`` keys ignored.
+    """
+
+    def __init__(self, *args, out_indices: Sequence[int] = (1, 2, 3, 4), **kwargs):
+        super().__init__(*args, **kwargs)
+        out_indices = tuple(int(i) for i in out_indices)
+        if not out_indices or any(i not in (1, 2, 3, 4) for i in out_indices):
+            raise ValueError(f"out_indices must be a non-empty subset of (1, 2, 3, 4), got {out_indices}")
+        self.out_indices = out_indices
+        del self.avgpool
+        del self.fc
+        info, reduction = [], 4
+        for i in range(1, 5):
+            layer = getattr(self, f"layer{i}")
+            first = layer[0]
+            stride = _layer_stride(first)
+            reduction *= stride
+            channels = first.conv3.out_channels
+            info.append(dict(module=f"layer{i}", num_chs=channels, reduction=reduction))
+        self.feature_info = [info[i - 1] for i in out_indices]
+
+    @property
+    def channels(self) -> List[int]:
+        return [f["num_chs"] for f in self.feature_info]
+
+    @property
+    def strides(self) -> List[int]:
+        return [f["reduction"] for f in self.feature_info]
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"SCNet expects an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outs = []
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+            if i in self.out_indices:
+                outs.append(x)
+            if i >= max(self.out_indices):
+                break
+        return outs
+
+
+def _layer_stride(block: nn.Module) -> int:
+    """The spatial stride of a bottleneck (in avd_layer for v1d, in k1/scconv otherwise)."""
+    if getattr(block, "avd", False):
+        s = block.avd_layer.stride
+    else:
+        s = block.k1[0].stride
+    return int(s[0] if isinstance(s, (tuple, list)) else s)
+
+
+def build(arch: str, fused: bool = True, pretrained=False, features_only: bool = False,
+          out_indices: Sequence[int] = (1, 2, 3, 4), **kwargs) -> nn.Module:
+    """An SCNet of ``arch`` (scnet50, scnet50_v1d, scnet101, scnet101_v1d).
+
+    ``fused``: fused SCBottleneck/SCConv (default) or the reference modules; the state_dict is the
+    same either way. ``pretrained``: False, True (the published file via the torch hub cache) or a
+    path. ``features_only``: return the stage feature maps (see :class:`SCNetFeatures`).
+    """
+    if arch not in reference.ARCHS:
+        raise ValueError(f"unknown SCNet architecture {arch!r}; choose one of {sorted(reference.ARCHS)}")
+    block = SCBottleneck if fused else reference.SCBottleneck
+    cfg = dict(reference.ARCHS[arch])
+    cfg.update(kwargs)
+    if features_only:
+        cfg.pop("num_classes", None)
+        model = SCNetFeatures(block, out_indices=out_indices, **cfg)
+    else:
+        model = reference.SCNet(block, **cfg)
+    if pretrained:
+        load_pretrained(model, arch, pretrained, ignore_prefixes=("fc.",) if features_only else ())
+    return model
+
+
+def scnet50(pretrained=False, fused: bool = True, **kwargs) -> nn.Module:
+    """SCNet-50 (fused by default)."""
+    return build("scnet50", fused=fused, pretrained=pretrained, **kwargs)
+
+
+def scnet50_v1d(pretrained=False, fused: bool = True, **kwargs) -> nn.Module:
+    """SCNet-50 v1d: deep stem, average-pool downsampling, avd (fused by default)."""
+    return build("scnet50_v1d", fused=fused, pretrained=pretrained, **kwargs)
+
+
+def scnet101(pretrained=False, fused: bool = True, **kwargs) -> nn.Module:
+    """SCNet-101 (fused by default)."""
+    return build("scnet101", fused=fused, pretrained=pretrained, **kwargs)
+
+
+def scnet101_v1d(pretrained=False, fused: bool = True, **kwargs) -> nn.Module:
+    """SCNet-101 v1d (fused by default; no published weights exist for it)."""
+    return build("scnet101_v1d", fused=fused, pretrained=pretrained, **kwargs)

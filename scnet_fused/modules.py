@@ -1,0 +1,146 @@
+"""Fused SCConv and SCBottleneck: the reference's constructor, module tree and state_dict,
+with the self-calibration gate and the BatchNorm of ``k3`` running in fused kernels.
+
+Training (``k3``'s norm is a BatchNorm2d using batch statistics): one pass computes k3's per-channel
+statistics, one kernel applies BN, the upsampled calibration map, the sigmoid and the product
+(:func:`scnet_fused.ops.sc_gate_bn_train`); the running statistics are updated exactly as
+``nn.BatchNorm2d`` does. Eval: the BN is folded into per-channel constants of the gate kernel
+(:func:`scnet_fused.ops.sc_gate` with ``scale``/``shift``). Any other norm layer (SyncBatchNorm in
+training, GroupNorm, a frozen BN, Identity, ...) runs as a module and feeds the generic fused gate.
+The pooled branch ``k2`` works on a map ``pooling_r**2`` times smaller and runs as its modules.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+from .ops import sc_gate, sc_gate_bn_train
+
+__all__ = ["SCConv", "SCBottleneck"]
+
+
+def _plain_batchnorm(m: nn.Module) -> bool:
+    """A BatchNorm whose forward is nn.BatchNorm2d's own (subclasses that override forward excluded)."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward is nn.BatchNorm2d.forward
+
+
+def _foldable_eval_norm(m: nn.Module) -> bool:
+    """A norm that, in its current mode, is the per-channel affine of its running statistics."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward in (
+            nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward):
+        return (not m.training) and m.track_running_stats and m.running_mean is not None
+    return False
+
+
+def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """nn.BatchNorm2d's exponential_average_factor; bumps num_batches_tracked as it does."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return factor
+
+
+def _affine_params(bn: nn.modules.batchnorm._BatchNorm, like: Tensor) -> Tuple[Tensor, Tensor]:
+    if bn.weight is not None:
+        return bn.weight, bn.bias
+    C = bn.num_features
+    return (torch.ones(C, device=like.device, dtype=torch.float32),
+            torch.zeros(C, device=like.device, dtype=torch.float32))
+
+
+class SCConv(reference.SCConv):
+    """Drop-in fused self-calibrated convolution (same arguments and state_dict as the reference)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        reference._check_sc_input(x, self.inplanes, self.pooling_r)
+        small = self.k2(x)  # pooled map: pooling_r**2 times smaller, runs as modules
+        conv3, norm3 = self.k3[0], self.k3[1]
+        k3 = conv3(x)
+        # The gate kernels take one dtype: under autocast the conv outputs set it.
+        if small.dtype != k3.dtype:
+            small = small.to(k3.dtype)
+        xg = x if x.dtype == k3.dtype else x.to(k3.dtype)
+        if k3.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"SCConv: k3 changed the spatial size {tuple(x.shape[-2:])} -> "
+                             f"{tuple(k3.shape[-2:])}; the gate needs them equal")
+        if _plain_batchnorm(norm3) and (norm3.training or norm3.running_mean is None):
+            y = self._gate_bn_train(xg, small, k3, norm3)
+        elif _foldable_eval_norm(norm3):
+            weight, bias = _affine_params(norm3, k3)
+            invstd = torch.rsqrt(norm3.running_var.float() + norm3.eps)
+            scale = weight.float() * invstd
+            shift = bias.float() - norm3.running_mean.float() * scale
+            y = sc_gate(xg, small, k3, scale, shift)
+        else:
+            y = sc_gate(xg, small, norm3(k3).to(k3.dtype))
+        return self.k4(y)
+
+    def _gate_bn_train(self, x: Tensor, small: Tensor, k3: Tensor, bn) -> Tensor:
+        factor = _bn_momentum(bn)
+        weight, bias = _affine_params(bn, k3)
+        y, mean, var = sc_gate_bn_train(x, small, k3, weight, bias, bn.eps)
+        if bn.training and bn.track_running_stats and bn.running_mean is not None:
+            m = k3.shape[0] * k3.shape[2] * k3.shape[3]
+            with torch.no_grad():
+                bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+                unbiased = var * (m / (m - 1))
+                bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+        return y
+
+    @classmethod
+    def adopt(cls, module: nn.Module) -> "SCConv":
+        """A fused SCConv sharing ``module``'s submodules (weights, buffers, mode, device, dtype)."""
+        k2, k3, k4 = module.k2, module.k3, module.k4
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.k2, new.k3, new.k4 = k2, k3, k4
+        conv = k3[0]
+        new.inplanes = conv.in_channels
+        new.planes = conv.out_channels
+        pool = k2[0]
+        r = getattr(module, "pooling_r", None) or _pool_rate(pool)
+        new.pooling_r = int(r)
+        if new.inplanes != new.planes:
+            raise ValueError(f"cannot fuse an SCConv with inplanes={new.inplanes} != planes={new.planes}")
+        new.train(module.training)
+        return new
+
+
+def _pool_rate(pool: nn.Module) -> int:
+    k = pool.kernel_size
+    return int(k[0] if isinstance(k, (tuple, list)) else k)
+
+
+class SCBottleneck(reference.SCBottleneck):
+    """The SCNet bottleneck with a fused SCConv (same arguments and state_dict as the reference)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 cardinality: int = 1, bottleneck_width: int = 32, avd: bool = False, dilation: int = 1,
+                 is_first: bool = False, norm_layer=None) -> None:
+        super().__init__(inplanes, planes, stride, downsample, cardinality, bottleneck_width, avd,
+                         dilation, is_first, norm_layer, scconv_cls=SCConv)
+
+    @classmethod
+    def adopt(cls, module: nn.Module) -> "SCBottleneck":
+        """A fused bottleneck sharing ``module``'s submodules; its SCConv becomes the fused one."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name, child in module.named_children():
+            setattr(new, name, child)
+        if "downsample" not in new._modules:
+            new.downsample = None
+        for attr in ("avd", "dilation", "stride"):
+            if hasattr(module, attr):
+                setattr(new, attr, getattr(module, attr))
+        if not hasattr(new, "avd"):
+            new.avd = hasattr(module, "avd_layer")
+        if not isinstance(new.scconv, SCConv):
+            new.scconv = SCConv.adopt(new.scconv)
+        new.train(module.training)
+        return new
+
