@@ -1,0 +1,35 @@
+"""Shared test helpers: tolerance rule for low precision, backends available here, input makers."""
+
+import torch
+import torch.nn.functional as F
+
+from scnet_fused.ops import available
+
+
+def backends_here(include_reference=True):
+    names = ["reference"] if include_reference else []
+    for name in ("cpu", "triton"):
+        if available(name) is None:
+            names.append(name)
+    return names
+
+
+def eager_gate(x, small, k3):
+    return k3 * torch.sigmoid(x + F.interpolate(small, size=x.shape[-2:], mode="nearest"))
+
+
+def assert_close_rule(fused, ref64, eager_lowp, factor=2.0, atol=1e-3, what=""):
+    """DESIGN.md's rule: |fused - ref64| <= factor * |eager - ref64| (max norms) + atol."""
+    err_fused = (fused.double() - ref64).abs().max().item()
+    err_eager = (eager_lowp.double() - ref64).abs().max().item()
+    scale = max(1.0, ref64.abs().max().item())
+    assert err_fused <= factor * err_eager + atol * scale, (
+        f"{what}: fused error {err_fused:.3e} > {factor} x eager error {err_eager:.3e} + {atol * scale:.1e}")
+
+
+def randn(*shape, channels_last=False, dtype=torch.float32, requires_grad=False, scale=1.0, shift=0.0):
+    t = torch.randn(*shape, dtype=torch.float32) * scale + shift
+    t = t.to(dtype)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_(requires_grad)

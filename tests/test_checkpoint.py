@@ -1,0 +1,156 @@
+"""Checkpoint loading: local files, wrappers, prefixes, every error case, no code execution."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+import scnet_fused
+from scnet_fused import checkpoint, models, reference as R
+from scnet_fused.checkpoint import CheckpointError
+
+
+@pytest.fixture(autouse=True)
+def _restore_hub_dir():
+    old = torch.hub.get_dir()
+    yield
+    torch.hub.set_dir(old)
+
+
+@pytest.fixture(scope="module")
+def ref_state():
+    torch.manual_seed(1)
+    m = R.scnet50(num_classes=10)
+    for buf_name, buf in m.named_buffers():
+        if buf.is_floating_point():
+            buf.uniform_(0.5, 1.5)
+    return m.state_dict()
+
+
+def _same(a, b):
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("wrap", ["bare", "state_dict", "model", "module_prefix"])
+def test_round_trip_into_fused_model(tmp_path, ref_state, wrap):
+    obj = ref_state
+    if wrap == "state_dict":
+        obj = {"state_dict": ref_state, "epoch": 3}
+    elif wrap == "model":
+        obj = {"model": ref_state}
+    elif wrap == "module_prefix":
+        obj = {f"module.{k}": v for k, v in ref_state.items()}
+    path = tmp_path / "ckpt.pth"
+    torch.save(obj, path)
+    fused = models.scnet50(num_classes=10, pretrained=str(path))
+    _same(fused.state_dict(), ref_state)
+    plain = R.scnet50(num_classes=10, pretrained=str(path))
+    _same(plain.state_dict(), ref_state)
+
+
+def test_features_only_ignores_head(tmp_path, ref_state):
+    path = tmp_path / "ckpt.pth"
+    torch.save(ref_state, path)
+    feats = models.scnet50(features_only=True, pretrained=str(path))
+    assert "fc.weight" not in feats.state_dict()
+    assert torch.equal(feats.state_dict()["layer4.2.conv3.weight"], ref_state["layer4.2.conv3.weight"])
+
+
+def test_missing_unexpected_and_mismatched_keys_are_listed(ref_state):
+    state = dict(ref_state)
+    del state["layer1.0.scconv.k2.1.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    state["fc.bias"] = torch.zeros(3)
+    with pytest.raises(CheckpointError) as err:
+        scnet_fused.load_checkpoint(R.scnet50(num_classes=10), state)
+    msg = str(err.value)
+    assert "missing keys (1): layer1.0.scconv.k2.1.weight" in msg
+    assert "unexpected keys (1): extra.weight" in msg
+    assert "fc.bias: checkpoint (3,) vs model (10,)" in msg
+
+
+def test_missing_file_and_not_a_state_dict(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        scnet_fused.load_checkpoint(R.scnet50(), str(tmp_path / "nope.pth"))
+    path = tmp_path / "list.pth"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match="holds no state_dict"):
+        scnet_fused.load_checkpoint(R.scnet50(), str(path))
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_code_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"conv1.weight": _Evil(str(marker))}, f)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        scnet_fused.load_checkpoint(R.scnet50(), str(path))
+    assert not marker.exists()
+
+
+def test_sha256_prefix_check(tmp_path, ref_state):
+    path = tmp_path / "c.pth"
+    torch.save(ref_state, path)
+    digest = checkpoint._sha256(str(path))
+    scnet_fused.load_checkpoint(R.scnet50(num_classes=10), str(path), sha256_prefix=digest[:8])
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        scnet_fused.load_checkpoint(R.scnet50(num_classes=10), str(path), sha256_prefix="00000000" if digest[:8] != "00000000" else "11111111")
+
+
+def test_pretrained_true_without_network_names_file_and_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    torch.hub.set_dir(str(tmp_path / "hub"))
+
+    def offline(url, dst):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(checkpoint, "_download", offline)
+    with pytest.raises(CheckpointError) as err:
+        models.scnet50(pretrained=True)
+    msg = str(err.value)
+    assert "scnet50-dc6a7e87.pth" in msg and checkpoint.cached_path("scnet50") in msg
+    assert "https://backseason.oss-cn-beijing.aliyuncs.com/scnet/scnet50-dc6a7e87.pth" in msg
+
+
+def test_pretrained_true_uses_the_cached_file(tmp_path, monkeypatch, ref_state):
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    dst = checkpoint.cached_path("scnet50")
+    os.makedirs(os.path.dirname(dst))
+    state = R.scnet50().state_dict()
+    torch.save(state, dst)
+    monkeypatch.setattr(checkpoint, "_download", lambda url, d: pytest.fail("must not download"))
+    m = models.scnet50(pretrained=True)
+    _same(m.state_dict(), state)
+
+
+def test_pretrained_true_downloads_into_cache(tmp_path, monkeypatch):
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    state = R.scnet50_v1d().state_dict()
+    seen = []
+
+    def fake(url, dst):
+        seen.append(url)
+        torch.save(state, dst)
+
+    monkeypatch.setattr(checkpoint, "_download", fake)
+    m = models.scnet50_v1d(pretrained=True, fused=False)
+    assert seen == ["https://backseason.oss-cn-beijing.aliyuncs.com/scnet/scnet50_v1d-4109d1e1.pth"]
+    _same(m.state_dict(), state)
+
+
+def test_no_published_weights_for_scnet101_v1d():
+    with pytest.raises(CheckpointError, match="no published weights"):
+        models.scnet101_v1d(pretrained=True)
+    with pytest.raises(TypeError, match="pretrained must be"):
+        models.scnet50(pretrained=3)
