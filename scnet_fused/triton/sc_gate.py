@@ -1,0 +1,511 @@
+"""Triton kernels and launchers of the self-calibration gate's primitives.
+
+Implements the four primitives of the contract in :mod:`scnet_fused.ops._dispatch`:
+``gate_forward``, ``gate_backward``, ``gate_backward_k3`` and ``channel_stats``.
+
+Tiling (gate kernels). The nearest-upsampling index map is irregular, so the kernels never compute a
+source index from an output index: they walk *cells*. Source pixel ``(a, b)`` of the pooled map is read
+by output rows ``[rs[a], rs[a+1])`` and columns ``[cs[b], cs[b+1])`` (contiguous runs, possibly empty),
+taken from :func:`scnet_fused._index.cell_tables`. One program owns one source row ``a`` of one image
+``n``, a block of ``BLOCK_C`` channels and a block of ``BLOCK_B`` source columns::
+
+    grid = (N * h, cdiv(C, BLOCK_C), cdiv(w, BLOCK_B))
+
+and processes a ``[BLOCK_C, BLOCK_B, BLOCK_R]`` tile per output row of the cell: channel x source
+column x offset inside the column run (``BLOCK_R`` >= the longest run, or a loop over chunks of it).
+``small[n, :, a, b]`` is loaded once per program and broadcast over the run; in the backward the
+upsampling adjoint is a sum over the run axis plus an accumulation over the cell's rows, so
+``dsmall[n, c, a, b]`` is written directly by its single owner (no atomics: deterministic). The
+per-channel sums of the backward are reduced per program into a float32 partial buffer
+``[2, N * h * cdiv(w, BLOCK_B), C]`` that the launcher sums with ``torch.sum`` (deterministic).
+Contiguous (NCHW) tensors vectorize along the run/columns, channels_last (NHWC) along the channels;
+the layout is a constexpr and the unit stride is implied by it.
+
+Bytes moved per element of the full ``N x C x H x W`` tensors (``E`` = element size: 4 for fp32, 2 for
+fp16/bf16; the pooled map, the cell tables, the per-channel vectors and the partial sums are 1/r^2 of
+that or less and not counted). These are the minimum for each computation (PERF.md):
+
+=========================  ================================  ================  ===========
+kernel                     traffic                           bytes / element   full passes
+=========================  ================================  ================  ===========
+``_gate_fwd_kernel``       read x, k3; write y               3E                3
+``_gate_bwd_kernel``       read dy, x, k3; write dx (+ dk3)  4E (5E)           4 (5)
+``_gate_bwd_k3_kernel``    read dy, x, k3; write dk3         4E                4
+``_channel_stats_kernel``  read t                            1E                1
+=========================  ================================  ================  ===========
+
+Tiles hold up to 1024 elements (NCHW: up to 128 lanes along the row, the rest channels; NHWC: up to
+128 channels innermost), ``num_warps = tile / 128`` (at most 8): 4 elements a thread. When the grid
+has fewer than about 1024 programs (tiny pooled maps), the channel block shrinks to 256-element tiles.
+
+All math is float32; outputs take the input dtype (dsmall: small's dtype; sums and statistics: float32).
+Index arithmetic: the per-image base offset is 64-bit; per-lane offsets are 32-bit unless one image (or
+the pooled map) reaches 2**31 elements, in which case the ``BIG`` constexpr makes them 64-bit too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import new_empty
+from .._index import cell_tables, max_run
+
+__all__ = ["gate_forward", "gate_backward", "gate_backward_k3", "channel_stats", "aot_kernels",
+           "kernel_options"]
+
+_INT32_LIMIT = 2 ** 31
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _cell_program(tab_ptr, C, h, w, BIG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's image, channels, source columns, row range and the offsets of small[n, c, a, b]."""
+    pid_na = tl.program_id(0)
+    n = pid_na // h
+    a = pid_na - n * h
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+    c_mask = c < C
+    b_mask = b < w
+    row0 = tl.load(tab_ptr + a)
+    row1 = tl.load(tab_ptr + a + 1)
+    if BIG:  # the row loop variable then carries 64-bit offsets
+        row0 = row0.to(tl.int64)
+        row1 = row1.to(tl.int64)
+    col0 = tl.load(tab_ptr + h + 1 + b, mask=b_mask, other=0)
+    ncol = tl.load(tab_ptr + h + 2 + b, mask=b_mask, other=0) - col0
+    if BIG:
+        c_idx = c.to(tl.int64)
+        nc = n.to(tl.int64) * C + c_idx
+    else:
+        c_idx = c
+        nc = n * C + c
+    small_off = (nc[:, None] * h + a) * w + b[None, :]  # [BLOCK_C, BLOCK_B]
+    small_mask = c_mask[:, None] & b_mask[None, :]
+    return n, c_idx, c_mask, col0, ncol, row0, row1, small_off, small_mask
+
+
+@triton.jit
+def _run_chunk(c_idx, c_mask, col0, ncol, k0, s_c, s_w, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    """Per-lane offsets (inside one output row) and mask of a [BLOCK_C, BLOCK_B, BLOCK_R] tile."""
+    k = k0 + tl.arange(0, BLOCK_R)
+    j = col0[:, None] + k[None, :]  # [BLOCK_B, BLOCK_R] output columns
+    if BIG:
+        j = j.to(tl.int64)
+    if CHANNELS_LAST:
+        lane = c_idx[:, None, None] + j[None, :, :] * s_w
+    else:
+        lane = c_idx[:, None, None] * s_c + j[None, :, :]
+    mask = c_mask[:, None, None] & (k[None, :] < ncol[:, None])[None, :, :]
+    return lane, mask
+
+
+@triton.jit
+def _per_channel(ptr, c_idx, c_mask, PRESENT: tl.constexpr, default: tl.constexpr):
+    if PRESENT:
+        v = tl.load(ptr + c_idx, mask=c_mask, other=default)
+    else:
+        v = tl.full(c_idx.shape, default, tl.float32)
+    return v[:, None, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gate_fwd_kernel(x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, y_ptr, tab_ptr,
+                     C, h, w, s_n, s_c, s_h, s_w, run_w,
+                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                     BIG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+    """y = (k3 * scale + shift) * sigmoid(x + small[n, c, a, b]) over the cells of one source row."""
+    n, c_idx, c_mask, col0, ncol, row0, row1, small_off, small_mask = _cell_program(
+        tab_ptr, C, h, w, BIG, BLOCK_C, BLOCK_B)
+    sv = tl.load(small_ptr + small_off, mask=small_mask, other=0.0).to(tl.float32)[:, :, None]
+    scale = _per_channel(scale_ptr, c_idx, c_mask, HAS_SCALE, 1.0)
+    shift = _per_channel(shift_ptr, c_idx, c_mask, HAS_SHIFT, 0.0)
+    base_n = n.to(tl.int64) * s_n
+    for k0 in range(0, run_w, BLOCK_R):
+        lane, mask = _run_chunk(c_idx, c_mask, col0, ncol, k0, s_c, s_w, CHANNELS_LAST, BIG, BLOCK_R)
+        for i in range(row0, row1):
+            base = base_n + i * s_h
+            xv = tl.load(x_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
+            kv = tl.load(k3_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
+            y = (kv * scale + shift) * _sigmoid(xv + sv)
+            tl.store(y_ptr + base + lane, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_bwd_kernel(dy_ptr, x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, center_ptr,
+                     dx_ptr, dk3_ptr, dsmall_ptr, part_g_ptr, part_gk_ptr, tab_ptr,
+                     C, h, w, s_n, s_c, s_h, s_w, run_w,
+                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_CENTER: tl.constexpr,
+                     NEED_DK3: tl.constexpr, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dx, dk3 and, per cell, dsmall = sum(dx); per program, partial sums of g and g * (k3 - center)."""
+    n, c_idx, c_mask, col0, ncol, row0, row1, small_off, small_mask = _cell_program(
+        tab_ptr, C, h, w, BIG, BLOCK_C, BLOCK_B)
+    sv = tl.load(small_ptr + small_off, mask=small_mask, other=0.0).to(tl.float32)[:, :, None]
+    scale = _per_channel(scale_ptr, c_idx, c_mask, HAS_SCALE, 1.0)
+    shift = _per_channel(shift_ptr, c_idx, c_mask, HAS_SHIFT, 0.0)
+    center = _per_channel(center_ptr, c_idx, c_mask, HAS_CENTER, 0.0)
+    # Elementwise accumulators, reduced once at the end (no cross-lane reduction inside the loops).
+    acc_ds = tl.zeros([BLOCK_C, BLOCK_B, BLOCK_R], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_C, BLOCK_B, BLOCK_R], dtype=tl.float32)
+    acc_gk = tl.zeros([BLOCK_C, BLOCK_B, BLOCK_R], dtype=tl.float32)
+    base_n = n.to(tl.int64) * s_n
+    for k0 in range(0, run_w, BLOCK_R):
+        lane, mask = _run_chunk(c_idx, c_mask, col0, ncol, k0, s_c, s_w, CHANNELS_LAST, BIG, BLOCK_R)
+        for i in range(row0, row1):
+            base = base_n + i * s_h
+            # Masked lanes load dy = 0, so every term below is 0 there.
+            dyv = tl.load(dy_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
+            kv = tl.load(k3_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
+            s = _sigmoid(xv + sv)
+            g = dyv * s
+            dz = g * (kv * scale + shift) * (1.0 - s)
+            tl.store(dx_ptr + base + lane, dz.to(dx_ptr.dtype.element_ty), mask=mask)
+            if NEED_DK3:
+                tl.store(dk3_ptr + base + lane, (g * scale).to(dk3_ptr.dtype.element_ty), mask=mask)
+            acc_ds += dz
+            acc_g += g
+            acc_gk += g * (kv - center)
+    # The run chunks of one source column all land in the same (c, b) slot: summing over the run axis
+    # gives the cell sum of dx, which is dsmall.
+    tl.store(dsmall_ptr + small_off, tl.sum(acc_ds, axis=2).to(dsmall_ptr.dtype.element_ty), mask=small_mask)
+    part_row = tl.program_id(0) * tl.num_programs(2) + tl.program_id(2)
+    part_off = part_row.to(tl.int64) * C + c_idx
+    tl.store(part_g_ptr + part_off, tl.sum(tl.sum(acc_g, axis=2), axis=1), mask=c_mask)
+    tl.store(part_gk_ptr + part_off, tl.sum(tl.sum(acc_gk, axis=2), axis=1), mask=c_mask)
+
+
+@triton.jit
+def _gate_bwd_k3_kernel(dy_ptr, x_ptr, k3_ptr, small_ptr, p_ptr, q_ptr, r_ptr, dk3_ptr, tab_ptr,
+                        C, h, w, s_n, s_c, s_h, s_w, run_w,
+                        CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dk3 = p * dy * sigmoid(x + small[n, c, a, b]) + q * k3 + r."""
+    n, c_idx, c_mask, col0, ncol, row0, row1, small_off, small_mask = _cell_program(
+        tab_ptr, C, h, w, BIG, BLOCK_C, BLOCK_B)
+    sv = tl.load(small_ptr + small_off, mask=small_mask, other=0.0).to(tl.float32)[:, :, None]
+    p = _per_channel(p_ptr, c_idx, c_mask, True, 0.0)
+    q = _per_channel(q_ptr, c_idx, c_mask, True, 0.0)
+    r = _per_channel(r_ptr, c_idx, c_mask, True, 0.0)
+    base_n = n.to(tl.int64) * s_n
+    for k0 in range(0, run_w, BLOCK_R):
+        lane, mask = _run_chunk(c_idx, c_mask, col0, ncol, k0, s_c, s_w, CHANNELS_LAST, BIG, BLOCK_R)
+        for i in range(row0, row1):
+            base = base_n + i * s_h
+            dyv = tl.load(dy_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
+            kv = tl.load(k3_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
+            out = p * (dyv * _sigmoid(xv + sv)) + q * kv + r
+            tl.store(dk3_ptr + base + lane, out.to(dk3_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _channel_stats_kernel(t_ptr, mean_ptr, m2_ptr, C, HW, NHW, chunk,
+                          CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Per program: mean and M2 (sum of squared deviations) of ``chunk`` positions for BLOCK_C channels.
+
+    Positions ``q`` enumerate (n, spatial) in [0, N*H*W). Each tile's exact mean and M2 are merged into
+    the running ones with Chan's formula, so large-mean data loses no precision.
+    """
+    pid_q = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    if BIG:
+        q_start = pid_q.to(tl.int64) * chunk
+    else:
+        q_start = pid_q * chunk
+    q_end = tl.minimum(q_start + chunk, NHW)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for q0 in range(q_start, q_end, BLOCK_P):
+        q = q0 + tl.arange(0, BLOCK_P)
+        if CHANNELS_LAST:
+            off = q[None, :] * C + c[:, None]
+        else:
+            img = q // HW
+            off = (img * C)[None, :] * HW + c[:, None] * HW + (q - img * HW)[None, :]
+        mask = c_mask[:, None] & (q < q_end)[None, :]
+        v = tl.load(t_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        cnt = (q0 - q_start).to(tl.float32)
+        nt = tl.minimum(q_end - q0, BLOCK_P).to(tl.float32)
+        t_mean = tl.sum(v, axis=1) / nt
+        d = tl.where(mask, v - t_mean[:, None], 0.0)
+        t_m2 = tl.sum(d * d, axis=1)
+        delta = t_mean - mean
+        tot = cnt + nt
+        mean += delta * (nt / tot)
+        m2 += t_m2 + delta * delta * (cnt * (nt / tot))
+    out = pid_q.to(tl.int64) * C + c
+    tl.store(mean_ptr + out, mean, mask=c_mask)
+    tl.store(m2_ptr + out, m2, mask=c_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def _pow2(v: int) -> int:
+    return triton.next_power_of_2(max(1, int(v)))
+
+
+def _num_warps(tile: int) -> int:
+    return max(1, min(8, tile // 128))
+
+
+def kernel_options(constexprs: dict) -> dict:
+    """Compile options the launchers use for a kernel with these constexprs (num_warps from the tile)."""
+    tile = 1
+    for k, v in constexprs.items():
+        if k.startswith("BLOCK_"):
+            tile *= int(v)
+    return {"num_warps": _num_warps(tile)}
+
+
+def _gate_blocks(rows: int, C: int, w: int, run_w: int, channels_last: bool):
+    """(BLOCK_C, BLOCK_B, BLOCK_R): up to 1024 elements a tile, wide along the unit-stride axis.
+
+    ``rows`` = N * h, the first grid axis. Small maps (h = w = 1 at 7x7) give few programs: the channel
+    block then shrinks (down to 256-element tiles) until there are about 1024 programs.
+    """
+    if channels_last:
+        block_c = min(_pow2(C), 128)
+        block_r = min(_pow2(run_w), max(1, 512 // block_c))
+        block_b = min(_pow2(w), max(1, 1024 // (block_c * block_r)))
+        min_c = 16
+    else:
+        block_r = min(_pow2(run_w), 32)
+        block_b = min(_pow2(w), max(1, 128 // block_r))
+        block_c = min(_pow2(C), max(1, 1024 // (block_b * block_r)))
+        min_c = 1
+    while (block_c > min_c and block_c * block_b * block_r > 256
+           and rows * triton.cdiv(C, block_c) * triton.cdiv(w, block_b) < 1024):
+        block_c //= 2
+    return block_c, block_b, block_r
+
+
+def _stats_blocks(C: int, channels_last: bool):
+    if channels_last:
+        block_c = min(_pow2(C), 64)
+    else:
+        block_c = min(_pow2(C), 4)
+    return block_c, max(16, 2048 // block_c)
+
+
+def _layout(x: torch.Tensor):
+    """(channels_last, memory_format) for x: contiguous wins when both hold (size-1 dims)."""
+    if x.is_contiguous():
+        return False, torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return True, torch.channels_last
+    return False, torch.contiguous_format
+
+
+def _strides(shape, channels_last: bool):
+    """Canonical (s_n, s_c, s_h, s_w) of a dense tensor in the given layout."""
+    N, C, H, W = shape
+    if channels_last:
+        return H * W * C, 1, W * C, C
+    return C * H * W, H * W, W, 1
+
+
+def _vec(v: Optional[torch.Tensor], C: int, like: torch.Tensor) -> torch.Tensor:
+    if v is None:
+        return like  # never read: the matching HAS_* constexpr is False
+    v = v.to(torch.float32).contiguous()
+    if v.numel() != C:
+        raise ValueError(f"per-channel tensor must have {C} values, got {tuple(v.shape)}")
+    return v
+
+
+def _gate_setup(x, small, *others):
+    channels_last, fmt = _layout(x)
+    x = x.contiguous(memory_format=fmt)
+    others = tuple(t.contiguous(memory_format=fmt) for t in others)
+    small = small.contiguous()
+    N, C, H, W = x.shape
+    h, w = int(small.shape[2]), int(small.shape[3])
+    tab = cell_tables(H, W, h, w, x.device)
+    run_w = max_run(W, w)
+    block_c, block_b, block_r = _gate_blocks(N * h, C, w, run_w, channels_last)
+    big = C * H * W >= _INT32_LIMIT or small.numel() >= _INT32_LIMIT
+    grid = (N * h, triton.cdiv(C, block_c), triton.cdiv(w, block_b))
+    meta = dict(CHANNELS_LAST=channels_last, BIG=big, BLOCK_C=block_c, BLOCK_B=block_b, BLOCK_R=block_r,
+                num_warps=_num_warps(block_c * block_b * block_r))
+    scalars = (C, h, w) + _strides(x.shape, channels_last) + (run_w,)
+    return x, small, others, fmt, tab, grid, scalars, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Primitives (the contract of scnet_fused.ops._dispatch)
+# ----------------------------------------------------------------------------------------------
+
+
+def gate_forward(x: torch.Tensor, small: torch.Tensor, k3: torch.Tensor, scale: Optional[torch.Tensor],
+                 shift: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = (k3 * scale + shift) * sigmoid(x + up(small)), in x's dtype and memory format."""
+    x, small, (k3,), fmt, tab, grid, scalars, meta = _gate_setup(x, small, k3)
+    y = new_empty(x.shape, x.dtype, x.device, fmt)
+    if x.numel() == 0:
+        return y
+    C = x.shape[1]
+    _gate_fwd_kernel[grid](x, k3, small, _vec(scale, C, x), _vec(shift, C, x), y, tab, *scalars,
+                           HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, **meta)
+    return y
+
+
+def gate_backward(dy: torch.Tensor, x: torch.Tensor, small: torch.Tensor, k3: torch.Tensor,
+                  scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                  center: Optional[torch.Tensor], need_dk3: bool):
+    """One pass: (dx, dsmall, dk3 or None, sum_g, sum_gk); see the contract in ops._dispatch."""
+    x, small, (k3, dy), fmt, tab, grid, scalars, meta = _gate_setup(x, small, k3, dy.to(x.dtype))
+    N, C = x.shape[0], x.shape[1]
+    dx = new_empty(x.shape, x.dtype, x.device, fmt)
+    dsmall = new_empty(small.shape, small.dtype, small.device)
+    dk3 = new_empty(x.shape, x.dtype, x.device, fmt) if need_dk3 else None
+    if x.numel() == 0:
+        zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
+        return dx, dsmall.zero_(), dk3, zeros, zeros.clone()
+    n_rows = grid[0] * grid[2]
+    part = new_empty((2, n_rows, C), torch.float32, x.device)
+    _gate_bwd_kernel[grid](dy, x, k3, small, _vec(scale, C, x), _vec(shift, C, x), _vec(center, C, x),
+                           dx, dk3 if need_dk3 else dx, dsmall, part[0], part[1], tab, *scalars,
+                           HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+                           HAS_CENTER=center is not None, NEED_DK3=bool(need_dk3), **meta)
+    # Two separate reductions: the results must not be views of one tensor (custom ops forbid aliasing).
+    return dx, dsmall, dk3, part[0].sum(dim=0), part[1].sum(dim=0)
+
+
+def gate_backward_k3(dy: torch.Tensor, x: torch.Tensor, small: torch.Tensor, k3: torch.Tensor,
+                     p: torch.Tensor, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """dk3 = p * dy * sigmoid(x + up(small)) + q * k3 + r, in k3's dtype and memory format."""
+    x, small, (k3, dy), fmt, tab, grid, scalars, meta = _gate_setup(x, small, k3, dy.to(x.dtype))
+    dk3 = new_empty(x.shape, x.dtype, x.device, fmt)
+    if x.numel() == 0:
+        return dk3
+    C = x.shape[1]
+    _gate_bwd_k3_kernel[grid](dy, x, k3, small, _vec(p, C, x), _vec(q, C, x), _vec(r, C, x), dk3, tab,
+                              *scalars, **meta)
+    return dk3
+
+
+def _stats_chunks(nhw: int, block_p: int, c_blocks: int, device: torch.device) -> int:
+    """Positions per program: enough programs to fill a GPU, few under the interpreter."""
+    target = 2048 if device.type == "cuda" else 8
+    q_progs = max(1, target // max(1, c_blocks))
+    tiles = triton.cdiv(nhw, block_p)
+    return block_p * triton.cdiv(tiles, min(tiles, q_progs))
+
+
+def channel_stats(t: torch.Tensor):
+    """Per-channel (mean, biased var) over N, H, W in float32, exact per tile and merged with Chan's formula."""
+    channels_last, fmt = _layout(t)
+    t = t.contiguous(memory_format=fmt)
+    N, C, H, W = t.shape
+    nhw = N * H * W
+    if nhw == 0 or C == 0:
+        nan = torch.full((C,), float("nan"), dtype=torch.float32, device=t.device)
+        return nan, nan.clone()
+    block_c, block_p = _stats_blocks(C, channels_last)
+    c_blocks = triton.cdiv(C, block_c)
+    chunk = _stats_chunks(nhw, block_p, c_blocks, t.device)
+    q_progs = triton.cdiv(nhw, chunk)
+    part = new_empty((2, q_progs, C), torch.float32, t.device)
+    _channel_stats_kernel[(q_progs, c_blocks)](
+        t, part[0], part[1], C, H * W, nhw, chunk,
+        CHANNELS_LAST=channels_last, BIG=t.numel() >= _INT32_LIMIT, BLOCK_C=block_c, BLOCK_P=block_p,
+        num_warps=_num_warps(block_c * block_p))
+    means, m2s = part[0], part[1]
+    counts = torch.clamp(nhw - torch.arange(q_progs, device=t.device, dtype=torch.float64) * chunk,
+                         max=chunk).to(torch.float32)[:, None]
+    mean = (means * counts).sum(dim=0) / nhw
+    m2 = m2s.sum(dim=0) + (counts * (means - mean) ** 2).sum(dim=0)
+    return mean, m2 / nhw
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compilation entries
+# ----------------------------------------------------------------------------------------------
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def aot_kernels():
+    """Representative (name, kernel, signature, constexprs) of every kernel variant the launchers use.
+
+    Shapes: SCNet-50's first stage (C=32, 56x56, r=4) and last (C=256, 7x7, h=w=1), both layouts,
+    fp32 and bf16, and the constexpr flags each launcher sets. ``kernel_options(constexprs)`` gives
+    the matching ``num_warps``.
+    """
+    entries = []
+
+    def ptrs(names, ty):
+        return {nm: ty for nm in names}
+
+    gate_ints = {nm: "i32" for nm in ("C", "h", "w", "s_n", "s_c", "s_h", "s_w", "run_w")}
+    # (N, C, H, W, h, w): the stage-1 and stage-4 shapes at batch 64
+    shapes = ((64, 32, 56, 56, 14, 14), (64, 256, 7, 7, 1, 1))
+    variants = [
+        # (dtype, channels_last, shape index, flag set)
+        (torch.float32, False, 0, 0),
+        (torch.bfloat16, False, 1, 1),
+        (torch.float32, True, 1, 1),
+        (torch.bfloat16, True, 0, 0),
+    ]
+    for dtype, cl, si, flags in variants:
+        ty = "*" + _TRITON_DTYPE[dtype]
+        N, C, H, W, h, w = shapes[si]
+        bc, bb, br = _gate_blocks(N * h, C, w, max_run(W, w), cl)
+        blocks = dict(CHANNELS_LAST=cl, BIG=False, BLOCK_C=bc, BLOCK_B=bb, BLOCK_R=br)
+        tag = f"{'nhwc' if cl else 'nchw'}_{_TRITON_DTYPE[dtype]}_C{C}_{H}x{W}"
+
+        sig = {**ptrs(("x_ptr", "k3_ptr", "small_ptr"), ty), **ptrs(("scale_ptr", "shift_ptr"), "*fp32"),
+               "y_ptr": ty, "tab_ptr": "*i32", **gate_ints}
+        const = dict(HAS_SCALE=bool(flags), HAS_SHIFT=bool(flags), **blocks)
+        entries.append((f"gate_fwd_{tag}_{'affine' if flags else 'plain'}", _gate_fwd_kernel,
+                        {**sig, **{k: "constexpr" for k in const}}, const))
+
+        sig = {**ptrs(("dy_ptr", "x_ptr", "k3_ptr", "small_ptr"), ty),
+               **ptrs(("scale_ptr", "shift_ptr", "center_ptr"), "*fp32"),
+               **ptrs(("dx_ptr", "dk3_ptr", "dsmall_ptr"), ty), **ptrs(("part_g_ptr", "part_gk_ptr"), "*fp32"),
+               "tab_ptr": "*i32", **gate_ints}
+        # flags 0: the plain gate's backward (dk3, no affine); 1: BN-train pass 1 (affine, center, no dk3)
+        const = dict(HAS_SCALE=bool(flags), HAS_SHIFT=bool(flags), HAS_CENTER=bool(flags),
+                     NEED_DK3=not flags, **blocks)
+        entries.append((f"gate_bwd_{tag}_{'bn_train' if flags else 'dk3'}", _gate_bwd_kernel,
+                        {**sig, **{k: "constexpr" for k in const}}, const))
+
+        sig = {**ptrs(("dy_ptr", "x_ptr", "k3_ptr", "small_ptr"), ty), **ptrs(("p_ptr", "q_ptr", "r_ptr"), "*fp32"),
+               "dk3_ptr": ty, "tab_ptr": "*i32", **gate_ints}
+        const = dict(blocks)
+        entries.append((f"gate_bwd_k3_{tag}", _gate_bwd_k3_kernel,
+                        {**sig, **{k: "constexpr" for k in const}}, const))
+
+        bc, bp = _stats_blocks(C, cl)
+        sig = {"t_ptr": ty, "mean_ptr": "*fp32", "m2_ptr": "*fp32", "C": "i32", "HW": "i32", "NHW": "i32",
+               "chunk": "i32"}
+        const = dict(CHANNELS_LAST=cl, BIG=False, BLOCK_C=bc, BLOCK_P=bp)
+        entries.append((f"channel_stats_{'nhwc' if cl else 'nchw'}_{_TRITON_DTYPE[dtype]}_C{C}",
+                        _channel_stats_kernel, {**sig, **{k: "constexpr" for k in const}}, const))
+    return entries

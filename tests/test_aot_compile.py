@@ -1,0 +1,189 @@
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90, without a GPU, with no register spills.
+
+With ``TRITON_INTERPRET=1`` set when a kernel is defined (conftest sets it on GPU-less machines),
+``triton.jit`` returns an interpreter object that ``triton.compile`` cannot take, so the compilation
+runs in fresh subprocesses (one per architecture, in parallel) with ``TRITON_INTERPRET=0`` and an empty
+Triton cache. Each compiles the entries of ``scnet_fused.triton.sc_gate.aot_kernels()`` and reads the
+resources of the cubin Triton produced (``cuobjdump --dump-resource-usage``: registers, stack frame,
+local memory; ptxas puts spills in the stack frame) and the shared memory Triton launches it with.
+The report goes to ``benchmarks/results/triton_resources.json`` and ``.md``.
+
+Run by hand: ``python tests/test_aot_compile.py 90 out.json``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+ARCHS = (80, 90)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compatibility shim over the triton versions we support (3.2 .. 3.8)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_source(fn, signature: dict, constexprs: dict):
+    """``ASTSource`` for ``fn``: pointers marked 16-byte aligned (as the JIT specializes torch tensors).
+
+    The third argument is named ``constants`` in triton 3.2 and ``constexprs`` from 3.3 on (both keyed
+    by argument name, with the constexpr arguments also listed in the signature as ``"constexpr"``):
+    pass it positionally. Alignment hints are an ``AttrsDescriptor`` in 3.2, a dict from 3.3 on.
+    """
+    from triton.compiler import ASTSource
+
+    ptr_idx = [fn.arg_names.index(k) for k, v in signature.items() if str(v).startswith("*")]
+    attrs = None
+    try:
+        from triton.backends.compiler import AttrsDescriptor  # triton 3.2
+    except ImportError:
+        attrs = {(i,): [["tt.divisibility", 16]] for i in ptr_idx}
+    else:
+        try:
+            attrs = AttrsDescriptor.from_hints({(i,): 16 for i in ptr_idx})
+        except Exception:  # pragma: no cover - hint format of an untested version
+            attrs = None
+    params = inspect.signature(ASTSource.__init__).parameters
+    if "attrs" in params and attrs is not None:
+        return ASTSource(fn, signature, constexprs, attrs)
+    return ASTSource(fn, signature, constexprs)
+
+
+def _tool(name: str):
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(bundled) if bundled.exists() else shutil.which(name)
+
+
+def _resources(compiled, arch: int) -> dict:
+    """Registers and stack/local bytes of the compiled cubin, shared memory from Triton's metadata."""
+    res = {"shared_bytes": int(compiled.metadata.shared)}
+    cuobjdump = _tool("cuobjdump")
+    if cuobjdump:
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(compiled.asm["cubin"])
+        try:
+            out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                                 check=True).stdout
+        finally:
+            os.unlink(f.name)
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+        if m:
+            res.update(registers=int(m.group(1)), spill_bytes=int(m.group(2)) + int(m.group(3)),
+                       method="cuobjdump")
+            return res
+    # Fallback: ptxas -v on the PTX (may differ slightly from Triton's own ptxas flags).
+    ptxas = _tool("ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    try:
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        log = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True,
+                             text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    res.update(registers=int(regs.group(1)), spill_bytes=int(spills.group(1)) + int(spills.group(2)),
+               method="ptxas -v")
+    return res
+
+
+def compile_all(arch: int) -> list:
+    """Compile every AOT entry for ``arch`` (run with TRITON_INTERPRET=0); one result row each."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from scnet_fused.triton import sc_gate
+
+    rows = []
+    for name, fn, signature, constexprs in sc_gate.aot_kernels():
+        options = sc_gate.kernel_options(constexprs)
+        row = {"kernel": fn.__name__, "variant": name, "arch": f"sm_{arch}", "num_warps": options["num_warps"],
+               "triton": triton.__version__}
+        try:
+            compiled = triton.compile(make_source(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                                      options=options)
+            row.update(_resources(compiled, arch), ok=True)
+        except Exception as exc:  # reported, and failed, by the test
+            row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The test
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_report(rows: list) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "triton_resources.json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = [
+        "# Triton kernels: resources at compile time",
+        "",
+        "Compiled ahead of time without a GPU (`tests/test_aot_compile.py`, triton "
+        f"{rows[0].get('triton', '?')}); registers and spill bytes (stack frame + local memory) of the cubin, "
+        "shared memory as launched.",
+        "",
+        "| kernel | variant | arch | warps | registers | spill bytes | shared bytes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("ok"):
+            lines.append(f"| `{r['kernel']}` | {r['variant']} | {r['arch']} | {r['num_warps']} | {r['registers']} "
+                         f"| {r['spill_bytes']} | {r['shared_bytes']} |")
+        else:
+            lines.append(f"| `{r['kernel']}` | {r['variant']} | {r['arch']} | {r['num_warps']} | compile error | | |")
+    (RESULTS / "triton_resources.md").write_text("\n".join(lines) + "\n")
+
+
+def test_aot_compile_sm80_sm90(tmp_path):
+    pytest.importorskip("triton")
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("triton has no NVIDIA backend here")
+    if _tool("ptxas") is None:
+        pytest.skip("no ptxas")
+
+    procs = []
+    for arch in ARCHS:
+        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / f"cache{arch}"),
+                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        out = tmp_path / f"sm{arch}.json"
+        procs.append((arch, out, subprocess.Popen([sys.executable, __file__, str(arch), str(out)], cwd=ROOT, env=env,
+                                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    rows = []
+    for arch, out, proc in procs:
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"sm_{arch} compile script failed:\n{log[-4000:]}"
+        rows += json.loads(out.read_text())
+
+    rows.sort(key=lambda r: (r["kernel"], r["variant"], r["arch"]))
+    _write_report(rows)
+    failed = [f"{r['variant']} {r['arch']}: {r['error']}" for r in rows if not r["ok"]]
+    assert not failed, "compile errors:\n" + "\n".join(failed)
+    spilled = [f"{r['variant']} {r['arch']}: {r['spill_bytes']} bytes" for r in rows if r["spill_bytes"]]
+    assert not spilled, "register spills:\n" + "\n".join(spilled)
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == {"_gate_fwd_kernel", "_gate_bwd_kernel", "_gate_bwd_k3_kernel", "_channel_stats_kernel"}
+    assert {r["arch"] for r in rows} == {f"sm_{a}" for a in ARCHS}
+
+
+if __name__ == "__main__":
+    _arch, _out = int(sys.argv[1]), sys.argv[2]
+    Path(_out).write_text(json.dumps(compile_all(_arch)))
