@@ -1,0 +1,242 @@
+"""The public gate ops: semantics on every backend here, input checks, opcheck, gradcheck, compile."""
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import scnet_fused
+from scnet_fused.ops import BackendUnavailable, sc_gate, sc_gate_bn_train
+
+from _util import assert_close_rule, backends_here, eager_gate, randn
+
+BACKENDS = backends_here()
+
+# (N, C, H, W, h, w): irregular maps, odd N, C not a multiple of 8, h = 1 maps.
+SHAPES = [(3, 5, 14, 13, 3, 3), (1, 3, 25, 7, 6, 1), (2, 12, 5, 5, 1, 1), (3, 4, 13, 14, 3, 7)]
+
+
+def _inputs(shape, dtype=torch.float32, channels_last=False, requires_grad=True):
+    N, C, H, W, h, w = shape
+    x = randn(N, C, H, W, channels_last=channels_last, dtype=dtype, requires_grad=requires_grad)
+    small = randn(N, C, h, w, dtype=dtype, requires_grad=requires_grad)
+    k3 = randn(N, C, H, W, channels_last=channels_last, dtype=dtype, requires_grad=requires_grad, shift=0.3)
+    return x, small, k3
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gate_matches_eager(backend, shape, channels_last):
+    x, small, k3 = _inputs(shape, channels_last=channels_last)
+    ref = eager_gate(x, small, k3)
+    with scnet_fused.backend(backend):
+        out = sc_gate(x, small, k3)
+        g = torch.randn_like(ref)
+        got = _grads(out, (x, small, k3), g)
+    torch.testing.assert_close(out, ref)
+    if channels_last and shape[1] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(got, _grads(ref, (x, small, k3), g)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gate_affine_matches_eager(backend):
+    x, small, k3 = _inputs(SHAPES[0])
+    C = x.shape[1]
+    scale = torch.rand(C, requires_grad=True) + 0.5
+    shift = torch.randn(C, requires_grad=True)
+    ref = eager_gate(x, small, k3 * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    with scnet_fused.backend(backend):
+        out = sc_gate(x, small, k3, scale, shift)
+        g = torch.randn_like(ref)
+        got = _grads(out, (x, small, k3, scale, shift), g)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(got, _grads(ref, (x, small, k3, scale, shift), g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _bn_eager(x, small, k3, w, b, eps=1e-5):
+    return eager_gate(x, small, F.batch_norm(k3, None, None, w, b, True, 0.0, eps))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gate_bn_train_matches_eager(backend, shape, channels_last):
+    x, small, k3 = _inputs(shape, channels_last=channels_last)
+    C = x.shape[1]
+    w = (torch.rand(C) + 0.5).requires_grad_()
+    b = torch.randn(C).requires_grad_()
+    ref = _bn_eager(x, small, k3, w, b)
+    with scnet_fused.backend(backend):
+        out, mean, var = sc_gate_bn_train(x, small, k3, w, b, 1e-5)
+        g = torch.randn_like(ref)
+        got = _grads(out, (x, small, k3, w, b), g)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    var_ref, mean_ref = torch.var_mean(k3.detach(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean, mean_ref)
+    torch.testing.assert_close(var, var_ref)
+    for a, b_ in zip(got, _grads(ref, (x, small, k3, w, b), g)):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gate_low_precision_rule(backend, dtype):
+    x, small, k3 = _inputs(SHAPES[0], dtype=dtype)
+    x64, s64, k64 = (t.detach().double().requires_grad_() for t in (x, small, k3))
+    ref64 = eager_gate(x64, s64, k64)
+    eager = eager_gate(x, small, k3)
+    g = torch.randn(ref64.shape, dtype=torch.float64)
+    with scnet_fused.backend(backend):
+        out = sc_gate(x, small, k3)
+        got = _grads(out, (x, small, k3), g.to(dtype))
+    assert out.dtype == dtype
+    assert_close_rule(out, ref64.detach(), eager.detach(), what=f"{dtype} forward")
+    for name, a, b, e in zip("x small k3".split(), got, _grads(ref64, (x64, s64, k64), g),
+                             _grads(eager, (x, small, k3), g.to(dtype))):
+        assert a.dtype == dtype
+        assert_close_rule(a, b, e, what=f"{dtype} grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    base = torch.randn(2, 6, 16, 30)
+    x = base[:, :, 1:15, ::2].requires_grad_()           # sliced: neither layout
+    k3 = torch.randn(2, 14, 15, 6).permute(0, 3, 1, 2).requires_grad_()  # odd strides
+    small = torch.randn(2, 6, 7, 3).transpose(2, 3)[:, :, :, ::2].requires_grad_()  # (2, 6, 3, 4)
+    ref = eager_gate(x, small, k3)
+    with scnet_fused.backend(backend):
+        out = sc_gate(x, small, k3)
+        g = torch.randn_like(ref)
+        got = _grads(out, (x, small, k3), g)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(got, _grads(ref, (x, small, k3), g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_expanded_grad_output():
+    x, small, k3 = _inputs(SHAPES[0])
+    sc_gate(x, small, k3).sum().backward()  # the incoming gradient is an expanded (stride-0) tensor
+    ref = [t.grad.clone() for t in (x, small, k3)]
+    for t in (x, small, k3):
+        t.grad = None
+    eager_gate(x, small, k3).sum().backward()
+    for a, t in zip(ref, (x, small, k3)):
+        torch.testing.assert_close(a, t.grad)
+
+
+def test_empty_batch():
+    x, small, k3 = _inputs((0, 4, 8, 8, 2, 2))
+    out = sc_gate(x, small, k3)
+    assert out.shape == (0, 4, 8, 8)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and small.grad.shape == small.shape
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        sc_gate_bn_train(x, small, k3, torch.ones(4), torch.zeros(4))
+
+
+BAD = [
+    ("rank", lambda x, s, k: (x[0], s, k), ValueError, "x must be 4-D"),
+    ("dtype", lambda x, s, k: (x, s.double(), k), TypeError, "share one dtype"),
+    ("int dtype", lambda x, s, k: (x.long(), s.long(), k.long()), TypeError, "float16, bfloat16"),
+    ("device", lambda x, s, k: (x, s.to("meta"), k), ValueError, "one device"),
+    ("channels", lambda x, s, k: (x, s[:, :2], k), ValueError, "batch and channel sizes"),
+    ("batch", lambda x, s, k: (x, s[:1], k), ValueError, "batch and channel sizes"),
+    ("k3 shape", lambda x, s, k: (x, s, k[:, :, :-1]), ValueError, "k3 must have x's shape"),
+    ("empty pooled map", lambda x, s, k: (x, s[:, :, :0], k), ValueError, "pooled map is empty"),
+    ("small too big", lambda x, s, k: (x, torch.randn(3, 5, 20, 3), k), ValueError, "must not be larger"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_errors(case):
+    _, make, exc, match = case
+    x, small, k3 = _inputs(SHAPES[0], requires_grad=False)
+    with pytest.raises(exc, match=match):
+        sc_gate(*make(x, small, k3))
+
+
+def test_bad_per_channel_arguments():
+    x, small, k3 = _inputs(SHAPES[0], requires_grad=False)
+    with pytest.raises(ValueError, match="scale must be a 1-D tensor of C=5"):
+        sc_gate(x, small, k3, torch.ones(4), None)
+    with pytest.raises(ValueError, match="weight must be a 1-D tensor of C=5"):
+        sc_gate_bn_train(x, small, k3, torch.ones(5, 1), torch.zeros(5))
+
+
+def test_backend_selection_errors(monkeypatch):
+    x, small, k3 = _inputs(SHAPES[0], requires_grad=False)
+    with pytest.raises(ValueError, match="unknown scnet_fused backend"):
+        with scnet_fused.backend("tpu"):
+            pass
+    with pytest.raises(BackendUnavailable, match="cuda backend needs CUDA tensors"):
+        with scnet_fused.backend("cuda"):
+            sc_gate(x, small, k3)
+    monkeypatch.setenv("SCNET_FUSED_BACKEND", "reference")
+    assert scnet_fused.ops.requested() == "reference"
+    torch.testing.assert_close(sc_gate(x, small, k3), eager_gate(x, small, k3))
+    monkeypatch.setenv("SCNET_FUSED_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown scnet_fused backend"):
+        sc_gate(x, small, k3)
+
+
+def test_backend_context_is_per_thread():
+    seen = {}
+    with scnet_fused.backend("reference"):
+        t = threading.Thread(target=lambda: seen.setdefault("other", scnet_fused.ops.requested()))
+        t.start()
+        t.join()
+        assert scnet_fused.ops.requested() == "reference"
+    assert seen["other"] in ("auto", "reference")  # the environment may force one; the context does not leak
+
+
+def test_gradcheck_float64():
+    x, small, k3 = (t.double().detach().requires_grad_() for t in _inputs((2, 3, 7, 6, 1, 2)))
+    scale = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: sc_gate(*a), (x, small, k3, scale, shift))
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: sc_gate_bn_train(*a, 1e-5)[0], (x, small, k3, w, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    x, small, k3 = _inputs(SHAPES[0])
+    C = x.shape[1]
+    scale, shift = torch.rand(C, requires_grad=True), torch.randn(C, requires_grad=True)
+    w, b = torch.rand(C, requires_grad=True), torch.randn(C, requires_grad=True)
+    with scnet_fused.backend(backend):
+        for args in [(x, small, k3, None, None), (x, small, k3, scale, shift),
+                     tuple(t.detach() if t is not None else None for t in (x, small, k3, scale, shift))]:
+            torch.library.opcheck(torch.ops.scnet_fused.sc_gate.default, args)
+        torch.library.opcheck(torch.ops.scnet_fused.sc_gate_bn_train.default, (x, small, k3, w, b, 1e-5))
+        torch.library.opcheck(torch.ops.scnet_fused.sc_gate_bn_train.default,
+                              (x.detach(), small.detach(), k3.detach(), w.detach(), b.detach(), 1e-5))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def f(x, small, k3, w, b):
+        y, mean, var = sc_gate_bn_train(x, small, k3, w, b, 1e-5)
+        return (sc_gate(y, small, k3) * 2).sum() + mean.sum() * 0
+
+    x, small, k3 = _inputs(SHAPES[0])
+    w, b = torch.rand(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out_c = compiled(x, small, k3, w, b)
+    gc = torch.autograd.grad(out_c, (x, small, k3, w, b))
+    out_e = f(x, small, k3, w, b)
+    ge = torch.autograd.grad(out_e, (x, small, k3, w, b))
+    torch.testing.assert_close(out_c, out_e)
+    for a, b_ in zip(gc, ge):
+        torch.testing.assert_close(a, b_)

@@ -1,0 +1,255 @@
+"""Fused SCConv / SCBottleneck / SCNet against the reference: train and eval, every gradient,
+running statistics, other norm layers, convert(), saved-for-backward bytes."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import scnet_fused
+from scnet_fused import models, reference as R
+
+import published_style
+from _util import backends_here
+
+BACKENDS = backends_here()
+
+
+def _pair(ctor, *args, **kwargs):
+    torch.manual_seed(0)
+    ref = ctor(*args, **kwargs)
+    fused = scnet_fused.convert(ref)
+    return ref, fused
+
+
+def _randomize_norms(m):
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                if mod.weight is not None:
+                    mod.weight.uniform_(0.5, 1.5)
+                    mod.bias.uniform_(-0.5, 0.5)
+                if mod.running_mean is not None:
+                    mod.running_mean.uniform_(-0.2, 0.2)
+                    mod.running_var.uniform_(0.5, 2.0)
+
+
+def _step_and_compare(ref, fused, x, steps=2, rtol=1e-4, atol=1e-4):
+    params_r = dict(ref.named_parameters())
+    params_f = dict(fused.named_parameters())
+    assert list(params_r) == list(params_f)
+    for _ in range(steps):
+        xr = x.clone().requires_grad_()
+        xf = x.clone().requires_grad_()
+        out_r, out_f = ref(xr), fused(xf)
+        torch.testing.assert_close(out_f, out_r, rtol=rtol, atol=atol)
+        g = torch.randn_like(out_r)
+        names = list(params_r)
+        gr = torch.autograd.grad(out_r, [xr] + [params_r[n] for n in names], g)
+        gf = torch.autograd.grad(out_f, [xf] + [params_f[n] for n in names], g)
+        for name, a, b in zip(["input"] + names, gf, gr):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}")
+    sr, sf = ref.state_dict(), fused.state_dict()
+    assert list(sr) == list(sf)
+    for k in sr:
+        torch.testing.assert_close(sf[k], sr[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"state {k}: {m}")
+
+
+SC_CASES = [
+    # (C, N, H, W, stride, dilation, groups)
+    (6, 3, 14, 13, 1, 1, 1),
+    (4, 1, 25, 7, 2, 1, 1),
+    (6, 2, 5, 5, 1, 2, 2),
+    (12, 3, 13, 14, 2, 1, 3),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", SC_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_scconv_train_and_eval(backend, case, channels_last):
+    if backend == "triton" and channels_last and case[0] != 6:
+        pytest.skip("interpreted Triton: channels_last covered on one shape")
+    C, N, H, W, stride, dil, groups = case
+    ref, fused = _pair(R.SCConv, C, C, stride, dil, dil, groups, 4, nn.BatchNorm2d)
+    _randomize_norms(ref)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(N, C, H, W)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with scnet_fused.backend(backend):
+        _step_and_compare(ref.train(), fused.train(), x, steps=2)
+        _step_and_compare(ref.eval(), fused.eval(), x, steps=1)
+    assert int(fused.k3[1].num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("norm", ["momentum_none", "no_running_stats", "no_affine", "groupnorm", "identity",
+                                  "frozen", "syncbn_eval"])
+def test_other_norm_layers(norm):
+    layers = {
+        "momentum_none": lambda c: nn.BatchNorm2d(c, momentum=None),
+        "no_running_stats": lambda c: nn.BatchNorm2d(c, track_running_stats=False),
+        "no_affine": lambda c: nn.BatchNorm2d(c, affine=False),
+        "groupnorm": lambda c: nn.GroupNorm(2, c),
+        "identity": lambda c: nn.Identity(),
+        "frozen": FrozenBN,
+        "syncbn_eval": nn.SyncBatchNorm,
+    }
+    ref, fused = _pair(R.SCConv, 6, 6, 1, 1, 1, 1, 4, layers[norm])
+    _randomize_norms(ref)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 13, 14)
+    if norm == "syncbn_eval":
+        ref.eval(), fused.eval()
+        _step_and_compare(ref, fused, x, steps=1)
+    else:
+        _step_and_compare(ref.train(), fused.train(), x, steps=3)
+        _step_and_compare(ref.eval(), fused.eval(), x, steps=1)
+
+
+class FrozenBN(nn.Module):
+    """A frozen BatchNorm (buffers only), as detection codebases use."""
+
+    def __init__(self, c, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.rand(c) + 0.5)
+        self.register_buffer("bias", torch.randn(c))
+        self.register_buffer("running_mean", torch.randn(c) * 0.1)
+        self.register_buffer("running_var", torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return x * scale.view(1, -1, 1, 1) + (self.bias - self.running_mean * scale).view(1, -1, 1, 1)
+
+
+def test_fused_constructor_is_drop_in():
+    torch.manual_seed(0)
+    ref = R.SCConv(8, 8, 2, 1, 1, 1, 4, nn.BatchNorm2d)
+    fused = scnet_fused.SCConv(8, 8, 2, 1, 1, 1, 4, nn.BatchNorm2d)
+    assert list(ref.state_dict()) == list(fused.state_dict())
+    fused.load_state_dict(ref.state_dict())
+    _step_and_compare(ref, fused, torch.randn(2, 8, 14, 14), steps=1)
+    with pytest.raises(ValueError, match="inplanes == planes"):
+        scnet_fused.SCConv(8, 16, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="smaller than pooling_r=4"):
+        fused(torch.randn(1, 8, 3, 9))
+    with pytest.raises(ValueError, match="expects 8 input channels"):
+        fused(torch.randn(1, 4, 9, 9))
+
+
+@pytest.mark.parametrize("kwargs", [dict(stride=2, avd=True, is_first=True), dict(stride=1, cardinality=2),
+                                    dict(stride=2, dilation=2)])
+def test_bottleneck(kwargs):
+    down = nn.Sequential(nn.Conv2d(32, 128, 1, stride=kwargs["stride"], bias=False), nn.BatchNorm2d(128))
+    ref, fused = _pair(R.SCBottleneck, 32, 32, downsample=down, norm_layer=nn.BatchNorm2d, **kwargs)
+    assert isinstance(fused, scnet_fused.SCBottleneck) and isinstance(fused.scconv, scnet_fused.SCConv)
+    _randomize_norms(ref)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 32, 14, 13)
+    _step_and_compare(ref.train(), fused.train(), x, steps=2)
+    _step_and_compare(ref.eval(), fused.eval(), x, steps=1)
+
+
+def test_small_scnet_sgd_losses_match():
+    torch.manual_seed(0)
+    ref = R.SCNet(R.SCBottleneck, layers=(1, 1, 1, 1), num_classes=5)
+    fused = models.build("scnet50", layers=(1, 1, 1, 1), num_classes=5)
+    fused.load_state_dict(ref.state_dict())
+    # 128 px: layer4's pooled map is 2 x 2, so its BatchNorm sees 16 values per channel (at 64 px it
+    # sees 4, and the tiny batch variance amplifies float rounding beyond any useful tolerance).
+    x = torch.randn(4, 3, 128, 128)
+    y = torch.tensor([0, 1, 2, 3])
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.02, momentum=0.5)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.02, momentum=0.5)
+    losses = []
+    for _ in range(4):
+        lr_ = nn.functional.cross_entropy(ref(x), y)
+        lf_ = nn.functional.cross_entropy(fused(x), y)
+        for opt, loss in ((opt_r, lr_), (opt_f, lf_)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses.append((lr_.item(), lf_.item()))
+    for a, b in losses:
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), losses
+    assert losses[-1][0] < losses[0][0]
+    ref.eval(), fused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-3, atol=1e-3)  # after 4 steps of float drift
+
+
+def test_features_only():
+    m = models.scnet50(features_only=True, out_indices=(2, 4)).eval()
+    assert m.channels == [512, 2048] and m.strides == [8, 32]
+    with torch.no_grad():
+        feats = m(torch.randn(1, 3, 128, 128))
+    assert [tuple(f.shape) for f in feats] == [(1, 512, 16, 16), (1, 2048, 4, 4)]
+    d = models.scnet50_v1d(features_only=True, dilated=True)
+    assert d.strides == [4, 8, 8, 8]
+    with pytest.raises(ValueError, match="out_indices"):
+        models.scnet50(features_only=True, out_indices=(0, 5))
+
+
+def test_convert_published_style_model():
+    # float64: this net has ReLUs after BatchNorms over 2 images, where float32 rounding (of either
+    # implementation) can flip a ReLU mask and move upstream gradients by a few percent.
+    torch.manual_seed(0)
+    ref = published_style.TinyNet().double()
+    _randomize_norms(ref)
+    fused, report = scnet_fused.convert_with_report(ref)
+    names = [r[0] for r in report]
+    assert names == ["blocks.0", "blocks.0.scconv", "blocks.1", "blocks.1.scconv", "lone"]
+    assert isinstance(fused.blocks[0], scnet_fused.SCBottleneck) and isinstance(fused.lone, scnet_fused.SCConv)
+    assert type(ref.lone) is published_style.SCConv  # inplace=False left the original alone
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    _step_and_compare(ref.train(), fused.train(), x, steps=2)
+    _step_and_compare(ref.eval(), fused.eval(), x, steps=1)
+    # inplace conversion keeps the very same parameters, and eval mode
+    ref.eval()
+    same = scnet_fused.convert(ref, inplace=True)
+    assert same is ref and isinstance(ref.lone, scnet_fused.SCConv) and not ref.lone.training
+    assert scnet_fused.convert_with_report(same)[1] == []  # nothing left to convert
+
+
+def test_convert_keeps_dtype_and_reference_models():
+    m = R.scnet50(num_classes=3).double()
+    fused = scnet_fused.convert(m)
+    assert all(p.dtype == torch.float64 for p in fused.parameters())
+    n_sc = sum(isinstance(x, scnet_fused.SCConv) for x in fused.modules())
+    assert n_sc == 16
+    assert list(fused.state_dict()) == list(m.state_dict())
+    with pytest.raises(TypeError, match="nn.Module"):
+        scnet_fused.convert("model")
+
+
+def _saved_bytes(module, x):
+    """Bytes of the unique storages saved for backward by one forward (parameters and input excluded)."""
+    exclude = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    exclude.add(x.untyped_storage().data_ptr())
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in exclude:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(seen.values())
+
+
+def test_saved_for_backward_bytes():
+    torch.manual_seed(0)
+    ref = R.SCConv(32, 32, 1, 1, 1, 1, 4, nn.BatchNorm2d).train()
+    fused = scnet_fused.convert(ref)
+    x = torch.randn(2, 32, 28, 28, requires_grad=True)
+    b_ref, b_fused = _saved_bytes(ref, x), _saved_bytes(fused, x)
+    full = x.numel() * 4
+    # reference: k3's conv output, BN3's output, the sigmoid, the product and k4's conv output (plus
+    # the small pooled-branch tensors): about 5 full-size tensors. Fused: k3's conv output, the gate
+    # output (k4's input) and k4's conv output.
+    assert b_ref >= 5 * full
+    assert b_fused <= 3.25 * full, (b_fused / full, b_ref / full)
