@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
@@ -53,8 +54,46 @@ def _affine_params(bn: nn.modules.batchnorm._BatchNorm, like: Tensor) -> Tuple[T
             torch.zeros(C, device=like.device, dtype=torch.float32))
 
 
+class _ConvOfGate(torch.autograd.Function):
+    """``conv2d(y)`` for the gate output ``y``, saving the gate's inputs instead of ``y``.
+
+    ``y = sc_gate(x, small, k3, scale, shift)`` is cheap to recompute (it reads x and k3), so the
+    backward recomputes it for the convolution's weight gradient rather than keeping a full-size
+    tensor alive between forward and backward. ``x``, ``small`` and ``k3`` are saved by the gate's own
+    backward anyway; ``scale``/``shift`` are per-channel.
+    """
+
+    @staticmethod
+    def forward(ctx, y, weight, x, small, k3, scale, shift, stride, padding, dilation, groups):
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.save_for_backward(weight, x, small, k3, scale, shift)
+        ctx.y_meta = (y.dtype, y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous())
+        return F.conv2d(y, weight, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, x, small, k3, scale, shift = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        with torch.no_grad():
+            y = sc_gate(x, small, k3, scale, shift)
+        grad_y, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_out, y, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        return grad_y, grad_w, None, None, None, None, None, None, None, None, None
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 class SCConv(reference.SCConv):
-    """Drop-in fused self-calibrated convolution (same arguments and state_dict as the reference)."""
+    """Drop-in fused self-calibrated convolution (same arguments and state_dict as the reference).
+
+    ``recompute_gate`` (default True): k4's convolution recomputes the gate output in its backward
+    instead of saving it (one full-size tensor less held for backward, one cheap gate pass more).
+    """
+
+    recompute_gate = True
 
     def forward(self, x: Tensor) -> Tensor:
         reference._check_sc_input(x, self.inplanes, self.pooling_r)
@@ -68,8 +107,9 @@ class SCConv(reference.SCConv):
         if k3.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"SCConv: k3 changed the spatial size {tuple(x.shape[-2:])} -> "
                              f"{tuple(k3.shape[-2:])}; the gate needs them equal")
+        scale = shift = None
         if _plain_batchnorm(norm3) and (norm3.training or norm3.running_mean is None):
-            y = self._gate_bn_train(xg, small, k3, norm3)
+            y, scale, shift = self._gate_bn_train(xg, small, k3, norm3)
         elif _foldable_eval_norm(norm3):
             weight, bias = _affine_params(norm3, k3)
             invstd = torch.rsqrt(norm3.running_var.float() + norm3.eps)
@@ -77,10 +117,32 @@ class SCConv(reference.SCConv):
             shift = bias.float() - norm3.running_mean.float() * scale
             y = sc_gate(xg, small, k3, scale, shift)
         else:
-            y = sc_gate(xg, small, norm3(k3).to(k3.dtype))
-        return self.k4(y)
+            k3 = norm3(k3).to(k3.dtype)
+            y = sc_gate(xg, small, k3)
+        return self.k4[1](self._conv4(y, xg, small, k3, scale, shift))
 
-    def _gate_bn_train(self, x: Tensor, small: Tensor, k3: Tensor, bn) -> Tensor:
+    def _conv4(self, y, x, small, k3, scale, shift):
+        conv4 = self.k4[0]
+        plain = type(conv4) is nn.Conv2d and conv4.bias is None and conv4.padding_mode == "zeros" \
+            and not isinstance(conv4.padding, str)
+        if not (self.recompute_gate and plain and torch.is_grad_enabled() and y.requires_grad):
+            return conv4(y)
+        weight = conv4.weight
+        if torch.is_autocast_enabled(y.device.type):
+            dtype = torch.get_autocast_dtype(y.device.type)
+            y, weight = y.to(dtype), weight.to(dtype)
+            if y.dtype != x.dtype:  # recompute in the dtype the convolution saw
+                x, small, k3 = x.to(dtype), small.to(dtype), k3.to(dtype)
+        elif weight.dtype != y.dtype:
+            return conv4(y)
+        if scale is not None:
+            scale, shift = scale.detach(), shift.detach()
+        with torch.autocast(y.device.type, enabled=False):
+            return _ConvOfGate.apply(y, weight, x.detach(), small.detach(), k3.detach(), scale, shift,
+                                     _pair(conv4.stride), _pair(conv4.padding), _pair(conv4.dilation),
+                                     conv4.groups)
+
+    def _gate_bn_train(self, x: Tensor, small: Tensor, k3: Tensor, bn):
         factor = _bn_momentum(bn)
         weight, bias = _affine_params(bn, k3)
         y, mean, var = sc_gate_bn_train(x, small, k3, weight, bias, bn.eps)
@@ -90,7 +152,11 @@ class SCConv(reference.SCConv):
                 bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
                 unbiased = var * (m / (m - 1))
                 bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
-        return y
+        with torch.no_grad():
+            invstd = torch.rsqrt(var + bn.eps)
+            scale = weight.detach().to(mean.dtype) * invstd
+            shift = bias.detach().to(mean.dtype) - mean * scale
+        return y, scale, shift
 
     @classmethod
     def adopt(cls, module: nn.Module) -> "SCConv":
