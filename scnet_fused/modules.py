@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .ops import sc_gate, sc_gate_bn_train
+from .ops.relu_cat import relu_cat
 
 __all__ = ["SCConv", "SCBottleneck"]
 
@@ -183,7 +184,22 @@ def _pool_rate(pool: nn.Module) -> int:
 
 
 class SCBottleneck(reference.SCBottleneck):
-    """The SCNet bottleneck with a fused SCConv (same arguments and state_dict as the reference)."""
+    """The SCNet bottleneck with a fused SCConv (same arguments and state_dict as the reference).
+
+    Without avd, the two branches' final ReLUs write straight into the concatenation conv3 reads.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.avd or not isinstance(self.relu, nn.ReLU) or x.dim() != 4:
+            return super().forward(x)
+        residual = x
+        out_a = self.relu(self.bn1_a(self.conv1_a(x)))
+        out_b = self.relu(self.bn1_b(self.conv1_b(x)))
+        out = self.bn3(self.conv3(relu_cat(self.k1(out_a), self.scconv(out_b))))
+        if self.downsample is not None:
+            residual = self.downsample(x)
+        out = out + residual
+        return self.relu(out)
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  cardinality: int = 1, bottleneck_width: int = 32, avd: bool = False, dilation: int = 1,
