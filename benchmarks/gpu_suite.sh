@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (no network): build, GPU tests, AOT compile checks, op / module /
+# model benchmarks, all gathered into benchmarks/results/gpu-<device>-<date>/ ready to commit.
+#
+#   bash benchmarks/gpu_suite.sh            # from the repository root
+#   SUITE_OUT=/tmp/x bash benchmarks/gpu_suite.sh
+#
+# Every step has its own time budget (under 7 minutes in all); a step that fails or runs
+# out of time is recorded in steps.tsv and the suite goes on. Benchmarks write their JSON as they
+# go, so a step cut short still leaves the rows it measured.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+
+dev=$($PY -c 'import re,torch; print(re.sub(r"[^a-z0-9]+","-",torch.cuda.get_device_name(0).lower()).strip("-") if torch.cuda.is_available() else "nogpu")' 2>/dev/null || echo unknown)
+OUT=${SUITE_OUT:-benchmarks/results/gpu-${dev}-$(date +%Y%m%d)}
+mkdir -p "$OUT"
+echo "results: $OUT"
+printf 'step\tstatus\tseconds\n' > "$OUT/steps.tsv"
+
+step() {  # step NAME BUDGET_S LOGFILE CMD...
+  local name=$1 budget=$2 log=$3; shift 3
+  local t0=$SECONDS
+  echo "== $name (budget ${budget}s)"
+  timeout --kill-after=10 "$budget" "$@" > "$OUT/$log" 2>&1
+  local rc=$?
+  local st=ok
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then st=timeout; elif [ $rc -ne 0 ]; then st="fail($rc)"; fi
+  printf '%s\t%s\t%s\n' "$name" "$st" "$((SECONDS - t0))" >> "$OUT/steps.tsv"
+  echo "   $st in $((SECONDS - t0))s, log $OUT/$log"
+  tail -n 3 "$OUT/$log" | sed 's/^/   | /'
+}
+
+# Environment: driver, GPU, versions.
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+nvidia-smi -q > "$OUT/nvidia-smi-q.txt" 2>&1 || true
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+  $PY -c 'import sys,torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda); print("archs", torch.cuda.get_arch_list())' 2>&1
+  $PY -c 'import triton; print("triton", triton.__version__)' 2>&1
+  nvcc --version 2>&1 | tail -n 2
+  echo "cpus: $(nproc)"
+} > "$OUT/versions.txt"
+
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# Budgets (seconds) sum to about 400 plus a few seconds of glue: the suite ends inside 7 minutes.
+step build 80 build.log $PY -m pip install -e . --no-build-isolation --no-deps -v
+step info 15 info.txt $PY -m scnet_fused info
+step check 25 check.txt $PY -m scnet_fused check --dtype fp32,bf16
+step tests-gpu 55 pytest-gpu.log $PY -m pytest tests -m gpu -q -x --junitxml="$OUT/pytest-gpu.xml" -p no:cacheprovider
+aot_tests=()
+for t in tests/test_aot_compile.py tests/test_cuda_build.py; do [ -f "$t" ] && aot_tests+=("$t"); done
+if [ ${#aot_tests[@]} -gt 0 ]; then
+  step tests-aot 35 pytest-aot.log $PY -m pytest "${aot_tests[@]}" -q --junitxml="$OUT/pytest-aot.xml" -p no:cacheprovider
+fi
+# Resource reports (registers, spills, shared memory) the AOT tests leave behind, if any.
+for f in build/resource_report* benchmarks/results/*resources*; do [ -e "$f" ] && cp -r "$f" "$OUT/"; done
+
+T="--warmup-ms 10 --rep-ms 40 --no-plot --out $OUT"
+# Op level, SCNet-50 stage shapes: bf16 at N = 256 against eager and torch.compile (compiled per shape),
+# then fp32 at N = 256 and bf16 at N = 64 against eager.
+step ops-bf16-n256 75 bench-ops-bf16-n256.log $PY -m scnet_fused bench --ops gate,gate_bn --dtype bf16 \
+  --batch-size 256 --name ops_bf16_n256 $T
+step ops-fp32-n256 25 bench-ops-fp32-n256.log $PY -m scnet_fused bench --ops gate,gate_bn --dtype fp32 \
+  --batch-size 256 --providers eager,triton,cuda --name ops_fp32_n256 $T
+step ops-bf16-n64 20 bench-ops-bf16-n64.log $PY -m scnet_fused bench --ops gate,gate_bn --dtype bf16 \
+  --batch-size 64 --providers eager,triton,cuda --name ops_bf16_n64 $T
+# Module level: SCConv train step and eval forward, channels_last + bf16 autocast, N = 64.
+step scconv 30 bench-scconv.log $PY -m scnet_fused bench --ops scconv --dtype bf16 --channels-last \
+  --batch-size 64 --name scconv_bf16_cl_n64 $T
+# Model level: scnet50 training, N = 256, bf16 autocast, channels_last, reference vs fused.
+# SUITE_FULL=1 adds the compiled models (time to first step), which needs several more minutes.
+MODEL_PROVIDERS=eager,fused
+[ "${SUITE_FULL:-0}" = 1 ] && MODEL_PROVIDERS=eager,fused,compile,compile_fused
+step model 40 bench-model.log $PY benchmarks/bench_model.py --model scnet50 --batch-size 256 --amp bf16 \
+  --channels-last --steps 5 --warmup 1 --providers $MODEL_PROVIDERS --out "$OUT" --name model_scnet50
+
+# Tables and plots from whatever JSON exists (also from steps cut short).
+$PY - "$OUT" <<'PYEOF' > "$OUT/plots.log" 2>&1
+import glob, json, os, sys
+from scnet_fused import bench
+out = sys.argv[1]
+for path in sorted(glob.glob(os.path.join(out, "*.json"))):
+    try:
+        rows = json.load(open(path))
+    except Exception as exc:
+        print("skip", path, exc)
+        continue
+    if not isinstance(rows, list) or not rows or "op" not in rows[0]:
+        continue
+    name = os.path.splitext(os.path.basename(path))[0]
+    bench.write_markdown(rows, os.path.join(out, name + ".md"), title=name)
+    bench.write_plot(rows, os.path.join(out, name + ".png"), title=name)
+    print("wrote", name)
+PYEOF
+cat "$OUT/steps.tsv"
+echo "done: $OUT"
