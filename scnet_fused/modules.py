@@ -12,6 +12,8 @@ The pooled branch ``k2`` works on a map ``pooling_r**2`` times smaller and runs 
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional, Tuple
 
 import torch
@@ -109,7 +111,10 @@ class SCConv(reference.SCConv):
             raise ValueError(f"SCConv: k3 changed the spatial size {tuple(x.shape[-2:])} -> "
                              f"{tuple(k3.shape[-2:])}; the gate needs them equal")
         scale = shift = None
-        if _plain_batchnorm(norm3) and (norm3.training or norm3.running_mean is None):
+        if k3.numel() == 0:  # empty batch: BatchNorm2d's own handling (empty output, stats kept)
+            k3 = norm3(k3).to(k3.dtype)
+            y = sc_gate(xg, small, k3)
+        elif _plain_batchnorm(norm3) and (norm3.training or norm3.running_mean is None):
             y, scale, shift = self._gate_bn_train(xg, small, k3, norm3)
         elif _foldable_eval_norm(norm3):
             weight, bias = _affine_params(norm3, k3)
@@ -129,7 +134,8 @@ class SCConv(reference.SCConv):
         if not (self.recompute_gate and plain and torch.is_grad_enabled() and y.requires_grad):
             return conv4(y)
         weight = conv4.weight
-        if torch.is_autocast_enabled(y.device.type):
+        amp_device = torch.amp.is_autocast_available(y.device.type)
+        if amp_device and torch.is_autocast_enabled(y.device.type):
             dtype = torch.get_autocast_dtype(y.device.type)
             y, weight = y.to(dtype), weight.to(dtype)
             if y.dtype != x.dtype:  # recompute in the dtype the convolution saw
@@ -138,7 +144,7 @@ class SCConv(reference.SCConv):
             return conv4(y)
         if scale is not None:
             scale, shift = scale.detach(), shift.detach()
-        with torch.autocast(y.device.type, enabled=False):
+        with torch.autocast(y.device.type, enabled=False) if amp_device else contextlib.nullcontext():
             return _ConvOfGate.apply(y, weight, x.detach(), small.detach(), k3.detach(), scale, shift,
                                      _pair(conv4.stride), _pair(conv4.padding), _pair(conv4.dilation),
                                      conv4.groups)

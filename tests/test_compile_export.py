@@ -1,0 +1,167 @@
+"""The fused model under torch.compile (fullgraph, dynamic shapes, aot_eager and inductor) and
+torch.export: one graph, no breaks, the custom ops visible as graph nodes, eager results."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import scnet_fused
+from scnet_fused import models
+from scnet_fused.ops import available
+
+BACKEND = "cpu" if available("cpu") is None else "reference"
+
+
+def _randomize_norms(m):
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.5, 0.5)
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+
+
+def _tiny_model(train=True):
+    torch.manual_seed(0)
+    m = models.build("scnet50", fused=True, layers=(1, 1, 1, 1), num_classes=5)
+    _randomize_norms(m)
+    return m.train(train)
+
+
+def _grads(m):
+    return {n: p.grad for n, p in m.named_parameters()}
+
+
+def _assert_same_state(a, b, rtol=1e-4, atol=1e-4):
+    for (n, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(ta, tb, rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+def test_fullgraph_aot_eager_train_step_matches_eager():
+    torch._dynamo.reset()
+    eager = _tiny_model(True)
+    compiled_mod = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_mod, backend="aot_eager", fullgraph=True)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9)
+    opt_c = torch.optim.SGD(compiled_mod.parameters(), lr=0.05, momentum=0.9)
+    target = torch.tensor([0, 3, 1])
+    with scnet_fused.backend(BACKEND):
+        x = torch.randn(3, 3, 64, 64)
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_e, out_c = eager(xe), compiled(xc)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-4)
+        nn.functional.cross_entropy(out_e, target).backward()
+        nn.functional.cross_entropy(out_c, target).backward()
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
+        ge, gc = _grads(eager), _grads(compiled_mod)
+        for n in ge:
+            torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {n}: {m}")
+        opt_e.step(), opt_c.step()
+        opt_e.zero_grad(), opt_c.zero_grad()
+        _assert_same_state(compiled_mod, eager)  # running statistics updated alike
+
+
+def test_dynamic_shapes_one_graph():
+    """dynamic=True: other batch and spatial sizes (irregular nearest maps included) reuse one graph,
+    in training and in eval mode."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    downsample = nn.Sequential(nn.Conv2d(32, 64, 1, 2, bias=False), nn.BatchNorm2d(64))
+    eager = scnet_fused.SCBottleneck(32, 16, stride=2, downsample=downsample).train()
+    _randomize_norms(eager)
+    compiled_mod = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_mod, backend="aot_eager", fullgraph=True, dynamic=True)
+    with scnet_fused.backend(BACKEND):
+        # H != W in every shape: duck sizing would otherwise specialize H == W and recompile.
+        for shape in [(2, 32, 13, 12), (3, 32, 25, 14), (5, 32, 8, 17)]:
+            x = torch.randn(shape)
+            xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+            out_e, out_c = eager(xe), compiled(xc)
+            torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-4)
+            g = torch.randn_like(out_e)
+            out_e.backward(g), out_c.backward(g)
+            torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
+            ge, gc = _grads(eager), _grads(compiled_mod)
+            for n in ge:
+                torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {n}: {m}")
+        _assert_same_state(compiled_mod, eager, rtol=1e-5, atol=1e-6)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert graphs == 1, f"{graphs} graphs for three shapes under dynamic=True"
+        # Eval mode (the BatchNorm folded into the gate): one more graph, again for every shape.
+        eager.eval(), compiled_mod.eval()
+        for shape in [(2, 32, 9, 14), (4, 32, 21, 10)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs == 2, f"{graphs} graphs for train + eval under dynamic=True"
+
+
+def test_inductor_scconv_train_matches_eager():
+    """The default backend (inductor, C++ codegen on the CPU) around the fused ops: one small SCConv."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = scnet_fused.SCConv(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d).train()
+    _randomize_norms(eager)
+    compiled_mod = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_mod, fullgraph=True)
+    x = torch.randn(2, 8, 13, 12)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with scnet_fused.backend(BACKEND):
+        out_e, out_c = eager(xe), compiled(xc)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-4)
+        g = torch.randn_like(out_e)
+        out_e.backward(g), out_c.backward(g)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-4)
+    ge, gc = _grads(eager), _grads(compiled_mod)
+    for n in ge:
+        torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {n}: {m}")
+    _assert_same_state(compiled_mod, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_export_eval_contains_custom_ops_and_runs(tmp_path):
+    model = _tiny_model(False)
+    x = torch.randn(2, 3, 64, 64)
+    with scnet_fused.backend(BACKEND):
+        expected = model(x)
+        batch = torch.export.Dim("batch", min=1, max=64)
+        ep = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
+        targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+        assert torch.ops.scnet_fused.sc_gate.default in targets, sorted({str(t) for t in targets})
+        torch.testing.assert_close(ep.module()(x), expected, rtol=1e-5, atol=1e-5)
+        x3 = torch.randn(3, 3, 64, 64)
+        torch.testing.assert_close(ep.module()(x3), model(x3), rtol=1e-5, atol=1e-5)
+        # Round trip through a .pt2 file: the op is found again by name when loading.
+        path = tmp_path / "scnet.pt2"
+        torch.export.save(ep, str(path))
+        loaded = torch.export.load(str(path))
+        torch.testing.assert_close(loaded.module()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_cuda_graphs():
+    device = "cuda"
+    torch._dynamo.reset()
+    eager = _tiny_model(True).to(device)
+    compiled_mod = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_mod, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        x = torch.randn(4, 3, 64, 64, device=device)
+        torch.compiler.cudagraph_mark_step_begin()
+        out_c = compiled(x)
+        out_e = eager(x)
+        torch.testing.assert_close(out_c, out_e, rtol=2e-3, atol=2e-3)
+        g = torch.randn_like(out_e)
+        out_c.backward(g), out_e.backward(g)
+    ge, gc = _grads(eager), _grads(compiled_mod)
+    for n in ge:
+        torch.testing.assert_close(gc[n], ge[n], rtol=5e-3, atol=5e-3, msg=lambda m: f"grad {n}: {m}")
+    eager.eval(), compiled_mod.eval()
+    compiled_eval = torch.compile(compiled_mod, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        x = torch.randn(4, 3, 64, 64, device=device)
+        torch.compiler.cudagraph_mark_step_begin()
+        torch.testing.assert_close(compiled_eval(x).clone(), eager(x), rtol=2e-3, atol=2e-3)

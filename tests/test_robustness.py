@@ -1,0 +1,446 @@
+"""What users throw at the fused SCConv and the library, as one table of cases: bad shapes, dtypes,
+devices, tiny maps, empty batches, NaN/Inf, partial requires_grad, double backward, bad checkpoints,
+pickles that would run code, and concurrent calls into the CPU kernels.
+
+Each row: (name, callable, expected). ``expected`` is ``OK`` (the callable makes its own assertions)
+or ``(ExceptionType, regex)``: the callable must raise that error with a message matching the regex.
+"""
+
+import copy
+import pickle
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import scnet_fused
+from scnet_fused import CheckpointError, load_checkpoint
+from scnet_fused import reference as R
+from scnet_fused.ops import available, sc_gate
+
+OK = "ok"
+BACKEND = "cpu" if available("cpu") is None else "reference"
+GATE_BACKENDS = ["reference"] + [b for b in ("cpu", "triton") if available(b) is None]
+
+
+def _pair(C=4, stride=1, train=True, seed=0):
+    torch.manual_seed(seed)
+    ref = R.SCConv(C, C, stride, 1, 1, 1, 4, nn.BatchNorm2d)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(-1.5, 1.5)  # negative scales too: the sign of an Inf must survive
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    fused = scnet_fused.convert(ref)
+    ref.train(train), fused.train(train)
+    return ref, fused
+
+
+def _run(model, x, backend=BACKEND, grad_seed=3):
+    """Forward + backward with a fixed upstream gradient; returns (out, x.grad or None, {param: grad})."""
+    model = copy.deepcopy(model)
+    x = x.clone().requires_grad_(x.requires_grad)
+    with scnet_fused.backend(backend):
+        out = model(x)
+        if out.requires_grad:
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed))
+            out.backward(g)
+    return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}, model
+
+
+def _assert_same_run(a, b, equal_nan=False, rtol=1e-4, atol=1e-5):
+    out_a, xg_a, pg_a, mod_a = a
+    out_b, xg_b, pg_b, mod_b = b
+    torch.testing.assert_close(out_a, out_b, rtol=rtol, atol=atol, equal_nan=equal_nan)
+    assert (xg_a is None) == (xg_b is None)
+    if xg_a is not None:
+        torch.testing.assert_close(xg_a, xg_b, rtol=rtol, atol=atol, equal_nan=equal_nan)
+    assert pg_a.keys() == pg_b.keys()
+    for n in pg_a:
+        assert (pg_a[n] is None) == (pg_b[n] is None), f"{n}: grad presence differs"
+        if pg_a[n] is not None:
+            torch.testing.assert_close(pg_a[n], pg_b[n], rtol=rtol, atol=atol, equal_nan=equal_nan,
+                                       msg=lambda m: f"grad {n}: {m}")
+    sb = mod_b.state_dict()
+    for k, v in mod_a.state_dict().items():
+        torch.testing.assert_close(v, sb[k], rtol=rtol, atol=atol, equal_nan=equal_nan,
+                                   msg=lambda m: f"state {k}: {m}")
+
+
+def _same_error_as_reference(make_input, train=True):
+    """Both modules raise, and the same kind of error; returns the fused module's exception."""
+    ref, fused = _pair(train=train)
+    errors = []
+    for m in (ref, fused):
+        with pytest.raises(Exception) as info:
+            _run(m, make_input())
+        errors.append(info.value)
+    assert type(errors[1]) is type(errors[0]), (repr(errors[0]), repr(errors[1]))
+    raise errors[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Known defects outside scnet_fused/ops: detected at run time so the row turns strict once fixed.
+# ----------------------------------------------------------------------------------------------
+
+
+def _cpu_gate_special_values_mismatch() -> str:
+    """Where the C++ CPU gate's vectorized sigmoid disagrees with torch on non-finite or huge inputs
+    (NaN / Inf positions), as a description; empty when it agrees."""
+    if available("cpu") is not None:
+        return ""
+    from scnet_fused.ops import _dispatch
+
+    inf, nan = float("inf"), float("nan")
+    zs = torch.tensor([nan, -inf, inf, -100.0, 100.0, 0.0])
+    ks = torch.tensor([1.0, inf, -inf, nan])
+    z, k = (t.reshape(1, 1, 1, -1).repeat(1, 1, 1, 16) for t in torch.meshgrid(zs, ks, indexing="ij"))
+    args = (z.contiguous(), torch.zeros_like(z), k.contiguous(), None, None)
+    got = _dispatch._load("cpu").gate_forward(*args)
+    want = _dispatch._load("reference").gate_forward(*args)
+    bad = ~((got == want) | (got.isnan() & want.isnan()) | ((got - want).abs() < 1e-30))
+    if not bad.any():
+        return ""
+    i = bad.flatten().nonzero().flatten()[:4].tolist()
+    return "; ".join(f"z={z.flatten()[j].item()}, k3={k.flatten()[j].item()}: {got.flatten()[j].item()} "
+                     f"(torch: {want.flatten()[j].item()})" for j in i)
+
+
+def _xfail_known_cpu_sigmoid_bug(backend):
+    if backend == "cpu":
+        mismatch = _cpu_gate_special_values_mismatch()
+        if mismatch:
+            pytest.xfail("csrc/cpu/sc_gate_cpu.cpp vsigmoid does not propagate NaN/Inf like torch.sigmoid: "
+                         + mismatch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases
+# ----------------------------------------------------------------------------------------------
+
+
+def wrong_rank_module():
+    _same_error_as_reference(lambda: torch.randn(4, 8, 8))
+
+
+def wrong_rank_op():
+    x = torch.randn(2, 4, 8, 8)
+    sc_gate(x[0], torch.randn(2, 4, 2, 2), x)
+
+
+def dtype_mismatch_op():
+    x = torch.randn(2, 4, 8, 8)
+    sc_gate(x, torch.randn(2, 4, 2, 2, dtype=torch.float64), x)
+
+
+def dtype_mismatch_module():
+    _same_error_as_reference(lambda: torch.randn(2, 4, 8, 8, dtype=torch.float64))
+
+
+def dtype_int_op():
+    x = torch.randint(0, 3, (2, 4, 8, 8))
+    sc_gate(x, x[:, :, :2, :2].contiguous(), x)
+
+
+def device_mismatch_op():
+    x = torch.randn(2, 4, 8, 8)
+    sc_gate(x, torch.randn(2, 4, 2, 2, device="meta"), x)
+
+
+def device_mismatch_direct_op_call():
+    """The registered op itself (no Python wrapper in front) checks devices too."""
+    x = torch.randn(2, 4, 8, 8)
+    torch.ops.scnet_fused.sc_gate(x, torch.randn(2, 4, 2, 2, device="meta"), x, None, None)
+
+
+def device_mismatch_module():
+    ref, fused = _pair()
+    ref.to("meta"), fused.to("meta")
+    errors = []
+    for m in (ref, fused):
+        with pytest.raises(Exception) as info:
+            m(torch.randn(2, 4, 8, 8))
+        errors.append(info.value)
+    assert type(errors[1]) is type(errors[0]), (repr(errors[0]), repr(errors[1]))
+    raise errors[1]
+
+
+def meta_device_forward_backward():
+    """A fused model on the meta device (shape inference, deferred init) runs like the reference."""
+    for train in (True, False):
+        ref, fused = _pair(train=train)
+        ref.to("meta"), fused.to("meta")
+        x = torch.randn(3, 4, 13, 9, device="meta", requires_grad=True)
+        out_r = ref(x)
+        out_f = fused(x)
+        assert out_f.shape == out_r.shape and out_f.device.type == "meta"
+        out_f.sum().backward()
+
+
+def channel_mismatch_module():
+    _same_error_as_reference(lambda: torch.randn(2, 6, 8, 8))
+
+
+def channel_mismatch_construction():
+    scnet_fused.SCConv(4, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+
+
+def channel_mismatch_op():
+    x = torch.randn(2, 4, 8, 8)
+    sc_gate(x, torch.randn(2, 3, 2, 2), x)
+
+
+def height_below_pooling_rate():
+    _same_error_as_reference(lambda: torch.randn(2, 4, 3, 8))
+
+
+def width_below_pooling_rate():
+    _same_error_as_reference(lambda: torch.randn(2, 4, 8, 3), train=False)
+
+
+def empty_pooled_map_op():
+    x = torch.randn(2, 4, 3, 3)
+    sc_gate(x, torch.randn(2, 4, 0, 1), x)
+
+
+def pooling_rate_exact():
+    """H = W = pooling_r: a 1x1 pooled map broadcast over the whole input."""
+    for train in (True, False):
+        ref, fused = _pair(train=train)
+        x = torch.randn(3, 4, 4, 5, requires_grad=True)
+        _assert_same_run(_run(fused, x), _run(ref, x))
+
+
+def empty_batch_eval():
+    ref, fused = _pair(train=False)
+    x = torch.randn(0, 4, 8, 8, requires_grad=True)
+    a, b = _run(fused, x), _run(ref, x)
+    assert a[0].shape == b[0].shape == (0, 4, 8, 8)
+    _assert_same_run(a, b)
+
+
+def empty_batch_train():
+    ref, fused = _pair(train=True)
+    x = torch.randn(0, 4, 8, 8, requires_grad=True)
+    b = _run(ref, x)  # nn.BatchNorm2d accepts an empty batch in training
+    a = _run(fused, x)
+    _assert_same_run(a, b)
+
+
+def _nan_inf_case(backend, train):
+    def case():
+        _xfail_known_cpu_sigmoid_bug(backend)
+        for val in (float("nan"), float("inf"), -float("inf")):
+            ref, fused = _pair(train=train)
+            x = torch.randn(2, 4, 9, 10, generator=torch.Generator().manual_seed(1))
+            x[0, 1, 3, 4] = val
+            x[1, 2, 8, 0] = val
+            x.requires_grad_()
+            a, b = _run(fused, x, backend), _run(ref, x, backend)
+            assert (a[0].isnan().any() or a[0].isinf().any()), "the non-finite input vanished"
+            _assert_same_run(a, b, equal_nan=True)
+    return case
+
+
+def _large_preactivation_case(backend):
+    def case():
+        ref, fused = _pair(train=False)
+        x = torch.randn(2, 4, 9, 16, generator=torch.Generator().manual_seed(2)) * 100.0
+        x.requires_grad_()
+        a, b = _run(fused, x, backend), _run(ref, x, backend)
+        assert torch.isfinite(b[0]).all()
+        _assert_same_run(a, b, rtol=1e-4, atol=1e-3)
+    return case
+
+
+def _freeze(model, which):
+    for n, p in model.named_parameters():
+        if which == "all" or n.startswith(which):
+            p.requires_grad_(False)
+    return model
+
+
+def _partial_grad_case(which, x_requires_grad, train=True):
+    def case():
+        ref, fused = _pair(train=train)
+        _freeze(ref, which), _freeze(fused, which)
+        x = torch.randn(2, 4, 13, 10, requires_grad=x_requires_grad)
+        a, b = _run(fused, x), _run(ref, x)
+        _assert_same_run(a, b)
+        for n, g in a[2].items():
+            frozen = which == "all" or n.startswith(which)
+            assert (g is None) == frozen, f"{n}: grad {'present' if g is not None else 'missing'}"
+    return case
+
+
+def _double_backward_case(train):
+    def case():
+        ref, fused = _pair(train=train)
+        x = torch.randn(2, 4, 8, 8, requires_grad=True)
+        # The reference supports it (a gradient penalty, say): the fused model must not return
+        # something else silently.
+        out = ref(x)
+        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        torch.autograd.grad(g.square().sum(), list(ref.parameters()))
+        with scnet_fused.backend(BACKEND):
+            out = fused(x)
+            (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+            assert g.requires_grad
+            torch.autograd.grad(g.square().sum(), list(fused.parameters()))
+    return case
+
+
+def _state(train=False):
+    return _pair(train=train)[1].state_dict()
+
+
+def checkpoint_missing_key(tmp_path):
+    state = _state()
+    del state["k3.0.weight"]
+    torch.save(state, tmp_path / "ckpt.pth")
+    load_checkpoint(_pair()[1], tmp_path / "ckpt.pth")
+
+
+def checkpoint_unexpected_key(tmp_path):
+    state = _state()
+    state["k5.0.weight"] = torch.zeros(1)
+    load_checkpoint(_pair()[1], state)
+
+
+def checkpoint_wrong_shape(tmp_path):
+    state = _state()
+    state["k4.0.weight"] = torch.zeros(4, 4, 5, 5)
+    torch.save({"state_dict": state}, tmp_path / "ckpt.pth")
+    load_checkpoint(_pair()[1], tmp_path / "ckpt.pth")
+
+
+def checkpoint_not_a_state_dict(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "ckpt.pth")
+    load_checkpoint(_pair()[1], tmp_path / "ckpt.pth")
+
+
+def checkpoint_roundtrip_module_prefix(tmp_path):
+    ref, fused = _pair(train=False)
+    torch.save({"model": {f"module.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "ckpt.pth")
+    _, target = _pair(train=False, seed=5)
+    load_checkpoint(target, tmp_path / "ckpt.pth")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def checkpoint_pickle_runs_no_code(tmp_path):
+    marker = tmp_path / "marker"
+    state = _state()
+    state["evil"] = _RunsCodeWhenUnpickled(marker)
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump(state, f)  # plain pickle: what torch.load would meet in a legacy file
+    torch.save({"state_dict": _state(), "extra": _RunsCodeWhenUnpickled(marker)}, tmp_path / "evil2.pth")
+    for name in ("evil.pth", "evil2.pth"):
+        with pytest.raises(CheckpointError, match="weights_only"):
+            load_checkpoint(_pair()[1], tmp_path / name)
+        assert not marker.exists(), f"loading {name} ran code"
+
+
+def two_threads_cpu_kernels():
+    if available("cpu") is not None:
+        pytest.skip(f"the compiled CPU backend is not built: {available('cpu')}")
+    models_, inputs, expected = [], [], []
+    for i, train in enumerate((True, False)):
+        ref, fused = _pair(C=8, train=train, seed=i)
+        x = torch.randn(3, 8, 25, 14 + i, generator=torch.Generator().manual_seed(10 + i), requires_grad=True)
+        models_.append(fused), inputs.append(x)
+        expected.append(_run(fused, x, "cpu"))
+    results, errors = {}, []
+    barrier = threading.Barrier(2)
+
+    def work(i):
+        try:
+            barrier.wait()
+            results[i] = [_run(models_[i], inputs[i], "cpu") for _ in range(5)]
+        except BaseException as exc:  # surfaced in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(2):
+        for got in results[i]:
+            _assert_same_run(got, expected[i], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------
+
+CASES = [
+    ("wrong_rank_module", wrong_rank_module, (ValueError, r"4-D")),
+    ("wrong_rank_op", wrong_rank_op, (ValueError, r"x must be 4-D")),
+    ("dtype_mismatch_op", dtype_mismatch_op, (TypeError, r"share one dtype")),
+    ("dtype_mismatch_module", dtype_mismatch_module, (RuntimeError, r"")),
+    ("dtype_integer_op", dtype_int_op, (TypeError, r"float16, bfloat16, float32 or float64")),
+    ("device_mismatch_op_meta", device_mismatch_op, (ValueError, r"one device")),
+    ("device_mismatch_direct_op_call", device_mismatch_direct_op_call, (ValueError, r"one device")),
+    ("device_mismatch_module_meta", device_mismatch_module, (RuntimeError, r"")),
+    ("meta_device_forward_backward", meta_device_forward_backward, OK),
+    ("channel_mismatch_module", channel_mismatch_module, (ValueError, r"expects 4 input channels, got 6")),
+    ("channel_mismatch_construction", channel_mismatch_construction, (ValueError, r"inplanes == planes")),
+    ("channel_mismatch_op", channel_mismatch_op, (ValueError, r"batch and channel sizes")),
+    ("height_below_pooling_rate", height_below_pooling_rate, (ValueError, r"3x8 .*pooling_r=4")),
+    ("width_below_pooling_rate", width_below_pooling_rate, (ValueError, r"8x3 .*pooling_r=4")),
+    ("empty_pooled_map_op", empty_pooled_map_op, (ValueError, r"pooled map is empty")),
+    ("pooling_rate_exact", pooling_rate_exact, OK),
+    ("empty_batch_eval", empty_batch_eval, OK),
+    ("empty_batch_train", empty_batch_train, OK),
+]
+for _b in GATE_BACKENDS:
+    CASES += [
+        (f"nan_inf_eval[{_b}]", _nan_inf_case(_b, train=False), OK),
+        (f"nan_inf_train[{_b}]", _nan_inf_case(_b, train=True), OK),
+        (f"large_preactivation[{_b}]", _large_preactivation_case(_b), OK),
+    ]
+CASES += [
+    ("grad_x_only_weights_frozen", _partial_grad_case("all", True), OK),
+    ("grad_x_only_weights_frozen_eval", _partial_grad_case("all", True, train=False), OK),
+    ("grad_weights_only", _partial_grad_case("none", False), OK),
+    ("small_branch_frozen", _partial_grad_case("k2.", True), OK),
+    ("small_branch_frozen_x_no_grad", _partial_grad_case("k2.", False), OK),
+    ("k3_norm_frozen", _partial_grad_case("k3.1.", True), OK),
+    ("double_backward_train", _double_backward_case(True),
+     (RuntimeError, r"scnet_fused\.sc_gate_bn_train_backward.*no autograd formula")),
+    ("double_backward_eval", _double_backward_case(False),
+     (RuntimeError, r"scnet_fused\.sc_gate_backward.*no autograd formula")),
+    ("checkpoint_missing_key", checkpoint_missing_key, (CheckpointError, r"missing keys \(1\): k3\.0\.weight")),
+    ("checkpoint_unexpected_key", checkpoint_unexpected_key, (CheckpointError, r"unexpected keys \(1\): k5\.0\.weight")),
+    ("checkpoint_wrong_shape", checkpoint_wrong_shape, (CheckpointError, r"k4\.0\.weight: checkpoint \(4, 4, 5, 5\)")),
+    ("checkpoint_not_a_state_dict", checkpoint_not_a_state_dict, (CheckpointError, r"no state_dict")),
+    ("checkpoint_module_prefix_loads", checkpoint_roundtrip_module_prefix, OK),
+    ("checkpoint_pickle_runs_no_code", checkpoint_pickle_runs_no_code, OK),
+    ("two_threads_cpu_kernels", two_threads_cpu_kernels, OK),
+]
+
+
+@pytest.mark.parametrize("name,fn,expected", CASES, ids=[c[0] for c in CASES])
+def test_robustness(name, fn, expected, tmp_path):
+    import inspect
+
+    args = (tmp_path,) if inspect.signature(fn).parameters else ()
+    if expected == OK:
+        fn(*args)
+    else:
+        exc_type, pattern = expected
+        with pytest.raises(exc_type, match=pattern):
+            fn(*args)
