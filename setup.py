@@ -81,8 +81,8 @@ def cpu_arch_flags():
         try:
             with open("/proc/cpuinfo") as f:
                 info = f.read()
-            if " avx2 " in info and " fma " in info:
-                return ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"]
+            if " avx2 " in info and " fma " in info and " f16c " in info:
+                return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
         except OSError:
             pass
     return []

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "sc_gate_math.h"
 #include "sc_index.h"
 
 namespace scnet_fused {
@@ -18,6 +19,23 @@ at::Tensor nearest_index(int64_t out_size, int64_t in_size) {
   return out;
 }
 
+// One source index, for checking the index math at sizes too large to tabulate.
+int64_t nearest_source_one(int64_t i, int64_t out_size, int64_t in_size) {
+  TORCH_CHECK(out_size > 0 && in_size > 0, "_nearest_source: sizes must be positive, got out=", out_size,
+              ", in=", in_size);
+  TORCH_CHECK(i >= 0 && i < out_size, "_nearest_source: index ", i, " is outside [0, ", out_size, ")");
+  return nearest_source(i, nearest_scale(in_size, out_size), in_size, out_size);
+}
+
+// First output index whose source index is >= a (a in [0, in_size]); the cell of source a is
+// [start(a), start(a + 1)).
+int64_t cell_start_one(int64_t a, int64_t out_size, int64_t in_size) {
+  TORCH_CHECK(out_size > 0 && in_size > 0, "_cell_start: sizes must be positive, got out=", out_size,
+              ", in=", in_size);
+  TORCH_CHECK(a >= 0 && a <= in_size, "_cell_start: source index ", a, " is outside [0, ", in_size, "]");
+  return cell_start(a, nearest_scale(in_size, out_size), in_size, out_size);
+}
+
 }  // namespace scnet_fused
 
 TORCH_LIBRARY(scnet_fused, m) {
@@ -27,6 +45,8 @@ TORCH_LIBRARY(scnet_fused, m) {
         "Tensor? center, bool need_dk3) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_gate_backward_k3(Tensor dy, Tensor x, Tensor small, Tensor k3, Tensor p, Tensor q, Tensor r) -> Tensor");
   m.def("_channel_stats(Tensor t) -> (Tensor, Tensor)");
+  m.def("_nearest_source(int i, int out_size, int in_size) -> int", &scnet_fused::nearest_source_one);
+  m.def("_cell_start(int a, int out_size, int in_size) -> int", &scnet_fused::cell_start_one);
 }
 
 TORCH_LIBRARY_IMPL(scnet_fused, CompositeExplicitAutograd, m) {

@@ -1,0 +1,876 @@
+// CPU kernels of the gate primitives (contract: scnet_fused/ops/_dispatch.py).
+//
+// Layouts: NCHW (contiguous) and NHWC (channels_last), read in place. Math in float32 for float32,
+// float16 and bfloat16 storage. Vectorized with at::vec::Vectorized<float>, threaded with
+// at::parallel_for. Every reduction (the upsampling adjoint and the per-channel sums) is split into
+// tasks fixed by the shape alone and summed in a fixed order, so results do not depend on the
+// thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "sc_gate_math.h"
+
+namespace scnet_fused {
+namespace cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kV = Vec::size();
+// Float accumulators are flushed to double at least this often (elements per lane ~ kFlush / kV).
+constexpr int64_t kFlush = 1024;
+
+bool poison_enabled() {
+  const char* e = std::getenv("SCNET_FUSED_POISON");
+  return e != nullptr && e[0] != '\0' && std::strcmp(e, "0") != 0;
+}
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts,
+                      at::MemoryFormat fmt = at::MemoryFormat::Contiguous) {
+  at::Tensor t = at::empty(sizes, opts.memory_format(fmt));
+  if (poison_enabled()) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Loads and stores of kV elements of a storage type as float vectors.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+struct IO {  // c10::Half, c10::BFloat16
+  static Vec load(const T* p) {
+    Vec v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  }
+  static Vec load(const T* p, int64_t n) {
+    T tmp[kV];
+    for (int64_t e = 0; e < kV; ++e) tmp[e] = e < n ? p[e] : T(0.0f);
+    return load(tmp);
+  }
+  static void store(T* p, const Vec& v) { at::vec::convert_from_float<T>(v, v).store(p, kV); }
+  static void store(T* p, const Vec& v, int64_t n) { at::vec::convert_from_float<T>(v, v).store(p, n); }
+};
+
+template <>
+struct IO<float> {
+  static Vec load(const float* p) { return Vec::loadu(p); }
+  static Vec load(const float* p, int64_t n) { return Vec::loadu(p, n); }
+  static void store(float* p, const Vec& v) { v.store(p); }
+  static void store(float* p, const Vec& v, int64_t n) { v.store(p, n); }
+};
+
+// 1 / d for d >= 1: the hardware reciprocal estimate refined by one Newton step (about 23 bits).
+inline Vec vreciprocal(const Vec& d) {
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__FMA__)
+  const __m256 r = _mm256_rcp_ps(d);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+#else
+  return Vec(1.0f) / d;
+#endif
+}
+
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__FMA__)
+// sigmoid(z) = 1 / (1 + 2^t), t = -z * log2(e), with z clamped to [-87, 87] (the result is then 1 or
+// below 2e-38). 2^t = 2^n * 2^f, n = round(t), |f| <= 1/2, 2^f by its degree-6 Taylor polynomial in
+// f * ln 2 (relative error below 2e-7), 2^n added to the exponent bits.
+inline Vec vsigmoid(const Vec& z) {
+  // min/max return their second operand when one is NaN: z goes second so a NaN passes through.
+  const __m256 zc = _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_min_ps(_mm256_set1_ps(87.0f), z));
+  const __m256 t = _mm256_mul_ps(zc, _mm256_set1_ps(-1.44269504088896341f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381608e-4f);                 // ln2^6 / 6!
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));  // ln2^5 / 5!
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));  // ln2^4 / 4!
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));  // ln2^3 / 3!
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));  // ln2^2 / 2!
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));  // ln2
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
+  const __m256 r = vreciprocal(Vec(_mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_castsi256_ps(bits))));
+  // Below -87 the sigmoid is 0 (as torch's: 1 / (1 + inf)), so -inf * 0 gives NaN there too.
+  return _mm256_blendv_ps(r, _mm256_setzero_ps(), _mm256_cmp_ps(z, _mm256_set1_ps(-87.0f), _CMP_LT_OQ));
+}
+#else
+inline Vec vsigmoid(const Vec& z) { return vreciprocal(Vec(1.0f) + z.neg().exp_u20()); }
+#endif
+
+// Sum of the lanes in a fixed order, in double.
+inline double hsum(const Vec& v) {
+  float buf[kV];
+  v.store(buf);
+  double s = 0.0;
+  for (int64_t e = 0; e < kV; ++e) s += buf[e];
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Shapes, index tables, argument checks.
+// ------------------------------------------------------------------------------------------------
+struct Geometry {
+  int64_t N, C, H, W, h, w;
+  std::vector<int64_t> rsrc, csrc;  // source row / column of every output row / column
+  std::vector<int64_t> rs, cs;      // cell starts: h + 1 and w + 1 entries
+};
+
+Geometry make_geometry(const at::Tensor& x, const at::Tensor& small) {
+  Geometry g;
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.h = small.size(2);
+  g.w = small.size(3);
+  const float sh = nearest_scale(g.h, g.H);
+  const float sw = nearest_scale(g.w, g.W);
+  g.rsrc.resize(g.H);
+  g.csrc.resize(g.W);
+  for (int64_t i = 0; i < g.H; ++i) g.rsrc[i] = nearest_source(i, sh, g.h, g.H);
+  for (int64_t j = 0; j < g.W; ++j) g.csrc[j] = nearest_source(j, sw, g.w, g.W);
+  g.rs.resize(g.h + 1);
+  g.cs.resize(g.w + 1);
+  for (int64_t a = 0; a <= g.h; ++a) g.rs[a] = cell_start(a, sh, g.h, g.H);
+  for (int64_t b = 0; b <= g.w; ++b) g.cs[b] = cell_start(b, sw, g.w, g.W);
+  return g;
+}
+
+enum class Layout { NCHW, NHWC };
+
+Layout layout_of(const at::Tensor& x) {
+  if (x.is_contiguous()) return Layout::NCHW;
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return Layout::NHWC;
+  return Layout::NCHW;  // anything else is copied to NCHW
+}
+
+at::MemoryFormat format_of(Layout l) {
+  return l == Layout::NHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+at::Tensor in_layout(const at::Tensor& t, Layout l) { return t.contiguous(format_of(l)); }
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_full(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", t.sizes());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
+              ", got ", t.scalar_type());
+}
+
+void check_gate(const char* op, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(supported_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
+              x.scalar_type());
+  check_full(op, "k3", k3, x);
+  TORCH_CHECK(small.device().is_cpu(), op, ": small must be a CPU tensor, got ", small.device());
+  TORCH_CHECK(small.dim() == 4, op, ": small must be 4-D (N, C, h, w), got ", small.sizes());
+  TORCH_CHECK(small.scalar_type() == x.scalar_type(), op, ": small must have x's dtype ", x.scalar_type(),
+              ", got ", small.scalar_type());
+  TORCH_CHECK(small.size(0) == x.size(0) && small.size(1) == x.size(1), op,
+              ": small must have x's batch and channel sizes, got small ", small.sizes(), " for x ", x.sizes());
+  TORCH_CHECK(small.size(2) >= 1 && small.size(3) >= 1 && small.size(2) <= x.size(2) && small.size(3) <= x.size(3),
+              op, ": small's spatial size must be in [1, x's], got small ", small.sizes(), " for x ", x.sizes());
+}
+
+// A per-channel float vector of length C (or `fill` everywhere when absent).
+std::vector<float> per_channel(const char* op, const char* name, const c10::optional<at::Tensor>& t,
+                               int64_t C, float fill) {
+  if (!t.has_value() || !t->defined()) return std::vector<float>(C, fill);
+  TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t->device());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": ", name, " must be 1-D with C=", C, " values, got ",
+              t->sizes());
+  at::Tensor f = t->to(at::kFloat).contiguous();
+  const float* p = f.data_ptr<float>();
+  return std::vector<float>(p, p + C);
+}
+
+template <typename F>
+void dispatch_dtype(at::ScalarType t, const char* op, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(at::Half{});
+      break;
+    case at::kBFloat16:
+      f(at::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", t, " (float32, float16 or bfloat16)");
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Pointwise ops: the gate forward (y = affine(k3) * s) and the BN-training dk3 (p * dy * s + q * k3 + r).
+// A, B, R: per-channel (scale, shift, unused) for the forward, (p, q, r) for dk3.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+struct Pointwise {
+  const T* x;
+  const T* dy;  // dk3 only
+  const T* k;
+  const T* small;
+  T* out;
+  const float* A;
+  const float* B;
+  const float* R;
+};
+
+template <bool kK3>
+inline Vec pointwise_vec(const Vec& xv, const Vec& uv, const Vec& kv, const Vec& dyv, const Vec& A, const Vec& B,
+                         const Vec& R) {
+  const Vec s = vsigmoid(xv + uv);
+  if constexpr (kK3) {
+    return at::vec::fmadd(A, dyv * s, at::vec::fmadd(B, kv, R));
+  } else {
+    return at::vec::fmadd(kv, A, B) * s;
+  }
+}
+
+// NCHW blocking: planes of at most kBlock floats are processed kBlock / HW at a time (a group);
+// larger planes one at a time in blocks of whole rows. For every block the upsampled values U are
+// built first for all its planes (source rows expanded along W into E, then every output row a
+// vector copy of its source row), and only then consumed. Building everything ahead keeps the
+// vector loads of U and E away from stores still in flight (a load that spans several recent
+// stores cannot be forwarded and stalls).
+constexpr int64_t kBlock = 4096;
+
+struct NchwBlocking {
+  int64_t RB;    // rows per block
+  int64_t G;     // planes per group
+  int64_t L;     // floats of U per plane in a block (RB * W)
+  int64_t Erows; // expanded source rows per plane in a block
+};
+
+NchwBlocking nchw_blocking(const Geometry& g) {
+  NchwBlocking b;
+  const int64_t HW = g.H * g.W;
+  if (HW <= kBlock) {
+    b.RB = g.H;
+    b.G = std::max<int64_t>(1, kBlock / std::max<int64_t>(HW, 1));
+  } else {
+    b.RB = std::min<int64_t>(g.H, std::max<int64_t>(1, kBlock / std::max<int64_t>(g.W, 1)));
+    b.G = 1;
+  }
+  b.L = b.RB * g.W;
+  // The source index steps by at most one per output row (h <= H); twice that is a safe bound.
+  b.Erows = std::min<int64_t>(g.h, 2 * b.RB + 2);
+  return b;
+}
+
+// U[(q - q0) * bl.L + (i - i0) * W + j] = small[q, rsrc[i], csrc[j]] for planes [q0, q1), rows
+// [i0, i1). U needs kV floats of slack (row copies may run up to kV - 1 floats past a row: into the
+// next row, written afterwards, or into the slack).
+template <typename T>
+void build_up(const T* small, const Geometry& g, const NchwBlocking& bl, int64_t q0, int64_t q1, int64_t i0,
+              int64_t i1, float* U, float* E) {
+  const int64_t W = g.W;
+  const int64_t a0 = g.rsrc[i0], a1 = g.rsrc[i1 - 1];
+  for (int64_t q = q0; q < q1; ++q) {
+    const T* sp = small + q * g.h * g.w;
+    float* Eq = E + (q - q0) * bl.Erows * W;
+    for (int64_t a = a0; a <= a1; ++a) {
+      const T* srow = sp + a * g.w;
+      float* er = Eq + (a - a0) * W;
+      for (int64_t j = 0; j < W; ++j) er[j] = static_cast<float>(srow[g.csrc[j]]);
+    }
+  }
+  for (int64_t q = q0; q < q1; ++q) {
+    const float* Eq = E + (q - q0) * bl.Erows * W;
+    float* Uq = U + (q - q0) * bl.L;
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* er = Eq + (g.rsrc[i] - a0) * W;
+      float* row = Uq + (i - i0) * W;
+      for (int64_t j = 0; j < W; j += kV) Vec::loadu(er + j).store(row + j);
+    }
+  }
+}
+
+template <typename T, bool kK3>
+void pointwise_nchw(const Pointwise<T>& p, const Geometry& g) {
+  const int64_t HW = g.H * g.W;
+  const NchwBlocking bl = nchw_blocking(g);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
+  at::parallel_for(0, g.N * g.C, grain, [&](int64_t p0, int64_t p1) {
+    std::vector<float> ubuf(bl.G * bl.L + kV), ebuf(bl.G * bl.Erows * g.W + kV);
+    for (int64_t q0 = p0; q0 < p1; q0 += bl.G) {
+      const int64_t q1 = std::min(p1, q0 + bl.G);
+      for (int64_t i0 = 0; i0 < g.H; i0 += bl.RB) {
+        const int64_t i1 = std::min(g.H, i0 + bl.RB);
+        build_up(p.small, g, bl, q0, q1, i0, i1, ubuf.data(), ebuf.data());
+        const int64_t L = (i1 - i0) * g.W;
+        for (int64_t plane = q0; plane < q1; ++plane) {
+          const int64_t c = plane % g.C;
+          const Vec A(p.A[c]), B(p.B[c]), R(p.R[c]);
+          const float* U = ubuf.data() + (plane - q0) * bl.L;
+          const int64_t base = plane * HW + i0 * g.W;
+          const T* xp = p.x + base;
+          const T* kp = p.k + base;
+          const T* dp = kK3 ? p.dy + base : nullptr;
+          T* op = p.out + base;
+          int64_t e = 0;
+          for (; e + kV <= L; e += kV) {
+            const Vec dyv = kK3 ? IO<T>::load(dp + e) : Vec(0.0f);
+            IO<T>::store(op + e,
+                         pointwise_vec<kK3>(IO<T>::load(xp + e), Vec::loadu(U + e), IO<T>::load(kp + e), dyv, A, B, R));
+          }
+          if (e < L && L >= kV) {
+            // Recompute the last full vector (overlapping): the op is elementwise, rewriting is harmless.
+            e = L - kV;
+            const Vec dyv = kK3 ? IO<T>::load(dp + e) : Vec(0.0f);
+            IO<T>::store(op + e,
+                         pointwise_vec<kK3>(IO<T>::load(xp + e), Vec::loadu(U + e), IO<T>::load(kp + e), dyv, A, B, R));
+          } else if (e < L) {
+            const int64_t n = L - e;
+            const Vec dyv = kK3 ? IO<T>::load(dp + e, n) : Vec(0.0f);
+            IO<T>::store(op + e,
+                         pointwise_vec<kK3>(IO<T>::load(xp + e, n), Vec::loadu(U + e, n), IO<T>::load(kp + e, n), dyv,
+                                            A, B, R),
+                         n);
+          }
+        }
+      }
+    }
+  });
+}
+
+// NHWC work unit: (image n, source row a, channel block). Channel blocks of at most kCB channels.
+constexpr int64_t kCB = 128;
+
+struct NhwcTasks {
+  int64_t ncb, cb, ntasks;
+};
+
+NhwcTasks nhwc_tasks(const Geometry& g) {
+  NhwcTasks t;
+  t.cb = std::min<int64_t>(g.C, kCB);
+  t.ncb = (g.C + t.cb - 1) / t.cb;
+  t.ntasks = g.N * g.h * t.ncb;
+  return t;
+}
+
+// upT[b * cn + cc] = small[n, c0 + cc, a, b]
+template <typename T>
+void gather_small_row(const T* small, const Geometry& g, int64_t n, int64_t a, int64_t c0, int64_t cn, float* upT) {
+  for (int64_t cc = 0; cc < cn; ++cc) {
+    const T* srow = small + ((n * g.C + c0 + cc) * g.h + a) * g.w;
+    for (int64_t b = 0; b < g.w; ++b) upT[b * cn + cc] = static_cast<float>(srow[b]);
+  }
+}
+
+template <typename T, bool kK3>
+void pointwise_nhwc(const Pointwise<T>& p, const Geometry& g) {
+  const NhwcTasks tk = nhwc_tasks(g);
+  const int64_t per_task = std::max<int64_t>(1, (g.H / g.h + 1) * g.W * tk.cb);
+  const int64_t grain = std::max<int64_t>(1, 32768 / per_task);
+  at::parallel_for(0, tk.ntasks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> ubuf(g.w * tk.cb);
+    float* upT = ubuf.data();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t cbi = t % tk.ncb;
+      const int64_t a = (t / tk.ncb) % g.h;
+      const int64_t n = t / (tk.ncb * g.h);
+      const int64_t c0 = cbi * tk.cb;
+      const int64_t cn = std::min(tk.cb, g.C - c0);
+      gather_small_row(p.small, g, n, a, c0, cn, upT);
+      const float* A = p.A + c0;
+      const float* B = p.B + c0;
+      const float* R = p.R + c0;
+      for (int64_t i = g.rs[a]; i < g.rs[a + 1]; ++i) {
+        for (int64_t j = 0; j < g.W; ++j) {
+          const float* u = upT + g.csrc[j] * cn;
+          const int64_t off = ((n * g.H + i) * g.W + j) * g.C + c0;
+          const T* xp = p.x + off;
+          const T* kp = p.k + off;
+          const T* dp = kK3 ? p.dy + off : nullptr;
+          T* op = p.out + off;
+          int64_t e = 0;
+          for (; e + kV <= cn; e += kV) {
+            const Vec dyv = kK3 ? IO<T>::load(dp + e) : Vec(0.0f);
+            IO<T>::store(op + e, pointwise_vec<kK3>(IO<T>::load(xp + e), Vec::loadu(u + e), IO<T>::load(kp + e), dyv,
+                                                    Vec::loadu(A + e), Vec::loadu(B + e), Vec::loadu(R + e)));
+          }
+          if (e < cn) {
+            const int64_t m = cn - e;
+            const Vec dyv = kK3 ? IO<T>::load(dp + e, m) : Vec(0.0f);
+            IO<T>::store(op + e,
+                         pointwise_vec<kK3>(IO<T>::load(xp + e, m), Vec::loadu(u + e, m), IO<T>::load(kp + e, m), dyv,
+                                            Vec::loadu(A + e, m), Vec::loadu(B + e, m), Vec::loadu(R + e, m)),
+                         m);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Gate backward: dx, dsmall (cell sums of dz), optional dk3 = g * scale, per-channel sums of g and
+// g * (k3 - center).
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+struct Backward {
+  const T* dy;
+  const T* x;
+  const T* small;
+  const T* k;
+  T* dx;
+  T* dsmall;
+  T* dk3;  // nullptr when not needed
+  const float* scale;
+  const float* shift;
+  const float* center;
+};
+
+// One vector of the backward. Returns dz; accumulates g and g * (k - center) over the lanes that
+// `keep` selects (all lanes when nullptr).
+inline Vec backward_vec(const Vec& xv, const Vec& uv, const Vec& kv, const Vec& dyv, const Vec& sc, const Vec& sh,
+                        const Vec& ctr, Vec& dk3v, Vec& gsum, Vec& gksum, const Vec* keep = nullptr) {
+  const Vec one(1.0f);
+  const Vec s = vsigmoid(xv + uv);
+  Vec g = dyv * s;
+  const Vec a = at::vec::fmadd(kv, sc, sh);
+  const Vec dz = dyv * a * s * (one - s);
+  dk3v = g * sc;
+  if (keep != nullptr) g = Vec::blendv(Vec(0.0f), g, *keep);
+  gsum = gsum + g;
+  gksum = at::vec::fmadd(g, kv - ctr, gksum);
+  return dz;
+}
+
+template <typename T>
+void backward_nchw(const Backward<T>& p, const Geometry& g, double* part_g, double* part_gk) {
+  const int64_t HW = g.H * g.W;
+  const NchwBlocking bl = nchw_blocking(g);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
+  at::parallel_for(0, g.N * g.C, grain, [&](int64_t p0, int64_t p1) {
+    std::vector<float> ubuf(bl.G * bl.L + kV), dbuf(bl.G * bl.L + kV), ebuf(bl.G * bl.Erows * g.W + kV);
+    std::vector<float> abuf(bl.G * g.h * g.W);       // Acc[q][a * W + j]: dz summed over the rows of cell a
+    std::vector<double> sums(2 * bl.G);
+    for (int64_t q0 = p0; q0 < p1; q0 += bl.G) {
+      const int64_t q1 = std::min(p1, q0 + bl.G);
+      std::fill(abuf.begin(), abuf.end(), 0.0f);
+      std::fill(sums.begin(), sums.end(), 0.0);
+      for (int64_t i0 = 0; i0 < g.H; i0 += bl.RB) {
+        const int64_t i1 = std::min(g.H, i0 + bl.RB);
+        build_up(p.small, g, bl, q0, q1, i0, i1, ubuf.data(), ebuf.data());
+        const int64_t L = (i1 - i0) * g.W;
+        for (int64_t plane = q0; plane < q1; ++plane) {
+          const int64_t c = plane % g.C;
+          const Vec sc(p.scale[c]), sh(p.shift[c]), ctr(p.center[c]);
+          const float* U = ubuf.data() + (plane - q0) * bl.L;
+          float* D = dbuf.data() + (plane - q0) * bl.L;
+          const int64_t base = plane * HW + i0 * g.W;
+          const T* xp = p.x + base;
+          const T* kp = p.k + base;
+          const T* dp = p.dy + base;
+          T* dxp = p.dx + base;
+          T* dkp = p.dk3 ? p.dk3 + base : nullptr;
+          double sum_g = 0.0, sum_gk = 0.0;
+          for (int64_t f0 = 0; f0 < L; f0 += kFlush) {
+            const int64_t f1 = std::min(L, f0 + kFlush);
+            Vec gs(0.0f), gks(0.0f), dk3v;
+            int64_t e = f0;
+            for (; e + kV <= f1; e += kV) {
+              const Vec dz = backward_vec(IO<T>::load(xp + e), Vec::loadu(U + e), IO<T>::load(kp + e),
+                                          IO<T>::load(dp + e), sc, sh, ctr, dk3v, gs, gks);
+              IO<T>::store(dxp + e, dz);
+              if (dkp) IO<T>::store(dkp + e, dk3v);
+              dz.store(D + e);
+            }
+            if (e < f1 && L >= kV) {
+              // The last full vector again (overlapping): the stores rewrite equal values; the sums
+              // take only the lanes not yet counted.
+              const int64_t n = f1 - e;
+              e = L - kV;
+              const Vec keep = Vec::arange(0.0f, 1.0f) >= Vec(static_cast<float>(kV - n));
+              const Vec dz = backward_vec(IO<T>::load(xp + e), Vec::loadu(U + e), IO<T>::load(kp + e),
+                                          IO<T>::load(dp + e), sc, sh, ctr, dk3v, gs, gks, &keep);
+              IO<T>::store(dxp + e, dz);
+              if (dkp) IO<T>::store(dkp + e, dk3v);
+              dz.store(D + e);
+            } else if (e < f1) {
+              const int64_t n = f1 - e;
+              const Vec keep = Vec::arange(0.0f, 1.0f) < Vec(static_cast<float>(n));
+              const Vec dz = backward_vec(IO<T>::load(xp + e, n), Vec::loadu(U + e, n), IO<T>::load(kp + e, n),
+                                          IO<T>::load(dp + e, n), sc, sh, ctr, dk3v, gs, gks, &keep);
+              IO<T>::store(dxp + e, dz, n);
+              if (dkp) IO<T>::store(dkp + e, dk3v, n);
+              dz.store(D + e, n);
+            }
+            sum_g += hsum(gs);
+            sum_gk += hsum(gks);
+          }
+          sums[2 * (plane - q0)] += sum_g;
+          sums[2 * (plane - q0) + 1] += sum_gk;
+        }
+        // Fold the rows' dz into their source rows (after the whole block: D is no longer in flight).
+        for (int64_t plane = q0; plane < q1; ++plane) {
+          float* Acc = abuf.data() + (plane - q0) * g.h * g.W;
+          const float* D = dbuf.data() + (plane - q0) * bl.L;
+          for (int64_t i = i0; i < i1; ++i) {
+            float* arow = Acc + g.rsrc[i] * g.W;
+            const float* drow = D + (i - i0) * g.W;
+            int64_t j = 0;
+            for (; j + kV <= g.W; j += kV) (Vec::loadu(arow + j) + Vec::loadu(drow + j)).store(arow + j);
+            for (; j < g.W; ++j) arow[j] += drow[j];
+          }
+        }
+      }
+      // Column cells.
+      for (int64_t plane = q0; plane < q1; ++plane) {
+        const float* Acc = abuf.data() + (plane - q0) * g.h * g.W;
+        T* dsp = p.dsmall + plane * g.h * g.w;
+        for (int64_t a = 0; a < g.h; ++a) {
+          const float* arow = Acc + a * g.W;
+          for (int64_t b = 0; b < g.w; ++b) {
+            float s = 0.0f;
+            for (int64_t j = g.cs[b]; j < g.cs[b + 1]; ++j) s += arow[j];
+            dsp[a * g.w + b] = static_cast<T>(s);
+          }
+        }
+        part_g[plane] = sums[2 * (plane - q0)];
+        part_gk[plane] = sums[2 * (plane - q0) + 1];
+      }
+    }
+  });
+}
+
+// Tasks (n, a, channel block); partial sums at [(n * h + a) * C + c].
+template <typename T>
+void backward_nhwc(const Backward<T>& p, const Geometry& g, double* part_g, double* part_gk) {
+  const NhwcTasks tk = nhwc_tasks(g);
+  const int64_t per_task = std::max<int64_t>(1, (g.H / g.h + 1) * g.W * tk.cb);
+  const int64_t grain = std::max<int64_t>(1, 32768 / per_task);
+  at::parallel_for(0, tk.ntasks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> ubuf(g.w * tk.cb), dbuf(g.w * tk.cb), rowg(tk.cb), rowgk(tk.cb);
+    std::vector<double> accg(tk.cb), accgk(tk.cb);
+    float* upT = ubuf.data();
+    float* dsT = dbuf.data();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t cbi = t % tk.ncb;
+      const int64_t a = (t / tk.ncb) % g.h;
+      const int64_t n = t / (tk.ncb * g.h);
+      const int64_t c0 = cbi * tk.cb;
+      const int64_t cn = std::min(tk.cb, g.C - c0);
+      gather_small_row(p.small, g, n, a, c0, cn, upT);
+      std::fill(dbuf.begin(), dbuf.end(), 0.0f);
+      std::fill(accg.begin(), accg.end(), 0.0);
+      std::fill(accgk.begin(), accgk.end(), 0.0);
+      const float* SC = p.scale + c0;
+      const float* SH = p.shift + c0;
+      const float* CT = p.center + c0;
+      for (int64_t i = g.rs[a]; i < g.rs[a + 1]; ++i) {
+        std::fill(rowg.begin(), rowg.end(), 0.0f);
+        std::fill(rowgk.begin(), rowgk.end(), 0.0f);
+        for (int64_t j = 0; j < g.W; ++j) {
+          const int64_t b = g.csrc[j];
+          const float* u = upT + b * cn;
+          float* d = dsT + b * cn;
+          const int64_t off = ((n * g.H + i) * g.W + j) * g.C + c0;
+          const T* xp = p.x + off;
+          const T* kp = p.k + off;
+          const T* dp = p.dy + off;
+          T* dxp = p.dx + off;
+          T* dkp = p.dk3 ? p.dk3 + off : nullptr;
+          int64_t e = 0;
+          for (; e + kV <= cn; e += kV) {
+            Vec gs = Vec::loadu(rowg.data() + e), gks = Vec::loadu(rowgk.data() + e), dk3v;
+            const Vec dz = backward_vec(IO<T>::load(xp + e), Vec::loadu(u + e), IO<T>::load(kp + e),
+                                           IO<T>::load(dp + e), Vec::loadu(SC + e), Vec::loadu(SH + e),
+                                           Vec::loadu(CT + e), dk3v, gs, gks);
+            IO<T>::store(dxp + e, dz);
+            if (dkp) IO<T>::store(dkp + e, dk3v);
+            (Vec::loadu(d + e) + dz).store(d + e);
+            gs.store(rowg.data() + e);
+            gks.store(rowgk.data() + e);
+          }
+          if (e < cn) {
+            const int64_t m = cn - e;
+            Vec gs = Vec::loadu(rowg.data() + e, m), gks = Vec::loadu(rowgk.data() + e, m), dk3v;
+            const Vec dz = backward_vec(IO<T>::load(xp + e, m), Vec::loadu(u + e, m), IO<T>::load(kp + e, m),
+                                           IO<T>::load(dp + e, m), Vec::loadu(SC + e, m), Vec::loadu(SH + e, m),
+                                           Vec::loadu(CT + e, m), dk3v, gs, gks);
+            IO<T>::store(dxp + e, dz, m);
+            if (dkp) IO<T>::store(dkp + e, dk3v, m);
+            (Vec::loadu(d + e, m) + dz).store(d + e, m);
+            gs.store(rowg.data() + e, m);
+            gks.store(rowgk.data() + e, m);
+          }
+        }
+        for (int64_t cc = 0; cc < cn; ++cc) {
+          accg[cc] += rowg[cc];
+          accgk[cc] += rowgk[cc];
+        }
+      }
+      for (int64_t cc = 0; cc < cn; ++cc) {
+        T* drow = p.dsmall + ((n * g.C + c0 + cc) * g.h + a) * g.w;
+        for (int64_t b = 0; b < g.w; ++b) drow[b] = static_cast<T>(dsT[b * cn + cc]);
+        part_g[(n * g.h + a) * g.C + c0 + cc] = accg[cc];
+        part_gk[(n * g.h + a) * g.C + c0 + cc] = accgk[cc];
+      }
+    }
+  });
+}
+
+// out[c] = sum over k of part[k * C + c], in k order.
+void reduce_partials(const double* part, int64_t K, int64_t C, float* out) {
+  for (int64_t c = 0; c < C; ++c) {
+    double s = 0.0;
+    for (int64_t k = 0; k < K; ++k) s += part[k * C + c];
+    out[c] = static_cast<float>(s);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Per-channel statistics, shifted by the channel's first value to keep E[x^2] - E[x]^2 exact enough.
+// ------------------------------------------------------------------------------------------------
+// Mean and biased variance from sums of (x - K) and (x - K)^2 over M values. A channel holding a
+// NaN or an infinity gets NaN for both, as torch's batch statistics do.
+inline void finalize_stats(float K, double a1, double a2, double M, float* mean, float* var) {
+  if (!std::isfinite(a1) || !std::isfinite(a2) || !std::isfinite(K)) {
+    *mean = *var = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  const double m1 = a1 / M;
+  *mean = static_cast<float>(static_cast<double>(K) + m1);
+  *var = static_cast<float>(std::max(0.0, a2 / M - m1 * m1));
+}
+
+template <typename T>
+void stats_nchw(const T* t, int64_t N, int64_t C, int64_t HW, float* mean, float* var) {
+  std::vector<double> s1(N * C), s2(N * C);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
+  at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t plane = p0; plane < p1; ++plane) {
+      const int64_t c = plane % C;
+      const Vec K(static_cast<float>(t[c * HW]));
+      const T* xp = t + plane * HW;
+      double a1 = 0.0, a2 = 0.0;
+      for (int64_t f0 = 0; f0 < HW; f0 += kFlush) {
+        const int64_t f1 = std::min(HW, f0 + kFlush);
+        Vec v1(0.0f), v2(0.0f);
+        int64_t e = f0;
+        for (; e + kV <= f1; e += kV) {
+          const Vec d = IO<T>::load(xp + e) - K;
+          v1 = v1 + d;
+          v2 = at::vec::fmadd(d, d, v2);
+        }
+        if (e < f1) {
+          const int64_t n = f1 - e;
+          const Vec d = Vec::set(Vec(0.0f), IO<T>::load(xp + e, n) - K, n);
+          v1 = v1 + d;
+          v2 = at::vec::fmadd(d, d, v2);
+        }
+        a1 += hsum(v1);
+        a2 += hsum(v2);
+      }
+      s1[plane] = a1;
+      s2[plane] = a2;
+    }
+  });
+  const double M = static_cast<double>(N * HW);
+  for (int64_t c = 0; c < C; ++c) {
+    double a1 = 0.0, a2 = 0.0;
+    for (int64_t n = 0; n < N; ++n) {
+      a1 += s1[n * C + c];
+      a2 += s2[n * C + c];
+    }
+    finalize_stats(static_cast<float>(t[c * HW]), a1, a2, M, mean + c, var + c);
+  }
+}
+
+template <typename T>
+void stats_nhwc(const T* t, int64_t N, int64_t C, int64_t HW, float* mean, float* var) {
+  const int64_t P = N * HW;  // pixels
+  const int64_t ntask = std::min<int64_t>(P, 64);
+  const int64_t per = (P + ntask - 1) / ntask;
+  std::vector<float> K(C);
+  for (int64_t c = 0; c < C; ++c) K[c] = static_cast<float>(t[c]);
+  std::vector<double> s1(ntask * C, 0.0), s2(ntask * C, 0.0);
+  at::parallel_for(0, ntask, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<float> f1(C), f2(C);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t q0 = k * per, q1 = std::min(P, q0 + per);
+      double* d1 = s1.data() + k * C;
+      double* d2 = s2.data() + k * C;
+      for (int64_t b0 = q0; b0 < q1; b0 += 128) {  // float partials over at most 128 pixels
+        const int64_t b1 = std::min(q1, b0 + 128);
+        std::fill(f1.begin(), f1.end(), 0.0f);
+        std::fill(f2.begin(), f2.end(), 0.0f);
+        for (int64_t q = b0; q < b1; ++q) {
+          const T* xp = t + q * C;
+          int64_t e = 0;
+          for (; e + kV <= C; e += kV) {
+            const Vec d = IO<T>::load(xp + e) - Vec::loadu(K.data() + e);
+            (Vec::loadu(f1.data() + e) + d).store(f1.data() + e);
+            at::vec::fmadd(d, d, Vec::loadu(f2.data() + e)).store(f2.data() + e);
+          }
+          for (; e < C; ++e) {
+            const float d = static_cast<float>(xp[e]) - K[e];
+            f1[e] += d;
+            f2[e] += d * d;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          d1[c] += f1[c];
+          d2[c] += f2[c];
+        }
+      }
+    }
+  });
+  const double M = static_cast<double>(P);
+  for (int64_t c = 0; c < C; ++c) {
+    double a1 = 0.0, a2 = 0.0;
+    for (int64_t k = 0; k < ntask; ++k) {
+      a1 += s1[k * C + c];
+      a2 += s2[k * C + c];
+    }
+    finalize_stats(K[c], a1, a2, M, mean + c, var + c);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Op entry points.
+// ------------------------------------------------------------------------------------------------
+at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, const at::Tensor& small_in,
+                        const at::Tensor& k_in, const at::Tensor* dy_in, std::vector<float> A, std::vector<float> B,
+                        std::vector<float> R) {
+  const Layout L = layout_of(x_in);
+  const at::Tensor x = in_layout(x_in, L);
+  const at::Tensor k = in_layout(k_in, L);
+  const at::Tensor dy = dy_in ? in_layout(*dy_in, L) : at::Tensor();
+  const at::Tensor small = small_in.contiguous();
+  at::Tensor out = new_output(x.sizes(), x.options(), format_of(L));
+  if (x.numel() == 0) return out;
+  const Geometry g = make_geometry(x, small);
+  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    Pointwise<T> p{x.data_ptr<T>(), dy.defined() ? dy.data_ptr<T>() : nullptr, k.data_ptr<T>(), small.data_ptr<T>(),
+                   out.data_ptr<T>(), A.data(), B.data(), R.data()};
+    if (L == Layout::NCHW) {
+      k3_mode ? pointwise_nchw<T, true>(p, g) : pointwise_nchw<T, false>(p, g);
+    } else {
+      k3_mode ? pointwise_nhwc<T, true>(p, g) : pointwise_nhwc<T, false>(p, g);
+    }
+  });
+  return out;
+}
+
+at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
+                        const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
+  const char* op = "scnet_fused::_gate_forward (cpu)";
+  check_gate(op, x, small, k3);
+  const int64_t C = x.size(1);
+  return pointwise_op(op, false, x, small, k3, nullptr, per_channel(op, "scale", scale, C, 1.0f),
+                      per_channel(op, "shift", shift, C, 0.0f), std::vector<float>(C, 0.0f));
+}
+
+at::Tensor gate_backward_k3(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
+                            const at::Tensor& p, const at::Tensor& q, const at::Tensor& r) {
+  const char* op = "scnet_fused::_gate_backward_k3 (cpu)";
+  check_gate(op, x, small, k3);
+  check_full(op, "dy", dy, x);
+  const int64_t C = x.size(1);
+  return pointwise_op(op, true, x, small, k3, &dy, per_channel(op, "p", p, C, 0.0f), per_channel(op, "q", q, C, 0.0f),
+                      per_channel(op, "r", r, C, 0.0f));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
+    const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& small_in, const at::Tensor& k3_in,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+    const c10::optional<at::Tensor>& center, bool need_dk3) {
+  const char* op = "scnet_fused::_gate_backward (cpu)";
+  check_gate(op, x_in, small_in, k3_in);
+  check_full(op, "dy", dy_in, x_in);
+  const int64_t C = x_in.size(1);
+  std::vector<float> sc = per_channel(op, "scale", scale, C, 1.0f);
+  std::vector<float> sh = per_channel(op, "shift", shift, C, 0.0f);
+  std::vector<float> ct = per_channel(op, "center", center, C, 0.0f);
+
+  const Layout L = layout_of(x_in);
+  const at::Tensor x = in_layout(x_in, L);
+  const at::Tensor k = in_layout(k3_in, L);
+  const at::Tensor dy = in_layout(dy_in, L);
+  const at::Tensor small = small_in.contiguous();
+  at::Tensor dx = new_output(x.sizes(), x.options(), format_of(L));
+  at::Tensor dsmall = new_output(small.sizes(), small.options());
+  at::Tensor dk3 = need_dk3 ? new_output(x.sizes(), x.options(), format_of(L)) : at::empty({0}, x.options());
+  at::Tensor sum_g = new_output({C}, x.options().dtype(at::kFloat));
+  at::Tensor sum_gk = new_output({C}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) {
+    dsmall.zero_();
+    sum_g.zero_();
+    sum_gk.zero_();
+    return {dx, dsmall, dk3, sum_g, sum_gk};
+  }
+  const Geometry g = make_geometry(x, small);
+  const int64_t K = L == Layout::NCHW ? g.N : g.N * g.h;  // partial rows per channel
+  std::vector<double> part_g(K * C), part_gk(K * C);
+  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    Backward<T> p{dy.data_ptr<T>(),     x.data_ptr<T>(),
+                  small.data_ptr<T>(),  k.data_ptr<T>(),
+                  dx.data_ptr<T>(),     dsmall.data_ptr<T>(),
+                  need_dk3 ? dk3.data_ptr<T>() : nullptr,
+                  sc.data(),            sh.data(),
+                  ct.data()};
+    if (L == Layout::NCHW) {
+      backward_nchw<T>(p, g, part_g.data(), part_gk.data());
+    } else {
+      backward_nhwc<T>(p, g, part_g.data(), part_gk.data());
+    }
+  });
+  reduce_partials(part_g.data(), K, C, sum_g.data_ptr<float>());
+  reduce_partials(part_gk.data(), K, C, sum_gk.data_ptr<float>());
+  return {dx, dsmall, dk3, sum_g, sum_gk};
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& t_in) {
+  const char* op = "scnet_fused::_channel_stats (cpu)";
+  TORCH_CHECK(t_in.device().is_cpu(), op, ": t must be a CPU tensor, got ", t_in.device());
+  TORCH_CHECK(t_in.dim() == 4, op, ": t must be 4-D (N, C, H, W), got ", t_in.sizes());
+  TORCH_CHECK(supported_dtype(t_in.scalar_type()), op, ": t must be float32, float16 or bfloat16, got ",
+              t_in.scalar_type());
+  const int64_t N = t_in.size(0), C = t_in.size(1), HW = t_in.size(2) * t_in.size(3);
+  TORCH_CHECK(N * HW > 0, op, ": t has no elements per channel, shape ", t_in.sizes());
+  at::Tensor mean = new_output({C}, t_in.options().dtype(at::kFloat));
+  at::Tensor var = new_output({C}, t_in.options().dtype(at::kFloat));
+  if (C == 0) return {mean, var};
+  const Layout L = layout_of(t_in);
+  const at::Tensor t = in_layout(t_in, L);
+  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    if (L == Layout::NCHW) {
+      stats_nchw<T>(t.data_ptr<T>(), N, C, HW, mean.data_ptr<float>(), var.data_ptr<float>());
+    } else {
+      stats_nhwc<T>(t.data_ptr<T>(), N, C, HW, mean.data_ptr<float>(), var.data_ptr<float>());
+    }
+  });
+  return {mean, var};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace scnet_fused
+
+TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
+  m.impl("_gate_forward", &scnet_fused::cpu::gate_forward);
+  m.impl("_gate_backward", &scnet_fused::cpu::gate_backward);
+  m.impl("_gate_backward_k3", &scnet_fused::cpu::gate_backward_k3);
+  m.impl("_channel_stats", &scnet_fused::cpu::channel_stats);
+}

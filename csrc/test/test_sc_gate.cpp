@@ -1,0 +1,166 @@
+// C++ checks of the shared index math and of the CPU gate kernels (run by ctest).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <cstdio>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "sc_gate_math.h"
+#include "sc_index.h"
+
+namespace {
+
+int g_failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) {
+    ++g_failures;
+    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
+  }
+}
+
+std::vector<int64_t> source_table(int64_t out, int64_t in) {
+  std::vector<int64_t> r(out);
+  const float s = scnet_fused::nearest_scale(in, out);
+  for (int64_t i = 0; i < out; ++i) r[i] = scnet_fused::nearest_source(i, s, in, out);
+  return r;
+}
+
+std::vector<int64_t> start_table(int64_t out, int64_t in) {
+  std::vector<int64_t> r(in + 1);
+  const float s = scnet_fused::nearest_scale(in, out);
+  for (int64_t a = 0; a <= in; ++a) r[a] = scnet_fused::cell_start(a, s, in, out);
+  return r;
+}
+
+std::string str(const std::vector<int64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
+void test_index_map() {
+  const std::vector<int64_t> e14 = {0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2};
+  expect(source_table(14, 3) == e14, "H=14 h=3 map " + str(source_table(14, 3)));
+  const std::vector<int64_t> e25 = {0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5};
+  expect(source_table(25, 6) == e25, "H=25 h=6 map " + str(source_table(25, 6)));
+  expect(source_table(13, 3) == std::vector<int64_t>({0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2}), "H=13 h=3 map");
+  expect(source_table(7, 1) == std::vector<int64_t>(7, 0), "H=7 h=1 map");
+  expect(source_table(56, 14)[55] == 13 && source_table(56, 14)[4] == 1, "H=56 h=14 map");
+  expect(source_table(28, 14)[27] == 13, "H=28 h=14 (2x) map");
+
+  expect(start_table(14, 3) == std::vector<int64_t>({0, 5, 10, 14}), "H=14 h=3 starts " + str(start_table(14, 3)));
+  expect(start_table(25, 6) == std::vector<int64_t>({0, 5, 9, 13, 17, 21, 25}),
+         "H=25 h=6 starts " + str(start_table(25, 6)));
+  // Starts against a linear scan of the map, for many pairs.
+  for (int64_t out = 1; out <= 130; ++out) {
+    for (int64_t in = 1; in <= out; ++in) {
+      const auto src = source_table(out, in);
+      const auto st = start_table(out, in);
+      bool ok = st.front() == 0 && st.back() == out;
+      for (int64_t a = 0; a < in && ok; ++a) {
+        int64_t first = out;
+        for (int64_t i = 0; i < out; ++i) {
+          if (src[i] >= a) {
+            first = i;
+            break;
+          }
+        }
+        ok = st[a] == first;
+        for (int64_t i = st[a]; i < st[a + 1] && ok; ++i) ok = src[i] == a;
+      }
+      for (int64_t i = 1; i < out && ok; ++i) ok = src[i] >= src[i - 1] && src[i] < in;
+      if (!ok) expect(false, "cell starts for out=" + std::to_string(out) + " in=" + std::to_string(in));
+    }
+  }
+}
+
+using GateFwd = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&);
+using GateBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool);
+
+double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+
+void test_gate_kernels(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, int64_t w, bool channels_last) {
+  const std::string tag = "N=" + std::to_string(N) + " C=" + std::to_string(C) + " H=" + std::to_string(H) +
+                          " W=" + std::to_string(W) + (channels_last ? " NHWC" : " NCHW");
+  auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("scnet_fused::_gate_forward", "").typed<GateFwd>();
+  auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("scnet_fused::_gate_backward", "").typed<GateBwd>();
+  at::manual_seed(0);
+  at::Tensor x = at::randn({N, C, H, W});
+  at::Tensor k = at::randn({N, C, H, W});
+  at::Tensor dy = at::randn({N, C, H, W});
+  at::Tensor small = at::randn({N, C, h, w});
+  at::Tensor scale = at::rand({C}) + 0.5;
+  at::Tensor shift = at::randn({C});
+  at::Tensor center = at::randn({C});
+  if (channels_last) {
+    x = x.contiguous(at::MemoryFormat::ChannelsLast);
+    k = k.contiguous(at::MemoryFormat::ChannelsLast);
+    dy = dy.contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  at::Tensor y = fwd.call(x, small, k, scale, shift);
+  at::Tensor dx, dsmall, dk3, sum_g, sum_gk;
+  std::tie(dx, dsmall, dk3, sum_g, sum_gk) = bwd.call(dy, x, small, k, scale, shift, center, true);
+  expect(y.is_contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
+         "forward keeps the memory format, " + tag);
+
+  // Naive loops in double.
+  const auto src_r = source_table(H, h);
+  const auto src_c = source_table(W, w);
+  at::Tensor ey = at::zeros({N, C, H, W}, at::kDouble), edx = at::zeros({N, C, H, W}, at::kDouble);
+  at::Tensor edk = at::zeros({N, C, H, W}, at::kDouble), eds = at::zeros({N, C, h, w}, at::kDouble);
+  at::Tensor esg = at::zeros({C}, at::kDouble), esgk = at::zeros({C}, at::kDouble);
+  auto X = x.accessor<float, 4>(), K = k.accessor<float, 4>(), D = dy.accessor<float, 4>();
+  auto S = small.accessor<float, 4>();
+  auto sc = scale.accessor<float, 1>(), sh = shift.accessor<float, 1>(), ct = center.accessor<float, 1>();
+  auto Y = ey.accessor<double, 4>(), DX = edx.accessor<double, 4>(), DK = edk.accessor<double, 4>();
+  auto DS = eds.accessor<double, 4>();
+  auto SG = esg.accessor<double, 1>(), SGK = esgk.accessor<double, 1>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < H; ++i)
+        for (int64_t j = 0; j < W; ++j) {
+          const double z = static_cast<double>(X[n][c][i][j]) + S[n][c][src_r[i]][src_c[j]];
+          const double s = 1.0 / (1.0 + std::exp(-z));
+          const double a = static_cast<double>(K[n][c][i][j]) * sc[c] + sh[c];
+          const double d = D[n][c][i][j];
+          Y[n][c][i][j] = a * s;
+          DX[n][c][i][j] = d * a * s * (1.0 - s);
+          DK[n][c][i][j] = d * s * sc[c];
+          DS[n][c][src_r[i]][src_c[j]] += d * a * s * (1.0 - s);
+          SG[c] += d * s;
+          SGK[c] += d * s * (K[n][c][i][j] - ct[c]);
+        }
+  expect(max_abs_diff(y, ey) < 1e-5, "gate forward " + tag);
+  expect(max_abs_diff(dx, edx) < 1e-5, "gate backward dx " + tag);
+  expect(max_abs_diff(dk3, edk) < 1e-5, "gate backward dk3 " + tag);
+  expect(max_abs_diff(dsmall, eds) < 1e-4, "gate backward dsmall " + tag);
+  expect(max_abs_diff(sum_g, esg) < 1e-3, "gate backward sum_g " + tag);
+  expect(max_abs_diff(sum_gk, esgk) < 1e-3, "gate backward sum_gk " + tag);
+}
+
+}  // namespace
+
+int main() {
+  test_index_map();
+  test_gate_kernels(3, 13, 14, 25, 3, 6, false);
+  test_gate_kernels(3, 13, 14, 25, 3, 6, true);
+  test_gate_kernels(2, 8, 56, 56, 14, 14, false);
+  test_gate_kernels(1, 5, 7, 5, 1, 1, true);
+  test_gate_kernels(2, 3, 13, 7, 6, 3, false);
+  if (g_failures) {
+    std::fprintf(stderr, "%d check(s) failed\n", g_failures);
+    return 1;
+  }
+  std::printf("all checks passed\n");
+  return 0;
+}

@@ -1,0 +1,476 @@
+"""The C++ kernels (CPU, and CUDA when a GPU is present) against the reference primitives.
+
+Primitives through ``scnet_fused.ops._cpp.Primitives``; public ops through ``scnet_fused.backend``.
+Poison mode is on (conftest sets SCNET_FUSED_POISON=1): an output element a kernel forgets to
+write is NaN and fails the comparisons.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import scnet_fused
+from scnet_fused import reference as R
+from scnet_fused._index import cell_starts, nearest_source_index
+from scnet_fused.ops import _dispatch
+
+CPU_REASON = _dispatch.available("cpu")
+pytestmark = pytest.mark.skipif(CPU_REASON is not None, reason=f"cpu backend unavailable: {CPU_REASON}")
+
+
+def prims(device: str = "cpu"):
+    from scnet_fused.ops._cpp import Primitives
+
+    return Primitives(device)
+
+
+# (N, C, H, W, h, w): r=4 pooled sizes of the irregular maps, r=2, h=1 / w=1, odd N, C % 8 != 0.
+SHAPES = [
+    (3, 13, 14, 14, 3, 3),
+    (1, 8, 25, 25, 6, 6),
+    (2, 5, 13, 7, 3, 1),
+    (3, 6, 7, 5, 1, 1),
+    (1, 4, 56, 56, 14, 14),
+    (2, 3, 5, 13, 2, 6),
+    (1, 17, 14, 25, 7, 12),
+    (3, 9, 56, 14, 14, 3),
+    (1, 12, 25, 13, 1, 3),
+    (2, 16, 14, 7, 7, 3),
+    (1, 3, 203, 57, 50, 14),  # NCHW planes split into row blocks, cells across block edges
+    (1, 130, 9, 7, 2, 1),     # NHWC channel blocks with a partial last block
+]
+SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
+
+
+def make_inputs(shape, dtype=torch.float32, channels_last=False, device="cpu", seed=0):
+    N, C, H, W, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*size, scale=1.0, offset=0.0):
+        return (torch.randn(*size, generator=g) * scale + offset).to(device)
+
+    x = rnd(N, C, H, W).to(dtype)
+    k3 = rnd(N, C, H, W, scale=1.5, offset=0.3).to(dtype)
+    dy = rnd(N, C, H, W).to(dtype)
+    small = rnd(N, C, h, w).to(dtype)
+    if channels_last:
+        x, k3, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, k3, dy))
+    scale = (torch.rand(C, generator=g) + 0.5).to(device)
+    shift = rnd(C, scale=0.5)
+    center = rnd(C, scale=0.3, offset=0.3)
+    return x, small, k3, dy, scale, shift, center
+
+
+def fmt_of(t):
+    if t.is_contiguous():
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def assert_sum_close(got, ref64, terms_abs_sum, rel=2e-6):
+    """Per-channel sums: error bounded relative to the sum of |terms| (the conditioning of a sum)."""
+    err = (got.double() - ref64.double()).abs()
+    bound = rel * terms_abs_sum.double() + 1e-6
+    assert torch.all(err <= bound), f"sum error {err.max().item():.3g} > bound {bound.min().item():.3g}"
+
+
+def gate_abs_terms(dy, x, small, k3, center):
+    """sum over N, H, W of |g| and |g * (k3 - center)| in float64."""
+    s = torch.sigmoid(x.double() + F.interpolate(small.double(), size=x.shape[-2:], mode="nearest"))
+    g = (dy.double() * s).abs()
+    kc = k3.double() - (0 if center is None else center.double().view(1, -1, 1, 1))
+    return g.sum(dim=(0, 2, 3)), (g * kc.abs()).sum(dim=(0, 2, 3))
+
+
+def to64(*ts):
+    return tuple(None if t is None else t.double() for t in ts)
+
+
+# ------------------------------------------------------------------------------------------------
+# fp32 parity of the primitives
+# ------------------------------------------------------------------------------------------------
+
+
+def check_fp32(device):
+    P = prims(device)
+    for shape in SHAPES:
+        for cl in (False, True):
+            x, small, k3, dy, scale, shift, center = make_inputs(shape, channels_last=cl, device=device)
+            for sc, sh in ((scale, shift), (None, None), (scale, None)):
+                y = P.gate_forward(x, small, k3, sc, sh)
+                torch.testing.assert_close(y, R.gate_forward(x, small, k3, sc, sh))
+                assert y.is_contiguous(memory_format=fmt_of(x))
+            for sc, sh, ct in ((scale, shift, center), (None, None, None), (scale, shift, None)):
+                for need_dk3 in (True, False):
+                    out = P.gate_backward(dy, x, small, k3, sc, sh, ct, need_dk3)
+                    ref = R.gate_backward(dy, x, small, k3, sc, sh, ct, need_dk3)
+                    ref64 = R.gate_backward(*to64(dy, x, small, k3, sc, sh, ct), need_dk3)
+                    torch.testing.assert_close(out[0], ref[0])
+                    assert out[0].is_contiguous(memory_format=fmt_of(x))
+                    torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-5)
+                    assert out[1].is_contiguous() and out[1].shape == small.shape
+                    if need_dk3:
+                        torch.testing.assert_close(out[2], ref[2])
+                        assert out[2].is_contiguous(memory_format=fmt_of(x))
+                    else:
+                        assert out[2] is None
+                    ag, agk = gate_abs_terms(dy, x, small, k3, ct)
+                    assert out[3].dtype == torch.float32 and out[4].dtype == torch.float32
+                    assert_sum_close(out[3].cpu(), ref64[3].cpu(), ag.cpu())
+                    assert_sum_close(out[4].cpu(), ref64[4].cpu(), agk.cpu())
+            p, q, r = (t.to(device) for t in (torch.randn(shape[1]), torch.randn(shape[1]), torch.randn(shape[1])))
+            dk3 = P.gate_backward_k3(dy, x, small, k3, p, q, r)
+            torch.testing.assert_close(dk3, R.gate_backward_k3(dy, x, small, k3, p, q, r))
+            assert dk3.is_contiguous(memory_format=fmt_of(x))
+            mean, var = P.channel_stats(k3 + 5.0)
+            rmean, rvar = R.channel_stats((k3 + 5.0).double())
+            torch.testing.assert_close(mean.double(), rmean, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(var.double(), rvar, rtol=1e-5, atol=1e-6)
+
+
+def test_primitives_fp32_cpu():
+    check_fp32("cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# fp16 / bf16: error against float64 at most 2x eager PyTorch's error in the same dtype (+ small atol)
+# ------------------------------------------------------------------------------------------------
+
+
+def eager_lowp_backward(dy, x, small, k3, scale, shift, center):
+    """The gate's backward written with plain ops in the inputs' dtype (what eager PyTorch computes)."""
+    dt = x.dtype
+    up = F.interpolate(small, size=x.shape[-2:], mode="nearest")
+    s = torch.sigmoid(x + up)
+    a = k3 * scale.to(dt).view(1, -1, 1, 1) + shift.to(dt).view(1, -1, 1, 1)
+    g = dy * s
+    dz = dy * a * s * (1 - s)
+    dsmall = R.upsample_adjoint(dz, small.shape[-2:])
+    dk3 = g * scale.to(dt).view(1, -1, 1, 1)
+    y = a * s
+    return y, dz, dsmall, dk3
+
+
+def check_lowp(device, dtype):
+    P = prims(device)
+    eps = torch.finfo(dtype).eps
+    for shape in SHAPES[:6]:
+        for cl in (False, True):
+            x, small, k3, dy, scale, shift, center = make_inputs(shape, dtype=dtype, channels_last=cl, device=device)
+            e_y, e_dx, e_ds, e_dk = eager_lowp_backward(dy, x, small, k3, scale, shift, center)
+            r_y = R.gate_forward(*to64(x, small, k3, scale, shift))
+            r = R.gate_backward(*to64(dy, x, small, k3, scale, shift, center), True)
+            f_y = P.gate_forward(x, small, k3, scale, shift)
+            f = P.gate_backward(dy, x, small, k3, scale, shift, center, True)
+            assert f_y.dtype == dtype and f[0].dtype == dtype and f[1].dtype == dtype and f[2].dtype == dtype
+            for name, got, eager, ref in (("y", f_y, e_y, r_y), ("dx", f[0], e_dx, r[0]),
+                                          ("dsmall", f[1], e_ds, r[1]), ("dk3", f[2], e_dk, r[2])):
+                err = (got.double() - ref).abs().max().item()
+                err_eager = (eager.double() - ref).abs().max().item()
+                atol = eps * (1.0 + ref.abs().max().item()) * 0.5
+                assert err <= 2 * err_eager + atol, f"{name} {dtype}: {err:.3g} > 2 * {err_eager:.3g} + {atol:.3g}"
+            ag, agk = gate_abs_terms(dy, x, small, k3, center)
+            # The sums are float32 accumulations of float32 terms: bounded like the fp32 path.
+            assert_sum_close(f[3].cpu(), r[3].cpu(), ag.cpu(), rel=1e-5)
+            assert_sum_close(f[4].cpu(), r[4].cpu(), agk.cpu(), rel=1e-5)
+            p, q, rr = (torch.randn(shape[1]).to(device) for _ in range(3))
+            dk = P.gate_backward_k3(dy, x, small, k3, p, q, rr)
+            ref_dk = R.gate_backward_k3(*to64(dy, x, small, k3, p, q, rr))
+            s_l = torch.sigmoid(x + F.interpolate(small, size=x.shape[-2:], mode="nearest"))
+            eager_dk = p.to(dtype).view(1, -1, 1, 1) * (dy * s_l) + q.to(dtype).view(1, -1, 1, 1) * k3 + \
+                rr.to(dtype).view(1, -1, 1, 1)
+            err = (dk.double() - ref_dk).abs().max().item()
+            err_eager = (eager_dk.double() - ref_dk).abs().max().item()
+            assert err <= 2 * err_eager + eps * (1.0 + ref_dk.abs().max().item()) * 0.5
+            mean, var = P.channel_stats(k3)
+            rmean, rvar = R.channel_stats(k3.double())
+            torch.testing.assert_close(mean.double(), rmean, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(var.double(), rvar, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_primitives_lowp_cpu(dtype):
+    check_lowp("cpu", dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Poison mode, determinism, threads
+# ------------------------------------------------------------------------------------------------
+
+
+def test_poison_mode_is_on():
+    from scnet_fused._alloc import poison_enabled
+
+    assert poison_enabled(), "conftest sets SCNET_FUSED_POISON=1 so unwritten outputs show up as NaN"
+
+
+def test_every_output_written_under_poison():
+    P = prims()
+    for shape in SHAPES:
+        for cl in (False, True):
+            x, small, k3, dy, scale, shift, center = make_inputs(shape, channels_last=cl)
+            outs = [P.gate_forward(x, small, k3, scale, shift),
+                    P.gate_backward_k3(dy, x, small, k3, scale, shift, center)]
+            outs += [t for t in P.gate_backward(dy, x, small, k3, scale, shift, center, True) if t is not None]
+            outs += list(P.channel_stats(k3))
+            for t in outs:
+                assert not torch.isnan(t).any()
+
+
+def test_backward_deterministic_across_thread_counts():
+    P = prims()
+    before = torch.get_num_threads()
+    for shape in (SHAPES[0], SHAPES[4], SHAPES[7]):
+        for cl in (False, True):
+            x, small, k3, dy, scale, shift, center = make_inputs(shape, channels_last=cl)
+            results = []
+            for nt in (1, 2, 3):
+                torch.set_num_threads(nt)
+                results.append(P.gate_backward(dy, x, small, k3, scale, shift, center, True) + P.channel_stats(k3))
+            torch.set_num_threads(before)
+            for other in results[1:]:
+                for a, b in zip(results[0], other):
+                    assert torch.equal(a, b)
+
+
+def test_two_threads_at_once():
+    P = prims()
+    cases = []
+    for i, shape in enumerate(SHAPES[:6]):
+        inp = make_inputs(shape, channels_last=bool(i % 2), seed=i)
+        x, small, k3, dy, scale, shift, center = inp
+        cases.append((inp, R.gate_forward(x, small, k3, scale, shift),
+                      R.gate_backward(dy, x, small, k3, scale, shift, center, True)))
+    barrier = threading.Barrier(2)
+
+    def work(offset):
+        barrier.wait()
+        for rep in range(6):
+            (x, small, k3, dy, scale, shift, center), y_ref, b_ref = cases[(rep + offset) % len(cases)]
+            y = P.gate_forward(x, small, k3, scale, shift)
+            b = P.gate_backward(dy, x, small, k3, scale, shift, center, True)
+            torch.testing.assert_close(y, y_ref)
+            torch.testing.assert_close(b[0], b_ref[0])
+            torch.testing.assert_close(b[1], b_ref[1], rtol=1e-5, atol=1e-5)
+        return True
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        assert all(f.result() for f in [pool.submit(work, 0), pool.submit(work, 3)])
+
+
+def test_noncontiguous_and_mixed_layouts_are_handled():
+    P = prims()
+    x, small, k3, dy, scale, shift, center = make_inputs(SHAPES[0])
+    xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # neither NCHW nor NHWC contiguous
+    y = P.gate_forward(xt, small, k3.contiguous(memory_format=torch.channels_last), scale, shift)
+    torch.testing.assert_close(y, R.gate_forward(x, small, k3, scale, shift))
+
+
+def test_clear_errors():
+    P = prims()
+    x, small, k3, dy, scale, shift, center = make_inputs(SHAPES[0])
+    with pytest.raises(RuntimeError, match="4-D"):
+        P.gate_forward(x[0], small, k3, None, None)
+    with pytest.raises(RuntimeError, match="dtype"):
+        P.gate_forward(x, small.double(), k3, None, None)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        P.gate_forward(x.double(), small.double(), k3.double(), None, None)
+    with pytest.raises(RuntimeError, match="C="):
+        P.gate_forward(x, small, k3, scale[:-1], None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public ops on the cpu backend vs reference autograd
+# ------------------------------------------------------------------------------------------------
+
+
+def ref_gate(x, small, k3, scale=None, shift=None):
+    a = k3
+    if scale is not None:
+        a = a * scale.view(1, -1, 1, 1)
+    if shift is not None:
+        a = a + shift.view(1, -1, 1, 1)
+    return a * torch.sigmoid(x + F.interpolate(small, size=x.shape[-2:], mode="nearest"))
+
+
+def leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in ts]
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[6]], ids=[SHAPE_IDS[0], SHAPE_IDS[2], SHAPE_IDS[6]])
+@pytest.mark.parametrize("affine", [False, True])
+def test_sc_gate_public_cpu(shape, cl, affine):
+    x, small, k3, dy, scale, shift, _ = make_inputs(shape, channels_last=cl)
+    if not affine:
+        scale = shift = None
+    a = leaves(x, small, k3, scale, shift)
+    b = leaves(x, small, k3, scale, shift)
+    with scnet_fused.backend("cpu"):
+        y = scnet_fused.sc_gate(*a)
+        y.backward(dy)
+    y_ref = ref_gate(*b)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref)
+    for ga, gb in zip(a, b):
+        if ga is not None:
+            torch.testing.assert_close(ga.grad, gb.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[7]], ids=[SHAPE_IDS[0], SHAPE_IDS[3], SHAPE_IDS[7]])
+def test_sc_gate_bn_train_public_cpu(shape, cl):
+    x, small, k3, dy, _, _, _ = make_inputs(shape, channels_last=cl)
+    C = shape[1]
+    weight = torch.rand(C) + 0.5
+    bias = torch.randn(C)
+    a = leaves(x, small, k3, weight, bias)
+    b = leaves(x, small, k3, weight, bias)
+    with scnet_fused.backend("cpu"):
+        y, mean, var = scnet_fused.sc_gate_bn_train(*a, eps=1e-5)
+        y.backward(dy)
+    bn = F.batch_norm(b[2], None, None, b[3], b[4], training=True, eps=1e-5)
+    y_ref = bn * torch.sigmoid(b[0] + F.interpolate(b[1], size=x.shape[-2:], mode="nearest"))
+    y_ref.backward(dy)
+    rvar, rmean = torch.var_mean(k3, dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean, rmean)
+    torch.testing.assert_close(var, rvar)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for ga, gb in zip(a, b):
+        torch.testing.assert_close(ga.grad, gb.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+def test_opcheck_cpu_backend(requires_grad, cl):
+    x, small, k3, _, scale, shift, _ = make_inputs(SHAPES[0], channels_last=cl)
+    C = SHAPES[0][1]
+
+    def rg(t):
+        return t.detach().clone().requires_grad_(requires_grad)
+
+    with scnet_fused.backend("cpu"):
+        torch.library.opcheck(torch.ops.scnet_fused.sc_gate.default, (rg(x), rg(small), rg(k3), rg(scale), rg(shift)))
+        torch.library.opcheck(torch.ops.scnet_fused.sc_gate.default, (rg(x), rg(small), rg(k3), None, None))
+        torch.library.opcheck(torch.ops.scnet_fused.sc_gate_bn_train.default,
+                              (rg(x), rg(small), rg(k3), rg(torch.rand(C) + 0.5), rg(torch.randn(C)), 1e-5))
+
+
+# ------------------------------------------------------------------------------------------------
+# The index math of the C++ kernels
+# ------------------------------------------------------------------------------------------------
+
+PAIRS = [(H, h) for H in list(range(1, 70)) + [112, 113, 224, 225, 500, 1023] for h in range(1, H + 1)
+         if h <= 8 or H % h == 0 or h in (H // 4, H // 2, H // 3, H - 1)]
+
+
+def test_nearest_index_matches_python_and_interpolate():
+    for H, h in PAIRS:
+        got = torch.ops.scnet_fused._nearest_index(H, h).tolist()
+        assert got == nearest_source_index(H, h), (H, h)
+        src = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1)
+        via_interp = F.interpolate(src, size=(H, 1), mode="nearest").view(-1).long().tolist()
+        assert got == via_interp, (H, h)
+
+
+def test_cell_starts_match_python():
+    for H, h in PAIRS:
+        got = [torch.ops.scnet_fused._cell_start(a, H, h) for a in range(h + 1)]
+        assert got == cell_starts(H, h), (H, h)
+
+
+def exact_source(i: int, out_size: int, in_size: int) -> int:
+    """IEEE float32 semantics of PyTorch's map, emulated exactly with numpy float32 arithmetic."""
+    if out_size == in_size:
+        return i
+    if out_size == 2 * in_size:
+        return i >> 1
+    s = np.float32(in_size) / np.float32(out_size)
+    prod = np.float32(np.float32(i) * s)  # float32 * float32, correctly rounded
+    return min(int(np.floor(prod)), in_size - 1)
+
+
+HUGE = [(2**31 + 7, (2**31 + 7) // 4), (3_000_000_001, 750_000_000), (2**33 + 3, 5), (2**32, 2**31),
+        (2**31 - 1, 2**31 - 1), (5_000_000_000, 1_234_567_891)]
+
+
+@pytest.mark.parametrize("out_size,in_size", HUGE)
+def test_nearest_source_at_huge_sizes(out_size, in_size):
+    rng = np.random.default_rng(0)
+    idx = [0, 1, out_size - 1, out_size - 2, out_size // 2, 2**31 - 1, 2**31, 2**31 + 1]
+    idx += [int(v) for v in rng.integers(0, out_size, 200)]
+    for i in idx:
+        if 0 <= i < out_size:
+            got = torch.ops.scnet_fused._nearest_source(i, out_size, in_size)
+            assert got == exact_source(i, out_size, in_size), (i, out_size, in_size)
+            assert 0 <= got < in_size
+    for a in [0, 1, in_size // 2, in_size - 1, in_size] + [int(v) for v in rng.integers(0, in_size, 50)]:
+        st = torch.ops.scnet_fused._cell_start(a, out_size, in_size)
+        # The first output whose source is >= a.
+        assert st == out_size or exact_source(st, out_size, in_size) >= a
+        assert st == 0 or exact_source(st - 1, out_size, in_size) < a
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: the same parity checks on a GPU
+# ------------------------------------------------------------------------------------------------
+
+
+def _cuda_ready():
+    return torch.cuda.is_available() and _dispatch.available("cuda") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA device and the compiled CUDA kernels")
+def test_primitives_fp32_cuda():
+    check_fp32("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA device and the compiled CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_primitives_lowp_cuda(dtype):
+    check_lowp("cuda", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA device and the compiled CUDA kernels")
+def test_cuda_matches_cpu_and_is_deterministic():
+    P, Q = prims("cuda"), prims("cpu")
+    for shape in SHAPES:
+        for cl in (False, True):
+            inp = make_inputs(shape, channels_last=cl, device="cuda")
+            x, small, k3, dy, scale, shift, center = inp
+            a = P.gate_backward(dy, x, small, k3, scale, shift, center, True)
+            b = P.gate_backward(dy, x, small, k3, scale, shift, center, True)
+            for t, u in zip(a, b):
+                assert torch.equal(t, u)
+            c = Q.gate_backward(*(t.cpu() for t in (dy, x, small, k3, scale, shift, center)), True)
+            for t, u in zip(a, c):
+                torch.testing.assert_close(t.cpu(), u, rtol=1e-4, atol=1e-4)
+            m1, v1 = P.channel_stats(k3)
+            m2, v2 = P.channel_stats(k3)
+            assert torch.equal(m1, m2) and torch.equal(v1, v2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA device and the compiled CUDA kernels")
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_cuda_backend(requires_grad):
+    x, small, k3, _, scale, shift, _ = make_inputs(SHAPES[0], device="cuda")
+
+    def rg(t):
+        return t.detach().clone().requires_grad_(requires_grad)
+
+    with scnet_fused.backend("cuda"):
+        torch.library.opcheck(torch.ops.scnet_fused.sc_gate.default, (rg(x), rg(small), rg(k3), rg(scale), rg(shift)))
+        C = SHAPES[0][1]
+        torch.library.opcheck(torch.ops.scnet_fused.sc_gate_bn_train.default,
+                              (rg(x), rg(small), rg(k3), rg(torch.rand(C, device="cuda") + 0.5),
+                               rg(torch.randn(C, device="cuda")), 1e-5))

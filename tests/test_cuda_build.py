@@ -1,0 +1,144 @@
+"""Compile the CUDA sources for sm_80 and sm_90 without a GPU and check their resource use.
+
+One nvcc invocation per .cu with both -gencode targets and ``-Xptxas -v``; fails on a compile error
+or on any register spill. The per-kernel report (registers, spills, stack, shared memory) is written
+to benchmarks/results/cuda_resources.json and .md.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+ARCHS = ("80", "90")
+
+
+def _is_toolkit(root):
+    return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and \
+        os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home():
+    """The toolkit root, found like setup.py finds it: $CUDA_HOME, $CUDA_PATH, nvcc, /usr/local/cuda*."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_toolkit(os.environ.get(var)):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if _is_toolkit(root):
+            return root
+    for root in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        if _is_toolkit(root):
+            return root
+    return None
+
+
+def demangle(names):
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return {n: n for n in names}
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+def short_name(demangled):
+    """'void scnet_fused::cuda::(anon)::pointwise_kernel<float, unsigned int, true, 4>(...)' -> 'pointwise_kernel<float, unsigned int, true, 4>'."""
+    name = demangled.split("(")[0] if "(" in demangled and "<" not in demangled.split("(")[0][-1:] else demangled
+    m = re.search(r"(\w+_kernel(<[^()]*>)?)", demangled)
+    return m.group(1) if m else name
+
+
+def parse_ptxas(log):
+    rows = []
+    current = None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for 'sm_(\d+)'", line)
+        if m:
+            current = {"mangled": m.group(1), "arch": f"sm_{m.group(2)}", "registers": None, "spill_stores": 0,
+                       "spill_loads": 0, "stack_bytes": 0, "smem_bytes": 0}
+            rows.append(current)
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current["stack_bytes"], current["spill_stores"], current["spill_loads"] = map(int, m.groups())
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["registers"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            current["smem_bytes"] = int(s.group(1)) if s else 0
+    names = demangle([r["mangled"] for r in rows])
+    for r in rows:
+        r["kernel"] = short_name(names[r["mangled"]])
+    return rows
+
+
+def write_report(rows, nvcc_version):
+    os.makedirs(RESULTS, exist_ok=True)
+    payload = {"tool": "nvcc -Xptxas -v", "nvcc": nvcc_version, "torch": torch.__version__,
+               "archs": [f"sm_{a}" for a in ARCHS], "kernels": rows}
+    with open(os.path.join(RESULTS, "cuda_resources.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    lines = ["# CUDA kernel resources (static, from ptxas)", "",
+             f"nvcc: {nvcc_version}; archs: {', '.join(payload['archs'])}; no GPU needed.", "",
+             "| kernel | arch | registers | spill stores (B) | spill loads (B) | stack (B) | smem (B) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["arch"])):
+        lines.append(f"| `{r['kernel']}` | {r['arch']} | {r['registers']} | {r['spill_stores']} | "
+                     f"{r['spill_loads']} | {r['stack_bytes']} | {r['smem_bytes']} |")
+    with open(os.path.join(RESULTS, "cuda_resources.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_cuda_sources_compile_without_spills(tmp_path):
+    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    if not sources:
+        pytest.skip("no CUDA sources in csrc/cuda")
+    home = find_cuda_home()
+    if home is None:
+        pytest.skip("no CUDA toolkit found (set CUDA_HOME to the toolkit root)")
+    nvcc = os.path.join(home, "bin", "nvcc")
+    tinc = os.path.join(os.path.dirname(torch.__file__), "include")
+    flags = ["-std=c++20", "-O3", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-Xcompiler", "-fPIC",
+             "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+             "-D__CUDA_NO_HALF2_OPERATORS__", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             "-I", os.path.join(ROOT, "csrc"), "-I", tinc, "-I", os.path.join(tinc, "torch", "csrc", "api", "include"),
+             "-I", os.path.join(home, "include")]
+    for a in ARCHS:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    version = version[-1] if version else "unknown"
+    rows = []
+    for src in sources:
+        obj = tmp_path / (os.path.basename(src) + ".o")
+        proc = subprocess.run([nvcc, "-c", src, "-o", str(obj)] + flags, capture_output=True, text=True,
+                              timeout=600)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"nvcc failed on {src}:\n{log[-6000:]}"
+        rows += parse_ptxas(log)
+    for r in rows:
+        r.pop("mangled", None)
+    write_report(rows, version)
+    assert rows, "ptxas reported no kernels"
+    for a in ARCHS:
+        assert any(r["arch"] == f"sm_{a}" for r in rows), f"no kernel compiled for sm_{a}"
+    spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+    assert not spilled, "register spills:\n" + "\n".join(
+        f"{r['kernel']} {r['arch']}: {r['spill_stores']} B stores, {r['spill_loads']} B loads" for r in spilled)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
