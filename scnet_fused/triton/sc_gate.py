@@ -441,7 +441,11 @@ def channel_stats(t: torch.Tensor):
                          max=chunk).to(torch.float32)[:, None]
     mean = (means * counts).sum(dim=0) / nhw
     m2 = m2s.sum(dim=0) + (counts * (means - mean) ** 2).sum(dim=0)
-    return mean, m2 / nhw
+    var = m2 / nhw
+    # A channel holding a NaN or an infinity gets NaN for both, as torch's batch statistics do.
+    bad = ~(torch.isfinite(mean) & torch.isfinite(var))
+    nan = torch.full((), float("nan"), dtype=mean.dtype, device=mean.device)
+    return torch.where(bad, nan, mean), torch.where(bad, nan, var)
 
 
 # ----------------------------------------------------------------------------------------------
