@@ -153,31 +153,34 @@ def test_bottleneck(kwargs):
 
 
 def test_small_scnet_sgd_losses_match():
+    """Five SGD steps of a small SCNet: the fused model's losses are as close to a float64 run of the
+    reference as the float32 reference's are (float32 rounding drifts either one by ~1e-4)."""
     torch.manual_seed(0)
     ref = R.SCNet(R.SCBottleneck, layers=(1, 1, 1, 1), num_classes=5)
     fused = models.build("scnet50", layers=(1, 1, 1, 1), num_classes=5)
     fused.load_state_dict(ref.state_dict())
-    # 128 px: layer4's pooled map is 2 x 2, so its BatchNorm sees 16 values per channel (at 64 px it
-    # sees 4, and the tiny batch variance amplifies float rounding beyond any useful tolerance).
+    truth = copy.deepcopy(ref).double()
+    # 128 px: layer4's pooled map is 2 x 2, so its BatchNorm sees 16 values per channel.
     x = torch.randn(4, 3, 128, 128)
     y = torch.tensor([0, 1, 2, 3])
-    opt_r = torch.optim.SGD(ref.parameters(), lr=0.02, momentum=0.5)
-    opt_f = torch.optim.SGD(fused.parameters(), lr=0.02, momentum=0.5)
-    losses = []
-    for _ in range(4):
-        lr_ = nn.functional.cross_entropy(ref(x), y)
-        lf_ = nn.functional.cross_entropy(fused(x), y)
-        for opt, loss in ((opt_r, lr_), (opt_f, lf_)):
+    runs = [(ref, x), (fused, x), (truth, x.double())]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m, _ in runs]
+    history = []
+    for _ in range(5):
+        losses = []
+        for (m, inp), opt in zip(runs, opts):
+            loss = nn.functional.cross_entropy(m(inp), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        losses.append((lr_.item(), lf_.item()))
-    for a, b in losses:
-        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), losses
-    assert losses[-1][0] < losses[0][0]
+            losses.append(loss.item())
+        history.append(losses)
+    for l_ref, l_fused, l_true in history:
+        assert abs(l_fused - l_true) <= 3 * abs(l_ref - l_true) + 1e-4 * max(1.0, l_true), history
+    assert history[-1][1] < 0.5 * history[0][1]
     ref.eval(), fused.eval()
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), ref(x), rtol=1e-3, atol=1e-3)  # after 4 steps of float drift
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-3, atol=1e-3)  # after 5 steps of float drift
 
 
 def test_features_only():
