@@ -11,15 +11,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 
+# pip, with the local mirror's notices about absent index folders filtered out (errors still show).
+pipq() { "$VPY" -m pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
-  "$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  "$VPY" -m pip install -q "torch>=2.6"
+  pipq "torch>=2.6"
 fi
-"$VPY" -m pip install -q pybind11 ninja numpy pytest pytest-benchmark matplotlib scikit-learn "setuptools>=64" wheel
-"$VPY" -c "import triton" >/dev/null 2>&1 || "$VPY" -m pip install -q "triton>=3.2" || \
+pipq pybind11 ninja numpy pytest pytest-benchmark matplotlib scikit-learn "setuptools>=64" wheel
+"$VPY" -c "import triton" >/dev/null 2>&1 || pipq "triton>=3.2" || \
   echo "setup: triton could not be installed; the triton backend will be unavailable" >&2
 
 # The CUDA toolkit: honour CUDA_HOME, else let setup.py find it (the nvcc on PATH may be a wrapper).
 export MAX_JOBS=${MAX_JOBS:-2}
-"$VPY" -m pip install -q --no-build-isolation -e . 2>&1 | grep -v "^\s*$" | grep -viE "^(DEPRECATION|WARNING: Location)" || true
+pipq --no-build-isolation -e .
 "$VPY" -c "import scnet_fused, scnet_fused._C as C; print('scnet_fused', scnet_fused.__version__, '| extension: cuda kernels' if C.with_cuda else '| extension: cpu kernels only', '| cpu', C.cpu_capability)"
