@@ -10,9 +10,9 @@ Environment:
 """
 
 import glob
+import importlib.util
 import os
 import platform
-import shutil
 import sys
 
 from setuptools import setup
@@ -20,35 +20,16 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _is_toolkit(root):
-    return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and \
-        os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+def _load_toolkit_finder():
+    # scnet_fused/_toolkit.py imports nothing heavy; load it by path (the package is not built yet).
+    spec = importlib.util.spec_from_file_location("_scnet_fused_toolkit",
+                                                  os.path.join(HERE, "scnet_fused", "_toolkit.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.find_cuda_home
 
 
-def find_cuda_home():
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if _is_toolkit(os.environ.get(var)):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        # The nvcc on PATH may be a wrapper script: ask it where it lives instead of trusting its path.
-        real = os.path.realpath(nvcc)
-        root = os.path.dirname(os.path.dirname(real))
-        if _is_toolkit(root):
-            return root
-        try:
-            with open(nvcc, "r", errors="ignore") as f:
-                for token in f.read().split():
-                    if token.endswith("/bin/nvcc") and _is_toolkit(os.path.dirname(os.path.dirname(token))):
-                        return os.path.dirname(os.path.dirname(token))
-        except OSError:
-            pass
-    for root in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
-        if _is_toolkit(root):
-            return root
-    return None
-
-
+find_cuda_home = _load_toolkit_finder()
 CUDA_HOME = find_cuda_home()
 if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME  # cpp_extension reads it at import time

@@ -16,32 +16,13 @@ import subprocess
 import sys
 
 import pytest
+
+from scnet_fused._toolkit import find_cuda_home
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 ARCHS = ("80", "90")
-
-
-def _is_toolkit(root):
-    return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and \
-        os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
-
-
-def find_cuda_home():
-    """The toolkit root, found like setup.py finds it: $CUDA_HOME, $CUDA_PATH, nvcc, /usr/local/cuda*."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if _is_toolkit(os.environ.get(var)):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if _is_toolkit(root):
-            return root
-    for root in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
-        if _is_toolkit(root):
-            return root
-    return None
 
 
 def demangle(names):

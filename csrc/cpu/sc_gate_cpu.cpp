@@ -19,27 +19,18 @@
 #include <vector>
 
 #include "sc_gate_math.h"
+#include "sc_host.h"
 
 namespace scnet_fused {
 namespace cpu {
 namespace {
 
+using namespace ::scnet_fused::host;
+
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kV = Vec::size();
 // Float accumulators are flushed to double at least this often (elements per lane ~ kFlush / kV).
 constexpr int64_t kFlush = 1024;
-
-bool poison_enabled() {
-  const char* e = std::getenv("SCNET_FUSED_POISON");
-  return e != nullptr && e[0] != '\0' && std::strcmp(e, "0") != 0;
-}
-
-at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts,
-                      at::MemoryFormat fmt = at::MemoryFormat::Contiguous) {
-  at::Tensor t = at::empty(sizes, opts.memory_format(fmt));
-  if (poison_enabled()) t.fill_(std::numeric_limits<float>::quiet_NaN());
-  return t;
-}
 
 // ------------------------------------------------------------------------------------------------
 // Loads and stores of kV elements of a storage type as float vectors.
@@ -143,47 +134,7 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& small) {
   return g;
 }
 
-enum class Layout { NCHW, NHWC };
 
-Layout layout_of(const at::Tensor& x) {
-  if (x.is_contiguous()) return Layout::NCHW;
-  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return Layout::NHWC;
-  return Layout::NCHW;  // anything else is copied to NCHW
-}
-
-at::MemoryFormat format_of(Layout l) {
-  return l == Layout::NHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
-at::Tensor in_layout(const at::Tensor& t, Layout l) { return t.contiguous(format_of(l)); }
-
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_full(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", t.sizes());
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
-              ", got ", t.scalar_type());
-}
-
-void check_gate(const char* op, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.sizes());
-  TORCH_CHECK(supported_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
-              x.scalar_type());
-  check_full(op, "k3", k3, x);
-  TORCH_CHECK(small.device().is_cpu(), op, ": small must be a CPU tensor, got ", small.device());
-  TORCH_CHECK(small.dim() == 4, op, ": small must be 4-D (N, C, h, w), got ", small.sizes());
-  TORCH_CHECK(small.scalar_type() == x.scalar_type(), op, ": small must have x's dtype ", x.scalar_type(),
-              ", got ", small.scalar_type());
-  TORCH_CHECK(small.size(0) == x.size(0) && small.size(1) == x.size(1), op,
-              ": small must have x's batch and channel sizes, got small ", small.sizes(), " for x ", x.sizes());
-  TORCH_CHECK(small.size(2) >= 1 && small.size(3) >= 1 && small.size(2) <= x.size(2) && small.size(3) <= x.size(3),
-              op, ": small's spatial size must be in [1, x's], got small ", small.sizes(), " for x ", x.sizes());
-}
 
 // A per-channel float vector of length C (or `fill` everywhere when absent).
 std::vector<float> per_channel(const char* op, const char* name, const c10::optional<at::Tensor>& t,
@@ -195,23 +146,6 @@ std::vector<float> per_channel(const char* op, const char* name, const c10::opti
   at::Tensor f = t->to(at::kFloat).contiguous();
   const float* p = f.data_ptr<float>();
   return std::vector<float>(p, p + C);
-}
-
-template <typename F>
-void dispatch_dtype(at::ScalarType t, const char* op, F&& f) {
-  switch (t) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kHalf:
-      f(at::Half{});
-      break;
-    case at::kBFloat16:
-      f(at::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", t, " (float32, float16 or bfloat16)");
-  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -774,7 +708,7 @@ at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, co
 at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
                         const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
   const char* op = "scnet_fused::_gate_forward (cpu)";
-  check_gate(op, x, small, k3);
+  check_gate(op, x, small, k3, c10::DeviceType::CPU);
   const int64_t C = x.size(1);
   return pointwise_op(op, false, x, small, k3, nullptr, per_channel(op, "scale", scale, C, 1.0f),
                       per_channel(op, "shift", shift, C, 0.0f), std::vector<float>(C, 0.0f));
@@ -783,7 +717,7 @@ at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& small, const at::
 at::Tensor gate_backward_k3(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
                             const at::Tensor& p, const at::Tensor& q, const at::Tensor& r) {
   const char* op = "scnet_fused::_gate_backward_k3 (cpu)";
-  check_gate(op, x, small, k3);
+  check_gate(op, x, small, k3, c10::DeviceType::CPU);
   check_full(op, "dy", dy, x);
   const int64_t C = x.size(1);
   return pointwise_op(op, true, x, small, k3, &dy, per_channel(op, "p", p, C, 0.0f), per_channel(op, "q", q, C, 0.0f),
@@ -795,7 +729,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
     const c10::optional<at::Tensor>& center, bool need_dk3) {
   const char* op = "scnet_fused::_gate_backward (cpu)";
-  check_gate(op, x_in, small_in, k3_in);
+  check_gate(op, x_in, small_in, k3_in, c10::DeviceType::CPU);
   check_full(op, "dy", dy_in, x_in);
   const int64_t C = x_in.size(1);
   std::vector<float> sc = per_channel(op, "scale", scale, C, 1.0f);

@@ -28,10 +28,13 @@
 #include <limits>
 
 #include "sc_gate_math.h"
+#include "sc_host.h"
 
 namespace scnet_fused {
 namespace cuda {
 namespace {
+
+using namespace ::scnet_fused::host;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65536;
@@ -356,58 +359,7 @@ __global__ void __launch_bounds__(kThreads) stats_finalize_kernel(const T* t, in
 // ------------------------------------------------------------------------------------------------
 // Host side.
 // ------------------------------------------------------------------------------------------------
-bool poison_enabled() {
-  const char* e = std::getenv("SCNET_FUSED_POISON");
-  return e != nullptr && e[0] != '\0' && std::strcmp(e, "0") != 0;
-}
 
-at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts,
-                      at::MemoryFormat fmt = at::MemoryFormat::Contiguous) {
-  at::Tensor t = at::empty(sizes, opts.memory_format(fmt));
-  if (poison_enabled()) t.fill_(std::numeric_limits<float>::quiet_NaN());
-  return t;
-}
-
-enum class Layout { NCHW, NHWC };
-
-Layout layout_of(const at::Tensor& x) {
-  if (x.is_contiguous()) return Layout::NCHW;
-  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return Layout::NHWC;
-  return Layout::NCHW;
-}
-
-at::MemoryFormat format_of(Layout l) {
-  return l == Layout::NHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
-at::Tensor in_layout(const at::Tensor& t, Layout l) { return t.contiguous(format_of(l)); }
-
-bool supported_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
-
-void check_full(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", t.sizes());
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
-              ", got ", t.scalar_type());
-}
-
-void check_gate(const char* op, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.sizes());
-  TORCH_CHECK(supported_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
-              x.scalar_type());
-  check_full(op, "k3", k3, x);
-  TORCH_CHECK(small.device() == x.device(), op, ": small must be on x's device ", x.device(), ", got ",
-              small.device());
-  TORCH_CHECK(small.dim() == 4, op, ": small must be 4-D (N, C, h, w), got ", small.sizes());
-  TORCH_CHECK(small.scalar_type() == x.scalar_type(), op, ": small must have x's dtype ", x.scalar_type(), ", got ",
-              small.scalar_type());
-  TORCH_CHECK(small.size(0) == x.size(0) && small.size(1) == x.size(1), op,
-              ": small must have x's batch and channel sizes, got small ", small.sizes(), " for x ", x.sizes());
-  TORCH_CHECK(small.size(2) >= 1 && small.size(3) >= 1 && small.size(2) <= x.size(2) && small.size(3) <= x.size(3),
-              op, ": small's spatial size must be in [1, x's], got small ", small.sizes(), " for x ", x.sizes());
-}
 
 // A float32 contiguous [C] copy on x's device, or an undefined tensor when absent.
 at::Tensor per_channel(const char* op, const char* name, const c10::optional<at::Tensor>& t, const at::Tensor& x) {
@@ -428,23 +380,6 @@ int64_t blocks_for(int64_t work) {
 }
 
 bool fits_int32(int64_t numel) { return numel <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()); }
-
-template <typename F>
-void dispatch_dtype(at::ScalarType t, const char* op, F&& f) {
-  switch (t) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kHalf:
-      f(at::Half{});
-      break;
-    case at::kBFloat16:
-      f(at::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", t, " (float32, float16 or bfloat16)");
-  }
-}
 
 template <typename T, bool kNHWC, int V>
 void launch_pointwise(const PointwiseParams<T>& p, int64_t numel, cudaStream_t stream) {
@@ -505,7 +440,7 @@ at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, co
 at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
                         const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
   const char* op = "scnet_fused::_gate_forward (cuda)";
-  check_gate(op, x, small, k3);
+  check_gate(op, x, small, k3, c10::DeviceType::CUDA);
   return pointwise_op(op, false, x, small, k3, nullptr, per_channel(op, "scale", scale, x),
                       per_channel(op, "shift", shift, x), at::Tensor());
 }
@@ -513,7 +448,7 @@ at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& small, const at::
 at::Tensor gate_backward_k3(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
                             const at::Tensor& p, const at::Tensor& q, const at::Tensor& r) {
   const char* op = "scnet_fused::_gate_backward_k3 (cuda)";
-  check_gate(op, x, small, k3);
+  check_gate(op, x, small, k3, c10::DeviceType::CUDA);
   check_full(op, "dy", dy, x);
   return pointwise_op(op, true, x, small, k3, &dy, per_channel(op, "p", p, x), per_channel(op, "q", q, x),
                       per_channel(op, "r", r, x));
@@ -535,7 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
     const c10::optional<at::Tensor>& scale_in, const c10::optional<at::Tensor>& shift_in,
     const c10::optional<at::Tensor>& center_in, bool need_dk3) {
   const char* op = "scnet_fused::_gate_backward (cuda)";
-  check_gate(op, x_in, small_in, k3_in);
+  check_gate(op, x_in, small_in, k3_in, c10::DeviceType::CUDA);
   check_full(op, "dy", dy_in, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor scale = per_channel(op, "scale", scale_in, x_in);

@@ -1,0 +1,91 @@
+// Host-side glue shared by the CPU and CUDA kernels: output allocation (with the NaN-poison debug
+// mode), memory layouts, argument checks and the dtype switch. Host code only.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace scnet_fused {
+namespace host {
+
+// SCNET_FUSED_POISON set and not "0": every output is NaN-filled before a kernel writes it.
+inline bool poison_enabled() {
+  const char* e = std::getenv("SCNET_FUSED_POISON");
+  return e != nullptr && e[0] != '\0' && std::strcmp(e, "0") != 0;
+}
+
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts,
+                             at::MemoryFormat fmt = at::MemoryFormat::Contiguous) {
+  at::Tensor t = at::empty(sizes, opts.memory_format(fmt));
+  if (poison_enabled()) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+
+enum class Layout { NCHW, NHWC };
+
+inline Layout layout_of(const at::Tensor& x) {
+  if (x.is_contiguous()) return Layout::NCHW;
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return Layout::NHWC;
+  return Layout::NCHW;  // anything else is copied to NCHW
+}
+
+inline at::MemoryFormat format_of(Layout l) {
+  return l == Layout::NHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+inline at::Tensor in_layout(const at::Tensor& t, Layout l) { return t.contiguous(format_of(l)); }
+
+inline bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_full(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", t.sizes());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
+              ", got ", t.scalar_type());
+}
+
+// x on a device of type `device` (CPU or CUDA); k3 like x; small (N, C, h, w) with 1 <= h <= H, 1 <= w <= W.
+inline void check_gate(const char* op, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
+                       c10::DeviceType device) {
+  TORCH_CHECK(x.device().type() == device, op, ": x must be a ", c10::DeviceTypeName(device), " tensor, got ",
+              x.device());
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(supported_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
+              x.scalar_type());
+  check_full(op, "k3", k3, x);
+  TORCH_CHECK(small.device() == x.device(), op, ": small must be on x's device ", x.device(), ", got ",
+              small.device());
+  TORCH_CHECK(small.dim() == 4, op, ": small must be 4-D (N, C, h, w), got ", small.sizes());
+  TORCH_CHECK(small.scalar_type() == x.scalar_type(), op, ": small must have x's dtype ", x.scalar_type(), ", got ",
+              small.scalar_type());
+  TORCH_CHECK(small.size(0) == x.size(0) && small.size(1) == x.size(1), op,
+              ": small must have x's batch and channel sizes, got small ", small.sizes(), " for x ", x.sizes());
+  TORCH_CHECK(small.size(2) >= 1 && small.size(3) >= 1 && small.size(2) <= x.size(2) && small.size(3) <= x.size(3),
+              op, ": small's spatial size must be in [1, x's], got small ", small.sizes(), " for x ", x.sizes());
+}
+
+// Calls f(T{}) with T the storage type of `t` (float, at::Half, at::BFloat16).
+template <typename F>
+void dispatch_dtype(at::ScalarType t, const char* op, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(at::Half{});
+      break;
+    case at::kBFloat16:
+      f(at::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", t, " (float32, float16 or bfloat16)");
+  }
+}
+
+}  // namespace host
+}  // namespace scnet_fused
