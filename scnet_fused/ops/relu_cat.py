@@ -53,8 +53,11 @@ def _(a, b):
 
 @torch.library.custom_op("scnet_fused::relu_cat_backward", mutates_args=())
 def _relu_cat_backward(grad: Tensor, out: Tensor, ca: int) -> Tuple[Tensor, Tensor]:
-    g = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-    return g[:, :ca].clone(memory_format=_format(out)), g[:, ca:].clone(memory_format=_format(out))
+    # Each half is masked straight from the slices (one read of grad and out, one write per half).
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    fmt = _format(out)
+    halves = ((slice(None), slice(0, ca)), (slice(None), slice(ca, None)))
+    return tuple(torch.where(out[i] > 0, grad[i], zero).contiguous(memory_format=fmt) for i in halves)
 
 
 @_relu_cat_backward.register_fake
