@@ -1,0 +1,158 @@
+"""The parity suite on CUDA for every fused backend (gpu-marked: skipped without a GPU), and the same
+checks run here on the CPU backends so the suite itself is exercised on every machine."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import scnet_fused
+from scnet_fused import reference as R
+from scnet_fused.ops import available, sc_gate, sc_gate_bn_train
+
+from _util import assert_close_rule, eager_gate
+
+SHAPES = [(3, 5, 14, 13, 3, 3), (2, 12, 25, 7, 6, 1), (2, 16, 7, 7, 1, 1), (1, 64, 56, 56, 14, 14)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _inputs(shape, device, dtype, channels_last):
+    N, C, H, W, h, w = shape
+    g = torch.Generator().manual_seed(hash(shape) % 1000)
+    x = torch.randn(N, C, H, W, generator=g)
+    small = torch.randn(N, C, h, w, generator=g)
+    k3 = torch.randn(N, C, H, W, generator=g) + 0.3
+    dy = torch.randn(N, C, H, W, generator=g)
+    out = []
+    for t in (x, small, k3, dy):
+        t = t.to(device=device, dtype=dtype)
+        if channels_last and t.shape[-1] == W and t.shape[-2] == H:
+            t = t.contiguous(memory_format=torch.channels_last)
+        out.append(t)
+    return out
+
+
+def check_gate_parity(backend, device, shape, dtype, channels_last):
+    x, small, k3, dy = _inputs(shape, device, dtype, channels_last)
+    leaves = [t.detach().requires_grad_() for t in (x, small, k3)]
+    ref64 = [t.detach().double().requires_grad_() for t in (x, small, k3)]
+    eager = [t.detach().requires_grad_() for t in (x, small, k3)]
+    with scnet_fused.backend(backend):
+        y = sc_gate(*leaves)
+        grads = torch.autograd.grad(y, leaves, dy)
+    y64 = eager_gate(*ref64)
+    g64 = torch.autograd.grad(y64, ref64, dy.double())
+    ye = eager_gate(*eager)
+    ge = torch.autograd.grad(ye, eager, dy)
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), y64.detach(), rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, g64):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+    else:
+        assert_close_rule(y, y64.detach(), ye.detach(), what=f"{backend} {dtype} y")
+        for name, a, b, e in zip(("dx", "dsmall", "dk3"), grads, g64, ge):
+            assert_close_rule(a, b, e, what=f"{backend} {dtype} {name}")
+
+
+def check_bn_parity(backend, device, shape, channels_last):
+    x, small, k3, dy = _inputs(shape, device, torch.float32, channels_last)
+    C = x.shape[1]
+    w = torch.rand(C, device=device) + 0.5
+    b = torch.randn(C, device=device)
+    ins = [t.detach().requires_grad_() for t in (x, small, k3, w, b)]
+    refs = [t.detach().double().requires_grad_() for t in (x, small, k3, w, b)]
+    with scnet_fused.backend(backend):
+        y, mean, var = sc_gate_bn_train(*ins, 1e-5)
+        grads = torch.autograd.grad(y, ins, dy)
+    y64 = eager_gate(refs[0], refs[1], F.batch_norm(refs[2], None, None, refs[3], refs[4], True, 0.0, 1e-5))
+    g64 = torch.autograd.grad(y64, refs, dy.double())
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=1e-4, atol=1e-4)
+    var64, mean64 = torch.var_mean(k3.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-5)
+    for a, b_ in zip(grads, g64):
+        torch.testing.assert_close(a.double(), b_, rtol=1e-3, atol=1e-3)
+
+
+def check_scconv_parity(backend, device, channels_last):
+    torch.manual_seed(0)
+    ref = R.SCConv(16, 16, 2, 1, 1, 1, 4, nn.BatchNorm2d).to(device)
+    fused = scnet_fused.convert(ref)
+    x = torch.randn(3, 16, 14, 13, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with scnet_fused.backend(backend):
+        for mode in ("train", "train", "eval"):
+            getattr(ref, mode)(), getattr(fused, mode)()
+            xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+            yr, yf = ref(xr), fused(xf)
+            torch.testing.assert_close(yf, yr, rtol=1e-4, atol=1e-4)
+            g = torch.randn_like(yr)
+            for a, b in zip(torch.autograd.grad(yf, [xf] + list(fused.parameters()), g),
+                            torch.autograd.grad(yr, [xr] + list(ref.parameters()), g)):
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
+def _gpu_backends():
+    return [b for b in ("triton", "cuda")]
+
+
+def _need(backend):
+    reason = available(backend)
+    if reason is not None:
+        pytest.skip(f"{backend} backend unavailable: {reason}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gate_cuda(backend, shape, dtype, channels_last):
+    _need(backend)
+    check_gate_parity(backend, "cuda", shape, dtype, channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gate_bn_train_cuda(backend, shape, channels_last):
+    _need(backend)
+    check_bn_parity(backend, "cuda", shape, channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_scconv_cuda(backend, channels_last):
+    _need(backend)
+    check_scconv_parity(backend, "cuda", channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_opcheck_cuda(backend):
+    _need(backend)
+    x, small, k3, _ = _inputs(SHAPES[0], "cuda", torch.float32, False)
+    w, b = torch.rand(5, device="cuda"), torch.randn(5, device="cuda")
+    with scnet_fused.backend(backend):
+        torch.library.opcheck(torch.ops.scnet_fused.sc_gate.default,
+                              tuple(t.requires_grad_() for t in (x, small, k3)) + (None, None))
+        torch.library.opcheck(torch.ops.scnet_fused.sc_gate_bn_train.default,
+                              (x, small, k3, w.requires_grad_(), b.requires_grad_(), 1e-5))
+
+
+# The same checks on the CPU backends (one small shape each), so the suite above is known to work.
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parity_suite_on_cpu(backend, dtype):
+    _need(backend)
+    check_gate_parity(backend, "cpu", SHAPES[0], dtype, channels_last=(dtype == torch.bfloat16))
+    if dtype == torch.float32:
+        check_bn_parity(backend, "cpu", SHAPES[2], channels_last=True)
+        check_scconv_parity(backend, "cpu", channels_last=False)
