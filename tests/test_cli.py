@@ -107,7 +107,8 @@ def test_digits_example_fused_matches_reference():
     spec.loader.exec_module(td)
     # 160 images: 128 for training, two steps of 64; every step's loss must agree.
     res = td.run(epochs=1, subset=160, log=lambda m: None)
-    assert res["first_step_grad_diff"] < 1e-3
+    g = res["first_step_grad"]  # the fused model is as close to float64 as the float32 reference is
+    assert g["fused_vs_fp64"] <= 2 * g["reference_vs_fp64"] + 1e-5
     f, r = res["fused"]["step_losses"], res["reference"]["step_losses"]
     assert len(f) == len(r) == 2
     for a, b in zip(f, r):
