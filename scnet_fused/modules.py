@@ -125,12 +125,21 @@ class SCConv(reference.SCConv):
         else:
             k3 = norm3(k3).to(k3.dtype)
             y = sc_gate(xg, small, k3)
-        return self.k4[1](self._conv4(y, xg, small, k3, scale, shift))
-
-    def _conv4(self, y, x, small, k3, scale, shift):
-        conv4 = self.k4[0]
+        conv4, norm4 = self.k4[0], self.k4[1]
         plain = type(conv4) is nn.Conv2d and conv4.bias is None and conv4.padding_mode == "zeros" \
             and not isinstance(conv4.padding, str)
+        if plain and not torch.is_grad_enabled() and _foldable_eval_norm(norm4):
+            # Inference: k4's BatchNorm folded into the convolution's weights and bias.
+            weight, bias = _affine_params(norm4, y)
+            scale4 = weight.float() * torch.rsqrt(norm4.running_var.float() + norm4.eps)
+            shift4 = bias.float() - norm4.running_mean.float() * scale4
+            w4 = (conv4.weight.float() * scale4.view(-1, 1, 1, 1)).to(conv4.weight.dtype)
+            return F.conv2d(y, w4, shift4.to(conv4.weight.dtype), conv4.stride, conv4.padding, conv4.dilation,
+                            conv4.groups)
+        return norm4(self._conv4(y, xg, small, k3, scale, shift, plain))
+
+    def _conv4(self, y, x, small, k3, scale, shift, plain):
+        conv4 = self.k4[0]
         if not (self.recompute_gate and plain and torch.is_grad_enabled() and y.requires_grad):
             return conv4(y)
         weight = conv4.weight

@@ -84,6 +84,21 @@ def test_scconv_train_and_eval(backend, case, channels_last):
     assert int(fused.k3[1].num_batches_tracked) == 2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_scconv_inference_folds_k4_batchnorm(backend, channels_last):
+    """Under no_grad in eval mode k4's BatchNorm is folded into its convolution: same output."""
+    ref, fused = _pair(R.SCConv, 12, 12, 2, 1, 1, 3, 4, nn.BatchNorm2d)
+    _randomize_norms(ref)
+    fused.load_state_dict(ref.state_dict())
+    ref.eval(), fused.eval()
+    x = torch.randn(3, 12, 13, 14)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), scnet_fused.backend(backend):
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("norm", ["momentum_none", "no_running_stats", "no_affine", "groupnorm", "identity",
                                   "frozen", "syncbn_eval"])
 def test_other_norm_layers(norm):
