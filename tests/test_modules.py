@@ -85,6 +85,19 @@ def test_scconv_train_and_eval(backend, case, channels_last):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pooling_r,H,W", [(2, 13, 9), (3, 13, 14), (5, 25, 11), (1, 6, 5)])
+def test_scconv_other_pooling_rates(backend, pooling_r, H, W):
+    """pooling_r is read from the module, never assumed to be 4 (irregular maps for every rate)."""
+    ref, fused = _pair(R.SCConv, 6, 6, 1, 1, 1, 2, pooling_r, nn.BatchNorm2d)
+    _randomize_norms(ref)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, H, W)
+    with scnet_fused.backend(backend):
+        _step_and_compare(ref.train(), fused.train(), x, steps=1)
+        _step_and_compare(ref.eval(), fused.eval(), x, steps=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_scconv_inference_folds_k4_batchnorm(backend, channels_last):
     """Under no_grad in eval mode k4's BatchNorm is folded into its convolution: same output."""
