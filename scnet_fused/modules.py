@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .ops import sc_gate, sc_gate_bn_train
+from .ops.sc_gate import bn_fold
 from .ops.relu_cat import relu_cat
 
 __all__ = ["SCConv", "SCBottleneck"]
@@ -38,6 +39,18 @@ def _foldable_eval_norm(m: nn.Module) -> bool:
             nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward):
         return (not m.training) and m.track_running_stats and m.running_mean is not None
     return False
+
+
+def _eval_fold(bn, like: Tensor, differentiable: bool) -> Tuple[Tensor, Tensor]:
+    """float32 per-channel ``(scale, shift)`` of an eval-mode BatchNorm (from its running statistics).
+
+    ``differentiable``: keep the autograd graph to weight and bias (eval-mode fine-tuning)."""
+    weight, bias = _affine_params(bn, like)
+    if not differentiable:
+        weight, bias = weight.detach(), bias.detach()
+    invstd = torch.rsqrt(bn.running_var.float() + bn.eps)
+    scale = weight.float() * invstd
+    return scale, bias.float() - bn.running_mean.float() * scale
 
 
 def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
@@ -117,10 +130,7 @@ class SCConv(reference.SCConv):
         elif _plain_batchnorm(norm3) and (norm3.training or norm3.running_mean is None):
             y, scale, shift = self._gate_bn_train(xg, small, k3, norm3)
         elif _foldable_eval_norm(norm3):
-            weight, bias = _affine_params(norm3, k3)
-            invstd = torch.rsqrt(norm3.running_var.float() + norm3.eps)
-            scale = weight.float() * invstd
-            shift = bias.float() - norm3.running_mean.float() * scale
+            scale, shift = _eval_fold(norm3, k3, differentiable=True)
             y = sc_gate(xg, small, k3, scale, shift)
         else:
             k3 = norm3(k3).to(k3.dtype)
@@ -130,9 +140,7 @@ class SCConv(reference.SCConv):
             and not isinstance(conv4.padding, str)
         if plain and not torch.is_grad_enabled() and _foldable_eval_norm(norm4):
             # Inference: k4's BatchNorm folded into the convolution's weights and bias.
-            weight, bias = _affine_params(norm4, y)
-            scale4 = weight.float() * torch.rsqrt(norm4.running_var.float() + norm4.eps)
-            shift4 = bias.float() - norm4.running_mean.float() * scale4
+            scale4, shift4 = _eval_fold(norm4, y, differentiable=False)
             w4 = (conv4.weight.float() * scale4.view(-1, 1, 1, 1)).to(conv4.weight.dtype)
             return F.conv2d(y, w4, shift4.to(conv4.weight.dtype), conv4.stride, conv4.padding, conv4.dilation,
                             conv4.groups)
@@ -168,10 +176,7 @@ class SCConv(reference.SCConv):
                 bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
                 unbiased = var * (m / (m - 1))
                 bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
-        with torch.no_grad():
-            invstd = torch.rsqrt(var + bn.eps)
-            scale = weight.detach().to(mean.dtype) * invstd
-            shift = bias.detach().to(mean.dtype) - mean * scale
+        _, scale, shift = bn_fold(weight, bias, mean, var, bn.eps)  # as the op folded it: same y on recompute
         return y, scale, shift
 
     @classmethod

@@ -190,7 +190,8 @@ def sc_gate(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor] = None
 # ----------------------------------------------------------------------------------------------
 
 
-def _bn_fold(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float):
+def bn_fold(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float):
+    """``(invstd, scale, shift)`` with ``bn(t) = t * scale + shift`` per channel (no autograd)."""
     invstd = torch.rsqrt(var + eps)
     scale = weight.detach().to(mean.dtype) * invstd
     shift = bias.detach().to(mean.dtype) - mean * scale
@@ -215,7 +216,7 @@ def _sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3 = _prepare(x, small, k3)
     mean, var = prims.channel_stats(k3)
-    _, scale, shift = _bn_fold(weight, bias, mean, var, eps)
+    _, scale, shift = bn_fold(weight, bias, mean, var, eps)
     y = prims.gate_forward(x, small, k3, scale.contiguous(), shift.contiguous())
     return y, mean, var
 
@@ -234,7 +235,7 @@ def _sc_gate_bn_train_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor,
                                eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3, dy = _prepare(x, small, k3, dy.to(x.dtype))
-    invstd, scale, shift = _bn_fold(weight, bias, mean, var, eps)
+    invstd, scale, shift = bn_fold(weight, bias, mean, var, eps)
     scale, shift = scale.contiguous(), shift.contiguous()
     # Pass 1: dx, dsmall and the per-channel sums sum(g), sum(g * (k3 - mean)), g = dy * sigmoid(.).
     dx, dsmall, _, sum_g, sum_gc = prims.gate_backward(dy, x, small, k3, scale, shift, mean.contiguous(), False)
