@@ -138,8 +138,10 @@ class SCConv(reference.SCConv):
         conv4, norm4 = self.k4[0], self.k4[1]
         plain = type(conv4) is nn.Conv2d and conv4.bias is None and conv4.padding_mode == "zeros" \
             and not isinstance(conv4.padding, str)
-        if plain and not torch.is_grad_enabled() and _foldable_eval_norm(norm4):
-            # Inference: k4's BatchNorm folded into the convolution's weights and bias.
+        if plain and not torch.is_grad_enabled() and _foldable_eval_norm(norm4) \
+                and y.numel() >= 4 * conv4.weight.numel() * conv4.stride[0] * conv4.stride[1]:
+            # Inference: k4's BatchNorm folded into the convolution's weights and bias (where the
+            # output pass it saves outweighs re-scaling the weights, i.e. not for tiny batches).
             scale4, shift4 = _eval_fold(norm4, y, differentiable=False)
             w4 = (conv4.weight.float() * scale4.view(-1, 1, 1, 1)).to(conv4.weight.dtype)
             return F.conv2d(y, w4, shift4.to(conv4.weight.dtype), conv4.stride, conv4.padding, conv4.dilation,

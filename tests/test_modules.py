@@ -103,11 +103,16 @@ def test_scconv_inference_folds_k4_batchnorm(backend, channels_last):
     _randomize_norms(ref)
     fused.load_state_dict(ref.state_dict())
     ref.eval(), fused.eval()
-    x = torch.randn(3, 12, 13, 14)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), scnet_fused.backend(backend):
-        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+    calls = []
+    fused.k4[1].register_forward_hook(lambda *a: calls.append(1))
+    for n, folded in ((8, True), (1, False)):  # one image: re-scaling k4's weights would cost more
+        x = torch.randn(n, 12, 13, 14)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        calls.clear()
+        with torch.no_grad(), scnet_fused.backend(backend):
+            torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+        assert (not calls) == folded
 
 
 @pytest.mark.parametrize("norm", ["momentum_none", "no_running_stats", "no_affine", "groupnorm", "identity",
