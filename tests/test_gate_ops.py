@@ -240,3 +240,31 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out_c, out_e)
     for a, b_ in zip(gc, ge):
         torch.testing.assert_close(a, b_)
+
+
+def test_auto_drops_a_backend_whose_kernels_do_not_compile(monkeypatch):
+    """Under auto, a Triton kernel that cannot be compiled on the device is dropped with a warning
+    and the call is served by the next backend; forcing the backend still raises."""
+    from triton.compiler.errors import CompilationError
+
+    from scnet_fused.ops import _dispatch
+
+    class Broken:
+        def __getattr__(self, name):
+            def fail(*args, **kwargs):
+                raise CompilationError(None, None, "no such instruction on this device")
+            return fail
+
+    monkeypatch.setitem(_dispatch._module_cache, "triton", Broken())
+    monkeypatch.setattr(_dispatch, "_auto_order", lambda device, dtype: ("triton", "reference"))
+    monkeypatch.setattr(_dispatch, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(_dispatch, "_device_ok", lambda name, device: None)
+    x, small, k3 = _inputs(SHAPES[0], requires_grad=False)
+    with pytest.warns(RuntimeWarning, match="backend triton dropped, its kernels failed to compile"):
+        out = sc_gate(x, small, k3)
+    torch.testing.assert_close(out, eager_gate(x, small, k3))
+    assert "failed to compile" in _dispatch.available("triton")
+    monkeypatch.setitem(_dispatch._module_cache, "triton", Broken())
+    with pytest.raises(CompilationError):
+        with scnet_fused.backend("triton"):
+            sc_gate(x, small, k3)

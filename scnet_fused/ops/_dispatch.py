@@ -145,6 +145,47 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
+def _compile_errors() -> tuple:
+    """Triton's errors for a kernel that cannot be built on this device (not for wrong results)."""
+    errs = []
+    try:
+        from triton.compiler.errors import CompilationError
+
+        errs.append(CompilationError)
+        from triton.runtime import errors as runtime_errors
+
+        errs += [getattr(runtime_errors, n) for n in ("OutOfResources", "PTXASError") if hasattr(runtime_errors, n)]
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+class _DropOnCompileError:
+    """A JIT-compiled backend chosen by ``auto``: if one of its kernels cannot be compiled on this
+    device, the backend is marked unavailable (one warning naming the error) and the call is
+    retried on the next backend in ``auto``'s order. Forced backends are never wrapped."""
+
+    def __init__(self, name, mod, device, dtype):
+        self._name, self._mod, self._device, self._dtype = name, mod, device, dtype
+
+    def __getattr__(self, attr):
+        fn = getattr(self._mod, attr)
+        errors = _compile_errors()
+
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except errors as exc:
+                reason = f"its kernels failed to compile here ({type(exc).__name__}: {str(exc).strip()[:300]})"
+                _module_cache[self._name] = reason
+                warnings.warn(f"scnet_fused: backend {self._name} dropped, {reason}; falling back",
+                              RuntimeWarning, stacklevel=2)
+                _, nxt = select(self._device, self._dtype)
+                return getattr(nxt, attr)(*args, **kwargs)
+
+        return call
+
+
 def select(device: torch.device, dtype: torch.dtype):
     """Return ``(name, primitives_module)`` for tensors on ``device`` of ``dtype``."""
     name = requested()
@@ -169,5 +210,7 @@ def select(device: torch.device, dtype: torch.dtype):
             elif i > 0:
                 _warn_once(f"{device.type}:{cand}", f"scnet_fused: backend {order[0]} unavailable "
                            f"({_load(order[0])}); using {cand}")
+            if cand == "triton" and not triton_interpreted():
+                return cand, _DropOnCompileError(cand, mod, device, dtype)
             return cand, mod
     raise BackendUnavailable(f"no scnet_fused backend can run {device} tensors")  # pragma: no cover
