@@ -53,6 +53,40 @@ def _eval_fold(bn, like: Tensor, differentiable: bool) -> Tuple[Tensor, Tensor]:
     return scale, bias.float() - bn.running_mean.float() * scale
 
 
+def _plain_conv(conv: nn.Module) -> bool:
+    return type(conv) is nn.Conv2d and conv.bias is None and conv.padding_mode == "zeros" \
+        and not isinstance(conv.padding, str)
+
+
+def _conv_out_numel(conv: nn.Conv2d, x: Tensor) -> int:
+    size = [x.shape[0], conv.out_channels]
+    for d in range(2):
+        k, s, p, dil = conv.kernel_size[d], conv.stride[d], conv.padding[d], conv.dilation[d]
+        size.append((x.shape[2 + d] + 2 * p - dil * (k - 1) - 1) // s + 1)
+    return size[0] * size[1] * size[2] * size[3]
+
+
+def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
+    """``bn(conv(x))``. At inference (no grad) with an eval-mode BatchNorm whose output is at least 4x
+    the convolution's weights, one convolution with the BatchNorm folded into its weights and bias:
+    the normalisation pass over the output disappears (for tiny batches re-scaling the weights would
+    cost more than it saves, so they keep the two steps)."""
+    if (not torch.is_grad_enabled() and _plain_conv(conv) and _foldable_eval_norm(bn) and x.dim() == 4
+            and _conv_out_numel(conv, x) >= 4 * conv.weight.numel()):
+        scale, shift = _eval_fold(bn, x, differentiable=False)
+        weight = (conv.weight.float() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
+        return F.conv2d(x, weight, shift.to(conv.weight.dtype), conv.stride, conv.padding, conv.dilation,
+                        conv.groups)
+    return bn(conv(x))
+
+
+def _seq_conv_bn(seq: nn.Module, x: Tensor) -> Tensor:
+    """A ``Sequential(Conv2d, norm)`` through :func:`_conv_bn`; anything else as the module."""
+    if isinstance(seq, nn.Sequential) and len(seq) == 2:
+        return _conv_bn(seq[0], seq[1], x)
+    return seq(x)
+
+
 def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
     """nn.BatchNorm2d's exponential_average_factor; bumps num_batches_tracked as it does."""
     factor = 0.0 if bn.momentum is None else bn.momentum
@@ -136,21 +170,13 @@ class SCConv(reference.SCConv):
             k3 = norm3(k3).to(k3.dtype)
             y = sc_gate(xg, small, k3)
         conv4, norm4 = self.k4[0], self.k4[1]
-        plain = type(conv4) is nn.Conv2d and conv4.bias is None and conv4.padding_mode == "zeros" \
-            and not isinstance(conv4.padding, str)
-        if plain and not torch.is_grad_enabled() and _foldable_eval_norm(norm4) \
-                and y.numel() >= 4 * conv4.weight.numel() * conv4.stride[0] * conv4.stride[1]:
-            # Inference: k4's BatchNorm folded into the convolution's weights and bias (where the
-            # output pass it saves outweighs re-scaling the weights, i.e. not for tiny batches).
-            scale4, shift4 = _eval_fold(norm4, y, differentiable=False)
-            w4 = (conv4.weight.float() * scale4.view(-1, 1, 1, 1)).to(conv4.weight.dtype)
-            return F.conv2d(y, w4, shift4.to(conv4.weight.dtype), conv4.stride, conv4.padding, conv4.dilation,
-                            conv4.groups)
-        return norm4(self._conv4(y, xg, small, k3, scale, shift, plain))
+        if not torch.is_grad_enabled():
+            return _conv_bn(conv4, norm4, y)
+        return norm4(self._conv4(y, xg, small, k3, scale, shift))
 
-    def _conv4(self, y, x, small, k3, scale, shift, plain):
+    def _conv4(self, y, x, small, k3, scale, shift):
         conv4 = self.k4[0]
-        if not (self.recompute_gate and plain and torch.is_grad_enabled() and y.requires_grad):
+        if not (self.recompute_gate and _plain_conv(conv4) and y.requires_grad):
             return conv4(y)
         weight = conv4.weight
         amp_device = torch.amp.is_autocast_available(y.device.type)
@@ -209,17 +235,19 @@ class SCBottleneck(reference.SCBottleneck):
     """The SCNet bottleneck with a fused SCConv (same arguments and state_dict as the reference).
 
     Without avd, the two branches' final ReLUs write straight into the concatenation conv3 reads.
+    At inference (no grad, eval-mode BatchNorms) each convolution + BatchNorm pair runs as one
+    convolution with the BatchNorm folded in, where the output outweighs the weights.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if self.avd or not isinstance(self.relu, nn.ReLU) or x.dim() != 4:
             return super().forward(x)
         residual = x
-        out_a = self.relu(self.bn1_a(self.conv1_a(x)))
-        out_b = self.relu(self.bn1_b(self.conv1_b(x)))
-        out = self.bn3(self.conv3(relu_cat(self.k1(out_a), self.scconv(out_b))))
+        out_a = self.relu(_conv_bn(self.conv1_a, self.bn1_a, x))
+        out_b = self.relu(_conv_bn(self.conv1_b, self.bn1_b, x))
+        out = _conv_bn(self.conv3, self.bn3, relu_cat(_seq_conv_bn(self.k1, out_a), self.scconv(out_b)))
         if self.downsample is not None:
-            residual = self.downsample(x)
+            residual = _seq_conv_bn(self.downsample, x)
         out = out + residual
         return self.relu(out)
 

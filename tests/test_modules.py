@@ -183,6 +183,29 @@ def test_bottleneck(kwargs):
     _step_and_compare(ref.eval(), fused.eval(), x, steps=1)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bottleneck_inference_folds_batchnorms(backend, channels_last):
+    """Under no_grad in eval mode the bottleneck's conv + BatchNorm pairs run folded: same output."""
+    down = nn.Sequential(nn.Conv2d(32, 128, 1, stride=2, bias=False), nn.BatchNorm2d(128))
+    ref, fused = _pair(R.SCBottleneck, 32, 32, stride=2, downsample=down, norm_layer=nn.BatchNorm2d)
+    _randomize_norms(ref)
+    fused.load_state_dict(ref.state_dict())
+    ref.eval(), fused.eval()
+    calls = []
+    for name in ("bn1_a", "bn1_b", "bn3"):
+        getattr(fused, name).register_forward_hook(lambda *a, name=name: calls.append(name))
+    x = torch.randn(4, 32, 14, 13)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), scnet_fused.backend(backend):
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+    assert calls == []  # all three folded at this size
+    with scnet_fused.backend(backend):  # with autograd on, the modules run as they are
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+    assert sorted(calls) == ["bn1_a", "bn1_b", "bn3"]
+
+
 def test_small_scnet_sgd_losses_match():
     """Five SGD steps of a small SCNet: the fused model's losses are as close to a float64 run of the
     reference as the float32 reference's are (float32 rounding drifts either one by ~1e-4)."""
