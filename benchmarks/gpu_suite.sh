@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a lent GPU machine (no network): build, GPU tests, AOT compile checks, op / module /
+# One command for a GPU machine (works offline): build, GPU tests, AOT compile checks, op / module /
 # model benchmarks, all gathered into benchmarks/results/gpu-<device>-<date>/ ready to commit.
 #
 #   bash benchmarks/gpu_suite.sh            # from the repository root
