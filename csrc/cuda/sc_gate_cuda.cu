@@ -495,6 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
     sum_gk.zero_();
     return {dx, dsmall, dk3, sum_g, sum_gk};
   }
+  TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), op, ": too many channels (", C, ")");
   const int64_t hw = small.size(2) * small.size(3);
   at::Tensor part = at::empty({2, N * C * hw}, x.options().dtype(at::kFloat));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
