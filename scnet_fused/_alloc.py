@@ -21,7 +21,3 @@ def new_empty(shape, dtype, device, memory_format=torch.contiguous_format) -> to
     if poison_enabled():
         t.fill_(float("nan"))
     return t
-
-
-def new_empty_like(ref: torch.Tensor, memory_format=torch.contiguous_format, dtype=None) -> torch.Tensor:
-    return new_empty(ref.shape, dtype or ref.dtype, ref.device, memory_format)
