@@ -45,6 +45,8 @@ TORCH_LIBRARY(scnet_fused, m) {
         "Tensor? center, bool need_dk3) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_gate_backward_k3(Tensor dy, Tensor x, Tensor small, Tensor k3, Tensor p, Tensor q, Tensor r) -> Tensor");
   m.def("_channel_stats(Tensor t) -> (Tensor, Tensor)");
+  m.def("_avgpool(Tensor x, int r) -> Tensor");
+  m.def("_avgpool_backward(Tensor dy, int H, int W, int r, bool channels_last) -> Tensor");
   m.def("_nearest_source(int i, int out_size, int in_size) -> int", &scnet_fused::nearest_source_one);
   m.def("_cell_start(int a, int out_size, int in_size) -> int", &scnet_fused::cell_start_one);
 }

@@ -7,7 +7,9 @@ statistics, one kernel applies BN, the upsampled calibration map, the sigmoid an
 ``nn.BatchNorm2d`` does. Eval: the BN is folded into per-channel constants of the gate kernel
 (:func:`scnet_fused.ops.sc_gate` with ``scale``/``shift``). Any other norm layer (SyncBatchNorm in
 training, GroupNorm, a frozen BN, Identity, ...) runs as a module and feeds the generic fused gate.
-The pooled branch ``k2`` works on a map ``pooling_r**2`` times smaller and runs as its modules.
+The pooled branch ``k2``: its average pool runs as this package's kernel (:func:`scnet_fused.ops.sc_avgpool`,
+forward and backward, nothing full-size saved); its conv and norm work on a map ``pooling_r**2`` times
+smaller and run as modules.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
-from .ops import sc_gate, sc_gate_bn_train
+from .ops import sc_avgpool, sc_gate, sc_gate_bn_train
 from .ops.sc_gate import bn_fold
 from .ops.relu_cat import relu_cat
 
@@ -87,6 +89,24 @@ def _seq_conv_bn(seq: nn.Module, x: Tensor) -> Tensor:
     return seq(x)
 
 
+def _plain_pool(pool: nn.Module, r: int) -> bool:
+    """An nn.AvgPool2d that is exactly the r x r, stride-r, floor-mode pool of :func:`sc_avgpool`."""
+    if type(pool) is not nn.AvgPool2d:
+        return False
+    stride = pool.stride if pool.stride is not None else pool.kernel_size
+    return (_pair(pool.kernel_size) == (r, r) and _pair(stride) == (r, r) and _pair(pool.padding) == (0, 0)
+            and not pool.ceil_mode and pool.divisor_override is None)
+
+
+def _conv_accepts(conv: nn.Module, x: Tensor) -> bool:
+    """``conv`` will take x's dtype (equal to its weight's, or autocast recasts both); otherwise the
+    modules run as they are and raise their own error."""
+    weight = getattr(conv, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dtype == x.dtype:
+        return True
+    return torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+
+
 def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
     """nn.BatchNorm2d's exponential_average_factor; bumps num_batches_tracked as it does."""
     factor = 0.0 if bn.momentum is None else bn.momentum
@@ -147,7 +167,7 @@ class SCConv(reference.SCConv):
 
     def forward(self, x: Tensor) -> Tensor:
         reference._check_sc_input(x, self.inplanes, self.pooling_r)
-        small = self.k2(x)  # pooled map: pooling_r**2 times smaller, runs as modules
+        small = self._k2(x)
         conv3, norm3 = self.k3[0], self.k3[1]
         k3 = conv3(x)
         # The gate kernels take one dtype: under autocast the conv outputs set it.
@@ -173,6 +193,16 @@ class SCConv(reference.SCConv):
         if not torch.is_grad_enabled():
             return _conv_bn(conv4, norm4, y)
         return norm4(self._conv4(y, xg, small, k3, scale, shift))
+
+    def _k2(self, x: Tensor) -> Tensor:
+        """The pooled branch: the pool as a fused kernel, then k2's conv and norm on the small map."""
+        k2, r = self.k2, self.pooling_r
+        if isinstance(k2, nn.Sequential) and len(k2) == 3 and _plain_pool(k2[0], r) and _conv_accepts(k2[1], x):
+            pooled = sc_avgpool(x, r)
+            if not torch.is_grad_enabled():
+                return _conv_bn(k2[1], k2[2], pooled)
+            return k2[2](k2[1](pooled))
+        return k2(x)
 
     def _conv4(self, y, x, small, k3, scale, shift):
         conv4 = self.k4[0]

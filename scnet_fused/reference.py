@@ -415,3 +415,20 @@ def channel_stats(t: Tensor):
     a = _acc(t)
     var, mean = torch.var_mean(a, dim=(0, 2, 3), unbiased=False)
     return mean, var
+
+
+def avgpool(x: Tensor, r: int) -> Tensor:
+    """The ``r x r``, stride-``r`` average pool (trailing rows and columns dropped), in x's format."""
+    return _like(F.avg_pool2d(_acc(x), int(r), int(r)), x)
+
+
+def avgpool_backward(dy: Tensor, H: int, W: int, r: int, channels_last: bool) -> Tensor:
+    """dx of :func:`avgpool` for an ``H x W`` input: ``dy / r**2`` over each window, 0 in the dropped
+    trailing rows and columns."""
+    r = int(r)
+    N, C, h, w = dy.shape
+    spread = _acc(dy).repeat_interleave(r, dim=2).repeat_interleave(r, dim=3) / (r * r)
+    dx = torch.zeros((N, C, int(H), int(W)), dtype=spread.dtype, device=dy.device)
+    dx[:, :, : h * r, : w * r] = spread
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return dx.to(dy.dtype).contiguous(memory_format=fmt)

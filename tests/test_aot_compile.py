@@ -180,7 +180,8 @@ def test_aot_compile_sm80_sm90(tmp_path):
     spilled = [f"{r['variant']} {r['arch']}: {r['spill_bytes']} bytes" for r in rows if r["spill_bytes"]]
     assert not spilled, "register spills:\n" + "\n".join(spilled)
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"_gate_fwd_kernel", "_gate_bwd_kernel", "_gate_bwd_k3_kernel", "_channel_stats_kernel"}
+    assert kernels == {"_gate_fwd_kernel", "_gate_bwd_kernel", "_gate_bwd_k3_kernel", "_channel_stats_kernel",
+                       "_avgpool_fwd_kernel", "_avgpool_bwd_kernel"}
     assert {r["arch"] for r in rows} == {f"sm_{a}" for a in ARCHS}
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import scnet_fused
 from scnet_fused import reference as R
-from scnet_fused.ops import available, sc_gate, sc_gate_bn_train
+from scnet_fused.ops import available, sc_avgpool, sc_gate, sc_gate_bn_train
 
 from _util import assert_close_rule, eager_gate
 
@@ -97,6 +97,30 @@ def check_scconv_parity(backend, device, channels_last):
         torch.testing.assert_close(fused.state_dict()[k], v, rtol=1e-4, atol=1e-5)
 
 
+POOL_SHAPES = [(2, 5, 14, 13, 4), (2, 64, 56, 56, 4), (3, 24, 25, 7, 3), (2, 16, 7, 7, 4), (1, 8, 9, 9, 1)]
+
+
+def check_pool_parity(backend, device, shape, dtype, channels_last):
+    N, C, H, W, r = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(N, C, H, W, generator=g).to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with scnet_fused.backend(backend):
+        y = sc_avgpool(x, r)
+        dy = torch.randn(y.shape, generator=g).to(device=device, dtype=dtype)
+        (dx,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().requires_grad_()
+    y64 = F.avg_pool2d(x64, r, r)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+    tol = 1e-5 if dtype == torch.float32 else (2e-3 if dtype == torch.float16 else 1e-2)
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(dx.double(), dx64, rtol=tol, atol=tol)
+
+
 def _gpu_backends():
     return [b for b in ("triton", "cuda")]
 
@@ -128,6 +152,16 @@ def test_gate_bn_train_cuda(backend, shape, channels_last):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("shape", POOL_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_avgpool_cuda(backend, shape, dtype, channels_last):
+    _need(backend)
+    check_pool_parity(backend, "cuda", shape, dtype, channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_scconv_cuda(backend, channels_last):
     _need(backend)
@@ -153,6 +187,7 @@ def test_opcheck_cuda(backend):
 def test_parity_suite_on_cpu(backend, dtype):
     _need(backend)
     check_gate_parity(backend, "cpu", SHAPES[0], dtype, channels_last=(dtype == torch.bfloat16))
+    check_pool_parity(backend, "cpu", POOL_SHAPES[0], dtype, channels_last=(dtype == torch.bfloat16))
     if dtype == torch.float32:
         check_bn_parity(backend, "cpu", SHAPES[2], channels_last=True)
         check_scconv_parity(backend, "cpu", channels_last=False)

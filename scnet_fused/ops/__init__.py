@@ -1,6 +1,7 @@
 """Fused ops: public functions over torch.library custom ops, one file per fused computation."""
 
 from ._dispatch import BACKENDS, BackendUnavailable, available, backend, requested, select
+from .avgpool import sc_avgpool
 from .sc_gate import check_gate_inputs, sc_gate, sc_gate_bn_train
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "check_gate_inputs",
     "sc_gate",
     "sc_gate_bn_train",
+    "sc_avgpool",
 ]

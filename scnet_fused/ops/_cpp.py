@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-_OPS = ("_gate_forward", "_gate_backward", "_gate_backward_k3", "_channel_stats")
+_OPS = ("_gate_forward", "_gate_backward", "_gate_backward_k3", "_channel_stats", "_avgpool", "_avgpool_backward")
 _import_error: Optional[str] = None
 
 try:
@@ -42,7 +42,7 @@ def unavailable_reason(name: str) -> Optional[str]:
 
 
 class Primitives:
-    """The four primitives of ``scnet_fused.ops._dispatch`` over the extension's ops."""
+    """The primitives of ``scnet_fused.ops._dispatch`` over the extension's ops."""
 
     def __init__(self, name: str):
         self.name = name
@@ -60,3 +60,9 @@ class Primitives:
 
     def channel_stats(self, t):
         return self._ops._channel_stats(t)
+
+    def avgpool(self, x, r):
+        return self._ops._avgpool(x, int(r))
+
+    def avgpool_backward(self, dy, H, W, r, channels_last):
+        return self._ops._avgpool_backward(dy, int(H), int(W), int(r), bool(channels_last))

@@ -1,6 +1,6 @@
 """Backend selection for the fused ops.
 
-Every backend provides the same four kernel-level primitives (no autograd, no torch.library):
+Every backend provides the same kernel-level primitives (no autograd, no torch.library):
 
 ``gate_forward(x, small, k3, scale, shift) -> y``
     ``y = (k3 * scale[c] + shift[c]) * sigmoid(x + small[n, c, ri(i), ci(j)])`` with the nearest
@@ -15,6 +15,12 @@ Every backend provides the same four kernel-level primitives (no autograd, no to
     ``dk3 = p[c] * g + q[c] * k3 + r[c]`` (the input gradient of a training-mode BatchNorm on k3).
 ``channel_stats(t) -> (mean, var)``
     per-channel mean and biased variance over N, H, W, float32.
+``avgpool(x, r) -> y``
+    the ``r x r``, stride-``r`` average pool: ``y`` is ``(N, C, H // r, W // r)`` (trailing rows and
+    columns dropped) in x's dtype and memory format.
+``avgpool_backward(dy, H, W, r, channels_last) -> dx``
+    ``dx`` ``(N, C, H, W)``: ``dy / r**2`` spread over each window, 0 in the dropped rows and columns;
+    channels_last or contiguous as asked.
 
 Inputs reach a backend already checked (see ``scnet_fused.ops.sc_gate``): 4-D x, k3 (same shape,
 dtype, device and memory format: contiguous or channels_last), small ``(N, C, h, w)`` contiguous in

@@ -53,9 +53,11 @@ import triton.language as tl
 
 from .._alloc import new_empty
 from .._index import cell_tables, max_run
+from . import sc_pool as _pool
+from .sc_pool import avgpool, avgpool_backward  # noqa: F401  (the pool primitives of this backend)
 
-__all__ = ["gate_forward", "gate_backward", "gate_backward_k3", "channel_stats", "aot_kernels",
-           "kernel_options"]
+__all__ = ["gate_forward", "gate_backward", "gate_backward_k3", "channel_stats", "avgpool", "avgpool_backward",
+           "aot_kernels", "kernel_options"]
 
 _INT32_LIMIT = 2 ** 31
 
@@ -512,4 +514,4 @@ def aot_kernels():
         const = dict(CHANNELS_LAST=cl, BIG=False, BLOCK_C=bc, BLOCK_P=bp)
         entries.append((f"channel_stats_{'nhwc' if cl else 'nchw'}_{_TRITON_DTYPE[dtype]}_C{C}",
                         _channel_stats_kernel, {**sig, **{k: "constexpr" for k in const}}, const))
-    return entries
+    return entries + _pool.aot_kernels()

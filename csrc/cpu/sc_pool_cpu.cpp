@@ -1,0 +1,250 @@
+// CPU kernels of the k2 average pool (contract: scnet_fused/ops/_dispatch.py, `avgpool` and
+// `avgpool_backward`).
+//
+//   y[n, c, p, q] = (1 / r^2) * sum over the r x r window at (p * r, q * r) of x      (h = H / r, w = W / r)
+//   dx[n, c, i, j] = dy[n, c, i / r, j / r] / r^2  where i < h * r and j < w * r, 0 elsewhere
+//
+// (the pool's windows are regular: integer division is exact here; it is the upsampling of the gate
+// whose index map is irregular). NCHW and NHWC read and written in place; float32 math for float32,
+// float16 and bfloat16 storage; vectorized along W (NCHW) or C (NHWC) with at::vec::Vectorized<float>,
+// threaded over output rows with at::parallel_for. No reduction crosses a task: the result does not
+// depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "sc_host.h"
+
+namespace scnet_fused {
+namespace cpu_pool {
+namespace {
+
+using namespace ::scnet_fused::host;
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kV = Vec::size();
+
+template <typename T>
+inline Vec load_f(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return n == kV ? Vec::loadu(p) : Vec::loadu(p, n);
+  } else {
+    T tmp[kV];
+    for (int64_t e = 0; e < kV; ++e) tmp[e] = e < n ? p[e] : T(0.0f);
+    Vec v;
+    at::vec::load_to_float<T>(tmp, v);
+    return v;
+  }
+}
+
+template <typename T>
+inline void store_f(T* p, const Vec& v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    n == kV ? v.store(p) : v.store(p, n);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, n);
+  }
+}
+
+// Grain of the row loops: about 32k elements of x per task.
+inline int64_t grain_for(int64_t elems_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems_per_item)); }
+
+// acc[0, len) = sum of r rows of `src` (row stride `stride`), in float.
+template <typename T>
+inline void sum_rows(const T* src, int64_t stride, int64_t r, int64_t len, float* acc) {
+  for (int64_t j = 0; j < len; j += kV) {
+    const int64_t n = std::min(kV, len - j);
+    Vec s = load_f(src + j, n);
+    for (int64_t di = 1; di < r; ++di) s = s + load_f(src + di * stride + j, n);
+    s.store(acc + j, n);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NCHW: one task item = one output row (plane, p).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int R>
+inline void hsum_row(const float* acc, int64_t w, int64_t r, float inv, T* out) {
+  if constexpr (R > 0) {
+    for (int64_t q = 0; q < w; ++q) {
+      float s = 0.0f;
+      for (int dj = 0; dj < R; ++dj) s += acc[q * R + dj];
+      out[q] = static_cast<T>(s * inv);
+    }
+  } else {
+    for (int64_t q = 0; q < w; ++q) {
+      float s = 0.0f;
+      for (int64_t dj = 0; dj < r; ++dj) s += acc[q * r + dj];
+      out[q] = static_cast<T>(s * inv);
+    }
+  }
+}
+
+template <typename T, int R>
+void forward_nchw(const T* x, T* y, int64_t planes, int64_t H, int64_t W, int64_t r) {
+  const int64_t h = H / r, w = W / r, len = w * r;
+  const float inv = 1.0f / static_cast<float>(r * r);
+  at::parallel_for(0, planes * h, grain_for(r * W), [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(static_cast<size_t>(len));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t plane = t / h, p = t - plane * h;
+      sum_rows(x + (plane * H + p * r) * W, W, r, len, acc.data());
+      hsum_row<T, R>(acc.data(), w, r, inv, y + t * w);
+    }
+  });
+}
+
+// One task item = one pooled row (plane, p): writes dx rows p*r .. p*r+r-1, and the dropped
+// trailing rows h*r .. H-1 (zeros) with the last pooled row of the plane.
+template <typename T>
+void backward_nchw(const T* dy, T* dx, int64_t planes, int64_t H, int64_t W, int64_t r) {
+  const int64_t h = H / r, w = W / r, len = w * r;
+  const float inv = 1.0f / static_cast<float>(r * r);
+  at::parallel_for(0, planes * h, grain_for(r * W), [&](int64_t t0, int64_t t1) {
+    std::vector<float> row(static_cast<size_t>(W));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t plane = t / h, p = t - plane * h;
+      const T* src = dy + t * w;
+      for (int64_t q = 0; q < w; ++q) {
+        const float v = static_cast<float>(src[q]) * inv;
+        for (int64_t dj = 0; dj < r; ++dj) row[q * r + dj] = v;
+      }
+      std::fill(row.begin() + len, row.end(), 0.0f);
+      T* base = dx + plane * H * W;
+      const int64_t i1 = p == h - 1 ? H : (p + 1) * r;
+      for (int64_t i = p * r; i < i1; ++i) {
+        T* out = base + i * W;
+        if (i >= h * r) {
+          std::fill(out, out + W, T(0.0f));
+          continue;
+        }
+        for (int64_t j = 0; j < W; j += kV) store_f(out + j, Vec::loadu(row.data() + j, std::min(kV, W - j)), std::min(kV, W - j));
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// NHWC: one task item = one output row (n, p), all w pixels and C channels.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void forward_nhwc(const T* x, T* y, int64_t N, int64_t C, int64_t H, int64_t W, int64_t r) {
+  const int64_t h = H / r, w = W / r;
+  const float inv = 1.0f / static_cast<float>(r * r);
+  const Vec vinv(inv);
+  at::parallel_for(0, N * h, grain_for(r * W * C), [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(static_cast<size_t>(C));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / h, p = t - n * h;
+      const T* rows = x + ((n * H + p * r) * W) * C;
+      T* out = y + t * w * C;
+      for (int64_t q = 0; q < w; ++q) {
+        for (int64_t c = 0; c < C; c += kV) {
+          const int64_t m = std::min(kV, C - c);
+          Vec s(0.0f);
+          for (int64_t di = 0; di < r; ++di) {
+            const T* px = rows + (di * W + q * r) * C + c;
+            for (int64_t dj = 0; dj < r; ++dj) s = s + load_f(px + dj * C, m);
+          }
+          store_f(out + q * C + c, s * vinv, m);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_nhwc(const T* dy, T* dx, int64_t N, int64_t C, int64_t H, int64_t W, int64_t r) {
+  const int64_t h = H / r, w = W / r, len = w * r;
+  const Vec vinv(1.0f / static_cast<float>(r * r));
+  at::parallel_for(0, N * h, grain_for(r * W * C), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / h, p = t - n * h;
+      const T* src = dy + t * w * C;
+      T* base = dx + n * H * W * C;
+      const int64_t i1 = p == h - 1 ? H : (p + 1) * r;
+      for (int64_t i = p * r; i < i1; ++i) {
+        T* out = base + i * W * C;
+        const int64_t zero_from = i >= h * r ? 0 : len;
+        for (int64_t j = 0; j < zero_from; ++j) {
+          const T* s = src + (j / r) * C;
+          for (int64_t c = 0; c < C; c += kV) {
+            const int64_t m = std::min(kV, C - c);
+            store_f(out + j * C + c, load_f(s + c, m) * vinv, m);
+          }
+        }
+        std::fill(out + zero_from * C, out + W * C, T(0.0f));
+      }
+    }
+  });
+}
+
+void check_pool(const char* op, const at::Tensor& t, int64_t r) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 4, op, ": expected a 4-D (N, C, H, W) tensor, got ", t.sizes());
+  TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": expected float32, float16 or bfloat16, got ",
+              t.scalar_type());
+  TORCH_CHECK(r >= 1, op, ": the pooling rate must be >= 1, got ", r);
+}
+
+at::Tensor avgpool(const at::Tensor& x_in, int64_t r) {
+  const char* op = "scnet_fused::_avgpool (cpu)";
+  check_pool(op, x_in, r);
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  TORCH_CHECK(H >= r && W >= r, op, ": H and W (", H, "x", W, ") must be at least the pooling rate ", r);
+  const Layout L = layout_of(x_in);
+  const at::Tensor x = in_layout(x_in, L);
+  at::Tensor y = new_output({N, C, H / r, W / r}, x.options(), format_of(L));
+  if (y.numel() == 0) return y;
+  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    if (L == Layout::NHWC) {
+      forward_nhwc<T>(xp, yp, N, C, H, W, r);
+    } else if (r == 2) {
+      forward_nchw<T, 2>(xp, yp, N * C, H, W, r);
+    } else if (r == 4) {
+      forward_nchw<T, 4>(xp, yp, N * C, H, W, r);
+    } else {
+      forward_nchw<T, 0>(xp, yp, N * C, H, W, r);
+    }
+  });
+  return y;
+}
+
+at::Tensor avgpool_backward(const at::Tensor& dy_in, int64_t H, int64_t W, int64_t r, bool channels_last) {
+  const char* op = "scnet_fused::_avgpool_backward (cpu)";
+  check_pool(op, dy_in, r);
+  TORCH_CHECK(H >= r && W >= r, op, ": H and W (", H, "x", W, ") must be at least the pooling rate ", r);
+  TORCH_CHECK(dy_in.size(2) == H / r && dy_in.size(3) == W / r, op, ": dy must be (N, C, ", H / r, ", ", W / r,
+              ") for a ", H, "x", W, " input at rate ", r, ", got ", dy_in.sizes());
+  const Layout L = channels_last ? Layout::NHWC : Layout::NCHW;
+  const at::Tensor dy = in_layout(dy_in, L);
+  const int64_t N = dy.size(0), C = dy.size(1);
+  at::Tensor dx = new_output({N, C, H, W}, dy.options(), format_of(L));
+  if (dx.numel() == 0) return dx;
+  dispatch_dtype(dy.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    if (L == Layout::NHWC) {
+      backward_nhwc<T>(dy.data_ptr<T>(), dx.data_ptr<T>(), N, C, H, W, r);
+    } else {
+      backward_nchw<T>(dy.data_ptr<T>(), dx.data_ptr<T>(), N * C, H, W, r);
+    }
+  });
+  return dx;
+}
+
+}  // namespace
+}  // namespace cpu_pool
+}  // namespace scnet_fused
+
+TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
+  m.impl("_avgpool", &scnet_fused::cpu_pool::avgpool);
+  m.impl("_avgpool_backward", &scnet_fused::cpu_pool::avgpool_backward);
+}

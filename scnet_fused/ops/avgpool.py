@@ -1,0 +1,111 @@
+"""``sc_avgpool(x, r)``: the ``r x r``, stride-``r`` average pool of SCConv's ``k2`` branch.
+
+Same values as ``F.avg_pool2d(x, r, r)`` (``floor`` output size: the trailing ``H % r`` rows and
+``W % r`` columns are dropped, and get a zero gradient), run by this package's kernels (Triton, C++,
+CUDA) in x's memory format, forward and backward. Nothing full-size is saved for backward: the
+backward needs x's shape and layout only (ATen's keeps x itself alive).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _dispatch
+
+__all__ = ["sc_avgpool", "check_avgpool_input"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_avgpool_input(x: Tensor, r: int) -> None:
+    """Raise ValueError/TypeError before any kernel runs if ``x`` cannot be pooled at rate ``r``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"sc_avgpool: x must be a Tensor, got {type(x).__name__}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"sc_avgpool: the pooling rate must be an int >= 1, got {r!r}")
+    if x.dim() != 4:
+        raise ValueError(f"sc_avgpool: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"sc_avgpool: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.shape[2] < r or x.shape[3] < r:
+        raise ValueError(f"sc_avgpool: H and W of x {tuple(x.shape)} must be at least the pooling rate {r} "
+                         f"(the pooled map would be empty)")
+
+
+def _channels_last(x: Tensor) -> bool:
+    return (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _out_format(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if _channels_last(x) else torch.contiguous_format
+
+
+@torch.library.custom_op("scnet_fused::sc_avgpool", mutates_args=())
+def _sc_avgpool(x: Tensor, r: int) -> Tensor:
+    check_avgpool_input(x, r)
+    if x.numel() == 0:
+        N, C, H, W = x.shape
+        return torch.empty((N, C, H // r, W // r), dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+    _, prims = _dispatch.select(x.device, x.dtype)
+    return prims.avgpool(x.contiguous(memory_format=_out_format(x)), r)
+
+
+@_sc_avgpool.register_fake
+def _(x, r):
+    check_avgpool_input(x, r)
+    N, C, H, W = x.shape
+    return torch.empty((N, C, H // r, W // r), dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+
+
+@torch.library.custom_op("scnet_fused::sc_avgpool_backward", mutates_args=())
+def _sc_avgpool_backward(dy: Tensor, H: int, W: int, r: int, channels_last: bool) -> Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if dy.numel() == 0:
+        return torch.empty((dy.shape[0], dy.shape[1], H, W), dtype=dy.dtype, device=dy.device,
+                           memory_format=fmt).zero_()
+    _, prims = _dispatch.select(dy.device, dy.dtype)
+    return prims.avgpool_backward(dy.contiguous(memory_format=fmt), H, W, r, channels_last)
+
+
+@_sc_avgpool_backward.register_fake
+def _(dy, H, W, r, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((dy.shape[0], dy.shape[1], H, W), dtype=dy.dtype, device=dy.device, memory_format=fmt)
+
+
+def _setup(ctx, inputs, output):
+    x, r = inputs
+    ctx.r = r
+    ctx.size = (x.shape[2], x.shape[3])
+    ctx.channels_last = _channels_last(x)
+
+
+def _backward(ctx, dy):
+    H, W = ctx.size
+    return torch.ops.scnet_fused.sc_avgpool_backward(dy, H, W, ctx.r, ctx.channels_last), None
+
+
+_sc_avgpool.register_autograd(_backward, setup_context=_setup)
+
+
+def _setup_bwd(ctx, inputs, output):
+    ctx.r = inputs[3]
+
+
+def _backward_bwd(ctx, ddx):
+    # the pool's backward is linear in dy with the pool as its adjoint: double backward is the pool
+    return torch.ops.scnet_fused.sc_avgpool(ddx, ctx.r), None, None, None, None
+
+
+_sc_avgpool_backward.register_autograd(_backward_bwd, setup_context=_setup_bwd)
+
+
+def sc_avgpool(x: Tensor, r: int) -> Tensor:
+    """``F.avg_pool2d(x, r, r)`` for a 4-D x with ``H, W >= r``, through the fused kernels.
+
+    float16, bfloat16, float32 (float64 on the reference backend); contiguous or channels_last (other
+    strides are copied to contiguous first); the output keeps x's memory format. Differentiable.
+    """
+    check_avgpool_input(x, r)
+    return torch.ops.scnet_fused.sc_avgpool(x, r)

@@ -1,0 +1,160 @@
+"""Triton kernels of the k2 average pool (``avgpool`` / ``avgpool_backward`` of the primitive contract).
+
+``y[n, c, p, q]`` is the mean of the ``r x r`` window at ``(p * r, q * r)`` (``h = H // r``,
+``w = W // r``: trailing rows and columns are dropped); the backward spreads ``dy / r**2`` over each
+window and writes 0 to the dropped rows and columns. The pool's windows are regular, so here (unlike
+the gate's upsampling) ``i // r`` is the exact source index.
+
+Both kernels walk a flat index over their output in memory order (NCHW or NHWC, a constexpr), so
+stores are coalesced: the forward reads each window with ``R * R`` (constexpr) masked loads whose
+lanes the next loads reuse from cache; the backward reads the pooled gradient (``1 / r**2`` of the
+traffic) by gather. Bytes: forward reads x once and writes ``1 / r**2`` of it; backward writes dx once
+and reads ``1 / r**2`` of it. Float32 math; 64-bit offsets when a tensor reaches 2**31 elements.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import new_empty
+
+_INT32_LIMIT = 2 ** 31
+_BLOCK = 1024
+
+
+@triton.jit
+def _avgpool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, h, w, inv,
+                        CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    if BIG:
+        o = pid.to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E).to(tl.int64)
+    else:
+        o = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask = o < total
+    if CHANNELS_LAST:
+        c = o % C
+        pix = o // C
+        q = pix % w
+        row = pix // w
+        p = row % h
+        n = row // h
+        base = ((n * H + p * R) * W + q * R) * C + c
+        s_row = W * C
+        s_col = C
+    else:
+        q = o % w
+        row = o // w
+        p = row % h
+        plane = row // h
+        base = (plane * H + p * R) * W + q * R
+        s_row = W
+        s_col = 1
+    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for di in tl.static_range(R):
+        for dj in tl.static_range(R):
+            acc += tl.load(x_ptr + base + di * s_row + dj * s_col, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + o, (acc * inv).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _avgpool_bwd_kernel(dy_ptr, dx_ptr, total, C, H, W, h, w, inv,
+                        CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    if BIG:
+        e = pid.to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E).to(tl.int64)
+    else:
+        e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask = e < total
+    if CHANNELS_LAST:
+        c = e % C
+        pix = e // C
+        j = pix % W
+        row = pix // W
+        i = row % H
+        n = row // H
+        p = i // R
+        q = j // R
+        src = ((n * h + p) * w + q) * C + c
+    else:
+        j = e % W
+        row = e // W
+        i = row % H
+        plane = row // H
+        p = i // R
+        q = j // R
+        src = (plane * h + p) * w + q
+    inside = (p < h) & (q < w)
+    g = tl.load(dy_ptr + src, mask=mask & inside, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + e, (g * inv).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _layout(x: torch.Tensor):
+    if x.is_contiguous():
+        return False, torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return True, torch.channels_last
+    return False, torch.contiguous_format
+
+
+def _num_warps() -> int:
+    return max(1, min(8, _BLOCK // 128))  # as kernel_options() computes it from BLOCK_E
+
+
+def avgpool(x: torch.Tensor, r: int) -> torch.Tensor:
+    """The ``r x r``, stride ``r`` average pool of x, in x's dtype and memory format."""
+    channels_last, fmt = _layout(x)
+    x = x.contiguous(memory_format=fmt)
+    N, C, H, W = x.shape
+    r = int(r)
+    if r < 1 or H < r or W < r:
+        raise ValueError(f"avgpool: H and W ({H}x{W}) must be at least the pooling rate {r} (>= 1)")
+    h, w = H // r, W // r
+    y = new_empty((N, C, h, w), x.dtype, x.device, fmt)
+    total = y.numel()
+    if total == 0:
+        return y
+    big = x.numel() >= _INT32_LIMIT
+    _avgpool_fwd_kernel[(triton.cdiv(total, _BLOCK),)](
+        x, y, total, C, H, W, h, w, 1.0 / (r * r), CHANNELS_LAST=channels_last, BIG=big, R=r, BLOCK_E=_BLOCK,
+        num_warps=_num_warps())
+    return y
+
+
+def avgpool_backward(dy: torch.Tensor, H: int, W: int, r: int, channels_last: bool) -> torch.Tensor:
+    """dx of :func:`avgpool` for an ``H x W`` input, in ``channels_last`` or contiguous format."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dy = dy.contiguous(memory_format=fmt)
+    N, C, h, w = dy.shape
+    r = int(r)
+    if r < 1 or H < r or W < r or h != H // r or w != W // r:
+        raise ValueError(f"avgpool_backward: dy {tuple(dy.shape)} does not match an input of {H}x{W} at rate {r}")
+    dx = new_empty((N, C, H, W), dy.dtype, dy.device, fmt)
+    total = dx.numel()
+    if total == 0:
+        return dx
+    big = total >= _INT32_LIMIT
+    _avgpool_bwd_kernel[(triton.cdiv(total, _BLOCK),)](
+        dy, dx, total, C, H, W, h, w, 1.0 / (r * r), CHANNELS_LAST=bool(channels_last), BIG=big, R=r,
+        BLOCK_E=_BLOCK, num_warps=_num_warps())
+    return dx
+
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def aot_kernels():
+    """(name, kernel, signature, constexprs) of the pool kernels at SCNet's rate 4, both layouts."""
+    entries = []
+    ints = {nm: "i32" for nm in ("total", "C", "H", "W", "h", "w")}
+    for dtype in (torch.float32, torch.bfloat16):
+        ty = "*" + _TRITON_DTYPE[dtype]
+        for cl in (False, True):
+            const = dict(CHANNELS_LAST=cl, BIG=False, R=4, BLOCK_E=_BLOCK)
+            tag = f"{'nhwc' if cl else 'nchw'}_{_TRITON_DTYPE[dtype]}_r4"
+            sig = {"x_ptr": ty, "y_ptr": ty, **ints, "inv": "fp32", **{k: "constexpr" for k in const}}
+            entries.append((f"avgpool_fwd_{tag}", _avgpool_fwd_kernel, sig, const))
+            sig = {"dy_ptr": ty, "dx_ptr": ty, **ints, "inv": "fp32", **{k: "constexpr" for k in const}}
+            entries.append((f"avgpool_bwd_{tag}", _avgpool_bwd_kernel, sig, const))
+    return entries

@@ -1,0 +1,184 @@
+"""sc_avgpool: the k2 average pool's own kernels against F.avg_pool2d, forward and backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import scnet_fused
+from scnet_fused import reference
+from scnet_fused.ops import available, backend, sc_avgpool
+
+from _util import backends_here
+
+# (N, C, H, W, r): divisible and not (trailing rows / columns dropped), r = 1 .. 5, a 1x1 pooled map.
+SHAPES = [
+    (2, 3, 8, 8, 4),
+    (2, 5, 14, 14, 4),
+    (1, 4, 7, 9, 4),
+    (2, 3, 11, 10, 3),
+    (1, 16, 9, 13, 2),
+    (1, 2, 5, 5, 5),
+    (2, 3, 4, 6, 1),
+    (1, 17, 6, 7, 4),
+]
+
+TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2)}
+
+
+def _make(shape, dtype, layout):
+    N, C, H, W, _ = shape
+    x = torch.randn(N, C, H, W, dtype=torch.float32).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # a slice: neither contiguous nor channels_last
+        x = torch.randn(N, C, H, W + 3, dtype=torch.float32).to(dtype)[..., 1:W + 1]
+    return x
+
+
+@pytest.mark.parametrize("name", backends_here())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_forward_backward_match_aten(name, shape, layout):
+    r = shape[-1]
+    x = _make(shape, torch.float32, layout).requires_grad_()
+    with backend(name):
+        y = sc_avgpool(x, r)
+    ref = F.avg_pool2d(x, r, r)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert y.is_contiguous()
+    g = torch.randn_like(ref)
+    with backend(name):
+        (dx,) = torch.autograd.grad(y, x, g)
+    (dref,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(dx, dref, rtol=1e-6, atol=1e-7)
+    H, W = shape[2], shape[3]
+    h, w = H // r, W // r
+    # the dropped trailing rows and columns get exactly zero (NaN-poisoned outputs would show here)
+    assert torch.all(dx[:, :, h * r:, :] == 0) and torch.all(dx[:, :, :, w * r:] == 0)
+    if layout == "channels_last":
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", [n for n in backends_here() if n != "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_low_precision(name, dtype, layout):
+    shape = (2, 16, 14, 13, 4)
+    x = _make(shape, dtype, layout).requires_grad_()
+    with backend(name):
+        y = sc_avgpool(x, 4)
+        g = torch.randn_like(y)
+        (dx,) = torch.autograd.grad(y, x, g)
+    assert y.dtype == dtype and dx.dtype == dtype
+    x64 = x.detach().double().requires_grad_()
+    ref = F.avg_pool2d(x64, 4, 4)
+    (dref,) = torch.autograd.grad(ref, x64, g.double())
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(dx.double(), dref, rtol=rtol, atol=atol)
+
+
+def test_float64_gradcheck_and_opcheck():
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: sc_avgpool(t, 3), (x,))
+    for name in backends_here():
+        with backend(name):
+            xf = torch.randn(2, 3, 9, 7, requires_grad=True)
+            torch.library.opcheck(torch.ops.scnet_fused.sc_avgpool.default, (xf, 4))
+            torch.library.opcheck(torch.ops.scnet_fused.sc_avgpool.default,
+                                  (xf.detach().contiguous(memory_format=torch.channels_last), 2))
+
+
+@pytest.mark.parametrize("name", backends_here())
+def test_primitives_agree_with_reference(name):
+    """The backward primitive on its own, both layouts, against the reference's independent formula."""
+    from scnet_fused.ops import _dispatch
+
+    with backend(name):
+        _, prims = _dispatch.select(torch.device("cpu"), torch.float32)
+    for cl in (False, True):
+        dy = torch.randn(2, 8, 3, 2)
+        dx = prims.avgpool_backward(dy, 13, 9, 4, cl)
+        ref = reference.avgpool_backward(dy, 13, 9, 4, cl)
+        assert dx.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        torch.testing.assert_close(dx, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_double_backward():
+    x = torch.randn(2, 3, 10, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: sc_avgpool(t, 4) ** 2, (x,))
+    xf = x.detach().float().requires_grad_()
+    (g,) = torch.autograd.grad((sc_avgpool(xf, 4) ** 2).sum(), xf, create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), xf)
+    xr = x.detach().float().requires_grad_()
+    (gr,) = torch.autograd.grad((F.avg_pool2d(xr, 4, 4) ** 2).sum(), xr, create_graph=True)
+    (ggr,) = torch.autograd.grad(gr.pow(2).sum(), xr)
+    torch.testing.assert_close(gg, ggr, rtol=1e-5, atol=1e-6)
+
+
+def test_empty_batch_and_errors():
+    x = torch.randn(0, 3, 8, 8, requires_grad=True)
+    y = sc_avgpool(x, 4)
+    assert y.shape == (0, 3, 2, 2)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    with pytest.raises(ValueError, match="at least the pooling rate 4"):
+        sc_avgpool(torch.randn(1, 2, 3, 8), 4)
+    with pytest.raises(ValueError, match="4-D"):
+        sc_avgpool(torch.randn(2, 8, 8), 4)
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+        sc_avgpool(torch.ones(1, 2, 8, 8, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="int >= 1"):
+        sc_avgpool(torch.randn(1, 2, 8, 8), 0)
+    with pytest.raises(ValueError, match="int >= 1"):
+        sc_avgpool(torch.randn(1, 2, 8, 8), 2.0)
+
+
+def test_nothing_full_size_saved_for_backward():
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sc_avgpool(x, 4)
+    assert saved == []
+
+
+def test_compiles_fullgraph():
+    x = torch.randn(2, 3, 12, 10, requires_grad=True)
+    f = torch.compile(lambda t: sc_avgpool(t, 4) * 2.0, fullgraph=True, backend="aot_eager")
+    y = f(x)
+    torch.testing.assert_close(y, F.avg_pool2d(x, 4, 4) * 2.0)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.autograd.grad(F.avg_pool2d(x, 4, 4).sum() * 2.0, x)[0])
+
+
+def _pool_calls(module, x):
+    """Names of the pool ops (either eager path) one forward + backward of ``module`` ran."""
+    with torch.profiler.profile() as prof:
+        module(x).sum().backward()
+    return {e.name for e in prof.events() if "avgpool" in e.name and e.name.startswith("scnet_fused::")}
+
+
+def test_fused_scconv_uses_the_pool_kernel_and_falls_back_for_other_pools():
+    torch.manual_seed(0)
+    ref = reference.SCConv(8, 8, 1, 1, 1, 1, 4, torch.nn.BatchNorm2d)
+    fused = scnet_fused.SCConv.adopt(ref)
+    x = torch.randn(2, 8, 13, 11, requires_grad=True)
+    calls = _pool_calls(fused, x)
+    if available("cpu") is None:  # the kernels themselves ran
+        assert {"scnet_fused::_avgpool", "scnet_fused::_avgpool_backward"} <= calls, calls
+    assert calls & {"scnet_fused::sc_avgpool", "scnet_fused::_sc_avgpool_ag"}, calls
+    # a pool sc_avgpool does not compute (ceil mode): the module itself runs, results still match
+    ref.k2[0] = torch.nn.AvgPool2d(4, 4, ceil_mode=True)
+    fused = scnet_fused.SCConv.adopt(ref)
+    calls = _pool_calls(fused, x)
+    assert not calls
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
