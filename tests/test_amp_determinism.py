@@ -78,7 +78,12 @@ def _info(t):
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_channels_last_end_to_end_no_hidden_copies(train, monkeypatch):
+@pytest.mark.parametrize("path", ["python", "cpp"])
+def test_channels_last_end_to_end_no_hidden_copies(train, path, monkeypatch):
+    """Both eager paths: the torch.library ops (primitives recorded) and their C++ autograd twins."""
+    if path == "cpp" and BACKEND != "cpu":
+        pytest.skip("the C++ autograd ops serve the compiled backends only")
+    monkeypatch.setenv("SCNET_FUSED_CPP_AUTOGRAD", "1" if path == "cpp" else "0")
     torch.manual_seed(0)
     conv = scnet_fused.SCConv(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d).train(train)
     x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -99,7 +104,14 @@ def test_channels_last_end_to_end_no_hidden_copies(train, monkeypatch):
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
     names = [name for name, _, _ in log]
-    assert "gate_forward" in names and any(n.startswith("gate_backward") for n in names), names
+    ops = {e.name for e in prof.events() if e.name.startswith("scnet_fused::")}
+    if path == "python":
+        assert "gate_forward" in names and any(n.startswith("gate_backward") for n in names), names
+    else:  # nothing went through the Python primitives: the C++ autograd ops ran the kernels
+        assert not names, names
+        assert "scnet_fused::_sc_avgpool_ag" in ops, ops
+        assert ({"scnet_fused::_sc_gate_bn_train_ag"} if train else {"scnet_fused::_sc_gate_ag"}) <= ops, ops
+        assert {"scnet_fused::_gate_forward", "scnet_fused::_avgpool_backward"} <= ops, ops
     for name, args, outs in log:
         for a in args + outs:
             if a is not None and a["shape"] == full:  # every full-size tensor in and out: channels_last
@@ -119,7 +131,8 @@ def test_channels_last_end_to_end_no_hidden_copies(train, monkeypatch):
         while p is not None:
             chain.append(p.name)
             p = p.cpu_parent
-        under_op = any(c.startswith("scnet_fused::") or "scnet_fused_sc_gate" in c for c in chain)
+        under_op = any(c.startswith("scnet_fused::") or "scnet_fused_sc_gate" in c or "CppNode<scnet_fused" in c
+                       for c in chain)
         if under_op and any(tuple(s) == full for s in e.input_shapes if isinstance(s, list)):
             copies.append((e.name, e.input_shapes, chain[:3]))
     assert not copies, copies

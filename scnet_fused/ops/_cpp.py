@@ -28,6 +28,20 @@ def has_kernel(op: str, key: str) -> bool:
         return False
 
 
+_AUTOGRAD_OPS = ("_sc_gate_ag", "_sc_gate_bn_train_ag", "_sc_avgpool_ag")
+_autograd_ops: Optional[bool] = None
+
+
+def has_autograd_ops() -> bool:
+    """The extension carries the C++ autograd ops of csrc/autograd.cpp."""
+    global _autograd_ops
+    if _autograd_ops is None:
+        _autograd_ops = _import_error is None and all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"scnet_fused::{op}", "Autograd")
+            for op in _AUTOGRAD_OPS)
+    return _autograd_ops
+
+
 def unavailable_reason(name: str) -> Optional[str]:
     """None when backend ``name`` ('cpu' or 'cuda') has compiled kernels, else why not."""
     if _import_error is not None:

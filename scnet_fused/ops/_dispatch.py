@@ -220,3 +220,38 @@ def select(device: torch.device, dtype: torch.dtype):
                 return cand, _DropOnCompileError(cand, mod, device, dtype)
             return cand, mod
     raise BackendUnavailable(f"no scnet_fused backend can run {device} tensors")  # pragma: no cover
+
+
+_CPP_AUTOGRAD_BACKENDS = ("cpu", "cuda")
+_CPP_AUTOGRAD_ENV = "SCNET_FUSED_CPP_AUTOGRAD"  # "0": always the torch.library ops (debugging)
+
+
+def _functorch_active() -> bool:
+    fn = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(fn()) if fn is not None else False
+
+
+def cpp_autograd(x: torch.Tensor) -> bool:
+    """Whether an eager call on ``x`` can take the C++ autograd ops (``csrc/autograd.cpp``).
+
+    Yes when the backend chosen for x is a compiled one (cpu or cuda) and the call is plain eager
+    PyTorch on a real tensor: not under torch.compile / torch.export (they keep the torch.library
+    custom ops as graph nodes), not a tensor subclass (fake, functional, ...), no functorch transform,
+    not an empty tensor, and ``SCNET_FUSED_CPP_AUTOGRAD`` is not "0". Same kernels and results either
+    way; the C++ path just skips the Python autograd and dispatch layers.
+    """
+    if torch.compiler.is_compiling():  # first: under tracing nothing below is evaluated
+        return False
+    if type(x) is not torch.Tensor or x.numel() == 0 or x.dtype == torch.float64:
+        return False
+    if os.environ.get(_CPP_AUTOGRAD_ENV, "1").strip() == "0" or _functorch_active():
+        return False
+    try:
+        name, _ = select(x.device, x.dtype)
+    except BackendUnavailable:
+        return False
+    if name not in _CPP_AUTOGRAD_BACKENDS:
+        return False
+    from . import _cpp
+
+    return _cpp.has_autograd_ops()

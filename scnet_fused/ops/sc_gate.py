@@ -10,7 +10,9 @@
     are those statistics (float32, for the running-stat update; not differentiable).
 
 The backward passes are custom ops too (``sc_gate_backward``, ``sc_gate_bn_train_backward``), so
-``torch.compile`` sees them as single nodes. Nothing but the inputs is saved for backward: the
+``torch.compile`` sees them as single nodes. In eager mode with a compiled backend (cpu, cuda) the
+public functions call the C++ autograd twins of these ops instead (``csrc/autograd.cpp``: same
+kernels, same saved tensors, no Python in the autograd node). Nothing but the inputs is saved for backward: the
 sigmoid, the gate and the normalized k3 are recomputed.
 """
 
@@ -182,6 +184,8 @@ def sc_gate(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor] = None
     channels_last). Differentiable in every input.
     """
     check_gate_inputs(x, small, k3, scale, shift, names=("scale", "shift"))
+    if _dispatch.cpp_autograd(x):
+        return torch.ops.scnet_fused._sc_gate_ag(x, small, k3, scale, shift)
     return torch.ops.scnet_fused.sc_gate(x, small, k3, scale, shift)
 
 
@@ -284,4 +288,6 @@ def sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias:
     weight and bias.
     """
     _check_bn(x, small, k3, weight, bias)
+    if _dispatch.cpp_autograd(x):
+        return torch.ops.scnet_fused._sc_gate_bn_train_ag(x, small, k3, weight, bias, float(eps))
     return torch.ops.scnet_fused.sc_gate_bn_train(x, small, k3, weight, bias, float(eps))

@@ -1,0 +1,303 @@
+// Autograd of the fused ops in C++, for the C++ backends (cpu, cuda).
+//
+// The public Python functions (scnet_fused.sc_gate, sc_gate_bn_train, sc_avgpool) are torch.library
+// custom ops with Python autograd: that is what torch.compile and torch.export see, and what serves
+// the Triton and reference backends. In eager mode, when the backend chosen for the tensors is one of
+// the compiled ones, they call the ops below instead: the same kernel-level primitives with the same
+// math, saved tensors and outputs, but the autograd node, the backend call and the glue between the
+// two backward passes run in C++ (about 100 us less per forward + backward than the Python layers,
+// which is what small maps such as SCNet-50's 7x7 stage are made of).
+//
+//   _sc_gate_ag(x, small, k3, scale?, shift?) -> y
+//   _sc_gate_bn_train_ag(x, small, k3, weight, bias, eps) -> (y, mean, var)
+//   _sc_avgpool_ag(x, r) -> y
+//
+// Registered for the Autograd keys (the autograd node) and CompositeExplicitAutograd (inference
+// mode, where autograd keys are skipped). A second backward through the gate raises, naming the
+// op, as the Python path does; the pool's backward is differentiable (it is linear).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace scnet_fused {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// ---------------------------------------------------------------------------------------------
+// The primitives, through the dispatcher (CPU or CUDA kernels).
+// ---------------------------------------------------------------------------------------------
+at::Tensor prim_gate_forward(const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
+                             const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_gate_forward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&)>();
+  return op.call(x, small, k3, scale, shift);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prim_gate_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+    const c10::optional<at::Tensor>& center, bool need_dk3) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("scnet_fused::_gate_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+              bool)>();
+  return op.call(dy, x, small, k3, scale, shift, center, need_dk3);
+}
+
+at::Tensor prim_gate_backward_k3(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small,
+                                 const at::Tensor& k3, const at::Tensor& p, const at::Tensor& q, const at::Tensor& r) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_gate_backward_k3", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(dy, x, small, k3, p, q, r);
+}
+
+std::tuple<at::Tensor, at::Tensor> prim_channel_stats(const at::Tensor& t) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_channel_stats", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  return op.call(t);
+}
+
+at::Tensor prim_avgpool(const at::Tensor& x, int64_t r) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_avgpool", "")
+                       .typed<at::Tensor(const at::Tensor&, int64_t)>();
+  return op.call(x, r);
+}
+
+at::Tensor prim_avgpool_backward(const at::Tensor& dy, int64_t H, int64_t W, int64_t r, bool channels_last) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_avgpool_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, bool)>();
+  return op.call(dy, H, W, r, channels_last);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+bool is_channels_last(const at::Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::MemoryFormat format_like(const at::Tensor& x) {
+  return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// A float32 contiguous copy of a per-channel vector (detached), or nullopt.
+c10::optional<at::Tensor> f32(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return c10::nullopt;
+  return t->detach().to(at::kFloat).contiguous();
+}
+
+// Gradients produced with create_graph: they are wired to the op's differentiable inputs through a
+// node whose backward raises, naming the op (the gate's backward kernels have no derivative of their
+// own). Without it they would be constants and a second backward would silently miss this op's part.
+struct NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward> {
+  // TensorList (not variable_list) arguments: Function::apply takes the tensors of a TensorList as
+  // inputs of the node; a std::vector would count as one non-tensor argument.
+  static variable_list forward(AutogradContext* ctx, at::TensorList grads, at::TensorList inputs, std::string op) {
+    (void)inputs;  // only wired into the graph
+    ctx->saved_data["op"] = op;
+    variable_list out;
+    out.reserve(grads.size());
+    for (const auto& g : grads) out.push_back(g.clone());
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list) {
+    TORCH_CHECK(false, "Trying to backward through ", ctx->saved_data["op"].toStringRef(),
+                " but no autograd formula was registered: the fused gate has no double backward");
+  }
+};
+
+variable_list guard_double_backward(variable_list grads, const variable_list& inputs, const char* op) {
+  if (!at::GradMode::is_enabled()) return grads;  // create_graph=False: plain gradients
+  variable_list wired;
+  for (const auto& t : inputs)
+    if (t.defined() && t.requires_grad()) wired.push_back(t);
+  if (wired.empty()) return grads;
+  variable_list defined;
+  for (const auto& g : grads)
+    if (g.defined()) defined.push_back(g);
+  variable_list wrapped = NoDoubleBackward::apply(at::TensorList(defined), at::TensorList(wired), std::string(op));
+  variable_list out;
+  size_t k = 0;
+  for (const auto& g : grads) out.push_back(g.defined() ? wrapped[k++] : g);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// sc_gate
+// ---------------------------------------------------------------------------------------------
+at::Tensor gate_impl(const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
+                     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
+  return prim_gate_forward(x, small, k3, f32(scale), f32(shift));
+}
+
+struct GateFn : public torch::autograd::Function<GateFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
+                            const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
+    ctx->save_for_backward({x, small, k3, scale.value_or(at::Tensor()), shift.value_or(at::Tensor())});
+    return gate_impl(x, small, k3, scale, shift);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &small = saved[1], &k3 = saved[2], &scale = saved[3], &shift = saved[4];
+    const c10::optional<at::Tensor> sc = scale.defined() ? c10::optional<at::Tensor>(scale) : c10::nullopt;
+    const c10::optional<at::Tensor> sh = shift.defined() ? c10::optional<at::Tensor>(shift) : c10::nullopt;
+    const at::Tensor dy = grads[0].to(x.dtype()).contiguous(format_like(x));
+    auto [dx, dsmall, dk3, sum_g, sum_gk] = prim_gate_backward(dy, x, small, k3, f32(sc), f32(sh), c10::nullopt, true);
+    at::Tensor dscale = scale.defined() ? sum_gk.to(scale.scalar_type()) : at::Tensor();
+    at::Tensor dshift = shift.defined() ? sum_g.to(shift.scalar_type()) : at::Tensor();
+    return guard_double_backward({dx, dsmall, dk3, dscale, dshift}, {grads[0], x, small, k3, scale, shift},
+                                 "scnet_fused.sc_gate_backward");
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// sc_gate_bn_train
+// ---------------------------------------------------------------------------------------------
+struct BnFold {
+  at::Tensor invstd, scale, shift;
+};
+
+BnFold bn_fold(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var,
+               double eps) {
+  BnFold f;
+  f.invstd = at::rsqrt(var + eps);
+  f.scale = (weight.detach().to(mean.scalar_type()) * f.invstd).contiguous();
+  f.shift = (bias.detach().to(mean.scalar_type()) - mean * f.scale).contiguous();
+  return f;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bn_train_impl(const at::Tensor& x, const at::Tensor& small,
+                                                                  const at::Tensor& k3, const at::Tensor& weight,
+                                                                  const at::Tensor& bias, double eps) {
+  auto [mean, var] = prim_channel_stats(k3);
+  const BnFold f = bn_fold(weight, bias, mean, var, eps);
+  at::Tensor y = prim_gate_forward(x, small, k3, f.scale, f.shift);
+  return {y, mean, var};
+}
+
+struct GateBnTrainFn : public torch::autograd::Function<GateBnTrainFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& small,
+                               const at::Tensor& k3, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+    auto [y, mean, var] = gate_bn_train_impl(x, small, k3, weight, bias, eps);
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({mean, var});
+    ctx->save_for_backward({x, small, k3, weight, bias, mean, var});
+    return {y, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &small = saved[1], &k3 = saved[2], &weight = saved[3], &bias = saved[4];
+    const at::Tensor &mean = saved[5], &var = saved[6];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    at::Tensor dy = grads[0];
+    if (!dy.defined()) dy = at::zeros_like(x);  // only mean / var were used (they carry no gradient)
+    dy = dy.to(x.dtype()).contiguous(format_like(x));
+    const BnFold f = bn_fold(weight, bias, mean, var, eps);
+    // Pass 1: dx, dsmall and the per-channel sums sum(g), sum(g * (k3 - mean)), g = dy * sigmoid(.).
+    auto [dx, dsmall, unused, sum_g, sum_gc] =
+        prim_gate_backward(dy, x, small, k3, f.scale, f.shift, mean.contiguous(), false);
+    (void)unused;
+    const double m = static_cast<double>(x.size(0) * x.size(2) * x.size(3));
+    at::Tensor dweight = sum_gc * f.invstd;  // sum(g * xhat)
+    // Pass 2: BatchNorm's input gradient dk3 = scale * (g - sum_g / M - xhat * dweight / M) = p g + q k3 + r.
+    at::Tensor q = (-f.scale * f.invstd * dweight / m).contiguous();
+    at::Tensor r = (-q * mean - f.scale * sum_g / m).contiguous();
+    at::Tensor dk3 = prim_gate_backward_k3(dy, x, small, k3, f.scale, q, r);
+    return guard_double_backward(
+        {dx, dsmall, dk3, dweight.to(weight.scalar_type()), sum_g.to(bias.scalar_type()), at::Tensor()},
+        {grads[0], x, small, k3, weight, bias}, "scnet_fused.sc_gate_bn_train_backward");
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// sc_avgpool (its backward is linear, with the pool as adjoint: differentiable to any order)
+// ---------------------------------------------------------------------------------------------
+struct AvgPoolFn;
+
+struct AvgPoolBackwardFn : public torch::autograd::Function<AvgPoolBackwardFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& dy, int64_t H, int64_t W, int64_t r,
+                            bool channels_last) {
+    ctx->saved_data["r"] = r;
+    return prim_avgpool_backward(dy, H, W, r, channels_last);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads);
+};
+
+struct AvgPoolFn : public torch::autograd::Function<AvgPoolFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t r) {
+    ctx->saved_data["r"] = r;
+    ctx->saved_data["H"] = x.size(2);
+    ctx->saved_data["W"] = x.size(3);
+    ctx->saved_data["cl"] = is_channels_last(x);
+    return prim_avgpool(x.contiguous(format_like(x)), r);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t r = ctx->saved_data["r"].toInt();
+    at::Tensor dx = AvgPoolBackwardFn::apply(grads[0], ctx->saved_data["H"].toInt(), ctx->saved_data["W"].toInt(), r,
+                                             ctx->saved_data["cl"].toBool());
+    return {dx, at::Tensor()};
+  }
+};
+
+variable_list AvgPoolBackwardFn::backward(AutogradContext* ctx, variable_list grads) {
+  const at::Tensor g = grads[0];
+  return {AvgPoolFn::apply(g, ctx->saved_data["r"].toInt()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels of the registered ops
+// ---------------------------------------------------------------------------------------------
+at::Tensor sc_gate_autograd(const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
+                            const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
+  return GateFn::apply(x, small, k3, scale, shift);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sc_gate_bn_train_autograd(const at::Tensor& x, const at::Tensor& small,
+                                                                         const at::Tensor& k3, const at::Tensor& weight,
+                                                                         const at::Tensor& bias, double eps) {
+  auto out = GateBnTrainFn::apply(x, small, k3, weight, bias, eps);
+  return {out[0], out[1], out[2]};
+}
+
+at::Tensor sc_avgpool_autograd(const at::Tensor& x, int64_t r) { return AvgPoolFn::apply(x, r); }
+
+at::Tensor sc_avgpool_plain(const at::Tensor& x, int64_t r) { return prim_avgpool(x.contiguous(format_like(x)), r); }
+
+}  // namespace
+}  // namespace scnet_fused
+
+TORCH_LIBRARY_FRAGMENT(scnet_fused, m) {
+  m.def("_sc_gate_ag(Tensor x, Tensor small, Tensor k3, Tensor? scale, Tensor? shift) -> Tensor");
+  m.def("_sc_gate_bn_train_ag(Tensor x, Tensor small, Tensor k3, Tensor weight, Tensor bias, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("_sc_avgpool_ag(Tensor x, int r) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(scnet_fused, Autograd, m) {
+  m.impl("_sc_gate_ag", &scnet_fused::sc_gate_autograd);
+  m.impl("_sc_gate_bn_train_ag", &scnet_fused::sc_gate_bn_train_autograd);
+  m.impl("_sc_avgpool_ag", &scnet_fused::sc_avgpool_autograd);
+}
+
+TORCH_LIBRARY_IMPL(scnet_fused, CompositeExplicitAutograd, m) {
+  m.impl("_sc_gate_ag", &scnet_fused::gate_impl);
+  m.impl("_sc_gate_bn_train_ag", &scnet_fused::gate_bn_train_impl);
+  m.impl("_sc_avgpool_ag", &scnet_fused::sc_avgpool_plain);
+}

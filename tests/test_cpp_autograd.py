@@ -1,0 +1,144 @@
+"""The C++ autograd twins of the public ops (csrc/autograd.cpp) against the torch.library ops.
+
+In eager mode with a compiled backend the public functions take the C++ path; with
+SCNET_FUSED_CPP_AUTOGRAD=0 (or under torch.compile) the torch.library custom ops. Both must give the
+same outputs, gradients, statistics and saved tensors, bit for bit (they run the same kernels).
+"""
+
+import pytest
+import torch
+
+from scnet_fused.ops import _dispatch, available, sc_avgpool, sc_gate, sc_gate_bn_train
+
+pytestmark = pytest.mark.skipif(available("cpu") is not None, reason="the compiled CPU backend is not built")
+
+
+def _both(monkeypatch, fn, *args):
+    """fn(*args) on the C++ path and on the torch.library path: (outputs, grads) of each."""
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SCNET_FUSED_CPP_AUTOGRAD", flag)
+        leaves = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                  for a in args]
+        assert _dispatch.cpp_autograd(leaves[0]) == (flag == "1")
+        with torch.profiler.profile() as prof:
+            out = fn(*leaves)
+            outs = out if isinstance(out, tuple) else (out,)
+            g = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(3)).to(outs[0].dtype)
+            wrt = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+            grads = torch.autograd.grad(outs[0], wrt, g)
+        names = {e.name for e in prof.events() if e.name.startswith("scnet_fused::")}
+        results.append((outs, grads, names))
+    return results
+
+
+def _same(a, b):
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.is_contiguous(memory_format=torch.channels_last) == y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", [False, True])
+def test_gate_paths_agree(monkeypatch, channels_last, dtype, affine):
+    g = torch.Generator().manual_seed(0)
+    x, k3 = (torch.randn(2, 5, 14, 13, generator=g).to(dtype) for _ in range(2))
+    small = torch.randn(2, 5, 3, 3, generator=g).to(dtype)
+    if channels_last:
+        x, k3 = (t.contiguous(memory_format=torch.channels_last) for t in (x, k3))
+    args = [x.requires_grad_(), small.requires_grad_(), k3.requires_grad_()]
+    if affine:
+        args += [torch.rand(5, generator=g).requires_grad_(), torch.randn(5, generator=g).requires_grad_()]
+    (o1, g1, n1), (o2, g2, n2) = _both(monkeypatch, sc_gate, *args)
+    assert "scnet_fused::_sc_gate_ag" in n1 and "scnet_fused::sc_gate" not in n1
+    assert "scnet_fused::sc_gate" in n2 and "scnet_fused::_sc_gate_ag" not in n2
+    _same(o1, o2)
+    _same(g1, g2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gate_bn_train_paths_agree(monkeypatch, channels_last):
+    g = torch.Generator().manual_seed(1)
+    x, k3 = torch.randn(3, 6, 9, 11, generator=g), torch.randn(3, 6, 9, 11, generator=g) * 2 + 1
+    if channels_last:
+        x, k3 = (t.contiguous(memory_format=torch.channels_last) for t in (x, k3))
+    small = torch.randn(3, 6, 2, 2, generator=g)
+    w, b = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    args = [x.requires_grad_(), small.requires_grad_(), k3.requires_grad_(), w.requires_grad_(),
+            b.requires_grad_(), 1e-5]
+    (o1, g1, n1), (o2, g2, n2) = _both(monkeypatch, sc_gate_bn_train, *args)
+    assert "scnet_fused::_sc_gate_bn_train_ag" in n1 and "scnet_fused::sc_gate_bn_train" in n2
+    _same(o1, o2)  # y, mean and var
+    _same(g1, g2)
+    assert not o1[1].requires_grad and not o1[2].requires_grad
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_avgpool_paths_agree(monkeypatch, channels_last):
+    x = torch.randn(2, 8, 13, 10)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    (o1, g1, n1), (o2, g2, n2) = _both(monkeypatch, sc_avgpool, x.requires_grad_(), 4)
+    assert "scnet_fused::_sc_avgpool_ag" in n1 and "scnet_fused::sc_avgpool" in n2
+    _same(o1, o2)
+    _same(g1, g2)
+
+
+def test_saved_tensors_are_the_same(monkeypatch):
+    """The C++ nodes keep exactly what the Python ones keep (no gate, sigmoid or product)."""
+    g = torch.Generator().manual_seed(2)
+    x, k3 = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    small = torch.randn(2, 4, 2, 2, generator=g)
+    w, b = torch.rand(4, generator=g), torch.randn(4, generator=g)
+    saved = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SCNET_FUSED_CPP_AUTOGRAD", flag)
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            sc_gate_bn_train(*(t.clone().requires_grad_() for t in (x, small, k3, w, b)))
+            sc_avgpool(x.clone().requires_grad_(), 4)
+        saved[flag] = sorted(shapes)
+    assert saved["1"] == saved["0"]
+
+
+def test_inference_mode_and_no_grad():
+    x, k3 = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    small = torch.randn(2, 4, 2, 2)
+    ref = sc_gate(x, small, k3).detach()
+    with torch.inference_mode():  # autograd keys skipped: the plain kernels
+        torch.testing.assert_close(sc_gate(x, small, k3), ref, rtol=0, atol=0)
+        y, mean, var = sc_gate_bn_train(x, small, k3, torch.ones(4), torch.zeros(4))
+        assert sc_avgpool(x, 4).shape == (2, 4, 2, 2)
+    with torch.no_grad():
+        assert not sc_gate(x.requires_grad_(), small, k3).requires_grad
+
+
+def test_double_backward_raises_naming_the_op():
+    x, k3 = torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 4, 8, 8, requires_grad=True)
+    small = torch.randn(2, 4, 2, 2, requires_grad=True)
+    y = sc_gate(x, small, k3)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    assert gx.requires_grad  # wired to the inputs, never a silent constant
+    with pytest.raises(RuntimeError, match=r"scnet_fused\.sc_gate_backward.*no autograd formula"):
+        torch.autograd.grad(gx.sum(), small)
+    # a single backward with create_graph whose result is not differentiated again is fine
+    (gx2,) = torch.autograd.grad(sc_gate(x, small, k3).sum(), x, create_graph=True)
+    torch.testing.assert_close(gx2, torch.autograd.grad(sc_gate(x, small, k3).sum(), x)[0])
+
+
+def test_not_taken_where_it_must_not_be(monkeypatch):
+    x = torch.randn(2, 4, 8, 8)
+    assert _dispatch.cpp_autograd(x)
+    assert not _dispatch.cpp_autograd(x[:0])  # empty: the Python path's own handling
+    assert not _dispatch.cpp_autograd(x.double())  # float64: the reference backend
+    assert not _dispatch.cpp_autograd(torch.empty(2, 4, 8, 8, device="meta"))
+    with _dispatch.backend("reference"):
+        assert not _dispatch.cpp_autograd(x)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        assert not _dispatch.cpp_autograd(mode.from_tensor(x))
+    monkeypatch.setenv("SCNET_FUSED_CPP_AUTOGRAD", "0")
+    assert not _dispatch.cpp_autograd(x)
