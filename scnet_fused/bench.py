@@ -51,7 +51,7 @@ PROVIDERS = ("eager", "compile", "triton", "cuda", "cpu", "compile_fused")
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
 OP_MODES = ("forward", "backward", "full")
 MODULE_MODES = ("train", "eval")
-OPS = ("gate", "gate_bn")
+OPS = ("gate", "gate_bn", "avgpool")
 MODULES = ("scconv", "bottleneck")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -383,12 +383,17 @@ PASSES = {
     ("gate_bn", "forward"): (4, 12),
     ("gate_bn", "backward"): (8, 14),
     ("gate_bn", "full"): (12, 26),
+    # the k2 average pool: read x (write 1/r^2) forward, write dx (read 1/r^2) backward; ATen moves the same
+    ("avgpool", "forward"): (1, 1),
+    ("avgpool", "backward"): (1, 1),
+    ("avgpool", "full"): (2, 2),
 }
 # FLOPs per element (exp counted as one): add, sigmoid (neg, exp, add, div), mul; BN adds an FMA
 # and the statistics (2); backward recomputes the sigmoid and forms dx, dk3 (and the BN sums).
 FLOPS_PER_ELEMENT = {
     ("gate", "forward"): 6, ("gate", "backward"): 11, ("gate", "full"): 17,
     ("gate_bn", "forward"): 10, ("gate_bn", "backward"): 20, ("gate_bn", "full"): 30,
+    ("avgpool", "forward"): 1, ("avgpool", "backward"): 1, ("avgpool", "full"): 2,
 }
 
 
@@ -403,8 +408,12 @@ def gate_model(op: str, mode: str, N: int, C: int, H: int, W: int, itemsize: int
     full = N * C * H * W
     h, w = pooled_hw(H, W, r)
     small = N * C * h * w
-    # pooled map: read in the forward; read and its gradient written in the backward
-    small_passes = {"forward": 1, "backward": 2, "full": 3}[mode]
+    # pooled map: read in the forward; read and its gradient written in the backward (the pool:
+    # written in the forward, its gradient read in the backward)
+    if op == "avgpool":
+        small_passes = {"forward": 1, "backward": 1, "full": 2}[mode]
+    else:
+        small_passes = {"forward": 1, "backward": 2, "full": 3}[mode]
     return {
         "passes": fused,
         "eager_passes": eager,
@@ -534,6 +543,16 @@ def eager_gate_bn(x, small, k3, weight, bias, eps: float = 1e-5):
     return eager_gate(x, small, k)
 
 
+def eager_avgpool(x):
+    return F.avg_pool2d(x, POOLING_R, POOLING_R)
+
+
+def fused_avgpool(x):
+    from .ops import sc_avgpool
+
+    return sc_avgpool(x, POOLING_R)
+
+
 def fused_gate(x, small, k3):
     from .ops import sc_gate
 
@@ -557,6 +576,8 @@ def make_gate_inputs(op: str, N: int, C: int, H: int, W: int, dtype: torch.dtype
             t = t.contiguous(memory_format=torch.channels_last)
         return t.requires_grad_(requires_grad)
 
+    if op == "avgpool":
+        return (rnd(N, C, H, W),)
     x, small, k3 = rnd(N, C, H, W), rnd(N, C, h, w), rnd(N, C, H, W)
     if op == "gate":
         return (x, small, k3)
@@ -568,7 +589,8 @@ def make_gate_inputs(op: str, N: int, C: int, H: int, W: int, dtype: torch.dtype
 
 
 def _gate_callable(op: str, provider: str, compiled: Dict[str, Callable]) -> Callable:
-    base = {"gate": (eager_gate, fused_gate), "gate_bn": (eager_gate_bn, fused_gate_bn)}[op]
+    base = {"gate": (eager_gate, fused_gate), "gate_bn": (eager_gate_bn, fused_gate_bn),
+            "avgpool": (eager_avgpool, fused_avgpool)}[op]
     if provider == "eager":
         return base[0]
     if provider == "compile":
@@ -694,7 +716,8 @@ class Harness:
         n_sets = n_sets_for(model_full["eager_bytes"], self.device)
         sets = [make_gate_inputs(op, N, C, H, W, self.dtype, self.device, channels_last, seed=i)
                 for i in range(n_sets)]
-        dys = [torch.randn(N, C, H, W, device=self.device, dtype=self.dtype) for _ in range(n_sets)]
+        out_hw = pooled_hw(H, W) if op == "avgpool" else (H, W)
+        dys = [torch.randn(N, C, *out_hw, device=self.device, dtype=self.dtype) for _ in range(n_sets)]
         if channels_last:
             dys = [d.contiguous(memory_format=torch.channels_last) for d in dys]
         groups: Dict[str, List[dict]] = {m: [] for m in modes}
