@@ -69,6 +69,16 @@ inline void check_gate(const char* op, const at::Tensor& x, const at::Tensor& sm
               op, ": small's spatial size must be in [1, x's], got small ", small.sizes(), " for x ", x.sizes());
 }
 
+// A tensor the pool kernels take (x, or dy of the backward) on a `device`-type device, pooled at rate r.
+inline void check_pool(const char* op, const at::Tensor& t, int64_t r, c10::DeviceType device) {
+  TORCH_CHECK(t.device().type() == device, op, ": expected a ", c10::DeviceTypeName(device), " tensor, got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 4, op, ": expected a 4-D (N, C, H, W) tensor, got ", t.sizes());
+  TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": expected float32, float16 or bfloat16, got ",
+              t.scalar_type());
+  TORCH_CHECK(r >= 1, op, ": the pooling rate must be >= 1, got ", r);
+}
+
 // Calls f(T{}) with T the storage type of `t` (float, at::Half, at::BFloat16).
 template <typename F>
 void dispatch_dtype(at::ScalarType t, const char* op, F&& f) {

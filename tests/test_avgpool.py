@@ -182,3 +182,19 @@ def test_fused_scconv_uses_the_pool_kernel_and_falls_back_for_other_pools():
     calls = _pool_calls(fused, x)
     assert not calls
     torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(available("triton") is not None, reason="triton unavailable")
+def test_triton_int64_offsets_path(monkeypatch):
+    """The 64-bit index path of the Triton pool kernels (taken at 2**31 elements) on a small tensor."""
+    from scnet_fused.triton import sc_pool
+
+    monkeypatch.setattr(sc_pool, "INT32_LIMIT", 1)
+    for cl in (False, True):
+        x = torch.randn(2, 6, 13, 11)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(sc_pool.avgpool(x, 4), F.avg_pool2d(x, 4, 4), rtol=1e-6, atol=1e-6)
+        dy = torch.randn(2, 6, 3, 2)
+        torch.testing.assert_close(sc_pool.avgpool_backward(dy, 13, 11, 4, cl),
+                                   reference.avgpool_backward(dy, 13, 11, 4, cl), rtol=1e-6, atol=1e-7)

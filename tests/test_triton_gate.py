@@ -153,7 +153,7 @@ def test_backward_deterministic():
 
 def test_int64_offsets_path(monkeypatch):
     """The 64-bit index path (taken for tensors of 2**31 elements or more) on a small tensor."""
-    monkeypatch.setattr(tg, "_INT32_LIMIT", 1)
+    monkeypatch.setattr(tg, "INT32_LIMIT", 1)
     for cl in (False, True):
         x, small, k3, dy = _inputs((3, 5, 14, 14, 3, 3), channels_last=cl)
         scale, shift, center = _vecs(5)

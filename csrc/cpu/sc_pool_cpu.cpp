@@ -29,25 +29,25 @@ using namespace ::scnet_fused::host;
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kV = Vec::size();
 
+// Full vectors of kV elements as float (the row tails are done in scalar code: partial vector loads
+// and stores go through a buffer and would dominate the narrow rows of the 14x14 and 7x7 maps).
 template <typename T>
-inline Vec load_f(const T* p, int64_t n) {
+inline Vec load_f(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
-    return n == kV ? Vec::loadu(p) : Vec::loadu(p, n);
+    return Vec::loadu(p);
   } else {
-    T tmp[kV];
-    for (int64_t e = 0; e < kV; ++e) tmp[e] = e < n ? p[e] : T(0.0f);
     Vec v;
-    at::vec::load_to_float<T>(tmp, v);
+    at::vec::load_to_float<T>(p, v);
     return v;
   }
 }
 
 template <typename T>
-inline void store_f(T* p, const Vec& v, int64_t n) {
+inline void store_f(T* p, const Vec& v) {
   if constexpr (std::is_same_v<T, float>) {
-    n == kV ? v.store(p) : v.store(p, n);
+    v.store(p);
   } else {
-    at::vec::convert_from_float<T>(v, v).store(p, n);
+    at::vec::convert_from_float<T>(v, v).store(p, kV);
   }
 }
 
@@ -57,11 +57,16 @@ inline int64_t grain_for(int64_t elems_per_item) { return std::max<int64_t>(1, 3
 // acc[0, len) = sum of r rows of `src` (row stride `stride`), in float.
 template <typename T>
 inline void sum_rows(const T* src, int64_t stride, int64_t r, int64_t len, float* acc) {
-  for (int64_t j = 0; j < len; j += kV) {
-    const int64_t n = std::min(kV, len - j);
-    Vec s = load_f(src + j, n);
-    for (int64_t di = 1; di < r; ++di) s = s + load_f(src + di * stride + j, n);
-    s.store(acc + j, n);
+  int64_t j = 0;
+  for (; j + kV <= len; j += kV) {
+    Vec s = load_f(src + j);
+    for (int64_t di = 1; di < r; ++di) s = s + load_f(src + di * stride + j);
+    s.store(acc + j);
+  }
+  for (; j < len; ++j) {
+    float s = static_cast<float>(src[j]);
+    for (int64_t di = 1; di < r; ++di) s += static_cast<float>(src[di * stride + j]);
+    acc[j] = s;
   }
 }
 
@@ -123,7 +128,9 @@ void backward_nchw(const T* dy, T* dx, int64_t planes, int64_t H, int64_t W, int
           std::fill(out, out + W, T(0.0f));
           continue;
         }
-        for (int64_t j = 0; j < W; j += kV) store_f(out + j, Vec::loadu(row.data() + j, std::min(kV, W - j)), std::min(kV, W - j));
+        int64_t j = 0;
+        for (; j + kV <= W; j += kV) store_f(out + j, Vec::loadu(row.data() + j));
+        for (; j < W; ++j) out[j] = static_cast<T>(row[j]);
       }
     }
   });
@@ -144,14 +151,20 @@ void forward_nhwc(const T* x, T* y, int64_t N, int64_t C, int64_t H, int64_t W, 
       const T* rows = x + ((n * H + p * r) * W) * C;
       T* out = y + t * w * C;
       for (int64_t q = 0; q < w; ++q) {
-        for (int64_t c = 0; c < C; c += kV) {
-          const int64_t m = std::min(kV, C - c);
+        int64_t c = 0;
+        for (; c + kV <= C; c += kV) {
           Vec s(0.0f);
           for (int64_t di = 0; di < r; ++di) {
             const T* px = rows + (di * W + q * r) * C + c;
-            for (int64_t dj = 0; dj < r; ++dj) s = s + load_f(px + dj * C, m);
+            for (int64_t dj = 0; dj < r; ++dj) s = s + load_f(px + dj * C);
           }
-          store_f(out + q * C + c, s * vinv, m);
+          store_f(out + q * C + c, s * vinv);
+        }
+        for (; c < C; ++c) {
+          float s = 0.0f;
+          for (int64_t di = 0; di < r; ++di)
+            for (int64_t dj = 0; dj < r; ++dj) s += static_cast<float>(rows[(di * W + q * r + dj) * C + c]);
+          out[q * C + c] = static_cast<T>(s * inv);
         }
       }
     }
@@ -161,7 +174,8 @@ void forward_nhwc(const T* x, T* y, int64_t N, int64_t C, int64_t H, int64_t W, 
 template <typename T>
 void backward_nhwc(const T* dy, T* dx, int64_t N, int64_t C, int64_t H, int64_t W, int64_t r) {
   const int64_t h = H / r, w = W / r, len = w * r;
-  const Vec vinv(1.0f / static_cast<float>(r * r));
+  const float inv = 1.0f / static_cast<float>(r * r);
+  const Vec vinv(inv);
   at::parallel_for(0, N * h, grain_for(r * W * C), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / h, p = t - n * h;
@@ -173,10 +187,9 @@ void backward_nhwc(const T* dy, T* dx, int64_t N, int64_t C, int64_t H, int64_t 
         const int64_t zero_from = i >= h * r ? 0 : len;
         for (int64_t j = 0; j < zero_from; ++j) {
           const T* s = src + (j / r) * C;
-          for (int64_t c = 0; c < C; c += kV) {
-            const int64_t m = std::min(kV, C - c);
-            store_f(out + j * C + c, load_f(s + c, m) * vinv, m);
-          }
+          int64_t c = 0;
+          for (; c + kV <= C; c += kV) store_f(out + j * C + c, load_f(s + c) * vinv);
+          for (; c < C; ++c) out[j * C + c] = static_cast<T>(static_cast<float>(s[c]) * inv);
         }
         std::fill(out + zero_from * C, out + W * C, T(0.0f));
       }
@@ -184,17 +197,9 @@ void backward_nhwc(const T* dy, T* dx, int64_t N, int64_t C, int64_t H, int64_t 
   });
 }
 
-void check_pool(const char* op, const at::Tensor& t, int64_t r) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": expected a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 4, op, ": expected a 4-D (N, C, H, W) tensor, got ", t.sizes());
-  TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": expected float32, float16 or bfloat16, got ",
-              t.scalar_type());
-  TORCH_CHECK(r >= 1, op, ": the pooling rate must be >= 1, got ", r);
-}
-
 at::Tensor avgpool(const at::Tensor& x_in, int64_t r) {
   const char* op = "scnet_fused::_avgpool (cpu)";
-  check_pool(op, x_in, r);
+  check_pool(op, x_in, r, c10::DeviceType::CPU);
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   TORCH_CHECK(H >= r && W >= r, op, ": H and W (", H, "x", W, ") must be at least the pooling rate ", r);
   const Layout L = layout_of(x_in);
@@ -220,7 +225,7 @@ at::Tensor avgpool(const at::Tensor& x_in, int64_t r) {
 
 at::Tensor avgpool_backward(const at::Tensor& dy_in, int64_t H, int64_t W, int64_t r, bool channels_last) {
   const char* op = "scnet_fused::_avgpool_backward (cpu)";
-  check_pool(op, dy_in, r);
+  check_pool(op, dy_in, r, c10::DeviceType::CPU);
   TORCH_CHECK(H >= r && W >= r, op, ": H and W (", H, "x", W, ") must be at least the pooling rate ", r);
   TORCH_CHECK(dy_in.size(2) == H / r && dy_in.size(3) == W / r, op, ": dy must be (N, C, ", H / r, ", ", W / r,
               ") for a ", H, "x", W, " input at rate ", r, ", got ", dy_in.sizes());

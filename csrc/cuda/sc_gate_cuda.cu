@@ -27,6 +27,7 @@
 #include <cstring>
 #include <limits>
 
+#include "sc_cuda_common.cuh"
 #include "sc_gate_math.h"
 #include "sc_host.h"
 
@@ -36,31 +37,7 @@ namespace {
 
 using namespace ::scnet_fused::host;
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65536;
-
-// ------------------------------------------------------------------------------------------------
-// Vector loads and stores of V elements converted to / from float.
-// ------------------------------------------------------------------------------------------------
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ void load_f(const T* p, float (&out)[V]) {
-  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
-#pragma unroll
-  for (int e = 0; e < V; ++e) out[e] = static_cast<float>(pk.v[e]);
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_f(T* p, const float (&in)[V]) {
-  Pack<T, V> pk;
-#pragma unroll
-  for (int e = 0; e < V; ++e) pk.v[e] = static_cast<T>(in[e]);
-  *reinterpret_cast<Pack<T, V>*>(p) = pk;
-}
+using namespace ::scnet_fused::cuda_common;
 
 // ------------------------------------------------------------------------------------------------
 // Pointwise: gate forward and BN-training dk3.
@@ -372,14 +349,6 @@ at::Tensor per_channel(const char* op, const char* name, const c10::optional<at:
 }
 
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-
-bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-int64_t blocks_for(int64_t work) {
-  return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, kMaxBlocks));
-}
-
-bool fits_int32(int64_t numel) { return numel <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()); }
 
 template <typename T, bool kNHWC, int V>
 void launch_pointwise(const PointwiseParams<T>& p, int64_t numel, cudaStream_t stream) {

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "sc_cuda_common.cuh"
 #include "sc_host.h"
 
 namespace scnet_fused {
@@ -26,13 +27,7 @@ namespace {
 
 using namespace ::scnet_fused::host;
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65536;
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
+using namespace ::scnet_fused::cuda_common;
 
 template <typename T>
 struct PoolParams {
@@ -134,14 +129,6 @@ __global__ void __launch_bounds__(kThreads) avgpool_bwd_kernel(const PoolParams<
   }
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-int64_t blocks_for(int64_t work) {
-  return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, kMaxBlocks));
-}
-
-bool fits_int32(int64_t numel) { return numel <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()); }
-
 template <typename T, bool kNHWC, int V>
 void launch_fwd(const PoolParams<T>& p, int64_t numel_in, int64_t nunits, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(blocks_for(nunits)));
@@ -165,17 +152,9 @@ void launch_bwd(const PoolParams<T>& p, int64_t numel_out, cudaStream_t stream) 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_pool(const char* op, const at::Tensor& t, int64_t r) {
-  TORCH_CHECK(t.is_cuda(), op, ": expected a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 4, op, ": expected a 4-D (N, C, H, W) tensor, got ", t.sizes());
-  TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": expected float32, float16 or bfloat16, got ",
-              t.scalar_type());
-  TORCH_CHECK(r >= 1, op, ": the pooling rate must be >= 1, got ", r);
-}
-
 at::Tensor avgpool(const at::Tensor& x_in, int64_t r) {
   const char* op = "scnet_fused::_avgpool (cuda)";
-  check_pool(op, x_in, r);
+  check_pool(op, x_in, r, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   TORCH_CHECK(H >= r && W >= r, op, ": H and W (", H, "x", W, ") must be at least the pooling rate ", r);
@@ -203,7 +182,7 @@ at::Tensor avgpool(const at::Tensor& x_in, int64_t r) {
 
 at::Tensor avgpool_backward(const at::Tensor& dy_in, int64_t H, int64_t W, int64_t r, bool channels_last) {
   const char* op = "scnet_fused::_avgpool_backward (cuda)";
-  check_pool(op, dy_in, r);
+  check_pool(op, dy_in, r, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(dy_in.device());
   TORCH_CHECK(H >= r && W >= r, op, ": H and W (", H, "x", W, ") must be at least the pooling rate ", r);
   TORCH_CHECK(dy_in.size(2) == H / r && dy_in.size(3) == W / r, op, ": dy must be (N, C, ", H / r, ", ", W / r,

@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_empty
+from ._common import INT32_LIMIT, layout as _layout
 from .._index import cell_tables, max_run
 from . import sc_pool as _pool
 from .sc_pool import avgpool, avgpool_backward  # noqa: F401  (the pool primitives of this backend)
@@ -59,7 +60,6 @@ from .sc_pool import avgpool, avgpool_backward  # noqa: F401  (the pool primitiv
 __all__ = ["gate_forward", "gate_backward", "gate_backward_k3", "channel_stats", "avgpool", "avgpool_backward",
            "aot_kernels", "kernel_options"]
 
-_INT32_LIMIT = 2 ** 31
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,15 +315,6 @@ def _stats_blocks(C: int, channels_last: bool):
     return block_c, max(16, 2048 // block_c)
 
 
-def _layout(x: torch.Tensor):
-    """(channels_last, memory_format) for x: contiguous wins when both hold (size-1 dims)."""
-    if x.is_contiguous():
-        return False, torch.contiguous_format
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return True, torch.channels_last
-    return False, torch.contiguous_format
-
-
 def _strides(shape, channels_last: bool):
     """Canonical (s_n, s_c, s_h, s_w) of a dense tensor in the given layout."""
     N, C, H, W = shape
@@ -351,7 +342,7 @@ def _gate_setup(x, small, *others):
     tab = cell_tables(H, W, h, w, x.device)
     run_w = max_run(W, w)
     block_c, block_b, block_r = _gate_blocks(N * h, C, w, run_w, channels_last)
-    big = C * H * W >= _INT32_LIMIT or small.numel() >= _INT32_LIMIT
+    big = C * H * W >= INT32_LIMIT or small.numel() >= INT32_LIMIT
     grid = (N * h, triton.cdiv(C, block_c), triton.cdiv(w, block_b))
     meta = dict(CHANNELS_LAST=channels_last, BIG=big, BLOCK_C=block_c, BLOCK_B=block_b, BLOCK_R=block_r,
                 num_warps=_num_warps(block_c * block_b * block_r))
@@ -436,7 +427,7 @@ def channel_stats(t: torch.Tensor):
     part = new_empty((2, q_progs, C), torch.float32, t.device)
     _channel_stats_kernel[(q_progs, c_blocks)](
         t, part[0], part[1], C, H * W, nhw, chunk,
-        CHANNELS_LAST=channels_last, BIG=t.numel() >= _INT32_LIMIT, BLOCK_C=block_c, BLOCK_P=block_p,
+        CHANNELS_LAST=channels_last, BIG=t.numel() >= INT32_LIMIT, BLOCK_C=block_c, BLOCK_P=block_p,
         num_warps=_num_warps(block_c * block_p))
     means, m2s = part[0], part[1]
     counts = torch.clamp(nhw - torch.arange(q_progs, device=t.device, dtype=torch.float64) * chunk,

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_empty
+from ._common import INT32_LIMIT, layout as _layout
 
-_INT32_LIMIT = 2 ** 31
 _BLOCK = 1024
 
 
@@ -90,14 +90,6 @@ def _avgpool_bwd_kernel(dy_ptr, dx_ptr, total, C, H, W, h, w, inv,
     tl.store(dx_ptr + e, (g * inv).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _layout(x: torch.Tensor):
-    if x.is_contiguous():
-        return False, torch.contiguous_format
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return True, torch.channels_last
-    return False, torch.contiguous_format
-
-
 def _num_warps() -> int:
     return max(1, min(8, _BLOCK // 128))  # as kernel_options() computes it from BLOCK_E
 
@@ -115,7 +107,7 @@ def avgpool(x: torch.Tensor, r: int) -> torch.Tensor:
     total = y.numel()
     if total == 0:
         return y
-    big = x.numel() >= _INT32_LIMIT
+    big = x.numel() >= INT32_LIMIT
     _avgpool_fwd_kernel[(triton.cdiv(total, _BLOCK),)](
         x, y, total, C, H, W, h, w, 1.0 / (r * r), CHANNELS_LAST=channels_last, BIG=big, R=r, BLOCK_E=_BLOCK,
         num_warps=_num_warps())
@@ -134,7 +126,7 @@ def avgpool_backward(dy: torch.Tensor, H: int, W: int, r: int, channels_last: bo
     total = dx.numel()
     if total == 0:
         return dx
-    big = total >= _INT32_LIMIT
+    big = total >= INT32_LIMIT
     _avgpool_bwd_kernel[(triton.cdiv(total, _BLOCK),)](
         dy, dx, total, C, H, W, h, w, 1.0 / (r * r), CHANNELS_LAST=bool(channels_last), BIG=big, R=r,
         BLOCK_E=_BLOCK, num_warps=_num_warps())

@@ -1,0 +1,45 @@
+// Device and launch helpers shared by the CUDA kernels: vector packs, launch geometry, alignment and
+// index-width checks. Included by csrc/cuda/*.cu only.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+namespace scnet_fused {
+namespace cuda_common {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 65536;
+
+// V elements of T moved as one aligned vector (16 bytes when V = 16 / sizeof(T)).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ void load_f(const T* p, float (&out)[V]) {
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int e = 0; e < V; ++e) out[e] = static_cast<float>(pk.v[e]);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_f(T* p, const float (&in)[V]) {
+  Pack<T, V> pk;
+#pragma unroll
+  for (int e = 0; e < V; ++e) pk.v[e] = static_cast<T>(in[e]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+}
+
+inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Blocks of kThreads for `work` items, grid-stride beyond kMaxBlocks.
+inline int64_t blocks_for(int64_t work) {
+  return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, kMaxBlocks));
+}
+
+inline bool fits_int32(int64_t numel) { return numel <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()); }
+
+}  // namespace cuda_common
+}  // namespace scnet_fused
