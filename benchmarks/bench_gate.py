@@ -1,6 +1,6 @@
 """Op benchmark: eager vs torch.compile vs the fused backends, forward / backward / full.
 
-    python benchmarks/bench_gate.py                       # gate, BN-train gate and k2 pool, all stage shapes
+    python benchmarks/bench_gate.py                       # gate, BN-train gate, k2 pool, BN+ReLU; all stage shapes
     python benchmarks/bench_gate.py --op gate_bn --mode full --dtype bf16 --batch-size 64
     python benchmarks/bench_gate.py --shapes 64x28x28 --providers eager,cpu --out /tmp/gate
 
@@ -19,7 +19,7 @@ from scnet_fused import bench
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--op", default="gate,gate_bn,avgpool", help="comma list of gate, gate_bn, avgpool")
+    p.add_argument("--op", default="gate,gate_bn,avgpool,bn_relu", help="comma list of gate, gate_bn, avgpool, bn_relu")
     p.add_argument("--mode", default="forward,backward,full", help="comma list of forward, backward, full")
     p.add_argument("--providers", help="comma list (default: every available one)")
     p.add_argument("--dtype", default="fp32", help="comma list of fp32, bf16, fp16")

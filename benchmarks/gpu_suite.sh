@@ -59,11 +59,11 @@ for f in build/resource_report* benchmarks/results/*resources*; do [ -e "$f" ] &
 
 T="--warmup-ms 10 --rep-ms 40 --no-plot --out $OUT"
 # Op level, SCNet-50 stage shapes: bf16 at N = 256 against eager and torch.compile (compiled per shape),
-# then fp32 at N = 256 (with the k2 pool: ATen's avg_pool2d against the fused kernels) and bf16 at N = 64
+# then fp32 at N = 256 (with the k2 pool and BatchNorm + ReLU against their ATen forms) and bf16 at N = 64
 # against eager.
 step ops-bf16-n256 60 bench-ops-bf16-n256.log $PY -m scnet_fused bench --ops gate,gate_bn --dtype bf16 \
   --batch-size 256 --name ops_bf16_n256 $T
-step ops-fp32-n256 20 bench-ops-fp32-n256.log $PY -m scnet_fused bench --ops gate,gate_bn,avgpool --dtype fp32 \
+step ops-fp32-n256 20 bench-ops-fp32-n256.log $PY -m scnet_fused bench --ops gate,gate_bn,avgpool,bn_relu --dtype fp32 \
   --batch-size 256 --providers eager,triton,cuda --name ops_fp32_n256 $T
 step ops-bf16-n64 15 bench-ops-bf16-n64.log $PY -m scnet_fused bench --ops gate,gate_bn --dtype bf16 \
   --batch-size 64 --providers eager,triton,cuda --name ops_bf16_n64 $T

@@ -47,6 +47,11 @@ TORCH_LIBRARY(scnet_fused, m) {
   m.def("_channel_stats(Tensor t) -> (Tensor, Tensor)");
   m.def("_avgpool(Tensor x, int r) -> Tensor");
   m.def("_avgpool_backward(Tensor dy, int H, int W, int r, bool channels_last) -> Tensor");
+  m.def("_affine_relu(Tensor t, Tensor scale, Tensor shift) -> Tensor");
+  m.def("_affine_relu_backward_sums(Tensor dy, Tensor t, Tensor scale, Tensor shift, Tensor center) "
+        "-> (Tensor, Tensor)");
+  m.def("_affine_relu_backward_apply(Tensor dy, Tensor t, Tensor scale, Tensor shift, Tensor p, Tensor q, "
+        "Tensor r) -> Tensor");
   m.def("_nearest_source(int i, int out_size, int in_size) -> int", &scnet_fused::nearest_source_one);
   m.def("_cell_start(int a, int out_size, int in_size) -> int", &scnet_fused::cell_start_one);
 }

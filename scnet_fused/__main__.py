@@ -75,7 +75,7 @@ def _err(msg: str) -> None:
 # bench
 # ------------------------------------------------------------------------------------------------
 
-_BENCH_OPS = ("gate", "gate_bn", "avgpool", "scconv", "bottleneck", "model")
+_BENCH_OPS = ("gate", "gate_bn", "avgpool", "bn_relu", "scconv", "bottleneck", "model")
 
 
 def cmd_bench(args) -> int:
@@ -91,7 +91,8 @@ def cmd_bench(args) -> int:
         raise CLIError(str(exc)) from None
     if not dtypes:
         raise CLIError("--dtype is empty; give fp32, bf16 or fp16")
-    ops = _csv(args.ops) if args.ops else (["gate", "gate_bn"] if args.quick else ["gate", "gate_bn", "avgpool", "scconv"])
+    ops = _csv(args.ops) if args.ops else (["gate", "gate_bn"] if args.quick
+                                           else ["gate", "gate_bn", "avgpool", "bn_relu", "scconv"])
     for op in ops:
         if op not in _BENCH_OPS:
             raise CLIError(f"unknown op {op!r} in --ops; choose from {', '.join(_BENCH_OPS)}")
@@ -401,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", metavar="DIR", help="results folder (default benchmarks/results/<device>)")
     b.add_argument("--name", default="results", help="file name stem of the results (default: results)")
     b.add_argument("--ops", metavar="LIST", help=f"comma list of {', '.join(_BENCH_OPS)} "
-                                                 "(default gate,gate_bn,avgpool,scconv; --quick: gate,gate_bn)")
+                                                 "(default gate,gate_bn,avgpool,bn_relu,scconv; --quick: gate,gate_bn)")
     b.add_argument("--modes", metavar="LIST", help="op modes forward,backward,full and/or module modes train,eval")
     b.add_argument("--providers", metavar="LIST",
                    help="comma list of eager, compile, triton, cuda, cpu, compile_fused (default: all available)")

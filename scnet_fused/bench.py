@@ -51,7 +51,7 @@ PROVIDERS = ("eager", "compile", "triton", "cuda", "cpu", "compile_fused")
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
 OP_MODES = ("forward", "backward", "full")
 MODULE_MODES = ("train", "eval")
-OPS = ("gate", "gate_bn", "avgpool")
+OPS = ("gate", "gate_bn", "avgpool", "bn_relu")
 MODULES = ("scconv", "bottleneck")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -387,6 +387,11 @@ PASSES = {
     ("avgpool", "forward"): (1, 1),
     ("avgpool", "backward"): (1, 1),
     ("avgpool", "full"): (2, 2),
+    # training BatchNorm + ReLU: statistics (1) + normalise-and-ReLU (2) forward; sums (2) + dt (3)
+    # backward. Eager: batch_norm (3) + relu (2); relu backward (3) + BatchNorm backward (5).
+    ("bn_relu", "forward"): (3, 5),
+    ("bn_relu", "backward"): (5, 8),
+    ("bn_relu", "full"): (8, 13),
 }
 # FLOPs per element (exp counted as one): add, sigmoid (neg, exp, add, div), mul; BN adds an FMA
 # and the statistics (2); backward recomputes the sigmoid and forms dx, dk3 (and the BN sums).
@@ -394,6 +399,7 @@ FLOPS_PER_ELEMENT = {
     ("gate", "forward"): 6, ("gate", "backward"): 11, ("gate", "full"): 17,
     ("gate_bn", "forward"): 10, ("gate_bn", "backward"): 20, ("gate_bn", "full"): 30,
     ("avgpool", "forward"): 1, ("avgpool", "backward"): 1, ("avgpool", "full"): 2,
+    ("bn_relu", "forward"): 5, ("bn_relu", "backward"): 9, ("bn_relu", "full"): 14,
 }
 
 
@@ -410,7 +416,9 @@ def gate_model(op: str, mode: str, N: int, C: int, H: int, W: int, itemsize: int
     small = N * C * h * w
     # pooled map: read in the forward; read and its gradient written in the backward (the pool:
     # written in the forward, its gradient read in the backward)
-    if op == "avgpool":
+    if op == "bn_relu":
+        small_passes = 0
+    elif op == "avgpool":
         small_passes = {"forward": 1, "backward": 1, "full": 2}[mode]
     else:
         small_passes = {"forward": 1, "backward": 2, "full": 3}[mode]
@@ -553,6 +561,16 @@ def fused_avgpool(x):
     return sc_avgpool(x, POOLING_R)
 
 
+def eager_bn_relu(t, weight, bias, eps: float = 1e-5):
+    return F.relu(F.batch_norm(t, None, None, weight, bias, training=True, momentum=0.1, eps=eps))
+
+
+def fused_bn_relu(t, weight, bias, eps: float = 1e-5):
+    from .ops.bn_relu import bn_relu_train
+
+    return bn_relu_train(t, weight, bias, eps)[0]
+
+
 def fused_gate(x, small, k3):
     from .ops import sc_gate
 
@@ -578,6 +596,11 @@ def make_gate_inputs(op: str, N: int, C: int, H: int, W: int, dtype: torch.dtype
 
     if op == "avgpool":
         return (rnd(N, C, H, W),)
+    if op == "bn_relu":
+        t = rnd(N, C, H, W)
+        weight = (1 + 0.1 * torch.randn(C, generator=g)).to(device=device, dtype=torch.float32)
+        bias = (0.1 * torch.randn(C, generator=g)).to(device=device, dtype=torch.float32)
+        return (t, weight.requires_grad_(requires_grad), bias.requires_grad_(requires_grad))
     x, small, k3 = rnd(N, C, H, W), rnd(N, C, h, w), rnd(N, C, H, W)
     if op == "gate":
         return (x, small, k3)
@@ -590,7 +613,7 @@ def make_gate_inputs(op: str, N: int, C: int, H: int, W: int, dtype: torch.dtype
 
 def _gate_callable(op: str, provider: str, compiled: Dict[str, Callable]) -> Callable:
     base = {"gate": (eager_gate, fused_gate), "gate_bn": (eager_gate_bn, fused_gate_bn),
-            "avgpool": (eager_avgpool, fused_avgpool)}[op]
+            "avgpool": (eager_avgpool, fused_avgpool), "bn_relu": (eager_bn_relu, fused_bn_relu)}[op]
     if provider == "eager":
         return base[0]
     if provider == "compile":

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .ops import sc_avgpool, sc_gate, sc_gate_bn_train
+from .ops.bn_relu import bn_relu_train
 from .ops.sc_gate import bn_fold
 from .ops.relu_cat import relu_cat
 
@@ -114,6 +115,32 @@ def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     return factor
+
+
+def _update_running_stats(bn, factor: float, mean: Tensor, var: Tensor, t: Tensor) -> None:
+    """nn.BatchNorm2d's running-statistics update from the batch ``mean`` / biased ``var`` of ``t``."""
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        m = t.shape[0] * t.shape[2] * t.shape[3]
+        with torch.no_grad():
+            bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+            unbiased = var * (m / (m - 1))
+            bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def _bn_relu(conv: nn.Module, bn: nn.Module, relu: nn.Module, x: Tensor) -> Tensor:
+    """``relu(bn(conv(x)))``: with a BatchNorm2d using batch statistics, BN + ReLU as one fused op
+    (:func:`scnet_fused.ops.bn_relu.bn_relu_train`) and the running statistics updated as nn.BatchNorm2d
+    does; otherwise as the modules (inference folds conv + eval BN, see :func:`_conv_bn`)."""
+    if not (_plain_batchnorm(bn) and (bn.training or bn.running_mean is None)):
+        return relu(_conv_bn(conv, bn, x))
+    t = conv(x)
+    if t.dim() != 4 or t.numel() == 0 or t.shape[0] * t.shape[2] * t.shape[3] <= 1:
+        return relu(bn(t))  # empty batch, or one value per channel: BatchNorm2d's own handling / error
+    factor = _bn_momentum(bn)
+    weight, bias = _affine_params(bn, t)
+    y, mean, var = bn_relu_train(t, weight, bias, bn.eps)
+    _update_running_stats(bn, factor, mean, var, t)
+    return y
 
 
 def _affine_params(bn: nn.modules.batchnorm._BatchNorm, like: Tensor) -> Tuple[Tensor, Tensor]:
@@ -228,12 +255,7 @@ class SCConv(reference.SCConv):
         factor = _bn_momentum(bn)
         weight, bias = _affine_params(bn, k3)
         y, mean, var = sc_gate_bn_train(x, small, k3, weight, bias, bn.eps)
-        if bn.training and bn.track_running_stats and bn.running_mean is not None:
-            m = k3.shape[0] * k3.shape[2] * k3.shape[3]
-            with torch.no_grad():
-                bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-                unbiased = var * (m / (m - 1))
-                bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+        _update_running_stats(bn, factor, mean, var, k3)
         _, scale, shift = bn_fold(weight, bias, mean, var, bn.eps)  # as the op folded it: same y on recompute
         return y, scale, shift
 
@@ -264,7 +286,8 @@ def _pool_rate(pool: nn.Module) -> int:
 class SCBottleneck(reference.SCBottleneck):
     """The SCNet bottleneck with a fused SCConv (same arguments and state_dict as the reference).
 
-    Without avd, the two branches' final ReLUs write straight into the concatenation conv3 reads.
+    Without avd, the two branches' final ReLUs write straight into the concatenation conv3 reads, and
+    in training the BatchNorm + ReLU after conv1_a / conv1_b run as one fused op each.
     At inference (no grad, eval-mode BatchNorms) each convolution + BatchNorm pair runs as one
     convolution with the BatchNorm folded in, where the output outweighs the weights.
     """
@@ -273,8 +296,8 @@ class SCBottleneck(reference.SCBottleneck):
         if self.avd or not isinstance(self.relu, nn.ReLU) or x.dim() != 4:
             return super().forward(x)
         residual = x
-        out_a = self.relu(_conv_bn(self.conv1_a, self.bn1_a, x))
-        out_b = self.relu(_conv_bn(self.conv1_b, self.bn1_b, x))
+        out_a = _bn_relu(self.conv1_a, self.bn1_a, self.relu, x)
+        out_b = _bn_relu(self.conv1_b, self.bn1_b, self.relu, x)
         out = _conv_bn(self.conv3, self.bn3, relu_cat(_seq_conv_bn(self.k1, out_a), self.scconv(out_b)))
         if self.downsample is not None:
             residual = _seq_conv_bn(self.downsample, x)

@@ -432,3 +432,32 @@ def avgpool_backward(dy: Tensor, H: int, W: int, r: int, channels_last: bool) ->
     dx[:, :, : h * r, : w * r] = spread
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return dx.to(dy.dtype).contiguous(memory_format=fmt)
+
+
+def _affine_relu_z(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return _acc(t) * _per_channel(scale, _acc(t)) + _per_channel(shift, _acc(t))
+
+
+def _relu_grad(dy: Tensor, z: Tensor) -> Tensor:
+    return torch.where(z <= 0, torch.zeros((), dtype=z.dtype), _acc(dy))  # a NaN z passes dy, as torch's ReLU
+
+
+def affine_relu(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """relu(t * scale[c] + shift[c]) (NaN propagates), in t's dtype and memory format."""
+    return _like(torch.relu(_affine_relu_z(t, scale, shift)), t)
+
+
+def affine_relu_backward_sums(dy: Tensor, t: Tensor, scale: Tensor, shift: Tensor, center: Tensor):
+    """Per-channel (sum g, sum g * (t - center)), g = dy where relu's input is not <= 0."""
+    g = _relu_grad(dy, _affine_relu_z(t, scale, shift))
+    acc_dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    tc = _acc(t) - _per_channel(center, _acc(t))
+    return g.sum(dim=(0, 2, 3)).to(acc_dtype), (g * tc).sum(dim=(0, 2, 3)).to(acc_dtype)
+
+
+def affine_relu_backward_apply(dy: Tensor, t: Tensor, scale: Tensor, shift: Tensor, p: Tensor, q: Tensor,
+                               r: Tensor) -> Tensor:
+    """dt = p[c] * g + q[c] * t + r[c]."""
+    a = _acc(t)
+    g = _relu_grad(dy, _affine_relu_z(t, scale, shift))
+    return _like(g * _per_channel(p, a) + a * _per_channel(q, a) + _per_channel(r, a), t)

@@ -121,6 +121,37 @@ def check_pool_parity(backend, device, shape, dtype, channels_last):
     torch.testing.assert_close(dx.double(), dx64, rtol=tol, atol=tol)
 
 
+def check_bn_relu_parity(backend, device, shape, dtype, channels_last):
+    from scnet_fused.ops.bn_relu import bn_relu_train
+
+    g = torch.Generator().manual_seed(sum(shape) + 7)
+    t = (torch.randn(*shape, generator=g) * 2 + 0.3).to(device=device, dtype=dtype)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    C = shape[1]
+    w = (torch.rand(C, generator=g) + 0.5).to(device)
+    b = torch.randn(C, generator=g).to(device)
+    dy = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+    ins = [t.detach().clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()]
+    refs = [v.detach().double().requires_grad_() for v in (t, w, b)]
+    with scnet_fused.backend(backend):
+        y, mean, var = bn_relu_train(*ins)
+        grads = torch.autograd.grad(y, ins, dy)
+    y64 = F.relu(F.batch_norm(refs[0], None, None, refs[1], refs[2], True, 0.0, 1e-5))
+    g64 = torch.autograd.grad(y64, refs, dy.double())
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), y64.detach(), rtol=1e-4, atol=1e-4)
+        for a, e in zip(grads, g64):
+            torch.testing.assert_close(a.double(), e, rtol=1e-3, atol=1e-3)
+    else:
+        eager = [t.detach().clone().requires_grad_(), w.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()]
+        ye = F.relu(F.batch_norm(eager[0], None, None, eager[1], eager[2], True, 0.0, 1e-5))
+        ge = torch.autograd.grad(ye, eager, dy)
+        assert_close_rule(y, y64.detach(), ye.detach(), what=f"{backend} {dtype} bn_relu y")
+        for n, a, e, l in zip(("dt", "dweight", "dbias"), grads, g64, ge):
+            assert_close_rule(a, e, l, what=f"{backend} {dtype} bn_relu {n}")
+
+
 def _gpu_backends():
     return [b for b in ("triton", "cuda")]
 
@@ -162,6 +193,16 @@ def test_avgpool_cuda(backend, shape, dtype, channels_last):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("shape", [(4, 32, 56, 56), (3, 5, 14, 13), (8, 256, 7, 7)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_relu_cuda(backend, shape, dtype, channels_last):
+    _need(backend)
+    check_bn_relu_parity(backend, "cuda", shape, dtype, channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_scconv_cuda(backend, channels_last):
     _need(backend)
@@ -188,6 +229,7 @@ def test_parity_suite_on_cpu(backend, dtype):
     _need(backend)
     check_gate_parity(backend, "cpu", SHAPES[0], dtype, channels_last=(dtype == torch.bfloat16))
     check_pool_parity(backend, "cpu", POOL_SHAPES[0], dtype, channels_last=(dtype == torch.bfloat16))
+    check_bn_relu_parity(backend, "cpu", (3, 5, 14, 13), dtype, channels_last=(dtype == torch.bfloat16))
     if dtype == torch.float32:
         check_bn_parity(backend, "cpu", SHAPES[2], channels_last=True)
         check_scconv_parity(backend, "cpu", channels_last=False)

@@ -32,6 +32,21 @@ __device__ __forceinline__ void store_f(T* p, const float (&in)[V]) {
   *reinterpret_cast<Pack<T, V>*>(p) = pk;
 }
 
+// Block-wide sum of one double per thread (blockDim.x == kThreads) in a fixed tree order; the result
+// is returned to every thread. smem: kThreads doubles of shared memory.
+__device__ __forceinline__ double block_sum(double v, double* smem) {
+  const int tid = threadIdx.x;
+  smem[tid] = v;
+  __syncthreads();
+  for (int st = kThreads / 2; st > 0; st >>= 1) {
+    if (tid < st) smem[tid] += smem[tid + st];
+    __syncthreads();
+  }
+  const double r = smem[0];
+  __syncthreads();
+  return r;
+}
+
 inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Blocks of kThreads for `work` items, grid-stride beyond kMaxBlocks.

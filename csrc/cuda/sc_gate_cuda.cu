@@ -209,20 +209,6 @@ __global__ void __launch_bounds__(kThreads) backward_cells_kernel(const Backward
   }
 }
 
-// Block-wide sum of one double per thread in a fixed tree order; the result is valid in thread 0.
-__device__ __forceinline__ double block_sum(double v, double* smem) {
-  const int tid = threadIdx.x;
-  smem[tid] = v;
-  __syncthreads();
-  for (int st = kThreads / 2; st > 0; st >>= 1) {
-    if (tid < st) smem[tid] += smem[tid + st];
-    __syncthreads();
-  }
-  const double r = smem[0];
-  __syncthreads();
-  return r;
-}
-
 // sum_g[c] = sum over (n, cell) of part_g[n, c, cell]; one block of kThreads per channel.
 __global__ void __launch_bounds__(kThreads) channel_sum_kernel(const float* part_g, const float* part_gk, int64_t N,
                                                                int64_t C, int64_t hw, float* sum_g, float* sum_gk) {

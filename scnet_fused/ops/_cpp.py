@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-_OPS = ("_gate_forward", "_gate_backward", "_gate_backward_k3", "_channel_stats", "_avgpool", "_avgpool_backward")
+_OPS = ("_gate_forward", "_gate_backward", "_gate_backward_k3", "_channel_stats", "_avgpool", "_avgpool_backward",
+        "_affine_relu", "_affine_relu_backward_sums", "_affine_relu_backward_apply")
 _import_error: Optional[str] = None
 
 try:
@@ -80,3 +81,12 @@ class Primitives:
 
     def avgpool_backward(self, dy, H, W, r, channels_last):
         return self._ops._avgpool_backward(dy, int(H), int(W), int(r), bool(channels_last))
+
+    def affine_relu(self, t, scale, shift):
+        return self._ops._affine_relu(t, scale, shift)
+
+    def affine_relu_backward_sums(self, dy, t, scale, shift, center):
+        return self._ops._affine_relu_backward_sums(dy, t, scale, shift, center)
+
+    def affine_relu_backward_apply(self, dy, t, scale, shift, p, q, r):
+        return self._ops._affine_relu_backward_apply(dy, t, scale, shift, p, q, r)

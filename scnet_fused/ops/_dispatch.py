@@ -21,6 +21,14 @@ Every backend provides the same kernel-level primitives (no autograd, no torch.l
 ``avgpool_backward(dy, H, W, r, channels_last) -> dx``
     ``dx`` ``(N, C, H, W)``: ``dy / r**2`` spread over each window, 0 in the dropped rows and columns;
     channels_last or contiguous as asked.
+``affine_relu(t, scale, shift) -> y``
+    ``y = relu(t * scale[c] + shift[c])`` (NaN propagates), float32 ``[C]`` scale / shift; t's dtype and
+    memory format.
+``affine_relu_backward_sums(dy, t, scale, shift, center) -> (sum_g, sum_gc)``
+    ``g = dy`` where ``not (t * scale + shift <= 0)`` else 0; float32 per-channel ``sum g`` and
+    ``sum g * (t - center)``.
+``affine_relu_backward_apply(dy, t, scale, shift, p, q, r) -> dt``
+    ``dt = p[c] * g + q[c] * t + r[c]`` (the input gradient of a training-mode BatchNorm before a ReLU).
 
 Inputs reach a backend already checked (see ``scnet_fused.ops.sc_gate``): 4-D x, k3 (same shape,
 dtype, device and memory format: contiguous or channels_last), small ``(N, C, h, w)`` contiguous in

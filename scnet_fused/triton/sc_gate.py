@@ -55,10 +55,13 @@ from .._alloc import new_empty
 from ._common import INT32_LIMIT, layout as _layout
 from .._index import cell_tables, max_run
 from . import sc_pool as _pool
+from . import sc_bn_relu as _bn_relu
+from .sc_bn_relu import (  # noqa: F401  (the BatchNorm + ReLU primitives of this backend)
+    affine_relu, affine_relu_backward_apply, affine_relu_backward_sums)
 from .sc_pool import avgpool, avgpool_backward  # noqa: F401  (the pool primitives of this backend)
 
 __all__ = ["gate_forward", "gate_backward", "gate_backward_k3", "channel_stats", "avgpool", "avgpool_backward",
-           "aot_kernels", "kernel_options"]
+           "affine_relu", "affine_relu_backward_sums", "affine_relu_backward_apply", "aot_kernels", "kernel_options"]
 
 
 
@@ -505,4 +508,4 @@ def aot_kernels():
         const = dict(CHANNELS_LAST=cl, BIG=False, BLOCK_C=bc, BLOCK_P=bp)
         entries.append((f"channel_stats_{'nhwc' if cl else 'nchw'}_{_TRITON_DTYPE[dtype]}_C{C}",
                         _channel_stats_kernel, {**sig, **{k: "constexpr" for k in const}}, const))
-    return entries + _pool.aot_kernels()
+    return entries + _pool.aot_kernels() + _bn_relu.aot_kernels()

@@ -1,0 +1,321 @@
+// CPU kernels of BatchNorm + ReLU with batch statistics (contract: scnet_fused/ops/_dispatch.py,
+// `affine_relu`, `affine_relu_backward_sums`, `affine_relu_backward_apply`).
+//
+//   z = t * scale[c] + shift[c]          (the BatchNorm folded to a per-channel affine)
+//   y = relu(z)                          (NaN stays NaN, as torch.relu)
+//   g = dy where !(z <= 0), else 0        (torch's threshold_backward: a NaN z passes the gradient)
+//   sums:  sum_g[c] = sum g,  sum_gc[c] = sum g * (t - center[c])
+//   apply: dt = p[c] * g + q[c] * t + r[c]   (BatchNorm's input gradient)
+//
+// NCHW and NHWC read in place; float32 math for float32 / float16 / bfloat16 storage; vectorized
+// with at::vec::Vectorized<float> (full vectors, scalar tails), threaded with at::parallel_for. The
+// sums are split into tasks fixed by the shape and added in a fixed order: deterministic and
+// independent of the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "sc_host.h"
+
+namespace scnet_fused {
+namespace cpu_bn_relu {
+namespace {
+
+using namespace ::scnet_fused::host;
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kV = Vec::size();
+
+template <typename T>
+inline Vec load_f(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  }
+}
+
+template <typename T>
+inline void store_f(T* p, const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, kV);
+  }
+}
+
+inline Vec relu_v(const Vec& z) { return Vec::blendv(z, Vec(0.0f), z <= Vec(0.0f)); }
+inline Vec mask_v(const Vec& dy, const Vec& z) { return Vec::blendv(dy, Vec(0.0f), z <= Vec(0.0f)); }
+inline float relu_s(float z) { return z <= 0.0f ? 0.0f : z; }
+inline float mask_s(float dy, float z) { return z <= 0.0f ? 0.0f : dy; }
+
+inline double hsum(const Vec& v) {
+  float buf[kV];
+  v.store(buf);
+  double s = 0.0;
+  for (int64_t e = 0; e < kV; ++e) s += buf[e];
+  return s;
+}
+
+struct Shape {
+  int64_t N, C, HW;
+};
+
+std::vector<float> vec_of(const char* op, const char* name, const at::Tensor& t, int64_t C) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == C, op, ": ", name,
+              " must be a 1-D CPU tensor of C=", C, " values, got ", t.sizes(), " on ", t.device());
+  at::Tensor f = t.to(at::kFloat).contiguous();
+  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + C);
+}
+
+void check_full(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected CPU tensors, got ", t.device());
+  TORCH_CHECK(t.dim() == 4, op, ": expected a 4-D (N, C, H, W) tensor, got ", t.sizes());
+  TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": expected float32, float16 or bfloat16, got ",
+              t.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise: y = relu(affine(t))  (kApply false) or dt = p * g + q * t + r  (kApply true).
+// A, B: scale, shift; P, Q, R: p, q, r (apply only).
+// ---------------------------------------------------------------------------------------------
+template <typename T, bool kApply>
+void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, const float* P, const float* Q,
+               const float* R, const Shape& s, Layout L) {
+  if (L == Layout::NCHW) {
+    const int64_t HW = s.HW;
+    at::parallel_for(0, s.N * s.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1)), [&](int64_t p0, int64_t p1) {
+      for (int64_t plane = p0; plane < p1; ++plane) {
+        const int64_t c = plane % s.C;
+        const T* tp = t + plane * HW;
+        T* op = out + plane * HW;
+        const Vec a(A[c]), b(B[c]);
+        int64_t e = 0;
+        if constexpr (kApply) {
+          const T* dp = dy + plane * HW;
+          const Vec pv(P[c]), qv(Q[c]), rv(R[c]);
+          for (; e + kV <= HW; e += kV) {
+            const Vec tv = load_f(tp + e);
+            const Vec g = mask_v(load_f(dp + e), at::vec::fmadd(tv, a, b));
+            store_f(op + e, at::vec::fmadd(pv, g, at::vec::fmadd(qv, tv, rv)));
+          }
+          for (; e < HW; ++e) {
+            const float tv = static_cast<float>(tp[e]);
+            const float g = mask_s(static_cast<float>(dp[e]), tv * A[c] + B[c]);
+            op[e] = static_cast<T>(P[c] * g + Q[c] * tv + R[c]);
+          }
+        } else {
+          for (; e + kV <= HW; e += kV) store_f(op + e, relu_v(at::vec::fmadd(load_f(tp + e), a, b)));
+          for (; e < HW; ++e) op[e] = static_cast<T>(relu_s(static_cast<float>(tp[e]) * A[c] + B[c]));
+        }
+      }
+    });
+    return;
+  }
+  const int64_t C = s.C, P_ = s.N * s.HW;
+  at::parallel_for(0, P_, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const T* tp = t + q * C;
+      T* op = out + q * C;
+      int64_t c = 0;
+      if constexpr (kApply) {
+        const T* dp = dy + q * C;
+        for (; c + kV <= C; c += kV) {
+          const Vec tv = load_f(tp + c);
+          const Vec g = mask_v(load_f(dp + c), at::vec::fmadd(tv, Vec::loadu(A + c), Vec::loadu(B + c)));
+          store_f(op + c, at::vec::fmadd(Vec::loadu(P + c), g, at::vec::fmadd(Vec::loadu(Q + c), tv, Vec::loadu(R + c))));
+        }
+        for (; c < C; ++c) {
+          const float tv = static_cast<float>(tp[c]);
+          const float g = mask_s(static_cast<float>(dp[c]), tv * A[c] + B[c]);
+          op[c] = static_cast<T>(P[c] * g + Q[c] * tv + R[c]);
+        }
+      } else {
+        for (; c + kV <= C; c += kV)
+          store_f(op + c, relu_v(at::vec::fmadd(load_f(tp + c), Vec::loadu(A + c), Vec::loadu(B + c))));
+        for (; c < C; ++c) op[c] = static_cast<T>(relu_s(static_cast<float>(tp[c]) * A[c] + B[c]));
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sums of g and g * (t - center) per channel.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void sums(const T* t, const T* dy, const float* A, const float* B, const float* K, const Shape& s, Layout L,
+          float* sum_g, float* sum_gc) {
+  const int64_t C = s.C;
+  if (L == Layout::NCHW) {
+    const int64_t HW = s.HW;
+    std::vector<double> s1(s.N * C), s2(s.N * C);
+    at::parallel_for(0, s.N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1)), [&](int64_t p0, int64_t p1) {
+      for (int64_t plane = p0; plane < p1; ++plane) {
+        const int64_t c = plane % C;
+        const T* tp = t + plane * HW;
+        const T* dp = dy + plane * HW;
+        const Vec a(A[c]), b(B[c]), k(K[c]);
+        double a1 = 0.0, a2 = 0.0;
+        for (int64_t f0 = 0; f0 < HW; f0 += 1024) {  // float partials over at most 1024 values
+          const int64_t f1 = std::min(HW, f0 + 1024);
+          Vec v1(0.0f), v2(0.0f);
+          int64_t e = f0;
+          for (; e + kV <= f1; e += kV) {
+            const Vec tv = load_f(tp + e);
+            const Vec g = mask_v(load_f(dp + e), at::vec::fmadd(tv, a, b));
+            v1 = v1 + g;
+            v2 = at::vec::fmadd(g, tv - k, v2);
+          }
+          a1 += hsum(v1);
+          a2 += hsum(v2);
+          for (; e < f1; ++e) {
+            const float tv = static_cast<float>(tp[e]);
+            const float g = mask_s(static_cast<float>(dp[e]), tv * A[c] + B[c]);
+            a1 += g;
+            a2 += static_cast<double>(g) * (tv - K[c]);
+          }
+        }
+        s1[plane] = a1;
+        s2[plane] = a2;
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      double a1 = 0.0, a2 = 0.0;
+      for (int64_t n = 0; n < s.N; ++n) {
+        a1 += s1[n * C + c];
+        a2 += s2[n * C + c];
+      }
+      sum_g[c] = static_cast<float>(a1);
+      sum_gc[c] = static_cast<float>(a2);
+    }
+    return;
+  }
+  const int64_t P = s.N * s.HW;
+  const int64_t ntask = std::min<int64_t>(P, 64);
+  const int64_t per = (P + ntask - 1) / ntask;
+  std::vector<double> s1(ntask * C, 0.0), s2(ntask * C, 0.0);
+  at::parallel_for(0, ntask, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<float> f1(C), f2(C);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t q0 = k * per, q1 = std::min(P, q0 + per);
+      for (int64_t b0 = q0; b0 < q1; b0 += 128) {  // float partials over at most 128 pixels
+        const int64_t b1 = std::min(q1, b0 + 128);
+        std::fill(f1.begin(), f1.end(), 0.0f);
+        std::fill(f2.begin(), f2.end(), 0.0f);
+        for (int64_t q = b0; q < b1; ++q) {
+          const T* tp = t + q * C;
+          const T* dp = dy + q * C;
+          int64_t c = 0;
+          for (; c + kV <= C; c += kV) {
+            const Vec tv = load_f(tp + c);
+            const Vec g = mask_v(load_f(dp + c), at::vec::fmadd(tv, Vec::loadu(A + c), Vec::loadu(B + c)));
+            (Vec::loadu(f1.data() + c) + g).store(f1.data() + c);
+            at::vec::fmadd(g, tv - Vec::loadu(K + c), Vec::loadu(f2.data() + c)).store(f2.data() + c);
+          }
+          for (; c < C; ++c) {
+            const float tv = static_cast<float>(tp[c]);
+            const float g = mask_s(static_cast<float>(dp[c]), tv * A[c] + B[c]);
+            f1[c] += g;
+            f2[c] += g * (tv - K[c]);
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          s1[k * C + c] += f1[c];
+          s2[k * C + c] += f2[c];
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double a1 = 0.0, a2 = 0.0;
+    for (int64_t k = 0; k < ntask; ++k) {
+      a1 += s1[k * C + c];
+      a2 += s2[k * C + c];
+    }
+    sum_g[c] = static_cast<float>(a1);
+    sum_gc[c] = static_cast<float>(a2);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops
+// ---------------------------------------------------------------------------------------------
+at::Tensor affine_relu(const at::Tensor& t_in, const at::Tensor& scale, const at::Tensor& shift) {
+  const char* op = "scnet_fused::_affine_relu (cpu)";
+  check_full(op, t_in);
+  const Layout L = layout_of(t_in);
+  const at::Tensor t = in_layout(t_in, L);
+  const int64_t C = t.size(1);
+  const auto A = vec_of(op, "scale", scale, C), B = vec_of(op, "shift", shift, C);
+  at::Tensor y = new_output(t.sizes(), t.options(), format_of(L));
+  if (t.numel() == 0) return y;
+  const Shape s{t.size(0), C, t.size(2) * t.size(3)};
+  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    pointwise<T, false>(t.data_ptr<T>(), nullptr, y.data_ptr<T>(), A.data(), B.data(), nullptr, nullptr, nullptr, s, L);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& dy_in, const at::Tensor& t_in,
+                                                             const at::Tensor& scale, const at::Tensor& shift,
+                                                             const at::Tensor& center) {
+  const char* op = "scnet_fused::_affine_relu_backward_sums (cpu)";
+  check_full(op, t_in);
+  TORCH_CHECK(dy_in.sizes() == t_in.sizes() && dy_in.scalar_type() == t_in.scalar_type(), op,
+              ": dy must match t's shape and dtype, got ", dy_in.sizes(), " ", dy_in.scalar_type());
+  const Layout L = layout_of(t_in);
+  const at::Tensor t = in_layout(t_in, L), dy = in_layout(dy_in, L);
+  const int64_t C = t.size(1);
+  const auto A = vec_of(op, "scale", scale, C), B = vec_of(op, "shift", shift, C), K = vec_of(op, "center", center, C);
+  at::Tensor sum_g = at::zeros({C}, t.options().dtype(at::kFloat));
+  at::Tensor sum_gc = at::zeros({C}, t.options().dtype(at::kFloat));
+  if (t.numel() == 0) return {sum_g, sum_gc};
+  const Shape s{t.size(0), C, t.size(2) * t.size(3)};
+  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    sums<T>(t.data_ptr<T>(), dy.data_ptr<T>(), A.data(), B.data(), K.data(), s, L, sum_g.data_ptr<float>(),
+            sum_gc.data_ptr<float>());
+  });
+  return {sum_g, sum_gc};
+}
+
+at::Tensor affine_relu_backward_apply(const at::Tensor& dy_in, const at::Tensor& t_in, const at::Tensor& scale,
+                                      const at::Tensor& shift, const at::Tensor& p, const at::Tensor& q,
+                                      const at::Tensor& r) {
+  const char* op = "scnet_fused::_affine_relu_backward_apply (cpu)";
+  check_full(op, t_in);
+  TORCH_CHECK(dy_in.sizes() == t_in.sizes() && dy_in.scalar_type() == t_in.scalar_type(), op,
+              ": dy must match t's shape and dtype, got ", dy_in.sizes(), " ", dy_in.scalar_type());
+  const Layout L = layout_of(t_in);
+  const at::Tensor t = in_layout(t_in, L), dy = in_layout(dy_in, L);
+  const int64_t C = t.size(1);
+  const auto A = vec_of(op, "scale", scale, C), B = vec_of(op, "shift", shift, C);
+  const auto P = vec_of(op, "p", p, C), Q = vec_of(op, "q", q, C), R = vec_of(op, "r", r, C);
+  at::Tensor dt = new_output(t.sizes(), t.options(), format_of(L));
+  if (t.numel() == 0) return dt;
+  const Shape s{t.size(0), C, t.size(2) * t.size(3)};
+  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    pointwise<T, true>(t.data_ptr<T>(), dy.data_ptr<T>(), dt.data_ptr<T>(), A.data(), B.data(), P.data(), Q.data(),
+                       R.data(), s, L);
+  });
+  return dt;
+}
+
+}  // namespace
+}  // namespace cpu_bn_relu
+}  // namespace scnet_fused
+
+TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
+  m.impl("_affine_relu", &scnet_fused::cpu_bn_relu::affine_relu);
+  m.impl("_affine_relu_backward_sums", &scnet_fused::cpu_bn_relu::affine_relu_backward_sums);
+  m.impl("_affine_relu_backward_apply", &scnet_fused::cpu_bn_relu::affine_relu_backward_apply);
+}

@@ -1,0 +1,229 @@
+// CUDA kernels of BatchNorm + ReLU with batch statistics (contract: scnet_fused/ops/_dispatch.py; the
+// math is stated in csrc/cpu/sc_bn_relu_cpu.cpp).
+//
+//   pointwise_kernel   y = relu(t * scale + shift), or dt = p * g + q * t + r: one thread per element,
+//                      grid-stride, channel from the flat index (NCHW or NHWC).
+//   sums_kernel        per (channel, chunk of N*H*W positions) block: sum g and g * (t - center) in
+//                      float per thread, double across the block in a fixed tree order.
+//   finalize_kernel    per channel: the chunks summed in order. Deterministic, no atomics.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "sc_cuda_common.cuh"
+#include "sc_host.h"
+
+namespace scnet_fused {
+namespace cuda_bn_relu {
+namespace {
+
+using namespace ::scnet_fused::host;
+using namespace ::scnet_fused::cuda_common;
+
+__device__ __forceinline__ float relu_f(float z) { return z <= 0.0f ? 0.0f : z; }  // NaN stays NaN
+__device__ __forceinline__ float mask_f(float dy, float z) { return z <= 0.0f ? 0.0f : dy; }
+
+template <typename T>
+struct Params {
+  const T* t;
+  const T* dy;
+  T* out;
+  const float *A, *B, *P, *Q, *R, *K;
+  int64_t C, HW;
+};
+
+template <typename T, typename I, bool kNHWC, bool kApply>
+__global__ void __launch_bounds__(kThreads) pointwise_kernel(const Params<T> p, const I numel) {
+  const I C = static_cast<I>(p.C), HW = static_cast<I>(p.HW);
+  const I stride = static_cast<I>(gridDim.x) * static_cast<I>(blockDim.x);
+  for (I i = static_cast<I>(blockIdx.x) * static_cast<I>(blockDim.x) + static_cast<I>(threadIdx.x); i < numel;
+       i += stride) {
+    const I c = kNHWC ? i % C : (i / HW) % C;
+    const float tv = static_cast<float>(p.t[i]);
+    const float z = tv * p.A[c] + p.B[c];
+    if (kApply) {
+      const float g = mask_f(static_cast<float>(p.dy[i]), z);
+      p.out[i] = static_cast<T>(p.P[c] * g + p.Q[c] * tv + p.R[c]);
+    } else {
+      p.out[i] = static_cast<T>(relu_f(z));
+    }
+  }
+}
+
+// part: [C, nchunk, 2] doubles.
+template <typename T, bool kNHWC>
+__global__ void __launch_bounds__(kThreads) sums_kernel(const Params<T> p, int64_t N, int64_t chunk, double* part) {
+  __shared__ double smem[kThreads];
+  const int64_t c = blockIdx.x;
+  const int64_t k = blockIdx.y;
+  const int64_t nchunk = gridDim.y;
+  const int64_t C = p.C, HW = p.HW, M = N * HW;
+  const int64_t m0 = k * chunk;
+  const int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
+  const float a = p.A[c], b = p.B[c], kc = p.K[c];
+  float s1 = 0.0f, s2 = 0.0f;
+  for (int64_t m = m0 + threadIdx.x; m < m1; m += kThreads) {
+    int64_t off;
+    if (kNHWC) {
+      off = m * C + c;
+    } else {
+      const int64_t n = m / HW;
+      off = (n * C + c) * HW + (m - n * HW);
+    }
+    const float tv = static_cast<float>(p.t[off]);
+    const float g = mask_f(static_cast<float>(p.dy[off]), tv * a + b);
+    s1 += g;
+    s2 += g * (tv - kc);
+  }
+  const double t1 = block_sum(static_cast<double>(s1), smem);
+  const double t2 = block_sum(static_cast<double>(s2), smem);
+  if (threadIdx.x == 0) {
+    part[(c * nchunk + k) * 2 + 0] = t1;
+    part[(c * nchunk + k) * 2 + 1] = t2;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) finalize_kernel(const double* part, int64_t C, int64_t nchunk, float* sum_g,
+                                                            float* sum_gc) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= C) return;
+  double a1 = 0.0, a2 = 0.0;
+  for (int64_t k = 0; k < nchunk; ++k) {
+    a1 += part[(c * nchunk + k) * 2 + 0];
+    a2 += part[(c * nchunk + k) * 2 + 1];
+  }
+  sum_g[c] = static_cast<float>(a1);
+  sum_gc[c] = static_cast<float>(a2);
+}
+
+at::Tensor vec_of(const char* op, const char* name, const at::Tensor& v, const at::Tensor& t) {
+  TORCH_CHECK(v.device() == t.device() && v.dim() == 1 && v.size(0) == t.size(1), op, ": ", name,
+              " must be a 1-D tensor of C=", t.size(1), " values on ", t.device(), ", got ", v.sizes(), " on ",
+              v.device());
+  return v.to(at::kFloat).contiguous();
+}
+
+void check_full(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, ": expected CUDA tensors, got ", t.device());
+  TORCH_CHECK(t.dim() == 4, op, ": expected a 4-D (N, C, H, W) tensor, got ", t.sizes());
+  TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": expected float32, float16 or bfloat16, got ",
+              t.scalar_type());
+}
+
+template <bool kApply>
+at::Tensor pointwise_op(const char* op, const at::Tensor& t_in, const at::Tensor* dy_in, const at::Tensor& scale,
+                        const at::Tensor& shift, const at::Tensor* pqr) {
+  check_full(op, t_in);
+  const c10::cuda::CUDAGuard guard(t_in.device());
+  const Layout L = layout_of(t_in);
+  const at::Tensor t = in_layout(t_in, L);
+  const at::Tensor dy = dy_in ? in_layout(*dy_in, L) : at::Tensor();
+  if (dy_in) {
+    TORCH_CHECK(dy.sizes() == t.sizes() && dy.scalar_type() == t.scalar_type() && dy.device() == t.device(), op,
+                ": dy must match t's shape, dtype and device");
+  }
+  const at::Tensor A = vec_of(op, "scale", scale, t), B = vec_of(op, "shift", shift, t);
+  at::Tensor P, Q, R;
+  if (pqr) {
+    P = vec_of(op, "p", pqr[0], t);
+    Q = vec_of(op, "q", pqr[1], t);
+    R = vec_of(op, "r", pqr[2], t);
+  }
+  at::Tensor out = new_output(t.sizes(), t.options(), format_of(L));
+  const int64_t numel = t.numel();
+  if (numel == 0) return out;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    Params<T> p{t.data_ptr<T>(),
+                dy.defined() ? dy.data_ptr<T>() : nullptr,
+                out.data_ptr<T>(),
+                A.data_ptr<float>(),
+                B.data_ptr<float>(),
+                P.defined() ? P.data_ptr<float>() : nullptr,
+                Q.defined() ? Q.data_ptr<float>() : nullptr,
+                R.defined() ? R.data_ptr<float>() : nullptr,
+                nullptr,
+                t.size(1),
+                t.size(2) * t.size(3)};
+    const dim3 grid(static_cast<unsigned>(blocks_for(numel)));
+    const bool nhwc = L == Layout::NHWC;
+    if (fits_int32(numel)) {
+      nhwc ? pointwise_kernel<T, uint32_t, true, kApply><<<grid, kThreads, 0, stream>>>(p, static_cast<uint32_t>(numel))
+           : pointwise_kernel<T, uint32_t, false, kApply><<<grid, kThreads, 0, stream>>>(p, static_cast<uint32_t>(numel));
+    } else {
+      nhwc ? pointwise_kernel<T, int64_t, true, kApply><<<grid, kThreads, 0, stream>>>(p, numel)
+           : pointwise_kernel<T, int64_t, false, kApply><<<grid, kThreads, 0, stream>>>(p, numel);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor affine_relu(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift) {
+  return pointwise_op<false>("scnet_fused::_affine_relu (cuda)", t, nullptr, scale, shift, nullptr);
+}
+
+at::Tensor affine_relu_backward_apply(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& scale,
+                                      const at::Tensor& shift, const at::Tensor& p, const at::Tensor& q,
+                                      const at::Tensor& r) {
+  const at::Tensor pqr[3] = {p, q, r};
+  return pointwise_op<true>("scnet_fused::_affine_relu_backward_apply (cuda)", t, &dy, scale, shift, pqr);
+}
+
+std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& dy_in, const at::Tensor& t_in,
+                                                             const at::Tensor& scale, const at::Tensor& shift,
+                                                             const at::Tensor& center) {
+  const char* op = "scnet_fused::_affine_relu_backward_sums (cuda)";
+  check_full(op, t_in);
+  const c10::cuda::CUDAGuard guard(t_in.device());
+  const Layout L = layout_of(t_in);
+  const at::Tensor t = in_layout(t_in, L), dy = in_layout(dy_in, L);
+  TORCH_CHECK(dy.sizes() == t.sizes() && dy.scalar_type() == t.scalar_type() && dy.device() == t.device(), op,
+              ": dy must match t's shape, dtype and device");
+  const at::Tensor A = vec_of(op, "scale", scale, t), B = vec_of(op, "shift", shift, t);
+  const at::Tensor K = vec_of(op, "center", center, t);
+  const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3), M = N * HW;
+  at::Tensor sum_g = at::zeros({C}, t.options().dtype(at::kFloat));
+  at::Tensor sum_gc = at::zeros({C}, t.options().dtype(at::kFloat));
+  if (t.numel() == 0) return {sum_g, sum_gc};
+  TORCH_CHECK(C <= 2147483647, op, ": more than 2^31-1 channels");
+  // About 16 blocks of work per channel, at least 16 positions per thread.
+  const int64_t chunk = std::max<int64_t>(16 * kThreads, (M + 15) / 16);
+  const int64_t nchunk = std::min<int64_t>((M + chunk - 1) / chunk, 65535);
+  const int64_t chunk_fit = (M + nchunk - 1) / nchunk;
+  at::Tensor part = at::empty({C, nchunk, 2}, t.options().dtype(at::kDouble));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    Params<T> p{t.data_ptr<T>(), dy.data_ptr<T>(), nullptr, A.data_ptr<float>(), B.data_ptr<float>(),
+                nullptr, nullptr, nullptr, K.data_ptr<float>(), C, HW};
+    const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(nchunk));
+    if (L == Layout::NHWC) {
+      sums_kernel<T, true><<<grid, kThreads, 0, stream>>>(p, N, chunk_fit, part.data_ptr<double>());
+    } else {
+      sums_kernel<T, false><<<grid, kThreads, 0, stream>>>(p, N, chunk_fit, part.data_ptr<double>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const unsigned fblocks = static_cast<unsigned>((C + kThreads - 1) / kThreads);
+  finalize_kernel<<<fblocks, kThreads, 0, stream>>>(part.data_ptr<double>(), C, nchunk, sum_g.data_ptr<float>(),
+                                                    sum_gc.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {sum_g, sum_gc};
+}
+
+}  // namespace
+}  // namespace cuda_bn_relu
+}  // namespace scnet_fused
+
+TORCH_LIBRARY_IMPL(scnet_fused, CUDA, m) {
+  m.impl("_affine_relu", &scnet_fused::cuda_bn_relu::affine_relu);
+  m.impl("_affine_relu_backward_sums", &scnet_fused::cuda_bn_relu::affine_relu_backward_sums);
+  m.impl("_affine_relu_backward_apply", &scnet_fused::cuda_bn_relu::affine_relu_backward_apply);
+}

@@ -1,0 +1,128 @@
+"""``bn_relu_train(t, weight, bias, eps)``: a training-mode BatchNorm followed by a ReLU, fused.
+
+Returns ``(y, mean, var)``: ``y = relu(batch_norm(t))`` normalised with the batch statistics of t
+(``mean`` and biased ``var``, float32 ``[C]``, for the running-statistics update; not differentiable).
+Forward: one statistics pass over t, one pass writing y (eager: the statistics, the normalisation
+and the ReLU each read and write t-sized tensors). Backward: one pass reducing BatchNorm's two
+per-channel sums with the ReLU mask recomputed from t, one pass writing dt. Saved for backward: t and
+the per-channel vectors (never the normalised tensor or the mask). Differentiable in t, weight, bias.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from . import _dispatch
+from .sc_gate import bn_fold
+
+__all__ = ["bn_relu_train", "check_bn_relu_inputs"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_bn_relu_inputs(t: Tensor, weight: Tensor, bias: Tensor) -> None:
+    """Raise ValueError/TypeError before any kernel runs when the inputs cannot be normalised."""
+    if not isinstance(t, Tensor) or t.dim() != 4:
+        raise ValueError(f"bn_relu_train: t must be a 4-D (N, C, H, W) tensor, got "
+                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"bn_relu_train: t must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    C = t.shape[1]
+    for name, v in (("weight", weight), ("bias", bias)):
+        if not isinstance(v, Tensor) or v.dim() != 1 or v.shape[0] != C:
+            raise ValueError(f"bn_relu_train: {name} must be a 1-D tensor of C={C} values, got "
+                             f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
+        if v.device != t.device:
+            raise ValueError(f"bn_relu_train: {name} is on {v.device}, t on {t.device}")
+        if not v.is_floating_point():
+            raise TypeError(f"bn_relu_train: {name} must be floating point, got {v.dtype}")
+    if t.shape[0] * t.shape[2] * t.shape[3] <= 1:
+        raise ValueError(f"bn_relu_train: expected more than 1 value per channel when training, got input of "
+                         f"shape {tuple(t.shape)}")
+
+
+def _format(t: Tensor) -> torch.memory_format:
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("scnet_fused::bn_relu_train", mutates_args=())
+def _bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    check_bn_relu_inputs(t, weight, bias)
+    _, prims = _dispatch.select(t.device, t.dtype)
+    t = t.contiguous(memory_format=_format(t))
+    mean, var = prims.channel_stats(t)
+    _, scale, shift = bn_fold(weight, bias, mean, var, eps)
+    y = prims.affine_relu(t, scale.contiguous(), shift.contiguous())
+    return y, mean, var
+
+
+@_bn_relu_train.register_fake
+def _(t, weight, bias, eps):
+    check_bn_relu_inputs(t, weight, bias)
+    c = t.new_empty(t.shape[1], dtype=_acc_dtype(t))
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_format(t)), c, c.new_empty(c.shape)
+
+
+@torch.library.custom_op("scnet_fused::bn_relu_train_backward", mutates_args=())
+def _bn_relu_train_backward(dy: Tensor, t: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
+                            eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    _, prims = _dispatch.select(t.device, t.dtype)
+    fmt = _format(t)
+    t = t.contiguous(memory_format=fmt)
+    dy = dy.to(t.dtype).contiguous(memory_format=fmt)
+    invstd, scale, shift = bn_fold(weight, bias, mean, var, eps)
+    scale, shift = scale.contiguous(), shift.contiguous()
+    # Pass 1: sum(g) and sum(g * (t - mean)), g = dy masked by the ReLU (recomputed from t).
+    sum_g, sum_gc = prims.affine_relu_backward_sums(dy, t, scale, shift, mean.contiguous())
+    m = float(t.shape[0] * t.shape[2] * t.shape[3])
+    dweight = sum_gc * invstd  # sum(g * xhat)
+    # Pass 2: dt = scale * (g - sum_g / M - xhat * dweight / M) = p * g + q * t + r.
+    q = -scale * invstd * dweight / m
+    r = -q * mean - scale * sum_g / m
+    dt = prims.affine_relu_backward_apply(dy, t, scale, shift, scale, q.contiguous(), r.contiguous())
+    return dt, dweight.to(weight.dtype), sum_g.to(bias.dtype)
+
+
+@_bn_relu_train_backward.register_fake
+def _(dy, t, weight, bias, mean, var, eps):
+    return (torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_format(t)),
+            weight.new_empty(weight.shape), bias.new_empty(bias.shape))
+
+
+def _setup(ctx, inputs, output):
+    t, weight, bias, eps = inputs
+    _, mean, var = output
+    ctx.eps = eps
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(t, weight, bias, mean, var)
+
+
+def _backward(ctx, dy, _dmean, _dvar):
+    t, weight, bias, mean, var = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(t)
+    dt, dweight, dbias = torch.ops.scnet_fused.bn_relu_train_backward(dy, t, weight, bias, mean, var, ctx.eps)
+    return dt, dweight, dbias, None
+
+
+_bn_relu_train.register_autograd(_backward, setup_context=_setup)
+
+
+def bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor]:
+    """``relu(batch_norm(t, weight, bias, training=True))`` fused; returns ``(y, mean, var)``.
+
+    t: ``(N, C, H, W)`` float16 / bfloat16 / float32 (float64 on the reference backend), contiguous or
+    channels_last (y keeps the format); weight, bias: ``[C]``. ``mean`` and biased ``var`` are the
+    float32 batch statistics (update running statistics with them; unbiased = var * M / (M - 1)).
+    """
+    check_bn_relu_inputs(t, weight, bias)
+    return torch.ops.scnet_fused.bn_relu_train(t, weight, bias, float(eps))

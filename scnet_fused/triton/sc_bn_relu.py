@@ -1,0 +1,175 @@
+"""Triton kernels of BatchNorm + ReLU with batch statistics (``affine_relu``,
+``affine_relu_backward_sums``, ``affine_relu_backward_apply`` of the primitive contract).
+
+``z = t * scale[c] + shift[c]``, ``y = relu(z)``; backward ``g = dy`` where ``not z <= 0`` (a NaN z
+passes the gradient, as torch's threshold_backward), per-channel ``sum g`` and
+``sum g * (t - center)``, then ``dt = p * g + q * t + r``. The pointwise kernel walks a flat index in
+memory order (NCHW or NHWC); the sums kernel is the statistics kernel's tiling (a chunk of positions
+by a block of channels per program, partials summed by the launcher in a fixed order: deterministic).
+Bytes: forward reads t, writes y (2 passes); sums read dy and t (2); apply reads dy, t, writes dt (3).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import new_empty
+from ._common import INT32_LIMIT, layout as _layout
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _affine_relu_pointwise_kernel(t_ptr, dy_ptr, out_ptr, a_ptr, b_ptr, p_ptr, q_ptr, r_ptr, total, C, HW,
+                                  APPLY: tl.constexpr, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr,
+                                  BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    if BIG:
+        e = pid.to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E).to(tl.int64)
+    else:
+        e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask = e < total
+    if CHANNELS_LAST:
+        c = e % C
+    else:
+        c = (e // HW) % C
+    tv = tl.load(t_ptr + e, mask=mask, other=0.0).to(tl.float32)
+    z = tv * tl.load(a_ptr + c, mask=mask, other=0.0) + tl.load(b_ptr + c, mask=mask, other=0.0)
+    if APPLY:
+        dyv = tl.load(dy_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        g = tl.where(z <= 0.0, 0.0, dyv)
+        out = (tl.load(p_ptr + c, mask=mask, other=0.0) * g + tl.load(q_ptr + c, mask=mask, other=0.0) * tv
+               + tl.load(r_ptr + c, mask=mask, other=0.0))
+    else:
+        out = tl.where(z <= 0.0, 0.0, z)
+    tl.store(out_ptr + e, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _affine_relu_sums_kernel(t_ptr, dy_ptr, a_ptr, b_ptr, k_ptr, part_g_ptr, part_gc_ptr, C, HW, NHW, chunk,
+                             CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr, BLOCK_C: tl.constexpr,
+                             BLOCK_P: tl.constexpr):
+    pid_q = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    a = tl.load(a_ptr + c, mask=c_mask, other=0.0)[:, None]
+    b = tl.load(b_ptr + c, mask=c_mask, other=0.0)[:, None]
+    k = tl.load(k_ptr + c, mask=c_mask, other=0.0)[:, None]
+    if BIG:
+        q_start = pid_q.to(tl.int64) * chunk
+    else:
+        q_start = pid_q * chunk
+    q_end = tl.minimum(q_start + chunk, NHW)
+    acc_g = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    acc_gc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    for q0 in range(q_start, q_end, BLOCK_P):
+        q = q0 + tl.arange(0, BLOCK_P)
+        if CHANNELS_LAST:
+            off = q[None, :] * C + c[:, None]
+        else:
+            img = q // HW
+            off = (img * C)[None, :] * HW + c[:, None] * HW + (q - img * HW)[None, :]
+        mask = c_mask[:, None] & (q < q_end)[None, :]
+        tv = tl.load(t_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        dyv = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)  # masked lanes: dy = 0, g = 0
+        g = tl.where(tv * a + b <= 0.0, 0.0, dyv)
+        acc_g += g
+        acc_gc += g * (tv - k)
+    out = pid_q.to(tl.int64) * C + c
+    tl.store(part_g_ptr + out, tl.sum(acc_g, axis=1), mask=c_mask)
+    tl.store(part_gc_ptr + out, tl.sum(acc_gc, axis=1), mask=c_mask)
+
+
+def _num_warps(tile: int) -> int:
+    return max(1, min(8, tile // 128))
+
+
+def _vec(v: torch.Tensor) -> torch.Tensor:
+    return v.detach().to(torch.float32).contiguous()
+
+
+def _pointwise(t, dy, scale, shift, pqr: Optional[tuple]):
+    channels_last, fmt = _layout(t)
+    t = t.contiguous(memory_format=fmt)
+    out = new_empty(t.shape, t.dtype, t.device, fmt)
+    total = t.numel()
+    if total == 0:
+        return out
+    a, b = _vec(scale), _vec(shift)
+    apply = pqr is not None
+    p, q, r = (_vec(v) for v in pqr) if apply else (a, a, a)
+    dy = dy.to(t.dtype).contiguous(memory_format=fmt) if apply else t
+    C, HW = t.shape[1], t.shape[2] * t.shape[3]
+    _affine_relu_pointwise_kernel[(triton.cdiv(total, _BLOCK),)](
+        t, dy, out, a, b, p, q, r, total, C, HW, APPLY=apply, CHANNELS_LAST=channels_last,
+        BIG=total >= INT32_LIMIT, BLOCK_E=_BLOCK, num_warps=_num_warps(_BLOCK))
+    return out
+
+
+def affine_relu(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """relu(t * scale[c] + shift[c]) in t's dtype and memory format."""
+    return _pointwise(t, None, scale, shift, None)
+
+
+def affine_relu_backward_apply(dy, t, scale, shift, p, q, r) -> torch.Tensor:
+    """dt = p[c] * g + q[c] * t + r[c], g = dy masked by relu(t * scale + shift) > 0."""
+    return _pointwise(t, dy, scale, shift, (p, q, r))
+
+
+def _sums_blocks(C: int, channels_last: bool):
+    block_c = min(triton.next_power_of_2(max(1, C)), 64 if channels_last else 4)
+    return block_c, max(16, 2048 // block_c)
+
+
+def affine_relu_backward_sums(dy, t, scale, shift, center):
+    """Per-channel float32 (sum g, sum g * (t - center))."""
+    channels_last, fmt = _layout(t)
+    t = t.contiguous(memory_format=fmt)
+    dy = dy.to(t.dtype).contiguous(memory_format=fmt)
+    N, C, H, W = t.shape
+    nhw = N * H * W
+    if nhw == 0 or C == 0:
+        z = torch.zeros(C, dtype=torch.float32, device=t.device)
+        return z, z.clone()
+    block_c, block_p = _sums_blocks(C, channels_last)
+    c_blocks = triton.cdiv(C, block_c)
+    target = 2048 if t.device.type == "cuda" else 8
+    tiles = triton.cdiv(nhw, block_p)
+    chunk = block_p * triton.cdiv(tiles, min(tiles, max(1, target // c_blocks)))
+    q_progs = triton.cdiv(nhw, chunk)
+    part = new_empty((2, q_progs, C), torch.float32, t.device)
+    _affine_relu_sums_kernel[(q_progs, c_blocks)](
+        t, dy, _vec(scale), _vec(shift), _vec(center), part[0], part[1], C, H * W, nhw, chunk,
+        CHANNELS_LAST=channels_last, BIG=t.numel() >= INT32_LIMIT, BLOCK_C=block_c, BLOCK_P=block_p,
+        num_warps=_num_warps(block_c * block_p))
+    return part[0].sum(dim=0), part[1].sum(dim=0)
+
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def aot_kernels():
+    """(name, kernel, signature, constexprs) of the BN + ReLU kernels, both layouts, fp32 and bf16."""
+    entries = []
+    for dtype in (torch.float32, torch.bfloat16):
+        ty = "*" + _TRITON_DTYPE[dtype]
+        for cl in (False, True):
+            tag = f"{'nhwc' if cl else 'nchw'}_{_TRITON_DTYPE[dtype]}"
+            for apply in (False, True):
+                const = dict(APPLY=apply, CHANNELS_LAST=cl, BIG=False, BLOCK_E=_BLOCK)
+                sig = {"t_ptr": ty, "dy_ptr": ty, "out_ptr": ty,
+                       **{nm: "*fp32" for nm in ("a_ptr", "b_ptr", "p_ptr", "q_ptr", "r_ptr")},
+                       "total": "i32", "C": "i32", "HW": "i32", **{k: "constexpr" for k in const}}
+                entries.append((f"affine_relu_{'apply' if apply else 'fwd'}_{tag}", _affine_relu_pointwise_kernel,
+                                sig, const))
+            bc, bp = _sums_blocks(64, cl)
+            const = dict(CHANNELS_LAST=cl, BIG=False, BLOCK_C=bc, BLOCK_P=bp)
+            sig = {"t_ptr": ty, "dy_ptr": ty, **{nm: "*fp32" for nm in ("a_ptr", "b_ptr", "k_ptr")},
+                   "part_g_ptr": "*fp32", "part_gc_ptr": "*fp32",
+                   **{nm: "i32" for nm in ("C", "HW", "NHW", "chunk")}, **{k: "constexpr" for k in const}}
+            entries.append((f"affine_relu_sums_{tag}", _affine_relu_sums_kernel, sig, const))
+    return entries
