@@ -1,6 +1,6 @@
 // Autograd of the fused ops in C++, for the C++ backends (cpu, cuda).
 //
-// The public Python functions (scnet_fused.sc_gate, sc_gate_bn_train, sc_avgpool) are torch.library
+// The public Python functions (scnet_fused.sc_gate, sc_gate_bn_train, sc_avgpool, bn_relu_train) are torch.library
 // custom ops with Python autograd: that is what torch.compile and torch.export see, and what serves
 // the Triton and reference backends. In eager mode, when the backend chosen for the tensors is one of
 // the compiled ones, they call the ops below instead: the same kernel-level primitives with the same
@@ -11,6 +11,7 @@
 //   _sc_gate_ag(x, small, k3, scale?, shift?) -> y
 //   _sc_gate_bn_train_ag(x, small, k3, weight, bias, eps) -> (y, mean, var)
 //   _sc_avgpool_ag(x, r) -> y
+//   _bn_relu_train_ag(t, weight, bias, eps) -> (y, mean, var)
 //
 // Registered for the Autograd keys (the autograd node) and CompositeExplicitAutograd (inference
 // mode, where autograd keys are skipped). A second backward through the gate raises, naming the
@@ -82,6 +83,34 @@ at::Tensor prim_avgpool_backward(const at::Tensor& dy, int64_t H, int64_t W, int
                        .findSchemaOrThrow("scnet_fused::_avgpool_backward", "")
                        .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, bool)>();
   return op.call(dy, H, W, r, channels_last);
+}
+
+at::Tensor prim_affine_relu(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_affine_relu", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(t, scale, shift);
+}
+
+std::tuple<at::Tensor, at::Tensor> prim_affine_relu_backward_sums(const at::Tensor& dy, const at::Tensor& t,
+                                                                  const at::Tensor& scale, const at::Tensor& shift,
+                                                                  const at::Tensor& center) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_affine_relu_backward_sums", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&)>();
+  return op.call(dy, t, scale, shift, center);
+}
+
+at::Tensor prim_affine_relu_backward_apply(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& scale,
+                                           const at::Tensor& shift, const at::Tensor& p, const at::Tensor& q,
+                                           const at::Tensor& r) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_affine_relu_backward_apply", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(dy, t, scale, shift, p, q, r);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -227,6 +256,49 @@ struct GateBnTrainFn : public torch::autograd::Function<GateBnTrainFn> {
 };
 
 // ---------------------------------------------------------------------------------------------
+// bn_relu_train
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_impl(const at::Tensor& t_in, const at::Tensor& weight,
+                                                                  const at::Tensor& bias, double eps) {
+  const at::Tensor t = t_in.contiguous(format_like(t_in));
+  auto [mean, var] = prim_channel_stats(t);
+  const BnFold f = bn_fold(weight, bias, mean, var, eps);
+  at::Tensor y = prim_affine_relu(t, f.scale, f.shift);
+  return {y, mean, var};
+}
+
+struct BnReluTrainFn : public torch::autograd::Function<BnReluTrainFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& t, const at::Tensor& weight,
+                               const at::Tensor& bias, double eps) {
+    auto [y, mean, var] = bn_relu_train_impl(t, weight, bias, eps);
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({mean, var});
+    ctx->save_for_backward({t, weight, bias, mean, var});
+    return {y, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &weight = saved[1], &bias = saved[2], &mean = saved[3], &var = saved[4];
+    const at::Tensor t = saved[0].contiguous(format_like(saved[0]));
+    const double eps = ctx->saved_data["eps"].toDouble();
+    at::Tensor dy = grads[0];
+    if (!dy.defined()) dy = at::zeros_like(t);
+    dy = dy.to(t.dtype()).contiguous(format_like(t));
+    const BnFold f = bn_fold(weight, bias, mean, var, eps);
+    // Pass 1: sum(g), sum(g * (t - mean)) with g the ReLU-masked dy; pass 2: dt = p g + q t + r.
+    auto [sum_g, sum_gc] = prim_affine_relu_backward_sums(dy, t, f.scale, f.shift, mean.contiguous());
+    const double m = static_cast<double>(t.size(0) * t.size(2) * t.size(3));
+    at::Tensor dweight = sum_gc * f.invstd;
+    at::Tensor q = (-f.scale * f.invstd * dweight / m).contiguous();
+    at::Tensor r = (-q * mean - f.scale * sum_g / m).contiguous();
+    at::Tensor dt = prim_affine_relu_backward_apply(dy, t, f.scale, f.shift, f.scale, q, r);
+    return guard_double_backward({dt, dweight.to(weight.scalar_type()), sum_g.to(bias.scalar_type()), at::Tensor()},
+                                 {grads[0], saved[0], weight, bias}, "scnet_fused.bn_relu_train_backward");
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // sc_avgpool (its backward is linear, with the pool as adjoint: differentiable to any order)
 // ---------------------------------------------------------------------------------------------
 struct AvgPoolFn;
@@ -278,6 +350,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sc_gate_bn_train_autograd(const a
 
 at::Tensor sc_avgpool_autograd(const at::Tensor& x, int64_t r) { return AvgPoolFn::apply(x, r); }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_autograd(const at::Tensor& t, const at::Tensor& weight,
+                                                                      const at::Tensor& bias, double eps) {
+  auto out = BnReluTrainFn::apply(t, weight, bias, eps);
+  return {out[0], out[1], out[2]};
+}
+
 at::Tensor sc_avgpool_plain(const at::Tensor& x, int64_t r) { return prim_avgpool(x.contiguous(format_like(x)), r); }
 
 }  // namespace
@@ -288,16 +366,19 @@ TORCH_LIBRARY_FRAGMENT(scnet_fused, m) {
   m.def("_sc_gate_bn_train_ag(Tensor x, Tensor small, Tensor k3, Tensor weight, Tensor bias, float eps) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("_sc_avgpool_ag(Tensor x, int r) -> Tensor");
+  m.def("_bn_relu_train_ag(Tensor t, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(scnet_fused, Autograd, m) {
   m.impl("_sc_gate_ag", &scnet_fused::sc_gate_autograd);
   m.impl("_sc_gate_bn_train_ag", &scnet_fused::sc_gate_bn_train_autograd);
   m.impl("_sc_avgpool_ag", &scnet_fused::sc_avgpool_autograd);
+  m.impl("_bn_relu_train_ag", &scnet_fused::bn_relu_train_autograd);
 }
 
 TORCH_LIBRARY_IMPL(scnet_fused, CompositeExplicitAutograd, m) {
   m.impl("_sc_gate_ag", &scnet_fused::gate_impl);
   m.impl("_sc_gate_bn_train_ag", &scnet_fused::gate_bn_train_impl);
   m.impl("_sc_avgpool_ag", &scnet_fused::sc_avgpool_plain);
+  m.impl("_bn_relu_train_ag", &scnet_fused::bn_relu_train_impl);
 }

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scnet_fused.ops import _dispatch, available, sc_avgpool, sc_gate, sc_gate_bn_train
+from scnet_fused.ops.bn_relu import bn_relu_train
 
 pytestmark = pytest.mark.skipif(available("cpu") is not None, reason="the compiled CPU backend is not built")
 
@@ -82,6 +83,20 @@ def test_avgpool_paths_agree(monkeypatch, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     (o1, g1, n1), (o2, g2, n2) = _both(monkeypatch, sc_avgpool, x.requires_grad_(), 4)
     assert "scnet_fused::_sc_avgpool_ag" in n1 and "scnet_fused::sc_avgpool" in n2
+    _same(o1, o2)
+    _same(g1, g2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_relu_paths_agree(monkeypatch, channels_last):
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(3, 6, 9, 11, generator=g) * 2 + 0.2
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    args = [t.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5]
+    (o1, g1, n1), (o2, g2, n2) = _both(monkeypatch, bn_relu_train, *args)
+    assert "scnet_fused::_bn_relu_train_ag" in n1 and "scnet_fused::bn_relu_train" in n2
     _same(o1, o2)
     _same(g1, g2)
 

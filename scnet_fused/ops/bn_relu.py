@@ -125,4 +125,6 @@ def bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) ->
     float32 batch statistics (update running statistics with them; unbiased = var * M / (M - 1)).
     """
     check_bn_relu_inputs(t, weight, bias)
+    if _dispatch.cpp_autograd(t):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
+        return torch.ops.scnet_fused._bn_relu_train_ag(t, weight, bias, float(eps))
     return torch.ops.scnet_fused.bn_relu_train(t, weight, bias, float(eps))
