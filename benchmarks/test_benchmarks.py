@@ -53,7 +53,8 @@ def _sync_after(fn):
 def test_gate(benchmark, provider, op, mode, shape):
     C, H, W = shape
     args = bench.make_gate_inputs(op, N, C, H, W, DTYPE, DEVICE)
-    dy = torch.randn(N, C, H, W, device=DEVICE, dtype=DTYPE)
+    out_hw = bench.pooled_hw(H, W) if op == "avgpool" else (H, W)
+    dy = torch.randn(N, C, *out_hw, device=DEVICE, dtype=DTYPE)
     f = _callable(op, provider)
     gin = bench._grad_inputs(args)
     if mode == "forward":

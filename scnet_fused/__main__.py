@@ -218,6 +218,9 @@ def cmd_train_bench(args) -> int:
 # ------------------------------------------------------------------------------------------------
 
 _CHECK_SHAPES = ((2, 8, 14, 14), (3, 5, 13, 25), (2, 16, 7, 7))
+# op -> (eager function, fused function) in scnet_fused.bench
+_CHECK_OPS = {"gate": ("eager_gate", "fused_gate"), "gate_bn": ("eager_gate_bn", "fused_gate_bn"),
+              "avgpool": ("eager_avgpool", "fused_avgpool"), "bn_relu": ("eager_bn_relu", "fused_bn_relu")}
 
 
 def _check_one(backend_name: str, op: str, shape, dtype, device, channels_last: bool):
@@ -230,15 +233,16 @@ def _check_one(backend_name: str, op: str, shape, dtype, device, channels_last: 
     N, C, H, W = shape
     args64 = bench.make_gate_inputs(op, N, C, H, W, torch.float64, device, channels_last, seed=7)
     args64 = tuple(a.detach().requires_grad_(True) for a in args64)
-    eager = bench.eager_gate if op == "gate" else bench.eager_gate_bn
-    fused = bench.fused_gate if op == "gate" else bench.fused_gate_bn
+    eager, fused = _CHECK_OPS[op]
+    eager, fused = getattr(bench, eager), getattr(bench, fused)
 
     def run(fn, args, dy):
         y = fn(*args)
         grads = torch.autograd.grad(y, args, dy.to(y.dtype))
         return [y.detach()] + [g.detach() for g in grads]
 
-    dy64 = torch.randn(N, C, H, W, dtype=torch.float64, device=device,
+    out_hw = bench.pooled_hw(H, W) if op == "avgpool" else (H, W)
+    dy64 = torch.randn(N, C, *out_hw, dtype=torch.float64, device=device,
                        generator=torch.Generator(device=device).manual_seed(3))
     ref = run(eager, args64, dy64)
     low = tuple(a.detach().to(dtype if a.dim() == 4 else (torch.float32 if dtype == torch.float32 else dtype))
@@ -249,7 +253,8 @@ def _check_one(backend_name: str, op: str, shape, dtype, device, channels_last: 
     base = run(eager, low, dy64.to(dtype))
     with force(backend_name):
         got = run(fused, low, dy64.to(dtype))
-    names = ["y", "dx", "dsmall", "dk3"] + (["dweight", "dbias"] if op == "gate_bn" else [])
+    names = {"gate": ["y", "dx", "dsmall", "dk3"], "gate_bn": ["y", "dx", "dsmall", "dk3", "dweight", "dbias"],
+             "avgpool": ["y", "dx"], "bn_relu": ["y", "dt", "dweight", "dbias"]}[op]
     out = []
     for name, r, b, g in zip(names, ref, base, got):
         if tuple(g.shape) != tuple(r.shape):
@@ -298,7 +303,7 @@ def cmd_check(args) -> int:
     with bench.bench_environment():
         for b in runnable:
             for dtype in dtypes:
-                for op in ("gate", "gate_bn"):
+                for op in _CHECK_OPS:
                     for shape in _CHECK_SHAPES:
                         for cl in (False, True):
                             try:

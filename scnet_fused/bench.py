@@ -600,6 +600,8 @@ def make_gate_inputs(op: str, N: int, C: int, H: int, W: int, dtype: torch.dtype
         t = rnd(N, C, H, W)
         weight = (1 + 0.1 * torch.randn(C, generator=g)).to(device=device, dtype=torch.float32)
         bias = (0.1 * torch.randn(C, generator=g)).to(device=device, dtype=torch.float32)
+        if dtype != torch.float32:  # as gate_bn: eager batch_norm takes one dtype on the CPU
+            weight, bias = weight.to(dtype), bias.to(dtype)
         return (t, weight.requires_grad_(requires_grad), bias.requires_grad_(requires_grad))
     x, small, k3 = rnd(N, C, H, W), rnd(N, C, h, w), rnd(N, C, H, W)
     if op == "gate":
