@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "sc_cpu_vec.h"
 #include "sc_host.h"
 
 namespace scnet_fused {
@@ -28,41 +29,12 @@ namespace {
 
 using namespace ::scnet_fused::host;
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kV = Vec::size();
-
-template <typename T>
-inline Vec load_f(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
-  } else {
-    Vec v;
-    at::vec::load_to_float<T>(p, v);
-    return v;
-  }
-}
-
-template <typename T>
-inline void store_f(T* p, const Vec& v) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p);
-  } else {
-    at::vec::convert_from_float<T>(v, v).store(p, kV);
-  }
-}
+using namespace ::scnet_fused::cpu_vec;
 
 inline Vec relu_v(const Vec& z) { return Vec::blendv(z, Vec(0.0f), z <= Vec(0.0f)); }
 inline Vec mask_v(const Vec& dy, const Vec& z) { return Vec::blendv(dy, Vec(0.0f), z <= Vec(0.0f)); }
 inline float relu_s(float z) { return z <= 0.0f ? 0.0f : z; }
 inline float mask_s(float dy, float z) { return z <= 0.0f ? 0.0f : dy; }
-
-inline double hsum(const Vec& v) {
-  float buf[kV];
-  v.store(buf);
-  double s = 0.0;
-  for (int64_t e = 0; e < kV; ++e) s += buf[e];
-  return s;
-}
 
 struct Shape {
   int64_t N, C, HW;

@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "sc_cpu_vec.h"
 #include "sc_gate_math.h"
 #include "sc_host.h"
 
@@ -95,14 +96,7 @@ inline Vec vsigmoid(const Vec& z) {
 inline Vec vsigmoid(const Vec& z) { return vreciprocal(Vec(1.0f) + z.neg().exp_u20()); }
 #endif
 
-// Sum of the lanes in a fixed order, in double.
-inline double hsum(const Vec& v) {
-  float buf[kV];
-  v.store(buf);
-  double s = 0.0;
-  for (int64_t e = 0; e < kV; ++e) s += buf[e];
-  return s;
-}
+using ::scnet_fused::cpu_vec::hsum;
 
 // ------------------------------------------------------------------------------------------------
 // Shapes, index tables, argument checks.

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "sc_cpu_vec.h"
 #include "sc_host.h"
 
 namespace scnet_fused {
@@ -26,30 +27,7 @@ namespace {
 
 using namespace ::scnet_fused::host;
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kV = Vec::size();
-
-// Full vectors of kV elements as float (the row tails are done in scalar code: partial vector loads
-// and stores go through a buffer and would dominate the narrow rows of the 14x14 and 7x7 maps).
-template <typename T>
-inline Vec load_f(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
-  } else {
-    Vec v;
-    at::vec::load_to_float<T>(p, v);
-    return v;
-  }
-}
-
-template <typename T>
-inline void store_f(T* p, const Vec& v) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p);
-  } else {
-    at::vec::convert_from_float<T>(v, v).store(p, kV);
-  }
-}
+using namespace ::scnet_fused::cpu_vec;
 
 // Grain of the row loops: about 32k elements of x per task.
 inline int64_t grain_for(int64_t elems_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems_per_item)); }

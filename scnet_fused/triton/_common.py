@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 INT32_LIMIT = 2 ** 31  # at or above this many elements a kernel switches to 64-bit offsets (BIG)
 
@@ -15,3 +17,14 @@ def layout(x: torch.Tensor):
     if x.is_contiguous(memory_format=torch.channels_last):
         return True, torch.channels_last
     return False, torch.contiguous_format
+
+
+@triton.jit
+def flat_block(BLOCK_E: tl.constexpr, BIG: tl.constexpr):
+    """This program's BLOCK_E consecutive flat indices (64-bit when BIG)."""
+    pid = tl.program_id(0)
+    if BIG:
+        e = pid.to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E).to(tl.int64)
+    else:
+        e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    return e

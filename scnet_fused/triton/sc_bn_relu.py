@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_empty
-from ._common import INT32_LIMIT, layout as _layout
+from ._common import INT32_LIMIT, flat_block, layout as _layout
 
 _BLOCK = 1024
 
@@ -27,11 +27,7 @@ _BLOCK = 1024
 def _affine_relu_pointwise_kernel(t_ptr, dy_ptr, out_ptr, a_ptr, b_ptr, p_ptr, q_ptr, r_ptr, total, C, HW,
                                   APPLY: tl.constexpr, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr,
                                   BLOCK_E: tl.constexpr):
-    pid = tl.program_id(0)
-    if BIG:
-        e = pid.to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E).to(tl.int64)
-    else:
-        e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    e = flat_block(BLOCK_E, BIG)
     mask = e < total
     if CHANNELS_LAST:
         c = e % C

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_empty
-from ._common import INT32_LIMIT, layout as _layout
+from ._common import INT32_LIMIT, flat_block, layout as _layout
 
 _BLOCK = 1024
 
@@ -27,11 +27,7 @@ _BLOCK = 1024
 @triton.jit
 def _avgpool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, h, w, inv,
                         CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr):
-    pid = tl.program_id(0)
-    if BIG:
-        o = pid.to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E).to(tl.int64)
-    else:
-        o = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    o = flat_block(BLOCK_E, BIG)
     mask = o < total
     if CHANNELS_LAST:
         c = o % C
@@ -61,11 +57,7 @@ def _avgpool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, h, w, inv,
 @triton.jit
 def _avgpool_bwd_kernel(dy_ptr, dx_ptr, total, C, H, W, h, w, inv,
                         CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr):
-    pid = tl.program_id(0)
-    if BIG:
-        e = pid.to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E).to(tl.int64)
-    else:
-        e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    e = flat_block(BLOCK_E, BIG)
     mask = e < total
     if CHANNELS_LAST:
         c = e % C
