@@ -32,6 +32,27 @@ __device__ __forceinline__ void store_f(T* p, const float (&in)[V]) {
   *reinterpret_cast<Pack<T, V>*>(p) = pk;
 }
 
+// (n, c, i, j) of a flat index into an N x C x H x W tensor stored NCHW, or NHWC when kNHWC. One
+// division per level, remainders by multiply-subtract.
+template <bool kNHWC, typename I>
+__device__ __forceinline__ void unflatten(I flat, I C, I H, I W, I& n, I& c, I& i, I& j) {
+  if (kNHWC) {
+    const I pix = flat / C;
+    c = flat - pix * C;
+    const I row = pix / W;
+    j = pix - row * W;
+    n = row / H;
+    i = row - n * H;
+  } else {
+    const I row = flat / W;
+    j = flat - row * W;
+    const I plane = row / H;
+    i = row - plane * H;
+    n = plane / C;
+    c = plane - n * C;
+  }
+}
+
 // Block-wide sum of one double per thread (blockDim.x == kThreads) in a fixed tree order; the result
 // is returned to every thread. smem: kThreads doubles of shared memory.
 __device__ __forceinline__ double block_sum(double v, double* smem) {

@@ -66,23 +66,8 @@ __global__ void __launch_bounds__(kThreads) pointwise_kernel(const PointwisePara
        v += stride) {
     const I base = v * static_cast<I>(V);
     // The V elements share (n, c, i) in NCHW (W % V == 0) or (n, i, j) in NHWC (C % V == 0).
-    // One division per level; the remainder by multiply-subtract.
     I n, c, i, j;
-    if (kNHWC) {
-      const I pix = base / C;
-      c = base - pix * C;
-      const I row = pix / W;
-      j = pix - row * W;
-      n = row / H;
-      i = row - n * H;
-    } else {
-      const I row = base / W;
-      j = base - row * W;
-      const I plane = row / H;
-      i = row - plane * H;
-      n = plane / C;
-      c = plane - n * C;
-    }
+    unflatten<kNHWC>(base, C, H, W, n, c, i, j);
     const I ra = static_cast<I>(nearest_source(static_cast<int64_t>(i), p.scale_h, p.h, p.H));
     float xv[V], kv[V], dv[V], o[V];
     load_f<T, V>(p.x + base, xv);
@@ -144,21 +129,11 @@ __global__ void __launch_bounds__(kThreads) backward_cells_kernel(const Backward
     // NCHW units: (n, c, ra, cb) with cb fastest. NHWC units: (n, ra, cb, channel group) with the
     // channel group fastest, so neighbouring threads read neighbouring channels.
     I n, c0, ra, cb;
-    if (kNHWC) {
-      const I groups = C / static_cast<I>(V);
-      const I cell = u / groups;
-      c0 = (u - cell * groups) * static_cast<I>(V);
-      const I row = cell / w;
-      cb = cell - row * w;
-      n = row / h;
-      ra = row - n * h;
+    if (kNHWC) {  // units are (n, ra, cb, channel group of V): unflatten over C / V groups
+      unflatten<true>(u, C / static_cast<I>(V), h, w, n, c0, ra, cb);
+      c0 *= static_cast<I>(V);
     } else {
-      const I row = u / w;
-      cb = u - row * w;
-      const I plane = row / h;
-      ra = row - plane * h;
-      n = plane / C;
-      c0 = plane - n * C;
+      unflatten<false>(u, C, h, w, n, c0, ra, cb);
     }
     const I i0 = static_cast<I>(cell_start(static_cast<int64_t>(ra), p.scale_h, p.h, p.H));
     const I i1 = static_cast<I>(cell_start(static_cast<int64_t>(ra) + 1, p.scale_h, p.h, p.H));

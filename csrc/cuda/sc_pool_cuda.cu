@@ -49,13 +49,9 @@ __global__ void __launch_bounds__(kThreads) avgpool_fwd_kernel(const PoolParams<
     float acc[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) acc[e] = 0.0f;
+    I n, c, pr, q;  // output element (n, c, pr, q) of the h x w map
+    unflatten<kNHWC>(o, C, h, w, n, c, pr, q);
     if (kNHWC) {
-      const I pix = o / C;
-      const I c = o - pix * C;
-      const I row = pix / w;
-      const I q = pix - row * w;
-      const I n = row / h;
-      const I pr = row - n * h;
       for (I di = 0; di < r; ++di) {
         const T* src = p.in + ((n * H + pr * r + di) * W + q * r) * C + c;
         for (I dj = 0; dj < r; ++dj) {
@@ -71,10 +67,7 @@ __global__ void __launch_bounds__(kThreads) avgpool_fwd_kernel(const PoolParams<
     } else {
       // V == 1 in NCHW: consecutive threads take consecutive q, so each dj step of a warp reads a
       // strided set of a few cache lines the next steps reuse.
-      const I row = o / w;
-      const I q = o - row * w;
-      const I plane = row / h;
-      const I pr = row - plane * h;
+      const I plane = n * C + c;
       for (I di = 0; di < r; ++di) {
         const T* src = p.in + (plane * H + pr * r + di) * W + q * r;
         for (I dj = 0; dj < r; ++dj) acc[0] += static_cast<float>(src[dj]);
@@ -94,15 +87,12 @@ __global__ void __launch_bounds__(kThreads) avgpool_bwd_kernel(const PoolParams<
        u += stride) {
     const I base = u * static_cast<I>(V);  // first dx element of this unit, in memory order
     Pack<T, V> res;
+    // NHWC: the V elements share the pixel (n, i, j) (C % V == 0); NCHW: the row (n, c, i) (W % V == 0).
+    I n, c, i, j;
+    unflatten<kNHWC>(base, C, H, W, n, c, i, j);
+    const I pr = i / r;
     if (kNHWC) {
-      // The V elements share the pixel (n, i, j) (C % V == 0).
-      const I pix = base / C;
-      const I c = base - pix * C;
-      const I row = pix / W;
-      const I j = pix - row * W;
-      const I n = row / H;
-      const I i = row - n * H;
-      const I pr = i / r, q = j / r;
+      const I q = j / r;
       if (pr < h && q < w) {
         const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p.in + ((n * h + pr) * w + q) * C + c);
 #pragma unroll
@@ -112,16 +102,10 @@ __global__ void __launch_bounds__(kThreads) avgpool_bwd_kernel(const PoolParams<
         for (int e = 0; e < V; ++e) res.v[e] = static_cast<T>(0.0f);
       }
     } else {
-      // The V elements share the row (plane, i) (W % V == 0).
-      const I row = base / W;
-      const I j0 = base - row * W;
-      const I plane = row / H;
-      const I i = row - plane * H;
-      const I pr = i / r;
-      const T* src = p.in + (plane * h + (pr < h ? pr : 0)) * w;
+      const T* src = p.in + ((n * C + c) * h + (pr < h ? pr : 0)) * w;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const I q = (j0 + static_cast<I>(e)) / r;
+        const I q = (j + static_cast<I>(e)) / r;
         res.v[e] = static_cast<T>(pr < h && q < w ? static_cast<float>(src[q]) * p.inv : 0.0f);
       }
     }

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from .sc_gate import _format
 
 __all__ = ["sc_avgpool", "check_avgpool_input"]
 
@@ -34,11 +35,7 @@ def check_avgpool_input(x: Tensor, r: int) -> None:
 
 
 def _channels_last(x: Tensor) -> bool:
-    return (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def _out_format(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if _channels_last(x) else torch.contiguous_format
+    return _format(x) == torch.channels_last
 
 
 @torch.library.custom_op("scnet_fused::sc_avgpool", mutates_args=())
@@ -46,16 +43,16 @@ def _sc_avgpool(x: Tensor, r: int) -> Tensor:
     check_avgpool_input(x, r)
     if x.numel() == 0:
         N, C, H, W = x.shape
-        return torch.empty((N, C, H // r, W // r), dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+        return torch.empty((N, C, H // r, W // r), dtype=x.dtype, device=x.device, memory_format=_format(x))
     _, prims = _dispatch.select(x.device, x.dtype)
-    return prims.avgpool(x.contiguous(memory_format=_out_format(x)), r)
+    return prims.avgpool(x.contiguous(memory_format=_format(x)), r)
 
 
 @_sc_avgpool.register_fake
 def _(x, r):
     check_avgpool_input(x, r)
     N, C, H, W = x.shape
-    return torch.empty((N, C, H // r, W // r), dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+    return torch.empty((N, C, H // r, W // r), dtype=x.dtype, device=x.device, memory_format=_format(x))
 
 
 @torch.library.custom_op("scnet_fused::sc_avgpool_backward", mutates_args=())

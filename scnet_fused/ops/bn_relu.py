@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from .sc_gate import bn_fold
+from .sc_gate import _format, bn_fold
 
 __all__ = ["bn_relu_train", "check_bn_relu_inputs"]
 
@@ -42,12 +42,6 @@ def check_bn_relu_inputs(t: Tensor, weight: Tensor, bias: Tensor) -> None:
     if t.shape[0] * t.shape[2] * t.shape[3] <= 1:
         raise ValueError(f"bn_relu_train: expected more than 1 value per channel when training, got input of "
                          f"shape {tuple(t.shape)}")
-
-
-def _format(t: Tensor) -> torch.memory_format:
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:

@@ -12,13 +12,9 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .sc_gate import _format
+
 __all__ = ["relu_cat"]
-
-
-def _format(t: Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _check(a: Tensor, b: Tensor) -> None:
