@@ -114,6 +114,7 @@ def cmd_bench(args) -> int:
         busy = bench.busy_warning()
         if busy:
             print(f"{PROG}: warning: {busy}", file=sys.stderr)
+        log("allocator: " + bench.pin_cpu_allocator(pin=not args.default_malloc))
 
     def save(rows):
         bench.write_json(rows, os.path.join(out_dir, args.name + ".json"))
@@ -181,6 +182,7 @@ def cmd_train_bench(args) -> int:
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    allocator = bench.pin_cpu_allocator(pin=not args.default_malloc) if device.type == "cpu" else None
     try:
         with bench.bench_environment():
             res = bench.train_benchmark(args.model, batch_size=args.batch_size, amp=amp,
@@ -197,6 +199,7 @@ def cmd_train_bench(args) -> int:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+    res["allocator"] = allocator
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         peak = "n/a (CPU)" if res["peak_mem"] is None else f"{res['peak_mem'] / 2**30:.2f} GiB"
@@ -207,6 +210,8 @@ def cmd_train_bench(args) -> int:
               f"(p20 {res['p20_ms']:.1f}, p80 {res['p80_ms']:.1f})")
         print(f"time to first step: {res['first_step_ms'] / 1e3:.2f} s  peak memory: {peak}  "
               f"final loss {res['final_loss']:.4f}")
+        if allocator:
+            print(f"allocator: {allocator}")
         if args.json:
             bench.write_json([res], args.json)
             print(f"wrote {args.json}")
@@ -424,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model for --ops model")
     b.add_argument("--image-size", type=_positive_int, default=224)
     b.add_argument("--steps", type=_positive_int, default=5, help="timed training steps for --ops model")
+    b.add_argument("--default-malloc", action="store_true",
+                   help="CPU: leave glibc malloc's dynamic mmap/trim thresholds (default: fix them for the run, "
+                        "so page faults do not depend on what ran before)")
     b.add_argument("--no-plot", action="store_true")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=cmd_bench)
@@ -445,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-classes", type=_positive_int, default=1000)
     t.add_argument("--device", type=_device)
     t.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    t.add_argument("--default-malloc", action="store_true",
+                   help="CPU: leave glibc malloc's dynamic thresholds (default: fix them, as bench does)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train_bench)
 

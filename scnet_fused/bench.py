@@ -167,6 +167,69 @@ def busy_warning() -> Optional[str]:
     return None
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # the largest value glibc accepts on 64-bit
+_TRIM_THRESHOLD_OFF = (1 << 31) - 1
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
+               "GLIBC_TUNABLES", "LD_PRELOAD")
+_allocator_note: Optional[str] = None
+
+
+def _glibc():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        version = libc.gnu_get_libc_version
+    except (OSError, AttributeError):
+        return None, None
+    version.restype = ctypes.c_char_p
+    return libc, version().decode()
+
+
+def pin_cpu_allocator(pin: bool = True) -> str:
+    """Fix glibc malloc's large-block policy for CPU timing; returns a line describing the allocator.
+
+    glibc serves blocks above its mmap threshold with fresh pages and hands freed memory back to the
+    OS above its trim threshold; both thresholds move with what the process freed earlier. A
+    training step that allocates its activations then pays page faults whose number depends on the
+    history of the process (measured on this package's 2-core machine: the same SCBottleneck eval
+    forward at 8x256x56x56 took 30 ms or 55 ms with about 18,000 minor faults per call, depending on
+    which benchmarks ran before it). ``mallopt`` with fixed thresholds (32 MiB, trimming off) keeps
+    freed blocks in the heap, as the caching allocators (jemalloc, tcmalloc) do. Left alone when
+    ``pin`` is False, when the process is not on glibc, or when the user configured malloc already
+    (``MALLOC_*_`` / ``GLIBC_TUNABLES`` / ``LD_PRELOAD`` in the environment).
+    """
+    global _allocator_note
+    libc, version = _glibc()
+    if libc is None:
+        _allocator_note = "the C library's malloc (not glibc), as configured"
+        return _allocator_note
+    user = [k for k in _MALLOC_ENV if os.environ.get(k)]
+    if user:
+        _allocator_note = f"glibc {version} malloc as configured by the environment ({', '.join(user)})"
+    elif not pin:
+        _allocator_note = f"glibc {version} malloc with its default, dynamic thresholds"
+    elif libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and libc.mallopt(_M_TRIM_THRESHOLD,
+                                                                               _TRIM_THRESHOLD_OFF):
+        _allocator_note = (f"glibc {version} malloc, mmap threshold fixed at 32 MiB and trimming off "
+                           f"(mallopt, set by the harness; --default-malloc leaves glibc's dynamic thresholds)")
+    else:
+        _allocator_note = f"glibc {version} malloc (mallopt refused the fixed thresholds; defaults kept)"
+    return _allocator_note
+
+
+def minor_faults() -> Optional[int]:
+    """Minor page faults of this process so far (None where getrusage is not available)."""
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
 def best_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -210,6 +273,7 @@ class Timing:
     p20_ms: float
     p80_ms: float
     runs: int
+    faults_per_call: Optional[float] = None  # CPU: minor page faults per timed call
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -271,10 +335,20 @@ def time_cpu(fn: Callable[[], object], min_run_time: float = 0.5, threads: Optio
     from torch.utils.benchmark import Timer
 
     threads = threads or torch.get_num_threads()
-    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
+    calls = [0]
+
+    def counted():
+        calls[0] += 1
+        return fn()
+
+    f0 = minor_faults()
+    m = Timer(stmt="fn()", globals={"fn": counted}, num_threads=threads).blocked_autorange(
+        min_run_time=min_run_time)
+    f1 = minor_faults()
     times = [t * 1e3 for t in m.times]
+    faults = (f1 - f0) / calls[0] if f0 is not None and f1 is not None and calls[0] else None
     return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8),
-                  int(m.number_per_run * len(m.times)))
+                  int(m.number_per_run * len(m.times)), faults)
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, *, min_run_time: float = 0.5,
@@ -690,6 +764,7 @@ class Harness:
         row.update(device=self._device_name, versions=self._versions, dtype=dtype_name(self.dtype))
         if self.device.type == "cpu":
             row["loadavg_1m"] = load_average()
+            row["allocator"] = _allocator_note or pin_cpu_allocator(pin=False)
         row.update(kw)
         if row.get("bytes") and row.get("median_ms"):
             row["gbps"] = row["bytes"] / (row["median_ms"] * 1e-3) / 1e9
@@ -772,6 +847,7 @@ class Harness:
                     median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, bytes=model["bytes"],
                     flops=model["flops"], passes=model["passes"], eager_passes=model["eager_passes"],
                     peak_mem=pk, saved_bytes=saved, first_ms=first, runs=t.runs, input_sets=n_sets,
+                    faults_per_call=t.faults_per_call,
                     channels_last=channels_last, backend=self._backend_of(prov), level="op"))
         out = []
         for mode in modes:
@@ -896,6 +972,7 @@ class Harness:
                     median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                     flops=flops * (3 if mode == "train" else 1) if module == "scconv" else None,
                     peak_mem=pk, saved_bytes=saved, first_ms=first, runs=t.runs, input_sets=n_sets,
+                    faults_per_call=t.faults_per_call,
                     channels_last=channels_last, backend=self._backend_of(prov), level="module"))
         out = []
         for mode in modes:
@@ -1149,10 +1226,13 @@ def markdown_table(rows: List[dict], title: Optional[str] = None, notes: Sequenc
         loads = [r["loadavg_1m"] for r in rows if r.get("loadavg_1m") is not None]
         if loads:
             lines.append(f"1-minute load average while measuring: {min(loads):.1f} to {max(loads):.1f}.")
+        allocs = list(dict.fromkeys(r["allocator"] for r in rows if r.get("allocator")))
+        if allocs:
+            lines.append(f"Allocator: {'; '.join(allocs)}.")
         lines.append("")
     lines.append("| op | mode | shape | dtype | provider | median ms | p20-p80 ms | GB/s | % ceiling "
-                 "| vs eager | vs compile | saved MiB | peak MiB | first call ms |")
-    lines.append("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "| vs eager | vs compile | saved MiB | peak MiB | first call ms | faults/call |")
+    lines.append("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         extra = ""
         if r.get("images_per_s"):
@@ -1163,7 +1243,8 @@ def markdown_table(rows: List[dict], title: Optional[str] = None, notes: Sequenc
             f"| {_fmt(r['median_ms'], '.3f')}{extra} | {_fmt(r['p20_ms'], '.3f')}-{_fmt(r['p80_ms'], '.3f')} "
             f"| {_fmt(r.get('gbps'), '.1f')} | {_fmt(r.get('pct_of_ceiling'), '.1f')} "
             f"| {_fmt(r.get('speedup'), '.2f')} | {_fmt(r.get('speedup_vs_compile'), '.2f')} "
-            f"| {_mb(r.get('saved_bytes'))} | {_mb(r.get('peak_mem'))} | {_fmt(r.get('first_ms'), '.0f')} |")
+            f"| {_mb(r.get('saved_bytes'))} | {_mb(r.get('peak_mem'))} | {_fmt(r.get('first_ms'), '.0f')} "
+            f"| {_fmt(r.get('faults_per_call'), '.0f')} |")
     if notes:
         lines += ["", "Not measured:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

@@ -76,7 +76,7 @@ def test_bench_quick_writes_rows(tmp_path, capsys):
                                                                           bench.torch.float32) is None]
     code = main(["bench", "--quick", "--device", "cpu", "--shapes", "8x8x8", "--batch-size", "2",
                  "--ops", "gate,gate_bn", "--providers", ",".join(providers), "--min-run-time", "0.02",
-                 "--out", str(tmp_path), "--quiet"])
+                 "--out", str(tmp_path), "--quiet", "--default-malloc"])
     assert code == 0, capsys.readouterr().err
     rows = json.loads((tmp_path / "results.json").read_text())
     assert {(r["op"], r["mode"], r["provider"]) for r in rows} == {
@@ -88,11 +88,42 @@ def test_bench_quick_writes_rows(tmp_path, capsys):
         assert r["bytes"] > 0 and r["gbps"] > 0 and r["shape"] == "2x8x8x8"
         assert r["peak_mem"] is None  # no CUDA memory on the CPU, and no made-up number
         assert r["versions"]["torch"]
+        assert "malloc" in r["allocator"]
+        assert r["faults_per_call"] is None or r["faults_per_call"] >= 0
     eager_fwd = [r for r in rows if r["provider"] == "eager" and r["mode"] == "forward"]
     assert all(r["speedup"] == 1.0 for r in eager_fwd)
     assert all(r["saved_bytes"] > 0 for r in eager_fwd)  # eager keeps the sigmoid and the sum
     md = (tmp_path / "results.md").read_text()
-    assert "| op | mode | shape |" in md and "gate_bn" in md
+    assert "| op | mode | shape |" in md and "gate_bn" in md and "faults/call" in md and "Allocator:" in md
+
+
+@pytest.mark.parametrize("env, pin, needle", [
+    ({}, True, "fixed at 32 MiB"),
+    ({}, False, "default, dynamic thresholds"),
+    ({"MALLOC_TRIM_THRESHOLD_": "1000000"}, True, "configured by the environment (MALLOC_TRIM_THRESHOLD_)"),
+])
+def test_bench_allocator_pinning(env, pin, needle):
+    """The harness fixes glibc's thresholds for CPU timing, says so, and leaves a user's setting alone."""
+    from scnet_fused import bench
+
+    if bench._glibc()[0] is None:
+        pytest.skip("not a glibc process: the allocator is left as configured")
+    code = "\n".join(["import torch", "from scnet_fused import bench",
+                      f"print(bench.pin_cpu_allocator(pin={pin}))",
+                      "for i in range(16):",
+                      "    if i == 12:", "        f0 = bench.minor_faults()",
+                      "    torch.empty(4 << 20).fill_(1.0)",
+                      "print(bench.minor_faults() - f0)"])
+    clean = {k: v for k, v in os.environ.items() if k not in bench._MALLOC_ENV}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env},
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    note, faults = r.stdout.strip().splitlines()[-2:]
+    assert needle in note
+    if pin and not env:
+        # a 16 MiB block allocated, touched and freed 16 times: pinned, the heap settles and keeps it, so
+        # the last four rounds fault far fewer pages than one fresh block has (4096)
+        assert int(faults) < 1024, faults
 
 
 def test_digits_example_fused_matches_reference():
