@@ -144,3 +144,25 @@ def test_digits_example_fused_matches_reference():
     assert len(f) == len(r) == 2
     for a, b in zip(f, r):
         assert abs(a - b) < 1e-4 * max(1.0, abs(b))
+
+
+def test_summary_tables_from_results(tmp_path, capsys):
+    """benchmarks/tables.py puts eager, compile and the fused provider side by side, ratios from the medians."""
+    spec = importlib.util.spec_from_file_location("tables", os.path.join(ROOT, "benchmarks", "tables.py"))
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    base = {"dtype": "fp32", "device": "test cpu", "versions": {"torch": "x"}, "allocator": "glibc test"}
+    rows = [dict(base, op="gate", mode="forward", shape="8x32x56x56", provider=p, median_ms=m)
+            for p, m in (("eager", 3.0), ("compile", 1.5), ("cpu", 0.5))]
+    rows += [dict(base, op="scconv", mode="train", shape="8x32x56x56", provider=p, median_ms=m, saved_bytes=s,
+                  faults_per_call=f)
+             for p, m, s, f in (("eager", 20.0, 16.5e6, 10.0), ("compile", 22.0, 16.0e6, 0.0),
+                                ("cpu", 16.0, 7.0e6, 2.0))]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rows))
+    assert tables.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| gate | forward | 8x32x56x56 | fp32 | 3.000 | 1.500 | 0.500 | 6.00x | 3.00x |" in out
+    assert "| scconv | train | 8x32x56x56 | fp32 | 20.00 | 22.00 | 16.00 | 1.25x | 1.38x | 16.5 / 7.0 | 10 / 2 |" in out
+    assert "Allocator: glibc test." in out
+    assert tables.main([str(path), "--fused", "triton"]) == 1  # no such rows: says so, exits non-zero
