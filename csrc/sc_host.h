@@ -37,6 +37,37 @@ inline at::MemoryFormat format_of(Layout l) {
 
 inline at::Tensor in_layout(const at::Tensor& t, Layout l) { return t.contiguous(format_of(l)); }
 
+// The channel pitch of a 4-D tensor that is a channel slice [c0, c0 + C) of a dense (N, Cp, H, W)
+// buffer in layout l (a half of a concatenation): NCHW strides (Cp*H*W, H*W, W, 1), NHWC strides
+// (H*W*Cp, 1, W*Cp, Cp). Element (n, c, p) of the slice is at n*Cp*HW + c*HW + p (NCHW) or
+// (n*HW + p)*Cp + c (NHWC) from its data pointer. 0 when t is no such slice (strides checked
+// literally: size-1 dimensions with other strides are copied, never guessed).
+inline int64_t channel_pitch(const at::Tensor& t, Layout l) {
+  if (t.dim() != 4) return 0;
+  const int64_t C = t.size(1), H = t.size(2), W = t.size(3);
+  const auto s = t.strides();
+  if (l == Layout::NCHW) {
+    if (s[3] != 1 || s[2] != W || s[1] != H * W || H * W == 0 || s[0] % (H * W) != 0) return 0;
+    const int64_t cp = s[0] / (H * W);
+    return cp >= C ? cp : 0;
+  }
+  const int64_t cp = s[3];
+  if (s[1] != 1 || cp < C || s[2] != W * cp || s[0] != H * W * cp) return 0;
+  return cp;
+}
+
+// t as the kernels read it: in place when it is dense in layout l or a channel slice of such a buffer
+// (*pitch = its channel pitch), else a dense copy in layout l (*pitch = C).
+inline at::Tensor in_layout_or_slice(const at::Tensor& t, Layout l, int64_t* pitch) {
+  const int64_t cp = channel_pitch(t, l);
+  if (cp > 0) {
+    *pitch = cp;
+    return t;
+  }
+  *pitch = t.size(1);
+  return in_layout(t, l);
+}
+
 inline bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .ops import sc_avgpool, sc_gate, sc_gate_bn_train
-from .ops.bn_relu import bn_relu_train
+from .ops.bn_relu import bn_relu_cat_train, bn_relu_train
 from .ops.sc_gate import bn_fold
 from .ops.relu_cat import relu_cat
 
@@ -127,11 +127,23 @@ def _update_running_stats(bn, factor: float, mean: Tensor, var: Tensor, t: Tenso
             bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
 
 
+def _batch_stats_bn(bn: nn.Module) -> bool:
+    """A plain BatchNorm2d normalising with the batch's statistics (training, or no running stats)."""
+    return _plain_batchnorm(bn) and (bn.training or bn.running_mean is None)
+
+
+def _fusable_pair(ta: Tensor, tb: Tensor) -> bool:
+    """Two branch outputs the fused BatchNorm + ReLU + concatenation takes (else the modules run)."""
+    return (ta.dim() == 4 and tb.dim() == 4 and ta.numel() > 0 and tb.numel() > 0 and ta.dtype == tb.dtype
+            and ta.device == tb.device and ta.shape[0] == tb.shape[0] and ta.shape[2:] == tb.shape[2:]
+            and ta.shape[0] * ta.shape[2] * ta.shape[3] > 1)
+
+
 def _bn_relu(conv: nn.Module, bn: nn.Module, relu: nn.Module, x: Tensor) -> Tensor:
     """``relu(bn(conv(x)))``: with a BatchNorm2d using batch statistics, BN + ReLU as one fused op
     (:func:`scnet_fused.ops.bn_relu.bn_relu_train`) and the running statistics updated as nn.BatchNorm2d
     does; otherwise as the modules (inference folds conv + eval BN, see :func:`_conv_bn`)."""
-    if not (_plain_batchnorm(bn) and (bn.training or bn.running_mean is None)):
+    if not _batch_stats_bn(bn):
         return relu(_conv_bn(conv, bn, x))
     t = conv(x)
     if t.dim() != 4 or t.numel() == 0 or t.shape[0] * t.shape[2] * t.shape[3] <= 1:
@@ -193,6 +205,19 @@ class SCConv(reference.SCConv):
     recompute_gate = True
 
     def forward(self, x: Tensor) -> Tensor:
+        y, saved = self._gate(x)
+        conv4, norm4 = self.k4[0], self.k4[1]
+        if not torch.is_grad_enabled():
+            return _conv_bn(conv4, norm4, y)
+        return norm4(self._conv4(y, *saved))
+
+    def _pre_norm4(self, x: Tensor) -> Tensor:
+        """k4's convolution output, before k4's norm (the bottleneck fuses that norm with its ReLU)."""
+        y, saved = self._gate(x)
+        return self._conv4(y, *saved)
+
+    def _gate(self, x: Tensor):
+        """The gate output y (k4's input) and what k4's convolution needs to recompute it."""
         reference._check_sc_input(x, self.inplanes, self.pooling_r)
         small = self._k2(x)
         conv3, norm3 = self.k3[0], self.k3[1]
@@ -216,10 +241,7 @@ class SCConv(reference.SCConv):
         else:
             k3 = norm3(k3).to(k3.dtype)
             y = sc_gate(xg, small, k3)
-        conv4, norm4 = self.k4[0], self.k4[1]
-        if not torch.is_grad_enabled():
-            return _conv_bn(conv4, norm4, y)
-        return norm4(self._conv4(y, xg, small, k3, scale, shift))
+        return y, (xg, small, k3, scale, shift)
 
     def _k2(self, x: Tensor) -> Tensor:
         """The pooled branch: the pool as a fused kernel, then k2's conv and norm on the small map."""
@@ -298,11 +320,33 @@ class SCBottleneck(reference.SCBottleneck):
         residual = x
         out_a = _bn_relu(self.conv1_a, self.bn1_a, self.relu, x)
         out_b = _bn_relu(self.conv1_b, self.bn1_b, self.relu, x)
-        out = _conv_bn(self.conv3, self.bn3, relu_cat(_seq_conv_bn(self.k1, out_a), self.scconv(out_b)))
+        out = _conv_bn(self.conv3, self.bn3, self._branches(out_a, out_b))
         if self.downsample is not None:
             residual = _seq_conv_bn(self.downsample, x)
         out = out + residual
         return self.relu(out)
+
+    def _branches(self, out_a: Tensor, out_b: Tensor) -> Tensor:
+        """``cat([relu(k1(out_a)), relu(scconv(out_b))], 1)``. With both branches ending in a BatchNorm2d
+        that uses batch statistics (training), the two BatchNorm + ReLU passes write their halves of the
+        concatenation directly (:func:`scnet_fused.ops.bn_relu_cat_train`); running statistics as
+        nn.BatchNorm2d updates them. Otherwise the branches run as modules and their ReLUs write the
+        halves (:func:`scnet_fused.ops.relu_cat.relu_cat`)."""
+        k1, sc = self.k1, self.scconv
+        if not (isinstance(k1, nn.Sequential) and len(k1) == 2 and _batch_stats_bn(k1[1]) and isinstance(sc, SCConv)
+                and isinstance(sc.k4, nn.Sequential) and len(sc.k4) == 2 and _batch_stats_bn(sc.k4[1])):
+            return relu_cat(_seq_conv_bn(k1, out_a), sc(out_b))
+        bn_a, bn_b = k1[1], sc.k4[1]
+        ta, tb = k1[0](out_a), sc._pre_norm4(out_b)
+        if not _fusable_pair(ta, tb):
+            return relu_cat(bn_a(ta), bn_b(tb))  # nn.BatchNorm2d's own handling (and errors)
+        factor_a, factor_b = _bn_momentum(bn_a), _bn_momentum(bn_b)
+        wa, ba = _affine_params(bn_a, ta)
+        wb, bb = _affine_params(bn_b, tb)
+        out, mean_a, var_a, mean_b, var_b = bn_relu_cat_train(ta, wa, ba, tb, wb, bb, bn_a.eps, bn_b.eps)
+        _update_running_stats(bn_a, factor_a, mean_a, var_a, ta)
+        _update_running_stats(bn_b, factor_b, mean_b, var_b, tb)
+        return out
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  cardinality: int = 1, bottleneck_width: int = 32, avd: bool = False, dilation: int = 1,

@@ -447,6 +447,12 @@ def affine_relu(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return _like(torch.relu(_affine_relu_z(t, scale, shift)), t)
 
 
+def affine_relu_out(t: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
+    """relu(t * scale[c] + shift[c]) written into ``out`` (t's shape; any strides, e.g. a channel slice)."""
+    out.copy_(torch.relu(_affine_relu_z(t, scale, shift)))
+    return out
+
+
 def affine_relu_backward_sums(dy: Tensor, t: Tensor, scale: Tensor, shift: Tensor, center: Tensor):
     """Per-channel (sum g, sum g * (t - center)), g = dy where relu's input is not <= 0."""
     g = _relu_grad(dy, _affine_relu_z(t, scale, shift))

@@ -8,7 +8,8 @@ from torch import nn
 import scnet_fused
 from scnet_fused import reference as R
 from scnet_fused.ops import backend
-from scnet_fused.ops.bn_relu import bn_relu_train
+from scnet_fused.ops import _dispatch
+from scnet_fused.ops.bn_relu import bn_relu_cat_train, bn_relu_train
 
 from _util import assert_close_rule, backends_here
 
@@ -135,6 +136,7 @@ def test_bottleneck_runs_it_in_training(name, channels_last):
     torch.manual_seed(0)
     ref = R.SCBottleneck(128, 32, norm_layer=nn.BatchNorm2d, downsample=None)
     ref.bn1_a.momentum = None  # cumulative average for one of them
+    ref.k1[1].momentum = None
     fused = scnet_fused.convert(ref)
     x = torch.randn(2, 128, 14, 13)
     if channels_last:
@@ -154,6 +156,118 @@ def test_bottleneck_runs_it_in_training(name, channels_last):
             calls = [e.name for e in prof.events()
                      if e.name in ("scnet_fused::bn_relu_train", "scnet_fused::_bn_relu_train_ag")]
             assert len(calls) == 2, calls
+            cat_calls = [e.name for e in prof.events() if e.name == "scnet_fused::bn_relu_cat_train"]
+            assert len(cat_calls) == 1, cat_calls  # k1's and k4's BatchNorm + ReLU into the concatenation
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(fused.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
     assert int(fused.bn1_a.num_batches_tracked) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# bn_relu_cat_train: two branches' BatchNorm + ReLU written into their concatenation
+# ------------------------------------------------------------------------------------------------
+
+CAT_SHAPES = [((2, 5, 7, 6), 3), ((3, 16, 14, 13), 16), ((4, 3, 1, 1), 2)]
+
+
+def _cat_inputs(shape, cb, dtype=torch.float32, channels_last=False, seed=0):
+    ta, wa, ba, _ = _inputs(shape, dtype, channels_last, seed)
+    tb, wb, bb, _ = _inputs((shape[0], cb) + tuple(shape[2:]), dtype, channels_last, seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    dout = torch.randn(shape[0], shape[1] + cb, *shape[2:], generator=g).to(dtype)
+    return (ta, wa, ba, tb, wb, bb), dout
+
+
+def _eager_cat(ta, wa, ba, tb, wb, bb, eps_a=1e-5, eps_b=1e-5):
+    return torch.cat([_eager(ta, wa, ba, eps_a), _eager(tb, wb, bb, eps_b)], dim=1)
+
+
+@pytest.mark.parametrize("name", backends_here())
+@pytest.mark.parametrize("shape,cb", CAT_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cat_matches_batch_norm_relu_cat(name, shape, cb, channels_last):
+    args, dout = _cat_inputs(shape, cb, channels_last=channels_last)
+    leaves = [v.clone().requires_grad_() for v in args]
+    with backend(name):
+        out, mean_a, var_a, mean_b, var_b = bn_relu_cat_train(*leaves, eps_a=1e-5, eps_b=1e-3)
+        grads = torch.autograd.grad(out, leaves, dout)
+    ref = [v.detach().double().requires_grad_() for v in args]
+    out64 = _eager_cat(*ref, eps_a=1e-5, eps_b=1e-3)
+    g64 = torch.autograd.grad(out64, ref, dout.double())
+    torch.testing.assert_close(out.double(), out64.detach(), rtol=1e-5, atol=1e-5)
+    for t, mean, var in ((args[0], mean_a, var_a), (args[3], mean_b, var_b)):
+        var64, mean64 = torch.var_mean(t.double(), dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-5)
+    for n, a, e in zip(("dta", "dwa", "dba", "dtb", "dwb", "dbb"), grads, g64):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4, msg=lambda m: f"{n}: {m}")
+    fmt = torch.channels_last if channels_last and shape[2] * shape[3] > 1 else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("name", [n for n in backends_here() if n != "reference"])
+def test_cat_low_precision(name):
+    args, dout = _cat_inputs((2, 16, 14, 13), 8, dtype=torch.bfloat16, channels_last=True, seed=3)
+    leaves = [v.clone().requires_grad_() for v in args]
+    with backend(name):
+        out = bn_relu_cat_train(*leaves)[0]
+        grads = torch.autograd.grad(out, leaves, dout)
+    ref = [v.detach().double().requires_grad_() for v in args]
+    out64 = _eager_cat(*ref)
+    g64 = torch.autograd.grad(out64, ref, dout.double())
+    eager = [v.detach().to(torch.bfloat16).requires_grad_() for v in args]
+    oute = _eager_cat(*eager)
+    ge = torch.autograd.grad(oute, eager, dout)
+    assert out.dtype == torch.bfloat16
+    assert_close_rule(out, out64.detach(), oute.detach(), what=f"{name} out")
+    for n, a, e, l in zip(("dta", "dwa", "dba", "dtb", "dwb", "dbb"), grads, g64, ge):
+        assert_close_rule(a, e, l, what=f"{name} {n}")
+
+
+@pytest.mark.parametrize("name", backends_here())
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_slices_written_and_read_in_place(name, channels_last):
+    """affine_relu_out writes exactly its channel slice of a wider buffer (the rest keeps its sentinel);
+    the backward primitives read a slice of a wider gradient exactly as the same values made dense."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    t, _, _, _ = _inputs((2, 5, 6, 7), channels_last=channels_last)
+    scale, shift = torch.rand(5) + 0.5, torch.randn(5)
+    with backend(name):
+        _, prims = _dispatch.select(t.device, t.dtype)
+    buf = torch.full((2, 12, 6, 7), 7.0).contiguous(memory_format=fmt)
+    prims.affine_relu_out(t, scale, shift, buf[:, 4:9])
+    torch.testing.assert_close(buf[:, 4:9], prims.affine_relu(t, scale, shift), rtol=0, atol=0)
+    assert (buf[:, :4] == 7.0).all() and (buf[:, 9:] == 7.0).all()
+    wide = torch.randn(2, 12, 6, 7).contiguous(memory_format=fmt)
+    dy = wide[:, 4:9]
+    dense = dy.contiguous(memory_format=fmt)
+    center, p, q, r = torch.randn(5), torch.randn(5), torch.randn(5), torch.randn(5)
+    for a, e in zip(prims.affine_relu_backward_sums(dy, t, scale, shift, center),
+                    prims.affine_relu_backward_sums(dense, t, scale, shift, center)):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    torch.testing.assert_close(prims.affine_relu_backward_apply(dy, t, scale, shift, p, q, r),
+                               prims.affine_relu_backward_apply(dense, t, scale, shift, p, q, r), rtol=0, atol=0)
+    if name != "reference":  # the reference copies into any strides; the kernels refuse other layouts
+        with pytest.raises((ValueError, RuntimeError), match="channel slice"):
+            prims.affine_relu_out(t, scale, shift, torch.empty(2, 5, 7, 6).transpose(2, 3))
+
+
+def test_cat_opcheck_errors_and_saved_tensors():
+    args, dout = _cat_inputs((2, 3, 5, 4), 2)
+    leaves = [v.clone().requires_grad_() for v in args]
+    torch.library.opcheck(torch.ops.scnet_fused.bn_relu_cat_train.default,
+                          (leaves[0], leaves[1], leaves[2], 1e-5, leaves[3], leaves[4], leaves[5], 1e-3))
+    a64 = [v.detach().double().requires_grad_() for v in args]
+    assert torch.autograd.gradcheck(lambda *a: bn_relu_cat_train(*a)[0], a64)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: shapes.append(tuple(x.shape)) or x, lambda x: x):
+        bn_relu_cat_train(*leaves)
+    # ta, tb and per-channel vectors: never the normalised halves, the masks or the output
+    assert sorted(shapes) == sorted([(2, 3, 5, 4), (3,), (3,), (3,), (3,), (2, 2, 5, 4), (2,), (2,), (2,), (2,)])
+    ta, wa, ba, tb, wb, bb = args
+    with pytest.raises(ValueError, match="differ outside the channel dimension"):
+        bn_relu_cat_train(ta, wa, ba, tb[:, :, :4], wb, bb)
+    with pytest.raises(ValueError, match="differ in dtype or device"):
+        bn_relu_cat_train(ta, wa, ba, tb.double(), wb, bb)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn_relu_cat_train(ta[:1, :, :1, :1], wa, ba, tb[:1, :, :1, :1], wb, bb)

@@ -152,6 +152,45 @@ def check_bn_relu_parity(backend, device, shape, dtype, channels_last):
             assert_close_rule(a, e, l, what=f"{backend} {dtype} bn_relu {n}")
 
 
+def check_bn_relu_cat_parity(backend, device, shape, cb, dtype, channels_last):
+    """Both branches' BatchNorm + ReLU written into the concatenation (halves written and their
+    gradients read in place), against float64 eager (fp32: tolerances; low precision: the rule)."""
+    from scnet_fused.ops.bn_relu import bn_relu_cat_train
+
+    g = torch.Generator().manual_seed(sum(shape) + cb)
+    shapes = (shape, (shape[0], cb) + tuple(shape[2:]))
+    args = []
+    for s in shapes:
+        t = (torch.randn(*s, generator=g) * 2 + 0.3).to(device=device, dtype=dtype)
+        if channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        args += [t, (torch.rand(s[1], generator=g) + 0.5).to(device), torch.randn(s[1], generator=g).to(device)]
+    dout = torch.randn(shape[0], shape[1] + cb, *shape[2:], generator=g).to(device=device, dtype=dtype)
+    ins = [v.detach().clone().requires_grad_() for v in args]
+    with scnet_fused.backend(backend):
+        out = bn_relu_cat_train(*ins)[0]
+        grads = torch.autograd.grad(out, ins, dout)
+
+    def eager(ta, wa, ba, tb, wb, bb):
+        return torch.cat([F.relu(F.batch_norm(ta, None, None, wa, ba, True, 0.0, 1e-5)),
+                          F.relu(F.batch_norm(tb, None, None, wb, bb, True, 0.0, 1e-5))], dim=1)
+
+    refs = [v.detach().double().requires_grad_() for v in args]
+    out64 = eager(*refs)
+    g64 = torch.autograd.grad(out64, refs, dout.double())
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), out64.detach(), rtol=1e-4, atol=1e-4)
+        for a, e in zip(grads, g64):
+            torch.testing.assert_close(a.double(), e, rtol=1e-3, atol=1e-3)
+    else:
+        low = [v.detach().clone().to(dtype).requires_grad_() for v in args]
+        oute = eager(*low)
+        ge = torch.autograd.grad(oute, low, dout)
+        assert_close_rule(out, out64.detach(), oute.detach(), what=f"{backend} {dtype} bn_relu_cat out")
+        for n, a, e, l in zip(("dta", "dwa", "dba", "dtb", "dwb", "dbb"), grads, g64, ge):
+            assert_close_rule(a, e, l, what=f"{backend} {dtype} bn_relu_cat {n}")
+
+
 def _gpu_backends():
     return [b for b in ("triton", "cuda")]
 
@@ -203,6 +242,16 @@ def test_bn_relu_cuda(backend, shape, dtype, channels_last):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("shape,cb", [((4, 32, 56, 56), 32), ((3, 5, 14, 13), 7), ((8, 256, 7, 7), 256)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_relu_cat_cuda(backend, shape, cb, dtype, channels_last):
+    _need(backend)
+    check_bn_relu_cat_parity(backend, "cuda", shape, cb, dtype, channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_scconv_cuda(backend, channels_last):
     _need(backend)
@@ -230,6 +279,7 @@ def test_parity_suite_on_cpu(backend, dtype):
     check_gate_parity(backend, "cpu", SHAPES[0], dtype, channels_last=(dtype == torch.bfloat16))
     check_pool_parity(backend, "cpu", POOL_SHAPES[0], dtype, channels_last=(dtype == torch.bfloat16))
     check_bn_relu_parity(backend, "cpu", (3, 5, 14, 13), dtype, channels_last=(dtype == torch.bfloat16))
+    check_bn_relu_cat_parity(backend, "cpu", (3, 5, 14, 13), 7, dtype, channels_last=(dtype == torch.bfloat16))
     if dtype == torch.float32:
         check_bn_parity(backend, "cpu", SHAPES[2], channels_last=True)
         check_scconv_parity(backend, "cpu", channels_last=False)

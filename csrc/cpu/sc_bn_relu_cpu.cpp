@@ -7,8 +7,10 @@
 //   sums:  sum_g[c] = sum g,  sum_gc[c] = sum g * (t - center[c])
 //   apply: dt = p[c] * g + q[c] * t + r[c]   (BatchNorm's input gradient)
 //
-// NCHW and NHWC read in place; float32 math for float32 / float16 / bfloat16 storage; vectorized
-// with at::vec::Vectorized<float> (full vectors, scalar tails), threaded with at::parallel_for. The
+// NCHW and NHWC read in place; dy (backward) and out (`_affine_relu_out`) may also be a channel slice
+// of a concatenation buffer, read and written in place (channel pitch, csrc/sc_host.h). float32 math
+// for float32 / float16 / bfloat16 storage; vectorized with at::vec::Vectorized<float> (full vectors,
+// scalar tails), threaded with at::parallel_for. The
 // sums are split into tasks fixed by the shape and added in a fixed order: deterministic and
 // independent of the thread count.
 #include <ATen/ATen.h>
@@ -38,6 +40,7 @@ inline float mask_s(float dy, float z) { return z <= 0.0f ? 0.0f : dy; }
 
 struct Shape {
   int64_t N, C, HW;
+  int64_t dyP, outP;  // channel pitch of dy and of out (C when dense; more for a slice of a concatenation)
 };
 
 std::vector<float> vec_of(const char* op, const char* name, const at::Tensor& t, int64_t C) {
@@ -65,13 +68,13 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
     const int64_t HW = s.HW;
     at::parallel_for(0, s.N * s.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1)), [&](int64_t p0, int64_t p1) {
       for (int64_t plane = p0; plane < p1; ++plane) {
-        const int64_t c = plane % s.C;
+        const int64_t n = plane / s.C, c = plane - n * s.C;
         const T* tp = t + plane * HW;
-        T* op = out + plane * HW;
+        T* op = out + (n * s.outP + c) * HW;
         const Vec a(A[c]), b(B[c]);
         int64_t e = 0;
         if constexpr (kApply) {
-          const T* dp = dy + plane * HW;
+          const T* dp = dy + (n * s.dyP + c) * HW;
           const Vec pv(P[c]), qv(Q[c]), rv(R[c]);
           for (; e + kV <= HW; e += kV) {
             const Vec tv = load_f(tp + e);
@@ -95,10 +98,10 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
   at::parallel_for(0, P_, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const T* tp = t + q * C;
-      T* op = out + q * C;
+      T* op = out + q * s.outP;
       int64_t c = 0;
       if constexpr (kApply) {
-        const T* dp = dy + q * C;
+        const T* dp = dy + q * s.dyP;
         for (; c + kV <= C; c += kV) {
           const Vec tv = load_f(tp + c);
           const Vec g = mask_v(load_f(dp + c), at::vec::fmadd(tv, Vec::loadu(A + c), Vec::loadu(B + c)));
@@ -130,9 +133,9 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
     std::vector<double> s1(s.N * C), s2(s.N * C);
     at::parallel_for(0, s.N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1)), [&](int64_t p0, int64_t p1) {
       for (int64_t plane = p0; plane < p1; ++plane) {
-        const int64_t c = plane % C;
+        const int64_t n = plane / C, c = plane - n * C;
         const T* tp = t + plane * HW;
-        const T* dp = dy + plane * HW;
+        const T* dp = dy + (n * s.dyP + c) * HW;
         const Vec a(A[c]), b(B[c]), k(K[c]);
         double a1 = 0.0, a2 = 0.0;
         for (int64_t f0 = 0; f0 < HW; f0 += 1024) {  // float partials over at most 1024 values
@@ -183,7 +186,7 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
         std::fill(f2.begin(), f2.end(), 0.0f);
         for (int64_t q = b0; q < b1; ++q) {
           const T* tp = t + q * C;
-          const T* dp = dy + q * C;
+          const T* dp = dy + q * s.dyP;
           int64_t c = 0;
           for (; c + kV <= C; c += kV) {
             const Vec tv = load_f(tp + c);
@@ -219,21 +222,40 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
 // ---------------------------------------------------------------------------------------------
 // Ops
 // ---------------------------------------------------------------------------------------------
-at::Tensor affine_relu(const at::Tensor& t_in, const at::Tensor& scale, const at::Tensor& shift) {
-  const char* op = "scnet_fused::_affine_relu (cpu)";
+// y = relu(t * scale + shift) written into `out`: t's shape, dtype and layout, dense or a channel
+// slice of a concatenation buffer (written in place).
+void affine_relu_into(const char* op, const at::Tensor& t_in, const at::Tensor& scale, const at::Tensor& shift,
+                      const at::Tensor& out) {
   check_full(op, t_in);
   const Layout L = layout_of(t_in);
   const at::Tensor t = in_layout(t_in, L);
   const int64_t C = t.size(1);
+  TORCH_CHECK(out.device() == t.device() && out.sizes() == t.sizes() && out.scalar_type() == t.scalar_type(), op,
+              ": out must match t's shape, dtype and device, got ", out.sizes(), " ", out.scalar_type(), " on ",
+              out.device());
+  const int64_t outP = channel_pitch(out, L);
+  TORCH_CHECK(outP > 0, op, ": out must be dense in t's memory format or a channel slice of such a tensor, got "
+              "strides ", out.strides());
   const auto A = vec_of(op, "scale", scale, C), B = vec_of(op, "shift", shift, C);
-  at::Tensor y = new_output(t.sizes(), t.options(), format_of(L));
-  if (t.numel() == 0) return y;
-  const Shape s{t.size(0), C, t.size(2) * t.size(3)};
+  if (t.numel() == 0) return;
+  const Shape s{t.size(0), C, t.size(2) * t.size(3), C, outP};
   dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    pointwise<T, false>(t.data_ptr<T>(), nullptr, y.data_ptr<T>(), A.data(), B.data(), nullptr, nullptr, nullptr, s, L);
+    pointwise<T, false>(t.data_ptr<T>(), nullptr, out.data_ptr<T>(), A.data(), B.data(), nullptr, nullptr, nullptr,
+                        s, L);
   });
+}
+
+at::Tensor affine_relu(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift) {
+  const char* op = "scnet_fused::_affine_relu (cpu)";
+  check_full(op, t);
+  at::Tensor y = new_output(t.sizes(), t.options(), format_of(layout_of(t)));
+  affine_relu_into(op, t, scale, shift, y);
   return y;
+}
+
+void affine_relu_out(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
+  affine_relu_into("scnet_fused::_affine_relu_out (cpu)", t, scale, shift, out);
 }
 
 std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& dy_in, const at::Tensor& t_in,
@@ -244,13 +266,14 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
   TORCH_CHECK(dy_in.sizes() == t_in.sizes() && dy_in.scalar_type() == t_in.scalar_type(), op,
               ": dy must match t's shape and dtype, got ", dy_in.sizes(), " ", dy_in.scalar_type());
   const Layout L = layout_of(t_in);
-  const at::Tensor t = in_layout(t_in, L), dy = in_layout(dy_in, L);
+  int64_t dyP = 0;
+  const at::Tensor t = in_layout(t_in, L), dy = in_layout_or_slice(dy_in, L, &dyP);
   const int64_t C = t.size(1);
   const auto A = vec_of(op, "scale", scale, C), B = vec_of(op, "shift", shift, C), K = vec_of(op, "center", center, C);
   at::Tensor sum_g = at::zeros({C}, t.options().dtype(at::kFloat));
   at::Tensor sum_gc = at::zeros({C}, t.options().dtype(at::kFloat));
   if (t.numel() == 0) return {sum_g, sum_gc};
-  const Shape s{t.size(0), C, t.size(2) * t.size(3)};
+  const Shape s{t.size(0), C, t.size(2) * t.size(3), dyP, C};
   dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     sums<T>(t.data_ptr<T>(), dy.data_ptr<T>(), A.data(), B.data(), K.data(), s, L, sum_g.data_ptr<float>(),
@@ -267,13 +290,14 @@ at::Tensor affine_relu_backward_apply(const at::Tensor& dy_in, const at::Tensor&
   TORCH_CHECK(dy_in.sizes() == t_in.sizes() && dy_in.scalar_type() == t_in.scalar_type(), op,
               ": dy must match t's shape and dtype, got ", dy_in.sizes(), " ", dy_in.scalar_type());
   const Layout L = layout_of(t_in);
-  const at::Tensor t = in_layout(t_in, L), dy = in_layout(dy_in, L);
+  int64_t dyP = 0;
+  const at::Tensor t = in_layout(t_in, L), dy = in_layout_or_slice(dy_in, L, &dyP);
   const int64_t C = t.size(1);
   const auto A = vec_of(op, "scale", scale, C), B = vec_of(op, "shift", shift, C);
   const auto P = vec_of(op, "p", p, C), Q = vec_of(op, "q", q, C), R = vec_of(op, "r", r, C);
   at::Tensor dt = new_output(t.sizes(), t.options(), format_of(L));
   if (t.numel() == 0) return dt;
-  const Shape s{t.size(0), C, t.size(2) * t.size(3)};
+  const Shape s{t.size(0), C, t.size(2) * t.size(3), dyP, C};
   dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     pointwise<T, true>(t.data_ptr<T>(), dy.data_ptr<T>(), dt.data_ptr<T>(), A.data(), B.data(), P.data(), Q.data(),
@@ -288,6 +312,7 @@ at::Tensor affine_relu_backward_apply(const at::Tensor& dy_in, const at::Tensor&
 
 TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
   m.impl("_affine_relu", &scnet_fused::cpu_bn_relu::affine_relu);
+  m.impl("_affine_relu_out", &scnet_fused::cpu_bn_relu::affine_relu_out);
   m.impl("_affine_relu_backward_sums", &scnet_fused::cpu_bn_relu::affine_relu_backward_sums);
   m.impl("_affine_relu_backward_apply", &scnet_fused::cpu_bn_relu::affine_relu_backward_apply);
 }

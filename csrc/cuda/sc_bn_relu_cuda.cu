@@ -2,7 +2,8 @@
 // math is stated in csrc/cpu/sc_bn_relu_cpu.cpp).
 //
 //   pointwise_kernel   y = relu(t * scale + shift), or dt = p * g + q * t + r: one thread per element,
-//                      grid-stride, channel from the flat index (NCHW or NHWC).
+//                      grid-stride, channel from the flat index (NCHW or NHWC); y (`_affine_relu_out`)
+//                      and dy may be channel slices of a concatenation buffer (channel pitch).
 //   sums_kernel        per (channel, chunk of N*H*W positions) block: sum g and g * (t - center) in
 //                      float per thread, double across the block in a fixed tree order.
 //   finalize_kernel    per channel: the chunks summed in order. Deterministic, no atomics.
@@ -35,7 +36,20 @@ struct Params {
   T* out;
   const float *A, *B, *P, *Q, *R, *K;
   int64_t C, HW;
+  int64_t dyP, outP;  // channel pitch of dy and of out (C when dense; more for a slice of a concatenation)
 };
+
+// Offset in a tensor of channel pitch `pitch` of the element at flat index i = memory-order index of
+// the dense (N, C, H, W) tensor: i itself when pitch == C.
+template <typename I, bool kNHWC>
+__device__ __forceinline__ I pitched(I i, I C, I HW, I pitch) {
+  if (kNHWC) {
+    const I q = i / C;
+    return q * pitch + (i - q * C);
+  }
+  const I plane = i / HW, n = plane / C;
+  return (n * pitch + (plane - n * C)) * HW + (i - plane * HW);
+}
 
 template <typename T, typename I, bool kNHWC, bool kApply>
 __global__ void __launch_bounds__(kThreads) pointwise_kernel(const Params<T> p, const I numel) {
@@ -47,10 +61,10 @@ __global__ void __launch_bounds__(kThreads) pointwise_kernel(const Params<T> p, 
     const float tv = static_cast<float>(p.t[i]);
     const float z = tv * p.A[c] + p.B[c];
     if (kApply) {
-      const float g = mask_f(static_cast<float>(p.dy[i]), z);
+      const float g = mask_f(static_cast<float>(p.dy[pitched<I, kNHWC>(i, C, HW, static_cast<I>(p.dyP))]), z);
       p.out[i] = static_cast<T>(p.P[c] * g + p.Q[c] * tv + p.R[c]);
     } else {
-      p.out[i] = static_cast<T>(relu_f(z));
+      p.out[pitched<I, kNHWC>(i, C, HW, static_cast<I>(p.outP))] = static_cast<T>(relu_f(z));
     }
   }
 }
@@ -68,15 +82,17 @@ __global__ void __launch_bounds__(kThreads) sums_kernel(const Params<T> p, int64
   const float a = p.A[c], b = p.B[c], kc = p.K[c];
   float s1 = 0.0f, s2 = 0.0f;
   for (int64_t m = m0 + threadIdx.x; m < m1; m += kThreads) {
-    int64_t off;
+    int64_t off, doff;
     if (kNHWC) {
       off = m * C + c;
+      doff = m * p.dyP + c;
     } else {
       const int64_t n = m / HW;
       off = (n * C + c) * HW + (m - n * HW);
+      doff = (n * p.dyP + c) * HW + (m - n * HW);
     }
     const float tv = static_cast<float>(p.t[off]);
-    const float g = mask_f(static_cast<float>(p.dy[off]), tv * a + b);
+    const float g = mask_f(static_cast<float>(p.dy[doff]), tv * a + b);
     s1 += g;
     s2 += g * (tv - kc);
   }
@@ -115,17 +131,28 @@ void check_full(const char* op, const at::Tensor& t) {
               t.scalar_type());
 }
 
+// kApply false: y = relu(affine(t)) into `out_in` when given (dense in t's format or a channel slice
+// of a concatenation buffer), else into a new tensor. kApply true: dt from dy (dense or a slice).
 template <bool kApply>
 at::Tensor pointwise_op(const char* op, const at::Tensor& t_in, const at::Tensor* dy_in, const at::Tensor& scale,
-                        const at::Tensor& shift, const at::Tensor* pqr) {
+                        const at::Tensor& shift, const at::Tensor* pqr, const at::Tensor* out_in = nullptr) {
   check_full(op, t_in);
   const c10::cuda::CUDAGuard guard(t_in.device());
   const Layout L = layout_of(t_in);
   const at::Tensor t = in_layout(t_in, L);
-  const at::Tensor dy = dy_in ? in_layout(*dy_in, L) : at::Tensor();
+  int64_t dyP = t.size(1);
+  const at::Tensor dy = dy_in ? in_layout_or_slice(*dy_in, L, &dyP) : at::Tensor();
   if (dy_in) {
     TORCH_CHECK(dy.sizes() == t.sizes() && dy.scalar_type() == t.scalar_type() && dy.device() == t.device(), op,
                 ": dy must match t's shape, dtype and device");
+  }
+  int64_t outP = t.size(1);
+  if (out_in) {
+    TORCH_CHECK(out_in->device() == t.device() && out_in->sizes() == t.sizes() &&
+                out_in->scalar_type() == t.scalar_type(), op, ": out must match t's shape, dtype and device");
+    outP = channel_pitch(*out_in, L);
+    TORCH_CHECK(outP > 0, op, ": out must be dense in t's memory format or a channel slice of such a tensor, got "
+                "strides ", out_in->strides());
   }
   const at::Tensor A = vec_of(op, "scale", scale, t), B = vec_of(op, "shift", shift, t);
   at::Tensor P, Q, R;
@@ -134,7 +161,7 @@ at::Tensor pointwise_op(const char* op, const at::Tensor& t_in, const at::Tensor
     Q = vec_of(op, "q", pqr[1], t);
     R = vec_of(op, "r", pqr[2], t);
   }
-  at::Tensor out = new_output(t.sizes(), t.options(), format_of(L));
+  at::Tensor out = out_in ? *out_in : new_output(t.sizes(), t.options(), format_of(L));
   const int64_t numel = t.numel();
   if (numel == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
@@ -150,10 +177,14 @@ at::Tensor pointwise_op(const char* op, const at::Tensor& t_in, const at::Tensor
                 R.defined() ? R.data_ptr<float>() : nullptr,
                 nullptr,
                 t.size(1),
-                t.size(2) * t.size(3)};
+                t.size(2) * t.size(3),
+                dyP,
+                outP};
     const dim3 grid(static_cast<unsigned>(blocks_for(numel)));
     const bool nhwc = L == Layout::NHWC;
-    if (fits_int32(numel)) {
+    // 32-bit indices only when every offset fits, the pitched tensors' included
+    const int64_t span = t.size(0) * std::max(dyP, outP) * t.size(2) * t.size(3);
+    if (fits_int32(numel) && fits_int32(span)) {
       nhwc ? pointwise_kernel<T, uint32_t, true, kApply><<<grid, kThreads, 0, stream>>>(p, static_cast<uint32_t>(numel))
            : pointwise_kernel<T, uint32_t, false, kApply><<<grid, kThreads, 0, stream>>>(p, static_cast<uint32_t>(numel));
     } else {
@@ -167,6 +198,10 @@ at::Tensor pointwise_op(const char* op, const at::Tensor& t_in, const at::Tensor
 
 at::Tensor affine_relu(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift) {
   return pointwise_op<false>("scnet_fused::_affine_relu (cuda)", t, nullptr, scale, shift, nullptr);
+}
+
+void affine_relu_out(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
+  pointwise_op<false>("scnet_fused::_affine_relu_out (cuda)", t, nullptr, scale, shift, nullptr, &out);
 }
 
 at::Tensor affine_relu_backward_apply(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& scale,
@@ -183,7 +218,8 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
   check_full(op, t_in);
   const c10::cuda::CUDAGuard guard(t_in.device());
   const Layout L = layout_of(t_in);
-  const at::Tensor t = in_layout(t_in, L), dy = in_layout(dy_in, L);
+  int64_t dyP = 0;
+  const at::Tensor t = in_layout(t_in, L), dy = in_layout_or_slice(dy_in, L, &dyP);
   TORCH_CHECK(dy.sizes() == t.sizes() && dy.scalar_type() == t.scalar_type() && dy.device() == t.device(), op,
               ": dy must match t's shape, dtype and device");
   const at::Tensor A = vec_of(op, "scale", scale, t), B = vec_of(op, "shift", shift, t);
@@ -202,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
   dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     Params<T> p{t.data_ptr<T>(), dy.data_ptr<T>(), nullptr, A.data_ptr<float>(), B.data_ptr<float>(),
-                nullptr, nullptr, nullptr, K.data_ptr<float>(), C, HW};
+                nullptr, nullptr, nullptr, K.data_ptr<float>(), C, HW, dyP, C};
     const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(nchunk));
     if (L == Layout::NHWC) {
       sums_kernel<T, true><<<grid, kThreads, 0, stream>>>(p, N, chunk_fit, part.data_ptr<double>());
@@ -224,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
 
 TORCH_LIBRARY_IMPL(scnet_fused, CUDA, m) {
   m.impl("_affine_relu", &scnet_fused::cuda_bn_relu::affine_relu);
+  m.impl("_affine_relu_out", &scnet_fused::cuda_bn_relu::affine_relu_out);
   m.impl("_affine_relu_backward_sums", &scnet_fused::cuda_bn_relu::affine_relu_backward_sums);
   m.impl("_affine_relu_backward_apply", &scnet_fused::cuda_bn_relu::affine_relu_backward_apply);
 }

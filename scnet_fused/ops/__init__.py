@@ -2,7 +2,7 @@
 
 from ._dispatch import BACKENDS, BackendUnavailable, available, backend, requested, select
 from .avgpool import sc_avgpool
-from .bn_relu import bn_relu_train
+from .bn_relu import bn_relu_cat_train, bn_relu_train
 from .sc_gate import check_gate_inputs, sc_gate, sc_gate_bn_train
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "sc_gate_bn_train",
     "sc_avgpool",
     "bn_relu_train",
+    "bn_relu_cat_train",
 ]

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 _OPS = ("_gate_forward", "_gate_backward", "_gate_backward_k3", "_channel_stats", "_avgpool", "_avgpool_backward",
-        "_affine_relu", "_affine_relu_backward_sums", "_affine_relu_backward_apply")
+        "_affine_relu", "_affine_relu_out", "_affine_relu_backward_sums", "_affine_relu_backward_apply")
 _import_error: Optional[str] = None
 
 try:
@@ -84,6 +84,10 @@ class Primitives:
 
     def affine_relu(self, t, scale, shift):
         return self._ops._affine_relu(t, scale, shift)
+
+    def affine_relu_out(self, t, scale, shift, out):
+        self._ops._affine_relu_out(t, scale, shift, out)
+        return out
 
     def affine_relu_backward_sums(self, dy, t, scale, shift, center):
         return self._ops._affine_relu_backward_sums(dy, t, scale, shift, center)

@@ -24,9 +24,13 @@ Every backend provides the same kernel-level primitives (no autograd, no torch.l
 ``affine_relu(t, scale, shift) -> y``
     ``y = relu(t * scale[c] + shift[c])`` (NaN propagates), float32 ``[C]`` scale / shift; t's dtype and
     memory format.
+``affine_relu_out(t, scale, shift, out) -> out``
+    the same written into ``out``: t's shape and dtype, dense in t's memory format or a channel slice
+    ``buf[:, c0:c0 + C]`` of such a tensor (one half of a concatenation), written in place.
 ``affine_relu_backward_sums(dy, t, scale, shift, center) -> (sum_g, sum_gc)``
     ``g = dy`` where ``not (t * scale + shift <= 0)`` else 0; float32 per-channel ``sum g`` and
-    ``sum g * (t - center)``.
+    ``sum g * (t - center)``. Here and in ``affine_relu_backward_apply`` dy may be such a channel slice
+    (the compiled and Triton backends read it in place; any other strides are copied first).
 ``affine_relu_backward_apply(dy, t, scale, shift, p, q, r) -> dt``
     ``dt = p[c] * g + q[c] * t + r[c]`` (the input gradient of a training-mode BatchNorm before a ReLU).
 

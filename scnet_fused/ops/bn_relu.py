@@ -15,10 +15,11 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .._alloc import new_empty
 from . import _dispatch
 from .sc_gate import _format, bn_fold
 
-__all__ = ["bn_relu_train", "check_bn_relu_inputs"]
+__all__ = ["bn_relu_train", "bn_relu_cat_train", "check_bn_relu_inputs"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -73,6 +74,12 @@ def _bn_relu_train_backward(dy: Tensor, t: Tensor, weight: Tensor, bias: Tensor,
     fmt = _format(t)
     t = t.contiguous(memory_format=fmt)
     dy = dy.to(t.dtype).contiguous(memory_format=fmt)
+    return _grads(prims, dy, t, weight, bias, mean, var, eps)
+
+
+def _grads(prims, dy: Tensor, t: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float):
+    """(dt, dweight, dbias) of relu(batch_norm(t)) for the output gradient dy (dense like t, or a
+    channel slice of a concatenation's gradient in t's memory format: read in place)."""
     invstd, scale, shift = bn_fold(weight, bias, mean, var, eps)
     scale, shift = scale.contiguous(), shift.contiguous()
     # Pass 1: sum(g) and sum(g * (t - mean)), g = dy masked by the ReLU (recomputed from t).
@@ -122,3 +129,109 @@ def bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) ->
     if _dispatch.cpp_autograd(t):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
         return torch.ops.scnet_fused._bn_relu_train_ag(t, weight, bias, float(eps))
     return torch.ops.scnet_fused.bn_relu_train(t, weight, bias, float(eps))
+
+
+# ------------------------------------------------------------------------------------------------
+# Two branches' BatchNorm + ReLU written straight into their concatenation
+# ------------------------------------------------------------------------------------------------
+
+
+def check_bn_relu_cat_inputs(ta: Tensor, wa: Tensor, ba: Tensor, tb: Tensor, wb: Tensor, bb: Tensor) -> None:
+    check_bn_relu_inputs(ta, wa, ba)
+    check_bn_relu_inputs(tb, wb, bb)
+    if ta.shape[0] != tb.shape[0] or ta.shape[2:] != tb.shape[2:]:
+        raise ValueError(f"bn_relu_cat_train: the branches differ outside the channel dimension: "
+                         f"{tuple(ta.shape)} and {tuple(tb.shape)}")
+    if ta.dtype != tb.dtype or ta.device != tb.device:
+        raise ValueError(f"bn_relu_cat_train: the branches differ in dtype or device ({ta.dtype} on {ta.device}, "
+                         f"{tb.dtype} on {tb.device})")
+
+
+def _cat_empty(ta: Tensor, tb: Tensor, fmt: torch.memory_format) -> Tensor:
+    n, ca, h, w = ta.shape
+    return new_empty((n, ca + tb.shape[1], h, w), ta.dtype, ta.device, fmt)
+
+
+@torch.library.custom_op("scnet_fused::bn_relu_cat_train", mutates_args=())
+def _bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, eps_a: float, tb: Tensor, wb: Tensor, bb: Tensor,
+                       eps_b: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_bn_relu_cat_inputs(ta, wa, ba, tb, wb, bb)
+    _, prims = _dispatch.select(ta.device, ta.dtype)
+    fmt = _format(ta)
+    out = _cat_empty(ta, tb, fmt)
+    ca = ta.shape[1]
+    stats = []
+    for t, w, b, eps, half in ((ta, wa, ba, eps_a, out[:, :ca]), (tb, wb, bb, eps_b, out[:, ca:])):
+        t = t.contiguous(memory_format=fmt)
+        mean, var = prims.channel_stats(t)
+        _, scale, shift = bn_fold(w, b, mean, var, eps)
+        prims.affine_relu_out(t, scale.contiguous(), shift.contiguous(), half)  # written in place
+        stats += [mean, var]
+    return out, stats[0], stats[1], stats[2], stats[3]
+
+
+@_bn_relu_cat_train.register_fake
+def _(ta, wa, ba, eps_a, tb, wb, bb, eps_b):
+    check_bn_relu_cat_inputs(ta, wa, ba, tb, wb, bb)
+    out = torch.empty((ta.shape[0], ta.shape[1] + tb.shape[1], ta.shape[2], ta.shape[3]), dtype=ta.dtype,
+                      device=ta.device, memory_format=_format(ta))
+    ca, cb = ta.new_empty(ta.shape[1], dtype=_acc_dtype(ta)), tb.new_empty(tb.shape[1], dtype=_acc_dtype(tb))
+    return out, ca, ca.new_empty(ca.shape), cb, cb.new_empty(cb.shape)
+
+
+@torch.library.custom_op("scnet_fused::bn_relu_cat_train_backward", mutates_args=())
+def _bn_relu_cat_train_backward(dout: Tensor, ta: Tensor, wa: Tensor, ba: Tensor, mean_a: Tensor, var_a: Tensor,
+                                eps_a: float, tb: Tensor, wb: Tensor, bb: Tensor, mean_b: Tensor, var_b: Tensor,
+                                eps_b: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _, prims = _dispatch.select(ta.device, ta.dtype)
+    fmt = _format(ta)
+    dout = dout.to(ta.dtype).contiguous(memory_format=fmt)
+    ca = ta.shape[1]
+    # each half of dout is read in place by the kernels (a channel slice in ta's memory format)
+    ga = _grads(prims, dout[:, :ca], ta.contiguous(memory_format=fmt), wa, ba, mean_a, var_a, eps_a)
+    gb = _grads(prims, dout[:, ca:], tb.contiguous(memory_format=fmt), wb, bb, mean_b, var_b, eps_b)
+    return ga + gb
+
+
+@_bn_relu_cat_train_backward.register_fake
+def _(dout, ta, wa, ba, mean_a, var_a, eps_a, tb, wb, bb, mean_b, var_b, eps_b):
+    fmt = _format(ta)
+    return (torch.empty(ta.shape, dtype=ta.dtype, device=ta.device, memory_format=fmt), wa.new_empty(wa.shape),
+            ba.new_empty(ba.shape), torch.empty(tb.shape, dtype=tb.dtype, device=tb.device, memory_format=fmt),
+            wb.new_empty(wb.shape), bb.new_empty(bb.shape))
+
+
+def _cat_setup(ctx, inputs, output):
+    ta, wa, ba, eps_a, tb, wb, bb, eps_b = inputs
+    _, mean_a, var_a, mean_b, var_b = output
+    ctx.eps = (eps_a, eps_b)
+    ctx.mark_non_differentiable(mean_a, var_a, mean_b, var_b)
+    ctx.save_for_backward(ta, wa, ba, mean_a, var_a, tb, wb, bb, mean_b, var_b)
+
+
+def _cat_backward(ctx, dout, *_dstats):
+    ta, wa, ba, mean_a, var_a, tb, wb, bb, mean_b, var_b = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros((ta.shape[0], ta.shape[1] + tb.shape[1], ta.shape[2], ta.shape[3]), dtype=ta.dtype,
+                           device=ta.device)
+    dta, dwa, dba, dtb, dwb, dbb = torch.ops.scnet_fused.bn_relu_cat_train_backward(
+        dout, ta, wa, ba, mean_a, var_a, ctx.eps[0], tb, wb, bb, mean_b, var_b, ctx.eps[1])
+    return dta, dwa, dba, None, dtb, dwb, dbb, None
+
+
+_bn_relu_cat_train.register_autograd(_cat_backward, setup_context=_cat_setup)
+
+
+def bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, tb: Tensor, wb: Tensor, bb: Tensor, eps_a: float = 1e-5,
+                      eps_b: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``cat([relu(batch_norm(ta)), relu(batch_norm(tb))], dim=1)`` in training mode, each branch's
+    normalise-and-ReLU pass writing its channels of the output directly.
+
+    Returns ``(out, mean_a, var_a, mean_b, var_b)``: the float32 batch statistics (biased variances) of
+    each branch, for the running-statistics update. ``ta`` ``(N, Ca, H, W)`` and ``tb`` ``(N, Cb, H, W)``
+    share N, H, W, dtype and device; ``out`` takes ta's memory format. The backward reads each half of
+    the output gradient in place (no copy of the halves) and saves ta, tb and per-channel vectors.
+    Eager: two BatchNorms write their outputs, the ReLUs and the concatenation read and write them again.
+    """
+    check_bn_relu_cat_inputs(ta, wa, ba, tb, wb, bb)
+    return torch.ops.scnet_fused.bn_relu_cat_train(ta, wa, ba, float(eps_a), tb, wb, bb, float(eps_b))

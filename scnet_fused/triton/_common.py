@@ -28,3 +28,29 @@ def flat_block(BLOCK_E: tl.constexpr, BIG: tl.constexpr):
     else:
         e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
     return e
+
+
+def channel_pitch(t: torch.Tensor, channels_last: bool) -> int:
+    """The channel pitch of ``t`` when it is dense in that layout or a channel slice of such a buffer
+    (a half of a concatenation), else 0; the rule of ``channel_pitch`` in csrc/sc_host.h."""
+    if t.dim() != 4:
+        return 0
+    _, C, H, W = t.shape
+    s = t.stride()
+    if not channels_last:
+        if s[3] != 1 or s[2] != W or s[1] != H * W or H * W == 0 or s[0] % (H * W) != 0:
+            return 0
+        cp = s[0] // (H * W)
+        return cp if cp >= C else 0
+    cp = s[3]
+    if s[1] != 1 or cp < C or s[2] != W * cp or s[0] != H * W * cp:
+        return 0
+    return cp
+
+
+def in_layout_or_slice(t: torch.Tensor, channels_last: bool, fmt: torch.memory_format):
+    """(tensor, pitch): t itself when dense in the layout or a channel slice, else a dense copy."""
+    cp = channel_pitch(t, channels_last)
+    if cp:
+        return t, cp
+    return t.contiguous(memory_format=fmt), t.shape[1]

@@ -4,7 +4,8 @@
 ``z = t * scale[c] + shift[c]``, ``y = relu(z)``; backward ``g = dy`` where ``not z <= 0`` (a NaN z
 passes the gradient, as torch's threshold_backward), per-channel ``sum g`` and
 ``sum g * (t - center)``, then ``dt = p * g + q * t + r``. The pointwise kernel walks a flat index in
-memory order (NCHW or NHWC); the sums kernel is the statistics kernel's tiling (a chunk of positions
+memory order (NCHW or NHWC); y (``affine_relu_out``) and dy may be channel slices of a concatenation
+buffer, read and written in place through their channel pitch; the sums kernel is the statistics kernel's tiling (a chunk of positions
 by a block of channels per program, partials summed by the launcher in a fixed order: deterministic).
 Bytes: forward reads t, writes y (2 passes); sums read dy and t (2); apply reads dy, t, writes dt (3).
 """
@@ -18,36 +19,54 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_empty
-from ._common import INT32_LIMIT, flat_block, layout as _layout
+from ._common import INT32_LIMIT, channel_pitch, flat_block, in_layout_or_slice, layout as _layout
 
 _BLOCK = 1024
 
 
 @triton.jit
 def _affine_relu_pointwise_kernel(t_ptr, dy_ptr, out_ptr, a_ptr, b_ptr, p_ptr, q_ptr, r_ptr, total, C, HW,
-                                  APPLY: tl.constexpr, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr,
-                                  BLOCK_E: tl.constexpr):
+                                  dy_pitch, out_pitch, APPLY: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                                  BIG: tl.constexpr, BLOCK_E: tl.constexpr):
+    # e: flat index of the dense t; dy (APPLY) and out (not APPLY) may be channel slices of a wider
+    # buffer: their offsets use their channel pitch (equal to e when the pitch is C).
     e = flat_block(BLOCK_E, BIG)
     mask = e < total
     if CHANNELS_LAST:
-        c = e % C
+        q = e // C
+        c = e - q * C
+        base = q
+        pix = 0
     else:
-        c = (e // HW) % C
+        plane = e // HW
+        n = plane // C
+        c = plane - n * C
+        base = n
+        pix = e - plane * HW
     tv = tl.load(t_ptr + e, mask=mask, other=0.0).to(tl.float32)
     z = tv * tl.load(a_ptr + c, mask=mask, other=0.0) + tl.load(b_ptr + c, mask=mask, other=0.0)
     if APPLY:
-        dyv = tl.load(dy_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        if CHANNELS_LAST:
+            d_off = base * dy_pitch + c
+        else:
+            d_off = (base * dy_pitch + c) * HW + pix
+        dyv = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
         g = tl.where(z <= 0.0, 0.0, dyv)
         out = (tl.load(p_ptr + c, mask=mask, other=0.0) * g + tl.load(q_ptr + c, mask=mask, other=0.0) * tv
                + tl.load(r_ptr + c, mask=mask, other=0.0))
+        o_off = e
     else:
         out = tl.where(z <= 0.0, 0.0, z)
-    tl.store(out_ptr + e, out.to(out_ptr.dtype.element_ty), mask=mask)
+        if CHANNELS_LAST:
+            o_off = base * out_pitch + c
+        else:
+            o_off = (base * out_pitch + c) * HW + pix
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _affine_relu_sums_kernel(t_ptr, dy_ptr, a_ptr, b_ptr, k_ptr, part_g_ptr, part_gc_ptr, C, HW, NHW, chunk,
-                             CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr, BLOCK_C: tl.constexpr,
+                             dy_pitch, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr, BLOCK_C: tl.constexpr,
                              BLOCK_P: tl.constexpr):
     pid_q = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -66,12 +85,14 @@ def _affine_relu_sums_kernel(t_ptr, dy_ptr, a_ptr, b_ptr, k_ptr, part_g_ptr, par
         q = q0 + tl.arange(0, BLOCK_P)
         if CHANNELS_LAST:
             off = q[None, :] * C + c[:, None]
+            d_off = q[None, :] * dy_pitch + c[:, None]
         else:
             img = q // HW
             off = (img * C)[None, :] * HW + c[:, None] * HW + (q - img * HW)[None, :]
+            d_off = (img * dy_pitch)[None, :] * HW + c[:, None] * HW + (q - img * HW)[None, :]
         mask = c_mask[:, None] & (q < q_end)[None, :]
         tv = tl.load(t_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        dyv = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)  # masked lanes: dy = 0, g = 0
+        dyv = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)  # masked lanes: dy = 0, g = 0
         g = tl.where(tv * a + b <= 0.0, 0.0, dyv)
         acc_g += g
         acc_gc += g * (tv - k)
@@ -88,27 +109,47 @@ def _vec(v: torch.Tensor) -> torch.Tensor:
     return v.detach().to(torch.float32).contiguous()
 
 
-def _pointwise(t, dy, scale, shift, pqr: Optional[tuple]):
+def _pointwise(t, dy, scale, shift, pqr: Optional[tuple], out: Optional[torch.Tensor] = None):
     channels_last, fmt = _layout(t)
     t = t.contiguous(memory_format=fmt)
-    out = new_empty(t.shape, t.dtype, t.device, fmt)
+    C, HW = t.shape[1], t.shape[2] * t.shape[3]
+    out_pitch = C
+    if out is None:
+        out = new_empty(t.shape, t.dtype, t.device, fmt)
+    else:
+        if out.shape != t.shape or out.dtype != t.dtype or out.device != t.device:
+            raise ValueError(f"affine_relu_out: out must match t's shape, dtype and device, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        out_pitch = channel_pitch(out, channels_last)
+        if not out_pitch:
+            raise ValueError(f"affine_relu_out: out must be dense in t's memory format or a channel slice of such "
+                             f"a tensor, got strides {out.stride()}")
     total = t.numel()
     if total == 0:
         return out
     a, b = _vec(scale), _vec(shift)
     apply = pqr is not None
     p, q, r = (_vec(v) for v in pqr) if apply else (a, a, a)
-    dy = dy.to(t.dtype).contiguous(memory_format=fmt) if apply else t
-    C, HW = t.shape[1], t.shape[2] * t.shape[3]
+    dy_pitch = C
+    if apply:
+        dy, dy_pitch = in_layout_or_slice(dy.to(t.dtype), channels_last, fmt)
+    else:
+        dy = t
+    span = t.shape[0] * max(dy_pitch, out_pitch) * HW
     _affine_relu_pointwise_kernel[(triton.cdiv(total, _BLOCK),)](
-        t, dy, out, a, b, p, q, r, total, C, HW, APPLY=apply, CHANNELS_LAST=channels_last,
-        BIG=total >= INT32_LIMIT, BLOCK_E=_BLOCK, num_warps=_num_warps(_BLOCK))
+        t, dy, out, a, b, p, q, r, total, C, HW, dy_pitch, out_pitch, APPLY=apply, CHANNELS_LAST=channels_last,
+        BIG=max(total, span) >= INT32_LIMIT, BLOCK_E=_BLOCK, num_warps=_num_warps(_BLOCK))
     return out
 
 
 def affine_relu(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """relu(t * scale[c] + shift[c]) in t's dtype and memory format."""
     return _pointwise(t, None, scale, shift, None)
+
+
+def affine_relu_out(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """relu(t * scale[c] + shift[c]) written into ``out`` (dense in t's format, or a channel slice)."""
+    return _pointwise(t, None, scale, shift, None, out)
 
 
 def affine_relu_backward_apply(dy, t, scale, shift, p, q, r) -> torch.Tensor:
@@ -125,7 +166,7 @@ def affine_relu_backward_sums(dy, t, scale, shift, center):
     """Per-channel float32 (sum g, sum g * (t - center))."""
     channels_last, fmt = _layout(t)
     t = t.contiguous(memory_format=fmt)
-    dy = dy.to(t.dtype).contiguous(memory_format=fmt)
+    dy, dy_pitch = in_layout_or_slice(dy.to(t.dtype), channels_last, fmt)
     N, C, H, W = t.shape
     nhw = N * H * W
     if nhw == 0 or C == 0:
@@ -139,8 +180,8 @@ def affine_relu_backward_sums(dy, t, scale, shift, center):
     q_progs = triton.cdiv(nhw, chunk)
     part = new_empty((2, q_progs, C), torch.float32, t.device)
     _affine_relu_sums_kernel[(q_progs, c_blocks)](
-        t, dy, _vec(scale), _vec(shift), _vec(center), part[0], part[1], C, H * W, nhw, chunk,
-        CHANNELS_LAST=channels_last, BIG=t.numel() >= INT32_LIMIT, BLOCK_C=block_c, BLOCK_P=block_p,
+        t, dy, _vec(scale), _vec(shift), _vec(center), part[0], part[1], C, H * W, nhw, chunk, dy_pitch,
+        CHANNELS_LAST=channels_last, BIG=N * max(C, dy_pitch) * H * W >= INT32_LIMIT, BLOCK_C=block_c, BLOCK_P=block_p,
         num_warps=_num_warps(block_c * block_p))
     return part[0].sum(dim=0), part[1].sum(dim=0)
 
@@ -159,13 +200,15 @@ def aot_kernels():
                 const = dict(APPLY=apply, CHANNELS_LAST=cl, BIG=False, BLOCK_E=_BLOCK)
                 sig = {"t_ptr": ty, "dy_ptr": ty, "out_ptr": ty,
                        **{nm: "*fp32" for nm in ("a_ptr", "b_ptr", "p_ptr", "q_ptr", "r_ptr")},
-                       "total": "i32", "C": "i32", "HW": "i32", **{k: "constexpr" for k in const}}
+                       "total": "i32", "C": "i32", "HW": "i32", "dy_pitch": "i32", "out_pitch": "i32",
+                       **{k: "constexpr" for k in const}}
                 entries.append((f"affine_relu_{'apply' if apply else 'fwd'}_{tag}", _affine_relu_pointwise_kernel,
                                 sig, const))
             bc, bp = _sums_blocks(64, cl)
             const = dict(CHANNELS_LAST=cl, BIG=False, BLOCK_C=bc, BLOCK_P=bp)
             sig = {"t_ptr": ty, "dy_ptr": ty, **{nm: "*fp32" for nm in ("a_ptr", "b_ptr", "k_ptr")},
                    "part_g_ptr": "*fp32", "part_gc_ptr": "*fp32",
-                   **{nm: "i32" for nm in ("C", "HW", "NHW", "chunk")}, **{k: "constexpr" for k in const}}
+                   **{nm: "i32" for nm in ("C", "HW", "NHW", "chunk", "dy_pitch")},
+                   **{k: "constexpr" for k in const}}
             entries.append((f"affine_relu_sums_{tag}", _affine_relu_sums_kernel, sig, const))
     return entries
