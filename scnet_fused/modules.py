@@ -308,8 +308,9 @@ def _pool_rate(pool: nn.Module) -> int:
 class SCBottleneck(reference.SCBottleneck):
     """The SCNet bottleneck with a fused SCConv (same arguments and state_dict as the reference).
 
-    Without avd, the two branches' final ReLUs write straight into the concatenation conv3 reads, and
-    in training the BatchNorm + ReLU after conv1_a / conv1_b run as one fused op each.
+    Without avd, the two branches' final ReLUs write straight into the concatenation conv3 reads; in
+    training the BatchNorm + ReLU after conv1_a / conv1_b run as one fused op each, and k1's and the
+    SCConv's k4 BatchNorm + ReLU as one op writing both halves of that concatenation.
     At inference (no grad, eval-mode BatchNorms) each convolution + BatchNorm pair runs as one
     convolution with the BatchNorm folded in, where the output outweighs the weights.
     """
