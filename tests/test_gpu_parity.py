@@ -133,23 +133,33 @@ def check_bn_relu_parity(backend, device, shape, dtype, channels_last):
     b = torch.randn(C, generator=g).to(device)
     dy = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
     ins = [t.detach().clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()]
-    refs = [v.detach().double().requires_grad_() for v in (t, w, b)]
     with scnet_fused.backend(backend):
         y, mean, var = bn_relu_train(*ins)
         grads = torch.autograd.grad(y, ins, dy)
-    y64 = F.relu(F.batch_norm(refs[0], None, None, refs[1], refs[2], True, 0.0, 1e-5))
-    g64 = torch.autograd.grad(y64, refs, dy.double())
-    if dtype == torch.float32:
-        torch.testing.assert_close(y.double(), y64.detach(), rtol=1e-4, atol=1e-4)
+
+    def eager(t_, w_, b_):
+        return F.relu(F.batch_norm(t_, None, None, w_, b_, True, 0.0, 1e-5))
+
+    _compare_with_eager(y, grads, eager, [t, w, b], dy, ("dt", "dweight", "dbias"), f"{backend} {dtype} bn_relu")
+
+
+def _compare_with_eager(out, grads, eager, args, dout, names, what):
+    """fp32: the fused output and gradients against float64 eager within tolerances; low precision:
+    DESIGN.md's rule against eager run in that precision."""
+    refs = [v.detach().double().requires_grad_() for v in args]
+    out64 = eager(*refs)
+    g64 = torch.autograd.grad(out64, refs, dout.double())
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out.double(), out64.detach(), rtol=1e-4, atol=1e-4)
         for a, e in zip(grads, g64):
             torch.testing.assert_close(a.double(), e, rtol=1e-3, atol=1e-3)
-    else:
-        eager = [t.detach().clone().requires_grad_(), w.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()]
-        ye = F.relu(F.batch_norm(eager[0], None, None, eager[1], eager[2], True, 0.0, 1e-5))
-        ge = torch.autograd.grad(ye, eager, dy)
-        assert_close_rule(y, y64.detach(), ye.detach(), what=f"{backend} {dtype} bn_relu y")
-        for n, a, e, l in zip(("dt", "dweight", "dbias"), grads, g64, ge):
-            assert_close_rule(a, e, l, what=f"{backend} {dtype} bn_relu {n}")
+        return
+    low = [v.detach().clone().to(out.dtype).requires_grad_() for v in args]
+    oute = eager(*low)
+    ge = torch.autograd.grad(oute, low, dout)
+    assert_close_rule(out, out64.detach(), oute.detach(), what=f"{what} out")
+    for n, a, e, l in zip(names, grads, g64, ge):
+        assert_close_rule(a, e, l, what=f"{what} {n}")
 
 
 def check_bn_relu_cat_parity(backend, device, shape, cb, dtype, channels_last):
@@ -175,20 +185,8 @@ def check_bn_relu_cat_parity(backend, device, shape, cb, dtype, channels_last):
         return torch.cat([F.relu(F.batch_norm(ta, None, None, wa, ba, True, 0.0, 1e-5)),
                           F.relu(F.batch_norm(tb, None, None, wb, bb, True, 0.0, 1e-5))], dim=1)
 
-    refs = [v.detach().double().requires_grad_() for v in args]
-    out64 = eager(*refs)
-    g64 = torch.autograd.grad(out64, refs, dout.double())
-    if dtype == torch.float32:
-        torch.testing.assert_close(out.double(), out64.detach(), rtol=1e-4, atol=1e-4)
-        for a, e in zip(grads, g64):
-            torch.testing.assert_close(a.double(), e, rtol=1e-3, atol=1e-3)
-    else:
-        low = [v.detach().clone().to(dtype).requires_grad_() for v in args]
-        oute = eager(*low)
-        ge = torch.autograd.grad(oute, low, dout)
-        assert_close_rule(out, out64.detach(), oute.detach(), what=f"{backend} {dtype} bn_relu_cat out")
-        for n, a, e, l in zip(("dta", "dwa", "dba", "dtb", "dwb", "dbb"), grads, g64, ge):
-            assert_close_rule(a, e, l, what=f"{backend} {dtype} bn_relu_cat {n}")
+    _compare_with_eager(out, grads, eager, args, dout, ("dta", "dwa", "dba", "dtb", "dwb", "dbb"),
+                        f"{backend} {dtype} bn_relu_cat")
 
 
 def _gpu_backends():
