@@ -122,7 +122,7 @@ def cmd_bench(args) -> int:
     with bench.bench_environment():
         for dtype in dtypes:
             h = bench.Harness(device=device, dtype=dtype, batch_size=args.batch_size, min_run_time=min_run_time,
-                              threads=args.threads, progress=log,
+                              threads=args.threads, progress=log, rounds=args.rounds,
                               on_row=lambda rows: save(all_rows + rows),
                               warmup_ms=args.warmup_ms or (10 if args.quick else 25),
                               rep_ms=args.rep_ms or (40 if args.quick else 100))
@@ -429,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model for --ops model")
     b.add_argument("--image-size", type=_positive_int, default=224)
     b.add_argument("--steps", type=_positive_int, default=5, help="timed training steps for --ops model")
+    b.add_argument("--rounds", type=_positive_int,
+                   help="module rows: timing rounds per provider, in alternating order (default 2 on a CPU, 1 on a GPU)")
     b.add_argument("--default-malloc", action="store_true",
                    help="CPU: leave glibc malloc's dynamic mmap/trim thresholds (default: fix them for the run, "
                         "so page faults do not depend on what ran before)")

@@ -274,6 +274,17 @@ class Timing:
     p80_ms: float
     runs: int
     faults_per_call: Optional[float] = None  # CPU: minor page faults per timed call
+    rounds: int = 1
+
+
+def combine_rounds(ts: Sequence["Timing"]) -> "Timing":
+    """One Timing from several rounds of the same measurement: the median of the rounds' medians,
+    the lowest p20 and highest p80 (the spread over all rounds), runs and faults over all of them."""
+    if len(ts) == 1:
+        return ts[0]
+    faults = [t.faults_per_call for t in ts if t.faults_per_call is not None]
+    return Timing(_quantile([t.median_ms for t in ts], 0.5), min(t.p20_ms for t in ts), max(t.p80_ms for t in ts),
+                  sum(t.runs for t in ts), sum(faults) / len(faults) if faults else None, len(ts))
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -728,9 +739,12 @@ class Harness:
     skipped: List[str] = field(default_factory=list)
     ceiling_gbps: Optional[float] = None
     on_row: Optional[Callable[[List[dict]], None]] = None
+    rounds: Optional[int] = None  # module rows: timing rounds per provider, order alternating
 
     def __post_init__(self):
         self.device = torch.device(self.device)
+        if self.rounds is None:  # module rows: two interleaved rounds on a (noisy, shared) CPU
+            self.rounds = 2 if self.device.type == "cpu" else 1
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BenchError("a CUDA device was asked for but torch.cuda.is_available() is False")
         if self.device.type == "cpu":
@@ -751,6 +765,23 @@ class Harness:
     def time(self, fn: Callable[[], object]) -> Timing:
         return time_fn(fn, self.device, min_run_time=self.min_run_time, threads=self.threads,
                        warmup_ms=self.warmup_ms, rep_ms=self.rep_ms)
+
+    def _time_interleaved(self, jobs: Sequence[Tuple[str, Callable[[], object]]], label: str) -> Dict[str, Timing]:
+        """Time the providers of one row group in ``rounds`` rounds, alternating their order (A B, then
+        B A, ...), so that a slow spell of a shared machine or the state one provider leaves behind
+        does not land on one provider only; a provider's row combines its rounds (:func:`combine_rounds`)."""
+        samples: Dict[str, List[Timing]] = {prov: [] for prov, _ in jobs}
+        failed: set = set()
+        for r in range(max(1, self.rounds or 1)):
+            for prov, fn in (jobs if r % 2 == 0 else list(reversed(jobs))):
+                if prov in failed:
+                    continue
+                try:
+                    samples[prov].append(self.time(fn))
+                except Exception as exc:
+                    failed.add(prov)
+                    self._skip(f"{label} {prov}", f"{type(exc).__name__}: {exc}")
+        return {prov: combine_rounds(ts) for prov, ts in samples.items() if ts and prov not in failed}
 
     def measure_ceiling(self) -> float:
         if self.ceiling_gbps is None:
@@ -920,6 +951,7 @@ class Harness:
         groups: Dict[str, List[dict]] = {m: [] for m in modes}
         torch._dynamo.reset()
         amp_ctx = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
+        built = []
         for prov in provs:
             try:
                 fused = prov not in ("eager", "compile")
@@ -928,9 +960,11 @@ class Harness:
             except Exception as exc:
                 self._skip(f"{module} {prov}", f"{type(exc).__name__}: {exc}")
                 continue
-            params = [p for p in m.parameters() if p.requires_grad]
-            for mode in modes:
-                label = f"{module}_{mode}"
+            built.append((prov, m, runner, [p for p in m.parameters() if p.requires_grad]))
+        where = shape_str((N, cin, H, W))
+        for mode in modes:
+            jobs = []  # (provider, timed callable, first call ms, saved bytes, peak bytes)
+            for prov, m, runner, params in built:
                 try:
                     if mode == "train":
                         m.train()
@@ -961,18 +995,23 @@ class Harness:
                         with provider_context(prov):
                             saved = saved_tensor_bytes(saved_fn, exclude=[xg[0]] + list(m.parameters())
                                                        + list(m.buffers()))
-                    t = self.time(_wrap_ctx(prov, cycle(fns)))
                     pk = peak_memory(_wrap_ctx(prov, fns[0]), self.device)
                 except Exception as exc:
-                    self._skip(f"{label} {shape_str((N, cin, H, W))} {prov}", f"{type(exc).__name__}: {exc}")
+                    self._skip(f"{module}_{mode} {where} {prov}", f"{type(exc).__name__}: {exc}")
+                    continue
+                jobs.append((prov, _wrap_ctx(prov, cycle(fns)), first, saved, pk))
+            timings = self._time_interleaved([(prov, fn) for prov, fn, _, _, _ in jobs], f"{module}_{mode} {where}")
+            for prov, _, first, saved, pk in jobs:
+                t = timings.get(prov)
+                if t is None:
                     continue
                 groups[mode].append(self._row(
-                    op=module, provider=prov, mode=mode, shape=shape_str((N, cin, H, W)),
+                    op=module, provider=prov, mode=mode, shape=where,
                     dtype=dtype_name(in_dtype) if amp is None else f"amp-{dtype_name(amp)}",
                     median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                     flops=flops * (3 if mode == "train" else 1) if module == "scconv" else None,
                     peak_mem=pk, saved_bytes=saved, first_ms=first, runs=t.runs, input_sets=n_sets,
-                    faults_per_call=t.faults_per_call,
+                    faults_per_call=t.faults_per_call, rounds=t.rounds,
                     channels_last=channels_last, backend=self._backend_of(prov), level="module"))
         out = []
         for mode in modes:
@@ -1229,6 +1268,10 @@ def markdown_table(rows: List[dict], title: Optional[str] = None, notes: Sequenc
         allocs = list(dict.fromkeys(r["allocator"] for r in rows if r.get("allocator")))
         if allocs:
             lines.append(f"Allocator: {'; '.join(allocs)}.")
+        rounds = sorted({r["rounds"] for r in rows if (r.get("rounds") or 1) > 1})
+        if rounds:
+            lines.append(f"Module rows: {'/'.join(map(str, rounds))} timing rounds per provider in alternating "
+                         f"order; median of the rounds' medians, p20-p80 over all rounds.")
         lines.append("")
     lines.append("| op | mode | shape | dtype | provider | median ms | p20-p80 ms | GB/s | % ceiling "
                  "| vs eager | vs compile | saved MiB | peak MiB | first call ms | faults/call |")

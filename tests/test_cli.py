@@ -166,3 +166,31 @@ def test_summary_tables_from_results(tmp_path, capsys):
     assert "| scconv | train | 8x32x56x56 | fp32 | 20.00 | 22.00 | 16.00 | 1.25x | 1.38x | 16.5 / 7.0 | 10 / 2 |" in out
     assert "Allocator: glibc test." in out
     assert tables.main([str(path), "--fused", "triton"]) == 1  # no such rows: says so, exits non-zero
+
+
+def test_module_rows_interleaved_rounds(tmp_path, capsys):
+    """Module rows: every provider is timed in each round (order alternating), the row combines them."""
+    from scnet_fused import bench
+    from scnet_fused.__main__ import main
+
+    if bench.fused_modules_reason() is not None or bench.provider_reason(
+            "cpu", bench.torch.device("cpu"), bench.torch.float32) is not None:
+        pytest.skip("the fused modules need the compiled cpu backend")
+    code = main(["bench", "--device", "cpu", "--ops", "scconv", "--shapes", "8x8x8", "--batch-size", "2",
+                 "--providers", "eager,cpu", "--min-run-time", "0.02", "--rounds", "3", "--out", str(tmp_path),
+                 "--quiet", "--default-malloc", "--no-plot"])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["mode"], r["provider"]) for r in rows} == {(m, p) for m in ("train", "eval") for p in ("eager", "cpu")}
+    for r in rows:
+        assert r["rounds"] == 3 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+    assert all(r["saved_bytes"] > 0 for r in rows if r["mode"] == "train")
+
+
+def test_combine_rounds():
+    from scnet_fused.bench import Timing, combine_rounds
+
+    t = combine_rounds([Timing(2.0, 1.5, 2.5, 10, 4.0), Timing(4.0, 3.0, 5.0, 6, None), Timing(3.0, 2.9, 3.1, 4, 2.0)])
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.runs, t.faults_per_call, t.rounds) == (3.0, 1.5, 5.0, 20, 3.0, 3)
+    one = Timing(1.0, 0.9, 1.1, 5)
+    assert combine_rounds([one]) is one
