@@ -1,6 +1,7 @@
 // Autograd of the fused ops in C++, for the C++ backends (cpu, cuda).
 //
-// The public Python functions (scnet_fused.sc_gate, sc_gate_bn_train, sc_avgpool, bn_relu_train) are torch.library
+// The public Python functions (scnet_fused.sc_gate, sc_gate_bn_train, sc_avgpool, bn_relu_train,
+// bn_relu_cat_train) are torch.library
 // custom ops with Python autograd: that is what torch.compile and torch.export see, and what serves
 // the Triton and reference backends. In eager mode, when the backend chosen for the tensors is one of
 // the compiled ones, they call the ops below instead: the same kernel-level primitives with the same
@@ -12,6 +13,7 @@
 //   _sc_gate_bn_train_ag(x, small, k3, weight, bias, eps) -> (y, mean, var)
 //   _sc_avgpool_ag(x, r) -> y
 //   _bn_relu_train_ag(t, weight, bias, eps) -> (y, mean, var)
+//   _bn_relu_cat_train_ag(ta, wa, ba, eps_a, tb, wb, bb, eps_b) -> (out, mean_a, var_a, mean_b, var_b)
 //
 // Registered for the Autograd keys (the autograd node) and CompositeExplicitAutograd (inference
 // mode, where autograd keys are skipped). A second backward through the gate raises, naming the
@@ -22,6 +24,8 @@
 #include <torch/library.h>
 
 #include <string>
+
+#include "sc_host.h"
 
 namespace scnet_fused {
 namespace {
@@ -83,6 +87,14 @@ at::Tensor prim_avgpool_backward(const at::Tensor& dy, int64_t H, int64_t W, int
                        .findSchemaOrThrow("scnet_fused::_avgpool_backward", "")
                        .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, bool)>();
   return op.call(dy, H, W, r, channels_last);
+}
+
+void prim_affine_relu_out(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift,
+                          const at::Tensor& out) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_affine_relu_out", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  op.call(t, scale, shift, out);
 }
 
 at::Tensor prim_affine_relu(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift) {
@@ -267,6 +279,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_impl(const at::Tens
   return {y, mean, var};
 }
 
+// (dt, dweight, dbias) of relu(batch_norm(t)) for the output gradient dy (dense like t, or a channel
+// slice of a wider gradient in t's memory format, read in place by the kernels).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_grads(const at::Tensor& dy, const at::Tensor& t,
+                                                             const at::Tensor& weight, const at::Tensor& bias,
+                                                             const at::Tensor& mean, const at::Tensor& var, double eps) {
+  const BnFold f = bn_fold(weight, bias, mean, var, eps);
+  // Pass 1: sum(g), sum(g * (t - mean)) with g the ReLU-masked dy; pass 2: dt = p g + q t + r.
+  auto [sum_g, sum_gc] = prim_affine_relu_backward_sums(dy, t, f.scale, f.shift, mean.contiguous());
+  const double m = static_cast<double>(t.size(0) * t.size(2) * t.size(3));
+  at::Tensor dweight = sum_gc * f.invstd;
+  at::Tensor q = (-f.scale * f.invstd * dweight / m).contiguous();
+  at::Tensor r = (-q * mean - f.scale * sum_g / m).contiguous();
+  at::Tensor dt = prim_affine_relu_backward_apply(dy, t, f.scale, f.shift, f.scale, q, r);
+  return {dt, dweight.to(weight.scalar_type()), sum_g.to(bias.scalar_type())};
+}
+
 struct BnReluTrainFn : public torch::autograd::Function<BnReluTrainFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& t, const at::Tensor& weight,
                                const at::Tensor& bias, double eps) {
@@ -281,20 +309,69 @@ struct BnReluTrainFn : public torch::autograd::Function<BnReluTrainFn> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &weight = saved[1], &bias = saved[2], &mean = saved[3], &var = saved[4];
     const at::Tensor t = saved[0].contiguous(format_like(saved[0]));
-    const double eps = ctx->saved_data["eps"].toDouble();
     at::Tensor dy = grads[0];
     if (!dy.defined()) dy = at::zeros_like(t);
     dy = dy.to(t.dtype()).contiguous(format_like(t));
-    const BnFold f = bn_fold(weight, bias, mean, var, eps);
-    // Pass 1: sum(g), sum(g * (t - mean)) with g the ReLU-masked dy; pass 2: dt = p g + q t + r.
-    auto [sum_g, sum_gc] = prim_affine_relu_backward_sums(dy, t, f.scale, f.shift, mean.contiguous());
-    const double m = static_cast<double>(t.size(0) * t.size(2) * t.size(3));
-    at::Tensor dweight = sum_gc * f.invstd;
-    at::Tensor q = (-f.scale * f.invstd * dweight / m).contiguous();
-    at::Tensor r = (-q * mean - f.scale * sum_g / m).contiguous();
-    at::Tensor dt = prim_affine_relu_backward_apply(dy, t, f.scale, f.shift, f.scale, q, r);
-    return guard_double_backward({dt, dweight.to(weight.scalar_type()), sum_g.to(bias.scalar_type()), at::Tensor()},
-                                 {grads[0], saved[0], weight, bias}, "scnet_fused.bn_relu_train_backward");
+    auto [dt, dweight, dbias] = bn_relu_grads(dy, t, weight, bias, mean, var, ctx->saved_data["eps"].toDouble());
+    return guard_double_backward({dt, dweight, dbias, at::Tensor()}, {grads[0], saved[0], weight, bias},
+                                 "scnet_fused.bn_relu_train_backward");
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// bn_relu_cat_train: both branches' BatchNorm + ReLU written into their concatenation
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_cat_train_impl(
+    const at::Tensor& ta, const at::Tensor& wa, const at::Tensor& ba, double eps_a, const at::Tensor& tb,
+    const at::Tensor& wb, const at::Tensor& bb, double eps_b) {
+  const at::MemoryFormat fmt = format_like(ta);
+  const int64_t ca = ta.size(1);
+  at::Tensor out = host::new_output({ta.size(0), ca + tb.size(1), ta.size(2), ta.size(3)}, ta.options(), fmt);
+  at::Tensor stats[4];
+  const at::Tensor* ts[2] = {&ta, &tb};
+  const at::Tensor* ws[2] = {&wa, &wb};
+  const at::Tensor* bs[2] = {&ba, &bb};
+  const double eps[2] = {eps_a, eps_b};
+  for (int k = 0; k < 2; ++k) {
+    const at::Tensor t = ts[k]->contiguous(fmt);
+    auto [mean, var] = prim_channel_stats(t);
+    const BnFold f = bn_fold(*ws[k], *bs[k], mean, var, eps[k]);
+    at::Tensor half = k == 0 ? out.narrow(1, 0, ca) : out.narrow(1, ca, tb.size(1));
+    prim_affine_relu_out(t, f.scale, f.shift, half);  // written in place
+    stats[2 * k] = mean;
+    stats[2 * k + 1] = var;
+  }
+  return {out, stats[0], stats[1], stats[2], stats[3]};
+}
+
+struct BnReluCatTrainFn : public torch::autograd::Function<BnReluCatTrainFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& ta, const at::Tensor& wa, const at::Tensor& ba,
+                               double eps_a, const at::Tensor& tb, const at::Tensor& wb, const at::Tensor& bb,
+                               double eps_b) {
+    auto [out, mean_a, var_a, mean_b, var_b] = bn_relu_cat_train_impl(ta, wa, ba, eps_a, tb, wb, bb, eps_b);
+    ctx->saved_data["eps_a"] = eps_a;
+    ctx->saved_data["eps_b"] = eps_b;
+    ctx->mark_non_differentiable({mean_a, var_a, mean_b, var_b});
+    ctx->save_for_backward({ta, wa, ba, mean_a, var_a, tb, wb, bb, mean_b, var_b});
+    return {out, mean_a, var_a, mean_b, var_b};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::MemoryFormat fmt = format_like(saved[0]);
+    const at::Tensor ta = saved[0].contiguous(fmt), tb = saved[5].contiguous(fmt);
+    const int64_t ca = ta.size(1), cb = tb.size(1);
+    at::Tensor dout = grads[0];
+    if (!dout.defined()) dout = at::zeros({ta.size(0), ca + cb, ta.size(2), ta.size(3)}, ta.options());
+    dout = dout.to(ta.dtype()).contiguous(fmt);
+    // each half of dout is read in place by the kernels (a channel slice in ta's memory format)
+    auto [dta, dwa, dba] = bn_relu_grads(dout.narrow(1, 0, ca), ta, saved[1], saved[2], saved[3], saved[4],
+                                         ctx->saved_data["eps_a"].toDouble());
+    auto [dtb, dwb, dbb] = bn_relu_grads(dout.narrow(1, ca, cb), tb, saved[6], saved[7], saved[8], saved[9],
+                                         ctx->saved_data["eps_b"].toDouble());
+    return guard_double_backward(
+        {dta, dwa, dba, at::Tensor(), dtb, dwb, dbb, at::Tensor()},
+        {grads[0], saved[0], saved[1], saved[2], saved[5], saved[6], saved[7]}, "scnet_fused.bn_relu_cat_train_backward");
   }
 };
 
@@ -356,6 +433,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_autograd(const at::
   return {out[0], out[1], out[2]};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_cat_train_autograd(
+    const at::Tensor& ta, const at::Tensor& wa, const at::Tensor& ba, double eps_a, const at::Tensor& tb,
+    const at::Tensor& wb, const at::Tensor& bb, double eps_b) {
+  auto out = BnReluCatTrainFn::apply(ta, wa, ba, eps_a, tb, wb, bb, eps_b);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
 at::Tensor sc_avgpool_plain(const at::Tensor& x, int64_t r) { return prim_avgpool(x.contiguous(format_like(x)), r); }
 
 }  // namespace
@@ -367,6 +451,8 @@ TORCH_LIBRARY_FRAGMENT(scnet_fused, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("_sc_avgpool_ag(Tensor x, int r) -> Tensor");
   m.def("_bn_relu_train_ag(Tensor t, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("_bn_relu_cat_train_ag(Tensor ta, Tensor wa, Tensor ba, float eps_a, Tensor tb, Tensor wb, Tensor bb, "
+        "float eps_b) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(scnet_fused, Autograd, m) {
@@ -374,6 +460,7 @@ TORCH_LIBRARY_IMPL(scnet_fused, Autograd, m) {
   m.impl("_sc_gate_bn_train_ag", &scnet_fused::sc_gate_bn_train_autograd);
   m.impl("_sc_avgpool_ag", &scnet_fused::sc_avgpool_autograd);
   m.impl("_bn_relu_train_ag", &scnet_fused::bn_relu_train_autograd);
+  m.impl("_bn_relu_cat_train_ag", &scnet_fused::bn_relu_cat_train_autograd);
 }
 
 TORCH_LIBRARY_IMPL(scnet_fused, CompositeExplicitAutograd, m) {
@@ -381,4 +468,5 @@ TORCH_LIBRARY_IMPL(scnet_fused, CompositeExplicitAutograd, m) {
   m.impl("_sc_gate_bn_train_ag", &scnet_fused::gate_bn_train_impl);
   m.impl("_sc_avgpool_ag", &scnet_fused::sc_avgpool_plain);
   m.impl("_bn_relu_train_ag", &scnet_fused::bn_relu_train_impl);
+  m.impl("_bn_relu_cat_train_ag", &scnet_fused::bn_relu_cat_train_impl);
 }

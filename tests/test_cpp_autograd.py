@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scnet_fused.ops import _dispatch, available, sc_avgpool, sc_gate, sc_gate_bn_train
-from scnet_fused.ops.bn_relu import bn_relu_train
+from scnet_fused.ops.bn_relu import bn_relu_cat_train, bn_relu_train
 
 pytestmark = pytest.mark.skipif(available("cpu") is not None, reason="the compiled CPU backend is not built")
 
@@ -101,6 +101,26 @@ def test_bn_relu_paths_agree(monkeypatch, channels_last):
     _same(g1, g2)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bn_relu_cat_paths_agree(monkeypatch, channels_last, dtype):
+    g = torch.Generator().manual_seed(5)
+    ta = (torch.randn(3, 6, 9, 11, generator=g) * 2 + 0.2).to(dtype)
+    tb = (torch.randn(3, 4, 9, 11, generator=g) - 0.3).to(dtype)
+    if channels_last:
+        ta, tb = (t.contiguous(memory_format=torch.channels_last) for t in (ta, tb))
+    wa, ba = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    wb, bb = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    args = [ta.requires_grad_(), wa.requires_grad_(), ba.requires_grad_(), tb.requires_grad_(), wb.requires_grad_(),
+            bb.requires_grad_(), 1e-5, 1e-3]
+    (o1, g1, n1), (o2, g2, n2) = _both(monkeypatch, bn_relu_cat_train, *args)
+    assert "scnet_fused::_bn_relu_cat_train_ag" in n1 and "scnet_fused::bn_relu_cat_train" not in n1
+    assert "scnet_fused::bn_relu_cat_train" in n2
+    _same(o1, o2)  # out and both branches' mean and var
+    _same(g1, g2)
+    assert not any(t.requires_grad for t in o1[1:])
+
+
 def test_saved_tensors_are_the_same(monkeypatch):
     """The C++ nodes keep exactly what the Python ones keep (no gate, sigmoid or product)."""
     g = torch.Generator().manual_seed(2)
@@ -114,6 +134,7 @@ def test_saved_tensors_are_the_same(monkeypatch):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
             sc_gate_bn_train(*(t.clone().requires_grad_() for t in (x, small, k3, w, b)))
             sc_avgpool(x.clone().requires_grad_(), 4)
+            bn_relu_cat_train(x.clone().requires_grad_(), w, b, k3[:, :3].clone().requires_grad_(), w[:3], b[:3])
         saved[flag] = sorted(shapes)
     assert saved["1"] == saved["0"]
 

@@ -29,7 +29,7 @@ def has_kernel(op: str, key: str) -> bool:
         return False
 
 
-_AUTOGRAD_OPS = ("_sc_gate_ag", "_sc_gate_bn_train_ag", "_sc_avgpool_ag", "_bn_relu_train_ag")
+_AUTOGRAD_OPS = ("_sc_gate_ag", "_sc_gate_bn_train_ag", "_sc_avgpool_ag", "_bn_relu_train_ag", "_bn_relu_cat_train_ag")
 _autograd_ops: Optional[bool] = None
 
 

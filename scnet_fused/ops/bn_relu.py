@@ -234,4 +234,6 @@ def bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, tb: Tensor, wb: Tensor
     Eager: two BatchNorms write their outputs, the ReLUs and the concatenation read and write them again.
     """
     check_bn_relu_cat_inputs(ta, wa, ba, tb, wb, bb)
+    if _dispatch.cpp_autograd(ta):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
+        return torch.ops.scnet_fused._bn_relu_cat_train_ag(ta, wa, ba, float(eps_a), tb, wb, bb, float(eps_b))
     return torch.ops.scnet_fused.bn_relu_cat_train(ta, wa, ba, float(eps_a), tb, wb, bb, float(eps_b))
