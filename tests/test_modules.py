@@ -183,6 +183,27 @@ def test_bottleneck(kwargs):
     _step_and_compare(ref.eval(), fused.eval(), x, steps=1)
 
 
+@pytest.mark.parametrize("norm", ["momentum_none", "no_running_stats", "no_affine", "groupnorm", "frozen"])
+def test_bottleneck_norm_layers(norm):
+    """The bottleneck's fused BatchNorm + ReLU paths (conv1_a/b, and k1 + k4 into the concatenation)
+    with every BatchNorm flavour, and the module fallbacks for other norms: outputs, gradients and
+    buffers as the reference over training steps, then eval."""
+    layers = {
+        "momentum_none": lambda c: nn.BatchNorm2d(c, momentum=None),
+        "no_running_stats": lambda c: nn.BatchNorm2d(c, track_running_stats=False),
+        "no_affine": lambda c: nn.BatchNorm2d(c, affine=False),
+        "groupnorm": lambda c: nn.GroupNorm(2, c),
+        "frozen": FrozenBN,
+    }
+    ref, fused = _pair(R.SCBottleneck, 32, 16, norm_layer=layers[norm],
+                       downsample=nn.Sequential(nn.Conv2d(32, 64, 1, bias=False), layers[norm](64)))
+    _randomize_norms(ref)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 32, 13, 14)
+    _step_and_compare(ref.train(), fused.train(), x, steps=2)
+    _step_and_compare(ref.eval(), fused.eval(), x, steps=1)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_bottleneck_inference_folds_batchnorms(backend, channels_last):
