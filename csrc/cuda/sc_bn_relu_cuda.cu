@@ -4,8 +4,10 @@
 //   pointwise_kernel   y = relu(t * scale + shift), or dt = p * g + q * t + r: one thread per element,
 //                      grid-stride, channel from the flat index (NCHW or NHWC); y (`_affine_relu_out`)
 //                      and dy may be channel slices of a concatenation buffer (channel pitch).
-//   sums_kernel        per (channel, chunk of N*H*W positions) block: sum g and g * (t - center) in
-//                      float per thread, double across the block in a fixed tree order.
+//   sums_kernel        NCHW: per (channel, chunk of N*H*W positions) block: sum g and g * (t - center)
+//                      in float per thread, double across the block in a fixed tree order.
+//   sums_nhwc_kernel   NHWC: per (32 channels, chunk of positions) block, the channels on threadIdx.x
+//                      so a warp reads 32 consecutive values; lanes summed in double in a fixed order.
 //   finalize_kernel    per channel: the chunks summed in order. Deterministic, no atomics.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -69,8 +71,8 @@ __global__ void __launch_bounds__(kThreads) pointwise_kernel(const Params<T> p, 
   }
 }
 
-// part: [C, nchunk, 2] doubles.
-template <typename T, bool kNHWC>
+// NCHW. part: [C, nchunk, 2] doubles.
+template <typename T>
 __global__ void __launch_bounds__(kThreads) sums_kernel(const Params<T> p, int64_t N, int64_t chunk, double* part) {
   __shared__ double smem[kThreads];
   const int64_t c = blockIdx.x;
@@ -82,15 +84,9 @@ __global__ void __launch_bounds__(kThreads) sums_kernel(const Params<T> p, int64
   const float a = p.A[c], b = p.B[c], kc = p.K[c];
   float s1 = 0.0f, s2 = 0.0f;
   for (int64_t m = m0 + threadIdx.x; m < m1; m += kThreads) {
-    int64_t off, doff;
-    if (kNHWC) {
-      off = m * C + c;
-      doff = m * p.dyP + c;
-    } else {
-      const int64_t n = m / HW;
-      off = (n * C + c) * HW + (m - n * HW);
-      doff = (n * p.dyP + c) * HW + (m - n * HW);
-    }
+    const int64_t n = m / HW;
+    const int64_t off = (n * C + c) * HW + (m - n * HW);
+    const int64_t doff = (n * p.dyP + c) * HW + (m - n * HW);
     const float tv = static_cast<float>(p.t[off]);
     const float g = mask_f(static_cast<float>(p.dy[doff]), tv * a + b);
     s1 += g;
@@ -101,6 +97,47 @@ __global__ void __launch_bounds__(kThreads) sums_kernel(const Params<T> p, int64
   if (threadIdx.x == 0) {
     part[(c * nchunk + k) * 2 + 0] = t1;
     part[(c * nchunk + k) * 2 + 1] = t2;
+  }
+}
+
+// NHWC: a block covers kSumsCh consecutive channels (threadIdx.x: coalesced reads along C) and a
+// chunk of positions (kSumsPix lanes on threadIdx.y); per-thread float partials, the lanes summed in
+// double in a fixed order. Same part layout as sums_kernel.
+constexpr int kSumsCh = 32;
+constexpr int kSumsPix = kThreads / kSumsCh;
+
+template <typename T>
+__global__ void __launch_bounds__(kSumsCh* kSumsPix) sums_nhwc_kernel(const Params<T> p, int64_t P, int64_t chunk,
+                                                                       double* part) {
+  __shared__ double s1m[kSumsPix][kSumsCh];
+  __shared__ double s2m[kSumsPix][kSumsCh];
+  const int64_t C = p.C;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kSumsCh + threadIdx.x;
+  const int64_t k = blockIdx.y;
+  const int64_t nchunk = gridDim.y;
+  const int64_t q0 = k * chunk;
+  const int64_t q1 = q0 + chunk < P ? q0 + chunk : P;
+  float s1 = 0.0f, s2 = 0.0f;
+  if (c < C) {
+    const float a = p.A[c], b = p.B[c], kc = p.K[c];
+    for (int64_t q = q0 + threadIdx.y; q < q1; q += kSumsPix) {
+      const float tv = static_cast<float>(p.t[q * C + c]);
+      const float g = mask_f(static_cast<float>(p.dy[q * p.dyP + c]), tv * a + b);
+      s1 += g;
+      s2 += g * (tv - kc);
+    }
+  }
+  s1m[threadIdx.y][threadIdx.x] = s1;
+  s2m[threadIdx.y][threadIdx.x] = s2;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    double a1 = 0.0, a2 = 0.0;
+    for (int y = 0; y < kSumsPix; ++y) {
+      a1 += s1m[y][threadIdx.x];
+      a2 += s2m[y][threadIdx.x];
+    }
+    part[(c * nchunk + k) * 2 + 0] = a1;
+    part[(c * nchunk + k) * 2 + 1] = a2;
   }
 }
 
@@ -239,11 +276,13 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
     using T = decltype(tag);
     Params<T> p{t.data_ptr<T>(), dy.data_ptr<T>(), nullptr, A.data_ptr<float>(), B.data_ptr<float>(),
                 nullptr, nullptr, nullptr, K.data_ptr<float>(), C, HW, dyP, C};
-    const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(nchunk));
     if (L == Layout::NHWC) {
-      sums_kernel<T, true><<<grid, kThreads, 0, stream>>>(p, N, chunk_fit, part.data_ptr<double>());
+      const dim3 grid(static_cast<unsigned>((C + kSumsCh - 1) / kSumsCh), static_cast<unsigned>(nchunk));
+      const dim3 block(kSumsCh, kSumsPix);
+      sums_nhwc_kernel<T><<<grid, block, 0, stream>>>(p, M, chunk_fit, part.data_ptr<double>());
     } else {
-      sums_kernel<T, false><<<grid, kThreads, 0, stream>>>(p, N, chunk_fit, part.data_ptr<double>());
+      const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(nchunk));
+      sums_kernel<T><<<grid, kThreads, 0, stream>>>(p, N, chunk_fit, part.data_ptr<double>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
