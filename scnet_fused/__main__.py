@@ -225,7 +225,8 @@ def cmd_train_bench(args) -> int:
 _CHECK_SHAPES = ((2, 8, 14, 14), (3, 5, 13, 25), (2, 16, 7, 7))
 # op -> (eager function, fused function) in scnet_fused.bench
 _CHECK_OPS = {"gate": ("eager_gate", "fused_gate"), "gate_bn": ("eager_gate_bn", "fused_gate_bn"),
-              "avgpool": ("eager_avgpool", "fused_avgpool"), "bn_relu": ("eager_bn_relu", "fused_bn_relu")}
+              "avgpool": ("eager_avgpool", "fused_avgpool"), "bn_relu": ("eager_bn_relu", "fused_bn_relu"),
+              "bn_relu_cat": ("eager_bn_relu_cat", "fused_bn_relu_cat")}
 
 
 def _check_one(backend_name: str, op: str, shape, dtype, device, channels_last: bool):
@@ -247,7 +248,8 @@ def _check_one(backend_name: str, op: str, shape, dtype, device, channels_last: 
         return [y.detach()] + [g.detach() for g in grads]
 
     out_hw = bench.pooled_hw(H, W) if op == "avgpool" else (H, W)
-    dy64 = torch.randn(N, C, *out_hw, dtype=torch.float64, device=device,
+    out_c = C + bench.cat_branch_channels(C) if op == "bn_relu_cat" else C
+    dy64 = torch.randn(N, out_c, *out_hw, dtype=torch.float64, device=device,
                        generator=torch.Generator(device=device).manual_seed(3))
     ref = run(eager, args64, dy64)
     low = tuple(a.detach().to(dtype if a.dim() == 4 else (torch.float32 if dtype == torch.float32 else dtype))
@@ -259,7 +261,8 @@ def _check_one(backend_name: str, op: str, shape, dtype, device, channels_last: 
     with force(backend_name):
         got = run(fused, low, dy64.to(dtype))
     names = {"gate": ["y", "dx", "dsmall", "dk3"], "gate_bn": ["y", "dx", "dsmall", "dk3", "dweight", "dbias"],
-             "avgpool": ["y", "dx"], "bn_relu": ["y", "dt", "dweight", "dbias"]}[op]
+             "avgpool": ["y", "dx"], "bn_relu": ["y", "dt", "dweight", "dbias"],
+             "bn_relu_cat": ["y", "dta", "dwa", "dba", "dtb", "dwb", "dbb"]}[op]
     out = []
     for name, r, b, g in zip(names, ref, base, got):
         if tuple(g.shape) != tuple(r.shape):
@@ -315,7 +318,7 @@ def cmd_check(args) -> int:
                                 res = _check_one(b, op, shape, dtype, device, cl)
                             except Exception as exc:
                                 failures += 1
-                                print(f"FAIL {b:<9} {op:<7} {bench.shape_str(shape):<11} {bench.dtype_name(dtype)} "
+                                print(f"FAIL {b:<9} {op:<11} {bench.shape_str(shape):<11} {bench.dtype_name(dtype)} "
                                       f"{'CL' if cl else '  '}  {type(exc).__name__}: {exc}")
                                 continue
                             worst = 0.0
@@ -330,7 +333,7 @@ def cmd_check(args) -> int:
                                 worst = max(worst, err / max(scale, 1e-12) if not math.isnan(err) else float("inf"))
                                 parts.append(f"{name} {err:.1e}{'' if good else '!'}")
                             failures += 0 if ok else 1
-                            print(f"{'PASS' if ok else 'FAIL'} {b:<9} {op:<7} {bench.shape_str(shape):<11} "
+                            print(f"{'PASS' if ok else 'FAIL'} {b:<9} {op:<11} {bench.shape_str(shape):<11} "
                                   f"{bench.dtype_name(dtype)} {'CL' if cl else '  '}  max abs err: {', '.join(parts)}")
     print(f"{'FAIL' if failures else 'PASS'}: {failures} failing case(s) over backends {', '.join(runnable)}")
     return 1 if failures else 0

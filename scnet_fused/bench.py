@@ -656,6 +656,21 @@ def fused_bn_relu(t, weight, bias, eps: float = 1e-5):
     return bn_relu_train(t, weight, bias, eps)[0]
 
 
+def cat_branch_channels(C: int) -> int:
+    """Channels of the second branch in the bn_relu_cat check and benchmark inputs (unequal halves)."""
+    return C // 2 + 1
+
+
+def eager_bn_relu_cat(ta, wa, ba, tb, wb, bb, eps: float = 1e-5):
+    return torch.cat([eager_bn_relu(ta, wa, ba, eps), eager_bn_relu(tb, wb, bb, eps)], dim=1)
+
+
+def fused_bn_relu_cat(ta, wa, ba, tb, wb, bb, eps: float = 1e-5):
+    from .ops.bn_relu import bn_relu_cat_train
+
+    return bn_relu_cat_train(ta, wa, ba, tb, wb, bb, eps, eps)[0]
+
+
 def fused_gate(x, small, k3):
     from .ops import sc_gate
 
@@ -681,13 +696,18 @@ def make_gate_inputs(op: str, N: int, C: int, H: int, W: int, dtype: torch.dtype
 
     if op == "avgpool":
         return (rnd(N, C, H, W),)
-    if op == "bn_relu":
-        t = rnd(N, C, H, W)
-        weight = (1 + 0.1 * torch.randn(C, generator=g)).to(device=device, dtype=torch.float32)
-        bias = (0.1 * torch.randn(C, generator=g)).to(device=device, dtype=torch.float32)
+    def bn_branch(c):
+        t = rnd(N, c, H, W)
+        weight = (1 + 0.1 * torch.randn(c, generator=g)).to(device=device, dtype=torch.float32)
+        bias = (0.1 * torch.randn(c, generator=g)).to(device=device, dtype=torch.float32)
         if dtype != torch.float32:  # as gate_bn: eager batch_norm takes one dtype on the CPU
             weight, bias = weight.to(dtype), bias.to(dtype)
         return (t, weight.requires_grad_(requires_grad), bias.requires_grad_(requires_grad))
+
+    if op == "bn_relu":
+        return bn_branch(C)
+    if op == "bn_relu_cat":
+        return bn_branch(C) + bn_branch(cat_branch_channels(C))
     x, small, k3 = rnd(N, C, H, W), rnd(N, C, h, w), rnd(N, C, H, W)
     if op == "gate":
         return (x, small, k3)
