@@ -45,15 +45,17 @@ def _foldable_eval_norm(m: nn.Module) -> bool:
 
 
 def _eval_fold(bn, like: Tensor, differentiable: bool) -> Tuple[Tensor, Tensor]:
-    """float32 per-channel ``(scale, shift)`` of an eval-mode BatchNorm (from its running statistics).
+    """Per-channel ``(scale, shift)`` of an eval-mode BatchNorm (from its running statistics), in float32
+    (float64 for a float64 ``like``, so a float64 model keeps float64 precision).
 
     ``differentiable``: keep the autograd graph to weight and bias (eval-mode fine-tuning)."""
+    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
     weight, bias = _affine_params(bn, like)
     if not differentiable:
         weight, bias = weight.detach(), bias.detach()
-    invstd = torch.rsqrt(bn.running_var.float() + bn.eps)
-    scale = weight.float() * invstd
-    return scale, bias.float() - bn.running_mean.float() * scale
+    invstd = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    scale = weight.to(acc) * invstd
+    return scale, bias.to(acc) - bn.running_mean.to(acc) * scale
 
 
 def _plain_conv(conv: nn.Module) -> bool:
@@ -77,7 +79,7 @@ def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
     if (not torch.is_grad_enabled() and _plain_conv(conv) and _foldable_eval_norm(bn) and x.dim() == 4
             and _conv_out_numel(conv, x) >= 4 * conv.weight.numel()):
         scale, shift = _eval_fold(bn, x, differentiable=False)
-        weight = (conv.weight.float() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
+        weight = (conv.weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
         return F.conv2d(x, weight, shift.to(conv.weight.dtype), conv.stride, conv.padding, conv.dilation,
                         conv.groups)
     return bn(conv(x))

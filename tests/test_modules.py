@@ -204,6 +204,20 @@ def test_bottleneck_norm_layers(norm):
     _step_and_compare(ref.eval(), fused.eval(), x, steps=1)
 
 
+def test_float64_eval_keeps_float64_precision():
+    """Eval-mode BatchNorm folding (the gate's constants, the folded convolution weights) runs in
+    float64 for a float64 model: fused and reference agree to float64 rounding, not float32's."""
+    down = nn.Sequential(nn.Conv2d(32, 64, 1, bias=False), nn.BatchNorm2d(64))
+    ref, fused = _pair(R.SCBottleneck, 32, 16, norm_layer=nn.BatchNorm2d, downsample=down)
+    _randomize_norms(ref)
+    fused.load_state_dict(ref.state_dict())
+    ref, fused = ref.double().eval(), fused.double().eval()
+    x = torch.randn(2, 32, 14, 13, dtype=torch.float64)
+    with torch.no_grad():  # convolution + BatchNorm pairs folded
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-11, atol=1e-11)  # k3's BatchNorm folded into the gate
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_bottleneck_inference_folds_batchnorms(backend, channels_last):
