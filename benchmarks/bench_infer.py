@@ -60,7 +60,15 @@ def main(argv=None) -> int:
         return fn
 
     outs = {p: runner(m)() for p, m in models.items()}  # also the first call of each
-    diff = (outs["fused"].float() - outs["eager"].float()).abs().max().item()
+    # accuracy: both providers against the reference model run in float64 on the same input
+    import copy
+
+    ref64 = copy.deepcopy(models["eager"]).double()
+    with torch.no_grad():
+        out64 = ref64(x.double())
+    del ref64
+    scale = out64.abs().max().item()
+    errors = {p: (o.double() - out64).abs().max().item() / scale for p, o in outs.items()}
     harness = bench.Harness(device=device, min_run_time=args.min_run_time, threads=args.threads, rounds=args.rounds)
     timings = harness._time_interleaved([(p, runner(m)) for p, m in models.items()], f"{args.model} eval")
     rows = []
@@ -69,7 +77,7 @@ def main(argv=None) -> int:
                      "image_size": args.image_size, "amp": args.amp, "channels_last": args.channels_last,
                      "median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "runs": t.runs,
                      "rounds": t.rounds, "faults_per_call": t.faults_per_call,
-                     "images_per_s": args.batch_size / (t.median_ms * 1e-3), "max_abs_diff_vs_eager": diff,
+                     "images_per_s": args.batch_size / (t.median_ms * 1e-3), "rel_err_vs_float64": errors[prov],
                      "device": bench.device_name(device), "versions": bench.versions(), "allocator": allocator})
     eager = next((r for r in rows if r["provider"] == "eager"), None)
     for r in rows:
@@ -83,12 +91,15 @@ def main(argv=None) -> int:
              f"Device: {rows[0]['device']}; torch {v.get('torch')}, triton {v.get('triton')}, Python {v.get('python')}.",
              f"Batch {args.batch_size}, {args.image_size} px, amp {args.amp}, channels_last {args.channels_last}; "
              f"{args.rounds} interleaved rounds per provider." + (f" Allocator: {allocator}." if allocator else ""),
-             f"Largest |fused - eager| over the logits: {diff:.2e}.", "",
-             "| provider | median ms | p20-p80 ms | images/s | vs eager | faults/call |", "|---|---:|---:|---:|---:|---:|"]
+             "Error: the largest |logit - float64 reference logit| over the largest |float64 logit| (random "
+             "weights with untrained running statistics let activations grow through the network, so both "
+             "providers' rounding is amplified alike).", "",
+             "| provider | median ms | p20-p80 ms | images/s | vs eager | faults/call | error vs float64 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         faults = "-" if r["faults_per_call"] is None else f"{r['faults_per_call']:.0f}"
         lines.append(f"| {r['provider']} | {r['median_ms']:.1f} | {r['p20_ms']:.1f}-{r['p80_ms']:.1f} "
-                     f"| {r['images_per_s']:.2f} | {r['speedup']:.2f}x | {faults} |")
+                     f"| {r['images_per_s']:.2f} | {r['speedup']:.2f}x | {faults} | {r['rel_err_vs_float64']:.1e} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -194,3 +194,20 @@ def test_combine_rounds():
     assert (t.median_ms, t.p20_ms, t.p80_ms, t.runs, t.faults_per_call, t.rounds) == (3.0, 1.5, 5.0, 20, 3.0, 3)
     one = Timing(1.0, 0.9, 1.1, 5)
     assert combine_rounds([one]) is one
+
+
+def test_bench_infer_script(tmp_path):
+    """benchmarks/bench_infer.py: both providers timed, their error against a float64 run recorded."""
+    from scnet_fused import bench
+
+    if bench.fused_modules_reason() is not None:
+        pytest.skip(bench.fused_modules_reason())
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_infer.py"), "--image-size", "128",
+                        "--batch-size", "1", "--rounds", "2", "--min-run-time", "0.05", "--device", "cpu",
+                        "--default-malloc", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "infer_scnet50.json").read_text())
+    assert {row["provider"] for row in rows} == {"eager", "fused"}
+    for row in rows:
+        assert row["rounds"] == 2 and row["median_ms"] > 0 and 0 <= row["rel_err_vs_float64"] < 1e-3
+    assert "| fused |" in (tmp_path / "infer_scnet50.md").read_text()
