@@ -272,3 +272,22 @@ def test_cat_opcheck_errors_and_saved_tensors():
         bn_relu_cat_train(ta, wa, ba, tb.double(), wb, bb)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bn_relu_cat_train(ta[:1, :, :1, :1], wa, ba, tb[:1, :, :1, :1], wb, bb)
+
+
+@pytest.mark.parametrize("name", backends_here())
+def test_cat_mixed_layouts_and_strided_inputs(name):
+    """ta channels_last, tb a strided view, and an expanded (stride-0) output gradient from .sum():
+    the right values, out in ta's memory format."""
+    args, _ = _cat_inputs((2, 6, 9, 10), 4, channels_last=True, seed=5)
+    leaves = [v.detach().clone().requires_grad_() for v in args]
+    leaves[3] = torch.randn(2, 4, 9, 20)[:, :, :, ::2].requires_grad_()  # tb: contiguous in no format
+    with backend(name):
+        out = bn_relu_cat_train(*leaves)[0]
+        grads = torch.autograd.grad(out.sum(), leaves)
+    ref = [v.detach().double().requires_grad_() for v in leaves]
+    out64 = _eager_cat(*ref)
+    g64 = torch.autograd.grad(out64.sum(), ref)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.double(), out64.detach(), rtol=1e-5, atol=1e-5)
+    for a, e in zip(grads, g64):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
