@@ -109,8 +109,6 @@ constexpr int kSumsPix = kThreads / kSumsCh;
 template <typename T>
 __global__ void __launch_bounds__(kSumsCh* kSumsPix) sums_nhwc_kernel(const Params<T> p, int64_t P, int64_t chunk,
                                                                        double* part) {
-  __shared__ double s1m[kSumsPix][kSumsCh];
-  __shared__ double s2m[kSumsPix][kSumsCh];
   const int64_t C = p.C;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kSumsCh + threadIdx.x;
   const int64_t k = blockIdx.y;
@@ -127,15 +125,8 @@ __global__ void __launch_bounds__(kSumsCh* kSumsPix) sums_nhwc_kernel(const Para
       s2 += g * (tv - kc);
     }
   }
-  s1m[threadIdx.y][threadIdx.x] = s1;
-  s2m[threadIdx.y][threadIdx.x] = s2;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    double a1 = 0.0, a2 = 0.0;
-    for (int y = 0; y < kSumsPix; ++y) {
-      a1 += s1m[y][threadIdx.x];
-      a2 += s2m[y][threadIdx.x];
-    }
+  double a1, a2;
+  if (column_sums<kSumsCh, kSumsPix>(s1, s2, a1, a2) && c < C) {
     part[(c * nchunk + k) * 2 + 0] = a1;
     part[(c * nchunk + k) * 2 + 1] = a2;
   }

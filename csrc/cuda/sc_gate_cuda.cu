@@ -241,8 +241,6 @@ constexpr int kStatsPix = 8;  // pixel lanes per NHWC stats block (threadIdx.y)
 template <typename T>
 __global__ void __launch_bounds__(kStatsCh* kStatsPix) stats_nhwc_kernel(const T* t, int64_t P, int64_t C,
                                                                          int64_t chunk, double* part) {
-  __shared__ double s1m[kStatsPix][kStatsCh];
-  __shared__ double s2m[kStatsPix][kStatsCh];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kStatsCh + threadIdx.x;
   const int64_t k = blockIdx.y;
   const int64_t nchunk = gridDim.y;
@@ -257,15 +255,8 @@ __global__ void __launch_bounds__(kStatsCh* kStatsPix) stats_nhwc_kernel(const T
       s2 += d * d;
     }
   }
-  s1m[threadIdx.y][threadIdx.x] = s1;
-  s2m[threadIdx.y][threadIdx.x] = s2;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    double a1 = 0.0, a2 = 0.0;
-    for (int y = 0; y < kStatsPix; ++y) {
-      a1 += s1m[y][threadIdx.x];
-      a2 += s2m[y][threadIdx.x];
-    }
+  double a1, a2;
+  if (column_sums<kStatsCh, kStatsPix>(s1, s2, a1, a2) && c < C) {
     part[(c * nchunk + k) * 2 + 0] = a1;
     part[(c * nchunk + k) * 2 + 1] = a2;
   }
