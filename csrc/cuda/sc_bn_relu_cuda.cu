@@ -62,11 +62,14 @@ __global__ void __launch_bounds__(kThreads) pointwise_kernel(const Params<T> p, 
     const I c = kNHWC ? i % C : (i / HW) % C;
     const float tv = static_cast<float>(p.t[i]);
     const float z = tv * p.A[c] + p.B[c];
+    // dense dy / out (pitch C, the usual case): offset i, no index arithmetic
     if (kApply) {
-      const float g = mask_f(static_cast<float>(p.dy[pitched<I, kNHWC>(i, C, HW, static_cast<I>(p.dyP))]), z);
+      const I dyP = static_cast<I>(p.dyP);
+      const float g = mask_f(static_cast<float>(p.dy[dyP == C ? i : pitched<I, kNHWC>(i, C, HW, dyP)]), z);
       p.out[i] = static_cast<T>(p.P[c] * g + p.Q[c] * tv + p.R[c]);
     } else {
-      p.out[pitched<I, kNHWC>(i, C, HW, static_cast<I>(p.outP))] = static_cast<T>(relu_f(z));
+      const I outP = static_cast<I>(p.outP);
+      p.out[outP == C ? i : pitched<I, kNHWC>(i, C, HW, outP)] = static_cast<T>(relu_f(z));
     }
   }
 }

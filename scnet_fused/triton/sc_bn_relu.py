@@ -27,9 +27,10 @@ _BLOCK = 1024
 @triton.jit
 def _affine_relu_pointwise_kernel(t_ptr, dy_ptr, out_ptr, a_ptr, b_ptr, p_ptr, q_ptr, r_ptr, total, C, HW,
                                   dy_pitch, out_pitch, APPLY: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                                  BIG: tl.constexpr, BLOCK_E: tl.constexpr):
-    # e: flat index of the dense t; dy (APPLY) and out (not APPLY) may be channel slices of a wider
-    # buffer: their offsets use their channel pitch (equal to e when the pitch is C).
+                                  BIG: tl.constexpr, BLOCK_E: tl.constexpr, SLICED: tl.constexpr):
+    # e: flat index of the dense t; with SLICED, dy (APPLY) or out (not APPLY) is a channel slice of a
+    # wider buffer addressed through its channel pitch; without it both are dense and use e itself
+    # (contiguous offsets the compiler can vectorize).
     e = flat_block(BLOCK_E, BIG)
     mask = e < total
     if CHANNELS_LAST:
@@ -46,7 +47,9 @@ def _affine_relu_pointwise_kernel(t_ptr, dy_ptr, out_ptr, a_ptr, b_ptr, p_ptr, q
     tv = tl.load(t_ptr + e, mask=mask, other=0.0).to(tl.float32)
     z = tv * tl.load(a_ptr + c, mask=mask, other=0.0) + tl.load(b_ptr + c, mask=mask, other=0.0)
     if APPLY:
-        if CHANNELS_LAST:
+        if not SLICED:
+            d_off = e
+        elif CHANNELS_LAST:
             d_off = base * dy_pitch + c
         else:
             d_off = (base * dy_pitch + c) * HW + pix
@@ -57,7 +60,9 @@ def _affine_relu_pointwise_kernel(t_ptr, dy_ptr, out_ptr, a_ptr, b_ptr, p_ptr, q
         o_off = e
     else:
         out = tl.where(z <= 0.0, 0.0, z)
-        if CHANNELS_LAST:
+        if not SLICED:
+            o_off = e
+        elif CHANNELS_LAST:
             o_off = base * out_pitch + c
         else:
             o_off = (base * out_pitch + c) * HW + pix
@@ -66,7 +71,7 @@ def _affine_relu_pointwise_kernel(t_ptr, dy_ptr, out_ptr, a_ptr, b_ptr, p_ptr, q
 
 @triton.jit
 def _affine_relu_sums_kernel(t_ptr, dy_ptr, a_ptr, b_ptr, k_ptr, part_g_ptr, part_gc_ptr, C, HW, NHW, chunk,
-                             dy_pitch, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr, BLOCK_C: tl.constexpr,
+                             dy_pitch, SLICED: tl.constexpr, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr, BLOCK_C: tl.constexpr,
                              BLOCK_P: tl.constexpr):
     pid_q = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -85,11 +90,17 @@ def _affine_relu_sums_kernel(t_ptr, dy_ptr, a_ptr, b_ptr, k_ptr, part_g_ptr, par
         q = q0 + tl.arange(0, BLOCK_P)
         if CHANNELS_LAST:
             off = q[None, :] * C + c[:, None]
-            d_off = q[None, :] * dy_pitch + c[:, None]
+            if SLICED:
+                d_off = q[None, :] * dy_pitch + c[:, None]
+            else:
+                d_off = off
         else:
             img = q // HW
             off = (img * C)[None, :] * HW + c[:, None] * HW + (q - img * HW)[None, :]
-            d_off = (img * dy_pitch)[None, :] * HW + c[:, None] * HW + (q - img * HW)[None, :]
+            if SLICED:
+                d_off = (img * dy_pitch)[None, :] * HW + c[:, None] * HW + (q - img * HW)[None, :]
+            else:
+                d_off = off
         mask = c_mask[:, None] & (q < q_end)[None, :]
         tv = tl.load(t_ptr + off, mask=mask, other=0.0).to(tl.float32)
         dyv = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)  # masked lanes: dy = 0, g = 0
@@ -138,7 +149,8 @@ def _pointwise(t, dy, scale, shift, pqr: Optional[tuple], out: Optional[torch.Te
     span = t.shape[0] * max(dy_pitch, out_pitch) * HW
     _affine_relu_pointwise_kernel[(triton.cdiv(total, _BLOCK),)](
         t, dy, out, a, b, p, q, r, total, C, HW, dy_pitch, out_pitch, APPLY=apply, CHANNELS_LAST=channels_last,
-        BIG=max(total, span) >= INT32_LIMIT, BLOCK_E=_BLOCK, num_warps=_num_warps(_BLOCK))
+        BIG=max(total, span) >= INT32_LIMIT, BLOCK_E=_BLOCK, SLICED=max(dy_pitch, out_pitch) != C,
+        num_warps=_num_warps(_BLOCK))
     return out
 
 
@@ -181,7 +193,7 @@ def affine_relu_backward_sums(dy, t, scale, shift, center):
     part = new_empty((2, q_progs, C), torch.float32, t.device)
     _affine_relu_sums_kernel[(q_progs, c_blocks)](
         t, dy, _vec(scale), _vec(shift), _vec(center), part[0], part[1], C, H * W, nhw, chunk, dy_pitch,
-        CHANNELS_LAST=channels_last, BIG=N * max(C, dy_pitch) * H * W >= INT32_LIMIT, BLOCK_C=block_c, BLOCK_P=block_p,
+        SLICED=dy_pitch != C, CHANNELS_LAST=channels_last, BIG=N * max(C, dy_pitch) * H * W >= INT32_LIMIT, BLOCK_C=block_c, BLOCK_P=block_p,
         num_warps=_num_warps(block_c * block_p))
     return part[0].sum(dim=0), part[1].sum(dim=0)
 
@@ -196,19 +208,21 @@ def aot_kernels():
         ty = "*" + _TRITON_DTYPE[dtype]
         for cl in (False, True):
             tag = f"{'nhwc' if cl else 'nchw'}_{_TRITON_DTYPE[dtype]}"
-            for apply in (False, True):
-                const = dict(APPLY=apply, CHANNELS_LAST=cl, BIG=False, BLOCK_E=_BLOCK)
-                sig = {"t_ptr": ty, "dy_ptr": ty, "out_ptr": ty,
-                       **{nm: "*fp32" for nm in ("a_ptr", "b_ptr", "p_ptr", "q_ptr", "r_ptr")},
-                       "total": "i32", "C": "i32", "HW": "i32", "dy_pitch": "i32", "out_pitch": "i32",
+            for sliced in (False, True):  # dense tensors, or a channel slice of a concatenation
+                st = "_slice" if sliced else ""
+                for apply in (False, True):
+                    const = dict(APPLY=apply, CHANNELS_LAST=cl, BIG=False, BLOCK_E=_BLOCK, SLICED=sliced)
+                    sig = {"t_ptr": ty, "dy_ptr": ty, "out_ptr": ty,
+                           **{nm: "*fp32" for nm in ("a_ptr", "b_ptr", "p_ptr", "q_ptr", "r_ptr")},
+                           "total": "i32", "C": "i32", "HW": "i32", "dy_pitch": "i32", "out_pitch": "i32",
+                           **{k: "constexpr" for k in const}}
+                    entries.append((f"affine_relu_{'apply' if apply else 'fwd'}{st}_{tag}",
+                                    _affine_relu_pointwise_kernel, sig, const))
+                bc, bp = _sums_blocks(64, cl)
+                const = dict(SLICED=sliced, CHANNELS_LAST=cl, BIG=False, BLOCK_C=bc, BLOCK_P=bp)
+                sig = {"t_ptr": ty, "dy_ptr": ty, **{nm: "*fp32" for nm in ("a_ptr", "b_ptr", "k_ptr")},
+                       "part_g_ptr": "*fp32", "part_gc_ptr": "*fp32",
+                       **{nm: "i32" for nm in ("C", "HW", "NHW", "chunk", "dy_pitch")},
                        **{k: "constexpr" for k in const}}
-                entries.append((f"affine_relu_{'apply' if apply else 'fwd'}_{tag}", _affine_relu_pointwise_kernel,
-                                sig, const))
-            bc, bp = _sums_blocks(64, cl)
-            const = dict(CHANNELS_LAST=cl, BIG=False, BLOCK_C=bc, BLOCK_P=bp)
-            sig = {"t_ptr": ty, "dy_ptr": ty, **{nm: "*fp32" for nm in ("a_ptr", "b_ptr", "k_ptr")},
-                   "part_g_ptr": "*fp32", "part_gc_ptr": "*fp32",
-                   **{nm: "i32" for nm in ("C", "HW", "NHW", "chunk", "dy_pitch")},
-                   **{k: "constexpr" for k in const}}
-            entries.append((f"affine_relu_sums_{tag}", _affine_relu_sums_kernel, sig, const))
+                entries.append((f"affine_relu_sums{st}_{tag}", _affine_relu_sums_kernel, sig, const))
     return entries
