@@ -26,11 +26,14 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default=None)
+    p.add_argument("--default-malloc", action="store_true", help="CPU: keep glibc malloc's dynamic thresholds")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="model")
     args = p.parse_args(argv)
     try:
         device = torch.device(args.device) if args.device else bench.best_device()
+        if device.type == "cpu":
+            bench.log_stderr("allocator: " + bench.pin_cpu_allocator(pin=not args.default_malloc))
         amp = None if args.amp == "none" else bench.parse_dtype(args.amp)
         h = bench.Harness(device=device, batch_size=args.batch_size, progress=bench.log_stderr)
         with bench.bench_environment():

@@ -27,12 +27,15 @@ def main(argv=None):
     p.add_argument("--shapes", help="comma list of CxHxW (default: SCNet-50 stage shapes)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default=None)
+    p.add_argument("--default-malloc", action="store_true", help="CPU: keep glibc malloc's dynamic thresholds")
     p.add_argument("--min-run-time", type=float, default=0.5)
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="scconv")
     args = p.parse_args(argv)
     try:
         device = torch.device(args.device) if args.device else bench.best_device()
+        if device.type == "cpu":
+            bench.log_stderr("allocator: " + bench.pin_cpu_allocator(pin=not args.default_malloc))
         shapes = [bench.parse_shape(s) for s in args.shapes.split(",")] if args.shapes else bench.STAGE_SHAPES
         providers = args.providers.split(",") if args.providers else None
         amp = None if args.amp == "none" else bench.parse_dtype(args.amp)
