@@ -272,6 +272,10 @@ def test_cat_opcheck_errors_and_saved_tensors():
         bn_relu_cat_train(ta, wa, ba, tb.double(), wb, bb)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bn_relu_cat_train(ta[:1, :, :1, :1], wa, ba, tb[:1, :, :1, :1], wb, bb)
+    with pytest.raises(ValueError, match="bn_relu_cat_train: weight_b must be a 1-D tensor of C=2"):
+        bn_relu_cat_train(ta, wa, ba, tb, wa, bb)
+    with pytest.raises(ValueError, match="bn_relu_cat_train: tb must be a 4-D"):
+        bn_relu_cat_train(ta, wa, ba, tb[0], wb, bb)
 
 
 @pytest.mark.parametrize("name", backends_here())

@@ -222,6 +222,27 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
 // ---------------------------------------------------------------------------------------------
 // Ops
 // ---------------------------------------------------------------------------------------------
+
+// The backward passes' inputs: t in its layout L, dy checked against it and read in place when it is
+// dense in L or a channel slice of such a buffer (dyP: its channel pitch), else copied.
+struct BackwardInputs {
+  Layout L;
+  at::Tensor t, dy;
+  int64_t dyP;
+};
+
+BackwardInputs backward_inputs(const char* op, const at::Tensor& dy_in, const at::Tensor& t_in) {
+  check_full(op, t_in);
+  TORCH_CHECK(dy_in.sizes() == t_in.sizes() && dy_in.scalar_type() == t_in.scalar_type() &&
+                  dy_in.device() == t_in.device(),
+              op, ": dy must match t's shape, dtype and device, got ", dy_in.sizes(), " ", dy_in.scalar_type(),
+              " on ", dy_in.device());
+  BackwardInputs in;
+  in.L = layout_of(t_in);
+  in.t = in_layout(t_in, in.L);
+  in.dy = in_layout_or_slice(dy_in, in.L, &in.dyP);
+  return in;
+}
 // y = relu(t * scale + shift) written into `out`: t's shape, dtype and layout, dense or a channel
 // slice of a concatenation buffer (written in place).
 void affine_relu_into(const char* op, const at::Tensor& t_in, const at::Tensor& scale, const at::Tensor& shift,
@@ -262,13 +283,10 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
                                                              const at::Tensor& scale, const at::Tensor& shift,
                                                              const at::Tensor& center) {
   const char* op = "scnet_fused::_affine_relu_backward_sums (cpu)";
-  check_full(op, t_in);
-  TORCH_CHECK(dy_in.sizes() == t_in.sizes() && dy_in.scalar_type() == t_in.scalar_type(), op,
-              ": dy must match t's shape and dtype, got ", dy_in.sizes(), " ", dy_in.scalar_type());
-  const Layout L = layout_of(t_in);
-  int64_t dyP = 0;
-  const at::Tensor t = in_layout(t_in, L), dy = in_layout_or_slice(dy_in, L, &dyP);
-  const int64_t C = t.size(1);
+  const BackwardInputs in = backward_inputs(op, dy_in, t_in);
+  const Layout L = in.L;
+  const at::Tensor &t = in.t, &dy = in.dy;
+  const int64_t dyP = in.dyP, C = t.size(1);
   const auto A = vec_of(op, "scale", scale, C), B = vec_of(op, "shift", shift, C), K = vec_of(op, "center", center, C);
   at::Tensor sum_g = at::zeros({C}, t.options().dtype(at::kFloat));
   at::Tensor sum_gc = at::zeros({C}, t.options().dtype(at::kFloat));
@@ -286,13 +304,10 @@ at::Tensor affine_relu_backward_apply(const at::Tensor& dy_in, const at::Tensor&
                                       const at::Tensor& shift, const at::Tensor& p, const at::Tensor& q,
                                       const at::Tensor& r) {
   const char* op = "scnet_fused::_affine_relu_backward_apply (cpu)";
-  check_full(op, t_in);
-  TORCH_CHECK(dy_in.sizes() == t_in.sizes() && dy_in.scalar_type() == t_in.scalar_type(), op,
-              ": dy must match t's shape and dtype, got ", dy_in.sizes(), " ", dy_in.scalar_type());
-  const Layout L = layout_of(t_in);
-  int64_t dyP = 0;
-  const at::Tensor t = in_layout(t_in, L), dy = in_layout_or_slice(dy_in, L, &dyP);
-  const int64_t C = t.size(1);
+  const BackwardInputs in = backward_inputs(op, dy_in, t_in);
+  const Layout L = in.L;
+  const at::Tensor &t = in.t, &dy = in.dy;
+  const int64_t dyP = in.dyP, C = t.size(1);
   const auto A = vec_of(op, "scale", scale, C), B = vec_of(op, "shift", shift, C);
   const auto P = vec_of(op, "p", p, C), Q = vec_of(op, "q", q, C), R = vec_of(op, "r", r, C);
   at::Tensor dt = new_output(t.sizes(), t.options(), format_of(L));

@@ -103,17 +103,14 @@ __global__ void __launch_bounds__(kThreads) sums_kernel(const Params<T> p, int64
   }
 }
 
-// NHWC: a block covers kSumsCh consecutive channels (threadIdx.x: coalesced reads along C) and a
-// chunk of positions (kSumsPix lanes on threadIdx.y); per-thread float partials, the lanes summed in
+// NHWC: a block covers kColCh consecutive channels (threadIdx.x: coalesced reads along C) and a
+// chunk of positions (kColLanes lanes on threadIdx.y); per-thread float partials, the lanes summed in
 // double in a fixed order. Same part layout as sums_kernel.
-constexpr int kSumsCh = 32;
-constexpr int kSumsPix = kThreads / kSumsCh;
-
 template <typename T>
-__global__ void __launch_bounds__(kSumsCh* kSumsPix) sums_nhwc_kernel(const Params<T> p, int64_t P, int64_t chunk,
+__global__ void __launch_bounds__(kColCh* kColLanes) sums_nhwc_kernel(const Params<T> p, int64_t P, int64_t chunk,
                                                                        double* part) {
   const int64_t C = p.C;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kSumsCh + threadIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColCh + threadIdx.x;
   const int64_t k = blockIdx.y;
   const int64_t nchunk = gridDim.y;
   const int64_t q0 = k * chunk;
@@ -121,7 +118,7 @@ __global__ void __launch_bounds__(kSumsCh* kSumsPix) sums_nhwc_kernel(const Para
   float s1 = 0.0f, s2 = 0.0f;
   if (c < C) {
     const float a = p.A[c], b = p.B[c], kc = p.K[c];
-    for (int64_t q = q0 + threadIdx.y; q < q1; q += kSumsPix) {
+    for (int64_t q = q0 + threadIdx.y; q < q1; q += kColLanes) {
       const float tv = static_cast<float>(p.t[q * C + c]);
       const float g = mask_f(static_cast<float>(p.dy[q * p.dyP + c]), tv * a + b);
       s1 += g;
@@ -129,7 +126,7 @@ __global__ void __launch_bounds__(kSumsCh* kSumsPix) sums_nhwc_kernel(const Para
     }
   }
   double a1, a2;
-  if (column_sums<kSumsCh, kSumsPix>(s1, s2, a1, a2) && c < C) {
+  if (column_sums(s1, s2, a1, a2) && c < C) {
     part[(c * nchunk + k) * 2 + 0] = a1;
     part[(c * nchunk + k) * 2 + 1] = a2;
   }
@@ -271,8 +268,8 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
     Params<T> p{t.data_ptr<T>(), dy.data_ptr<T>(), nullptr, A.data_ptr<float>(), B.data_ptr<float>(),
                 nullptr, nullptr, nullptr, K.data_ptr<float>(), C, HW, dyP, C};
     if (L == Layout::NHWC) {
-      const dim3 grid(static_cast<unsigned>((C + kSumsCh - 1) / kSumsCh), static_cast<unsigned>(nchunk));
-      const dim3 block(kSumsCh, kSumsPix);
+      const dim3 grid(static_cast<unsigned>((C + kColCh - 1) / kColCh), static_cast<unsigned>(nchunk));
+      const dim3 block(kColCh, kColLanes);
       sums_nhwc_kernel<T><<<grid, block, 0, stream>>>(p, M, chunk_fit, part.data_ptr<double>());
     } else {
       const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(nchunk));

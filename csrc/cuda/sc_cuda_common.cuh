@@ -68,20 +68,24 @@ __device__ __forceinline__ double block_sum(double v, double* smem) {
   return r;
 }
 
-// Column sums of a (kCols x kLanes) block (threadIdx.x: column, threadIdx.y: lane): each thread gives
-// two float partials; the threads of lane 0 get their column's sums in double, lanes added in order
-// (deterministic), and return true; the others return false.
-template <int kCols, int kLanes>
+// The NHWC reduction blocks (channel statistics, BatchNorm + ReLU sums): kColCh consecutive channels
+// on threadIdx.x (a warp reads 32 neighbouring values), kColLanes lanes of positions on threadIdx.y.
+constexpr int kColCh = 32;
+constexpr int kColLanes = kThreads / kColCh;
+
+// Column sums of such a (kColCh x kColLanes) block: each thread gives two float partials; the threads
+// of lane 0 get their column's sums in double, lanes added in order (deterministic), and return true;
+// the others return false.
 __device__ __forceinline__ bool column_sums(float s1, float s2, double& a1, double& a2) {
-  __shared__ double m1[kLanes][kCols];
-  __shared__ double m2[kLanes][kCols];
+  __shared__ double m1[kColLanes][kColCh];
+  __shared__ double m2[kColLanes][kColCh];
   m1[threadIdx.y][threadIdx.x] = s1;
   m2[threadIdx.y][threadIdx.x] = s2;
   __syncthreads();
   if (threadIdx.y != 0) return false;
   a1 = 0.0;
   a2 = 0.0;
-  for (int y = 0; y < kLanes; ++y) {
+  for (int y = 0; y < kColLanes; ++y) {
     a1 += m1[y][threadIdx.x];
     a2 += m2[y][threadIdx.x];
   }

@@ -235,13 +235,10 @@ __global__ void __launch_bounds__(kThreads) stats_nchw_kernel(const T* t, int64_
   }
 }
 
-constexpr int kStatsCh = 32;  // channels per NHWC stats block (threadIdx.x)
-constexpr int kStatsPix = 8;  // pixel lanes per NHWC stats block (threadIdx.y)
-
 template <typename T>
-__global__ void __launch_bounds__(kStatsCh* kStatsPix) stats_nhwc_kernel(const T* t, int64_t P, int64_t C,
+__global__ void __launch_bounds__(kColCh* kColLanes) stats_nhwc_kernel(const T* t, int64_t P, int64_t C,
                                                                          int64_t chunk, double* part) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kStatsCh + threadIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColCh + threadIdx.x;
   const int64_t k = blockIdx.y;
   const int64_t nchunk = gridDim.y;
   const int64_t p0 = k * chunk;
@@ -249,14 +246,14 @@ __global__ void __launch_bounds__(kStatsCh* kStatsPix) stats_nhwc_kernel(const T
   float s1 = 0.0f, s2 = 0.0f;
   if (c < C) {
     const float K = static_cast<float>(t[c]);
-    for (int64_t q = p0 + threadIdx.y; q < p1; q += kStatsPix) {
+    for (int64_t q = p0 + threadIdx.y; q < p1; q += kColLanes) {
       const float d = static_cast<float>(t[q * C + c]) - K;
       s1 += d;
       s2 += d * d;
     }
   }
   double a1, a2;
-  if (column_sums<kStatsCh, kStatsPix>(s1, s2, a1, a2) && c < C) {
+  if (column_sums(s1, s2, a1, a2) && c < C) {
     part[(c * nchunk + k) * 2 + 0] = a1;
     part[(c * nchunk + k) * 2 + 1] = a2;
   }
@@ -497,8 +494,8 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& t_in) {
       nchunk = std::min<int64_t>(64, (M + 255) / 256);
       const int64_t chunk = (M + nchunk - 1) / nchunk;
       part = at::empty({C * nchunk * 2}, t.options().dtype(at::kDouble));
-      const dim3 grid(static_cast<unsigned>((C + kStatsCh - 1) / kStatsCh), static_cast<unsigned>(nchunk));
-      const dim3 block(kStatsCh, kStatsPix);
+      const dim3 grid(static_cast<unsigned>((C + kColCh - 1) / kColCh), static_cast<unsigned>(nchunk));
+      const dim3 block(kColCh, kColLanes);
       stats_nhwc_kernel<T><<<grid, block, 0, stream>>>(tp, M, C, chunk, part.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       kstride = 1;

@@ -17,31 +17,25 @@ from torch import Tensor
 
 from .._alloc import new_empty
 from . import _dispatch
-from .sc_gate import _format, bn_fold
+from .sc_gate import _format, bn_fold, check_per_channel
 
 __all__ = ["bn_relu_train", "bn_relu_cat_train", "check_bn_relu_inputs"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_bn_relu_inputs(t: Tensor, weight: Tensor, bias: Tensor) -> None:
+def check_bn_relu_inputs(t: Tensor, weight: Tensor, bias: Tensor, op: str = "bn_relu_train", tname: str = "t",
+                         suffix: str = "") -> None:
     """Raise ValueError/TypeError before any kernel runs when the inputs cannot be normalised."""
     if not isinstance(t, Tensor) or t.dim() != 4:
-        raise ValueError(f"bn_relu_train: t must be a 4-D (N, C, H, W) tensor, got "
+        raise ValueError(f"{op}: {tname} must be a 4-D (N, C, H, W) tensor, got "
                          f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"bn_relu_train: t must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    C = t.shape[1]
-    for name, v in (("weight", weight), ("bias", bias)):
-        if not isinstance(v, Tensor) or v.dim() != 1 or v.shape[0] != C:
-            raise ValueError(f"bn_relu_train: {name} must be a 1-D tensor of C={C} values, got "
-                             f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
-        if v.device != t.device:
-            raise ValueError(f"bn_relu_train: {name} is on {v.device}, t on {t.device}")
-        if not v.is_floating_point():
-            raise TypeError(f"bn_relu_train: {name} must be floating point, got {v.dtype}")
+        raise TypeError(f"{op}: {tname} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    check_per_channel(op, "weight" + suffix, weight, t, tname)
+    check_per_channel(op, "bias" + suffix, bias, t, tname)
     if t.shape[0] * t.shape[2] * t.shape[3] <= 1:
-        raise ValueError(f"bn_relu_train: expected more than 1 value per channel when training, got input of "
+        raise ValueError(f"{op}: expected more than 1 value per channel when training, got {tname} of "
                          f"shape {tuple(t.shape)}")
 
 
@@ -137,8 +131,8 @@ def bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) ->
 
 
 def check_bn_relu_cat_inputs(ta: Tensor, wa: Tensor, ba: Tensor, tb: Tensor, wb: Tensor, bb: Tensor) -> None:
-    check_bn_relu_inputs(ta, wa, ba)
-    check_bn_relu_inputs(tb, wb, bb)
+    check_bn_relu_inputs(ta, wa, ba, "bn_relu_cat_train", "ta", "_a")
+    check_bn_relu_inputs(tb, wb, bb, "bn_relu_cat_train", "tb", "_b")
     if ta.shape[0] != tb.shape[0] or ta.shape[2:] != tb.shape[2:]:
         raise ValueError(f"bn_relu_cat_train: the branches differ outside the channel dimension: "
                          f"{tuple(ta.shape)} and {tuple(tb.shape)}")

@@ -69,18 +69,21 @@ def check_gate_inputs(x: Tensor, small: Tensor, k3: Tensor, *per_channel: Option
             f"sc_gate: small {_shape(small)} must not be larger than x {_shape(x)} in H or W "
             f"(the gate upsamples it to x's size)"
         )
-    C = x.shape[1]
     for i, t in enumerate(per_channel):
-        if t is None:
-            continue
-        name = names[i] if i < len(names) else f"per-channel argument {i}"
-        if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != C:
-            raise ValueError(f"sc_gate: {name} must be a 1-D tensor of C={C} values, got "
-                             f"{_shape(t) if isinstance(t, Tensor) else type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"sc_gate: {name} is on {t.device}, x on {x.device}")
-        if not t.is_floating_point():
-            raise TypeError(f"sc_gate: {name} must be floating point, got {t.dtype}")
+        if t is not None:
+            check_per_channel("sc_gate", names[i] if i < len(names) else f"per-channel argument {i}", t, x, "x")
+
+
+def check_per_channel(op: str, name: str, v, like: Tensor, like_name: str) -> None:
+    """``v`` must be a floating-point 1-D tensor of ``like``'s C values on ``like``'s device."""
+    C = like.shape[1]
+    if not isinstance(v, Tensor) or v.dim() != 1 or v.shape[0] != C:
+        raise ValueError(f"{op}: {name} must be a 1-D tensor of C={C} values, got "
+                         f"{_shape(v) if isinstance(v, Tensor) else type(v).__name__}")
+    if v.device != like.device:
+        raise ValueError(f"{op}: {name} is on {v.device}, {like_name} on {like.device}")
+    if not v.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point, got {v.dtype}")
 
 
 def _format(x: Tensor) -> torch.memory_format:

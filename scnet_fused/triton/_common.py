@@ -54,3 +54,34 @@ def in_layout_or_slice(t: torch.Tensor, channels_last: bool, fmt: torch.memory_f
     if cp:
         return t, cp
     return t.contiguous(memory_format=fmt), t.shape[1]
+
+
+@triton.jit
+def unflatten(e, C, rows, cols, CHANNELS_LAST: tl.constexpr):
+    """(n, c, row, col) of the flat index e of an (N, C, rows, cols) tensor stored NCHW or NHWC."""
+    if CHANNELS_LAST:
+        c = e % C
+        rest = e // C
+        col = rest % cols
+        rest = rest // cols
+        row = rest % rows
+        n = rest // rows
+    else:
+        col = e % cols
+        rest = e // cols
+        row = rest % rows
+        rest = rest // rows
+        c = rest % C
+        n = rest // C
+    return n, c, row, col
+
+
+@triton.jit
+def offset4(n, c, row, col, C, rows, cols, CHANNELS_LAST: tl.constexpr):
+    """Offset of element (n, c, row, col) in a dense (N, C, rows, cols) tensor stored NCHW or NHWC
+    (C may be the channel pitch of a wider buffer the tensor is a channel slice of)."""
+    if CHANNELS_LAST:
+        off = ((n * rows + row) * cols + col) * C + c
+    else:
+        off = ((n * C + c) * rows + row) * cols + col
+    return off

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_empty
-from ._common import INT32_LIMIT, channel_pitch, flat_block, in_layout_or_slice, layout as _layout
+from ._common import (INT32_LIMIT, channel_pitch, flat_block, in_layout_or_slice, layout as _layout, offset4,
+                      unflatten)
 
 _BLOCK = 1024
 
@@ -33,26 +34,14 @@ def _affine_relu_pointwise_kernel(t_ptr, dy_ptr, out_ptr, a_ptr, b_ptr, p_ptr, q
     # (contiguous offsets the compiler can vectorize).
     e = flat_block(BLOCK_E, BIG)
     mask = e < total
-    if CHANNELS_LAST:
-        q = e // C
-        c = e - q * C
-        base = q
-        pix = 0
-    else:
-        plane = e // HW
-        n = plane // C
-        c = plane - n * C
-        base = n
-        pix = e - plane * HW
+    n, c, _, pix = unflatten(e, C, 1, HW, CHANNELS_LAST)
     tv = tl.load(t_ptr + e, mask=mask, other=0.0).to(tl.float32)
     z = tv * tl.load(a_ptr + c, mask=mask, other=0.0) + tl.load(b_ptr + c, mask=mask, other=0.0)
     if APPLY:
-        if not SLICED:
-            d_off = e
-        elif CHANNELS_LAST:
-            d_off = base * dy_pitch + c
+        if SLICED:
+            d_off = offset4(n, c, 0, pix, dy_pitch, 1, HW, CHANNELS_LAST)
         else:
-            d_off = (base * dy_pitch + c) * HW + pix
+            d_off = e
         dyv = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
         g = tl.where(z <= 0.0, 0.0, dyv)
         out = (tl.load(p_ptr + c, mask=mask, other=0.0) * g + tl.load(q_ptr + c, mask=mask, other=0.0) * tv
@@ -60,19 +49,17 @@ def _affine_relu_pointwise_kernel(t_ptr, dy_ptr, out_ptr, a_ptr, b_ptr, p_ptr, q
         o_off = e
     else:
         out = tl.where(z <= 0.0, 0.0, z)
-        if not SLICED:
-            o_off = e
-        elif CHANNELS_LAST:
-            o_off = base * out_pitch + c
+        if SLICED:
+            o_off = offset4(n, c, 0, pix, out_pitch, 1, HW, CHANNELS_LAST)
         else:
-            o_off = (base * out_pitch + c) * HW + pix
+            o_off = e
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _affine_relu_sums_kernel(t_ptr, dy_ptr, a_ptr, b_ptr, k_ptr, part_g_ptr, part_gc_ptr, C, HW, NHW, chunk,
-                             dy_pitch, SLICED: tl.constexpr, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr, BLOCK_C: tl.constexpr,
-                             BLOCK_P: tl.constexpr):
+                             dy_pitch, SLICED: tl.constexpr, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     pid_q = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -88,19 +75,13 @@ def _affine_relu_sums_kernel(t_ptr, dy_ptr, a_ptr, b_ptr, k_ptr, part_g_ptr, par
     acc_gc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     for q0 in range(q_start, q_end, BLOCK_P):
         q = q0 + tl.arange(0, BLOCK_P)
-        if CHANNELS_LAST:
-            off = q[None, :] * C + c[:, None]
-            if SLICED:
-                d_off = q[None, :] * dy_pitch + c[:, None]
-            else:
-                d_off = off
+        img = (q // HW)[None, :]
+        pix = q[None, :] - img * HW
+        off = offset4(img, c[:, None], 0, pix, C, 1, HW, CHANNELS_LAST)
+        if SLICED:
+            d_off = offset4(img, c[:, None], 0, pix, dy_pitch, 1, HW, CHANNELS_LAST)
         else:
-            img = q // HW
-            off = (img * C)[None, :] * HW + c[:, None] * HW + (q - img * HW)[None, :]
-            if SLICED:
-                d_off = (img * dy_pitch)[None, :] * HW + c[:, None] * HW + (q - img * HW)[None, :]
-            else:
-                d_off = off
+            d_off = off
         mask = c_mask[:, None] & (q < q_end)[None, :]
         tv = tl.load(t_ptr + off, mask=mask, other=0.0).to(tl.float32)
         dyv = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)  # masked lanes: dy = 0, g = 0

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_empty
-from ._common import INT32_LIMIT, flat_block, layout as _layout
+from ._common import INT32_LIMIT, flat_block, layout as _layout, offset4, unflatten
 
 _BLOCK = 1024
 
@@ -29,22 +29,12 @@ def _avgpool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, h, w, inv,
                         CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr):
     o = flat_block(BLOCK_E, BIG)
     mask = o < total
+    n, c, p, q = unflatten(o, C, h, w, CHANNELS_LAST)
+    base = offset4(n, c, p * R, q * R, C, H, W, CHANNELS_LAST)  # the window's top-left element
     if CHANNELS_LAST:
-        c = o % C
-        pix = o // C
-        q = pix % w
-        row = pix // w
-        p = row % h
-        n = row // h
-        base = ((n * H + p * R) * W + q * R) * C + c
         s_row = W * C
         s_col = C
     else:
-        q = o % w
-        row = o // w
-        p = row % h
-        plane = row // h
-        base = (plane * H + p * R) * W + q * R
         s_row = W
         s_col = 1
     acc = tl.zeros([BLOCK_E], dtype=tl.float32)
@@ -59,26 +49,11 @@ def _avgpool_bwd_kernel(dy_ptr, dx_ptr, total, C, H, W, h, w, inv,
                         CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr):
     e = flat_block(BLOCK_E, BIG)
     mask = e < total
-    if CHANNELS_LAST:
-        c = e % C
-        pix = e // C
-        j = pix % W
-        row = pix // W
-        i = row % H
-        n = row // H
-        p = i // R
-        q = j // R
-        src = ((n * h + p) * w + q) * C + c
-    else:
-        j = e % W
-        row = e // W
-        i = row % H
-        plane = row // H
-        p = i // R
-        q = j // R
-        src = (plane * h + p) * w + q
-    inside = (p < h) & (q < w)
-    g = tl.load(dy_ptr + src, mask=mask & inside, other=0.0).to(tl.float32)
+    n, c, i, j = unflatten(e, C, H, W, CHANNELS_LAST)
+    p = i // R
+    q = j // R
+    inside = (p < h) & (q < w)  # rows / columns the floor pool dropped get no gradient
+    g = tl.load(dy_ptr + offset4(n, c, p, q, C, h, w, CHANNELS_LAST), mask=mask & inside, other=0.0).to(tl.float32)
     tl.store(dx_ptr + e, (g * inv).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
