@@ -5,8 +5,10 @@ Environment:
                            build of torch are found; a GPU is not needed to build them)
   CUDA_HOME                the toolkit root (found from /usr/local/cuda* or nvcc otherwise)
   TORCH_CUDA_ARCH_LIST     default "8.0;9.0"
-  SCNET_FUSED_CPU_ARCH     extra -m flags for the CPU kernels (default: AVX2+FMA on x86-64 when the
-                           build machine has them; "none" for a portable build)
+  SCNET_FUSED_CPU_ISAS     comma list of instruction sets to build the CPU kernels for, each into a
+                           module of its own (scnet_fused._cpu_<isa>; the best one the running CPU
+                           supports is loaded): default, avx2, avx512. Default: all three on x86-64
+                           (whatever the build machine has), "default" elsewhere.
 """
 
 import glob
@@ -52,53 +54,76 @@ else:
               "the 'cuda' backend will be absent", file=sys.stderr)
 
 
-def cpu_arch_flags():
-    choice = os.environ.get("SCNET_FUSED_CPU_ARCH", "").strip()
-    if choice == "none":
-        return []
+# Compiler flags of each instruction set (CPU_CAPABILITY_* selects ATen's vector types, as in ATen's own
+# per-capability builds; the flags are those ATen uses for its AVX2 and AVX512 levels).
+CPU_ISA_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX512"],
+}
+
+
+def cpu_isas():
+    choice = os.environ.get("SCNET_FUSED_CPU_ISAS", "").strip()
     if choice:
-        return choice.split()
+        isas = [c.strip() for c in choice.split(",") if c.strip()]
+        unknown = [c for c in isas if c not in CPU_ISA_FLAGS]
+        if unknown or not isas:
+            sys.exit(f"SCNET_FUSED_CPU_ISAS={choice!r}: expected a comma list of {', '.join(CPU_ISA_FLAGS)}")
+        return isas
     if platform.machine() in ("x86_64", "AMD64"):
-        try:
-            with open("/proc/cpuinfo") as f:
-                info = f.read()
-            if " avx2 " in info and " fma " in info and " f16c " in info:
-                return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
-        except OSError:
-            pass
-    return []
+        return list(CPU_ISA_FLAGS)
+    return ["default"]
 
 
 def rel(paths):
     return sorted(os.path.relpath(p, HERE) for p in paths)
 
 
-sources = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
-cxx = ["-O3", "-fopenmp"] + cpu_arch_flags()
-define_macros = []
+sources = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
+cpu_sources = rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+cxx = ["-O3", "-fopenmp"]
 extra_link = ["-fopenmp"]
+include_dirs = [os.path.join(HERE, "csrc")]
 
 if WITH_CUDA:
     sources += rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
     ext = CUDAExtension(
         "scnet_fused._C",
         sources,
-        include_dirs=[os.path.join(HERE, "csrc")],
-        define_macros=define_macros + [("SCNET_FUSED_WITH_CUDA", "1")],
+        include_dirs=include_dirs,
+        define_macros=[("SCNET_FUSED_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
         extra_link_args=extra_link,
     )
 else:
-    ext = CppExtension(
-        "scnet_fused._C",
-        sources,
-        include_dirs=[os.path.join(HERE, "csrc")],
-        define_macros=define_macros,
-        extra_compile_args={"cxx": cxx},
-        extra_link_args=extra_link,
-    )
+    ext = CppExtension("scnet_fused._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                       extra_link_args=extra_link)
+
+# The CPU kernels, once per instruction set (csrc/cpu/sc_isa.h).
+cpu_exts = []
+for isa in cpu_isas():
+    cpu_ext = CppExtension(f"scnet_fused._cpu_{isa}", cpu_sources, include_dirs=include_dirs,
+                           extra_compile_args={"cxx": cxx + CPU_ISA_FLAGS[isa]}, extra_link_args=extra_link)
+    cpu_ext.scnet_isa = isa
+    cpu_exts.append(cpu_ext)
+
+
+class Build(BuildExtension.with_options(use_ninja=True)):
+    """Each instruction set's objects in a folder of their own: the same sources, other flags."""
+
+    def build_extension(self, ext):
+        base = self.build_temp
+        isa = getattr(ext, "scnet_isa", None)
+        if isa is not None:
+            self.build_temp = os.path.join(base, f"cpu_{isa}")
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = base
+
 
 setup(
-    ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[ext] + cpu_exts,
+    cmdclass={"build_ext": Build},
 )

@@ -1,6 +1,11 @@
-// The Python module scnet_fused._C: loading it registers the ops (TORCH_LIBRARY in csrc/ops.cpp).
+// The Python module scnet_fused._C: loading it registers the op schemas (TORCH_LIBRARY in
+// csrc/ops.cpp), the C++ autograd twins and, in a CUDA build, the CUDA kernels. The CPU kernels are
+// built once per instruction set into modules of their own (csrc/cpu/isa_module.cpp).
 #include <pybind11/pybind11.h>
+
 #include <string>
+
+#include "cpu/sc_isa.h"
 
 namespace py = pybind11;
 
@@ -11,9 +16,6 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
-#ifdef CPU_CAPABILITY_AVX2
-  m.attr("cpu_capability") = std::string("avx2");
-#else
-  m.attr("cpu_capability") = std::string("default");
-#endif
+  m.def("cpu_supports_isa", &scnet_fused::cpu_supports_isa, py::arg("isa"),
+        "Whether this CPU runs CPU kernels built for `isa` ('default', 'avx2' or 'avx512').");
 }

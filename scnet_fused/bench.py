@@ -146,8 +146,15 @@ def versions() -> Dict[str, Optional[str]]:
         cudnn = str(v) if v else None
     except Exception:
         pass
+    try:
+        from .ops import _cpp
+
+        cpu_isa = _cpp.cpu_isa()
+    except Exception:  # no extension, or a bad $SCNET_FUSED_CPU_ISA
+        cpu_isa = None
     return {"torch": torch.__version__, "triton": triton_version(), "cuda": torch.version.cuda,
-            "cudnn": cudnn, "python": platform.python_version(), "scnet_fused": __version__}
+            "cudnn": cudnn, "python": platform.python_version(), "scnet_fused": __version__,
+            "cpu_isa": cpu_isa}
 
 
 def load_average() -> Optional[float]:

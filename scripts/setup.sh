@@ -24,4 +24,4 @@ pipq pybind11 ninja numpy pytest pytest-benchmark matplotlib scikit-learn "setup
 # The CUDA toolkit: honour CUDA_HOME, else let setup.py find it (the nvcc on PATH may be a wrapper).
 export MAX_JOBS=${MAX_JOBS:-2}
 pipq --no-build-isolation -e .
-"$VPY" -c "import scnet_fused, scnet_fused._C as C; print('scnet_fused', scnet_fused.__version__, '| extension: cuda kernels' if C.with_cuda else '| extension: cpu kernels only', '| cpu', C.cpu_capability)"
+"$VPY" -c "import scnet_fused, scnet_fused._C as C; from scnet_fused.ops import _cpp; print('scnet_fused', scnet_fused.__version__, '| extension: cuda kernels' if C.with_cuda else '| extension: cpu kernels only', '| cpu kernels', _cpp.cpu_isa() or 'none')"

@@ -9,8 +9,13 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/sc_isa.h"
 #include "sc_gate_math.h"
 #include "sc_index.h"
+
+#ifndef SCNET_TEST_ISA
+#define SCNET_TEST_ISA "default"
+#endif
 
 namespace {
 
@@ -151,6 +156,11 @@ void test_gate_kernels(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, in
 }  // namespace
 
 int main() {
+  // The CPU kernels this program links were built for SCNET_TEST_ISA: a CPU without it cannot run them.
+  if (!scnet_fused::cpu_supports_isa(SCNET_TEST_ISA)) {
+    std::printf("skipped: this CPU does not run %s code\n", SCNET_TEST_ISA);
+    return 77;
+  }
   test_index_map();
   test_gate_kernels(3, 13, 14, 25, 3, 6, false);
   test_gate_kernels(3, 13, 14, 25, 3, 6, true);
@@ -161,6 +171,6 @@ int main() {
     std::fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;
   }
-  std::printf("all checks passed\n");
+  std::printf("all checks passed (%s CPU kernels)\n", SCNET_TEST_ISA);
   return 0;
 }

@@ -1,11 +1,17 @@
-"""The compiled extension ``scnet_fused._C`` as a backend: C++ (CPU) and CUDA kernels.
+"""The compiled extension as a backend: C++ (CPU) and CUDA kernels.
 
-The extension registers the kernel-level primitives as ``torch.ops.scnet_fused._gate_forward`` and
-friends (schemas in ``csrc/ops.cpp``; CPU kernels in ``csrc/cpu/``, CUDA kernels in ``csrc/cuda/``).
+``scnet_fused._C`` registers the kernel-level primitives as ``torch.ops.scnet_fused._gate_forward`` and
+friends (schemas in ``csrc/ops.cpp``, CUDA kernels in ``csrc/cuda/``). The CPU kernels of ``csrc/cpu/``
+are built once per instruction set into ``scnet_fused._cpu_default``, ``_cpu_avx2`` and
+``_cpu_avx512``; the best one this CPU runs is loaded (``$SCNET_FUSED_CPU_ISA`` caps the choice, for
+example ``avx2`` on an AVX-512 machine). Only one is ever loaded in a process: each registers the same
+kernels.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import Optional
 
 import torch
@@ -18,6 +24,43 @@ try:
     from .. import _C  # noqa: F401  (loads the op library)
 except Exception as exc:  # not built, or built against another torch
     _import_error = f"the compiled extension scnet_fused._C is not importable ({type(exc).__name__}: {exc})"
+
+# Instruction sets of the CPU kernel builds, most capable first.
+CPU_ISAS = ("avx512", "avx2", "default")
+_ISA_ENV = "SCNET_FUSED_CPU_ISA"
+_cpu_isa: Optional[str] = None
+_cpu_isa_error: Optional[str] = None
+
+
+def _load_cpu_kernels() -> None:
+    """Import the best CPU kernel build this CPU runs, at most ``$SCNET_FUSED_CPU_ISA``."""
+    global _cpu_isa, _cpu_isa_error
+    cap = os.environ.get(_ISA_ENV, "").strip().lower()
+    if cap and cap not in CPU_ISAS:
+        raise ValueError(f"{_ISA_ENV}={cap!r}: expected one of {', '.join(CPU_ISAS)}")
+    candidates = CPU_ISAS[CPU_ISAS.index(cap):] if cap else CPU_ISAS
+    tried = []
+    for isa in candidates:
+        if not _C.cpu_supports_isa(isa):
+            tried.append(f"{isa}: this CPU lacks it")
+            continue
+        try:
+            importlib.import_module(f"{__package__.rsplit('.', 1)[0]}._cpu_{isa}")
+        except ImportError as exc:
+            tried.append(f"{isa}: not built ({exc})")
+            continue
+        _cpu_isa = isa
+        return
+    _cpu_isa_error = "no CPU kernel build of scnet_fused is loadable (" + "; ".join(tried) + ")"
+
+
+if _import_error is None:
+    _load_cpu_kernels()
+
+
+def cpu_isa() -> Optional[str]:
+    """The instruction set of the loaded CPU kernels ('avx512', 'avx2', 'default'), None when none is."""
+    return _cpu_isa
 
 
 def has_kernel(op: str, key: str) -> bool:
@@ -52,6 +95,8 @@ def unavailable_reason(name: str) -> Optional[str]:
     if missing:
         if name == "cuda":
             return "scnet_fused._C was built without CUDA kernels (no CUDA toolkit at build time, or SCNET_FUSED_CUDA=0)"
+        if _cpu_isa_error is not None:
+            return _cpu_isa_error
         return f"scnet_fused._C has no {key} kernels for {', '.join(missing)}"
     return None
 

@@ -1,0 +1,104 @@
+"""The CPU kernels are built once per instruction set (scnet_fused._cpu_default / _cpu_avx2 /
+_cpu_avx512) and the best one this CPU runs is loaded; ``$SCNET_FUSED_CPU_ISA`` caps the choice.
+
+The rest of the suite runs the loaded build (the best one here); every other build this CPU runs
+is checked here in a subprocess (one build per process: each registers the same kernels) by the
+parity check of ``python -m scnet_fused check`` and by the test files of the kernels, the ops and
+their C++ autograd (``KERNEL_TESTS``), with poisoned outputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import re
+import subprocess
+import sys
+
+import pytest
+
+from scnet_fused.ops import _cpp, _dispatch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_REASON = _dispatch.available("cpu")
+pytestmark = pytest.mark.skipif(CPU_REASON is not None, reason=f"cpu backend unavailable: {CPU_REASON}")
+
+
+# The tests of the CPU kernels and of the ops and autograd over them, rerun for every other build.
+KERNEL_TESTS = ["tests/test_cpu_kernels.py", "tests/test_avgpool.py", "tests/test_bn_relu.py", "tests/test_gate_ops.py",
+                "tests/test_cpp_autograd.py", "tests/test_relu_cat.py"]
+
+
+def _built(isa: str) -> bool:
+    return importlib.util.find_spec(f"scnet_fused._cpu_{isa}") is not None
+
+
+def _runnable():
+    from scnet_fused import _C
+
+    return [isa for isa in _cpp.CPU_ISAS if _built(isa) and _C.cpu_supports_isa(isa)]
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.update(SCNET_FUSED_POISON="1", OMP_NUM_THREADS="2", **extra)
+    env.pop("SCNET_FUSED_BACKEND", None)
+    return env
+
+
+def _run(args, timeout=600, **env):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def test_the_best_runnable_build_is_loaded_and_only_it():
+    runnable = _runnable()
+    assert runnable, "no CPU kernel build is both built and runnable here"
+    assert _cpp.cpu_isa() == runnable[0]
+    loaded = sorted(m for m in sys.modules if m.startswith("scnet_fused._cpu_"))
+    assert loaded == [f"scnet_fused._cpu_{runnable[0]}"]
+    mod = sys.modules[loaded[0]]
+    assert mod.isa == runnable[0]
+    assert mod.vector_floats == {"default": mod.vector_floats, "avx2": 8, "avx512": 16}[mod.isa]
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")),
+                    reason="reads the x86 CPU flags of /proc/cpuinfo")
+def test_cpu_detection_agrees_with_proc_cpuinfo():
+    from scnet_fused import _C
+
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
+    assert _C.cpu_supports_isa("default")
+    assert _C.cpu_supports_isa("avx2") == ({"avx2", "fma"} <= set(flags))
+    assert _C.cpu_supports_isa("avx512") == ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= set(flags))
+    assert not _C.cpu_supports_isa("sse9")
+
+
+@pytest.mark.parametrize("isa", _cpp.CPU_ISAS)
+def test_each_runnable_build_matches_the_reference(isa):
+    if isa not in _runnable():
+        pytest.skip(f"the {isa} build is not built or this CPU does not run it")
+    probe = _run(["-c", "from scnet_fused.ops import _cpp; print(_cpp.cpu_isa())"], SCNET_FUSED_CPU_ISA=isa)
+    assert probe.returncode == 0, probe.stdout
+    assert probe.stdout.strip().splitlines()[-1] == isa
+    check = _run(["-m", "scnet_fused", "check", "--backends", "cpu"], SCNET_FUSED_CPU_ISA=isa)
+    assert check.returncode == 0 and "0 failing case(s)" in check.stdout, check.stdout[-4000:]
+    if isa == _cpp.cpu_isa():
+        return  # the whole suite runs this build
+    kernels = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS, "-k", "not triton"],
+                   SCNET_FUSED_CPU_ISA=isa)
+    assert kernels.returncode == 0, kernels.stdout[-4000:]
+    summary = kernels.stdout.strip().splitlines()[-1]
+    assert re.match(r"\d+ passed", summary) and int(summary.split()[0]) >= 100, kernels.stdout[-2000:]
+
+
+def test_an_unknown_isa_name_is_a_clear_error():
+    proc = _run(["-c", "import torch, scnet_fused\n"
+                       "x = torch.randn(1, 2, 8, 8)\n"
+                       "with scnet_fused.backend('cpu'):\n"
+                       "    scnet_fused.sc_gate(x, torch.randn(1, 2, 2, 2), torch.randn(1, 2, 8, 8))"],
+                SCNET_FUSED_CPU_ISA="sse9")
+    assert proc.returncode != 0
+    assert "SCNET_FUSED_CPU_ISA='sse9'" in proc.stdout and "avx512, avx2, default" in proc.stdout, proc.stdout
