@@ -211,3 +211,25 @@ def test_bench_infer_script(tmp_path):
     for row in rows:
         assert row["rounds"] == 2 and row["median_ms"] > 0 and 0 <= row["rel_err_vs_float64"] < 1e-3
     assert "| fused |" in (tmp_path / "infer_scnet50.md").read_text()
+
+
+def test_bench_cpu_isa_script(tmp_path):
+    """benchmarks/bench_cpu_isa.py: each build runs in its own process and the rows say which one ran."""
+    from scnet_fused.ops import _cpp
+
+    if _cpp.cpu_isa() is None:
+        pytest.skip("no CPU kernel build is loaded")
+    isas = ["default", _cpp.cpu_isa()] if _cpp.cpu_isa() != "default" else ["default"]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_cpu_isa.py"), "--isas", ",".join(isas),
+                        "--rounds", "2", "--op", "gate", "--mode", "forward", "--shapes", "5x13x14",
+                        "--batch-size", "2", "--min-run-time", "0.02", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "cpu_isa.json").read_text())
+    ran = sorted((row["round"], row["versions"]["cpu_isa"]) for row in data["rows"])
+    assert ran == sorted((k, isa) for k in range(2) for isa in isas)
+    md = (tmp_path / "cpu_isa.md").read_text()
+    assert "| gate | forward | 2x5x13x14 | fp32 |" in md
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_cpu_isa.py"), "--isas", "sse9",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "sse9" in bad.stderr
