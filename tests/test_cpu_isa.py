@@ -15,6 +15,7 @@ import platform
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -102,3 +103,42 @@ def test_an_unknown_isa_name_is_a_clear_error():
                 SCNET_FUSED_CPU_ISA="sse9")
     assert proc.returncode != 0
     assert "SCNET_FUSED_CPU_ISA='sse9'" in proc.stdout and "avx512, avx2, default" in proc.stdout, proc.stdout
+
+
+def _fake_load(monkeypatch, runnable, built, cap):
+    """_load_cpu_kernels against a stand-in CPU (``runnable`` sets) and build list (``built``), importing
+    nothing: returns (loaded isa, error, names it imported)."""
+    imported = []
+
+    def import_module(name):
+        isa = name.rsplit("_cpu_", 1)[1]
+        if isa not in built:
+            raise ImportError(f"No module named {name!r}")
+        imported.append(isa)
+
+    monkeypatch.setattr(_cpp, "_C", types.SimpleNamespace(cpu_supports_isa=lambda isa: isa in runnable))
+    monkeypatch.setattr(_cpp, "importlib", types.SimpleNamespace(import_module=import_module))
+    monkeypatch.setattr(_cpp, "_cpu_isa", None)
+    monkeypatch.setattr(_cpp, "_cpu_isa_error", None)
+    if cap is None:
+        monkeypatch.delenv("SCNET_FUSED_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("SCNET_FUSED_CPU_ISA", cap)
+    _cpp._load_cpu_kernels()
+    return _cpp._cpu_isa, _cpp._cpu_isa_error, imported
+
+
+def test_selection_logic_over_cpus_and_builds(monkeypatch):
+    every = set(_cpp.CPU_ISAS)
+    assert _fake_load(monkeypatch, every, every, None)[::2] == ("avx512", ["avx512"])
+    assert _fake_load(monkeypatch, {"default", "avx2"}, every, None)[::2] == ("avx2", ["avx2"])
+    assert _fake_load(monkeypatch, every, {"default", "avx2"}, None)[::2] == ("avx2", ["avx2"])
+    assert _fake_load(monkeypatch, every, every, "avx2")[::2] == ("avx2", ["avx2"])
+    assert _fake_load(monkeypatch, every, every, "DEFAULT")[::2] == ("default", ["default"])
+    with pytest.warns(RuntimeWarning, match="SCNET_FUSED_CPU_ISA=avx512 .*this CPU lacks it.*using the avx2 build"):
+        assert _fake_load(monkeypatch, {"default", "avx2"}, every, "avx512")[::2] == ("avx2", ["avx2"])
+    isa, error, imported = _fake_load(monkeypatch, {"default"}, {"avx2"}, None)
+    assert isa is None and imported == []
+    assert "avx512: this CPU lacks it" in error and "default: not loadable" in error
+    with pytest.raises(ValueError, match="SCNET_FUSED_CPU_ISA='sse9'"):
+        _fake_load(monkeypatch, every, every, "sse9")

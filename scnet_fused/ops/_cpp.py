@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -39,17 +40,24 @@ def _load_cpu_kernels() -> None:
     if cap and cap not in CPU_ISAS:
         raise ValueError(f"{_ISA_ENV}={cap!r}: expected one of {', '.join(CPU_ISAS)}")
     candidates = CPU_ISAS[CPU_ISAS.index(cap):] if cap else CPU_ISAS
+    supports = getattr(_C, "cpu_supports_isa", None)
+    if supports is None:  # an _C from an older build next to this Python code
+        _cpu_isa_error = "scnet_fused._C is out of date (no cpu_supports_isa): rebuild the package"
+        return
     tried = []
     for isa in candidates:
-        if not _C.cpu_supports_isa(isa):
+        if not supports(isa):
             tried.append(f"{isa}: this CPU lacks it")
             continue
         try:
             importlib.import_module(f"{__package__.rsplit('.', 1)[0]}._cpu_{isa}")
         except ImportError as exc:
-            tried.append(f"{isa}: not built ({exc})")
+            tried.append(f"{isa}: not loadable ({exc})")
             continue
         _cpu_isa = isa
+        if cap and isa != cap:
+            warnings.warn(f"scnet_fused: {_ISA_ENV}={cap} asked for CPU kernels this process cannot use "
+                          f"({'; '.join(tried)}); using the {isa} build", RuntimeWarning, stacklevel=2)
         return
     _cpu_isa_error = "no CPU kernel build of scnet_fused is loadable (" + "; ".join(tried) + ")"
 
