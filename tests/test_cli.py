@@ -221,13 +221,13 @@ def test_bench_cpu_isa_script(tmp_path):
         pytest.skip("no CPU kernel build is loaded")
     isas = ["default", _cpp.cpu_isa()] if _cpp.cpu_isa() != "default" else ["default"]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_cpu_isa.py"), "--isas", ",".join(isas),
-                        "--rounds", "2", "--op", "gate", "--mode", "forward", "--shapes", "5x13x14",
+                        "--rounds", "1", "--op", "gate", "--mode", "forward", "--shapes", "5x13x14",
                         "--batch-size", "2", "--min-run-time", "0.02", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "cpu_isa.json").read_text())
     ran = sorted((row["round"], row["versions"]["cpu_isa"]) for row in data["rows"])
-    assert ran == sorted((k, isa) for k in range(2) for isa in isas)
+    assert ran == sorted((0, isa) for isa in isas)
     md = (tmp_path / "cpu_isa.md").read_text()
     assert "| gate | forward | 2x5x13x14 | fp32 |" in md
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_cpu_isa.py"), "--isas", "sse9",

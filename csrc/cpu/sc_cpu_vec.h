@@ -1,6 +1,5 @@
-// Vector helpers shared by the CPU kernels: full-vector float loads and stores of the storage types
-// (float, at::Half, at::BFloat16; the row tails are scalar code in the kernels) and a lane sum in a
-// fixed order. Host code only, compiled with the CPU capability flags of setup.py / CMakeLists.txt.
+// Vector helpers shared by the CPU kernels: full- and partial-vector float loads and stores of the
+// storage types (float, at::Half, at::BFloat16) and a lane sum in a fixed order. Host code only, compiled with the CPU capability flags of setup.py / CMakeLists.txt.
 #pragma once
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -33,6 +32,30 @@ inline void store_f(T* p, const Vec& v) {
     v.store(p);
   } else {
     at::vec::convert_from_float<T>(v, v).store(p, kV);
+  }
+}
+
+// The first n (< kV) elements of T at p, as float; the other lanes are 0. Nothing past p + n is read.
+template <typename T>
+inline Vec load_f(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p, n);
+  } else {
+    float buf[kV] = {};
+    for (int64_t e = 0; e < n; ++e) buf[e] = static_cast<float>(p[e]);
+    return Vec::loadu(buf);
+  }
+}
+
+// The first n (< kV) lanes of v stored to p as T. Nothing past p + n is written.
+template <typename T>
+inline void store_f(T* p, const Vec& v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, n);
+  } else {
+    float buf[kV];
+    v.store(buf);
+    for (int64_t e = 0; e < n; ++e) p[e] = static_cast<T>(buf[e]);
   }
 }
 

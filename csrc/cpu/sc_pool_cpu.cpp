@@ -41,10 +41,11 @@ inline void sum_rows(const T* src, int64_t stride, int64_t r, int64_t len, float
     for (int64_t di = 1; di < r; ++di) s = s + load_f(src + di * stride + j);
     s.store(acc + j);
   }
-  for (; j < len; ++j) {
-    float s = static_cast<float>(src[j]);
-    for (int64_t di = 1; di < r; ++di) s += static_cast<float>(src[di * stride + j]);
-    acc[j] = s;
+  if (j < len) {  // the row's tail as one partial vector (16-float vectors leave up to 15 of a row)
+    const int64_t n = len - j;
+    Vec s = load_f(src + j, n);
+    for (int64_t di = 1; di < r; ++di) s = s + load_f(src + di * stride + j, n);
+    s.store(acc + j, n);
   }
 }
 
@@ -108,7 +109,7 @@ void backward_nchw(const T* dy, T* dx, int64_t planes, int64_t H, int64_t W, int
         }
         int64_t j = 0;
         for (; j + kV <= W; j += kV) store_f(out + j, Vec::loadu(row.data() + j));
-        for (; j < W; ++j) out[j] = static_cast<T>(row[j]);
+        if (j < W) store_f(out + j, Vec::loadu(row.data() + j, W - j), W - j);
       }
     }
   });
