@@ -28,15 +28,6 @@ from scnet_fused import bench  # noqa: E402
 from scnet_fused.ops import _cpp  # noqa: E402
 
 
-def runnable_isas():
-    import importlib.util
-
-    from scnet_fused import _C
-
-    return [isa for isa in reversed(_cpp.CPU_ISAS)
-            if importlib.util.find_spec(f"scnet_fused._cpu_{isa}") is not None and _C.cpu_supports_isa(isa)]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--isas", help="comma list of builds, the first is the base of the ratios "
@@ -51,11 +42,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
     args = ap.parse_args(argv)
 
-    isas = args.isas.split(",") if args.isas else runnable_isas()
-    missing = [i for i in isas if i not in runnable_isas()]
+    runnable = list(reversed(_cpp.runnable_isas()))  # least capable first
+    isas = args.isas.split(",") if args.isas else runnable
+    missing = [i for i in isas if i not in runnable]
     if missing or not isas:
         print(f"bench_cpu_isa: not built or not runnable here: {', '.join(missing) or 'none given'} "
-              f"(runnable: {', '.join(runnable_isas())})", file=sys.stderr)
+              f"(runnable: {', '.join(runnable)})", file=sys.stderr)
         return 2
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

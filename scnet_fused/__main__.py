@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from typing import List, Optional, Sequence
@@ -380,9 +379,8 @@ def cmd_info(args) -> int:
 
         from .ops import _cpp
 
-        built = [isa for isa in _cpp.CPU_ISAS if importlib.util.find_spec(f"scnet_fused._cpu_{isa}") is not None]
         print(f"scnet_fused._C: {_C.__file__}; with_cuda={getattr(_C, 'with_cuda', '?')}")
-        print(f"CPU kernels: {_cpp.cpu_isa() or 'none loaded'} (built: {', '.join(built) or 'none'}; "
+        print(f"CPU kernels: {_cpp.cpu_isa() or 'none loaded'} (built: {', '.join(_cpp.built_isas()) or 'none'}; "
               f"this CPU runs: {', '.join(i for i in _cpp.CPU_ISAS if _C.cpu_supports_isa(i))})")
     except Exception as exc:
         print(f"scnet_fused._C: not importable ({type(exc).__name__}: {exc})")

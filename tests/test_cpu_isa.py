@@ -9,7 +9,6 @@ their C++ autograd (``KERNEL_TESTS``), with poisoned outputs.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import re
@@ -31,16 +30,6 @@ KERNEL_TESTS = ["tests/test_cpu_kernels.py", "tests/test_avgpool.py", "tests/tes
                 "tests/test_cpp_autograd.py", "tests/test_relu_cat.py"]
 
 
-def _built(isa: str) -> bool:
-    return importlib.util.find_spec(f"scnet_fused._cpu_{isa}") is not None
-
-
-def _runnable():
-    from scnet_fused import _C
-
-    return [isa for isa in _cpp.CPU_ISAS if _built(isa) and _C.cpu_supports_isa(isa)]
-
-
 def _env(**extra):
     env = dict(os.environ)
     env.update(SCNET_FUSED_POISON="1", OMP_NUM_THREADS="2", **extra)
@@ -55,7 +44,7 @@ def _run(args, timeout=600, **env):
 
 def test_the_best_runnable_build_is_loaded_and_only_it():
     cap = os.environ.get("SCNET_FUSED_CPU_ISA", "").strip().lower()
-    runnable = [i for i in _runnable() if not cap or _cpp.CPU_ISAS.index(i) >= _cpp.CPU_ISAS.index(cap)]
+    runnable = [i for i in _cpp.runnable_isas() if not cap or _cpp.CPU_ISAS.index(i) >= _cpp.CPU_ISAS.index(cap)]
     assert runnable, "no CPU kernel build is both built and runnable here"
     assert _cpp.cpu_isa() == runnable[0]
     loaded = sorted(m for m in sys.modules if m.startswith("scnet_fused._cpu_"))
@@ -81,7 +70,7 @@ def test_cpu_detection_agrees_with_proc_cpuinfo():
 
 @pytest.mark.parametrize("isa", _cpp.CPU_ISAS)
 def test_each_runnable_build_matches_the_reference(isa):
-    if isa not in _runnable():
+    if isa not in _cpp.runnable_isas():
         pytest.skip(f"the {isa} build is not built or this CPU does not run it")
     probe = _run(["-c", "from scnet_fused.ops import _cpp; print(_cpp.cpu_isa())"], SCNET_FUSED_CPU_ISA=isa)
     assert probe.returncode == 0, probe.stdout

@@ -1,5 +1,6 @@
 // Vector helpers shared by the CPU kernels: full- and partial-vector float loads and stores of the
-// storage types (float, at::Half, at::BFloat16) and a lane sum in a fixed order. Host code only, compiled with the CPU capability flags of setup.py / CMakeLists.txt.
+// storage types (float, at::Half, at::BFloat16) and a lane sum in a fixed order. Host code only,
+// compiled with the CPU capability flags of setup.py / CMakeLists.txt.
 #pragma once
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

@@ -66,6 +66,21 @@ if _import_error is None:
     _load_cpu_kernels()
 
 
+def built_isas():
+    """The instruction sets whose CPU kernel module is installed, most capable first."""
+    import importlib.util
+
+    pkg = __package__.rsplit(".", 1)[0]
+    return [isa for isa in CPU_ISAS if importlib.util.find_spec(f"{pkg}._cpu_{isa}") is not None]
+
+
+def runnable_isas():
+    """The installed builds this CPU runs, most capable first (empty without the extension)."""
+    if _import_error is not None:
+        return []
+    return [isa for isa in built_isas() if _C.cpu_supports_isa(isa)]
+
+
 def cpu_isa() -> Optional[str]:
     """The instruction set of the loaded CPU kernels ('avx512', 'avx2', 'default'), None when none is."""
     return _cpu_isa
