@@ -1,5 +1,6 @@
 // Device and launch helpers shared by the CUDA kernels: vector packs, launch geometry, alignment and
-// index-width checks. Included by csrc/cuda/*.cu only.
+// index-width checks. Included by csrc/cuda/*.cu only (compiled by nvcc, or as C++ against the host
+// model of csrc/emu/cuda_emu.h when SCNET_FUSED_CUDA_EMU is defined).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -17,9 +18,27 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
+// One Pack read or written at p (p aligned to the Pack, which the launchers check before choosing V > 1;
+// the host model of csrc/emu/ checks it at every access).
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+#ifdef SCNET_FUSED_CUDA_EMU
+  ::cuda_emu::check_aligned(p, sizeof(Pack<T, V>), "load");
+#endif
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& pk) {
+#ifdef SCNET_FUSED_CUDA_EMU
+  ::cuda_emu::check_aligned(p, sizeof(Pack<T, V>), "store");
+#endif
+  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+}
+
 template <typename T, int V>
 __device__ __forceinline__ void load_f(const T* p, float (&out)[V]) {
-  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+  const Pack<T, V> pk = load_pack<T, V>(p);
 #pragma unroll
   for (int e = 0; e < V; ++e) out[e] = static_cast<float>(pk.v[e]);
 }
@@ -29,7 +48,7 @@ __device__ __forceinline__ void store_f(T* p, const float (&in)[V]) {
   Pack<T, V> pk;
 #pragma unroll
   for (int e = 0; e < V; ++e) pk.v[e] = static_cast<T>(in[e]);
-  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+  store_pack<T, V>(p, pk);
 }
 
 // (n, c, i, j) of a flat index into an N x C x H x W tensor stored NCHW, or NHWC when kNHWC. One
@@ -94,12 +113,24 @@ __device__ __forceinline__ bool column_sums(float s1, float s2, double& a1, doub
 
 inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Blocks of kThreads for `work` items, grid-stride beyond kMaxBlocks.
+// Blocks of kThreads for `work` items, grid-stride beyond kMaxBlocks (under the host model: beyond
+// its max_blocks setting when set, so the grid-stride loops run at small sizes).
 inline int64_t blocks_for(int64_t work) {
-  return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, kMaxBlocks));
+  int64_t cap = kMaxBlocks;
+#ifdef SCNET_FUSED_CUDA_EMU
+  if (::cuda_emu::config().max_blocks > 0) cap = ::cuda_emu::config().max_blocks;
+#endif
+  return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, cap));
 }
 
-inline bool fits_int32(int64_t numel) { return numel <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()); }
+// Whether 32-bit index math covers numel elements (under the host model: false when its index64
+// setting is on, so the 64-bit kernels run at small sizes).
+inline bool fits_int32(int64_t numel) {
+#ifdef SCNET_FUSED_CUDA_EMU
+  if (::cuda_emu::config().index64) return false;
+#endif
+  return numel <= static_cast<int64_t>(std::numeric_limits<int32_t>::max());
+}
 
 }  // namespace cuda_common
 }  // namespace scnet_fused

@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) avgpool_fwd_kernel(const PoolParams<
       for (I di = 0; di < r; ++di) {
         const T* src = p.in + ((n * H + pr * r + di) * W + q * r) * C + c;
         for (I dj = 0; dj < r; ++dj) {
-          const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(src + dj * C);
+          const Pack<T, V> pk = load_pack<T, V>(src + dj * C);
 #pragma unroll
           for (int e = 0; e < V; ++e) acc[e] += static_cast<float>(pk.v[e]);
         }
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kThreads) avgpool_fwd_kernel(const PoolParams<
       Pack<T, V> res;
 #pragma unroll
       for (int e = 0; e < V; ++e) res.v[e] = static_cast<T>(acc[e] * p.inv);
-      *reinterpret_cast<Pack<T, V>*>(p.out + o) = res;
+      store_pack<T, V>(p.out + o, res);
     } else {
       // V == 1 in NCHW: consecutive threads take consecutive q, so each dj step of a warp reads a
       // strided set of a few cache lines the next steps reuse.
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) avgpool_bwd_kernel(const PoolParams<
     if (kNHWC) {
       const I q = j / r;
       if (pr < h && q < w) {
-        const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p.in + ((n * h + pr) * w + q) * C + c);
+        const Pack<T, V> pk = load_pack<T, V>(p.in + ((n * h + pr) * w + q) * C + c);
 #pragma unroll
         for (int e = 0; e < V; ++e) res.v[e] = static_cast<T>(static_cast<float>(pk.v[e]) * p.inv);
       } else {
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) avgpool_bwd_kernel(const PoolParams<
         res.v[e] = static_cast<T>(pr < h && q < w ? static_cast<float>(src[q]) * p.inv : 0.0f);
       }
     }
-    *reinterpret_cast<Pack<T, V>*>(p.out + base) = res;
+    store_pack<T, V>(p.out + base, res);
   }
 }
 
