@@ -97,8 +97,9 @@ def to64(*ts):
 # ------------------------------------------------------------------------------------------------
 
 
-def check_fp32(device):
-    P = prims(device)
+def check_fp32(device, P=None):
+    """fp32 parity on `device` of the primitives P (default: the extension's)."""
+    P = P or prims(device)
     for shape in SHAPES:
         for cl in (False, True):
             x, small, k3, dy, scale, shift, center = make_inputs(shape, channels_last=cl, device=device)
@@ -157,8 +158,8 @@ def eager_lowp_backward(dy, x, small, k3, scale, shift, center):
     return y, dz, dsmall, dk3
 
 
-def check_lowp(device, dtype):
-    P = prims(device)
+def check_lowp(device, dtype, P=None):
+    P = P or prims(device)
     eps = torch.finfo(dtype).eps
     for shape in SHAPES[:6]:
         for cl in (False, True):

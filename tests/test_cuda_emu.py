@@ -1,0 +1,220 @@
+"""The device code of the CUDA kernels, run on the host CUDA model (csrc/emu/cuda_emu.h).
+
+``tests/_cuda_emu.py`` compiles ``csrc/cuda/*.cu`` as C++ against the model (every block of a launch,
+every thread of a block as a fiber, ``__syncthreads`` a real barrier, vector accesses checked for
+alignment) into ops that take CPU tensors. Here they are checked like the CPU kernels: against the
+reference in fp32, fp16 and bf16 over the irregular shapes and both layouts, with poisoned outputs;
+against the CPU kernels for the pool and BatchNorm + ReLU ops; and with the model's knobs moving every
+launch off its usual path (a capped grid for the grid-stride loops, 64-bit index math, threads and
+blocks in reverse order), where the results must not change by a bit. What this cannot show (speed,
+coalescing, warp behaviour, the nvcc-only code) is for the ``gpu``-marked tests on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _cuda_emu as E
+import test_cpu_kernels as K
+from scnet_fused.ops._cpp import Primitives
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return E.primitives()
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return Primitives("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _default_model():
+    E.configure()
+    E.take_log()
+    yield
+    E.configure()
+
+
+# ------------------------------------------------------------------------------------------------
+# The model itself: it must expose the bugs it claims to.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_model_barrier_orders_shared_memory():
+    ops = E.load_library()
+    a = torch.arange(3 * 256, dtype=torch.float32).view(3, 256)
+    torch.testing.assert_close(ops._emu_selftest_reverse(a, True), a.flip(1), rtol=0, atol=0)
+    for reverse in (False, True):
+        E.configure(reverse=reverse)
+        ops._emu_selftest_reverse(a + 1000.0, True)  # leaves other values in the shared buffer
+        # without the barrier, a thread reads its partner's slot before the partner wrote it
+        assert not torch.equal(ops._emu_selftest_reverse(a, False), a.flip(1))
+
+
+def test_model_rejects_misaligned_vectors_and_bad_launches():
+    ops = E.load_library()
+    v = torch.arange(17, dtype=torch.float32)
+    out = ops._emu_selftest_pack_copy(v[:16].clone(), 0)
+    torch.testing.assert_close(out, torch.arange(16, dtype=torch.float32), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="misaligned 16-byte load"):
+        ops._emu_selftest_pack_copy(v, 1)
+    ops._emu_selftest_launch(2, 65535, 1, 1)
+    ops._emu_selftest_launch(1, 2, 3, 1024)
+    with pytest.raises(RuntimeError, match="invalid grid"):
+        ops._emu_selftest_launch(1, 65536, 1, 1)
+    with pytest.raises(RuntimeError, match="invalid grid"):
+        ops._emu_selftest_launch(0, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="invalid block"):
+        ops._emu_selftest_launch(1, 1, 1, 1025)
+    log = E.take_log()
+    assert any("empty_kernel" in k for k in log) and any("pack_copy_kernel" in k for k in log)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gate primitives against the reference (the CPU kernels' checks, run on the emulated CUDA kernels)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_gate_fp32_matches_reference(emu):
+    K.check_fp32("cpu", emu)
+    names = E.take_log()
+    # every family of the gate file ran, vectorized and scalar, NCHW and NHWC
+    for k in ("pointwise_kernel<float, unsigned int, false, 1>", "pointwise_kernel<float, unsigned int, false, 4>",
+              "pointwise_kernel<float, unsigned int, true, 1>", "pointwise_kernel<float, unsigned int, true, 4>",
+              "backward_cells_kernel<float, unsigned int, false, 1>",
+              "backward_cells_kernel<float, unsigned int, true, 1>",
+              "backward_cells_kernel<float, unsigned int, true, 4>", "channel_sum_kernel",
+              "stats_nchw_kernel<float>", "stats_nhwc_kernel<float>", "stats_finalize_kernel<float>"):
+        assert f"scnet_fused::cuda::{k}" in names, f"{k} never launched: {sorted(names)}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gate_low_precision_matches_reference(emu, dtype):
+    K.check_lowp("cpu", dtype, emu)
+    T = {torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}[dtype]
+    names = E.take_log()
+    assert f"scnet_fused::cuda::pointwise_kernel<{T}, unsigned int, true, 8>" in names, sorted(names)
+
+
+def test_gate_clear_errors(emu):
+    x, small, k3, dy, scale, shift, center = K.make_inputs(K.SHAPES[0])
+    with pytest.raises(RuntimeError, match="4-D"):
+        emu.gate_forward(x[0], small, k3, None, None)
+    with pytest.raises(RuntimeError, match="C="):
+        emu.gate_forward(x, small, k3, scale[:-1], None)
+    with pytest.raises(RuntimeError, match="x's shape"):
+        emu.gate_backward(dy[:, :, 1:], x, small, k3, scale, shift, center, True)
+    assert not E.take_log(), "a kernel ran before the arguments were checked"
+
+
+# ------------------------------------------------------------------------------------------------
+# Pool and BatchNorm + ReLU kernels against the CPU kernels
+# ------------------------------------------------------------------------------------------------
+
+LAYOUTS = ["contiguous", "channels_last", "misaligned", "misaligned_cl"]
+POOL_SHAPES = [(2, 3, 8, 8, 4), (2, 5, 14, 14, 4), (1, 4, 7, 9, 4), (2, 3, 11, 10, 3), (1, 16, 9, 13, 2),
+               (1, 8, 12, 12, 4), (2, 3, 4, 6, 1)]
+TOL = {torch.float32: (1e-6, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}
+
+
+def _tensor(shape, dtype, layout, seed=0, scale=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(*shape, generator=g) * scale + offset).to(dtype)
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout.startswith("misaligned"):  # dense, but the data pointer one element past 16-byte alignment
+        buf = torch.empty(t.numel() + 1, dtype=dtype)[1:]
+        N, C, H, W = shape
+        view = buf.view(N, H, W, C).permute(0, 3, 1, 2) if layout.endswith("_cl") else buf.view(shape)
+        view.copy_(t)
+        return view
+    return t
+
+
+def _close(a, b, dtype):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_avgpool_matches_cpu_kernels(emu, cpu, dtype, layout):
+    for shape in POOL_SHAPES:
+        N, C, H, W, r = shape
+        x = _tensor((N, C, H, W), dtype, layout)
+        y = emu.avgpool(x, r)
+        _close(y, cpu.avgpool(x, r), dtype)
+        assert not torch.isnan(y).any()
+        cl = layout in ("channels_last", "misaligned_cl")
+        dy = _tensor((N, C, H // r, W // r), dtype, layout, seed=1)
+        dx = emu.avgpool_backward(dy, H, W, r, cl)
+        _close(dx, cpu.avgpool_backward(dy, H, W, r, cl), dtype)
+        assert dx.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    # (a vector access at a misaligned address would have raised: the model checks every one)
+    if layout == "misaligned_cl":
+        assert any("avgpool_fwd_kernel" in k and k.endswith("true, 1>") for k in E.take_log())
+
+
+BN_SHAPES = [(3, 5, 7, 6), (2, 16, 14, 13), (4, 3, 1, 1), (1, 9, 25, 7), (2, 40, 9, 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bn_relu_matches_cpu_kernels(emu, cpu, dtype, layout):
+    for i, shape in enumerate(BN_SHAPES):
+        C = shape[1]
+        t = _tensor(shape, dtype, layout, seed=i, scale=2.0, offset=0.3)
+        dy = _tensor(shape, dtype, layout, seed=i + 10)
+        scale, shift, center, p, q, r = (torch.randn(C, generator=torch.Generator().manual_seed(20 + k))
+                                         for k in range(6))
+        y = emu.affine_relu(t, scale, shift)
+        _close(y, cpu.affine_relu(t, scale, shift), dtype)
+        for a, b in zip(emu.affine_relu_backward_sums(dy, t, scale, shift, center),
+                        cpu.affine_relu_backward_sums(dy, t, scale, shift, center)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        _close(emu.affine_relu_backward_apply(dy, t, scale, shift, p, q, r),
+               cpu.affine_relu_backward_apply(dy, t, scale, shift, p, q, r), dtype)
+        # the output written into a channel slice of a wider buffer (a half of a concatenation)
+        cl = layout in ("channels_last", "misaligned_cl")
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        buf = torch.full((shape[0], C + 7, *shape[2:]), 5.0, dtype=dtype).contiguous(memory_format=fmt)
+        emu.affine_relu_out(t, scale, shift, buf[:, 3:3 + C])
+        _close(buf[:, 3:3 + C], y, dtype)
+        assert torch.all(buf[:, :3] == 5.0) and torch.all(buf[:, 3 + C:] == 5.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Off the usual path: capped grids, 64-bit indices, reversed order. Bit-identical results.
+# ------------------------------------------------------------------------------------------------
+
+
+def _run_all(P, dtype, cl):
+    shape = (2, 16, 28, 20, 7, 5)
+    x, small, k3, dy, scale, shift, center = K.make_inputs(shape, dtype=dtype, channels_last=cl)
+    outs = [P.gate_forward(x, small, k3, scale, shift), P.gate_backward_k3(dy, x, small, k3, scale, shift, center)]
+    outs += [t for t in P.gate_backward(dy, x, small, k3, scale, shift, center, True)]
+    outs += list(P.channel_stats(k3))
+    pooled = P.avgpool(x, 4)
+    outs += [pooled, P.avgpool_backward(pooled, 28, 20, 4, cl)]
+    outs += [P.affine_relu(k3, scale, shift), P.affine_relu_backward_apply(dy, k3, scale, shift, shift, center, scale)]
+    outs += list(P.affine_relu_backward_sums(dy, k3, scale, shift, center))
+    return outs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
+def test_results_do_not_depend_on_launch_geometry_or_order(emu, dtype, cl):
+    base = _run_all(emu, dtype, cl)
+    assert all("unsigned int" in k for k in E.take_log() if "<" in k and "int" in k)
+    for knobs in (dict(max_blocks=1), dict(max_blocks=3, reverse=True), dict(index64=True),
+                  dict(index64=True, max_blocks=2)):
+        E.configure(**knobs)
+        got = _run_all(emu, dtype, cl)
+        names = E.take_log()
+        if knobs.get("index64"):
+            assert any("long int" in k for k in names) and not any("unsigned int" in k for k in names), sorted(names)
+        for i, (a, b) in enumerate(zip(base, got)):
+            assert torch.equal(a, b), f"output {i} changed under {knobs}"
