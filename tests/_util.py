@@ -33,3 +33,16 @@ def randn(*shape, channels_last=False, dtype=torch.float32, requires_grad=False,
     if channels_last:
         t = t.contiguous(memory_format=torch.channels_last)
     return t.requires_grad_(requires_grad)
+
+
+def kink_perturbed(x, n=2, rel=1e-5):
+    """x and n copies of it with relative noise of `rel`: for checks that compare float32 gradients of a
+    ReLU network with a float64 run. A pre-activation within float32 rounding of 0 (|z| ~ 1e-8 of the
+    largest) lands on either side of the kink in two correct float32 implementations and moves that
+    element's gradient by O(1); such ties are rare, so a check that holds on most of these inputs holds
+    for the implementation, while a real error fails on all of them."""
+    out = [x]
+    for k in range(n):
+        g = torch.Generator().manual_seed(1000 + k)
+        out.append(x * (1 + rel * torch.randn(x.shape, generator=g, dtype=x.dtype)))
+    return out

