@@ -184,6 +184,15 @@ def test_bn_relu_matches_cpu_kernels(emu, cpu, dtype, layout):
         emu.affine_relu_out(t, scale, shift, buf[:, 3:3 + C])
         _close(buf[:, 3:3 + C], y, dtype)
         assert torch.all(buf[:, :3] == 5.0) and torch.all(buf[:, 3 + C:] == 5.0)
+        # and the backward reading dy as such a slice, in place
+        wide = torch.randn(shape[0], C + 5, *shape[2:]).to(dtype).contiguous(memory_format=fmt)
+        dys = wide[:, 2:2 + C]
+        dense = dys.contiguous(memory_format=fmt)
+        for a, b in zip(emu.affine_relu_backward_sums(dys, t, scale, shift, center),
+                        cpu.affine_relu_backward_sums(dense, t, scale, shift, center)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        _close(emu.affine_relu_backward_apply(dys, t, scale, shift, p, q, r),
+               cpu.affine_relu_backward_apply(dense, t, scale, shift, p, q, r), dtype)
 
 
 # ------------------------------------------------------------------------------------------------
