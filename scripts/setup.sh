@@ -2,6 +2,9 @@
 # Set up a local virtual environment with torch, the build tools and scnet_fused (with its compiled
 # extension: the C++ CPU kernels always, the CUDA kernels when a CUDA toolkit is found).
 # Idempotent: re-running reuses .venv and rebuilds only what changed.
+#   --tests   also build what the test suite compiles (the CUDA kernels for the host CUDA model,
+#             build/cuda_emu; the CMake build, build/cmake-test), so the test run itself compiles only
+#             what changed since
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,3 +28,8 @@ pipq pybind11 ninja numpy pytest pytest-benchmark matplotlib scikit-learn "setup
 export MAX_JOBS=${MAX_JOBS:-2}
 pipq --no-build-isolation -e .
 "$VPY" -c "import scnet_fused, scnet_fused._C as C; from scnet_fused.ops import _cpp; print('scnet_fused', scnet_fused.__version__, '| extension: cuda kernels' if C.with_cuda else '| extension: cpu kernels only', '| cpu kernels', _cpp.cpu_isa() or 'none')"
+
+if [ "${1:-}" = "--tests" ]; then
+  "$VPY" tests/_cuda_emu.py 2> >(grep -v "No CUDA runtime is found" >&2)
+  "$VPY" tests/test_cmake_build.py
+fi
