@@ -3,8 +3,8 @@
 # extension: the C++ CPU kernels always, the CUDA kernels when a CUDA toolkit is found).
 # Idempotent: re-running reuses .venv and rebuilds only what changed.
 #   --tests   also build what the test suite compiles (the CUDA kernels for the host CUDA model,
-#             build/cuda_emu; the CMake build, build/cmake-test), so the test run itself compiles only
-#             what changed since
+#             build/cuda_emu; the CMake build, build/cmake-test; the ptxas report's device compiles,
+#             build/ptxas), so the test run itself compiles only what changed since
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,4 +32,5 @@ pipq --no-build-isolation -e .
 if [ "${1:-}" = "--tests" ]; then
   "$VPY" tests/_cuda_emu.py 2> >(grep -v "No CUDA runtime is found" >&2)
   "$VPY" tests/test_cmake_build.py
+  "$VPY" tests/test_cuda_build.py
 fi

@@ -1,20 +1,22 @@
 """Compile the CUDA sources for sm_80 and sm_90 without a GPU and check their resource use.
 
 One device-only nvcc invocation per .cu (``--fatbin``: both -gencode targets through ptxas with
-``-Xptxas -v``; the host side is compiled by the extension build of setup.py), the files in parallel;
-fails on a compile error or on any register spill. The per-kernel report (registers, spills, stack,
+``-Xptxas -v``; the host side is compiled by the extension build of setup.py), the files in parallel,
+an unchanged file's log reused from build/ptxas; fails on a compile error or on any register spill. The per-kernel report (registers, spills, stack,
 shared memory) is written to benchmarks/results/cuda_resources.json and .md.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -24,6 +26,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+CACHE = os.path.join(ROOT, "build", "ptxas")
 ARCHS = ("80", "90")
 
 
@@ -86,13 +89,17 @@ def write_report(rows, nvcc_version):
         f.write("\n".join(lines) + "\n")
 
 
-def test_cuda_sources_compile_without_spills(tmp_path):
+def compile_sources():
+    """ptxas's rows for every kernel of csrc/cuda/*.cu and the nvcc version; None when there is nothing
+    to compile or no toolkit (with the reason). A file's ptxas log is kept in build/ptxas under a
+    hash of everything its compile reads from this repository, the flags, nvcc's and torch's versions,
+    so an unchanged file is not compiled again (`python tests/test_cuda_build.py` fills the cache)."""
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     if not sources:
-        pytest.skip("no CUDA sources in csrc/cuda")
+        return None, "no CUDA sources in csrc/cuda"
     home = find_cuda_home()
     if home is None:
-        pytest.skip("no CUDA toolkit found (set CUDA_HOME to the toolkit root)")
+        return None, "no CUDA toolkit found (set CUDA_HOME to the toolkit root)"
     nvcc = os.path.join(home, "bin", "nvcc")
     tinc = os.path.join(os.path.dirname(torch.__file__), "include")
     flags = ["-std=c++20", "-O3", "--expt-relaxed-constexpr", "-Xptxas", "-v",
@@ -104,19 +111,41 @@ def test_cuda_sources_compile_without_spills(tmp_path):
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     version = version[-1] if version else "unknown"
+    headers = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.h")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh")))
+    os.makedirs(CACHE, exist_ok=True)
 
     def compile_one(src):
-        out = tmp_path / (os.path.basename(src) + ".fatbin")
-        proc = subprocess.run([nvcc, "--fatbin", src, "-o", str(out)] + flags, capture_output=True, text=True,
-                              timeout=600)
+        h = hashlib.sha256()
+        for path in [src] + headers:
+            h.update(os.path.relpath(path, ROOT).encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(f.read())
+        h.update("\0".join(flags + [version, torch.__version__, nvcc]).encode())
+        log_path = os.path.join(CACHE, f"{os.path.basename(src)}.{h.hexdigest()[:24]}.log")
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                return parse_ptxas(f.read())
+        with tempfile.TemporaryDirectory() as tmp:
+            proc = subprocess.run([nvcc, "--fatbin", src, "-o", os.path.join(tmp, "out.fatbin")] + flags,
+                                  capture_output=True, text=True, timeout=600)
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"nvcc failed on {src}:\n{log[-6000:]}"
+        with open(log_path + ".part", "w") as f:
+            f.write(log)
+        os.replace(log_path + ".part", log_path)
         return parse_ptxas(log)
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(sources), os.cpu_count() or 1))) as pool:
         rows = [r for part in pool.map(compile_one, sources) for r in part]
     for r in rows:
         r.pop("mangled", None)
+    return rows, version
+
+
+def test_cuda_sources_compile_without_spills():
+    rows, version = compile_sources()
+    if rows is None:
+        pytest.skip(version)
     write_report(rows, version)
     assert rows, "ptxas reported no kernels"
     for a in ARCHS:
@@ -127,4 +156,5 @@ def test_cuda_sources_compile_without_spills(tmp_path):
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q"]))
+    rows, version = compile_sources()
+    print(f"ptxas: {len(rows)} kernel entries ({version})" if rows is not None else f"ptxas: skipped ({version})")
