@@ -33,30 +33,17 @@ SOURCES = ["csrc/ops.cpp", "csrc/emu/cuda_emu.cpp", "csrc/cuda/sc_gate_cuda.cu",
 _IDENT = re.compile(r"[A-Za-z0-9_:]")
 
 
-def _match_back(text: str, end: int, open_ch: str, close_ch: str) -> int:
-    """Index of the open_ch matching the close_ch at text[end]."""
+def _match(text: str, at: int, ch: str, other: str, step: int) -> int:
+    """Index of the bracket matching text[at] == ch, scanning in direction step (+1 or -1) for other."""
     depth = 0
-    for i in range(end, -1, -1):
-        if text[i] == close_ch:
+    for i in range(at, -1 if step < 0 else len(text), step):
+        if text[i] == ch:
             depth += 1
-        elif text[i] == open_ch:
+        elif text[i] == other:
             depth -= 1
             if depth == 0:
                 return i
-    raise ValueError(f"unbalanced {open_ch}{close_ch} before offset {end}")
-
-
-def _match_forward(text: str, start: int, open_ch: str, close_ch: str) -> int:
-    """Index of the close_ch matching the open_ch at text[start]."""
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == open_ch:
-            depth += 1
-        elif text[i] == close_ch:
-            depth -= 1
-            if depth == 0:
-                return i
-    raise ValueError(f"unbalanced {open_ch}{close_ch} after offset {start}")
+    raise ValueError(f"unbalanced {ch}{other} from offset {at}")
 
 
 def _rewrite_launches(text: str, where: str) -> str:
@@ -71,7 +58,7 @@ def _rewrite_launches(text: str, where: str) -> str:
         e = k - 1
         while text[e].isspace():
             e -= 1
-        s = _match_back(text, e, "<", ">") - 1 if text[e] == ">" else e
+        s = _match(text, e, ">", "<", -1) - 1 if text[e] == ">" else e
         while s >= 0 and _IDENT.match(text[s]):
             s -= 1
         kernel = text[s + 1:e + 1]
@@ -84,7 +71,7 @@ def _rewrite_launches(text: str, where: str) -> str:
             a += 1
         if text[a] != "(":
             raise ValueError(f"{where}: expected the kernel arguments after '>>>' at offset {c}")
-        b = _match_forward(text, a, "(", ")")
+        b = _match(text, a, "(", ")", +1)
         args = text[a + 1:b]
         out.append(text[pos:s + 1])
         sep = ", " if args.strip() else ""
