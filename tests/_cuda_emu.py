@@ -121,6 +121,10 @@ def build(verbose: bool = False) -> str:
 
     sources = _write_sources()
     os.environ.setdefault("MAX_JOBS", "2")
+    # the ninja of this interpreter's environment (pip's ninja package) when the venv is not activated
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     lib = load(name=NAME, sources=sources, build_directory=str(BUILD),
                extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "csrc" / "cuda"), str(ROOT / "csrc" / "emu")],
                extra_cflags=["-O2", "-DSCNET_FUSED_CUDA_EMU"], is_python_module=False, verbose=verbose)
