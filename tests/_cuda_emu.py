@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "cuda_emu"
 NAME = "scnet_fused_cuda_emu"
-SOURCES = ["csrc/ops.cpp", "csrc/emu/cuda_emu.cpp", "csrc/cuda/sc_gate_cuda.cu", "csrc/cuda/sc_pool_cuda.cu", "csrc/cuda/sc_bn_relu_cuda.cu",
-           "csrc/emu/emu_ops.cu"]
+SOURCES = ["csrc/ops.cpp", "csrc/emu/cuda_emu.cpp", "csrc/cuda/sc_gate_cuda.cu", "csrc/cuda/sc_pool_cuda.cu",
+           "csrc/cuda/sc_bn_relu_cuda.cu", "csrc/emu/emu_ops.cu"]
 
 _IDENT = re.compile(r"[A-Za-z0-9_:]")
 
@@ -79,6 +79,11 @@ def _rewrite_launches(text: str, where: str) -> str:
         pos = b + 1
 
 
+def _rename_library(text: str) -> str:
+    """The TORCH_LIBRARY* blocks of the scnet_fused namespace moved to the model's namespace."""
+    return re.sub(r"\bTORCH_LIBRARY(_IMPL|_FRAGMENT)?\(scnet_fused,", rf"TORCH_LIBRARY\1({NAME},", text)
+
+
 def rewrite(text: str, where: str) -> str:
     """The C++ of one CUDA source for the host model (line numbers kept)."""
     lines = text.split("\n")
@@ -91,7 +96,7 @@ def rewrite(text: str, where: str) -> str:
     lines[first_local] = f'#include "cuda_emu.h"\n#line {first_local + 1} "{where}"\n{lines[first_local]}'
     text = "\n".join(lines)
     text = _rewrite_launches(text, where)
-    text = re.sub(r"\bTORCH_LIBRARY(_IMPL|_FRAGMENT)?\(scnet_fused,", rf"TORCH_LIBRARY\1({NAME},", text)
+    text = _rename_library(text)
     text = re.sub(r"(TORCH_LIBRARY_IMPL\(" + NAME + r"), CUDA,", r"\1, CPU,", text)
     text = text.replace("c10::DeviceType::CUDA", "c10::DeviceType::CPU").replace(".is_cuda()", ".is_cpu()")
     return f'#line 1 "{where}"\n{text}'
@@ -106,8 +111,7 @@ def _write_sources() -> list[str]:
         if rel.endswith(".cu"):
             text = rewrite(text, rel)
         else:  # C++ sources (ops.cpp: its schemas move to the model's namespace)
-            text = re.sub(r"\bTORCH_LIBRARY(_IMPL)?\(scnet_fused,", rf"TORCH_LIBRARY\1({NAME},", text)
-            text = f'#line 1 "{rel}"\n{text}'
+            text = f'#line 1 "{rel}"\n{_rename_library(text)}'
         dst = src_dir / (Path(rel).stem + ".emu.cpp")
         if not dst.exists() or dst.read_text() != text:  # untouched files keep their build
             dst.write_text(text)
