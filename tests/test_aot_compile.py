@@ -8,7 +8,9 @@ resources of the cubin Triton produced (``cuobjdump --dump-resource-usage``: reg
 local memory; ptxas puts spills in the stack frame) and the shared memory Triton launches it with.
 The report goes to ``benchmarks/results/triton_resources.json`` and ``.md``.
 
-Run by hand: ``python tests/test_aot_compile.py 90 out.json``.
+Run by hand: ``python tests/test_aot_compile.py 90 out.json`` (one architecture), then
+``python tests/test_aot_compile.py --report STEM sm80.json sm90.json`` writes ``benchmarks/results/STEM.*``
+from such runs (the report of another Triton version, for instance).
 """
 
 from __future__ import annotations
@@ -129,9 +131,9 @@ def compile_all(arch: int) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_report(rows: list) -> None:
+def _write_report(rows: list, stem: str = "triton_resources") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "triton_resources.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = [
         "# Triton kernels: resources at compile time",
         "",
@@ -148,7 +150,7 @@ def _write_report(rows: list) -> None:
                          f"| {r['spill_bytes']} | {r['shared_bytes']} |")
         else:
             lines.append(f"| `{r['kernel']}` | {r['variant']} | {r['arch']} | {r['num_warps']} | compile error | | |")
-    (RESULTS / "triton_resources.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def test_aot_compile_sm80_sm90(tmp_path):
@@ -187,5 +189,9 @@ def test_aot_compile_sm80_sm90(tmp_path):
 
 
 if __name__ == "__main__":
-    _arch, _out = int(sys.argv[1]), sys.argv[2]
-    Path(_out).write_text(json.dumps(compile_all(_arch)))
+    if sys.argv[1] == "--report":  # --report STEM sm80.json sm90.json: the report of per-arch runs
+        _rows = [r for p in sys.argv[3:] for r in json.loads(Path(p).read_text())]
+        _write_report(sorted(_rows, key=lambda r: (r["kernel"], r["variant"], r["arch"])), sys.argv[2])
+    else:
+        _arch, _out = int(sys.argv[1]), sys.argv[2]
+        Path(_out).write_text(json.dumps(compile_all(_arch)))
