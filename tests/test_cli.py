@@ -242,3 +242,23 @@ def test_bench_cpu_isa_script(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_cpu_isa.py"), "--isas", "sse9",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "sse9" in bad.stderr
+
+
+def test_bench_conv_layout_script(tmp_path):
+    """benchmarks/bench_conv_layout.py: both memory formats, both modes, GFLOP/s from the time."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_conv_layout.py"), "--shapes", "5x9x7",
+                        "--batch-size", "2", "--rounds", "2", "--min-run-time", "0.02", "--device", "cpu",
+                        "--default-malloc", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "conv_layout.json").read_text())
+    assert sorted((row["provider"], row["mode"]) for row in rows) == [
+        ("channels_last", "forward"), ("channels_last", "forward+backward"), ("nchw", "forward"),
+        ("nchw", "forward+backward")]
+    for row in rows:
+        flops = 2 * 2 * 5 * 5 * 9 * 9 * 7 * (1 if row["mode"] == "forward" else 3)
+        assert row["rounds"] == 2 and row["median_ms"] > 0 and row["to_channels_last_ms"] > 0
+        assert row["gflops"] == pytest.approx(flops / (row["median_ms"] * 1e-3) / 1e9)
+    assert "| 2x5x9x7 | forward+backward |" in (tmp_path / "conv_layout.md").read_text()
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_conv_layout.py"), "--shapes", "5x9",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "5x9" in bad.stderr
