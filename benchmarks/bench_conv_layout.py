@@ -52,16 +52,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--min-run-time", type=float, default=0.5)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--default-malloc", action="store_true", help="CPU: keep glibc malloc's dynamic thresholds")
     ap.add_argument("--out", default=None)
+    bench.add_machine_args(ap)
     args = ap.parse_args(argv)
 
-    device = torch.device(args.device) if args.device else bench.best_device()
-    allocator = bench.pin_cpu_allocator(pin=not args.default_malloc) if device.type == "cpu" else None
-    if args.threads and device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    device, allocator = bench.machine_from_args(args)
     try:
         shapes = [bench.parse_shape(s) for s in args.shapes.split(",")] if args.shapes else list(bench.STAGE_SHAPES)
     except bench.BenchError as exc:

@@ -29,18 +29,13 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
     ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--device", default=None)
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds per provider, order alternating")
     ap.add_argument("--min-run-time", type=float, default=2.0, help="CPU seconds per round and provider")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--default-malloc", action="store_true", help="CPU: keep glibc malloc's dynamic thresholds")
     ap.add_argument("--out", default=None)
+    bench.add_machine_args(ap)
     args = ap.parse_args(argv)
 
-    device = torch.device(args.device) if args.device else bench.best_device()
-    allocator = bench.pin_cpu_allocator(pin=not args.default_malloc) if device.type == "cpu" else None
-    if args.threads and device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    device, allocator = bench.machine_from_args(args)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)

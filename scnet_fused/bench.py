@@ -241,6 +241,23 @@ def best_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def add_machine_args(ap) -> None:
+    """``--device``, ``--threads`` and ``--default-malloc`` of a benchmark script (see :func:`machine_from_args`)."""
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--default-malloc", action="store_true", help="CPU: keep glibc malloc's dynamic thresholds")
+
+
+def machine_from_args(args) -> Tuple[torch.device, Optional[str]]:
+    """The device a script measures on and, on a CPU, the allocator note (the thresholds fixed unless
+    ``--default-malloc``) with the thread count set from ``--threads``."""
+    device = torch.device(args.device) if args.device else best_device()
+    allocator = pin_cpu_allocator(pin=not args.default_malloc) if device.type == "cpu" else None
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    return device, allocator
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
