@@ -9,6 +9,8 @@ Environment:
                            module of its own (scnet_fused._cpu_<isa>; the best one the running CPU
                            supports is loaded): default, avx2, avx512. Default: all three on x86-64
                            (whatever the build machine has), "default" elsewhere.
+  SCNET_FUSED_BUILD_TEMP=0 compile in setuptools' build folder (default: build/temp.<platform>-<python>
+                           of the checkout, kept between builds so a rebuild compiles only what changed)
 """
 
 import glob
@@ -16,6 +18,7 @@ import importlib.util
 import os
 import platform
 import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -109,14 +112,20 @@ for isa in cpu_isas():
     cpu_exts.append(cpu_ext)
 
 
+# Object files live in build/ of the checkout, not in the temporary folder that pip's editable build
+# passes (new on every install): ninja then recompiles only what changed since the last build (it
+# tracks headers and compiler command lines). SCNET_FUSED_BUILD_TEMP=0 keeps setuptools' folder.
+BUILD_TEMP = os.path.join(HERE, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
+
 class Build(BuildExtension.with_options(use_ninja=True)):
     """Each instruction set's objects in a folder of their own: the same sources, other flags."""
 
     def build_extension(self, ext):
         base = self.build_temp
+        temp = BUILD_TEMP if os.environ.get("SCNET_FUSED_BUILD_TEMP", "1") != "0" else base
         isa = getattr(ext, "scnet_isa", None)
-        if isa is not None:
-            self.build_temp = os.path.join(base, f"cpu_{isa}")
+        self.build_temp = os.path.join(temp, f"cpu_{isa}") if isa is not None else temp
         try:
             super().build_extension(ext)
         finally:
