@@ -57,10 +57,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     device, allocator = bench.machine_from_args(args)
-    try:
-        shapes = [bench.parse_shape(s) for s in args.shapes.split(",")] if args.shapes else list(bench.STAGE_SHAPES)
-    except bench.BenchError as exc:
-        ap.error(str(exc))
+    shapes = bench.shapes_from_arg(ap, args.shapes)
     N = args.batch_size
     rows = []
     for C, H, W in shapes:
@@ -87,13 +84,7 @@ def main(argv=None) -> int:
                              allocator=allocator))
         bench.log_stderr(f"{where}: " + ", ".join(f"{k[0]} {k[1]} {statistics.median(v):.3f} ms"
                                                    for k, v in samples.items()))
-    out = args.out or bench.default_out_dir(device)
-    os.makedirs(out, exist_ok=True)
-    bench.write_json(rows, os.path.join(out, "conv_layout.json"))
-    md = markdown(rows)
-    with open(os.path.join(out, "conv_layout.md"), "w") as f:
-        f.write(md)
-    print(md)
+    bench.write_script_results(rows, args.out or bench.default_out_dir(device), "conv_layout", markdown(rows))
     return 0
 
 

@@ -258,6 +258,23 @@ def machine_from_args(args) -> Tuple[torch.device, Optional[str]]:
     return device, allocator
 
 
+def shapes_from_arg(ap, text: Optional[str]) -> List[Tuple[int, int, int]]:
+    """A script's ``--shapes`` (comma list of CxHxW; the stage shapes when None); a bad one is ``ap.error``."""
+    try:
+        return [parse_shape(s) for s in text.split(",")] if text else list(STAGE_SHAPES)
+    except BenchError as exc:
+        ap.error(str(exc))
+
+
+def write_script_results(rows: List[dict], out: str, stem: str, markdown: str) -> None:
+    """``<out>/<stem>.json`` (the rows) and ``<stem>.md`` (``markdown``), which is also printed."""
+    os.makedirs(out, exist_ok=True)
+    write_json(rows, os.path.join(out, f"{stem}.json"))
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -262,3 +262,24 @@ def test_bench_conv_layout_script(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_conv_layout.py"), "--shapes", "5x9",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "5x9" in bad.stderr
+
+
+def test_bench_layout_step_script(tmp_path):
+    """benchmarks/bench_layout_step.py: reference and fused, each in both memory formats, in one process."""
+    from scnet_fused import bench
+
+    if bench.fused_modules_reason() is not None:
+        pytest.skip(bench.fused_modules_reason())
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_layout_step.py"), "--shapes", "5x13x14",
+                        "--batch-size", "2", "--rounds", "2", "--min-run-time", "0.02", "--device", "cpu",
+                        "--default-malloc", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "layout_step.json").read_text())
+    assert sorted((row["provider"], row["layout"]) for row in rows) == [
+        ("eager", "channels_last"), ("eager", "nchw"), ("fused", "channels_last"), ("fused", "nchw")]
+    for row in rows:
+        assert len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 and row["mode"] == "train"
+    assert "| 2x5x13x14 |" in (tmp_path / "layout_step.md").read_text()
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_layout_step.py"), "--shapes", "0x4x4",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "0x4x4" in bad.stderr
