@@ -5,8 +5,8 @@
 
 ``python -m scnet_fused bench --channels-last`` compares providers within one memory format; which
 format to train in is a comparison across formats, and on a shared machine two separate runs drift
-apart by more than the difference (the same fused NCHW step measured 22.8 and 17.6 ms in two runs an
-hour apart on the 2-core Xeon). Here the four variants (reference / fused, module + input + output
+apart by more than the difference (the same fused NCHW step measured 22.8 and 17.6 ms in two
+processes an hour apart on the 2-core Xeon). Here the four variants (reference / fused, module + input + output
 gradient all NCHW or all channels_last) run in one process, in interleaved rounds whose order
 alternates; a row's time is the median of its rounds' medians. Writes ``layout_step.json`` and ``.md``
 under ``--out`` (default benchmarks/results/<device>).
