@@ -67,12 +67,14 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(N, C, H, W, generator=g).to(device)
         dy = torch.randn(N, C, H, W, generator=g).to(device)
-        jobs = {}
+        jobs, out_cl = {}, {}
         for layout, fmt in LAYOUTS.items():
             for prov in ("eager", "fused"):
                 m = bench.build_module("scconv", C, fused=prov == "fused", like=ref).to(device, memory_format=fmt)
-                jobs[(prov, layout)] = _step(m, x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt),
-                                             args.mode)
+                xf = x.contiguous(memory_format=fmt)
+                with torch.no_grad():  # the format the module's output really has (recorded in the rows)
+                    out_cl[(prov, layout)] = m.eval()(xf).is_contiguous(memory_format=torch.channels_last)
+                jobs[(prov, layout)] = _step(m, xf, dy.contiguous(memory_format=fmt), args.mode)  # sets the mode
         samples = {k: [] for k in jobs}
         with bench.bench_environment():
             for r in range(max(1, args.rounds)):
@@ -83,7 +85,8 @@ def main(argv=None) -> int:
         for (prov, layout), ts in samples.items():
             rows.append(dict(op="scconv", provider=prov, layout=layout, mode=args.mode, shape=where, dtype="fp32",
                              device=bench.device_name(device), versions=bench.versions(),
-                             median_ms=statistics.median(ts), rounds_ms=ts, allocator=allocator))
+                             median_ms=statistics.median(ts), rounds_ms=ts, allocator=allocator,
+                             out_channels_last=out_cl[(prov, layout)]))
         bench.log_stderr(f"{where}: " + ", ".join(f"{p} {l} {statistics.median(t):.2f} ms"
                                                    for (p, l), t in samples.items()))
     bench.write_script_results(rows, args.out or bench.default_out_dir(device), "layout_step", markdown(rows))

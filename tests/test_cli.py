@@ -279,6 +279,7 @@ def test_bench_layout_step_script(tmp_path):
         ("eager", "channels_last"), ("eager", "nchw"), ("fused", "channels_last"), ("fused", "nchw")]
     for row in rows:
         assert len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 and row["mode"] == "train"
+        assert row["out_channels_last"] == (row["layout"] == "channels_last")  # each variant ran in its format
     assert "| 2x5x13x14 |" in (tmp_path / "layout_step.md").read_text()
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_layout_step.py"), "--shapes", "0x4x4",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
