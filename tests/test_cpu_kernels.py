@@ -44,6 +44,11 @@ SHAPES = [
     (2, 16, 14, 7, 7, 3),
     (1, 3, 203, 57, 50, 14),  # NCHW planes split into row blocks, cells across block edges
     (1, 130, 9, 7, 2, 1),     # NHWC channel blocks with a partial last block
+    # NCHW upsampling by lane permutes where the source values of a vector span < 2 vectors:
+    (2, 3, 31, 123, 7, 30),   # they span 30 values: permutes with 16 lanes, the blocked path with 8
+    (1, 2, 23, 67, 5, 33),    # 33 values: the blocked path with 8 and 16 lanes
+    (2, 5, 3, 5, 1, 2),       # a 15-element plane: one partial vector of 16 lanes, overlapping ones of 8
+    (3, 4, 2, 3, 1, 1),       # a 6-element plane: one partial vector
 ]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 

@@ -60,13 +60,28 @@ inline void store_f(T* p, const Vec& v, int64_t n) {
   }
 }
 
-// Sum of the lanes in a fixed order, in double.
+// Sum of the lanes in a fixed order, in double: the two halves widened to double and added lane by
+// lane, then a pairwise tree (a short dependency chain: this runs once per plane in the gate backward).
 inline double hsum(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__) && defined(__AVX512DQ__)
+  const __m512 f = v;
+  const __m512d s = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(f)),
+                                  _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
+  const __m256d q = _mm256_add_pd(_mm512_castpd512_pd256(s), _mm512_extractf64x4_pd(s, 1));
+  const __m128d d = _mm_add_pd(_mm256_castpd256_pd128(q), _mm256_extractf128_pd(q, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(d, _mm_unpackhi_pd(d, d)));
+#elif defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+  const __m256 f = v;
+  const __m256d s = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(f)), _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+  const __m128d d = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(d, _mm_unpackhi_pd(d, d)));
+#else
   float buf[kV];
   v.store(buf);
   double s = 0.0;
   for (int64_t e = 0; e < kV; ++e) s += buf[e];
   return s;
+#endif
 }
 
 }  // namespace cpu_vec

@@ -190,7 +190,8 @@ inline Vec pointwise_vec(const Vec& xv, const Vec& uv, const Vec& kv, const Vec&
   }
 }
 
-// NCHW blocking: planes of at most kBlock floats are processed kBlock / HW at a time (a group);
+// NCHW blocking (the build without AVX2, and small maps too wide for the permute table below):
+// planes of at most kBlock floats are processed kBlock / HW at a time (a group);
 // larger planes one at a time in blocks of whole rows. For every block the upsampled values U are
 // built first for all its planes (source rows expanded along W into E, then every output row a
 // vector copy of its source row), and only then consumed. Building everything ahead keeps the
@@ -292,6 +293,175 @@ void pointwise_nchw(const Pointwise<T>& p, const Geometry& g) {
                          n);
           }
         }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// NCHW upsampling by lane permutes (the AVX-512 and AVX2 builds). A plane is one flat run of
+// vectors: vector v covers elements [e_v, e_v + kV), e_v = min(v * kV, HW - kV), so the last one
+// overlaps its predecessor when kV does not divide HW (planes below kV elements: one partial vector).
+// The upsampled value of element e is small[src(e)], src(e) = rsrc[e / W] * w + csrc[e % W]. With
+// h <= H and w <= W, src steps by at most +1 from one element to the next and drops only back to the
+// start of the same source row, so kV consecutive elements span at most max(kV, w) values. Where
+// every vector's values span fewer than 2 * kV (so whenever w <= 2 * kV; the table checks each
+// vector), they are one two-source permute of two vector loads from a padded float copy of the
+// small plane. The table (a base offset and kV lane indices per vector) depends on the shape alone
+// and is built once per call; no per-plane upsampled buffer is built. Otherwise the blocked path
+// above runs.
+// ------------------------------------------------------------------------------------------------
+#if (defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)) || \
+    (defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__))
+#define SCNET_FUSED_PERMUTE_UP 1
+#endif
+
+struct UpTable {
+  bool ok = false;
+  bool one = false;  // every vector's values span fewer than kV: one load and a one-source permute
+  int64_t HW = 0;
+  int64_t nvec = 0;
+  std::vector<int32_t> base;  // per vector: offset of its first source value
+  std::vector<int32_t> idx;   // per vector, kV lane indices in [0, 2 * kV)
+};
+
+UpTable make_up_table(const Geometry& g) {
+  UpTable t;
+#ifdef SCNET_FUSED_PERMUTE_UP
+  const int64_t HW = g.H * g.W;
+  if (HW == 0 || g.h * g.w > std::numeric_limits<int32_t>::max() - 2 * kV) return t;
+  const int64_t nvec = (HW + kV - 1) / kV;
+  const int64_t lanes = std::min(kV, HW);
+  t.base.resize(nvec);
+  t.idx.assign(nvec * kV, 0);
+  int64_t span = 0;
+  for (int64_t v = 0; v < nvec; ++v) {
+    const int64_t e0 = HW >= kV ? std::min(v * kV, HW - kV) : 0;
+    int64_t src[64];
+    int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
+    for (int64_t l = 0; l < lanes; ++l) {
+      const int64_t e = e0 + l;
+      src[l] = g.rsrc[e / g.W] * g.w + g.csrc[e % g.W];
+      lo = std::min(lo, src[l]);
+      hi = std::max(hi, src[l]);
+    }
+    if (hi - lo >= 2 * kV) return UpTable{};
+    span = std::max(span, hi - lo + 1);
+    t.base[v] = static_cast<int32_t>(lo);
+    for (int64_t l = 0; l < lanes; ++l) t.idx[v * kV + l] = static_cast<int32_t>(src[l] - lo);
+  }
+  t.one = span <= kV;
+  t.HW = HW;
+  t.nvec = nvec;
+  t.ok = true;
+#else
+  (void)g;
+#endif
+  return t;
+}
+
+#ifdef SCNET_FUSED_PERMUTE_UP
+// The upsampled values of one vector: S[ix[l]] for lanes l, S padded to at least 2 * kV floats.
+// kOne: every index is below kV.
+template <bool kOne>
+inline Vec up_vec(const float* S, const int32_t* ix) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
+  const __m512i i = _mm512_loadu_si512(ix);
+  if constexpr (kOne) return _mm512_permutexvar_ps(i, _mm512_loadu_ps(S));
+  return _mm512_permutex2var_ps(_mm512_loadu_ps(S), i, _mm512_loadu_ps(S + 16));
+#else
+  const __m256i i = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ix));
+  const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(S), i);  // low 3 bits of each index
+  if constexpr (kOne) return a;
+  const __m256 b = _mm256_permutevar8x32_ps(_mm256_loadu_ps(S + 8), i);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, _mm256_set1_epi32(7))));
+#endif
+}
+#else
+template <bool kOne>
+inline Vec up_vec(const float*, const int32_t*) { return Vec(0.0f); }  // never called: no table
+#endif
+
+#ifdef SCNET_FUSED_PERMUTE_UP
+// Lanes l < n of a column of a row-major array with row pitch `pitch`: p[l * pitch], 0 in the others.
+struct ColumnGather {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
+  __m512i off;
+  __mmask16 mask;
+  ColumnGather(int64_t pitch, int64_t n)
+      : off(_mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                               _mm512_set1_epi32(static_cast<int32_t>(pitch)))),
+        mask(static_cast<__mmask16>((1u << n) - 1u)) {}
+  Vec load(const float* p) const { return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, off, p, 4); }
+#else
+  __m256i off;
+  __m256 mask;
+  ColumnGather(int64_t pitch, int64_t n)
+      : off(_mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int32_t>(pitch)))),
+        mask(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n)),
+                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)))) {}
+  Vec load(const float* p) const { return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, off, mask, 4); }
+#endif
+};
+#else
+struct ColumnGather {  // the builds without the permute table do not run the code that uses it
+  int64_t pitch, n;
+  ColumnGather(int64_t pitch_, int64_t n_) : pitch(pitch_), n(n_) {}
+  Vec load(const float* p) const {
+    float buf[kV] = {};
+    for (int64_t l = 0; l < n; ++l) buf[l] = p[l * pitch];
+    return Vec::loadu(buf);
+  }
+};
+#endif
+
+// The small planes are converted to float for groups of planes at a time, ahead of their use: the
+// vector loads of a plane's values then do not span stores still in flight (such a load cannot be
+// forwarded from them and stalls), which for small planes would happen at every plane.
+inline int64_t small_group(int64_t HW) { return std::max<int64_t>(1, std::min<int64_t>(64, kBlock / HW)); }
+
+// The n * hw values of n consecutive small planes as float in S (2 * kV floats past them stay zero).
+template <typename T>
+inline void load_small_planes(const T* sp, int64_t hw, int64_t n, float* S) {
+  const int64_t m = n * hw;
+  int64_t e = 0;
+  for (; e + kV <= m; e += kV) IO<T>::load(sp + e).store(S + e);
+  for (; e < m; ++e) S[e] = static_cast<float>(sp[e]);
+}
+
+template <typename T, bool kK3, bool kOne>
+void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTable& t) {
+  const int64_t HW = t.HW, hw = g.h * g.w, C = g.C;
+  const int64_t grain = std::max<int64_t>(1, 32768 / HW);
+  const int64_t G = small_group(HW);
+  const int32_t* TB = t.base.data();
+  const int32_t* TI = t.idx.data();
+  at::parallel_for(0, g.N * C, grain, [&](int64_t p0, int64_t p1) {
+    std::vector<float> sbuf(G * hw + 2 * kV, 0.0f);
+    int64_t c = p0 % C;
+    for (int64_t plane = p0; plane < p1; ++plane, c = c + 1 == C ? 0 : c + 1) {
+      const int64_t q = (plane - p0) % G;
+      if (q == 0) load_small_planes(p.small + plane * hw, hw, std::min(G, p1 - plane), sbuf.data());
+      const float* S = sbuf.data() + q * hw;
+      const Vec A(p.A[c]), B(p.B[c]), R(p.R[c]);
+      const int64_t off = plane * HW;
+      const T* xp = p.x + off;
+      const T* kp = p.k + off;
+      const T* dp = kK3 ? p.dy + off : nullptr;
+      T* op = p.out + off;
+      const auto one = [&](int64_t v, int64_t e) {
+        const Vec uv = up_vec<kOne>(S + TB[v], TI + v * kV);
+        const Vec dyv = kK3 ? IO<T>::load(dp + e) : Vec(0.0f);
+        IO<T>::store(op + e, pointwise_vec<kK3>(IO<T>::load(xp + e), uv, IO<T>::load(kp + e), dyv, A, B, R));
+      };
+      if (HW >= kV) {
+        const int64_t nfull = HW / kV;
+        for (int64_t v = 0; v < nfull; ++v) one(v, v * kV);
+        if (nfull < t.nvec) one(nfull, HW - kV);  // overlaps the one before: rewrites equal values
+      } else {
+        const Vec uv = up_vec<kOne>(S + TB[0], TI);
+        const Vec dyv = kK3 ? IO<T>::load(dp, HW) : Vec(0.0f);
+        IO<T>::store(op, pointwise_vec<kK3>(IO<T>::load(xp, HW), uv, IO<T>::load(kp, HW), dyv, A, B, R), HW);
       }
     }
   });
@@ -494,6 +664,123 @@ void backward_nchw(const Backward<T>& p, const Geometry& g, double* part_g, doub
         }
         part_g[plane] = sums[2 * (plane - q0)];
         part_gk[plane] = sums[2 * (plane - q0) + 1];
+      }
+    }
+  });
+}
+
+// The gate backward on the permute table: per plane one flat run of vectors (as the forward), dz
+// kept in D; then the upsampling adjoint: D's rows summed per row cell (Acc, one row per source row)
+// and Acc's columns per column cell, vectorized over the source rows. A plane that is a single cell
+// (h = w = 1, the 7x7 stage) sums dz in the first pass instead.
+template <typename T, bool kOne>
+void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTable& t, double* part_g,
+                           double* part_gk) {
+  const int64_t HW = t.HW, hw = g.h * g.w, W = g.W;
+  const int64_t grain = std::max<int64_t>(1, 32768 / HW);
+  const int64_t G = small_group(HW);
+  constexpr int64_t kFlushVec = kFlush / kV;
+  const int32_t* TB = t.base.data();
+  const int32_t* TI = t.idx.data();
+  at::parallel_for(0, g.N * g.C, grain, [&](int64_t p0, int64_t p1) {
+    // D and Acc are padded by a vector: the row tails are read and written as whole vectors.
+    std::vector<float> sbuf(G * hw + 2 * kV, 0.0f), dbuf(HW + kV, 0.0f), abuf(g.h * W + kV);
+    float* D = dbuf.data();
+    float* Acc = abuf.data();
+    const Vec lane = Vec::arange(0.0f, 1.0f);
+    const Vec tail_keep = lane < Vec(static_cast<float>(W % kV));
+    const bool one_cell = hw == 1;
+    int64_t c = p0 % g.C;
+    for (int64_t plane = p0; plane < p1; ++plane, c = c + 1 == g.C ? 0 : c + 1) {
+      const int64_t q = (plane - p0) % G;
+      if (q == 0) load_small_planes(p.small + plane * hw, hw, std::min(G, p1 - plane), sbuf.data());
+      const float* S = sbuf.data() + q * hw;
+      const Vec sc(p.scale[c]), sh(p.shift[c]), ctr(p.center[c]);
+      const int64_t off = plane * HW;
+      const T* xp = p.x + off;
+      const T* kp = p.k + off;
+      const T* dp = p.dy + off;
+      T* dxp = p.dx + off;
+      T* dkp = p.dk3 ? p.dk3 + off : nullptr;
+      double sum_g = 0.0, sum_gk = 0.0, sum_dz = 0.0;
+      Vec gs(0.0f), gks(0.0f), dzs(0.0f), dk3v;
+      if (HW >= kV) {
+        const int64_t nfull = HW / kV;
+        for (int64_t v = 0; v < nfull; ++v) {
+          const int64_t e = v * kV;
+          const Vec dz = backward_vec(IO<T>::load(xp + e), up_vec<kOne>(S + TB[v], TI + v * kV),
+                                      IO<T>::load(kp + e), IO<T>::load(dp + e), sc, sh, ctr, dk3v, gs, gks);
+          IO<T>::store(dxp + e, dz);
+          if (dkp) IO<T>::store(dkp + e, dk3v);
+          if (one_cell) {
+            dzs = dzs + dz;
+          } else {
+            dz.store(D + e);
+          }
+          if ((v + 1) % kFlushVec == 0) {
+            sum_g += hsum(gs);
+            sum_gk += hsum(gks);
+            gs = Vec(0.0f);
+            gks = Vec(0.0f);
+            if (one_cell) {
+              sum_dz += hsum(dzs);
+              dzs = Vec(0.0f);
+            }
+          }
+        }
+        if (nfull < t.nvec) {
+          // The last vector overlaps the one before: the stores rewrite equal values; the sums take
+          // only the lanes not yet counted.
+          const int64_t e = HW - kV;
+          const Vec keep = lane >= Vec(static_cast<float>(kV - (HW - nfull * kV)));
+          const Vec dz = backward_vec(IO<T>::load(xp + e), up_vec<kOne>(S + TB[nfull], TI + nfull * kV),
+                                      IO<T>::load(kp + e), IO<T>::load(dp + e), sc, sh, ctr, dk3v, gs, gks, &keep);
+          IO<T>::store(dxp + e, dz);
+          if (dkp) IO<T>::store(dkp + e, dk3v);
+          dz.store(D + e);
+          dzs = dzs + Vec::blendv(Vec(0.0f), dz, keep);
+        }
+      } else {
+        const Vec keep = lane < Vec(static_cast<float>(HW));
+        const Vec dz = backward_vec(IO<T>::load(xp, HW), up_vec<kOne>(S + TB[0], TI), IO<T>::load(kp, HW),
+                                    IO<T>::load(dp, HW), sc, sh, ctr, dk3v, gs, gks, &keep);
+        IO<T>::store(dxp, dz, HW);
+        if (dkp) IO<T>::store(dkp, dk3v, HW);
+        dz.store(D);
+        dzs = dzs + Vec::blendv(Vec(0.0f), dz, keep);
+      }
+      sum_g += hsum(gs);
+      sum_gk += hsum(gks);
+      part_g[plane] = sum_g;
+      part_gk[plane] = sum_gk;
+      T* dsp = p.dsmall + plane * hw;
+      if (one_cell) {  // the whole plane is one cell: dsmall is the sum of dz
+        dsp[0] = static_cast<T>(sum_dz + hsum(dzs));
+        continue;
+      }
+
+      // Rows: Acc[a] = the sum of D's rows in cell a (kept in registers; the row tails masked).
+      for (int64_t a = 0; a < g.h; ++a) {
+        for (int64_t j = 0; j < W; j += kV) {
+          Vec v(0.0f);
+          for (int64_t i = g.rs[a]; i < g.rs[a + 1]; ++i) v = v + Vec::loadu(D + i * W + j);
+          if (j + kV > W) v = Vec::blendv(Vec(0.0f), v, tail_keep);
+          v.store(Acc + a * W + j);  // a tail store runs into row a + 1, written next (or the padding)
+        }
+      }
+      // Columns: dsmall[a, b] = the sum of Acc[a, cs[b] .. cs[b + 1]), for kV rows a at a time
+      // (one column of them is one gather).
+      for (int64_t a0 = 0; a0 < g.h; a0 += kV) {
+        const int64_t na = std::min(kV, g.h - a0);
+        const ColumnGather col(W, na);
+        const float* A0 = Acc + a0 * W;
+        for (int64_t b = 0; b < g.w; ++b) {
+          Vec s(0.0f);
+          for (int64_t j = g.cs[b]; j < g.cs[b + 1]; ++j) s = s + col.load(A0 + j);
+          float out[kV];
+          s.store(out);
+          for (int64_t a = 0; a < na; ++a) dsp[(a0 + a) * g.w + b] = static_cast<T>(out[a]);
+        }
       }
     }
   });
@@ -712,7 +999,16 @@ at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, co
     Pointwise<T> p{x.data_ptr<T>(), dy.defined() ? dy.data_ptr<T>() : nullptr, k.data_ptr<T>(), small.data_ptr<T>(),
                    out.data_ptr<T>(), A.data(), B.data(), R.data()};
     if (L == Layout::NCHW) {
-      k3_mode ? pointwise_nchw<T, true>(p, g) : pointwise_nchw<T, false>(p, g);
+      const UpTable t = make_up_table(g);
+      if (t.ok) {
+        if (t.one) {
+          k3_mode ? pointwise_nchw_permute<T, true, true>(p, g, t) : pointwise_nchw_permute<T, false, true>(p, g, t);
+        } else {
+          k3_mode ? pointwise_nchw_permute<T, true, false>(p, g, t) : pointwise_nchw_permute<T, false, false>(p, g, t);
+        }
+      } else {
+        k3_mode ? pointwise_nchw<T, true>(p, g) : pointwise_nchw<T, false>(p, g);
+      }
     } else {
       k3_mode ? pointwise_nhwc<T, true>(p, g) : pointwise_nhwc<T, false>(p, g);
     }
@@ -779,7 +1075,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
                   sc.data(),            sh.data(),
                   ct.data()};
     if (L == Layout::NCHW) {
-      backward_nchw<T>(p, g, part_g.data(), part_gk.data());
+      const UpTable t = make_up_table(g);
+      if (t.ok) {
+        t.one ? backward_nchw_permute<T, true>(p, g, t, part_g.data(), part_gk.data())
+              : backward_nchw_permute<T, false>(p, g, t, part_g.data(), part_gk.data());
+      } else {
+        backward_nchw<T>(p, g, part_g.data(), part_gk.data());
+      }
     } else {
       backward_nhwc<T>(p, g, part_g.data(), part_gk.data());
     }
