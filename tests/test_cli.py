@@ -244,6 +244,29 @@ def test_bench_cpu_isa_script(tmp_path):
     assert bad.returncode == 2 and "sse9" in bad.stderr
 
 
+def test_bench_checkouts_script(tmp_path):
+    """benchmarks/bench_checkouts.py: both checkouts run in alternating rounds, each row says which one
+    (here the same checkout twice); a folder that is not a checkout of the package is refused."""
+    from scnet_fused.ops import _cpp
+
+    if _cpp.cpu_isa() is None:
+        pytest.skip("no CPU kernel build is loaded")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_checkouts.py"), "--base", ROOT,
+                        "--rounds", "2", "--op", "gate", "--mode", "backward", "--shapes", "5x13x14",
+                        "--batch-size", "2", "--min-run-time", "0.02", "--out", str(tmp_path), "--name", "ab"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "ab.json").read_text())
+    assert sorted((row["round"], row["checkout"]) for row in data["rows"]) == [
+        (0, "base"), (0, "head"), (1, "base"), (1, "head")]
+    assert data["checkouts"]["base"]["path"] == data["checkouts"]["head"]["path"] == os.path.realpath(ROOT)
+    assert all(row["commit"] == data["checkouts"]["base"]["commit"] != "" for row in data["rows"])
+    assert "| gate | backward | 2x5x13x14 | fp32 |" in (tmp_path / "ab.md").read_text()
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_checkouts.py"), "--base",
+                          str(tmp_path), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a checkout" in bad.stderr
+
+
 def test_bench_conv_layout_script(tmp_path):
     """benchmarks/bench_conv_layout.py: both memory formats, both modes, GFLOP/s from the time."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_conv_layout.py"), "--shapes", "5x9x7",
