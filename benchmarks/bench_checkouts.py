@@ -16,12 +16,10 @@ alternates between rounds, and a row's time is the median of its rounds' medians
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -64,13 +62,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="the other checkout (its extension built in place)")
     ap.add_argument("--head", default=ROOT, help="the checkout compared with it (default: this one)")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--op", default="gate,gate_bn")
-    ap.add_argument("--mode", default="forward,backward")
-    ap.add_argument("--shapes", help="comma list of CxHxW (default: SCNet-50 stage shapes)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--min-run-time", type=float, default=0.5)
-    ap.add_argument("--threads", type=int, default=None, help="OMP threads of the runs (default: torch's)")
+    bench.add_gate_rounds_args(ap, op="gate,gate_bn", mode="forward,backward", rounds=2)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
     ap.add_argument("--name", default="checkouts")
     args = ap.parse_args(argv)
@@ -95,44 +87,23 @@ def main(argv=None) -> int:
     if sides["base"]["path"] == sides["head"]["path"]:
         bench.log_stderr("bench_checkouts: --base and --head are the same checkout")
 
-    rows = []
-    order = ["base", "head"]
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for label in (order if r % 2 == 0 else order[::-1]):
-                path = sides[label]["path"]
-                name = f"r{r}_{label}"
-                cmd = [sys.executable, os.path.join(path, "benchmarks", "bench_gate.py"), "--providers", "cpu",
-                       "--device", "cpu", "--op", args.op, "--mode", args.mode, "--batch-size", str(args.batch_size),
-                       "--min-run-time", str(args.min_run_time), "--out", tmp, "--name", name]
-                if args.shapes:
-                    cmd += ["--shapes", args.shapes]
-                bench.log_stderr(f"round {r + 1}/{args.rounds}: {label} ({sides[label]['commit']})")
-                proc = subprocess.run(cmd, cwd=path, env=_env(path, args.threads), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True)
-                if proc.returncode != 0:
-                    print(proc.stdout[-4000:], file=sys.stderr)
-                    return 1
-                with open(os.path.join(tmp, f"{name}.json")) as f:
-                    got = json.load(f)
-                for row in (got["rows"] if isinstance(got, dict) else got):
-                    row.update(round=r, checkout=label, commit=sides[label]["commit"])
-                    rows.append(row)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
-        json.dump({"checkouts": sides, "rounds": args.rounds, "rows": rows}, f, indent=1)
-    md = markdown(rows, sides, args.rounds)
-    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
-        f.write(md)
-    print(md)
+    def run_spec(label):
+        path = sides[label]["path"]
+        return os.path.join(path, "benchmarks", "bench_gate.py"), _env(path, None), path
+
+    try:
+        rows = bench.gate_rounds(["base", "head"], args, run_spec)
+    except bench.BenchError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for row in rows:
+        row.update(checkout=row["label"], commit=sides[row["label"]]["commit"])
+    bench.write_rounds_results({"checkouts": sides, "rounds": args.rounds}, rows, args.out, args.name,
+                               markdown(rows, sides, args.rounds))
     return 0
 
 
 def markdown(rows, sides, rounds) -> str:
-    times = {}
-    for row in rows:
-        key = (row["op"], row["mode"], row["shape"], row["dtype"])
-        times.setdefault(key, {}).setdefault(row["checkout"], []).append(row["median_ms"])
     first = rows[0]
     v = first["versions"]
     lines = [f"# Two builds compared: {first['device']}", "",
@@ -142,7 +113,7 @@ def markdown(rows, sides, rounds) -> str:
              f"head vs base = base's time over head's.", "",
              "| op | mode | N x C x H x W | dtype | base ms | head ms | head vs base | base rounds ms | head rounds ms |",
              "|---|---|---|---|---:|---:|---:|---|---|"]
-    for key, per in times.items():
+    for key, per in bench.rounds_by_label(rows).items():
         if "base" not in per or "head" not in per:
             continue
         b, h = statistics.median(per["base"]), statistics.median(per["head"])

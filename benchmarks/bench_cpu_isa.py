@@ -14,12 +14,9 @@ alternates between rounds, and a row's time is the median of its rounds' medians
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -32,13 +29,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--isas", help="comma list of builds, the first is the base of the ratios "
                                    "(default: every runnable one, least capable first)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--op", default="gate,gate_bn,avgpool,bn_relu")
-    ap.add_argument("--mode", default="forward,backward,full")
-    ap.add_argument("--shapes", help="comma list of CxHxW (default: SCNet-50 stage shapes)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--min-run-time", type=float, default=0.5)
-    ap.add_argument("--threads", type=int, default=None, help="OMP threads of the runs (default: torch's)")
+    bench.add_gate_rounds_args(ap, op="gate,gate_bn,avgpool,bn_relu", mode="forward,backward,full", rounds=3)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
     args = ap.parse_args(argv)
 
@@ -49,48 +40,25 @@ def main(argv=None) -> int:
         print(f"bench_cpu_isa: not built or not runnable here: {', '.join(missing) or 'none given'} "
               f"(runnable: {', '.join(runnable)})", file=sys.stderr)
         return 2
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for isa in (isas if r % 2 == 0 else list(reversed(isas))):
-                name = f"r{r}_{isa}"
-                cmd = [sys.executable, os.path.join(HERE, "bench_gate.py"), "--providers", "cpu", "--device", "cpu",
-                       "--op", args.op, "--mode", args.mode, "--batch-size", str(args.batch_size),
-                       "--min-run-time", str(args.min_run_time), "--out", tmp, "--name", name]
-                if args.shapes:
-                    cmd += ["--shapes", args.shapes]
-                env = dict(os.environ, SCNET_FUSED_CPU_ISA=isa)
-                if args.threads:
-                    env["OMP_NUM_THREADS"] = str(args.threads)
-                bench.log_stderr(f"round {r + 1}/{args.rounds}: {isa}")
-                proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                if proc.returncode != 0:
-                    print(proc.stdout[-4000:], file=sys.stderr)
-                    return 1
-                with open(os.path.join(tmp, f"{name}.json")) as f:
-                    got = json.load(f)
-                for row in (got["rows"] if isinstance(got, dict) else got):
-                    if row["versions"].get("cpu_isa") != isa:
-                        print(f"bench_cpu_isa: a run asked for {isa} loaded {row['versions'].get('cpu_isa')}",
-                              file=sys.stderr)
-                        return 1
-                    row["round"] = r
-                    rows.append(row)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "cpu_isa.json"), "w") as f:
-        json.dump({"isas": isas, "rounds": args.rounds, "rows": rows}, f, indent=1)
-    md = markdown(rows, isas, args.rounds)
-    with open(os.path.join(args.out, "cpu_isa.md"), "w") as f:
-        f.write(md)
-    print(md)
+
+    def run_spec(isa):
+        return os.path.join(HERE, "bench_gate.py"), dict(os.environ, SCNET_FUSED_CPU_ISA=isa), None
+
+    def check_row(isa, row):
+        got = row["versions"].get("cpu_isa")
+        return None if got == isa else f"bench_cpu_isa: a run asked for {isa} loaded {got}"
+
+    try:
+        rows = bench.gate_rounds(isas, args, run_spec, check_row)
+    except bench.BenchError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    bench.write_rounds_results({"isas": isas, "rounds": args.rounds}, rows, args.out, "cpu_isa",
+                               markdown(rows, isas, args.rounds))
     return 0
 
 
 def markdown(rows, isas, rounds) -> str:
-    times = {}
-    for row in rows:
-        key = (row["op"], row["mode"], row["shape"], row["dtype"])
-        times.setdefault(key, {}).setdefault(row["versions"]["cpu_isa"], []).append(row["median_ms"])
     first = rows[0]
     v = first["versions"]
     lines = [f"# CPU kernel builds compared: {first['device']}", "",
@@ -100,7 +68,7 @@ def markdown(rows, isas, rounds) -> str:
              "| op | mode | N x C x H x W | dtype | " + " | ".join(f"{i} ms" for i in isas) + " | "
              + " | ".join(f"{i} vs {isas[0]}" for i in isas[1:]) + " |",
              "|---|---|---|---|" + "---:|" * (2 * len(isas) - 1)]
-    for key, per in times.items():
+    for key, per in bench.rounds_by_label(rows).items():
         med = {i: statistics.median(per[i]) for i in isas if i in per}
         if len(med) != len(isas):
             continue

@@ -275,6 +275,75 @@ def write_script_results(rows: List[dict], out: str, stem: str, markdown: str) -
     print(markdown)
 
 
+def add_gate_rounds_args(ap, op: str, mode: str, rounds: int) -> None:
+    """The arguments of a script that runs ``benchmarks/bench_gate.py --providers cpu`` in rounds."""
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--op", default=op)
+    ap.add_argument("--mode", default=mode)
+    ap.add_argument("--shapes", help="comma list of CxHxW (default: SCNet-50 stage shapes)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--min-run-time", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=None, help="OMP threads of the runs (default: torch's)")
+
+
+def gate_rounds(labels: Sequence[str], args, run_spec: Callable[[str], Tuple[str, dict, Optional[str]]],
+                check_row: Optional[Callable[[str, dict], Optional[str]]] = None) -> List[dict]:
+    """``benchmarks/bench_gate.py --providers cpu`` once per (round, label) of ``args.rounds`` rounds,
+    each in a process of its own, the labels taking turns in an order that alternates between rounds.
+    ``run_spec(label)`` gives the script to run, its environment and its working folder; ``check_row``
+    an error message for a row that did not run as the label asked (or None). Returns the rows, each
+    with ``round`` and ``label`` added; raises :class:`BenchError` when a run fails."""
+    import subprocess
+    import tempfile
+
+    rows: List[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for label in (labels if r % 2 == 0 else list(reversed(labels))):
+                script, env, cwd = run_spec(label)
+                name = f"r{r}_{label}"
+                cmd = [sys.executable, script, "--providers", "cpu", "--device", "cpu", "--op", args.op, "--mode",
+                       args.mode, "--batch-size", str(args.batch_size), "--min-run-time", str(args.min_run_time),
+                       "--out", tmp, "--name", name]
+                if args.shapes:
+                    cmd += ["--shapes", args.shapes]
+                if args.threads:
+                    env = dict(env, OMP_NUM_THREADS=str(args.threads))
+                log_stderr(f"round {r + 1}/{args.rounds}: {label}")
+                proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True)
+                if proc.returncode != 0:
+                    raise BenchError(f"{label}, round {r + 1}: bench_gate.py failed:\n{proc.stdout[-4000:]}")
+                with open(os.path.join(tmp, f"{name}.json")) as f:
+                    got = json.load(f)
+                for row in (got["rows"] if isinstance(got, dict) else got):
+                    problem = check_row(label, row) if check_row else None
+                    if problem:
+                        raise BenchError(problem)
+                    row.update(round=r, label=label)
+                    rows.append(row)
+    return rows
+
+
+def rounds_by_label(rows: List[dict]) -> Dict[Tuple[str, str, str, str], Dict[str, List[float]]]:
+    """The rows' median times grouped by (op, mode, shape, dtype), then by label, in round order."""
+    times: Dict[Tuple[str, str, str, str], Dict[str, List[float]]] = {}
+    for row in rows:
+        key = (row["op"], row["mode"], row["shape"], row["dtype"])
+        times.setdefault(key, {}).setdefault(row["label"], []).append(row["median_ms"])
+    return times
+
+
+def write_rounds_results(meta: dict, rows: List[dict], out: str, stem: str, markdown: str) -> None:
+    """``<out>/<stem>.json`` (``meta`` with the rows) and ``<stem>.md`` (``markdown``), which is also printed."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(dict(meta, rows=rows), f, indent=1)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

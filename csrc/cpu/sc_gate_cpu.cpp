@@ -429,6 +429,24 @@ inline void load_small_planes(const T* sp, int64_t hw, int64_t n, float* S) {
   for (; e < m; ++e) S[e] = static_cast<float>(sp[e]);
 }
 
+// Walks the planes [p0, p1) of a task in order: the channel of the current plane and its small
+// plane's values as float (converted for up to G planes at a time, see small_group).
+template <typename T>
+struct PlaneWalk {
+  const T* small;
+  int64_t hw, G, C, p0, p1, c;
+  std::vector<float> buf;
+  PlaneWalk(const T* small_, int64_t hw_, int64_t G_, int64_t C_, int64_t p0_, int64_t p1_)
+      : small(small_), hw(hw_), G(G_), C(C_), p0(p0_), p1(p1_), c(p0_ % C_), buf(G_ * hw_ + 2 * kV, 0.0f) {}
+  // The small values of `plane` (the planes are visited in order, each once).
+  const float* values(int64_t plane) {
+    const int64_t q = (plane - p0) % G;
+    if (q == 0) load_small_planes(small + plane * hw, hw, std::min(G, p1 - plane), buf.data());
+    return buf.data() + q * hw;
+  }
+  void next() { c = c + 1 == C ? 0 : c + 1; }
+};
+
 template <typename T, bool kK3, bool kOne>
 void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTable& t) {
   const int64_t HW = t.HW, hw = g.h * g.w, C = g.C;
@@ -437,12 +455,10 @@ void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTa
   const int32_t* TB = t.base.data();
   const int32_t* TI = t.idx.data();
   at::parallel_for(0, g.N * C, grain, [&](int64_t p0, int64_t p1) {
-    std::vector<float> sbuf(G * hw + 2 * kV, 0.0f);
-    int64_t c = p0 % C;
-    for (int64_t plane = p0; plane < p1; ++plane, c = c + 1 == C ? 0 : c + 1) {
-      const int64_t q = (plane - p0) % G;
-      if (q == 0) load_small_planes(p.small + plane * hw, hw, std::min(G, p1 - plane), sbuf.data());
-      const float* S = sbuf.data() + q * hw;
+    PlaneWalk<T> walk(p.small, hw, G, C, p0, p1);
+    for (int64_t plane = p0; plane < p1; ++plane, walk.next()) {
+      const float* S = walk.values(plane);
+      const int64_t c = walk.c;
       const Vec A(p.A[c]), B(p.B[c]), R(p.R[c]);
       const int64_t off = plane * HW;
       const T* xp = p.x + off;
@@ -684,17 +700,16 @@ void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTabl
   const int32_t* TI = t.idx.data();
   at::parallel_for(0, g.N * g.C, grain, [&](int64_t p0, int64_t p1) {
     // D and Acc are padded by a vector: the row tails are read and written as whole vectors.
-    std::vector<float> sbuf(G * hw + 2 * kV, 0.0f), dbuf(HW + kV, 0.0f), abuf(g.h * W + kV);
+    std::vector<float> dbuf(HW + kV, 0.0f), abuf(g.h * W + kV);
     float* D = dbuf.data();
     float* Acc = abuf.data();
     const Vec lane = Vec::arange(0.0f, 1.0f);
     const Vec tail_keep = lane < Vec(static_cast<float>(W % kV));
     const bool one_cell = hw == 1;
-    int64_t c = p0 % g.C;
-    for (int64_t plane = p0; plane < p1; ++plane, c = c + 1 == g.C ? 0 : c + 1) {
-      const int64_t q = (plane - p0) % G;
-      if (q == 0) load_small_planes(p.small + plane * hw, hw, std::min(G, p1 - plane), sbuf.data());
-      const float* S = sbuf.data() + q * hw;
+    PlaneWalk<T> walk(p.small, hw, G, g.C, p0, p1);
+    for (int64_t plane = p0; plane < p1; ++plane, walk.next()) {
+      const float* S = walk.values(plane);
+      const int64_t c = walk.c;
       const Vec sc(p.scale[c]), sh(p.shift[c]), ctr(p.center[c]);
       const int64_t off = plane * HW;
       const T* xp = p.x + off;
