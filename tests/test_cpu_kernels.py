@@ -144,6 +144,26 @@ def test_primitives_fp32_cpu():
     check_fp32("cpu")
 
 
+def test_gate_large_plane_cpu():
+    """A plane above the NCHW permute table's size limit (2^20 elements) with a small map narrow enough
+    for the table: the blocked path, against the reference."""
+    P = prims("cpu")
+    x, small, k3, dy, scale, shift, center = make_inputs((1, 2, 1030, 1030, 32, 32))
+    torch.testing.assert_close(P.gate_forward(x, small, k3, scale, shift), R.gate_forward(x, small, k3, scale, shift))
+    out = P.gate_backward(dy, x, small, k3, scale, shift, center, True)
+    ref = R.gate_backward(dy, x, small, k3, scale, shift, center, True)
+    torch.testing.assert_close(out[0], ref[0])
+    torch.testing.assert_close(out[2], ref[2])
+    ref64 = R.gate_backward(*to64(dy, x, small, k3, scale, shift, center), True)
+    # dsmall: sums of about 1000 dz each, checked against float64 relative to the sum of |dz| per cell
+    abs_cells = R.upsample_adjoint(ref64[0].abs(), small.shape[-2:])
+    err = (out[1].double() - ref64[1]).abs()
+    assert torch.all(err <= 2e-6 * abs_cells + 1e-6), f"dsmall error {err.max().item():.3g}"
+    ag, agk = gate_abs_terms(dy, x, small, k3, center)
+    assert_sum_close(out[3], ref64[3], ag)
+    assert_sum_close(out[4], ref64[4], agk)
+
+
 # ------------------------------------------------------------------------------------------------
 # fp16 / bf16: error against float64 at most 2x eager PyTorch's error in the same dtype (+ small atol)
 # ------------------------------------------------------------------------------------------------

@@ -308,13 +308,15 @@ void pointwise_nchw(const Pointwise<T>& p, const Geometry& g) {
 // every vector's values span fewer than 2 * kV (so whenever w <= 2 * kV; the table checks each
 // vector), they are one two-source permute of two vector loads from a padded float copy of the
 // small plane. The table (a base offset and kV lane indices per vector) depends on the shape alone
-// and is built once per call; no per-plane upsampled buffer is built. Otherwise the blocked path
-// above runs.
+// and is built once per call; no per-plane upsampled buffer is built. Otherwise (and for planes
+// above kMaxTablePlane elements) the blocked path above runs.
 // ------------------------------------------------------------------------------------------------
 #if (defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)) || \
     (defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__))
 #define SCNET_FUSED_PERMUTE_UP 1
 #endif
+
+constexpr int64_t kMaxTablePlane = int64_t(1) << 20;
 
 struct UpTable {
   bool ok = false;
@@ -329,7 +331,12 @@ UpTable make_up_table(const Geometry& g) {
   UpTable t;
 #ifdef SCNET_FUSED_PERMUTE_UP
   const int64_t HW = g.H * g.W;
-  if (HW == 0 || g.h * g.w > std::numeric_limits<int32_t>::max() - 2 * kV) return t;
+  // The table takes 4 bytes per element of a plane: planes above kMaxTablePlane elements take the
+  // blocked path (which needs no table). The column gathers' offsets (kV rows of W) are int32.
+  if (HW == 0 || HW > kMaxTablePlane || g.h * g.w > std::numeric_limits<int32_t>::max() - 2 * kV ||
+      kV * g.W > std::numeric_limits<int32_t>::max()) {
+    return t;
+  }
   const int64_t nvec = (HW + kV - 1) / kV;
   const int64_t lanes = std::min(kV, HW);
   t.base.resize(nvec);
