@@ -427,7 +427,9 @@ struct ColumnGather {  // the builds without the permute table do not run the co
 // forwarded from them and stalls), which for small planes would happen at every plane.
 inline int64_t small_group(int64_t HW) { return std::max<int64_t>(1, std::min<int64_t>(64, kBlock / HW)); }
 
-// The n * hw values of n consecutive small planes as float in S (2 * kV floats past them stay zero).
+// The n * hw values of n consecutive small planes as float in S. S has 2 * kV floats more than the
+// largest group: the permutes' vector loads may read past a plane's values (zeros, or values of an
+// earlier group), and never select those lanes.
 template <typename T>
 inline void load_small_planes(const T* sp, int64_t hw, int64_t n, float* S) {
   const int64_t m = n * hw;
