@@ -1,7 +1,7 @@
 """Two builds of the package against each other: the fused CPU ops timed with this checkout and with
 another one (an older commit, say), each with its compiled extension built in place.
 
-    git worktree add /tmp/base <commit> && (cd /tmp/base && pip install -e . --no-build-isolation)
+    git worktree add /tmp/base <commit> && (cd /tmp/base && python setup.py build_ext --inplace)
     python benchmarks/bench_checkouts.py --base /tmp/base
     python benchmarks/bench_checkouts.py --base /tmp/base --op gate --mode backward --shapes 64x56x56 --rounds 3
 
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
             return 2
         if got != path:
             print(f"bench_checkouts: a process started in {path} imports scnet_fused from {got}; build the "
-                  f"extension in place there (pip install -e . --no-build-isolation)", file=sys.stderr)
+                  f"extension in place there (python setup.py build_ext --inplace; not pip install -e, which would "
+                  f"point this environment's install at it)", file=sys.stderr)
             return 2
         sides[label] = {"path": path, "commit": commit_of(path)}
     if sides["base"]["path"] == sides["head"]["path"]:
