@@ -66,8 +66,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
     ap.add_argument("--name", default="checkouts")
     args = ap.parse_args(argv)
-    if args.rounds < 1:
-        ap.error("--rounds must be at least 1")
 
     sides = {}
     for label, path in (("base", args.base), ("head", args.head)):
@@ -99,7 +97,7 @@ def main(argv=None) -> int:
         return 1
     for row in rows:
         row.update(checkout=row["label"], commit=sides[row["label"]]["commit"])
-    bench.write_rounds_results({"checkouts": sides, "rounds": args.rounds}, rows, args.out, args.name,
+    bench.write_script_results({"checkouts": sides, "rounds": args.rounds, "rows": rows}, args.out, args.name,
                                markdown(rows, sides, args.rounds))
     return 0
 

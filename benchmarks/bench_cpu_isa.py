@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     except bench.BenchError as exc:
         print(exc, file=sys.stderr)
         return 1
-    bench.write_rounds_results({"isas": isas, "rounds": args.rounds}, rows, args.out, "cpu_isa",
+    bench.write_script_results({"isas": isas, "rounds": args.rounds, "rows": rows}, args.out, "cpu_isa",
                                markdown(rows, isas, args.rounds))
     return 0
 

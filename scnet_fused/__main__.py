@@ -7,6 +7,8 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from . import _args
+
 PROG = "scnet-fused"
 
 
@@ -23,24 +25,9 @@ def _csv(text: str) -> List[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _number(kind, minimum, inclusive, what):
-    """An argparse type: ``kind(text)`` at least ``minimum`` (or above it when not ``inclusive``)."""
-
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not (v >= minimum if inclusive else v > minimum):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
-        return v
-
-    return parse
-
-
-_positive_int = _number(int, 1, True, "a positive integer")
-_nonneg_int = _number(int, 0, True, "a non-negative integer")
-_positive_float = _number(float, 0.0, False, "a positive number")
+_positive_int = _args.positive_int
+_nonneg_int = _args.nonneg_int
+_positive_float = _args.positive_float
 
 
 def _device(text: str):

@@ -30,7 +30,9 @@ import math
 import os
 import platform
 import re
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,6 +41,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import _args
 
 # SCNet-50 SCConv input shapes (C, H, W) at 224 x 224 (shared/SPEC.md).
 STAGE_SHAPES: Tuple[Tuple[int, int, int], ...] = (
@@ -266,8 +270,9 @@ def shapes_from_arg(ap, text: Optional[str]) -> List[Tuple[int, int, int]]:
         ap.error(str(exc))
 
 
-def write_script_results(rows: List[dict], out: str, stem: str, markdown: str) -> None:
-    """``<out>/<stem>.json`` (the rows) and ``<stem>.md`` (``markdown``), which is also printed."""
+def write_script_results(rows, out: str, stem: str, markdown: str) -> None:
+    """``<out>/<stem>.json`` (``rows``: the rows, or a dict holding them) and ``<stem>.md``
+    (``markdown``), which is also printed."""
     os.makedirs(out, exist_ok=True)
     write_json(rows, os.path.join(out, f"{stem}.json"))
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
@@ -277,13 +282,14 @@ def write_script_results(rows: List[dict], out: str, stem: str, markdown: str) -
 
 def add_gate_rounds_args(ap, op: str, mode: str, rounds: int) -> None:
     """The arguments of a script that runs ``benchmarks/bench_gate.py --providers cpu`` in rounds."""
-    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--rounds", type=_args.positive_int, default=rounds)
     ap.add_argument("--op", default=op)
     ap.add_argument("--mode", default=mode)
     ap.add_argument("--shapes", help="comma list of CxHxW (default: SCNet-50 stage shapes)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--min-run-time", type=float, default=0.5)
-    ap.add_argument("--threads", type=int, default=None, help="OMP threads of the runs (default: torch's)")
+    ap.add_argument("--batch-size", type=_args.positive_int, default=8)
+    ap.add_argument("--min-run-time", type=_args.positive_float, default=0.5)
+    ap.add_argument("--threads", type=_args.positive_int, default=None,
+                    help="OMP threads of the runs (default: torch's)")
 
 
 def gate_rounds(labels: Sequence[str], args, run_spec: Callable[[str], Tuple[str, dict, Optional[str]]],
@@ -293,9 +299,6 @@ def gate_rounds(labels: Sequence[str], args, run_spec: Callable[[str], Tuple[str
     ``run_spec(label)`` gives the script to run, its environment and its working folder; ``check_row``
     an error message for a row that did not run as the label asked (or None). Returns the rows, each
     with ``round`` and ``label`` added; raises :class:`BenchError` when a run fails."""
-    import subprocess
-    import tempfile
-
     rows: List[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -332,16 +335,6 @@ def rounds_by_label(rows: List[dict]) -> Dict[Tuple[str, str, str, str], Dict[st
         key = (row["op"], row["mode"], row["shape"], row["dtype"])
         times.setdefault(key, {}).setdefault(row["label"], []).append(row["median_ms"])
     return times
-
-
-def write_rounds_results(meta: dict, rows: List[dict], out: str, stem: str, markdown: str) -> None:
-    """``<out>/<stem>.json`` (``meta`` with the rows) and ``<stem>.md`` (``markdown``), which is also printed."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{stem}.json"), "w") as f:
-        json.dump(dict(meta, rows=rows), f, indent=1)
-    with open(os.path.join(out, f"{stem}.md"), "w") as f:
-        f.write(markdown)
-    print(markdown)
 
 
 def sync(device: torch.device) -> None:

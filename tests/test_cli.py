@@ -262,9 +262,21 @@ def test_bench_checkouts_script(tmp_path):
     assert data["checkouts"]["base"]["path"] == data["checkouts"]["head"]["path"] == os.path.realpath(ROOT)
     assert all(row["commit"] == data["checkouts"]["base"]["commit"] != "" for row in data["rows"])
     assert "| gate | backward | 2x5x13x14 | fp32 |" in (tmp_path / "ab.md").read_text()
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_checkouts.py"), "--base",
-                          str(tmp_path), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    script = os.path.join(ROOT, "benchmarks", "bench_checkouts.py")
+    bad = subprocess.run([sys.executable, script, "--base", str(tmp_path), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a checkout" in bad.stderr
+    # A folder that looks like a checkout but has no package of its own: its processes would import this
+    # checkout's package, so both sides would time the same build. Refused before anything runs.
+    fake = tmp_path / "fake"
+    (fake / "benchmarks").mkdir(parents=True)
+    (fake / "benchmarks" / "bench_gate.py").write_text("raise SystemExit(3)\n")
+    bad = subprocess.run([sys.executable, script, "--base", str(fake), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "imports scnet_fused from" in bad.stderr, bad.stderr[-2000:]
+    bad = subprocess.run([sys.executable, script, "--base", ROOT, "--rounds", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "--rounds" in bad.stderr
 
 
 def test_bench_conv_layout_script(tmp_path):

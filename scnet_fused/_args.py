@@ -1,0 +1,25 @@
+"""argparse types shared by the command line and the benchmark scripts (no torch import)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def number(kind, minimum, inclusive, what):
+    """An argparse type: ``kind(text)`` at least ``minimum`` (or above it when not ``inclusive``)."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (v >= minimum if inclusive else v > minimum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+
+    return parse
+
+
+positive_int = number(int, 1, True, "a positive integer")
+nonneg_int = number(int, 0, True, "a non-negative integer")
+positive_float = number(float, 0.0, False, "a positive number")
