@@ -314,22 +314,18 @@ void pointwise_nchw(const Pointwise<T>& p, const Geometry& g) {
 #if (defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)) || \
     (defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__))
 #define SCNET_FUSED_PERMUTE_UP 1
-#endif
 
 constexpr int64_t kMaxTablePlane = int64_t(1) << 20;
 
 struct UpTable {
   bool ok = false;
   bool one = false;  // every vector's values span fewer than kV: one load and a one-source permute
-  int64_t HW = 0;
-  int64_t nvec = 0;
-  std::vector<int32_t> base;  // per vector: offset of its first source value
+  std::vector<int32_t> base;  // per vector (ceil(HW / kV) of them): offset of its first source value
   std::vector<int32_t> idx;   // per vector, kV lane indices in [0, 2 * kV)
 };
 
 UpTable make_up_table(const Geometry& g) {
   UpTable t;
-#ifdef SCNET_FUSED_PERMUTE_UP
   const int64_t HW = g.H * g.W;
   // The table takes 4 bytes per element of a plane: planes above kMaxTablePlane elements take the
   // blocked path (which needs no table). The column gathers' offsets (kV rows of W) are int32.
@@ -358,16 +354,10 @@ UpTable make_up_table(const Geometry& g) {
     for (int64_t l = 0; l < lanes; ++l) t.idx[v * kV + l] = static_cast<int32_t>(src[l] - lo);
   }
   t.one = span <= kV;
-  t.HW = HW;
-  t.nvec = nvec;
   t.ok = true;
-#else
-  (void)g;
-#endif
   return t;
 }
 
-#ifdef SCNET_FUSED_PERMUTE_UP
 // The upsampled values of one vector: S[ix[l]] for lanes l, S padded to at least 2 * kV floats.
 // kOne: every index is below kV.
 template <bool kOne>
@@ -384,12 +374,7 @@ inline Vec up_vec(const float* S, const int32_t* ix) {
   return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, _mm256_set1_epi32(7))));
 #endif
 }
-#else
-template <bool kOne>
-inline Vec up_vec(const float*, const int32_t*) { return Vec(0.0f); }  // never called: no table
-#endif
 
-#ifdef SCNET_FUSED_PERMUTE_UP
 // Lanes l < n of a column of a row-major array with row pitch `pitch`: p[l * pitch], 0 in the others.
 struct ColumnGather {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
@@ -410,17 +395,6 @@ struct ColumnGather {
   Vec load(const float* p) const { return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, off, mask, 4); }
 #endif
 };
-#else
-struct ColumnGather {  // the builds without the permute table do not run the code that uses it
-  int64_t pitch, n;
-  ColumnGather(int64_t pitch_, int64_t n_) : pitch(pitch_), n(n_) {}
-  Vec load(const float* p) const {
-    float buf[kV] = {};
-    for (int64_t l = 0; l < n; ++l) buf[l] = p[l * pitch];
-    return Vec::loadu(buf);
-  }
-};
-#endif
 
 // The small planes are converted to float for groups of planes at a time, ahead of their use: the
 // vector loads of a plane's values then do not span stores still in flight (such a load cannot be
@@ -458,7 +432,7 @@ struct PlaneWalk {
 
 template <typename T, bool kK3, bool kOne>
 void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTable& t) {
-  const int64_t HW = t.HW, hw = g.h * g.w, C = g.C;
+  const int64_t HW = g.H * g.W, nvec = static_cast<int64_t>(t.base.size()), hw = g.h * g.w, C = g.C;
   const int64_t grain = std::max<int64_t>(1, 32768 / HW);
   const int64_t G = small_group(HW);
   const int32_t* TB = t.base.data();
@@ -482,7 +456,7 @@ void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTa
       if (HW >= kV) {
         const int64_t nfull = HW / kV;
         for (int64_t v = 0; v < nfull; ++v) one(v, v * kV);
-        if (nfull < t.nvec) one(nfull, HW - kV);  // overlaps the one before: rewrites equal values
+        if (nfull < nvec) one(nfull, HW - kV);  // overlaps the one before: rewrites equal values
       } else {
         const Vec uv = up_vec<kOne>(S + TB[0], TI);
         const Vec dyv = kK3 ? IO<T>::load(dp, HW) : Vec(0.0f);
@@ -491,6 +465,8 @@ void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTa
     }
   });
 }
+
+#endif  // SCNET_FUSED_PERMUTE_UP
 
 // NHWC work unit: (image n, source row a, channel block). Channel blocks of at most kCB channels.
 constexpr int64_t kCB = 128;
@@ -694,6 +670,7 @@ void backward_nchw(const Backward<T>& p, const Geometry& g, double* part_g, doub
   });
 }
 
+#ifdef SCNET_FUSED_PERMUTE_UP
 // The gate backward on the permute table: per plane one flat run of vectors (as the forward), dz
 // kept in D; then the upsampling adjoint: D's rows summed per row cell (Acc, one row per source row)
 // and Acc's columns per column cell, vectorized over the source rows. A plane that is a single cell
@@ -701,7 +678,7 @@ void backward_nchw(const Backward<T>& p, const Geometry& g, double* part_g, doub
 template <typename T, bool kOne>
 void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTable& t, double* part_g,
                            double* part_gk) {
-  const int64_t HW = t.HW, hw = g.h * g.w, W = g.W;
+  const int64_t HW = g.H * g.W, nvec = static_cast<int64_t>(t.base.size()), hw = g.h * g.w, W = g.W;
   const int64_t grain = std::max<int64_t>(1, 32768 / HW);
   const int64_t G = small_group(HW);
   constexpr int64_t kFlushVec = kFlush / kV;
@@ -752,7 +729,7 @@ void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTabl
             }
           }
         }
-        if (nfull < t.nvec) {
+        if (nfull < nvec) {
           // The last vector overlaps the one before: the stores rewrite equal values; the sums take
           // only the lanes not yet counted.
           const int64_t e = HW - kV;
@@ -761,8 +738,11 @@ void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTabl
                                       IO<T>::load(kp + e), IO<T>::load(dp + e), sc, sh, ctr, dk3v, gs, gks, &keep);
           IO<T>::store(dxp + e, dz);
           if (dkp) IO<T>::store(dkp + e, dk3v);
-          dz.store(D + e);
-          dzs = dzs + Vec::blendv(Vec(0.0f), dz, keep);
+          if (one_cell) {
+            dzs = dzs + Vec::blendv(Vec(0.0f), dz, keep);
+          } else {
+            dz.store(D + e);
+          }
         }
       } else {
         const Vec keep = lane < Vec(static_cast<float>(HW));
@@ -770,8 +750,11 @@ void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTabl
                                     IO<T>::load(dp, HW), sc, sh, ctr, dk3v, gs, gks, &keep);
         IO<T>::store(dxp, dz, HW);
         if (dkp) IO<T>::store(dkp, dk3v, HW);
-        dz.store(D);
-        dzs = dzs + Vec::blendv(Vec(0.0f), dz, keep);
+        if (one_cell) {
+          dzs = dzs + Vec::blendv(Vec(0.0f), dz, keep);
+        } else {
+          dz.store(D);
+        }
       }
       sum_g += hsum(gs);
       sum_gk += hsum(gks);
@@ -809,6 +792,8 @@ void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTabl
     }
   });
 }
+
+#endif  // SCNET_FUSED_PERMUTE_UP
 
 // Tasks (n, a, channel block); partial sums at [(n * h + a) * C + c].
 template <typename T>
@@ -1023,6 +1008,7 @@ at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, co
     Pointwise<T> p{x.data_ptr<T>(), dy.defined() ? dy.data_ptr<T>() : nullptr, k.data_ptr<T>(), small.data_ptr<T>(),
                    out.data_ptr<T>(), A.data(), B.data(), R.data()};
     if (L == Layout::NCHW) {
+#ifdef SCNET_FUSED_PERMUTE_UP
       const UpTable t = make_up_table(g);
       if (t.ok) {
         if (t.one) {
@@ -1030,9 +1016,10 @@ at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, co
         } else {
           k3_mode ? pointwise_nchw_permute<T, true, false>(p, g, t) : pointwise_nchw_permute<T, false, false>(p, g, t);
         }
-      } else {
-        k3_mode ? pointwise_nchw<T, true>(p, g) : pointwise_nchw<T, false>(p, g);
+        return;
       }
+#endif
+      k3_mode ? pointwise_nchw<T, true>(p, g) : pointwise_nchw<T, false>(p, g);
     } else {
       k3_mode ? pointwise_nhwc<T, true>(p, g) : pointwise_nhwc<T, false>(p, g);
     }
@@ -1099,13 +1086,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
                   sc.data(),            sh.data(),
                   ct.data()};
     if (L == Layout::NCHW) {
+#ifdef SCNET_FUSED_PERMUTE_UP
       const UpTable t = make_up_table(g);
       if (t.ok) {
         t.one ? backward_nchw_permute<T, true>(p, g, t, part_g.data(), part_gk.data())
               : backward_nchw_permute<T, false>(p, g, t, part_g.data(), part_gk.data());
-      } else {
-        backward_nchw<T>(p, g, part_g.data(), part_gk.data());
+        return;
       }
+#endif
+      backward_nchw<T>(p, g, part_g.data(), part_gk.data());
     } else {
       backward_nhwc<T>(p, g, part_g.data(), part_gk.data());
     }
