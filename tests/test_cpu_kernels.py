@@ -164,6 +164,46 @@ def test_gate_large_plane_cpu():
     assert_sum_close(out[4], ref64[4], agk)
 
 
+# Streaming stores: planes a multiple of 16 elements (every build streams them), of 8 but not 16
+# (the AVX2 build streams, the AVX-512 build does not), and of neither.
+STREAM_SHAPES = [(2, 5, 16, 16, 4, 4), (1, 3, 56, 56, 14, 14), (2, 4, 8, 3, 2, 1), (3, 2, 7, 7, 1, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_streaming_stores_give_the_same_results(monkeypatch, dtype):
+    """SCNET_FUSED_CPU_STREAM=1 stores the NCHW outputs past the cache whatever their size (where the
+    build and the alignment allow): the results are bitwise those of normal stores, and right."""
+    P = prims()
+
+    def run(mode, inp):
+        monkeypatch.setenv("SCNET_FUSED_CPU_STREAM", mode)
+        x, small, k3, dy, scale, shift, center = inp
+        outs = [P.gate_forward(x, small, k3, scale, shift), P.gate_backward_k3(dy, x, small, k3, scale, shift, center)]
+        for need_dk3 in (True, False):
+            outs += [t for t in P.gate_backward(dy, x, small, k3, scale, shift, center, need_dk3) if t is not None]
+        return outs
+
+    for shape in STREAM_SHAPES:
+        inp = make_inputs(shape, dtype=dtype)
+        streamed, normal, auto = run("1", inp), run("0", inp), run("auto", inp)
+        for a, b, c in zip(streamed, normal, auto):
+            assert torch.equal(a, b) and torch.equal(b, c)
+        if dtype == torch.float32:
+            x, small, k3, dy, scale, shift, center = inp
+            torch.testing.assert_close(streamed[0], R.gate_forward(x, small, k3, scale, shift))
+            torch.testing.assert_close(streamed[1], R.gate_backward_k3(dy, x, small, k3, scale, shift, center))
+            ref = R.gate_backward(dy, x, small, k3, scale, shift, center, True)
+            torch.testing.assert_close(streamed[2], ref[0])
+            torch.testing.assert_close(streamed[3], ref[1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(streamed[4], ref[2])
+    monkeypatch.setenv("SCNET_FUSED_CPU_STREAM", "yes")
+    x, small, k3, dy, scale, shift, center = make_inputs(STREAM_SHAPES[0], dtype=dtype)
+    for call in (lambda: P.gate_forward(x, small, k3, scale, shift),
+                 lambda: P.gate_backward(dy, x, small, k3, scale, shift, center, True)):
+        with pytest.raises(RuntimeError, match="SCNET_FUSED_CPU_STREAM must be 0, 1 or auto, got 'yes'"):
+            call()
+
+
 # ------------------------------------------------------------------------------------------------
 # fp16 / bf16: error against float64 at most 2x eager PyTorch's error in the same dtype (+ small atol)
 # ------------------------------------------------------------------------------------------------

@@ -12,11 +12,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <initializer_list>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
+
+#include <unistd.h>
 
 #include "sc_cpu_vec.h"
 #include "sc_gate_math.h"
@@ -311,6 +317,19 @@ void pointwise_nchw(const Pointwise<T>& p, const Geometry& g) {
 // and is built once per call; no per-plane upsampled buffer is built. Otherwise (and for planes
 // above kMaxTablePlane elements) the blocked path above runs.
 // ------------------------------------------------------------------------------------------------
+// SCNET_FUSED_CPU_STREAM (see "Streaming stores" below): read at every call, and checked in every
+// build (the build without AVX2 does not stream).
+enum class StreamMode { Auto, Off, On };
+
+StreamMode stream_mode() {
+  const char* env = std::getenv("SCNET_FUSED_CPU_STREAM");
+  const std::string m = env ? env : "";
+  if (m.empty() || m == "0") return StreamMode::Off;
+  if (m == "auto") return StreamMode::Auto;
+  TORCH_CHECK(m == "1", "SCNET_FUSED_CPU_STREAM must be 0, 1 or auto, got '", m, "'");
+  return StreamMode::On;
+}
+
 #if (defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)) || \
     (defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__))
 #define SCNET_FUSED_PERMUTE_UP 1
@@ -356,6 +375,87 @@ UpTable make_up_table(const Geometry& g) {
   t.one = span <= kV;
   t.ok = true;
   return t;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Streaming (non-temporal) stores of the full-size outputs, opt-in. A normal store to a line that
+// is not in cache reads the line first (read for ownership). When a call's tensors together are
+// larger than the last-level cache, its outputs leave the cache before anything reads them again;
+// streaming stores write them past the cache and skip that read: the gate backward with dk3 then
+// moves 5 plane-sized streams instead of 7, the forward 3 instead of 4. That pays where the kernels are
+// bound by memory bandwidth, and costs a little where they are bound by arithmetic (measured:
+// benchmarks/bench_stream_stores.py). SCNET_FUSED_CPU_STREAM: 0 (default) never, auto when the
+// call's tensors exceed the last-level cache, 1 always; both need aligned vectors (planes a
+// multiple of kV elements) and the AVX2 or AVX-512 build.
+// ------------------------------------------------------------------------------------------------
+
+// The largest data cache of the highest level cpu0 reports (sysfs, else sysconf), else 32 MiB.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best = 0;
+    int best_level = 0;
+    for (int i = 0; i < 16; ++i) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+      std::ifstream lf(dir + "level"), sf(dir + "size"), tf(dir + "type");
+      int level = 0;
+      std::string size, type;
+      if (!(lf >> level) || !(sf >> size) || !(tf >> type) || type == "Instruction") continue;
+      char* end = nullptr;
+      int64_t v = std::strtoll(size.c_str(), &end, 10);
+      if (end && *end == 'K') v <<= 10;
+      if (end && *end == 'M') v <<= 20;
+      if (v > 0 && (level > best_level || (level == best_level && v > best))) {
+        best = v;
+        best_level = level;
+      }
+    }
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    if (best <= 0) best = std::max<int64_t>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
+#endif
+    return best > 0 ? best : int64_t(32) << 20;
+  }();
+  return bytes;
+}
+
+// Whether a call stores its outputs with streaming stores: `streams` plane-sized tensors of T read
+// or written in all, N * C planes of HW elements, outputs `outs` (null entries ignored).
+template <typename T>
+bool use_streaming(StreamMode mode, int64_t planes, int64_t HW, int64_t streams, std::initializer_list<const T*> outs) {
+  if (mode == StreamMode::Off || HW % kV != 0) return false;
+  for (const T* o : outs) {
+    if (o && reinterpret_cast<std::uintptr_t>(o) % (kV * sizeof(T)) != 0) return false;
+  }
+  return mode == StreamMode::On || planes * HW * static_cast<int64_t>(sizeof(T)) * streams > last_level_cache_bytes();
+}
+
+// kV values stored to p (aligned to kV * sizeof(T) bytes) as T, past the cache. The caller issues
+// _mm_sfence() before its task ends.
+template <typename T>
+inline void stream_store(T* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, v);
+  } else {
+    const __m512i h = at::vec::convert_from_float<T>(v, v);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(h));
+  }
+#else
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, v);
+  } else {
+    const __m256i h = at::vec::convert_from_float<T>(v, v);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(h));
+  }
+#endif
+}
+
+template <typename T>
+inline void put(T* p, const Vec& v, bool nt) {
+  if (nt) {
+    stream_store(p, v);
+  } else {
+    IO<T>::store(p, v);
+  }
 }
 
 // The upsampled values of one vector: S[ix[l]] for lanes l, S padded to at least 2 * kV floats.
@@ -431,7 +531,7 @@ struct PlaneWalk {
 };
 
 template <typename T, bool kK3, bool kOne>
-void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTable& t) {
+void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTable& t, bool nt) {
   const int64_t HW = g.H * g.W, nvec = static_cast<int64_t>(t.base.size()), hw = g.h * g.w, C = g.C;
   const int64_t grain = std::max<int64_t>(1, 32768 / HW);
   const int64_t G = small_group(HW);
@@ -451,7 +551,7 @@ void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTa
       const auto one = [&](int64_t v, int64_t e) {
         const Vec uv = up_vec<kOne>(S + TB[v], TI + v * kV);
         const Vec dyv = kK3 ? IO<T>::load(dp + e) : Vec(0.0f);
-        IO<T>::store(op + e, pointwise_vec<kK3>(IO<T>::load(xp + e), uv, IO<T>::load(kp + e), dyv, A, B, R));
+        put(op + e, pointwise_vec<kK3>(IO<T>::load(xp + e), uv, IO<T>::load(kp + e), dyv, A, B, R), nt);
       };
       if (HW >= kV) {
         const int64_t nfull = HW / kV;
@@ -463,6 +563,7 @@ void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTa
         IO<T>::store(op, pointwise_vec<kK3>(IO<T>::load(xp, HW), uv, IO<T>::load(kp, HW), dyv, A, B, R), HW);
       }
     }
+    if (nt) _mm_sfence();
   });
 }
 
@@ -676,7 +777,7 @@ void backward_nchw(const Backward<T>& p, const Geometry& g, double* part_g, doub
 // and Acc's columns per column cell, vectorized over the source rows. A plane that is a single cell
 // (h = w = 1, the 7x7 stage) sums dz in the first pass instead.
 template <typename T, bool kOne>
-void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTable& t, double* part_g,
+void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTable& t, bool nt, double* part_g,
                            double* part_gk) {
   const int64_t HW = g.H * g.W, nvec = static_cast<int64_t>(t.base.size()), hw = g.h * g.w, W = g.W;
   const int64_t grain = std::max<int64_t>(1, 32768 / HW);
@@ -711,8 +812,8 @@ void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTabl
           const int64_t e = v * kV;
           const Vec dz = backward_vec(IO<T>::load(xp + e), up_vec<kOne>(S + TB[v], TI + v * kV),
                                       IO<T>::load(kp + e), IO<T>::load(dp + e), sc, sh, ctr, dk3v, gs, gks);
-          IO<T>::store(dxp + e, dz);
-          if (dkp) IO<T>::store(dkp + e, dk3v);
+          put(dxp + e, dz, nt);
+          if (dkp) put(dkp + e, dk3v, nt);
           if (one_cell) {
             dzs = dzs + dz;
           } else {
@@ -790,6 +891,7 @@ void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTabl
         }
       }
     }
+    if (nt) _mm_sfence();
   });
 }
 
@@ -995,6 +1097,7 @@ void stats_nhwc(const T* t, int64_t N, int64_t C, int64_t HW, float* mean, float
 at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, const at::Tensor& small_in,
                         const at::Tensor& k_in, const at::Tensor* dy_in, std::vector<float> A, std::vector<float> B,
                         std::vector<float> R) {
+  [[maybe_unused]] const StreamMode mode = stream_mode();
   const Layout L = layout_of(x_in);
   const at::Tensor x = in_layout(x_in, L);
   const at::Tensor k = in_layout(k_in, L);
@@ -1011,10 +1114,13 @@ at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, co
 #ifdef SCNET_FUSED_PERMUTE_UP
       const UpTable t = make_up_table(g);
       if (t.ok) {
+        // Read x, k (and dy), written out.
+        const bool nt = use_streaming<T>(mode, g.N * g.C, g.H * g.W, k3_mode ? 4 : 3, {p.out});
         if (t.one) {
-          k3_mode ? pointwise_nchw_permute<T, true, true>(p, g, t) : pointwise_nchw_permute<T, false, true>(p, g, t);
+          k3_mode ? pointwise_nchw_permute<T, true, true>(p, g, t, nt) : pointwise_nchw_permute<T, false, true>(p, g, t, nt);
         } else {
-          k3_mode ? pointwise_nchw_permute<T, true, false>(p, g, t) : pointwise_nchw_permute<T, false, false>(p, g, t);
+          k3_mode ? pointwise_nchw_permute<T, true, false>(p, g, t, nt)
+                  : pointwise_nchw_permute<T, false, false>(p, g, t, nt);
         }
         return;
       }
@@ -1057,6 +1163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
   std::vector<float> sc = per_channel(op, "scale", scale, C, 1.0f);
   std::vector<float> sh = per_channel(op, "shift", shift, C, 0.0f);
   std::vector<float> ct = per_channel(op, "center", center, C, 0.0f);
+  [[maybe_unused]] const StreamMode mode = stream_mode();
 
   const Layout L = layout_of(x_in);
   const at::Tensor x = in_layout(x_in, L);
@@ -1089,8 +1196,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
 #ifdef SCNET_FUSED_PERMUTE_UP
       const UpTable t = make_up_table(g);
       if (t.ok) {
-        t.one ? backward_nchw_permute<T, true>(p, g, t, part_g.data(), part_gk.data())
-              : backward_nchw_permute<T, false>(p, g, t, part_g.data(), part_gk.data());
+        // Read dy, x, k, written dx (and dk3).
+        const bool nt = use_streaming<T>(mode, g.N * g.C, g.H * g.W, need_dk3 ? 5 : 4, {p.dx, p.dk3});
+        t.one ? backward_nchw_permute<T, true>(p, g, t, nt, part_g.data(), part_gk.data())
+              : backward_nchw_permute<T, false>(p, g, t, nt, part_g.data(), part_gk.data());
         return;
       }
 #endif
