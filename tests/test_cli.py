@@ -319,3 +319,30 @@ def test_bench_layout_step_script(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_layout_step.py"), "--shapes", "0x4x4",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "0x4x4" in bad.stderr
+
+
+def test_bench_stream_stores_script(tmp_path):
+    """benchmarks/bench_stream_stores.py: the three SCNET_FUSED_CPU_STREAM settings, interleaved in one
+    process, for each op."""
+    from scnet_fused.ops import _dispatch
+
+    if _dispatch.available("cpu") is not None:
+        pytest.skip(_dispatch.available("cpu"))
+    env = dict(os.environ, SCNET_FUSED_CPU_STREAM="0")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_stream_stores.py"), "--shapes",
+                        "3x16x16,2x7x7", "--batch-size", "2", "--rounds", "2", "--min-run-time", "0.02",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "stream_stores.json").read_text())
+    assert sorted({(row["shape"], row["mode"], row["stream"]) for row in rows}) == sorted(
+        (s, m, k) for s in ("2x3x16x16", "2x2x7x7") for m in ("forward", "backward", "backward+dk3")
+        for k in ("0", "auto", "1"))
+    assert len(rows) == 18 and all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
+    md = (tmp_path / "stream_stores.md").read_text()
+    can = "yes" if rows[0]["cpu_isa"] in ("avx2", "avx512") else "no"
+    assert f"| gate | backward | 2x3x16x16 | {can} |" in md and "| gate | forward | 2x2x7x7 | no |" in md
+    for argv, needle in ((["--ops", "sideways"], "sideways"), (["--shapes", "0x4x4"], "0x4x4"),
+                         (["--rounds", "0"], "--rounds")):
+        bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_stream_stores.py"), *argv,
+                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and needle in bad.stderr, bad.stderr
