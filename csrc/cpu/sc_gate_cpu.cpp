@@ -400,8 +400,8 @@ UpTable make_up_table(const Geometry& g) {
 // is not in cache reads the line first (read for ownership). When a call's tensors together are
 // larger than the last-level cache, its outputs leave the cache before anything reads them again;
 // streaming stores write them past the cache and skip that read: the gate backward with dk3 then
-// moves 5 plane-sized streams instead of 7, the forward 3 instead of 4. That pays where the kernels are
-// bound by memory bandwidth, and costs a little where they are bound by arithmetic (measured:
+// moves 5 plane-sized streams instead of 7, the forward 3 instead of 4. That can pay only where the
+// kernels are bound by memory bandwidth, not where they are bound by arithmetic (measure it with
 // benchmarks/bench_stream_stores.py). SCNET_FUSED_CPU_STREAM: 0 (default) never, auto when the
 // call's tensors exceed the last-level cache, 1 always; both need aligned vectors (planes a
 // multiple of kV elements) and the AVX2 or AVX-512 build.
