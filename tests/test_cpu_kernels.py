@@ -338,6 +338,42 @@ def test_noncontiguous_and_mixed_layouts_are_handled():
     torch.testing.assert_close(y, R.gate_forward(x, small, k3, scale, shift))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_add_channel_affine_in_place(dtype):
+    P = prims()
+    # planes and channel counts with vector tails, both layouts, a 1x1 plane (both layouts at once)
+    for shape in [(2, 5, 7, 9), (3, 19, 4, 4), (2, 3, 1, 1), (1, 16, 8, 8)]:
+        for cl in (False, True):
+            g = torch.Generator().manual_seed(shape[1])
+            t = torch.randn(*shape, generator=g).to(dtype)
+            d = torch.randn(*shape, generator=g).to(dtype)
+            if cl:
+                t, d = (v.contiguous(memory_format=torch.channels_last) for v in (t, d))
+            q, r = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+            want = d.float() + (q.view(1, -1, 1, 1) * t.float() + r.view(1, -1, 1, 1))
+            ptr, strides = d.data_ptr(), d.stride()
+            out = P.add_channel_affine_(d, t, q, r)
+            assert out is d and d.data_ptr() == ptr and d.stride() == strides
+            tol = {} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(d.float(), want.to(dtype).float(), **tol)
+
+
+def test_add_channel_affine_errors():
+    P = prims()
+    t = torch.randn(2, 3, 5, 5)
+    q, r = torch.randn(3), torch.randn(3)
+    with pytest.raises(RuntimeError, match="dense in t's memory format"):
+        P.add_channel_affine_(torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last), t, q, r)
+    with pytest.raises(RuntimeError, match="dense in t's memory format"):
+        P.add_channel_affine_(torch.randn(2, 3, 5, 10)[..., ::2], t, q, r)
+    with pytest.raises(RuntimeError, match="match t's shape, dtype"):
+        P.add_channel_affine_(torch.randn(2, 3, 5, 5).double(), t, q, r)
+    with pytest.raises(RuntimeError, match="match t's shape, dtype"):
+        P.add_channel_affine_(torch.randn(2, 3, 5, 4), t, q, r)
+    with pytest.raises(RuntimeError, match="C=3"):
+        P.add_channel_affine_(torch.randn(2, 3, 5, 5), t, q[:2], r)
+
+
 def test_clear_errors():
     P = prims()
     x, small, k3, dy, scale, shift, center = make_inputs(SHAPES[0])

@@ -6,6 +6,8 @@
 //   g = dy where !(z <= 0), else 0        (torch's threshold_backward: a NaN z passes the gradient)
 //   sums:  sum_g[c] = sum g,  sum_gc[c] = sum g * (t - center[c])
 //   apply: dt = p[c] * g + q[c] * t + r[c]   (BatchNorm's input gradient)
+//   add:   d += q[c] * t + r[c]               (`_add_channel_affine_`, in place, no mask: the same
+//                                             input gradient when d already holds p * dy)
 //
 // NCHW and NHWC read in place; dy (backward) and out (`_affine_relu_out`) may also be a channel slice
 // of a concatenation buffer, read and written in place (channel pitch, csrc/sc_host.h). float32 math
@@ -58,10 +60,11 @@ void check_full(const char* op, const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise: y = relu(affine(t))  (kApply false) or dt = p * g + q * t + r  (kApply true).
-// A, B: scale, shift; P, Q, R: p, q, r (apply only).
+// Elementwise: y = relu(affine(t))  (kApply false) or dt = p * g + q * t + r  (kApply true), with g
+// the ReLU-masked dy (kMask) or dy itself (then A, B are unused and out may be dy: each element is
+// read before it is written). A, B: scale, shift; P, Q, R: p, q, r (apply only).
 // ---------------------------------------------------------------------------------------------
-template <typename T, bool kApply>
+template <typename T, bool kApply, bool kMask = true>
 void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, const float* P, const float* Q,
                const float* R, const Shape& s, Layout L) {
   if (L == Layout::NCHW) {
@@ -78,13 +81,15 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
           const Vec pv(P[c]), qv(Q[c]), rv(R[c]);
           for (; e + kV <= HW; e += kV) {
             const Vec tv = load_f(tp + e);
-            const Vec g = mask_v(load_f(dp + e), at::vec::fmadd(tv, a, b));
+            const Vec d = load_f(dp + e);
+            const Vec g = kMask ? mask_v(d, at::vec::fmadd(tv, a, b)) : d;
             store_f(op + e, at::vec::fmadd(pv, g, at::vec::fmadd(qv, tv, rv)));
           }
           for (; e < HW; ++e) {
             const float tv = static_cast<float>(tp[e]);
-            const float g = mask_s(static_cast<float>(dp[e]), tv * A[c] + B[c]);
-            op[e] = static_cast<T>(P[c] * g + Q[c] * tv + R[c]);
+            const float d = static_cast<float>(dp[e]);
+            const float g = kMask ? mask_s(d, tv * A[c] + B[c]) : d;
+            op[e] = static_cast<T>(P[c] * g + (Q[c] * tv + R[c]));
           }
         } else {
           for (; e + kV <= HW; e += kV) store_f(op + e, relu_v(at::vec::fmadd(load_f(tp + e), a, b)));
@@ -104,13 +109,15 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
         const T* dp = dy + q * s.dyP;
         for (; c + kV <= C; c += kV) {
           const Vec tv = load_f(tp + c);
-          const Vec g = mask_v(load_f(dp + c), at::vec::fmadd(tv, Vec::loadu(A + c), Vec::loadu(B + c)));
+          const Vec d = load_f(dp + c);
+          const Vec g = kMask ? mask_v(d, at::vec::fmadd(tv, Vec::loadu(A + c), Vec::loadu(B + c))) : d;
           store_f(op + c, at::vec::fmadd(Vec::loadu(P + c), g, at::vec::fmadd(Vec::loadu(Q + c), tv, Vec::loadu(R + c))));
         }
         for (; c < C; ++c) {
           const float tv = static_cast<float>(tp[c]);
-          const float g = mask_s(static_cast<float>(dp[c]), tv * A[c] + B[c]);
-          op[c] = static_cast<T>(P[c] * g + Q[c] * tv + R[c]);
+          const float d = static_cast<float>(dp[c]);
+          const float g = kMask ? mask_s(d, tv * A[c] + B[c]) : d;
+          op[c] = static_cast<T>(P[c] * g + (Q[c] * tv + R[c]));
         }
       } else {
         for (; c + kV <= C; c += kV)
@@ -321,6 +328,29 @@ at::Tensor affine_relu_backward_apply(const at::Tensor& dy_in, const at::Tensor&
   return dt;
 }
 
+// d += q * t + r per channel, in place: d dense in t's memory format, of t's shape, dtype and device.
+void add_channel_affine_(const at::Tensor& d, const at::Tensor& t_in, const at::Tensor& q, const at::Tensor& r) {
+  const char* op = "scnet_fused::_add_channel_affine_ (cpu)";
+  check_full(op, t_in);
+  TORCH_CHECK(d.sizes() == t_in.sizes() && d.scalar_type() == t_in.scalar_type() && d.device() == t_in.device(), op,
+              ": d must match t's shape, dtype and device, got ", d.sizes(), " ", d.scalar_type(), " on ", d.device());
+  const Layout L = layout_of(t_in);
+  TORCH_CHECK(d.is_contiguous(format_of(L)), op, ": d is written in place and must be dense in t's memory format (",
+              L == Layout::NCHW ? "contiguous" : "channels_last", "), got strides ", d.strides());
+  const at::Tensor t = in_layout(t_in, L);
+  const int64_t C = t.size(1);
+  const auto Q = vec_of(op, "q", q, C), R = vec_of(op, "r", r, C);
+  if (t.numel() == 0) return;
+  const std::vector<float> P(C, 1.0f);
+  const Shape s{t.size(0), C, t.size(2) * t.size(3), C, C};
+  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    // No mask: scale and shift are not read (P stands in for them).
+    pointwise<T, true, false>(t.data_ptr<T>(), d.data_ptr<T>(), d.data_ptr<T>(), P.data(), P.data(), P.data(),
+                              Q.data(), R.data(), s, L);
+  });
+}
+
 }  // namespace
 }  // namespace cpu_bn_relu
 }  // namespace scnet_fused
@@ -330,4 +360,5 @@ TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
   m.impl("_affine_relu_out", &scnet_fused::cpu_bn_relu::affine_relu_out);
   m.impl("_affine_relu_backward_sums", &scnet_fused::cpu_bn_relu::affine_relu_backward_sums);
   m.impl("_affine_relu_backward_apply", &scnet_fused::cpu_bn_relu::affine_relu_backward_apply);
+  m.impl("_add_channel_affine_", &scnet_fused::cpu_bn_relu::add_channel_affine_);
 }

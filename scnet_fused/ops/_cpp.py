@@ -114,7 +114,8 @@ def unavailable_reason(name: str) -> Optional[str]:
     if _import_error is not None:
         return _import_error
     key = "CPU" if name == "cpu" else "CUDA"
-    missing = [op for op in _OPS if not has_kernel(op, key)]
+    ops = _OPS + (("_add_channel_affine_",) if name == "cpu" else ())
+    missing = [op for op in ops if not has_kernel(op, key)]
     if missing:
         if name == "cuda":
             return "scnet_fused._C was built without CUDA kernels (no CUDA toolkit at build time, or SCNET_FUSED_CUDA=0)"
@@ -140,6 +141,10 @@ class Primitives:
 
     def gate_backward_k3(self, dy, x, small, k3, p, q, r):
         return self._ops._gate_backward_k3(dy, x, small, k3, p, q, r)
+
+    def add_channel_affine_(self, d, t, q, r):
+        self._ops._add_channel_affine_(d, t, q, r)
+        return d
 
     def channel_stats(self, t):
         return self._ops._channel_stats(t)

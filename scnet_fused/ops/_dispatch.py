@@ -34,6 +34,13 @@ Every backend provides the same kernel-level primitives (no autograd, no torch.l
 ``affine_relu_backward_apply(dy, t, scale, shift, p, q, r) -> dt``
     ``dt = p[c] * g + q[c] * t + r[c]`` (the input gradient of a training-mode BatchNorm before a ReLU).
 
+The ``cpu`` backend has one more primitive:
+
+``add_channel_affine_(d, t, q, r) -> d``
+    ``d += q[c] * t + r[c]`` in place (d dense in t's memory format). With ``d = g * scale`` from
+    ``gate_backward(..., need_dk3=True)`` this is ``gate_backward_k3`` without its second sigmoid pass:
+    see :func:`bn_dk3_from_g`.
+
 Inputs reach a backend already checked (see ``scnet_fused.ops.sc_gate``): 4-D x, k3 (same shape,
 dtype, device and memory format: contiguous or channels_last), small ``(N, C, h, w)`` contiguous in
 the same dtype, float64 only on the reference backend.
@@ -232,6 +239,21 @@ def select(device: torch.device, dtype: torch.dtype):
                 return cand, _DropOnCompileError(cand, mod, device, dtype)
             return cand, mod
     raise BackendUnavailable(f"no scnet_fused backend can run {device} tensors")  # pragma: no cover
+
+
+def bn_dk3_from_g(prims, x: torch.Tensor) -> bool:
+    """Whether the training-mode BatchNorm gate backward on ``prims`` takes dk3 from the first pass.
+
+    The first pass then also writes ``g * scale`` and the second adds ``q * k3 + r`` to it in place
+    (``add_channel_affine_``), instead of reading dy, x and small again to recompute the sigmoid
+    (``gate_backward_k3``). Both read and write the same number of full-size tensors; the first saves
+    the sigmoid's arithmetic, which bounds these passes on a CPU. Only the ``cpu`` backend and float32:
+    half-precision storage would round ``g * scale`` before BatchNorm's cancelling sum (the GPU
+    backends, bound by memory, recompute at no cost). The compiled twin is ``bn_dk3_from_g`` in
+    ``csrc/autograd.cpp``.
+    """
+    return (getattr(prims, "name", None) == "cpu" and hasattr(prims, "add_channel_affine_")
+            and x.device.type == "cpu" and x.dtype == torch.float32)
 
 
 _CPP_AUTOGRAD_BACKENDS = ("cpu", "cuda")

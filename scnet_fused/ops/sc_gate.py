@@ -244,16 +244,21 @@ def _sc_gate_bn_train_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor,
     _, x, small, k3, dy = _prepare(x, small, k3, dy.to(x.dtype))
     invstd, scale, shift = bn_fold(weight, bias, mean, var, eps)
     scale, shift = scale.contiguous(), shift.contiguous()
-    # Pass 1: dx, dsmall and the per-channel sums sum(g), sum(g * (k3 - mean)), g = dy * sigmoid(.).
-    dx, dsmall, _, sum_g, sum_gc = prims.gate_backward(dy, x, small, k3, scale, shift, mean.contiguous(), False)
+    # Pass 1: dx, dsmall and the per-channel sums sum(g), sum(g * (k3 - mean)), g = dy * sigmoid(.);
+    # g * scale too where the backend finishes dk3 from it (see bn_dk3_from_g in _dispatch).
+    from_g = _dispatch.bn_dk3_from_g(prims, x)
+    dx, dsmall, gs, sum_g, sum_gc = prims.gate_backward(dy, x, small, k3, scale, shift, mean.contiguous(), from_g)
     m = float(x.shape[0] * x.shape[2] * x.shape[3])
     dbias = sum_g
     dweight = sum_gc * invstd  # sum(g * xhat)
     # Pass 2: BatchNorm's input gradient, dk3 = scale * (g - sum_g / M - xhat * dweight / M),
     # written as p * g + q * k3 + r with per-channel p, q, r.
-    q = -scale * invstd * dweight / m
-    r = -q * mean - scale * sum_g / m
-    dk3 = prims.gate_backward_k3(dy, x, small, k3, scale, q.contiguous(), r.contiguous())
+    q = (-scale * invstd * dweight / m).contiguous()
+    r = (-q * mean - scale * sum_g / m).contiguous()
+    if from_g:
+        dk3 = prims.add_channel_affine_(gs, k3, q, r)
+    else:
+        dk3 = prims.gate_backward_k3(dy, x, small, k3, scale, q, r)
     return dx, dsmall, dk3, dweight.to(weight.dtype), dbias.to(bias.dtype)
 
 
