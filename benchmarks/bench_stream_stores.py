@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=_args.positive_int, default=8)
     ap.add_argument("--rounds", type=_args.positive_int, default=5)
     ap.add_argument("--min-run-time", type=_args.positive_float, default=0.3)
-    ap.add_argument("--threads", type=_args.positive_int, default=None, help="CPU threads (default: torch's)")
+    bench.add_cpu_kernel_args(ap)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     shapes = bench.shapes_from_arg(ap, args.shapes)
@@ -55,18 +55,8 @@ def main(argv=None) -> int:
     for op in ops:
         if op not in OPS:
             ap.error(f"unknown op {op!r}: choose from {', '.join(OPS)}")
-    from scnet_fused.ops import _dispatch
-
-    why = _dispatch.available("cpu")
-    if why:
-        ap.error(f"the cpu backend is unavailable: {why}")
-    from scnet_fused.ops._cpp import Primitives, cpu_isa
-
+    P, isa, allocator = bench.cpu_kernels_from_args(ap, args)
     device = torch.device("cpu")
-    allocator = bench.pin_cpu_allocator()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    P = Primitives("cpu")
     dtype = bench.parse_dtype(args.dtype)
     N = args.batch_size
     before = os.environ.get("SCNET_FUSED_CPU_STREAM")
@@ -90,12 +80,14 @@ def main(argv=None) -> int:
                             call(P, t)
                             samples[m].append(bench.time_cpu(lambda: call(P, t), args.min_run_time).median_ms)
                 nbytes = streams * N * C * H * W * t["x"].element_size()
+                width = VECTOR_WIDTH.get(isa)
+                can = bool(width) and (H * W) % width == 0
                 for m, ts in samples.items():
                     ms = statistics.median(ts)
                     rows.append(dict(op="gate", mode=op, stream=m, shape=where, dtype=args.dtype,
-                                     device=bench.device_name(device), versions=bench.versions(), cpu_isa=cpu_isa(),
+                                     device=bench.device_name(device), versions=bench.versions(), cpu_isa=isa,
                                      threads=torch.get_num_threads(), median_ms=ms, rounds_ms=ts,
-                                     gbps=nbytes / ms / 1e6, allocator=allocator))
+                                     gbps=nbytes / ms / 1e6, can_stream=can, allocator=allocator))
                 bench.log_stderr(f"{where} {op}: " + ", ".join(f"{m}: {statistics.median(ts):.3f} ms"
                                                                for m, ts in samples.items()))
     finally:
@@ -120,14 +112,12 @@ def markdown(rows) -> str:
              "this machine's noise.",
              "", "| op | mode | N x C x H x W | can stream | 0: ms | 0: GB/s | auto: ms | 1: ms | auto vs 0 | 1 vs 0 |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    width = VECTOR_WIDTH.get(first["cpu_isa"])
     by = {}
     for r in rows:
         by.setdefault((r["mode"], r["shape"]), {})[r["stream"]] = r
     for (mode, shape), t in by.items():
         off, auto, on = t["0"]["median_ms"], t["auto"]["median_ms"], t["1"]["median_ms"]
-        hw = int(shape.split("x")[2]) * int(shape.split("x")[3])
-        can = "yes" if width and hw % width == 0 else "no"
+        can = "yes" if t["0"]["can_stream"] else "no"
         lines.append(f"| gate | {mode} | {shape} | {can} | {off:.3f} | {t['0']['gbps']:.1f} | {auto:.3f} | {on:.3f} "
                      f"| {off / auto:.2f}x | {off / on:.2f}x |")
     return "\n".join(lines) + "\n"

@@ -262,6 +262,30 @@ def machine_from_args(args) -> Tuple[torch.device, Optional[str]]:
     return device, allocator
 
 
+def add_cpu_kernel_args(ap) -> None:
+    """The machine arguments of a script that times the cpu backend's primitives (CPU only: no ``--device``)."""
+    ap.add_argument("--threads", type=_args.positive_int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc malloc's dynamic mmap/trim thresholds (default: fix them for the run)")
+
+
+def cpu_kernels_from_args(ap, args):
+    """The cpu backend's primitives for a script of ``add_cpu_kernel_args``: ``(primitives, isa,
+    allocator note)``, with the allocator pinned (unless ``--default-malloc``) and the thread count
+    set; ``ap.error`` when the backend is unavailable."""
+    from .ops import _dispatch
+
+    why = _dispatch.available("cpu")
+    if why:
+        ap.error(f"the cpu backend is unavailable: {why}")
+    from .ops._cpp import Primitives, cpu_isa
+
+    allocator = pin_cpu_allocator(pin=not args.default_malloc)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return Primitives("cpu"), cpu_isa(), allocator
+
+
 def shapes_from_arg(ap, text: Optional[str]) -> List[Tuple[int, int, int]]:
     """A script's ``--shapes`` (comma list of CxHxW; the stage shapes when None); a bad one is ``ap.error``."""
     try:
