@@ -222,7 +222,23 @@ def test_bench_infer_script(tmp_path):
     assert "| fused |" in (tmp_path / "infer_scnet50.md").read_text()
 
 
-def test_bench_cpu_isa_script(tmp_path):
+def _script_usage_errors(name, tmp_path, capsys, cases):
+    """A benchmark script's argument errors, in this process (no interpreter start per case): each
+    exits, or returns, with status 2 and a message naming the bad value. They are all found before
+    the script sets up the machine or touches a kernel."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for argv, needle in cases:
+        try:
+            status = mod.main([*argv, "--out", str(tmp_path)])
+        except SystemExit as exc:
+            status = exc.code
+        err = capsys.readouterr().err
+        assert status == 2 and needle in err, (argv, status, err[-2000:])
+
+
+def test_bench_cpu_isa_script(tmp_path, capsys):
     """benchmarks/bench_cpu_isa.py: each build runs in its own process and the rows say which one ran."""
     from scnet_fused.ops import _cpp
 
@@ -239,12 +255,10 @@ def test_bench_cpu_isa_script(tmp_path):
     assert ran == sorted((0, isa) for isa in isas)
     md = (tmp_path / "cpu_isa.md").read_text()
     assert "| gate | forward | 2x5x13x14 | fp32 |" in md
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_cpu_isa.py"), "--isas", "sse9",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "sse9" in bad.stderr
+    _script_usage_errors("bench_cpu_isa", tmp_path, capsys, [(["--isas", "sse9"], "sse9")])
 
 
-def test_bench_checkouts_script(tmp_path):
+def test_bench_checkouts_script(tmp_path, capsys):
     """benchmarks/bench_checkouts.py: both checkouts run in alternating rounds, each row says which one
     (here the same checkout twice); a folder that is not a checkout of the package is refused."""
     from scnet_fused.ops import _cpp
@@ -262,21 +276,14 @@ def test_bench_checkouts_script(tmp_path):
     assert data["checkouts"]["base"]["path"] == data["checkouts"]["head"]["path"] == os.path.realpath(ROOT)
     assert all(row["commit"] == data["checkouts"]["base"]["commit"] != "" for row in data["rows"])
     assert "| gate | backward | 2x5x13x14 | fp32 |" in (tmp_path / "ab.md").read_text()
-    script = os.path.join(ROOT, "benchmarks", "bench_checkouts.py")
-    bad = subprocess.run([sys.executable, script, "--base", str(tmp_path), "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "not a checkout" in bad.stderr
     # A folder that looks like a checkout but has no package of its own: its processes would import this
     # checkout's package, so both sides would time the same build. Refused before anything runs.
     fake = tmp_path / "fake"
     (fake / "benchmarks").mkdir(parents=True)
     (fake / "benchmarks" / "bench_gate.py").write_text("raise SystemExit(3)\n")
-    bad = subprocess.run([sys.executable, script, "--base", str(fake), "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "imports scnet_fused from" in bad.stderr, bad.stderr[-2000:]
-    bad = subprocess.run([sys.executable, script, "--base", ROOT, "--rounds", "0"], capture_output=True, text=True,
-                         timeout=120)
-    assert bad.returncode == 2 and "--rounds" in bad.stderr
+    _script_usage_errors("bench_checkouts", tmp_path, capsys,
+                         [(["--base", str(tmp_path)], "not a checkout"), (["--base", str(fake)], "imports scnet_fused from"),
+                          (["--base", ROOT, "--rounds", "0"], "--rounds")])
 
 
 def test_bench_conv_layout_script(tmp_path):
@@ -321,16 +328,6 @@ def test_bench_layout_step_script(tmp_path):
     assert bad.returncode == 2 and "0x4x4" in bad.stderr
 
 
-def _script_usage_errors(name, tmp_path, capsys, cases):
-    """A benchmark script's argument errors, in this process: each exits with status 2 naming the
-    bad value (they are all found before the script sets up the machine or touches a kernel)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    for argv, needle in cases:
-        with pytest.raises(SystemExit) as exc:
-            mod.main([*argv, "--out", str(tmp_path)])
-        assert exc.value.code == 2 and needle in capsys.readouterr().err
 
 
 def test_bench_bn_backward_script(tmp_path, capsys):
