@@ -448,6 +448,30 @@ def test_sc_gate_bn_train_public_cpu(shape, cl):
         torch.testing.assert_close(ga.grad, gb.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("path", ["cpp", "library"])
+@pytest.mark.parametrize("x_cl", [False, True], ids=["x_nchw", "x_nhwc"])
+def test_sc_gate_bn_train_mixed_layouts_cpu(monkeypatch, path, x_cl):
+    """x and k3 in different memory formats: dk3 is finished in place in x's format (float32), on both
+    the C++ autograd path and the torch.library one, against float64."""
+    monkeypatch.setenv("SCNET_FUSED_CPP_AUTOGRAD", "1" if path == "cpp" else "0")
+    x, small, k3, dy, _, _, _ = make_inputs(SHAPES[6])
+    if x_cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:
+        k3 = k3.contiguous(memory_format=torch.channels_last)
+    C = x.shape[1]
+    weight, bias = torch.rand(C) + 0.5, torch.randn(C)
+    a = leaves(x, small, k3, weight, bias)
+    b = [t.detach().double().requires_grad_() for t in (x, small, k3, weight, bias)]
+    with scnet_fused.backend("cpu"):
+        y, _, _ = scnet_fused.sc_gate_bn_train(*a, eps=1e-5)
+        y.backward(dy)
+    bn = F.batch_norm(b[2], None, None, b[3], b[4], training=True, eps=1e-5)
+    (bn * torch.sigmoid(b[0] + F.interpolate(b[1], size=x.shape[-2:], mode="nearest"))).backward(dy.double())
+    for ga, gb in zip(a, b):
+        torch.testing.assert_close(ga.grad.double(), gb.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "nhwc"])
 def test_opcheck_cpu_backend(requires_grad, cl):

@@ -252,8 +252,7 @@ def bn_dk3_from_g(prims, x: torch.Tensor) -> bool:
     backends, bound by memory, recompute at no cost). The compiled twin is ``bn_dk3_from_g`` in
     ``csrc/autograd.cpp``.
     """
-    return (getattr(prims, "name", None) == "cpu" and hasattr(prims, "add_channel_affine_")
-            and x.device.type == "cpu" and x.dtype == torch.float32)
+    return getattr(prims, "name", None) == "cpu" and x.device.type == "cpu" and x.dtype == torch.float32
 
 
 _CPP_AUTOGRAD_BACKENDS = ("cpu", "cuda")
