@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base", required=True, help="the other checkout (its extension built in place)")
     ap.add_argument("--head", default=ROOT, help="the checkout compared with it (default: this one)")
     bench.add_gate_rounds_args(ap, op="gate,gate_bn", mode="forward,backward", rounds=2)
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results", bench.cpu_tag()))
     ap.add_argument("--name", default="checkouts")
     args = ap.parse_args(argv)
 

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--isas", help="comma list of builds, the first is the base of the ratios "
                                    "(default: every runnable one, least capable first)")
     bench.add_gate_rounds_args(ap, op="gate,gate_bn,avgpool,bn_relu", mode="forward,backward,full", rounds=3)
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results", bench.cpu_tag()))
     args = ap.parse_args(argv)
 
     runnable = list(reversed(_cpp.runnable_isas()))  # least capable first

@@ -101,15 +101,27 @@ def shape_str(shape: Sequence[int]) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
+def _cpuinfo(path: str = "/proc/cpuinfo") -> Dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo`` (lower-case keys); empty where there is none."""
+    info: Dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    if info:
+                        break
+                    continue
+                key, sep, value = line.partition(":")
+                if sep:
+                    info.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return info
+
+
+def cpu_model(info: Optional[Dict[str, str]] = None) -> str:
+    info = _cpuinfo() if info is None else info
+    return info.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def cpu_count() -> int:
@@ -125,11 +137,28 @@ def device_name(device: torch.device) -> str:
     return f"{cpu_model()} ({cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def cpu_tag(info: Optional[Dict[str, str]] = None) -> str:
+    """A folder name for this CPU: its model name and, where the kernel reports them, its family and
+    model numbers (virtual machines often name different generations alike, e.g. ``AMD EPYC``)."""
+    info = _cpuinfo() if info is None else info
+    name = re.sub(r"\((r|tm)\)|\bprocessor\b|\bcpu\b|@.*$", " ", cpu_model(info), flags=re.IGNORECASE)
+    tag = "cpu-" + (_slug(name) or "unknown")
+    family, model = info.get("cpu family", ""), info.get("model", "")
+    if family.isdigit() and model.isdigit():
+        tag += f"-f{family}m{model}"
+    return tag
+
+
 def device_tag(device: torch.device) -> str:
-    """A folder-friendly name: ``cpu`` or e.g. ``nvidia-h100-80gb-hbm3``."""
+    """A folder-friendly name of the device: e.g. ``cpu-amd-epyc-f25m17`` or ``nvidia-h100-80gb-hbm3``.
+    Distinct machines get distinct folders, so a run on one never overwrites another's results."""
     if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+        return cpu_tag()
+    return _slug(torch.cuda.get_device_name(device))
 
 
 def triton_version() -> Optional[str]:

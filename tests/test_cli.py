@@ -205,6 +205,30 @@ def test_combine_rounds():
     assert combine_rounds([one]) is one
 
 
+_EPYC = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {f}\nmodel\t\t: {m}\nmodel name\t: AMD EPYC Processor\n\n"
+
+
+def test_cpu_results_folder_names_the_machine(tmp_path):
+    """Two CPU generations that a virtual machine names alike get different default results folders, and
+    the second processor's block of /proc/cpuinfo is not read into the first's."""
+    import torch
+
+    from scnet_fused import bench
+
+    zen1, zen4 = tmp_path / "zen1", tmp_path / "zen4"
+    zen1.write_text(_EPYC.format(f=23, m=1) + _EPYC.format(f=25, m=17))
+    zen4.write_text(_EPYC.format(f=25, m=17) + _EPYC.format(f=23, m=1))
+    tags = [bench.cpu_tag(bench._cpuinfo(str(p))) for p in (zen1, zen4)]
+    assert tags == ["cpu-amd-epyc-f23m1", "cpu-amd-epyc-f25m17"]
+    xeon = {"model name": "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", "cpu family": "6", "model": "106"}
+    assert bench.cpu_tag(xeon) == "cpu-intel-xeon-platinum-8375c-f6m106"
+    assert bench.cpu_tag({"model name": "Neoverse-V2"}) == "cpu-neoverse-v2"  # no family/model fields
+    assert bench._cpuinfo(str(tmp_path / "absent")) == {}
+    here = bench.default_out_dir(torch.device("cpu"))
+    assert here.startswith(os.path.join("benchmarks", "results", "cpu-")) and here != os.path.join(
+        "benchmarks", "results", "cpu")
+
+
 def test_bench_infer_script(tmp_path):
     """benchmarks/bench_infer.py: both providers timed, their error against a float64 run recorded."""
     from scnet_fused import bench
