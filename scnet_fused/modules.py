@@ -10,6 +10,10 @@ training, GroupNorm, a frozen BN, Identity, ...) runs as a module and feeds the 
 The pooled branch ``k2``: its average pool runs as this package's kernel (:func:`scnet_fused.ops.sc_avgpool`,
 forward and backward, nothing full-size saved); its conv and norm work on a map ``pooling_r**2`` times
 smaller and run as modules.
+
+ONNX export (``torch.onnx.export``, TorchScript-based or dynamo-based) records the same computation in
+standard operators instead of this package's custom ops, so the exported graph runs in any ONNX
+runtime (:func:`exact_upsample_nearest`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from .ops.bn_relu import bn_relu_cat_train, bn_relu_train
 from .ops.sc_gate import bn_fold
 from .ops.relu_cat import relu_cat
 
-__all__ = ["SCConv", "SCBottleneck"]
+__all__ = ["SCConv", "SCBottleneck", "exact_upsample_nearest"]
 
 
 def _plain_batchnorm(m: nn.Module) -> bool:
@@ -165,6 +169,34 @@ def _affine_params(bn: nn.modules.batchnorm._BatchNorm, like: Tensor) -> Tuple[T
             torch.zeros(C, device=like.device, dtype=torch.float32))
 
 
+def _onnx_export() -> bool:
+    """Whether an ONNX export is recording this call (both exporters trace: cheap to rule out in eager)."""
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export()
+
+
+def _index_map(out_len: Tensor, in_len: Tensor) -> Tensor:
+    """PyTorch's nearest source indices as tensor arithmetic: ``min(floor(i * (in / out)), in - 1)``
+    with float32 division and product. ``out_len`` is a float32 vector of zeros whose length is the
+    output size, ``in_len`` a float32 vector of zeros of the input size (both follow the traced shapes)."""
+    ones = out_len + 1
+    n_out, n_in = ones.sum(), (in_len + 1).sum()
+    i = ones.cumsum(0) - 1
+    return torch.minimum(torch.floor(i * (n_in / n_out)), n_in - 1).to(torch.int64)
+
+
+def exact_upsample_nearest(small: Tensor, like: Tensor) -> Tensor:
+    """``interpolate(small, size=like.shape[-2:], mode="nearest")`` in operators that every ONNX runtime
+    computes exactly as PyTorch: the index maps from float32 arithmetic on the shapes, then two gathers.
+    (onnxruntime's Resize computes the source index by another formula and, for some sizes, gets
+    another row: a 114-row map pooled by 4 reads row 13 instead of 14 at output row 57.) The sizes are
+    read from tensors, so exported dynamic axes stay dynamic."""
+    rows = _index_map(torch.zeros_like(like[:, :1, :, :1], dtype=torch.float32).sum((0, 1, 3)),
+                      torch.zeros_like(small[:, :1, :, :1], dtype=torch.float32).sum((0, 1, 3)))
+    cols = _index_map(torch.zeros_like(like[:, :1, :1, :], dtype=torch.float32).sum((0, 1, 2)),
+                      torch.zeros_like(small[:, :1, :1, :], dtype=torch.float32).sum((0, 1, 2)))
+    return small.index_select(2, rows).index_select(3, cols)
+
+
 class _ConvOfGate(torch.autograd.Function):
     """``conv2d(y)`` for the gate output ``y``, saving the gate's inputs instead of ``y``.
 
@@ -207,11 +239,19 @@ class SCConv(reference.SCConv):
     recompute_gate = True
 
     def forward(self, x: Tensor) -> Tensor:
+        if _onnx_export():
+            return self._portable_forward(x)
         y, saved = self._gate(x)
         conv4, norm4 = self.k4[0], self.k4[1]
         if not torch.is_grad_enabled():
             return _conv_bn(conv4, norm4, y)
         return norm4(self._conv4(y, *saved))
+
+    def _portable_forward(self, x: Tensor) -> Tensor:
+        """The reference computation in standard operators only (what ONNX export records)."""
+        reference._check_sc_input(x, self.inplanes, self.pooling_r)
+        up = exact_upsample_nearest(self.k2(x), x)
+        return self.k4(torch.mul(self.k3(x), torch.sigmoid(torch.add(x, up))))
 
     def _pre_norm4(self, x: Tensor) -> Tensor:
         """k4's convolution output, before k4's norm (the bottleneck fuses that norm with its ReLU)."""
@@ -318,8 +358,8 @@ class SCBottleneck(reference.SCBottleneck):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.avd or not isinstance(self.relu, nn.ReLU) or x.dim() != 4:
-            return super().forward(x)
+        if self.avd or not isinstance(self.relu, nn.ReLU) or x.dim() != 4 or _onnx_export():
+            return super().forward(x)  # under ONNX export: standard operators only
         residual = x
         out_a = _bn_relu(self.conv1_a, self.bn1_a, self.relu, x)
         out_b = _bn_relu(self.conv1_b, self.bn1_b, self.relu, x)

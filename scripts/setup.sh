@@ -4,7 +4,8 @@
 # Idempotent: re-running reuses .venv and rebuilds only what changed.
 #   --tests   also build what the test suite compiles (the CUDA kernels for the host CUDA model,
 #             build/cuda_emu; the CMake build, build/cmake-test; the ptxas report's device compiles,
-#             build/ptxas), so the test run itself compiles only what changed since
+#             build/ptxas), so the test run itself compiles only what changed since; and installs
+#             onnx, onnxscript and onnxruntime for the ONNX export tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,7 @@ pipq --no-build-isolation -e .
 "$VPY" -c "import scnet_fused, scnet_fused._C as C; from scnet_fused.ops import _cpp; print('scnet_fused', scnet_fused.__version__, '| extension: cuda kernels' if C.with_cuda else '| extension: cpu kernels only', '| cpu kernels', _cpp.cpu_isa() or 'none')"
 
 if [ "${1:-}" = "--tests" ]; then
+  pipq onnx onnxscript onnxruntime
   "$VPY" tests/_cuda_emu.py 2> >(grep -v "No CUDA runtime is found" >&2)
   "$VPY" tests/test_cmake_build.py
   "$VPY" tests/test_cuda_build.py
