@@ -11,9 +11,10 @@ The pooled branch ``k2``: its average pool runs as this package's kernel (:func:
 forward and backward, nothing full-size saved); its conv and norm work on a map ``pooling_r**2`` times
 smaller and run as modules.
 
-ONNX export (``torch.onnx.export``, TorchScript-based or dynamo-based) records the same computation in
-standard operators instead of this package's custom ops, so the exported graph runs in any ONNX
-runtime (:func:`exact_upsample_nearest`).
+ONNX export (``torch.onnx.export``, TorchScript-based or dynamo-based) and ``torch.jit.trace`` record the
+same computation in standard operators instead of this package's custom ops, so the exported graph
+runs in any ONNX runtime and the traced module loads without this package
+(:func:`exact_upsample_nearest`). ``torch.compile`` and ``torch.export`` keep the fused ops.
 """
 
 from __future__ import annotations
@@ -169,9 +170,10 @@ def _affine_params(bn: nn.modules.batchnorm._BatchNorm, like: Tensor) -> Tuple[T
             torch.zeros(C, device=like.device, dtype=torch.float32))
 
 
-def _onnx_export() -> bool:
-    """Whether an ONNX export is recording this call (both exporters trace: cheap to rule out in eager)."""
-    return (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export()
+def _exporting() -> bool:
+    """Whether ``torch.jit.trace`` or an ONNX export (either exporter) is recording this call: the fused
+    modules then record standard operators only, so the result runs without this package."""
+    return torch.jit.is_tracing() or (torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export())
 
 
 def _index_map(out_len: Tensor, in_len: Tensor) -> Tensor:
@@ -239,7 +241,7 @@ class SCConv(reference.SCConv):
     recompute_gate = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if _onnx_export():
+        if _exporting():
             return self._portable_forward(x)
         y, saved = self._gate(x)
         conv4, norm4 = self.k4[0], self.k4[1]
@@ -248,7 +250,7 @@ class SCConv(reference.SCConv):
         return norm4(self._conv4(y, *saved))
 
     def _portable_forward(self, x: Tensor) -> Tensor:
-        """The reference computation in standard operators only (what ONNX export records)."""
+        """The reference computation in standard operators only (what an export records)."""
         reference._check_sc_input(x, self.inplanes, self.pooling_r)
         up = exact_upsample_nearest(self.k2(x), x)
         return self.k4(torch.mul(self.k3(x), torch.sigmoid(torch.add(x, up))))
@@ -358,8 +360,8 @@ class SCBottleneck(reference.SCBottleneck):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.avd or not isinstance(self.relu, nn.ReLU) or x.dim() != 4 or _onnx_export():
-            return super().forward(x)  # under ONNX export: standard operators only
+        if self.avd or not isinstance(self.relu, nn.ReLU) or x.dim() != 4 or _exporting():
+            return super().forward(x)  # when exporting: standard operators only
         residual = x
         out_a = _bn_relu(self.conv1_a, self.bn1_a, self.relu, x)
         out_b = _bn_relu(self.conv1_b, self.bn1_b, self.relu, x)

@@ -1,8 +1,11 @@
-"""ONNX export of the fused modules: the exported graph holds standard operators only (no custom op of
-this package), and onnxruntime computes from it what the fused module computes in PyTorch, including
-the nearest upsampling's exact index map at sizes where ONNX's own Resize picks other source rows."""
+"""ONNX export and ``torch.jit.trace`` of the fused modules: the recorded graph holds standard operators
+only (no custom op of this package); onnxruntime computes from it what the fused module computes in
+PyTorch, including the nearest upsampling's exact index map at sizes where onnxruntime's Resize picks
+other source rows, and a traced module loads and runs in a process without this package."""
 
 import io
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -76,7 +79,7 @@ def test_scconv_exports_with_dynamic_shapes():
             want = m(xs)
         torch.testing.assert_close(_run(sess, xs), want, rtol=1e-5, atol=1e-5)
     # The module itself is untouched by the export: still the fused path afterwards.
-    assert not scnet_fused.modules._onnx_export()
+    assert not scnet_fused.modules._exporting()
 
 
 def test_bottleneck_exports_with_the_dynamo_exporter():
@@ -112,3 +115,27 @@ def test_strided_grouped_dilated_bottleneck_exports():
     with torch.no_grad():
         want = fused(x)
     torch.testing.assert_close(_run(_session(f.getvalue()), x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_jit_trace_records_standard_ops_and_loads_without_the_package(tmp_path):
+    """torch.jit.trace with gradients enabled (the usual call) passes its own check that two runs record
+    the same graph, and the saved module runs where scnet_fused is never imported."""
+    torch.manual_seed(0)
+    fused = scnet_fused.convert(_bn_stats(R.SCBottleneck(32, 8, 1, None), seed=4))
+    x = torch.randn(2, 32, 14, 18)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(fused, x)
+    assert "scnet_fused::" not in str(traced.inlined_graph)
+    path = tmp_path / "traced.pt"
+    traced.save(str(path))
+    x2 = torch.randn(1, 32, 114, 30)  # another size: the index maps are recorded as arithmetic on shapes
+    with torch.no_grad():
+        want = fused(x2)
+    torch.save(x2, tmp_path / "x.pt")
+    code = (f"import sys, torch\nm = torch.jit.load({str(path)!r})\nx = torch.load({str(tmp_path / 'x.pt')!r})\n"
+            f"torch.save(m(x).detach(), {str(tmp_path / 'y.pt')!r})\n"
+            "assert not any(k.startswith('scnet_fused') for k in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), want, rtol=1e-4, atol=1e-4)
