@@ -14,7 +14,8 @@ smaller and run as modules.
 ONNX export (``torch.onnx.export``, TorchScript-based or dynamo-based) and ``torch.jit.trace`` record the
 same computation in standard operators instead of this package's custom ops, so the exported graph
 runs in any ONNX runtime and the traced module loads without this package
-(:func:`exact_upsample_nearest`). ``torch.compile`` and ``torch.export`` keep the fused ops.
+(:func:`exact_upsample_nearest`). ``torch.compile`` and ``torch.export`` keep the fused ops. Inside a
+``torch.func`` transform the modules take the same standard-operator path.
 """
 
 from __future__ import annotations
@@ -170,10 +171,17 @@ def _affine_params(bn: nn.modules.batchnorm._BatchNorm, like: Tensor) -> Tuple[T
             torch.zeros(C, device=like.device, dtype=torch.float32))
 
 
-def _exporting() -> bool:
-    """Whether ``torch.jit.trace`` or an ONNX export (either exporter) is recording this call: the fused
-    modules then record standard operators only, so the result runs without this package."""
-    return torch.jit.is_tracing() or (torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export())
+_functorch_level = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
+
+
+def _standard_ops_only() -> bool:
+    """Whether the fused modules should run the reference computation in standard operators: while
+    ``torch.jit.trace`` or an ONNX export (either exporter) records the call, so the result runs without
+    this package, and inside a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...), which the custom
+    ops' autograd does not support. Cheap to rule out in eager."""
+    if torch.compiler.is_compiling():  # torch.compile / torch.export keep the fused ops, except for ONNX
+        return torch.onnx.is_in_onnx_export()
+    return torch.jit.is_tracing() or _functorch_level() is not None
 
 
 def _index_map(out_len: Tensor, in_len: Tensor) -> Tensor:
@@ -209,11 +217,14 @@ class _ConvOfGate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, weight, x, small, k3, scale, shift, stride, padding, dilation, groups):
+    def forward(y, weight, x, small, k3, scale, shift, stride, padding, dilation, groups):
+        return F.conv2d(y, weight, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # apart from forward: torch.func transforms need it
+        _, weight, x, small, k3, scale, shift, stride, padding, dilation, groups = inputs
         ctx.conv = (stride, padding, dilation, groups)
         ctx.save_for_backward(weight, x, small, k3, scale, shift)
-        ctx.y_meta = (y.dtype, y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous())
-        return F.conv2d(y, weight, None, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -241,7 +252,7 @@ class SCConv(reference.SCConv):
     recompute_gate = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if _exporting():
+        if _standard_ops_only():
             return self._portable_forward(x)
         y, saved = self._gate(x)
         conv4, norm4 = self.k4[0], self.k4[1]
@@ -250,7 +261,7 @@ class SCConv(reference.SCConv):
         return norm4(self._conv4(y, *saved))
 
     def _portable_forward(self, x: Tensor) -> Tensor:
-        """The reference computation in standard operators only (what an export records)."""
+        """The reference computation in standard operators only (exports, torch.func transforms)."""
         reference._check_sc_input(x, self.inplanes, self.pooling_r)
         up = exact_upsample_nearest(self.k2(x), x)
         return self.k4(torch.mul(self.k3(x), torch.sigmoid(torch.add(x, up))))
@@ -360,8 +371,8 @@ class SCBottleneck(reference.SCBottleneck):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.avd or not isinstance(self.relu, nn.ReLU) or x.dim() != 4 or _exporting():
-            return super().forward(x)  # when exporting: standard operators only
+        if self.avd or not isinstance(self.relu, nn.ReLU) or x.dim() != 4 or _standard_ops_only():
+            return super().forward(x)  # exports and torch.func transforms: standard operators only
         residual = x
         out_a = _bn_relu(self.conv1_a, self.bn1_a, self.relu, x)
         out_b = _bn_relu(self.conv1_b, self.bn1_b, self.relu, x)

@@ -79,7 +79,7 @@ def test_scconv_exports_with_dynamic_shapes():
             want = m(xs)
         torch.testing.assert_close(_run(sess, xs), want, rtol=1e-5, atol=1e-5)
     # The module itself is untouched by the export: still the fused path afterwards.
-    assert not scnet_fused.modules._exporting()
+    assert not scnet_fused.modules._standard_ops_only()
 
 
 def test_bottleneck_exports_with_the_dynamo_exporter():
