@@ -171,7 +171,7 @@ def _affine_params(bn: nn.modules.batchnorm._BatchNorm, like: Tensor) -> Tuple[T
             torch.zeros(C, device=like.device, dtype=torch.float32))
 
 
-_functorch_level = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
+_functorch_interpreters = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
 
 
 def _standard_ops_only() -> bool:
@@ -181,7 +181,7 @@ def _standard_ops_only() -> bool:
     ops' autograd does not support. Cheap to rule out in eager."""
     if torch.compiler.is_compiling():  # torch.compile / torch.export keep the fused ops, except for ONNX
         return torch.onnx.is_in_onnx_export()
-    return torch.jit.is_tracing() or _functorch_level() is not None
+    return torch.jit.is_tracing() or _functorch_interpreters() is not None
 
 
 def _index_map(out_len: Tensor, in_len: Tensor) -> Tensor:
@@ -221,7 +221,7 @@ class _ConvOfGate(torch.autograd.Function):
         return F.conv2d(y, weight, None, stride, padding, dilation, groups)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # apart from forward: torch.func transforms need it
+    def setup_context(ctx, inputs, output):  # forward without ctx: the form torch.func accepts
         _, weight, x, small, k3, scale, shift, stride, padding, dilation, groups = inputs
         ctx.conv = (stride, padding, dilation, groups)
         ctx.save_for_backward(weight, x, small, k3, scale, shift)
