@@ -13,9 +13,9 @@ smaller and run as modules.
 
 ONNX export (``torch.onnx.export``, TorchScript-based or dynamo-based) and ``torch.jit.trace`` record the
 same computation in standard operators instead of this package's custom ops, so the exported graph
-runs in any ONNX runtime and the traced module loads without this package
-(:func:`exact_upsample_nearest`). ``torch.compile`` and ``torch.export`` keep the fused ops. Inside a
-``torch.func`` transform the modules take the same standard-operator path.
+runs in any ONNX runtime and the traced module loads without this package; inside a ``torch.func``
+transform the modules take the same path (:func:`scnet_fused.ops._dispatch.standard_ops_only`).
+``torch.compile`` and ``torch.export`` keep the fused ops.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ from torch import Tensor, nn
 from . import reference
 from .ops import sc_avgpool, sc_gate, sc_gate_bn_train
 from .ops.bn_relu import bn_relu_cat_train, bn_relu_train
+from .ops._dispatch import standard_ops_only
+from .ops._plain import upsample_nearest
 from .ops.sc_gate import bn_fold
 from .ops.relu_cat import relu_cat
 
-__all__ = ["SCConv", "SCBottleneck", "exact_upsample_nearest"]
+__all__ = ["SCConv", "SCBottleneck"]
 
 
 def _plain_batchnorm(m: nn.Module) -> bool:
@@ -171,42 +173,6 @@ def _affine_params(bn: nn.modules.batchnorm._BatchNorm, like: Tensor) -> Tuple[T
             torch.zeros(C, device=like.device, dtype=torch.float32))
 
 
-_functorch_interpreters = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
-
-
-def _standard_ops_only() -> bool:
-    """Whether the fused modules should run the reference computation in standard operators: while
-    ``torch.jit.trace`` or an ONNX export (either exporter) records the call, so the result runs without
-    this package, and inside a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...), which the custom
-    ops' autograd does not support. Cheap to rule out in eager."""
-    if torch.compiler.is_compiling():  # torch.compile / torch.export keep the fused ops, except for ONNX
-        return torch.onnx.is_in_onnx_export()
-    return torch.jit.is_tracing() or _functorch_interpreters() is not None
-
-
-def _index_map(out_len: Tensor, in_len: Tensor) -> Tensor:
-    """PyTorch's nearest source indices as tensor arithmetic: ``min(floor(i * (in / out)), in - 1)``
-    with float32 division and product. ``out_len`` is a float32 vector of zeros whose length is the
-    output size, ``in_len`` a float32 vector of zeros of the input size (both follow the traced shapes)."""
-    ones = out_len + 1
-    n_out, n_in = ones.sum(), (in_len + 1).sum()
-    i = ones.cumsum(0) - 1
-    return torch.minimum(torch.floor(i * (n_in / n_out)), n_in - 1).to(torch.int64)
-
-
-def exact_upsample_nearest(small: Tensor, like: Tensor) -> Tensor:
-    """``interpolate(small, size=like.shape[-2:], mode="nearest")`` in operators that every ONNX runtime
-    computes exactly as PyTorch: the index maps from float32 arithmetic on the shapes, then two gathers.
-    (onnxruntime's Resize computes the source index by another formula and, for some sizes, gets
-    another row: a 114-row map pooled by 4 reads row 13 instead of 14 at output row 57.) The sizes are
-    read from tensors, so exported dynamic axes stay dynamic."""
-    rows = _index_map(torch.zeros_like(like[:, :1, :, :1], dtype=torch.float32).sum((0, 1, 3)),
-                      torch.zeros_like(small[:, :1, :, :1], dtype=torch.float32).sum((0, 1, 3)))
-    cols = _index_map(torch.zeros_like(like[:, :1, :1, :], dtype=torch.float32).sum((0, 1, 2)),
-                      torch.zeros_like(small[:, :1, :1, :], dtype=torch.float32).sum((0, 1, 2)))
-    return small.index_select(2, rows).index_select(3, cols)
-
-
 class _ConvOfGate(torch.autograd.Function):
     """``conv2d(y)`` for the gate output ``y``, saving the gate's inputs instead of ``y``.
 
@@ -252,7 +218,7 @@ class SCConv(reference.SCConv):
     recompute_gate = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if _standard_ops_only():
+        if standard_ops_only():
             return self._portable_forward(x)
         y, saved = self._gate(x)
         conv4, norm4 = self.k4[0], self.k4[1]
@@ -263,7 +229,7 @@ class SCConv(reference.SCConv):
     def _portable_forward(self, x: Tensor) -> Tensor:
         """The reference computation in standard operators only (exports, torch.func transforms)."""
         reference._check_sc_input(x, self.inplanes, self.pooling_r)
-        up = exact_upsample_nearest(self.k2(x), x)
+        up = upsample_nearest(self.k2(x), x)
         return self.k4(torch.mul(self.k3(x), torch.sigmoid(torch.add(x, up))))
 
     def _pre_norm4(self, x: Tensor) -> Tensor:
@@ -371,7 +337,7 @@ class SCBottleneck(reference.SCBottleneck):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.avd or not isinstance(self.relu, nn.ReLU) or x.dim() != 4 or _standard_ops_only():
+        if self.avd or not isinstance(self.relu, nn.ReLU) or x.dim() != 4 or standard_ops_only():
             return super().forward(x)  # exports and torch.func transforms: standard operators only
         residual = x
         out_a = _bn_relu(self.conv1_a, self.bn1_a, self.relu, x)

@@ -72,6 +72,57 @@ def test_the_fused_path_runs_outside_transforms():
             continue
         names.add(f.name())
         stack.extend(g for g, _ in f.next_functions)
-    assert not scnet_fused.modules._standard_ops_only()
+    assert not scnet_fused.ops._dispatch.standard_ops_only()
     assert "_ConvOfGateBackward" in names, sorted(names)
     assert "SigmoidBackward0" not in names and "IndexSelectBackward0" not in names, sorted(names)
+
+
+def _op_cases():
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    # Irregular map (13x9 pooled to 3x2), per-channel vectors away from 1 / 0.
+    x, small, k3, dy = r(2, 3, 13, 9), r(2, 3, 3, 2), r(2, 3, 13, 9) * 2 + 0.3, r(2, 3, 13, 9)
+    w, b, tb = r(3).abs() + 0.5, r(3) * 0.3, r(2, 4, 13, 9)
+    wb, bb = r(4).abs() + 0.5, r(4) * 0.3
+    ops = scnet_fused.ops
+    return [
+        ("sc_gate", lambda x, k3, w, b: scnet_fused.sc_gate(x, small, k3, w, b), (x, k3, w, b), dy),
+        ("sc_gate_bn_train", lambda x, k3, w, b: scnet_fused.sc_gate_bn_train(x, small, k3, w, b)[0], (x, k3, w, b), dy),
+        ("sc_avgpool", lambda x: scnet_fused.sc_avgpool(x, 4), (x,), r(2, 3, 3, 2)),
+        ("bn_relu_train", lambda t, w, b: ops.bn_relu_train(t, w, b)[0], (k3, w, b), dy),
+        ("bn_relu_cat_train", lambda ta, tb: ops.bn_relu_cat_train(ta, w, b, tb, wb, bb)[0], (k3, tb), r(2, 7, 13, 9)),
+        ("relu_cat", lambda a, c: scnet_fused.ops.relu_cat.relu_cat(a, c), (k3, tb), r(2, 7, 13, 9)),
+    ]
+
+
+@pytest.mark.parametrize("case", _op_cases(), ids=lambda c: c[0])
+def test_public_ops_under_func_grad_match_the_fused_ops(case):
+    """Each public op inside torch.func.grad (standard operators) against the same op in eager autograd
+    (the fused kernels): outputs and the gradient of every differentiable argument."""
+    _, fn, args, dy = case
+    want_out = fn(*args)
+    leaves = [a.detach().clone().requires_grad_(True) for a in args]
+    torch.autograd.backward(fn(*leaves), dy)
+    outs = []
+
+    def loss(*a):
+        out = fn(*a)
+        outs.append(out.detach())
+        return (out * dy).sum()
+
+    grads = torch.func.grad(loss, argnums=tuple(range(len(args))))(*args)
+    torch.testing.assert_close(outs[0], want_out.detach(), rtol=1e-5, atol=1e-6)
+    for i, (got, leaf) in enumerate(zip(grads, leaves)):
+        torch.testing.assert_close(got, leaf.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"argument {i}: {m}")
+
+
+def test_bad_input_inside_a_transform_is_the_same_clear_error():
+    x, k3 = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    small = torch.randn(2, 4, 2, 2)  # 4 channels against 3
+    with pytest.raises(ValueError, match="channel"):
+        torch.func.grad(lambda x: scnet_fused.sc_gate(x, small, k3).sum())(x)
+    with pytest.raises(ValueError, match="channel"):
+        scnet_fused.sc_gate(x, small, k3)

@@ -15,7 +15,8 @@ from torch import nn
 
 import scnet_fused
 from scnet_fused import reference as R
-from scnet_fused.modules import exact_upsample_nearest
+from scnet_fused.ops._dispatch import standard_ops_only
+from scnet_fused.ops._plain import upsample_nearest
 
 # (output size, input size): equal, doubled, the SCNet-50 stage maps pooled by 4, and sizes where
 # onnxruntime's Resize (it divides by out / in) disagrees with PyTorch's map (114 -> 28 at row 57).
@@ -28,7 +29,7 @@ def test_exact_upsample_matches_interpolate(out_size, in_size):
     small = torch.randn(2, 3, in_size, max(1, in_size // 2 + 1), generator=g)
     like = torch.empty(2, 3, out_size, out_size + 3)
     want = F.interpolate(small, size=like.shape[-2:], mode="nearest")
-    assert torch.equal(exact_upsample_nearest(small, like), want)
+    assert torch.equal(upsample_nearest(small, like), want)
 
 
 def _bn_stats(module: nn.Module, seed: int) -> nn.Module:
@@ -79,7 +80,7 @@ def test_scconv_exports_with_dynamic_shapes():
             want = m(xs)
         torch.testing.assert_close(_run(sess, xs), want, rtol=1e-5, atol=1e-5)
     # The module itself is untouched by the export: still the fused path afterwards.
-    assert not scnet_fused.modules._standard_ops_only()
+    assert not standard_ops_only()
 
 
 def test_bottleneck_exports_with_the_dynamo_exporter():

@@ -264,6 +264,18 @@ def _functorch_active() -> bool:
     return bool(fn()) if fn is not None else False
 
 
+def standard_ops_only() -> bool:
+    """Whether this call should run in standard PyTorch operators instead of the custom ops
+    (:mod:`scnet_fused.ops._plain` for the ops; the fused modules run the reference computation):
+    while ``torch.jit.trace`` or an ONNX export (either exporter) records it, so that the result runs
+    without this package, and inside a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...), which
+    the custom ops' autograd does not support. torch.compile and torch.export keep the custom ops.
+    Cheap to rule out in eager."""
+    if torch.compiler.is_compiling():
+        return torch.onnx.is_in_onnx_export()
+    return torch.jit.is_tracing() or _functorch_active()
+
+
 def cpp_autograd(x: torch.Tensor) -> bool:
     """Whether an eager call on ``x`` can take the C++ autograd ops (``csrc/autograd.cpp``).
 

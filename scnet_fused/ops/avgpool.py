@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from . import _dispatch, _plain
 from .sc_gate import _format
 
 __all__ = ["sc_avgpool", "check_avgpool_input"]
@@ -105,6 +105,8 @@ def sc_avgpool(x: Tensor, r: int) -> Tensor:
     strides are copied to contiguous first); the output keeps x's memory format. Differentiable.
     """
     check_avgpool_input(x, r)
+    if _dispatch.standard_ops_only():
+        return _plain.sc_avgpool(x, r)
     if _dispatch.cpp_autograd(x):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
         return torch.ops.scnet_fused._sc_avgpool_ag(x, r)
     return torch.ops.scnet_fused.sc_avgpool(x, r)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._alloc import new_empty
-from . import _dispatch
+from . import _dispatch, _plain
 from .sc_gate import _format, bn_fold, check_per_channel
 
 __all__ = ["bn_relu_train", "bn_relu_cat_train", "check_bn_relu_inputs"]
@@ -120,6 +120,8 @@ def bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) ->
     float32 batch statistics (update running statistics with them; unbiased = var * M / (M - 1)).
     """
     check_bn_relu_inputs(t, weight, bias)
+    if _dispatch.standard_ops_only():
+        return _plain.bn_relu_train(t, weight, bias, float(eps))
     if _dispatch.cpp_autograd(t):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
         return torch.ops.scnet_fused._bn_relu_train_ag(t, weight, bias, float(eps))
     return torch.ops.scnet_fused.bn_relu_train(t, weight, bias, float(eps))
@@ -228,6 +230,8 @@ def bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, tb: Tensor, wb: Tensor
     Eager: two BatchNorms write their outputs, the ReLUs and the concatenation read and write them again.
     """
     check_bn_relu_cat_inputs(ta, wa, ba, tb, wb, bb)
+    if _dispatch.standard_ops_only():
+        return _plain.bn_relu_cat_train(ta, wa, ba, tb, wb, bb, float(eps_a), float(eps_b))
     if _dispatch.cpp_autograd(ta):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
         return torch.ops.scnet_fused._bn_relu_cat_train_ag(ta, wa, ba, float(eps_a), tb, wb, bb, float(eps_b))
     return torch.ops.scnet_fused.bn_relu_cat_train(ta, wa, ba, float(eps_a), tb, wb, bb, float(eps_b))

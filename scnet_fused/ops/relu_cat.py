@@ -12,6 +12,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from . import _dispatch, _plain
 from .sc_gate import _format
 
 __all__ = ["relu_cat"]
@@ -80,4 +81,6 @@ _relu_cat.register_autograd(_backward, setup_context=_setup)
 def relu_cat(a: Tensor, b: Tensor) -> Tensor:
     """``torch.cat([torch.relu(a), torch.relu(b)], dim=1)`` in one buffer (a's memory format)."""
     _check(a, b)
+    if _dispatch.standard_ops_only():
+        return _plain.relu_cat(a, b)
     return torch.ops.scnet_fused.relu_cat(a, b)

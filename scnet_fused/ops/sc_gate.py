@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from . import _dispatch, _plain
 
 __all__ = ["sc_gate", "sc_gate_bn_train", "check_gate_inputs"]
 
@@ -187,6 +187,8 @@ def sc_gate(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor] = None
     channels_last). Differentiable in every input.
     """
     check_gate_inputs(x, small, k3, scale, shift, names=("scale", "shift"))
+    if _dispatch.standard_ops_only():
+        return _plain.sc_gate(x, small, k3, scale, shift)
     if _dispatch.cpp_autograd(x):
         return torch.ops.scnet_fused._sc_gate_ag(x, small, k3, scale, shift)
     return torch.ops.scnet_fused.sc_gate(x, small, k3, scale, shift)
@@ -296,6 +298,8 @@ def sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias:
     weight and bias.
     """
     _check_bn(x, small, k3, weight, bias)
+    if _dispatch.standard_ops_only():
+        return _plain.sc_gate_bn_train(x, small, k3, weight, bias, float(eps))
     if _dispatch.cpp_autograd(x):
         return torch.ops.scnet_fused._sc_gate_bn_train_ag(x, small, k3, weight, bias, float(eps))
     return torch.ops.scnet_fused.sc_gate_bn_train(x, small, k3, weight, bias, float(eps))
