@@ -1,7 +1,10 @@
-"""The training-mode BatchNorm gate backward on the CPU: dk3 recomputed, or finished from g * scale.
+"""Training-mode BatchNorm backwards on the CPU, strategy against strategy in one process.
 
-    python benchmarks/bench_bn_backward.py                  # SCNet-50 stage shapes, N = 8, fp32
+    python benchmarks/bench_bn_backward.py                  # the gate's; SCNet-50 stage shapes, N = 8, fp32
     python benchmarks/bench_bn_backward.py --shapes 64x56x56 --rounds 9
+    python benchmarks/bench_bn_backward.py --op bn_relu     # BatchNorm + ReLU
+
+``--op gate_bn`` (default):
 
 ``sc_gate_bn_train``'s backward takes two passes. The first gives dx, dsmall and BatchNorm's
 per-channel sums; BatchNorm's input gradient ``dk3 = scale * g + q * k3 + r`` needs those sums, so it
@@ -9,10 +12,17 @@ comes from a second pass. That pass can read dy, x, small and k3 again and recom
 (``gate_backward_k3``, the strategy of the GPU backends and of half-precision storage), or add
 ``q * k3 + r`` in place to the ``g * scale`` the first pass wrote (``add_channel_affine_``, what the
 cpu backend does for float32). Both read and write the same number of full-size tensors in all; the
-second skips a sigmoid per element. The two run in one process on the same inputs, in interleaved
-rounds whose order alternates; a row's time is the median of its rounds' medians. Writes
-``bn_backward.json`` and ``.md`` (``bn_backward_channels_last.*`` with ``--channels-last``) under
-``--out`` (default benchmarks/results/<device>).
+second skips a sigmoid per element. Writes ``bn_backward.json`` and ``.md``.
+
+``--op bn_relu``: ``bn_relu_train``'s backward (kernels only, no autograd) three ways: ATen's
+(``threshold_backward`` then ``native_batch_norm_backward``, what eager autograd runs), the two
+primitives ``affine_relu_backward_sums`` and ``_apply`` with the per-channel algebra in ATen between
+them, and the cpu backend's one call ``affine_relu_backward`` (NCHW channel by channel, each channel
+read the second time from cache). Writes ``bn_relu_backward.json`` and ``.md``.
+
+The strategies run on the same inputs, in interleaved rounds whose order alternates; a row's time is
+the median of its rounds' medians. ``--channels-last`` adds ``_channels_last`` to the file names;
+``--out`` is the folder (default benchmarks/results/<device>).
 """
 
 from __future__ import annotations
@@ -41,11 +51,64 @@ def from_g(P, t):
     return P.add_channel_affine_(gs, t["k3"], t["q"], t["r"])
 
 
-STRATEGIES = {"recompute": recompute, "from g": from_g}
+def bn_relu_aten(P, t):
+    """ATen's kernels, as eager autograd runs them: the ReLU's mask, then BatchNorm's backward."""
+    g = torch.ops.aten.threshold_backward(t["dy"], t["y"], 0)
+    return torch.ops.aten.native_batch_norm_backward(g, t["t"], t["weight"], None, None, t["center"], t["invstd"],
+                                                     True, 1e-5, [True, True, True])[0]
+
+
+def bn_relu_two_passes(P, t):
+    """The sums, the per-channel algebra in ATen, the apply pass."""
+    sum_g, sum_gc = P.affine_relu_backward_sums(t["dy"], t["t"], t["scale"], t["shift"], t["center"])
+    q = -t["scale"] * t["invstd"] * (sum_gc * t["invstd"]) / t["m"]
+    r = -q * t["center"] - t["scale"] * sum_g / t["m"]
+    return P.affine_relu_backward_apply(t["dy"], t["t"], t["scale"], t["shift"], t["scale"], q, r)
+
+
+def bn_relu_one_call(P, t):
+    return P.affine_relu_backward(t["dy"], t["t"], t["scale"], t["shift"], t["center"], t["invstd"])[0]
+
+
+OPS = {
+    "gate_bn": dict(strategies={"recompute": recompute, "from g": from_g}, stem="bn_backward", out="dk3",
+                    title="Training-mode BatchNorm gate backward on the CPU, two strategies",
+                    legend="recompute: `gate_backward` then `gate_backward_k3` (the sigmoid twice); from g: "
+                           "`gate_backward` writing g * scale, then `add_channel_affine_` in place."),
+    "bn_relu": dict(strategies={"aten": bn_relu_aten, "two passes": bn_relu_two_passes,
+                                "one call": bn_relu_one_call}, stem="bn_relu_backward", out="dt",
+                    title="Training-mode BatchNorm + ReLU backward on the CPU, three strategies",
+                    legend="aten: `threshold_backward` then `native_batch_norm_backward` (eager autograd's "
+                           "kernels); two passes: `affine_relu_backward_sums`, the per-channel algebra in ATen, "
+                           "`affine_relu_backward_apply`; one call: `affine_relu_backward` (NCHW channel by "
+                           "channel)."),
+}
+
+
+def make_inputs(op, N, C, H, W, dtype, fmt):
+    g = torch.Generator().manual_seed(0)
+    if op == "gate_bn":
+        h, w = bench.pooled_hw(H, W)
+        t = {k: torch.randn(N, C, H, W, generator=g).to(dtype).contiguous(memory_format=fmt)
+             for k in ("x", "k3", "dy")}
+        t["small"] = torch.randn(N, C, h, w, generator=g).to(dtype)
+        for k in ("scale", "shift", "center", "q", "r"):
+            t[k] = torch.randn(C, generator=g)
+        return t
+    t = {k: torch.randn(N, C, H, W, generator=g).to(dtype).contiguous(memory_format=fmt) for k in ("t", "dy")}
+    var, mean = torch.var_mean(t["t"].float(), dim=(0, 2, 3), unbiased=False)
+    t["weight"], t["center"], t["invstd"] = torch.rand(C, generator=g) + 0.5, mean, torch.rsqrt(var + 1e-5)
+    t["scale"] = t["weight"] * t["invstd"]
+    t["shift"] = torch.randn(C, generator=g) * 0.1 - mean * t["scale"]
+    t["m"] = float(N * H * W)
+    t["y"] = torch.relu(t["t"] * t["scale"].view(1, -1, 1, 1) + t["shift"].view(1, -1, 1, 1)).to(dtype)
+    t["y"] = t["y"].contiguous(memory_format=fmt)
+    return t
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--op", default="gate_bn", choices=tuple(OPS), help="which backward (default gate_bn)")
     ap.add_argument("--shapes", help="comma list of CxHxW (default: SCNet-50 stage shapes)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     ap.add_argument("--batch-size", type=_args.positive_int, default=8)
@@ -61,56 +124,60 @@ def main(argv=None) -> int:
     dtype = bench.parse_dtype(args.dtype)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     N = args.batch_size
+    spec = OPS[args.op]
+    strategies = spec["strategies"]
+    names = tuple(strategies)
     rows = []
     for C, H, W in shapes:
-        h, w = bench.pooled_hw(H, W)
-        g = torch.Generator().manual_seed(0)
-        t = {k: torch.randn(N, C, H, W, generator=g).to(dtype).contiguous(memory_format=fmt)
-             for k in ("x", "k3", "dy")}
-        t["small"] = torch.randn(N, C, h, w, generator=g).to(dtype)
-        for k in ("scale", "shift", "center", "q", "r"):
-            t[k] = torch.randn(C, generator=g)
+        t = make_inputs(args.op, N, C, H, W, dtype, fmt)
         where = bench.shape_str((N, C, H, W))
-        a, b = (f(P, t).float() for f in STRATEGIES.values())
-        diff = ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
-        samples = {s: [] for s in STRATEGIES}
+        outs = [strategies[s](P, t).float() for s in names]
+        base = outs[0].abs().max().clamp_min(1e-30)
+        diffs = [((o - outs[0]).abs().max() / base).item() for o in outs]  # each against the first
+        samples = {s: [] for s in names}
         with bench.bench_environment():
             for r in range(args.rounds):
-                for s in (STRATEGIES if r % 2 == 0 else tuple(reversed(STRATEGIES))):
-                    f = STRATEGIES[s]
+                for s in (names if r % 2 == 0 else tuple(reversed(names))):
+                    f = strategies[s]
                     samples[s].append(bench.time_cpu(lambda: f(P, t), args.min_run_time).median_ms)
-        for s, ts in samples.items():
-            rows.append(dict(op="gate_bn", mode="backward", strategy=s, shape=where, dtype=args.dtype,
+        for s, diff in zip(names, diffs):
+            ts = samples[s]
+            rows.append(dict(op=args.op, mode="backward", strategy=s, shape=where, dtype=args.dtype,
                              channels_last=args.channels_last, device=bench.device_name(device),
                              versions=bench.versions(), cpu_isa=isa, threads=torch.get_num_threads(),
                              median_ms=statistics.median(ts), rounds_ms=ts, max_rel_diff=diff,
                              allocator=allocator))
         bench.log_stderr(f"{where}: " + ", ".join(f"{s}: {statistics.median(ts):.3f} ms" for s, ts in samples.items()))
-    stem = "bn_backward_channels_last" if args.channels_last else "bn_backward"
-    bench.write_script_results(rows, args.out or bench.default_out_dir(device), stem, markdown(rows))
+    stem = spec["stem"] + ("_channels_last" if args.channels_last else "")
+    bench.write_script_results(rows, args.out or bench.default_out_dir(device), stem, markdown(rows, spec))
     return 0
 
 
-def markdown(rows) -> str:
+def markdown(rows, spec) -> str:
     first = rows[0]
     v = first["versions"]
+    names = tuple(spec["strategies"])
     layout = "channels_last" if first["channels_last"] else "contiguous"
-    lines = [f"# Training-mode BatchNorm gate backward on the CPU, two strategies: {first['device']}", "",
+    ref, last = names[0], names[-1]
+    speedups = [f"{last} vs {n}" for n in names[:-1]]
+    lines = [f"# {spec['title']}: {first['device']}", "",
              f"torch {v['torch']}, Python {v['python']}, CPU kernels {first['cpu_isa']}, {first['threads']} threads; "
-             f"`benchmarks/bench_bn_backward.py`; {first['dtype']}, {layout}; {len(first['rounds_ms'])} interleaved "
-             "rounds in one process, median of the rounds' medians. Allocator: "
-             f"{first.get('allocator') or 'as configured'}.", "",
-             "recompute: `gate_backward` then `gate_backward_k3` (the sigmoid twice); from g: `gate_backward` "
-             "writing g * scale, then `add_channel_affine_` in place. max rel diff: the largest difference of "
-             "the two dk3, over the largest |dk3|.", "",
-             "| N x C x H x W | recompute: ms | from g: ms | speedup | max rel diff |",
-             "|---|---:|---:|---:|---:|"]
+             f"`benchmarks/bench_bn_backward.py --op {first['op']}`; {first['dtype']}, {layout}; "
+             f"{len(first['rounds_ms'])} interleaved rounds in one process, median of the rounds' medians. "
+             f"Allocator: {first.get('allocator') or 'as configured'}.", "",
+             f"{spec['legend']} max rel diff: the largest difference of {spec['out']} from {ref}'s, over the largest "
+             f"|{spec['out']}|.", "",
+             "| N x C x H x W | " + " | ".join(f"{n}: ms" for n in names) + " | " + " | ".join(speedups)
+             + " | max rel diff |",
+             "|---|" + "---:|" * (2 * len(names))]
     by = {}
     for r in rows:
         by.setdefault(r["shape"], {})[r["strategy"]] = r
     for shape, t in by.items():
-        old, new = t["recompute"]["median_ms"], t["from g"]["median_ms"]
-        lines.append(f"| {shape} | {old:.3f} | {new:.3f} | {old / new:.2f}x | {t['from g']['max_rel_diff']:.1e} |")
+        ms = [t[n]["median_ms"] for n in names]
+        diff = max(t[n]["max_rel_diff"] for n in names)
+        lines.append(f"| {shape} | " + " | ".join(f"{m:.3f}" for m in ms) + " | "
+                     + " | ".join(f"{m / ms[-1]:.2f}x" for m in ms[:-1]) + f" | {diff:.1e} |")
     return "\n".join(lines) + "\n"
 
 

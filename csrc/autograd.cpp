@@ -104,6 +104,19 @@ void prim_add_channel_affine_(const at::Tensor& d, const at::Tensor& t, const at
   op.call(d, t, q, r);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prim_affine_relu_backward(const at::Tensor& dy, const at::Tensor& t,
+                                                                         const at::Tensor& scale,
+                                                                         const at::Tensor& shift,
+                                                                         const at::Tensor& center,
+                                                                         const at::Tensor& invstd) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_affine_relu_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&)>();
+  return op.call(dy, t, scale, shift, center, invstd);
+}
+
 // Whether the BatchNorm-train gate backward keeps g * scale from its first pass (then adds q k3 + r
 // in place) instead of recomputing the gate in a second pass: float32 on the CPU, where the
 // sigmoid's arithmetic, not memory, bounds the passes. Both read and write the same number of
@@ -306,6 +319,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_grads(const at::Tensor& d
                                                              const at::Tensor& weight, const at::Tensor& bias,
                                                              const at::Tensor& mean, const at::Tensor& var, double eps) {
   const BnFold f = bn_fold(weight, bias, mean, var, eps);
+  if (t.is_cpu()) {  // one call: NCHW channel by channel, each channel's data read twice from cache
+    auto [dt, sum_g, sum_gc] = prim_affine_relu_backward(dy, t, f.scale, f.shift, mean.contiguous(), f.invstd);
+    return {dt, (sum_gc * f.invstd).to(weight.scalar_type()), sum_g.to(bias.scalar_type())};
+  }
   // Pass 1: sum(g), sum(g * (t - mean)) with g the ReLU-masked dy; pass 2: dt = p g + q t + r.
   auto [sum_g, sum_gc] = prim_affine_relu_backward_sums(dy, t, f.scale, f.shift, mean.contiguous());
   const double m = static_cast<double>(t.size(0) * t.size(2) * t.size(3));

@@ -355,30 +355,35 @@ def test_bench_layout_step_script(tmp_path):
 
 
 def test_bench_bn_backward_script(tmp_path, capsys):
-    """benchmarks/bench_bn_backward.py: both strategies of the BatchNorm gate backward, interleaved."""
+    """benchmarks/bench_bn_backward.py: the strategies of the BatchNorm gate backward and of the
+    BatchNorm + ReLU backward, interleaved."""
     from scnet_fused.ops import _dispatch
 
     if _dispatch.available("cpu") is not None:
         pytest.skip(_dispatch.available("cpu"))
     script = os.path.join(ROOT, "benchmarks", "bench_bn_backward.py")
-    for extra in ([], ["--channels-last", "--default-malloc", "--threads", "1"]):
+    runs = [("bn_backward", ("recompute", "from g"), []),
+            ("bn_backward_channels_last", ("recompute", "from g"), ["--channels-last", "--default-malloc", "--threads", "1"]),
+            ("bn_relu_backward", ("aten", "two passes", "one call"), ["--op", "bn_relu"])]
+    for stem, strategies, extra in runs:
         r = subprocess.run([sys.executable, script, "--shapes", "3x16x16,2x7x7", "--batch-size", "2", "--rounds", "2",
                             "--min-run-time", "0.02", "--out", str(tmp_path), *extra],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-        stem = "bn_backward_channels_last" if extra else "bn_backward"
         rows = json.loads((tmp_path / f"{stem}.json").read_text())
         assert sorted((row["shape"], row["strategy"]) for row in rows) == sorted(
-            (s, k) for s in ("2x3x16x16", "2x2x7x7") for k in ("recompute", "from g"))
+            (s, k) for s in ("2x3x16x16", "2x2x7x7") for k in strategies)
         assert all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
-        assert all(row["channels_last"] == bool(extra) for row in rows)
-        assert all(row["threads"] == 1 and "fixed at 32 MiB" not in row["allocator"] for row in rows) or not extra
-        # the two strategies compute the same dk3 (float32 rounding apart)
+        assert all(row["channels_last"] == ("--channels-last" in extra) for row in rows)
+        assert all(row["threads"] == 1 and "fixed at 32 MiB" not in row["allocator"] for row in rows) or "--threads" not in extra
+        # the strategies compute the same gradient (float32 rounding apart)
         assert all(row["max_rel_diff"] < 1e-5 for row in rows)
         md = (tmp_path / f"{stem}.md").read_text()
         assert "| 2x3x16x16 |" in md and "| 2x2x7x7 |" in md
+        assert f"| {strategies[-1]} vs {strategies[0]} |" in md
     _script_usage_errors("bench_bn_backward", tmp_path, capsys,
-                         [(["--shapes", "0x4x4"], "0x4x4"), (["--rounds", "0"], "--rounds"), (["--dtype", "fp64"], "fp64")])
+                         [(["--shapes", "0x4x4"], "0x4x4"), (["--rounds", "0"], "--rounds"), (["--dtype", "fp64"], "fp64"),
+                          (["--op", "relu"], "relu")])
 
 
 def test_bench_stream_stores_script(tmp_path, capsys):

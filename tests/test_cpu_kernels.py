@@ -374,6 +374,90 @@ def test_add_channel_affine_errors():
         P.add_channel_affine_(torch.randn(2, 3, 5, 5), t, q[:2], r)
 
 
+def _two_pass_backward(P, dy, t, scale, shift, center, invstd):
+    """affine_relu_backward composed from the sums and apply primitives, with the algebra in ATen."""
+    sum_g, sum_gc = P.affine_relu_backward_sums(dy, t, scale, shift, center)
+    m = float(t.shape[0] * t.shape[2] * t.shape[3])
+    q = -scale * invstd * (sum_gc * invstd) / m
+    r = -q * center - scale * sum_g / m
+    return P.affine_relu_backward_apply(dy, t, scale, shift, scale, q, r), sum_g, sum_gc
+
+
+def _bn_backward_inputs(shape, dtype, cl, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(*shape, generator=g) * 2 + 0.3).to(dtype)
+    dy = torch.randn(*shape, generator=g).to(dtype)
+    if cl:
+        t, dy = (v.contiguous(memory_format=torch.channels_last) for v in (t, dy))
+    C = shape[1]
+    var, mean = torch.var_mean(t.float(), dim=(0, 2, 3), unbiased=False)
+    invstd = torch.rsqrt(var + 1e-5)
+    scale = (torch.rand(C, generator=g) + 0.5) * invstd
+    shift = torch.randn(C, generator=g) * 0.5 - mean * scale
+    return dy, t, scale, shift, mean, invstd
+
+
+# NCHW channel by channel (vector tails, a 1x1 plane, one channel: with two or more threads the
+# two-pass path), NHWC, and an NCHW shape whose channels exceed the by-channel size (two passes).
+WHOLE_BACKWARD = [((2, 16, 14, 13), False), ((3, 5, 7, 6), False), ((4, 3, 1, 1), False), ((3, 1, 9, 9), False),
+                  ((2, 16, 14, 13), True), ((3, 19, 5, 5), True), ((2, 2, 260, 256), False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,cl", WHOLE_BACKWARD, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else ("nhwc" if v else "nchw"))
+def test_whole_bn_relu_backward_matches_two_passes(shape, cl, dtype):
+    """The one-call BatchNorm + ReLU backward: the same per-channel sums bit for bit (same partials,
+    same order), and dt equal to the two-pass composition up to float32 rounding of q and r."""
+    P = prims()
+    dy, t, scale, shift, center, invstd = _bn_backward_inputs(shape, dtype, cl, seed=shape[1])
+    dt, sum_g, sum_gc = P.affine_relu_backward(dy, t, scale, shift, center, invstd)
+    want_dt, want_g, want_gc = _two_pass_backward(P, dy, t, scale, shift, center, invstd)
+    torch.testing.assert_close(sum_g, want_g, rtol=0, atol=0)
+    torch.testing.assert_close(sum_gc, want_gc, rtol=0, atol=0)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(dt.float(), want_dt.float(), **tol)
+    fmt = torch.channels_last if cl and shape[2] * shape[3] > 1 else torch.contiguous_format
+    assert dt.dtype == dtype and dt.is_contiguous(memory_format=fmt)
+    # against float64 BatchNorm + ReLU (weight = scale / invstd, bias from shift)
+    tt = t.double().requires_grad_()
+    w64 = (scale / invstd).double().requires_grad_()
+    b64 = (shift + center * scale).double().requires_grad_()
+    y64 = F.relu(F.batch_norm(tt, None, None, w64, b64, True, 0.1, 1e-5))
+    g64 = torch.autograd.grad(y64, (tt, w64, b64), dy.double())
+    tol64 = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dt.double(), g64[0], **tol64)
+    torch.testing.assert_close((sum_gc * invstd).double(), g64[1], **tol64)
+    torch.testing.assert_close(sum_g.double(), g64[2], **tol64)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_whole_bn_relu_backward_reads_a_gradient_slice_and_ignores_threads(cl):
+    """dy as a channel slice of a concatenation's gradient reads as the same values made dense; the
+    results do not depend on the thread count (bit for bit)."""
+    P = prims()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    _, t, scale, shift, center, invstd = _bn_backward_inputs((3, 6, 9, 10), torch.float32, cl, seed=5)
+    wide = torch.randn(3, 14, 9, 10).contiguous(memory_format=fmt)
+    dy = wide[:, 5:11]
+    dense = dy.contiguous(memory_format=fmt)
+    got = P.affine_relu_backward(dy, t, scale, shift, center, invstd)
+    for a, e in zip(got, P.affine_relu_backward(dense, t, scale, shift, center, invstd)):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = P.affine_relu_backward(dense, t, scale, shift, center, invstd)
+    finally:
+        torch.set_num_threads(threads)
+    for a, e in zip(got, one):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="dy must match t's shape"):
+        P.affine_relu_backward(dense[:, :5], t, scale, shift, center, invstd)
+    with pytest.raises(RuntimeError, match="invstd must be a 1-D CPU tensor of C=6"):
+        P.affine_relu_backward(dense, t, scale, shift, center, invstd[:5])
+
+
 def test_clear_errors():
     P = prims()
     x, small, k3, dy, scale, shift, center = make_inputs(SHAPES[0])

@@ -8,7 +8,10 @@
 //   apply: dt = p[c] * g + q[c] * t + r[c]   (BatchNorm's input gradient)
 //   add:   d += q[c] * t + r[c]               (`_add_channel_affine_`, in place, no mask: the same
 //                                             input gradient when d already holds p * dy)
+//   whole: sums, then q, r from them and apply (`_affine_relu_backward`, the BatchNorm's p = scale):
+//          NCHW channel by channel, each channel's planes read again while they are in cache
 //
+
 // NCHW and NHWC read in place; dy (backward) and out (`_affine_relu_out`) may also be a channel slice
 // of a concatenation buffer, read and written in place (channel pitch, csrc/sc_host.h). float32 math
 // for float32 / float16 / bfloat16 storage; vectorized with at::vec::Vectorized<float> (full vectors,
@@ -60,6 +63,71 @@ void check_full(const char* op, const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// One NCHW plane (HW values of one image and channel)
+// ---------------------------------------------------------------------------------------------
+
+// dt = p * g + q * t + r over a plane; g = dy masked by relu(a * t + b) (kMask) or dy itself.
+template <typename T, bool kMask>
+inline void apply_plane(const T* tp, const T* dp, T* op, int64_t HW, float a, float b, float p, float q, float r) {
+  const Vec av(a), bv(b), pv(p), qv(q), rv(r);
+  int64_t e = 0;
+  for (; e + kV <= HW; e += kV) {
+    const Vec tv = load_f(tp + e);
+    const Vec d = load_f(dp + e);
+    const Vec g = kMask ? mask_v(d, at::vec::fmadd(tv, av, bv)) : d;
+    store_f(op + e, at::vec::fmadd(pv, g, at::vec::fmadd(qv, tv, rv)));
+  }
+  for (; e < HW; ++e) {
+    const float tv = static_cast<float>(tp[e]);
+    const float d = static_cast<float>(dp[e]);
+    const float g = kMask ? mask_s(d, tv * a + b) : d;
+    op[e] = static_cast<T>(p * g + (q * tv + r));
+  }
+}
+
+// sum g and sum g * (t - k) over a plane, g = dy masked by relu(a * t + b): float partials over at most
+// 1024 values, added in double in order.
+template <typename T>
+inline void plane_sums(const T* tp, const T* dp, int64_t HW, float a, float b, float k, double* sg, double* sgc) {
+  const Vec av(a), bv(b), kv(k);
+  double a1 = 0.0, a2 = 0.0;
+  for (int64_t f0 = 0; f0 < HW; f0 += 1024) {
+    const int64_t f1 = std::min(HW, f0 + 1024);
+    Vec v1(0.0f), v2(0.0f);
+    int64_t e = f0;
+    for (; e + kV <= f1; e += kV) {
+      const Vec tv = load_f(tp + e);
+      const Vec g = mask_v(load_f(dp + e), at::vec::fmadd(tv, av, bv));
+      v1 = v1 + g;
+      v2 = at::vec::fmadd(g, tv - kv, v2);
+    }
+    a1 += hsum(v1);
+    a2 += hsum(v2);
+    for (; e < f1; ++e) {
+      const float tv = static_cast<float>(tp[e]);
+      const float g = mask_s(static_cast<float>(dp[e]), tv * a + b);
+      a1 += g;
+      a2 += static_cast<double>(g) * (tv - k);
+    }
+  }
+  *sg = a1;
+  *sgc = a2;
+}
+
+// BatchNorm's input gradient as q * t + r (with p = scale) from the sums, in float32, the expressions of
+// scnet_fused/ops/bn_relu.py:
+//   dweight = sum_gc * invstd;  q = -scale * invstd * dweight / m;  r = -q * mean - scale * sum_g / m
+inline void bn_input_affine(float sum_g, float sum_gc, float scale, float invstd, float mean, float m, float* q,
+                            float* r) {
+  const float dweight = sum_gc * invstd;
+  const float qq = -scale * invstd * dweight / m;
+  const float t1 = -qq * mean;
+  const float t2 = scale * sum_g / m;
+  *q = qq;
+  *r = t1 - t2;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Elementwise: y = relu(affine(t))  (kApply false) or dt = p * g + q * t + r  (kApply true), with g
 // the ReLU-masked dy (kMask) or dy itself (then A, B are unused and out may be dy: each element is
 // read before it is written). A, B: scale, shift; P, Q, R: p, q, r (apply only).
@@ -74,24 +142,11 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
         const int64_t n = plane / s.C, c = plane - n * s.C;
         const T* tp = t + plane * HW;
         T* op = out + (n * s.outP + c) * HW;
-        const Vec a(A[c]), b(B[c]);
-        int64_t e = 0;
         if constexpr (kApply) {
-          const T* dp = dy + (n * s.dyP + c) * HW;
-          const Vec pv(P[c]), qv(Q[c]), rv(R[c]);
-          for (; e + kV <= HW; e += kV) {
-            const Vec tv = load_f(tp + e);
-            const Vec d = load_f(dp + e);
-            const Vec g = kMask ? mask_v(d, at::vec::fmadd(tv, a, b)) : d;
-            store_f(op + e, at::vec::fmadd(pv, g, at::vec::fmadd(qv, tv, rv)));
-          }
-          for (; e < HW; ++e) {
-            const float tv = static_cast<float>(tp[e]);
-            const float d = static_cast<float>(dp[e]);
-            const float g = kMask ? mask_s(d, tv * A[c] + B[c]) : d;
-            op[e] = static_cast<T>(P[c] * g + (Q[c] * tv + R[c]));
-          }
+          apply_plane<T, kMask>(tp, dy + (n * s.dyP + c) * HW, op, HW, A[c], B[c], P[c], Q[c], R[c]);
         } else {
+          const Vec a(A[c]), b(B[c]);
+          int64_t e = 0;
           for (; e + kV <= HW; e += kV) store_f(op + e, relu_v(at::vec::fmadd(load_f(tp + e), a, b)));
           for (; e < HW; ++e) op[e] = static_cast<T>(relu_s(static_cast<float>(tp[e]) * A[c] + B[c]));
         }
@@ -141,31 +196,7 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
     at::parallel_for(0, s.N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1)), [&](int64_t p0, int64_t p1) {
       for (int64_t plane = p0; plane < p1; ++plane) {
         const int64_t n = plane / C, c = plane - n * C;
-        const T* tp = t + plane * HW;
-        const T* dp = dy + (n * s.dyP + c) * HW;
-        const Vec a(A[c]), b(B[c]), k(K[c]);
-        double a1 = 0.0, a2 = 0.0;
-        for (int64_t f0 = 0; f0 < HW; f0 += 1024) {  // float partials over at most 1024 values
-          const int64_t f1 = std::min(HW, f0 + 1024);
-          Vec v1(0.0f), v2(0.0f);
-          int64_t e = f0;
-          for (; e + kV <= f1; e += kV) {
-            const Vec tv = load_f(tp + e);
-            const Vec g = mask_v(load_f(dp + e), at::vec::fmadd(tv, a, b));
-            v1 = v1 + g;
-            v2 = at::vec::fmadd(g, tv - k, v2);
-          }
-          a1 += hsum(v1);
-          a2 += hsum(v2);
-          for (; e < f1; ++e) {
-            const float tv = static_cast<float>(tp[e]);
-            const float g = mask_s(static_cast<float>(dp[e]), tv * A[c] + B[c]);
-            a1 += g;
-            a2 += static_cast<double>(g) * (tv - K[c]);
-          }
-        }
-        s1[plane] = a1;
-        s2[plane] = a2;
+        plane_sums(t + plane * HW, dy + (n * s.dyP + c) * HW, HW, A[c], B[c], K[c], &s1[plane], &s2[plane]);
       }
     });
     for (int64_t c = 0; c < C; ++c) {
@@ -224,6 +255,44 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
     sum_g[c] = static_cast<float>(a1);
     sum_gc[c] = static_cast<float>(a2);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole backward, NCHW, channel by channel: the channel's N planes are summed (as in `sums`: the
+// same partials added in the same order) and then read again for dt while they are still in cache,
+// so t and dy cross the memory bus once instead of twice. Threads split the channels.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void backward_by_channel(const T* t, const T* dy, T* dt, const float* A, const float* B, const float* K,
+                         const float* IS, const Shape& s, float* sum_g, float* sum_gc) {
+  const int64_t C = s.C, HW = s.HW, N = s.N;
+  const float m = static_cast<float>(static_cast<double>(N * HW));
+  at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(N * HW, 1)), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double a1 = 0.0, a2 = 0.0;
+      for (int64_t n = 0; n < N; ++n) {
+        double p1, p2;
+        plane_sums(t + (n * C + c) * HW, dy + (n * s.dyP + c) * HW, HW, A[c], B[c], K[c], &p1, &p2);
+        a1 += p1;
+        a2 += p2;
+      }
+      sum_g[c] = static_cast<float>(a1);
+      sum_gc[c] = static_cast<float>(a2);
+      float q, r;
+      bn_input_affine(sum_g[c], sum_gc[c], A[c], IS[c], K[c], m, &q, &r);
+      for (int64_t n = 0; n < N; ++n)
+        apply_plane<T, true>(t + (n * C + c) * HW, dy + (n * s.dyP + c) * HW, dt + (n * C + c) * HW, HW, A[c],
+                             B[c], A[c], q, r);
+    }
+  });
+}
+
+// Whether `backward_by_channel` suits the shape: every thread gets a channel, and one channel's t and dy
+// (read twice) fit comfortably in a core's L2 (about 1 MiB of them: half of a 2 MiB L2, twice a
+// 512 KiB one, where the second read comes from L3, still not from memory).
+bool by_channel(const Shape& s, int64_t itemsize) {
+  constexpr int64_t kChannelBytes = int64_t(1) << 20;
+  return s.C >= at::get_num_threads() && s.N * s.HW * 2 * itemsize <= kChannelBytes;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -328,6 +397,44 @@ at::Tensor affine_relu_backward_apply(const at::Tensor& dy_in, const at::Tensor&
   return dt;
 }
 
+// (dt, sum_g, sum_gc): the sums, then dt = scale * g + q * t + r with q, r from them (BatchNorm's
+// input gradient; invstd = 1 / sqrt(var + eps), center = the batch mean). One call for what
+// `affine_relu_backward_sums` and `_apply` do with the per-channel algebra in between.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward(const at::Tensor& dy_in, const at::Tensor& t_in,
+                                                                    const at::Tensor& scale, const at::Tensor& shift,
+                                                                    const at::Tensor& center,
+                                                                    const at::Tensor& invstd) {
+  const char* op = "scnet_fused::_affine_relu_backward (cpu)";
+  const BackwardInputs in = backward_inputs(op, dy_in, t_in);
+  const Layout L = in.L;
+  const at::Tensor &t = in.t, &dy = in.dy;
+  const int64_t C = t.size(1);
+  const auto A = vec_of(op, "scale", scale, C), B = vec_of(op, "shift", shift, C);
+  const auto K = vec_of(op, "center", center, C), IS = vec_of(op, "invstd", invstd, C);
+  at::Tensor sum_g = at::zeros({C}, t.options().dtype(at::kFloat));
+  at::Tensor sum_gc = at::zeros({C}, t.options().dtype(at::kFloat));
+  at::Tensor dt = new_output(t.sizes(), t.options(), format_of(L));
+  if (t.numel() == 0) return {dt, sum_g, sum_gc};
+  const Shape s{t.size(0), C, t.size(2) * t.size(3), in.dyP, C};
+  float* sg = sum_g.data_ptr<float>();
+  float* sgc = sum_gc.data_ptr<float>();
+  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    if (L == Layout::NCHW && by_channel(s, sizeof(T))) {
+      backward_by_channel<T>(t.data_ptr<T>(), dy.data_ptr<T>(), dt.data_ptr<T>(), A.data(), B.data(), K.data(),
+                             IS.data(), s, sg, sgc);
+      return;
+    }
+    sums<T>(t.data_ptr<T>(), dy.data_ptr<T>(), A.data(), B.data(), K.data(), s, L, sg, sgc);
+    const float m = static_cast<float>(static_cast<double>(s.N * s.HW));
+    std::vector<float> Q(C), R(C);
+    for (int64_t c = 0; c < C; ++c) bn_input_affine(sg[c], sgc[c], A[c], IS[c], K[c], m, &Q[c], &R[c]);
+    pointwise<T, true>(t.data_ptr<T>(), dy.data_ptr<T>(), dt.data_ptr<T>(), A.data(), B.data(), A.data(), Q.data(),
+                       R.data(), s, L);
+  });
+  return {dt, sum_g, sum_gc};
+}
+
 // d += q * t + r per channel, in place: d dense in t's memory format, of t's shape, dtype and device.
 void add_channel_affine_(const at::Tensor& d, const at::Tensor& t_in, const at::Tensor& q, const at::Tensor& r) {
   const char* op = "scnet_fused::_add_channel_affine_ (cpu)";
@@ -361,4 +468,5 @@ TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
   m.impl("_affine_relu_backward_sums", &scnet_fused::cpu_bn_relu::affine_relu_backward_sums);
   m.impl("_affine_relu_backward_apply", &scnet_fused::cpu_bn_relu::affine_relu_backward_apply);
   m.impl("_add_channel_affine_", &scnet_fused::cpu_bn_relu::add_channel_affine_);
+  m.impl("_affine_relu_backward", &scnet_fused::cpu_bn_relu::affine_relu_backward);
 }

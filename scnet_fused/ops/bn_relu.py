@@ -76,6 +76,11 @@ def _grads(prims, dy: Tensor, t: Tensor, weight: Tensor, bias: Tensor, mean: Ten
     channel slice of a concatenation's gradient in t's memory format: read in place)."""
     invstd, scale, shift = bn_fold(weight, bias, mean, var, eps)
     scale, shift = scale.contiguous(), shift.contiguous()
+    if getattr(prims, "name", None) == "cpu" and t.device.type == "cpu":
+        # One call: the passes below with the algebra between them (NCHW: channel by channel, each
+        # channel's t and dy read the second time from cache).
+        dt, sum_g, sum_gc = prims.affine_relu_backward(dy, t, scale, shift, mean.contiguous(), invstd.contiguous())
+        return dt, (sum_gc * invstd).to(weight.dtype), sum_g.to(bias.dtype)
     # Pass 1: sum(g) and sum(g * (t - mean)), g = dy masked by the ReLU (recomputed from t).
     sum_g, sum_gc = prims.affine_relu_backward_sums(dy, t, scale, shift, mean.contiguous())
     m = float(t.shape[0] * t.shape[2] * t.shape[3])
