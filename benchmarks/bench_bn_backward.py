@@ -17,7 +17,7 @@ second skips a sigmoid per element. Writes ``bn_backward.json`` and ``.md``.
 ``--op bn_relu``: ``bn_relu_train``'s backward (kernels only, no autograd) three ways: ATen's
 (``threshold_backward`` then ``native_batch_norm_backward``, what eager autograd runs), the two
 primitives ``affine_relu_backward_sums`` and ``_apply`` with the per-channel algebra in ATen between
-them, and the cpu backend's one call ``affine_relu_backward`` (NCHW channel by channel, each channel
+them, and the cpu backend's one call ``bn_relu_train_backward`` (NCHW channel by channel, each channel
 read the second time from cache). Writes ``bn_relu_backward.json`` and ``.md``.
 
 The strategies run on the same inputs, in interleaved rounds whose order alternates; a row's time is
@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scnet_fused import _args, bench  # noqa: E402
+from scnet_fused.ops.sc_gate import bn_fold  # noqa: E402
 
 
 def recompute(P, t):
@@ -59,7 +60,8 @@ def bn_relu_aten(P, t):
 
 
 def bn_relu_two_passes(P, t):
-    """The sums, the per-channel algebra in ATen, the apply pass."""
+    """BatchNorm folded, the sums, the per-channel algebra in ATen, the apply pass."""
+    t["invstd"], t["scale"], t["shift"] = bn_fold(t["weight"], t["bias"], t["center"], t["var"], 1e-5)
     sum_g, sum_gc = P.affine_relu_backward_sums(t["dy"], t["t"], t["scale"], t["shift"], t["center"])
     q = -t["scale"] * t["invstd"] * (sum_gc * t["invstd"]) / t["m"]
     r = -q * t["center"] - t["scale"] * sum_g / t["m"]
@@ -67,7 +69,7 @@ def bn_relu_two_passes(P, t):
 
 
 def bn_relu_one_call(P, t):
-    return P.affine_relu_backward(t["dy"], t["t"], t["scale"], t["shift"], t["center"], t["invstd"])[0]
+    return P.bn_relu_train_backward(t["dy"], t["t"], t["weight"], t["bias"], t["center"], t["var"], 1e-5)[0]
 
 
 OPS = {
@@ -79,8 +81,8 @@ OPS = {
                                 "one call": bn_relu_one_call}, stem="bn_relu_backward", out="dt",
                     title="Training-mode BatchNorm + ReLU backward on the CPU, three strategies",
                     legend="aten: `threshold_backward` then `native_batch_norm_backward` (eager autograd's "
-                           "kernels); two passes: `affine_relu_backward_sums`, the per-channel algebra in ATen, "
-                           "`affine_relu_backward_apply`; one call: `affine_relu_backward` (NCHW channel by "
+                           "kernels); two passes: `bn_fold`, `affine_relu_backward_sums`, the per-channel algebra in ATen, "
+                           "`affine_relu_backward_apply`; one call: `bn_relu_train_backward` (NCHW channel by "
                            "channel)."),
 }
 
@@ -97,9 +99,8 @@ def make_inputs(op, N, C, H, W, dtype, fmt):
         return t
     t = {k: torch.randn(N, C, H, W, generator=g).to(dtype).contiguous(memory_format=fmt) for k in ("t", "dy")}
     var, mean = torch.var_mean(t["t"].float(), dim=(0, 2, 3), unbiased=False)
-    t["weight"], t["center"], t["invstd"] = torch.rand(C, generator=g) + 0.5, mean, torch.rsqrt(var + 1e-5)
-    t["scale"] = t["weight"] * t["invstd"]
-    t["shift"] = torch.randn(C, generator=g) * 0.1 - mean * t["scale"]
+    t["weight"], t["bias"], t["center"], t["var"] = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g), mean, var
+    t["invstd"], t["scale"], t["shift"] = bn_fold(t["weight"], t["bias"], mean, var, 1e-5)
     t["m"] = float(N * H * W)
     t["y"] = torch.relu(t["t"] * t["scale"].view(1, -1, 1, 1) + t["shift"].view(1, -1, 1, 1)).to(dtype)
     t["y"] = t["y"].contiguous(memory_format=fmt)

@@ -104,17 +104,24 @@ void prim_add_channel_affine_(const at::Tensor& d, const at::Tensor& t, const at
   op.call(d, t, q, r);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prim_affine_relu_backward(const at::Tensor& dy, const at::Tensor& t,
-                                                                         const at::Tensor& scale,
-                                                                         const at::Tensor& shift,
-                                                                         const at::Tensor& center,
-                                                                         const at::Tensor& invstd) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prim_bn_relu_train_backward(
+    const at::Tensor& dy, const at::Tensor& t, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& mean, const at::Tensor& var, double eps) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("scnet_fused::_affine_relu_backward", "")
+                       .findSchemaOrThrow("scnet_fused::_bn_relu_train_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&)>();
-  return op.call(dy, t, scale, shift, center, invstd);
+                           const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(dy, t, weight, bias, mean, var, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> prim_bn_relu_train_out(const at::Tensor& t, const at::Tensor& weight,
+                                                          const at::Tensor& bias, double eps, const at::Tensor& out) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_bn_relu_train_out", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, double, const at::Tensor&)>();
+  return op.call(t, weight, bias, eps, out);
 }
 
 // Whether the BatchNorm-train gate backward keeps g * scale from its first pass (then adds q k3 + r
@@ -307,6 +314,11 @@ struct GateBnTrainFn : public torch::autograd::Function<GateBnTrainFn> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_impl(const at::Tensor& t_in, const at::Tensor& weight,
                                                                   const at::Tensor& bias, double eps) {
   const at::Tensor t = t_in.contiguous(format_like(t_in));
+  if (t.is_cpu()) {  // one call: NCHW channel by channel, each channel read the second time from cache
+    at::Tensor y = host::new_output(t.sizes(), t.options(), format_like(t));
+    auto [mean, var] = prim_bn_relu_train_out(t, weight.detach(), bias.detach(), eps, y);
+    return {y, mean, var};
+  }
   auto [mean, var] = prim_channel_stats(t);
   const BnFold f = bn_fold(weight, bias, mean, var, eps);
   at::Tensor y = prim_affine_relu(t, f.scale, f.shift);
@@ -318,11 +330,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_impl(const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_grads(const at::Tensor& dy, const at::Tensor& t,
                                                              const at::Tensor& weight, const at::Tensor& bias,
                                                              const at::Tensor& mean, const at::Tensor& var, double eps) {
-  const BnFold f = bn_fold(weight, bias, mean, var, eps);
   if (t.is_cpu()) {  // one call: NCHW channel by channel, each channel's data read twice from cache
-    auto [dt, sum_g, sum_gc] = prim_affine_relu_backward(dy, t, f.scale, f.shift, mean.contiguous(), f.invstd);
-    return {dt, (sum_gc * f.invstd).to(weight.scalar_type()), sum_g.to(bias.scalar_type())};
+    auto [dt, dweight, dbias] = prim_bn_relu_train_backward(dy, t, weight.detach(), bias.detach(), mean, var, eps);
+    return {dt, dweight.to(weight.scalar_type()), dbias.to(bias.scalar_type())};
   }
+  const BnFold f = bn_fold(weight, bias, mean, var, eps);
   // Pass 1: sum(g), sum(g * (t - mean)) with g the ReLU-masked dy; pass 2: dt = p g + q t + r.
   auto [sum_g, sum_gc] = prim_affine_relu_backward_sums(dy, t, f.scale, f.shift, mean.contiguous());
   const double m = static_cast<double>(t.size(0) * t.size(2) * t.size(3));
@@ -372,10 +384,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
   const double eps[2] = {eps_a, eps_b};
   for (int k = 0; k < 2; ++k) {
     const at::Tensor t = ts[k]->contiguous(fmt);
-    auto [mean, var] = prim_channel_stats(t);
-    const BnFold f = bn_fold(*ws[k], *bs[k], mean, var, eps[k]);
     at::Tensor half = k == 0 ? out.narrow(1, 0, ca) : out.narrow(1, ca, tb.size(1));
-    prim_affine_relu_out(t, f.scale, f.shift, half);  // written in place
+    at::Tensor mean, var;
+    if (t.is_cpu()) {  // written in place, in one call
+      std::tie(mean, var) = prim_bn_relu_train_out(t, ws[k]->detach(), bs[k]->detach(), eps[k], half);
+    } else {
+      std::tie(mean, var) = prim_channel_stats(t);
+      const BnFold f = bn_fold(*ws[k], *bs[k], mean, var, eps[k]);
+      prim_affine_relu_out(t, f.scale, f.shift, half);  // written in place
+    }
     stats[2 * k] = mean;
     stats[2 * k + 1] = var;
   }

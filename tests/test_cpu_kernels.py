@@ -374,16 +374,21 @@ def test_add_channel_affine_errors():
         P.add_channel_affine_(torch.randn(2, 3, 5, 5), t, q[:2], r)
 
 
-def _two_pass_backward(P, dy, t, scale, shift, center, invstd):
-    """affine_relu_backward composed from the sums and apply primitives, with the algebra in ATen."""
-    sum_g, sum_gc = P.affine_relu_backward_sums(dy, t, scale, shift, center)
+def _two_pass_backward(P, dy, t, weight, bias, mean, var, eps):
+    """bn_relu_train_backward composed from bn_fold, the sums and apply primitives and the algebra in ATen."""
+    from scnet_fused.ops.sc_gate import bn_fold
+
+    invstd, scale, shift = bn_fold(weight, bias, mean, var, eps)
+    sum_g, sum_gc = P.affine_relu_backward_sums(dy, t, scale, shift, mean)
     m = float(t.shape[0] * t.shape[2] * t.shape[3])
-    q = -scale * invstd * (sum_gc * invstd) / m
-    r = -q * center - scale * sum_g / m
-    return P.affine_relu_backward_apply(dy, t, scale, shift, scale, q, r), sum_g, sum_gc
+    dweight = sum_gc * invstd
+    q = -scale * invstd * dweight / m
+    r = -q * mean - scale * sum_g / m
+    return P.affine_relu_backward_apply(dy, t, scale, shift, scale, q, r), dweight, sum_g
 
 
 def _bn_backward_inputs(shape, dtype, cl, seed):
+    """dy, t, weight, bias and t's batch statistics (mean, biased var)."""
     g = torch.Generator().manual_seed(seed)
     t = (torch.randn(*shape, generator=g) * 2 + 0.3).to(dtype)
     dy = torch.randn(*shape, generator=g).to(dtype)
@@ -391,10 +396,8 @@ def _bn_backward_inputs(shape, dtype, cl, seed):
         t, dy = (v.contiguous(memory_format=torch.channels_last) for v in (t, dy))
     C = shape[1]
     var, mean = torch.var_mean(t.float(), dim=(0, 2, 3), unbiased=False)
-    invstd = torch.rsqrt(var + 1e-5)
-    scale = (torch.rand(C, generator=g) + 0.5) * invstd
-    shift = torch.randn(C, generator=g) * 0.5 - mean * scale
-    return dy, t, scale, shift, mean, invstd
+    weight, bias = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g) * 0.5
+    return dy, t, weight, bias, mean, var
 
 
 # NCHW channel by channel (vector tails, a 1x1 plane, one channel: with two or more threads the
@@ -406,56 +409,109 @@ WHOLE_BACKWARD = [((2, 16, 14, 13), False), ((3, 5, 7, 6), False), ((4, 3, 1, 1)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,cl", WHOLE_BACKWARD, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
                          else ("nhwc" if v else "nchw"))
-def test_whole_bn_relu_backward_matches_two_passes(shape, cl, dtype):
-    """The one-call BatchNorm + ReLU backward: the same per-channel sums bit for bit (same partials,
-    same order), and dt equal to the two-pass composition up to float32 rounding of q and r."""
+def test_bn_relu_train_backward_matches_two_passes(shape, cl, dtype):
+    """The one-call BatchNorm + ReLU backward: dbias (the sum of g) bit for bit as the sums primitive
+    gives it (same partials, same order); dt and dweight equal to the two-pass composition up to
+    float32 rounding of the per-channel algebra; and both against float64 BatchNorm + ReLU."""
     P = prims()
-    dy, t, scale, shift, center, invstd = _bn_backward_inputs(shape, dtype, cl, seed=shape[1])
-    dt, sum_g, sum_gc = P.affine_relu_backward(dy, t, scale, shift, center, invstd)
-    want_dt, want_g, want_gc = _two_pass_backward(P, dy, t, scale, shift, center, invstd)
-    torch.testing.assert_close(sum_g, want_g, rtol=0, atol=0)
-    torch.testing.assert_close(sum_gc, want_gc, rtol=0, atol=0)
+    dy, t, w, b, mean, var = _bn_backward_inputs(shape, dtype, cl, seed=shape[1])
+    dt, dweight, dbias = P.bn_relu_train_backward(dy, t, w, b, mean, var, 1e-3)
+    want_dt, want_dw, want_db = _two_pass_backward(P, dy, t, w, b, mean, var, 1e-3)
+    torch.testing.assert_close(dbias, want_db, rtol=0, atol=0)
+    torch.testing.assert_close(dweight, want_dw, rtol=1e-6, atol=1e-6)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(dt.float(), want_dt.float(), **tol)
     fmt = torch.channels_last if cl and shape[2] * shape[3] > 1 else torch.contiguous_format
     assert dt.dtype == dtype and dt.is_contiguous(memory_format=fmt)
-    # against float64 BatchNorm + ReLU (weight = scale / invstd, bias from shift)
-    tt = t.double().requires_grad_()
-    w64 = (scale / invstd).double().requires_grad_()
-    b64 = (shift + center * scale).double().requires_grad_()
-    y64 = F.relu(F.batch_norm(tt, None, None, w64, b64, True, 0.1, 1e-5))
+    assert dweight.dtype == dbias.dtype == torch.float32
+    tt, w64, b64 = (v.double().requires_grad_() for v in (t, w, b))
+    y64 = F.relu(F.batch_norm(tt, None, None, w64, b64, True, 0.1, 1e-3))
     g64 = torch.autograd.grad(y64, (tt, w64, b64), dy.double())
     tol64 = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(dt.double(), g64[0], **tol64)
-    torch.testing.assert_close((sum_gc * invstd).double(), g64[1], **tol64)
-    torch.testing.assert_close(sum_g.double(), g64[2], **tol64)
+    for a, e in zip((dt, dweight, dbias), g64):
+        torch.testing.assert_close(a.double(), e, **tol64)
 
 
 @pytest.mark.parametrize("cl", [False, True])
-def test_whole_bn_relu_backward_reads_a_gradient_slice_and_ignores_threads(cl):
+def test_bn_relu_train_backward_reads_a_gradient_slice_and_ignores_threads(cl):
     """dy as a channel slice of a concatenation's gradient reads as the same values made dense; the
     results do not depend on the thread count (bit for bit)."""
     P = prims()
     fmt = torch.channels_last if cl else torch.contiguous_format
-    _, t, scale, shift, center, invstd = _bn_backward_inputs((3, 6, 9, 10), torch.float32, cl, seed=5)
+    _, t, w, b, mean, var = _bn_backward_inputs((3, 6, 9, 10), torch.float32, cl, seed=5)
     wide = torch.randn(3, 14, 9, 10).contiguous(memory_format=fmt)
     dy = wide[:, 5:11]
     dense = dy.contiguous(memory_format=fmt)
-    got = P.affine_relu_backward(dy, t, scale, shift, center, invstd)
-    for a, e in zip(got, P.affine_relu_backward(dense, t, scale, shift, center, invstd)):
+    got = P.bn_relu_train_backward(dy, t, w, b, mean, var, 1e-5)
+    for a, e in zip(got, P.bn_relu_train_backward(dense, t, w, b, mean, var, 1e-5)):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = P.affine_relu_backward(dense, t, scale, shift, center, invstd)
+        one = P.bn_relu_train_backward(dense, t, w, b, mean, var, 1e-5)
     finally:
         torch.set_num_threads(threads)
     for a, e in zip(got, one):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="dy must match t's shape"):
-        P.affine_relu_backward(dense[:, :5], t, scale, shift, center, invstd)
-    with pytest.raises(RuntimeError, match="invstd must be a 1-D CPU tensor of C=6"):
-        P.affine_relu_backward(dense, t, scale, shift, center, invstd[:5])
+        P.bn_relu_train_backward(dense[:, :5], t, w, b, mean, var, 1e-5)
+    with pytest.raises(RuntimeError, match="var must be a 1-D CPU tensor of C=6"):
+        P.bn_relu_train_backward(dense, t, w, b, mean, var[:5], 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,cl", WHOLE_BACKWARD, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else ("nhwc" if v else "nchw"))
+def test_bn_relu_train_out_matches_stats_then_apply(shape, cl, dtype):
+    """The one-call BatchNorm + ReLU forward: `channel_stats`' statistics bit for bit, y equal to
+    `affine_relu` with bn_fold's scale and shift up to float32 rounding of the fold."""
+    from scnet_fused.ops.sc_gate import bn_fold
+
+    P = prims()
+    _, t, w, b, _, _ = _bn_backward_inputs(shape, dtype, cl, seed=shape[1] + 1)
+    fmt = torch.channels_last if cl and shape[2] * shape[3] > 1 else torch.contiguous_format
+    y = torch.full(shape, float("nan"), dtype=dtype).contiguous(memory_format=fmt)
+    mean, var = P.bn_relu_train_out(t, w, b, 1e-3, y)
+    want_mean, want_var = P.channel_stats(t)
+    torch.testing.assert_close(mean, want_mean, rtol=0, atol=0)
+    torch.testing.assert_close(var, want_var, rtol=0, atol=0)
+    _, scale, shift = bn_fold(w, b, want_mean, want_var, 1e-3)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y.float(), P.affine_relu(t, scale, shift).float(), **tol)
+    want64 = F.relu(F.batch_norm(t.double(), None, None, w.double(), b.double(), True, 0.1, 1e-3))
+    tol64 = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(y.double(), want64, **tol64)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_bn_relu_train_out_writes_its_slice_and_ignores_threads(cl):
+    P = prims()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    _, t, w, b, _, _ = _bn_backward_inputs((3, 6, 9, 10), torch.float32, cl, seed=7)
+    buf = torch.full((3, 14, 9, 10), 7.0).contiguous(memory_format=fmt)
+    stats = P.bn_relu_train_out(t, w, b, 1e-5, buf[:, 5:11])
+    dense = torch.empty_like(t)
+    for a, e in zip(stats, P.bn_relu_train_out(t, w, b, 1e-5, dense)):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    torch.testing.assert_close(buf[:, 5:11], dense, rtol=0, atol=0)
+    assert (buf[:, :5] == 7.0).all() and (buf[:, 11:] == 7.0).all()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.empty_like(t)
+        stats1 = P.bn_relu_train_out(t, w, b, 1e-5, one)
+    finally:
+        torch.set_num_threads(threads)
+    for a, e in zip((*stats, dense), (*stats1, one)):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="out must match t's shape"):
+        P.bn_relu_train_out(t, w, b, 1e-5, torch.empty(3, 5, 9, 10))
+    with pytest.raises(RuntimeError, match="dense in t's memory format or a channel slice"):
+        P.bn_relu_train_out(t, w, b, 1e-5, torch.empty(3, 6, 10, 9).transpose(2, 3))
+    with pytest.raises(RuntimeError, match="weight must be a 1-D CPU tensor of C=6"):
+        P.bn_relu_train_out(t, w[:5], b, 1e-5, dense)
+    with pytest.raises(RuntimeError, match="no elements per channel"):
+        P.bn_relu_train_out(t[:0], w, b, 1e-5, torch.empty_like(t[:0]))
 
 
 def test_clear_errors():

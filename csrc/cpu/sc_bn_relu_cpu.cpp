@@ -8,8 +8,10 @@
 //   apply: dt = p[c] * g + q[c] * t + r[c]   (BatchNorm's input gradient)
 //   add:   d += q[c] * t + r[c]               (`_add_channel_affine_`, in place, no mask: the same
 //                                             input gradient when d already holds p * dy)
-//   whole: sums, then q, r from them and apply (`_affine_relu_backward`, the BatchNorm's p = scale):
+//   whole: the fold, the sums, q and r from them, the apply (`_bn_relu_train_backward`, p = scale):
 //          NCHW channel by channel, each channel's planes read again while they are in cache
+//   train: the batch statistics, the BatchNorm folded to scale and shift, y (`_bn_relu_train_out`):
+//          NCHW channel by channel too
 //
 
 // NCHW and NHWC read in place; dy (backward) and out (`_affine_relu_out`) may also be a channel slice
@@ -25,8 +27,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
+#include "sc_cpu_stats.h"
 #include "sc_cpu_vec.h"
 #include "sc_host.h"
 
@@ -85,6 +89,15 @@ inline void apply_plane(const T* tp, const T* dp, T* op, int64_t HW, float a, fl
   }
 }
 
+// y = relu(a * t + b) over a plane.
+template <typename T>
+inline void relu_plane(const T* tp, T* op, int64_t HW, float a, float b) {
+  const Vec av(a), bv(b);
+  int64_t e = 0;
+  for (; e + kV <= HW; e += kV) store_f(op + e, relu_v(at::vec::fmadd(load_f(tp + e), av, bv)));
+  for (; e < HW; ++e) op[e] = static_cast<T>(relu_s(static_cast<float>(tp[e]) * a + b));
+}
+
 // sum g and sum g * (t - k) over a plane, g = dy masked by relu(a * t + b): float partials over at most
 // 1024 values, added in double in order.
 template <typename T>
@@ -127,6 +140,19 @@ inline void bn_input_affine(float sum_g, float sum_gc, float scale, float invstd
   *r = t1 - t2;
 }
 
+// BatchNorm folded to y = t * scale + shift, float32, the expressions of bn_fold
+// (scnet_fused/ops/sc_gate.py): invstd = rsqrt(var + eps), scale = weight * invstd,
+// shift = bias - mean * scale.
+inline void bn_fold_one(float weight, float bias, float mean, float var, float eps, float* scale, float* shift,
+                        float* invstd = nullptr) {
+  const float is = 1.0f / std::sqrt(var + eps);
+  const float sc = weight * is;
+  const float ms = mean * sc;
+  *scale = sc;
+  *shift = bias - ms;
+  if (invstd != nullptr) *invstd = is;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Elementwise: y = relu(affine(t))  (kApply false) or dt = p * g + q * t + r  (kApply true), with g
 // the ReLU-masked dy (kMask) or dy itself (then A, B are unused and out may be dy: each element is
@@ -145,10 +171,7 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
         if constexpr (kApply) {
           apply_plane<T, kMask>(tp, dy + (n * s.dyP + c) * HW, op, HW, A[c], B[c], P[c], Q[c], R[c]);
         } else {
-          const Vec a(A[c]), b(B[c]);
-          int64_t e = 0;
-          for (; e + kV <= HW; e += kV) store_f(op + e, relu_v(at::vec::fmadd(load_f(tp + e), a, b)));
-          for (; e < HW; ++e) op[e] = static_cast<T>(relu_s(static_cast<float>(tp[e]) * A[c] + B[c]));
+          relu_plane(tp, op, HW, A[c], B[c]);
         }
       }
     });
@@ -287,12 +310,29 @@ void backward_by_channel(const T* t, const T* dy, T* dt, const float* A, const f
   });
 }
 
-// Whether `backward_by_channel` suits the shape: every thread gets a channel, and one channel's t and dy
-// (read twice) fit comfortably in a core's L2 (about 1 MiB of them: half of a 2 MiB L2, twice a
-// 512 KiB one, where the second read comes from L3, still not from memory).
-bool by_channel(const Shape& s, int64_t itemsize) {
+// Whether a channel-by-channel kernel suits the shape: every thread gets a channel, and what one channel
+// reads twice (bytes_per_value per value: t and dy in the backward, t in the forward) fits comfortably
+// in a core's L2 (at most 1 MiB: half of a 2 MiB L2, twice a 512 KiB one, where the second read comes
+// from L3, still not from memory).
+bool by_channel(const Shape& s, int64_t bytes_per_value) {
   constexpr int64_t kChannelBytes = int64_t(1) << 20;
-  return s.C >= at::get_num_threads() && s.N * s.HW * 2 * itemsize <= kChannelBytes;
+  return s.C >= at::get_num_threads() && s.N * s.HW * bytes_per_value <= kChannelBytes;
+}
+
+// The forward, NCHW, channel by channel: the channel's statistics (`cpu_stats::channel_moments`, the
+// same bits as `_channel_stats`), the fold, and y while the planes are in cache. W, Bi: weight, bias.
+template <typename T>
+void forward_by_channel(const T* t, T* out, const float* W, const float* Bi, float eps, const Shape& s, float* mean,
+                        float* var) {
+  const int64_t C = s.C, HW = s.HW, N = s.N;
+  at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(N * HW, 1)), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      cpu_stats::channel_moments(t + c * HW, N, C * HW, HW, mean + c, var + c);
+      float a, b;
+      bn_fold_one(W[c], Bi[c], mean[c], var[c], eps, &a, &b);
+      for (int64_t n = 0; n < N; ++n) relu_plane(t + (n * C + c) * HW, out + (n * s.outP + c) * HW, HW, a, b);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -319,6 +359,18 @@ BackwardInputs backward_inputs(const char* op, const at::Tensor& dy_in, const at
   in.dy = in_layout_or_slice(dy_in, in.L, &in.dyP);
   return in;
 }
+// The channel pitch of `out`, checked: t's shape, dtype and device, dense in layout L or a channel slice
+// of such a tensor.
+int64_t out_pitch(const char* op, const at::Tensor& out, const at::Tensor& t, Layout L) {
+  TORCH_CHECK(out.device() == t.device() && out.sizes() == t.sizes() && out.scalar_type() == t.scalar_type(), op,
+              ": out must match t's shape, dtype and device, got ", out.sizes(), " ", out.scalar_type(), " on ",
+              out.device());
+  const int64_t outP = channel_pitch(out, L);
+  TORCH_CHECK(outP > 0, op, ": out must be dense in t's memory format or a channel slice of such a tensor, got "
+              "strides ", out.strides());
+  return outP;
+}
+
 // y = relu(t * scale + shift) written into `out`: t's shape, dtype and layout, dense or a channel
 // slice of a concatenation buffer (written in place).
 void affine_relu_into(const char* op, const at::Tensor& t_in, const at::Tensor& scale, const at::Tensor& shift,
@@ -327,12 +379,7 @@ void affine_relu_into(const char* op, const at::Tensor& t_in, const at::Tensor& 
   const Layout L = layout_of(t_in);
   const at::Tensor t = in_layout(t_in, L);
   const int64_t C = t.size(1);
-  TORCH_CHECK(out.device() == t.device() && out.sizes() == t.sizes() && out.scalar_type() == t.scalar_type(), op,
-              ": out must match t's shape, dtype and device, got ", out.sizes(), " ", out.scalar_type(), " on ",
-              out.device());
-  const int64_t outP = channel_pitch(out, L);
-  TORCH_CHECK(outP > 0, op, ": out must be dense in t's memory format or a channel slice of such a tensor, got "
-              "strides ", out.strides());
+  const int64_t outP = out_pitch(op, out, t, L);
   const auto A = vec_of(op, "scale", scale, C), B = vec_of(op, "shift", shift, C);
   if (t.numel() == 0) return;
   const Shape s{t.size(0), C, t.size(2) * t.size(3), C, outP};
@@ -353,6 +400,45 @@ at::Tensor affine_relu(const at::Tensor& t, const at::Tensor& scale, const at::T
 
 void affine_relu_out(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
   affine_relu_into("scnet_fused::_affine_relu_out (cpu)", t, scale, shift, out);
+}
+
+// relu(batch_norm(t)) with batch statistics written into `out` (t's shape, dtype and layout, dense or a
+// channel slice of a concatenation buffer); returns the float32 (mean, biased var). The statistics are
+// `_channel_stats`' bits; then `_affine_relu_out` with bn_fold's scale and shift, in one call.
+std::tuple<at::Tensor, at::Tensor> bn_relu_train_out(const at::Tensor& t_in, const at::Tensor& weight,
+                                                     const at::Tensor& bias, double eps, const at::Tensor& out) {
+  const char* op = "scnet_fused::_bn_relu_train_out (cpu)";
+  check_full(op, t_in);
+  const Layout L = layout_of(t_in);
+  const at::Tensor t = in_layout(t_in, L);
+  const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
+  TORCH_CHECK(N * HW > 0, op, ": t has no elements per channel, shape ", t.sizes());
+  const int64_t outP = out_pitch(op, out, t, L);
+  const auto W = vec_of(op, "weight", weight, C), Bi = vec_of(op, "bias", bias, C);
+  at::Tensor mean = new_output({C}, t.options().dtype(at::kFloat));
+  at::Tensor var = new_output({C}, t.options().dtype(at::kFloat));
+  if (C == 0) return {mean, var};
+  const Shape s{N, C, HW, C, outP};
+  const float epsf = static_cast<float>(eps);
+  float* mp = mean.data_ptr<float>();
+  float* vp = var.data_ptr<float>();
+  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    if (L == Layout::NCHW && by_channel(s, sizeof(T))) {
+      forward_by_channel<T>(t.data_ptr<T>(), out.data_ptr<T>(), W.data(), Bi.data(), epsf, s, mp, vp);
+      return;
+    }
+    if (L == Layout::NCHW) {
+      cpu_stats::stats_nchw<T>(t.data_ptr<T>(), N, C, HW, mp, vp);
+    } else {
+      cpu_stats::stats_nhwc<T>(t.data_ptr<T>(), N, C, HW, mp, vp);
+    }
+    std::vector<float> A(C), B(C);
+    for (int64_t c = 0; c < C; ++c) bn_fold_one(W[c], Bi[c], mp[c], vp[c], epsf, &A[c], &B[c]);
+    pointwise<T, false>(t.data_ptr<T>(), nullptr, out.data_ptr<T>(), A.data(), B.data(), nullptr, nullptr, nullptr, s,
+                        L);
+  });
+  return {mean, var};
 }
 
 std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& dy_in, const at::Tensor& t_in,
@@ -397,42 +483,47 @@ at::Tensor affine_relu_backward_apply(const at::Tensor& dy_in, const at::Tensor&
   return dt;
 }
 
-// (dt, sum_g, sum_gc): the sums, then dt = scale * g + q * t + r with q, r from them (BatchNorm's
-// input gradient; invstd = 1 / sqrt(var + eps), center = the batch mean). One call for what
-// `affine_relu_backward_sums` and `_apply` do with the per-channel algebra in between.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward(const at::Tensor& dy_in, const at::Tensor& t_in,
-                                                                    const at::Tensor& scale, const at::Tensor& shift,
-                                                                    const at::Tensor& center,
-                                                                    const at::Tensor& invstd) {
-  const char* op = "scnet_fused::_affine_relu_backward (cpu)";
+// (dt, dweight, dbias) of relu(batch_norm(t)) with the batch statistics (mean, biased var; float32
+// dweight and dbias): BatchNorm folded to scale and shift (bn_fold), the sums, dweight = sum_gc * invstd,
+// dbias = sum_g, then dt = scale * g + q * t + r with q, r from the sums. One call for what
+// `affine_relu_backward_sums` and `_apply` do with the per-channel algebra in ATen in between.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward(const at::Tensor& dy_in, const at::Tensor& t_in,
+                                                                      const at::Tensor& weight, const at::Tensor& bias,
+                                                                      const at::Tensor& mean, const at::Tensor& var,
+                                                                      double eps) {
+  const char* op = "scnet_fused::_bn_relu_train_backward (cpu)";
   const BackwardInputs in = backward_inputs(op, dy_in, t_in);
   const Layout L = in.L;
   const at::Tensor &t = in.t, &dy = in.dy;
   const int64_t C = t.size(1);
-  const auto A = vec_of(op, "scale", scale, C), B = vec_of(op, "shift", shift, C);
-  const auto K = vec_of(op, "center", center, C), IS = vec_of(op, "invstd", invstd, C);
-  at::Tensor sum_g = at::zeros({C}, t.options().dtype(at::kFloat));
-  at::Tensor sum_gc = at::zeros({C}, t.options().dtype(at::kFloat));
+  const auto W = vec_of(op, "weight", weight, C), Bi = vec_of(op, "bias", bias, C);
+  const auto K = vec_of(op, "mean", mean, C), V = vec_of(op, "var", var, C);
+  std::vector<float> A(C), B(C), IS(C);
+  for (int64_t c = 0; c < C; ++c) bn_fold_one(W[c], Bi[c], K[c], V[c], static_cast<float>(eps), &A[c], &B[c], &IS[c]);
+  at::Tensor dweight = at::zeros({C}, t.options().dtype(at::kFloat));
+  at::Tensor dbias = at::zeros({C}, t.options().dtype(at::kFloat));
   at::Tensor dt = new_output(t.sizes(), t.options(), format_of(L));
-  if (t.numel() == 0) return {dt, sum_g, sum_gc};
+  if (t.numel() == 0) return {dt, dweight, dbias};
   const Shape s{t.size(0), C, t.size(2) * t.size(3), in.dyP, C};
-  float* sg = sum_g.data_ptr<float>();
-  float* sgc = sum_gc.data_ptr<float>();
+  std::vector<float> sgc(C);
+  float* sg = dbias.data_ptr<float>();  // dbias = sum g
   dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    if (L == Layout::NCHW && by_channel(s, sizeof(T))) {
+    if (L == Layout::NCHW && by_channel(s, 2 * sizeof(T))) {
       backward_by_channel<T>(t.data_ptr<T>(), dy.data_ptr<T>(), dt.data_ptr<T>(), A.data(), B.data(), K.data(),
-                             IS.data(), s, sg, sgc);
+                             IS.data(), s, sg, sgc.data());
       return;
     }
-    sums<T>(t.data_ptr<T>(), dy.data_ptr<T>(), A.data(), B.data(), K.data(), s, L, sg, sgc);
+    sums<T>(t.data_ptr<T>(), dy.data_ptr<T>(), A.data(), B.data(), K.data(), s, L, sg, sgc.data());
     const float m = static_cast<float>(static_cast<double>(s.N * s.HW));
     std::vector<float> Q(C), R(C);
     for (int64_t c = 0; c < C; ++c) bn_input_affine(sg[c], sgc[c], A[c], IS[c], K[c], m, &Q[c], &R[c]);
     pointwise<T, true>(t.data_ptr<T>(), dy.data_ptr<T>(), dt.data_ptr<T>(), A.data(), B.data(), A.data(), Q.data(),
                        R.data(), s, L);
   });
-  return {dt, sum_g, sum_gc};
+  float* dw = dweight.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) dw[c] = sgc[c] * IS[c];
+  return {dt, dweight, dbias};
 }
 
 // d += q * t + r per channel, in place: d dense in t's memory format, of t's shape, dtype and device.
@@ -468,5 +559,6 @@ TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
   m.impl("_affine_relu_backward_sums", &scnet_fused::cpu_bn_relu::affine_relu_backward_sums);
   m.impl("_affine_relu_backward_apply", &scnet_fused::cpu_bn_relu::affine_relu_backward_apply);
   m.impl("_add_channel_affine_", &scnet_fused::cpu_bn_relu::add_channel_affine_);
-  m.impl("_affine_relu_backward", &scnet_fused::cpu_bn_relu::affine_relu_backward);
+  m.impl("_bn_relu_train_backward", &scnet_fused::cpu_bn_relu::bn_relu_train_backward);
+  m.impl("_bn_relu_train_out", &scnet_fused::cpu_bn_relu::bn_relu_train_out);
 }

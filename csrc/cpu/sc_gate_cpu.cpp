@@ -24,6 +24,7 @@
 
 #include <unistd.h>
 
+#include "sc_cpu_stats.h"
 #include "sc_cpu_vec.h"
 #include "sc_gate_math.h"
 #include "sc_host.h"
@@ -142,6 +143,8 @@ inline Vec vsigmoid(const Vec& z) { return vreciprocal(Vec(1.0f) + z.neg().exp_u
 #endif
 
 using ::scnet_fused::cpu_vec::hsum;
+using ::scnet_fused::cpu_stats::stats_nchw;
+using ::scnet_fused::cpu_stats::stats_nhwc;
 
 // ------------------------------------------------------------------------------------------------
 // Shapes, index tables, argument checks.
@@ -997,114 +1000,6 @@ void reduce_partials(const double* part, int64_t K, int64_t C, float* out) {
     double s = 0.0;
     for (int64_t k = 0; k < K; ++k) s += part[k * C + c];
     out[c] = static_cast<float>(s);
-  }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Per-channel statistics, shifted by the channel's first value to keep E[x^2] - E[x]^2 exact enough.
-// ------------------------------------------------------------------------------------------------
-// Mean and biased variance from sums of (x - K) and (x - K)^2 over M values. A channel holding a
-// NaN or an infinity gets NaN for both, as torch's batch statistics do.
-inline void finalize_stats(float K, double a1, double a2, double M, float* mean, float* var) {
-  if (!std::isfinite(a1) || !std::isfinite(a2) || !std::isfinite(K)) {
-    *mean = *var = std::numeric_limits<float>::quiet_NaN();
-    return;
-  }
-  const double m1 = a1 / M;
-  *mean = static_cast<float>(static_cast<double>(K) + m1);
-  *var = static_cast<float>(std::max(0.0, a2 / M - m1 * m1));
-}
-
-template <typename T>
-void stats_nchw(const T* t, int64_t N, int64_t C, int64_t HW, float* mean, float* var) {
-  std::vector<double> s1(N * C), s2(N * C);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
-  at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t plane = p0; plane < p1; ++plane) {
-      const int64_t c = plane % C;
-      const Vec K(static_cast<float>(t[c * HW]));
-      const T* xp = t + plane * HW;
-      double a1 = 0.0, a2 = 0.0;
-      for (int64_t f0 = 0; f0 < HW; f0 += kFlush) {
-        const int64_t f1 = std::min(HW, f0 + kFlush);
-        Vec v1(0.0f), v2(0.0f);
-        int64_t e = f0;
-        for (; e + kV <= f1; e += kV) {
-          const Vec d = IO<T>::load(xp + e) - K;
-          v1 = v1 + d;
-          v2 = at::vec::fmadd(d, d, v2);
-        }
-        if (e < f1) {
-          const int64_t n = f1 - e;
-          const Vec d = Vec::set(Vec(0.0f), IO<T>::load(xp + e, n) - K, n);
-          v1 = v1 + d;
-          v2 = at::vec::fmadd(d, d, v2);
-        }
-        a1 += hsum(v1);
-        a2 += hsum(v2);
-      }
-      s1[plane] = a1;
-      s2[plane] = a2;
-    }
-  });
-  const double M = static_cast<double>(N * HW);
-  for (int64_t c = 0; c < C; ++c) {
-    double a1 = 0.0, a2 = 0.0;
-    for (int64_t n = 0; n < N; ++n) {
-      a1 += s1[n * C + c];
-      a2 += s2[n * C + c];
-    }
-    finalize_stats(static_cast<float>(t[c * HW]), a1, a2, M, mean + c, var + c);
-  }
-}
-
-template <typename T>
-void stats_nhwc(const T* t, int64_t N, int64_t C, int64_t HW, float* mean, float* var) {
-  const int64_t P = N * HW;  // pixels
-  const int64_t ntask = std::min<int64_t>(P, 64);
-  const int64_t per = (P + ntask - 1) / ntask;
-  std::vector<float> K(C);
-  for (int64_t c = 0; c < C; ++c) K[c] = static_cast<float>(t[c]);
-  std::vector<double> s1(ntask * C, 0.0), s2(ntask * C, 0.0);
-  at::parallel_for(0, ntask, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<float> f1(C), f2(C);
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t q0 = k * per, q1 = std::min(P, q0 + per);
-      double* d1 = s1.data() + k * C;
-      double* d2 = s2.data() + k * C;
-      for (int64_t b0 = q0; b0 < q1; b0 += 128) {  // float partials over at most 128 pixels
-        const int64_t b1 = std::min(q1, b0 + 128);
-        std::fill(f1.begin(), f1.end(), 0.0f);
-        std::fill(f2.begin(), f2.end(), 0.0f);
-        for (int64_t q = b0; q < b1; ++q) {
-          const T* xp = t + q * C;
-          int64_t e = 0;
-          for (; e + kV <= C; e += kV) {
-            const Vec d = IO<T>::load(xp + e) - Vec::loadu(K.data() + e);
-            (Vec::loadu(f1.data() + e) + d).store(f1.data() + e);
-            at::vec::fmadd(d, d, Vec::loadu(f2.data() + e)).store(f2.data() + e);
-          }
-          for (; e < C; ++e) {
-            const float d = static_cast<float>(xp[e]) - K[e];
-            f1[e] += d;
-            f2[e] += d * d;
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          d1[c] += f1[c];
-          d2[c] += f2[c];
-        }
-      }
-    }
-  });
-  const double M = static_cast<double>(P);
-  for (int64_t c = 0; c < C; ++c) {
-    double a1 = 0.0, a2 = 0.0;
-    for (int64_t k = 0; k < ntask; ++k) {
-      a1 += s1[k * C + c];
-      a2 += s2[k * C + c];
-    }
-    finalize_stats(K[c], a1, a2, M, mean + c, var + c);
   }
 }
 

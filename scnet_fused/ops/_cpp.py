@@ -114,7 +114,7 @@ def unavailable_reason(name: str) -> Optional[str]:
     if _import_error is not None:
         return _import_error
     key = "CPU" if name == "cpu" else "CUDA"
-    ops = _OPS + (("_add_channel_affine_", "_affine_relu_backward") if name == "cpu" else ())
+    ops = _OPS + (("_add_channel_affine_", "_bn_relu_train_backward", "_bn_relu_train_out") if name == "cpu" else ())
     missing = [op for op in ops if not has_kernel(op, key)]
     if missing:
         if name == "cuda":
@@ -168,5 +168,8 @@ class Primitives:
     def affine_relu_backward_apply(self, dy, t, scale, shift, p, q, r):
         return self._ops._affine_relu_backward_apply(dy, t, scale, shift, p, q, r)
 
-    def affine_relu_backward(self, dy, t, scale, shift, center, invstd):
-        return self._ops._affine_relu_backward(dy, t, scale, shift, center, invstd)
+    def bn_relu_train_backward(self, dy, t, weight, bias, mean, var, eps):
+        return self._ops._bn_relu_train_backward(dy, t, weight, bias, mean, var, float(eps))
+
+    def bn_relu_train_out(self, t, weight, bias, eps, out):
+        return self._ops._bn_relu_train_out(t, weight, bias, float(eps), out)

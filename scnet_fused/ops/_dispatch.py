@@ -34,17 +34,23 @@ Every backend provides the same kernel-level primitives (no autograd, no torch.l
 ``affine_relu_backward_apply(dy, t, scale, shift, p, q, r) -> dt``
     ``dt = p[c] * g + q[c] * t + r[c]`` (the input gradient of a training-mode BatchNorm before a ReLU).
 
-The ``cpu`` backend has two more primitives:
+The ``cpu`` backend has three more primitives:
 
 ``add_channel_affine_(d, t, q, r) -> d``
     ``d += q[c] * t + r[c]`` in place (d dense in t's memory format). With ``d = g * scale`` from
     ``gate_backward(..., need_dk3=True)`` this is ``gate_backward_k3`` without its second sigmoid pass:
     see :func:`bn_dk3_from_g`.
-``affine_relu_backward(dy, t, scale, shift, center, invstd) -> (dt, sum_g, sum_gc)``
-    ``affine_relu_backward_sums`` and ``affine_relu_backward_apply`` in one call, with BatchNorm's
-    ``p = scale``, ``q = -scale * invstd * (sum_gc * invstd) / M``, ``r = -q * center - scale * sum_g / M``
-    (``M = N * H * W``) computed between them. On NCHW tensors it works channel by channel, so each
-    channel's t and dy are read the second time from cache.
+``bn_relu_train_out(t, weight, bias, eps, out) -> (mean, var)``
+    ``channel_stats``, BatchNorm folded to ``scale``, ``shift`` (``bn_fold``) and ``affine_relu_out``
+    in one call; the same statistics bit for bit.
+``bn_relu_train_backward(dy, t, weight, bias, mean, var, eps) -> (dt, dweight, dbias)``
+    the fold, ``affine_relu_backward_sums``, the per-channel algebra (``dweight = sum_gc * invstd``,
+    ``dbias = sum_g``, BatchNorm's ``p = scale``, ``q = -scale * invstd * dweight / M``,
+    ``r = -q * mean - scale * sum_g / M``, ``M = N * H * W``) and ``affine_relu_backward_apply`` in one
+    call; float32 dweight and dbias.
+
+On NCHW tensors these two work channel by channel, so the second read of each channel's data comes
+from cache.
 
 Inputs reach a backend already checked (see ``scnet_fused.ops.sc_gate``): 4-D x, k3 (same shape,
 dtype, device and memory format: contiguous or channels_last), small ``(N, C, h, w)`` contiguous in

@@ -4,8 +4,10 @@ Returns ``(y, mean, var)``: ``y = relu(batch_norm(t))`` normalised with the batc
 (``mean`` and biased ``var``, float32 ``[C]``, for the running-statistics update; not differentiable).
 Forward: one statistics pass over t, one pass writing y (eager: the statistics, the normalisation
 and the ReLU each read and write t-sized tensors). Backward: one pass reducing BatchNorm's two
-per-channel sums with the ReLU mask recomputed from t, one pass writing dt. Saved for backward: t and
-the per-channel vectors (never the normalised tensor or the mask). Differentiable in t, weight, bias.
+per-channel sums with the ReLU mask recomputed from t, one pass writing dt. On the cpu backend each
+is one call, and on NCHW tensors it goes channel by channel, so the second pass reads the channel from
+cache. Saved for backward: t and the per-channel vectors (never the normalised tensor or the mask).
+Differentiable in t, weight, bias.
 """
 
 from __future__ import annotations
@@ -48,10 +50,19 @@ def _bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple
     check_bn_relu_inputs(t, weight, bias)
     _, prims = _dispatch.select(t.device, t.dtype)
     t = t.contiguous(memory_format=_format(t))
+    if _one_call(prims, t):
+        y = new_empty(t.shape, t.dtype, t.device, _format(t))
+        mean, var = prims.bn_relu_train_out(t, weight.detach(), bias.detach(), eps, y)
+        return y, mean, var
     mean, var = prims.channel_stats(t)
     _, scale, shift = bn_fold(weight, bias, mean, var, eps)
     y = prims.affine_relu(t, scale.contiguous(), shift.contiguous())
     return y, mean, var
+
+
+def _one_call(prims, t: Tensor) -> bool:
+    """The cpu backend's one-call forward and backward (``bn_relu_train_out``, ``bn_relu_train_backward``)."""
+    return getattr(prims, "name", None) == "cpu" and t.device.type == "cpu"
 
 
 @_bn_relu_train.register_fake
@@ -74,13 +85,13 @@ def _bn_relu_train_backward(dy: Tensor, t: Tensor, weight: Tensor, bias: Tensor,
 def _grads(prims, dy: Tensor, t: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float):
     """(dt, dweight, dbias) of relu(batch_norm(t)) for the output gradient dy (dense like t, or a
     channel slice of a concatenation's gradient in t's memory format: read in place)."""
+    if _one_call(prims, t):
+        # The fold, the passes below and the algebra between them (NCHW: channel by channel, each
+        # channel's t and dy read the second time from cache).
+        dt, dweight, dbias = prims.bn_relu_train_backward(dy, t, weight.detach(), bias.detach(), mean, var, eps)
+        return dt, dweight.to(weight.dtype), dbias.to(bias.dtype)
     invstd, scale, shift = bn_fold(weight, bias, mean, var, eps)
     scale, shift = scale.contiguous(), shift.contiguous()
-    if getattr(prims, "name", None) == "cpu" and t.device.type == "cpu":
-        # One call: the passes below with the algebra between them (NCHW: channel by channel, each
-        # channel's t and dy read the second time from cache).
-        dt, sum_g, sum_gc = prims.affine_relu_backward(dy, t, scale, shift, mean.contiguous(), invstd.contiguous())
-        return dt, (sum_gc * invstd).to(weight.dtype), sum_g.to(bias.dtype)
     # Pass 1: sum(g) and sum(g * (t - mean)), g = dy masked by the ReLU (recomputed from t).
     sum_g, sum_gc = prims.affine_relu_backward_sums(dy, t, scale, shift, mean.contiguous())
     m = float(t.shape[0] * t.shape[2] * t.shape[3])
@@ -164,9 +175,12 @@ def _bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, eps_a: float, tb: Ten
     stats = []
     for t, w, b, eps, half in ((ta, wa, ba, eps_a, out[:, :ca]), (tb, wb, bb, eps_b, out[:, ca:])):
         t = t.contiguous(memory_format=fmt)
-        mean, var = prims.channel_stats(t)
-        _, scale, shift = bn_fold(w, b, mean, var, eps)
-        prims.affine_relu_out(t, scale.contiguous(), shift.contiguous(), half)  # written in place
+        if _one_call(prims, t):
+            mean, var = prims.bn_relu_train_out(t, w.detach(), b.detach(), eps, half)  # written in place
+        else:
+            mean, var = prims.channel_stats(t)
+            _, scale, shift = bn_fold(w, b, mean, var, eps)
+            prims.affine_relu_out(t, scale.contiguous(), shift.contiguous(), half)  # written in place
         stats += [mean, var]
     return out, stats[0], stats[1], stats[2], stats[3]
 
