@@ -13,7 +13,6 @@
 //   train: the batch statistics, the BatchNorm folded to scale and shift, y (`_bn_relu_train_out`):
 //          NCHW channel by channel too
 //
-
 // NCHW and NHWC read in place; dy (backward) and out (`_affine_relu_out`) may also be a channel slice
 // of a concatenation buffer, read and written in place (channel pitch, csrc/sc_host.h). float32 math
 // for float32 / float16 / bfloat16 storage; vectorized with at::vec::Vectorized<float> (full vectors,
