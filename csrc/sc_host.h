@@ -68,6 +68,15 @@ inline at::Tensor in_layout_or_slice(const at::Tensor& t, Layout l, int64_t* pit
   return in_layout(t, l);
 }
 
+// The layout in which t is read to write `out`: t's own, or, when t is dense in both layouts (one
+// channel, or 1x1 maps) and `out` is dense or a channel slice only in the other one, that one.
+inline Layout layout_for_out(const at::Tensor& t, const at::Tensor& out) {
+  const Layout L = layout_of(t);
+  if (channel_pitch(out, L) > 0 || !t.is_contiguous() || !t.is_contiguous(at::MemoryFormat::ChannelsLast)) return L;
+  const Layout other = L == Layout::NCHW ? Layout::NHWC : Layout::NCHW;
+  return channel_pitch(out, other) > 0 ? other : L;
+}
+
 inline bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }

@@ -168,7 +168,9 @@ def test_bottleneck_runs_it_in_training(name, channels_last):
 # bn_relu_cat_train: two branches' BatchNorm + ReLU written into their concatenation
 # ------------------------------------------------------------------------------------------------
 
-CAT_SHAPES = [((2, 5, 7, 6), 3), ((3, 16, 14, 13), 16), ((4, 3, 1, 1), 2)]
+# The last two: a one-channel branch is dense in both layouts (the concatenation follows the first
+# branch's; the second is read in it).
+CAT_SHAPES = [((2, 5, 7, 6), 3), ((3, 16, 14, 13), 16), ((4, 3, 1, 1), 2), ((2, 3, 7, 2), 1), ((2, 1, 7, 2), 3)]
 
 
 def _cat_inputs(shape, cb, dtype=torch.float32, channels_last=False, seed=0):
@@ -202,7 +204,8 @@ def test_cat_matches_batch_norm_relu_cat(name, shape, cb, channels_last):
         torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-5)
     for n, a, e in zip(("dta", "dwa", "dba", "dtb", "dwb", "dbb"), grads, g64):
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4, msg=lambda m: f"{n}: {m}")
-    fmt = torch.channels_last if channels_last and shape[2] * shape[3] > 1 else torch.contiguous_format
+    # out takes ta's memory format (contiguous when ta is dense in both)
+    fmt = torch.channels_last if channels_last and shape[1] > 1 and shape[2] * shape[3] > 1 else torch.contiguous_format
     assert out.is_contiguous(memory_format=fmt)
 
 
@@ -248,6 +251,13 @@ def test_slices_written_and_read_in_place(name, channels_last):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
     torch.testing.assert_close(prims.affine_relu_backward_apply(dy, t, scale, shift, p, q, r),
                                prims.affine_relu_backward_apply(dense, t, scale, shift, p, q, r), rtol=0, atol=0)
+    # a one-channel t (dense in both layouts) into a slice of a buffer in the other layout
+    one = t[:, 2:3].contiguous()
+    other = torch.contiguous_format if channels_last else torch.channels_last
+    wide_out = torch.full((2, 4, 6, 7), 7.0).contiguous(memory_format=other)
+    prims.affine_relu_out(one, scale[:1], shift[:1], wide_out[:, 1:2])
+    torch.testing.assert_close(wide_out[:, 1:2], prims.affine_relu(one, scale[:1], shift[:1]), rtol=0, atol=0)
+    assert (wide_out[:, 0] == 7.0).all() and (wide_out[:, 2:] == 7.0).all()
     if name != "reference":  # the reference copies into any strides; the kernels refuse other layouts
         with pytest.raises((ValueError, RuntimeError), match="channel slice"):
             prims.affine_relu_out(t, scale, shift, torch.empty(2, 5, 7, 6).transpose(2, 3))

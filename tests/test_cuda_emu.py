@@ -195,6 +195,18 @@ def test_bn_relu_matches_cpu_kernels(emu, cpu, dtype, layout):
                cpu.affine_relu_backward_apply(dense, t, scale, shift, p, q, r), dtype)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_affine_relu_out_one_channel_into_the_other_layout(emu, cpu, channels_last):
+    """A one-channel t is dense in both layouts: it is written into a slice of a buffer in either."""
+    t = torch.randn(2, 1, 7, 3)
+    scale, shift = torch.rand(1) + 0.5, torch.randn(1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    buf = torch.full((2, 4, 7, 3), 5.0).contiguous(memory_format=fmt)
+    emu.affine_relu_out(t, scale, shift, buf[:, 2:3])
+    _close(buf[:, 2:3], cpu.affine_relu(t, scale, shift), torch.float32)
+    assert torch.all(buf[:, :2] == 5.0) and torch.all(buf[:, 3:] == 5.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Off the usual path: capped grids, 64-bit indices, reversed order. Bit-identical results.
 # ------------------------------------------------------------------------------------------------

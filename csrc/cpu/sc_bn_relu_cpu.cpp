@@ -375,7 +375,7 @@ int64_t out_pitch(const char* op, const at::Tensor& out, const at::Tensor& t, La
 void affine_relu_into(const char* op, const at::Tensor& t_in, const at::Tensor& scale, const at::Tensor& shift,
                       const at::Tensor& out) {
   check_full(op, t_in);
-  const Layout L = layout_of(t_in);
+  const Layout L = layout_for_out(t_in, out);
   const at::Tensor t = in_layout(t_in, L);
   const int64_t C = t.size(1);
   const int64_t outP = out_pitch(op, out, t, L);
@@ -408,7 +408,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_train_out(const at::Tensor& t_in, con
                                                      const at::Tensor& bias, double eps, const at::Tensor& out) {
   const char* op = "scnet_fused::_bn_relu_train_out (cpu)";
   check_full(op, t_in);
-  const Layout L = layout_of(t_in);
+  const Layout L = layout_for_out(t_in, out);
   const at::Tensor t = in_layout(t_in, L);
   const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
   TORCH_CHECK(N * HW > 0, op, ": t has no elements per channel, shape ", t.sizes());

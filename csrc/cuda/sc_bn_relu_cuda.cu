@@ -166,7 +166,7 @@ at::Tensor pointwise_op(const char* op, const at::Tensor& t_in, const at::Tensor
                         const at::Tensor& shift, const at::Tensor* pqr, const at::Tensor* out_in = nullptr) {
   check_full(op, t_in);
   const c10::cuda::CUDAGuard guard(t_in.device());
-  const Layout L = layout_of(t_in);
+  const Layout L = out_in ? layout_for_out(t_in, *out_in) : layout_of(t_in);
   const at::Tensor t = in_layout(t_in, L);
   int64_t dyP = t.size(1);
   const at::Tensor dy = dy_in ? in_layout_or_slice(*dy_in, L, &dyP) : at::Tensor();

@@ -103,6 +103,11 @@ def _vec(v: torch.Tensor) -> torch.Tensor:
 
 def _pointwise(t, dy, scale, shift, pqr: Optional[tuple], out: Optional[torch.Tensor] = None):
     channels_last, fmt = _layout(t)
+    if (out is not None and not channel_pitch(out, channels_last) and channel_pitch(out, not channels_last)
+            and t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)):
+        # t is dense in both layouts (one channel, or 1x1 maps): read it in the one out is written in
+        channels_last = not channels_last
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
     t = t.contiguous(memory_format=fmt)
     C, HW = t.shape[1], t.shape[2] * t.shape[3]
     out_pitch = C
