@@ -312,7 +312,8 @@ void backward_by_channel(const T* t, const T* dy, T* dt, const float* A, const f
 // Whether a channel-by-channel kernel suits the shape: every thread gets a channel, and what one channel
 // reads twice (bytes_per_value per value: t and dy in the backward, t in the forward) fits comfortably
 // in a core's L2 (at most 1 MiB: half of a 2 MiB L2, twice a 512 KiB one, where the second read comes
-// from L3, still not from memory).
+// from L3, still not from memory). Measured on a 2 MiB-L2 Xeon, backward in one process: channel by
+// channel 1.19x the two passes at 784 KiB per channel, 0.93x-1.07x at 1.5-3 MiB.
 bool by_channel(const Shape& s, int64_t bytes_per_value) {
   constexpr int64_t kChannelBytes = int64_t(1) << 20;
   return s.C >= at::get_num_threads() && s.N * s.HW * bytes_per_value <= kChannelBytes;
