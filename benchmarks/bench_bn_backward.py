@@ -61,11 +61,11 @@ def bn_relu_aten(P, t):
 
 def bn_relu_two_passes(P, t):
     """BatchNorm folded, the sums, the per-channel algebra in ATen, the apply pass."""
-    t["invstd"], t["scale"], t["shift"] = bn_fold(t["weight"], t["bias"], t["center"], t["var"], 1e-5)
-    sum_g, sum_gc = P.affine_relu_backward_sums(t["dy"], t["t"], t["scale"], t["shift"], t["center"])
-    q = -t["scale"] * t["invstd"] * (sum_gc * t["invstd"]) / t["m"]
-    r = -q * t["center"] - t["scale"] * sum_g / t["m"]
-    return P.affine_relu_backward_apply(t["dy"], t["t"], t["scale"], t["shift"], t["scale"], q, r)
+    invstd, scale, shift = bn_fold(t["weight"], t["bias"], t["center"], t["var"], 1e-5)
+    sum_g, sum_gc = P.affine_relu_backward_sums(t["dy"], t["t"], scale, shift, t["center"])
+    q = -scale * invstd * (sum_gc * invstd) / t["m"]
+    r = -q * t["center"] - scale * sum_g / t["m"]
+    return P.affine_relu_backward_apply(t["dy"], t["t"], scale, shift, scale, q, r)
 
 
 def bn_relu_one_call(P, t):
@@ -100,9 +100,9 @@ def make_inputs(op, N, C, H, W, dtype, fmt):
     t = {k: torch.randn(N, C, H, W, generator=g).to(dtype).contiguous(memory_format=fmt) for k in ("t", "dy")}
     var, mean = torch.var_mean(t["t"].float(), dim=(0, 2, 3), unbiased=False)
     t["weight"], t["bias"], t["center"], t["var"] = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g), mean, var
-    t["invstd"], t["scale"], t["shift"] = bn_fold(t["weight"], t["bias"], mean, var, 1e-5)
     t["m"] = float(N * H * W)
-    t["y"] = torch.relu(t["t"] * t["scale"].view(1, -1, 1, 1) + t["shift"].view(1, -1, 1, 1)).to(dtype)
+    t["invstd"], scale, shift = bn_fold(t["weight"], t["bias"], mean, var, 1e-5)
+    t["y"] = torch.relu(t["t"] * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(dtype)  # ATen's saved output
     t["y"] = t["y"].contiguous(memory_format=fmt)
     return t
 
