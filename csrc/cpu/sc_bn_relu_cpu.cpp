@@ -40,6 +40,8 @@ namespace {
 using namespace ::scnet_fused::host;
 
 using namespace ::scnet_fused::cpu_vec;
+using ::scnet_fused::cpu_stats::bn_fold_one;
+using ::scnet_fused::cpu_stats::bn_input_affine;
 
 inline Vec relu_v(const Vec& z) { return Vec::blendv(z, Vec(0.0f), z <= Vec(0.0f)); }
 inline Vec mask_v(const Vec& dy, const Vec& z) { return Vec::blendv(dy, Vec(0.0f), z <= Vec(0.0f)); }
@@ -124,32 +126,6 @@ inline void plane_sums(const T* tp, const T* dp, int64_t HW, float a, float b, f
   }
   *sg = a1;
   *sgc = a2;
-}
-
-// BatchNorm's input gradient as q * t + r (with p = scale) from the sums, in float32, the expressions of
-// scnet_fused/ops/bn_relu.py:
-//   dweight = sum_gc * invstd;  q = -scale * invstd * dweight / m;  r = -q * mean - scale * sum_g / m
-inline void bn_input_affine(float sum_g, float sum_gc, float scale, float invstd, float mean, float m, float* q,
-                            float* r) {
-  const float dweight = sum_gc * invstd;
-  const float qq = -scale * invstd * dweight / m;
-  const float t1 = -qq * mean;
-  const float t2 = scale * sum_g / m;
-  *q = qq;
-  *r = t1 - t2;
-}
-
-// BatchNorm folded to y = t * scale + shift, float32, the expressions of bn_fold
-// (scnet_fused/ops/sc_gate.py): invstd = rsqrt(var + eps), scale = weight * invstd,
-// shift = bias - mean * scale.
-inline void bn_fold_one(float weight, float bias, float mean, float var, float eps, float* scale, float* shift,
-                        float* invstd = nullptr) {
-  const float is = 1.0f / std::sqrt(var + eps);
-  const float sc = weight * is;
-  const float ms = mean * sc;
-  *scale = sc;
-  *shift = bias - ms;
-  if (invstd != nullptr) *invstd = is;
 }
 
 // ---------------------------------------------------------------------------------------------

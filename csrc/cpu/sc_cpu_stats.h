@@ -1,6 +1,7 @@
 // Per-channel batch statistics (mean and biased variance over N, H, W) for the CPU kernels: the
 // `_channel_stats` primitive (sc_gate_cpu.cpp) and the BatchNorm + ReLU forward that applies them while
-// each channel is in cache (sc_bn_relu_cpu.cpp) share these, so both give the same bits.
+// each channel is in cache (sc_bn_relu_cpu.cpp) share these, so both give the same bits. Also the
+// per-channel BatchNorm algebra of the one-call kernels (the fold, and the input gradient's q and r).
 //
 // Values are shifted by the channel's first value K to keep E[x^2] - E[x]^2 exact enough; float
 // partials over at most 1024 values of a plane (NCHW) or 128 pixels (NHWC) are added in double,
@@ -37,6 +38,41 @@ inline void finalize_stats(float K, double a1, double a2, double M, float* mean,
   const double m1 = a1 / M;
   *mean = static_cast<float>(static_cast<double>(K) + m1);
   *var = static_cast<float>(std::max(0.0, a2 / M - m1 * m1));
+}
+
+// x as a float32 value of its own. GCC contracts a product and a later sum, across statements, into
+// one fused multiply-add where FMA is enabled (-ffp-contract=fast), which ATen's separate operations
+// never do; a volatile round trip keeps the product rounded, so the per-channel algebra below gives
+// ATen's bits.
+inline float rounded(float x) {
+  volatile float v = x;
+  return v;
+}
+
+// BatchNorm's input gradient as q * t + r (with p = scale) from the sums, in float32, the expressions of
+// scnet_fused/ops/bn_relu.py and scnet_fused/ops/sc_gate.py:
+//   dweight = sum_gc * invstd;  q = -scale * invstd * dweight / m;  r = -q * mean - scale * sum_g / m
+inline void bn_input_affine(float sum_g, float sum_gc, float scale, float invstd, float mean, float m, float* q,
+                            float* r) {
+  const float dweight = sum_gc * invstd;
+  const float qq = -scale * invstd * dweight / m;
+  const float t1 = rounded(-qq * mean);
+  const float t2 = scale * sum_g / m;
+  *q = qq;
+  *r = t1 - t2;
+}
+
+// BatchNorm folded to y = t * scale + shift, float32, the expressions of bn_fold
+// (scnet_fused/ops/sc_gate.py): invstd = rsqrt(var + eps), scale = weight * invstd,
+// shift = bias - mean * scale.
+inline void bn_fold_one(float weight, float bias, float mean, float var, float eps, float* scale, float* shift,
+                        float* invstd = nullptr) {
+  const float is = 1.0f / std::sqrt(var + eps);
+  const float sc = weight * is;
+  const float ms = rounded(mean * sc);
+  *scale = sc;
+  *shift = bias - ms;
+  if (invstd != nullptr) *invstd = is;
 }
 
 // Sums of (x - K) and (x - K)^2 over one NCHW plane of HW values.
