@@ -97,11 +97,26 @@ void prim_affine_relu_out(const at::Tensor& t, const at::Tensor& scale, const at
   op.call(t, scale, shift, out);
 }
 
-void prim_add_channel_affine_(const at::Tensor& d, const at::Tensor& t, const at::Tensor& q, const at::Tensor& r) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prim_gate_bn_train_forward(const at::Tensor& x, const at::Tensor& small,
+                                                                          const at::Tensor& k3, const at::Tensor& weight,
+                                                                          const at::Tensor& bias, double eps) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("scnet_fused::_add_channel_affine_", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  op.call(d, t, q, r);
+                       .findSchemaOrThrow("scnet_fused::_gate_bn_train_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, double)>();
+  return op.call(x, small, k3, weight, bias, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prim_gate_bn_train_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_gate_bn_train_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(dy, x, small, k3, weight, bias, mean, var, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prim_bn_relu_train_backward(
@@ -123,13 +138,6 @@ std::tuple<at::Tensor, at::Tensor> prim_bn_relu_train_out(const at::Tensor& t, c
                                                                  const at::Tensor&, double, const at::Tensor&)>();
   return op.call(t, weight, bias, eps, out);
 }
-
-// Whether the BatchNorm-train gate backward keeps g * scale from its first pass (then adds q k3 + r
-// in place) instead of recomputing the gate in a second pass: float32 on the CPU, where the
-// sigmoid's arithmetic, not memory, bounds the passes. Both read and write the same number of
-// full-size tensors in all; half-precision storage would round g * scale before the cancellation
-// in the sum, so it keeps the recomputing pass (as the CUDA kernels do).
-bool bn_dk3_from_g(const at::Tensor& x) { return x.is_cpu() && x.scalar_type() == at::kFloat; }
 
 at::Tensor prim_affine_relu(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift) {
   static auto op = c10::Dispatcher::singleton()
@@ -260,6 +268,9 @@ BnFold bn_fold(const at::Tensor& weight, const at::Tensor& bias, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bn_train_impl(const at::Tensor& x, const at::Tensor& small,
                                                                   const at::Tensor& k3, const at::Tensor& weight,
                                                                   const at::Tensor& bias, double eps) {
+  if (x.is_cpu()) {  // one call: NCHW channel by channel, k3 read the second time from cache
+    return prim_gate_bn_train_forward(x, small, k3, weight.detach(), bias.detach(), eps);
+  }
   auto [mean, var] = prim_channel_stats(k3);
   const BnFold f = bn_fold(weight, bias, mean, var, eps);
   at::Tensor y = prim_gate_forward(x, small, k3, f.scale, f.shift);
@@ -284,24 +295,24 @@ struct GateBnTrainFn : public torch::autograd::Function<GateBnTrainFn> {
     at::Tensor dy = grads[0];
     if (!dy.defined()) dy = at::zeros_like(x);  // only mean / var were used (they carry no gradient)
     dy = dy.to(x.dtype()).contiguous(format_like(x));
+    if (x.is_cpu()) {  // one call: NCHW channel by channel, k3 and g * scale read the second time from cache
+      auto [dx, dsmall, dk3, dweight, dbias] =
+          prim_gate_bn_train_backward(dy, x, small, k3, weight.detach(), bias.detach(), mean, var, eps);
+      return guard_double_backward(
+          {dx, dsmall, dk3, dweight.to(weight.scalar_type()), dbias.to(bias.scalar_type()), at::Tensor()},
+          {grads[0], x, small, k3, weight, bias}, "scnet_fused.sc_gate_bn_train_backward");
+    }
     const BnFold f = bn_fold(weight, bias, mean, var, eps);
-    // Pass 1: dx, dsmall and the per-channel sums sum(g), sum(g * (k3 - mean)), g = dy * sigmoid(.);
-    // g * scale too where pass 2 starts from it.
-    const bool from_g = bn_dk3_from_g(x);
-    auto [dx, dsmall, gs, sum_g, sum_gc] =
-        prim_gate_backward(dy, x, small, k3, f.scale, f.shift, mean.contiguous(), from_g);
+    // Pass 1: dx, dsmall and the per-channel sums sum(g), sum(g * (k3 - mean)), g = dy * sigmoid(.).
+    auto [dx, dsmall, unused_dk3, sum_g, sum_gc] =
+        prim_gate_backward(dy, x, small, k3, f.scale, f.shift, mean.contiguous(), false);
     const double m = static_cast<double>(x.size(0) * x.size(2) * x.size(3));
     at::Tensor dweight = sum_gc * f.invstd;  // sum(g * xhat)
-    // Pass 2: BatchNorm's input gradient dk3 = scale * (g - sum_g / M - xhat * dweight / M) = p g + q k3 + r.
+    // Pass 2: BatchNorm's input gradient dk3 = scale * (g - sum_g / M - xhat * dweight / M) = p g + q k3 + r
+    // (the sigmoid recomputed).
     at::Tensor q = (-f.scale * f.invstd * dweight / m).contiguous();
     at::Tensor r = (-q * mean - f.scale * sum_g / m).contiguous();
-    at::Tensor dk3;
-    if (from_g) {
-      prim_add_channel_affine_(gs, k3.contiguous(format_like(x)), q, r);
-      dk3 = gs;
-    } else {
-      dk3 = prim_gate_backward_k3(dy, x, small, k3, f.scale, q, r);
-    }
+    at::Tensor dk3 = prim_gate_backward_k3(dy, x, small, k3, f.scale, q, r);
     return guard_double_backward(
         {dx, dsmall, dk3, dweight.to(weight.scalar_type()), sum_g.to(bias.scalar_type()), at::Tensor()},
         {grads[0], x, small, k3, weight, bias}, "scnet_fused.sc_gate_bn_train_backward");

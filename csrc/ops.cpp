@@ -56,6 +56,10 @@ TORCH_LIBRARY(scnet_fused, m) {
   m.def("_add_channel_affine_(Tensor(a!) d, Tensor t, Tensor q, Tensor r) -> ()");
   m.def("_bn_relu_train_backward(Tensor dy, Tensor t, Tensor weight, Tensor bias, Tensor mean, Tensor var, "
         "float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("_gate_bn_train_backward(Tensor dy, Tensor x, Tensor small, Tensor k3, Tensor weight, Tensor bias, "
+        "Tensor mean, Tensor var, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_gate_bn_train_forward(Tensor x, Tensor small, Tensor k3, Tensor weight, Tensor bias, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("_bn_relu_train_out(Tensor t, Tensor weight, Tensor bias, float eps, Tensor(a!) out) -> (Tensor, Tensor)");
   m.def("_nearest_source(int i, int out_size, int in_size) -> int", &scnet_fused::nearest_source_one);
   m.def("_cell_start(int a, int out_size, int in_size) -> int", &scnet_fused::cell_start_one);

@@ -181,6 +181,8 @@ def test_streaming_stores_give_the_same_results(monkeypatch, dtype):
         outs = [P.gate_forward(x, small, k3, scale, shift), P.gate_backward_k3(dy, x, small, k3, scale, shift, center)]
         for need_dk3 in (True, False):
             outs += [t for t in P.gate_backward(dy, x, small, k3, scale, shift, center, need_dk3) if t is not None]
+        outs += list(P.gate_bn_train_backward(dy, x, small, k3, scale, shift, center, center.abs() + 0.1, 1e-5))
+        outs += list(P.gate_bn_train_forward(x, small, k3, scale, shift, 1e-5))
         return outs
 
     for shape in STREAM_SHAPES:
@@ -285,6 +287,9 @@ def test_every_output_written_under_poison():
                     P.gate_backward_k3(dy, x, small, k3, scale, shift, center)]
             outs += [t for t in P.gate_backward(dy, x, small, k3, scale, shift, center, True) if t is not None]
             outs += list(P.channel_stats(k3))
+            weight, var = scale + 0.5, center.abs() + 0.1
+            outs += list(P.gate_bn_train_backward(dy, x, small, k3, weight, shift, center, var, 1e-5))
+            outs += list(P.gate_bn_train_forward(x, small, k3, weight, shift, 1e-5))
             for t in outs:
                 assert not torch.isnan(t).any()
 
@@ -510,6 +515,154 @@ def test_bn_relu_train_out_writes_its_slice_and_ignores_threads(cl):
         P.bn_relu_train_out(t, w[:5], b, 1e-5, dense)
     with pytest.raises(RuntimeError, match="no elements per channel"):
         P.bn_relu_train_out(t[:0], w, b, 1e-5, torch.empty_like(t[:0]))
+
+
+def _gate_bn_inputs(shape, dtype, cl, seed):
+    """x, small, k3, dy, weight, bias and k3's batch statistics (mean, biased var)."""
+    x, small, k3, dy, _, _, _ = make_inputs(shape, dtype=dtype, channels_last=cl, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    C = shape[1]
+    var, mean = torch.var_mean(k3.float(), dim=(0, 2, 3), unbiased=False)
+    weight, bias = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g) * 0.5
+    return x, small, k3, dy, weight, bias, mean, var
+
+
+def _gate_bn_two_passes(P, dy, x, small, k3, weight, bias, mean, var, eps):
+    """The BatchNorm gate backward composed from bn_fold, the two gate passes and the algebra in ATen:
+    for float32 dk3 from the g * scale of the first pass, else the sigmoid recomputed."""
+    from scnet_fused.ops.sc_gate import bn_fold
+
+    invstd, scale, shift = bn_fold(weight, bias, mean, var, eps)
+    from_g = x.dtype == torch.float32
+    dx, dsmall, gs, sum_g, sum_gc = P.gate_backward(dy, x, small, k3, scale, shift, mean, from_g)
+    m = float(x.shape[0] * x.shape[2] * x.shape[3])
+    dweight = sum_gc * invstd
+    q = -scale * invstd * dweight / m
+    r = -q * mean - scale * sum_g / m
+    dk3 = P.add_channel_affine_(gs, k3, q, r) if from_g else P.gate_backward_k3(dy, x, small, k3, scale, q, r)
+    return dx, dsmall, dk3, dweight, sum_g
+
+
+# NCHW channel by channel (vector tails, 1x1 maps, one-vector and partial-vector planes, N = 1);
+# NCHW two passes inside: one channel (fewer channels than threads), a channel over the by-channel
+# size, and a map whose upsampling the permute table does not cover (the blocked path); NHWC.
+GATE_BN_BACKWARD = [(SHAPES[0], False), (SHAPES[3], False), (SHAPES[6], False), (SHAPES[14], False),
+                    (SHAPES[15], False), ((3, 1, 9, 9, 2, 2), False), ((1, 2, 240, 232, 60, 58), False),
+                    (SHAPES[13], False), (SHAPES[0], True), (SHAPES[11], True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,cl", GATE_BN_BACKWARD, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else ("nhwc" if v else "nchw"))
+def test_gate_bn_train_backward_matches_two_passes(shape, cl, dtype):
+    """The one-call BatchNorm gate backward gives the bits of the two-pass composition with the
+    algebra in ATen (the same per-plane code, the sums' partials added in the same order, the fold and
+    the algebra rounded as ATen rounds them); dk3 too in float32, and to float32 rounding of g * scale
+    in half precision (the composition recomputes g there). All against float64 autograd."""
+    P = prims()
+    x, small, k3, dy, w, b, mean, var = _gate_bn_inputs(shape, dtype, cl, seed=shape[1])
+    dx, dsmall, dk3, dweight, dbias = P.gate_bn_train_backward(dy, x, small, k3, w, b, mean, var, 1e-3)
+    want = _gate_bn_two_passes(P, dy, x, small, k3, w, b, mean, var, 1e-3)
+    for got, exp in ((dx, want[0]), (dsmall, want[1]), (dweight, want[3]), (dbias, want[4])):
+        torch.testing.assert_close(got, exp, rtol=0, atol=0)
+    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(dk3.float(), want[2].float(), **tol)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    assert dx.dtype == dk3.dtype == dtype and dx.is_contiguous(memory_format=fmt) and dk3.is_contiguous(memory_format=fmt)
+    assert dweight.dtype == dbias.dtype == torch.float32 and dsmall.shape == small.shape
+    a = [t.double().requires_grad_() for t in (x, small, k3, w, b)]
+    bn = F.batch_norm(a[2], None, None, a[3], a[4], True, 0.1, 1e-3)
+    y64 = bn * torch.sigmoid(a[0] + F.interpolate(a[1], size=x.shape[-2:], mode="nearest"))
+    g64 = torch.autograd.grad(y64, a, dy.double())
+    tol64 = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    for got, exp in zip((dx, dsmall, dk3, dweight, dbias), g64):
+        torch.testing.assert_close(got.double(), exp, **tol64)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_gate_bn_train_backward_ignores_threads_and_paths(cl):
+    """The results do not depend on the thread count, bit for bit; with one channel one thread goes
+    channel by channel and two threads take the two passes (float32: from g * scale), with the same
+    bits."""
+    P = prims()
+    threads = torch.get_num_threads()
+    for shape in (SHAPES[0], (3, 1, 9, 9, 2, 2), SHAPES[3]):
+        args = _gate_bn_inputs(shape, torch.float32, cl, seed=3)
+        x, small, k3, dy, w, b, mean, var = args
+        results = []
+        try:
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                results.append(P.gate_bn_train_backward(dy, x, small, k3, w, b, mean, var, 1e-5))
+        finally:
+            torch.set_num_threads(threads)
+        for other in results[1:]:
+            for a, e in zip(results[0], other):
+                torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,cl", GATE_BN_BACKWARD, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else ("nhwc" if v else "nchw"))
+def test_gate_bn_train_forward_matches_stats_then_gate(shape, cl, dtype):
+    """The one-call BatchNorm gate forward: `channel_stats`' statistics and `gate_forward`'s y with
+    bn_fold's scale and shift, bit for bit; and against float64."""
+    from scnet_fused.ops.sc_gate import bn_fold
+
+    P = prims()
+    x, small, k3, _, w, b, _, _ = _gate_bn_inputs(shape, dtype, cl, seed=shape[1] + 2)
+    y, mean, var = P.gate_bn_train_forward(x, small, k3, w, b, 1e-3)
+    want_mean, want_var = P.channel_stats(k3)
+    _, scale, shift = bn_fold(w, b, want_mean, want_var, 1e-3)
+    for got, exp in ((mean, want_mean), (var, want_var), (y, P.gate_forward(x, small, k3, scale, shift))):
+        torch.testing.assert_close(got, exp, rtol=0, atol=0)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+    bn = F.batch_norm(k3.double(), None, None, w.double(), b.double(), True, 0.1, 1e-3)
+    y64 = bn * torch.sigmoid(x.double() + F.interpolate(small.double(), size=x.shape[-2:], mode="nearest"))
+    tol64 = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(y.double(), y64, **tol64)
+
+
+def test_gate_bn_train_forward_ignores_threads_and_checks_inputs():
+    P = prims()
+    threads = torch.get_num_threads()
+    for shape in (SHAPES[0], (3, 1, 9, 9, 2, 2), SHAPES[3]):
+        for cl in (False, True):
+            x, small, k3, _, w, b, _, _ = _gate_bn_inputs(shape, torch.float32, cl, seed=4)
+            results = []
+            try:
+                for n in (1, 2, 3):
+                    torch.set_num_threads(n)
+                    results.append(P.gate_bn_train_forward(x, small, k3, w, b, 1e-5))
+            finally:
+                torch.set_num_threads(threads)
+            for other in results[1:]:
+                for a, e in zip(results[0], other):
+                    torch.testing.assert_close(a, e, rtol=0, atol=0)
+    x, small, k3, _, w, b, _, _ = _gate_bn_inputs(SHAPES[0], torch.float32, False, seed=1)
+    with pytest.raises(RuntimeError, match="weight must be 1-D with C=13"):
+        P.gate_bn_train_forward(x, small, k3, w[:5], b, 1e-5)
+    with pytest.raises(RuntimeError, match="k3 must have x's shape"):
+        P.gate_bn_train_forward(x, small, k3[:, :5], w, b, 1e-5)
+    with pytest.raises(RuntimeError, match="no elements per channel"):
+        P.gate_bn_train_forward(x[:0], small[:0], k3[:0], w, b, 1e-5)
+
+
+def test_gate_bn_train_backward_errors_and_empty():
+    P = prims()
+    x, small, k3, dy, w, b, mean, var = _gate_bn_inputs(SHAPES[0], torch.float32, False, seed=1)
+    with pytest.raises(RuntimeError, match="dy"):
+        P.gate_bn_train_backward(dy[:, :5], x, small, k3, w, b, mean, var, 1e-5)
+    with pytest.raises(RuntimeError, match="var must be 1-D with C=13"):
+        P.gate_bn_train_backward(dy, x, small, k3, w, b, mean, var[:5], 1e-5)
+    with pytest.raises(RuntimeError, match="weight must be 1-D with C=13"):
+        P.gate_bn_train_backward(dy, x, small, k3, w[:5], b, mean, var, 1e-5)
+    with pytest.raises(RuntimeError, match="k3"):
+        P.gate_bn_train_backward(dy, x, small, k3.double(), w, b, mean, var, 1e-5)
+    dx, dsmall, dk3, dweight, dbias = P.gate_bn_train_backward(dy[:0], x[:0], small[:0], k3[:0], w, b, mean, var, 1e-5)
+    assert dx.shape == dk3.shape == x[:0].shape and dsmall.shape == small[:0].shape
+    assert torch.equal(dweight, torch.zeros(13)) and torch.equal(dbias, torch.zeros(13))
 
 
 def test_clear_errors():

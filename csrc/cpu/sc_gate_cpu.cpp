@@ -143,6 +143,8 @@ inline Vec vsigmoid(const Vec& z) { return vreciprocal(Vec(1.0f) + z.neg().exp_u
 #endif
 
 using ::scnet_fused::cpu_vec::hsum;
+using ::scnet_fused::cpu_stats::bn_fold_one;
+using ::scnet_fused::cpu_stats::bn_input_affine;
 using ::scnet_fused::cpu_stats::stats_nchw;
 using ::scnet_fused::cpu_stats::stats_nhwc;
 
@@ -551,38 +553,64 @@ struct PlaneWalk {
   void next() { c = c + 1 == C ? 0 : c + 1; }
 };
 
+// One plane of the pointwise ops on the permute table (channel c, small values S as float).
 template <typename T, bool kK3, bool kOne>
-void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTable& t, bool nt) {
-  const int64_t HW = g.H * g.W, nvec = static_cast<int64_t>(t.base.size()), hw = g.h * g.w, C = g.C;
-  const int64_t grain = std::max<int64_t>(1, 32768 / HW);
-  const int64_t G = small_group(HW);
+inline void pointwise_plane_permute(const Pointwise<T>& p, const Geometry& g, const UpTable& t, int64_t plane,
+                                    int64_t c, const float* S, bool nt) {
+  const int64_t HW = g.H * g.W, nvec = static_cast<int64_t>(t.base.size());
   const int32_t* TB = t.base.data();
   const int32_t* TI = t.idx.data();
+  const Vec A(p.A[c]), B(p.B[c]), R(p.R[c]);
+  const int64_t off = plane * HW;
+  const T* xp = p.x + off;
+  const T* kp = p.k + off;
+  const T* dp = kK3 ? p.dy + off : nullptr;
+  T* op = p.out + off;
+  const auto one = [&](int64_t v, int64_t e) {
+    const Vec uv = up_vec<kOne>(S + TB[v], TI + v * kV);
+    const Vec dyv = kK3 ? IO<T>::load(dp + e) : Vec(0.0f);
+    put(op + e, pointwise_vec<kK3>(IO<T>::load(xp + e), uv, IO<T>::load(kp + e), dyv, A, B, R), nt);
+  };
+  if (HW >= kV) {
+    const int64_t nfull = HW / kV;
+    for (int64_t v = 0; v < nfull; ++v) one(v, v * kV);
+    if (nfull < nvec) one(nfull, HW - kV);  // overlaps the one before: rewrites equal values
+  } else {
+    const Vec uv = up_vec<kOne>(S + TB[0], TI);
+    const Vec dyv = kK3 ? IO<T>::load(dp, HW) : Vec(0.0f);
+    IO<T>::store(op, pointwise_vec<kK3>(IO<T>::load(xp, HW), uv, IO<T>::load(kp, HW), dyv, A, B, R), HW);
+  }
+}
+
+template <typename T, bool kK3, bool kOne>
+void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTable& t, bool nt) {
+  const int64_t HW = g.H * g.W, hw = g.h * g.w, C = g.C;
+  const int64_t grain = std::max<int64_t>(1, 32768 / HW);
+  const int64_t G = small_group(HW);
   at::parallel_for(0, g.N * C, grain, [&](int64_t p0, int64_t p1) {
     PlaneWalk<T> walk(p.small, hw, G, C, p0, p1);
     for (int64_t plane = p0; plane < p1; ++plane, walk.next()) {
-      const float* S = walk.values(plane);
-      const int64_t c = walk.c;
-      const Vec A(p.A[c]), B(p.B[c]), R(p.R[c]);
-      const int64_t off = plane * HW;
-      const T* xp = p.x + off;
-      const T* kp = p.k + off;
-      const T* dp = kK3 ? p.dy + off : nullptr;
-      T* op = p.out + off;
-      const auto one = [&](int64_t v, int64_t e) {
-        const Vec uv = up_vec<kOne>(S + TB[v], TI + v * kV);
-        const Vec dyv = kK3 ? IO<T>::load(dp + e) : Vec(0.0f);
-        put(op + e, pointwise_vec<kK3>(IO<T>::load(xp + e), uv, IO<T>::load(kp + e), dyv, A, B, R), nt);
-      };
-      if (HW >= kV) {
-        const int64_t nfull = HW / kV;
-        for (int64_t v = 0; v < nfull; ++v) one(v, v * kV);
-        if (nfull < nvec) one(nfull, HW - kV);  // overlaps the one before: rewrites equal values
-      } else {
-        const Vec uv = up_vec<kOne>(S + TB[0], TI);
-        const Vec dyv = kK3 ? IO<T>::load(dp, HW) : Vec(0.0f);
-        IO<T>::store(op, pointwise_vec<kK3>(IO<T>::load(xp, HW), uv, IO<T>::load(kp, HW), dyv, A, B, R), HW);
-      }
+      pointwise_plane_permute<T, kK3, kOne>(p, g, t, plane, walk.c, walk.values(plane), nt);
+    }
+    if (nt) _mm_sfence();
+  });
+}
+
+// The training-mode BatchNorm gate forward (`_gate_bn_train_forward`), NCHW, channel by channel: the
+// channel's batch statistics (`cpu_stats::channel_moments`, the bits of `_channel_stats`), the fold
+// (bn_fold_one, written to A and B at c), then y for its N planes while k3 is still in cache: k3 crosses
+// the memory bus once, 3 full-size streams instead of 4. W, Bi: weight, bias; mean, var: per channel.
+template <typename T, bool kOne>
+void gate_bn_forward_by_channel(const Pointwise<T>& p, float* A, float* B, const Geometry& g, const UpTable& t,
+                                bool nt, const float* W, const float* Bi, float eps, float* mean, float* var) {
+  const int64_t HW = g.H * g.W, hw = g.h * g.w, N = g.N, C = g.C;
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> sbuf(N * hw + 2 * kV, 0.0f);  // the channel's small planes as float, padded
+    for (int64_t c = c0; c < c1; ++c) {
+      cpu_stats::channel_moments(p.k + c * HW, N, C * HW, HW, mean + c, var + c);
+      bn_fold_one(W[c], Bi[c], mean[c], var[c], eps, A + c, B + c);
+      for (int64_t n = 0; n < N; ++n) load_small_planes(p.small + (n * C + c) * hw, hw, 1, sbuf.data() + n * hw);
+      for (int64_t n = 0; n < N; ++n) pointwise_plane_permute<T, false, kOne>(p, g, t, n * C + c, c, sbuf.data() + n * hw, nt);
     }
     if (nt) _mm_sfence();
   });
@@ -792,122 +820,178 @@ void backward_nchw(const Backward<T>& p, const Geometry& g, double* part_g, doub
 }
 
 #ifdef SCNET_FUSED_PERMUTE_UP
-// The gate backward on the permute table: per plane one flat run of vectors (as the forward), dz
-// kept in D; then the upsampling adjoint: D's rows summed per row cell (Acc, one row per source row)
-// and Acc's columns per column cell, vectorized over the source rows. A plane that is a single cell
-// (h = w = 1, the 7x7 stage) sums dz in the first pass instead.
-template <typename T, bool kOne>
-void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTable& t, bool nt, double* part_g,
-                           double* part_gk) {
+// The gate backward on the permute table, one plane (channel c, small values S as float): per plane
+// one flat run of vectors (as the forward), dz kept in D; then the upsampling adjoint: D's rows summed
+// per row cell (Acc, one row per source row) and Acc's columns per column cell, vectorized over the
+// source rows. A plane that is a single cell (h = w = 1, the 7x7 stage) sums dz in the first pass
+// instead. dk3 = g * scale goes to dkp when set: the dk3 output (TK = T) or a float scratch (TK =
+// float). nt / ntk: streaming stores of dx / dk. D (HW + kV floats) and Acc (h * W + kV): the
+// caller's scratch. The plane's sums of g and g * (k - center) go to *sum_g_out, *sum_gk_out.
+template <typename T, typename TK, bool kOne>
+inline void backward_plane_permute(const Backward<T>& p, const Geometry& g, const UpTable& t, int64_t plane,
+                                   int64_t c, const float* S, TK* dkp, bool nt, bool ntk, float* D, float* Acc,
+                                   double* sum_g_out, double* sum_gk_out) {
   const int64_t HW = g.H * g.W, nvec = static_cast<int64_t>(t.base.size()), hw = g.h * g.w, W = g.W;
-  const int64_t grain = std::max<int64_t>(1, 32768 / HW);
-  const int64_t G = small_group(HW);
   constexpr int64_t kFlushVec = kFlush / kV;
   const int32_t* TB = t.base.data();
   const int32_t* TI = t.idx.data();
+  const Vec lane = Vec::arange(0.0f, 1.0f);
+  const bool one_cell = hw == 1;
+  const Vec sc(p.scale[c]), sh(p.shift[c]), ctr(p.center[c]);
+  const int64_t off = plane * HW;
+  const T* xp = p.x + off;
+  const T* kp = p.k + off;
+  const T* dp = p.dy + off;
+  T* dxp = p.dx + off;
+  double sum_g = 0.0, sum_gk = 0.0, sum_dz = 0.0;
+  Vec gs(0.0f), gks(0.0f), dzs(0.0f), dk3v;
+  if (HW >= kV) {
+    const int64_t nfull = HW / kV;
+    for (int64_t v = 0; v < nfull; ++v) {
+      const int64_t e = v * kV;
+      const Vec dz = backward_vec(IO<T>::load(xp + e), up_vec<kOne>(S + TB[v], TI + v * kV),
+                                  IO<T>::load(kp + e), IO<T>::load(dp + e), sc, sh, ctr, dk3v, gs, gks);
+      put(dxp + e, dz, nt);
+      if (dkp) put(dkp + e, dk3v, ntk);
+      if (one_cell) {
+        dzs = dzs + dz;
+      } else {
+        dz.store(D + e);
+      }
+      if ((v + 1) % kFlushVec == 0) {
+        sum_g += hsum(gs);
+        sum_gk += hsum(gks);
+        gs = Vec(0.0f);
+        gks = Vec(0.0f);
+        if (one_cell) {
+          sum_dz += hsum(dzs);
+          dzs = Vec(0.0f);
+        }
+      }
+    }
+    if (nfull < nvec) {
+      // The last vector overlaps the one before: the stores rewrite equal values; the sums take
+      // only the lanes not yet counted.
+      const int64_t e = HW - kV;
+      const Vec keep = lane >= Vec(static_cast<float>(kV - (HW - nfull * kV)));
+      const Vec dz = backward_vec(IO<T>::load(xp + e), up_vec<kOne>(S + TB[nfull], TI + nfull * kV),
+                                  IO<T>::load(kp + e), IO<T>::load(dp + e), sc, sh, ctr, dk3v, gs, gks, &keep);
+      IO<T>::store(dxp + e, dz);
+      if (dkp) IO<TK>::store(dkp + e, dk3v);
+      if (one_cell) {
+        dzs = dzs + Vec::blendv(Vec(0.0f), dz, keep);
+      } else {
+        dz.store(D + e);
+      }
+    }
+  } else {
+    const Vec keep = lane < Vec(static_cast<float>(HW));
+    const Vec dz = backward_vec(IO<T>::load(xp, HW), up_vec<kOne>(S + TB[0], TI), IO<T>::load(kp, HW),
+                                IO<T>::load(dp, HW), sc, sh, ctr, dk3v, gs, gks, &keep);
+    IO<T>::store(dxp, dz, HW);
+    if (dkp) IO<TK>::store(dkp, dk3v, HW);
+    if (one_cell) {
+      dzs = dzs + Vec::blendv(Vec(0.0f), dz, keep);
+    } else {
+      dz.store(D);
+    }
+  }
+  sum_g += hsum(gs);
+  sum_gk += hsum(gks);
+  *sum_g_out = sum_g;
+  *sum_gk_out = sum_gk;
+  T* dsp = p.dsmall + plane * hw;
+  if (one_cell) {  // the whole plane is one cell: dsmall is the sum of dz
+    dsp[0] = static_cast<T>(sum_dz + hsum(dzs));
+    return;
+  }
+
+  // Rows: Acc[a] = the sum of D's rows in cell a (kept in registers; the row tails masked).
+  const Vec tail_keep = lane < Vec(static_cast<float>(W % kV));
+  for (int64_t a = 0; a < g.h; ++a) {
+    for (int64_t j = 0; j < W; j += kV) {
+      Vec v(0.0f);
+      for (int64_t i = g.rs[a]; i < g.rs[a + 1]; ++i) v = v + Vec::loadu(D + i * W + j);
+      if (j + kV > W) v = Vec::blendv(Vec(0.0f), v, tail_keep);
+      v.store(Acc + a * W + j);  // a tail store runs into row a + 1, written next (or the padding)
+    }
+  }
+  // Columns: dsmall[a, b] = the sum of Acc[a, cs[b] .. cs[b + 1]), for kV rows a at a time
+  // (one column of them is one gather).
+  for (int64_t a0 = 0; a0 < g.h; a0 += kV) {
+    const int64_t na = std::min(kV, g.h - a0);
+    const ColumnGather col(W, na);
+    const float* A0 = Acc + a0 * W;
+    for (int64_t b = 0; b < g.w; ++b) {
+      Vec s(0.0f);
+      for (int64_t j = g.cs[b]; j < g.cs[b + 1]; ++j) s = s + col.load(A0 + j);
+      float out[kV];
+      s.store(out);
+      for (int64_t a = 0; a < na; ++a) dsp[(a0 + a) * g.w + b] = static_cast<T>(out[a]);
+    }
+  }
+}
+
+// The gate backward on the permute table, plane by plane; partial sums per plane.
+template <typename T, bool kOne>
+void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTable& t, bool nt, double* part_g,
+                           double* part_gk) {
+  const int64_t HW = g.H * g.W, hw = g.h * g.w;
+  const int64_t grain = std::max<int64_t>(1, 32768 / HW);
+  const int64_t G = small_group(HW);
   at::parallel_for(0, g.N * g.C, grain, [&](int64_t p0, int64_t p1) {
     // D and Acc are padded by a vector: the row tails are read and written as whole vectors.
-    std::vector<float> dbuf(HW + kV, 0.0f), abuf(g.h * W + kV);
-    float* D = dbuf.data();
-    float* Acc = abuf.data();
-    const Vec lane = Vec::arange(0.0f, 1.0f);
-    const Vec tail_keep = lane < Vec(static_cast<float>(W % kV));
-    const bool one_cell = hw == 1;
+    std::vector<float> dbuf(HW + kV, 0.0f), abuf(g.h * g.W + kV);
     PlaneWalk<T> walk(p.small, hw, G, g.C, p0, p1);
     for (int64_t plane = p0; plane < p1; ++plane, walk.next()) {
       const float* S = walk.values(plane);
-      const int64_t c = walk.c;
-      const Vec sc(p.scale[c]), sh(p.shift[c]), ctr(p.center[c]);
-      const int64_t off = plane * HW;
-      const T* xp = p.x + off;
-      const T* kp = p.k + off;
-      const T* dp = p.dy + off;
-      T* dxp = p.dx + off;
-      T* dkp = p.dk3 ? p.dk3 + off : nullptr;
-      double sum_g = 0.0, sum_gk = 0.0, sum_dz = 0.0;
-      Vec gs(0.0f), gks(0.0f), dzs(0.0f), dk3v;
-      if (HW >= kV) {
-        const int64_t nfull = HW / kV;
-        for (int64_t v = 0; v < nfull; ++v) {
-          const int64_t e = v * kV;
-          const Vec dz = backward_vec(IO<T>::load(xp + e), up_vec<kOne>(S + TB[v], TI + v * kV),
-                                      IO<T>::load(kp + e), IO<T>::load(dp + e), sc, sh, ctr, dk3v, gs, gks);
-          put(dxp + e, dz, nt);
-          if (dkp) put(dkp + e, dk3v, nt);
-          if (one_cell) {
-            dzs = dzs + dz;
-          } else {
-            dz.store(D + e);
-          }
-          if ((v + 1) % kFlushVec == 0) {
-            sum_g += hsum(gs);
-            sum_gk += hsum(gks);
-            gs = Vec(0.0f);
-            gks = Vec(0.0f);
-            if (one_cell) {
-              sum_dz += hsum(dzs);
-              dzs = Vec(0.0f);
-            }
-          }
-        }
-        if (nfull < nvec) {
-          // The last vector overlaps the one before: the stores rewrite equal values; the sums take
-          // only the lanes not yet counted.
-          const int64_t e = HW - kV;
-          const Vec keep = lane >= Vec(static_cast<float>(kV - (HW - nfull * kV)));
-          const Vec dz = backward_vec(IO<T>::load(xp + e), up_vec<kOne>(S + TB[nfull], TI + nfull * kV),
-                                      IO<T>::load(kp + e), IO<T>::load(dp + e), sc, sh, ctr, dk3v, gs, gks, &keep);
-          IO<T>::store(dxp + e, dz);
-          if (dkp) IO<T>::store(dkp + e, dk3v);
-          if (one_cell) {
-            dzs = dzs + Vec::blendv(Vec(0.0f), dz, keep);
-          } else {
-            dz.store(D + e);
-          }
-        }
-      } else {
-        const Vec keep = lane < Vec(static_cast<float>(HW));
-        const Vec dz = backward_vec(IO<T>::load(xp, HW), up_vec<kOne>(S + TB[0], TI), IO<T>::load(kp, HW),
-                                    IO<T>::load(dp, HW), sc, sh, ctr, dk3v, gs, gks, &keep);
-        IO<T>::store(dxp, dz, HW);
-        if (dkp) IO<T>::store(dkp, dk3v, HW);
-        if (one_cell) {
-          dzs = dzs + Vec::blendv(Vec(0.0f), dz, keep);
-        } else {
-          dz.store(D);
-        }
-      }
-      sum_g += hsum(gs);
-      sum_gk += hsum(gks);
-      part_g[plane] = sum_g;
-      part_gk[plane] = sum_gk;
-      T* dsp = p.dsmall + plane * hw;
-      if (one_cell) {  // the whole plane is one cell: dsmall is the sum of dz
-        dsp[0] = static_cast<T>(sum_dz + hsum(dzs));
-        continue;
-      }
+      T* dkp = p.dk3 ? p.dk3 + plane * HW : nullptr;
+      backward_plane_permute<T, T, kOne>(p, g, t, plane, walk.c, S, dkp, nt, nt, dbuf.data(), abuf.data(),
+                                         part_g + plane, part_gk + plane);
+    }
+    if (nt) _mm_sfence();
+  });
+}
 
-      // Rows: Acc[a] = the sum of D's rows in cell a (kept in registers; the row tails masked).
-      for (int64_t a = 0; a < g.h; ++a) {
-        for (int64_t j = 0; j < W; j += kV) {
-          Vec v(0.0f);
-          for (int64_t i = g.rs[a]; i < g.rs[a + 1]; ++i) v = v + Vec::loadu(D + i * W + j);
-          if (j + kV > W) v = Vec::blendv(Vec(0.0f), v, tail_keep);
-          v.store(Acc + a * W + j);  // a tail store runs into row a + 1, written next (or the padding)
-        }
+// The training-mode BatchNorm gate backward (`_gate_bn_train_backward`), NCHW, channel by channel:
+// the channel's N planes through the gate backward (dx, dsmall, the sums; g * scale into a float
+// scratch), then BatchNorm's input gradient dk3 = g * scale + q * k3 + r from the scratch and k3
+// while both are still in cache. dy, x and k3 cross the memory bus once and dk3 is written once:
+// 5 full-size streams instead of the 8 of the two passes. The sums are the two passes' partials
+// added in the same order (the same bits); IS: invstd; sum_g, sum_gk: per channel, float32.
+template <typename T, bool kOne>
+void gate_bn_backward_by_channel(const Backward<T>& p, const Geometry& g, const UpTable& t, bool nt,
+                                 const float* IS, float* sum_g, float* sum_gk) {
+  const int64_t HW = g.H * g.W, hw = g.h * g.w, N = g.N, C = g.C;
+  const float m = static_cast<float>(static_cast<double>(N * HW));
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> dbuf(HW + kV, 0.0f), abuf(g.h * g.W + kV);
+    std::vector<float> sbuf(N * hw + 2 * kV, 0.0f);  // the channel's small planes as float, padded
+    std::vector<float> gbuf(N * HW);                 // g * scale of the channel's planes
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t n = 0; n < N; ++n) load_small_planes(p.small + (n * C + c) * hw, hw, 1, sbuf.data() + n * hw);
+      double a1 = 0.0, a2 = 0.0;
+      for (int64_t n = 0; n < N; ++n) {
+        double s1, s2;
+        backward_plane_permute<T, float, kOne>(p, g, t, n * C + c, c, sbuf.data() + n * hw, gbuf.data() + n * HW,
+                                               nt, false, dbuf.data(), abuf.data(), &s1, &s2);
+        a1 += s1;
+        a2 += s2;
       }
-      // Columns: dsmall[a, b] = the sum of Acc[a, cs[b] .. cs[b + 1]), for kV rows a at a time
-      // (one column of them is one gather).
-      for (int64_t a0 = 0; a0 < g.h; a0 += kV) {
-        const int64_t na = std::min(kV, g.h - a0);
-        const ColumnGather col(W, na);
-        const float* A0 = Acc + a0 * W;
-        for (int64_t b = 0; b < g.w; ++b) {
-          Vec s(0.0f);
-          for (int64_t j = g.cs[b]; j < g.cs[b + 1]; ++j) s = s + col.load(A0 + j);
-          float out[kV];
-          s.store(out);
-          for (int64_t a = 0; a < na; ++a) dsp[(a0 + a) * g.w + b] = static_cast<T>(out[a]);
+      sum_g[c] = static_cast<float>(a1);
+      sum_gk[c] = static_cast<float>(a2);
+      float qs, rs;
+      bn_input_affine(sum_g[c], sum_gk[c], p.scale[c], IS[c], p.center[c], m, &qs, &rs);
+      const Vec q(qs), r(rs);
+      for (int64_t n = 0; n < N; ++n) {
+        const T* kp = p.k + (n * C + c) * HW;
+        const float* gp = gbuf.data() + n * HW;
+        T* op = p.dk3 + (n * C + c) * HW;
+        int64_t e = 0;
+        for (; e + kV <= HW; e += kV) put(op + e, Vec::loadu(gp + e) + at::vec::fmadd(q, IO<T>::load(kp + e), r), nt);
+        if (e < HW) {
+          const int64_t k = HW - e;
+          IO<T>::store(op + e, Vec::loadu(gp + e, k) + at::vec::fmadd(q, IO<T>::load(kp + e, k), r), k);
         }
       }
     }
@@ -1125,6 +1209,165 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
   return {dx, dsmall, dk3, sum_g, sum_gk};
 }
 
+// Whether `_gate_bn_train_backward` and `_gate_bn_train_forward` run channel by channel: NCHW on the
+// permute table (the AVX2 and AVX-512 builds), every thread gets a channel, and the channel's data the
+// backward's first pass touches (dy, x, k3 and dx of T, the float scratch: the scratch and k3 are read
+// again) is at most kChannelBytes, so that the second read comes from a core's L2 (2 MiB on the Xeons
+// measured; from L3 on a 512 KiB one). The forward touches less (k3 twice, x, y).
+bool gate_bn_by_channel(const Geometry& g, int64_t elem_bytes) {
+  constexpr int64_t kChannelBytes = int64_t(1) << 20;
+  return g.C >= at::get_num_threads() && g.N * g.H * g.W * (4 * elem_bytes + 4) <= kChannelBytes;
+}
+
+// d += q * t + r in place (the `_add_channel_affine_` primitive of sc_bn_relu_cpu.cpp).
+void add_channel_affine(const at::Tensor& d, const at::Tensor& t, const at::Tensor& q, const at::Tensor& r) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_add_channel_affine_", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  op.call(d, t, q, r);
+}
+
+// The input gradients of y = bn(k3) * sigmoid(x + up(small)) with bn a training-mode BatchNorm of k3
+// (batch statistics mean, biased var): (dx, dsmall, dk3, dweight, dbias), float32 dweight and dbias.
+// The fold (bn_fold), the gate backward with its per-channel sums, the algebra (dweight = sum_gk *
+// invstd, dbias = sum_g, q, r: bn_input_affine) and dk3 = scale * g + q * k3 + r in one call: NCHW
+// channel by channel where gate_bn_by_channel allows it, else the two passes of
+// scnet_fused/ops/sc_gate.py (float32: dk3 from g * scale; float16 / bfloat16: the sigmoid again, so
+// that g * scale is not rounded to the storage type before the cancelling sum).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_bn_train_backward(
+    const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& small_in, const at::Tensor& k3_in,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps) {
+  const char* op = "scnet_fused::_gate_bn_train_backward (cpu)";
+  check_gate(op, x_in, small_in, k3_in, c10::DeviceType::CPU);
+  check_full(op, "dy", dy_in, x_in);
+  const int64_t C = x_in.size(1);
+  const std::vector<float> W = per_channel(op, "weight", weight, C, 1.0f);
+  const std::vector<float> Bi = per_channel(op, "bias", bias, C, 0.0f);
+  const std::vector<float> K = per_channel(op, "mean", mean, C, 0.0f);
+  const std::vector<float> V = per_channel(op, "var", var, C, 1.0f);
+  std::vector<float> sc(C), sh(C), is(C);
+  for (int64_t c = 0; c < C; ++c) bn_fold_one(W[c], Bi[c], K[c], V[c], static_cast<float>(eps), &sc[c], &sh[c], &is[c]);
+
+  const Layout L = layout_of(x_in);
+  const at::Tensor x = in_layout(x_in, L);
+  const at::Tensor k = in_layout(k3_in, L);
+  const at::Tensor dy = in_layout(dy_in, L);
+  const at::Tensor small = small_in.contiguous();
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  at::Tensor dweight = at::zeros({C}, f32);
+  at::Tensor dbias = at::zeros({C}, f32);
+  if (x.numel() == 0) {
+    return {new_output(x.sizes(), x.options(), format_of(L)), at::zeros_like(small),
+            new_output(x.sizes(), x.options(), format_of(L)), dweight, dbias};
+  }
+  const Geometry g = make_geometry(x, small);
+#ifdef SCNET_FUSED_PERMUTE_UP
+  if (L == Layout::NCHW && gate_bn_by_channel(g, x.element_size())) {
+    const UpTable t = make_up_table(g);
+    if (t.ok) {
+      at::Tensor dx = new_output(x.sizes(), x.options());
+      at::Tensor dk3 = new_output(x.sizes(), x.options());
+      at::Tensor dsmall = new_output(small.sizes(), small.options());
+      float* sg = dbias.data_ptr<float>();  // dbias = sum g
+      std::vector<float> sgk(C);
+      const StreamMode mode = stream_mode();
+      dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+        using T = decltype(tag);
+        Backward<T> p{dy.data_ptr<T>(), x.data_ptr<T>(),     small.data_ptr<T>(), k.data_ptr<T>(),
+                      dx.data_ptr<T>(), dsmall.data_ptr<T>(), dk3.data_ptr<T>(),   sc.data(),
+                      sh.data(),        K.data()};
+        // Read dy, x, k, written dx and dk3.
+        const bool nt = use_streaming<T>(mode, g.N * g.C, g.H * g.W, 5, {p.dx, p.dk3});
+        t.one ? gate_bn_backward_by_channel<T, true>(p, g, t, nt, is.data(), sg, sgk.data())
+              : gate_bn_backward_by_channel<T, false>(p, g, t, nt, is.data(), sg, sgk.data());
+      });
+      float* dw = dweight.data_ptr<float>();
+      for (int64_t c = 0; c < C; ++c) dw[c] = sgk[c] * is[c];
+      return {dx, dsmall, dk3, dweight, dbias};
+    }
+  }
+#endif
+  const at::Tensor sct = at::tensor(sc, f32), sht = at::tensor(sh, f32), kt = at::tensor(K, f32);
+  const bool from_g = x.scalar_type() == at::kFloat;
+  auto [dx, dsmall, dk3, sum_g, sum_gk] = gate_backward(dy, x, small, k, sct, sht, kt, from_g);
+  const float m = static_cast<float>(static_cast<double>(g.N * g.H * g.W));
+  std::vector<float> Q(C), R(C);
+  const float* sg = sum_g.data_ptr<float>();
+  const float* sgk = sum_gk.data_ptr<float>();
+  float* dw = dweight.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    bn_input_affine(sg[c], sgk[c], sc[c], is[c], K[c], m, &Q[c], &R[c]);
+    dw[c] = sgk[c] * is[c];
+  }
+  const at::Tensor qt = at::tensor(Q, f32), rt = at::tensor(R, f32);
+  if (from_g) {
+    add_channel_affine(dk3, k, qt, rt);
+  } else {
+    dk3 = gate_backward_k3(dy, x, small, k, sct, qt, rt);
+  }
+  return {dx, dsmall, dk3, dweight, sum_g};
+}
+
+// y = bn(k3) * sigmoid(x + up(small)) with bn a training-mode BatchNorm of k3, and k3's batch
+// statistics (mean, biased var; float32): `_channel_stats`, the fold (bn_fold) and `_gate_forward` in
+// one call, NCHW channel by channel where gate_bn_by_channel allows it (each channel's k3 read the
+// second time from cache), else those passes one after the other. The same bits either way.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bn_train_forward(const at::Tensor& x_in, const at::Tensor& small_in,
+                                                                     const at::Tensor& k3_in, const at::Tensor& weight,
+                                                                     const at::Tensor& bias, double eps) {
+  const char* op = "scnet_fused::_gate_bn_train_forward (cpu)";
+  check_gate(op, x_in, small_in, k3_in, c10::DeviceType::CPU);
+  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
+  TORCH_CHECK(N * HW > 0, op, ": k3 has no elements per channel, shape ", k3_in.sizes());
+  const std::vector<float> W = per_channel(op, "weight", weight, C, 1.0f);
+  const std::vector<float> Bi = per_channel(op, "bias", bias, C, 0.0f);
+  const float epsf = static_cast<float>(eps);
+  const Layout L = layout_of(x_in);
+  const at::Tensor x = in_layout(x_in, L);
+  const at::Tensor k = in_layout(k3_in, L);
+  const at::Tensor small = small_in.contiguous();
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  at::Tensor mean = new_output({C}, f32), var = new_output({C}, f32);
+  if (C == 0) return {new_output(x.sizes(), x.options(), format_of(L)), mean, var};
+  const Geometry g = make_geometry(x, small);
+#ifdef SCNET_FUSED_PERMUTE_UP
+  if (L == Layout::NCHW && gate_bn_by_channel(g, x.element_size())) {
+    const UpTable t = make_up_table(g);
+    if (t.ok) {
+      at::Tensor y = new_output(x.sizes(), x.options());
+      std::vector<float> A(C), B(C), R(C, 0.0f);
+      const StreamMode mode = stream_mode();
+      dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+        using T = decltype(tag);
+        Pointwise<T> p{x.data_ptr<T>(), nullptr, k.data_ptr<T>(), small.data_ptr<T>(), y.data_ptr<T>(),
+                       A.data(),        B.data(), R.data()};
+        // Read x, k, written y.
+        const bool nt = use_streaming<T>(mode, g.N * g.C, g.H * g.W, 3, {p.out});
+        t.one ? gate_bn_forward_by_channel<T, true>(p, A.data(), B.data(), g, t, nt, W.data(), Bi.data(), epsf,
+                                                   mean.data_ptr<float>(), var.data_ptr<float>())
+              : gate_bn_forward_by_channel<T, false>(p, A.data(), B.data(), g, t, nt, W.data(), Bi.data(), epsf,
+                                                    mean.data_ptr<float>(), var.data_ptr<float>());
+      });
+      return {y, mean, var};
+    }
+  }
+#endif
+  dispatch_dtype(k.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    if (L == Layout::NCHW) {
+      stats_nchw<T>(k.data_ptr<T>(), N, C, HW, mean.data_ptr<float>(), var.data_ptr<float>());
+    } else {
+      stats_nhwc<T>(k.data_ptr<T>(), N, C, HW, mean.data_ptr<float>(), var.data_ptr<float>());
+    }
+  });
+  std::vector<float> A(C), B(C);
+  const float* mp = mean.data_ptr<float>();
+  const float* vp = var.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) bn_fold_one(W[c], Bi[c], mp[c], vp[c], epsf, &A[c], &B[c]);
+  at::Tensor y = pointwise_op(op, false, x, small, k, nullptr, A, B, std::vector<float>(C, 0.0f));
+  return {y, mean, var};
+}
+
 std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& t_in) {
   const char* op = "scnet_fused::_channel_stats (cpu)";
   TORCH_CHECK(t_in.device().is_cpu(), op, ": t must be a CPU tensor, got ", t_in.device());
@@ -1158,4 +1401,6 @@ TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
   m.impl("_gate_backward", &scnet_fused::cpu::gate_backward);
   m.impl("_gate_backward_k3", &scnet_fused::cpu::gate_backward_k3);
   m.impl("_channel_stats", &scnet_fused::cpu::channel_stats);
+  m.impl("_gate_bn_train_backward", &scnet_fused::cpu::gate_bn_train_backward);
+  m.impl("_gate_bn_train_forward", &scnet_fused::cpu::gate_bn_train_forward);
 }

@@ -95,6 +95,9 @@ def has_kernel(op: str, key: str) -> bool:
         return False
 
 
+# The cpu backend's one-call primitives (see scnet_fused.ops._dispatch).
+_CPU_ONLY_OPS = ("_add_channel_affine_", "_bn_relu_train_backward", "_bn_relu_train_out", "_gate_bn_train_forward",
+                 "_gate_bn_train_backward")
 _AUTOGRAD_OPS = ("_sc_gate_ag", "_sc_gate_bn_train_ag", "_sc_avgpool_ag", "_bn_relu_train_ag", "_bn_relu_cat_train_ag")
 _autograd_ops: Optional[bool] = None
 
@@ -114,7 +117,7 @@ def unavailable_reason(name: str) -> Optional[str]:
     if _import_error is not None:
         return _import_error
     key = "CPU" if name == "cpu" else "CUDA"
-    ops = _OPS + (("_add_channel_affine_", "_bn_relu_train_backward", "_bn_relu_train_out") if name == "cpu" else ())
+    ops = _OPS + (_CPU_ONLY_OPS if name == "cpu" else ())
     missing = [op for op in ops if not has_kernel(op, key)]
     if missing:
         if name == "cuda":
@@ -173,3 +176,9 @@ class Primitives:
 
     def bn_relu_train_out(self, t, weight, bias, eps, out):
         return self._ops._bn_relu_train_out(t, weight, bias, float(eps), out)
+
+    def gate_bn_train_forward(self, x, small, k3, weight, bias, eps):
+        return self._ops._gate_bn_train_forward(x, small, k3, weight, bias, float(eps))
+
+    def gate_bn_train_backward(self, dy, x, small, k3, weight, bias, mean, var, eps):
+        return self._ops._gate_bn_train_backward(dy, x, small, k3, weight, bias, mean, var, float(eps))

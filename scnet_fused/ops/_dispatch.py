@@ -34,12 +34,12 @@ Every backend provides the same kernel-level primitives (no autograd, no torch.l
 ``affine_relu_backward_apply(dy, t, scale, shift, p, q, r) -> dt``
     ``dt = p[c] * g + q[c] * t + r[c]`` (the input gradient of a training-mode BatchNorm before a ReLU).
 
-The ``cpu`` backend has three more primitives:
+The ``cpu`` backend has five more primitives:
 
 ``add_channel_affine_(d, t, q, r) -> d``
     ``d += q[c] * t + r[c]`` in place (d dense in t's memory format). With ``d = g * scale`` from
-    ``gate_backward(..., need_dk3=True)`` this is ``gate_backward_k3`` without its second sigmoid pass:
-    see :func:`bn_dk3_from_g`.
+    ``gate_backward(..., need_dk3=True)`` this is ``gate_backward_k3`` without its second sigmoid pass
+    (what ``gate_bn_train_backward`` does for float32 where it does not go channel by channel).
 ``bn_relu_train_out(t, weight, bias, eps, out) -> (mean, var)``
     ``channel_stats``, BatchNorm folded to ``scale``, ``shift`` (``bn_fold``) and ``affine_relu_out``
     in one call; the same statistics bit for bit.
@@ -49,8 +49,15 @@ The ``cpu`` backend has three more primitives:
     ``r = -q * mean - scale * sum_g / M``, ``M = N * H * W``) and ``affine_relu_backward_apply`` in one
     call; float32 dweight and dbias.
 
-On NCHW tensors these two work channel by channel, so the second read of each channel's data comes
-from cache.
+``gate_bn_train_forward(x, small, k3, weight, bias, eps) -> (y, mean, var)``
+    ``channel_stats(k3)``, the fold and ``gate_forward`` in one call; the same bits.
+``gate_bn_train_backward(dy, x, small, k3, weight, bias, mean, var, eps) -> (dx, dsmall, dk3, dweight, dbias)``
+    the input gradients of ``sc_gate_bn_train`` in one call: the fold, ``gate_backward`` (its sums
+    with ``center = mean``), the same per-channel algebra and ``dk3 = scale * g + q * k3 + r``; float32
+    dweight and dbias.
+
+On NCHW tensors the last four work channel by channel, so the second read of each channel's data
+comes from cache.
 
 Inputs reach a backend already checked (see ``scnet_fused.ops.sc_gate``): 4-D x, k3 (same shape,
 dtype, device and memory format: contiguous or channels_last), small ``(N, C, h, w)`` contiguous in
@@ -252,18 +259,12 @@ def select(device: torch.device, dtype: torch.dtype):
     raise BackendUnavailable(f"no scnet_fused backend can run {device} tensors")  # pragma: no cover
 
 
-def bn_dk3_from_g(prims, x: torch.Tensor) -> bool:
-    """Whether the training-mode BatchNorm gate backward on ``prims`` takes dk3 from the first pass.
-
-    The first pass then also writes ``g * scale`` and the second adds ``q * k3 + r`` to it in place
-    (``add_channel_affine_``), instead of reading dy, x and small again to recompute the sigmoid
-    (``gate_backward_k3``). Both read and write the same number of full-size tensors; the first saves
-    the sigmoid's arithmetic, which bounds these passes on a CPU. Only the ``cpu`` backend and float32:
-    half-precision storage would round ``g * scale`` before BatchNorm's cancelling sum (the GPU
-    backends, bound by memory, recompute at no cost). The compiled twin is ``bn_dk3_from_g`` in
-    ``csrc/autograd.cpp``.
-    """
-    return getattr(prims, "name", None) == "cpu" and x.device.type == "cpu" and x.dtype == torch.float32
+def gate_bn_one_call(prims, x: torch.Tensor) -> bool:
+    """Whether the training-mode BatchNorm gate runs as one call per direction
+    (``gate_bn_train_forward`` and ``gate_bn_train_backward`` of the ``cpu`` backend) instead of the
+    passes with the per-channel algebra between them in ATen. The compiled twin is in
+    ``csrc/autograd.cpp`` (``gate_bn_train_impl``, ``GateBnTrainFn``)."""
+    return getattr(prims, "name", None) == "cpu" and x.device.type == "cpu"
 
 
 _CPP_AUTOGRAD_BACKENDS = ("cpu", "cuda")

@@ -224,6 +224,8 @@ def _sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias
     _check_bn(x, small, k3, weight, bias)
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3 = _prepare(x, small, k3)
+    if _dispatch.gate_bn_one_call(prims, x):  # NCHW: channel by channel, k3 read the second time from cache
+        return prims.gate_bn_train_forward(x, small, k3, weight.detach(), bias.detach(), eps)
     mean, var = prims.channel_stats(k3)
     _, scale, shift = bn_fold(weight, bias, mean, var, eps)
     y = prims.gate_forward(x, small, k3, scale.contiguous(), shift.contiguous())
@@ -244,23 +246,24 @@ def _sc_gate_bn_train_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor,
                                eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3, dy = _prepare(x, small, k3, dy.to(x.dtype))
+    if _dispatch.gate_bn_one_call(prims, x):
+        # The fold, the two passes below and the algebra between them (NCHW: channel by channel,
+        # each channel's k3 and g * scale read the second time from cache).
+        dx, dsmall, dk3, dweight, dbias = prims.gate_bn_train_backward(
+            dy, x, small, k3, weight.detach(), bias.detach(), mean, var, eps)
+        return dx, dsmall, dk3, dweight.to(weight.dtype), dbias.to(bias.dtype)
     invstd, scale, shift = bn_fold(weight, bias, mean, var, eps)
     scale, shift = scale.contiguous(), shift.contiguous()
-    # Pass 1: dx, dsmall and the per-channel sums sum(g), sum(g * (k3 - mean)), g = dy * sigmoid(.);
-    # g * scale too where the backend finishes dk3 from it (see bn_dk3_from_g in _dispatch).
-    from_g = _dispatch.bn_dk3_from_g(prims, x)
-    dx, dsmall, gs, sum_g, sum_gc = prims.gate_backward(dy, x, small, k3, scale, shift, mean.contiguous(), from_g)
+    # Pass 1: dx, dsmall and the per-channel sums sum(g), sum(g * (k3 - mean)), g = dy * sigmoid(.).
+    dx, dsmall, _, sum_g, sum_gc = prims.gate_backward(dy, x, small, k3, scale, shift, mean.contiguous(), False)
     m = float(x.shape[0] * x.shape[2] * x.shape[3])
     dbias = sum_g
     dweight = sum_gc * invstd  # sum(g * xhat)
     # Pass 2: BatchNorm's input gradient, dk3 = scale * (g - sum_g / M - xhat * dweight / M),
-    # written as p * g + q * k3 + r with per-channel p, q, r.
+    # written as p * g + q * k3 + r with per-channel p, q, r (the sigmoid recomputed).
     q = (-scale * invstd * dweight / m).contiguous()
     r = (-q * mean - scale * sum_g / m).contiguous()
-    if from_g:
-        dk3 = prims.add_channel_affine_(gs, k3, q, r)
-    else:
-        dk3 = prims.gate_backward_k3(dy, x, small, k3, scale, q, r)
+    dk3 = prims.gate_backward_k3(dy, x, small, k3, scale, q, r)
     return dx, dsmall, dk3, dweight.to(weight.dtype), dbias.to(bias.dtype)
 
 
