@@ -1,18 +1,25 @@
-"""Training-mode BatchNorm backwards on the CPU, strategy against strategy in one process.
+"""Training-mode BatchNorm backwards and forwards on the CPU, strategy against strategy in one process.
 
     python benchmarks/bench_bn_backward.py                  # the gate's; SCNet-50 stage shapes, N = 8, fp32
     python benchmarks/bench_bn_backward.py --shapes 64x56x56 --rounds 9
     python benchmarks/bench_bn_backward.py --op bn_relu     # BatchNorm + ReLU
+    python benchmarks/bench_bn_backward.py --op gate_bn_forward
 
 ``--op gate_bn`` (default):
 
 ``sc_gate_bn_train``'s backward takes two passes. The first gives dx, dsmall and BatchNorm's
 per-channel sums; BatchNorm's input gradient ``dk3 = scale * g + q * k3 + r`` needs those sums, so it
 comes from a second pass. That pass can read dy, x, small and k3 again and recompute the sigmoid
-(``gate_backward_k3``, the strategy of the GPU backends and of half-precision storage), or add
-``q * k3 + r`` in place to the ``g * scale`` the first pass wrote (``add_channel_affine_``, what the
-cpu backend does for float32). Both read and write the same number of full-size tensors in all; the
-second skips a sigmoid per element. Writes ``bn_backward.json`` and ``.md``.
+(``gate_backward_k3``, the strategy of the GPU backends), or add ``q * k3 + r`` in place to the
+``g * scale`` the first pass wrote (``add_channel_affine_``). Both read and write 8 full-size tensors
+in all; the second skips a sigmoid per element. The cpu backend's one call ``gate_bn_train_backward``
+does both passes channel by channel on NCHW tensors: each channel's k3 and g * scale are read the
+second time from cache, 5 full-size tensors in all. Writes ``bn_backward.json`` and ``.md``.
+
+``--op gate_bn_forward``: the forward of ``sc_gate_bn_train``: ``channel_stats``, the fold and
+``gate_forward`` against the cpu backend's one call ``gate_bn_train_forward`` (NCHW channel by
+channel: each channel's k3 read the second time from cache, 3 full-size tensors instead of 4). Writes
+``bn_forward.json`` and ``.md``.
 
 ``--op bn_relu``: ``bn_relu_train``'s backward (kernels only, no autograd) three ways: ATen's
 (``threshold_backward`` then ``native_batch_norm_backward``, what eager autograd runs), the two
@@ -40,16 +47,43 @@ from scnet_fused import _args, bench  # noqa: E402
 from scnet_fused.ops.sc_gate import bn_fold  # noqa: E402
 
 
+def _gate_qr(t, sum_g, sum_gc):
+    """BatchNorm's input gradient as q * k3 + r (p = scale), from the first pass's sums, in ATen."""
+    q = -t["scale"] * t["invstd"] * (sum_gc * t["invstd"]) / t["m"]
+    r = -q * t["center"] - t["scale"] * sum_g / t["m"]
+    return q, r
+
+
 def recompute(P, t):
-    """Pass 1 without dk3, pass 2 recomputing the gate."""
-    P.gate_backward(t["dy"], t["x"], t["small"], t["k3"], t["scale"], t["shift"], t["center"], False)
-    return P.gate_backward_k3(t["dy"], t["x"], t["small"], t["k3"], t["scale"], t["q"], t["r"])
+    """Pass 1 without dk3, the algebra, pass 2 recomputing the gate."""
+    _, _, _, sum_g, sum_gc = P.gate_backward(t["dy"], t["x"], t["small"], t["k3"], t["scale"], t["shift"],
+                                             t["center"], False)
+    q, r = _gate_qr(t, sum_g, sum_gc)
+    return P.gate_backward_k3(t["dy"], t["x"], t["small"], t["k3"], t["scale"], q, r)
 
 
 def from_g(P, t):
-    """Pass 1 writing g * scale, pass 2 adding q * k3 + r to it in place."""
-    gs = P.gate_backward(t["dy"], t["x"], t["small"], t["k3"], t["scale"], t["shift"], t["center"], True)[2]
-    return P.add_channel_affine_(gs, t["k3"], t["q"], t["r"])
+    """Pass 1 writing g * scale, the algebra, pass 2 adding q * k3 + r to it in place."""
+    _, _, gs, sum_g, sum_gc = P.gate_backward(t["dy"], t["x"], t["small"], t["k3"], t["scale"], t["shift"],
+                                              t["center"], True)
+    q, r = _gate_qr(t, sum_g, sum_gc)
+    return P.add_channel_affine_(gs, t["k3"], q, r)
+
+
+def gate_one_call(P, t):
+    return P.gate_bn_train_backward(t["dy"], t["x"], t["small"], t["k3"], t["weight"], t["bias"], t["center"],
+                                    t["var"], 1e-5)[2]
+
+
+def gate_fwd_passes(P, t):
+    """The statistics, the fold in ATen, the gate."""
+    mean, var = P.channel_stats(t["k3"])
+    _, scale, shift = bn_fold(t["weight"], t["bias"], mean, var, 1e-5)
+    return P.gate_forward(t["x"], t["small"], t["k3"], scale, shift)
+
+
+def gate_fwd_one_call(P, t):
+    return P.gate_bn_train_forward(t["x"], t["small"], t["k3"], t["weight"], t["bias"], 1e-5)[0]
 
 
 def bn_relu_aten(P, t):
@@ -73,10 +107,18 @@ def bn_relu_one_call(P, t):
 
 
 OPS = {
-    "gate_bn": dict(strategies={"recompute": recompute, "from g": from_g}, stem="bn_backward", out="dk3",
-                    title="Training-mode BatchNorm gate backward on the CPU, two strategies",
-                    legend="recompute: `gate_backward` then `gate_backward_k3` (the sigmoid twice); from g: "
-                           "`gate_backward` writing g * scale, then `add_channel_affine_` in place."),
+    "gate_bn": dict(strategies={"recompute": recompute, "from g": from_g, "one call": gate_one_call},
+                    stem="bn_backward", out="dk3",
+                    title="Training-mode BatchNorm gate backward on the CPU, three strategies",
+                    legend="recompute: `gate_backward`, the per-channel algebra in ATen, `gate_backward_k3` (the "
+                           "sigmoid twice); from g: `gate_backward` writing g * scale, the algebra, "
+                           "`add_channel_affine_` in place; one call: `gate_bn_train_backward` (NCHW channel by "
+                           "channel)."),
+    "gate_bn_forward": dict(strategies={"two passes": gate_fwd_passes, "one call": gate_fwd_one_call},
+                            stem="bn_forward", out="y", mode="forward",
+                            title="Training-mode BatchNorm gate forward on the CPU, two strategies",
+                            legend="two passes: `channel_stats`, `bn_fold` in ATen, `gate_forward`; one call: "
+                                   "`gate_bn_train_forward` (NCHW channel by channel)."),
     "bn_relu": dict(strategies={"aten": bn_relu_aten, "two passes": bn_relu_two_passes,
                                 "one call": bn_relu_one_call}, stem="bn_relu_backward", out="dt",
                     title="Training-mode BatchNorm + ReLU backward on the CPU, three strategies",
@@ -89,13 +131,15 @@ OPS = {
 
 def make_inputs(op, N, C, H, W, dtype, fmt):
     g = torch.Generator().manual_seed(0)
-    if op == "gate_bn":
+    if op in ("gate_bn", "gate_bn_forward"):
         h, w = bench.pooled_hw(H, W)
         t = {k: torch.randn(N, C, H, W, generator=g).to(dtype).contiguous(memory_format=fmt)
              for k in ("x", "k3", "dy")}
         t["small"] = torch.randn(N, C, h, w, generator=g).to(dtype)
-        for k in ("scale", "shift", "center", "q", "r"):
-            t[k] = torch.randn(C, generator=g)
+        var, mean = torch.var_mean(t["k3"].float(), dim=(0, 2, 3), unbiased=False)
+        t["weight"], t["bias"], t["center"], t["var"] = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g), mean, var
+        t["m"] = float(N * H * W)
+        t["invstd"], t["scale"], t["shift"] = bn_fold(t["weight"], t["bias"], mean, var, 1e-5)
         return t
     t = {k: torch.randn(N, C, H, W, generator=g).to(dtype).contiguous(memory_format=fmt) for k in ("t", "dy")}
     var, mean = torch.var_mean(t["t"].float(), dim=(0, 2, 3), unbiased=False)
@@ -109,7 +153,7 @@ def make_inputs(op, N, C, H, W, dtype, fmt):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--op", default="gate_bn", choices=tuple(OPS), help="which backward (default gate_bn)")
+    ap.add_argument("--op", default="gate_bn", choices=tuple(OPS), help="which op (default gate_bn: its backward)")
     ap.add_argument("--shapes", help="comma list of CxHxW (default: SCNet-50 stage shapes)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     ap.add_argument("--batch-size", type=_args.positive_int, default=8)
@@ -143,7 +187,7 @@ def main(argv=None) -> int:
                     samples[s].append(bench.time_cpu(lambda: f(P, t), args.min_run_time).median_ms)
         for s, diff in zip(names, diffs):
             ts = samples[s]
-            rows.append(dict(op=args.op, mode="backward", strategy=s, shape=where, dtype=args.dtype,
+            rows.append(dict(op=args.op, mode=spec.get("mode", "backward"), strategy=s, shape=where, dtype=args.dtype,
                              channels_last=args.channels_last, device=bench.device_name(device),
                              versions=bench.versions(), cpu_isa=isa, threads=torch.get_num_threads(),
                              median_ms=statistics.median(ts), rounds_ms=ts, max_rel_diff=diff,

@@ -355,15 +355,17 @@ def test_bench_layout_step_script(tmp_path):
 
 
 def test_bench_bn_backward_script(tmp_path, capsys):
-    """benchmarks/bench_bn_backward.py: the strategies of the BatchNorm gate backward and of the
-    BatchNorm + ReLU backward, interleaved."""
+    """benchmarks/bench_bn_backward.py: the strategies of the BatchNorm gate backward and forward and of
+    the BatchNorm + ReLU backward, interleaved."""
     from scnet_fused.ops import _dispatch
 
     if _dispatch.available("cpu") is not None:
         pytest.skip(_dispatch.available("cpu"))
     script = os.path.join(ROOT, "benchmarks", "bench_bn_backward.py")
-    runs = [("bn_backward", ("recompute", "from g"), []),
-            ("bn_backward_channels_last", ("recompute", "from g"), ["--channels-last", "--default-malloc", "--threads", "1"]),
+    gate = ("recompute", "from g", "one call")
+    runs = [("bn_backward", gate, []),
+            ("bn_backward_channels_last", gate, ["--channels-last", "--default-malloc", "--threads", "1"]),
+            ("bn_forward", ("two passes", "one call"), ["--op", "gate_bn_forward"]),
             ("bn_relu_backward", ("aten", "two passes", "one call"), ["--op", "bn_relu"])]
     for stem, strategies, extra in runs:
         r = subprocess.run([sys.executable, script, "--shapes", "3x16x16,2x7x7", "--batch-size", "2", "--rounds", "2",
@@ -375,6 +377,7 @@ def test_bench_bn_backward_script(tmp_path, capsys):
             (s, k) for s in ("2x3x16x16", "2x2x7x7") for k in strategies)
         assert all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
         assert all(row["channels_last"] == ("--channels-last" in extra) for row in rows)
+        assert all(row["mode"] == ("forward" if stem == "bn_forward" else "backward") for row in rows)
         assert all(row["threads"] == 1 and "fixed at 32 MiB" not in row["allocator"] for row in rows) or "--threads" not in extra
         # the strategies compute the same gradient (float32 rounding apart)
         assert all(row["max_rel_diff"] < 1e-5 for row in rows)
