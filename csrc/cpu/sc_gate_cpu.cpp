@@ -1209,6 +1209,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
   return {dx, dsmall, dk3, sum_g, sum_gk};
 }
 
+// Per-channel mean and biased variance of t (dense in layout L, N * H * W > 0) into mean[C], var[C].
+void stats_into(const char* op, const at::Tensor& t, Layout L, float* mean, float* var) {
+  const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
+  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    if (L == Layout::NCHW) {
+      stats_nchw<T>(t.data_ptr<T>(), N, C, HW, mean, var);
+    } else {
+      stats_nhwc<T>(t.data_ptr<T>(), N, C, HW, mean, var);
+    }
+  });
+}
+
 // Whether `_gate_bn_train_backward` and `_gate_bn_train_forward` run channel by channel: NCHW on the
 // permute table (the AVX2 and AVX-512 builds), every thread gets a channel, and the channel's data the
 // backward's first pass touches (dy, x, k3 and dx of T, the float scratch: the scratch and k3 are read
@@ -1218,6 +1231,14 @@ bool gate_bn_by_channel(const Geometry& g, int64_t elem_bytes) {
   constexpr int64_t kChannelBytes = int64_t(1) << 20;
   return g.C >= at::get_num_threads() && g.N * g.H * g.W * (4 * elem_bytes + 4) <= kChannelBytes;
 }
+
+#ifdef SCNET_FUSED_PERMUTE_UP
+// The permute table where the one-call BatchNorm gate kernels go channel by channel, else none (ok false).
+UpTable gate_bn_channel_table(const Geometry& g, Layout L, int64_t elem_bytes) {
+  if (L != Layout::NCHW || !gate_bn_by_channel(g, elem_bytes)) return UpTable{};
+  return make_up_table(g);
+}
+#endif
 
 // d += q * t + r in place (the `_add_channel_affine_` primitive of sc_bn_relu_cpu.cpp).
 void add_channel_affine(const at::Tensor& d, const at::Tensor& t, const at::Tensor& q, const at::Tensor& r) {
@@ -1262,8 +1283,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_bn_t
   }
   const Geometry g = make_geometry(x, small);
 #ifdef SCNET_FUSED_PERMUTE_UP
-  if (L == Layout::NCHW && gate_bn_by_channel(g, x.element_size())) {
-    const UpTable t = make_up_table(g);
+  {
+    const UpTable t = gate_bn_channel_table(g, L, x.element_size());
     if (t.ok) {
       at::Tensor dx = new_output(x.sizes(), x.options());
       at::Tensor dk3 = new_output(x.sizes(), x.options());
@@ -1331,8 +1352,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bn_train_forward(const at::T
   if (C == 0) return {new_output(x.sizes(), x.options(), format_of(L)), mean, var};
   const Geometry g = make_geometry(x, small);
 #ifdef SCNET_FUSED_PERMUTE_UP
-  if (L == Layout::NCHW && gate_bn_by_channel(g, x.element_size())) {
-    const UpTable t = make_up_table(g);
+  {
+    const UpTable t = gate_bn_channel_table(g, L, x.element_size());
     if (t.ok) {
       at::Tensor y = new_output(x.sizes(), x.options());
       std::vector<float> A(C), B(C), R(C, 0.0f);
@@ -1352,14 +1373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bn_train_forward(const at::T
     }
   }
 #endif
-  dispatch_dtype(k.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    if (L == Layout::NCHW) {
-      stats_nchw<T>(k.data_ptr<T>(), N, C, HW, mean.data_ptr<float>(), var.data_ptr<float>());
-    } else {
-      stats_nhwc<T>(k.data_ptr<T>(), N, C, HW, mean.data_ptr<float>(), var.data_ptr<float>());
-    }
-  });
+  stats_into(op, k, L, mean.data_ptr<float>(), var.data_ptr<float>());
   std::vector<float> A(C), B(C);
   const float* mp = mean.data_ptr<float>();
   const float* vp = var.data_ptr<float>();
@@ -1381,14 +1395,7 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& t_in) {
   if (C == 0) return {mean, var};
   const Layout L = layout_of(t_in);
   const at::Tensor t = in_layout(t_in, L);
-  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    if (L == Layout::NCHW) {
-      stats_nchw<T>(t.data_ptr<T>(), N, C, HW, mean.data_ptr<float>(), var.data_ptr<float>());
-    } else {
-      stats_nhwc<T>(t.data_ptr<T>(), N, C, HW, mean.data_ptr<float>(), var.data_ptr<float>());
-    }
-  });
+  stats_into(op, t, L, mean.data_ptr<float>(), var.data_ptr<float>());
   return {mean, var};
 }
 
