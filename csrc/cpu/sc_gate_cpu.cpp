@@ -29,6 +29,16 @@
 #include "sc_gate_math.h"
 #include "sc_host.h"
 
+// The per-plane bodies of the NCHW kernels are inlined into every loop that walks planes (the
+// plane-by-plane and the channel-by-channel ones), as they were before they were split out: GCC kept
+// them out of line where two loops use them, a call per plane of 49 or 196 elements at the small
+// stages.
+#if defined(__GNUC__) || defined(__clang__)
+#define SCNET_FUSED_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define SCNET_FUSED_ALWAYS_INLINE inline
+#endif
+
 namespace scnet_fused {
 namespace cpu {
 namespace {
@@ -555,7 +565,7 @@ struct PlaneWalk {
 
 // One plane of the pointwise ops on the permute table (channel c, small values S as float).
 template <typename T, bool kK3, bool kOne>
-inline void pointwise_plane_permute(const Pointwise<T>& p, const Geometry& g, const UpTable& t, int64_t plane,
+SCNET_FUSED_ALWAYS_INLINE void pointwise_plane_permute(const Pointwise<T>& p, const Geometry& g, const UpTable& t, int64_t plane,
                                     int64_t c, const float* S, bool nt) {
   const int64_t HW = g.H * g.W, nvec = static_cast<int64_t>(t.base.size());
   const int32_t* TB = t.base.data();
@@ -828,7 +838,7 @@ void backward_nchw(const Backward<T>& p, const Geometry& g, double* part_g, doub
 // float). nt / ntk: streaming stores of dx / dk. D (HW + kV floats) and Acc (h * W + kV): the
 // caller's scratch. The plane's sums of g and g * (k - center) go to *sum_g_out, *sum_gk_out.
 template <typename T, typename TK, bool kOne>
-inline void backward_plane_permute(const Backward<T>& p, const Geometry& g, const UpTable& t, int64_t plane,
+SCNET_FUSED_ALWAYS_INLINE void backward_plane_permute(const Backward<T>& p, const Geometry& g, const UpTable& t, int64_t plane,
                                    int64_t c, const float* S, TK* dkp, bool nt, bool ntk, float* D, float* Acc,
                                    double* sum_g_out, double* sum_gk_out) {
   const int64_t HW = g.H * g.W, nvec = static_cast<int64_t>(t.base.size()), hw = g.h * g.w, W = g.W;
