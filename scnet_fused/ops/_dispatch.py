@@ -259,12 +259,12 @@ def select(device: torch.device, dtype: torch.dtype):
     raise BackendUnavailable(f"no scnet_fused backend can run {device} tensors")  # pragma: no cover
 
 
-def gate_bn_one_call(prims, x: torch.Tensor) -> bool:
-    """Whether the training-mode BatchNorm gate runs as one call per direction
-    (``gate_bn_train_forward`` and ``gate_bn_train_backward`` of the ``cpu`` backend) instead of the
-    passes with the per-channel algebra between them in ATen. The compiled twin is in
-    ``csrc/autograd.cpp`` (``gate_bn_train_impl``, ``GateBnTrainFn``)."""
-    return getattr(prims, "name", None) == "cpu" and x.device.type == "cpu"
+def one_call(prims, t: torch.Tensor) -> bool:
+    """Whether the training-mode BatchNorm ops run as one call per direction: the ``cpu`` backend's
+    ``bn_relu_train_out`` / ``bn_relu_train_backward`` and ``gate_bn_train_forward`` /
+    ``gate_bn_train_backward``, instead of the passes with the per-channel algebra between them in
+    ATen. The compiled twins are in ``csrc/autograd.cpp``."""
+    return getattr(prims, "name", None) == "cpu" and t.device.type == "cpu"
 
 
 _CPP_AUTOGRAD_BACKENDS = ("cpu", "cuda")

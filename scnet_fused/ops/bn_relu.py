@@ -50,7 +50,7 @@ def _bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple
     check_bn_relu_inputs(t, weight, bias)
     _, prims = _dispatch.select(t.device, t.dtype)
     t = t.contiguous(memory_format=_format(t))
-    if _one_call(prims, t):
+    if _dispatch.one_call(prims, t):
         y = new_empty(t.shape, t.dtype, t.device, _format(t))
         mean, var = prims.bn_relu_train_out(t, weight.detach(), bias.detach(), eps, y)
         return y, mean, var
@@ -58,11 +58,6 @@ def _bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple
     _, scale, shift = bn_fold(weight, bias, mean, var, eps)
     y = prims.affine_relu(t, scale.contiguous(), shift.contiguous())
     return y, mean, var
-
-
-def _one_call(prims, t: Tensor) -> bool:
-    """The cpu backend's one-call forward and backward (``bn_relu_train_out``, ``bn_relu_train_backward``)."""
-    return getattr(prims, "name", None) == "cpu" and t.device.type == "cpu"
 
 
 @_bn_relu_train.register_fake
@@ -85,7 +80,7 @@ def _bn_relu_train_backward(dy: Tensor, t: Tensor, weight: Tensor, bias: Tensor,
 def _grads(prims, dy: Tensor, t: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float):
     """(dt, dweight, dbias) of relu(batch_norm(t)) for the output gradient dy (dense like t, or a
     channel slice of a concatenation's gradient in t's memory format: read in place)."""
-    if _one_call(prims, t):
+    if _dispatch.one_call(prims, t):
         # The fold, the passes below and the algebra between them (NCHW: channel by channel, each
         # channel's t and dy read the second time from cache).
         dt, dweight, dbias = prims.bn_relu_train_backward(dy, t, weight.detach(), bias.detach(), mean, var, eps)
@@ -175,7 +170,7 @@ def _bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, eps_a: float, tb: Ten
     stats = []
     for t, w, b, eps, half in ((ta, wa, ba, eps_a, out[:, :ca]), (tb, wb, bb, eps_b, out[:, ca:])):
         t = t.contiguous(memory_format=fmt)
-        if _one_call(prims, t):
+        if _dispatch.one_call(prims, t):
             mean, var = prims.bn_relu_train_out(t, w.detach(), b.detach(), eps, half)  # written in place
         else:
             mean, var = prims.channel_stats(t)

@@ -224,7 +224,7 @@ def _sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias
     _check_bn(x, small, k3, weight, bias)
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3 = _prepare(x, small, k3)
-    if _dispatch.gate_bn_one_call(prims, x):  # NCHW: channel by channel, k3 read the second time from cache
+    if _dispatch.one_call(prims, x):  # NCHW: channel by channel, k3 read the second time from cache
         return prims.gate_bn_train_forward(x, small, k3, weight.detach(), bias.detach(), eps)
     mean, var = prims.channel_stats(k3)
     _, scale, shift = bn_fold(weight, bias, mean, var, eps)
@@ -246,7 +246,7 @@ def _sc_gate_bn_train_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor,
                                eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3, dy = _prepare(x, small, k3, dy.to(x.dtype))
-    if _dispatch.gate_bn_one_call(prims, x):
+    if _dispatch.one_call(prims, x):
         # The fold, the two passes below and the algebra between them (NCHW: channel by channel,
         # each channel's k3 and g * scale read the second time from cache).
         dx, dsmall, dk3, dweight, dbias = prims.gate_bn_train_backward(
