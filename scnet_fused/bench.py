@@ -418,6 +418,19 @@ def raise_compile_limits() -> None:
             setattr(cfg, name, max(getattr(cfg, name), 512))
 
 
+def _compiled(f, **kwargs):
+    """torch.compile(f, **kwargs) with the compile limits raised (dynamo is imported only here: runs
+    without a compile provider do not pay its import)."""
+    raise_compile_limits()
+    return torch.compile(f, **kwargs)
+
+
+def reset_compiled() -> None:
+    """Drops dynamo's compiled graphs, if dynamo was ever imported."""
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------------
@@ -881,11 +894,11 @@ def _gate_callable(op: str, provider: str, compiled: Dict[str, Callable]) -> Cal
         return base[0]
     if provider == "compile":
         if "compile" not in compiled:
-            compiled["compile"] = torch.compile(base[0], dynamic=False)
+            compiled["compile"] = _compiled(base[0], dynamic=False)
         return compiled["compile"]
     if provider == "compile_fused":
         if "compile_fused" not in compiled:
-            compiled["compile_fused"] = torch.compile(base[1], dynamic=False)
+            compiled["compile_fused"] = _compiled(base[1], dynamic=False)
         return compiled["compile_fused"]
     return base[1]
 
@@ -931,7 +944,6 @@ class Harness:
             raise BenchError(f"batch size must be >= 1, got {self.batch_size}")
         self._device_name = device_name(self.device)
         self._versions = versions()
-        raise_compile_limits()
 
     # -- helpers --
     def log(self, msg: str) -> None:
@@ -1028,7 +1040,7 @@ class Harness:
         if channels_last:
             dys = [d.contiguous(memory_format=torch.channels_last) for d in dys]
         groups: Dict[str, List[dict]] = {m: [] for m in modes}
-        torch._dynamo.reset()
+        reset_compiled()
         compiled: Dict[str, Callable] = {}
         for prov in provs:
             f = _gate_callable(op, prov, compiled)
@@ -1125,14 +1137,14 @@ class Harness:
                .contiguous(memory_format=fmt) for _ in range(n_sets)]
         flops = scconv_flops(N, C, H, W)
         groups: Dict[str, List[dict]] = {m: [] for m in modes}
-        torch._dynamo.reset()
+        reset_compiled()
         amp_ctx = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
         built = []
         for prov in provs:
             try:
                 fused = prov not in ("eager", "compile")
                 m = build_module(module, C, fused=fused, like=ref).to(self.device, in_dtype).to(memory_format=fmt)
-                runner = torch.compile(m, dynamic=False) if prov in ("compile", "compile_fused") else m
+                runner = _compiled(m, dynamic=False) if prov in ("compile", "compile_fused") else m
             except Exception as exc:
                 self._skip(f"{module} {prov}", f"{type(exc).__name__}: {exc}")
                 continue
@@ -1341,7 +1353,7 @@ def train_benchmark(arch: str = "scnet50", batch_size: int = 32, amp: Optional[t
 
         world = dist.get_world_size()
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    runner = torch.compile(model) if compile else model
+    runner = _compiled(model) if compile else model
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     use_scaler = amp == torch.float16 and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
