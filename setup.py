@@ -20,6 +20,7 @@ import platform
 import sys
 import sysconfig
 
+import setuptools
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -132,7 +133,14 @@ class Build(BuildExtension.with_options(use_ninja=True)):
             self.build_temp = base
 
 
+# The license as metadata on every setuptools the build requires (>= 64): an SPDX expression where
+# setuptools reads one (77 and later), the older text field before (pyproject.toml's `license = "MIT"`
+# is refused before 77 and its table form is deprecated after).
+_SETUPTOOLS_MAJOR = int(setuptools.__version__.split(".")[0])
+_LICENSE = {"license_expression": "MIT"} if _SETUPTOOLS_MAJOR >= 77 else {"license": "MIT"}
+
 setup(
     ext_modules=[ext] + cpu_exts,
     cmdclass={"build_ext": Build},
+    **_LICENSE,
 )
