@@ -109,13 +109,26 @@ def _plain_pool(pool: nn.Module, r: int) -> bool:
             and not pool.ceil_mode and pool.divisor_override is None)
 
 
+# Whether autocast exists for a device type, asked once per type: torch.compile of torch 2.11 cannot
+# trace torch.amp.is_autocast_available (a graph break, an error under fullgraph=True), but it reads a
+# module-level dict as a constant.
+_AUTOCAST_AVAILABLE = {t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "meta")}
+
+
+def _autocast_available(device_type: str) -> bool:
+    known = _AUTOCAST_AVAILABLE.get(device_type)
+    if known is None:
+        known = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    return known
+
+
 def _conv_accepts(conv: nn.Module, x: Tensor) -> bool:
     """``conv`` will take x's dtype (equal to its weight's, or autocast recasts both); otherwise the
     modules run as they are and raise their own error."""
     weight = getattr(conv, "weight", None)
     if not isinstance(weight, Tensor) or weight.dtype == x.dtype:
         return True
-    return torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+    return _autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
 
 
 def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
@@ -279,7 +292,7 @@ class SCConv(reference.SCConv):
         if not (self.recompute_gate and _plain_conv(conv4) and y.requires_grad):
             return conv4(y)
         weight = conv4.weight
-        amp_device = torch.amp.is_autocast_available(y.device.type)
+        amp_device = _autocast_available(y.device.type)
         if amp_device and torch.is_autocast_enabled(y.device.type):
             dtype = torch.get_autocast_dtype(y.device.type)
             y, weight = y.to(dtype), weight.to(dtype)
