@@ -24,6 +24,11 @@ fi
 pipq pybind11 ninja numpy pytest pytest-benchmark matplotlib scikit-learn "setuptools>=64" wheel
 "$VPY" -c "import triton" >/dev/null 2>&1 || pipq "triton>=3.2" || \
   echo "setup: triton could not be installed; the triton backend will be unavailable" >&2
+# Before triton 3.7 the Triton interpreter (how the tests run the Triton kernels without a GPU) fails
+# with numpy 2.4 and later.
+if "$VPY" -c "import re, sys, triton; sys.exit(0 if tuple(map(int, re.findall(r'\d+', triton.__version__)[:2])) < (3, 7) else 1)" 2>/dev/null; then
+  pipq "numpy<2.4"
+fi
 
 # The CUDA toolkit: honour CUDA_HOME, else let setup.py find it (the nvcc on PATH may be a wrapper).
 export MAX_JOBS=${MAX_JOBS:-2}

@@ -188,6 +188,31 @@ def test_backend_selection_errors(monkeypatch):
         sc_gate(x, small, k3)
 
 
+def test_triton_interpreter_with_an_incompatible_numpy_is_a_clear_error(monkeypatch):
+    """triton < 3.7's interpreter fails inside every kernel with a loop over tensor bounds under numpy
+    >= 2.4; forcing the triton backend on CPU tensors there says so before any kernel runs."""
+    import numpy
+
+    from scnet_fused.ops import _dispatch
+
+    triton = pytest.importorskip("triton")
+    assert _dispatch._release("3.6.0") == (3, 6) and _dispatch._release("2.4.0rc1") == (2, 4)
+    assert _dispatch._release("3.10") == (3, 10) and _dispatch._release("3") == (3, 0)
+    x, small, k3 = _inputs(SHAPES[0], requires_grad=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    reason = _dispatch.interpreter_problem()
+    assert "triton 3.6.0" in reason and "numpy 2.4.6" in reason and "numpy<2.4" in reason
+    with pytest.raises(BackendUnavailable, match="cannot run these kernels with numpy 2.4.6"):
+        with scnet_fused.backend("triton"):
+            sc_gate(x, small, k3)
+    for tv, nv in (("3.6.0", "2.3.5"), ("3.7.0", "2.4.6"), ("3.8.0", "2.4.6")):
+        monkeypatch.setattr(triton, "__version__", tv)
+        monkeypatch.setattr(numpy, "__version__", nv)
+        assert _dispatch.interpreter_problem() is None, (tv, nv)
+
+
 def test_backend_context_is_per_thread(monkeypatch):
     monkeypatch.delenv("SCNET_FUSED_BACKEND", raising=False)
     seen = {}

@@ -126,6 +126,38 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _release(version: str) -> tuple:
+    """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1'."""
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        parts.append(int(digits or 0))
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
+def interpreter_problem() -> Optional[str]:
+    """Why Triton's interpreter cannot run these kernels here, or None.
+
+    Before triton 3.7 the interpreter turns a tensor used as a loop bound into an int with ``int()`` of a
+    one-element array, which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"): every kernel with a loop over loaded or computed bounds fails.
+    """
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        return (f"the Triton interpreter of triton {triton.__version__} cannot run these kernels with numpy "
+                f"{numpy.__version__} (it converts tensors to int in a way numpy 2.4 refuses; fixed in "
+                f"triton 3.7): install 'numpy<2.4' or triton >= 3.7")
+    return None
+
+
 def _load(name: str):
     """Import a backend's primitives module, or return the reason it is unavailable (a str)."""
     if name in _module_cache:
@@ -164,7 +196,7 @@ def _device_ok(name: str, device: torch.device) -> Optional[str]:
         if device.type == "cuda":
             return None
         if device.type == "cpu" and triton_interpreted():
-            return None
+            return interpreter_problem()
         return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}"
     return f"no backend {name}"
 
