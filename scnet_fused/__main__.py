@@ -373,6 +373,7 @@ def cmd_info(args) -> int:
     except Exception as exc:
         print(f"scnet_fused._C: not importable ({type(exc).__name__}: {exc})")
     print("backends:")
+    interp_problem = interpreter_problem()
     for b in BACKENDS:
         if b == "auto":
             continue
@@ -381,8 +382,8 @@ def cmd_info(args) -> int:
         if why is None and b == "triton" and not torch.cuda.is_available():
             note = (" (runs through the interpreter on CPU tensors)" if interp not in (None, "", "0")
                     else " (needs CUDA tensors; TRITON_INTERPRET=1 runs it on CPU tensors)")
-        if why is None and b == "triton" and interpreter_problem() is not None:
-            note = f" on CUDA tensors only: on CPU tensors {interpreter_problem()}"
+        if why is None and b == "triton" and interp_problem is not None:
+            note = f" on CUDA tensors only: on CPU tensors {interp_problem}"
         print(f"  {b:<10} {'available' + note if why is None else 'unavailable: ' + why}")
     why = bench.fused_modules_reason()
     print(f"fused modules (SCConv, SCBottleneck): {'available' if why is None else why}")

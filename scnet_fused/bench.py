@@ -425,7 +425,7 @@ def _compiled(f, **kwargs):
     return torch.compile(f, **kwargs)
 
 
-def reset_compiled() -> None:
+def _reset_compiled() -> None:
     """Drops dynamo's compiled graphs, if dynamo was ever imported."""
     if "torch._dynamo" in sys.modules:
         torch._dynamo.reset()
@@ -1040,7 +1040,7 @@ class Harness:
         if channels_last:
             dys = [d.contiguous(memory_format=torch.channels_last) for d in dys]
         groups: Dict[str, List[dict]] = {m: [] for m in modes}
-        reset_compiled()
+        _reset_compiled()
         compiled: Dict[str, Callable] = {}
         for prov in provs:
             f = _gate_callable(op, prov, compiled)
@@ -1137,7 +1137,7 @@ class Harness:
                .contiguous(memory_format=fmt) for _ in range(n_sets)]
         flops = scconv_flops(N, C, H, W)
         groups: Dict[str, List[dict]] = {m: [] for m in modes}
-        reset_compiled()
+        _reset_compiled()
         amp_ctx = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
         built = []
         for prov in provs:

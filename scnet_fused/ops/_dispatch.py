@@ -74,6 +74,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import threading
 import warnings
 from typing import Optional
@@ -128,15 +129,7 @@ def triton_interpreted() -> bool:
 
 def _release(version: str) -> tuple:
     """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1'."""
-    parts = []
-    for piece in version.split(".")[:2]:
-        digits = ""
-        for ch in piece:
-            if not ch.isdigit():
-                break
-            digits += ch
-        parts.append(int(digits or 0))
-    return tuple(parts + [0] * (2 - len(parts)))
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
 
 
 def interpreter_problem() -> Optional[str]:
