@@ -122,6 +122,35 @@ def test_non_contiguous_inputs(backend):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+def test_infinite_k3_gives_the_eager_gradients(backend, channels_last, affine):
+    """An infinite k3 (an overflowed convolution) where the sigmoid is strictly inside (0, 1): dx is
+    +-inf as in eager (dy * a * s * (1 - s)), not NaN from an inf - inf, and dsmall sums it; a NaN in x
+    stays NaN. Every element's value, or its being NaN, as eager PyTorch's."""
+    x, small, k3 = (t.detach() for t in _inputs((2, 3, 14, 13, 3, 3), channels_last=channels_last))
+    k3[0, 0, 3, 4], k3[1, 2, 13, 12], k3[1, 1, 0, 0] = float("inf"), -float("inf"), float("inf")
+    x[0, 1, 5, 5] = float("nan")
+    scale, shift = (torch.rand(3) + 0.5, torch.randn(3)) if affine else (None, None)
+    dy = randn(2, 3, 14, 13, channels_last=channels_last)
+    results = []
+    for run in ("eager", backend):
+        ins = [t.clone().requires_grad_() for t in (x, small, k3)]
+        if run == "eager":
+            a = ins[2] * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1) if affine else ins[2]
+            y = eager_gate(ins[0], ins[1], a)
+        else:
+            with scnet_fused.backend(backend):
+                y = sc_gate(*ins, scale, shift)
+        results.append((y,) + _grads(y, ins, dy))
+    for name, got, want in zip(("y", "dx", "dsmall", "dk3"), results[1], results[0]):
+        assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN where eager has none (or none where it has)"
+        assert torch.equal(got.isinf(), want.isinf()), name
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    assert results[0][1].isinf().sum() >= 3  # the case is one: eager has infinite dx
+
+
 def test_expanded_grad_output():
     x, small, k3 = _inputs(SHAPES[0])
     sc_gate(x, small, k3).sum().backward()  # the incoming gradient is an expanded (stride-0) tensor

@@ -90,16 +90,6 @@ inline Vec vreciprocal(const Vec& d) {
 #endif
 }
 
-// c - a * b, fused where the build has FMA.
-inline Vec vfnmadd(const Vec& a, const Vec& b, const Vec& c) {
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
-  return _mm512_fnmadd_ps(a, b, c);
-#elif defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__FMA__)
-  return _mm256_fnmadd_ps(a, b, c);
-#else
-  return c - a * b;
-#endif
-}
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
 // sigmoid(z) = 1 / (1 + 2^t), t = -z * log2(e), with z clamped to [-87, 87] (the result is then 1 or
@@ -723,7 +713,9 @@ inline Vec backward_vec(const Vec& xv, const Vec& uv, const Vec& kv, const Vec& 
   const Vec s = vsigmoid(xv + uv);
   Vec g = dyv * s;
   const Vec ga = g * at::vec::fmadd(kv, sc, sh);
-  const Vec dz = vfnmadd(ga, s, ga);  // dy * a * s * (1 - s)
+  // dy * a * s * (1 - s), as ga * (1 - s): ga - ga * s would turn an infinite a into NaN (inf - inf)
+  // where the reference gives +-inf.
+  const Vec dz = ga * (Vec(1.0f) - s);
   dk3v = g * sc;
   if (keep != nullptr) g = Vec::blendv(Vec(0.0f), g, *keep);
   gsum = gsum + g;
