@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 
 from . import reference
 from .ops import sc_avgpool, sc_gate, sc_gate_bn_train
@@ -39,16 +40,41 @@ from .ops.relu_cat import relu_cat
 __all__ = ["SCConv", "SCBottleneck"]
 
 
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _hookless(*mods: nn.Module) -> bool:
+    """Nothing is attached to these modules' calls: no forward or backward hooks of their own or global
+    ones (``register_module_forward_hook``, ...), no per-instance ``forward``. Only then does a fused
+    path stand in for their forward; otherwise the modules run, so hooks see what they would see in
+    the reference (pruning's forward pre-hook, activation hooks, profilers' module trackers, ...)."""
+    for name in _GLOBAL_HOOKS:
+        if getattr(_nn_module, name, None):
+            return False
+    for m in mods:
+        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__):
+            return False
+    return True
+
+
 def _plain_batchnorm(m: nn.Module) -> bool:
-    """A BatchNorm whose forward is nn.BatchNorm2d's own (subclasses that override forward excluded)."""
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward is nn.BatchNorm2d.forward
+    """A BatchNorm whose forward is nn.BatchNorm2d's own (subclasses that override forward excluded)
+    and that nothing is attached to (:func:`_hookless`)."""
+    return (isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward is nn.BatchNorm2d.forward
+            and _hookless(m))
+
+
+def _plain_relu(m: nn.Module) -> bool:
+    return type(m).forward is nn.ReLU.forward and _hookless(m)
 
 
 def _foldable_eval_norm(m: nn.Module) -> bool:
     """A norm that, in its current mode, is the per-channel affine of its running statistics."""
     if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward in (
             nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward):
-        return (not m.training) and m.track_running_stats and m.running_mean is not None
+        return (not m.training) and m.track_running_stats and m.running_mean is not None and _hookless(m)
     return False
 
 
@@ -68,7 +94,7 @@ def _eval_fold(bn, like: Tensor, differentiable: bool) -> Tuple[Tensor, Tensor]:
 
 def _plain_conv(conv: nn.Module) -> bool:
     return type(conv) is nn.Conv2d and conv.bias is None and conv.padding_mode == "zeros" \
-        and not isinstance(conv.padding, str)
+        and not isinstance(conv.padding, str) and _hookless(conv)
 
 
 def _conv_out_numel(conv: nn.Conv2d, x: Tensor) -> int:
@@ -95,14 +121,14 @@ def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
 
 def _seq_conv_bn(seq: nn.Module, x: Tensor) -> Tensor:
     """A ``Sequential(Conv2d, norm)`` through :func:`_conv_bn`; anything else as the module."""
-    if isinstance(seq, nn.Sequential) and len(seq) == 2:
+    if isinstance(seq, nn.Sequential) and len(seq) == 2 and _hookless(seq):
         return _conv_bn(seq[0], seq[1], x)
     return seq(x)
 
 
 def _plain_pool(pool: nn.Module, r: int) -> bool:
     """An nn.AvgPool2d that is exactly the r x r, stride-r, floor-mode pool of :func:`sc_avgpool`."""
-    if type(pool) is not nn.AvgPool2d:
+    if type(pool) is not nn.AvgPool2d or not _hookless(pool):
         return False
     stride = pool.stride if pool.stride is not None else pool.kernel_size
     return (_pair(pool.kernel_size) == (r, r) and _pair(stride) == (r, r) and _pair(pool.padding) == (0, 0)
@@ -233,6 +259,8 @@ class SCConv(reference.SCConv):
     def forward(self, x: Tensor) -> Tensor:
         if standard_ops_only():
             return self._portable_forward(x)
+        if not self._fusable():
+            return super().forward(x)  # hooks on k2 / k3 / k4: the containers run as modules
         y, saved = self._gate(x)
         conv4, norm4 = self.k4[0], self.k4[1]
         if not torch.is_grad_enabled():
@@ -244,6 +272,11 @@ class SCConv(reference.SCConv):
         reference._check_sc_input(x, self.inplanes, self.pooling_r)
         up = upsample_nearest(self.k2(x), x)
         return self.k4(torch.mul(self.k3(x), torch.sigmoid(torch.add(x, up))))
+
+    def _fusable(self) -> bool:
+        """The fused forward calls the layers inside k2, k3 and k4, not the containers: only without
+        hooks on them (:func:`_hookless`)."""
+        return _hookless(self.k2, self.k3, self.k4)
 
     def _pre_norm4(self, x: Tensor) -> Tensor:
         """k4's convolution output, before k4's norm (the bottleneck fuses that norm with its ReLU)."""
@@ -344,14 +377,17 @@ class SCBottleneck(reference.SCBottleneck):
 
     Without avd, the two branches' final ReLUs write straight into the concatenation conv3 reads; in
     training the BatchNorm + ReLU after conv1_a / conv1_b run as one fused op each, and k1's and the
-    SCConv's k4 BatchNorm + ReLU as one op writing both halves of that concatenation.
+    SCConv's k4 BatchNorm + ReLU as one op writing both halves of that concatenation. Submodules
+    with hooks run as modules (see :func:`_hookless`).
     At inference (no grad, eval-mode BatchNorms) each convolution + BatchNorm pair runs as one
     convolution with the BatchNorm folded in, where the output outweighs the weights.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.avd or not isinstance(self.relu, nn.ReLU) or x.dim() != 4 or standard_ops_only():
-            return super().forward(x)  # exports and torch.func transforms: standard operators only
+        if self.avd or not _plain_relu(self.relu) or x.dim() != 4 or standard_ops_only():
+            # exports and torch.func transforms: standard operators only; a ReLU with hooks or its own
+            # forward is called as often as the reference calls it
+            return super().forward(x)
         residual = x
         out_a = _bn_relu(self.conv1_a, self.bn1_a, self.relu, x)
         out_b = _bn_relu(self.conv1_b, self.bn1_b, self.relu, x)
@@ -369,7 +405,8 @@ class SCBottleneck(reference.SCBottleneck):
         halves (:func:`scnet_fused.ops.relu_cat.relu_cat`)."""
         k1, sc = self.k1, self.scconv
         if not (isinstance(k1, nn.Sequential) and len(k1) == 2 and _batch_stats_bn(k1[1]) and isinstance(sc, SCConv)
-                and isinstance(sc.k4, nn.Sequential) and len(sc.k4) == 2 and _batch_stats_bn(sc.k4[1])):
+                and isinstance(sc.k4, nn.Sequential) and len(sc.k4) == 2 and _batch_stats_bn(sc.k4[1])
+                and _hookless(k1, sc) and sc._fusable()):
             return relu_cat(_seq_conv_bn(k1, out_a), sc(out_b))
         bn_a, bn_b = k1[1], sc.k4[1]
         ta, tb = k1[0](out_a), sc._pre_norm4(out_b)
