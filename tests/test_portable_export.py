@@ -64,6 +64,7 @@ def _run(sess, x: torch.Tensor) -> torch.Tensor:
 def test_scconv_exports_with_dynamic_shapes():
     """TorchScript-based exporter, batch and spatial axes dynamic: one graph serves other sizes,
     exactly, including the 114-row map where a Resize-based graph would read the wrong source row."""
+    pytest.importorskip("onnx")  # the TorchScript-based exporter serialises through it
     torch.manual_seed(0)
     m = _bn_stats(scnet_fused.SCConv(4, 4, 1, 1, 1, 1, 4, nn.BatchNorm2d), seed=1)
     x = torch.randn(2, 4, 14, 14)
@@ -103,6 +104,7 @@ def test_bottleneck_exports_with_the_dynamo_exporter():
 def test_strided_grouped_dilated_bottleneck_exports():
     """stride 2 with avd, groups 2, dilation 2, a downsample branch: the fused model's export equals
     the fused model."""
+    pytest.importorskip("onnx")
     torch.manual_seed(0)
     down = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
     ref = _bn_stats(R.SCBottleneck(16, 8, 2, down, cardinality=2, avd=True, dilation=2), seed=3)

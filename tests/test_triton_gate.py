@@ -20,6 +20,11 @@ from scnet_fused import reference as ref  # noqa: E402
 from scnet_fused._index import max_run  # noqa: E402
 from scnet_fused.triton import sc_gate as tg  # noqa: E402
 
+from _util import interpreter_broken  # noqa: E402
+
+if interpreter_broken():
+    pytest.skip(interpreter_broken(), allow_module_level=True)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"
 
