@@ -194,14 +194,81 @@ def _bn_relu(conv: nn.Module, bn: nn.Module, relu: nn.Module, x: Tensor) -> Tens
     does; otherwise as the modules (inference folds conv + eval BN, see :func:`_conv_bn`)."""
     if not _batch_stats_bn(bn):
         return relu(_conv_bn(conv, bn, x))
-    t = conv(x)
-    if t.dim() != 4 or t.numel() == 0 or t.shape[0] * t.shape[2] * t.shape[3] <= 1:
+    return _bn_relu_of(bn, relu, conv(x))
+
+
+def _bn_stats_ok(t: Tensor) -> bool:
+    """More than one value per channel (else BatchNorm2d's own handling and error)."""
+    return t.dim() == 4 and t.numel() > 0 and t.shape[0] * t.shape[2] * t.shape[3] > 1
+
+
+def _bn_relu_of(bn: nn.Module, relu: nn.Module, t: Tensor) -> Tensor:
+    """``relu(bn(t))``, BatchNorm + ReLU fused where ``bn`` uses batch statistics."""
+    if not (_batch_stats_bn(bn) and _bn_stats_ok(t)):
         return relu(bn(t))  # empty batch, or one value per channel: BatchNorm2d's own handling / error
     factor = _bn_momentum(bn)
     weight, bias = _affine_params(bn, t)
     y, mean, var = bn_relu_train(t, weight, bias, bn.eps)
     _update_running_stats(bn, factor, mean, var, t)
     return y
+
+
+def _same_input_convs(a: nn.Module, b: nn.Module, x: Tensor) -> bool:
+    """Two plain convolutions (:func:`_plain_conv`) of the same input that one convolution with both
+    weights stacked computes: same input channels, kernel, stride, padding and dilation, no groups."""
+    return (_plain_conv(a) and _plain_conv(b) and x.dim() == 4 and a.groups == 1 and b.groups == 1
+            and a.in_channels == b.in_channels and a.kernel_size == b.kernel_size and a.stride == b.stride
+            and a.padding == b.padding and a.dilation == b.dilation and a.weight.dtype == b.weight.dtype
+            and a.weight.device == b.weight.device and _conv_accepts(a, x))
+
+
+def _split_channels(t: Tensor, c: int) -> Tuple[Tensor, Tensor]:
+    """``t``'s first ``c`` channels and the rest, each dense in ``t``'s memory format (for one image in
+    NCHW the halves already are: no copy)."""
+    fmt = torch.channels_last if (t.is_contiguous(memory_format=torch.channels_last)
+                                  and not t.is_contiguous()) else torch.contiguous_format
+    a, b = t.split([c, t.shape[1] - c], 1)
+    return a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
+
+
+def _conv1_pair(ca: nn.Module, bna: nn.Module, cb: nn.Module, bnb: nn.Module, relu: nn.Module,
+                x: Tensor, stack: bool = True) -> Tuple[Tensor, Tensor]:
+    """``relu(bna(ca(x)))`` and ``relu(bnb(cb(x)))``: the bottleneck's two entry convolutions.
+
+    Both read x: one convolution with their weights stacked computes the two (x read once, one larger
+    matrix product, and in the backward one input gradient instead of two added together); the
+    halves are then split off. With both BatchNorms using batch statistics (training), one fused
+    BatchNorm + ReLU over both halves (their running statistics updated separately, as
+    nn.BatchNorm2d does); at inference (no grad, eval-mode BatchNorms) both folded into the one
+    convolution; otherwise the norms run as modules on the halves. Convolutions that cannot be
+    stacked (a hook, a bias, other shapes), or all with ``stack=False``, run one by one."""
+    if not (stack and _same_input_convs(ca, cb, x)):
+        return _bn_relu(ca, bna, relu, x), _bn_relu(cb, bnb, relu, x)
+    conv_args = (ca.stride, ca.padding, ca.dilation)
+    c = ca.out_channels
+    if (not torch.is_grad_enabled() and _foldable_eval_norm(bna) and _foldable_eval_norm(bnb)
+            and _conv_out_numel(ca, x) + _conv_out_numel(cb, x) >= 4 * (ca.weight.numel() + cb.weight.numel())):
+        folded = []
+        for conv, bn in ((ca, bna), (cb, bnb)):
+            scale, shift = _eval_fold(bn, x, differentiable=False)
+            folded.append(((conv.weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype),
+                           shift.to(conv.weight.dtype)))
+        weight = torch.cat([folded[0][0], folded[1][0]])
+        bias = torch.cat([folded[0][1], folded[1][1]])
+        return _split_channels(torch.relu_(F.conv2d(x, weight, bias, *conv_args)), c)
+    t = F.conv2d(x, torch.cat([ca.weight, cb.weight]), None, *conv_args)
+    if (_batch_stats_bn(bna) and _batch_stats_bn(bnb) and bna.eps == bnb.eps and _bn_stats_ok(t)
+            and (bna.weight is None) == (bnb.weight is None)
+            and (bna.weight is None or bna.weight.dtype == bnb.weight.dtype)):
+        factor_a, factor_b = _bn_momentum(bna), _bn_momentum(bnb)
+        wa, ba = _affine_params(bna, t)
+        wb, bb = _affine_params(bnb, t)
+        y, mean, var = bn_relu_train(t, torch.cat([wa, wb]), torch.cat([ba, bb]), bna.eps)
+        _update_running_stats(bna, factor_a, mean[:c], var[:c], t)
+        _update_running_stats(bnb, factor_b, mean[c:], var[c:], t)
+        return _split_channels(y, c)
+    ta, tb = _split_channels(t, c)
+    return _bn_relu_of(bna, relu, ta), _bn_relu_of(bnb, relu, tb)
 
 
 def _affine_params(bn: nn.modules.batchnorm._BatchNorm, like: Tensor) -> Tuple[Tensor, Tensor]:
@@ -375,13 +442,18 @@ def _pool_rate(pool: nn.Module) -> int:
 class SCBottleneck(reference.SCBottleneck):
     """The SCNet bottleneck with a fused SCConv (same arguments and state_dict as the reference).
 
-    Without avd, the two branches' final ReLUs write straight into the concatenation conv3 reads; in
-    training the BatchNorm + ReLU after conv1_a / conv1_b run as one fused op each, and k1's and the
-    SCConv's k4 BatchNorm + ReLU as one op writing both halves of that concatenation. Submodules
-    with hooks run as modules (see :func:`_hookless`).
+    Without avd, conv1_a and conv1_b run as one convolution with their weights stacked (x read once;
+    one input gradient in the backward), and the two branches' final ReLUs write straight into the
+    concatenation conv3 reads; in training the BatchNorm + ReLU after conv1_a / conv1_b run as one
+    fused op over both halves, and k1's and the SCConv's k4 BatchNorm + ReLU as one op writing both
+    halves of that concatenation. Submodules with hooks run as modules (see :func:`_hookless`).
+    ``stack_conv1`` (default True; a class or instance attribute): False runs conv1_a and conv1_b
+    one after the other (each with its fused BatchNorm + ReLU), as the reference does.
     At inference (no grad, eval-mode BatchNorms) each convolution + BatchNorm pair runs as one
     convolution with the BatchNorm folded in, where the output outweighs the weights.
     """
+
+    stack_conv1 = True
 
     def forward(self, x: Tensor) -> Tensor:
         if self.avd or not _plain_relu(self.relu) or x.dim() != 4 or standard_ops_only():
@@ -389,8 +461,8 @@ class SCBottleneck(reference.SCBottleneck):
             # forward is called as often as the reference calls it
             return super().forward(x)
         residual = x
-        out_a = _bn_relu(self.conv1_a, self.bn1_a, self.relu, x)
-        out_b = _bn_relu(self.conv1_b, self.bn1_b, self.relu, x)
+        out_a, out_b = _conv1_pair(self.conv1_a, self.bn1_a, self.conv1_b, self.bn1_b, self.relu, x,
+                                   self.stack_conv1)
         out = _conv_bn(self.conv3, self.bn3, self._branches(out_a, out_b))
         if self.downsample is not None:
             residual = _seq_conv_bn(self.downsample, x)

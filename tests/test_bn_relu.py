@@ -130,14 +130,18 @@ def test_saves_only_t_and_per_channel_vectors():
 
 @pytest.mark.parametrize("name", backends_here())
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_bottleneck_runs_it_in_training(name, channels_last):
-    """The fused bottleneck's conv1_a / conv1_b BatchNorm + ReLU run as the fused op in training; same
-    outputs, gradients and running statistics as the reference over two steps, then eval."""
+@pytest.mark.parametrize("stack", [True, False])
+def test_bottleneck_runs_it_in_training(name, channels_last, stack):
+    """The fused bottleneck's conv1_a / conv1_b BatchNorm + ReLU run as one fused op over their stacked
+    convolution's output in training (two with ``stack_conv1 = False``); same outputs, gradients and
+    running statistics as the reference over two steps (one of the two BatchNorms with cumulative
+    averaging), then eval."""
     torch.manual_seed(0)
     ref = R.SCBottleneck(128, 32, norm_layer=nn.BatchNorm2d, downsample=None)
     ref.bn1_a.momentum = None  # cumulative average for one of them
     ref.k1[1].momentum = None
     fused = scnet_fused.convert(ref)
+    fused.stack_conv1 = stack
     x = torch.randn(2, 128, 14, 13)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -155,7 +159,7 @@ def test_bottleneck_runs_it_in_training(name, channels_last):
                 torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
             calls = [e.name for e in prof.events()
                      if e.name in ("scnet_fused::bn_relu_train", "scnet_fused::_bn_relu_train_ag")]
-            assert len(calls) == 2, calls
+            assert len(calls) == (1 if stack else 2), calls
             cat_calls = [e.name for e in prof.events()
                          if e.name in ("scnet_fused::bn_relu_cat_train", "scnet_fused::_bn_relu_cat_train_ag")]
             assert len(cat_calls) == 1, cat_calls  # k1's and k4's BatchNorm + ReLU into the concatenation

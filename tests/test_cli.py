@@ -330,6 +330,28 @@ def test_bench_conv_layout_script(tmp_path):
     assert bad.returncode == 2 and "5x9" in bad.stderr
 
 
+def test_bench_conv1_stack_script(tmp_path):
+    """benchmarks/bench_conv1_stack.py: the stacked and separate entry convolutions, both modes."""
+    from scnet_fused import bench
+
+    if bench.fused_modules_reason() is not None:
+        pytest.skip(bench.fused_modules_reason())
+    script = os.path.join(ROOT, "benchmarks", "bench_conv1_stack.py")
+    r = subprocess.run([sys.executable, script, "--shapes", "16x9x7", "--batch-size", "2", "--rounds", "2",
+                        "--min-run-time", "0.02", "--device", "cpu", "--default-malloc", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "conv1_stack.json").read_text())
+    assert sorted((row["provider"], row["mode"]) for row in rows) == [
+        ("separate", "inference"), ("separate", "train"), ("stacked", "inference"), ("stacked", "train")]
+    for row in rows:
+        assert row["rounds"] == 2 and 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+    assert "| 2x16x9x7 | train |" in (tmp_path / "conv1_stack.md").read_text()
+    bad = subprocess.run([sys.executable, script, "--shapes", "12x9x7", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "multiple of 8" in bad.stderr
+
+
 def test_bench_layout_step_script(tmp_path):
     """benchmarks/bench_layout_step.py: reference and fused, each in both memory formats, in one process."""
     from scnet_fused import bench

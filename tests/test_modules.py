@@ -222,6 +222,47 @@ def test_bottleneck_norm_layers(norm):
     _step_and_compare(ref.eval(), fused.eval(), x, steps=1)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["stacked", "different_eps", "bias", "stack_conv1_false"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bottleneck_entry_convolutions(backend, variant, channels_last, monkeypatch):
+    """conv1_a and conv1_b run as one convolution with their weights stacked (neither module called):
+    training (one fused BatchNorm + ReLU over both halves), eval with autograd (the norms as modules on
+    the halves), inference (both BatchNorms folded); two images and one (NCHW halves without a copy).
+    BatchNorms with different eps keep the stacked convolution but normalise each half on its own;
+    a convolution with a bias runs as a module, and so do both with ``stack_conv1 = False``. Outputs,
+    gradients and running statistics as the reference."""
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(24, 32, 1, bias=False), nn.BatchNorm2d(32))
+    ref = R.SCBottleneck(24, 8, downsample=down, norm_layer=nn.BatchNorm2d)
+    if variant == "different_eps":
+        ref.bn1_b.eps = 1e-3
+    if variant == "bias":
+        ref.conv1_b = nn.Conv2d(24, ref.conv1_b.out_channels, 1, bias=True)
+    _randomize_norms(ref)
+    fused = scnet_fused.convert(ref)
+    if variant == "stack_conv1_false":
+        fused.stack_conv1 = False
+    calls = _count_forward_calls(monkeypatch, nn.Conv2d)
+    for n in (2, 1):
+        x = torch.randn(n, 24, 13, 10)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with scnet_fused.backend(backend):
+            for mode in ("train", "eval"):
+                calls.clear()
+                _step_and_compare(ref.train(mode == "train"), fused.train(mode == "train"), x,
+                                  steps=2 if mode == "train" else 1)
+                stacked = not any(_called(calls, m) for m in (fused.conv1_a, fused.conv1_b))
+                assert stacked == (variant in ("stacked", "different_eps")), mode
+            with torch.no_grad():
+                expected = ref(x)
+                calls.clear()
+                torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-5)
+        # inference: stacked and folded; with a bias, conv1_b as a module (conv1_a folded on its own)
+        assert not _called(calls, fused.conv1_a) and _called(calls, fused.conv1_b) == (variant == "bias")
+
+
 def test_float64_eval_keeps_float64_precision():
     """Eval-mode BatchNorm folding (the gate's constants, the folded convolution weights) runs in
     float64 for a float64 model: fused and reference agree to float64 rounding, not float32's."""

@@ -1,0 +1,118 @@
+"""The fused bottleneck with conv1_a and conv1_b stacked into one convolution, against running them
+one after the other (``SCBottleneck.stack_conv1 = False``), in one process.
+
+    python benchmarks/bench_conv1_stack.py                    # SCNet-50 stage shapes, N = 8, best device
+    python benchmarks/bench_conv1_stack.py --shapes 256x56x56 --rounds 6
+
+Per shape ``(C, H, W)`` (the bottleneck's input; planes = C / 4 as in SCNet-50's blocks after the
+first of a stage, so conv1_a / conv1_b map C to C / 8 channels each): a training step (forward with
+batch statistics + backward of a fixed output gradient, input gradient included) and an inference
+forward (eval, no grad). The two settings run on the same module and input in interleaved rounds
+(order alternating); a row's time is the median of its rounds' medians, with the rounds' spread.
+Writes ``conv1_stack.json`` and ``.md`` under ``--out`` (default benchmarks/results/<device>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scnet_fused import bench, reference  # noqa: E402
+from scnet_fused.modules import SCBottleneck  # noqa: E402
+
+SETTINGS = {"separate": False, "stacked": True}
+DEFAULT_SHAPES = "256x56x56,512x28x28,1024x14x14,2048x7x7"
+
+
+def _jobs(block, x, dy):
+    def train():
+        block.train()
+        xg = x.detach().requires_grad_()
+        return torch.autograd.grad(block(xg), [xg] + [p for p in block.parameters()], dy)
+
+    def inference():
+        block.eval()
+        with torch.no_grad():
+            return block(x)
+
+    return {"train": train, "inference": inference}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of CxHxW, the bottleneck's input "
+                    f"(C a multiple of 8; default {DEFAULT_SHAPES})")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--min-run-time", type=float, default=0.5)
+    ap.add_argument("--out", default=None)
+    bench.add_machine_args(ap)
+    args = ap.parse_args(argv)
+
+    device, allocator = bench.machine_from_args(args)
+    shapes = bench.shapes_from_arg(ap, args.shapes)
+    for C, _, _ in shapes:
+        if C % 8:
+            ap.error(f"--shapes: C = {C} is not a multiple of 8 (planes = C / 4, two halves of planes / 2)")
+    N = args.batch_size
+    rows = []
+    for C, H, W in shapes:
+        torch.manual_seed(0)
+        ref = reference.SCBottleneck(C, C // 4, norm_layer=nn.BatchNorm2d)
+        block = SCBottleneck.adopt(ref).to(device)
+        x = torch.randn(N, C, H, W, device=device)
+        dy = torch.randn(N, C, H, W, device=device)
+        jobs = _jobs(block, x, dy)
+        samples = {}
+        for r in range(max(1, args.rounds)):
+            order = list(SETTINGS) if r % 2 == 0 else list(reversed(SETTINGS))
+            for setting in order:
+                block.stack_conv1 = SETTINGS[setting]
+                for mode, fn in jobs.items():
+                    fn()
+                    t = bench.time_fn(fn, device, min_run_time=args.min_run_time)
+                    samples.setdefault((mode, setting), []).append(t.median_ms)
+        where = bench.shape_str((N, C, H, W))
+        for (mode, setting), ts in samples.items():
+            rows.append(dict(op="bottleneck", provider=setting, mode=mode, shape=where, dtype="fp32",
+                             device=bench.device_name(device), versions=bench.versions(),
+                             median_ms=statistics.median(ts), min_ms=min(ts), max_ms=max(ts), rounds=len(ts),
+                             allocator=allocator))
+        bench.log_stderr(f"{where}: " + ", ".join(f"{k[0]} {k[1]} {statistics.median(v):.3f} ms"
+                                                   for k, v in samples.items()))
+    bench.write_script_results(rows, args.out or bench.default_out_dir(device), "conv1_stack", markdown(rows))
+    return 0
+
+
+def markdown(rows) -> str:
+    first = rows[0]
+    v = first["versions"]
+    lines = [f"# Bottleneck conv1_a + conv1_b stacked into one convolution: {first['device']}", "",
+             f"torch {v['torch']}, Python {v['python']}; `benchmarks/bench_conv1_stack.py`; fp32, NCHW, "
+             f"planes = C / 4; {first['rounds']} interleaved rounds in one process, median of the rounds' "
+             f"medians (min-max of the rounds in brackets). Allocator: {first.get('allocator') or 'as configured'}.",
+             "",
+             "| N x C x H x W | mode | separate ms | stacked ms | stacked vs separate |",
+             "|---|---|---:|---:|---:|"]
+    by = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["mode"]), {})[r["provider"]] = r
+    for (shape, mode), per in by.items():
+        a, b = per.get("separate"), per.get("stacked")
+        if a is None or b is None:
+            continue
+        lines.append(f"| {shape} | {mode} | {a['median_ms']:.2f} ({a['min_ms']:.2f}-{a['max_ms']:.2f}) | "
+                     f"{b['median_ms']:.2f} ({b['min_ms']:.2f}-{b['max_ms']:.2f}) | "
+                     f"{a['median_ms'] / b['median_ms']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
