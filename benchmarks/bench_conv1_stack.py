@@ -70,23 +70,19 @@ def main(argv=None) -> int:
         x = torch.randn(N, C, H, W, device=device)
         dy = torch.randn(N, C, H, W, device=device)
         jobs = _jobs(block, x, dy)
-        samples = {}
-        for r in range(max(1, args.rounds)):
-            order = list(SETTINGS) if r % 2 == 0 else list(reversed(SETTINGS))
-            for setting in order:
-                block.stack_conv1 = SETTINGS[setting]
-                for mode, fn in jobs.items():
-                    fn()
-                    t = bench.time_fn(fn, device, min_run_time=args.min_run_time)
-                    samples.setdefault((mode, setting), []).append(t.median_ms)
+
+        def jobs_for(setting):
+            block.stack_conv1 = SETTINGS[setting]
+            return jobs
+
+        samples = bench.interleaved_rounds(SETTINGS, jobs_for, args.rounds, device, args.min_run_time)
         where = bench.shape_str((N, C, H, W))
-        for (mode, setting), ts in samples.items():
+        for (setting, mode), ts in samples.items():
             rows.append(dict(op="bottleneck", provider=setting, mode=mode, shape=where, dtype="fp32",
                              device=bench.device_name(device), versions=bench.versions(),
                              median_ms=statistics.median(ts), min_ms=min(ts), max_ms=max(ts), rounds=len(ts),
                              allocator=allocator))
-        bench.log_stderr(f"{where}: " + ", ".join(f"{k[0]} {k[1]} {statistics.median(v):.3f} ms"
-                                                   for k, v in samples.items()))
+        bench.log_samples(where, samples)
     bench.write_script_results(rows, args.out or bench.default_out_dir(device), "conv1_stack", markdown(rows))
     return 0
 

@@ -62,14 +62,7 @@ def main(argv=None) -> int:
     rows = []
     for C, H, W in shapes:
         jobs = {name: _jobs(N, C, H, W, device, fmt) for name, fmt in LAYOUTS.items()}
-        samples = {}
-        for r in range(max(1, args.rounds)):
-            order = list(LAYOUTS) if r % 2 == 0 else list(reversed(LAYOUTS))
-            for layout in order:
-                for mode, fn in jobs[layout].items():
-                    fn()
-                    t = bench.time_fn(fn, device, min_run_time=args.min_run_time)
-                    samples.setdefault((layout, mode), []).append(t.median_ms)
+        samples = bench.interleaved_rounds(LAYOUTS, jobs.__getitem__, args.rounds, device, args.min_run_time)
         x = torch.randn(N, C, H, W).to(device)
         conv_ms = bench.time_fn(lambda: x.contiguous(memory_format=torch.channels_last), device,
                                 min_run_time=args.min_run_time).median_ms
@@ -82,8 +75,7 @@ def main(argv=None) -> int:
                              device=bench.device_name(device), versions=bench.versions(), median_ms=ms,
                              gflops=f / (ms * 1e-3) / 1e9, rounds=len(ts), to_channels_last_ms=conv_ms,
                              allocator=allocator))
-        bench.log_stderr(f"{where}: " + ", ".join(f"{k[0]} {k[1]} {statistics.median(v):.3f} ms"
-                                                   for k, v in samples.items()))
+        bench.log_samples(where, samples)
     bench.write_script_results(rows, args.out or bench.default_out_dir(device), "conv_layout", markdown(rows))
     return 0
 

@@ -33,6 +33,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -321,6 +322,24 @@ def shapes_from_arg(ap, text: Optional[str]) -> List[Tuple[int, int, int]]:
         return [parse_shape(s) for s in text.split(",")] if text else list(STAGE_SHAPES)
     except BenchError as exc:
         ap.error(str(exc))
+
+
+def interleaved_rounds(settings, jobs_for, rounds: int, device: torch.device, min_run_time: float):
+    """A script's side-by-side timing in one process: per round, each setting in turn (the order
+    reversed every other round), each of ``jobs_for(setting)``'s ``{mode: fn}`` called once, then
+    timed. Returns ``{(setting, mode): [median ms of each round]}``; logs each pair's median."""
+    samples = {}
+    for r in range(max(1, rounds)):
+        for setting in (list(settings) if r % 2 == 0 else list(reversed(settings))):
+            for mode, fn in jobs_for(setting).items():
+                fn()
+                samples.setdefault((setting, mode), []).append(
+                    time_fn(fn, device, min_run_time=min_run_time).median_ms)
+    return samples
+
+
+def log_samples(where: str, samples) -> None:
+    log_stderr(f"{where}: " + ", ".join(f"{k[0]} {k[1]} {statistics.median(v):.3f} ms" for k, v in samples.items()))
 
 
 def write_script_results(rows, out: str, stem: str, markdown: str) -> None:
