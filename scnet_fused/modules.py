@@ -40,8 +40,11 @@ from .ops.relu_cat import relu_cat
 __all__ = ["SCConv", "SCBottleneck"]
 
 
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
+# torch.nn's global module hooks (register_module_forward_hook, ...): dicts it adds to and removes
+# from in place, never rebinds.
+_GLOBAL_HOOK_DICTS = tuple(d for d in (getattr(_nn_module, name, None) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+    "_global_backward_pre_hooks")) if d is not None)
 
 
 def _hookless(*mods: nn.Module) -> bool:
@@ -49,8 +52,8 @@ def _hookless(*mods: nn.Module) -> bool:
     ones (``register_module_forward_hook``, ...), no per-instance ``forward``. Only then does a fused
     path stand in for their forward; otherwise the modules run, so hooks see what they would see in
     the reference (pruning's forward pre-hook, activation hooks, profilers' module trackers, ...)."""
-    for name in _GLOBAL_HOOKS:
-        if getattr(_nn_module, name, None):
+    for hooks in _GLOBAL_HOOK_DICTS:
+        if hooks:
             return False
     for m in mods:
         if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
