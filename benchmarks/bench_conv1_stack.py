@@ -3,18 +3,21 @@ one after the other (``SCBottleneck.stack_conv1 = False``), in one process.
 
     python benchmarks/bench_conv1_stack.py                    # SCNet-50 stage shapes, N = 8, best device
     python benchmarks/bench_conv1_stack.py --shapes 256x56x56 --rounds 6
+    python benchmarks/bench_conv1_stack.py --batch-size 64 --amp bf16 --channels-last   # a GPU's setting
 
 Per shape ``(C, H, W)`` (the bottleneck's input; planes = C / 4 as in SCNet-50's blocks after the
 first of a stage, so conv1_a / conv1_b map C to C / 8 channels each): a training step (forward with
 batch statistics + backward of a fixed output gradient, input gradient included) and an inference
-forward (eval, no grad). The two settings run on the same module and input in interleaved rounds
-(order alternating); a row's time is the median of its rounds' medians, with the rounds' spread.
+forward (eval, no grad), in fp32 or under ``--amp`` autocast, NCHW or ``--channels-last``. The two
+settings run on the same module and input in interleaved rounds (order alternating); a row's time is
+the median of its rounds' medians, with the rounds' spread.
 Writes ``conv1_stack.json`` and ``.md`` under ``--out`` (default benchmarks/results/<device>).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -31,15 +34,23 @@ SETTINGS = {"separate": False, "stacked": True}
 DEFAULT_SHAPES = "256x56x56,512x28x28,1024x14x14,2048x7x7"
 
 
-def _jobs(block, x, dy):
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _jobs(block, x, dy, amp):
+    def autocast():
+        return torch.autocast(x.device.type, dtype=AMP[amp]) if AMP[amp] else contextlib.nullcontext()
+
     def train():
         block.train()
         xg = x.detach().requires_grad_()
-        return torch.autograd.grad(block(xg), [xg] + [p for p in block.parameters()], dy)
+        with autocast():
+            out = block(xg)
+        return torch.autograd.grad(out, [xg] + [p for p in block.parameters()], dy.to(out.dtype))
 
     def inference():
         block.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             return block(x)
 
     return {"train": train, "inference": inference}
@@ -50,6 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of CxHxW, the bottleneck's input "
                     f"(C a multiple of 8; default {DEFAULT_SHAPES})")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype (default: none, fp32)")
+    ap.add_argument("--channels-last", action="store_true", help="module and input in channels_last")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--min-run-time", type=float, default=0.5)
     ap.add_argument("--out", default=None)
@@ -66,10 +79,11 @@ def main(argv=None) -> int:
     for C, H, W in shapes:
         torch.manual_seed(0)
         ref = reference.SCBottleneck(C, C // 4, norm_layer=nn.BatchNorm2d)
-        block = SCBottleneck.adopt(ref).to(device)
-        x = torch.randn(N, C, H, W, device=device)
-        dy = torch.randn(N, C, H, W, device=device)
-        jobs = _jobs(block, x, dy)
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        block = SCBottleneck.adopt(ref).to(device, memory_format=fmt)
+        x = torch.randn(N, C, H, W, device=device).contiguous(memory_format=fmt)
+        dy = torch.randn(N, C, H, W, device=device).contiguous(memory_format=fmt)
+        jobs = _jobs(block, x, dy, args.amp)
 
         def jobs_for(setting):
             block.stack_conv1 = SETTINGS[setting]
@@ -78,7 +92,9 @@ def main(argv=None) -> int:
         samples = bench.interleaved_rounds(SETTINGS, jobs_for, args.rounds, device, args.min_run_time)
         where = bench.shape_str((N, C, H, W))
         for (setting, mode), ts in samples.items():
-            rows.append(dict(op="bottleneck", provider=setting, mode=mode, shape=where, dtype="fp32",
+            rows.append(dict(op="bottleneck", provider=setting, mode=mode, shape=where,
+                             dtype="fp32" if args.amp == "none" else f"{args.amp} autocast",
+                             layout="channels_last" if args.channels_last else "NCHW",
                              device=bench.device_name(device), versions=bench.versions(),
                              median_ms=statistics.median(ts), min_ms=min(ts), max_ms=max(ts), rounds=len(ts),
                              allocator=allocator))
@@ -91,7 +107,8 @@ def markdown(rows) -> str:
     first = rows[0]
     v = first["versions"]
     lines = [f"# Bottleneck conv1_a + conv1_b stacked into one convolution: {first['device']}", "",
-             f"torch {v['torch']}, Python {v['python']}; `benchmarks/bench_conv1_stack.py`; fp32, NCHW, "
+             f"torch {v['torch']}, Python {v['python']}; `benchmarks/bench_conv1_stack.py`; {first['dtype']}, "
+             f"{first['layout']}, "
              f"planes = C / 4; {first['rounds']} interleaved rounds in one process, median of the rounds' "
              f"medians (min-max of the rounds in brackets). Allocator: {first.get('allocator') or 'as configured'}.",
              "",

@@ -338,7 +338,8 @@ def test_bench_conv1_stack_script(tmp_path):
         pytest.skip(bench.fused_modules_reason())
     script = os.path.join(ROOT, "benchmarks", "bench_conv1_stack.py")
     r = subprocess.run([sys.executable, script, "--shapes", "16x9x7", "--batch-size", "2", "--rounds", "2",
-                        "--min-run-time", "0.02", "--device", "cpu", "--default-malloc", "--out", str(tmp_path)],
+                        "--min-run-time", "0.02", "--device", "cpu", "--default-malloc", "--amp", "bf16",
+                        "--channels-last", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "conv1_stack.json").read_text())
@@ -346,6 +347,7 @@ def test_bench_conv1_stack_script(tmp_path):
         ("separate", "inference"), ("separate", "train"), ("stacked", "inference"), ("stacked", "train")]
     for row in rows:
         assert row["rounds"] == 2 and 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert row["dtype"] == "bf16 autocast" and row["layout"] == "channels_last"
     assert "| 2x16x9x7 | train |" in (tmp_path / "conv1_stack.md").read_text()
     bad = subprocess.run([sys.executable, script, "--shapes", "12x9x7", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
