@@ -115,11 +115,16 @@ def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
     cost more than it saves, so they keep the two steps)."""
     if (not torch.is_grad_enabled() and _plain_conv(conv) and _foldable_eval_norm(bn) and x.dim() == 4
             and _conv_out_numel(conv, x) >= 4 * conv.weight.numel()):
-        scale, shift = _eval_fold(bn, x, differentiable=False)
-        weight = (conv.weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
-        return F.conv2d(x, weight, shift.to(conv.weight.dtype), conv.stride, conv.padding, conv.dilation,
-                        conv.groups)
+        weight, bias = _folded(conv, bn, x)
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return bn(conv(x))
+
+
+def _folded(conv: nn.Conv2d, bn: nn.Module, like: Tensor) -> Tuple[Tensor, Tensor]:
+    """The weight and bias of ``conv`` with the eval-mode BatchNorm ``bn`` folded in (inference)."""
+    scale, shift = _eval_fold(bn, like, differentiable=False)
+    return ((conv.weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype),
+            shift.to(conv.weight.dtype))
 
 
 def _seq_conv_bn(seq: nn.Module, x: Tensor) -> Tensor:
@@ -251,13 +256,8 @@ def _conv1_pair(ca: nn.Module, bna: nn.Module, cb: nn.Module, bnb: nn.Module, re
     c = ca.out_channels
     if (not torch.is_grad_enabled() and _foldable_eval_norm(bna) and _foldable_eval_norm(bnb)
             and _conv_out_numel(ca, x) + _conv_out_numel(cb, x) >= 4 * (ca.weight.numel() + cb.weight.numel())):
-        folded = []
-        for conv, bn in ((ca, bna), (cb, bnb)):
-            scale, shift = _eval_fold(bn, x, differentiable=False)
-            folded.append(((conv.weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype),
-                           shift.to(conv.weight.dtype)))
-        weight = torch.cat([folded[0][0], folded[1][0]])
-        bias = torch.cat([folded[0][1], folded[1][1]])
+        (wa, ba), (wb, bb) = _folded(ca, bna, x), _folded(cb, bnb, x)
+        weight, bias = torch.cat([wa, wb]), torch.cat([ba, bb])
         return _split_channels(torch.relu_(F.conv2d(x, weight, bias, *conv_args)), c)
     t = F.conv2d(x, torch.cat([ca.weight, cb.weight]), None, *conv_args)
     if (_batch_stats_bn(bna) and _batch_stats_bn(bnb) and bna.eps == bnb.eps and _bn_stats_ok(t)
