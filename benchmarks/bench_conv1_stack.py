@@ -10,7 +10,9 @@ first of a stage, so conv1_a / conv1_b map C to C / 8 channels each): a training
 batch statistics + backward of a fixed output gradient, input gradient included) and an inference
 forward (eval, no grad), in fp32 or under ``--amp`` autocast, NCHW or ``--channels-last``. The two
 settings run on the same module and input in interleaved rounds (order alternating); a row's time is
-the median of its rounds' medians, with the rounds' spread.
+the median of its rounds' medians, with the rounds' spread. "stacked" stacks at every size; the
+module stacks only where x has at least half as many elements as the two weights (the ``default``
+column says which it does at that size).
 Writes ``conv1_stack.json`` and ``.md`` under ``--out`` (default benchmarks/results/<device>).
 """
 
@@ -27,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scnet_fused import bench, reference  # noqa: E402
+from scnet_fused import bench, modules, reference  # noqa: E402
 from scnet_fused.modules import SCBottleneck  # noqa: E402
 
 SETTINGS = {"separate": False, "stacked": True}
@@ -89,7 +91,13 @@ def main(argv=None) -> int:
             block.stack_conv1 = SETTINGS[setting]
             return jobs
 
-        samples = bench.interleaved_rounds(SETTINGS, jobs_for, args.rounds, device, args.min_run_time)
+        default = "stacked" if modules._stack_pays(block.conv1_a, block.conv1_b, x) else "separate"
+        pays = modules._stack_pays
+        modules._stack_pays = lambda a, b, x: True  # measure the stacked convolution at every size
+        try:
+            samples = bench.interleaved_rounds(SETTINGS, jobs_for, args.rounds, device, args.min_run_time)
+        finally:
+            modules._stack_pays = pays
         where = bench.shape_str((N, C, H, W))
         for (setting, mode), ts in samples.items():
             rows.append(dict(op="bottleneck", provider=setting, mode=mode, shape=where,
@@ -97,7 +105,7 @@ def main(argv=None) -> int:
                              layout="channels_last" if args.channels_last else "NCHW",
                              device=bench.device_name(device), versions=bench.versions(),
                              median_ms=statistics.median(ts), min_ms=min(ts), max_ms=max(ts), rounds=len(ts),
-                             allocator=allocator))
+                             allocator=allocator, default=default))
         bench.log_samples(where, samples)
     bench.write_script_results(rows, args.out or bench.default_out_dir(device), "conv1_stack", markdown(rows))
     return 0
@@ -112,8 +120,8 @@ def markdown(rows) -> str:
              f"planes = C / 4; {first['rounds']} interleaved rounds in one process, median of the rounds' "
              f"medians (min-max of the rounds in brackets). Allocator: {first.get('allocator') or 'as configured'}.",
              "",
-             "| N x C x H x W | mode | separate ms | stacked ms | stacked vs separate |",
-             "|---|---|---:|---:|---:|"]
+             "| N x C x H x W | mode | separate ms | stacked ms | stacked vs separate | default |",
+             "|---|---|---:|---:|---:|---|"]
     by = {}
     for r in rows:
         by.setdefault((r["shape"], r["mode"]), {})[r["provider"]] = r
@@ -123,7 +131,7 @@ def markdown(rows) -> str:
             continue
         lines.append(f"| {shape} | {mode} | {a['median_ms']:.2f} ({a['min_ms']:.2f}-{a['max_ms']:.2f}) | "
                      f"{b['median_ms']:.2f} ({b['min_ms']:.2f}-{b['max_ms']:.2f}) | "
-                     f"{a['median_ms'] / b['median_ms']:.2f}x |")
+                     f"{a['median_ms'] / b['median_ms']:.2f}x | {b.get('default', '-')} |")
     return "\n".join(lines) + "\n"
 
 

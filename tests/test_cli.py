@@ -331,24 +331,29 @@ def test_bench_conv_layout_script(tmp_path):
 
 
 def test_bench_conv1_stack_script(tmp_path):
-    """benchmarks/bench_conv1_stack.py: the stacked and separate entry convolutions, both modes."""
+    """benchmarks/bench_conv1_stack.py: the stacked and separate entry convolutions, both modes, at a size
+    where the module stacks them and one where it does not (the ``default`` column)."""
     from scnet_fused import bench
 
     if bench.fused_modules_reason() is not None:
         pytest.skip(bench.fused_modules_reason())
     script = os.path.join(ROOT, "benchmarks", "bench_conv1_stack.py")
-    r = subprocess.run([sys.executable, script, "--shapes", "16x9x7", "--batch-size", "2", "--rounds", "2",
+    r = subprocess.run([sys.executable, script, "--shapes", "16x9x7,512x4x4", "--batch-size", "2", "--rounds", "2",
                         "--min-run-time", "0.02", "--device", "cpu", "--default-malloc", "--amp", "bf16",
                         "--channels-last", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "conv1_stack.json").read_text())
-    assert sorted((row["provider"], row["mode"]) for row in rows) == [
-        ("separate", "inference"), ("separate", "train"), ("stacked", "inference"), ("stacked", "train")]
+    assert sorted((row["shape"], row["provider"], row["mode"]) for row in rows) == sorted(
+        (shape, p, m) for shape in ("2x16x9x7", "2x512x4x4") for p in ("separate", "stacked")
+        for m in ("inference", "train"))
+    # x against the two weights: 2016 vs 64 elements stacks, 16384 vs 65536 does not
+    assert {row["shape"]: row["default"] for row in rows} == {"2x16x9x7": "stacked", "2x512x4x4": "separate"}
     for row in rows:
         assert row["rounds"] == 2 and 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"]
         assert row["dtype"] == "bf16 autocast" and row["layout"] == "channels_last"
-    assert "| 2x16x9x7 | train |" in (tmp_path / "conv1_stack.md").read_text()
+    md = (tmp_path / "conv1_stack.md").read_text()
+    assert "| 2x16x9x7 | train |" in md and md.count("| separate |\n") == 2, md
     bad = subprocess.run([sys.executable, script, "--shapes", "12x9x7", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "multiple of 8" in bad.stderr

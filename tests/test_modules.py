@@ -267,6 +267,31 @@ def test_bottleneck_entry_convolutions(backend, variant, channels_last, monkeypa
         assert not _called(calls, fused.conv1_a) and _called(calls, fused.conv1_b) == (variant == "bias")
 
 
+@pytest.mark.parametrize("size,stacked", [((4, 6), False), ((8, 8), True)])
+def test_entry_convolutions_stack_only_where_the_input_outweighs_the_weights(size, stacked, monkeypatch):
+    """The stacked weight is a new tensor on every call: conv1_a and conv1_b are stacked only where x
+    has at least half as many elements as the two weights (here N * H * W against the branch width
+    128: 96 runs them one by one, 256 stacks them). Both ways in training, eval with autograd and
+    inference, with the reference's outputs, gradients and running statistics."""
+    torch.manual_seed(0)
+    ref = R.SCBottleneck(64, 16, bottleneck_width=512, norm_layer=nn.BatchNorm2d)
+    _randomize_norms(ref)
+    fused = scnet_fused.convert(ref)
+    assert ref.conv1_a.weight.numel() + ref.conv1_b.weight.numel() == 2 * 128 * 64
+    x = torch.randn(4, 64, *size)
+    calls = _count_forward_calls(monkeypatch, nn.Conv2d)
+    for mode in ("train", "eval"):
+        calls.clear()
+        _step_and_compare(ref.train(mode == "train"), fused.train(mode == "train"), x,
+                          steps=2 if mode == "train" else 1)
+        assert _called(calls, fused.conv1_a) != stacked and _called(calls, fused.conv1_b) != stacked, mode
+    with torch.no_grad():
+        expected = ref(x)
+        calls.clear()
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-5)
+    assert _called(calls, fused.conv1_a) != stacked
+
+
 def test_float64_eval_keeps_float64_precision():
     """Eval-mode BatchNorm folding (the gate's constants, the folded convolution weights) runs in
     float64 for a float64 model: fused and reference agree to float64 rounding, not float32's."""
