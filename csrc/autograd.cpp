@@ -14,10 +14,13 @@
 //   _sc_avgpool_ag(x, r) -> y
 //   _bn_relu_train_ag(t, weight, bias, eps) -> (y, mean, var)
 //   _bn_relu_cat_train_ag(ta, wa, ba, eps_a, tb, wb, bb, eps_b) -> (out, mean_a, var_a, mean_b, var_b)
+//   _relu_cat_ag(a, b) -> out
 //
 // Registered for the Autograd keys (the autograd node) and CompositeExplicitAutograd (inference
-// mode, where autograd keys are skipped). A second backward through the gate raises, naming the
-// op, as the Python path does; the pool's backward is differentiable (it is linear).
+// mode, where autograd keys are skipped). A second backward through the gate, the BatchNorm + ReLU
+// ops or relu_cat raises, naming the op, as the Python path does; the pool's backward is
+// differentiable (it is linear). relu_cat uses no backend kernel (ATen's clamp_min and where on each
+// half): it serves every device.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -200,7 +203,7 @@ struct NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list) {
     TORCH_CHECK(false, "Trying to backward through ", ctx->saved_data["op"].toStringRef(),
-                " but no autograd formula was registered: the fused gate has no double backward");
+                " but no autograd formula was registered: this fused op has no double backward");
   }
 };
 
@@ -442,6 +445,40 @@ struct BnReluCatTrainFn : public torch::autograd::Function<BnReluCatTrainFn> {
 };
 
 // ---------------------------------------------------------------------------------------------
+// relu_cat: cat([relu(a), relu(b)], 1), each ReLU writing its half of the output (a's memory format)
+// ---------------------------------------------------------------------------------------------
+at::Tensor relu_cat_impl(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t ca = a.size(1);
+  at::Tensor out = at::empty({a.size(0), ca + b.size(1), a.size(2), a.size(3)}, a.options().memory_format(format_like(a)));
+  at::Tensor out_a = out.narrow(1, 0, ca), out_b = out.narrow(1, ca, b.size(1));
+  at::clamp_min_out(out_a, a, 0);
+  at::clamp_min_out(out_b, b, 0);
+  return out;
+}
+
+struct ReluCatFn : public torch::autograd::Function<ReluCatFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor out = relu_cat_impl(a, b);
+    ctx->saved_data["ca"] = a.size(1);
+    ctx->save_for_backward({out});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor out = ctx->get_saved_variables()[0];
+    const int64_t ca = ctx->saved_data["ca"].toInt(), cb = out.size(1) - ca;
+    const at::Tensor& g = grads[0];
+    const at::MemoryFormat fmt = format_like(out);
+    const at::Tensor zero = at::zeros({}, g.options());
+    // Each half masked straight from the slices (one read of grad and out, one write per half); zero
+    // where out <= 0, as ReLU's own backward (a NaN output passes the gradient).
+    at::Tensor ga = at::where(out.narrow(1, 0, ca) <= 0, zero, g.narrow(1, 0, ca)).contiguous(fmt);
+    at::Tensor gb = at::where(out.narrow(1, ca, cb) <= 0, zero, g.narrow(1, ca, cb)).contiguous(fmt);
+    return guard_double_backward({ga, gb}, {g, out}, "scnet_fused.relu_cat_backward");
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // sc_avgpool (its backward is linear, with the pool as adjoint: differentiable to any order)
 // ---------------------------------------------------------------------------------------------
 struct AvgPoolFn;
@@ -493,6 +530,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sc_gate_bn_train_autograd(const a
 
 at::Tensor sc_avgpool_autograd(const at::Tensor& x, int64_t r) { return AvgPoolFn::apply(x, r); }
 
+at::Tensor relu_cat_autograd(const at::Tensor& a, const at::Tensor& b) { return ReluCatFn::apply(a, b); }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_autograd(const at::Tensor& t, const at::Tensor& weight,
                                                                       const at::Tensor& bias, double eps) {
   auto out = BnReluTrainFn::apply(t, weight, bias, eps);
@@ -516,6 +555,7 @@ TORCH_LIBRARY_FRAGMENT(scnet_fused, m) {
   m.def("_sc_gate_bn_train_ag(Tensor x, Tensor small, Tensor k3, Tensor weight, Tensor bias, float eps) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("_sc_avgpool_ag(Tensor x, int r) -> Tensor");
+  m.def("_relu_cat_ag(Tensor a, Tensor b) -> Tensor");
   m.def("_bn_relu_train_ag(Tensor t, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("_bn_relu_cat_train_ag(Tensor ta, Tensor wa, Tensor ba, float eps_a, Tensor tb, Tensor wb, Tensor bb, "
         "float eps_b) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -525,6 +565,7 @@ TORCH_LIBRARY_IMPL(scnet_fused, Autograd, m) {
   m.impl("_sc_gate_ag", &scnet_fused::sc_gate_autograd);
   m.impl("_sc_gate_bn_train_ag", &scnet_fused::sc_gate_bn_train_autograd);
   m.impl("_sc_avgpool_ag", &scnet_fused::sc_avgpool_autograd);
+  m.impl("_relu_cat_ag", &scnet_fused::relu_cat_autograd);
   m.impl("_bn_relu_train_ag", &scnet_fused::bn_relu_train_autograd);
   m.impl("_bn_relu_cat_train_ag", &scnet_fused::bn_relu_cat_train_autograd);
 }
@@ -533,6 +574,7 @@ TORCH_LIBRARY_IMPL(scnet_fused, CompositeExplicitAutograd, m) {
   m.impl("_sc_gate_ag", &scnet_fused::gate_impl);
   m.impl("_sc_gate_bn_train_ag", &scnet_fused::gate_bn_train_impl);
   m.impl("_sc_avgpool_ag", &scnet_fused::sc_avgpool_plain);
+  m.impl("_relu_cat_ag", &scnet_fused::relu_cat_impl);
   m.impl("_bn_relu_train_ag", &scnet_fused::bn_relu_train_impl);
   m.impl("_bn_relu_cat_train_ag", &scnet_fused::bn_relu_cat_train_impl);
 }

@@ -112,6 +112,19 @@ def has_autograd_ops() -> bool:
     return _autograd_ops
 
 
+_GLUE_OPS = ("_relu_cat_ag",)
+_glue_ops: Optional[bool] = None
+
+
+def has_glue_ops() -> bool:
+    """The extension carries the C++ autograd ops that use no backend kernel (csrc/autograd.cpp)."""
+    global _glue_ops
+    if _glue_ops is None:
+        _glue_ops = _import_error is None and all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"scnet_fused::{op}", "Autograd") for op in _GLUE_OPS)
+    return _glue_ops
+
+
 def unavailable_reason(name: str) -> Optional[str]:
     """None when backend ``name`` ('cpu' or 'cuda') has compiled kernels, else why not."""
     if _import_error is not None:

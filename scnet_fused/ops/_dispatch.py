@@ -313,6 +313,27 @@ def standard_ops_only() -> bool:
     return torch.jit.is_tracing() or _functorch_active()
 
 
+def _plain_eager(*tensors: torch.Tensor) -> bool:
+    """Plain eager PyTorch on real tensors: not under torch.compile / torch.export, no tensor subclass,
+    no functorch transform, and ``SCNET_FUSED_CPP_AUTOGRAD`` is not "0"."""
+    if torch.compiler.is_compiling():  # first: under tracing nothing below is evaluated
+        return False
+    for t in tensors:
+        if type(t) is not torch.Tensor:
+            return False
+    return os.environ.get(_CPP_AUTOGRAD_ENV, "1").strip() != "0" and not _functorch_active()
+
+
+def cpp_glue(*tensors: torch.Tensor) -> bool:
+    """Whether an eager call can take a C++ autograd op that runs no backend kernel (``_relu_cat_ag``:
+    ATen ops on any device), under the conditions of :func:`cpp_autograd` other than the backend."""
+    if not _plain_eager(*tensors):
+        return False
+    from . import _cpp
+
+    return _cpp.has_glue_ops()
+
+
 def cpp_autograd(x: torch.Tensor) -> bool:
     """Whether an eager call on ``x`` can take the C++ autograd ops (``csrc/autograd.cpp``).
 
@@ -322,11 +343,7 @@ def cpp_autograd(x: torch.Tensor) -> bool:
     not an empty tensor, and ``SCNET_FUSED_CPP_AUTOGRAD`` is not "0". Same kernels and results either
     way; the C++ path just skips the Python autograd and dispatch layers.
     """
-    if torch.compiler.is_compiling():  # first: under tracing nothing below is evaluated
-        return False
-    if type(x) is not torch.Tensor or x.numel() == 0 or x.dtype == torch.float64:
-        return False
-    if os.environ.get(_CPP_AUTOGRAD_ENV, "1").strip() == "0" or _functorch_active():
+    if not _plain_eager(x) or x.numel() == 0 or x.dtype == torch.float64:
         return False
     try:
         name, _ = select(x.device, x.dtype)

@@ -3,6 +3,11 @@
 The bottleneck's two branches end in a ReLU and are then concatenated for conv3. Written this way
 the two half-size ReLU outputs never exist: one full read and write of the 2 * width channels less,
 and nothing but the output (which conv3 saves anyway) is held for backward.
+
+``scnet_fused::relu_cat`` (with its backward ``relu_cat_backward``) is what torch.compile and
+torch.export see; in plain eager calls with the compiled extension present, ``_relu_cat_ag`` of
+``csrc/autograd.cpp`` runs the same ATen ops with its autograd node in C++ (no Python layers: the
+custom-op path costs tens of microseconds per call, which small maps notice).
 """
 
 from __future__ import annotations
@@ -50,11 +55,12 @@ def _(a, b):
 
 @torch.library.custom_op("scnet_fused::relu_cat_backward", mutates_args=())
 def _relu_cat_backward(grad: Tensor, out: Tensor, ca: int) -> Tuple[Tensor, Tensor]:
-    # Each half is masked straight from the slices (one read of grad and out, one write per half).
+    # Each half is masked straight from the slices (one read of grad and out, one write per half);
+    # zero where out <= 0, as ReLU's own backward (a NaN output passes the gradient).
     zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
     fmt = _format(out)
     halves = ((slice(None), slice(0, ca)), (slice(None), slice(ca, None)))
-    return tuple(torch.where(out[i] > 0, grad[i], zero).contiguous(memory_format=fmt) for i in halves)
+    return tuple(torch.where(out[i] <= 0, zero, grad[i]).contiguous(memory_format=fmt) for i in halves)
 
 
 @_relu_cat_backward.register_fake
@@ -83,4 +89,6 @@ def relu_cat(a: Tensor, b: Tensor) -> Tensor:
     _check(a, b)
     if _dispatch.standard_ops_only():
         return _plain.relu_cat(a, b)
+    if _dispatch.cpp_glue(a, b):  # the same computation with its autograd node in C++ (csrc/autograd.cpp)
+        return torch.ops.scnet_fused._relu_cat_ag(a, b)
     return torch.ops.scnet_fused.relu_cat(a, b)
