@@ -100,6 +100,16 @@ def _plain_conv(conv: nn.Module) -> bool:
         and not isinstance(conv.padding, str) and _hookless(conv)
 
 
+def _outweighs(activations, weights) -> bool:
+    """``activations >= weights`` (element counts), the size rule of the folded and stacked convolutions'
+    per-call weight copies; always True under torch.compile / torch.export, where a comparison with
+    the batch size would become a guard (a recompilation, or a failed export over a dynamic batch
+    range) and the weight copy is a small kernel of the compiled graph: one graph for every size."""
+    if torch.compiler.is_compiling():
+        return True
+    return activations >= weights
+
+
 def _conv_out_numel(conv: nn.Conv2d, x: Tensor) -> int:
     size = [x.shape[0], conv.out_channels]
     for d in range(2):
@@ -114,7 +124,7 @@ def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
     the normalisation pass over the output disappears (for tiny batches re-scaling the weights would
     cost more than it saves, so they keep the two steps)."""
     if (not torch.is_grad_enabled() and _plain_conv(conv) and _foldable_eval_norm(bn) and x.dim() == 4
-            and _conv_out_numel(conv, x) >= 4 * conv.weight.numel()):
+            and _outweighs(_conv_out_numel(conv, x), 4 * conv.weight.numel())):
         weight, bias = _folded(conv, bn, x)
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return bn(conv(x))
@@ -238,7 +248,7 @@ def _stack_pays(a: nn.Conv2d, b: nn.Conv2d, x: Tensor) -> bool:
     allocator the fresh weight-sized blocks also bring page faults that cost more still; measured on
     a 2-core Xeon, SCBottleneck(2048, 512) at 2x2048x7x7: stacked 0.90x of separate in training, 0.74x
     at inference."""
-    return 2 * x.numel() >= a.weight.numel() + b.weight.numel()
+    return _outweighs(2 * x.numel(), a.weight.numel() + b.weight.numel())
 
 
 def _split_channels(t: Tensor, c: int) -> Tuple[Tensor, Tensor]:
@@ -267,7 +277,7 @@ def _conv1_pair(ca: nn.Module, bna: nn.Module, cb: nn.Module, bnb: nn.Module, re
     conv_args = (ca.stride, ca.padding, ca.dilation)
     c = ca.out_channels
     if (not torch.is_grad_enabled() and _foldable_eval_norm(bna) and _foldable_eval_norm(bnb)
-            and _conv_out_numel(ca, x) + _conv_out_numel(cb, x) >= 4 * (ca.weight.numel() + cb.weight.numel())):
+            and _outweighs(_conv_out_numel(ca, x) + _conv_out_numel(cb, x), 4 * (ca.weight.numel() + cb.weight.numel()))):
         (wa, ba), (wb, bb) = _folded(ca, bna, x), _folded(cb, bnb, x)
         weight, bias = torch.cat([wa, wb]), torch.cat([ba, bb])
         return _split_channels(torch.relu_(F.conv2d(x, weight, bias, *conv_args)), c)

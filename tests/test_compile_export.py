@@ -141,6 +141,19 @@ def test_export_eval_contains_custom_ops_and_runs(tmp_path):
         torch.testing.assert_close(loaded.module()(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_export_inference_over_a_dynamic_batch():
+    """Inference (no grad) exported over a batch range: the folded and stacked convolutions' size rules
+    leave no guard on the batch (one graph), and the graph agrees with eager at batch sizes where
+    eager folds and stacks and where it does not."""
+    model = _tiny_model(False)
+    with scnet_fused.backend(BACKEND), torch.no_grad():
+        batch = torch.export.Dim("batch", min=1, max=64)
+        ep = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes={"x": {0: batch}})
+        for n in (1, 2, 5):
+            x = torch.randn(n, 3, 64, 64)
+            torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.gpu
 def test_reduce_overhead_cuda_graphs():
     device = "cuda"
