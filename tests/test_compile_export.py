@@ -96,8 +96,14 @@ def test_dynamic_shapes_one_graph():
         for shape in [(2, 32, 9, 14), (4, 32, 21, 10)]:
             x = torch.randn(shape)
             torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
+        # Inference (no grad: convolution + BatchNorm pairs folded): one more graph, also across sizes
+        # on both sides of eager's size rule for the fold.
+        with torch.no_grad():
+            for shape in [(2, 32, 9, 14), (3, 32, 8, 9), (4, 32, 21, 10)]:
+                x = torch.randn(shape)
+                torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert graphs == 2, f"{graphs} graphs for train + eval under dynamic=True"
+    assert graphs == 3, f"{graphs} graphs for train, eval and inference under dynamic=True"
 
 
 def test_inductor_scconv_train_matches_eager():
