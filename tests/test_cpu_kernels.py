@@ -310,6 +310,33 @@ def test_backward_deterministic_across_thread_counts():
                     assert torch.equal(a, b)
 
 
+def test_channel_loops_split_across_threads_give_the_same_bits():
+    """The channel-by-channel kernels (BatchNorm gate, BatchNorm + ReLU) and the NHWC sums take tasks of
+    at least 32768 elements, so small maps run on one thread; at 2x4x96x96 (18432 values per channel)
+    they split across threads. Every thread count gives the one-thread bits."""
+    P = prims()
+    before = torch.get_num_threads()
+    shape = (2, 4, 96, 96, 24, 24)
+    try:
+        for cl in (False, True):
+            x, small, k3, dy, scale, shift, center = make_inputs(shape, channels_last=cl)
+            weight, var = scale + 0.5, center.abs() + 0.1
+            results = []
+            for nt in (1, 2, 3):
+                torch.set_num_threads(nt)
+                out = torch.empty_like(k3)
+                outs = list(P.gate_bn_train_forward(x, small, k3, weight, shift, 1e-5))
+                outs += list(P.gate_bn_train_backward(dy, x, small, k3, weight, shift, center, var, 1e-5))
+                outs += list(P.bn_relu_train_out(k3, weight, shift, 1e-5, out)) + [out]
+                outs += list(P.bn_relu_train_backward(dy, k3, weight, shift, center, var, 1e-5))
+                results.append(outs)
+            for other in results[1:]:
+                for a, b in zip(results[0], other):
+                    assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_two_threads_at_once():
     P = prims()
     cases = []

@@ -212,7 +212,10 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
   const int64_t ntask = std::min<int64_t>(P, 64);
   const int64_t per = (P + ntask - 1) / ntask;
   std::vector<double> s1(ntask * C, 0.0), s2(ntask * C, 0.0);
-  at::parallel_for(0, ntask, 1, [&](int64_t k0, int64_t k1) {
+  // tasks of at least 32768 elements each (a small map on one thread); the partials are per task,
+  // so the bits do not depend on the split
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(per * C, 1));
+  at::parallel_for(0, ntask, grain, [&](int64_t k0, int64_t k1) {
     std::vector<float> f1(C), f2(C);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t q0 = k * per, q1 = std::min(P, q0 + per);

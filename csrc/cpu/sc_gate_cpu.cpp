@@ -582,6 +582,13 @@ SCNET_FUSED_ALWAYS_INLINE void pointwise_plane_permute(const Pointwise<T>& p, co
   }
 }
 
+// Channels per task of the channel-by-channel loops: at least 32768 elements of work per task (ATen's
+// grain), so that a small map runs on one thread instead of waking the pool for a few microseconds of
+// work. Each channel's result is computed alone: the bits do not depend on the split.
+inline int64_t channel_grain(int64_t per_channel) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(per_channel, 1));
+}
+
 template <typename T, bool kK3, bool kOne>
 void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTable& t, bool nt) {
   const int64_t HW = g.H * g.W, hw = g.h * g.w, C = g.C;
@@ -604,7 +611,7 @@ template <typename T, bool kOne>
 void gate_bn_forward_by_channel(const Pointwise<T>& p, float* A, float* B, const Geometry& g, const UpTable& t,
                                 bool nt, const float* W, const float* Bi, float eps, float* mean, float* var) {
   const int64_t HW = g.H * g.W, hw = g.h * g.w, N = g.N, C = g.C;
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, channel_grain(N * HW), [&](int64_t c0, int64_t c1) {
     std::vector<float> sbuf(N * hw + 2 * kV, 0.0f);  // the channel's small planes as float, padded
     for (int64_t c = c0; c < c1; ++c) {
       cpu_stats::channel_moments(p.k + c * HW, N, C * HW, HW, mean + c, var + c);
@@ -966,7 +973,7 @@ void gate_bn_backward_by_channel(const Backward<T>& p, const Geometry& g, const 
                                  const float* IS, float* sum_g, float* sum_gk) {
   const int64_t HW = g.H * g.W, hw = g.h * g.w, N = g.N, C = g.C;
   const float m = static_cast<float>(static_cast<double>(N * HW));
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, channel_grain(N * HW), [&](int64_t c0, int64_t c1) {
     std::vector<float> dbuf(HW + kV, 0.0f), abuf(g.h * g.W + kV);
     std::vector<float> sbuf(N * hw + 2 * kV, 0.0f);  // the channel's small planes as float, padded
     std::vector<float> gbuf(N * HW);                 // g * scale of the channel's planes
@@ -1224,6 +1231,7 @@ void stats_into(const char* op, const at::Tensor& t, Layout L, float* mean, floa
   });
 }
 
+#ifdef SCNET_FUSED_PERMUTE_UP
 // Whether `_gate_bn_train_backward` and `_gate_bn_train_forward` run channel by channel: NCHW on the
 // permute table (the AVX2 and AVX-512 builds), every thread gets a channel, and the channel's data the
 // backward's first pass touches (dy, x, k3 and dx of T, the float scratch: the scratch and k3 are read
@@ -1234,7 +1242,6 @@ bool gate_bn_by_channel(const Geometry& g, int64_t elem_bytes) {
   return g.C >= at::get_num_threads() && g.N * g.H * g.W * (4 * elem_bytes + 4) <= kChannelBytes;
 }
 
-#ifdef SCNET_FUSED_PERMUTE_UP
 // The permute table where the one-call BatchNorm gate kernels go channel by channel, else none (ok false).
 UpTable gate_bn_channel_table(const Geometry& g, Layout L, int64_t elem_bytes) {
   if (L != Layout::NCHW || !gate_bn_by_channel(g, elem_bytes)) return UpTable{};
