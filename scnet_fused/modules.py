@@ -277,7 +277,8 @@ def _conv1_pair(ca: nn.Module, bna: nn.Module, cb: nn.Module, bnb: nn.Module, re
     conv_args = (ca.stride, ca.padding, ca.dilation)
     c = ca.out_channels
     if (not torch.is_grad_enabled() and _foldable_eval_norm(bna) and _foldable_eval_norm(bnb)
-            and _outweighs(_conv_out_numel(ca, x) + _conv_out_numel(cb, x), 4 * (ca.weight.numel() + cb.weight.numel()))):
+            and _outweighs(_conv_out_numel(ca, x) + _conv_out_numel(cb, x),
+                           4 * (ca.weight.numel() + cb.weight.numel()))):
         (wa, ba), (wb, bb) = _folded(ca, bna, x), _folded(cb, bnb, x)
         weight, bias = torch.cat([wa, wb]), torch.cat([ba, bb])
         return _split_channels(torch.relu_(F.conv2d(x, weight, bias, *conv_args)), c)
@@ -467,12 +468,13 @@ class SCBottleneck(reference.SCBottleneck):
     """The SCNet bottleneck with a fused SCConv (same arguments and state_dict as the reference).
 
     Without avd, conv1_a and conv1_b run as one convolution with their weights stacked (x read once;
-    one input gradient in the backward) where x is at least half the size of the two weights, and the two branches' final ReLUs write straight into the
-    concatenation conv3 reads; in training the BatchNorm + ReLU after conv1_a / conv1_b run as one
-    fused op over both halves, and k1's and the SCConv's k4 BatchNorm + ReLU as one op writing both
-    halves of that concatenation. Submodules with hooks run as modules (see :func:`_hookless`).
-    ``stack_conv1`` (default True; a class or instance attribute): False runs conv1_a and conv1_b
-    one after the other (each with its fused BatchNorm + ReLU), as the reference does.
+    one input gradient in the backward) where x is at least half the size of the two weights, and
+    the two branches' final ReLUs write straight into the concatenation conv3 reads; in training
+    the BatchNorm + ReLU after conv1_a / conv1_b run as one fused op over both halves, and k1's and
+    the SCConv's k4 BatchNorm + ReLU as one op writing both halves of that concatenation.
+    Submodules with hooks run as modules (see :func:`_hookless`). ``stack_conv1`` (default True; a
+    class or instance attribute): False runs conv1_a and conv1_b one after the other (each with its
+    fused BatchNorm + ReLU), as the reference does.
     At inference (no grad, eval-mode BatchNorms) each convolution + BatchNorm pair runs as one
     convolution with the BatchNorm folded in, where the output outweighs the weights.
     """

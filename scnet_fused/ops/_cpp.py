@@ -121,7 +121,8 @@ def has_glue_ops() -> bool:
     global _glue_ops
     if _glue_ops is None:
         _glue_ops = _import_error is None and all(
-            torch._C._dispatch_has_kernel_for_dispatch_key(f"scnet_fused::{op}", "Autograd") for op in _GLUE_OPS)
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"scnet_fused::{op}", "Autograd")
+            for op in _GLUE_OPS)
     return _glue_ops
 
 
