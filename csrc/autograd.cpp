@@ -16,6 +16,18 @@
 //   _bn_relu_cat_train_ag(ta, wa, ba, eps_a, tb, wb, bb, eps_b) -> (out, mean_a, var_a, mean_b, var_b)
 //   _relu_cat_ag(a, b) -> out
 //
+// and three BatchNorm helpers of the modules, the same ATen calls as their Python forms in one call
+// (CompositeImplicitAutograd: differentiable wherever the inputs are, through those ATen ops):
+//
+//   _bn_affine_fold(weight?, bias?, mean, var, eps, dtype) -> (scale, shift)
+//       scale = weight * rsqrt(var + eps), shift = bias - mean * scale in `dtype` (1 and 0 for absent
+//       affine parameters)
+//   _conv_bn_fold(conv_weight, weight?, bias?, mean, var, eps, dtype) -> (conv_weight * scale, shift)
+//       in conv_weight's dtype
+//   _update_running_stats_(running_mean!, running_var!, mean, var, factor, unbias)
+//       nn.BatchNorm2d's update: running = (1 - factor) * running + factor * batch value, the variance
+//       times unbias = M / (M - 1)
+//
 // Registered for the Autograd keys (the autograd node) and CompositeExplicitAutograd (inference
 // mode, where autograd keys are skipped). A second backward through the gate, the BatchNorm + ReLU
 // ops or relu_cat raises, naming the op, as the Python path does; the pool's backward is
@@ -479,6 +491,37 @@ struct ReluCatFn : public torch::autograd::Function<ReluCatFn> {
 };
 
 // ---------------------------------------------------------------------------------------------
+// BatchNorm helpers of the modules
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> bn_affine_fold(const c10::optional<at::Tensor>& weight,
+                                                  const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+                                                  const at::Tensor& var, double eps, at::ScalarType dtype) {
+  const auto opts = mean.options().dtype(at::kFloat);
+  const at::Tensor w = weight.has_value() && weight->defined() ? *weight : at::ones({mean.size(0)}, opts);
+  const at::Tensor b = bias.has_value() && bias->defined() ? *bias : at::zeros({mean.size(0)}, opts);
+  const at::Tensor invstd = at::rsqrt(var.to(dtype) + eps);
+  at::Tensor scale = w.to(dtype) * invstd;
+  at::Tensor shift = b.to(dtype) - mean.to(dtype) * scale;
+  return {scale, shift};
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_bn_fold(const at::Tensor& conv_weight, const c10::optional<at::Tensor>& weight,
+                                                const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+                                                const at::Tensor& var, double eps, at::ScalarType dtype) {
+  auto [scale, shift] = bn_affine_fold(weight, bias, mean, var, eps, dtype);
+  const at::ScalarType wt = conv_weight.scalar_type();
+  return {(conv_weight.to(scale.scalar_type()) * scale.view({-1, 1, 1, 1})).to(wt), shift.to(wt)};
+}
+
+void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                          const at::Tensor& var, double factor, double unbias) {
+  at::NoGradGuard no_grad;
+  running_mean.mul_(1.0 - factor).add_(mean.to(running_mean.scalar_type()), factor);
+  const at::Tensor unbiased = var * unbias;
+  running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.scalar_type()), factor);
+}
+
+// ---------------------------------------------------------------------------------------------
 // sc_avgpool (its backward is linear, with the pool as adjoint: differentiable to any order)
 // ---------------------------------------------------------------------------------------------
 struct AvgPoolFn;
@@ -556,6 +599,12 @@ TORCH_LIBRARY_FRAGMENT(scnet_fused, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("_sc_avgpool_ag(Tensor x, int r) -> Tensor");
   m.def("_relu_cat_ag(Tensor a, Tensor b) -> Tensor");
+  m.def("_bn_affine_fold(Tensor? weight, Tensor? bias, Tensor mean, Tensor var, float eps, ScalarType dtype) "
+        "-> (Tensor, Tensor)");
+  m.def("_conv_bn_fold(Tensor conv_weight, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, float eps, "
+        "ScalarType dtype) -> (Tensor, Tensor)");
+  m.def("_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+        "float factor, float unbias) -> ()");
   m.def("_bn_relu_train_ag(Tensor t, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("_bn_relu_cat_train_ag(Tensor ta, Tensor wa, Tensor ba, float eps_a, Tensor tb, Tensor wb, Tensor bb, "
         "float eps_b) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -577,4 +626,10 @@ TORCH_LIBRARY_IMPL(scnet_fused, CompositeExplicitAutograd, m) {
   m.impl("_relu_cat_ag", &scnet_fused::relu_cat_impl);
   m.impl("_bn_relu_train_ag", &scnet_fused::bn_relu_train_impl);
   m.impl("_bn_relu_cat_train_ag", &scnet_fused::bn_relu_cat_train_impl);
+}
+
+TORCH_LIBRARY_IMPL(scnet_fused, CompositeImplicitAutograd, m) {
+  m.impl("_bn_affine_fold", &scnet_fused::bn_affine_fold);
+  m.impl("_conv_bn_fold", &scnet_fused::conv_bn_fold);
+  m.impl("_update_running_stats_", &scnet_fused::update_running_stats);
 }

@@ -32,9 +32,8 @@ from torch.nn.modules import module as _nn_module
 from . import reference
 from .ops import sc_avgpool, sc_gate, sc_gate_bn_train
 from .ops.bn_relu import bn_relu_cat_train, bn_relu_train
-from .ops._dispatch import standard_ops_only
+from .ops._dispatch import cpp_glue, standard_ops_only
 from .ops._plain import upsample_nearest
-from .ops.sc_gate import bn_fold
 from .ops.relu_cat import relu_cat
 
 __all__ = ["SCConv", "SCBottleneck"]
@@ -87,12 +86,24 @@ def _eval_fold(bn, like: Tensor, differentiable: bool) -> Tuple[Tensor, Tensor]:
 
     ``differentiable``: keep the autograd graph to weight and bias (eval-mode fine-tuning)."""
     acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-    weight, bias = _affine_params(bn, like)
-    if not differentiable:
+    weight, bias = bn.weight, bn.bias
+    if not differentiable and weight is not None:
         weight, bias = weight.detach(), bias.detach()
-    invstd = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    return _affine_fold(weight, bias, bn.running_mean, bn.running_var, bn.eps, acc, like)
+
+
+def _affine_fold(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float,
+                 acc: torch.dtype, like: Tensor) -> Tuple[Tensor, Tensor]:
+    """``scale = weight * rsqrt(var + eps)``, ``shift = bias - mean * scale`` in ``acc`` (weight and bias
+    None: 1 and 0). In eager mode one call of the C++ helper (the same ATen calls, differentiable the
+    same way); under torch.compile these operators."""
+    if cpp_glue(mean, var):
+        return torch.ops.scnet_fused._bn_affine_fold(weight, bias, mean, var, eps, acc)
+    if weight is None:
+        weight, bias = _affine_params_none(mean.shape[0], like)
+    invstd = torch.rsqrt(var.to(acc) + eps)
     scale = weight.to(acc) * invstd
-    return scale, bias.to(acc) - bn.running_mean.to(acc) * scale
+    return scale, bias.to(acc) - mean.to(acc) * scale
 
 
 def _plain_conv(conv: nn.Module) -> bool:
@@ -132,6 +143,11 @@ def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
 
 def _folded(conv: nn.Conv2d, bn: nn.Module, like: Tensor) -> Tuple[Tensor, Tensor]:
     """The weight and bias of ``conv`` with the eval-mode BatchNorm ``bn`` folded in (inference)."""
+    if cpp_glue(conv.weight, bn.running_mean, bn.running_var):
+        acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+        weight, bias = (None, None) if bn.weight is None else (bn.weight.detach(), bn.bias.detach())
+        return torch.ops.scnet_fused._conv_bn_fold(conv.weight, weight, bias, bn.running_mean, bn.running_var,
+                                                   bn.eps, acc)
     scale, shift = _eval_fold(bn, like, differentiable=False)
     return ((conv.weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype),
             shift.to(conv.weight.dtype))
@@ -188,6 +204,10 @@ def _update_running_stats(bn, factor: float, mean: Tensor, var: Tensor, t: Tenso
     """nn.BatchNorm2d's running-statistics update from the batch ``mean`` / biased ``var`` of ``t``."""
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         m = t.shape[0] * t.shape[2] * t.shape[3]
+        if cpp_glue(bn.running_mean, bn.running_var, mean, var):  # the same ATen calls in one C++ call
+            torch.ops.scnet_fused._update_running_stats_(bn.running_mean, bn.running_var, mean, var, factor,
+                                                         m / (m - 1))
+            return
         with torch.no_grad():
             bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
             unbiased = var * (m / (m - 1))
@@ -300,7 +320,11 @@ def _conv1_pair(ca: nn.Module, bna: nn.Module, cb: nn.Module, bnb: nn.Module, re
 def _affine_params(bn: nn.modules.batchnorm._BatchNorm, like: Tensor) -> Tuple[Tensor, Tensor]:
     if bn.weight is not None:
         return bn.weight, bn.bias
-    C = bn.num_features
+    return _affine_params_none(bn.num_features, like)
+
+
+def _affine_params_none(C: int, like: Tensor) -> Tuple[Tensor, Tensor]:
+    """The identity affine of a BatchNorm without parameters: float32 ones and zeros."""
     return (torch.ones(C, device=like.device, dtype=torch.float32),
             torch.zeros(C, device=like.device, dtype=torch.float32))
 
@@ -437,7 +461,8 @@ class SCConv(reference.SCConv):
         weight, bias = _affine_params(bn, k3)
         y, mean, var = sc_gate_bn_train(x, small, k3, weight, bias, bn.eps)
         _update_running_stats(bn, factor, mean, var, k3)
-        _, scale, shift = bn_fold(weight, bias, mean, var, bn.eps)  # as the op folded it: same y on recompute
+        # as the op folded it (bn_fold's ATen calls): the same y on recompute
+        scale, shift = _affine_fold(weight.detach(), bias.detach(), mean, var, bn.eps, mean.dtype, k3)
         return y, scale, shift
 
     @classmethod

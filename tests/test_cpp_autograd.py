@@ -185,3 +185,59 @@ def test_not_taken_where_it_must_not_be(monkeypatch):
         assert not _dispatch.cpp_autograd(mode.from_tensor(x))
     monkeypatch.setenv("SCNET_FUSED_CPP_AUTOGRAD", "0")
     assert not _dispatch.cpp_autograd(x)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_bottleneck_paths_agree_bit_for_bit(monkeypatch, affine):
+    """The fused bottleneck with the C++ ops (the autograd twins, relu_cat, and the modules' BatchNorm
+    helpers: fold, convolution fold, running-statistics update) and with the torch.library ops and
+    the Python helpers: the same outputs, gradients and running statistics, bit for bit, over two
+    training steps (one BatchNorm with momentum=None), eval with autograd and inference (folded)."""
+    import copy
+
+    from torch import nn
+
+    import scnet_fused
+    from scnet_fused import reference as R
+
+    torch.manual_seed(0)
+
+    def norm(c):
+        return nn.BatchNorm2d(c, affine=affine)
+
+    ref = R.SCBottleneck(32, 16, downsample=nn.Sequential(nn.Conv2d(32, 64, 1, bias=False), norm(64)),
+                         norm_layer=norm)
+    ref.bn1_a.momentum = None  # cumulative moving average
+    with torch.no_grad():
+        for mod in ref.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+                if affine:
+                    mod.weight.uniform_(0.5, 1.5)
+                    mod.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 32, 12, 10)
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SCNET_FUSED_CPP_AUTOGRAD", flag)
+        m = scnet_fused.convert(copy.deepcopy(ref))
+        params = list(m.parameters())
+        got = []
+        with torch.profiler.profile() as prof:
+            for mode in ("train", "train", "eval"):
+                m.train(mode == "train")
+                xg = x.clone().requires_grad_()
+                out = m(xg)
+                g = torch.randn(out.shape, generator=torch.Generator().manual_seed(len(got)))
+                got += [out] + list(torch.autograd.grad(out, [xg] + params, g))
+            with torch.no_grad():
+                got.append(m(x))
+        got += [t.clone() for t in m.state_dict().values()]
+        runs[flag] = (got, {e.name for e in prof.events() if e.name.startswith("scnet_fused::")})
+    (a, names_cpp), (b, names_py) = runs["1"], runs["0"]
+    helpers = {"scnet_fused::_update_running_stats_", "scnet_fused::_bn_affine_fold", "scnet_fused::_conv_bn_fold",
+               "scnet_fused::_relu_cat_ag"}
+    assert helpers <= names_cpp and not helpers & names_py, (names_cpp, names_py)
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert u.dtype == v.dtype and torch.equal(u, v), i

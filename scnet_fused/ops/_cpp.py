@@ -112,17 +112,19 @@ def has_autograd_ops() -> bool:
     return _autograd_ops
 
 
-_GLUE_OPS = ("_relu_cat_ag",)
+# The ops of csrc/autograd.cpp that use no backend kernel, with the key each is registered for.
+_GLUE_OPS = {"_relu_cat_ag": "Autograd", "_bn_affine_fold": "CompositeImplicitAutograd",
+             "_conv_bn_fold": "CompositeImplicitAutograd", "_update_running_stats_": "CompositeImplicitAutograd"}
 _glue_ops: Optional[bool] = None
 
 
 def has_glue_ops() -> bool:
-    """The extension carries the C++ autograd ops that use no backend kernel (csrc/autograd.cpp)."""
+    """The extension carries the C++ ops that use no backend kernel (csrc/autograd.cpp)."""
     global _glue_ops
     if _glue_ops is None:
         _glue_ops = _import_error is None and all(
-            torch._C._dispatch_has_kernel_for_dispatch_key(f"scnet_fused::{op}", "Autograd")
-            for op in _GLUE_OPS)
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"scnet_fused::{op}", key)
+            for op, key in _GLUE_OPS.items())
     return _glue_ops
 
 

@@ -314,19 +314,20 @@ def standard_ops_only() -> bool:
 
 
 def _plain_eager(*tensors: torch.Tensor) -> bool:
-    """Plain eager PyTorch on real tensors: not under torch.compile / torch.export, no tensor subclass,
-    no functorch transform, and ``SCNET_FUSED_CPP_AUTOGRAD`` is not "0"."""
+    """Plain eager PyTorch on real tensors: not under torch.compile / torch.export, no tensor subclass
+    (nn.Parameter aside), no functorch transform, and ``SCNET_FUSED_CPP_AUTOGRAD`` is not "0"."""
     if torch.compiler.is_compiling():  # first: under tracing nothing below is evaluated
         return False
     for t in tensors:
-        if type(t) is not torch.Tensor:
+        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
             return False
     return os.environ.get(_CPP_AUTOGRAD_ENV, "1").strip() != "0" and not _functorch_active()
 
 
 def cpp_glue(*tensors: torch.Tensor) -> bool:
-    """Whether an eager call can take a C++ autograd op that runs no backend kernel (``_relu_cat_ag``:
-    ATen ops on any device), under the conditions of :func:`cpp_autograd` other than the backend."""
+    """Whether an eager call can take a C++ op that runs no backend kernel (``_relu_cat_ag`` and the
+    modules' BatchNorm helpers: ATen ops on any device), under the conditions of :func:`cpp_autograd`
+    other than the backend."""
     if not _plain_eager(*tensors):
         return False
     from . import _cpp
