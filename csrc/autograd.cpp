@@ -271,13 +271,21 @@ struct BnFold {
   at::Tensor invstd, scale, shift;
 };
 
+// BatchNorm as a per-channel affine in `dtype`: invstd = rsqrt(var + eps), scale = weight * invstd,
+// shift = bias - mean * scale (the ATen calls of the Python folds, so the same bits).
+BnFold affine_fold(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var,
+                   double eps, at::ScalarType dtype) {
+  BnFold f;
+  f.invstd = at::rsqrt(var.to(dtype) + eps);
+  f.scale = (weight.to(dtype) * f.invstd).contiguous();
+  f.shift = (bias.to(dtype) - mean.to(dtype) * f.scale).contiguous();
+  return f;
+}
+
+// The fold of a training-mode BatchNorm from its batch statistics (float32): no autograd.
 BnFold bn_fold(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var,
                double eps) {
-  BnFold f;
-  f.invstd = at::rsqrt(var + eps);
-  f.scale = (weight.detach().to(mean.scalar_type()) * f.invstd).contiguous();
-  f.shift = (bias.detach().to(mean.scalar_type()) - mean * f.scale).contiguous();
-  return f;
+  return affine_fold(weight.detach(), bias.detach(), mean, var, eps, mean.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bn_train_impl(const at::Tensor& x, const at::Tensor& small,
@@ -461,7 +469,7 @@ struct BnReluCatTrainFn : public torch::autograd::Function<BnReluCatTrainFn> {
 // ---------------------------------------------------------------------------------------------
 at::Tensor relu_cat_impl(const at::Tensor& a, const at::Tensor& b) {
   const int64_t ca = a.size(1);
-  at::Tensor out = at::empty({a.size(0), ca + b.size(1), a.size(2), a.size(3)}, a.options().memory_format(format_like(a)));
+  at::Tensor out = host::new_output({a.size(0), ca + b.size(1), a.size(2), a.size(3)}, a.options(), format_like(a));
   at::Tensor out_a = out.narrow(1, 0, ca), out_b = out.narrow(1, ca, b.size(1));
   at::clamp_min_out(out_a, a, 0);
   at::clamp_min_out(out_b, b, 0);
@@ -499,10 +507,8 @@ std::tuple<at::Tensor, at::Tensor> bn_affine_fold(const c10::optional<at::Tensor
   const auto opts = mean.options().dtype(at::kFloat);
   const at::Tensor w = weight.has_value() && weight->defined() ? *weight : at::ones({mean.size(0)}, opts);
   const at::Tensor b = bias.has_value() && bias->defined() ? *bias : at::zeros({mean.size(0)}, opts);
-  const at::Tensor invstd = at::rsqrt(var.to(dtype) + eps);
-  at::Tensor scale = w.to(dtype) * invstd;
-  at::Tensor shift = b.to(dtype) - mean.to(dtype) * scale;
-  return {scale, shift};
+  BnFold f = affine_fold(w, b, mean, var, eps, dtype);
+  return {f.scale, f.shift};
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_bn_fold(const at::Tensor& conv_weight, const c10::optional<at::Tensor>& weight,

@@ -35,6 +35,7 @@ from .ops.bn_relu import bn_relu_cat_train, bn_relu_train
 from .ops._dispatch import cpp_glue, standard_ops_only
 from .ops._plain import upsample_nearest
 from .ops.relu_cat import relu_cat
+from .ops.sc_gate import affine_fold
 
 __all__ = ["SCConv", "SCBottleneck"]
 
@@ -101,9 +102,8 @@ def _affine_fold(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
         return torch.ops.scnet_fused._bn_affine_fold(weight, bias, mean, var, eps, acc)
     if weight is None:
         weight, bias = _affine_params_none(mean.shape[0], like)
-    invstd = torch.rsqrt(var.to(acc) + eps)
-    scale = weight.to(acc) * invstd
-    return scale, bias.to(acc) - mean.to(acc) * scale
+    _, scale, shift = affine_fold(weight, bias, mean, var, eps, acc)
+    return scale, shift
 
 
 def _plain_conv(conv: nn.Module) -> bool:
@@ -461,7 +461,7 @@ class SCConv(reference.SCConv):
         weight, bias = _affine_params(bn, k3)
         y, mean, var = sc_gate_bn_train(x, small, k3, weight, bias, bn.eps)
         _update_running_stats(bn, factor, mean, var, k3)
-        # as the op folded it (bn_fold's ATen calls): the same y on recompute
+        # as the op folded it (bn_fold: detached, in the statistics' dtype): the same y on recompute
         scale, shift = _affine_fold(weight.detach(), bias.detach(), mean, var, bn.eps, mean.dtype, k3)
         return y, scale, shift
 

@@ -138,7 +138,7 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
                const float* R, const Shape& s, Layout L) {
   if (L == Layout::NCHW) {
     const int64_t HW = s.HW;
-    at::parallel_for(0, s.N * s.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1)), [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, s.N * s.C, grain_for(HW), [&](int64_t p0, int64_t p1) {
       for (int64_t plane = p0; plane < p1; ++plane) {
         const int64_t n = plane / s.C, c = plane - n * s.C;
         const T* tp = t + plane * HW;
@@ -153,7 +153,7 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
     return;
   }
   const int64_t C = s.C, P_ = s.N * s.HW;
-  at::parallel_for(0, P_, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t q0, int64_t q1) {
+  at::parallel_for(0, P_, grain_for(C), [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const T* tp = t + q * C;
       T* op = out + q * s.outP;
@@ -191,7 +191,7 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
   if (L == Layout::NCHW) {
     const int64_t HW = s.HW;
     std::vector<double> s1(s.N * C), s2(s.N * C);
-    at::parallel_for(0, s.N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1)), [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, s.N * C, grain_for(HW), [&](int64_t p0, int64_t p1) {
       for (int64_t plane = p0; plane < p1; ++plane) {
         const int64_t n = plane / C, c = plane - n * C;
         plane_sums(t + plane * HW, dy + (n * s.dyP + c) * HW, HW, A[c], B[c], K[c], &s1[plane], &s2[plane]);
@@ -212,9 +212,8 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
   const int64_t ntask = std::min<int64_t>(P, 64);
   const int64_t per = (P + ntask - 1) / ntask;
   std::vector<double> s1(ntask * C, 0.0), s2(ntask * C, 0.0);
-  // tasks of at least 32768 elements each (a small map on one thread); the partials are per task,
-  // so the bits do not depend on the split
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(per * C, 1));
+  // the partials are per task: the bits do not depend on how the tasks are split among threads
+  const int64_t grain = grain_for(per * C);
   at::parallel_for(0, ntask, grain, [&](int64_t k0, int64_t k1) {
     std::vector<float> f1(C), f2(C);
     for (int64_t k = k0; k < k1; ++k) {
@@ -268,7 +267,7 @@ void backward_by_channel(const T* t, const T* dy, T* dt, const float* A, const f
                          const float* IS, const Shape& s, float* sum_g, float* sum_gc) {
   const int64_t C = s.C, HW = s.HW, N = s.N;
   const float m = static_cast<float>(static_cast<double>(N * HW));
-  at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(N * HW, 1)), [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       double a1 = 0.0, a2 = 0.0;
       for (int64_t n = 0; n < N; ++n) {
@@ -304,7 +303,7 @@ template <typename T>
 void forward_by_channel(const T* t, T* out, const float* W, const float* Bi, float eps, const Shape& s, float* mean,
                         float* var) {
   const int64_t C = s.C, HW = s.HW, N = s.N;
-  at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(N * HW, 1)), [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       cpu_stats::channel_moments(t + c * HW, N, C * HW, HW, mean + c, var + c);
       float a, b;

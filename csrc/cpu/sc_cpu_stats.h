@@ -23,6 +23,7 @@
 namespace scnet_fused {
 namespace cpu_stats {
 
+using cpu_vec::grain_for;
 using cpu_vec::hsum;
 using cpu_vec::kV;
 using cpu_vec::load_f;
@@ -120,7 +121,7 @@ inline void channel_moments(const T* t, int64_t N, int64_t plane_stride, int64_t
 template <typename T>
 void stats_nchw(const T* t, int64_t N, int64_t C, int64_t HW, float* mean, float* var) {
   std::vector<double> s1(N * C), s2(N * C);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
+  const int64_t grain = grain_for(HW);
   at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t plane = p0; plane < p1; ++plane) {
       const int64_t c = plane % C;
@@ -146,9 +147,8 @@ void stats_nhwc(const T* t, int64_t N, int64_t C, int64_t HW, float* mean, float
   std::vector<float> K(C);
   for (int64_t c = 0; c < C; ++c) K[c] = static_cast<float>(t[c]);
   std::vector<double> s1(ntask * C, 0.0), s2(ntask * C, 0.0);
-  // tasks of at least 32768 elements each (a small map on one thread); the partials are per task,
-  // so the bits do not depend on the split
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(per * C, 1));
+  // the partials are per task: the bits do not depend on how the tasks are split among threads
+  const int64_t grain = grain_for(per * C);
   at::parallel_for(0, ntask, grain, [&](int64_t k0, int64_t k1) {
     std::vector<float> f1(C), f2(C);
     for (int64_t k = k0; k < k1; ++k) {

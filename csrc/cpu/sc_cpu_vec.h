@@ -5,6 +5,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -82,6 +83,13 @@ inline double hsum(const Vec& v) {
   for (int64_t e = 0; e < kV; ++e) s += buf[e];
   return s;
 #endif
+}
+
+// The grain of at::parallel_for for items of `elems_per_item` elements each: at least 32768 elements
+// (ATen's grain) per task, so that a small tensor runs on one thread instead of waking the pool for
+// a few microseconds of work.
+inline int64_t grain_for(int64_t elems_per_item) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems_per_item));
 }
 
 }  // namespace cpu_vec

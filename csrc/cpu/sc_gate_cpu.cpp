@@ -44,6 +44,7 @@ namespace cpu {
 namespace {
 
 using namespace ::scnet_fused::host;
+using ::scnet_fused::cpu_vec::grain_for;
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kV = Vec::size();
@@ -283,7 +284,7 @@ template <typename T, bool kK3>
 void pointwise_nchw(const Pointwise<T>& p, const Geometry& g) {
   const int64_t HW = g.H * g.W;
   const NchwBlocking bl = nchw_blocking(g);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
+  const int64_t grain = grain_for(HW);
   at::parallel_for(0, g.N * g.C, grain, [&](int64_t p0, int64_t p1) {
     std::vector<float> ubuf(bl.G * bl.L + kV), ebuf(bl.G * bl.Erows * g.W + kV);
     for (int64_t q0 = p0; q0 < p1; q0 += bl.G) {
@@ -582,17 +583,10 @@ SCNET_FUSED_ALWAYS_INLINE void pointwise_plane_permute(const Pointwise<T>& p, co
   }
 }
 
-// Channels per task of the channel-by-channel loops: at least 32768 elements of work per task (ATen's
-// grain), so that a small map runs on one thread instead of waking the pool for a few microseconds of
-// work. Each channel's result is computed alone: the bits do not depend on the split.
-inline int64_t channel_grain(int64_t per_channel) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(per_channel, 1));
-}
-
 template <typename T, bool kK3, bool kOne>
 void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTable& t, bool nt) {
   const int64_t HW = g.H * g.W, hw = g.h * g.w, C = g.C;
-  const int64_t grain = std::max<int64_t>(1, 32768 / HW);
+  const int64_t grain = grain_for(HW);
   const int64_t G = small_group(HW);
   at::parallel_for(0, g.N * C, grain, [&](int64_t p0, int64_t p1) {
     PlaneWalk<T> walk(p.small, hw, G, C, p0, p1);
@@ -611,7 +605,7 @@ template <typename T, bool kOne>
 void gate_bn_forward_by_channel(const Pointwise<T>& p, float* A, float* B, const Geometry& g, const UpTable& t,
                                 bool nt, const float* W, const float* Bi, float eps, float* mean, float* var) {
   const int64_t HW = g.H * g.W, hw = g.h * g.w, N = g.N, C = g.C;
-  at::parallel_for(0, C, channel_grain(N * HW), [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
     std::vector<float> sbuf(N * hw + 2 * kV, 0.0f);  // the channel's small planes as float, padded
     for (int64_t c = c0; c < c1; ++c) {
       cpu_stats::channel_moments(p.k + c * HW, N, C * HW, HW, mean + c, var + c);
@@ -653,7 +647,7 @@ template <typename T, bool kK3>
 void pointwise_nhwc(const Pointwise<T>& p, const Geometry& g) {
   const NhwcTasks tk = nhwc_tasks(g);
   const int64_t per_task = std::max<int64_t>(1, (g.H / g.h + 1) * g.W * tk.cb);
-  const int64_t grain = std::max<int64_t>(1, 32768 / per_task);
+  const int64_t grain = grain_for(per_task);
   at::parallel_for(0, tk.ntasks, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> ubuf(g.w * tk.cb);
     float* upT = ubuf.data();
@@ -734,7 +728,7 @@ template <typename T>
 void backward_nchw(const Backward<T>& p, const Geometry& g, double* part_g, double* part_gk) {
   const int64_t HW = g.H * g.W;
   const NchwBlocking bl = nchw_blocking(g);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
+  const int64_t grain = grain_for(HW);
   at::parallel_for(0, g.N * g.C, grain, [&](int64_t p0, int64_t p1) {
     std::vector<float> ubuf(bl.G * bl.L + kV), dbuf(bl.G * bl.L + kV), ebuf(bl.G * bl.Erows * g.W + kV);
     std::vector<float> abuf(bl.G * g.h * g.W);       // Acc[q][a * W + j]: dz summed over the rows of cell a
@@ -946,7 +940,7 @@ template <typename T, bool kOne>
 void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTable& t, bool nt, double* part_g,
                            double* part_gk) {
   const int64_t HW = g.H * g.W, hw = g.h * g.w;
-  const int64_t grain = std::max<int64_t>(1, 32768 / HW);
+  const int64_t grain = grain_for(HW);
   const int64_t G = small_group(HW);
   at::parallel_for(0, g.N * g.C, grain, [&](int64_t p0, int64_t p1) {
     // D and Acc are padded by a vector: the row tails are read and written as whole vectors.
@@ -973,7 +967,7 @@ void gate_bn_backward_by_channel(const Backward<T>& p, const Geometry& g, const 
                                  const float* IS, float* sum_g, float* sum_gk) {
   const int64_t HW = g.H * g.W, hw = g.h * g.w, N = g.N, C = g.C;
   const float m = static_cast<float>(static_cast<double>(N * HW));
-  at::parallel_for(0, C, channel_grain(N * HW), [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
     std::vector<float> dbuf(HW + kV, 0.0f), abuf(g.h * g.W + kV);
     std::vector<float> sbuf(N * hw + 2 * kV, 0.0f);  // the channel's small planes as float, padded
     std::vector<float> gbuf(N * HW);                 // g * scale of the channel's planes
@@ -1015,7 +1009,7 @@ template <typename T>
 void backward_nhwc(const Backward<T>& p, const Geometry& g, double* part_g, double* part_gk) {
   const NhwcTasks tk = nhwc_tasks(g);
   const int64_t per_task = std::max<int64_t>(1, (g.H / g.h + 1) * g.W * tk.cb);
-  const int64_t grain = std::max<int64_t>(1, 32768 / per_task);
+  const int64_t grain = grain_for(per_task);
   at::parallel_for(0, tk.ntasks, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> ubuf(g.w * tk.cb), dbuf(g.w * tk.cb), rowg(tk.cb), rowgk(tk.cb);
     std::vector<double> accg(tk.cb), accgk(tk.cb);

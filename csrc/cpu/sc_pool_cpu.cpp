@@ -30,7 +30,6 @@ using namespace ::scnet_fused::host;
 using namespace ::scnet_fused::cpu_vec;
 
 // Grain of the row loops: about 32k elements of x per task.
-inline int64_t grain_for(int64_t elems_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems_per_item)); }
 
 // acc[0, len) = sum of r rows of `src` (row stride `stride`), in float.
 template <typename T>

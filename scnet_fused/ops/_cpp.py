@@ -98,34 +98,32 @@ def has_kernel(op: str, key: str) -> bool:
 # The cpu backend's one-call primitives (see scnet_fused.ops._dispatch).
 _CPU_ONLY_OPS = ("_add_channel_affine_", "_bn_relu_train_backward", "_bn_relu_train_out", "_gate_bn_train_forward",
                  "_gate_bn_train_backward")
-_AUTOGRAD_OPS = ("_sc_gate_ag", "_sc_gate_bn_train_ag", "_sc_avgpool_ag", "_bn_relu_train_ag", "_bn_relu_cat_train_ag")
-_autograd_ops: Optional[bool] = None
+# The ops of csrc/autograd.cpp, with the dispatch key each is registered for: the autograd twins of
+# the public ops (which call the backend kernels), and the ops that use no backend kernel.
+_AUTOGRAD_OPS = {op: "Autograd" for op in ("_sc_gate_ag", "_sc_gate_bn_train_ag", "_sc_avgpool_ag",
+                                           "_bn_relu_train_ag", "_bn_relu_cat_train_ag")}
+_GLUE_OPS = {"_relu_cat_ag": "Autograd", "_bn_affine_fold": "CompositeImplicitAutograd",
+             "_conv_bn_fold": "CompositeImplicitAutograd", "_update_running_stats_": "CompositeImplicitAutograd"}
+_registered: dict = {}
+
+
+def _all_registered(name: str, table: dict) -> bool:
+    """Whether the extension loaded and registers every op of ``table`` for its key (asked once)."""
+    known = _registered.get(name)
+    if known is None:
+        known = _registered[name] = _import_error is None and all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"scnet_fused::{op}", key) for op, key in table.items())
+    return known
 
 
 def has_autograd_ops() -> bool:
     """The extension carries the C++ autograd ops of csrc/autograd.cpp."""
-    global _autograd_ops
-    if _autograd_ops is None:
-        _autograd_ops = _import_error is None and all(
-            torch._C._dispatch_has_kernel_for_dispatch_key(f"scnet_fused::{op}", "Autograd")
-            for op in _AUTOGRAD_OPS)
-    return _autograd_ops
-
-
-# The ops of csrc/autograd.cpp that use no backend kernel, with the key each is registered for.
-_GLUE_OPS = {"_relu_cat_ag": "Autograd", "_bn_affine_fold": "CompositeImplicitAutograd",
-             "_conv_bn_fold": "CompositeImplicitAutograd", "_update_running_stats_": "CompositeImplicitAutograd"}
-_glue_ops: Optional[bool] = None
+    return _all_registered("autograd", _AUTOGRAD_OPS)
 
 
 def has_glue_ops() -> bool:
     """The extension carries the C++ ops that use no backend kernel (csrc/autograd.cpp)."""
-    global _glue_ops
-    if _glue_ops is None:
-        _glue_ops = _import_error is None and all(
-            torch._C._dispatch_has_kernel_for_dispatch_key(f"scnet_fused::{op}", key)
-            for op, key in _GLUE_OPS.items())
-    return _glue_ops
+    return _all_registered("glue", _GLUE_OPS)
 
 
 def unavailable_reason(name: str) -> Optional[str]:

@@ -199,12 +199,18 @@ def sc_gate(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor] = None
 # ----------------------------------------------------------------------------------------------
 
 
+def affine_fold(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float, dtype: torch.dtype):
+    """``(invstd, scale, shift)`` in ``dtype`` with ``bn(t) = t * scale + shift`` per channel:
+    ``invstd = rsqrt(var + eps)``, ``scale = weight * invstd``, ``shift = bias - mean * scale``
+    (differentiable in whatever requires grad; the C++ twin is ``affine_fold`` of csrc/autograd.cpp)."""
+    invstd = torch.rsqrt(var.to(dtype) + eps)
+    scale = weight.to(dtype) * invstd
+    return invstd, scale, bias.to(dtype) - mean.to(dtype) * scale
+
+
 def bn_fold(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float):
-    """``(invstd, scale, shift)`` with ``bn(t) = t * scale + shift`` per channel (no autograd)."""
-    invstd = torch.rsqrt(var + eps)
-    scale = weight.detach().to(mean.dtype) * invstd
-    shift = bias.detach().to(mean.dtype) - mean * scale
-    return invstd, scale, shift
+    """:func:`affine_fold` of a training-mode BatchNorm from its batch statistics (no autograd)."""
+    return affine_fold(weight.detach(), bias.detach(), mean, var, eps, mean.dtype)
 
 
 def _check_bn(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor) -> None:
