@@ -122,13 +122,7 @@ def markdown(rows) -> str:
              "",
              "| N x C x H x W | mode | separate ms | stacked ms | stacked vs separate | default |",
              "|---|---|---:|---:|---:|---|"]
-    by = {}
-    for r in rows:
-        by.setdefault((r["shape"], r["mode"]), {})[r["provider"]] = r
-    for (shape, mode), per in by.items():
-        a, b = per.get("separate"), per.get("stacked")
-        if a is None or b is None:
-            continue
+    for shape, mode, a, b in bench.setting_pairs(rows, "separate", "stacked"):
         lines.append(f"| {shape} | {mode} | {a['median_ms']:.2f} ({a['min_ms']:.2f}-{a['max_ms']:.2f}) | "
                      f"{b['median_ms']:.2f} ({b['min_ms']:.2f}-{b['max_ms']:.2f}) | "
                      f"{a['median_ms'] / b['median_ms']:.2f}x | {b.get('default', '-')} |")

@@ -90,13 +90,7 @@ def markdown(rows) -> str:
              "| N x C x H x W | mode | NCHW ms | channels_last ms | NCHW GFLOP/s | channels_last GFLOP/s "
              "| channels_last vs NCHW | x to channels_last ms |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    by = {}
-    for r in rows:
-        by.setdefault((r["shape"], r["mode"]), {})[r["provider"]] = r
-    for (shape, mode), per in by.items():
-        a, b = per.get("nchw"), per.get("channels_last")
-        if a is None or b is None:
-            continue
+    for shape, mode, a, b in bench.setting_pairs(rows, "nchw", "channels_last"):
         lines.append(f"| {shape} | {mode} | {a['median_ms']:.3f} | {b['median_ms']:.3f} | {a['gflops']:.0f} | "
                      f"{b['gflops']:.0f} | {a['median_ms'] / b['median_ms']:.2f}x | {a['to_channels_last_ms']:.3f} |")
     return "\n".join(lines) + "\n"

@@ -342,6 +342,17 @@ def log_samples(where: str, samples) -> None:
     log_stderr(f"{where}: " + ", ".join(f"{k[0]} {k[1]} {statistics.median(v):.3f} ms" for k, v in samples.items()))
 
 
+def setting_pairs(rows, first: str, second: str):
+    """``(shape, mode, row of first, row of second)`` for each (shape, mode) of an interleaved-rounds
+    script's rows where both settings (the rows' ``provider``) were measured, in the rows' order."""
+    by: dict = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["mode"]), {})[r["provider"]] = r
+    for (shape, mode), per in by.items():
+        if first in per and second in per:
+            yield shape, mode, per[first], per[second]
+
+
 def write_script_results(rows, out: str, stem: str, markdown: str) -> None:
     """``<out>/<stem>.json`` (``rows``: the rows, or a dict holding them) and ``<stem>.md``
     (``markdown``), which is also printed."""
