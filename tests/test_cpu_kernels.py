@@ -313,7 +313,8 @@ def test_backward_deterministic_across_thread_counts():
 def test_channel_loops_split_across_threads_give_the_same_bits():
     """The channel-by-channel kernels (BatchNorm gate, BatchNorm + ReLU) and the NHWC sums take tasks of
     at least 32768 elements, so small maps run on one thread; at 2x4x96x96 (18432 values per channel)
-    they split across threads. Every thread count gives the one-thread bits."""
+    they split across threads. Every thread count gives the one-thread bits, and those match float64
+    math (statistics, the BatchNorm gate's and the BatchNorm + ReLU's outputs)."""
     P = prims()
     before = torch.get_num_threads()
     shape = (2, 4, 96, 96, 24, 24)
@@ -333,6 +334,18 @@ def test_channel_loops_split_across_threads_give_the_same_bits():
             for other in results[1:]:
                 for a, b in zip(results[0], other):
                     assert torch.equal(a, b)
+            # and the split results are right: statistics and outputs against float64 math
+            y, bmean, bvar = results[0][:3]
+            k64 = k3.double()
+            var64, mean64 = torch.var_mean(k64, dim=(0, 2, 3), unbiased=False)
+            torch.testing.assert_close(bmean.double(), mean64, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(bvar.double(), var64, rtol=1e-5, atol=1e-6)
+            bn = ((k64 - mean64.view(1, -1, 1, 1)) * torch.rsqrt(var64.view(1, -1, 1, 1) + 1e-5)
+                  * weight.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1))
+            up = F.interpolate(small.double(), size=x.shape[-2:], mode="nearest")
+            torch.testing.assert_close(y.double(), bn * torch.sigmoid(x.double() + up), rtol=1e-4, atol=1e-5)
+            relu64 = torch.relu(bn)
+            torch.testing.assert_close(results[0][-4].double(), relu64, rtol=1e-4, atol=1e-5)  # bn_relu out
     finally:
         torch.set_num_threads(before)
 
