@@ -413,7 +413,10 @@ def gate_backward_k3(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, p: Tensor
 def channel_stats(t: Tensor):
     """Per-channel mean and biased variance over N, H, W, in float32 (float64 for float64 input)."""
     a = _acc(t)
-    var, mean = torch.var_mean(a, dim=(0, 2, 3), unbiased=False)
+    # Two passes (not var_mean's running update): an infinite value gives an infinite mean, as
+    # nn.BatchNorm2d's, where a running update gives inf - inf = NaN.
+    mean = a.mean(dim=(0, 2, 3))
+    var = (a - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3))
     return mean, var
 
 

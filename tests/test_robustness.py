@@ -106,6 +106,32 @@ def _cpu_gate_special_values_mismatch() -> str:
                      f"(torch: {want.flatten()[j].item()})" for j in i)
 
 
+def _stats_case(backend):
+    def case():
+        """The statistics primitive on channels holding infinities of one sign, of both signs, a NaN, and
+        huge finite values: the batch mean torch's CPU BatchNorm gives (+-inf, NaN, finite), NaN variance
+        for the non-finite channels."""
+        from scnet_fused.ops import _dispatch
+
+        inf = float("inf")
+        t = torch.randn(2, 5, 3, 4, generator=torch.Generator().manual_seed(2))
+        t[0, 0, 1, 2] = t[1, 0, 0, 0] = -inf
+        t[1, 1, 2, 3] = inf
+        t[0, 2, 0, 1], t[1, 2, 1, 1] = inf, -inf
+        t[0, 3, 2, 2] = float("nan")
+        t[:, 4] *= 1e18
+        for layout in (torch.contiguous_format, torch.channels_last):
+            with scnet_fused.backend(backend):
+                _, prims = _dispatch.select(t.device, t.dtype)
+                mean, var = prims.channel_stats(t.contiguous(memory_format=layout))
+            rm, rv = torch.zeros(5), torch.ones(5)
+            torch.nn.functional.batch_norm(t, rm, rv, training=True, momentum=1.0)
+            torch.testing.assert_close(mean[:4], rm[:4], equal_nan=True, rtol=0, atol=0)
+            torch.testing.assert_close(mean[4], rm[4], rtol=1e-5, atol=0)
+            assert var[:4].isnan().all() and torch.isfinite(var[4]), var
+    return case
+
+
 def cpu_gate_special_values():
     """The C++ CPU gate's vectorized sigmoid gives torch's results for NaN, +-Inf and huge inputs."""
     if available("cpu") is not None:
@@ -404,6 +430,7 @@ CASES = [
 ]
 for _b in GATE_BACKENDS:
     CASES += [
+        (f"channel_stats_non_finite[{_b}]", _stats_case(_b), OK),
         (f"nan_inf_eval[{_b}]", _nan_inf_case(_b, train=False), OK),
         (f"nan_inf_train[{_b}]", _nan_inf_case(_b, train=True), OK),
         (f"large_preactivation[{_b}]", _large_preactivation_case(_b), OK),

@@ -29,11 +29,15 @@ using cpu_vec::kV;
 using cpu_vec::load_f;
 using cpu_vec::Vec;
 
-// Mean and biased variance from sums of (x - K) and (x - K)^2 over M values. A channel holding a
-// NaN or an infinity gets NaN for both, as torch's batch statistics do.
-inline void finalize_stats(float K, double a1, double a2, double M, float* mean, float* var) {
+// Mean and biased variance from sums of (x - K) and (x - K)^2 over M values. A channel whose sums are
+// not finite (a NaN or an infinity in it) gets the mean as torch's CPU BatchNorm computes it, the
+// plain sum over M (plain_sum(): +-inf for infinities of one sign, NaN otherwise; the shifted sums
+// have lost it), and a NaN variance.
+template <typename PlainSum>
+inline void finalize_stats(float K, double a1, double a2, double M, float* mean, float* var, PlainSum plain_sum) {
   if (!std::isfinite(a1) || !std::isfinite(a2) || !std::isfinite(K)) {
-    *mean = *var = std::numeric_limits<float>::quiet_NaN();
+    *mean = static_cast<float>(plain_sum() / M);
+    *var = std::numeric_limits<float>::quiet_NaN();
     return;
   }
   const double m1 = a1 / M;
@@ -104,6 +108,15 @@ inline void plane_moments(const T* xp, int64_t HW, float k, double* s1, double* 
   *s2 = a2;
 }
 
+// The plain sum of one NCHW channel's values (the non-finite case of finalize_stats).
+template <typename T>
+double nchw_channel_sum(const T* t, int64_t N, int64_t plane_stride, int64_t HW) {
+  double s = 0.0;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t e = 0; e < HW; ++e) s += static_cast<double>(static_cast<float>(t[n * plane_stride + e]));
+  return s;
+}
+
 // One NCHW channel's statistics from its N planes (plane n at t + n * plane_stride), added in n order.
 template <typename T>
 inline void channel_moments(const T* t, int64_t N, int64_t plane_stride, int64_t HW, float* mean, float* var) {
@@ -115,7 +128,8 @@ inline void channel_moments(const T* t, int64_t N, int64_t plane_stride, int64_t
     a1 += p1;
     a2 += p2;
   }
-  finalize_stats(K, a1, a2, static_cast<double>(N * HW), mean, var);
+  finalize_stats(K, a1, a2, static_cast<double>(N * HW), mean, var,
+                 [&] { return nchw_channel_sum(t, N, plane_stride, HW); });
 }
 
 template <typename T>
@@ -135,7 +149,8 @@ void stats_nchw(const T* t, int64_t N, int64_t C, int64_t HW, float* mean, float
       a1 += s1[n * C + c];
       a2 += s2[n * C + c];
     }
-    finalize_stats(static_cast<float>(t[c * HW]), a1, a2, M, mean + c, var + c);
+    finalize_stats(static_cast<float>(t[c * HW]), a1, a2, M, mean + c, var + c,
+                   [&] { return nchw_channel_sum(t + c * HW, N, C * HW, HW); });
   }
 }
 
@@ -187,7 +202,11 @@ void stats_nhwc(const T* t, int64_t N, int64_t C, int64_t HW, float* mean, float
       a1 += s1[k * C + c];
       a2 += s2[k * C + c];
     }
-    finalize_stats(K[c], a1, a2, M, mean + c, var + c);
+    finalize_stats(K[c], a1, a2, M, mean + c, var + c, [&] {
+      double s = 0.0;
+      for (int64_t q = 0; q < P; ++q) s += static_cast<double>(static_cast<float>(t[q * C + c]));
+      return s;
+    });
   }
 }
 

@@ -438,10 +438,15 @@ def channel_stats(t: torch.Tensor):
     mean = (means * counts).sum(dim=0) / nhw
     m2 = m2s.sum(dim=0) + (counts * (means - mean) ** 2).sum(dim=0)
     var = m2 / nhw
-    # A channel holding a NaN or an infinity gets NaN for both, as torch's batch statistics do.
+    # A channel holding a NaN or an infinity gets NaN for both, as torch's CUDA BatchNorm (running
+    # updates: inf - inf) gives; on CPU tensors (the interpreter) the mean torch's CPU BatchNorm gives,
+    # the plain one (+-inf for infinities of one sign), and a NaN variance.
     bad = ~(torch.isfinite(mean) & torch.isfinite(var))
     nan = torch.full((), float("nan"), dtype=mean.dtype, device=mean.device)
-    return torch.where(bad, nan, mean), torch.where(bad, nan, var)
+    mean, var = torch.where(bad, nan, mean), torch.where(bad, nan, var)
+    if t.device.type == "cpu" and bool(bad.any()):
+        mean = torch.where(bad, t.float().mean(dim=(0, 2, 3)), mean)
+    return mean, var
 
 
 # ----------------------------------------------------------------------------------------------
