@@ -9,8 +9,10 @@
 // two backward passes run in C++ (about 100 us less per forward + backward than the Python layers,
 // which is what small maps such as SCNet-50's 7x7 stage are made of).
 //
-//   _sc_gate_ag(x, small, k3, scale?, shift?) -> y
+//   _sc_gate_ag(x, small, k3, scale?, shift?, small_scale?, small_shift?) -> y
 //   _sc_gate_bn_train_ag(x, small, k3, weight, bias, eps) -> (y, mean, var)
+//   _sc_gate_bn2_train_ag(x, small, k3, weight, bias, eps, small_weight, small_bias, small_eps)
+//       -> (y, mean, var, small_mean, small_var)
 //   _sc_avgpool_ag(x, r) -> y
 //   _bn_relu_train_ag(t, weight, bias, eps) -> (y, mean, var)
 //   _bn_relu_cat_train_ag(ta, wa, ba, eps_a, tb, wb, bb, eps_b) -> (out, mean_a, var_a, mean_b, var_b)
@@ -51,36 +53,44 @@ using torch::autograd::variable_list;
 // ---------------------------------------------------------------------------------------------
 // The primitives, through the dispatcher (CPU or CUDA kernels).
 // ---------------------------------------------------------------------------------------------
+// small_scale / small_shift: the pooled branch's affine (its BatchNorm), applied where the kernels
+// read the pooled map; the kernels' dsmall is the gradient of that affine's output.
+using OptTensor = c10::optional<at::Tensor>;
+
 at::Tensor prim_gate_forward(const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
-                             const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
+                             const OptTensor& scale, const OptTensor& shift, const OptTensor& small_scale = c10::nullopt,
+                             const OptTensor& small_shift = c10::nullopt) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("scnet_fused::_gate_forward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&)>();
-  return op.call(x, small, k3, scale, shift);
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                         const OptTensor&, const OptTensor&, const OptTensor&)>();
+  return op.call(x, small, k3, scale, shift, small_scale, small_shift);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prim_gate_backward(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-    const c10::optional<at::Tensor>& center, bool need_dk3) {
+    const c10::optional<at::Tensor>& center, bool need_dk3, const OptTensor& small_scale = c10::nullopt,
+    const OptTensor& small_shift = c10::nullopt) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("scnet_fused::_gate_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-              bool)>();
-  return op.call(dy, x, small, k3, scale, shift, center, need_dk3);
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+              const OptTensor&, const OptTensor&, bool, const OptTensor&, const OptTensor&)>();
+  return op.call(dy, x, small, k3, scale, shift, center, need_dk3, small_scale, small_shift);
 }
 
 at::Tensor prim_gate_backward_k3(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small,
-                                 const at::Tensor& k3, const at::Tensor& p, const at::Tensor& q, const at::Tensor& r) {
+                                 const at::Tensor& k3, const at::Tensor& p, const at::Tensor& q, const at::Tensor& r,
+                                 const OptTensor& small_scale = c10::nullopt,
+                                 const OptTensor& small_shift = c10::nullopt) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("scnet_fused::_gate_backward_k3", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  return op.call(dy, x, small, k3, p, q, r);
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                         const OptTensor&)>();
+  return op.call(dy, x, small, k3, p, q, r, small_scale, small_shift);
 }
 
 std::tuple<at::Tensor, at::Tensor> prim_channel_stats(const at::Tensor& t) {
@@ -114,24 +124,28 @@ void prim_affine_relu_out(const at::Tensor& t, const at::Tensor& scale, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prim_gate_bn_train_forward(const at::Tensor& x, const at::Tensor& small,
                                                                           const at::Tensor& k3, const at::Tensor& weight,
-                                                                          const at::Tensor& bias, double eps) {
+                                                                          const at::Tensor& bias, double eps,
+                                                                          const OptTensor& small_scale = c10::nullopt,
+                                                                          const OptTensor& small_shift = c10::nullopt) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("scnet_fused::_gate_bn_train_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, double)>();
-  return op.call(x, small, k3, weight, bias, eps);
+                           const at::Tensor&, double, const OptTensor&, const OptTensor&)>();
+  return op.call(x, small, k3, weight, bias, eps, small_scale, small_shift);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prim_gate_bn_train_backward(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3, const at::Tensor& weight,
-    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps) {
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
+    const OptTensor& small_scale = c10::nullopt, const OptTensor& small_shift = c10::nullopt) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("scnet_fused::_gate_bn_train_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(dy, x, small, k3, weight, bias, mean, var, eps);
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                           const OptTensor&, const OptTensor&)>();
+  return op.call(dy, x, small, k3, weight, bias, mean, var, eps, small_scale, small_shift);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prim_bn_relu_train_backward(
@@ -238,29 +252,47 @@ variable_list guard_double_backward(variable_list grads, const variable_list& in
 // ---------------------------------------------------------------------------------------------
 // sc_gate
 // ---------------------------------------------------------------------------------------------
-at::Tensor gate_impl(const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
-                     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
-  return prim_gate_forward(x, small, k3, f32(scale), f32(shift));
+at::Tensor gate_impl(const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3, const OptTensor& scale,
+                     const OptTensor& shift, const OptTensor& small_scale, const OptTensor& small_shift) {
+  return prim_gate_forward(x, small, k3, f32(scale), f32(shift), f32(small_scale), f32(small_shift));
+}
+
+OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
+
+// The gradients through the pooled branch's affine from dn, the gradient of its output (the kernels'
+// dsmall): dsmall = dn * small_scale and, over N, h and w, dsmall_scale = sum(dn * small),
+// dsmall_shift = sum(dn); float32 math (the ATen calls of the Python op, so the same bits).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> small_affine_grads(const at::Tensor& dn, const at::Tensor& small,
+                                                                  const at::Tensor& ss, const at::Tensor& st) {
+  const at::Tensor d = dn.to(at::kFloat);
+  at::Tensor dsmall = ss.defined() ? (d * ss.to(at::kFloat).view({1, -1, 1, 1})).to(small.scalar_type()) : dn;
+  at::Tensor dss = ss.defined() ? (d * small.to(at::kFloat)).sum({0, 2, 3}).to(ss.scalar_type()) : at::Tensor();
+  at::Tensor dst = st.defined() ? d.sum({0, 2, 3}).to(st.scalar_type()) : at::Tensor();
+  return {dsmall, dss, dst};
 }
 
 struct GateFn : public torch::autograd::Function<GateFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
-                            const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
-    ctx->save_for_backward({x, small, k3, scale.value_or(at::Tensor()), shift.value_or(at::Tensor())});
-    return gate_impl(x, small, k3, scale, shift);
+                            const OptTensor& scale, const OptTensor& shift, const OptTensor& small_scale,
+                            const OptTensor& small_shift) {
+    ctx->save_for_backward({x, small, k3, scale.value_or(at::Tensor()), shift.value_or(at::Tensor()),
+                            small_scale.value_or(at::Tensor()), small_shift.value_or(at::Tensor())});
+    return gate_impl(x, small, k3, scale, shift, small_scale, small_shift);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &small = saved[1], &k3 = saved[2], &scale = saved[3], &shift = saved[4];
-    const c10::optional<at::Tensor> sc = scale.defined() ? c10::optional<at::Tensor>(scale) : c10::nullopt;
-    const c10::optional<at::Tensor> sh = shift.defined() ? c10::optional<at::Tensor>(shift) : c10::nullopt;
+    const at::Tensor &ss = saved[5], &st = saved[6];
     const at::Tensor dy = grads[0].to(x.dtype()).contiguous(format_like(x));
-    auto [dx, dsmall, dk3, sum_g, sum_gk] = prim_gate_backward(dy, x, small, k3, f32(sc), f32(sh), c10::nullopt, true);
+    auto [dx, dsmall, dk3, sum_g, sum_gk] = prim_gate_backward(dy, x, small, k3, f32(opt(scale)), f32(opt(shift)),
+                                                               c10::nullopt, true, f32(opt(ss)), f32(opt(st)));
     at::Tensor dscale = scale.defined() ? sum_gk.to(scale.scalar_type()) : at::Tensor();
     at::Tensor dshift = shift.defined() ? sum_g.to(shift.scalar_type()) : at::Tensor();
-    return guard_double_backward({dx, dsmall, dk3, dscale, dshift}, {grads[0], x, small, k3, scale, shift},
-                                 "scnet_fused.sc_gate_backward");
+    at::Tensor dss, dst;
+    if (ss.defined() || st.defined()) std::tie(dsmall, dss, dst) = small_affine_grads(dsmall, small, ss, st);
+    return guard_double_backward({dx, dsmall, dk3, dscale, dshift, dss, dst},
+                                 {grads[0], x, small, k3, scale, shift, ss, st}, "scnet_fused.sc_gate_backward");
   }
 };
 
@@ -288,16 +320,44 @@ BnFold bn_fold(const at::Tensor& weight, const at::Tensor& bias, const at::Tenso
   return affine_fold(weight.detach(), bias.detach(), mean, var, eps, mean.scalar_type());
 }
 
+// ss / st: the pooled branch's affine (undefined: none).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bn_train_impl(const at::Tensor& x, const at::Tensor& small,
                                                                   const at::Tensor& k3, const at::Tensor& weight,
-                                                                  const at::Tensor& bias, double eps) {
+                                                                  const at::Tensor& bias, double eps,
+                                                                  const at::Tensor& ss = at::Tensor(),
+                                                                  const at::Tensor& st = at::Tensor()) {
   if (x.is_cpu()) {  // one call: NCHW channel by channel, k3 read the second time from cache
-    return prim_gate_bn_train_forward(x, small, k3, weight.detach(), bias.detach(), eps);
+    return prim_gate_bn_train_forward(x, small, k3, weight.detach(), bias.detach(), eps, opt(ss), opt(st));
   }
   auto [mean, var] = prim_channel_stats(k3);
   const BnFold f = bn_fold(weight, bias, mean, var, eps);
-  at::Tensor y = prim_gate_forward(x, small, k3, f.scale, f.shift);
+  at::Tensor y = prim_gate_forward(x, small, k3, f.scale, f.shift, opt(ss), opt(st));
   return {y, mean, var};
+}
+
+// The input gradients of the training-mode BatchNorm gate: (dx, dsmall, dk3, dweight, dbias) in the
+// dtypes of x, small, k3 and float32; with ss / st, dsmall is the gradient of the pooled branch's
+// affine output.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_bn_train_grads(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& ss,
+    const at::Tensor& st) {
+  if (x.is_cpu()) {  // one call: NCHW channel by channel, k3 and g * scale read the second time from cache
+    return prim_gate_bn_train_backward(dy, x, small, k3, weight.detach(), bias.detach(), mean, var, eps, opt(ss),
+                                       opt(st));
+  }
+  const BnFold f = bn_fold(weight, bias, mean, var, eps);
+  // Pass 1: dx, dsmall and the per-channel sums sum(g), sum(g * (k3 - mean)), g = dy * sigmoid(.).
+  auto [dx, dsmall, unused_dk3, sum_g, sum_gc] =
+      prim_gate_backward(dy, x, small, k3, f.scale, f.shift, mean.contiguous(), false, opt(ss), opt(st));
+  const double m = static_cast<double>(x.size(0) * x.size(2) * x.size(3));
+  at::Tensor dweight = sum_gc * f.invstd;  // sum(g * xhat)
+  // Pass 2: BatchNorm's input gradient dk3 = scale * (g - sum_g / M - xhat * dweight / M) = p g + q k3 + r
+  // (the sigmoid recomputed).
+  at::Tensor q = (-f.scale * f.invstd * dweight / m).contiguous();
+  at::Tensor r = (-q * mean - f.scale * sum_g / m).contiguous();
+  at::Tensor dk3 = prim_gate_backward_k3(dy, x, small, k3, f.scale, q, r, opt(ss), opt(st));
+  return {dx, dsmall, dk3, dweight, sum_g};
 }
 
 struct GateBnTrainFn : public torch::autograd::Function<GateBnTrainFn> {
@@ -318,27 +378,64 @@ struct GateBnTrainFn : public torch::autograd::Function<GateBnTrainFn> {
     at::Tensor dy = grads[0];
     if (!dy.defined()) dy = at::zeros_like(x);  // only mean / var were used (they carry no gradient)
     dy = dy.to(x.dtype()).contiguous(format_like(x));
-    if (x.is_cpu()) {  // one call: NCHW channel by channel, k3 and g * scale read the second time from cache
-      auto [dx, dsmall, dk3, dweight, dbias] =
-          prim_gate_bn_train_backward(dy, x, small, k3, weight.detach(), bias.detach(), mean, var, eps);
-      return guard_double_backward(
-          {dx, dsmall, dk3, dweight.to(weight.scalar_type()), dbias.to(bias.scalar_type()), at::Tensor()},
-          {grads[0], x, small, k3, weight, bias}, "scnet_fused.sc_gate_bn_train_backward");
-    }
-    const BnFold f = bn_fold(weight, bias, mean, var, eps);
-    // Pass 1: dx, dsmall and the per-channel sums sum(g), sum(g * (k3 - mean)), g = dy * sigmoid(.).
-    auto [dx, dsmall, unused_dk3, sum_g, sum_gc] =
-        prim_gate_backward(dy, x, small, k3, f.scale, f.shift, mean.contiguous(), false);
-    const double m = static_cast<double>(x.size(0) * x.size(2) * x.size(3));
-    at::Tensor dweight = sum_gc * f.invstd;  // sum(g * xhat)
-    // Pass 2: BatchNorm's input gradient dk3 = scale * (g - sum_g / M - xhat * dweight / M) = p g + q k3 + r
-    // (the sigmoid recomputed).
-    at::Tensor q = (-f.scale * f.invstd * dweight / m).contiguous();
-    at::Tensor r = (-q * mean - f.scale * sum_g / m).contiguous();
-    at::Tensor dk3 = prim_gate_backward_k3(dy, x, small, k3, f.scale, q, r);
+    auto [dx, dsmall, dk3, dweight, dbias] =
+        gate_bn_train_grads(dy, x, small, k3, weight, bias, mean, var, eps, at::Tensor(), at::Tensor());
     return guard_double_backward(
-        {dx, dsmall, dk3, dweight.to(weight.scalar_type()), sum_g.to(bias.scalar_type()), at::Tensor()},
+        {dx, dsmall, dk3, dweight.to(weight.scalar_type()), dbias.to(bias.scalar_type()), at::Tensor()},
         {grads[0], x, small, k3, weight, bias}, "scnet_fused.sc_gate_bn_train_backward");
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// sc_gate_bn2_train: training-mode BatchNorms of k3 and of the pooled branch inside the gate
+// ---------------------------------------------------------------------------------------------
+// (y, mean, var, small_mean, small_var): the pooled map's batch statistics, its BatchNorm folded to the
+// per-channel affine the kernels apply where they read it, and the training-mode BatchNorm gate.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_bn2_train_impl(
+    const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3, const at::Tensor& weight,
+    const at::Tensor& bias, double eps, const at::Tensor& small_weight, const at::Tensor& small_bias,
+    double small_eps) {
+  auto [small_mean, small_var] = prim_channel_stats(small);
+  const BnFold f2 = bn_fold(small_weight, small_bias, small_mean, small_var, small_eps);
+  auto [y, mean, var] = gate_bn_train_impl(x, small, k3, weight, bias, eps, f2.scale, f2.shift);
+  return {y, mean, var, small_mean, small_var};
+}
+
+struct GateBn2TrainFn : public torch::autograd::Function<GateBn2TrainFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& small,
+                               const at::Tensor& k3, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                               const at::Tensor& small_weight, const at::Tensor& small_bias, double small_eps) {
+    auto [y, mean, var, small_mean, small_var] =
+        gate_bn2_train_impl(x, small, k3, weight, bias, eps, small_weight, small_bias, small_eps);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["small_eps"] = small_eps;
+    ctx->mark_non_differentiable({mean, var, small_mean, small_var});
+    ctx->save_for_backward({x, small, k3, weight, bias, mean, var, small_weight, small_bias, small_mean, small_var});
+    return {y, mean, var, small_mean, small_var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &small = saved[1], &k3 = saved[2], &weight = saved[3], &bias = saved[4];
+    const at::Tensor &mean = saved[5], &var = saved[6], &small_weight = saved[7], &small_bias = saved[8];
+    const at::Tensor &small_mean = saved[9], &small_var = saved[10];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const double small_eps = ctx->saved_data["small_eps"].toDouble();
+    at::Tensor dy = grads[0];
+    if (!dy.defined()) dy = at::zeros_like(x);  // only the statistics were used (they carry no gradient)
+    dy = dy.to(x.dtype()).contiguous(format_like(x));
+    const BnFold f2 = bn_fold(small_weight, small_bias, small_mean, small_var, small_eps);
+    auto [dx, dn, dk3, dweight, dbias] =
+        gate_bn_train_grads(dy, x, small, k3, weight, bias, mean, var, eps, f2.scale, f2.shift);
+    // The pooled branch's BatchNorm backward on the small map, from dn (the gradient of its output).
+    auto [dsmall, dsw, dsb] = at::native_batch_norm_backward(
+        dn, small, small_weight.detach(), c10::nullopt, c10::nullopt, small_mean, f2.invstd, true, small_eps,
+        {true, small_weight.requires_grad(), small_bias.requires_grad()});
+    return guard_double_backward(
+        {dx, dsmall, dk3, dweight.to(weight.scalar_type()), dbias.to(bias.scalar_type()), at::Tensor(),
+         dsw.defined() ? dsw.to(small_weight.scalar_type()) : dsw,
+         dsb.defined() ? dsb.to(small_bias.scalar_type()) : dsb, at::Tensor()},
+        {grads[0], x, small, k3, weight, bias, small_weight, small_bias}, "scnet_fused.sc_gate_bn2_train_backward");
   }
 };
 
@@ -566,8 +663,23 @@ variable_list AvgPoolBackwardFn::backward(AutogradContext* ctx, variable_list gr
 // Kernels of the registered ops
 // ---------------------------------------------------------------------------------------------
 at::Tensor sc_gate_autograd(const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
-                            const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
-  return GateFn::apply(x, small, k3, scale, shift);
+                            const OptTensor& scale, const OptTensor& shift, const OptTensor& small_scale,
+                            const OptTensor& small_shift) {
+  return GateFn::apply(x, small, k3, scale, shift, small_scale, small_shift);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sc_gate_bn_train_plain(const at::Tensor& x, const at::Tensor& small,
+                                                                      const at::Tensor& k3, const at::Tensor& weight,
+                                                                      const at::Tensor& bias, double eps) {
+  return gate_bn_train_impl(x, small, k3, weight, bias, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sc_gate_bn2_train_autograd(
+    const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3, const at::Tensor& weight,
+    const at::Tensor& bias, double eps, const at::Tensor& small_weight, const at::Tensor& small_bias,
+    double small_eps) {
+  auto out = GateBn2TrainFn::apply(x, small, k3, weight, bias, eps, small_weight, small_bias, small_eps);
+  return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sc_gate_bn_train_autograd(const at::Tensor& x, const at::Tensor& small,
@@ -600,9 +712,12 @@ at::Tensor sc_avgpool_plain(const at::Tensor& x, int64_t r) { return prim_avgpoo
 }  // namespace scnet_fused
 
 TORCH_LIBRARY_FRAGMENT(scnet_fused, m) {
-  m.def("_sc_gate_ag(Tensor x, Tensor small, Tensor k3, Tensor? scale, Tensor? shift) -> Tensor");
+  m.def("_sc_gate_ag(Tensor x, Tensor small, Tensor k3, Tensor? scale, Tensor? shift, Tensor? small_scale=None, "
+        "Tensor? small_shift=None) -> Tensor");
   m.def("_sc_gate_bn_train_ag(Tensor x, Tensor small, Tensor k3, Tensor weight, Tensor bias, float eps) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("_sc_gate_bn2_train_ag(Tensor x, Tensor small, Tensor k3, Tensor weight, Tensor bias, float eps, "
+        "Tensor small_weight, Tensor small_bias, float small_eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_sc_avgpool_ag(Tensor x, int r) -> Tensor");
   m.def("_relu_cat_ag(Tensor a, Tensor b) -> Tensor");
   m.def("_bn_affine_fold(Tensor? weight, Tensor? bias, Tensor mean, Tensor var, float eps, ScalarType dtype) "
@@ -619,6 +734,7 @@ TORCH_LIBRARY_FRAGMENT(scnet_fused, m) {
 TORCH_LIBRARY_IMPL(scnet_fused, Autograd, m) {
   m.impl("_sc_gate_ag", &scnet_fused::sc_gate_autograd);
   m.impl("_sc_gate_bn_train_ag", &scnet_fused::sc_gate_bn_train_autograd);
+  m.impl("_sc_gate_bn2_train_ag", &scnet_fused::sc_gate_bn2_train_autograd);
   m.impl("_sc_avgpool_ag", &scnet_fused::sc_avgpool_autograd);
   m.impl("_relu_cat_ag", &scnet_fused::relu_cat_autograd);
   m.impl("_bn_relu_train_ag", &scnet_fused::bn_relu_train_autograd);
@@ -627,7 +743,8 @@ TORCH_LIBRARY_IMPL(scnet_fused, Autograd, m) {
 
 TORCH_LIBRARY_IMPL(scnet_fused, CompositeExplicitAutograd, m) {
   m.impl("_sc_gate_ag", &scnet_fused::gate_impl);
-  m.impl("_sc_gate_bn_train_ag", &scnet_fused::gate_bn_train_impl);
+  m.impl("_sc_gate_bn_train_ag", &scnet_fused::sc_gate_bn_train_plain);
+  m.impl("_sc_gate_bn2_train_ag", &scnet_fused::gate_bn2_train_impl);
   m.impl("_sc_avgpool_ag", &scnet_fused::sc_avgpool_plain);
   m.impl("_relu_cat_ag", &scnet_fused::relu_cat_impl);
   m.impl("_bn_relu_train_ag", &scnet_fused::bn_relu_train_impl);

@@ -1,6 +1,7 @@
 // Per-element math of the self-calibration gate, shared by the CPU and CUDA kernels.
 //
-//   z  = x + small[n, c, ri(i), ci(j)]          (nearest upsampling, see sc_index.h)
+//   z  = x + small[n, c, ri(i), ci(j)]          (nearest upsampling, see sc_index.h; with the pooled
+//                                                branch's affine, small * small_scale[c] + small_shift[c])
 //   s  = sigmoid(z)
 //   a  = k3 * scale[c] + shift[c]               (affine of k3: an eval BatchNorm folded in)
 //   y  = a * s
@@ -26,6 +27,9 @@ SCNET_HD float gate_sigmoid(float z) {
   return 1.0f / (1.0f + std::exp(-z));
 #endif
 }
+
+// The pooled branch's per-channel affine (its BatchNorm), one fused multiply-add in every backend.
+SCNET_HD float small_affine_apply(float v, float scale, float shift) { return fmaf(v, scale, shift); }
 
 // k3 * scale + shift (scale 1 and shift 0 when absent).
 SCNET_HD float affine_apply(float k, float scale, float shift) { return k * scale + shift; }

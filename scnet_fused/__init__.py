@@ -11,7 +11,7 @@ from . import models, reference
 from .checkpoint import CheckpointError, load_checkpoint
 from .convert import convert, convert_with_report
 from .modules import SCBottleneck, SCConv
-from .ops import backend, sc_avgpool, sc_gate, sc_gate_bn_train
+from .ops import backend, sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
 
 __version__ = "0.1.0"
 
@@ -25,6 +25,7 @@ __all__ = [
     "backend",
     "sc_gate",
     "sc_gate_bn_train",
+    "sc_gate_bn2_train",
     "sc_avgpool",
     "load_checkpoint",
     "CheckpointError",

@@ -342,8 +342,15 @@ def _upsample(small: Tensor, size) -> Tensor:
     return F.interpolate(_acc(small), size=size, mode="nearest")
 
 
-def _gate_sigmoid(x: Tensor, small: Tensor) -> Tensor:
-    return torch.sigmoid(_acc(x) + _upsample(small, x.shape[-2:]))
+def _small_affine(small: Tensor, small_scale: Optional[Tensor], small_shift: Optional[Tensor]) -> Tensor:
+    """The pooled map with its per-channel affine (a BatchNorm of the pooled branch), in float32."""
+    return _affine(small, small_scale, small_shift)
+
+
+def _gate_sigmoid(x: Tensor, small: Tensor, small_scale: Optional[Tensor] = None,
+                  small_shift: Optional[Tensor] = None) -> Tensor:
+    up = _upsample(_small_affine(small, small_scale, small_shift), x.shape[-2:])
+    return torch.sigmoid(_acc(x) + up)
 
 
 def _affine(k3: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
@@ -361,10 +368,10 @@ def _like(t: Tensor, ref: Tensor) -> Tensor:
     return t.to(ref.dtype).contiguous(memory_format=fmt)
 
 
-def gate_forward(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor],
-                 shift: Optional[Tensor]) -> Tensor:
-    """y = (k3 * scale + shift) * sigmoid(x + upsample_nearest(small, x.shape[-2:]))."""
-    return _like(_affine(k3, scale, shift) * _gate_sigmoid(x, small), x)
+def gate_forward(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                 small_scale: Optional[Tensor] = None, small_shift: Optional[Tensor] = None) -> Tensor:
+    """y = (k3 * scale + shift) * sigmoid(x + upsample_nearest(small * small_scale + small_shift))."""
+    return _like(_affine(k3, scale, shift) * _gate_sigmoid(x, small, small_scale, small_shift), x)
 
 
 def upsample_adjoint(grad_full: Tensor, small_size) -> Tensor:
@@ -375,15 +382,18 @@ def upsample_adjoint(grad_full: Tensor, small_size) -> Tensor:
 
 
 def gate_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor],
-                  shift: Optional[Tensor], center: Optional[Tensor], need_dk3: bool):
+                  shift: Optional[Tensor], center: Optional[Tensor], need_dk3: bool,
+                  small_scale: Optional[Tensor] = None, small_shift: Optional[Tensor] = None):
     """One pass of the gate's backward.
 
     Returns ``(dx, dsmall, dk3 or None, sum_g, sum_gk)`` where ``s = sigmoid(x + up(small))``,
     ``g = dy * s``, ``dx = dy * affine(k3) * s * (1 - s)``, ``dsmall = upsample_adjoint(dx)``,
     ``dk3 = g * scale`` (``g`` without scale), ``sum_g[c] = sum g`` and
-    ``sum_gk[c] = sum g * (k3 - center)`` over N, H, W (``center`` 0 when None), both float32.
+    ``sum_gk[c] = sum g * (k3 - center)`` over N, H, W (``center`` 0 when None), both float32. With
+    ``small_scale`` / ``small_shift``, ``up`` reads ``small * small_scale + small_shift`` and dsmall is
+    the gradient of that affine's output (the cell sums of dx, not multiplied by small_scale).
     """
-    s = _gate_sigmoid(x, small)
+    s = _gate_sigmoid(x, small, small_scale, small_shift)
     d = _acc(dy)
     g = d * s
     dz = d * _affine(k3, scale, shift) * s * (1 - s)
@@ -402,9 +412,10 @@ def gate_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, scale: Optio
 
 
 def gate_backward_k3(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, p: Tensor, q: Tensor,
-                     r: Tensor) -> Tensor:
+                     r: Tensor, small_scale: Optional[Tensor] = None,
+                     small_shift: Optional[Tensor] = None) -> Tensor:
     """dk3 = p[c] * dy * sigmoid(x + up(small)) + q[c] * k3 + r[c] (the BN-training input gradient)."""
-    g = _acc(dy) * _gate_sigmoid(x, small)
+    g = _acc(dy) * _gate_sigmoid(x, small, small_scale, small_shift)
     k = _acc(k3)
     out = g * _per_channel(p, g) + k * _per_channel(q, k) + _per_channel(r, k)
     return _like(out, k3)

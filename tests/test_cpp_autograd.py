@@ -8,7 +8,7 @@ same outputs, gradients, statistics and saved tensors, bit for bit (they run the
 import pytest
 import torch
 
-from scnet_fused.ops import _dispatch, available, sc_avgpool, sc_gate, sc_gate_bn_train
+from scnet_fused.ops import _dispatch, available, sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
 from scnet_fused.ops.bn_relu import bn_relu_cat_train, bn_relu_train
 
 pytestmark = pytest.mark.skipif(available("cpu") is not None, reason="the compiled CPU backend is not built")
@@ -57,6 +57,49 @@ def test_gate_paths_agree(monkeypatch, channels_last, dtype, affine):
     assert "scnet_fused::sc_gate" in n2 and "scnet_fused::_sc_gate_ag" not in n2
     _same(o1, o2)
     _same(g1, g2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_small_affine_paths_agree(monkeypatch, channels_last, dtype):
+    """The gate with the pooled branch's affine (and k3's): outputs and all seven gradients."""
+    g = torch.Generator().manual_seed(4)
+    x, k3 = (torch.randn(2, 5, 14, 13, generator=g).to(dtype) for _ in range(2))
+    small = torch.randn(2, 5, 3, 3, generator=g).to(dtype)
+    if channels_last:
+        x, k3 = (t.contiguous(memory_format=torch.channels_last) for t in (x, k3))
+    per_channel = [torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)] * 2
+    args = [t.requires_grad_() for t in [x, small, k3] + per_channel]
+    (o1, g1, n1), (o2, g2, n2) = _both(monkeypatch, sc_gate, *args)
+    assert "scnet_fused::_sc_gate_ag" in n1 and "scnet_fused::sc_gate" in n2
+    assert len(g1) == len(g2) == 7
+    _same(o1, o2)
+    _same(g1, g2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_bn2_train_paths_agree(monkeypatch, channels_last, dtype):
+    """Both BatchNorms in the gate: outputs, both batch statistics and all seven gradients."""
+    g = torch.Generator().manual_seed(5)
+    x, k3 = torch.randn(3, 6, 9, 11, generator=g), torch.randn(3, 6, 9, 11, generator=g) * 2 + 1
+    x, k3 = x.to(dtype), k3.to(dtype)
+    if channels_last:
+        x, k3 = (t.contiguous(memory_format=torch.channels_last) for t in (x, k3))
+    small = (torch.randn(3, 6, 2, 2, generator=g) * 1.5 - 0.3).to(dtype)
+    w, b, w2, b2 = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g), \
+        torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    args = [x.requires_grad_(), small.requires_grad_(), k3.requires_grad_(), w.requires_grad_(),
+            b.requires_grad_(), 1e-5, w2.requires_grad_(), b2.requires_grad_(), 1e-3]
+    (o1, g1, n1), (o2, g2, n2) = _both(monkeypatch, sc_gate_bn2_train, *args)
+    assert "scnet_fused::_sc_gate_bn2_train_ag" in n1 and "scnet_fused::sc_gate_bn2_train" in n2
+    for names in (n1, n2):  # the cpu backend's one call per direction, with the small map's statistics
+        assert {"scnet_fused::_gate_bn_train_forward", "scnet_fused::_gate_bn_train_backward",
+                "scnet_fused::_channel_stats"} <= names
+    assert len(o1) == 5 and len(g1) == 7
+    _same(o1, o2)
+    _same(g1, g2)
+    assert not any(t.requires_grad for t in o1[1:])
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -140,6 +183,8 @@ def test_saved_tensors_are_the_same(monkeypatch):
         shapes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
             sc_gate_bn_train(*(t.clone().requires_grad_() for t in (x, small, k3, w, b)))
+            sc_gate_bn2_train(*(t.clone().requires_grad_() for t in (x, small, k3, w, b)), 1e-5, w.clone(), b.clone())
+            sc_gate(*(t.clone().requires_grad_() for t in (x, small, k3, w, b, w, b)))
             sc_avgpool(x.clone().requires_grad_(), 4)
             bn_relu_cat_train(x.clone().requires_grad_(), w, b, k3[:, :3].clone().requires_grad_(), w[:3], b[:3])
         saved[flag] = sorted(shapes)
@@ -153,6 +198,11 @@ def test_inference_mode_and_no_grad():
     with torch.inference_mode():  # autograd keys skipped: the plain kernels
         torch.testing.assert_close(sc_gate(x, small, k3), ref, rtol=0, atol=0)
         y, mean, var = sc_gate_bn_train(x, small, k3, torch.ones(4), torch.zeros(4))
+        y2, *stats = sc_gate_bn2_train(x, small, k3, torch.ones(4), torch.zeros(4), 1e-5, torch.ones(4),
+                                       torch.zeros(4), 1e-5)
+        assert len(stats) == 4 and y2.shape == x.shape
+        torch.testing.assert_close(sc_gate(x, small, k3, None, None, torch.ones(4), torch.zeros(4)), ref,
+                                   rtol=0, atol=0)
         assert sc_avgpool(x, 4).shape == (2, 4, 2, 2)
     with torch.no_grad():
         assert not sc_gate(x.requires_grad_(), small, k3).requires_grad
@@ -166,6 +216,11 @@ def test_double_backward_raises_naming_the_op():
     assert gx.requires_grad  # wired to the inputs, never a silent constant
     with pytest.raises(RuntimeError, match=r"scnet_fused\.sc_gate_backward.*no autograd formula"):
         torch.autograd.grad(gx.sum(), small)
+    w, b = torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    y2 = sc_gate_bn2_train(x, small, k3, w, b, 1e-5, w, b, 1e-5)[0]
+    (gx,) = torch.autograd.grad(y2.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"scnet_fused\.sc_gate_bn2_train_backward.*no autograd formula"):
+        torch.autograd.grad(gx.sum(), w)
     # a single backward with create_graph whose result is not differentiated again is fine
     (gx2,) = torch.autograd.grad(sc_gate(x, small, k3).sum(), x, create_graph=True)
     torch.testing.assert_close(gx2, torch.autograd.grad(sc_gate(x, small, k3).sum(), x)[0])

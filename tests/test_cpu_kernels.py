@@ -85,9 +85,10 @@ def assert_sum_close(got, ref64, terms_abs_sum, rel=2e-6):
     assert torch.all(err <= bound), f"sum error {err.max().item():.3g} > bound {bound.min().item():.3g}"
 
 
-def gate_abs_terms(dy, x, small, k3, center):
+def gate_abs_terms(dy, x, small, k3, center, small_affine=(None, None)):
     """sum over N, H, W of |g| and |g * (k3 - center)| in float64."""
-    s = torch.sigmoid(x.double() + F.interpolate(small.double(), size=x.shape[-2:], mode="nearest"))
+    up = R._affine(small.double(), *to64(*small_affine))
+    s = torch.sigmoid(x.double() + F.interpolate(up, size=x.shape[-2:], mode="nearest"))
     g = (dy.double() * s).abs()
     kc = k3.double() - (0 if center is None else center.double().view(1, -1, 1, 1))
     return g.sum(dim=(0, 2, 3)), (g * kc.abs()).sum(dim=(0, 2, 3))
@@ -134,6 +135,7 @@ def check_fp32(device, P=None):
             dk3 = P.gate_backward_k3(dy, x, small, k3, p, q, r)
             torch.testing.assert_close(dk3, R.gate_backward_k3(dy, x, small, k3, p, q, r))
             assert dk3.is_contiguous(memory_format=fmt_of(x))
+            check_small_affine(P, x, small, k3, dy, scale, shift, center, p, q, r)
             mean, var = P.channel_stats(k3 + 5.0)
             rmean, rvar = R.channel_stats((k3 + 5.0).double())
             torch.testing.assert_close(mean.double(), rmean, rtol=1e-6, atol=1e-6)
@@ -557,6 +559,26 @@ def test_bn_relu_train_out_writes_its_slice_and_ignores_threads(cl):
         P.bn_relu_train_out(t[:0], w, b, 1e-5, torch.empty_like(t[:0]))
 
 
+def check_small_affine(P, x, small, k3, dy, scale, shift, center, p, q, r):
+    """The primitives with the pooled branch's affine (small * ss + st where they read small; dsmall
+    the gradient of that affine's output) against the reference's, float32."""
+    ss, st = scale.flip(0) * 1.3, shift.flip(0) - 0.2
+    for a in ((ss, st), (ss, None), (None, st)):
+        torch.testing.assert_close(P.gate_forward(x, small, k3, scale, shift, *a),
+                                   R.gate_forward(x, small, k3, scale, shift, *a))
+    out = P.gate_backward(dy, x, small, k3, scale, shift, center, True, ss, st)
+    ref = R.gate_backward(dy, x, small, k3, scale, shift, center, True, ss, st)
+    ref64 = R.gate_backward(*to64(dy, x, small, k3, scale, shift, center), True, *to64(ss, st))
+    torch.testing.assert_close(out[0], ref[0])
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[2], ref[2])
+    ag, agk = gate_abs_terms(dy, x, small, k3, center, (ss, st))
+    assert_sum_close(out[3].cpu(), ref64[3].cpu(), ag.cpu())
+    assert_sum_close(out[4].cpu(), ref64[4].cpu(), agk.cpu())
+    torch.testing.assert_close(P.gate_backward_k3(dy, x, small, k3, p, q, r, ss, st),
+                               R.gate_backward_k3(dy, x, small, k3, p, q, r, ss, st))
+
+
 def _gate_bn_inputs(shape, dtype, cl, seed):
     """x, small, k3, dy, weight, bias and k3's batch statistics (mean, biased var)."""
     x, small, k3, dy, _, _, _ = make_inputs(shape, dtype=dtype, channels_last=cl, seed=seed)
@@ -567,20 +589,33 @@ def _gate_bn_inputs(shape, dtype, cl, seed):
     return x, small, k3, dy, weight, bias, mean, var
 
 
-def _gate_bn_two_passes(P, dy, x, small, k3, weight, bias, mean, var, eps):
+def _gate_bn_two_passes(P, dy, x, small, k3, weight, bias, mean, var, eps, sa=()):
     """The BatchNorm gate backward composed from bn_fold, the two gate passes and the algebra in ATen:
-    for float32 dk3 from the g * scale of the first pass, else the sigmoid recomputed."""
+    for float32 dk3 from the g * scale of the first pass, else the sigmoid recomputed. sa: the pooled
+    branch's affine, or nothing."""
     from scnet_fused.ops.sc_gate import bn_fold
 
     invstd, scale, shift = bn_fold(weight, bias, mean, var, eps)
     from_g = x.dtype == torch.float32
-    dx, dsmall, gs, sum_g, sum_gc = P.gate_backward(dy, x, small, k3, scale, shift, mean, from_g)
+    dx, dsmall, gs, sum_g, sum_gc = P.gate_backward(dy, x, small, k3, scale, shift, mean, from_g, *sa)
     m = float(x.shape[0] * x.shape[2] * x.shape[3])
     dweight = sum_gc * invstd
     q = -scale * invstd * dweight / m
     r = -q * mean - scale * sum_g / m
-    dk3 = P.add_channel_affine_(gs, k3, q, r) if from_g else P.gate_backward_k3(dy, x, small, k3, scale, q, r)
+    dk3 = P.add_channel_affine_(gs, k3, q, r) if from_g else P.gate_backward_k3(dy, x, small, k3, scale, q, r, *sa)
     return dx, dsmall, dk3, dweight, sum_g
+
+
+def _small_affine(C, seed):
+    """A per-channel affine of the pooled map (its BatchNorm's fold)."""
+    g = torch.Generator().manual_seed(seed + 200)
+    return torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g) * 0.5
+
+
+def _small_up64(small, sa, size):
+    """The pooled map through the affine sa (or none), upsampled, in float64."""
+    return F.interpolate(R._affine(small.double(), *to64(*sa)) if sa else small.double(), size=size,
+                         mode="nearest")
 
 
 # NCHW channel by channel (vector tails, 1x1 maps, one-vector and partial-vector planes, N = 1);
@@ -601,22 +636,27 @@ def test_gate_bn_train_backward_matches_two_passes(shape, cl, dtype):
     in half precision (the composition recomputes g there). All against float64 autograd."""
     P = prims()
     x, small, k3, dy, w, b, mean, var = _gate_bn_inputs(shape, dtype, cl, seed=shape[1])
-    dx, dsmall, dk3, dweight, dbias = P.gate_bn_train_backward(dy, x, small, k3, w, b, mean, var, 1e-3)
-    want = _gate_bn_two_passes(P, dy, x, small, k3, w, b, mean, var, 1e-3)
-    for got, exp in ((dx, want[0]), (dsmall, want[1]), (dweight, want[3]), (dbias, want[4])):
-        torch.testing.assert_close(got, exp, rtol=0, atol=0)
-    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(dk3.float(), want[2].float(), **tol)
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    assert dx.dtype == dk3.dtype == dtype and dx.is_contiguous(memory_format=fmt) and dk3.is_contiguous(memory_format=fmt)
-    assert dweight.dtype == dbias.dtype == torch.float32 and dsmall.shape == small.shape
-    a = [t.double().requires_grad_() for t in (x, small, k3, w, b)]
-    bn = F.batch_norm(a[2], None, None, a[3], a[4], True, 0.1, 1e-3)
-    y64 = bn * torch.sigmoid(a[0] + F.interpolate(a[1], size=x.shape[-2:], mode="nearest"))
-    g64 = torch.autograd.grad(y64, a, dy.double())
-    tol64 = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
-    for got, exp in zip((dx, dsmall, dk3, dweight, dbias), g64):
-        torch.testing.assert_close(got.double(), exp, **tol64)
+    for sa in ((), _small_affine(shape[1], shape[1])):  # with the pooled branch's affine: dsmall of its output
+        dx, dsmall, dk3, dweight, dbias = P.gate_bn_train_backward(dy, x, small, k3, w, b, mean, var, 1e-3, *sa)
+        want = _gate_bn_two_passes(P, dy, x, small, k3, w, b, mean, var, 1e-3, sa)
+        for got, exp in ((dx, want[0]), (dsmall, want[1]), (dweight, want[3]), (dbias, want[4])):
+            torch.testing.assert_close(got, exp, rtol=0, atol=0)
+        tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(dk3.float(), want[2].float(), **tol)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        assert dx.dtype == dk3.dtype == dtype and dx.is_contiguous(memory_format=fmt)
+        assert dk3.is_contiguous(memory_format=fmt)
+        assert dweight.dtype == dbias.dtype == torch.float32 and dsmall.shape == small.shape
+        a = [t.double().requires_grad_() for t in (x, small, k3, w, b)]
+        bn = F.batch_norm(a[2], None, None, a[3], a[4], True, 0.1, 1e-3)
+        up = a[1] if not sa else a[1] * sa[0].double().view(1, -1, 1, 1) + sa[1].double().view(1, -1, 1, 1)
+        y64 = bn * torch.sigmoid(a[0] + F.interpolate(up, size=x.shape[-2:], mode="nearest"))
+        g64 = list(torch.autograd.grad(y64, a, dy.double()))
+        if sa:  # the kernels' dsmall is the gradient of the affine's output
+            g64[1] = g64[1] / sa[0].double().view(1, -1, 1, 1)
+        tol64 = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+        for got, exp in zip((dx, dsmall, dk3, dweight, dbias), g64):
+            torch.testing.assert_close(got.double(), exp, **tol64)
 
 
 @pytest.mark.parametrize("cl", [False, True])
@@ -651,17 +691,18 @@ def test_gate_bn_train_forward_matches_stats_then_gate(shape, cl, dtype):
 
     P = prims()
     x, small, k3, _, w, b, _, _ = _gate_bn_inputs(shape, dtype, cl, seed=shape[1] + 2)
-    y, mean, var = P.gate_bn_train_forward(x, small, k3, w, b, 1e-3)
-    want_mean, want_var = P.channel_stats(k3)
-    _, scale, shift = bn_fold(w, b, want_mean, want_var, 1e-3)
-    for got, exp in ((mean, want_mean), (var, want_var), (y, P.gate_forward(x, small, k3, scale, shift))):
-        torch.testing.assert_close(got, exp, rtol=0, atol=0)
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
-    bn = F.batch_norm(k3.double(), None, None, w.double(), b.double(), True, 0.1, 1e-3)
-    y64 = bn * torch.sigmoid(x.double() + F.interpolate(small.double(), size=x.shape[-2:], mode="nearest"))
-    tol64 = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
-    torch.testing.assert_close(y.double(), y64, **tol64)
+    for sa in ((), _small_affine(shape[1], shape[1])):  # and with the pooled branch's affine
+        y, mean, var = P.gate_bn_train_forward(x, small, k3, w, b, 1e-3, *sa)
+        want_mean, want_var = P.channel_stats(k3)
+        _, scale, shift = bn_fold(w, b, want_mean, want_var, 1e-3)
+        for got, exp in ((mean, want_mean), (var, want_var), (y, P.gate_forward(x, small, k3, scale, shift, *sa))):
+            torch.testing.assert_close(got, exp, rtol=0, atol=0)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+        bn = F.batch_norm(k3.double(), None, None, w.double(), b.double(), True, 0.1, 1e-3)
+        y64 = bn * torch.sigmoid(x.double() + _small_up64(small, sa, x.shape[-2:]))
+        tol64 = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+        torch.testing.assert_close(y.double(), y64, **tol64)
 
 
 def test_gate_bn_train_forward_ignores_threads_and_checks_inputs():

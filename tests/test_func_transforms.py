@@ -91,6 +91,10 @@ def _op_cases():
     return [
         ("sc_gate", lambda x, k3, w, b: scnet_fused.sc_gate(x, small, k3, w, b), (x, k3, w, b), dy),
         ("sc_gate_bn_train", lambda x, k3, w, b: scnet_fused.sc_gate_bn_train(x, small, k3, w, b)[0], (x, k3, w, b), dy),
+        ("sc_gate_small_affine", lambda x, s, w, b: scnet_fused.sc_gate(x, s, k3, None, None, w, b), (x, small, w, b),
+         dy),
+        ("sc_gate_bn2_train", lambda x, s, w, b: scnet_fused.sc_gate_bn2_train(x, s, k3, w, b, 1e-5, b.abs() + 0.5, w,
+                                                                                1e-3)[0], (x, small, w, b), dy),
         ("sc_avgpool", lambda x: scnet_fused.sc_avgpool(x, 4), (x,), r(2, 3, 3, 2)),
         ("bn_relu_train", lambda t, w, b: ops.bn_relu_train(t, w, b)[0], (k3, w, b), dy),
         ("bn_relu_cat_train", lambda ta, tb: ops.bn_relu_cat_train(ta, w, b, tb, wb, bb)[0], (k3, tb), r(2, 7, 13, 9)),

@@ -193,6 +193,34 @@ std::vector<float> per_channel(const char* op, const char* name, const c10::opti
   return std::vector<float>(p, p + C);
 }
 
+// The pooled branch's per-channel affine (a BatchNorm of the k2 convolution, applied where the gate
+// reads the pooled map): the gate sees small * scale[c] + shift[c] (one fused multiply-add, the same
+// rounding in every path); none when scale is nullptr.
+struct SmallAffine {
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+};
+
+// The small affine's values (empty when neither is given; a missing one is 1 or 0) and its view.
+struct SmallAffineArgs {
+  std::vector<float> scale, shift;
+  SmallAffineArgs(const char* op, const c10::optional<at::Tensor>& sc, const c10::optional<at::Tensor>& sh,
+                  int64_t C) {
+    if ((sc.has_value() && sc->defined()) || (sh.has_value() && sh->defined())) {
+      scale = per_channel(op, "small_scale", sc, C, 1.0f);
+      shift = per_channel(op, "small_shift", sh, C, 0.0f);
+    }
+  }
+  SmallAffine view() const {
+    return scale.empty() ? SmallAffine{} : SmallAffine{scale.data(), shift.data()};
+  }
+};
+
+template <typename T>
+inline float small_value(T v, const SmallAffine& a, int64_t c) {
+  return a.scale ? small_affine_apply(static_cast<float>(v), a.scale[c], a.shift[c]) : static_cast<float>(v);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Pointwise ops: the gate forward (y = affine(k3) * s) and the BN-training dk3 (p * dy * s + q * k3 + r).
 // A, B, R: per-channel (scale, shift, unused) for the forward, (p, q, r) for dk3.
@@ -207,6 +235,7 @@ struct Pointwise {
   const float* A;
   const float* B;
   const float* R;
+  SmallAffine sa;
 };
 
 template <bool kK3>
@@ -256,17 +285,18 @@ NchwBlocking nchw_blocking(const Geometry& g) {
 // [i0, i1). U needs kV floats of slack (row copies may run up to kV - 1 floats past a row: into the
 // next row, written afterwards, or into the slack).
 template <typename T>
-void build_up(const T* small, const Geometry& g, const NchwBlocking& bl, int64_t q0, int64_t q1, int64_t i0,
-              int64_t i1, float* U, float* E) {
+void build_up(const T* small, const SmallAffine& sa, const Geometry& g, const NchwBlocking& bl, int64_t q0,
+              int64_t q1, int64_t i0, int64_t i1, float* U, float* E) {
   const int64_t W = g.W;
   const int64_t a0 = g.rsrc[i0], a1 = g.rsrc[i1 - 1];
   for (int64_t q = q0; q < q1; ++q) {
     const T* sp = small + q * g.h * g.w;
     float* Eq = E + (q - q0) * bl.Erows * W;
+    const int64_t c = q % g.C;
     for (int64_t a = a0; a <= a1; ++a) {
       const T* srow = sp + a * g.w;
       float* er = Eq + (a - a0) * W;
-      for (int64_t j = 0; j < W; ++j) er[j] = static_cast<float>(srow[g.csrc[j]]);
+      for (int64_t j = 0; j < W; ++j) er[j] = small_value(srow[g.csrc[j]], sa, c);
     }
   }
   for (int64_t q = q0; q < q1; ++q) {
@@ -291,7 +321,7 @@ void pointwise_nchw(const Pointwise<T>& p, const Geometry& g) {
       const int64_t q1 = std::min(p1, q0 + bl.G);
       for (int64_t i0 = 0; i0 < g.H; i0 += bl.RB) {
         const int64_t i1 = std::min(g.H, i0 + bl.RB);
-        build_up(p.small, g, bl, q0, q1, i0, i1, ubuf.data(), ebuf.data());
+        build_up(p.small, p.sa, g, bl, q0, q1, i0, i1, ubuf.data(), ebuf.data());
         const int64_t L = (i1 - i0) * g.W;
         for (int64_t plane = q0; plane < q1; ++plane) {
           const int64_t c = plane % g.C;
@@ -525,11 +555,19 @@ struct ColumnGather {
 // forwarded from them and stalls), which for small planes would happen at every plane.
 inline int64_t small_group(int64_t HW) { return std::max<int64_t>(1, std::min<int64_t>(64, kBlock / HW)); }
 
-// The n * hw values of n consecutive small planes as float in S. S has 2 * kV floats more than the
-// largest group: the permutes' vector loads may read past a plane's values (zeros, or values of an
-// earlier group), and never select those lanes.
+// The n * hw values of n consecutive small planes as float in S (through the affine sa, if any; the
+// first plane is of channel c of C). S has 2 * kV floats more than the largest group: the permutes'
+// vector loads may read past a plane's values (zeros, or values of an earlier group), and never
+// select those lanes.
 template <typename T>
-inline void load_small_planes(const T* sp, int64_t hw, int64_t n, float* S) {
+inline void load_small_planes(const T* sp, int64_t hw, int64_t n, float* S, const SmallAffine& sa, int64_t c,
+                              int64_t C) {
+  if (sa.scale) {
+    for (int64_t q = 0; q < n; ++q, c = c + 1 == C ? 0 : c + 1) {
+      for (int64_t e = q * hw; e < (q + 1) * hw; ++e) S[e] = small_value(sp[e], sa, c);
+    }
+    return;
+  }
   const int64_t m = n * hw;
   int64_t e = 0;
   for (; e + kV <= m; e += kV) IO<T>::load(sp + e).store(S + e);
@@ -541,14 +579,15 @@ inline void load_small_planes(const T* sp, int64_t hw, int64_t n, float* S) {
 template <typename T>
 struct PlaneWalk {
   const T* small;
+  SmallAffine sa;
   int64_t hw, G, C, p0, p1, c;
   std::vector<float> buf;
-  PlaneWalk(const T* small_, int64_t hw_, int64_t G_, int64_t C_, int64_t p0_, int64_t p1_)
-      : small(small_), hw(hw_), G(G_), C(C_), p0(p0_), p1(p1_), c(p0_ % C_), buf(G_ * hw_ + 2 * kV, 0.0f) {}
+  PlaneWalk(const T* small_, const SmallAffine& sa_, int64_t hw_, int64_t G_, int64_t C_, int64_t p0_, int64_t p1_)
+      : small(small_), sa(sa_), hw(hw_), G(G_), C(C_), p0(p0_), p1(p1_), c(p0_ % C_), buf(G_ * hw_ + 2 * kV, 0.0f) {}
   // The small values of `plane` (the planes are visited in order, each once).
   const float* values(int64_t plane) {
     const int64_t q = (plane - p0) % G;
-    if (q == 0) load_small_planes(small + plane * hw, hw, std::min(G, p1 - plane), buf.data());
+    if (q == 0) load_small_planes(small + plane * hw, hw, std::min(G, p1 - plane), buf.data(), sa, c, C);
     return buf.data() + q * hw;
   }
   void next() { c = c + 1 == C ? 0 : c + 1; }
@@ -589,7 +628,7 @@ void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTa
   const int64_t grain = grain_for(HW);
   const int64_t G = small_group(HW);
   at::parallel_for(0, g.N * C, grain, [&](int64_t p0, int64_t p1) {
-    PlaneWalk<T> walk(p.small, hw, G, C, p0, p1);
+    PlaneWalk<T> walk(p.small, p.sa, hw, G, C, p0, p1);
     for (int64_t plane = p0; plane < p1; ++plane, walk.next()) {
       pointwise_plane_permute<T, kK3, kOne>(p, g, t, plane, walk.c, walk.values(plane), nt);
     }
@@ -610,7 +649,7 @@ void gate_bn_forward_by_channel(const Pointwise<T>& p, float* A, float* B, const
     for (int64_t c = c0; c < c1; ++c) {
       cpu_stats::channel_moments(p.k + c * HW, N, C * HW, HW, mean + c, var + c);
       bn_fold_one(W[c], Bi[c], mean[c], var[c], eps, A + c, B + c);
-      for (int64_t n = 0; n < N; ++n) load_small_planes(p.small + (n * C + c) * hw, hw, 1, sbuf.data() + n * hw);
+      for (int64_t n = 0; n < N; ++n) load_small_planes(p.small + (n * C + c) * hw, hw, 1, sbuf.data() + n * hw, p.sa, c, C);
       for (int64_t n = 0; n < N; ++n) pointwise_plane_permute<T, false, kOne>(p, g, t, n * C + c, c, sbuf.data() + n * hw, nt);
     }
     if (nt) _mm_sfence();
@@ -634,12 +673,13 @@ NhwcTasks nhwc_tasks(const Geometry& g) {
   return t;
 }
 
-// upT[b * cn + cc] = small[n, c0 + cc, a, b]
+// upT[b * cn + cc] = small[n, c0 + cc, a, b] (through the affine sa, if any)
 template <typename T>
-void gather_small_row(const T* small, const Geometry& g, int64_t n, int64_t a, int64_t c0, int64_t cn, float* upT) {
+void gather_small_row(const T* small, const SmallAffine& sa, const Geometry& g, int64_t n, int64_t a, int64_t c0,
+                      int64_t cn, float* upT) {
   for (int64_t cc = 0; cc < cn; ++cc) {
     const T* srow = small + ((n * g.C + c0 + cc) * g.h + a) * g.w;
-    for (int64_t b = 0; b < g.w; ++b) upT[b * cn + cc] = static_cast<float>(srow[b]);
+    for (int64_t b = 0; b < g.w; ++b) upT[b * cn + cc] = small_value(srow[b], sa, c0 + cc);
   }
 }
 
@@ -657,7 +697,7 @@ void pointwise_nhwc(const Pointwise<T>& p, const Geometry& g) {
       const int64_t n = t / (tk.ncb * g.h);
       const int64_t c0 = cbi * tk.cb;
       const int64_t cn = std::min(tk.cb, g.C - c0);
-      gather_small_row(p.small, g, n, a, c0, cn, upT);
+      gather_small_row(p.small, p.sa, g, n, a, c0, cn, upT);
       const float* A = p.A + c0;
       const float* B = p.B + c0;
       const float* R = p.R + c0;
@@ -705,6 +745,7 @@ struct Backward {
   const float* scale;
   const float* shift;
   const float* center;
+  SmallAffine sa;
 };
 
 // One vector of the backward. Returns dz; accumulates g and g * (k - center) over the lanes that
@@ -739,7 +780,7 @@ void backward_nchw(const Backward<T>& p, const Geometry& g, double* part_g, doub
       std::fill(sums.begin(), sums.end(), 0.0);
       for (int64_t i0 = 0; i0 < g.H; i0 += bl.RB) {
         const int64_t i1 = std::min(g.H, i0 + bl.RB);
-        build_up(p.small, g, bl, q0, q1, i0, i1, ubuf.data(), ebuf.data());
+        build_up(p.small, p.sa, g, bl, q0, q1, i0, i1, ubuf.data(), ebuf.data());
         const int64_t L = (i1 - i0) * g.W;
         for (int64_t plane = q0; plane < q1; ++plane) {
           const int64_t c = plane % g.C;
@@ -945,7 +986,7 @@ void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTabl
   at::parallel_for(0, g.N * g.C, grain, [&](int64_t p0, int64_t p1) {
     // D and Acc are padded by a vector: the row tails are read and written as whole vectors.
     std::vector<float> dbuf(HW + kV, 0.0f), abuf(g.h * g.W + kV);
-    PlaneWalk<T> walk(p.small, hw, G, g.C, p0, p1);
+    PlaneWalk<T> walk(p.small, p.sa, hw, G, g.C, p0, p1);
     for (int64_t plane = p0; plane < p1; ++plane, walk.next()) {
       const float* S = walk.values(plane);
       T* dkp = p.dk3 ? p.dk3 + plane * HW : nullptr;
@@ -972,7 +1013,7 @@ void gate_bn_backward_by_channel(const Backward<T>& p, const Geometry& g, const 
     std::vector<float> sbuf(N * hw + 2 * kV, 0.0f);  // the channel's small planes as float, padded
     std::vector<float> gbuf(N * HW);                 // g * scale of the channel's planes
     for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t n = 0; n < N; ++n) load_small_planes(p.small + (n * C + c) * hw, hw, 1, sbuf.data() + n * hw);
+      for (int64_t n = 0; n < N; ++n) load_small_planes(p.small + (n * C + c) * hw, hw, 1, sbuf.data() + n * hw, p.sa, c, C);
       double a1 = 0.0, a2 = 0.0;
       for (int64_t n = 0; n < N; ++n) {
         double s1, s2;
@@ -1021,7 +1062,7 @@ void backward_nhwc(const Backward<T>& p, const Geometry& g, double* part_g, doub
       const int64_t n = t / (tk.ncb * g.h);
       const int64_t c0 = cbi * tk.cb;
       const int64_t cn = std::min(tk.cb, g.C - c0);
-      gather_small_row(p.small, g, n, a, c0, cn, upT);
+      gather_small_row(p.small, p.sa, g, n, a, c0, cn, upT);
       std::fill(dbuf.begin(), dbuf.end(), 0.0f);
       std::fill(accg.begin(), accg.end(), 0.0);
       std::fill(accgk.begin(), accgk.end(), 0.0);
@@ -1095,7 +1136,7 @@ void reduce_partials(const double* part, int64_t K, int64_t C, float* out) {
 // ------------------------------------------------------------------------------------------------
 at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, const at::Tensor& small_in,
                         const at::Tensor& k_in, const at::Tensor* dy_in, std::vector<float> A, std::vector<float> B,
-                        std::vector<float> R) {
+                        std::vector<float> R, const SmallAffine& sa) {
   [[maybe_unused]] const StreamMode mode = stream_mode();
   const Layout L = layout_of(x_in);
   const at::Tensor x = in_layout(x_in, L);
@@ -1108,7 +1149,7 @@ at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, co
   dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     Pointwise<T> p{x.data_ptr<T>(), dy.defined() ? dy.data_ptr<T>() : nullptr, k.data_ptr<T>(), small.data_ptr<T>(),
-                   out.data_ptr<T>(), A.data(), B.data(), R.data()};
+                   out.data_ptr<T>(), A.data(), B.data(), R.data(), sa};
     if (L == Layout::NCHW) {
 #ifdef SCNET_FUSED_PERMUTE_UP
       const UpTable t = make_up_table(g);
@@ -1133,32 +1174,37 @@ at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, co
 }
 
 at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
-                        const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
+                        const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                        const c10::optional<at::Tensor>& small_scale, const c10::optional<at::Tensor>& small_shift) {
   const char* op = "scnet_fused::_gate_forward (cpu)";
   check_gate(op, x, small, k3, c10::DeviceType::CPU);
   const int64_t C = x.size(1);
+  const SmallAffineArgs sa(op, small_scale, small_shift, C);
   return pointwise_op(op, false, x, small, k3, nullptr, per_channel(op, "scale", scale, C, 1.0f),
-                      per_channel(op, "shift", shift, C, 0.0f), std::vector<float>(C, 0.0f));
+                      per_channel(op, "shift", shift, C, 0.0f), std::vector<float>(C, 0.0f), sa.view());
 }
 
 at::Tensor gate_backward_k3(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
-                            const at::Tensor& p, const at::Tensor& q, const at::Tensor& r) {
+                            const at::Tensor& p, const at::Tensor& q, const at::Tensor& r,
+                            const c10::optional<at::Tensor>& small_scale, const c10::optional<at::Tensor>& small_shift) {
   const char* op = "scnet_fused::_gate_backward_k3 (cpu)";
   check_gate(op, x, small, k3, c10::DeviceType::CPU);
   check_full(op, "dy", dy, x);
   const int64_t C = x.size(1);
+  const SmallAffineArgs sa(op, small_scale, small_shift, C);
   return pointwise_op(op, true, x, small, k3, &dy, per_channel(op, "p", p, C, 0.0f), per_channel(op, "q", q, C, 0.0f),
-                      per_channel(op, "r", r, C, 0.0f));
+                      per_channel(op, "r", r, C, 0.0f), sa.view());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& small_in, const at::Tensor& k3_in,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-    const c10::optional<at::Tensor>& center, bool need_dk3) {
+    const c10::optional<at::Tensor>& center, bool need_dk3, const c10::optional<at::Tensor>& small_scale, const c10::optional<at::Tensor>& small_shift) {
   const char* op = "scnet_fused::_gate_backward (cpu)";
   check_gate(op, x_in, small_in, k3_in, c10::DeviceType::CPU);
   check_full(op, "dy", dy_in, x_in);
   const int64_t C = x_in.size(1);
+  const SmallAffineArgs sa(op, small_scale, small_shift, C);
   std::vector<float> sc = per_channel(op, "scale", scale, C, 1.0f);
   std::vector<float> sh = per_channel(op, "shift", shift, C, 0.0f);
   std::vector<float> ct = per_channel(op, "center", center, C, 0.0f);
@@ -1190,7 +1236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
                   dx.data_ptr<T>(),     dsmall.data_ptr<T>(),
                   need_dk3 ? dk3.data_ptr<T>() : nullptr,
                   sc.data(),            sh.data(),
-                  ct.data()};
+                  ct.data(),            sa.view()};
     if (L == Layout::NCHW) {
 #ifdef SCNET_FUSED_PERMUTE_UP
       const UpTable t = make_up_table(g);
@@ -1260,11 +1306,13 @@ void add_channel_affine(const at::Tensor& d, const at::Tensor& t, const at::Tens
 // that g * scale is not rounded to the storage type before the cancelling sum).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_bn_train_backward(
     const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& small_in, const at::Tensor& k3_in,
-    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps) {
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps,
+    const c10::optional<at::Tensor>& small_scale, const c10::optional<at::Tensor>& small_shift) {
   const char* op = "scnet_fused::_gate_bn_train_backward (cpu)";
   check_gate(op, x_in, small_in, k3_in, c10::DeviceType::CPU);
   check_full(op, "dy", dy_in, x_in);
   const int64_t C = x_in.size(1);
+  const SmallAffineArgs sa(op, small_scale, small_shift, C);
   const std::vector<float> W = per_channel(op, "weight", weight, C, 1.0f);
   const std::vector<float> Bi = per_channel(op, "bias", bias, C, 0.0f);
   const std::vector<float> K = per_channel(op, "mean", mean, C, 0.0f);
@@ -1299,7 +1347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_bn_t
         using T = decltype(tag);
         Backward<T> p{dy.data_ptr<T>(), x.data_ptr<T>(),     small.data_ptr<T>(), k.data_ptr<T>(),
                       dx.data_ptr<T>(), dsmall.data_ptr<T>(), dk3.data_ptr<T>(),   sc.data(),
-                      sh.data(),        K.data()};
+                      sh.data(),        K.data(),             sa.view()};
         // Read dy, x, k, written dx and dk3.
         const bool nt = use_streaming<T>(mode, g.N * g.C, g.H * g.W, 5, {p.dx, p.dk3});
         t.one ? gate_bn_backward_by_channel<T, true>(p, g, t, nt, is.data(), sg, sgk.data())
@@ -1313,7 +1361,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_bn_t
 #endif
   const at::Tensor sct = at::tensor(sc, f32), sht = at::tensor(sh, f32), kt = at::tensor(K, f32);
   const bool from_g = x.scalar_type() == at::kFloat;
-  auto [dx, dsmall, dk3, sum_g, sum_gk] = gate_backward(dy, x, small, k, sct, sht, kt, from_g);
+  auto [dx, dsmall, dk3, sum_g, sum_gk] =
+      gate_backward(dy, x, small, k, sct, sht, kt, from_g, small_scale, small_shift);
   const float m = static_cast<float>(static_cast<double>(g.N * g.H * g.W));
   std::vector<float> Q(C), R(C);
   const float* sg = sum_g.data_ptr<float>();
@@ -1327,7 +1376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_bn_t
   if (from_g) {
     add_channel_affine(dk3, k, qt, rt);
   } else {
-    dk3 = gate_backward_k3(dy, x, small, k, sct, qt, rt);
+    dk3 = gate_backward_k3(dy, x, small, k, sct, qt, rt, small_scale, small_shift);
   }
   return {dx, dsmall, dk3, dweight, sum_g};
 }
@@ -1338,10 +1387,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_bn_t
 // second time from cache), else those passes one after the other. The same bits either way.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bn_train_forward(const at::Tensor& x_in, const at::Tensor& small_in,
                                                                      const at::Tensor& k3_in, const at::Tensor& weight,
-                                                                     const at::Tensor& bias, double eps) {
+                                                                     const at::Tensor& bias, double eps,
+                                                                     const c10::optional<at::Tensor>& small_scale, const c10::optional<at::Tensor>& small_shift) {
   const char* op = "scnet_fused::_gate_bn_train_forward (cpu)";
   check_gate(op, x_in, small_in, k3_in, c10::DeviceType::CPU);
   const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
+  const SmallAffineArgs sa(op, small_scale, small_shift, C);
   TORCH_CHECK(N * HW > 0, op, ": k3 has no elements per channel, shape ", k3_in.sizes());
   const std::vector<float> W = per_channel(op, "weight", weight, C, 1.0f);
   const std::vector<float> Bi = per_channel(op, "bias", bias, C, 0.0f);
@@ -1364,7 +1415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bn_train_forward(const at::T
       dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
         using T = decltype(tag);
         Pointwise<T> p{x.data_ptr<T>(), nullptr, k.data_ptr<T>(), small.data_ptr<T>(), y.data_ptr<T>(),
-                       A.data(),        B.data(), R.data()};
+                       A.data(),        B.data(), R.data(),         sa.view()};
         // Read x, k, written y.
         const bool nt = use_streaming<T>(mode, g.N * g.C, g.H * g.W, 3, {p.out});
         t.one ? gate_bn_forward_by_channel<T, true>(p, A.data(), B.data(), g, t, nt, W.data(), Bi.data(), epsf,
@@ -1381,7 +1432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bn_train_forward(const at::T
   const float* mp = mean.data_ptr<float>();
   const float* vp = var.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) bn_fold_one(W[c], Bi[c], mp[c], vp[c], epsf, &A[c], &B[c]);
-  at::Tensor y = pointwise_op(op, false, x, small, k, nullptr, A, B, std::vector<float>(C, 0.0f));
+  at::Tensor y = pointwise_op(op, false, x, small, k, nullptr, A, B, std::vector<float>(C, 0.0f), sa.view());
   return {y, mean, var};
 }
 

@@ -52,6 +52,8 @@ struct PointwiseParams {
   const float* A;  // forward: scale (nullptr: 1); dk3: p
   const float* B;  // forward: shift (nullptr: 0); dk3: q
   const float* R;  // dk3: r (nullptr: 0)
+  const float* small_scale;  // the pooled branch's affine (nullptr: none)
+  const float* small_shift;
   int64_t C, H, W, h, w;
   float scale_h, scale_w;
   bool k3_mode;
@@ -83,7 +85,8 @@ __global__ void __launch_bounds__(kThreads) pointwise_kernel(const PointwisePara
       const I ce = kNHWC ? c + static_cast<I>(e) : c;
       const I je = kNHWC ? j : j + static_cast<I>(e);
       const I cb = static_cast<I>(nearest_source(static_cast<int64_t>(je), p.scale_w, p.w, p.W));
-      const float u = static_cast<float>(p.small[((n * C + ce) * h + ra) * w + cb]);
+      float u = static_cast<float>(p.small[((n * C + ce) * h + ra) * w + cb]);
+      if (p.small_scale) u = small_affine_apply(u, p.small_scale[ce], p.small_shift[ce]);
       const float s = gate_sigmoid(xv[e] + u);
       const float A = p.A ? p.A[ce] : 1.0f;
       const float B = p.B ? p.B[ce] : 0.0f;
@@ -113,6 +116,8 @@ struct BackwardParams {
   const float* scale;   // nullptr: 1
   const float* shift;   // nullptr: 0
   const float* center;  // nullptr: 0
+  const float* small_scale;  // the pooled branch's affine (nullptr: none)
+  const float* small_shift;
   float* part_g;        // [N, C, h, w]: sum of g over the cell
   float* part_gk;       // [N, C, h, w]: sum of g * (k3 - center) over the cell
   int64_t C, H, W, h, w;
@@ -145,6 +150,7 @@ __global__ void __launch_bounds__(kThreads) backward_cells_kernel(const Backward
     for (int e = 0; e < V; ++e) {
       const I ce = c0 + static_cast<I>(e);
       up[e] = static_cast<float>(p.small[((n * C + ce) * h + ra) * w + cb]);
+      if (p.small_scale) up[e] = small_affine_apply(up[e], p.small_scale[ce], p.small_shift[ce]);
       sc[e] = p.scale ? p.scale[ce] : 1.0f;
       sf[e] = p.shift ? p.shift[ce] : 0.0f;
       ct[e] = p.center ? p.center[ce] : 0.0f;
@@ -299,6 +305,16 @@ at::Tensor per_channel(const char* op, const char* name, const c10::optional<at:
 
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
+// The pooled branch's affine as two float32 [C] tensors (both undefined when neither is given; a
+// missing one is 1 or 0).
+std::pair<at::Tensor, at::Tensor> small_affine(const char* op, const c10::optional<at::Tensor>& sc,
+                                               const c10::optional<at::Tensor>& sh, const at::Tensor& x) {
+  at::Tensor s = per_channel(op, "small_scale", sc, x), t = per_channel(op, "small_shift", sh, x);
+  if (!s.defined() && !t.defined()) return {s, t};
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  return {s.defined() ? s : at::ones({x.size(1)}, f32), t.defined() ? t : at::zeros({x.size(1)}, f32)};
+}
+
 template <typename T, bool kNHWC, int V>
 void launch_pointwise(const PointwiseParams<T>& p, int64_t numel, cudaStream_t stream) {
   const int64_t nvec = numel / V;
@@ -313,7 +329,7 @@ void launch_pointwise(const PointwiseParams<T>& p, int64_t numel, cudaStream_t s
 
 at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, const at::Tensor& small_in,
                         const at::Tensor& k_in, const at::Tensor* dy_in, const at::Tensor& A, const at::Tensor& B,
-                        const at::Tensor& R) {
+                        const at::Tensor& R, const std::pair<at::Tensor, at::Tensor>& sa) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Layout L = layout_of(x_in);
   const at::Tensor x = in_layout(x_in, L);
@@ -336,6 +352,8 @@ at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, co
     p.A = ptr_or_null(A);
     p.B = ptr_or_null(B);
     p.R = ptr_or_null(R);
+    p.small_scale = ptr_or_null(sa.first);
+    p.small_shift = ptr_or_null(sa.second);
     p.C = x.size(1);
     p.H = x.size(2);
     p.W = x.size(3);
@@ -356,20 +374,22 @@ at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, co
 }
 
 at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
-                        const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
+                        const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                        const c10::optional<at::Tensor>& small_scale, const c10::optional<at::Tensor>& small_shift) {
   const char* op = "scnet_fused::_gate_forward (cuda)";
   check_gate(op, x, small, k3, c10::DeviceType::CUDA);
   return pointwise_op(op, false, x, small, k3, nullptr, per_channel(op, "scale", scale, x),
-                      per_channel(op, "shift", shift, x), at::Tensor());
+                      per_channel(op, "shift", shift, x), at::Tensor(), small_affine(op, small_scale, small_shift, x));
 }
 
 at::Tensor gate_backward_k3(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
-                            const at::Tensor& p, const at::Tensor& q, const at::Tensor& r) {
+                            const at::Tensor& p, const at::Tensor& q, const at::Tensor& r,
+                            const c10::optional<at::Tensor>& small_scale, const c10::optional<at::Tensor>& small_shift) {
   const char* op = "scnet_fused::_gate_backward_k3 (cuda)";
   check_gate(op, x, small, k3, c10::DeviceType::CUDA);
   check_full(op, "dy", dy, x);
   return pointwise_op(op, true, x, small, k3, &dy, per_channel(op, "p", p, x), per_channel(op, "q", q, x),
-                      per_channel(op, "r", r, x));
+                      per_channel(op, "r", r, x), small_affine(op, small_scale, small_shift, x));
 }
 
 template <typename T, bool kNHWC, int V>
@@ -386,7 +406,7 @@ void launch_backward(const BackwardParams<T>& p, int64_t nunits, int64_t numel, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& small_in, const at::Tensor& k3_in,
     const c10::optional<at::Tensor>& scale_in, const c10::optional<at::Tensor>& shift_in,
-    const c10::optional<at::Tensor>& center_in, bool need_dk3) {
+    const c10::optional<at::Tensor>& center_in, bool need_dk3, const c10::optional<at::Tensor>& small_scale, const c10::optional<at::Tensor>& small_shift) {
   const char* op = "scnet_fused::_gate_backward (cuda)";
   check_gate(op, x_in, small_in, k3_in, c10::DeviceType::CUDA);
   check_full(op, "dy", dy_in, x_in);
@@ -394,6 +414,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
   const at::Tensor scale = per_channel(op, "scale", scale_in, x_in);
   const at::Tensor shift = per_channel(op, "shift", shift_in, x_in);
   const at::Tensor center = per_channel(op, "center", center_in, x_in);
+  const auto sa = small_affine(op, small_scale, small_shift, x_in);
 
   const Layout L = layout_of(x_in);
   const at::Tensor x = in_layout(x_in, L);
@@ -431,6 +452,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
     p.scale = ptr_or_null(scale);
     p.shift = ptr_or_null(shift);
     p.center = ptr_or_null(center);
+    p.small_scale = ptr_or_null(sa.first);
+    p.small_shift = ptr_or_null(sa.second);
     p.part_g = part.data_ptr<float>();
     p.part_gk = p.part_g + N * C * hw;
     p.C = C;

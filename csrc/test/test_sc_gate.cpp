@@ -84,19 +84,23 @@ void test_index_map() {
   }
 }
 
-using GateFwd = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&);
+using Opt = std::optional<at::Tensor>;
+using GateFwd = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, const Opt&, const Opt&,
+                           const Opt&);
 using GateBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool);
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, const Opt&, const Opt&, bool,
+    const Opt&, const Opt&);
 
 double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
   return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
 }
 
-void test_gate_kernels(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, int64_t w, bool channels_last) {
+// small_affine: the pooled branch's per-channel affine (small * ss + st where the kernels read small).
+void test_gate_kernels(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, int64_t w, bool channels_last,
+                       bool small_affine = false) {
   const std::string tag = "N=" + std::to_string(N) + " C=" + std::to_string(C) + " H=" + std::to_string(H) +
-                          " W=" + std::to_string(W) + (channels_last ? " NHWC" : " NCHW");
+                          " W=" + std::to_string(W) + (channels_last ? " NHWC" : " NCHW") +
+                          (small_affine ? " small affine" : "");
   auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("scnet_fused::_gate_forward", "").typed<GateFwd>();
   auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("scnet_fused::_gate_backward", "").typed<GateBwd>();
   at::manual_seed(0);
@@ -107,14 +111,17 @@ void test_gate_kernels(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, in
   at::Tensor scale = at::rand({C}) + 0.5;
   at::Tensor shift = at::randn({C});
   at::Tensor center = at::randn({C});
+  at::Tensor ss = small_affine ? at::rand({C}) + 0.5 : at::ones({C});
+  at::Tensor st = small_affine ? at::randn({C}) : at::zeros({C});
+  const Opt ss_arg = small_affine ? Opt(ss) : std::nullopt, st_arg = small_affine ? Opt(st) : std::nullopt;
   if (channels_last) {
     x = x.contiguous(at::MemoryFormat::ChannelsLast);
     k = k.contiguous(at::MemoryFormat::ChannelsLast);
     dy = dy.contiguous(at::MemoryFormat::ChannelsLast);
   }
-  at::Tensor y = fwd.call(x, small, k, scale, shift);
+  at::Tensor y = fwd.call(x, small, k, scale, shift, ss_arg, st_arg);
   at::Tensor dx, dsmall, dk3, sum_g, sum_gk;
-  std::tie(dx, dsmall, dk3, sum_g, sum_gk) = bwd.call(dy, x, small, k, scale, shift, center, true);
+  std::tie(dx, dsmall, dk3, sum_g, sum_gk) = bwd.call(dy, x, small, k, scale, shift, center, true, ss_arg, st_arg);
   expect(y.is_contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
          "forward keeps the memory format, " + tag);
 
@@ -127,6 +134,7 @@ void test_gate_kernels(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, in
   auto X = x.accessor<float, 4>(), K = k.accessor<float, 4>(), D = dy.accessor<float, 4>();
   auto S = small.accessor<float, 4>();
   auto sc = scale.accessor<float, 1>(), sh = shift.accessor<float, 1>(), ct = center.accessor<float, 1>();
+  auto SS = ss.accessor<float, 1>(), ST = st.accessor<float, 1>();
   auto Y = ey.accessor<double, 4>(), DX = edx.accessor<double, 4>(), DK = edk.accessor<double, 4>();
   auto DS = eds.accessor<double, 4>();
   auto SG = esg.accessor<double, 1>(), SGK = esgk.accessor<double, 1>();
@@ -134,7 +142,8 @@ void test_gate_kernels(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, in
     for (int64_t c = 0; c < C; ++c)
       for (int64_t i = 0; i < H; ++i)
         for (int64_t j = 0; j < W; ++j) {
-          const double z = static_cast<double>(X[n][c][i][j]) + S[n][c][src_r[i]][src_c[j]];
+          const double u = static_cast<double>(S[n][c][src_r[i]][src_c[j]]) * SS[c] + ST[c];
+          const double z = static_cast<double>(X[n][c][i][j]) + u;
           const double s = 1.0 / (1.0 + std::exp(-z));
           const double a = static_cast<double>(K[n][c][i][j]) * sc[c] + sh[c];
           const double d = D[n][c][i][j];
@@ -167,6 +176,9 @@ int main() {
   test_gate_kernels(2, 8, 56, 56, 14, 14, false);
   test_gate_kernels(1, 5, 7, 5, 1, 1, true);
   test_gate_kernels(2, 3, 13, 7, 6, 3, false);
+  test_gate_kernels(3, 13, 14, 25, 3, 6, false, true);
+  test_gate_kernels(3, 13, 14, 25, 3, 6, true, true);
+  test_gate_kernels(1, 5, 7, 5, 1, 1, false, true);
   if (g_failures) {
     std::fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;

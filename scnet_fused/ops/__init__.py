@@ -3,7 +3,7 @@
 from ._dispatch import BACKENDS, BackendUnavailable, available, backend, requested, select
 from .avgpool import sc_avgpool
 from .bn_relu import bn_relu_cat_train, bn_relu_train
-from .sc_gate import check_gate_inputs, sc_gate, sc_gate_bn_train
+from .sc_gate import check_gate_inputs, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
 
 __all__ = [
     "BACKENDS",
@@ -15,6 +15,7 @@ __all__ = [
     "check_gate_inputs",
     "sc_gate",
     "sc_gate_bn_train",
+    "sc_gate_bn2_train",
     "sc_avgpool",
     "bn_relu_train",
     "bn_relu_cat_train",

@@ -100,8 +100,8 @@ _CPU_ONLY_OPS = ("_add_channel_affine_", "_bn_relu_train_backward", "_bn_relu_tr
                  "_gate_bn_train_backward")
 # The ops of csrc/autograd.cpp, with the dispatch key each is registered for: the autograd twins of
 # the public ops (which call the backend kernels), and the ops that use no backend kernel.
-_AUTOGRAD_OPS = {op: "Autograd" for op in ("_sc_gate_ag", "_sc_gate_bn_train_ag", "_sc_avgpool_ag",
-                                           "_bn_relu_train_ag", "_bn_relu_cat_train_ag")}
+_AUTOGRAD_OPS = {op: "Autograd" for op in ("_sc_gate_ag", "_sc_gate_bn_train_ag", "_sc_gate_bn2_train_ag",
+                                           "_sc_avgpool_ag", "_bn_relu_train_ag", "_bn_relu_cat_train_ag")}
 _GLUE_OPS = {"_relu_cat_ag": "Autograd", "_bn_affine_fold": "CompositeImplicitAutograd",
              "_conv_bn_fold": "CompositeImplicitAutograd", "_update_running_stats_": "CompositeImplicitAutograd"}
 _registered: dict = {}
@@ -149,15 +149,16 @@ class Primitives:
         self.name = name
         self._ops = torch.ops.scnet_fused
 
-    def gate_forward(self, x, small, k3, scale, shift):
-        return self._ops._gate_forward(x, small, k3, scale, shift)
+    def gate_forward(self, x, small, k3, scale, shift, small_scale=None, small_shift=None):
+        return self._ops._gate_forward(x, small, k3, scale, shift, small_scale, small_shift)
 
-    def gate_backward(self, dy, x, small, k3, scale, shift, center, need_dk3):
-        dx, dsmall, dk3, sum_g, sum_gk = self._ops._gate_backward(dy, x, small, k3, scale, shift, center, need_dk3)
+    def gate_backward(self, dy, x, small, k3, scale, shift, center, need_dk3, small_scale=None, small_shift=None):
+        dx, dsmall, dk3, sum_g, sum_gk = self._ops._gate_backward(dy, x, small, k3, scale, shift, center, need_dk3,
+                                                                  small_scale, small_shift)
         return dx, dsmall, (dk3 if need_dk3 else None), sum_g, sum_gk
 
-    def gate_backward_k3(self, dy, x, small, k3, p, q, r):
-        return self._ops._gate_backward_k3(dy, x, small, k3, p, q, r)
+    def gate_backward_k3(self, dy, x, small, k3, p, q, r, small_scale=None, small_shift=None):
+        return self._ops._gate_backward_k3(dy, x, small, k3, p, q, r, small_scale, small_shift)
 
     def add_channel_affine_(self, d, t, q, r):
         self._ops._add_channel_affine_(d, t, q, r)
@@ -191,8 +192,10 @@ class Primitives:
     def bn_relu_train_out(self, t, weight, bias, eps, out):
         return self._ops._bn_relu_train_out(t, weight, bias, float(eps), out)
 
-    def gate_bn_train_forward(self, x, small, k3, weight, bias, eps):
-        return self._ops._gate_bn_train_forward(x, small, k3, weight, bias, float(eps))
+    def gate_bn_train_forward(self, x, small, k3, weight, bias, eps, small_scale=None, small_shift=None):
+        return self._ops._gate_bn_train_forward(x, small, k3, weight, bias, float(eps), small_scale, small_shift)
 
-    def gate_bn_train_backward(self, dy, x, small, k3, weight, bias, mean, var, eps):
-        return self._ops._gate_bn_train_backward(dy, x, small, k3, weight, bias, mean, var, float(eps))
+    def gate_bn_train_backward(self, dy, x, small, k3, weight, bias, mean, var, eps, small_scale=None,
+                               small_shift=None):
+        return self._ops._gate_bn_train_backward(dy, x, small, k3, weight, bias, mean, var, float(eps), small_scale,
+                                                 small_shift)

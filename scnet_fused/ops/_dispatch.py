@@ -2,10 +2,13 @@
 
 Every backend provides the same kernel-level primitives (no autograd, no torch.library):
 
-``gate_forward(x, small, k3, scale, shift) -> y``
+``gate_forward(x, small, k3, scale, shift, small_scale=None, small_shift=None) -> y``
     ``y = (k3 * scale[c] + shift[c]) * sigmoid(x + small[n, c, ri(i), ci(j)])`` with the nearest
     index maps ``ri``/``ci`` of :mod:`scnet_fused._index`; ``scale``/``shift`` are float32 ``[C]`` or
-    None (identity). ``y`` has x's dtype and memory format.
+    None (identity). ``y`` has x's dtype and memory format. ``small_scale``/``small_shift`` (float32
+    ``[C]``, a missing one 1 or 0; every gate primitive below takes them last): the pooled branch's
+    affine, each value read from small becomes ``small * small_scale[c] + small_shift[c]`` (one fused
+    multiply-add in float32), and ``dsmall`` is the gradient of that affine's output.
 ``gate_backward(dy, x, small, k3, scale, shift, center, need_dk3) -> (dx, dsmall, dk3|None, sum_g, sum_gk)``
     one pass: ``s = sigmoid(x + up(small))``, ``g = dy * s``, ``dx = dy * affine(k3) * s * (1 - s)``,
     ``dsmall`` = the upsampling adjoint of dx (cell sums, accumulated in float32), ``dk3 = g * scale``

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import reference as R
 
-__all__ = ["upsample_nearest", "sc_gate", "sc_gate_bn_train", "sc_avgpool", "bn_relu_train",
+__all__ = ["upsample_nearest", "sc_gate", "sc_gate_bn_train", "sc_gate_bn2_train", "sc_avgpool", "bn_relu_train",
            "bn_relu_cat_train", "relu_cat"]
 
 
@@ -41,8 +41,9 @@ def upsample_nearest(small: Tensor, like: Tensor) -> Tensor:
     return small.index_select(2, rows).index_select(3, cols)
 
 
-def sc_gate(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
-    s = torch.sigmoid(R._acc(x) + upsample_nearest(R._acc(small), x))
+def sc_gate(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+            small_scale: Optional[Tensor] = None, small_shift: Optional[Tensor] = None) -> Tensor:
+    s = torch.sigmoid(R._acc(x) + upsample_nearest(R._affine(small, small_scale, small_shift), x))
     return R._like(R._affine(k3, scale, shift) * s, x)
 
 
@@ -58,6 +59,15 @@ def sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias:
                      eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     mean, var, scale, shift = _batch_affine(k3, weight, bias, eps)
     return sc_gate(x, small, k3, scale, shift), mean.detach(), var.detach()
+
+
+def sc_gate_bn2_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                      small_weight: Tensor, small_bias: Tensor,
+                      small_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    mean, var, scale, shift = _batch_affine(k3, weight, bias, eps)
+    small_mean, small_var, ss, st = _batch_affine(small, small_weight, small_bias, small_eps)
+    y = sc_gate(x, small, k3, scale, shift, ss, st)
+    return y, mean.detach(), var.detach(), small_mean.detach(), small_var.detach()
 
 
 def sc_avgpool(x: Tensor, r: int) -> Tensor:

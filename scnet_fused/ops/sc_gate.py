@@ -1,13 +1,18 @@
 """The self-calibration gate as custom ops with autograd.
 
-``sc_gate(x, small, k3, scale=None, shift=None)``
-    ``(k3 * scale + shift) * sigmoid(x + interpolate(small, size=x.shape[-2:], mode="nearest"))``;
-    with ``scale``/``shift`` None it is the plain SCConv gate ``k3 * sigmoid(x + up(small))``.
-    ``scale``/``shift`` are per-channel (``[C]``): an eval-mode BatchNorm of k3 folded in.
+``sc_gate(x, small, k3, scale=None, shift=None, small_scale=None, small_shift=None)``
+    ``(k3 * scale + shift) * sigmoid(x + interpolate(small * small_scale + small_shift, size=x.shape[-2:],
+    mode="nearest"))``; with the affines None it is the plain SCConv gate ``k3 * sigmoid(x + up(small))``.
+    ``scale``/``shift`` are per-channel (``[C]``): an eval-mode BatchNorm of k3 folded in;
+    ``small_scale``/``small_shift`` likewise of the pooled branch (applied where the kernels read it).
 ``sc_gate_bn_train(x, small, k3, weight, bias, eps)``
     the gate with a training-mode BatchNorm of k3 inside: returns ``(y, mean, var)`` where
     ``y = gate(x, small, bn(k3))`` normalized with the batch statistics, and ``mean`` / ``var`` (biased)
     are those statistics (float32, for the running-stat update; not differentiable).
+``sc_gate_bn2_train(x, small, k3, weight, bias, eps, small_weight, small_bias, small_eps)``
+    the same with a training-mode BatchNorm of the pooled branch too: ``small`` is k2's convolution
+    output, normalized with its batch statistics inside the gate kernels (the normalized map is never
+    written); returns ``(y, mean, var, small_mean, small_var)``.
 
 The backward passes are custom ops too (``sc_gate_backward``, ``sc_gate_bn_train_backward``), so
 ``torch.compile`` sees them as single nodes. In eager mode with a compiled backend (cpu, cuda) the
@@ -25,7 +30,7 @@ from torch import Tensor
 
 from . import _dispatch, _plain
 
-__all__ = ["sc_gate", "sc_gate_bn_train", "check_gate_inputs"]
+__all__ = ["sc_gate", "sc_gate_bn_train", "sc_gate_bn2_train", "check_gate_inputs"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -121,27 +126,39 @@ def _prepare(x: Tensor, small: Tensor, k3: Tensor, *rest: Tensor):
 # ----------------------------------------------------------------------------------------------
 
 
+_GATE_NAMES = ("scale", "shift", "small_scale", "small_shift")
+
+
 @torch.library.custom_op("scnet_fused::sc_gate", mutates_args=())
-def _sc_gate(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor],
-             shift: Optional[Tensor]) -> Tensor:
-    check_gate_inputs(x, small, k3, scale, shift, names=("scale", "shift"))
+def _sc_gate(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+             small_scale: Optional[Tensor] = None, small_shift: Optional[Tensor] = None) -> Tensor:
+    check_gate_inputs(x, small, k3, scale, shift, small_scale, small_shift, names=_GATE_NAMES)
     if x.numel() == 0:
         return _empty_like_x(x)
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3 = _prepare(x, small, k3)
     acc = _acc_dtype(x)
-    return prims.gate_forward(x, small, k3, _vec(scale, acc), _vec(shift, acc))
+    small_affine = _small_args(small_scale, small_shift, acc)
+    return prims.gate_forward(x, small, k3, _vec(scale, acc), _vec(shift, acc), *small_affine)
 
 
 @_sc_gate.register_fake
-def _(x, small, k3, scale, shift):
-    check_gate_inputs(x, small, k3, scale, shift, names=("scale", "shift"))
+def _(x, small, k3, scale, shift, small_scale=None, small_shift=None):
+    check_gate_inputs(x, small, k3, scale, shift, small_scale, small_shift, names=_GATE_NAMES)
     return _empty_like_x(x)
+
+
+def _small_args(small_scale: Optional[Tensor], small_shift: Optional[Tensor], acc: torch.dtype) -> tuple:
+    """The pooled branch's affine for a primitive: nothing without one (the primitives' defaults)."""
+    if small_scale is None and small_shift is None:
+        return ()
+    return _vec(small_scale, acc), _vec(small_shift, acc)
 
 
 @torch.library.custom_op("scnet_fused::sc_gate_backward", mutates_args=())
 def _sc_gate_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor],
-                      shift: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      shift: Optional[Tensor], small_scale: Optional[Tensor] = None,
+                      small_shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     acc = _acc_dtype(x)
     if x.numel() == 0:
         zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
@@ -150,48 +167,65 @@ def _sc_gate_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, scale: O
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3, dy = _prepare(x, small, k3, dy.to(x.dtype))
     dx, dsmall, dk3, sum_g, sum_gk = prims.gate_backward(
-        dy, x, small, k3, _vec(scale, acc), _vec(shift, acc), None, True)
+        dy, x, small, k3, _vec(scale, acc), _vec(shift, acc), None, True, *_small_args(small_scale, small_shift, acc))
     return dx, dsmall, dk3, sum_g, sum_gk
 
 
 @_sc_gate_backward.register_fake
-def _(dy, x, small, k3, scale, shift):
+def _(dy, x, small, k3, scale, shift, small_scale=None, small_shift=None):
     acc = _acc_dtype(x)
     c = x.new_empty(x.shape[1], dtype=acc)
     return (_empty_like_x(x), small.new_empty(small.shape), _empty_like_x(x), c, c.new_empty(c.shape))
 
 
+def small_affine_grads(dn: Tensor, small: Tensor, small_scale: Optional[Tensor], small_shift: Optional[Tensor]):
+    """The gradients through the pooled branch's affine from ``dn``, the gradient of its output (the
+    kernels' dsmall): ``dsmall = dn * small_scale`` and, over N, h and w, ``sum(dn * small)`` and
+    ``sum(dn)`` (the C++ twin is ``small_affine_grads`` of csrc/autograd.cpp: the same calls)."""
+    d = dn.to(_acc_dtype(dn))
+    dsmall = (d * small_scale.to(d.dtype).view(1, -1, 1, 1)).to(small.dtype) if small_scale is not None else dn
+    dss = (d * small.to(d.dtype)).sum((0, 2, 3)).to(small_scale.dtype) if small_scale is not None else None
+    dst = d.sum((0, 2, 3)).to(small_shift.dtype) if small_shift is not None else None
+    return dsmall, dss, dst
+
+
 def _sc_gate_setup(ctx, inputs, output):
-    x, small, k3, scale, shift = inputs
-    ctx.save_for_backward(x, small, k3, scale, shift)
+    ctx.save_for_backward(*inputs)
 
 
 def _sc_gate_bwd(ctx, dy):
-    x, small, k3, scale, shift = ctx.saved_tensors
-    dx, dsmall, dk3, sum_g, sum_gk = torch.ops.scnet_fused.sc_gate_backward(dy, x, small, k3, scale, shift)
+    x, small, k3, scale, shift, ss, st = ctx.saved_tensors
+    dx, dsmall, dk3, sum_g, sum_gk = torch.ops.scnet_fused.sc_gate_backward(dy, x, small, k3, scale, shift, ss, st)
     dscale = sum_gk.to(scale.dtype) if scale is not None else None
     dshift = sum_g.to(shift.dtype) if shift is not None else None
-    return dx, dsmall, dk3, dscale, dshift
+    dss = dst = None
+    if ss is not None or st is not None:
+        dsmall, dss, dst = small_affine_grads(dsmall, small, ss, st)
+    return dx, dsmall, dk3, dscale, dshift, dss, dst
 
 
 _sc_gate.register_autograd(_sc_gate_bwd, setup_context=_sc_gate_setup)
 
 
 def sc_gate(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor] = None,
-            shift: Optional[Tensor] = None) -> Tensor:
-    """``(k3 * scale + shift) * sigmoid(x + interpolate(small, size=x.shape[-2:], mode="nearest"))``.
+            shift: Optional[Tensor] = None, small_scale: Optional[Tensor] = None,
+            small_shift: Optional[Tensor] = None) -> Tensor:
+    """``(k3 * scale + shift) * sigmoid(x + interpolate(small * small_scale + small_shift, size=x.shape[-2:],
+    mode="nearest"))``.
 
     x, k3: ``(N, C, H, W)``; small: ``(N, C, h, w)`` with ``1 <= h <= H``, ``1 <= w <= W``; one dtype
     (float16, bfloat16, float32; float64 on the reference backend) and one device. ``scale``/``shift``:
-    optional ``[C]`` per-channel affine of k3. The output has x's memory format (contiguous or
-    channels_last). Differentiable in every input.
+    optional ``[C]`` per-channel affine of k3; ``small_scale``/``small_shift``: optional ``[C]``
+    per-channel affine of small (an eval-mode BatchNorm of the pooled branch), applied in float32 where
+    the kernels read small. The output has x's memory format (contiguous or channels_last).
+    Differentiable in every input.
     """
-    check_gate_inputs(x, small, k3, scale, shift, names=("scale", "shift"))
+    check_gate_inputs(x, small, k3, scale, shift, small_scale, small_shift, names=_GATE_NAMES)
     if _dispatch.standard_ops_only():
-        return _plain.sc_gate(x, small, k3, scale, shift)
+        return _plain.sc_gate(x, small, k3, scale, shift, small_scale, small_shift)
     if _dispatch.cpp_autograd(x):
-        return torch.ops.scnet_fused._sc_gate_ag(x, small, k3, scale, shift)
-    return torch.ops.scnet_fused.sc_gate(x, small, k3, scale, shift)
+        return torch.ops.scnet_fused._sc_gate_ag(x, small, k3, scale, shift, small_scale, small_shift)
+    return torch.ops.scnet_fused.sc_gate(x, small, k3, scale, shift, small_scale, small_shift)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,18 +258,24 @@ def _check_bn(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor
         )
 
 
+def _gate_bn_train_forward(prims, x, small, k3, weight, bias, eps, small_affine=()):
+    """(y, mean, var) of the training-mode BatchNorm gate on prepared inputs; ``small_affine``: the
+    pooled branch's (scale, shift), or nothing."""
+    if _dispatch.one_call(prims, x):  # NCHW: channel by channel, k3 read the second time from cache
+        return prims.gate_bn_train_forward(x, small, k3, weight.detach(), bias.detach(), eps, *small_affine)
+    mean, var = prims.channel_stats(k3)
+    _, scale, shift = bn_fold(weight, bias, mean, var, eps)
+    y = prims.gate_forward(x, small, k3, scale.contiguous(), shift.contiguous(), *small_affine)
+    return y, mean, var
+
+
 @torch.library.custom_op("scnet_fused::sc_gate_bn_train", mutates_args=())
 def _sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor,
                       eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     _check_bn(x, small, k3, weight, bias)
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3 = _prepare(x, small, k3)
-    if _dispatch.one_call(prims, x):  # NCHW: channel by channel, k3 read the second time from cache
-        return prims.gate_bn_train_forward(x, small, k3, weight.detach(), bias.detach(), eps)
-    mean, var = prims.channel_stats(k3)
-    _, scale, shift = bn_fold(weight, bias, mean, var, eps)
-    y = prims.gate_forward(x, small, k3, scale.contiguous(), shift.contiguous())
-    return y, mean, var
+    return _gate_bn_train_forward(prims, x, small, k3, weight, bias, eps)
 
 
 @_sc_gate_bn_train.register_fake
@@ -252,16 +292,23 @@ def _sc_gate_bn_train_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor,
                                eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3, dy = _prepare(x, small, k3, dy.to(x.dtype))
+    return _gate_bn_train_grads(prims, dy, x, small, k3, weight, bias, mean, var, eps)
+
+
+def _gate_bn_train_grads(prims, dy, x, small, k3, weight, bias, mean, var, eps, small_affine=()):
+    """(dx, dsmall, dk3, dweight, dbias) of the training-mode BatchNorm gate on prepared inputs; with
+    ``small_affine`` dsmall is the gradient of the pooled branch's affine output."""
     if _dispatch.one_call(prims, x):
         # The fold, the two passes below and the algebra between them (NCHW: channel by channel,
         # each channel's k3 and g * scale read the second time from cache).
         dx, dsmall, dk3, dweight, dbias = prims.gate_bn_train_backward(
-            dy, x, small, k3, weight.detach(), bias.detach(), mean, var, eps)
+            dy, x, small, k3, weight.detach(), bias.detach(), mean, var, eps, *small_affine)
         return dx, dsmall, dk3, dweight.to(weight.dtype), dbias.to(bias.dtype)
     invstd, scale, shift = bn_fold(weight, bias, mean, var, eps)
     scale, shift = scale.contiguous(), shift.contiguous()
     # Pass 1: dx, dsmall and the per-channel sums sum(g), sum(g * (k3 - mean)), g = dy * sigmoid(.).
-    dx, dsmall, _, sum_g, sum_gc = prims.gate_backward(dy, x, small, k3, scale, shift, mean.contiguous(), False)
+    dx, dsmall, _, sum_g, sum_gc = prims.gate_backward(dy, x, small, k3, scale, shift, mean.contiguous(), False,
+                                                       *small_affine)
     m = float(x.shape[0] * x.shape[2] * x.shape[3])
     dbias = sum_g
     dweight = sum_gc * invstd  # sum(g * xhat)
@@ -269,7 +316,7 @@ def _sc_gate_bn_train_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor,
     # written as p * g + q * k3 + r with per-channel p, q, r (the sigmoid recomputed).
     q = (-scale * invstd * dweight / m).contiguous()
     r = (-q * mean - scale * sum_g / m).contiguous()
-    dk3 = prims.gate_backward_k3(dy, x, small, k3, scale, q, r)
+    dk3 = prims.gate_backward_k3(dy, x, small, k3, scale, q, r, *small_affine)
     return dx, dsmall, dk3, dweight.to(weight.dtype), dbias.to(bias.dtype)
 
 
@@ -312,3 +359,113 @@ def sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias:
     if _dispatch.cpp_autograd(x):
         return torch.ops.scnet_fused._sc_gate_bn_train_ag(x, small, k3, weight, bias, float(eps))
     return torch.ops.scnet_fused.sc_gate_bn_train(x, small, k3, weight, bias, float(eps))
+
+
+# ----------------------------------------------------------------------------------------------
+# sc_gate_bn2_train: training-mode BatchNorms of k3 and of the pooled branch inside the gate
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_bn2(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor, small_weight: Tensor,
+               small_bias: Tensor) -> None:
+    _check_bn(x, small, k3, weight, bias)
+    check_gate_inputs(x, small, k3, small_weight, small_bias, names=("small_weight", "small_bias"))
+    if small_weight is None or small_bias is None:
+        raise ValueError("sc_gate_bn2_train: small_weight and small_bias are required (pass ones and zeros for "
+                         "affine=False)")
+    if small.shape[0] * small.shape[2] * small.shape[3] <= 1:
+        raise ValueError(f"sc_gate_bn2_train: expected more than 1 value per channel when training, got the "
+                         f"pooled map of shape {_shape(small)}")
+
+
+def _small_fold(prims, small, small_weight, small_bias, small_eps):
+    """The pooled map's batch statistics and its BatchNorm as the per-channel affine the kernels apply:
+    ``(small_mean, small_var, invstd, (scale, shift))``."""
+    small_mean, small_var = prims.channel_stats(small)
+    invstd, ss, st = bn_fold(small_weight, small_bias, small_mean, small_var, small_eps)
+    return small_mean, small_var, invstd, (ss.contiguous(), st.contiguous())
+
+
+@torch.library.custom_op("scnet_fused::sc_gate_bn2_train", mutates_args=())
+def _sc_gate_bn2_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                       small_weight: Tensor, small_bias: Tensor,
+                       small_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_bn2(x, small, k3, weight, bias, small_weight, small_bias)
+    _, prims = _dispatch.select(x.device, x.dtype)
+    _, x, small, k3 = _prepare(x, small, k3)
+    small_mean, small_var, _, small_affine = _small_fold(prims, small, small_weight, small_bias, small_eps)
+    y, mean, var = _gate_bn_train_forward(prims, x, small, k3, weight, bias, eps, small_affine)
+    return y, mean, var, small_mean, small_var
+
+
+@_sc_gate_bn2_train.register_fake
+def _(x, small, k3, weight, bias, eps, small_weight, small_bias, small_eps):
+    _check_bn2(x, small, k3, weight, bias, small_weight, small_bias)
+    c = x.new_empty(x.shape[1], dtype=_acc_dtype(x))
+    return _empty_like_x(x), c, c.new_empty(c.shape), c.new_empty(c.shape), c.new_empty(c.shape)
+
+
+@torch.library.custom_op("scnet_fused::sc_gate_bn2_train_backward", mutates_args=())
+def _sc_gate_bn2_train_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor,
+                                mean: Tensor, var: Tensor, eps: float, small_weight: Tensor, small_bias: Tensor,
+                                small_mean: Tensor, small_var: Tensor, small_eps: float
+                                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _, prims = _dispatch.select(x.device, x.dtype)
+    _, x, small, k3, dy = _prepare(x, small, k3, dy.to(x.dtype))
+    invstd2, ss, st = bn_fold(small_weight, small_bias, small_mean, small_var, small_eps)
+    dx, dn, dk3, dweight, dbias = _gate_bn_train_grads(prims, dy, x, small, k3, weight, bias, mean, var, eps,
+                                                       (ss.contiguous(), st.contiguous()))
+    # The pooled branch's BatchNorm backward on the small map, from dn (the gradient of its output).
+    dsmall, dsw, dsb = torch.ops.aten.native_batch_norm_backward(
+        dn, small, small_weight.detach(), None, None, small_mean, invstd2, True, small_eps, [True, True, True])
+    return dx, dsmall, dk3, dweight, dbias, dsw.to(small_weight.dtype), dsb.to(small_bias.dtype)
+
+
+@_sc_gate_bn2_train_backward.register_fake
+def _(dy, x, small, k3, weight, bias, mean, var, eps, small_weight, small_bias, small_mean, small_var, small_eps):
+    return (_empty_like_x(x), small.new_empty(small.shape), _empty_like_x(x), weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape), small_weight.new_empty(small_weight.shape),
+            small_bias.new_empty(small_bias.shape))
+
+
+def _bn2_setup(ctx, inputs, output):
+    x, small, k3, weight, bias, eps, small_weight, small_bias, small_eps = inputs
+    _, mean, var, small_mean, small_var = output
+    ctx.eps, ctx.small_eps = eps, small_eps
+    ctx.mark_non_differentiable(mean, var, small_mean, small_var)
+    ctx.save_for_backward(x, small, k3, weight, bias, mean, var, small_weight, small_bias, small_mean, small_var)
+
+
+def _bn2_bwd(ctx, dy, _dmean, _dvar, _dsmall_mean, _dsmall_var):
+    x, small, k3, weight, bias, mean, var, small_weight, small_bias, small_mean, small_var = ctx.saved_tensors
+    if dy is None:  # only the statistics were used (they carry no gradient)
+        dy = torch.zeros_like(x)
+    dx, dsmall, dk3, dweight, dbias, dsw, dsb = torch.ops.scnet_fused.sc_gate_bn2_train_backward(
+        dy, x, small, k3, weight, bias, mean, var, ctx.eps, small_weight, small_bias, small_mean, small_var,
+        ctx.small_eps)
+    return dx, dsmall, dk3, dweight, dbias, None, dsw, dsb, None
+
+
+_sc_gate_bn2_train.register_autograd(_bn2_bwd, setup_context=_bn2_setup)
+
+
+def sc_gate_bn2_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                      small_weight: Tensor, small_bias: Tensor,
+                      small_eps: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gate with training-mode BatchNorms of ``k3`` and of the pooled map ``small`` fused in.
+
+    ``y = bn(k3) * sigmoid(x + up(bn_small(small)))`` where both BatchNorms normalize by their batch
+    statistics and apply their weight / bias; ``bn_small`` is applied where the kernels read the pooled
+    map, so its output is never written. Returns ``(y, mean, var, small_mean, small_var)``: the batch
+    statistics (biased variances, float32, ``[C]``) of k3 and of small, for updating running stats.
+    Differentiable in x, small, k3 and the four BatchNorm parameters.
+    """
+    _check_bn2(x, small, k3, weight, bias, small_weight, small_bias)
+    eps, small_eps = float(eps), float(small_eps)
+    if _dispatch.standard_ops_only():
+        return _plain.sc_gate_bn2_train(x, small, k3, weight, bias, eps, small_weight, small_bias, small_eps)
+    if _dispatch.cpp_autograd(x):
+        return torch.ops.scnet_fused._sc_gate_bn2_train_ag(x, small, k3, weight, bias, eps, small_weight,
+                                                            small_bias, small_eps)
+    return torch.ops.scnet_fused.sc_gate_bn2_train(x, small, k3, weight, bias, eps, small_weight, small_bias,
+                                                   small_eps)

@@ -128,20 +128,34 @@ def _per_channel(ptr, c_idx, c_mask, PRESENT: tl.constexpr, default: tl.constexp
     return v[:, None, None]
 
 
+@triton.jit
+def _small_values(small_ptr, small_off, small_mask, ss_ptr, st_ptr, c_idx, c_mask,
+                  HAS_SMALL_AFFINE: tl.constexpr):
+    """small[n, c, a, b] as float32 [BLOCK_C, BLOCK_B, 1], through the pooled branch's per-channel
+    affine ``small * ss[c] + st[c]`` (one fused multiply-add) when there is one."""
+    sv = tl.load(small_ptr + small_off, mask=small_mask, other=0.0).to(tl.float32)
+    if HAS_SMALL_AFFINE:
+        ss = tl.load(ss_ptr + c_idx, mask=c_mask, other=1.0)[:, None]
+        st = tl.load(st_ptr + c_idx, mask=c_mask, other=0.0)[:, None]
+        sv = tl.fma(sv, ss, st)
+    return sv[:, :, None]
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _gate_fwd_kernel(x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, y_ptr, tab_ptr,
+def _gate_fwd_kernel(x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, ss_ptr, st_ptr, y_ptr, tab_ptr,
                      C, h, w, s_n, s_c, s_h, s_w, run_w,
-                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SMALL_AFFINE: tl.constexpr,
+                     CHANNELS_LAST: tl.constexpr,
                      BIG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
     """y = (k3 * scale + shift) * sigmoid(x + small[n, c, a, b]) over the cells of one source row."""
     n, c_idx, c_mask, col0, ncol, row0, row1, small_off, small_mask = _cell_program(
         tab_ptr, C, h, w, BIG, BLOCK_C, BLOCK_B)
-    sv = tl.load(small_ptr + small_off, mask=small_mask, other=0.0).to(tl.float32)[:, :, None]
+    sv = _small_values(small_ptr, small_off, small_mask, ss_ptr, st_ptr, c_idx, c_mask, HAS_SMALL_AFFINE)
     scale = _per_channel(scale_ptr, c_idx, c_mask, HAS_SCALE, 1.0)
     shift = _per_channel(shift_ptr, c_idx, c_mask, HAS_SHIFT, 0.0)
     base_n = n.to(tl.int64) * s_n
@@ -156,16 +170,17 @@ def _gate_fwd_kernel(x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, y_ptr, tab_
 
 
 @triton.jit
-def _gate_bwd_kernel(dy_ptr, x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, center_ptr,
+def _gate_bwd_kernel(dy_ptr, x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, center_ptr, ss_ptr, st_ptr,
                      dx_ptr, dk3_ptr, dsmall_ptr, part_g_ptr, part_gk_ptr, tab_ptr,
                      C, h, w, s_n, s_c, s_h, s_w, run_w,
                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_CENTER: tl.constexpr,
+                     HAS_SMALL_AFFINE: tl.constexpr,
                      NEED_DK3: tl.constexpr, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
     """dx, dk3 and, per cell, dsmall = sum(dx); per program, partial sums of g and g * (k3 - center)."""
     n, c_idx, c_mask, col0, ncol, row0, row1, small_off, small_mask = _cell_program(
         tab_ptr, C, h, w, BIG, BLOCK_C, BLOCK_B)
-    sv = tl.load(small_ptr + small_off, mask=small_mask, other=0.0).to(tl.float32)[:, :, None]
+    sv = _small_values(small_ptr, small_off, small_mask, ss_ptr, st_ptr, c_idx, c_mask, HAS_SMALL_AFFINE)
     scale = _per_channel(scale_ptr, c_idx, c_mask, HAS_SCALE, 1.0)
     shift = _per_channel(shift_ptr, c_idx, c_mask, HAS_SHIFT, 0.0)
     center = _per_channel(center_ptr, c_idx, c_mask, HAS_CENTER, 0.0)
@@ -201,14 +216,14 @@ def _gate_bwd_kernel(dy_ptr, x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, cen
 
 
 @triton.jit
-def _gate_bwd_k3_kernel(dy_ptr, x_ptr, k3_ptr, small_ptr, p_ptr, q_ptr, r_ptr, dk3_ptr, tab_ptr,
+def _gate_bwd_k3_kernel(dy_ptr, x_ptr, k3_ptr, small_ptr, p_ptr, q_ptr, r_ptr, ss_ptr, st_ptr, dk3_ptr, tab_ptr,
                         C, h, w, s_n, s_c, s_h, s_w, run_w,
-                        CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr,
+                        HAS_SMALL_AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
     """dk3 = p * dy * sigmoid(x + small[n, c, a, b]) + q * k3 + r."""
     n, c_idx, c_mask, col0, ncol, row0, row1, small_off, small_mask = _cell_program(
         tab_ptr, C, h, w, BIG, BLOCK_C, BLOCK_B)
-    sv = tl.load(small_ptr + small_off, mask=small_mask, other=0.0).to(tl.float32)[:, :, None]
+    sv = _small_values(small_ptr, small_off, small_mask, ss_ptr, st_ptr, c_idx, c_mask, HAS_SMALL_AFFINE)
     p = _per_channel(p_ptr, c_idx, c_mask, True, 0.0)
     q = _per_channel(q_ptr, c_idx, c_mask, True, 0.0)
     r = _per_channel(r_ptr, c_idx, c_mask, True, 0.0)
@@ -358,22 +373,37 @@ def _gate_setup(x, small, *others):
 # ----------------------------------------------------------------------------------------------
 
 
+def _small_affine(small_scale: Optional[torch.Tensor], small_shift: Optional[torch.Tensor], C: int,
+                  like: torch.Tensor):
+    """(ss, st, present): the pooled branch's affine as float32 [C] (a missing one 1 or 0)."""
+    if small_scale is None and small_shift is None:
+        return like, like, False
+    ss = _vec(small_scale, C, like) if small_scale is not None else torch.ones(C, device=like.device)
+    st = _vec(small_shift, C, like) if small_shift is not None else torch.zeros(C, device=like.device)
+    return ss, st, True
+
+
 def gate_forward(x: torch.Tensor, small: torch.Tensor, k3: torch.Tensor, scale: Optional[torch.Tensor],
-                 shift: Optional[torch.Tensor]) -> torch.Tensor:
-    """y = (k3 * scale + shift) * sigmoid(x + up(small)), in x's dtype and memory format."""
+                 shift: Optional[torch.Tensor], small_scale: Optional[torch.Tensor] = None,
+                 small_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = (k3 * scale + shift) * sigmoid(x + up(small * small_scale + small_shift)), in x's dtype and
+    memory format."""
     x, small, (k3,), fmt, tab, grid, scalars, meta = _gate_setup(x, small, k3)
     y = new_empty(x.shape, x.dtype, x.device, fmt)
     if x.numel() == 0:
         return y
     C = x.shape[1]
-    _gate_fwd_kernel[grid](x, k3, small, _vec(scale, C, x), _vec(shift, C, x), y, tab, *scalars,
-                           HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, **meta)
+    ss, st, has_sa = _small_affine(small_scale, small_shift, C, x)
+    _gate_fwd_kernel[grid](x, k3, small, _vec(scale, C, x), _vec(shift, C, x), ss, st, y, tab, *scalars,
+                           HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_SMALL_AFFINE=has_sa,
+                           **meta)
     return y
 
 
 def gate_backward(dy: torch.Tensor, x: torch.Tensor, small: torch.Tensor, k3: torch.Tensor,
                   scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
-                  center: Optional[torch.Tensor], need_dk3: bool):
+                  center: Optional[torch.Tensor], need_dk3: bool, small_scale: Optional[torch.Tensor] = None,
+                  small_shift: Optional[torch.Tensor] = None):
     """One pass: (dx, dsmall, dk3 or None, sum_g, sum_gk); see the contract in ops._dispatch."""
     x, small, (k3, dy), fmt, tab, grid, scalars, meta = _gate_setup(x, small, k3, dy.to(x.dtype))
     N, C = x.shape[0], x.shape[1]
@@ -385,24 +415,28 @@ def gate_backward(dy: torch.Tensor, x: torch.Tensor, small: torch.Tensor, k3: to
         return dx, dsmall.zero_(), dk3, zeros, zeros.clone()
     n_rows = grid[0] * grid[2]
     part = new_empty((2, n_rows, C), torch.float32, x.device)
-    _gate_bwd_kernel[grid](dy, x, k3, small, _vec(scale, C, x), _vec(shift, C, x), _vec(center, C, x),
+    ss, st, has_sa = _small_affine(small_scale, small_shift, C, x)
+    _gate_bwd_kernel[grid](dy, x, k3, small, _vec(scale, C, x), _vec(shift, C, x), _vec(center, C, x), ss, st,
                            dx, dk3 if need_dk3 else dx, dsmall, part[0], part[1], tab, *scalars,
                            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-                           HAS_CENTER=center is not None, NEED_DK3=bool(need_dk3), **meta)
+                           HAS_CENTER=center is not None, HAS_SMALL_AFFINE=has_sa, NEED_DK3=bool(need_dk3),
+                           **meta)
     # Two separate reductions: the results must not be views of one tensor (custom ops forbid aliasing).
     return dx, dsmall, dk3, part[0].sum(dim=0), part[1].sum(dim=0)
 
 
 def gate_backward_k3(dy: torch.Tensor, x: torch.Tensor, small: torch.Tensor, k3: torch.Tensor,
-                     p: torch.Tensor, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+                     p: torch.Tensor, q: torch.Tensor, r: torch.Tensor, small_scale: Optional[torch.Tensor] = None,
+                     small_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dk3 = p * dy * sigmoid(x + up(small)) + q * k3 + r, in k3's dtype and memory format."""
     x, small, (k3, dy), fmt, tab, grid, scalars, meta = _gate_setup(x, small, k3, dy.to(x.dtype))
     dk3 = new_empty(x.shape, x.dtype, x.device, fmt)
     if x.numel() == 0:
         return dk3
     C = x.shape[1]
-    _gate_bwd_k3_kernel[grid](dy, x, k3, small, _vec(p, C, x), _vec(q, C, x), _vec(r, C, x), dk3, tab,
-                              *scalars, **meta)
+    ss, st, has_sa = _small_affine(small_scale, small_shift, C, x)
+    _gate_bwd_k3_kernel[grid](dy, x, k3, small, _vec(p, C, x), _vec(q, C, x), _vec(r, C, x), ss, st, dk3, tab,
+                              *scalars, HAS_SMALL_AFFINE=has_sa, **meta)
     return dk3
 
 
@@ -485,25 +519,28 @@ def aot_kernels():
         blocks = dict(CHANNELS_LAST=cl, BIG=False, BLOCK_C=bc, BLOCK_B=bb, BLOCK_R=br)
         tag = f"{'nhwc' if cl else 'nchw'}_{_TRITON_DTYPE[dtype]}_C{C}_{H}x{W}"
 
-        sig = {**ptrs(("x_ptr", "k3_ptr", "small_ptr"), ty), **ptrs(("scale_ptr", "shift_ptr"), "*fp32"),
+        sig = {**ptrs(("x_ptr", "k3_ptr", "small_ptr"), ty),
+               **ptrs(("scale_ptr", "shift_ptr", "ss_ptr", "st_ptr"), "*fp32"),
                "y_ptr": ty, "tab_ptr": "*i32", **gate_ints}
-        const = dict(HAS_SCALE=bool(flags), HAS_SHIFT=bool(flags), **blocks)
+        # flags 1: the training gate of both BatchNorms (k3's affine and the pooled branch's)
+        const = dict(HAS_SCALE=bool(flags), HAS_SHIFT=bool(flags), HAS_SMALL_AFFINE=bool(flags), **blocks)
         entries.append((f"gate_fwd_{tag}_{'affine' if flags else 'plain'}", _gate_fwd_kernel,
                         {**sig, **{k: "constexpr" for k in const}}, const))
 
         sig = {**ptrs(("dy_ptr", "x_ptr", "k3_ptr", "small_ptr"), ty),
-               **ptrs(("scale_ptr", "shift_ptr", "center_ptr"), "*fp32"),
+               **ptrs(("scale_ptr", "shift_ptr", "center_ptr", "ss_ptr", "st_ptr"), "*fp32"),
                **ptrs(("dx_ptr", "dk3_ptr", "dsmall_ptr"), ty), **ptrs(("part_g_ptr", "part_gk_ptr"), "*fp32"),
                "tab_ptr": "*i32", **gate_ints}
-        # flags 0: the plain gate's backward (dk3, no affine); 1: BN-train pass 1 (affine, center, no dk3)
+        # flags 0: the plain gate's backward (dk3, no affine); 1: BN-train pass 1 (affines, center, no dk3)
         const = dict(HAS_SCALE=bool(flags), HAS_SHIFT=bool(flags), HAS_CENTER=bool(flags),
-                     NEED_DK3=not flags, **blocks)
+                     HAS_SMALL_AFFINE=bool(flags), NEED_DK3=not flags, **blocks)
         entries.append((f"gate_bwd_{tag}_{'bn_train' if flags else 'dk3'}", _gate_bwd_kernel,
                         {**sig, **{k: "constexpr" for k in const}}, const))
 
-        sig = {**ptrs(("dy_ptr", "x_ptr", "k3_ptr", "small_ptr"), ty), **ptrs(("p_ptr", "q_ptr", "r_ptr"), "*fp32"),
+        sig = {**ptrs(("dy_ptr", "x_ptr", "k3_ptr", "small_ptr"), ty),
+               **ptrs(("p_ptr", "q_ptr", "r_ptr", "ss_ptr", "st_ptr"), "*fp32"),
                "dk3_ptr": ty, "tab_ptr": "*i32", **gate_ints}
-        const = dict(blocks)
+        const = dict(HAS_SMALL_AFFINE=bool(flags), **blocks)
         entries.append((f"gate_bwd_k3_{tag}", _gate_bwd_k3_kernel,
                         {**sig, **{k: "constexpr" for k in const}}, const))
 
