@@ -8,8 +8,12 @@ statistics, one kernel applies BN, the upsampled calibration map, the sigmoid an
 (:func:`scnet_fused.ops.sc_gate` with ``scale``/``shift``). Any other norm layer (SyncBatchNorm in
 training, GroupNorm, a frozen BN, Identity, ...) runs as a module and feeds the generic fused gate.
 The pooled branch ``k2``: its average pool runs as this package's kernel (:func:`scnet_fused.ops.sc_avgpool`,
-forward and backward, nothing full-size saved); its conv and norm work on a map ``pooling_r**2`` times
-smaller and run as modules.
+forward and backward, nothing full-size saved) and its convolution as the module, on a map
+``pooling_r**2`` times smaller. Its BatchNorm is applied inside the gate kernels where they read the
+pooled map, so the normalized map is never written: in training with its batch statistics
+(:func:`scnet_fused.ops.sc_gate_bn2_train`, with k3's), in eval folded to per-channel constants
+(``small_scale``/``small_shift`` of :func:`scnet_fused.ops.sc_gate`). Another norm there runs as the
+module.
 
 ONNX export (``torch.onnx.export``, TorchScript-based or dynamo-based) and ``torch.jit.trace`` record the
 same computation in standard operators instead of this package's custom ops, so the exported graph
@@ -30,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
 from . import reference
-from .ops import sc_avgpool, sc_gate, sc_gate_bn_train
+from .ops import sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
 from .ops.bn_relu import bn_relu_cat_train, bn_relu_train
 from .ops._dispatch import cpp_glue, standard_ops_only
 from .ops._plain import upsample_nearest
@@ -214,6 +218,24 @@ def _update_running_stats(bn, factor: float, mean: Tensor, var: Tensor, t: Tenso
             bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
 
 
+def _tensors_on(m: nn.Module, t: Tensor) -> bool:
+    """``m``'s parameters and buffers are on ``t``'s device (else the module runs and raises its error)."""
+    return all(v.device == t.device for v in m._parameters.values() if v is not None) and \
+        all(v.device == t.device for v in m._buffers.values() if v is not None)
+
+
+def _gate_takes_norm(norm: nn.Module, small: Tensor) -> bool:
+    """Whether the gate kernels apply k2's ``norm`` to the pooled map ``small`` (k2's convolution output):
+    a BatchNorm2d with batch statistics, or an eval-mode one they fold, with its tensors on small's device
+    (else the module runs: another norm's result, or the module's own error), and, with batch
+    statistics, more than one value per channel (else BatchNorm2d's own error)."""
+    if not _tensors_on(norm, small):
+        return False
+    if _batch_stats_bn(norm):
+        return _bn_stats_ok(small)
+    return _foldable_eval_norm(norm)
+
+
 def _batch_stats_bn(bn: nn.Module) -> bool:
     """A plain BatchNorm2d normalising with the batch's statistics (training, or no running stats)."""
     return _plain_batchnorm(bn) and (bn.training or bn.running_mean is None)
@@ -332,31 +354,32 @@ def _affine_params_none(C: int, like: Tensor) -> Tuple[Tensor, Tensor]:
 class _ConvOfGate(torch.autograd.Function):
     """``conv2d(y)`` for the gate output ``y``, saving the gate's inputs instead of ``y``.
 
-    ``y = sc_gate(x, small, k3, scale, shift)`` is cheap to recompute (it reads x and k3), so the
-    backward recomputes it for the convolution's weight gradient rather than keeping a full-size
-    tensor alive between forward and backward. ``x``, ``small`` and ``k3`` are saved by the gate's own
-    backward anyway; ``scale``/``shift`` are per-channel.
+    ``y = sc_gate(x, small, k3, scale, shift, small_scale, small_shift)`` is cheap to recompute (it
+    reads x and k3), so the backward recomputes it for the convolution's weight gradient rather than
+    keeping a full-size tensor alive between forward and backward. ``x``, ``small`` and ``k3`` are saved
+    by the gate's own backward anyway; the affines are per-channel.
     """
 
     # forward(ctx, ...) rather than forward + setup_context: that form binds the arguments with
     # inspect.signature on every call (about 40 us on a Xeon core). torch.func transforms, which
     # need the other form, never reach this class: the modules run standard operators inside them.
     @staticmethod
-    def forward(ctx, y, weight, x, small, k3, scale, shift, stride, padding, dilation, groups):
+    def forward(ctx, y, weight, x, small, k3, scale, shift, small_scale, small_shift, stride, padding, dilation,
+                groups):
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.save_for_backward(weight, x, small, k3, scale, shift)
+        ctx.save_for_backward(weight, x, small, k3, scale, shift, small_scale, small_shift)
         return F.conv2d(y, weight, None, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, x, small, k3, scale, shift = ctx.saved_tensors
+        weight, x, small, k3, scale, shift, small_scale, small_shift = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         with torch.no_grad():
-            y = sc_gate(x, small, k3, scale, shift)
+            y = sc_gate(x, small, k3, scale, shift, small_scale, small_shift)
         grad_y, grad_w, _ = torch.ops.aten.convolution_backward(
             grad_out, y, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
-        return grad_y, grad_w, None, None, None, None, None, None, None, None, None
+        return (grad_y, grad_w) + (None,) * 11
 
 
 def _pair(v):
@@ -402,41 +425,54 @@ class SCConv(reference.SCConv):
     def _gate(self, x: Tensor):
         """The gate output y (k4's input) and what k4's convolution needs to recompute it."""
         reference._check_sc_input(x, self.inplanes, self.pooling_r)
-        small = self._k2(x)
+        small, norm2 = self._k2(x)
         conv3, norm3 = self.k3[0], self.k3[1]
         k3 = conv3(x)
+        if k3.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"SCConv: k3 changed the spatial size {tuple(x.shape[-2:])} -> "
+                             f"{tuple(k3.shape[-2:])}; the gate needs them equal")
+        k3_train = k3.numel() > 0 and _batch_stats_bn(norm3)
+        # k2's norm goes into the gate with k3's training BatchNorm (both training) or into the other
+        # gates (k2's eval-mode fold); otherwise (mixed modes, an empty batch) it runs as the module.
+        if norm2 is not None and not (k3_train if _batch_stats_bn(norm2) else k3.numel() > 0 and not k3_train):
+            small, norm2 = norm2(small), None
         # The gate kernels take one dtype: under autocast the conv outputs set it.
         if small.dtype != k3.dtype:
             small = small.to(k3.dtype)
         xg = x if x.dtype == k3.dtype else x.to(k3.dtype)
-        if k3.shape[-2:] != x.shape[-2:]:
-            raise ValueError(f"SCConv: k3 changed the spatial size {tuple(x.shape[-2:])} -> "
-                             f"{tuple(k3.shape[-2:])}; the gate needs them equal")
-        scale = shift = None
+        scale = shift = ss = st = None
+        if norm2 is not None and not _batch_stats_bn(norm2):  # eval: k2's norm folded into the gate
+            ss, st = _eval_fold(norm2, small, differentiable=True)
         if k3.numel() == 0:  # empty batch: BatchNorm2d's own handling (empty output, stats kept)
             k3 = norm3(k3).to(k3.dtype)
             y = sc_gate(xg, small, k3)
-        elif _plain_batchnorm(norm3) and (norm3.training or norm3.running_mean is None):
+        elif k3_train and norm2 is not None:
+            y, scale, shift, ss, st = self._gate_bn2_train(xg, small, k3, norm3, norm2)
+        elif k3_train:
             y, scale, shift = self._gate_bn_train(xg, small, k3, norm3)
         elif _foldable_eval_norm(norm3):
             scale, shift = _eval_fold(norm3, k3, differentiable=True)
-            y = sc_gate(xg, small, k3, scale, shift)
+            y = sc_gate(xg, small, k3, scale, shift, ss, st)
         else:
             k3 = norm3(k3).to(k3.dtype)
-            y = sc_gate(xg, small, k3)
-        return y, (xg, small, k3, scale, shift)
+            y = sc_gate(xg, small, k3, None, None, ss, st)
+        return y, (xg, small, k3, scale, shift, ss, st)
 
-    def _k2(self, x: Tensor) -> Tensor:
-        """The pooled branch: the pool as a fused kernel, then k2's conv and norm on the small map."""
+    def _k2(self, x: Tensor) -> Tuple[Tensor, Optional[nn.Module]]:
+        """The pooled branch: the pool as a fused kernel, then k2's convolution on the small map.
+        Returns ``(small, norm)``: k2's convolution output and its norm where the gate applies that norm
+        (a BatchNorm2d with batch statistics, or an eval-mode one it folds), else k2's output and None."""
         k2, r = self.k2, self.pooling_r
         if isinstance(k2, nn.Sequential) and len(k2) == 3 and _plain_pool(k2[0], r) and _conv_accepts(k2[1], x):
             pooled = sc_avgpool(x, r)
-            if not torch.is_grad_enabled():
-                return _conv_bn(k2[1], k2[2], pooled)
-            return k2[2](k2[1](pooled))
-        return k2(x)
+            conv2, norm2 = k2[1], k2[2]
+            small = conv2(pooled)
+            if _gate_takes_norm(norm2, small):
+                return small, norm2
+            return norm2(small), None
+        return k2(x), None
 
-    def _conv4(self, y, x, small, k3, scale, shift):
+    def _conv4(self, y, x, small, k3, scale, shift, small_scale, small_shift):
         conv4 = self.k4[0]
         if not (self.recompute_gate and _plain_conv(conv4) and y.requires_grad):
             return conv4(y)
@@ -451,9 +487,11 @@ class SCConv(reference.SCConv):
             return conv4(y)
         if scale is not None:
             scale, shift = scale.detach(), shift.detach()
+        if small_scale is not None:
+            small_scale, small_shift = small_scale.detach(), small_shift.detach()
         with torch.autocast(y.device.type, enabled=False) if amp_device else contextlib.nullcontext():
-            return _ConvOfGate.apply(y, weight, x.detach(), small.detach(), k3.detach(), scale, shift,
-                                     _pair(conv4.stride), _pair(conv4.padding), _pair(conv4.dilation),
+            return _ConvOfGate.apply(y, weight, x.detach(), small.detach(), k3.detach(), scale, shift, small_scale,
+                                     small_shift, _pair(conv4.stride), _pair(conv4.padding), _pair(conv4.dilation),
                                      conv4.groups)
 
     def _gate_bn_train(self, x: Tensor, small: Tensor, k3: Tensor, bn):
@@ -464,6 +502,19 @@ class SCConv(reference.SCConv):
         # as the op folded it (bn_fold: detached, in the statistics' dtype): the same y on recompute
         scale, shift = _affine_fold(weight.detach(), bias.detach(), mean, var, bn.eps, mean.dtype, k3)
         return y, scale, shift
+
+    def _gate_bn2_train(self, x: Tensor, small: Tensor, k3: Tensor, bn: nn.Module, bn2: nn.Module):
+        """The gate with k3's and k2's BatchNorms (batch statistics) inside; both running statistics
+        updated as nn.BatchNorm2d does. Returns y and the two folds as the op applied them."""
+        factor, factor2 = _bn_momentum(bn), _bn_momentum(bn2)
+        weight, bias = _affine_params(bn, k3)
+        weight2, bias2 = _affine_params(bn2, small)
+        y, mean, var, mean2, var2 = sc_gate_bn2_train(x, small, k3, weight, bias, bn.eps, weight2, bias2, bn2.eps)
+        _update_running_stats(bn, factor, mean, var, k3)
+        _update_running_stats(bn2, factor2, mean2, var2, small)
+        scale, shift = _affine_fold(weight.detach(), bias.detach(), mean, var, bn.eps, mean.dtype, k3)
+        ss, st = _affine_fold(weight2.detach(), bias2.detach(), mean2, var2, bn2.eps, mean2.dtype, small)
+        return y, scale, shift, ss, st
 
     @classmethod
     def adopt(cls, module: nn.Module) -> "SCConv":

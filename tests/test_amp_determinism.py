@@ -110,7 +110,7 @@ def test_channels_last_end_to_end_no_hidden_copies(train, path, monkeypatch):
     else:  # nothing went through the Python primitives: the C++ autograd ops ran the kernels
         assert not names, names
         assert "scnet_fused::_sc_avgpool_ag" in ops, ops
-        assert ({"scnet_fused::_sc_gate_bn_train_ag"} if train else {"scnet_fused::_sc_gate_ag"}) <= ops, ops
+        assert ({"scnet_fused::_sc_gate_bn2_train_ag"} if train else {"scnet_fused::_sc_gate_ag"}) <= ops, ops
         assert {"scnet_fused::_gate_forward", "scnet_fused::_avgpool_backward"} <= ops, ops
     for name, args, outs in log:
         for a in args + outs:

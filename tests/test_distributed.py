@@ -171,6 +171,7 @@ def test_syncbatchnorm_training_without_process_group_takes_generic_path():
     # the generic gate ran (on either eager path), never the BN-training one or its statistics
     assert ops & {"scnet_fused::sc_gate", "scnet_fused::_sc_gate_ag"}, ops
     assert not ops & {"scnet_fused::sc_gate_bn_train", "scnet_fused::_sc_gate_bn_train_ag",
+                      "scnet_fused::sc_gate_bn2_train", "scnet_fused::_sc_gate_bn2_train_ag",
                       "scnet_fused::_channel_stats"}, ops
     torch.testing.assert_close(out_f, out_r, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)

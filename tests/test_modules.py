@@ -441,9 +441,11 @@ def test_saved_for_backward_bytes():
     full = x.numel() * 4
     # reference: k3's conv output, BN3's output, the sigmoid, the product and k4's conv output (plus
     # the small pooled-branch tensors): about 5 full-size tensors. Fused: k3's conv output and k4's
-    # conv output; the gate output is recomputed in backward.
+    # conv output; the gate output is recomputed in backward, and of the pooled branch (1/16 of a
+    # full-size tensor each) the pool's output and k2's convolution output only: its BatchNorm is
+    # applied inside the gate, so the normalized map is neither written nor saved (2.13x measured).
     assert b_ref >= 5 * full
-    assert b_fused <= 0.5 * b_ref and b_fused <= 2.25 * full, (b_fused / full, b_ref / full)
+    assert b_fused <= 0.5 * b_ref and b_fused <= 2.15 * full, (b_fused / full, b_ref / full)
     fused.recompute_gate = False
     assert _saved_bytes(fused, x) >= 3 * full  # the gate output is then saved by k4's convolution
 

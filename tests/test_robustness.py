@@ -443,7 +443,7 @@ CASES += [
     ("small_branch_frozen_x_no_grad", _partial_grad_case("k2.", False), OK),
     ("k3_norm_frozen", _partial_grad_case("k3.1.", True), OK),
     ("double_backward_train", _double_backward_case(True),
-     (RuntimeError, r"scnet_fused\.sc_gate_bn_train_backward.*no autograd formula")),
+     (RuntimeError, r"scnet_fused\.sc_gate_bn2_train_backward.*no autograd formula")),
     ("double_backward_eval", _double_backward_case(False),
      (RuntimeError, r"scnet_fused\.sc_gate_backward.*no autograd formula")),
     ("checkpoint_missing_key", checkpoint_missing_key, (CheckpointError, r"missing keys \(1\): k3\.0\.weight")),
