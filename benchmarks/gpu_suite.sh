@@ -7,7 +7,7 @@
 #
 # It builds the extension for this machine's GPU architecture and best CPU instruction set only, and
 # keeps a build (from an earlier run or a `pip install -e .`) that is newer than its sources. Every step
-# has its own time budget (about 10 minutes in all, 8.1 without the build); a step that fails or runs
+# has its own time budget (about 10 minutes in all, 8.4 without the build); a step that fails or runs
 # out of time is recorded in steps.tsv and the suite goes on. Benchmarks write their JSON as they
 # go, so a step cut short still leaves the rows it measured.
 set -u
@@ -113,6 +113,10 @@ step scconv 25 bench-scconv.log $PY -m scnet_fused bench --ops scconv --dtype bf
 # for 2048x7x7, above it for 1024x14x14): whether that rule, measured on a CPU, suits a GPU.
 step conv1-stack 15 bench-conv1-stack.log $PY benchmarks/bench_conv1_stack.py --batch-size 2 --amp bf16 \
   --channels-last --shapes 1024x14x14,2048x7x7 --rounds 2 --min-run-time 0.2 --device cuda --out "$OUT"
+# k2's BatchNorm inside the gate kernels against the module on the pooled map, SCNet-50's SCConv shapes
+# at N = 64: the launches the fusion saves against its extra statistics pass.
+step pooled-bn 15 bench-pooled-bn.log $PY benchmarks/bench_pooled_bn.py --batch-size 64 --amp bf16 \
+  --channels-last --rounds 2 --min-run-time 0.2 --device cuda --out "$OUT"
 # Model level: scnet50 training, N = 256, bf16 autocast, channels_last, reference vs fused.
 # SUITE_FULL=1 adds the compiled models (time to first step), which needs several more minutes.
 MODEL_PROVIDERS=eager,fused

@@ -391,9 +391,13 @@ class SCConv(reference.SCConv):
 
     ``recompute_gate`` (default True): k4's convolution recomputes the gate output in its backward
     instead of saving it (one full-size tensor less held for backward, one cheap gate pass more).
+    ``fuse_k2_norm`` (default True): k2's BatchNorm is applied inside the gate kernels (training: with
+    its batch statistics; eval: folded into the gate's per-channel constants); False runs it as the
+    module on the pooled map.
     """
 
     recompute_gate = True
+    fuse_k2_norm = True
 
     def forward(self, x: Tensor) -> Tensor:
         if standard_ops_only():
@@ -467,7 +471,7 @@ class SCConv(reference.SCConv):
             pooled = sc_avgpool(x, r)
             conv2, norm2 = k2[1], k2[2]
             small = conv2(pooled)
-            if _gate_takes_norm(norm2, small):
+            if self.fuse_k2_norm and _gate_takes_norm(norm2, small):
                 return small, norm2
             return norm2(small), None
         return k2(x), None

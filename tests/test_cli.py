@@ -359,6 +359,33 @@ def test_bench_conv1_stack_script(tmp_path):
     assert bad.returncode == 2 and "multiple of 8" in bad.stderr
 
 
+def test_bench_pooled_bn_script(tmp_path):
+    """benchmarks/bench_pooled_bn.py: k2's BatchNorm inside the gate and as the module, three modes, and
+    which of the two each setting actually ran (``k2_norm``)."""
+    from scnet_fused import bench
+
+    if bench.fused_modules_reason() is not None:
+        pytest.skip(bench.fused_modules_reason())
+    script = os.path.join(ROOT, "benchmarks", "bench_pooled_bn.py")
+    r = subprocess.run([sys.executable, script, "--shapes", "8x9x7", "--batch-size", "2", "--rounds", "2",
+                        "--min-run-time", "0.02", "--device", "cpu", "--default-malloc", "--amp", "bf16",
+                        "--channels-last", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "pooled_bn.json").read_text())
+    assert sorted((row["provider"], row["mode"]) for row in rows) == sorted(
+        (p, m) for p in ("module", "gate") for m in ("train", "eval", "inference"))
+    for row in rows:
+        assert row["shape"] == "2x8x9x7" and row["k2_norm"] == row["provider"]
+        assert row["rounds"] == 2 and 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert row["dtype"] == "bf16 autocast" and row["layout"] == "channels_last"
+        assert (row["saved_bytes"] is not None and row["saved_bytes"] > 0) == (row["mode"] == "train")
+    saved = {row["provider"]: row["saved_bytes"] for row in rows if row["mode"] == "train"}
+    assert saved["gate"] < saved["module"]  # the normalized pooled map is not kept
+    md = (tmp_path / "pooled_bn.md").read_text()
+    assert "| 2x8x9x7 | train |" in md and md.count("| 2x8x9x7 |") == 3, md
+
+
 def test_bench_layout_step_script(tmp_path):
     """benchmarks/bench_layout_step.py: reference and fused, each in both memory formats, in one process."""
     from scnet_fused import bench

@@ -217,6 +217,19 @@ def test_scconv_runs_k2_batchnorm_inside_the_gate(backend, channels_last, monkey
     assert int(fused.k2[2].num_batches_tracked) == 3
 
 
+def test_scconv_fuse_k2_norm_off_runs_the_module(monkeypatch):
+    """``fuse_k2_norm = False``: k2's BatchNorm runs as the module, with the reference's results."""
+    ref, fused = _pair(6)
+    fused.fuse_k2_norm = False
+    calls = _count_bn_calls(monkeypatch)
+    x = torch.randn(2, 6, 13, 14)
+    for mode in (True, False):
+        ref.train(mode), fused.train(mode)
+        calls.clear()
+        _compare_step(ref, fused, x)
+        assert any(m is fused.k2[2] for m in calls)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("frozen", ["k2", "k3"])
 def test_scconv_mixed_batchnorm_modes(backend, frozen):
