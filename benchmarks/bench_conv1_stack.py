@@ -19,9 +19,7 @@ Writes ``conv1_stack.json`` and ``.md`` under ``--out`` (default benchmarks/resu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import statistics
 import sys
 
 import torch
@@ -36,12 +34,9 @@ SETTINGS = {"separate": False, "stacked": True}
 DEFAULT_SHAPES = "256x56x56,512x28x28,1024x14x14,2048x7x7"
 
 
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def _jobs(block, x, dy, amp):
     def autocast():
-        return torch.autocast(x.device.type, dtype=AMP[amp]) if AMP[amp] else contextlib.nullcontext()
+        return bench.amp_context(x.device.type, amp)
 
     def train():
         block.train()
@@ -60,15 +55,8 @@ def _jobs(block, x, dy, amp):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of CxHxW, the bottleneck's input "
-                    f"(C a multiple of 8; default {DEFAULT_SHAPES})")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype (default: none, fp32)")
-    ap.add_argument("--channels-last", action="store_true", help="module and input in channels_last")
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--min-run-time", type=float, default=0.5)
-    ap.add_argument("--out", default=None)
-    bench.add_machine_args(ap)
+    bench.add_module_ab_args(ap, DEFAULT_SHAPES, "comma list of CxHxW, the bottleneck's input (C a multiple of 8; "
+                             f"default {DEFAULT_SHAPES})")
     args = ap.parse_args(argv)
 
     device, allocator = bench.machine_from_args(args)
@@ -100,12 +88,8 @@ def main(argv=None) -> int:
             modules._stack_pays = pays
         where = bench.shape_str((N, C, H, W))
         for (setting, mode), ts in samples.items():
-            rows.append(dict(op="bottleneck", provider=setting, mode=mode, shape=where,
-                             dtype="fp32" if args.amp == "none" else f"{args.amp} autocast",
-                             layout="channels_last" if args.channels_last else "NCHW",
-                             device=bench.device_name(device), versions=bench.versions(),
-                             median_ms=statistics.median(ts), min_ms=min(ts), max_ms=max(ts), rounds=len(ts),
-                             allocator=allocator, default=default))
+            rows.append(bench.module_ab_row("bottleneck", setting, mode, where, args, device, allocator, ts,
+                                            default=default))
         bench.log_samples(where, samples)
     bench.write_script_results(rows, args.out or bench.default_out_dir(device), "conv1_stack", markdown(rows))
     return 0

@@ -20,9 +20,7 @@ forward. Writes ``pooled_bn.json`` and ``.md`` under ``--out`` (default benchmar
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import statistics
 import sys
 
 import torch
@@ -35,12 +33,11 @@ from scnet_fused.modules import SCConv  # noqa: E402
 
 SETTINGS = ("module", "gate")
 DEFAULT_SHAPES = "32x56x56,64x28x28,128x14x14,256x7x7"
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _jobs(conv, x, dy, amp):
     def autocast():
-        return torch.autocast(x.device.type, dtype=AMP[amp]) if AMP[amp] else contextlib.nullcontext()
+        return bench.amp_context(x.device.type, amp)
 
     params = list(conv.parameters())
 
@@ -66,14 +63,7 @@ def _jobs(conv, x, dy, amp):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma list of CxHxW (default {DEFAULT_SHAPES})")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype (default: none, fp32)")
-    ap.add_argument("--channels-last", action="store_true", help="module and input in channels_last")
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--min-run-time", type=float, default=0.5)
-    ap.add_argument("--out", default=None)
-    bench.add_machine_args(ap)
+    bench.add_module_ab_args(ap, DEFAULT_SHAPES, f"comma list of CxHxW (default {DEFAULT_SHAPES})")
     args = ap.parse_args(argv)
 
     device, allocator = bench.machine_from_args(args)
@@ -114,13 +104,10 @@ def main(argv=None) -> int:
                 saved[setting] = bench.saved_tensor_bytes(lambda: conv(xg), exclude=list(conv.parameters()) + [xg])
             where = bench.shape_str((N, C, H, W))
             for (setting, mode), ts in samples.items():
-                rows.append(dict(op="scconv", provider=setting, mode=mode, shape=where,
-                                 dtype="fp32" if args.amp == "none" else f"{args.amp} autocast",
-                                 layout="channels_last" if args.channels_last else "NCHW",
-                                 device=bench.device_name(device), versions=bench.versions(),
-                                 median_ms=statistics.median(ts), min_ms=min(ts), max_ms=max(ts), rounds=len(ts),
-                                 allocator=allocator, saved_bytes=saved[setting] if mode == "train" else None,
-                                 k2_norm="+".join(sorted(state["where"].get(setting) or {"module"}))))
+                rows.append(bench.module_ab_row(
+                    "scconv", setting, mode, where, args, device, allocator, ts,
+                    saved_bytes=saved[setting] if mode == "train" else None,
+                    k2_norm="+".join(sorted(state["where"].get(setting) or {"module"}))))
             bench.log_samples(where, samples)
     finally:
         modules._gate_takes_norm = takes

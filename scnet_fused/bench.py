@@ -324,6 +324,39 @@ def shapes_from_arg(ap, text: Optional[str]) -> List[Tuple[int, int, int]]:
         ap.error(str(exc))
 
 
+# --amp of the module-level A/B scripts: the autocast dtype (none: fp32).
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_module_ab_args(ap, shapes_default: str, shapes_help: str) -> None:
+    """The arguments of a script that times two settings of a fused module side by side
+    (:func:`interleaved_rounds`): shapes, batch, autocast, layout, rounds, machine."""
+    ap.add_argument("--shapes", default=shapes_default, help=shapes_help)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none", help="autocast dtype (default: none, fp32)")
+    ap.add_argument("--channels-last", action="store_true", help="module and input in channels_last")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--min-run-time", type=float, default=0.5)
+    ap.add_argument("--out", default=None)
+    add_machine_args(ap)
+
+
+def amp_context(device_type: str, amp: str):
+    """autocast to ``AMP_DTYPES[amp]`` on ``device_type``, or nothing for ``none``."""
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def module_ab_row(op: str, setting: str, mode: str, where: str, args, device: torch.device, allocator, ts,
+                  **extra) -> dict:
+    """A result row of such a script: one setting and mode at one shape, from its rounds' medians ``ts``."""
+    return dict(op=op, provider=setting, mode=mode, shape=where,
+                dtype="fp32" if args.amp == "none" else f"{args.amp} autocast",
+                layout="channels_last" if args.channels_last else "NCHW", device=device_name(device),
+                versions=versions(), median_ms=statistics.median(ts), min_ms=min(ts), max_ms=max(ts),
+                rounds=len(ts), allocator=allocator, **extra)
+
+
 def interleaved_rounds(settings, jobs_for, rounds: int, device: torch.device, min_run_time: float):
     """A script's side-by-side timing in one process: per round, each setting in turn (the order
     reversed every other round), each of ``jobs_for(setting)``'s ``{mode: fn}`` called once, then
