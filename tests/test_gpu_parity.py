@@ -8,7 +8,7 @@ from torch import nn
 
 import scnet_fused
 from scnet_fused import reference as R
-from scnet_fused.ops import available, sc_avgpool, sc_gate, sc_gate_bn_train
+from scnet_fused.ops import available, sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
 
 from _util import assert_close_rule, eager_gate, interpreter_broken
 
@@ -72,6 +72,31 @@ def check_bn_parity(backend, device, shape, channels_last):
     var64, mean64 = torch.var_mean(k3.double(), dim=(0, 2, 3), unbiased=False)
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-5)
+    for a, b_ in zip(grads, g64):
+        torch.testing.assert_close(a.double(), b_, rtol=1e-3, atol=1e-3)
+
+
+def check_bn2_parity(backend, device, shape, channels_last):
+    """Both BatchNorms inside the gate (k3's and the pooled map's, batch statistics) against float64."""
+    x, small, k3, dy = _inputs(shape, device, torch.float32, channels_last)
+    C = x.shape[1]
+    g = torch.Generator().manual_seed(C)
+    w, b, w2, b2 = ((torch.rand(C, generator=g) + 0.5).to(device), torch.randn(C, generator=g).to(device),
+                    (torch.rand(C, generator=g) + 0.5).to(device), torch.randn(C, generator=g).to(device))
+    ins = [t.detach().requires_grad_() for t in (x, small, k3, w, b, w2, b2)]
+    refs = [t.detach().double().requires_grad_() for t in ins]
+    with scnet_fused.backend(backend):
+        y, mean, var, mean2, var2 = sc_gate_bn2_train(*ins[:5], 1e-5, *ins[5:], 1e-3)
+        grads = torch.autograd.grad(y, ins, dy)
+    bn3 = F.batch_norm(refs[2], None, None, refs[3], refs[4], True, 0.0, 1e-5)
+    bn2 = F.batch_norm(refs[1], None, None, refs[5], refs[6], True, 0.0, 1e-3)
+    y64 = eager_gate(refs[0], bn2, bn3)
+    g64 = torch.autograd.grad(y64, refs, dy.double())
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=1e-4, atol=1e-4)
+    for t, m, v in ((k3, mean, var), (small, mean2, var2)):
+        v64, m64 = torch.var_mean(t.double(), dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(m.double(), m64, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v.double(), v64, rtol=1e-5, atol=1e-5)
     for a, b_ in zip(grads, g64):
         torch.testing.assert_close(a.double(), b_, rtol=1e-3, atol=1e-3)
 
@@ -222,6 +247,15 @@ def test_gate_bn_train_cuda(backend, shape, channels_last):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gate_bn2_train_cuda(backend, shape, channels_last):
+    _need(backend)
+    check_bn2_parity(backend, "cuda", shape, channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
 @pytest.mark.parametrize("shape", POOL_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -282,4 +316,5 @@ def test_parity_suite_on_cpu(backend, dtype):
     check_bn_relu_cat_parity(backend, "cpu", (3, 5, 14, 13), 7, dtype, channels_last=(dtype == torch.bfloat16))
     if dtype == torch.float32:
         check_bn_parity(backend, "cpu", SHAPES[2], channels_last=True)
+        check_bn2_parity(backend, "cpu", SHAPES[0], channels_last=True)
         check_scconv_parity(backend, "cpu", channels_last=False)
