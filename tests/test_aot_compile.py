@@ -183,6 +183,7 @@ def test_aot_compile_sm80_sm90(tmp_path):
     assert not spilled, "register spills:\n" + "\n".join(spilled)
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_gate_fwd_kernel", "_gate_bwd_kernel", "_gate_bwd_k3_kernel", "_channel_stats_kernel",
+                       "_stats_finalize_kernel",
                        "_avgpool_fwd_kernel", "_avgpool_bwd_kernel", "_affine_relu_pointwise_kernel",
                        "_affine_relu_sums_kernel"}
     assert {r["arch"] for r in rows} == {f"sm_{a}" for a in ARCHS}

@@ -281,6 +281,39 @@ def _channel_stats_kernel(t_ptr, mean_ptr, m2_ptr, C, HW, NHW, chunk,
     tl.store(m2_ptr + out, m2, mask=c_mask)
 
 
+@triton.jit
+def _stats_finalize_kernel(mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, C, Q, NHW, chunk,
+                           BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """The Q programs' per-channel (mean, M2) of ``_channel_stats_kernel`` merged (Chan's formula, each
+    program's count ``min(NHW - q * chunk, chunk)``) into the batch mean and biased variance; a channel
+    whose mean or variance is not finite gets NaN for both."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        q = q0 + tl.arange(0, BLOCK_Q)
+        mask = (q < Q)[:, None] & c_mask[None, :]
+        cnt = tl.minimum(NHW - q.to(tl.int64) * chunk, chunk).to(tl.float32)
+        m = tl.load(mean_ptr + q[:, None] * C + c[None, :], mask=mask, other=0.0)
+        acc += tl.sum(tl.where(mask, m * cnt[:, None], 0.0), axis=0)
+    mean = acc / NHW
+    acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        q = q0 + tl.arange(0, BLOCK_Q)
+        mask = (q < Q)[:, None] & c_mask[None, :]
+        cnt = tl.minimum(NHW - q.to(tl.int64) * chunk, chunk).to(tl.float32)
+        off = q[:, None] * C + c[None, :]
+        d = tl.load(mean_ptr + off, mask=mask, other=0.0) - mean[None, :]
+        m2 = tl.load(m2_ptr + off, mask=mask, other=0.0)
+        acc2 += tl.sum(tl.where(mask, m2 + cnt[:, None] * d * d, 0.0), axis=0)
+    var = acc2 / NHW
+    inf = float("inf")
+    ok = (tl.abs(mean) < inf) & (tl.abs(var) < inf)  # false for a NaN and for an infinity
+    nan = float("nan")
+    tl.store(out_mean_ptr + c, tl.where(ok, mean, nan), mask=c_mask)
+    tl.store(out_var_ptr + c, tl.where(ok, var, nan), mask=c_mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
@@ -440,6 +473,9 @@ def gate_backward_k3(dy: torch.Tensor, x: torch.Tensor, small: torch.Tensor, k3:
     return dk3
 
 
+_FINALIZE_BLOCK_C, _FINALIZE_BLOCK_Q = 64, 32  # the merge's tile: channels (contiguous) by programs
+
+
 def _stats_chunks(nhw: int, block_p: int, c_blocks: int, device: torch.device) -> int:
     """Positions per program: enough programs to fill a GPU, few under the interpreter."""
     target = 2048 if device.type == "cuda" else 8
@@ -466,20 +502,19 @@ def channel_stats(t: torch.Tensor):
         t, part[0], part[1], C, H * W, nhw, chunk,
         CHANNELS_LAST=channels_last, BIG=t.numel() >= INT32_LIMIT, BLOCK_C=block_c, BLOCK_P=block_p,
         num_warps=_num_warps(block_c * block_p))
-    means, m2s = part[0], part[1]
-    counts = torch.clamp(nhw - torch.arange(q_progs, device=t.device, dtype=torch.float64) * chunk,
-                         max=chunk).to(torch.float32)[:, None]
-    mean = (means * counts).sum(dim=0) / nhw
-    m2 = m2s.sum(dim=0) + (counts * (means - mean) ** 2).sum(dim=0)
-    var = m2 / nhw
+    # One more launch merges the programs' partials (not a dozen small torch operations).
+    mean = new_empty((C,), torch.float32, t.device)
+    var = new_empty((C,), torch.float32, t.device)
+    _stats_finalize_kernel[(triton.cdiv(C, _FINALIZE_BLOCK_C),)](
+        part[0], part[1], mean, var, C, q_progs, nhw, chunk, BLOCK_C=_FINALIZE_BLOCK_C, BLOCK_Q=_FINALIZE_BLOCK_Q,
+        num_warps=_num_warps(_FINALIZE_BLOCK_C * _FINALIZE_BLOCK_Q))
     # A channel holding a NaN or an infinity gets NaN for both, as torch's CUDA BatchNorm (running
     # updates: inf - inf) gives; on CPU tensors (the interpreter) the mean torch's CPU BatchNorm gives,
     # the plain one (+-inf for infinities of one sign), and a NaN variance.
-    bad = ~(torch.isfinite(mean) & torch.isfinite(var))
-    nan = torch.full((), float("nan"), dtype=mean.dtype, device=mean.device)
-    mean, var = torch.where(bad, nan, mean), torch.where(bad, nan, var)
-    if t.device.type == "cpu" and bool(bad.any()):
-        mean = torch.where(bad, t.float().mean(dim=(0, 2, 3)), mean)
+    if t.device.type == "cpu":
+        bad = mean.isnan()
+        if bool(bad.any()):
+            mean = torch.where(bad, t.float().mean(dim=(0, 2, 3)), mean)
     return mean, var
 
 
@@ -550,4 +585,8 @@ def aot_kernels():
         const = dict(CHANNELS_LAST=cl, BIG=False, BLOCK_C=bc, BLOCK_P=bp)
         entries.append((f"channel_stats_{'nhwc' if cl else 'nchw'}_{_TRITON_DTYPE[dtype]}_C{C}",
                         _channel_stats_kernel, {**sig, **{k: "constexpr" for k in const}}, const))
+    sig = {"mean_ptr": "*fp32", "m2_ptr": "*fp32", "out_mean_ptr": "*fp32", "out_var_ptr": "*fp32", "C": "i32",
+           "Q": "i32", "NHW": "i32", "chunk": "i32"}
+    const = dict(BLOCK_C=_FINALIZE_BLOCK_C, BLOCK_Q=_FINALIZE_BLOCK_Q)
+    entries.append(("stats_finalize", _stats_finalize_kernel, {**sig, **{k: "constexpr" for k in const}}, const))
     return entries + _pool.aot_kernels() + _bn_relu.aot_kernels()
