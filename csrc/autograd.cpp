@@ -427,10 +427,11 @@ struct GateBn2TrainFn : public torch::autograd::Function<GateBn2TrainFn> {
     const BnFold f2 = bn_fold(small_weight, small_bias, small_mean, small_var, small_eps);
     auto [dx, dn, dk3, dweight, dbias] =
         gate_bn_train_grads(dy, x, small, k3, weight, bias, mean, var, eps, f2.scale, f2.shift);
-    // The pooled branch's BatchNorm backward on the small map, from dn (the gradient of its output).
+    // The pooled branch's BatchNorm backward on the small map, from dn (the gradient of its output); the
+    // weight in the statistics' dtype (half-precision parameters: ATen's mixed-type form).
     auto [dsmall, dsw, dsb] = at::native_batch_norm_backward(
-        dn, small, small_weight.detach(), c10::nullopt, c10::nullopt, small_mean, f2.invstd, true, small_eps,
-        {true, small_weight.requires_grad(), small_bias.requires_grad()});
+        dn, small, small_weight.detach().to(small_mean.scalar_type()), c10::nullopt, c10::nullopt, small_mean,
+        f2.invstd, true, small_eps, {true, small_weight.requires_grad(), small_bias.requires_grad()});
     return guard_double_backward(
         {dx, dsmall, dk3, dweight.to(weight.scalar_type()), dbias.to(bias.scalar_type()), at::Tensor(),
          dsw.defined() ? dsw.to(small_weight.scalar_type()) : dsw,

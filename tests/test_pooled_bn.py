@@ -112,6 +112,27 @@ def test_gate_bn2_train_low_precision(backend, dtype):
         torch.testing.assert_close(a.double() / scale, e / scale, **tol, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gate_bn2_train_half_precision_parameters(backend):
+    """bfloat16 inputs and bfloat16 BatchNorm parameters (a model converted with .bfloat16()): within the
+    storage type's rounding of float64."""
+    x, small, k3 = _inputs(SHAPES[0], dtype=torch.bfloat16)
+    w, b, w2, b2 = (t.detach().to(torch.bfloat16).requires_grad_() for t in _params(SHAPES[0][1], 4))
+    inputs = (x, small, k3, w, b, w2, b2)
+    g = torch.randn(x.shape, dtype=torch.bfloat16)
+    with scnet_fused.backend(backend):
+        out, *_ = sc_gate_bn2_train(x, small, k3, w, b, 1e-5, w2, b2, 1e-3)
+        got = torch.autograd.grad(out, inputs, g)
+    a64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref = _eager_bn2(*a64)
+    want = torch.autograd.grad(ref, a64, g.double())
+    torch.testing.assert_close(out.double(), ref, rtol=3e-2, atol=3e-2)
+    for name, a, e in zip(("x", "small", "k3", "weight", "bias", "small_weight", "small_bias"), got, want):
+        assert a.dtype == torch.bfloat16, name
+        scale = max(1.0, e.abs().max().item())
+        torch.testing.assert_close(a.double() / scale, e / scale, rtol=3e-2, atol=3e-2, msg=lambda m: f"{name}: {m}")
+
+
 def test_gate_bn2_train_input_errors():
     x, small, k3 = _inputs(SHAPES[0])
     w, b, w2, b2 = _params(SHAPES[0][1], 4)
@@ -228,6 +249,30 @@ def test_scconv_fuse_k2_norm_off_runs_the_module(monkeypatch):
         calls.clear()
         _compare_step(ref, fused, x)
         assert any(m is fused.k2[2] for m in calls)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scconv_bfloat16_model_trains_like_the_reference(backend):
+    """A whole SCConv in bfloat16 (parameters too): outputs, gradients and running statistics within
+    twice the bfloat16 reference's error against a float64 reference, plus rounding."""
+    ref, _ = _pair(6)
+    ref64 = copy.deepcopy(ref).double().train()
+    ref16 = copy.deepcopy(ref).bfloat16().train()
+    fused16 = scnet_fused.convert(copy.deepcopy(ref)).bfloat16().train()
+    x = torch.randn(3, 6, 14, 13)
+    g = torch.randn(3, 6, 14, 13)
+    results = []
+    with scnet_fused.backend(backend):
+        for m, dtype in ((ref64, torch.float64), (ref16, torch.bfloat16), (fused16, torch.bfloat16)):
+            xi = x.to(dtype).requires_grad_()
+            out = m(xi)
+            grads = torch.autograd.grad(out, [xi] + list(m.parameters()), g.to(dtype))
+            results.append([out] + list(grads) + [m.k2[2].running_mean, m.k2[2].running_var])
+    for i, (r, e, f) in enumerate(zip(*results)):
+        err_eager = (e.double() - r).abs().max().item()
+        err = (f.double() - r).abs().max().item()
+        assert f.dtype == torch.bfloat16
+        assert err <= 2 * err_eager + 1e-2 * max(1.0, r.abs().max().item()), (i, err, err_eager)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -415,9 +415,11 @@ def _sc_gate_bn2_train_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor
     invstd2, ss, st = bn_fold(small_weight, small_bias, small_mean, small_var, small_eps)
     dx, dn, dk3, dweight, dbias = _gate_bn_train_grads(prims, dy, x, small, k3, weight, bias, mean, var, eps,
                                                        (ss.contiguous(), st.contiguous()))
-    # The pooled branch's BatchNorm backward on the small map, from dn (the gradient of its output).
+    # The pooled branch's BatchNorm backward on the small map, from dn (the gradient of its output); the
+    # weight in the statistics' dtype (half-precision parameters: ATen's mixed-type form).
     dsmall, dsw, dsb = torch.ops.aten.native_batch_norm_backward(
-        dn, small, small_weight.detach(), None, None, small_mean, invstd2, True, small_eps, [True, True, True])
+        dn, small, small_weight.detach().to(small_mean.dtype), None, None, small_mean, invstd2, True, small_eps,
+        [True, True, True])
     return dx, dsmall, dk3, dweight, dbias, dsw.to(small_weight.dtype), dsb.to(small_bias.dtype)
 
 
