@@ -212,6 +212,7 @@ def cmd_train_bench(args) -> int:
 _CHECK_SHAPES = ((2, 8, 14, 14), (3, 5, 13, 25), (2, 16, 7, 7))
 # op -> (eager function, fused function) in scnet_fused.bench
 _CHECK_OPS = {"gate": ("eager_gate", "fused_gate"), "gate_bn": ("eager_gate_bn", "fused_gate_bn"),
+              "gate_bn2": ("eager_gate_bn2", "fused_gate_bn2"),
               "avgpool": ("eager_avgpool", "fused_avgpool"), "bn_relu": ("eager_bn_relu", "fused_bn_relu"),
               "bn_relu_cat": ("eager_bn_relu_cat", "fused_bn_relu_cat")}
 
@@ -248,6 +249,7 @@ def _check_one(backend_name: str, op: str, shape, dtype, device, channels_last: 
     with force(backend_name):
         got = run(fused, low, dy64.to(dtype))
     names = {"gate": ["y", "dx", "dsmall", "dk3"], "gate_bn": ["y", "dx", "dsmall", "dk3", "dweight", "dbias"],
+             "gate_bn2": ["y", "dx", "dsmall", "dk3", "dweight", "dbias", "dsmall_weight", "dsmall_bias"],
              "avgpool": ["y", "dx"], "bn_relu": ["y", "dt", "dweight", "dbias"],
              "bn_relu_cat": ["y", "dta", "dwa", "dba", "dtb", "dwb", "dbb"]}[op]
     out = []

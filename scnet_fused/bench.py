@@ -868,6 +868,11 @@ def eager_gate_bn(x, small, k3, weight, bias, eps: float = 1e-5):
     return eager_gate(x, small, k)
 
 
+def eager_gate_bn2(x, small, k3, weight, bias, small_weight, small_bias, eps: float = 1e-5):
+    s = F.batch_norm(small, None, None, small_weight, small_bias, training=True, momentum=0.1, eps=eps)
+    return eager_gate_bn(x, s, k3, weight, bias, eps)
+
+
 def eager_avgpool(x):
     return F.avg_pool2d(x, POOLING_R, POOLING_R)
 
@@ -915,6 +920,12 @@ def fused_gate_bn(x, small, k3, weight, bias, eps: float = 1e-5):
     return sc_gate_bn_train(x, small, k3, weight, bias, eps)[0]
 
 
+def fused_gate_bn2(x, small, k3, weight, bias, small_weight, small_bias, eps: float = 1e-5):
+    from .ops import sc_gate_bn2_train
+
+    return sc_gate_bn2_train(x, small, k3, weight, bias, eps, small_weight, small_bias, eps)[0]
+
+
 def make_gate_inputs(op: str, N: int, C: int, H: int, W: int, dtype: torch.dtype, device: torch.device,
                      channels_last: bool = False, requires_grad: bool = True, seed: int = 0):
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -943,11 +954,16 @@ def make_gate_inputs(op: str, N: int, C: int, H: int, W: int, dtype: torch.dtype
     x, small, k3 = rnd(N, C, H, W), rnd(N, C, h, w), rnd(N, C, H, W)
     if op == "gate":
         return (x, small, k3)
-    weight = (1 + 0.1 * torch.randn(C, generator=g)).to(device=device, dtype=torch.float32)
-    bias = (0.1 * torch.randn(C, generator=g)).to(device=device, dtype=torch.float32)
-    if dtype != torch.float32:
-        weight, bias = weight.to(dtype), bias.to(dtype)
-    return (x, small, k3, weight.requires_grad_(requires_grad), bias.requires_grad_(requires_grad))
+
+    def affine():
+        weight = (1 + 0.1 * torch.randn(C, generator=g)).to(device=device, dtype=torch.float32)
+        bias = (0.1 * torch.randn(C, generator=g)).to(device=device, dtype=torch.float32)
+        if dtype != torch.float32:
+            weight, bias = weight.to(dtype), bias.to(dtype)
+        return (weight.requires_grad_(requires_grad), bias.requires_grad_(requires_grad))
+
+    # gate_bn2: the pooled map's BatchNorm too (weight and bias after k3's)
+    return (x, small, k3) + affine() + (affine() if op == "gate_bn2" else ())
 
 
 def _gate_callable(op: str, provider: str, compiled: Dict[str, Callable]) -> Callable:
