@@ -92,10 +92,13 @@ def test_gate_bn2_train_matches_eager(backend, shape, channels_last):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gate_bn2_train_low_precision(backend, dtype):
-    """Half-precision inputs: within the storage type's rounding of the float64 result."""
+@pytest.mark.parametrize("half_params", [False, True], ids=["float32_params", "half_params"])
+def test_gate_bn2_train_low_precision(backend, dtype, half_params):
+    """Half-precision inputs, with float32 BatchNorm parameters (autocast) or half-precision ones (a model
+    converted with .bfloat16()): within the storage type's rounding of the float64 result."""
     x, small, k3 = _inputs(SHAPES[0], dtype=dtype)
-    w, b, w2, b2 = _params(SHAPES[0][1], 4)
+    w, b, w2, b2 = (t.detach().to(dtype if half_params else torch.float32).requires_grad_()
+                    for t in _params(SHAPES[0][1], 4))
     inputs = (x, small, k3, w, b, w2, b2)
     g = torch.randn(x.shape, dtype=dtype)
     with scnet_fused.backend(backend):
@@ -107,30 +110,11 @@ def test_gate_bn2_train_low_precision(backend, dtype):
     assert out.dtype == dtype
     tol = dict(rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(out.double(), ref, **tol)
-    for name, a, e in zip(("x", "small", "k3", "weight", "bias", "small_weight", "small_bias"), got, want):
+    for name, a, t, e in zip(("x", "small", "k3", "weight", "bias", "small_weight", "small_bias"), got, inputs,
+                             want):
+        assert a.dtype == t.dtype, name
         scale = max(1.0, e.abs().max().item())
         torch.testing.assert_close(a.double() / scale, e / scale, **tol, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gate_bn2_train_half_precision_parameters(backend):
-    """bfloat16 inputs and bfloat16 BatchNorm parameters (a model converted with .bfloat16()): within the
-    storage type's rounding of float64."""
-    x, small, k3 = _inputs(SHAPES[0], dtype=torch.bfloat16)
-    w, b, w2, b2 = (t.detach().to(torch.bfloat16).requires_grad_() for t in _params(SHAPES[0][1], 4))
-    inputs = (x, small, k3, w, b, w2, b2)
-    g = torch.randn(x.shape, dtype=torch.bfloat16)
-    with scnet_fused.backend(backend):
-        out, *_ = sc_gate_bn2_train(x, small, k3, w, b, 1e-5, w2, b2, 1e-3)
-        got = torch.autograd.grad(out, inputs, g)
-    a64 = [t.detach().double().requires_grad_() for t in inputs]
-    ref = _eager_bn2(*a64)
-    want = torch.autograd.grad(ref, a64, g.double())
-    torch.testing.assert_close(out.double(), ref, rtol=3e-2, atol=3e-2)
-    for name, a, e in zip(("x", "small", "k3", "weight", "bias", "small_weight", "small_bias"), got, want):
-        assert a.dtype == torch.bfloat16, name
-        scale = max(1.0, e.abs().max().item())
-        torch.testing.assert_close(a.double() / scale, e / scale, rtol=3e-2, atol=3e-2, msg=lambda m: f"{name}: {m}")
 
 
 def test_gate_bn2_train_input_errors():
