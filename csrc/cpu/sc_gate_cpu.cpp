@@ -562,9 +562,13 @@ inline int64_t small_group(int64_t HW) { return std::max<int64_t>(1, std::min<in
 template <typename T>
 inline void load_small_planes(const T* sp, int64_t hw, int64_t n, float* S, const SmallAffine& sa, int64_t c,
                               int64_t C) {
-  if (sa.scale) {
+  if (sa.scale) {  // per plane: its channel's affine, vector fused multiply-adds (the scalar one's bits)
     for (int64_t q = 0; q < n; ++q, c = c + 1 == C ? 0 : c + 1) {
-      for (int64_t e = q * hw; e < (q + 1) * hw; ++e) S[e] = small_value(sp[e], sa, c);
+      const Vec A(sa.scale[c]), B(sa.shift[c]);
+      const int64_t e1 = (q + 1) * hw;
+      int64_t e = q * hw;
+      for (; e + kV <= e1; e += kV) at::vec::fmadd(IO<T>::load(sp + e), A, B).store(S + e);
+      for (; e < e1; ++e) S[e] = small_value(sp[e], sa, c);
     }
     return;
   }
