@@ -14,11 +14,12 @@
     output, normalized with its batch statistics inside the gate kernels (the normalized map is never
     written); returns ``(y, mean, var, small_mean, small_var)``.
 
-The backward passes are custom ops too (``sc_gate_backward``, ``sc_gate_bn_train_backward``), so
-``torch.compile`` sees them as single nodes. In eager mode with a compiled backend (cpu, cuda) the
-public functions call the C++ autograd twins of these ops instead (``csrc/autograd.cpp``: same
-kernels, same saved tensors, no Python in the autograd node). Nothing but the inputs is saved for backward: the
-sigmoid, the gate and the normalized k3 are recomputed.
+The backward passes are custom ops too (``sc_gate_backward``, ``sc_gate_bn_train_backward``,
+``sc_gate_bn2_train_backward``), so ``torch.compile`` sees them as single nodes. In eager mode with a
+compiled backend (cpu, cuda) the public functions call the C++ autograd twins of these ops instead
+(``csrc/autograd.cpp``: same kernels, same saved tensors, no Python in the autograd node). Nothing but
+the inputs (and the batch statistics) is saved for backward: the sigmoid, the gate and the normalized
+k3 and pooled map are recomputed.
 """
 
 from __future__ import annotations
