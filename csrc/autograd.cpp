@@ -58,8 +58,8 @@ using torch::autograd::variable_list;
 using OptTensor = c10::optional<at::Tensor>;
 
 at::Tensor prim_gate_forward(const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
-                             const OptTensor& scale, const OptTensor& shift, const OptTensor& small_scale = c10::nullopt,
-                             const OptTensor& small_shift = c10::nullopt) {
+                             const OptTensor& scale, const OptTensor& shift,
+                             const OptTensor& small_scale = c10::nullopt, const OptTensor& small_shift = c10::nullopt) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("scnet_fused::_gate_forward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,

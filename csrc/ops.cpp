@@ -40,9 +40,11 @@ int64_t cell_start_one(int64_t a, int64_t out_size, int64_t in_size) {
 
 TORCH_LIBRARY(scnet_fused, m) {
   m.def("_nearest_index(int out_size, int in_size) -> Tensor");
-  m.def("_gate_forward(Tensor x, Tensor small, Tensor k3, Tensor? scale, Tensor? shift, Tensor? small_scale=None, Tensor? small_shift=None) -> Tensor");
+  m.def("_gate_forward(Tensor x, Tensor small, Tensor k3, Tensor? scale, Tensor? shift, Tensor? small_scale=None, "
+        "Tensor? small_shift=None) -> Tensor");
   m.def("_gate_backward(Tensor dy, Tensor x, Tensor small, Tensor k3, Tensor? scale, Tensor? shift, "
-        "Tensor? center, bool need_dk3, Tensor? small_scale=None, Tensor? small_shift=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? center, bool need_dk3, Tensor? small_scale=None, Tensor? small_shift=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_gate_backward_k3(Tensor dy, Tensor x, Tensor small, Tensor k3, Tensor p, Tensor q, Tensor r, "
         "Tensor? small_scale=None, Tensor? small_shift=None) -> Tensor");
   m.def("_channel_stats(Tensor t) -> (Tensor, Tensor)");
@@ -58,7 +60,8 @@ TORCH_LIBRARY(scnet_fused, m) {
   m.def("_bn_relu_train_backward(Tensor dy, Tensor t, Tensor weight, Tensor bias, Tensor mean, Tensor var, "
         "float eps) -> (Tensor, Tensor, Tensor)");
   m.def("_gate_bn_train_backward(Tensor dy, Tensor x, Tensor small, Tensor k3, Tensor weight, Tensor bias, "
-        "Tensor mean, Tensor var, float eps, Tensor? small_scale=None, Tensor? small_shift=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor mean, Tensor var, float eps, Tensor? small_scale=None, Tensor? small_shift=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_gate_bn_train_forward(Tensor x, Tensor small, Tensor k3, Tensor weight, Tensor bias, float eps, "
         "Tensor? small_scale=None, Tensor? small_shift=None) -> (Tensor, Tensor, Tensor)");
   m.def("_bn_relu_train_out(Tensor t, Tensor weight, Tensor bias, float eps, Tensor(a!) out) -> (Tensor, Tensor)");

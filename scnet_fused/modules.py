@@ -436,10 +436,13 @@ class SCConv(reference.SCConv):
             raise ValueError(f"SCConv: k3 changed the spatial size {tuple(x.shape[-2:])} -> "
                              f"{tuple(k3.shape[-2:])}; the gate needs them equal")
         k3_train = k3.numel() > 0 and _batch_stats_bn(norm3)
-        # k2's norm goes into the gate with k3's training BatchNorm (both training) or into the other
-        # gates (k2's eval-mode fold); otherwise (mixed modes, an empty batch) it runs as the module.
-        if norm2 is not None and not (k3_train if _batch_stats_bn(norm2) else k3.numel() > 0 and not k3_train):
-            small, norm2 = norm2(small), None
+        if norm2 is not None:
+            if _batch_stats_bn(norm2):
+                in_gate = k3_train  # both BatchNorms with batch statistics: sc_gate_bn2_train
+            else:
+                in_gate = k3.numel() > 0 and not k3_train  # k2's eval fold, into the other gates
+            if not in_gate:  # mixed modes, an empty batch: k2's norm runs as the module
+                small, norm2 = norm2(small), None
         # The gate kernels take one dtype: under autocast the conv outputs set it.
         if small.dtype != k3.dtype:
             small = small.to(k3.dtype)

@@ -342,14 +342,10 @@ def _upsample(small: Tensor, size) -> Tensor:
     return F.interpolate(_acc(small), size=size, mode="nearest")
 
 
-def _small_affine(small: Tensor, small_scale: Optional[Tensor], small_shift: Optional[Tensor]) -> Tensor:
-    """The pooled map with its per-channel affine (a BatchNorm of the pooled branch), in float32."""
-    return _affine(small, small_scale, small_shift)
-
-
 def _gate_sigmoid(x: Tensor, small: Tensor, small_scale: Optional[Tensor] = None,
                   small_shift: Optional[Tensor] = None) -> Tensor:
-    up = _upsample(_small_affine(small, small_scale, small_shift), x.shape[-2:])
+    # the pooled map through its per-channel affine (the pooled branch's BatchNorm), if any
+    up = _upsample(_affine(small, small_scale, small_shift), x.shape[-2:])
     return torch.sigmoid(_acc(x) + up)
 
 

@@ -42,37 +42,22 @@ def _same(a, b):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("affine", [False, True])
-def test_gate_paths_agree(monkeypatch, channels_last, dtype, affine):
+@pytest.mark.parametrize("affines", [0, 1, 2], ids=["plain", "k3_affine", "k3_and_pooled_affines"])
+def test_gate_paths_agree(monkeypatch, channels_last, dtype, affines):
+    """The gate without affine, with k3's, and with k3's and the pooled branch's: outputs and every
+    gradient (seven with both affines)."""
     g = torch.Generator().manual_seed(0)
     x, k3 = (torch.randn(2, 5, 14, 13, generator=g).to(dtype) for _ in range(2))
     small = torch.randn(2, 5, 3, 3, generator=g).to(dtype)
     if channels_last:
         x, k3 = (t.contiguous(memory_format=torch.channels_last) for t in (x, k3))
     args = [x.requires_grad_(), small.requires_grad_(), k3.requires_grad_()]
-    if affine:
-        args += [torch.rand(5, generator=g).requires_grad_(), torch.randn(5, generator=g).requires_grad_()]
+    for _ in range(affines):
+        args += [(torch.rand(5, generator=g) + 0.5).requires_grad_(), torch.randn(5, generator=g).requires_grad_()]
     (o1, g1, n1), (o2, g2, n2) = _both(monkeypatch, sc_gate, *args)
     assert "scnet_fused::_sc_gate_ag" in n1 and "scnet_fused::sc_gate" not in n1
     assert "scnet_fused::sc_gate" in n2 and "scnet_fused::_sc_gate_ag" not in n2
-    _same(o1, o2)
-    _same(g1, g2)
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gate_small_affine_paths_agree(monkeypatch, channels_last, dtype):
-    """The gate with the pooled branch's affine (and k3's): outputs and all seven gradients."""
-    g = torch.Generator().manual_seed(4)
-    x, k3 = (torch.randn(2, 5, 14, 13, generator=g).to(dtype) for _ in range(2))
-    small = torch.randn(2, 5, 3, 3, generator=g).to(dtype)
-    if channels_last:
-        x, k3 = (t.contiguous(memory_format=torch.channels_last) for t in (x, k3))
-    per_channel = [torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)] * 2
-    args = [t.requires_grad_() for t in [x, small, k3] + per_channel]
-    (o1, g1, n1), (o2, g2, n2) = _both(monkeypatch, sc_gate, *args)
-    assert "scnet_fused::_sc_gate_ag" in n1 and "scnet_fused::sc_gate" in n2
-    assert len(g1) == len(g2) == 7
+    assert len(g1) == len(g2) == len(args)
     _same(o1, o2)
     _same(g1, g2)
 

@@ -243,14 +243,6 @@ def test_gate_cuda(backend, shape, dtype, channels_last):
 def test_gate_bn_train_cuda(backend, shape, channels_last):
     _need(backend)
     check_bn_parity(backend, "cuda", shape, channels_last)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", _gpu_backends())
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_gate_bn2_train_cuda(backend, shape, channels_last):
-    _need(backend)
     check_bn2_parity(backend, "cuda", shape, channels_last)
 
 

@@ -653,7 +653,9 @@ void gate_bn_forward_by_channel(const Pointwise<T>& p, float* A, float* B, const
     for (int64_t c = c0; c < c1; ++c) {
       cpu_stats::channel_moments(p.k + c * HW, N, C * HW, HW, mean + c, var + c);
       bn_fold_one(W[c], Bi[c], mean[c], var[c], eps, A + c, B + c);
-      for (int64_t n = 0; n < N; ++n) load_small_planes(p.small + (n * C + c) * hw, hw, 1, sbuf.data() + n * hw, p.sa, c, C);
+      for (int64_t n = 0; n < N; ++n) {
+        load_small_planes(p.small + (n * C + c) * hw, hw, 1, sbuf.data() + n * hw, p.sa, c, C);
+      }
       for (int64_t n = 0; n < N; ++n) pointwise_plane_permute<T, false, kOne>(p, g, t, n * C + c, c, sbuf.data() + n * hw, nt);
     }
     if (nt) _mm_sfence();
@@ -1017,7 +1019,9 @@ void gate_bn_backward_by_channel(const Backward<T>& p, const Geometry& g, const 
     std::vector<float> sbuf(N * hw + 2 * kV, 0.0f);  // the channel's small planes as float, padded
     std::vector<float> gbuf(N * HW);                 // g * scale of the channel's planes
     for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t n = 0; n < N; ++n) load_small_planes(p.small + (n * C + c) * hw, hw, 1, sbuf.data() + n * hw, p.sa, c, C);
+      for (int64_t n = 0; n < N; ++n) {
+        load_small_planes(p.small + (n * C + c) * hw, hw, 1, sbuf.data() + n * hw, p.sa, c, C);
+      }
       double a1 = 0.0, a2 = 0.0;
       for (int64_t n = 0; n < N; ++n) {
         double s1, s2;
@@ -1190,7 +1194,8 @@ at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& small, const at::
 
 at::Tensor gate_backward_k3(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
                             const at::Tensor& p, const at::Tensor& q, const at::Tensor& r,
-                            const c10::optional<at::Tensor>& small_scale, const c10::optional<at::Tensor>& small_shift) {
+                            const c10::optional<at::Tensor>& small_scale,
+                            const c10::optional<at::Tensor>& small_shift) {
   const char* op = "scnet_fused::_gate_backward_k3 (cpu)";
   check_gate(op, x, small, k3, c10::DeviceType::CPU);
   check_full(op, "dy", dy, x);
@@ -1203,7 +1208,8 @@ at::Tensor gate_backward_k3(const at::Tensor& dy, const at::Tensor& x, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& small_in, const at::Tensor& k3_in,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-    const c10::optional<at::Tensor>& center, bool need_dk3, const c10::optional<at::Tensor>& small_scale, const c10::optional<at::Tensor>& small_shift) {
+    const c10::optional<at::Tensor>& center, bool need_dk3, const c10::optional<at::Tensor>& small_scale,
+    const c10::optional<at::Tensor>& small_shift) {
   const char* op = "scnet_fused::_gate_backward (cpu)";
   check_gate(op, x_in, small_in, k3_in, c10::DeviceType::CPU);
   check_full(op, "dy", dy_in, x_in);
@@ -1389,10 +1395,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_bn_t
 // statistics (mean, biased var; float32): `_channel_stats`, the fold (bn_fold) and `_gate_forward` in
 // one call, NCHW channel by channel where gate_bn_by_channel allows it (each channel's k3 read the
 // second time from cache), else those passes one after the other. The same bits either way.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bn_train_forward(const at::Tensor& x_in, const at::Tensor& small_in,
-                                                                     const at::Tensor& k3_in, const at::Tensor& weight,
-                                                                     const at::Tensor& bias, double eps,
-                                                                     const c10::optional<at::Tensor>& small_scale, const c10::optional<at::Tensor>& small_shift) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bn_train_forward(
+    const at::Tensor& x_in, const at::Tensor& small_in, const at::Tensor& k3_in, const at::Tensor& weight,
+    const at::Tensor& bias, double eps, const c10::optional<at::Tensor>& small_scale,
+    const c10::optional<at::Tensor>& small_shift) {
   const char* op = "scnet_fused::_gate_bn_train_forward (cpu)";
   check_gate(op, x_in, small_in, k3_in, c10::DeviceType::CPU);
   const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);

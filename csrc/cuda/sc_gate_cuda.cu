@@ -384,7 +384,8 @@ at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& small, const at::
 
 at::Tensor gate_backward_k3(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
                             const at::Tensor& p, const at::Tensor& q, const at::Tensor& r,
-                            const c10::optional<at::Tensor>& small_scale, const c10::optional<at::Tensor>& small_shift) {
+                            const c10::optional<at::Tensor>& small_scale,
+                            const c10::optional<at::Tensor>& small_shift) {
   const char* op = "scnet_fused::_gate_backward_k3 (cuda)";
   check_gate(op, x, small, k3, c10::DeviceType::CUDA);
   check_full(op, "dy", dy, x);
@@ -406,7 +407,8 @@ void launch_backward(const BackwardParams<T>& p, int64_t nunits, int64_t numel, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward(
     const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& small_in, const at::Tensor& k3_in,
     const c10::optional<at::Tensor>& scale_in, const c10::optional<at::Tensor>& shift_in,
-    const c10::optional<at::Tensor>& center_in, bool need_dk3, const c10::optional<at::Tensor>& small_scale, const c10::optional<at::Tensor>& small_shift) {
+    const c10::optional<at::Tensor>& center_in, bool need_dk3, const c10::optional<at::Tensor>& small_scale,
+    const c10::optional<at::Tensor>& small_shift) {
   const char* op = "scnet_fused::_gate_backward (cuda)";
   check_gate(op, x_in, small_in, k3_in, c10::DeviceType::CUDA);
   check_full(op, "dy", dy_in, x_in);

@@ -369,22 +369,22 @@ def sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias:
 
 def _check_bn2(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor, small_weight: Tensor,
                small_bias: Tensor) -> None:
-    _check_bn(x, small, k3, weight, bias)
-    check_gate_inputs(x, small, k3, small_weight, small_bias, names=("small_weight", "small_bias"))
-    if small_weight is None or small_bias is None:
-        raise ValueError("sc_gate_bn2_train: small_weight and small_bias are required (pass ones and zeros for "
-                         "affine=False)")
-    if small.shape[0] * small.shape[2] * small.shape[3] <= 1:
-        raise ValueError(f"sc_gate_bn2_train: expected more than 1 value per channel when training, got the "
-                         f"pooled map of shape {_shape(small)}")
+    check_gate_inputs(x, small, k3, weight, bias, small_weight, small_bias,
+                      names=("weight", "bias", "small_weight", "small_bias"))
+    if any(v is None for v in (weight, bias, small_weight, small_bias)):
+        raise ValueError("sc_gate_bn2_train: weight, bias, small_weight and small_bias are required (pass ones and "
+                         "zeros for affine=False)")
+    for name, t in (("k3", x), ("the pooled map", small)):
+        if t.shape[0] * t.shape[2] * t.shape[3] <= 1:
+            raise ValueError(f"sc_gate_bn2_train: expected more than 1 value per channel when training, got {name} "
+                             f"of shape {_shape(t)}")
 
 
-def _small_fold(prims, small, small_weight, small_bias, small_eps):
-    """The pooled map's batch statistics and its BatchNorm as the per-channel affine the kernels apply:
-    ``(small_mean, small_var, invstd, (scale, shift))``."""
-    small_mean, small_var = prims.channel_stats(small)
+def _small_fold(small_weight, small_bias, small_mean, small_var, small_eps):
+    """The pooled map's BatchNorm as the per-channel affine the kernels apply: ``(invstd, (scale, shift))``
+    (:func:`bn_fold`; forward and backward fold the same way, so the backward recomputes the forward's)."""
     invstd, ss, st = bn_fold(small_weight, small_bias, small_mean, small_var, small_eps)
-    return small_mean, small_var, invstd, (ss.contiguous(), st.contiguous())
+    return invstd, (ss.contiguous(), st.contiguous())
 
 
 @torch.library.custom_op("scnet_fused::sc_gate_bn2_train", mutates_args=())
@@ -394,7 +394,8 @@ def _sc_gate_bn2_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bia
     _check_bn2(x, small, k3, weight, bias, small_weight, small_bias)
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3 = _prepare(x, small, k3)
-    small_mean, small_var, _, small_affine = _small_fold(prims, small, small_weight, small_bias, small_eps)
+    small_mean, small_var = prims.channel_stats(small)
+    _, small_affine = _small_fold(small_weight, small_bias, small_mean, small_var, small_eps)
     y, mean, var = _gate_bn_train_forward(prims, x, small, k3, weight, bias, eps, small_affine)
     return y, mean, var, small_mean, small_var
 
@@ -413,9 +414,9 @@ def _sc_gate_bn2_train_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor
                                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3, dy = _prepare(x, small, k3, dy.to(x.dtype))
-    invstd2, ss, st = bn_fold(small_weight, small_bias, small_mean, small_var, small_eps)
+    invstd2, small_affine = _small_fold(small_weight, small_bias, small_mean, small_var, small_eps)
     dx, dn, dk3, dweight, dbias = _gate_bn_train_grads(prims, dy, x, small, k3, weight, bias, mean, var, eps,
-                                                       (ss.contiguous(), st.contiguous()))
+                                                       small_affine)
     # The pooled branch's BatchNorm backward on the small map, from dn (the gradient of its output); the
     # weight in the statistics' dtype (half-precision parameters: ATen's mixed-type form).
     dsmall, dsw, dsb = torch.ops.aten.native_batch_norm_backward(
