@@ -351,6 +351,37 @@ def _affine_params_none(C: int, like: Tensor) -> Tuple[Tensor, Tensor]:
             torch.zeros(C, device=like.device, dtype=torch.float32))
 
 
+def _autocast_input(x: Tensor, conv: nn.Module) -> Optional[Tensor]:
+    """Under autocast, ``x`` cast to the dtype autocast gives ``conv``'s input (a plain nn.Conv2d, which
+    autocast runs in its lower precision); None where autocast leaves x as it is. The SCConv casts x
+    once and gives the cast to k3's convolution (autocast then casts only the weight: the same
+    convolution) and to the gate, which reads x in k3's dtype: one full-size cast and one saved
+    tensor instead of two (autocast's own cast of x would be a second copy, saved by the convolution)."""
+    device_type = x.device.type
+    if not (_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    if (type(conv) is not nn.Conv2d or not _hookless(conv) or not x.is_floating_point()
+            or x.dtype in (torch.float64, dtype)):
+        return None  # autocast does not cast float64; a hook sees the input the reference gives it
+    return x.to(dtype)
+
+
+class _SharedCast(torch.autograd.Function):
+    """``x_amp`` (``x`` already cast, passed detached) as a tensor whose gradient goes to ``x``, cast back
+    to x's dtype: the gate reads the cast k3's convolution read, and the two gradients of x still add
+    up in x's dtype (as they do with two casts), not in the lower precision."""
+
+    @staticmethod
+    def forward(ctx, x, x_amp):
+        ctx.dtype = x.dtype
+        return x_amp
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
+
+
 class _ConvOfGate(torch.autograd.Function):
     """``conv2d(y)`` for the gate output ``y``, saving the gate's inputs instead of ``y``.
 
@@ -431,7 +462,8 @@ class SCConv(reference.SCConv):
         reference._check_sc_input(x, self.inplanes, self.pooling_r)
         small, norm2 = self._k2(x)
         conv3, norm3 = self.k3[0], self.k3[1]
-        k3 = conv3(x)
+        x_amp = _autocast_input(x, conv3)
+        k3 = conv3(x if x_amp is None else x_amp)
         if k3.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"SCConv: k3 changed the spatial size {tuple(x.shape[-2:])} -> "
                              f"{tuple(k3.shape[-2:])}; the gate needs them equal")
@@ -446,7 +478,12 @@ class SCConv(reference.SCConv):
         # The gate kernels take one dtype: under autocast the conv outputs set it.
         if small.dtype != k3.dtype:
             small = small.to(k3.dtype)
-        xg = x if x.dtype == k3.dtype else x.to(k3.dtype)
+        if x.dtype == k3.dtype:
+            xg = x
+        elif x_amp is not None and x_amp.dtype == k3.dtype:  # the cast k3's convolution read, shared
+            xg = _SharedCast.apply(x, x_amp.detach())
+        else:
+            xg = x.to(k3.dtype)
         scale = shift = ss = st = None
         if norm2 is not None and not _batch_stats_bn(norm2):  # eval: k2's norm folded into the gate
             ss, st = _eval_fold(norm2, small, differentiable=True)

@@ -450,6 +450,48 @@ def test_saved_for_backward_bytes():
     assert _saved_bytes(fused, x) >= 3 * full  # the gate output is then saved by k4's convolution
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_autocast_float32_input_cast_once(fmt, monkeypatch):
+    """A float32 input under bf16 autocast: k3's convolution and the gate read one cast of x (saved
+    once), with outputs, running statistics and every gradient bit for bit those of two casts; a
+    hook on k3's convolution still sees the float32 input."""
+    from scnet_fused import modules as fused_modules
+
+    torch.manual_seed(0)
+    ref = R.SCConv(16, 16, 1, 1, 1, 1, 4, nn.BatchNorm2d).train()
+    x = torch.randn(2, 16, 28, 28).contiguous(memory_format=fmt)
+
+    def run(module):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(xx)
+            saved = _saved_bytes(module, xx)
+        grads = torch.autograd.grad(y.float().square().sum(), [xx] + list(module.parameters()))
+        return (y,) + grads + tuple(module.buffers()), saved
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        b_ref = _saved_bytes(ref, x.clone().requires_grad_())
+    shared, b_shared = run(scnet_fused.convert(ref))
+    monkeypatch.setattr(fused_modules, "_autocast_input", lambda x, conv: None)
+    two_casts, b_two = run(scnet_fused.convert(ref))
+    monkeypatch.undo()
+    assert shared[0].dtype == torch.bfloat16 and shared[1].dtype == torch.float32
+    for a, b in zip(shared, two_casts):
+        assert torch.equal(a, b)
+    full = x.numel() * 2  # one full-size bf16 tensor
+    # saved: x's bf16 cast, k3's and k4's convolution outputs (+ pooled-branch maps, bf16 weights);
+    # with two casts also the second copy of x (measured 3.42 and 4.42 full-size)
+    assert b_shared <= 3.5 * full and b_two >= 4.4 * full, (b_shared / full, b_two / full)
+    assert b_shared <= 0.5 * b_ref, (b_shared, b_ref)
+
+    fused = scnet_fused.convert(ref)
+    seen = []
+    fused.k3[0].register_forward_pre_hook(lambda m, inp: seen.append(inp[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused(x)
+    assert seen == [torch.float32]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_recompute_gate_gives_identical_gradients(backend):
     torch.manual_seed(0)
