@@ -82,6 +82,29 @@ def test_low_precision(name, dtype, layout):
     torch.testing.assert_close(dx.double(), dref, rtol=rtol, atol=atol)
 
 
+# Triton's CPU interpreter converts float32 to bfloat16 by truncation (a GPU rounds to nearest even),
+# so its bfloat16 case is not one of these.
+@pytest.mark.parametrize("name,dtype", [(n, d) for n in backends_here() if n != "reference"
+                                        for d in (torch.float16, torch.bfloat16)
+                                        if not (n == "triton" and d == torch.bfloat16)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_low_precision_rounding_is_exact(name, dtype, layout):
+    """Half-precision outputs are the float results rounded to nearest, ties to even, bit for bit: on
+    multiples of 1/16 below 8 in magnitude every 4x4 window mean is exact in float32 and many need
+    rounding (ties among them), with rows and channels long enough for whole-vector stores; a NaN
+    or an infinity in a window gives NaN or that infinity."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randint(-128, 128, (2, 40, 8, 164), generator=g) / 16).to(dtype)
+    x[0, 3, 1, 5], x[1, 7, 6, 70], x[1, 20, 2, 33] = float("nan"), float("inf"), -float("inf")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with backend(name):
+        y = sc_avgpool(x, 4)
+    expected = F.avg_pool2d(x.float(), 4, 4).to(dtype)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+    assert y.isnan().sum() == 1 and y.isinf().sum() == 2
+
+
 def test_float64_gradcheck_and_opcheck():
     x = torch.randn(2, 3, 9, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: sc_avgpool(t, 3), (x,))
