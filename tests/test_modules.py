@@ -14,6 +14,8 @@ import published_style
 from _util import backends_here, kink_perturbed
 
 BACKENDS = backends_here()
+# the package's value (the suite's conftest sets the threshold to 0 for every test)
+DEFAULT_RECOMPUTE_MIN_ELEMENTS = scnet_fused.modules.RECOMPUTE_MIN_ELEMENTS
 
 
 def _pair(ctor, *args, **kwargs):
@@ -450,6 +452,30 @@ def test_saved_for_backward_bytes():
     assert _saved_bytes(fused, x) >= 3 * full  # the gate output is then saved by k4's convolution
 
 
+def test_gate_output_saved_below_the_recompute_size(monkeypatch):
+    """Below ``RECOMPUTE_MIN_ELEMENTS`` k4's convolution keeps the gate output instead of recomputing it
+    (the same gradients); from that size on it recomputes."""
+    from scnet_fused import modules as fused_modules
+
+    monkeypatch.setattr(fused_modules, "RECOMPUTE_MIN_ELEMENTS", DEFAULT_RECOMPUTE_MIN_ELEMENTS)
+    torch.manual_seed(0)
+    ref = R.SCConv(16, 16, 1, 1, 1, 1, 4, nn.BatchNorm2d).train()
+    small_x = torch.randn(2, 16, 28, 28, requires_grad=True)  # 25088 elements: y saved
+    large_x = torch.randn(6, 16, 28, 28, requires_grad=True)  # 75264: recomputed
+    assert small_x.numel() < DEFAULT_RECOMPUTE_MIN_ELEMENTS <= large_x.numel()
+    fused = scnet_fused.convert(ref)
+    assert _saved_bytes(fused, small_x) >= 3 * small_x.numel() * 4
+    assert _saved_bytes(fused, large_x) <= 2.15 * large_x.numel() * 4
+    for x in (small_x, large_x):
+        grads = []
+        for threshold in (0, x.numel() + 1):  # recompute, then save
+            monkeypatch.setattr(fused_modules, "RECOMPUTE_MIN_ELEMENTS", threshold)
+            m = scnet_fused.convert(ref)
+            grads.append(torch.autograd.grad(m(x).square().sum(), [x] + list(m.parameters())))
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_autocast_float32_input_cast_once(fmt, monkeypatch):
     """A float32 input under bf16 autocast: k3's convolution and the gate read one cast of x (saved
@@ -472,9 +498,9 @@ def test_autocast_float32_input_cast_once(fmt, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         b_ref = _saved_bytes(ref, x.clone().requires_grad_())
     shared, b_shared = run(scnet_fused.convert(ref))
-    monkeypatch.setattr(fused_modules, "_autocast_input", lambda x, conv: None)
-    two_casts, b_two = run(scnet_fused.convert(ref))
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(fused_modules, "_autocast_input", lambda x, conv: None)
+        two_casts, b_two = run(scnet_fused.convert(ref))
     assert shared[0].dtype == torch.bfloat16 and shared[1].dtype == torch.float32
     for a, b in zip(shared, two_casts):
         assert torch.equal(a, b)
