@@ -158,9 +158,14 @@ def _folded(conv: nn.Conv2d, bn: nn.Module, like: Tensor) -> Tuple[Tensor, Tenso
 
 
 def _seq_conv_bn(seq: nn.Module, x: Tensor) -> Tensor:
-    """A ``Sequential(Conv2d, norm)`` through :func:`_conv_bn`; anything else as the module."""
-    if isinstance(seq, nn.Sequential) and len(seq) == 2 and _hookless(seq):
-        return _conv_bn(seq[0], seq[1], x)
+    """A ``Sequential(..., Conv2d, norm)`` (the plain downsample, or the v1d models' average pool
+    first) with its last two through :func:`_conv_bn`, the modules before them called as they are;
+    anything else as the module."""
+    if isinstance(seq, nn.Sequential) and len(seq) >= 2 and _hookless(seq):
+        *head, conv, norm = seq
+        for m in head:
+            x = m(x)
+        return _conv_bn(conv, norm, x)
     return seq(x)
 
 
@@ -606,11 +611,12 @@ def _pool_rate(pool: nn.Module) -> int:
 class SCBottleneck(reference.SCBottleneck):
     """The SCNet bottleneck with a fused SCConv (same arguments and state_dict as the reference).
 
-    Without avd, conv1_a and conv1_b run as one convolution with their weights stacked (x read once;
-    one input gradient in the backward) where x is at least half the size of the two weights, and
-    the two branches' final ReLUs write straight into the concatenation conv3 reads; in training
-    the BatchNorm + ReLU after conv1_a / conv1_b run as one fused op over both halves, and k1's and
-    the SCConv's k4 BatchNorm + ReLU as one op writing both halves of that concatenation.
+    conv1_a and conv1_b run as one convolution with their weights stacked (x read once; one input
+    gradient in the backward) where x is at least half the size of the two weights, and the two
+    branches' final ReLUs write straight into the concatenation conv3 reads; in training the
+    BatchNorm + ReLU after conv1_a / conv1_b run as one fused op over both halves, and k1's and the
+    SCConv's k4 BatchNorm + ReLU as one op writing both halves of that concatenation. With avd (the
+    v1d models' first block of a stage), the avd pool runs once, on that concatenation.
     Submodules with hooks run as modules (see :func:`_hookless`). ``stack_conv1`` (default True; a
     class or instance attribute): False runs conv1_a and conv1_b one after the other (each with its
     fused BatchNorm + ReLU), as the reference does.
@@ -621,18 +627,29 @@ class SCBottleneck(reference.SCBottleneck):
     stack_conv1 = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.avd or not _plain_relu(self.relu) or x.dim() != 4 or standard_ops_only():
-            # exports and torch.func transforms: standard operators only; a ReLU with hooks or its own
-            # forward is called as often as the reference calls it
+        if (not _plain_relu(self.relu) or x.dim() != 4 or standard_ops_only()
+                or (self.avd and not self._plain_avd())):
+            # exports and torch.func transforms: standard operators only; a ReLU or an avd pool with
+            # hooks or its own forward is called as often as the reference calls it
             return super().forward(x)
         residual = x
         out_a, out_b = _conv1_pair(self.conv1_a, self.bn1_a, self.conv1_b, self.bn1_b, self.relu, x,
                                    self.stack_conv1)
-        out = _conv_bn(self.conv3, self.bn3, self._branches(out_a, out_b))
+        out = self._branches(out_a, out_b)
+        if self.avd:
+            # the pool works channel by channel: on the concatenation it is the two halves' pools
+            # concatenated (one pass, no second concatenation)
+            out = self.avd_layer(out)
+        out = _conv_bn(self.conv3, self.bn3, out)
         if self.downsample is not None:
             residual = _seq_conv_bn(self.downsample, x)
         out = out + residual
         return self.relu(out)
+
+    def _plain_avd(self) -> bool:
+        """The avd layer is an nn.AvgPool2d or nn.MaxPool2d (a per-channel pool) with nothing attached."""
+        pool = getattr(self, "avd_layer", None)
+        return type(pool) in (nn.AvgPool2d, nn.MaxPool2d) and _hookless(pool)
 
     def _branches(self, out_a: Tensor, out_b: Tensor) -> Tensor:
         """``cat([relu(k1(out_a)), relu(scconv(out_b))], 1)``. With both branches ending in a BatchNorm2d

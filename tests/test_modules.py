@@ -330,6 +330,43 @@ def test_bottleneck_inference_folds_batchnorms(backend, channels_last, monkeypat
         assert [_called(calls, getattr(fused, name)) for name in names] == [grad] * 3  # folded at this size
 
 
+@pytest.mark.parametrize("hooked", [False, True])
+def test_avd_bottleneck_takes_the_fused_path(hooked, monkeypatch):
+    """The v1d models' first block of a stage (avd, stride 2, a downsample that pools first): conv1_a and
+    conv1_b stacked (neither module called), the avd pool once per forward on the concatenation, and
+    at inference the downsample's convolution folded with its BatchNorm (its pool still runs). With a
+    hook on the avd pool the bottleneck runs as the reference does (the pool called on each half).
+    Outputs, gradients and running statistics as the reference, training then eval."""
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+                         nn.Conv2d(32, 128, 1, bias=False), nn.BatchNorm2d(128))  # as SCNet's avg_down
+    ref = R.SCBottleneck(32, 32, stride=2, downsample=down, avd=True, norm_layer=nn.BatchNorm2d)
+    assert ref.avd
+    _randomize_norms(ref)
+    fused = scnet_fused.convert(ref)
+    assert isinstance(fused, scnet_fused.SCBottleneck)
+    seen = []
+    if hooked:
+        fused.avd_layer.register_forward_hook(lambda m, inp, out: seen.append(tuple(inp[0].shape)))
+    convs = _count_forward_calls(monkeypatch, nn.Conv2d)
+    pools = _count_forward_calls(monkeypatch, nn.AvgPool2d)
+    x = torch.randn(4, 32, 14, 13)
+    for mode in ("train", "eval"):
+        convs.clear(), pools.clear()
+        steps = 2 if mode == "train" else 1
+        _step_and_compare(ref.train(mode == "train"), fused.train(mode == "train"), x, steps=steps)
+        avd_calls = sum(m is fused.avd_layer for m in pools)
+        assert avd_calls == steps * (2 if hooked else 1), mode
+        assert _called(convs, fused.conv1_a) == hooked and _called(convs, fused.conv1_b) == hooked, mode
+    if hooked:
+        assert set(seen) == {(4, 16, 14, 13)}  # each half, as the reference pools them
+    with torch.no_grad():
+        expected = ref(x)
+        convs.clear(), pools.clear()
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-5)
+    assert _called(pools, fused.downsample[0]) and _called(convs, fused.downsample[1]) == hooked
+
+
 def _sgd_history(x, y, steps):
     torch.manual_seed(0)
     ref = R.SCNet(R.SCBottleneck, layers=(1, 1, 1, 1), num_classes=5)
