@@ -417,12 +417,14 @@ class _ConvOfGate(torch.autograd.Function):
     # forward(ctx, ...) rather than forward + setup_context: that form binds the arguments with
     # inspect.signature on every call (about 40 us on a Xeon core). torch.func transforms, which
     # need the other form, never reach this class: the modules run standard operators inside them.
+    # ``weight`` is the parameter; the convolution uses it in y's dtype (under autocast a cast made here
+    # and again in the backward: the parameter is saved, not a copy).
     @staticmethod
     def forward(ctx, y, weight, x, small, k3, scale, shift, small_scale, small_shift, stride, padding, dilation,
                 groups):
         ctx.conv = (stride, padding, dilation, groups)
         ctx.save_for_backward(weight, x, small, k3, scale, shift, small_scale, small_shift)
-        return F.conv2d(y, weight, None, stride, padding, dilation, groups)
+        return F.conv2d(y, weight.to(y.dtype), None, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -431,9 +433,54 @@ class _ConvOfGate(torch.autograd.Function):
         with torch.no_grad():
             y = sc_gate(x, small, k3, scale, shift, small_scale, small_shift)
         grad_y, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_out, y, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+            grad_out, y, weight.to(y.dtype), None, list(stride), list(padding), list(dilation), False, [0, 0],
+            groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
         return (grad_y, grad_w) + (None,) * 11
+
+
+class _AutocastConv(torch.autograd.Function):
+    """``conv2d(x.to(dtype), weight.to(dtype))``, as autocast runs a convolution, but saving the
+    parameter for the backward instead of its cast (cast again there): under autocast the convolutions
+    of k2 and k3 keep no weight-sized copy alive until the backward (at the deep stages the weights
+    outweigh the activations). Outputs and gradients are those of autocast's convolution."""
+
+    @staticmethod
+    def forward(ctx, x, weight, dtype, stride, padding, dilation, groups):
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.x_dtype = x.dtype
+        xc = x.to(dtype)
+        ctx.save_for_backward(xc, weight)
+        return F.conv2d(xc, weight.to(dtype), None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xc, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_out, xc, weight.to(xc.dtype), None, list(stride), list(padding), list(dilation), False,
+            [0, 0], groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_x, grad_w, None, None, None, None, None
+
+
+def _conv(conv: nn.Module, x: Tensor) -> Tensor:
+    """``conv(x)``; under autocast with a plain float32 convolution (:func:`_plain_conv`) and autograd
+    on, through :class:`_AutocastConv` (the parameter saved instead of its lower-precision copy)."""
+    device_type = x.device.type
+    if not (torch.is_grad_enabled() and _autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return conv(x)
+    dtype = torch.get_autocast_dtype(device_type)
+    if not (_plain_conv(conv) and conv.weight.dtype == torch.float32 and x.dtype in (torch.float32, dtype)
+            and x.dim() == 4):
+        return conv(x)
+    with torch.autocast(device_type, enabled=False):
+        return _AutocastConv.apply(x, conv.weight, dtype, _pair(conv.stride), _pair(conv.padding),
+                                   _pair(conv.dilation), conv.groups)
 
 
 def _pair(v):
@@ -487,7 +534,7 @@ class SCConv(reference.SCConv):
         small, norm2 = self._k2(x)
         conv3, norm3 = self.k3[0], self.k3[1]
         x_amp = _autocast_input(x, conv3)
-        k3 = conv3(x if x_amp is None else x_amp)
+        k3 = _conv(conv3, x if x_amp is None else x_amp)
         if k3.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"SCConv: k3 changed the spatial size {tuple(x.shape[-2:])} -> "
                              f"{tuple(k3.shape[-2:])}; the gate needs them equal")
@@ -534,7 +581,7 @@ class SCConv(reference.SCConv):
         if isinstance(k2, nn.Sequential) and len(k2) == 3 and _plain_pool(k2[0], r) and _conv_accepts(k2[1], x):
             pooled = sc_avgpool(x, r)
             conv2, norm2 = k2[1], k2[2]
-            small = conv2(pooled)
+            small = _conv(conv2, pooled)
             if self.fuse_k2_norm and _gate_takes_norm(norm2, small):
                 return small, norm2
             return norm2(small), None
@@ -548,7 +595,7 @@ class SCConv(reference.SCConv):
         amp_device = _autocast_available(y.device.type)
         if amp_device and torch.is_autocast_enabled(y.device.type):
             dtype = torch.get_autocast_dtype(y.device.type)
-            y, weight = y.to(dtype), weight.to(dtype)
+            y = y.to(dtype)  # the weight: cast inside _ConvOfGate, the parameter saved
             if y.dtype != x.dtype:  # recompute in the dtype the convolution saw
                 x, small, k3 = x.to(dtype), small.to(dtype), k3.to(dtype)
         elif weight.dtype != y.dtype:
