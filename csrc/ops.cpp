@@ -52,6 +52,7 @@ TORCH_LIBRARY(scnet_fused, m) {
   m.def("_avgpool_backward(Tensor dy, int H, int W, int r, bool channels_last) -> Tensor");
   m.def("_affine_relu(Tensor t, Tensor scale, Tensor shift) -> Tensor");
   m.def("_affine_relu_out(Tensor t, Tensor scale, Tensor shift, Tensor(a!) out) -> ()");
+  m.def("_affine_add_relu(Tensor t, Tensor residual, Tensor scale, Tensor shift) -> Tensor");
   m.def("_affine_relu_backward_sums(Tensor dy, Tensor t, Tensor scale, Tensor shift, Tensor center) "
         "-> (Tensor, Tensor)");
   m.def("_affine_relu_backward_apply(Tensor dy, Tensor t, Tensor scale, Tensor shift, Tensor p, Tensor q, "

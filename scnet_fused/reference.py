@@ -457,6 +457,11 @@ def affine_relu(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return _like(torch.relu(_affine_relu_z(t, scale, shift)), t)
 
 
+def affine_add_relu(t: Tensor, residual: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """relu(t * scale[c] + shift[c] + residual) (NaN propagates), in t's dtype and memory format."""
+    return _like(torch.relu(_affine_relu_z(t, scale, shift) + _acc(residual)), t)
+
+
 def affine_relu_out(t: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
     """relu(t * scale[c] + shift[c]) written into ``out`` (t's shape; any strides, e.g. a channel slice)."""
     out.copy_(torch.relu(_affine_relu_z(t, scale, shift)))

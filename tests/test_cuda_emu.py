@@ -172,6 +172,13 @@ def test_bn_relu_matches_cpu_kernels(emu, cpu, dtype, layout):
                                          for k in range(6))
         y = emu.affine_relu(t, scale, shift)
         _close(y, cpu.affine_relu(t, scale, shift), dtype)
+        # with a residual inside the ReLU (in the layout, and in the other one: read in t's)
+        res = _tensor(shape, dtype, layout, seed=i + 30)
+        for rr in (res, res.contiguous(memory_format=torch.channels_last if res.is_contiguous()
+                                       else torch.contiguous_format)):
+            ya = emu.affine_add_relu(t, rr, scale, shift)
+            _close(ya, cpu.affine_add_relu(t, rr, scale, shift), dtype)
+            assert ya.stride() == y.stride()
         for a, b in zip(emu.affine_relu_backward_sums(dy, t, scale, shift, center),
                         cpu.affine_relu_backward_sums(dy, t, scale, shift, center)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@
 //
 //   z = t * scale[c] + shift[c]          (the BatchNorm folded to a per-channel affine)
 //   y = relu(z)                          (NaN stays NaN, as torch.relu)
+//   y = relu(z + res)                    (`_affine_add_relu`: with a residual of t's shape, a bottleneck's end)
 //   g = dy where !(z <= 0), else 0        (torch's threshold_backward: a NaN z passes the gradient)
 //   sums:  sum_g[c] = sum g,  sum_gc[c] = sum g * (t - center[c])
 //   apply: dt = p[c] * g + q[c] * t + r[c]   (BatchNorm's input gradient)
@@ -90,13 +91,21 @@ inline void apply_plane(const T* tp, const T* dp, T* op, int64_t HW, float a, fl
   }
 }
 
-// y = relu(a * t + b) over a plane.
-template <typename T>
-inline void relu_plane(const T* tp, T* op, int64_t HW, float a, float b) {
+// y = relu(a * t + b) over a plane; with kAdd, y = relu(a * t + b + res).
+template <typename T, bool kAdd = false>
+inline void relu_plane(const T* tp, const T* rp, T* op, int64_t HW, float a, float b) {
   const Vec av(a), bv(b);
   int64_t e = 0;
-  for (; e + kV <= HW; e += kV) store_f(op + e, relu_v(at::vec::fmadd(load_f(tp + e), av, bv)));
-  for (; e < HW; ++e) op[e] = static_cast<T>(relu_s(static_cast<float>(tp[e]) * a + b));
+  for (; e + kV <= HW; e += kV) {
+    Vec z = at::vec::fmadd(load_f(tp + e), av, bv);
+    if constexpr (kAdd) z = z + load_f(rp + e);
+    store_f(op + e, relu_v(z));
+  }
+  for (; e < HW; ++e) {
+    float z = static_cast<float>(tp[e]) * a + b;
+    if constexpr (kAdd) z += static_cast<float>(rp[e]);
+    op[e] = static_cast<T>(relu_s(z));
+  }
 }
 
 // sum g and sum g * (t - k) over a plane, g = dy masked by relu(a * t + b): float partials over at most
@@ -129,11 +138,12 @@ inline void plane_sums(const T* tp, const T* dp, int64_t HW, float a, float b, f
 }
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise: y = relu(affine(t))  (kApply false) or dt = p * g + q * t + r  (kApply true), with g
-// the ReLU-masked dy (kMask) or dy itself (then A, B are unused and out may be dy: each element is
-// read before it is written). A, B: scale, shift; P, Q, R: p, q, r (apply only).
+// Elementwise: y = relu(affine(t))  (kApply false; with kAdd, relu(affine(t) + dy), dy then the
+// residual, dense in t's layout) or dt = p * g + q * t + r  (kApply true), with g the ReLU-masked dy
+// (kMask) or dy itself (then A, B are unused and out may be dy: each element is read before it is
+// written). A, B: scale, shift; P, Q, R: p, q, r (apply only).
 // ---------------------------------------------------------------------------------------------
-template <typename T, bool kApply, bool kMask = true>
+template <typename T, bool kApply, bool kMask = true, bool kAdd = false>
 void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, const float* P, const float* Q,
                const float* R, const Shape& s, Layout L) {
   if (L == Layout::NCHW) {
@@ -146,7 +156,7 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
         if constexpr (kApply) {
           apply_plane<T, kMask>(tp, dy + (n * s.dyP + c) * HW, op, HW, A[c], B[c], P[c], Q[c], R[c]);
         } else {
-          relu_plane(tp, op, HW, A[c], B[c]);
+          relu_plane<T, kAdd>(tp, kAdd ? dy + plane * HW : nullptr, op, HW, A[c], B[c]);
         }
       }
     });
@@ -173,9 +183,17 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
           op[c] = static_cast<T>(P[c] * g + (Q[c] * tv + R[c]));
         }
       } else {
-        for (; c + kV <= C; c += kV)
-          store_f(op + c, relu_v(at::vec::fmadd(load_f(tp + c), Vec::loadu(A + c), Vec::loadu(B + c))));
-        for (; c < C; ++c) op[c] = static_cast<T>(relu_s(static_cast<float>(tp[c]) * A[c] + B[c]));
+        const T* rp = kAdd ? dy + q * C : nullptr;
+        for (; c + kV <= C; c += kV) {
+          Vec z = at::vec::fmadd(load_f(tp + c), Vec::loadu(A + c), Vec::loadu(B + c));
+          if constexpr (kAdd) z = z + load_f(rp + c);
+          store_f(op + c, relu_v(z));
+        }
+        for (; c < C; ++c) {
+          float z = static_cast<float>(tp[c]) * A[c] + B[c];
+          if constexpr (kAdd) z += static_cast<float>(rp[c]);
+          op[c] = static_cast<T>(relu_s(z));
+        }
       }
     }
   });
@@ -308,7 +326,8 @@ void forward_by_channel(const T* t, T* out, const float* W, const float* Bi, flo
       cpu_stats::channel_moments(t + c * HW, N, C * HW, HW, mean + c, var + c);
       float a, b;
       bn_fold_one(W[c], Bi[c], mean[c], var[c], eps, &a, &b);
-      for (int64_t n = 0; n < N; ++n) relu_plane(t + (n * C + c) * HW, out + (n * s.outP + c) * HW, HW, a, b);
+      for (int64_t n = 0; n < N; ++n)
+        relu_plane<T>(t + (n * C + c) * HW, nullptr, out + (n * s.outP + c) * HW, HW, a, b);
     }
   });
 }
@@ -378,6 +397,31 @@ at::Tensor affine_relu(const at::Tensor& t, const at::Tensor& scale, const at::T
 
 void affine_relu_out(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
   affine_relu_into("scnet_fused::_affine_relu_out (cpu)", t, scale, shift, out);
+}
+
+// y = relu(t * scale + shift + residual): residual of t's shape, dtype and device, read in t's layout
+// (copied there when it is in another); y in t's layout.
+at::Tensor affine_add_relu(const at::Tensor& t_in, const at::Tensor& res_in, const at::Tensor& scale,
+                           const at::Tensor& shift) {
+  const char* op = "scnet_fused::_affine_add_relu (cpu)";
+  check_full(op, t_in);
+  TORCH_CHECK(res_in.sizes() == t_in.sizes() && res_in.scalar_type() == t_in.scalar_type() &&
+                  res_in.device() == t_in.device(),
+              op, ": residual must match t's shape, dtype and device, got ", res_in.sizes(), " ",
+              res_in.scalar_type(), " on ", res_in.device());
+  const Layout L = layout_of(t_in);
+  const at::Tensor t = in_layout(t_in, L), res = in_layout(res_in, L);
+  const int64_t C = t.size(1);
+  const auto A = vec_of(op, "scale", scale, C), B = vec_of(op, "shift", shift, C);
+  at::Tensor y = new_output(t.sizes(), t.options(), format_of(L));
+  if (t.numel() == 0) return y;
+  const Shape s{t.size(0), C, t.size(2) * t.size(3), C, C};
+  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    pointwise<T, false, true, true>(t.data_ptr<T>(), res.data_ptr<T>(), y.data_ptr<T>(), A.data(), B.data(), nullptr,
+                                    nullptr, nullptr, s, L);
+  });
+  return y;
 }
 
 // relu(batch_norm(t)) with batch statistics written into `out` (t's shape, dtype and layout, dense or a
@@ -534,6 +578,7 @@ void add_channel_affine_(const at::Tensor& d, const at::Tensor& t_in, const at::
 TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
   m.impl("_affine_relu", &scnet_fused::cpu_bn_relu::affine_relu);
   m.impl("_affine_relu_out", &scnet_fused::cpu_bn_relu::affine_relu_out);
+  m.impl("_affine_add_relu", &scnet_fused::cpu_bn_relu::affine_add_relu);
   m.impl("_affine_relu_backward_sums", &scnet_fused::cpu_bn_relu::affine_relu_backward_sums);
   m.impl("_affine_relu_backward_apply", &scnet_fused::cpu_bn_relu::affine_relu_backward_apply);
   m.impl("_add_channel_affine_", &scnet_fused::cpu_bn_relu::add_channel_affine_);

@@ -1,7 +1,8 @@
 // CUDA kernels of BatchNorm + ReLU with batch statistics (contract: scnet_fused/ops/_dispatch.py; the
 // math is stated in csrc/cpu/sc_bn_relu_cpu.cpp).
 //
-//   pointwise_kernel   y = relu(t * scale + shift), or dt = p * g + q * t + r: one thread per element,
+//   pointwise_kernel   y = relu(t * scale + shift) (+ a residual inside the ReLU: `_affine_add_relu`), or
+//                      dt = p * g + q * t + r: one thread per element,
 //                      grid-stride, channel from the flat index (NCHW or NHWC); y (`_affine_relu_out`)
 //                      and dy may be channel slices of a concatenation buffer (channel pitch).
 //   sums_kernel        NCHW: per (channel, chunk of N*H*W positions) block: sum g and g * (t - center)
@@ -69,7 +70,9 @@ __global__ void __launch_bounds__(kThreads) pointwise_kernel(const Params<T> p, 
       p.out[i] = static_cast<T>(p.P[c] * g + p.Q[c] * tv + p.R[c]);
     } else {
       const I outP = static_cast<I>(p.outP);
-      p.out[outP == C ? i : pitched<I, kNHWC>(i, C, HW, outP)] = static_cast<T>(relu_f(z));
+      // the residual (`_affine_add_relu`) comes in dy's place, dense in t's layout
+      const float zr = p.dy ? z + static_cast<float>(p.dy[i]) : z;
+      p.out[outP == C ? i : pitched<I, kNHWC>(i, C, HW, outP)] = static_cast<T>(relu_f(zr));
     }
   }
 }
@@ -160,7 +163,8 @@ void check_full(const char* op, const at::Tensor& t) {
 }
 
 // kApply false: y = relu(affine(t)) into `out_in` when given (dense in t's format or a channel slice
-// of a concatenation buffer), else into a new tensor. kApply true: dt from dy (dense or a slice).
+// of a concatenation buffer), else into a new tensor; with `dy_in`, the residual added before the ReLU
+// (read dense in t's format). kApply true: dt from dy (dense or a slice).
 template <bool kApply>
 at::Tensor pointwise_op(const char* op, const at::Tensor& t_in, const at::Tensor* dy_in, const at::Tensor& scale,
                         const at::Tensor& shift, const at::Tensor* pqr, const at::Tensor* out_in = nullptr) {
@@ -169,10 +173,10 @@ at::Tensor pointwise_op(const char* op, const at::Tensor& t_in, const at::Tensor
   const Layout L = out_in ? layout_for_out(t_in, *out_in) : layout_of(t_in);
   const at::Tensor t = in_layout(t_in, L);
   int64_t dyP = t.size(1);
-  const at::Tensor dy = dy_in ? in_layout_or_slice(*dy_in, L, &dyP) : at::Tensor();
+  const at::Tensor dy = !dy_in ? at::Tensor() : kApply ? in_layout_or_slice(*dy_in, L, &dyP) : in_layout(*dy_in, L);
   if (dy_in) {
     TORCH_CHECK(dy.sizes() == t.sizes() && dy.scalar_type() == t.scalar_type() && dy.device() == t.device(), op,
-                ": dy must match t's shape, dtype and device");
+                kApply ? ": dy" : ": residual", " must match t's shape, dtype and device");
   }
   int64_t outP = t.size(1);
   if (out_in) {
@@ -230,6 +234,11 @@ at::Tensor affine_relu(const at::Tensor& t, const at::Tensor& scale, const at::T
 
 void affine_relu_out(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
   pointwise_op<false>("scnet_fused::_affine_relu_out (cuda)", t, nullptr, scale, shift, nullptr, &out);
+}
+
+at::Tensor affine_add_relu(const at::Tensor& t, const at::Tensor& residual, const at::Tensor& scale,
+                           const at::Tensor& shift) {
+  return pointwise_op<false>("scnet_fused::_affine_add_relu (cuda)", t, &residual, scale, shift, nullptr);
 }
 
 at::Tensor affine_relu_backward_apply(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& scale,
@@ -291,6 +300,7 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
 TORCH_LIBRARY_IMPL(scnet_fused, CUDA, m) {
   m.impl("_affine_relu", &scnet_fused::cuda_bn_relu::affine_relu);
   m.impl("_affine_relu_out", &scnet_fused::cuda_bn_relu::affine_relu_out);
+  m.impl("_affine_add_relu", &scnet_fused::cuda_bn_relu::affine_add_relu);
   m.impl("_affine_relu_backward_sums", &scnet_fused::cuda_bn_relu::affine_relu_backward_sums);
   m.impl("_affine_relu_backward_apply", &scnet_fused::cuda_bn_relu::affine_relu_backward_apply);
 }

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 _OPS = ("_gate_forward", "_gate_backward", "_gate_backward_k3", "_channel_stats", "_avgpool", "_avgpool_backward",
-        "_affine_relu", "_affine_relu_out", "_affine_relu_backward_sums", "_affine_relu_backward_apply")
+        "_affine_relu", "_affine_relu_out", "_affine_relu_backward_sums", "_affine_relu_backward_apply",
+        "_affine_add_relu")
 _import_error: Optional[str] = None
 
 try:
@@ -179,6 +180,9 @@ class Primitives:
     def affine_relu_out(self, t, scale, shift, out):
         self._ops._affine_relu_out(t, scale, shift, out)
         return out
+
+    def affine_add_relu(self, t, residual, scale, shift):
+        return self._ops._affine_add_relu(t, residual, scale, shift)
 
     def affine_relu_backward_sums(self, dy, t, scale, shift, center):
         return self._ops._affine_relu_backward_sums(dy, t, scale, shift, center)

@@ -27,6 +27,9 @@ Every backend provides the same kernel-level primitives (no autograd, no torch.l
 ``affine_relu(t, scale, shift) -> y``
     ``y = relu(t * scale[c] + shift[c])`` (NaN propagates), float32 ``[C]`` scale / shift; t's dtype and
     memory format.
+``affine_add_relu(t, residual, scale, shift) -> y``
+    ``y = relu(t * scale[c] + shift[c] + residual)``: a BatchNorm, a residual addition and a ReLU (the end
+    of a bottleneck); residual of t's shape and dtype (read in t's memory format), y like t.
 ``affine_relu_out(t, scale, shift, out) -> out``
     the same written into ``out``: t's shape and dtype, dense in t's memory format or a channel slice
     ``buf[:, c0:c0 + C]`` of such a tensor (one half of a concatenation), written in place.

@@ -80,6 +80,13 @@ def bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[
         mean.detach(), var.detach()
 
 
+def bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
+                      eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    mean, var, scale, shift = _batch_affine(t, weight, bias, eps)
+    z = R._acc(t) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1) + R._acc(residual)
+    return R._like(torch.relu(z), t), mean.detach(), var.detach()
+
+
 def bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, tb: Tensor, wb: Tensor, bb: Tensor, eps_a: float,
                       eps_b: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     ya, mean_a, var_a = bn_relu_train(ta, wa, ba, eps_a)

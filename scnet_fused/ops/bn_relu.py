@@ -21,7 +21,7 @@ from .._alloc import new_empty
 from . import _dispatch, _plain
 from .sc_gate import _format, bn_fold, check_per_channel
 
-__all__ = ["bn_relu_train", "bn_relu_cat_train", "check_bn_relu_inputs"]
+__all__ = ["bn_relu_train", "bn_relu_cat_train", "bn_add_relu_train", "check_bn_relu_inputs"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -249,3 +249,105 @@ def bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, tb: Tensor, wb: Tensor
     if _dispatch.cpp_autograd(ta):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
         return torch.ops.scnet_fused._bn_relu_cat_train_ag(ta, wa, ba, float(eps_a), tb, wb, bb, float(eps_b))
     return torch.ops.scnet_fused.bn_relu_cat_train(ta, wa, ba, float(eps_a), tb, wb, bb, float(eps_b))
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm + residual addition + ReLU: the end of a bottleneck
+# ------------------------------------------------------------------------------------------------
+
+
+def check_bn_add_relu_inputs(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor) -> None:
+    check_bn_relu_inputs(t, weight, bias, "bn_add_relu_train")
+    if not isinstance(residual, Tensor) or residual.shape != t.shape:
+        raise ValueError(f"bn_add_relu_train: residual must have t's shape {tuple(t.shape)}, got "
+                         f"{tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__}")
+    if residual.dtype != t.dtype or residual.device != t.device:
+        raise ValueError(f"bn_add_relu_train: residual must have t's dtype and device ({t.dtype} on {t.device}), "
+                         f"got {residual.dtype} on {residual.device}")
+
+
+@torch.library.custom_op("scnet_fused::bn_add_relu_train", mutates_args=())
+def _bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
+                       eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    check_bn_add_relu_inputs(t, weight, bias, residual)
+    _, prims = _dispatch.select(t.device, t.dtype)
+    t = t.contiguous(memory_format=_format(t))
+    mean, var = prims.channel_stats(t)
+    _, scale, shift = bn_fold(weight, bias, mean, var, eps)
+    y = prims.affine_add_relu(t, residual, scale.contiguous(), shift.contiguous())
+    return y, mean, var
+
+
+@_bn_add_relu_train.register_fake
+def _(t, weight, bias, residual, eps):
+    check_bn_add_relu_inputs(t, weight, bias, residual)
+    c = t.new_empty(t.shape[1], dtype=_acc_dtype(t))
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_format(t)), c, c.new_empty(c.shape)
+
+
+@torch.library.custom_op("scnet_fused::bn_add_relu_train_backward", mutates_args=())
+def _bn_add_relu_train_backward(dy: Tensor, y: Tensor, t: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
+                                var: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _, prims = _dispatch.select(t.device, t.dtype)
+    fmt = _format(t)
+    t = t.contiguous(memory_format=fmt)
+    # g = dy where the output is not <= 0 (torch's ReLU backward from its output: a NaN passes dy):
+    # the residual's gradient, and the BatchNorm's output gradient
+    g = torch.ops.aten.threshold_backward(dy.to(t.dtype), y, 0).contiguous(memory_format=fmt)
+    invstd, scale, _ = bn_fold(weight, bias, mean, var, eps)
+    scale = scale.contiguous()
+    # The BatchNorm's backward from g through the ReLU primitives with their mask switched off: with
+    # scale 0 and shift 1 the masked value 0 * t + 1 is never <= 0 (NaN for an infinite t: not <= 0).
+    off, on = torch.zeros_like(scale), torch.ones_like(scale)
+    sum_g, sum_gc = prims.affine_relu_backward_sums(g, t, off, on, mean.contiguous())
+    m = float(t.shape[0] * t.shape[2] * t.shape[3])
+    dweight = sum_gc * invstd
+    q = -scale * invstd * dweight / m
+    r = -q * mean - scale * sum_g / m
+    dt = prims.affine_relu_backward_apply(g, t, off, on, scale, q.contiguous(), r.contiguous())
+    return dt, dweight.to(weight.dtype), sum_g.to(bias.dtype), g
+
+
+@_bn_add_relu_train_backward.register_fake
+def _(dy, y, t, weight, bias, mean, var, eps):
+    fmt = _format(t)
+    return (torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt), weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape), torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt))
+
+
+def _add_setup(ctx, inputs, output):
+    t, weight, bias, residual, eps = inputs
+    y, mean, var = output
+    ctx.eps = eps
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(y, t, weight, bias, mean, var)
+
+
+def _add_backward(ctx, dy, _dmean, _dvar):
+    y, t, weight, bias, mean, var = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(t)
+    dt, dweight, dbias, dres = torch.ops.scnet_fused.bn_add_relu_train_backward(dy, y, t, weight, bias, mean, var,
+                                                                                ctx.eps)
+    return dt, dweight, dbias, dres, None
+
+
+_bn_add_relu_train.register_autograd(_add_backward, setup_context=_add_setup)
+
+
+def bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
+                      eps: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor]:
+    """``relu(batch_norm(t, weight, bias, training=True) + residual)`` fused; returns ``(y, mean, var)``.
+
+    The end of a bottleneck: its last BatchNorm, the shortcut's addition and the ReLU. Forward: one
+    statistics pass over t, one pass reading t and residual and writing y (eager: the normalised tensor,
+    the sum and the ReLU each written and read again). Backward: the ReLU's mask from y (the residual's
+    gradient), then BatchNorm's two passes. Saved for backward: y and t (eager saves the same two:
+    BatchNorm's input and the ReLU's output) and per-channel vectors. ``residual`` has t's shape, dtype
+    and device (any memory format; read in t's); ``mean`` and biased ``var`` as :func:`bn_relu_train`.
+    Differentiable in t, weight, bias and residual.
+    """
+    check_bn_add_relu_inputs(t, weight, bias, residual)
+    if _dispatch.standard_ops_only():
+        return _plain.bn_add_relu_train(t, weight, bias, residual, float(eps))
+    return torch.ops.scnet_fused.bn_add_relu_train(t, weight, bias, residual, float(eps))

@@ -7,7 +7,8 @@ passes the gradient, as torch's threshold_backward), per-channel ``sum g`` and
 memory order (NCHW or NHWC); y (``affine_relu_out``) and dy may be channel slices of a concatenation
 buffer, read and written in place through their channel pitch; the sums kernel is the statistics kernel's tiling (a chunk of positions
 by a block of channels per program, partials summed by the launcher in a fixed order: deterministic).
-Bytes: forward reads t, writes y (2 passes); sums read dy and t (2); apply reads dy, t, writes dt (3).
+Bytes: forward reads t, writes y (2 passes; 3 with a residual, ``affine_add_relu``); sums read dy and t (2);
+apply reads dy, t, writes dt (3).
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ _BLOCK = 1024
 @triton.jit
 def _affine_relu_pointwise_kernel(t_ptr, dy_ptr, out_ptr, a_ptr, b_ptr, p_ptr, q_ptr, r_ptr, total, C, HW,
                                   dy_pitch, out_pitch, APPLY: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                                  BIG: tl.constexpr, BLOCK_E: tl.constexpr, SLICED: tl.constexpr):
+                                  BIG: tl.constexpr, BLOCK_E: tl.constexpr, SLICED: tl.constexpr,
+                                  RESIDUAL: tl.constexpr = False):
     # e: flat index of the dense t; with SLICED, dy (APPLY) or out (not APPLY) is a channel slice of a
     # wider buffer addressed through its channel pitch; without it both are dense and use e itself
-    # (contiguous offsets the compiler can vectorize).
+    # (contiguous offsets the compiler can vectorize). RESIDUAL (not APPLY): dy_ptr is a residual,
+    # dense like t, added before the ReLU.
     e = flat_block(BLOCK_E, BIG)
     mask = e < total
     n, c, _, pix = unflatten(e, C, 1, HW, CHANNELS_LAST)
@@ -48,6 +51,8 @@ def _affine_relu_pointwise_kernel(t_ptr, dy_ptr, out_ptr, a_ptr, b_ptr, p_ptr, q
                + tl.load(r_ptr + c, mask=mask, other=0.0))
         o_off = e
     else:
+        if RESIDUAL:
+            z = z + tl.load(dy_ptr + e, mask=mask, other=0.0).to(tl.float32)
         out = tl.where(z <= 0.0, 0.0, z)
         if SLICED:
             o_off = offset4(n, c, 0, pix, out_pitch, 1, HW, CHANNELS_LAST)
@@ -101,7 +106,8 @@ def _vec(v: torch.Tensor) -> torch.Tensor:
     return v.detach().to(torch.float32).contiguous()
 
 
-def _pointwise(t, dy, scale, shift, pqr: Optional[tuple], out: Optional[torch.Tensor] = None):
+def _pointwise(t, dy, scale, shift, pqr: Optional[tuple], out: Optional[torch.Tensor] = None,
+               residual: Optional[torch.Tensor] = None):
     channels_last, fmt = _layout(t)
     if (out is not None and not channel_pitch(out, channels_last) and channel_pitch(out, not channels_last)
             and t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)):
@@ -130,13 +136,15 @@ def _pointwise(t, dy, scale, shift, pqr: Optional[tuple], out: Optional[torch.Te
     dy_pitch = C
     if apply:
         dy, dy_pitch = in_layout_or_slice(dy.to(t.dtype), channels_last, fmt)
+    elif residual is not None:
+        dy = residual.contiguous(memory_format=fmt)
     else:
         dy = t
     span = t.shape[0] * max(dy_pitch, out_pitch) * HW
     _affine_relu_pointwise_kernel[(triton.cdiv(total, _BLOCK),)](
         t, dy, out, a, b, p, q, r, total, C, HW, dy_pitch, out_pitch, APPLY=apply, CHANNELS_LAST=channels_last,
         BIG=max(total, span) >= INT32_LIMIT, BLOCK_E=_BLOCK, SLICED=max(dy_pitch, out_pitch) != C,
-        num_warps=_num_warps(_BLOCK))
+        RESIDUAL=residual is not None, num_warps=_num_warps(_BLOCK))
     return out
 
 
@@ -148,6 +156,14 @@ def affine_relu(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
 def affine_relu_out(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """relu(t * scale[c] + shift[c]) written into ``out`` (dense in t's format, or a channel slice)."""
     return _pointwise(t, None, scale, shift, None, out)
+
+
+def affine_add_relu(t: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """relu(t * scale[c] + shift[c] + residual) in t's dtype and memory format."""
+    if residual.shape != t.shape or residual.dtype != t.dtype or residual.device != t.device:
+        raise ValueError(f"affine_add_relu: residual must match t's shape, dtype and device, got "
+                         f"{tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    return _pointwise(t, None, scale, shift, None, residual=residual)
 
 
 def affine_relu_backward_apply(dy, t, scale, shift, p, q, r) -> torch.Tensor:
@@ -196,13 +212,15 @@ def aot_kernels():
             tag = f"{'nhwc' if cl else 'nchw'}_{_TRITON_DTYPE[dtype]}"
             for sliced in (False, True):  # dense tensors, or a channel slice of a concatenation
                 st = "_slice" if sliced else ""
-                for apply in (False, True):
-                    const = dict(APPLY=apply, CHANNELS_LAST=cl, BIG=False, BLOCK_E=_BLOCK, SLICED=sliced)
+                for apply, residual in ((False, False), (True, False)) + (((False, True),) if not sliced else ()):
+                    const = dict(APPLY=apply, CHANNELS_LAST=cl, BIG=False, BLOCK_E=_BLOCK, SLICED=sliced,
+                                 RESIDUAL=residual)
                     sig = {"t_ptr": ty, "dy_ptr": ty, "out_ptr": ty,
                            **{nm: "*fp32" for nm in ("a_ptr", "b_ptr", "p_ptr", "q_ptr", "r_ptr")},
                            "total": "i32", "C": "i32", "HW": "i32", "dy_pitch": "i32", "out_pitch": "i32",
                            **{k: "constexpr" for k in const}}
-                    entries.append((f"affine_relu_{'apply' if apply else 'fwd'}{st}_{tag}",
+                    kind = "apply" if apply else "add_fwd" if residual else "fwd"
+                    entries.append((f"affine_relu_{kind}{st}_{tag}",
                                     _affine_relu_pointwise_kernel, sig, const))
                 bc, bp = _sums_blocks(64, cl)
                 const = dict(SLICED=sliced, CHANNELS_LAST=cl, BIG=False, BLOCK_C=bc, BLOCK_P=bp)

@@ -57,11 +57,12 @@ from .._index import cell_tables, max_run
 from . import sc_pool as _pool
 from . import sc_bn_relu as _bn_relu
 from .sc_bn_relu import (  # noqa: F401  (the BatchNorm + ReLU primitives of this backend)
-    affine_relu, affine_relu_backward_apply, affine_relu_backward_sums, affine_relu_out)
+    affine_add_relu, affine_relu, affine_relu_backward_apply, affine_relu_backward_sums, affine_relu_out)
 from .sc_pool import avgpool, avgpool_backward  # noqa: F401  (the pool primitives of this backend)
 
 __all__ = ["gate_forward", "gate_backward", "gate_backward_k3", "channel_stats", "avgpool", "avgpool_backward",
-           "affine_relu", "affine_relu_out", "affine_relu_backward_sums", "affine_relu_backward_apply", "aot_kernels", "kernel_options"]
+           "affine_relu", "affine_relu_out", "affine_add_relu", "affine_relu_backward_sums",
+           "affine_relu_backward_apply", "aot_kernels", "kernel_options"]
 
 
 
