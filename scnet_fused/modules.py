@@ -35,7 +35,7 @@ from torch.nn.modules import module as _nn_module
 
 from . import reference
 from .ops import sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
-from .ops.bn_relu import bn_relu_cat_train, bn_relu_train
+from .ops.bn_relu import bn_add_relu_train, bn_relu_cat_train, bn_relu_train
 from .ops._dispatch import cpp_glue, standard_ops_only
 from .ops._plain import upsample_nearest
 from .ops.relu_cat import relu_cat
@@ -663,7 +663,8 @@ class SCBottleneck(reference.SCBottleneck):
     branches' final ReLUs write straight into the concatenation conv3 reads; in training the
     BatchNorm + ReLU after conv1_a / conv1_b run as one fused op over both halves, and k1's and the
     SCConv's k4 BatchNorm + ReLU as one op writing both halves of that concatenation. With avd (the
-    v1d models' first block of a stage), the avd pool runs once, on that concatenation.
+    v1d models' first block of a stage), the avd pool runs once, on that concatenation. In training the
+    block's end, bn3 + the shortcut's addition + the ReLU, is one fused op.
     Submodules with hooks run as modules (see :func:`_hookless`). ``stack_conv1`` (default True; a
     class or instance attribute): False runs conv1_a and conv1_b one after the other (each with its
     fused BatchNorm + ReLU), as the reference does.
@@ -687,11 +688,31 @@ class SCBottleneck(reference.SCBottleneck):
             # the pool works channel by channel: on the concatenation it is the two halves' pools
             # concatenated (one pass, no second concatenation)
             out = self.avd_layer(out)
+        if _batch_stats_bn(self.bn3):
+            out = self.conv3(out)
+            if self.downsample is not None:
+                residual = _seq_conv_bn(self.downsample, x)
+            return self._tail(out, residual)
         out = _conv_bn(self.conv3, self.bn3, out)
         if self.downsample is not None:
             residual = _seq_conv_bn(self.downsample, x)
         out = out + residual
         return self.relu(out)
+
+    def _tail(self, t: Tensor, residual: Tensor) -> Tensor:
+        """``relu(bn3(t) + residual)`` with bn3 using batch statistics: one fused op
+        (:func:`scnet_fused.ops.bn_relu.bn_add_relu_train`) where t and the residual match in shape, dtype and
+        device (under autocast they do not: bf16 t, float32 residual, and the modules run), running
+        statistics as nn.BatchNorm2d updates them."""
+        bn = self.bn3
+        if not (_bn_stats_ok(t) and residual.shape == t.shape and residual.dtype == t.dtype
+                and residual.device == t.device and _tensors_on(bn, t)):
+            return self.relu(bn(t) + residual)
+        factor = _bn_momentum(bn)
+        weight, bias = _affine_params(bn, t)
+        y, mean, var = bn_add_relu_train(t, weight, bias, residual, bn.eps)
+        _update_running_stats(bn, factor, mean, var, t)
+        return y
 
     def _plain_avd(self) -> bool:
         """The avd layer is an nn.AvgPool2d or nn.MaxPool2d (a per-channel pool) with nothing attached."""

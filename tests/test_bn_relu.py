@@ -9,7 +9,7 @@ import scnet_fused
 from scnet_fused import reference as R
 from scnet_fused.ops import backend
 from scnet_fused.ops import _dispatch
-from scnet_fused.ops.bn_relu import bn_relu_cat_train, bn_relu_train
+from scnet_fused.ops.bn_relu import bn_add_relu_train, bn_relu_cat_train, bn_relu_train
 
 from _util import assert_close_rule, backends_here
 
@@ -132,7 +132,8 @@ def test_saves_only_t_and_per_channel_vectors():
 @pytest.mark.parametrize("channels_last,stack", [(False, True), (True, True), (False, False)])
 def test_bottleneck_runs_it_in_training(name, channels_last, stack):
     """The fused bottleneck's conv1_a / conv1_b BatchNorm + ReLU run as one fused op over their stacked
-    convolution's output in training (two with ``stack_conv1 = False``); same outputs, gradients and
+    convolution's output in training (two with ``stack_conv1 = False``), and bn3 with the shortcut's
+    addition and the final ReLU as another; same outputs, gradients and
     running statistics as the reference over two steps (one of the two BatchNorms with cumulative
     averaging), then eval."""
     torch.manual_seed(0)
@@ -162,6 +163,8 @@ def test_bottleneck_runs_it_in_training(name, channels_last, stack):
             cat_calls = [e.name for e in prof.events()
                          if e.name in ("scnet_fused::bn_relu_cat_train", "scnet_fused::_bn_relu_cat_train_ag")]
             assert len(cat_calls) == 1, cat_calls  # k1's and k4's BatchNorm + ReLU into the concatenation
+            tail_calls = [e.name for e in prof.events() if e.name == "scnet_fused::bn_add_relu_train"]
+            assert len(tail_calls) == 1, tail_calls  # bn3 + the shortcut + the ReLU
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(fused.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
     assert int(fused.bn1_a.num_batches_tracked) == 2
@@ -308,3 +311,124 @@ def test_cat_mixed_layouts_and_strided_inputs(name):
     torch.testing.assert_close(out.double(), out64.detach(), rtol=1e-5, atol=1e-5)
     for a, e in zip(grads, g64):
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# bn_add_relu_train: BatchNorm + residual addition + ReLU (a bottleneck's end)
+# ------------------------------------------------------------------------------------------------
+
+
+def _eager_add(t, w, b, res, eps=1e-5):
+    return F.relu(F.batch_norm(t, None, None, w, b, True, 0.1, eps) + res)
+
+
+def _residual(shape, dtype=torch.float32, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * 1.5).to(dtype)
+
+
+@pytest.mark.parametrize("name", backends_here())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("t_format,res_format", [("nchw", "nchw"), ("nhwc", "nhwc"), ("nchw", "nhwc"),
+                                                 ("nhwc", "strided")])
+def test_add_matches_batch_norm_add_relu(name, shape, t_format, res_format):
+    """Outputs, statistics and every gradient (the residual's included) against float64 eager; the
+    residual in t's memory format, in the other, or not dense at all (read in t's); y and the input
+    gradients in t's format."""
+    t, w, b, dy = _inputs(shape, channels_last=t_format == "nhwc")
+    res = _residual(shape)
+    if res_format == "nhwc":
+        res = res.contiguous(memory_format=torch.channels_last)
+    elif res_format == "strided":
+        res = _residual((shape[0], shape[1], shape[2], 2 * shape[3]))[..., ::2]
+    leaves = [v.clone().requires_grad_() for v in (t, w, b, res)]
+    with backend(name):
+        y, mean, var = bn_add_relu_train(*leaves)
+        grads = torch.autograd.grad(y, leaves, dy)
+    ref = [v.detach().double().requires_grad_() for v in (t, w, b, res)]
+    y64 = _eager_add(*ref)
+    g64 = torch.autograd.grad(y64, ref, dy.double())
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=1e-5, atol=1e-5)
+    var64, mean64 = torch.var_mean(t.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-5)
+    for n, a, e in zip(("dt", "dweight", "dbias", "dresidual"), grads, g64):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4, msg=lambda m: f"{n}: {m}")
+    fmt = torch.channels_last if t_format == "nhwc" and shape[2] * shape[3] > 1 else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt)
+    assert not mean.requires_grad and mean.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", [n for n in backends_here() if n != "reference"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_low_precision(name, dtype):
+    shape = (2, 16, 14, 13)
+    t, w, b, dy = _inputs(shape, dtype=dtype, channels_last=True, seed=1)
+    res = _residual(shape, dtype)
+    leaves = [t.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(),
+              res.clone().requires_grad_()]
+    with backend(name):
+        y, _, _ = bn_add_relu_train(*leaves)
+        grads = torch.autograd.grad(y, leaves, dy)
+    ref = [v.detach().double().requires_grad_() for v in (t, w, b, res)]
+    y64 = _eager_add(*ref)
+    g64 = torch.autograd.grad(y64, ref, dy.double())
+    eager = [t.clone().requires_grad_(), w.to(dtype).requires_grad_(), b.to(dtype).requires_grad_(),
+             res.clone().requires_grad_()]
+    ye = _eager_add(*eager)
+    ge = torch.autograd.grad(ye, eager, dy)
+    assert y.dtype == dtype and grads[0].dtype == dtype and grads[3].dtype == dtype
+    assert_close_rule(y, y64.detach(), ye.detach(), what=f"{name} {dtype} y")
+    for n, a, e, l in zip(("dt", "dweight", "dbias", "dresidual"), grads, g64, ge):
+        assert_close_rule(a, e, l, what=f"{name} {dtype} {n}")
+
+
+@pytest.mark.parametrize("name", backends_here())
+def test_add_relu_edge_values(name):
+    """The ReLU's mask comes from the output, as torch's ReLU backward: an output of exactly 0 (the sum
+    cancelling) stops the gradient, a NaN residual makes a NaN output that passes it."""
+    t = torch.tensor([[[[1.0, -1.0, 0.5, 2.0]]], [[[-0.5, 0.0, 1.5, -2.0]]]])  # (2, 1, 1, 4)
+    w, b = torch.ones(1), torch.zeros(1)
+    with torch.no_grad():
+        z = F.batch_norm(t, None, None, w, b, True, 0.1, 1e-5)
+    res = -z  # the sum is 0 (up to rounding of the fold: set exactly below)
+    res[0, 0, 0, 3] = float("nan")
+    leaves = [t.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(),
+              res.clone().requires_grad_()]
+    with backend(name):
+        y, _, _ = bn_add_relu_train(*leaves)
+        (dres,) = torch.autograd.grad(y, leaves[3], torch.ones_like(y))
+    assert torch.isnan(y[0, 0, 0, 3]) and dres[0, 0, 0, 3] == 1.0
+    expect = torch.where(y.detach() <= 0, 0.0, 1.0)
+    torch.testing.assert_close(dres, expect)  # whatever the rounding of the sum, the mask is the output's
+
+
+def test_add_opcheck_gradcheck_and_errors():
+    t, w, b, _ = _inputs((2, 3, 5, 4))
+    res = _residual((2, 3, 5, 4))
+    torch.library.opcheck(torch.ops.scnet_fused.bn_add_relu_train.default,
+                          (t.requires_grad_(), w.requires_grad_(), b.requires_grad_(), res.requires_grad_(), 1e-5))
+    args64 = [torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5,
+              torch.randn(3, dtype=torch.float64), torch.randn(2, 3, 4, 5, dtype=torch.float64)]
+    args64 = [a.requires_grad_() for a in args64]
+    assert torch.autograd.gradcheck(lambda *a: bn_add_relu_train(*a)[0], args64)
+    good = (torch.randn(2, 3, 4, 4), torch.ones(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="residual must have t's shape"):
+        bn_add_relu_train(*good, torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="residual must have t's dtype and device"):
+        bn_add_relu_train(*good, torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn_add_relu_train(torch.randn(1, 3, 1, 1), torch.ones(3), torch.zeros(3), torch.randn(1, 3, 1, 1))
+    with pytest.raises(ValueError, match="4-D"):
+        bn_add_relu_train(torch.randn(2, 3, 4), torch.ones(3), torch.zeros(3), torch.randn(2, 3, 4))
+
+
+def test_add_saves_y_t_and_per_channel_vectors():
+    t, w, b, _ = _inputs((2, 4, 8, 8))
+    res = _residual((2, 4, 8, 8)).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        y, _, _ = bn_add_relu_train(t.requires_grad_(), w.requires_grad_(), b.requires_grad_(), res)
+    assert sorted(tuple(s.shape) for s in saved) == sorted([tuple(t.shape)] * 2 + [(4,)] * 4)
+    assert any(s is y or s.data_ptr() == y.data_ptr() for s in saved)  # the output, not the residual
+    assert not any(s.data_ptr() == res.data_ptr() for s in saved)
