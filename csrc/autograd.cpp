@@ -1,7 +1,7 @@
 // Autograd of the fused ops in C++, for the C++ backends (cpu, cuda).
 //
 // The public Python functions (scnet_fused.sc_gate, sc_gate_bn_train, sc_avgpool, bn_relu_train,
-// bn_relu_cat_train) are torch.library
+// bn_relu_cat_train, bn_add_relu_train) are torch.library
 // custom ops with Python autograd: that is what torch.compile and torch.export see, and what serves
 // the Triton and reference backends. In eager mode, when the backend chosen for the tensors is one of
 // the compiled ones, they call the ops below instead: the same kernel-level primitives with the same
@@ -15,6 +15,7 @@
 //       -> (y, mean, var, small_mean, small_var)
 //   _sc_avgpool_ag(x, r) -> y
 //   _bn_relu_train_ag(t, weight, bias, eps) -> (y, mean, var)
+//   _bn_add_relu_train_ag(t, weight, bias, residual, eps) -> (y, mean, var)
 //   _bn_relu_cat_train_ag(ta, wa, ba, eps_a, tb, wb, bb, eps_b) -> (out, mean_a, var_a, mean_b, var_b)
 //   _relu_cat_ag(a, b) -> out
 //
@@ -166,6 +167,36 @@ std::tuple<at::Tensor, at::Tensor> prim_bn_relu_train_out(const at::Tensor& t, c
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, double, const at::Tensor&)>();
   return op.call(t, weight, bias, eps, out);
+}
+
+at::Tensor prim_affine_add_relu(const at::Tensor& t, const at::Tensor& residual, const at::Tensor& scale,
+                                const at::Tensor& shift) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_affine_add_relu", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(t, residual, scale, shift);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prim_bn_add_relu_train_forward(const at::Tensor& t,
+                                                                              const at::Tensor& residual,
+                                                                              const at::Tensor& weight,
+                                                                              const at::Tensor& bias, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_bn_add_relu_train_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(t, residual, weight, bias, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prim_bn_add_relu_train_backward(
+    const at::Tensor& dy, const at::Tensor& y, const at::Tensor& t, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& mean, const at::Tensor& var, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("scnet_fused::_bn_add_relu_train_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(dy, y, t, weight, bias, mean, var, eps);
 }
 
 at::Tensor prim_affine_relu(const at::Tensor& t, const at::Tensor& scale, const at::Tensor& shift) {
@@ -501,6 +532,71 @@ struct BnReluTrainFn : public torch::autograd::Function<BnReluTrainFn> {
 };
 
 // ---------------------------------------------------------------------------------------------
+// bn_add_relu_train: BatchNorm + residual addition + ReLU (a bottleneck's end)
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_add_relu_train_impl(const at::Tensor& t_in,
+                                                                      const at::Tensor& weight,
+                                                                      const at::Tensor& bias,
+                                                                      const at::Tensor& residual, double eps) {
+  TORCH_CHECK(residual.sizes() == t_in.sizes() && residual.scalar_type() == t_in.scalar_type() &&
+                  residual.device() == t_in.device(),
+              "bn_add_relu_train: residual must have t's shape, dtype and device");
+  const at::Tensor t = t_in.contiguous(format_like(t_in));
+  if (t.is_cpu()) {  // one call: NCHW channel by channel, each channel read the second time from cache
+    return prim_bn_add_relu_train_forward(t, residual, weight.detach(), bias.detach(), eps);
+  }
+  auto [mean, var] = prim_channel_stats(t);
+  const BnFold f = bn_fold(weight, bias, mean, var, eps);
+  at::Tensor y = prim_affine_add_relu(t, residual, f.scale, f.shift);
+  return {y, mean, var};
+}
+
+struct BnAddReluTrainFn : public torch::autograd::Function<BnAddReluTrainFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& t, const at::Tensor& weight,
+                               const at::Tensor& bias, const at::Tensor& residual, double eps) {
+    auto [y, mean, var] = bn_add_relu_train_impl(t, weight, bias, residual, eps);
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({mean, var});
+    ctx->save_for_backward({y, t, weight, bias, mean, var});
+    return {y, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &weight = saved[2], &bias = saved[3], &mean = saved[4], &var = saved[5];
+    const at::Tensor t = saved[1].contiguous(format_like(saved[1]));
+    const at::Tensor y = saved[0].contiguous(format_like(t));
+    const double eps = ctx->saved_data["eps"].toDouble();
+    at::Tensor dy = grads[0];
+    if (!dy.defined()) dy = at::zeros_like(t);
+    dy = dy.to(t.dtype()).contiguous(format_like(t));
+    at::Tensor dt, dweight, dbias, dres;
+    if (t.is_cpu()) {  // one call: NCHW channel by channel, g and t read the second time from cache
+      std::tie(dt, dweight, dbias, dres) =
+          prim_bn_add_relu_train_backward(dy, y, t, weight.detach(), bias.detach(), mean, var, eps);
+      dweight = dweight.to(weight.scalar_type());
+      dbias = dbias.to(bias.scalar_type());
+    } else {
+      // g = dy where the output is not <= 0 (the residual's gradient), then BatchNorm's backward from g
+      // through the ReLU primitives with their mask off (scale 0, shift 1: 0 * t + 1 is never <= 0)
+      dres = at::threshold_backward(dy, y, 0).contiguous(format_like(t));
+      const BnFold f = bn_fold(weight, bias, mean, var, eps);
+      const at::Tensor off = at::zeros_like(f.scale), on = at::ones_like(f.scale);
+      auto [sum_g, sum_gc] = prim_affine_relu_backward_sums(dres, t, off, on, mean.contiguous());
+      const double m = static_cast<double>(t.size(0) * t.size(2) * t.size(3));
+      dweight = sum_gc * f.invstd;
+      at::Tensor q = (-f.scale * f.invstd * dweight / m).contiguous();
+      at::Tensor r = (-q * mean - f.scale * sum_g / m).contiguous();
+      dt = prim_affine_relu_backward_apply(dres, t, off, on, f.scale, q, r);
+      dweight = dweight.to(weight.scalar_type());
+      dbias = sum_g.to(bias.scalar_type());
+    }
+    return guard_double_backward({dt, dweight, dbias, dres, at::Tensor()}, {grads[0], saved[1], weight, bias, saved[0]},
+                                 "scnet_fused.bn_add_relu_train_backward");
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // bn_relu_cat_train: both branches' BatchNorm + ReLU written into their concatenation
 // ---------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_cat_train_impl(
@@ -700,6 +796,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_autograd(const at::
   return {out[0], out[1], out[2]};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_add_relu_train_autograd(const at::Tensor& t,
+                                                                          const at::Tensor& weight,
+                                                                          const at::Tensor& bias,
+                                                                          const at::Tensor& residual, double eps) {
+  auto out = BnAddReluTrainFn::apply(t, weight, bias, residual, eps);
+  return {out[0], out[1], out[2]};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_cat_train_autograd(
     const at::Tensor& ta, const at::Tensor& wa, const at::Tensor& ba, double eps_a, const at::Tensor& tb,
     const at::Tensor& wb, const at::Tensor& bb, double eps_b) {
@@ -728,6 +832,8 @@ TORCH_LIBRARY_FRAGMENT(scnet_fused, m) {
   m.def("_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
         "float factor, float unbias) -> ()");
   m.def("_bn_relu_train_ag(Tensor t, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("_bn_add_relu_train_ag(Tensor t, Tensor weight, Tensor bias, Tensor residual, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("_bn_relu_cat_train_ag(Tensor ta, Tensor wa, Tensor ba, float eps_a, Tensor tb, Tensor wb, Tensor bb, "
         "float eps_b) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
@@ -739,6 +845,7 @@ TORCH_LIBRARY_IMPL(scnet_fused, Autograd, m) {
   m.impl("_sc_avgpool_ag", &scnet_fused::sc_avgpool_autograd);
   m.impl("_relu_cat_ag", &scnet_fused::relu_cat_autograd);
   m.impl("_bn_relu_train_ag", &scnet_fused::bn_relu_train_autograd);
+  m.impl("_bn_add_relu_train_ag", &scnet_fused::bn_add_relu_train_autograd);
   m.impl("_bn_relu_cat_train_ag", &scnet_fused::bn_relu_cat_train_autograd);
 }
 
@@ -749,6 +856,7 @@ TORCH_LIBRARY_IMPL(scnet_fused, CompositeExplicitAutograd, m) {
   m.impl("_sc_avgpool_ag", &scnet_fused::sc_avgpool_plain);
   m.impl("_relu_cat_ag", &scnet_fused::relu_cat_impl);
   m.impl("_bn_relu_train_ag", &scnet_fused::bn_relu_train_impl);
+  m.impl("_bn_add_relu_train_ag", &scnet_fused::bn_add_relu_train_impl);
   m.impl("_bn_relu_cat_train_ag", &scnet_fused::bn_relu_cat_train_impl);
 }
 

@@ -163,7 +163,8 @@ def test_bottleneck_runs_it_in_training(name, channels_last, stack):
             cat_calls = [e.name for e in prof.events()
                          if e.name in ("scnet_fused::bn_relu_cat_train", "scnet_fused::_bn_relu_cat_train_ag")]
             assert len(cat_calls) == 1, cat_calls  # k1's and k4's BatchNorm + ReLU into the concatenation
-            tail_calls = [e.name for e in prof.events() if e.name == "scnet_fused::bn_add_relu_train"]
+            tail_calls = [e.name for e in prof.events()
+                          if e.name in ("scnet_fused::bn_add_relu_train", "scnet_fused::_bn_add_relu_train_ag")]
             assert len(tail_calls) == 1, tail_calls  # bn3 + the shortcut + the ReLU
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(fused.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
@@ -357,6 +358,26 @@ def test_add_matches_batch_norm_add_relu(name, shape, t_format, res_format):
     fmt = torch.channels_last if t_format == "nhwc" and shape[2] * shape[3] > 1 else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt)
     assert not mean.requires_grad and mean.dtype == torch.float32
+
+
+@pytest.mark.skipif("cpu" not in backends_here(), reason="the cpu backend is not built")
+@pytest.mark.parametrize("shape", [(2, 2, 256, 200), (3, 1, 6, 5)], ids=["channel_over_1MiB", "one_channel"])
+def test_add_cpu_two_pass_paths(shape):
+    """The cpu backend's one-call forward and backward go channel by channel on NCHW tensors only where
+    a channel fits in cache and every thread gets one; these shapes take the two-pass paths instead."""
+    t, w, b, dy = _inputs(shape)
+    res = _residual(shape)
+    leaves = [v.clone().requires_grad_() for v in (t, w, b, res)]
+    with backend("cpu"):
+        y, mean, _ = bn_add_relu_train(*leaves)
+        grads = torch.autograd.grad(y, leaves, dy)
+    ref = [v.detach().double().requires_grad_() for v in (t, w, b, res)]
+    y64 = _eager_add(*ref)
+    g64 = torch.autograd.grad(y64, ref, dy.double())
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=1e-5, atol=1e-5)
+    for n, a, e in zip(("dt", "dweight", "dbias", "dresidual"), grads, g64):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-3 if n != "dt" else 1e-4,
+                                   msg=lambda m: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("name", [n for n in backends_here() if n != "reference"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scnet_fused.ops import _dispatch, available, sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
-from scnet_fused.ops.bn_relu import bn_relu_cat_train, bn_relu_train
+from scnet_fused.ops.bn_relu import bn_add_relu_train, bn_relu_cat_train, bn_relu_train
 
 pytestmark = pytest.mark.skipif(available("cpu") is not None, reason="the compiled CPU backend is not built")
 
@@ -138,6 +138,24 @@ def test_bn_relu_paths_agree(monkeypatch, channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bn_add_relu_paths_agree(monkeypatch, channels_last, dtype):
+    g = torch.Generator().manual_seed(6)
+    t = (torch.randn(3, 6, 9, 11, generator=g) * 2 + 0.2).to(dtype)
+    res = torch.randn(3, 6, 9, 11, generator=g).to(dtype)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    args = [t.requires_grad_(), w.requires_grad_(), b.requires_grad_(), res.requires_grad_(), 1e-5]
+    (o1, g1, n1), (o2, g2, n2) = _both(monkeypatch, bn_add_relu_train, *args)
+    assert "scnet_fused::_bn_add_relu_train_ag" in n1 and "scnet_fused::bn_add_relu_train" not in n1
+    assert "scnet_fused::bn_add_relu_train" in n2
+    _same(o1, o2)  # y, mean, var
+    _same(g1, g2)  # dt, dweight, dbias, dresidual
+    assert not any(t.requires_grad for t in o1[1:])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bn_relu_cat_paths_agree(monkeypatch, channels_last, dtype):
     g = torch.Generator().manual_seed(5)
     ta = (torch.randn(3, 6, 9, 11, generator=g) * 2 + 0.2).to(dtype)
@@ -172,6 +190,7 @@ def test_saved_tensors_are_the_same(monkeypatch):
             sc_gate(*(t.clone().requires_grad_() for t in (x, small, k3, w, b, w, b)))
             sc_avgpool(x.clone().requires_grad_(), 4)
             bn_relu_cat_train(x.clone().requires_grad_(), w, b, k3[:, :3].clone().requires_grad_(), w[:3], b[:3])
+            bn_add_relu_train(x.clone().requires_grad_(), w, b, k3.clone().requires_grad_())
         saved[flag] = sorted(shapes)
     assert saved["1"] == saved["0"]
 
@@ -206,6 +225,11 @@ def test_double_backward_raises_naming_the_op():
     (gx,) = torch.autograd.grad(y2.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match=r"scnet_fused\.sc_gate_bn2_train_backward.*no autograd formula"):
         torch.autograd.grad(gx.sum(), w)
+    t = torch.randn(2, 4, 8, 8, requires_grad=True)
+    y3 = bn_add_relu_train(t, w, b, k3)[0]
+    (gt,) = torch.autograd.grad(y3.square().sum(), t, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"scnet_fused\.bn_add_relu_train_backward.*no autograd formula"):
+        torch.autograd.grad(gt.sum(), w)
     # a single backward with create_graph whose result is not differentiated again is fine
     (gx2,) = torch.autograd.grad(sc_gate(x, small, k3).sum(), x, create_graph=True)
     torch.testing.assert_close(gx2, torch.autograd.grad(sc_gate(x, small, k3).sum(), x)[0])

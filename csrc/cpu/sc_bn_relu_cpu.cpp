@@ -13,6 +13,9 @@
 //          NCHW channel by channel, each channel's planes read again while they are in cache
 //   train: the batch statistics, the BatchNorm folded to scale and shift, y (`_bn_relu_train_out`):
 //          NCHW channel by channel too
+//   with a residual (`_bn_add_relu_train_forward` / `_backward`): y = relu(z + res); the backward's
+//          mask comes from y (g = dy where !(y <= 0): torch's ReLU backward from its output), g is
+//          also the residual's gradient (written out), and dt = p * g + q * t + r unmasked
 //
 // NCHW and NHWC read in place; dy (backward) and out (`_affine_relu_out`) may also be a channel slice
 // of a concatenation buffer, read and written in place (channel pitch, csrc/sc_host.h). float32 math
@@ -131,6 +134,36 @@ inline void plane_sums(const T* tp, const T* dp, int64_t HW, float a, float b, f
       const float g = mask_s(static_cast<float>(dp[e]), tv * a + b);
       a1 += g;
       a2 += static_cast<double>(g) * (tv - k);
+    }
+  }
+  *sg = a1;
+  *sgc = a2;
+}
+
+// g = dy masked by the output y (!(y <= 0)) written to gp, and sum g, sum g * (t - k) over a plane
+// (float partials over at most 1024 values, added in double in order).
+template <typename T>
+inline void out_mask_plane_sums(const T* tp, const T* dp, const T* yp, T* gp, int64_t HW, float k, double* sg,
+                                double* sgc) {
+  const Vec kv(k);
+  double a1 = 0.0, a2 = 0.0;
+  for (int64_t f0 = 0; f0 < HW; f0 += 1024) {
+    const int64_t f1 = std::min(HW, f0 + 1024);
+    Vec v1(0.0f), v2(0.0f);
+    int64_t e = f0;
+    for (; e + kV <= f1; e += kV) {
+      const Vec g = mask_v(load_f(dp + e), load_f(yp + e));
+      store_f(gp + e, g);
+      v1 = v1 + g;
+      v2 = at::vec::fmadd(g, load_f(tp + e) - kv, v2);
+    }
+    a1 += hsum(v1);
+    a2 += hsum(v2);
+    for (; e < f1; ++e) {
+      const float g = mask_s(static_cast<float>(dp[e]), static_cast<float>(yp[e]));
+      gp[e] = static_cast<T>(g);
+      a1 += g;
+      a2 += static_cast<double>(g) * (static_cast<float>(tp[e]) - k);
     }
   }
   *sg = a1;
@@ -305,6 +338,109 @@ void backward_by_channel(const T* t, const T* dy, T* dt, const float* A, const f
   });
 }
 
+// The residual backward's first pass, NCHW or NHWC: g = dy masked by y, written to g, and its sums
+// (`sums`' task split and order).
+template <typename T>
+void out_mask_sums(const T* t, const T* dy, const T* y, T* g, const float* K, const Shape& s, Layout L, float* sum_g,
+                   float* sum_gc) {
+  const int64_t C = s.C;
+  if (L == Layout::NCHW) {
+    const int64_t HW = s.HW;
+    std::vector<double> s1(s.N * C), s2(s.N * C);
+    at::parallel_for(0, s.N * C, grain_for(HW), [&](int64_t p0, int64_t p1) {
+      for (int64_t plane = p0; plane < p1; ++plane) {
+        const int64_t c = plane % C;
+        out_mask_plane_sums(t + plane * HW, dy + plane * HW, y + plane * HW, g + plane * HW, HW, K[c], &s1[plane],
+                            &s2[plane]);
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      double a1 = 0.0, a2 = 0.0;
+      for (int64_t n = 0; n < s.N; ++n) {
+        a1 += s1[n * C + c];
+        a2 += s2[n * C + c];
+      }
+      sum_g[c] = static_cast<float>(a1);
+      sum_gc[c] = static_cast<float>(a2);
+    }
+    return;
+  }
+  const int64_t P = s.N * s.HW;
+  const int64_t ntask = std::min<int64_t>(P, 64);
+  const int64_t per = (P + ntask - 1) / ntask;
+  std::vector<double> s1(ntask * C, 0.0), s2(ntask * C, 0.0);
+  at::parallel_for(0, ntask, grain_for(per * C), [&](int64_t k0, int64_t k1) {
+    std::vector<float> f1(C), f2(C);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t q0 = k * per, q1 = std::min(P, q0 + per);
+      for (int64_t b0 = q0; b0 < q1; b0 += 128) {
+        const int64_t b1 = std::min(q1, b0 + 128);
+        std::fill(f1.begin(), f1.end(), 0.0f);
+        std::fill(f2.begin(), f2.end(), 0.0f);
+        for (int64_t q = b0; q < b1; ++q) {
+          const T *tp = t + q * C, *dp = dy + q * C, *yp = y + q * C;
+          T* gp = g + q * C;
+          int64_t c = 0;
+          for (; c + kV <= C; c += kV) {
+            const Vec gv = mask_v(load_f(dp + c), load_f(yp + c));
+            store_f(gp + c, gv);
+            (Vec::loadu(f1.data() + c) + gv).store(f1.data() + c);
+            at::vec::fmadd(gv, load_f(tp + c) - Vec::loadu(K + c), Vec::loadu(f2.data() + c)).store(f2.data() + c);
+          }
+          for (; c < C; ++c) {
+            const float gv = mask_s(static_cast<float>(dp[c]), static_cast<float>(yp[c]));
+            gp[c] = static_cast<T>(gv);
+            f1[c] += gv;
+            f2[c] += gv * (static_cast<float>(tp[c]) - K[c]);
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          s1[k * C + c] += f1[c];
+          s2[k * C + c] += f2[c];
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double a1 = 0.0, a2 = 0.0;
+    for (int64_t k = 0; k < ntask; ++k) {
+      a1 += s1[k * C + c];
+      a2 += s2[k * C + c];
+    }
+    sum_g[c] = static_cast<float>(a1);
+    sum_gc[c] = static_cast<float>(a2);
+  }
+}
+
+// The residual backward, NCHW, channel by channel: the first pass over the channel's N planes (g
+// written, its sums), then dt from g and t while they are in cache.
+template <typename T>
+void add_backward_by_channel(const T* t, const T* dy, const T* y, T* g, T* dt, const float* A, const float* K,
+                             const float* IS, const Shape& s, float* sum_g, float* sum_gc) {
+  const int64_t C = s.C, HW = s.HW, N = s.N;
+  const float m = static_cast<float>(static_cast<double>(N * HW));
+  at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double a1 = 0.0, a2 = 0.0;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * C + c) * HW;
+        double p1, p2;
+        out_mask_plane_sums(t + off, dy + off, y + off, g + off, HW, K[c], &p1, &p2);
+        a1 += p1;
+        a2 += p2;
+      }
+      sum_g[c] = static_cast<float>(a1);
+      sum_gc[c] = static_cast<float>(a2);
+      float q, r;
+      bn_input_affine(sum_g[c], sum_gc[c], A[c], IS[c], K[c], m, &q, &r);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * C + c) * HW;
+        apply_plane<T, false>(t + off, g + off, dt + off, HW, 0.0f, 0.0f, A[c], q, r);
+      }
+    }
+  });
+}
+
 // Whether a channel-by-channel kernel suits the shape: every thread gets a channel, and what one channel
 // reads twice (bytes_per_value per value: t and dy in the backward, t in the forward) fits comfortably
 // in a core's L2 (at most 1 MiB: half of a 2 MiB L2, twice a 512 KiB one, where the second read comes
@@ -317,9 +453,10 @@ bool by_channel(const Shape& s, int64_t bytes_per_value) {
 
 // The forward, NCHW, channel by channel: the channel's statistics (`cpu_stats::channel_moments`, the
 // same bits as `_channel_stats`), the fold, and y while the planes are in cache. W, Bi: weight, bias.
-template <typename T>
-void forward_by_channel(const T* t, T* out, const float* W, const float* Bi, float eps, const Shape& s, float* mean,
-                        float* var) {
+// With kAdd, y = relu(z + res), res dense NCHW.
+template <typename T, bool kAdd = false>
+void forward_by_channel(const T* t, const T* res, T* out, const float* W, const float* Bi, float eps, const Shape& s,
+                        float* mean, float* var) {
   const int64_t C = s.C, HW = s.HW, N = s.N;
   at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -327,7 +464,8 @@ void forward_by_channel(const T* t, T* out, const float* W, const float* Bi, flo
       float a, b;
       bn_fold_one(W[c], Bi[c], mean[c], var[c], eps, &a, &b);
       for (int64_t n = 0; n < N; ++n)
-        relu_plane<T>(t + (n * C + c) * HW, nullptr, out + (n * s.outP + c) * HW, HW, a, b);
+        relu_plane<T, kAdd>(t + (n * C + c) * HW, kAdd ? res + (n * C + c) * HW : nullptr,
+                            out + (n * s.outP + c) * HW, HW, a, b);
     }
   });
 }
@@ -447,7 +585,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_train_out(const at::Tensor& t_in, con
   dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     if (L == Layout::NCHW && by_channel(s, sizeof(T))) {
-      forward_by_channel<T>(t.data_ptr<T>(), out.data_ptr<T>(), W.data(), Bi.data(), epsf, s, mp, vp);
+      forward_by_channel<T>(t.data_ptr<T>(), nullptr, out.data_ptr<T>(), W.data(), Bi.data(), epsf, s, mp, vp);
       return;
     }
     if (L == Layout::NCHW) {
@@ -571,6 +709,100 @@ void add_channel_affine_(const at::Tensor& d, const at::Tensor& t_in, const at::
   });
 }
 
+// relu(batch_norm(t) + residual) with batch statistics: (y, mean, var), y in t's layout, the residual
+// read in it (copied there if it is in another). The statistics are `_channel_stats`' bits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_add_relu_train_forward(const at::Tensor& t_in,
+                                                                         const at::Tensor& res_in,
+                                                                         const at::Tensor& weight,
+                                                                         const at::Tensor& bias, double eps) {
+  const char* op = "scnet_fused::_bn_add_relu_train_forward (cpu)";
+  check_full(op, t_in);
+  TORCH_CHECK(res_in.sizes() == t_in.sizes() && res_in.scalar_type() == t_in.scalar_type() &&
+                  res_in.device() == t_in.device(),
+              op, ": residual must match t's shape, dtype and device, got ", res_in.sizes(), " ",
+              res_in.scalar_type(), " on ", res_in.device());
+  const Layout L = layout_of(t_in);
+  const at::Tensor t = in_layout(t_in, L), res = in_layout(res_in, L);
+  const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
+  TORCH_CHECK(N * HW > 0, op, ": t has no elements per channel, shape ", t.sizes());
+  const auto W = vec_of(op, "weight", weight, C), Bi = vec_of(op, "bias", bias, C);
+  at::Tensor y = new_output(t.sizes(), t.options(), format_of(L));
+  at::Tensor mean = new_output({C}, t.options().dtype(at::kFloat));
+  at::Tensor var = new_output({C}, t.options().dtype(at::kFloat));
+  if (C == 0) return {y, mean, var};
+  const Shape s{N, C, HW, C, C};
+  const float epsf = static_cast<float>(eps);
+  float* mp = mean.data_ptr<float>();
+  float* vp = var.data_ptr<float>();
+  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    if (L == Layout::NCHW && by_channel(s, sizeof(T))) {
+      forward_by_channel<T, true>(t.data_ptr<T>(), res.data_ptr<T>(), y.data_ptr<T>(), W.data(), Bi.data(), epsf, s,
+                                  mp, vp);
+      return;
+    }
+    if (L == Layout::NCHW) {
+      cpu_stats::stats_nchw<T>(t.data_ptr<T>(), N, C, HW, mp, vp);
+    } else {
+      cpu_stats::stats_nhwc<T>(t.data_ptr<T>(), N, C, HW, mp, vp);
+    }
+    std::vector<float> A(C), B(C);
+    for (int64_t c = 0; c < C; ++c) bn_fold_one(W[c], Bi[c], mp[c], vp[c], epsf, &A[c], &B[c]);
+    pointwise<T, false, true, true>(t.data_ptr<T>(), res.data_ptr<T>(), y.data_ptr<T>(), A.data(), B.data(), nullptr,
+                                    nullptr, nullptr, s, L);
+  });
+  return {y, mean, var};
+}
+
+// (dt, dweight, dbias, dresidual) of relu(batch_norm(t) + residual) from its output y: g = dy where
+// !(y <= 0) (= dresidual), BatchNorm's sums of g, dweight = sum_gc * invstd, dbias = sum_g, then
+// dt = scale * g + q * t + r. NCHW channel by channel where a channel fits in cache.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_train_backward(
+    const at::Tensor& dy_in, const at::Tensor& y_in, const at::Tensor& t_in, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& var, double eps) {
+  const char* op = "scnet_fused::_bn_add_relu_train_backward (cpu)";
+  check_full(op, t_in);
+  for (const at::Tensor* v : {&dy_in, &y_in}) {
+    TORCH_CHECK(v->sizes() == t_in.sizes() && v->scalar_type() == t_in.scalar_type() && v->device() == t_in.device(),
+                op, ": dy and y must match t's shape, dtype and device, got ", v->sizes(), " ", v->scalar_type(),
+                " on ", v->device());
+  }
+  const Layout L = layout_of(t_in);
+  const at::Tensor t = in_layout(t_in, L), dy = in_layout(dy_in, L), y = in_layout(y_in, L);
+  const int64_t C = t.size(1);
+  const auto W = vec_of(op, "weight", weight, C), Bi = vec_of(op, "bias", bias, C);
+  const auto K = vec_of(op, "mean", mean, C), V = vec_of(op, "var", var, C);
+  std::vector<float> A(C), B(C), IS(C);
+  for (int64_t c = 0; c < C; ++c) bn_fold_one(W[c], Bi[c], K[c], V[c], static_cast<float>(eps), &A[c], &B[c], &IS[c]);
+  at::Tensor dweight = at::zeros({C}, t.options().dtype(at::kFloat));
+  at::Tensor dbias = at::zeros({C}, t.options().dtype(at::kFloat));
+  at::Tensor dt = new_output(t.sizes(), t.options(), format_of(L));
+  at::Tensor g = new_output(t.sizes(), t.options(), format_of(L));
+  if (t.numel() == 0) return {dt, dweight, dbias, g};
+  const Shape s{t.size(0), C, t.size(2) * t.size(3), C, C};
+  std::vector<float> sgc(C);
+  float* sg = dbias.data_ptr<float>();
+  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    if (L == Layout::NCHW && by_channel(s, 3 * sizeof(T))) {
+      add_backward_by_channel<T>(t.data_ptr<T>(), dy.data_ptr<T>(), y.data_ptr<T>(), g.data_ptr<T>(), dt.data_ptr<T>(),
+                                 A.data(), K.data(), IS.data(), s, sg, sgc.data());
+      return;
+    }
+    out_mask_sums<T>(t.data_ptr<T>(), dy.data_ptr<T>(), y.data_ptr<T>(), g.data_ptr<T>(), K.data(), s, L, sg,
+                     sgc.data());
+    const float m = static_cast<float>(static_cast<double>(s.N * s.HW));
+    std::vector<float> Q(C), R(C);
+    for (int64_t c = 0; c < C; ++c) bn_input_affine(sg[c], sgc[c], A[c], IS[c], K[c], m, &Q[c], &R[c]);
+    // unmasked (g is already masked): scale and shift are not read
+    pointwise<T, true, false>(t.data_ptr<T>(), g.data_ptr<T>(), dt.data_ptr<T>(), A.data(), A.data(), A.data(),
+                              Q.data(), R.data(), s, L);
+  });
+  float* dw = dweight.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) dw[c] = sgc[c] * IS[c];
+  return {dt, dweight, dbias, g};
+}
+
 }  // namespace
 }  // namespace cpu_bn_relu
 }  // namespace scnet_fused
@@ -584,4 +816,6 @@ TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
   m.impl("_add_channel_affine_", &scnet_fused::cpu_bn_relu::add_channel_affine_);
   m.impl("_bn_relu_train_backward", &scnet_fused::cpu_bn_relu::bn_relu_train_backward);
   m.impl("_bn_relu_train_out", &scnet_fused::cpu_bn_relu::bn_relu_train_out);
+  m.impl("_bn_add_relu_train_forward", &scnet_fused::cpu_bn_relu::bn_add_relu_train_forward);
+  m.impl("_bn_add_relu_train_backward", &scnet_fused::cpu_bn_relu::bn_add_relu_train_backward);
 }

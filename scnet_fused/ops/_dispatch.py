@@ -40,7 +40,7 @@ Every backend provides the same kernel-level primitives (no autograd, no torch.l
 ``affine_relu_backward_apply(dy, t, scale, shift, p, q, r) -> dt``
     ``dt = p[c] * g + q[c] * t + r[c]`` (the input gradient of a training-mode BatchNorm before a ReLU).
 
-The ``cpu`` backend has five more primitives:
+The ``cpu`` backend has seven more primitives:
 
 ``add_channel_affine_(d, t, q, r) -> d``
     ``d += q[c] * t + r[c]`` in place (d dense in t's memory format). With ``d = g * scale`` from
@@ -55,6 +55,11 @@ The ``cpu`` backend has five more primitives:
     ``r = -q * mean - scale * sum_g / M``, ``M = N * H * W``) and ``affine_relu_backward_apply`` in one
     call; float32 dweight and dbias.
 
+``bn_add_relu_train_forward(t, residual, weight, bias, eps) -> (y, mean, var)``
+    ``channel_stats``, the fold and ``affine_add_relu`` in one call; the same statistics bit for bit.
+``bn_add_relu_train_backward(dy, y, t, weight, bias, mean, var, eps) -> (dt, dweight, dbias, dresidual)``
+    ``g = dy`` where not ``y <= 0`` (the output's mask; ``dresidual = g``), BatchNorm's sums of g and
+    its input gradient from them, in one call; float32 dweight and dbias.
 ``gate_bn_train_forward(x, small, k3, weight, bias, eps) -> (y, mean, var)``
     ``channel_stats(k3)``, the fold and ``gate_forward`` in one call; the same bits.
 ``gate_bn_train_backward(dy, x, small, k3, weight, bias, mean, var, eps) -> (dx, dsmall, dk3, dweight, dbias)``

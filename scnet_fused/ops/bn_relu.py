@@ -272,6 +272,8 @@ def _bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor
     check_bn_add_relu_inputs(t, weight, bias, residual)
     _, prims = _dispatch.select(t.device, t.dtype)
     t = t.contiguous(memory_format=_format(t))
+    if _dispatch.one_call(prims, t):  # NCHW channel by channel: t's second read from cache
+        return prims.bn_add_relu_train_forward(t, residual, weight.detach(), bias.detach(), eps)
     mean, var = prims.channel_stats(t)
     _, scale, shift = bn_fold(weight, bias, mean, var, eps)
     y = prims.affine_add_relu(t, residual, scale.contiguous(), shift.contiguous())
@@ -291,6 +293,10 @@ def _bn_add_relu_train_backward(dy: Tensor, y: Tensor, t: Tensor, weight: Tensor
     _, prims = _dispatch.select(t.device, t.dtype)
     fmt = _format(t)
     t = t.contiguous(memory_format=fmt)
+    if _dispatch.one_call(prims, t):  # the passes below in one call (NCHW: channel by channel)
+        dt, dweight, dbias, g = prims.bn_add_relu_train_backward(dy.to(t.dtype), y, t, weight.detach(),
+                                                                 bias.detach(), mean, var, eps)
+        return dt, dweight.to(weight.dtype), dbias.to(bias.dtype), g
     # g = dy where the output is not <= 0 (torch's ReLU backward from its output: a NaN passes dy):
     # the residual's gradient, and the BatchNorm's output gradient
     g = torch.ops.aten.threshold_backward(dy.to(t.dtype), y, 0).contiguous(memory_format=fmt)
@@ -350,4 +356,6 @@ def bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
     check_bn_add_relu_inputs(t, weight, bias, residual)
     if _dispatch.standard_ops_only():
         return _plain.bn_add_relu_train(t, weight, bias, residual, float(eps))
+    if _dispatch.cpp_autograd(t):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
+        return torch.ops.scnet_fused._bn_add_relu_train_ag(t, weight, bias, residual, float(eps))
     return torch.ops.scnet_fused.bn_add_relu_train(t, weight, bias, residual, float(eps))
