@@ -329,7 +329,7 @@ def _conv1_pair(ca: nn.Module, bna: nn.Module, cb: nn.Module, bnb: nn.Module, re
         (wa, ba), (wb, bb) = _folded(ca, bna, x), _folded(cb, bnb, x)
         weight, bias = torch.cat([wa, wb]), torch.cat([ba, bb])
         return _split_channels(torch.relu_(F.conv2d(x, weight, bias, *conv_args)), c)
-    t = F.conv2d(x, torch.cat([ca.weight, cb.weight]), None, *conv_args)
+    t = _param_conv(x, (ca.weight, cb.weight), *conv_args, 1)
     if (_batch_stats_bn(bna) and _batch_stats_bn(bnb) and bna.eps == bnb.eps and _bn_stats_ok(t)
             and (bna.weight is None) == (bnb.weight is None)
             and (bna.weight is None or bna.weight.dtype == bnb.weight.dtype)):
@@ -440,47 +440,75 @@ class _ConvOfGate(torch.autograd.Function):
         return (grad_y, grad_w) + (None,) * 11
 
 
-class _AutocastConv(torch.autograd.Function):
-    """``conv2d(x.to(dtype), weight.to(dtype))``, as autocast runs a convolution, but saving the
-    parameter for the backward instead of its cast (cast again there): under autocast the convolutions
-    of k2 and k3 keep no weight-sized copy alive until the backward (at the deep stages the weights
-    outweigh the activations). Outputs and gradients are those of autocast's convolution."""
+class _ParamConv(torch.autograd.Function):
+    """``conv2d(x, w)`` with ``w`` the parameter ``weights[0]``, or several parameters stacked along the
+    output channels (``torch.cat``), optionally with x and w cast to ``dtype`` (as autocast runs a
+    convolution): the backward keeps the parameters themselves and rebuilds w from them, instead of
+    holding the stacked or cast weight, a new weight-sized tensor, until the backward (at the deep
+    stages the weights outweigh the activations). Outputs and gradients are those of ``F.conv2d`` on
+    the stacked / cast weight."""
 
     @staticmethod
-    def forward(ctx, x, weight, dtype, stride, padding, dilation, groups):
+    def forward(ctx, x, dtype, stride, padding, dilation, groups, *weights):
         ctx.conv = (stride, padding, dilation, groups)
         ctx.x_dtype = x.dtype
-        xc = x.to(dtype)
-        ctx.save_for_backward(xc, weight)
-        return F.conv2d(xc, weight.to(dtype), None, stride, padding, dilation, groups)
+        xc = x if dtype is None else x.to(dtype)
+        ctx.save_for_backward(xc, *weights)
+        return F.conv2d(xc, _param_weight(weights, xc.dtype), None, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
-        xc, weight = ctx.saved_tensors
+        xc, *weights = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
+        need_w = any(ctx.needs_input_grad[6:])
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_out, xc, weight.to(xc.dtype), None, list(stride), list(padding), list(dilation), False,
-            [0, 0], groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+            grad_out, xc, _param_weight(weights, xc.dtype), None, list(stride), list(padding), list(dilation),
+            False, [0, 0], groups, [ctx.needs_input_grad[0], need_w, False])
         if grad_x is not None:
             grad_x = grad_x.to(ctx.x_dtype)
+        grads_w = [None] * len(weights)
         if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_x, grad_w, None, None, None, None, None
+            grads_w = [g.to(w.dtype) for g, w in zip(grad_w.split([w.shape[0] for w in weights]), weights)]
+        return (grad_x, None, None, None, None, None, *grads_w)
+
+
+def _param_weight(weights, dtype: torch.dtype) -> Tensor:
+    w = weights[0] if len(weights) == 1 else torch.cat(weights)
+    return w.to(dtype)
+
+
+def _autocast_dtype(x: Tensor, weights) -> Tuple[bool, Optional[torch.dtype]]:
+    """``(ok, dtype)``: autocast's dtype for a convolution of x with these float32 weights (None when
+    autocast is off); ok False where autocast is on and would not run the convolution as a plain cast of
+    both (another weight dtype, an x autocast does not cast)."""
+    device_type = x.device.type
+    if not (_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return True, None
+    dtype = torch.get_autocast_dtype(device_type)
+    return all(w.dtype == torch.float32 for w in weights) and x.dtype in (torch.float32, dtype), dtype
+
+
+def _param_conv(x: Tensor, weights, stride, padding, dilation, groups: int) -> Tensor:
+    """``F.conv2d(x, torch.cat(weights))`` (one weight: that one), under autocast in its dtype, through
+    :class:`_ParamConv` where autograd records it (the parameters saved, not the stacked / cast copy)."""
+    ok, dtype = _autocast_dtype(x, weights)
+    if not (ok and torch.is_grad_enabled() and x.dim() == 4):
+        w = weights[0] if len(weights) == 1 else torch.cat(weights)
+        return F.conv2d(x, w, None, stride, padding, dilation, groups)
+    if dtype is None:
+        return _ParamConv.apply(x, None, _pair(stride), _pair(padding), _pair(dilation), groups, *weights)
+    with torch.autocast(x.device.type, enabled=False):
+        return _ParamConv.apply(x, dtype, _pair(stride), _pair(padding), _pair(dilation), groups, *weights)
 
 
 def _conv(conv: nn.Module, x: Tensor) -> Tensor:
     """``conv(x)``; under autocast with a plain float32 convolution (:func:`_plain_conv`) and autograd
-    on, through :class:`_AutocastConv` (the parameter saved instead of its lower-precision copy)."""
+    on, through :class:`_ParamConv` (the parameter saved instead of its lower-precision copy)."""
     device_type = x.device.type
-    if not (torch.is_grad_enabled() and _autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    if not (torch.is_grad_enabled() and _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            and _plain_conv(conv)):
         return conv(x)
-    dtype = torch.get_autocast_dtype(device_type)
-    if not (_plain_conv(conv) and conv.weight.dtype == torch.float32 and x.dtype in (torch.float32, dtype)
-            and x.dim() == 4):
-        return conv(x)
-    with torch.autocast(device_type, enabled=False):
-        return _AutocastConv.apply(x, conv.weight, dtype, _pair(conv.stride), _pair(conv.padding),
-                                   _pair(conv.dilation), conv.groups)
+    return _param_conv(x, (conv.weight,), conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def _pair(v):

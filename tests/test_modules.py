@@ -489,6 +489,52 @@ def test_saved_for_backward_bytes():
     assert _saved_bytes(fused, x) >= 3 * full  # the gate output is then saved by k4's convolution
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_stacked_entry_convolution_saves_the_parameters(autocast, monkeypatch):
+    """conv1_a and conv1_b run as one convolution of their stacked weights; its backward keeps the two
+    parameters and stacks them again rather than holding the stacked (under autocast: stacked and
+    cast) weight, a new tensor as large as both: nothing of that shape is saved, and outputs, running
+    statistics and every gradient are bit for bit those of ``F.conv2d`` on the stacked weight."""
+    from scnet_fused import modules as fused_modules
+
+    torch.manual_seed(0)
+    ref = R.SCBottleneck(64, 16, norm_layer=nn.BatchNorm2d,
+                         downsample=nn.Sequential(nn.Conv2d(64, 64, 1, bias=False), nn.BatchNorm2d(64)))
+    _randomize_norms(ref)
+    x = torch.randn(2, 64, 8, 8)
+
+    def run(module):
+        xx = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                # not a leaf, as inside a network: autocast caches the cast of a leaf that requires
+                # grad, and the gradients of its uses then add up in bf16 (the stacked convolution
+                # casts x itself, so its term adds in float32)
+                y = module(xx * 1.0)
+        grads = torch.autograd.grad(y.float().square().sum(), [xx] + list(module.parameters()))
+        return (y,) + grads + tuple(module.buffers()), saved
+
+    fused = scnet_fused.convert(ref)
+    out, saved = run(fused)
+    stacked = (2 * fused.conv1_a.out_channels, 64, 1, 1)
+    assert not any(t.shape == stacked for t in saved)
+    assert sum(t is fused.conv1_a.weight or t is fused.conv1_b.weight for t in saved) == 2
+
+    def cat_conv(x, weights, stride, padding, dilation, groups):
+        return nn.functional.conv2d(x, torch.cat(weights), None, stride, padding, dilation, groups)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fused_modules, "_param_conv", cat_conv)
+        patch.setattr(fused_modules, "_conv", lambda conv, x: conv(x))
+        patch.setattr(fused_modules.SCConv, "recompute_gate", False)
+        plain, saved_p = run(scnet_fused.convert(ref))
+    assert any(t.shape == stacked for t in saved_p)  # what the plain stacked convolution keeps
+    for i, (a, b) in enumerate(zip(out, plain)):
+        assert a.dtype == b.dtype
+        assert torch.equal(a, b), i
+
+
 def test_gate_output_saved_below_the_recompute_size(monkeypatch):
     """Below ``RECOMPUTE_MIN_ELEMENTS`` k4's convolution keeps the gate output instead of recomputing it
     (the same gradients); from that size on it recomputes."""
@@ -515,7 +561,7 @@ def test_gate_output_saved_below_the_recompute_size(monkeypatch):
 
 @pytest.mark.parametrize("train", [True, False])
 def test_autocast_convolutions_save_the_parameters(train, monkeypatch):
-    """Under bf16 autocast the SCConv's convolutions (k2's and k3's through _AutocastConv, k4's through
+    """Under bf16 autocast the SCConv's convolutions (k2's and k3's through _ParamConv, k4's through
     _ConvOfGate) save their float32 weights, cast again in the backward, instead of bf16 copies: no
     weight-shaped tensor among the saved ones but the parameters themselves; outputs, running statistics
     and every gradient bit for bit those of the convolutions run as modules under autocast."""
