@@ -328,6 +328,19 @@ def _residual(shape, dtype=torch.float32, seed=5):
     return (torch.randn(*shape, generator=g) * 1.5).to(dtype)
 
 
+def _add_run(name, t, w, b, res, dy):
+    """bn_add_relu_train on backend ``name`` and eager float64: (y, mean, var, grads, y64, g64), the
+    gradients of t, weight, bias and the residual."""
+    leaves = [v.clone().requires_grad_() for v in (t, w, b, res)]
+    with backend(name):
+        y, mean, var = bn_add_relu_train(*leaves)
+        grads = torch.autograd.grad(y, leaves, dy)
+    ref = [v.detach().double().requires_grad_() for v in (t, w, b, res)]
+    y64 = _eager_add(*ref)
+    g64 = torch.autograd.grad(y64, ref, dy.double())
+    return y, mean, var, grads, y64.detach(), g64
+
+
 @pytest.mark.parametrize("name", backends_here())
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("t_format,res_format", [("nchw", "nchw"), ("nhwc", "nhwc"), ("nchw", "nhwc"),
@@ -342,14 +355,8 @@ def test_add_matches_batch_norm_add_relu(name, shape, t_format, res_format):
         res = res.contiguous(memory_format=torch.channels_last)
     elif res_format == "strided":
         res = _residual((shape[0], shape[1], shape[2], 2 * shape[3]))[..., ::2]
-    leaves = [v.clone().requires_grad_() for v in (t, w, b, res)]
-    with backend(name):
-        y, mean, var = bn_add_relu_train(*leaves)
-        grads = torch.autograd.grad(y, leaves, dy)
-    ref = [v.detach().double().requires_grad_() for v in (t, w, b, res)]
-    y64 = _eager_add(*ref)
-    g64 = torch.autograd.grad(y64, ref, dy.double())
-    torch.testing.assert_close(y.double(), y64.detach(), rtol=1e-5, atol=1e-5)
+    y, mean, var, grads, y64, g64 = _add_run(name, t, w, b, res, dy)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
     var64, mean64 = torch.var_mean(t.double(), dim=(0, 2, 3), unbiased=False)
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-5)
@@ -366,15 +373,8 @@ def test_add_cpu_two_pass_paths(shape):
     """The cpu backend's one-call forward and backward go channel by channel on NCHW tensors only where
     a channel fits in cache and every thread gets one; these shapes take the two-pass paths instead."""
     t, w, b, dy = _inputs(shape)
-    res = _residual(shape)
-    leaves = [v.clone().requires_grad_() for v in (t, w, b, res)]
-    with backend("cpu"):
-        y, mean, _ = bn_add_relu_train(*leaves)
-        grads = torch.autograd.grad(y, leaves, dy)
-    ref = [v.detach().double().requires_grad_() for v in (t, w, b, res)]
-    y64 = _eager_add(*ref)
-    g64 = torch.autograd.grad(y64, ref, dy.double())
-    torch.testing.assert_close(y.double(), y64.detach(), rtol=1e-5, atol=1e-5)
+    y, _, _, grads, y64, g64 = _add_run("cpu", t, w, b, _residual(shape), dy)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
     for n, a, e in zip(("dt", "dweight", "dbias", "dresidual"), grads, g64):
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-3 if n != "dt" else 1e-4,
                                    msg=lambda m: f"{n}: {m}")
@@ -386,20 +386,13 @@ def test_add_low_precision(name, dtype):
     shape = (2, 16, 14, 13)
     t, w, b, dy = _inputs(shape, dtype=dtype, channels_last=True, seed=1)
     res = _residual(shape, dtype)
-    leaves = [t.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(),
-              res.clone().requires_grad_()]
-    with backend(name):
-        y, _, _ = bn_add_relu_train(*leaves)
-        grads = torch.autograd.grad(y, leaves, dy)
-    ref = [v.detach().double().requires_grad_() for v in (t, w, b, res)]
-    y64 = _eager_add(*ref)
-    g64 = torch.autograd.grad(y64, ref, dy.double())
+    y, _, _, grads, y64, g64 = _add_run(name, t, w, b, res, dy)
     eager = [t.clone().requires_grad_(), w.to(dtype).requires_grad_(), b.to(dtype).requires_grad_(),
              res.clone().requires_grad_()]
     ye = _eager_add(*eager)
     ge = torch.autograd.grad(ye, eager, dy)
     assert y.dtype == dtype and grads[0].dtype == dtype and grads[3].dtype == dtype
-    assert_close_rule(y, y64.detach(), ye.detach(), what=f"{name} {dtype} y")
+    assert_close_rule(y, y64, ye.detach(), what=f"{name} {dtype} y")
     for n, a, e, l in zip(("dt", "dweight", "dbias", "dresidual"), grads, g64, ge):
         assert_close_rule(a, e, l, what=f"{name} {dtype} {n}")
 

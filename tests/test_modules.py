@@ -504,16 +504,7 @@ def test_stacked_entry_convolution_saves_the_parameters(autocast, monkeypatch):
     x = torch.randn(2, 64, 8, 8)
 
     def run(module):
-        xx = x.clone().requires_grad_()
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                # not a leaf, as inside a network: autocast caches the cast of a leaf that requires
-                # grad, and the gradients of its uses then add up in bf16 (the stacked convolution
-                # casts x itself, so its term adds in float32)
-                y = module(xx * 1.0)
-        grads = torch.autograd.grad(y.float().square().sum(), [xx] + list(module.parameters()))
-        return (y,) + grads + tuple(module.buffers()), saved
+        return _step_saving(module, x, autocast)
 
     fused = scnet_fused.convert(ref)
     out, saved = run(fused)
@@ -559,6 +550,20 @@ def test_gate_output_saved_below_the_recompute_size(monkeypatch):
             assert torch.equal(a, b)
 
 
+def _step_saving(module, x, autocast):
+    """One forward (under bf16 autocast if asked) and the gradients of the input and every parameter:
+    ``(output, *gradients, *buffers)`` and the tensors saved for backward. The module's input is not a
+    leaf, as inside a network: autocast caches its cast of a leaf that requires grad, and the gradients
+    of that cast's uses then add up in bf16 (a convolution that casts x itself adds its term in float32)."""
+    xx = x.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = module(xx * 1.0)
+    grads = torch.autograd.grad(y.float().square().sum(), [xx] + list(module.parameters()))
+    return (y,) + grads + tuple(module.buffers()), saved
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_autocast_convolutions_save_the_parameters(train, monkeypatch):
     """Under bf16 autocast the SCConv's convolutions (k2's and k3's through _ParamConv, k4's through
@@ -573,13 +578,7 @@ def test_autocast_convolutions_save_the_parameters(train, monkeypatch):
     x = torch.randn(2, 32, 16, 16)
 
     def run(module):
-        xx = x.clone().requires_grad_()
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y = module(xx)
-        grads = torch.autograd.grad(y.float().square().sum(), [xx] + list(module.parameters()))
-        return (y,) + grads + tuple(module.buffers()), saved
+        return _step_saving(module, x, autocast=True)
 
     fused = scnet_fused.convert(ref)
     weights = {m.weight.data_ptr() for m in fused.modules() if isinstance(m, nn.Conv2d)}

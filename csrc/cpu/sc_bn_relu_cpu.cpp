@@ -112,9 +112,11 @@ inline void relu_plane(const T* tp, const T* rp, T* op, int64_t HW, float a, flo
 }
 
 // sum g and sum g * (t - k) over a plane, g = dy masked by relu(a * t + b): float partials over at most
-// 1024 values, added in double in order.
-template <typename T>
-inline void plane_sums(const T* tp, const T* dp, int64_t HW, float a, float b, float k, double* sg, double* sgc) {
+// 1024 values, added in double in order. kOut: g = dy masked by the output y (!(y <= 0)) instead, and
+// written to gp (a, b unused).
+template <typename T, bool kOut = false>
+inline void plane_sums(const T* tp, const T* dp, int64_t HW, float a, float b, float k, double* sg, double* sgc,
+                       const T* yp = nullptr, T* gp = nullptr) {
   const Vec av(a), bv(b), kv(k);
   double a1 = 0.0, a2 = 0.0;
   for (int64_t f0 = 0; f0 < HW; f0 += 1024) {
@@ -123,7 +125,13 @@ inline void plane_sums(const T* tp, const T* dp, int64_t HW, float a, float b, f
     int64_t e = f0;
     for (; e + kV <= f1; e += kV) {
       const Vec tv = load_f(tp + e);
-      const Vec g = mask_v(load_f(dp + e), at::vec::fmadd(tv, av, bv));
+      Vec g;
+      if constexpr (kOut) {
+        g = mask_v(load_f(dp + e), load_f(yp + e));
+        store_f(gp + e, g);
+      } else {
+        g = mask_v(load_f(dp + e), at::vec::fmadd(tv, av, bv));
+      }
       v1 = v1 + g;
       v2 = at::vec::fmadd(g, tv - kv, v2);
     }
@@ -131,39 +139,15 @@ inline void plane_sums(const T* tp, const T* dp, int64_t HW, float a, float b, f
     a2 += hsum(v2);
     for (; e < f1; ++e) {
       const float tv = static_cast<float>(tp[e]);
-      const float g = mask_s(static_cast<float>(dp[e]), tv * a + b);
+      float g;
+      if constexpr (kOut) {
+        g = mask_s(static_cast<float>(dp[e]), static_cast<float>(yp[e]));
+        gp[e] = static_cast<T>(g);
+      } else {
+        g = mask_s(static_cast<float>(dp[e]), tv * a + b);
+      }
       a1 += g;
       a2 += static_cast<double>(g) * (tv - k);
-    }
-  }
-  *sg = a1;
-  *sgc = a2;
-}
-
-// g = dy masked by the output y (!(y <= 0)) written to gp, and sum g, sum g * (t - k) over a plane
-// (float partials over at most 1024 values, added in double in order).
-template <typename T>
-inline void out_mask_plane_sums(const T* tp, const T* dp, const T* yp, T* gp, int64_t HW, float k, double* sg,
-                                double* sgc) {
-  const Vec kv(k);
-  double a1 = 0.0, a2 = 0.0;
-  for (int64_t f0 = 0; f0 < HW; f0 += 1024) {
-    const int64_t f1 = std::min(HW, f0 + 1024);
-    Vec v1(0.0f), v2(0.0f);
-    int64_t e = f0;
-    for (; e + kV <= f1; e += kV) {
-      const Vec g = mask_v(load_f(dp + e), load_f(yp + e));
-      store_f(gp + e, g);
-      v1 = v1 + g;
-      v2 = at::vec::fmadd(g, load_f(tp + e) - kv, v2);
-    }
-    a1 += hsum(v1);
-    a2 += hsum(v2);
-    for (; e < f1; ++e) {
-      const float g = mask_s(static_cast<float>(dp[e]), static_cast<float>(yp[e]));
-      gp[e] = static_cast<T>(g);
-      a1 += g;
-      a2 += static_cast<double>(g) * (static_cast<float>(tp[e]) - k);
     }
   }
   *sg = a1;
@@ -235,9 +219,11 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
 // ---------------------------------------------------------------------------------------------
 // Sums of g and g * (t - center) per channel.
 // ---------------------------------------------------------------------------------------------
-template <typename T>
+// kOut (the residual op's backward): g = dy masked by the output y instead of by the affine of t, and
+// written to g (dy then dense: dyP = C); A, B unused.
+template <typename T, bool kOut = false>
 void sums(const T* t, const T* dy, const float* A, const float* B, const float* K, const Shape& s, Layout L,
-          float* sum_g, float* sum_gc) {
+          float* sum_g, float* sum_gc, const T* y = nullptr, T* g = nullptr) {
   const int64_t C = s.C;
   if (L == Layout::NCHW) {
     const int64_t HW = s.HW;
@@ -245,7 +231,12 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
     at::parallel_for(0, s.N * C, grain_for(HW), [&](int64_t p0, int64_t p1) {
       for (int64_t plane = p0; plane < p1; ++plane) {
         const int64_t n = plane / C, c = plane - n * C;
-        plane_sums(t + plane * HW, dy + (n * s.dyP + c) * HW, HW, A[c], B[c], K[c], &s1[plane], &s2[plane]);
+        if constexpr (kOut) {
+          plane_sums<T, true>(t + plane * HW, dy + plane * HW, HW, 0.0f, 0.0f, K[c], &s1[plane], &s2[plane],
+                              y + plane * HW, g + plane * HW);
+        } else {
+          plane_sums(t + plane * HW, dy + (n * s.dyP + c) * HW, HW, A[c], B[c], K[c], &s1[plane], &s2[plane]);
+        }
       }
     });
     for (int64_t c = 0; c < C; ++c) {
@@ -279,15 +270,27 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
           int64_t c = 0;
           for (; c + kV <= C; c += kV) {
             const Vec tv = load_f(tp + c);
-            const Vec g = mask_v(load_f(dp + c), at::vec::fmadd(tv, Vec::loadu(A + c), Vec::loadu(B + c)));
-            (Vec::loadu(f1.data() + c) + g).store(f1.data() + c);
-            at::vec::fmadd(g, tv - Vec::loadu(K + c), Vec::loadu(f2.data() + c)).store(f2.data() + c);
+            Vec gv;
+            if constexpr (kOut) {
+              gv = mask_v(load_f(dp + c), load_f(y + q * C + c));
+              store_f(g + q * C + c, gv);
+            } else {
+              gv = mask_v(load_f(dp + c), at::vec::fmadd(tv, Vec::loadu(A + c), Vec::loadu(B + c)));
+            }
+            (Vec::loadu(f1.data() + c) + gv).store(f1.data() + c);
+            at::vec::fmadd(gv, tv - Vec::loadu(K + c), Vec::loadu(f2.data() + c)).store(f2.data() + c);
           }
           for (; c < C; ++c) {
             const float tv = static_cast<float>(tp[c]);
-            const float g = mask_s(static_cast<float>(dp[c]), tv * A[c] + B[c]);
-            f1[c] += g;
-            f2[c] += g * (tv - K[c]);
+            float gv;
+            if constexpr (kOut) {
+              gv = mask_s(static_cast<float>(dp[c]), static_cast<float>(y[q * C + c]));
+              g[q * C + c] = static_cast<T>(gv);
+            } else {
+              gv = mask_s(static_cast<float>(dp[c]), tv * A[c] + B[c]);
+            }
+            f1[c] += gv;
+            f2[c] += gv * (tv - K[c]);
           }
         }
         for (int64_t c = 0; c < C; ++c) {
@@ -311,112 +314,13 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
 // ---------------------------------------------------------------------------------------------
 // The whole backward, NCHW, channel by channel: the channel's N planes are summed (as in `sums`: the
 // same partials added in the same order) and then read again for dt while they are still in cache,
-// so t and dy cross the memory bus once instead of twice. Threads split the channels.
+// so t and dy cross the memory bus once instead of twice. Threads split the channels. kOut (the
+// residual op): g = dy masked by the output y, written to g (dy dense), and dt from g unmasked.
 // ---------------------------------------------------------------------------------------------
-template <typename T>
+template <typename T, bool kOut = false>
 void backward_by_channel(const T* t, const T* dy, T* dt, const float* A, const float* B, const float* K,
-                         const float* IS, const Shape& s, float* sum_g, float* sum_gc) {
-  const int64_t C = s.C, HW = s.HW, N = s.N;
-  const float m = static_cast<float>(static_cast<double>(N * HW));
-  at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double a1 = 0.0, a2 = 0.0;
-      for (int64_t n = 0; n < N; ++n) {
-        double p1, p2;
-        plane_sums(t + (n * C + c) * HW, dy + (n * s.dyP + c) * HW, HW, A[c], B[c], K[c], &p1, &p2);
-        a1 += p1;
-        a2 += p2;
-      }
-      sum_g[c] = static_cast<float>(a1);
-      sum_gc[c] = static_cast<float>(a2);
-      float q, r;
-      bn_input_affine(sum_g[c], sum_gc[c], A[c], IS[c], K[c], m, &q, &r);
-      for (int64_t n = 0; n < N; ++n)
-        apply_plane<T, true>(t + (n * C + c) * HW, dy + (n * s.dyP + c) * HW, dt + (n * C + c) * HW, HW, A[c],
-                             B[c], A[c], q, r);
-    }
-  });
-}
-
-// The residual backward's first pass, NCHW or NHWC: g = dy masked by y, written to g, and its sums
-// (`sums`' task split and order).
-template <typename T>
-void out_mask_sums(const T* t, const T* dy, const T* y, T* g, const float* K, const Shape& s, Layout L, float* sum_g,
-                   float* sum_gc) {
-  const int64_t C = s.C;
-  if (L == Layout::NCHW) {
-    const int64_t HW = s.HW;
-    std::vector<double> s1(s.N * C), s2(s.N * C);
-    at::parallel_for(0, s.N * C, grain_for(HW), [&](int64_t p0, int64_t p1) {
-      for (int64_t plane = p0; plane < p1; ++plane) {
-        const int64_t c = plane % C;
-        out_mask_plane_sums(t + plane * HW, dy + plane * HW, y + plane * HW, g + plane * HW, HW, K[c], &s1[plane],
-                            &s2[plane]);
-      }
-    });
-    for (int64_t c = 0; c < C; ++c) {
-      double a1 = 0.0, a2 = 0.0;
-      for (int64_t n = 0; n < s.N; ++n) {
-        a1 += s1[n * C + c];
-        a2 += s2[n * C + c];
-      }
-      sum_g[c] = static_cast<float>(a1);
-      sum_gc[c] = static_cast<float>(a2);
-    }
-    return;
-  }
-  const int64_t P = s.N * s.HW;
-  const int64_t ntask = std::min<int64_t>(P, 64);
-  const int64_t per = (P + ntask - 1) / ntask;
-  std::vector<double> s1(ntask * C, 0.0), s2(ntask * C, 0.0);
-  at::parallel_for(0, ntask, grain_for(per * C), [&](int64_t k0, int64_t k1) {
-    std::vector<float> f1(C), f2(C);
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t q0 = k * per, q1 = std::min(P, q0 + per);
-      for (int64_t b0 = q0; b0 < q1; b0 += 128) {
-        const int64_t b1 = std::min(q1, b0 + 128);
-        std::fill(f1.begin(), f1.end(), 0.0f);
-        std::fill(f2.begin(), f2.end(), 0.0f);
-        for (int64_t q = b0; q < b1; ++q) {
-          const T *tp = t + q * C, *dp = dy + q * C, *yp = y + q * C;
-          T* gp = g + q * C;
-          int64_t c = 0;
-          for (; c + kV <= C; c += kV) {
-            const Vec gv = mask_v(load_f(dp + c), load_f(yp + c));
-            store_f(gp + c, gv);
-            (Vec::loadu(f1.data() + c) + gv).store(f1.data() + c);
-            at::vec::fmadd(gv, load_f(tp + c) - Vec::loadu(K + c), Vec::loadu(f2.data() + c)).store(f2.data() + c);
-          }
-          for (; c < C; ++c) {
-            const float gv = mask_s(static_cast<float>(dp[c]), static_cast<float>(yp[c]));
-            gp[c] = static_cast<T>(gv);
-            f1[c] += gv;
-            f2[c] += gv * (static_cast<float>(tp[c]) - K[c]);
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          s1[k * C + c] += f1[c];
-          s2[k * C + c] += f2[c];
-        }
-      }
-    }
-  });
-  for (int64_t c = 0; c < C; ++c) {
-    double a1 = 0.0, a2 = 0.0;
-    for (int64_t k = 0; k < ntask; ++k) {
-      a1 += s1[k * C + c];
-      a2 += s2[k * C + c];
-    }
-    sum_g[c] = static_cast<float>(a1);
-    sum_gc[c] = static_cast<float>(a2);
-  }
-}
-
-// The residual backward, NCHW, channel by channel: the first pass over the channel's N planes (g
-// written, its sums), then dt from g and t while they are in cache.
-template <typename T>
-void add_backward_by_channel(const T* t, const T* dy, const T* y, T* g, T* dt, const float* A, const float* K,
-                             const float* IS, const Shape& s, float* sum_g, float* sum_gc) {
+                         const float* IS, const Shape& s, float* sum_g, float* sum_gc, const T* y = nullptr,
+                         T* g = nullptr) {
   const int64_t C = s.C, HW = s.HW, N = s.N;
   const float m = static_cast<float>(static_cast<double>(N * HW));
   at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
@@ -425,7 +329,11 @@ void add_backward_by_channel(const T* t, const T* dy, const T* y, T* g, T* dt, c
       for (int64_t n = 0; n < N; ++n) {
         const int64_t off = (n * C + c) * HW;
         double p1, p2;
-        out_mask_plane_sums(t + off, dy + off, y + off, g + off, HW, K[c], &p1, &p2);
+        if constexpr (kOut) {
+          plane_sums<T, true>(t + off, dy + off, HW, 0.0f, 0.0f, K[c], &p1, &p2, y + off, g + off);
+        } else {
+          plane_sums(t + off, dy + (n * s.dyP + c) * HW, HW, A[c], B[c], K[c], &p1, &p2);
+        }
         a1 += p1;
         a2 += p2;
       }
@@ -435,7 +343,11 @@ void add_backward_by_channel(const T* t, const T* dy, const T* y, T* g, T* dt, c
       bn_input_affine(sum_g[c], sum_gc[c], A[c], IS[c], K[c], m, &q, &r);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t off = (n * C + c) * HW;
-        apply_plane<T, false>(t + off, g + off, dt + off, HW, 0.0f, 0.0f, A[c], q, r);
+        if constexpr (kOut) {
+          apply_plane<T, false>(t + off, g + off, dt + off, HW, 0.0f, 0.0f, A[c], q, r);
+        } else {
+          apply_plane<T, true>(t + off, dy + (n * s.dyP + c) * HW, dt + off, HW, A[c], B[c], A[c], q, r);
+        }
       }
     }
   });
@@ -468,6 +380,26 @@ void forward_by_channel(const T* t, const T* res, T* out, const float* W, const 
                             out + (n * s.outP + c) * HW, HW, a, b);
     }
   });
+}
+
+// The training forward: the batch statistics (`_channel_stats`' bits), the fold, y = relu(z) (with
+// kAdd, relu(z + res)); NCHW channel by channel where a channel fits in cache.
+template <typename T, bool kAdd = false>
+void train_forward(const T* t, const T* res, T* out, const float* W, const float* Bi, float eps, const Shape& s,
+                   Layout L, float* mean, float* var) {
+  const int64_t N = s.N, C = s.C, HW = s.HW;
+  if (L == Layout::NCHW && by_channel(s, sizeof(T))) {
+    forward_by_channel<T, kAdd>(t, res, out, W, Bi, eps, s, mean, var);
+    return;
+  }
+  if (L == Layout::NCHW) {
+    cpu_stats::stats_nchw<T>(t, N, C, HW, mean, var);
+  } else {
+    cpu_stats::stats_nhwc<T>(t, N, C, HW, mean, var);
+  }
+  std::vector<float> A(C), B(C);
+  for (int64_t c = 0; c < C; ++c) bn_fold_one(W[c], Bi[c], mean[c], var[c], eps, &A[c], &B[c]);
+  pointwise<T, false, true, kAdd>(t, res, out, A.data(), B.data(), nullptr, nullptr, nullptr, s, L);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -537,18 +469,23 @@ void affine_relu_out(const at::Tensor& t, const at::Tensor& scale, const at::Ten
   affine_relu_into("scnet_fused::_affine_relu_out (cpu)", t, scale, shift, out);
 }
 
+// The residual checked against t (its shape, dtype and device), dense in layout L (copied there when
+// it is in another).
+at::Tensor residual_in_layout(const char* op, const at::Tensor& t, const at::Tensor& res, Layout L) {
+  TORCH_CHECK(res.sizes() == t.sizes() && res.scalar_type() == t.scalar_type() && res.device() == t.device(), op,
+              ": residual must match t's shape, dtype and device, got ", res.sizes(), " ", res.scalar_type(), " on ",
+              res.device());
+  return in_layout(res, L);
+}
+
 // y = relu(t * scale + shift + residual): residual of t's shape, dtype and device, read in t's layout
 // (copied there when it is in another); y in t's layout.
 at::Tensor affine_add_relu(const at::Tensor& t_in, const at::Tensor& res_in, const at::Tensor& scale,
                            const at::Tensor& shift) {
   const char* op = "scnet_fused::_affine_add_relu (cpu)";
   check_full(op, t_in);
-  TORCH_CHECK(res_in.sizes() == t_in.sizes() && res_in.scalar_type() == t_in.scalar_type() &&
-                  res_in.device() == t_in.device(),
-              op, ": residual must match t's shape, dtype and device, got ", res_in.sizes(), " ",
-              res_in.scalar_type(), " on ", res_in.device());
   const Layout L = layout_of(t_in);
-  const at::Tensor t = in_layout(t_in, L), res = in_layout(res_in, L);
+  const at::Tensor t = in_layout(t_in, L), res = residual_in_layout(op, t_in, res_in, L);
   const int64_t C = t.size(1);
   const auto A = vec_of(op, "scale", scale, C), B = vec_of(op, "shift", shift, C);
   at::Tensor y = new_output(t.sizes(), t.options(), format_of(L));
@@ -565,15 +502,12 @@ at::Tensor affine_add_relu(const at::Tensor& t_in, const at::Tensor& res_in, con
 // relu(batch_norm(t)) with batch statistics written into `out` (t's shape, dtype and layout, dense or a
 // channel slice of a concatenation buffer); returns the float32 (mean, biased var). The statistics are
 // `_channel_stats`' bits; then `_affine_relu_out` with bn_fold's scale and shift, in one call.
-std::tuple<at::Tensor, at::Tensor> bn_relu_train_out(const at::Tensor& t_in, const at::Tensor& weight,
-                                                     const at::Tensor& bias, double eps, const at::Tensor& out) {
-  const char* op = "scnet_fused::_bn_relu_train_out (cpu)";
-  check_full(op, t_in);
-  const Layout L = layout_for_out(t_in, out);
-  const at::Tensor t = in_layout(t_in, L);
+// The batch statistics (float32 mean, biased var) of t (dense in layout L, elements in every channel)
+// and `train_forward` writing y into out (channel pitch outP); res: the residual (dense in L) or undefined.
+std::tuple<at::Tensor, at::Tensor> train_forward_into(const char* op, const at::Tensor& t, const at::Tensor& res,
+                                                      const at::Tensor& out, int64_t outP, const at::Tensor& weight,
+                                                      const at::Tensor& bias, double eps, Layout L) {
   const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
-  TORCH_CHECK(N * HW > 0, op, ": t has no elements per channel, shape ", t.sizes());
-  const int64_t outP = out_pitch(op, out, t, L);
   const auto W = vec_of(op, "weight", weight, C), Bi = vec_of(op, "bias", bias, C);
   at::Tensor mean = new_output({C}, t.options().dtype(at::kFloat));
   at::Tensor var = new_output({C}, t.options().dtype(at::kFloat));
@@ -584,21 +518,24 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_train_out(const at::Tensor& t_in, con
   float* vp = var.data_ptr<float>();
   dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    if (L == Layout::NCHW && by_channel(s, sizeof(T))) {
-      forward_by_channel<T>(t.data_ptr<T>(), nullptr, out.data_ptr<T>(), W.data(), Bi.data(), epsf, s, mp, vp);
-      return;
-    }
-    if (L == Layout::NCHW) {
-      cpu_stats::stats_nchw<T>(t.data_ptr<T>(), N, C, HW, mp, vp);
+    if (res.defined()) {
+      train_forward<T, true>(t.data_ptr<T>(), res.data_ptr<T>(), out.data_ptr<T>(), W.data(), Bi.data(), epsf, s, L,
+                             mp, vp);
     } else {
-      cpu_stats::stats_nhwc<T>(t.data_ptr<T>(), N, C, HW, mp, vp);
+      train_forward<T>(t.data_ptr<T>(), nullptr, out.data_ptr<T>(), W.data(), Bi.data(), epsf, s, L, mp, vp);
     }
-    std::vector<float> A(C), B(C);
-    for (int64_t c = 0; c < C; ++c) bn_fold_one(W[c], Bi[c], mp[c], vp[c], epsf, &A[c], &B[c]);
-    pointwise<T, false>(t.data_ptr<T>(), nullptr, out.data_ptr<T>(), A.data(), B.data(), nullptr, nullptr, nullptr, s,
-                        L);
   });
   return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_train_out(const at::Tensor& t_in, const at::Tensor& weight,
+                                                     const at::Tensor& bias, double eps, const at::Tensor& out) {
+  const char* op = "scnet_fused::_bn_relu_train_out (cpu)";
+  check_full(op, t_in);
+  const Layout L = layout_for_out(t_in, out);
+  const at::Tensor t = in_layout(t_in, L);
+  TORCH_CHECK(t.size(0) * t.size(2) * t.size(3) > 0, op, ": t has no elements per channel, shape ", t.sizes());
+  return train_forward_into(op, t, at::Tensor(), out, out_pitch(op, out, t, L), weight, bias, eps, L);
 }
 
 std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& dy_in, const at::Tensor& t_in,
@@ -643,6 +580,22 @@ at::Tensor affine_relu_backward_apply(const at::Tensor& dy_in, const at::Tensor&
   return dt;
 }
 
+// What the BatchNorm backwards need per channel: the batch mean K, the fold's scale A and shift B, and
+// invstd IS (bn_fold's expressions).
+struct BackwardFold {
+  std::vector<float> K, A, B, IS;
+};
+
+BackwardFold backward_fold(const char* op, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
+                           const at::Tensor& var, double eps, int64_t C) {
+  const auto W = vec_of(op, "weight", weight, C), Bi = vec_of(op, "bias", bias, C);
+  BackwardFold f{vec_of(op, "mean", mean, C), std::vector<float>(C), std::vector<float>(C), std::vector<float>(C)};
+  const auto V = vec_of(op, "var", var, C);
+  for (int64_t c = 0; c < C; ++c)
+    bn_fold_one(W[c], Bi[c], f.K[c], V[c], static_cast<float>(eps), &f.A[c], &f.B[c], &f.IS[c]);
+  return f;
+}
+
 // (dt, dweight, dbias) of relu(batch_norm(t)) with the batch statistics (mean, biased var; float32
 // dweight and dbias): BatchNorm folded to scale and shift (bn_fold), the sums, dweight = sum_gc * invstd,
 // dbias = sum_g, then dt = scale * g + q * t + r with q, r from the sums. One call for what
@@ -656,10 +609,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward(const at::
   const Layout L = in.L;
   const at::Tensor &t = in.t, &dy = in.dy;
   const int64_t C = t.size(1);
-  const auto W = vec_of(op, "weight", weight, C), Bi = vec_of(op, "bias", bias, C);
-  const auto K = vec_of(op, "mean", mean, C), V = vec_of(op, "var", var, C);
-  std::vector<float> A(C), B(C), IS(C);
-  for (int64_t c = 0; c < C; ++c) bn_fold_one(W[c], Bi[c], K[c], V[c], static_cast<float>(eps), &A[c], &B[c], &IS[c]);
+  const BackwardFold f = backward_fold(op, weight, bias, mean, var, eps, C);
+  const std::vector<float>&A = f.A, &B = f.B, &K = f.K, &IS = f.IS;
   at::Tensor dweight = at::zeros({C}, t.options().dtype(at::kFloat));
   at::Tensor dbias = at::zeros({C}, t.options().dtype(at::kFloat));
   at::Tensor dt = new_output(t.sizes(), t.options(), format_of(L));
@@ -717,40 +668,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_add_relu_train_forward(const a
                                                                          const at::Tensor& bias, double eps) {
   const char* op = "scnet_fused::_bn_add_relu_train_forward (cpu)";
   check_full(op, t_in);
-  TORCH_CHECK(res_in.sizes() == t_in.sizes() && res_in.scalar_type() == t_in.scalar_type() &&
-                  res_in.device() == t_in.device(),
-              op, ": residual must match t's shape, dtype and device, got ", res_in.sizes(), " ",
-              res_in.scalar_type(), " on ", res_in.device());
   const Layout L = layout_of(t_in);
-  const at::Tensor t = in_layout(t_in, L), res = in_layout(res_in, L);
-  const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
-  TORCH_CHECK(N * HW > 0, op, ": t has no elements per channel, shape ", t.sizes());
-  const auto W = vec_of(op, "weight", weight, C), Bi = vec_of(op, "bias", bias, C);
+  const at::Tensor t = in_layout(t_in, L), res = residual_in_layout(op, t_in, res_in, L);
+  TORCH_CHECK(t.size(0) * t.size(2) * t.size(3) > 0, op, ": t has no elements per channel, shape ", t.sizes());
   at::Tensor y = new_output(t.sizes(), t.options(), format_of(L));
-  at::Tensor mean = new_output({C}, t.options().dtype(at::kFloat));
-  at::Tensor var = new_output({C}, t.options().dtype(at::kFloat));
-  if (C == 0) return {y, mean, var};
-  const Shape s{N, C, HW, C, C};
-  const float epsf = static_cast<float>(eps);
-  float* mp = mean.data_ptr<float>();
-  float* vp = var.data_ptr<float>();
-  dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    if (L == Layout::NCHW && by_channel(s, sizeof(T))) {
-      forward_by_channel<T, true>(t.data_ptr<T>(), res.data_ptr<T>(), y.data_ptr<T>(), W.data(), Bi.data(), epsf, s,
-                                  mp, vp);
-      return;
-    }
-    if (L == Layout::NCHW) {
-      cpu_stats::stats_nchw<T>(t.data_ptr<T>(), N, C, HW, mp, vp);
-    } else {
-      cpu_stats::stats_nhwc<T>(t.data_ptr<T>(), N, C, HW, mp, vp);
-    }
-    std::vector<float> A(C), B(C);
-    for (int64_t c = 0; c < C; ++c) bn_fold_one(W[c], Bi[c], mp[c], vp[c], epsf, &A[c], &B[c]);
-    pointwise<T, false, true, true>(t.data_ptr<T>(), res.data_ptr<T>(), y.data_ptr<T>(), A.data(), B.data(), nullptr,
-                                    nullptr, nullptr, s, L);
-  });
+  auto [mean, var] = train_forward_into(op, t, res, y, t.size(1), weight, bias, eps, L);
   return {y, mean, var};
 }
 
@@ -770,10 +692,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_train_bac
   const Layout L = layout_of(t_in);
   const at::Tensor t = in_layout(t_in, L), dy = in_layout(dy_in, L), y = in_layout(y_in, L);
   const int64_t C = t.size(1);
-  const auto W = vec_of(op, "weight", weight, C), Bi = vec_of(op, "bias", bias, C);
-  const auto K = vec_of(op, "mean", mean, C), V = vec_of(op, "var", var, C);
-  std::vector<float> A(C), B(C), IS(C);
-  for (int64_t c = 0; c < C; ++c) bn_fold_one(W[c], Bi[c], K[c], V[c], static_cast<float>(eps), &A[c], &B[c], &IS[c]);
+  const BackwardFold f = backward_fold(op, weight, bias, mean, var, eps, C);
+  const std::vector<float>&A = f.A, &B = f.B, &K = f.K, &IS = f.IS;
   at::Tensor dweight = at::zeros({C}, t.options().dtype(at::kFloat));
   at::Tensor dbias = at::zeros({C}, t.options().dtype(at::kFloat));
   at::Tensor dt = new_output(t.sizes(), t.options(), format_of(L));
@@ -785,12 +705,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_train_bac
   dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     if (L == Layout::NCHW && by_channel(s, 3 * sizeof(T))) {
-      add_backward_by_channel<T>(t.data_ptr<T>(), dy.data_ptr<T>(), y.data_ptr<T>(), g.data_ptr<T>(), dt.data_ptr<T>(),
-                                 A.data(), K.data(), IS.data(), s, sg, sgc.data());
+      backward_by_channel<T, true>(t.data_ptr<T>(), dy.data_ptr<T>(), dt.data_ptr<T>(), A.data(), B.data(), K.data(),
+                                   IS.data(), s, sg, sgc.data(), y.data_ptr<T>(), g.data_ptr<T>());
       return;
     }
-    out_mask_sums<T>(t.data_ptr<T>(), dy.data_ptr<T>(), y.data_ptr<T>(), g.data_ptr<T>(), K.data(), s, L, sg,
-                     sgc.data());
+    sums<T, true>(t.data_ptr<T>(), dy.data_ptr<T>(), nullptr, nullptr, K.data(), s, L, sg, sgc.data(),
+                  y.data_ptr<T>(), g.data_ptr<T>());
     const float m = static_cast<float>(static_cast<double>(s.N * s.HW));
     std::vector<float> Q(C), R(C);
     for (int64_t c = 0; c < C; ++c) bn_input_affine(sg[c], sgc[c], A[c], IS[c], K[c], m, &Q[c], &R[c]);
