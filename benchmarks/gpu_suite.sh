@@ -102,7 +102,7 @@ T="--warmup-ms 10 --rep-ms 40 --no-plot --out $OUT"
 # against eager.
 step ops-bf16-n256 60 bench-ops-bf16-n256.log $PY -m scnet_fused bench --ops gate,gate_bn --dtype bf16 \
   --batch-size 256 --name ops_bf16_n256 $T
-step ops-fp32-n256 20 bench-ops-fp32-n256.log $PY -m scnet_fused bench --ops gate,gate_bn,avgpool,bn_relu --dtype fp32 \
+step ops-fp32-n256 20 bench-ops-fp32-n256.log $PY -m scnet_fused bench --ops gate,gate_bn,avgpool,bn_relu,bn_add_relu --dtype fp32 \
   --batch-size 256 --providers eager,triton,cuda --name ops_fp32_n256 $T
 step ops-bf16-n64 15 bench-ops-bf16-n64.log $PY -m scnet_fused bench --ops gate,gate_bn --dtype bf16 \
   --batch-size 64 --providers eager,triton,cuda --name ops_bf16_n64 $T

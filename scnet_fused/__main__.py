@@ -62,7 +62,7 @@ def _err(msg: str) -> None:
 # bench
 # ------------------------------------------------------------------------------------------------
 
-_BENCH_OPS = ("gate", "gate_bn", "avgpool", "bn_relu", "scconv", "bottleneck", "model")
+_BENCH_OPS = ("gate", "gate_bn", "avgpool", "bn_relu", "bn_add_relu", "scconv", "bottleneck", "model")
 
 
 def cmd_bench(args) -> int:
@@ -79,7 +79,7 @@ def cmd_bench(args) -> int:
     if not dtypes:
         raise CLIError("--dtype is empty; give fp32, bf16 or fp16")
     ops = _csv(args.ops) if args.ops else (["gate", "gate_bn"] if args.quick
-                                           else ["gate", "gate_bn", "avgpool", "bn_relu", "scconv"])
+                                           else ["gate", "gate_bn", "avgpool", "bn_relu", "bn_add_relu", "scconv"])
     for op in ops:
         if op not in _BENCH_OPS:
             raise CLIError(f"unknown op {op!r} in --ops; choose from {', '.join(_BENCH_OPS)}")
@@ -214,7 +214,8 @@ _CHECK_SHAPES = ((2, 8, 14, 14), (3, 5, 13, 25), (2, 16, 7, 7))
 _CHECK_OPS = {"gate": ("eager_gate", "fused_gate"), "gate_bn": ("eager_gate_bn", "fused_gate_bn"),
               "gate_bn2": ("eager_gate_bn2", "fused_gate_bn2"),
               "avgpool": ("eager_avgpool", "fused_avgpool"), "bn_relu": ("eager_bn_relu", "fused_bn_relu"),
-              "bn_relu_cat": ("eager_bn_relu_cat", "fused_bn_relu_cat")}
+              "bn_relu_cat": ("eager_bn_relu_cat", "fused_bn_relu_cat"),
+              "bn_add_relu": ("eager_bn_add_relu", "fused_bn_add_relu")}
 
 
 def _check_one(backend_name: str, op: str, shape, dtype, device, channels_last: bool):
@@ -239,9 +240,13 @@ def _check_one(backend_name: str, op: str, shape, dtype, device, channels_last: 
     out_c = C + bench.cat_branch_channels(C) if op == "bn_relu_cat" else C
     dy64 = torch.randn(N, out_c, *out_hw, dtype=torch.float64, device=device,
                        generator=torch.Generator(device=device).manual_seed(3))
-    ref = run(eager, args64, dy64)
     low = tuple(a.detach().to(dtype if a.dim() == 4 else (torch.float32 if dtype == torch.float32 else dtype))
                 .requires_grad_(True) for a in args64)
+    # the reference: float64 on the inputs the others get (rounded to dtype), so a ReLU mask or a sign
+    # near zero is decided on the same values, not on a rounding of the inputs
+    args64 = tuple(a.detach().double().requires_grad_(True) for a in low)
+    dy64 = dy64.to(dtype).double()
+    ref = run(eager, args64, dy64)
     if channels_last:
         low = tuple(a.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
                     if a.dim() == 4 else a for a in low)
@@ -251,7 +256,8 @@ def _check_one(backend_name: str, op: str, shape, dtype, device, channels_last: 
     names = {"gate": ["y", "dx", "dsmall", "dk3"], "gate_bn": ["y", "dx", "dsmall", "dk3", "dweight", "dbias"],
              "gate_bn2": ["y", "dx", "dsmall", "dk3", "dweight", "dbias", "dsmall_weight", "dsmall_bias"],
              "avgpool": ["y", "dx"], "bn_relu": ["y", "dt", "dweight", "dbias"],
-             "bn_relu_cat": ["y", "dta", "dwa", "dba", "dtb", "dwb", "dbb"]}[op]
+             "bn_relu_cat": ["y", "dta", "dwa", "dba", "dtb", "dwb", "dbb"],
+             "bn_add_relu": ["y", "dt", "dweight", "dbias", "dresidual"]}[op]
     out = []
     for name, r, b, g in zip(names, ref, base, got):
         if tuple(g.shape) != tuple(r.shape):
@@ -411,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", metavar="DIR", help="results folder (default benchmarks/results/<device>)")
     b.add_argument("--name", default="results", help="file name stem of the results (default: results)")
     b.add_argument("--ops", metavar="LIST", help=f"comma list of {', '.join(_BENCH_OPS)} "
-                                                 "(default gate,gate_bn,avgpool,bn_relu,scconv; --quick: gate,gate_bn)")
+                                                 "(default gate,gate_bn,avgpool,bn_relu,bn_add_relu,scconv; --quick: gate,gate_bn)")
     b.add_argument("--modes", metavar="LIST", help="op modes forward,backward,full and/or module modes train,eval")
     b.add_argument("--providers", metavar="LIST",
                    help="comma list of eager, compile, triton, cuda, cpu, compile_fused (default: all available)")

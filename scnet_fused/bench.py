@@ -56,7 +56,7 @@ PROVIDERS = ("eager", "compile", "triton", "cuda", "cpu", "compile_fused")
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
 OP_MODES = ("forward", "backward", "full")
 MODULE_MODES = ("train", "eval")
-OPS = ("gate", "gate_bn", "avgpool", "bn_relu")
+OPS = ("gate", "gate_bn", "avgpool", "bn_relu", "bn_add_relu")
 MODULES = ("scconv", "bottleneck")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -709,6 +709,14 @@ PASSES = {
     ("bn_relu", "forward"): (3, 5),
     ("bn_relu", "backward"): (5, 8),
     ("bn_relu", "full"): (8, 13),
+    # BatchNorm + residual addition + ReLU (a bottleneck's end): statistics (1) + one pass reading t and
+    # the residual and writing y (3) forward; backward one pass reading dy, y, t and writing g (the
+    # residual's gradient) (4) + dt from g and t (3; 1 more on the CPU's channel-by-channel path, which
+    # reads g and t the second time from cache). Eager: batch_norm (3) + add (3) + relu (2); relu
+    # backward (3) + BatchNorm backward (5).
+    ("bn_add_relu", "forward"): (4, 8),
+    ("bn_add_relu", "backward"): (7, 8),
+    ("bn_add_relu", "full"): (11, 16),
 }
 # FLOPs per element (exp counted as one): add, sigmoid (neg, exp, add, div), mul; BN adds an FMA
 # and the statistics (2); backward recomputes the sigmoid and forms dx, dk3 (and the BN sums).
@@ -717,6 +725,7 @@ FLOPS_PER_ELEMENT = {
     ("gate_bn", "forward"): 10, ("gate_bn", "backward"): 20, ("gate_bn", "full"): 30,
     ("avgpool", "forward"): 1, ("avgpool", "backward"): 1, ("avgpool", "full"): 2,
     ("bn_relu", "forward"): 5, ("bn_relu", "backward"): 9, ("bn_relu", "full"): 14,
+    ("bn_add_relu", "forward"): 6, ("bn_add_relu", "backward"): 9, ("bn_add_relu", "full"): 15,
 }
 
 
@@ -733,7 +742,7 @@ def gate_model(op: str, mode: str, N: int, C: int, H: int, W: int, itemsize: int
     small = N * C * h * w
     # pooled map: read in the forward; read and its gradient written in the backward (the pool:
     # written in the forward, its gradient read in the backward)
-    if op == "bn_relu":
+    if op in ("bn_relu", "bn_add_relu"):
         small_passes = 0
     elif op == "avgpool":
         small_passes = {"forward": 1, "backward": 1, "full": 2}[mode]
@@ -893,6 +902,16 @@ def fused_bn_relu(t, weight, bias, eps: float = 1e-5):
     return bn_relu_train(t, weight, bias, eps)[0]
 
 
+def eager_bn_add_relu(t, weight, bias, residual, eps: float = 1e-5):
+    return F.relu(F.batch_norm(t, None, None, weight, bias, training=True, momentum=0.1, eps=eps) + residual)
+
+
+def fused_bn_add_relu(t, weight, bias, residual, eps: float = 1e-5):
+    from .ops.bn_relu import bn_add_relu_train
+
+    return bn_add_relu_train(t, weight, bias, residual, eps)[0]
+
+
 def cat_branch_channels(C: int) -> int:
     """Channels of the second branch in the bn_relu_cat check and benchmark inputs (unequal halves)."""
     return C // 2 + 1
@@ -949,6 +968,8 @@ def make_gate_inputs(op: str, N: int, C: int, H: int, W: int, dtype: torch.dtype
 
     if op == "bn_relu":
         return bn_branch(C)
+    if op == "bn_add_relu":
+        return bn_branch(C) + (rnd(N, C, H, W),)
     if op == "bn_relu_cat":
         return bn_branch(C) + bn_branch(cat_branch_channels(C))
     x, small, k3 = rnd(N, C, H, W), rnd(N, C, h, w), rnd(N, C, H, W)
@@ -968,7 +989,8 @@ def make_gate_inputs(op: str, N: int, C: int, H: int, W: int, dtype: torch.dtype
 
 def _gate_callable(op: str, provider: str, compiled: Dict[str, Callable]) -> Callable:
     base = {"gate": (eager_gate, fused_gate), "gate_bn": (eager_gate_bn, fused_gate_bn),
-            "avgpool": (eager_avgpool, fused_avgpool), "bn_relu": (eager_bn_relu, fused_bn_relu)}[op]
+            "avgpool": (eager_avgpool, fused_avgpool), "bn_relu": (eager_bn_relu, fused_bn_relu),
+            "bn_add_relu": (eager_bn_add_relu, fused_bn_add_relu)}[op]
     if provider == "eager":
         return base[0]
     if provider == "compile":
