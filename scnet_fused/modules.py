@@ -35,7 +35,7 @@ from torch.nn.modules import module as _nn_module
 
 from . import reference
 from .ops import sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
-from .ops.bn_relu import bn_add_relu_train, bn_relu_cat_train, bn_relu_train
+from .ops.bn_relu import affine_add_relu, bn_add_relu_train, bn_relu_cat_train, bn_relu_train
 from .ops._dispatch import cpp_glue, standard_ops_only
 from .ops._plain import upsample_nearest
 from .ops.relu_cat import relu_cat
@@ -716,7 +716,7 @@ class SCBottleneck(reference.SCBottleneck):
             # the pool works channel by channel: on the concatenation it is the two halves' pools
             # concatenated (one pass, no second concatenation)
             out = self.avd_layer(out)
-        if _batch_stats_bn(self.bn3):
+        if _batch_stats_bn(self.bn3) or (not torch.is_grad_enabled() and _foldable_eval_norm(self.bn3)):
             out = self.conv3(out)
             if self.downsample is not None:
                 residual = _seq_conv_bn(self.downsample, x)
@@ -728,13 +728,19 @@ class SCBottleneck(reference.SCBottleneck):
         return self.relu(out)
 
     def _tail(self, t: Tensor, residual: Tensor) -> Tensor:
-        """``relu(bn3(t) + residual)`` with bn3 using batch statistics: one fused op
-        (:func:`scnet_fused.ops.bn_relu.bn_add_relu_train`) where t and the residual match in shape, dtype and
-        device (under autocast they do not: bf16 t, float32 residual, and the modules run), running
-        statistics as nn.BatchNorm2d updates them."""
+        """``relu(bn3(t) + residual)`` as one fused op where t and the residual match in shape, dtype and
+        device (under autocast they do not: bf16 t, float32 residual, and the modules run): with bn3
+        using batch statistics :func:`scnet_fused.ops.bn_relu.bn_add_relu_train` (running statistics as
+        nn.BatchNorm2d updates them); at inference (no grad, eval-mode bn3) bn3 folded to per-channel
+        constants of :func:`scnet_fused.ops.bn_relu.affine_add_relu`."""
         bn = self.bn3
-        if not (_bn_stats_ok(t) and residual.shape == t.shape and residual.dtype == t.dtype
+        if not (t.dim() == 4 and t.numel() > 0 and residual.shape == t.shape and residual.dtype == t.dtype
                 and residual.device == t.device and _tensors_on(bn, t)):
+            return self.relu(bn(t) + residual)
+        if not _batch_stats_bn(bn):  # inference: the eval-mode BatchNorm as the op's affine
+            scale, shift = _eval_fold(bn, t, differentiable=False)
+            return affine_add_relu(t, residual, scale, shift)
+        if not _bn_stats_ok(t):
             return self.relu(bn(t) + residual)
         factor = _bn_momentum(bn)
         weight, bias = _affine_params(bn, t)

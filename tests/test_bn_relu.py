@@ -446,3 +446,64 @@ def test_add_saves_y_t_and_per_channel_vectors():
     assert sorted(tuple(s.shape) for s in saved) == sorted([tuple(t.shape)] * 2 + [(4,)] * 4)
     assert any(s is y or s.data_ptr() == y.data_ptr() for s in saved)  # the output, not the residual
     assert not any(s.data_ptr() == res.data_ptr() for s in saved)
+
+
+@pytest.mark.parametrize("name", backends_here())
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_affine_add_relu_inference(name, channels_last):
+    """relu(t * scale + shift + residual) in one pass (an eval BatchNorm folded, the shortcut, the ReLU):
+    against float64 eager, residual in the other memory format too; y in t's format. With autograd
+    recording it refuses (it is the inference op), naming the training one."""
+    from scnet_fused.ops.bn_relu import affine_add_relu
+
+    t, w, b, _ = _inputs((3, 6, 9, 7), channels_last=channels_last)
+    res = _residual((3, 6, 9, 7))
+    scale, shift = w * 0.7, b - 0.2
+    expect = F.relu(t.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1) + res.double())
+    with backend(name), torch.no_grad():
+        y = affine_add_relu(t, res, scale, shift)
+        y_cl = affine_add_relu(t, res.contiguous(memory_format=torch.channels_last), scale, shift)
+    for got in (y, y_cl):
+        torch.testing.assert_close(got.double(), expect, rtol=1e-6, atol=1e-6)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert got.is_contiguous(memory_format=fmt)
+    with pytest.raises(RuntimeError, match="bn_add_relu_train"):
+        affine_add_relu(t.requires_grad_(), res, scale, shift)
+    with pytest.raises(ValueError, match="residual must have t's shape"):
+        affine_add_relu(t.detach(), res[:, :3], scale, shift)
+
+
+@pytest.mark.parametrize("name", backends_here())
+def test_bottleneck_inference_end_is_one_op(name, monkeypatch):
+    """At inference (no grad, eval-mode BatchNorms) the bottleneck's bn3 + shortcut + ReLU run as one
+    affine_add_relu call, bn3 folded into its constants (bn3 not called); the reference's output."""
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(32, 64, 1, stride=2, bias=False), nn.BatchNorm2d(64))
+    ref = R.SCBottleneck(32, 16, stride=2, downsample=down, norm_layer=nn.BatchNorm2d)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    ref.eval()
+    fused = scnet_fused.convert(ref)
+    x = torch.randn(2, 32, 14, 13)
+    called = []
+    forward = nn.BatchNorm2d.forward
+
+    def counting(self, *args):
+        called.append(self)
+        return forward(self, *args)
+
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", counting)  # the fused paths still see nn.BatchNorm2d's
+    with torch.no_grad(), backend(name):
+        expected = ref(x)
+        called.clear()
+        with torch.profiler.profile() as prof:
+            got = fused(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    calls = [e.name for e in prof.events()
+             if e.name in ("scnet_fused::affine_add_relu", "scnet_fused::_affine_add_relu")]
+    assert len(calls) == 1 and not any(m is fused.bn3 for m in called), calls

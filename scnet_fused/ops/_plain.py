@@ -87,6 +87,12 @@ def bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
     return R._like(torch.relu(z), t), mean.detach(), var.detach()
 
 
+def affine_add_relu(t: Tensor, residual: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    a = R._acc(t)
+    z = a * scale.to(a.dtype).view(1, -1, 1, 1) + shift.to(a.dtype).view(1, -1, 1, 1) + R._acc(residual)
+    return R._like(torch.relu(z), t)
+
+
 def bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, tb: Tensor, wb: Tensor, bb: Tensor, eps_a: float,
                       eps_b: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     ya, mean_a, var_a = bn_relu_train(ta, wa, ba, eps_a)

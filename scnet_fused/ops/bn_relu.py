@@ -21,7 +21,7 @@ from .._alloc import new_empty
 from . import _dispatch, _plain
 from .sc_gate import _format, bn_fold, check_per_channel
 
-__all__ = ["bn_relu_train", "bn_relu_cat_train", "bn_add_relu_train", "check_bn_relu_inputs"]
+__all__ = ["bn_relu_train", "bn_relu_cat_train", "bn_add_relu_train", "affine_add_relu", "check_bn_relu_inputs"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -359,3 +359,52 @@ def bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
     if _dispatch.cpp_autograd(t):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
         return torch.ops.scnet_fused._bn_add_relu_train_ag(t, weight, bias, residual, float(eps))
     return torch.ops.scnet_fused.bn_add_relu_train(t, weight, bias, residual, float(eps))
+
+
+# ------------------------------------------------------------------------------------------------
+# Inference: an eval-mode BatchNorm (a per-channel affine) + residual addition + ReLU
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_affine_add_relu(t: Tensor, residual: Tensor, scale: Tensor, shift: Tensor) -> None:
+    if not isinstance(t, Tensor) or t.dim() != 4:
+        raise ValueError(f"affine_add_relu: t must be a 4-D (N, C, H, W) tensor, got "
+                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"affine_add_relu: t must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not isinstance(residual, Tensor) or residual.shape != t.shape or residual.dtype != t.dtype \
+            or residual.device != t.device:
+        raise ValueError("affine_add_relu: residual must have t's shape, dtype and device")
+    check_per_channel("affine_add_relu", "scale", scale, t, "t")
+    check_per_channel("affine_add_relu", "shift", shift, t, "t")
+
+
+@torch.library.custom_op("scnet_fused::affine_add_relu", mutates_args=())
+def _affine_add_relu_op(t: Tensor, residual: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    _check_affine_add_relu(t, residual, scale, shift)
+    _, prims = _dispatch.select(t.device, t.dtype)
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return prims.affine_add_relu(t.contiguous(memory_format=_format(t)), residual, scale.to(acc).contiguous(),
+                                 shift.to(acc).contiguous())
+
+
+@_affine_add_relu_op.register_fake
+def _(t, residual, scale, shift):
+    _check_affine_add_relu(t, residual, scale, shift)
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_format(t))
+
+
+def affine_add_relu(t: Tensor, residual: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``relu(t * scale[c] + shift[c] + residual)`` in one pass, for inference (no autograd): an eval-mode
+    BatchNorm folded to ``scale`` / ``shift``, the shortcut's addition and the ReLU at a bottleneck's end
+    (eager: the BatchNorm, the sum and the ReLU each read and write a full-size tensor). y like t."""
+    _check_affine_add_relu(t, residual, scale, shift)
+    if torch.is_grad_enabled() and any(v.requires_grad for v in (t, residual, scale, shift)):
+        raise RuntimeError("affine_add_relu is for inference: call it under torch.no_grad() "
+                           "(bn_add_relu_train is the differentiable op)")
+    if _dispatch.standard_ops_only():
+        return _plain.affine_add_relu(t, residual, scale, shift)
+    if _dispatch.cpp_autograd(t):  # eager with a compiled backend: the kernel op itself (nothing to record)
+        return torch.ops.scnet_fused._affine_add_relu(t.contiguous(memory_format=_format(t)), residual,
+                                                      scale.float().contiguous(), shift.float().contiguous())
+    return torch.ops.scnet_fused.affine_add_relu(t, residual, scale, shift)
