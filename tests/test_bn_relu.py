@@ -471,6 +471,8 @@ def test_affine_add_relu_inference(name, channels_last):
         affine_add_relu(t.requires_grad_(), res, scale, shift)
     with pytest.raises(ValueError, match="residual must have t's shape"):
         affine_add_relu(t.detach(), res[:, :3], scale, shift)
+    with backend(name):
+        torch.library.opcheck(torch.ops.scnet_fused.affine_add_relu.default, (t.detach(), res, scale, shift))
 
 
 @pytest.mark.parametrize("name", backends_here())
