@@ -99,6 +99,7 @@ def _op_cases():
         ("bn_relu_train", lambda t, w, b: ops.bn_relu_train(t, w, b)[0], (k3, w, b), dy),
         ("bn_relu_cat_train", lambda ta, tb: ops.bn_relu_cat_train(ta, w, b, tb, wb, bb)[0], (k3, tb), r(2, 7, 13, 9)),
         ("relu_cat", lambda a, c: scnet_fused.ops.relu_cat.relu_cat(a, c), (k3, tb), r(2, 7, 13, 9)),
+        ("bn_add_relu_train", lambda t, w, b, res: ops.bn_add_relu_train(t, w, b, res)[0], (k3, w, b, x), dy),
     ]
 
 

@@ -2,7 +2,7 @@
 
 from ._dispatch import BACKENDS, BackendUnavailable, available, backend, requested, select
 from .avgpool import sc_avgpool
-from .bn_relu import bn_relu_cat_train, bn_relu_train
+from .bn_relu import affine_add_relu, bn_add_relu_train, bn_relu_cat_train, bn_relu_train
 from .sc_gate import check_gate_inputs, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
 
 __all__ = [
@@ -19,4 +19,6 @@ __all__ = [
     "sc_avgpool",
     "bn_relu_train",
     "bn_relu_cat_train",
+    "bn_add_relu_train",
+    "affine_add_relu",
 ]
