@@ -191,13 +191,18 @@ def _autocast_available(device_type: str) -> bool:
     return known
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Autocast is enabled for tensors of this device type."""
+    return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _conv_accepts(conv: nn.Module, x: Tensor) -> bool:
     """``conv`` will take x's dtype (equal to its weight's, or autocast recasts both); otherwise the
     modules run as they are and raise their own error."""
     weight = getattr(conv, "weight", None)
     if not isinstance(weight, Tensor) or weight.dtype == x.dtype:
         return True
-    return _autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+    return _autocast_on(x.device.type)
 
 
 def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
@@ -381,7 +386,7 @@ def _autocast_input(x: Tensor, conv: nn.Module) -> Optional[Tensor]:
     convolution) and to the gate, which reads x in k3's dtype: one full-size cast and one saved
     tensor instead of two (autocast's own cast of x would be a second copy, saved by the convolution)."""
     device_type = x.device.type
-    if not (_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    if not _autocast_on(device_type):
         return None
     dtype = torch.get_autocast_dtype(device_type)
     if (type(conv) is not nn.Conv2d or not _hookless(conv) or not x.is_floating_point()
@@ -472,19 +477,19 @@ class _ParamConv(torch.autograd.Function):
         return (grad_x, None, None, None, None, None, *grads_w)
 
 
-def _param_weight(weights, dtype: torch.dtype) -> Tensor:
+def _param_weight(weights, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The weight the parameters make: the one, or several stacked; cast to ``dtype`` if given."""
     w = weights[0] if len(weights) == 1 else torch.cat(weights)
-    return w.to(dtype)
+    return w if dtype is None else w.to(dtype)
 
 
 def _autocast_dtype(x: Tensor, weights) -> Tuple[bool, Optional[torch.dtype]]:
     """``(ok, dtype)``: autocast's dtype for a convolution of x with these float32 weights (None when
     autocast is off); ok False where autocast is on and would not run the convolution as a plain cast of
     both (another weight dtype, an x autocast does not cast)."""
-    device_type = x.device.type
-    if not (_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    if not _autocast_on(x.device.type):
         return True, None
-    dtype = torch.get_autocast_dtype(device_type)
+    dtype = torch.get_autocast_dtype(x.device.type)
     return all(w.dtype == torch.float32 for w in weights) and x.dtype in (torch.float32, dtype), dtype
 
 
@@ -493,8 +498,7 @@ def _param_conv(x: Tensor, weights, stride, padding, dilation, groups: int) -> T
     :class:`_ParamConv` where autograd records it (the parameters saved, not the stacked / cast copy)."""
     ok, dtype = _autocast_dtype(x, weights)
     if not (ok and torch.is_grad_enabled() and x.dim() == 4):
-        w = weights[0] if len(weights) == 1 else torch.cat(weights)
-        return F.conv2d(x, w, None, stride, padding, dilation, groups)
+        return F.conv2d(x, _param_weight(weights), None, stride, padding, dilation, groups)
     if dtype is None:
         return _ParamConv.apply(x, None, _pair(stride), _pair(padding), _pair(dilation), groups, *weights)
     with torch.autocast(x.device.type, enabled=False):
@@ -504,9 +508,7 @@ def _param_conv(x: Tensor, weights, stride, padding, dilation, groups: int) -> T
 def _conv(conv: nn.Module, x: Tensor) -> Tensor:
     """``conv(x)``; under autocast with a plain float32 convolution (:func:`_plain_conv`) and autograd
     on, through :class:`_ParamConv` (the parameter saved instead of its lower-precision copy)."""
-    device_type = x.device.type
-    if not (torch.is_grad_enabled() and _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-            and _plain_conv(conv)):
+    if not (torch.is_grad_enabled() and _autocast_on(x.device.type) and _plain_conv(conv)):
         return conv(x)
     return _param_conv(x, (conv.weight,), conv.stride, conv.padding, conv.dilation, conv.groups)
 
@@ -621,7 +623,7 @@ class SCConv(reference.SCConv):
             return conv4(y)
         weight = conv4.weight
         amp_device = _autocast_available(y.device.type)
-        if amp_device and torch.is_autocast_enabled(y.device.type):
+        if _autocast_on(y.device.type):
             dtype = torch.get_autocast_dtype(y.device.type)
             y = y.to(dtype)  # the weight: cast inside _ConvOfGate, the parameter saved
             if y.dtype != x.dtype:  # recompute in the dtype the convolution saw
@@ -691,8 +693,8 @@ class SCBottleneck(reference.SCBottleneck):
     branches' final ReLUs write straight into the concatenation conv3 reads; in training the
     BatchNorm + ReLU after conv1_a / conv1_b run as one fused op over both halves, and k1's and the
     SCConv's k4 BatchNorm + ReLU as one op writing both halves of that concatenation. With avd (the
-    v1d models' first block of a stage), the avd pool runs once, on that concatenation. In training the
-    block's end, bn3 + the shortcut's addition + the ReLU, is one fused op.
+    v1d models' first block of a stage), the avd pool runs once, on that concatenation. The block's end,
+    bn3 + the shortcut's addition + the ReLU, is one fused op in training and at inference.
     Submodules with hooks run as modules (see :func:`_hookless`). ``stack_conv1`` (default True; a
     class or instance attribute): False runs conv1_a and conv1_b one after the other (each with its
     fused BatchNorm + ReLU), as the reference does.
@@ -716,7 +718,10 @@ class SCBottleneck(reference.SCBottleneck):
             # the pool works channel by channel: on the concatenation it is the two halves' pools
             # concatenated (one pass, no second concatenation)
             out = self.avd_layer(out)
-        if _batch_stats_bn(self.bn3) or (not torch.is_grad_enabled() and _foldable_eval_norm(self.bn3)):
+        # the end fused: in training; at inference where conv3's output and the shortcut share a dtype
+        # (under autocast they do not, and bn3 is better folded into conv3's weights)
+        if _batch_stats_bn(self.bn3) or (not torch.is_grad_enabled() and _foldable_eval_norm(self.bn3)
+                                         and not _autocast_on(x.device.type)):
             out = self.conv3(out)
             if self.downsample is not None:
                 residual = _seq_conv_bn(self.downsample, x)

@@ -29,16 +29,29 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_bn_relu_inputs(t: Tensor, weight: Tensor, bias: Tensor, op: str = "bn_relu_train", tname: str = "t",
                          suffix: str = "") -> None:
     """Raise ValueError/TypeError before any kernel runs when the inputs cannot be normalised."""
-    if not isinstance(t, Tensor) or t.dim() != 4:
-        raise ValueError(f"{op}: {tname} must be a 4-D (N, C, H, W) tensor, got "
-                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: {tname} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    _check_map(t, op, tname)
     check_per_channel(op, "weight" + suffix, weight, t, tname)
     check_per_channel(op, "bias" + suffix, bias, t, tname)
     if t.shape[0] * t.shape[2] * t.shape[3] <= 1:
         raise ValueError(f"{op}: expected more than 1 value per channel when training, got {tname} of "
                          f"shape {tuple(t.shape)}")
+
+
+def _check_map(t: Tensor, op: str, tname: str = "t") -> None:
+    if not isinstance(t, Tensor) or t.dim() != 4:
+        raise ValueError(f"{op}: {tname} must be a 4-D (N, C, H, W) tensor, got "
+                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {tname} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _check_residual(t: Tensor, residual: Tensor, op: str) -> None:
+    if not isinstance(residual, Tensor) or residual.shape != t.shape:
+        raise ValueError(f"{op}: residual must have t's shape {tuple(t.shape)}, got "
+                         f"{tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__}")
+    if residual.dtype != t.dtype or residual.device != t.device:
+        raise ValueError(f"{op}: residual must have t's dtype and device ({t.dtype} on {t.device}), "
+                         f"got {residual.dtype} on {residual.device}")
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -258,12 +271,7 @@ def bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, tb: Tensor, wb: Tensor
 
 def check_bn_add_relu_inputs(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor) -> None:
     check_bn_relu_inputs(t, weight, bias, "bn_add_relu_train")
-    if not isinstance(residual, Tensor) or residual.shape != t.shape:
-        raise ValueError(f"bn_add_relu_train: residual must have t's shape {tuple(t.shape)}, got "
-                         f"{tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__}")
-    if residual.dtype != t.dtype or residual.device != t.device:
-        raise ValueError(f"bn_add_relu_train: residual must have t's dtype and device ({t.dtype} on {t.device}), "
-                         f"got {residual.dtype} on {residual.device}")
+    _check_residual(t, residual, "bn_add_relu_train")
 
 
 @torch.library.custom_op("scnet_fused::bn_add_relu_train", mutates_args=())
@@ -367,25 +375,23 @@ def bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
 
 
 def _check_affine_add_relu(t: Tensor, residual: Tensor, scale: Tensor, shift: Tensor) -> None:
-    if not isinstance(t, Tensor) or t.dim() != 4:
-        raise ValueError(f"affine_add_relu: t must be a 4-D (N, C, H, W) tensor, got "
-                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"affine_add_relu: t must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if not isinstance(residual, Tensor) or residual.shape != t.shape or residual.dtype != t.dtype \
-            or residual.device != t.device:
-        raise ValueError("affine_add_relu: residual must have t's shape, dtype and device")
+    _check_map(t, "affine_add_relu")
+    _check_residual(t, residual, "affine_add_relu")
     check_per_channel("affine_add_relu", "scale", scale, t, "t")
     check_per_channel("affine_add_relu", "shift", shift, t, "t")
+
+
+def _affine_add_relu_args(t: Tensor, residual: Tensor, scale: Tensor, shift: Tensor):
+    """The primitive's arguments: t dense in its memory format, the constants in the accumulation dtype."""
+    acc = _acc_dtype(t)
+    return t.contiguous(memory_format=_format(t)), residual, scale.to(acc).contiguous(), shift.to(acc).contiguous()
 
 
 @torch.library.custom_op("scnet_fused::affine_add_relu", mutates_args=())
 def _affine_add_relu_op(t: Tensor, residual: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     _check_affine_add_relu(t, residual, scale, shift)
     _, prims = _dispatch.select(t.device, t.dtype)
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return prims.affine_add_relu(t.contiguous(memory_format=_format(t)), residual, scale.to(acc).contiguous(),
-                                 shift.to(acc).contiguous())
+    return prims.affine_add_relu(*_affine_add_relu_args(t, residual, scale, shift))
 
 
 @_affine_add_relu_op.register_fake
@@ -405,6 +411,5 @@ def affine_add_relu(t: Tensor, residual: Tensor, scale: Tensor, shift: Tensor) -
     if _dispatch.standard_ops_only():
         return _plain.affine_add_relu(t, residual, scale, shift)
     if _dispatch.cpp_autograd(t):  # eager with a compiled backend: the kernel op itself (nothing to record)
-        return torch.ops.scnet_fused._affine_add_relu(t.contiguous(memory_format=_format(t)), residual,
-                                                      scale.float().contiguous(), shift.float().contiguous())
+        return torch.ops.scnet_fused._affine_add_relu(*_affine_add_relu_args(t, residual, scale, shift))
     return torch.ops.scnet_fused.affine_add_relu(t, residual, scale, shift)
