@@ -70,6 +70,9 @@ TORCH_LIBRARY(scnet_fused, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("_bn_add_relu_train_backward(Tensor dy, Tensor y, Tensor t, Tensor weight, Tensor bias, Tensor mean, "
         "Tensor var, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_wino_input(Tensor x, int TH, int TW) -> Tensor");
+  m.def("_wino_output(Tensor m, int N, int H, int W, Tensor? bias=None) -> Tensor");
+  m.def("_wino_output_adjoint(Tensor dy, int TH, int TW) -> Tensor");
   m.def("_nearest_source(int i, int out_size, int in_size) -> int", &scnet_fused::nearest_source_one);
   m.def("_cell_start(int a, int out_size, int in_size) -> int", &scnet_fused::cell_start_one);
 }

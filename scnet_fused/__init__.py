@@ -11,7 +11,7 @@ from . import models, reference
 from .checkpoint import CheckpointError, load_checkpoint
 from .convert import convert, convert_with_report
 from .modules import SCBottleneck, SCConv
-from .ops import backend, sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
+from .ops import backend, get_conv_algorithm, sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train, set_conv_algorithm
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,8 @@ __all__ = [
     "sc_gate_bn_train",
     "sc_gate_bn2_train",
     "sc_avgpool",
+    "set_conv_algorithm",
+    "get_conv_algorithm",
     "load_checkpoint",
     "CheckpointError",
     "__version__",

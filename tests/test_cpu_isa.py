@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(CPU_REASON is not None, reason=f"cpu backend una
 
 # The tests of the CPU kernels and of the ops and autograd over them, rerun for every other build.
 KERNEL_TESTS = ["tests/test_cpu_kernels.py", "tests/test_avgpool.py", "tests/test_bn_relu.py", "tests/test_gate_ops.py",
-                "tests/test_cpp_autograd.py", "tests/test_relu_cat.py"]
+                "tests/test_cpp_autograd.py", "tests/test_relu_cat.py", "tests/test_winograd.py"]
 
 
 def _env(**extra):

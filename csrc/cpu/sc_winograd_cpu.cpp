@@ -1,0 +1,355 @@
+// CPU kernels of the Winograd F(4x4, 3x3) convolution's data transforms (contract:
+// scnet_fused/ops/winograd.py). A 3x3 convolution with stride 1 and padding 1 of an (N, C, H, W) map
+// is computed on 4x4 output tiles, TH = ceil(H / 4) by TW = ceil(W / 4) of them per image:
+//
+//   Y_tile = A^T [ sum_c (G g G^T) (.) (B^T d_tile B) ] A
+//
+// d_tile the 6x6 input window at rows 4 th - 1 .. 4 th + 4, columns 4 tw - 1 .. 4 tw + 4 (zero outside
+// the map), g a 3x3 filter, (.) the element-wise product. The sum over input channels is 36 matrix
+// products (one per position xi = 6 r + s of the 6x6 transformed tile), done by the caller with
+// torch.bmm; the kernels here are the transforms around them, in the layout those products read:
+// [36][channels][tiles], tiles numbered t = (n * TH + th) * TW + tw, contiguous.
+//
+//   _wino_input(x, TH, TW)         V[xi][c][t] = (B^T d_tile B)[xi]                 (x: N, C, H, W)
+//   _wino_output(M, N, H, W, bias) y[n][k][4 th + i][4 tw + j] = (A^T M_tile A)[i][j] + bias[k]
+//   _wino_output_adjoint(dy, TH, TW)  Z[xi][k][t] = (A dy_tile A^T)[xi]  (dy_tile: the 4x4 output tile,
+//                                  zero outside the map): the adjoint of _wino_output, for the weight
+//                                  gradient dU[xi] = Z[xi] V[xi]^T.
+//
+// float32, NCHW (dense). Vectorized across the tiles of a tile row with at::vec::Vectorized<float>:
+// the row of the map a task reads is first split into its four column phases (column = 4 k + p), so
+// that the six (or four) columns of every tile are contiguous loads at k = tw and k = tw + 1. One task
+// item = one (channel, image, tile row); no reduction crosses a task.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "sc_cpu_vec.h"
+#include "sc_host.h"
+
+namespace scnet_fused {
+namespace cpu_winograd {
+namespace {
+
+using namespace ::scnet_fused::cpu_vec;
+
+// B^T applied to six values (the input transform of one row or column of a 6x6 window).
+template <typename V>
+inline void bt6(const V& d0, const V& d1, const V& d2, const V& d3, const V& d4, const V& d5, V* o) {
+  const V f4(4.0f), f5(5.0f), f2(2.0f);
+  o[0] = f4 * d0 - f5 * d2 + d4;
+  const V a = d3 + d4 - f4 * (d1 + d2);  // -4 d1 - 4 d2 + d3 + d4
+  const V b = f4 * (d1 - d2) + d4 - d3;  //  4 d1 - 4 d2 - d3 + d4
+  o[1] = a;
+  o[2] = b;
+  const V c = d4 - d2;
+  const V e = f2 * (d3 - d1);
+  o[3] = c + e;  // -2 d1 - d2 + 2 d3 + d4
+  o[4] = c - e;  //  2 d1 - d2 - 2 d3 + d4
+  o[5] = f4 * d1 - f5 * d3 + d5;
+}
+
+// A^T applied to six values (4 outputs).
+template <typename V>
+inline void at6(const V& m0, const V& m1, const V& m2, const V& m3, const V& m4, const V& m5, V* o) {
+  const V f2(2.0f), f4(4.0f), f8(8.0f);
+  const V p12 = m1 + m2, d12 = m1 - m2, p34 = m3 + m4, d34 = m3 - m4;
+  o[0] = m0 + p12 + p34;
+  o[1] = d12 + f2 * d34;
+  o[2] = p12 + f4 * p34;
+  o[3] = d12 + f8 * d34 + m5;
+}
+
+// A applied to four values (6 outputs): the adjoint of at6.
+template <typename V>
+inline void a4(const V& d0, const V& d1, const V& d2, const V& d3, V* o) {
+  const V f2(2.0f), f4(4.0f), f8(8.0f);
+  const V p02 = d0 + d2, p13 = d1 + d3;
+  const V q = d0 + f4 * d2, w = f2 * d1 + f8 * d3;
+  o[0] = d0;
+  o[1] = p02 + p13;
+  o[2] = p02 - p13;
+  o[3] = q + w;
+  o[4] = q - w;
+  o[5] = d3;
+}
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// The column phases are handled 16 tiles (64 columns) at a time.
+constexpr int64_t kChunk = 16;
+
+// dst[p][k] = src[4 k + p] for k in [0, 16) and p in [0, 4) (dst[p] = dst + p * stride): the four
+// column phases of 64 consecutive floats.
+inline void deinterleave4(const float* src, float* dst, int64_t stride) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
+  alignas(64) static const int32_t kIdx[4][16] = {
+      {0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28},
+      {1, 5, 9, 13, 17, 21, 25, 29, 1, 5, 9, 13, 17, 21, 25, 29},
+      {2, 6, 10, 14, 18, 22, 26, 30, 2, 6, 10, 14, 18, 22, 26, 30},
+      {3, 7, 11, 15, 19, 23, 27, 31, 3, 7, 11, 15, 19, 23, 27, 31}};
+  const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16), c = _mm512_loadu_ps(src + 32),
+               d = _mm512_loadu_ps(src + 48);
+  for (int p = 0; p < 4; ++p) {
+    const __m512i idx = _mm512_load_si512(kIdx[p]);
+    const __m512 ab = _mm512_permutex2var_ps(a, idx, b);  // lanes 0-7: k = 0..7
+    const __m512 cd = _mm512_permutex2var_ps(c, idx, d);  // lanes 0-7: k = 8..15
+    _mm512_storeu_ps(dst + p * stride, _mm512_shuffle_f32x4(ab, cd, 0x44));
+  }
+#else
+  for (int p = 0; p < 4; ++p)
+    for (int k = 0; k < 16; ++k) dst[p * stride + k] = src[4 * k + p];
+#endif
+}
+
+// dst[4 k + p] = src[p][k] for k in [0, 16) and p in [0, 4) (src[p] = src + p * stride): the inverse.
+inline void interleave4(const float* src, int64_t stride, float* dst) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
+  alignas(64) static const int32_t kPairLo[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+  alignas(64) static const int32_t kPairHi[16] = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  alignas(64) static const int32_t kQuad[4][16] = {
+      {0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23},
+      {8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31}};
+  const __m512 p0 = _mm512_loadu_ps(src), p1 = _mm512_loadu_ps(src + stride), p2 = _mm512_loadu_ps(src + 2 * stride),
+               p3 = _mm512_loadu_ps(src + 3 * stride);
+  const __m512i lo = _mm512_load_si512(kPairLo), hi = _mm512_load_si512(kPairHi);
+  const __m512 lo01 = _mm512_permutex2var_ps(p0, lo, p1), hi01 = _mm512_permutex2var_ps(p0, hi, p1);  // k 0-7, 8-15
+  const __m512 lo23 = _mm512_permutex2var_ps(p2, lo, p3), hi23 = _mm512_permutex2var_ps(p2, hi, p3);
+  const __m512i q0 = _mm512_load_si512(kQuad[0]), q1 = _mm512_load_si512(kQuad[1]);
+  _mm512_storeu_ps(dst, _mm512_permutex2var_ps(lo01, q0, lo23));
+  _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(lo01, q1, lo23));
+  _mm512_storeu_ps(dst + 32, _mm512_permutex2var_ps(hi01, q0, hi23));
+  _mm512_storeu_ps(dst + 48, _mm512_permutex2var_ps(hi01, q1, hi23));
+#else
+  for (int p = 0; p < 4; ++p)
+    for (int k = 0; k < 16; ++k) dst[4 * k + p] = src[p * stride + k];
+#endif
+}
+
+// 36 rows of `count` floats, stage[xi * pitch ...] -> dst[xi * xi_stride ...]: a plane's transformed
+// tiles, staged in cache by the task, written out as 36 contiguous runs.
+inline void flush_stage(const float* stage, int64_t pitch, int64_t count, float* dst, int64_t xi_stride) {
+  for (int64_t xi = 0; xi < 36; ++xi) {
+    const float* src = stage + xi * pitch;
+    float* out = dst + xi * xi_stride;
+    int64_t e = 0;
+    for (; e + kV <= count; e += kV) Vec::loadu(src + e).store(out + e);
+    if (e < count) Vec::loadu(src + e).store(out + e, count - e);
+  }
+}
+
+
+// The four column phases of one zero-padded row: row[0, 4 S) -> dst[p][0, S) (S a multiple of 16).
+inline void split_phases(const float* row, int64_t S, float* dst) {
+  for (int64_t k = 0; k < S; k += kChunk) deinterleave4(row + 4 * k, dst + k, S);
+}
+
+void check_map(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": expected float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 4, op, ": expected an (N, C, H, W) tensor, got ", t.dim(), " dimensions");
+}
+
+void check_tiles(const char* op, int64_t H, int64_t W, int64_t TH, int64_t TW) {
+  TORCH_CHECK(H > 0 && W > 0, op, ": empty map ", H, "x", W);
+  TORCH_CHECK(TH == (H + 3) / 4 && TW == (W + 3) / 4, op, ": a ", H, "x", W, " map has ", (H + 3) / 4, "x",
+              (W + 3) / 4, " tiles of 4x4, got ", TH, "x", TW);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The transforms into the tile domain: the input's (B^T d B, 6x6 windows at offset -1) and the
+// output gradient's (A dy A^T, 4x4 tiles at offset 0).
+// ---------------------------------------------------------------------------------------------
+template <int ROWS>
+struct TileTransform;
+
+template <>
+struct TileTransform<6> {  // B^T d B
+  static constexpr int64_t kOffset = 1;  // the window starts one row / column before the tile
+  static void rows(const float* b, int64_t len, Vec* o) {
+    bt6(Vec::loadu(b), Vec::loadu(b + len), Vec::loadu(b + 2 * len), Vec::loadu(b + 3 * len),
+        Vec::loadu(b + 4 * len), Vec::loadu(b + 5 * len), o);
+  }
+  static void cols(const float* t, int64_t S, int64_t tw, Vec* o) {  // columns 4 tw - 1 .. 4 tw + 4
+    bt6(Vec::loadu(t + tw), Vec::loadu(t + S + tw), Vec::loadu(t + 2 * S + tw), Vec::loadu(t + 3 * S + tw),
+        Vec::loadu(t + tw + 1), Vec::loadu(t + S + tw + 1), o);
+  }
+};
+
+template <>
+struct TileTransform<4> {  // A dy A^T
+  static constexpr int64_t kOffset = 0;
+  static void rows(const float* b, int64_t len, Vec* o) {
+    a4(Vec::loadu(b), Vec::loadu(b + len), Vec::loadu(b + 2 * len), Vec::loadu(b + 3 * len), o);
+  }
+  static void cols(const float* t, int64_t S, int64_t tw, Vec* o) {  // columns 4 tw .. 4 tw + 3
+    a4(Vec::loadu(t + tw), Vec::loadu(t + S + tw), Vec::loadu(t + 2 * S + tw), Vec::loadu(t + 3 * S + tw), o);
+  }
+};
+
+// out[xi][c][t] for the (N, C, H, W) map `src`: one task item per (channel, image) plane, whose tile
+// rows are transformed into a staging buffer and written out as 36 contiguous runs.
+template <int ROWS>
+at::Tensor to_tiles(const char* op, const at::Tensor& src_in, int64_t TH, int64_t TW) {
+  using TT = TileTransform<ROWS>;
+  check_map(op, src_in);
+  const at::Tensor src = src_in.contiguous();
+  const int64_t N = src.size(0), C = src.size(1), H = src.size(2), W = src.size(3);
+  check_tiles(op, H, W, TH, TW);
+  const int64_t T = N * TH * TW;
+  at::Tensor out = host::new_output({36, C, T}, src.options());
+  if (out.numel() == 0) return out;
+  const float* sp = src.data_ptr<float>();
+  float* op_ = out.data_ptr<float>();
+  // phase row stride, a multiple of the 16-tile chunk with room for k = TW (the last window's last two
+  // columns); the vector loads at k = tw + 1 run past a phase row into the next one, in the lanes of
+  // tiles past TW
+  const int64_t S = round_up(TW + 1, kChunk);
+  const int64_t len = 4 * S, xi_stride = C * T;
+  const int64_t tiles = TH * TW, pitch = round_up(tiles, kV) + kV;
+  at::parallel_for(0, C * N, grain_for(36 * tiles), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(ROWS * len, 0.0f), tr(6 * len, 0.0f), padded(len, 0.0f), stage(36 * pitch);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item % N, c = item / N;
+      const float* plane = sp + (n * C + c) * H * W;
+      for (int64_t th = 0; th < TH; ++th) {
+        // buf[i][p][k] = src[4 th - off + i][4 k + p - off] (zero outside the map), through a copy of
+        // the row at offset `off` in a zero-padded row buffer
+        for (int64_t i = 0; i < ROWS; ++i) {
+          float* b = buf.data() + i * len;
+          const int64_t row = 4 * th - TT::kOffset + i;
+          if (row < 0 || row >= H) {
+            std::fill(b, b + len, 0.0f);
+            continue;
+          }
+          std::copy(plane + row * W, plane + row * W + W, padded.data() + TT::kOffset);
+          split_phases(padded.data(), S, b);
+        }
+        // tr[r][p][k] = the row combination r of buf[.][p][k], over the flattened (p, k)
+        for (int64_t e = 0; e < len; e += kV) {
+          Vec o[6];
+          TT::rows(buf.data() + e, len, o);
+          for (int r = 0; r < 6; ++r) o[r].store(tr.data() + r * len + e);
+        }
+        // stage[6 r + s][th * TW + tw] = the column combination s of tr[r] over tile tw's columns (full
+        // vectors: the lanes past TW are overwritten by the next tile row or never copied out)
+        float* srow = stage.data() + th * TW;
+        for (int64_t tw = 0; tw < TW; tw += kV) {
+          for (int r = 0; r < 6; ++r) {
+            Vec o[6];
+            TT::cols(tr.data() + r * len, S, tw, o);
+            for (int s = 0; s < 6; ++s) o[s].store(srow + (6 * r + s) * pitch + tw);
+          }
+        }
+      }
+      flush_stage(stage.data(), pitch, tiles, op_ + c * T + n * tiles, xi_stride);
+    }
+  });
+  return out;
+}
+
+at::Tensor wino_input(const at::Tensor& x, int64_t TH, int64_t TW) {
+  return to_tiles<6>("scnet_fused::_wino_input (cpu)", x, TH, TW);
+}
+
+// The adjoint of the output transform (for the weight gradient).
+at::Tensor wino_output_adjoint(const at::Tensor& dy, int64_t TH, int64_t TW) {
+  return to_tiles<4>("scnet_fused::_wino_output_adjoint (cpu)", dy, TH, TW);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output transform.
+// ---------------------------------------------------------------------------------------------
+at::Tensor wino_output(const at::Tensor& m_in, int64_t N, int64_t H, int64_t W, const c10::optional<at::Tensor>& bias_in) {
+  const char* op = "scnet_fused::_wino_output (cpu)";
+  TORCH_CHECK(m_in.device().is_cpu() && m_in.scalar_type() == at::kFloat && m_in.dim() == 3 && m_in.size(0) == 36,
+              op, ": expected a float32 CPU tensor of shape (36, K, tiles), got ", m_in.sizes(), " ",
+              m_in.scalar_type(), " on ", m_in.device());
+  TORCH_CHECK(N >= 0, op, ": negative batch ", N);
+  const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4;
+  check_tiles(op, H, W, TH, TW);
+  const int64_t K = m_in.size(1), T = N * TH * TW;
+  TORCH_CHECK(m_in.size(2) == T, op, ": ", N, " images of ", H, "x", W, " have ", T, " tiles, M has ", m_in.size(2));
+  const at::Tensor m = m_in.contiguous();
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = bias_in->contiguous();
+    TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == K,
+                op, ": bias must be a float32 CPU vector of ", K, " elements, got ", bias.sizes());
+  }
+  at::Tensor y = host::new_output({N, K, H, W}, m.options());
+  if (y.numel() == 0) return y;
+  const float* mp = m.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t S = round_up(TW, kChunk);
+  const int64_t xi_stride = K * T;
+  at::parallel_for(0, K * N * TH, grain_for(36 * TW), [&](int64_t begin, int64_t end) {
+    std::vector<float> ob(16 * S), row(4 * S);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t th = item % TH, n = (item / TH) % N, k = item / (TH * N);
+      const float* mrow = mp + k * T + (n * TH + th) * TW;
+      for (int64_t tw = 0; tw < TW; tw += kV) {
+        const int64_t cnt = std::min<int64_t>(kV, TW - tw);
+        Vec acc[4][4];
+        for (int r = 0; r < 6; ++r) {
+          Vec mv[6];
+          for (int s = 0; s < 6; ++s) {
+            const float* src = mrow + (6 * r + s) * xi_stride + tw;
+            mv[s] = cnt == kV ? Vec::loadu(src) : Vec::loadu(src, cnt);
+          }
+          Vec q[4];
+          at6(mv[0], mv[1], mv[2], mv[3], mv[4], mv[5], q);
+          // acc[i][j] += A^T[i][r] q[j]; A^T columns: r0 (1,0,0,0), r1 (1,1,1,1), r2 (1,-1,1,-1),
+          // r3 (1,2,4,8), r4 (1,-2,4,-8), r5 (0,0,0,1)
+          for (int j = 0; j < 4; ++j) {
+            switch (r) {
+              case 0: acc[0][j] = q[j]; acc[1][j] = Vec(0.0f); acc[2][j] = Vec(0.0f); acc[3][j] = Vec(0.0f); break;
+              case 1: acc[0][j] = acc[0][j] + q[j]; acc[1][j] = acc[1][j] + q[j]; acc[2][j] = acc[2][j] + q[j];
+                      acc[3][j] = acc[3][j] + q[j]; break;
+              case 2: acc[0][j] = acc[0][j] + q[j]; acc[1][j] = acc[1][j] - q[j]; acc[2][j] = acc[2][j] + q[j];
+                      acc[3][j] = acc[3][j] - q[j]; break;
+              case 3: acc[0][j] = acc[0][j] + q[j]; acc[1][j] = at::vec::fmadd(Vec(2.0f), q[j], acc[1][j]);
+                      acc[2][j] = at::vec::fmadd(Vec(4.0f), q[j], acc[2][j]);
+                      acc[3][j] = at::vec::fmadd(Vec(8.0f), q[j], acc[3][j]); break;
+              case 4: acc[0][j] = acc[0][j] + q[j]; acc[1][j] = at::vec::fmadd(Vec(-2.0f), q[j], acc[1][j]);
+                      acc[2][j] = at::vec::fmadd(Vec(4.0f), q[j], acc[2][j]);
+                      acc[3][j] = at::vec::fmadd(Vec(-8.0f), q[j], acc[3][j]); break;
+              default: acc[3][j] = acc[3][j] + q[j]; break;
+            }
+          }
+        }
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][j].store(ob.data() + (4 * i + j) * S + tw);
+      }
+      // y[4 th + i][4 tw + j] = ob[i][j][tw] (+ bias), the rows and columns inside the map
+      const float b = bp ? bp[k] : 0.0f;
+      float* plane = yp + (n * K + k) * H * W;
+      const int64_t rows = std::min<int64_t>(4, H - 4 * th);
+      const Vec bv(b);
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* o = ob.data() + (4 * i) * S;  // ob[i][j][tw], phase stride S
+        for (int64_t k = 0; k < S; k += kChunk) interleave4(o + k, S, row.data() + 4 * k);
+        float* dst = plane + (4 * th + i) * W;
+        int64_t col = 0;
+        for (; col + kV <= W; col += kV) (Vec::loadu(row.data() + col) + bv).store(dst + col);
+        if (col < W) (Vec::loadu(row.data() + col, W - col) + bv).store(dst + col, W - col);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+}  // namespace cpu_winograd
+}  // namespace scnet_fused
+
+TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
+  m.impl("_wino_input", &scnet_fused::cpu_winograd::wino_input);
+  m.impl("_wino_output", &scnet_fused::cpu_winograd::wino_output);
+  m.impl("_wino_output_adjoint", &scnet_fused::cpu_winograd::wino_output_adjoint);
+}

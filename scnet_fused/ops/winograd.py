@@ -1,0 +1,241 @@
+"""3x3 convolutions (stride 1, padding 1) as Winograd F(4x4, 3x3) on the CPU.
+
+A 3x3 convolution of an (N, C, H, W) map is computed on 4x4 output tiles: each 6x6 input window d and
+3x3 filter g are transformed (``V = B^T d B``, ``U = G g G^T``), multiplied element-wise and summed over
+the input channels (36 matrix products, one per position of the 6x6 tile, by ``torch.bmm``), and
+transformed back (``Y = A^T M A``). That is 36 multiplies per 16 outputs and input channel instead of
+144: about 4x fewer floating-point operations than the direct convolution, for three memory-bound
+transform passes (C++ kernels, ``csrc/cpu/sc_winograd_cpu.cpp``).
+
+The backward is two more Winograd computations: the input gradient is the same convolution of the
+output gradient with the flipped, transposed filters, and the weight gradient the 36 products
+``Z V^T`` of the transformed output gradient (the adjoint of the output transform) with the
+transformed input, mapped back through ``G``. The transformed input is recomputed in the backward,
+not saved (it is 2.25x the input).
+
+Numerics (float32): the transforms' coefficients (up to 8 and 1/24) cost precision: on random data the
+largest error relative to the output's largest magnitude is about 5e-6 to 1.3e-5 (32 to 256 input
+channels) against 3e-7 to 1e-6 for the direct convolution. cuDNN's Winograd algorithms trade the same
+way; ``set_conv_algorithm("direct")`` (or ``SCNET_FUSED_CONV=direct``) keeps the direct convolution.
+
+:func:`conv2d` is what the fused modules call for their convolutions: it takes this path where it is
+enabled and pays (:func:`winograd_applies`), and ``F.conv2d`` everywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["conv3x3_winograd", "conv2d", "set_conv_algorithm", "get_conv_algorithm", "winograd_applies"]
+
+_ALGORITHMS = ("auto", "winograd", "direct")
+_ENV = "SCNET_FUSED_CONV"
+
+
+def _initial_algorithm() -> str:
+    value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    if value not in _ALGORITHMS:
+        raise ValueError(f"{_ENV}={value!r}: expected one of {', '.join(_ALGORITHMS)}")
+    return value
+
+
+_algorithm = _initial_algorithm()
+
+
+def set_conv_algorithm(name: str) -> str:
+    """Choose how the fused modules run their eligible 3x3 convolutions on the CPU: ``"auto"`` (Winograd
+    where :func:`winograd_applies` says it pays, the default), ``"winograd"`` (wherever it can run) or
+    ``"direct"`` (always ``F.conv2d``). Returns the previous choice."""
+    global _algorithm
+    name = str(name).strip().lower()
+    if name not in _ALGORITHMS:
+        raise ValueError(f"set_conv_algorithm: expected one of {', '.join(_ALGORITHMS)}, got {name!r}")
+    previous, _algorithm = _algorithm, name
+    return previous
+
+
+def get_conv_algorithm() -> str:
+    return _algorithm
+
+
+# G of F(4x4, 3x3) (interpolation points 0, 1, -1, 2, -2 and infinity), and the 9 x 36 matrix that
+# maps a flattened 3x3 filter to its flattened 6x6 transform: U[6 r + s] = sum_ij G[r, i] G[s, j] g[3 i + j].
+_G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                   [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+_KRON = torch.einsum("ri,sj->ijrs", _G, _G).reshape(9, 36).float()
+_KRON_T = _KRON.t().contiguous()
+
+
+def _weight_transform(weight: Tensor) -> Tensor:
+    """(K, C, 3, 3) float32 filters -> (36, K, C): U[xi] = (G g G^T)[xi] for every (k, c)."""
+    K, C = weight.shape[0], weight.shape[1]
+    # (36, 9) @ (9, K C): the product comes out in the (36, K, C) layout the matrix products read
+    return torch.mm(_KRON_T, weight.reshape(K * C, 9).t()).view(36, K, C)
+
+
+def _weight_transform_adjoint(du: Tensor) -> Tensor:
+    """(36, K, C) -> (K, C, 3, 3): the gradient of the filters from the gradient of their transform."""
+    K, C = du.shape[1], du.shape[2]
+    return torch.mm(_KRON, du.reshape(36, K * C)).t().contiguous().view(K, C, 3, 3)
+
+
+def _tiles(H: int, W: int):
+    return (H + 3) // 4, (W + 3) // 4
+
+
+def _forward(x: Tensor, u: Tensor, bias: Optional[Tensor]) -> Tensor:
+    N, _, H, W = x.shape
+    TH, TW = _tiles(H, W)
+    v = torch.ops.scnet_fused._wino_input(x, TH, TW)
+    return torch.ops.scnet_fused._wino_output(torch.bmm(u, v), N, H, W, bias)
+
+
+def _input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
+    """conv3x3(grad_out, flip(weight)^T): the input gradient of a stride-1, padding-1 convolution."""
+    return _forward(grad_out, _weight_transform(weight.flip(2, 3).transpose(0, 1)), None)
+
+
+def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
+    H, W = x.shape[-2:]
+    TH, TW = _tiles(H, W)
+    z = torch.ops.scnet_fused._wino_output_adjoint(grad_out, TH, TW)  # (36, K, T)
+    v = torch.ops.scnet_fused._wino_input(x, TH, TW)  # (36, C, T)
+    return _weight_transform_adjoint(torch.bmm(z, v.transpose(1, 2)))
+
+
+def conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool, need_weight: bool):
+    """``(grad_x, grad_weight)`` of ``conv3x3_winograd(x, weight)`` (None where not needed)."""
+    grad_out = grad_out.contiguous()
+    grad_x = _input_grad(grad_out, weight) if need_input else None
+    grad_w = _weight_grad(grad_out, x) if need_weight else None
+    return grad_x, grad_w
+
+
+class _WinogradConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return _forward(x, _weight_transform(weight), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x, grad_w = conv_backward(grad_out, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        grad_b = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"conv3x3_winograd: expected an (N, C, H, W) input, got {x.dim()} dimensions")
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"conv3x3_winograd: expected (K, C, 3, 3) filters, got {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"conv3x3_winograd: the filters take {weight.shape[1]} channels, the input has {x.shape[1]}")
+    for name, t in (("input", x), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.device.type != "cpu":
+            raise ValueError(f"conv3x3_winograd: the {name} is on {t.device}; the Winograd path runs on the CPU")
+        if t.dtype != torch.float32:
+            raise TypeError(f"conv3x3_winograd: the {name} is {t.dtype}; the Winograd path is float32")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"conv3x3_winograd: bias must have {weight.shape[0]} elements, got {tuple(bias.shape)}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"conv3x3_winograd: empty spatial size {tuple(x.shape[2:])}")
+
+
+def conv3x3_winograd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for 3x3 filters (stride 1, no dilation, one group) by
+    Winograd F(4x4, 3x3) on the CPU, float32, differentiable in x, weight and bias. Any memory format
+    (the kernels read NCHW: a channels_last input is copied); the output is NCHW. An empty batch gives an
+    empty output."""
+    _check(x, weight, bias)
+    if not _kernels_present():
+        from . import _cpp
+
+        raise RuntimeError("conv3x3_winograd: the compiled CPU kernels are not loaded ("
+                           f"{_cpp.available() or 'this build lacks the Winograd transforms'})")
+    if x.shape[0] == 0 or weight.shape[0] == 0:
+        return F.conv2d(x, weight, bias, padding=1)
+    x = x.contiguous()
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        return _WinogradConv.apply(x, weight, bias)
+    return _forward(x, _weight_transform(weight.detach()), None if bias is None else bias.detach())
+
+
+def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
+                     algorithm: Optional[str] = None) -> bool:
+    """Whether :func:`conv2d` runs this convolution as Winograd F(4x4, 3x3): a CPU float32 NCHW input
+    (channels_last keeps oneDNN's direct convolution, which is faster in that layout), 3x3 filters of
+    the same dtype, stride 1, padding 1, no dilation, one group, no autocast, not under torch.compile
+    (inductor plans its own convolutions), the compiled kernels present; and under ``"auto"``, maps of
+    at least 12x12 with at least 64 input and output channels, enough tiles times channels
+    (``_AUTO_MIN_WORK``) and the AVX-512 build of the kernels: where the measured gain holds."""
+    algorithm = _algorithm if algorithm is None else algorithm
+    if algorithm == "direct" or torch.compiler.is_compiling():
+        return False
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3)
+            and weight.shape[1] == x.shape[1] and groups == 1 and tuple(stride) == (1, 1)
+            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and x.numel() > 0
+            and weight.shape[0] > 0 and x.is_contiguous()):
+        return False
+    if torch.is_autocast_enabled("cpu") or not _kernels_present():
+        return False
+    if algorithm == "winograd":
+        return True
+    H, W = x.shape[2], x.shape[3]
+    channels = min(x.shape[1], weight.shape[0])
+    tiles = x.shape[0] * ((H + 3) // 4) * ((W + 3) // 4)
+    return (min(H, W) >= _AUTO_MIN_SIZE and channels >= _AUTO_MIN_CHANNELS and tiles * channels >= _AUTO_MIN_WORK
+            and _auto_isa())
+
+
+# "auto": measured on a 2-core AVX-512 Xeon (benchmarks/results/cpu-xeon/winograd.md), SCConv training
+# steps and eval forwards at N = 8 and the SCNet-50 stage shapes, and the convolutions alone. The
+# matrix products shrink with the channels (C K) and the transforms only with C + K, so wide layers
+# gain most; the filter transform and the call's fixed costs need enough tiles to spread over, and at
+# 7 px half of each 4x4 tile computes padding. Gains from 64 channels at 28 px and 256 at 14 px; losses
+# with 32 channels, with 128 channels at 14 px (128 tiles at N = 8) and at 7 px. The builds without
+# AVX-512 split the tile columns with scalar code: "auto" leaves them alone.
+_AUTO_MIN_SIZE = 12
+_AUTO_MIN_CHANNELS = 64
+_AUTO_MIN_WORK = 24576  # tiles x channels: 64 channels x 392 tiles (8x28x28) in, 128 x 128 (8x14x14) out
+
+
+def _auto_isa() -> bool:
+    from . import _cpp
+
+    return _cpp.cpu_isa() == "avx512"
+
+
+_present: Optional[bool] = None
+
+
+def _kernels_present() -> bool:
+    global _present
+    if _present is None:
+        from . import _cpp
+
+        _present = all(_cpp.has_kernel(op, "CPU") for op in ("_wino_input", "_wino_output", "_wino_output_adjoint"))
+    return _present
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``, as Winograd where
+    :func:`winograd_applies`."""
+    if winograd_applies(x, weight, _pair(stride), _pair(padding), _pair(dilation), groups):
+        return conv3x3_winograd(x, weight, bias)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)

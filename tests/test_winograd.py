@@ -1,0 +1,264 @@
+"""The Winograd F(4x4, 3x3) convolution of the CPU path (scnet_fused/ops/winograd.py) and its use by the
+fused modules: the transforms against their definitions, the convolution and its three gradients
+against a float64 direct convolution, the argument checks, the selection rule, and the modules run
+through it against the reference."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import scnet_fused
+from scnet_fused import reference
+from scnet_fused.ops import _cpp, winograd
+
+pytestmark = pytest.mark.skipif(not winograd._kernels_present(),
+                                reason=f"compiled CPU kernels unavailable: {_cpp.unavailable_reason('cpu')}")
+
+BT = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+                   [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
+AT = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                  dtype=torch.float64)
+
+
+@contextlib.contextmanager
+def algorithm(name):
+    previous = scnet_fused.set_conv_algorithm(name)
+    try:
+        yield
+    finally:
+        scnet_fused.set_conv_algorithm(previous)
+
+
+def _windows(x, size, step, pad):
+    """The (N, C, TH, TW, size, size) windows of x at stride `step`, x zero-padded by `pad` first."""
+    N, C, H, W = x.shape
+    TH, TW = (H + 3) // 4, (W + 3) // 4
+    xp = torch.zeros(N, C, 4 * TH + 2, 4 * TW + 2, dtype=x.dtype)
+    xp[:, :, pad:pad + H, pad:pad + W] = x
+    return xp.unfold(2, size, step).unfold(3, size, step)
+
+
+# irregular sizes: maps below one tile, sizes not multiples of 4, more than 16 tiles in a row (two
+# vector chunks), a single row or column
+SHAPES = [(2, 3, 13, 9), (1, 5, 1, 1), (3, 4, 4, 5), (1, 2, 6, 70), (2, 3, 67, 2), (1, 8, 16, 16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_input_transform_is_bt_d_b(shape):
+    x = torch.randn(*shape)
+    N, C, H, W = shape
+    TH, TW = (H + 3) // 4, (W + 3) // 4
+    v = torch.ops.scnet_fused._wino_input(x, TH, TW)
+    d = _windows(x.double(), 6, 4, 1)[:, :, :TH, :TW]
+    want = torch.einsum("ri,nchwij,sj->rscnhw", BT, d, BT).reshape(36, C, N * TH * TW)
+    torch.testing.assert_close(v.double(), want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_output_transform_is_at_m_a_and_its_adjoint(shape):
+    N, K, H, W = shape
+    TH, TW = (H + 3) // 4, (W + 3) // 4
+    m = torch.randn(36, K, N * TH * TW)
+    bias = torch.randn(K)
+    y = torch.ops.scnet_fused._wino_output(m, N, H, W, bias)
+    tiles = m.double().reshape(6, 6, K, N, TH, TW)
+    full = torch.einsum("ar,rsknhw,bs->nkhawb", AT, tiles, AT).reshape(N, K, 4 * TH, 4 * TW)
+    torch.testing.assert_close(y.double(), full[:, :, :H, :W] + bias.double().view(1, -1, 1, 1), rtol=1e-6, atol=1e-4)
+    # the adjoint: <output(m), dy> == <m, adjoint(dy)>, and adjoint(dy) = A dy_tile A^T
+    dy = torch.randn(N, K, H, W)
+    z = torch.ops.scnet_fused._wino_output_adjoint(dy, TH, TW)
+    lhs = (torch.ops.scnet_fused._wino_output(m, N, H, W, None).double() * dy.double()).sum()
+    rhs = (m.double() * z.double()).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-3)
+    dyp = torch.zeros(N, K, 4 * TH, 4 * TW, dtype=torch.float64)
+    dyp[:, :, :H, :W] = dy.double()
+    t = dyp.unfold(2, 4, 4).unfold(3, 4, 4)
+    want = torch.einsum("ir,nkhwij,js->rsknhw", AT, t, AT).reshape(36, K, N * TH * TW)
+    torch.testing.assert_close(z.double(), want, rtol=1e-6, atol=1e-4)
+
+
+def _check_conv(x, w, b, rel=5e-5):
+    """conv3x3_winograd against a float64 direct convolution: output and the three gradients, each
+    within `rel` of its largest magnitude."""
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    b = None if b is None else b.detach().requires_grad_()
+    y = scnet_fused.ops.conv3x3_winograd(x, w, b)
+    assert y.shape == (x.shape[0], w.shape[0], *x.shape[2:]) and y.is_contiguous()
+    g = torch.randn_like(y)
+    y.backward(g)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    y64 = F.conv2d(x64, w64, b64, padding=1)
+    y64.backward(g.double())
+    pairs = [("y", y, y64), ("grad x", x.grad, x64.grad), ("grad w", w.grad, w64.grad)]
+    if b is not None:
+        pairs.append(("grad b", b.grad, b64.grad))
+    for name, got, want in pairs:
+        err = (got.double() - want).abs().max().item()
+        scale = want.abs().max().item()
+        assert err <= rel * scale, f"{name}: error {err:.3e} against {rel} x {scale:.3e}"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_and_gradients_match_the_direct_convolution(shape, bias):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    w = torch.randn(7, shape[1], 3, 3) * 0.3
+    _check_conv(x, w, torch.randn(7) if bias else None)
+
+
+def test_wide_layer_error_stays_small():
+    torch.manual_seed(1)
+    _check_conv(torch.randn(2, 256, 14, 14), torch.randn(64, 256, 3, 3) * 0.05, None, rel=1e-4)
+
+
+def test_channels_last_and_non_contiguous_inputs():
+    torch.manual_seed(2)
+    x = torch.randn(2, 6, 11, 10)
+    w = torch.randn(4, 6, 3, 3)
+    want = F.conv2d(x, w, padding=1)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(scnet_fused.ops.conv3x3_winograd(cl, w), want, rtol=1e-4, atol=1e-4)
+    wide = torch.randn(2, 12, 11, 10)
+    sliced = wide[:, ::2]
+    torch.testing.assert_close(scnet_fused.ops.conv3x3_winograd(sliced, w), F.conv2d(sliced, w, padding=1),
+                               rtol=1e-4, atol=1e-4)
+    _check_conv(cl, w, None)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 4, 9, 9, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, requires_grad=True)
+    y = scnet_fused.ops.conv3x3_winograd(x, w)
+    assert y.shape == (0, 5, 9, 9)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("make, err, match", [
+    (lambda: (torch.randn(4, 9, 9), torch.randn(5, 4, 3, 3), None), ValueError, "dimensions"),
+    (lambda: (torch.randn(1, 4, 9, 9), torch.randn(5, 4, 5, 5), None), ValueError, "3, 3"),
+    (lambda: (torch.randn(1, 4, 9, 9), torch.randn(5, 3, 3, 3), None), ValueError, "channels"),
+    (lambda: (torch.randn(1, 4, 9, 9).double(), torch.randn(5, 4, 3, 3).double(), None), TypeError, "float32"),
+    (lambda: (torch.randn(1, 4, 9, 9), torch.randn(5, 4, 3, 3).half(), None), TypeError, "float32"),
+    (lambda: (torch.randn(1, 4, 9, 9), torch.randn(5, 4, 3, 3), torch.randn(4)), ValueError, "bias"),
+    (lambda: (torch.randn(1, 4, 0, 9), torch.randn(5, 4, 3, 3), None), ValueError, "empty"),
+    (lambda: (torch.randn(1, 4, 9, 9, device="meta"), torch.randn(5, 4, 3, 3), None), ValueError, "CPU"),
+])
+def test_bad_arguments_are_refused(make, err, match):
+    x, w, b = make()
+    with pytest.raises(err, match=match):
+        scnet_fused.ops.conv3x3_winograd(x, w, b)
+
+
+def test_kernels_refuse_bad_tensors():
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.scnet_fused._wino_input(torch.randn(1, 2, 8, 8).double(), 2, 2)
+    with pytest.raises(RuntimeError, match="tiles"):
+        torch.ops.scnet_fused._wino_input(torch.randn(1, 2, 8, 8), 3, 2)
+    with pytest.raises(RuntimeError, match="tiles"):
+        torch.ops.scnet_fused._wino_output(torch.randn(36, 2, 5), 1, 8, 8, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.scnet_fused._wino_output(torch.randn(36, 2, 4), 1, 8, 8, torch.randn(3))
+
+
+def test_set_conv_algorithm_validates_and_returns_the_previous_choice():
+    with algorithm("direct"):
+        assert scnet_fused.get_conv_algorithm() == "direct"
+        assert scnet_fused.set_conv_algorithm("winograd") == "direct"
+    with pytest.raises(ValueError, match="expected one of"):
+        scnet_fused.set_conv_algorithm("fft")
+
+
+def test_selection_rule():
+    x = torch.randn(8, 64, 28, 28)
+    w = torch.randn(64, 64, 3, 3)
+    args = ((1, 1), (1, 1), (1, 1), 1)
+    expected_auto = _cpp.cpu_isa() == "avx512"
+    assert winograd.winograd_applies(x, w, *args, algorithm="auto") == expected_auto
+    assert winograd.winograd_applies(x, w, *args, algorithm="winograd")
+    assert not winograd.winograd_applies(x, w, *args, algorithm="direct")
+    # too little work for "auto", still possible when asked for
+    small = torch.randn(8, 128, 14, 14)
+    assert not winograd.winograd_applies(small, torch.randn(128, 128, 3, 3), *args, algorithm="auto")
+    assert not winograd.winograd_applies(torch.randn(8, 32, 56, 56), torch.randn(32, 32, 3, 3), *args, algorithm="auto")
+    # never: another stride, padding, dilation, groups, dtype, layout, kernel size, or autocast
+    for xs, ws, a in [(x, w, ((2, 2), (1, 1), (1, 1), 1)), (x, w, ((1, 1), (2, 2), (2, 2), 1)),
+                      (x, w, ((1, 1), (0, 0), (1, 1), 1)), (x, torch.randn(64, 32, 3, 3), ((1, 1), (1, 1), (1, 1), 2)),
+                      (x.double(), w.double(), args), (x.contiguous(memory_format=torch.channels_last), w, args),
+                      (x, torch.randn(64, 64, 1, 1), args)]:
+        assert not winograd.winograd_applies(xs, ws, *a, algorithm="winograd")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not winograd.winograd_applies(x, w, *args, algorithm="winograd")
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = winograd._forward
+
+    def counting(x, u, bias):
+        calls.append(tuple(x.shape))
+        return real(x, u, bias)
+
+    monkeypatch.setattr(winograd, "_forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_scconv_through_winograd_matches_the_reference(monkeypatch, mode):
+    """The fused SCConv with its 3x3 convolutions as Winograd against the float64 reference: output,
+    every gradient, running statistics after two steps."""
+    torch.manual_seed(3)
+    ref = reference.SCConv(16, 16, 1, 1, 1, 1, 4, torch.nn.BatchNorm2d)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    fused = scnet_fused.SCConv(16, 16, 1, 1, 1, 1, 4, torch.nn.BatchNorm2d)
+    fused.load_state_dict(ref.state_dict())
+    ref64 = ref.double()
+    getattr(fused, mode)()
+    getattr(ref64, mode)()
+    calls = _spy(monkeypatch)
+    with algorithm("winograd"):
+        for step in range(2):
+            x = torch.randn(2, 16, 18, 13)
+            xf, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+            out, out64 = fused(xf), ref64(x64)
+            g = torch.randn_like(out)
+            out.backward(g)
+            out64.backward(g.double())
+            scale = out64.abs().max().item()
+            assert (out.double() - out64).abs().max().item() <= 2e-4 * scale
+            assert (xf.grad.double() - x64.grad).abs().max().item() <= 5e-4 * x64.grad.abs().max().item()
+    assert calls, "no convolution ran as Winograd"
+    for (name, p), p64 in zip(fused.named_parameters(), ref64.parameters()):
+        assert (p.grad.double() - p64.grad).abs().max().item() <= 5e-4 * p64.grad.abs().max().item(), name
+    for (name, b), b64 in zip(fused.named_buffers(), ref64.buffers()):
+        torch.testing.assert_close(b.to(b64.dtype), b64, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_bottleneck_and_direct_choice(monkeypatch):
+    """The bottleneck's 3x3 convolutions (k1, the SCConv's) run as Winograd when asked and never
+    under "direct"; the outputs agree with the reference either way."""
+    torch.manual_seed(4)
+    ref = reference.SCBottleneck(64, 16).eval()
+    fused = scnet_fused.SCBottleneck(64, 16).eval()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 64, 12, 12)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        with algorithm("direct"):
+            direct = fused(x)
+        assert calls == []
+        with algorithm("winograd"):
+            wino = fused(x)
+        want = ref.double()(x.double())
+    assert len(calls) >= 3  # k1, k3, k4 (k2 too: its pooled map is 3x3)
+    torch.testing.assert_close(direct.double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(wino.double(), want, rtol=1e-3, atol=1e-3)
