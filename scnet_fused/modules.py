@@ -40,6 +40,7 @@ from .ops._dispatch import cpp_glue, standard_ops_only
 from .ops._plain import upsample_nearest
 from .ops.relu_cat import relu_cat
 from .ops.sc_gate import affine_fold
+from .ops import winograd
 
 __all__ = ["SCConv", "SCBottleneck"]
 
@@ -141,8 +142,8 @@ def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
     if (not torch.is_grad_enabled() and _plain_conv(conv) and _foldable_eval_norm(bn) and x.dim() == 4
             and _outweighs(_conv_out_numel(conv, x), 4 * conv.weight.numel())):
         weight, bias = _folded(conv, bn, x)
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return bn(conv(x))
+        return winograd.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return bn(_conv(conv, x))
 
 
 def _folded(conv: nn.Conv2d, bn: nn.Module, like: Tensor) -> Tuple[Tensor, Tensor]:
@@ -264,7 +265,7 @@ def _bn_relu(conv: nn.Module, bn: nn.Module, relu: nn.Module, x: Tensor) -> Tens
     does; otherwise as the modules (inference folds conv + eval BN, see :func:`_conv_bn`)."""
     if not _batch_stats_bn(bn):
         return relu(_conv_bn(conv, bn, x))
-    return _bn_relu_of(bn, relu, conv(x))
+    return _bn_relu_of(bn, relu, _conv(conv, x))
 
 
 def _bn_stats_ok(t: Tensor) -> bool:
@@ -429,6 +430,9 @@ class _ConvOfGate(torch.autograd.Function):
                 groups):
         ctx.conv = (stride, padding, dilation, groups)
         ctx.save_for_backward(weight, x, small, k3, scale, shift, small_scale, small_shift)
+        ctx.winograd = winograd.winograd_applies(y, weight, stride, padding, dilation, groups)
+        if ctx.winograd:
+            return winograd.conv3x3_winograd(y, weight)
         return F.conv2d(y, weight.to(y.dtype), None, stride, padding, dilation, groups)
 
     @staticmethod
@@ -437,6 +441,10 @@ class _ConvOfGate(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         with torch.no_grad():
             y = sc_gate(x, small, k3, scale, shift, small_scale, small_shift)
+        if ctx.winograd:
+            grad_y, grad_w = winograd.conv_backward(grad_out, y, weight, ctx.needs_input_grad[0],
+                                                    ctx.needs_input_grad[1])
+            return (grad_y, grad_w) + (None,) * 11
         grad_y, grad_w, _ = torch.ops.aten.convolution_backward(
             grad_out, y, weight.to(y.dtype), None, list(stride), list(padding), list(dilation), False, [0, 0],
             groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
@@ -509,6 +517,9 @@ def _conv(conv: nn.Module, x: Tensor) -> Tensor:
     """``conv(x)``; under autocast with a plain float32 convolution (:func:`_plain_conv`) and autograd
     on, through :class:`_ParamConv` (the parameter saved instead of its lower-precision copy)."""
     if not (torch.is_grad_enabled() and _autocast_on(x.device.type) and _plain_conv(conv)):
+        if _plain_conv(conv) and winograd.winograd_applies(x, conv.weight, conv.stride, conv.padding, conv.dilation,
+                                                           conv.groups):
+            return winograd.conv3x3_winograd(x, conv.weight)
         return conv(x)
     return _param_conv(x, (conv.weight,), conv.stride, conv.padding, conv.dilation, conv.groups)
 
@@ -620,7 +631,7 @@ class SCConv(reference.SCConv):
     def _conv4(self, y, x, small, k3, scale, shift, small_scale, small_shift):
         conv4 = self.k4[0]
         if not (self.recompute_gate and _plain_conv(conv4) and y.requires_grad and _recompute_pays(y)):
-            return conv4(y)
+            return _conv(conv4, y)
         weight = conv4.weight
         amp_device = _autocast_available(y.device.type)
         if _autocast_on(y.device.type):
@@ -770,7 +781,7 @@ class SCBottleneck(reference.SCBottleneck):
                 and _hookless(k1, sc) and sc._fusable()):
             return relu_cat(_seq_conv_bn(k1, out_a), sc(out_b))
         bn_a, bn_b = k1[1], sc.k4[1]
-        ta, tb = k1[0](out_a), sc._pre_norm4(out_b)
+        ta, tb = _conv(k1[0], out_a), sc._pre_norm4(out_b)
         if not _fusable_pair(ta, tb):
             return relu_cat(bn_a(ta), bn_b(tb))  # nn.BatchNorm2d's own handling (and errors)
         factor_a, factor_b = _bn_momentum(bn_a), _bn_momentum(bn_b)
