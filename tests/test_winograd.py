@@ -112,6 +112,16 @@ def test_conv_and_gradients_match_the_direct_convolution(shape, bias):
     _check_conv(x, w, torch.randn(7) if bias else None)
 
 
+def test_mixed_backward_matches(monkeypatch):
+    """Under "auto" a gradient may come from the direct backward and the other from Winograd: the same
+    gradients either way."""
+    torch.manual_seed(5)
+    x, w = torch.randn(2, 8, 9, 10), torch.randn(6, 8, 3, 3)
+    for choice in [(True, False), (False, True), (False, False)]:
+        monkeypatch.setattr(winograd, "backward_choice", lambda x, w, c=choice: c)
+        _check_conv(x, w, torch.randn(6))
+
+
 def test_wide_layer_error_stays_small():
     torch.manual_seed(1)
     _check_conv(torch.randn(2, 256, 14, 14), torch.randn(64, 256, 3, 3) * 0.05, None, rel=1e-4)
@@ -183,10 +193,21 @@ def test_selection_rule():
     assert winograd.winograd_applies(x, w, *args, algorithm="auto") == expected_auto
     assert winograd.winograd_applies(x, w, *args, algorithm="winograd")
     assert not winograd.winograd_applies(x, w, *args, algorithm="direct")
-    # too little work for "auto", still possible when asked for
-    small = torch.randn(8, 128, 14, 14)
-    assert not winograd.winograd_applies(small, torch.randn(128, 128, 3, 3), *args, algorithm="auto")
-    assert not winograd.winograd_applies(torch.randn(8, 32, 56, 56), torch.randn(32, 32, 3, 3), *args, algorithm="auto")
+    # too few tiles (8x7x7: 32) or channels for "auto", still possible when asked for
+    small = torch.randn(8, 256, 7, 7)
+    assert not winograd.winograd_applies(small, torch.randn(256, 256, 3, 3), *args, algorithm="auto")
+    assert winograd.winograd_applies(small, torch.randn(256, 256, 3, 3), *args, algorithm="winograd")
+    assert not winograd.winograd_applies(torch.randn(8, 16, 56, 56), torch.randn(16, 16, 3, 3), *args, algorithm="auto")
+    # the gradients: the weight gradient needs 64 channels under "auto"
+    narrow = torch.randn(8, 32, 56, 56)
+    assert winograd.winograd_applies(narrow, torch.randn(32, 32, 3, 3), *args, algorithm="auto") == expected_auto
+    with algorithm("auto"):
+        assert winograd.backward_choice(narrow, torch.randn(32, 32, 3, 3)) == (expected_auto, False)
+        assert winograd.backward_choice(x, w) == (expected_auto, expected_auto)
+    with algorithm("direct"):
+        assert winograd.backward_choice(x, w) == (False, False)
+    with algorithm("winograd"):
+        assert winograd.backward_choice(small, w) == (True, True)
     # never: another stride, padding, dilation, groups, dtype, layout, kernel size, or autocast
     for xs, ws, a in [(x, w, ((2, 2), (1, 1), (1, 1), 1)), (x, w, ((1, 1), (2, 2), (2, 2), 1)),
                       (x, w, ((1, 1), (0, 0), (1, 1), 1)), (x, torch.randn(64, 32, 3, 3), ((1, 1), (1, 1), (1, 1), 2)),

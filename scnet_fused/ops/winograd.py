@@ -25,7 +25,7 @@ enabled and pays (:func:`winograd_applies`), and ``F.conv2d`` everywhere else.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -109,10 +109,19 @@ def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
 
 
 def conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool, need_weight: bool):
-    """``(grad_x, grad_weight)`` of ``conv3x3_winograd(x, weight)`` (None where not needed)."""
+    """``(grad_x, grad_weight)`` of ``conv3x3_winograd(x, weight)`` (None where not needed): each as
+    Winograd or as the direct convolution's backward, as :func:`backward_choice` says."""
     grad_out = grad_out.contiguous()
-    grad_x = _input_grad(grad_out, weight) if need_input else None
-    grad_w = _weight_grad(grad_out, x) if need_weight else None
+    wino_x, wino_w = backward_choice(x, weight)
+    direct = [need_input and not wino_x, need_weight and not wino_w]
+    grad_x = grad_w = None
+    if any(direct):
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, direct + [False])
+    if need_input and wino_x:
+        grad_x = _input_grad(grad_out, weight)
+    if need_weight and wino_w:
+        grad_w = _weight_grad(grad_out, x)
     return grad_x, grad_w
 
 
@@ -176,9 +185,10 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
     """Whether :func:`conv2d` runs this convolution as Winograd F(4x4, 3x3): a CPU float32 NCHW input
     (channels_last keeps oneDNN's direct convolution, which is faster in that layout), 3x3 filters of
     the same dtype, stride 1, padding 1, no dilation, one group, no autocast, not under torch.compile
-    (inductor plans its own convolutions), the compiled kernels present; and under ``"auto"``, maps of
-    at least 12x12 with at least 64 input and output channels, enough tiles times channels
-    (``_AUTO_MIN_WORK``) and the AVX-512 build of the kernels: where the measured gain holds."""
+    (inductor plans its own convolutions), the compiled kernels present; and under ``"auto"``, the
+    AVX-512 build of the kernels and enough channels and tiles (``_AUTO_MIN_CHANNELS``,
+    ``_AUTO_MIN_TILES``): where the measured gain holds. Its gradients then follow
+    :func:`backward_choice`."""
     algorithm = _algorithm if algorithm is None else algorithm
     if algorithm == "direct" or torch.compiler.is_compiling():
         return False
@@ -192,23 +202,40 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
         return False
     if algorithm == "winograd":
         return True
+    return _auto(x, weight)[0]
+
+
+def backward_choice(x: Tensor, weight: Tensor) -> Tuple[bool, bool]:
+    """``(input gradient, weight gradient)``: which of the two gradients of a Winograd-run convolution
+    are computed as Winograd (the others by the direct convolution's backward): both under
+    ``"winograd"``, neither under ``"direct"``, the measured rule under ``"auto"``."""
+    if _algorithm == "winograd":
+        return True, True
+    if _algorithm == "direct":
+        return False, False
+    return _auto(x, weight)[1:]
+
+
+# "auto", per direction: measured on a 2-core AVX-512 Xeon at N = 8 and the SCNet-50 stage shapes
+# (benchmarks/results/cpu-xeon/winograd.md: C -> C convolutions alone, each call on cold caches, and
+# the SCConv training step and eval forward). The matrix products shrink with the channels (C K) and
+# the transforms only with C + K; the filter transforms (4x the filters) and fixed costs need enough
+# tiles to spread over. The forward and the input gradient gain from 32 channels and 64 tiles up
+# (8x7x7 has 32: the forward alone on cold caches still gained there, inside the SCConv it lost); the
+# weight gradient, whose matrix products reduce over the tiles and read two transformed tensors, from
+# 64 channels (with 32 the direct backward is faster). The builds without AVX-512 split the tile columns with scalar code: "auto"
+# leaves them alone.
+_AUTO_MIN_CHANNELS = (32, 32, 64)  # forward, input gradient, weight gradient
+_AUTO_MIN_TILES = (64, 64, 64)
+
+
+def _auto(x: Tensor, weight: Tensor) -> Tuple[bool, bool, bool]:
+    if not _auto_isa():
+        return False, False, False
     H, W = x.shape[2], x.shape[3]
     channels = min(x.shape[1], weight.shape[0])
     tiles = x.shape[0] * ((H + 3) // 4) * ((W + 3) // 4)
-    return (min(H, W) >= _AUTO_MIN_SIZE and channels >= _AUTO_MIN_CHANNELS and tiles * channels >= _AUTO_MIN_WORK
-            and _auto_isa())
-
-
-# "auto": measured on a 2-core AVX-512 Xeon (benchmarks/results/cpu-xeon/winograd.md), SCConv training
-# steps and eval forwards at N = 8 and the SCNet-50 stage shapes, and the convolutions alone. The
-# matrix products shrink with the channels (C K) and the transforms only with C + K, so wide layers
-# gain most; the filter transform and the call's fixed costs need enough tiles to spread over, and at
-# 7 px half of each 4x4 tile computes padding. Gains from 64 channels at 28 px and 256 at 14 px; losses
-# with 32 channels, with 128 channels at 14 px (128 tiles at N = 8) and at 7 px. The builds without
-# AVX-512 split the tile columns with scalar code: "auto" leaves them alone.
-_AUTO_MIN_SIZE = 12
-_AUTO_MIN_CHANNELS = 64
-_AUTO_MIN_WORK = 24576  # tiles x channels: 64 channels x 392 tiles (8x28x28) in, 128 x 128 (8x14x14) out
+    return tuple(channels >= c and tiles >= t for c, t in zip(_AUTO_MIN_CHANNELS, _AUTO_MIN_TILES))
 
 
 def _auto_isa() -> bool:
