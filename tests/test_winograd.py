@@ -283,3 +283,50 @@ def test_bottleneck_and_direct_choice(monkeypatch):
     assert len(calls) >= 3  # k1, k3, k4 (k2 too: its pooled map is 3x3)
     torch.testing.assert_close(direct.double(), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(wino.double(), want, rtol=1e-3, atol=1e-3)
+
+
+def test_bottleneck_training_through_winograd(monkeypatch):
+    """A training step of the fused bottleneck with every 3x3 convolution as Winograd against the
+    float64 reference: output, input and parameter gradients, running statistics."""
+    torch.manual_seed(6)
+    ref = reference.SCBottleneck(64, 16).double()
+    fused = scnet_fused.SCBottleneck(64, 16)
+    fused.load_state_dict(ref.state_dict())
+    calls = _spy(monkeypatch)
+    x = torch.randn(2, 64, 12, 12)
+    xf, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    with algorithm("winograd"):
+        out = fused(xf)
+        g = torch.randn_like(out)
+        out.backward(g)
+    out64 = ref(x64)
+    out64.backward(g.double())
+    assert len(calls) >= 3
+    assert (out.double() - out64).abs().max().item() <= 2e-4 * out64.abs().max().item()
+    pairs = [("x", xf.grad, x64.grad)] + [(n, p.grad, q.grad) for (n, p), q in
+                                          zip(fused.named_parameters(), ref.parameters())]
+    for name, got, want in pairs:
+        assert (got.double() - want).abs().max().item() <= 1e-3 * want.abs().max().item(), name
+    for (name, b), b64 in zip(fused.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b.to(b64.dtype), b64, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_small_scnet_sgd_losses_through_winograd():
+    """Four SGD steps of a small SCNet with its 3x3 convolutions as Winograd: the losses follow a float64
+    run of the reference within 3x the float32 reference's drift plus 1e-3 (Winograd's rounding moves
+    them by up to ~5e-4 here; the direct convolutions' by ~2e-4). Required on two of three inputs (the
+    input and two copies with 1e-5 relative noise), as in test_modules.py: a ReLU input within rounding
+    of 0 can take the other side of its kink in either float32 run."""
+    from test_modules import _sgd_history
+    from _util import kink_perturbed
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 128, 128)
+    y = torch.tensor([0, 1, 2, 3])
+    verdicts = []
+    with algorithm("winograd"):
+        for inp in kink_perturbed(x):
+            history, _, _ = _sgd_history(inp, y, steps=4)
+            assert history[-1][1] < 0.5 * history[0][1], history
+            verdicts.append(all(abs(lf - lt) <= 3 * abs(lr - lt) + 1e-3 * max(1.0, lt) for lr, lf, lt in history))
+    assert sum(verdicts) >= 2, verdicts
