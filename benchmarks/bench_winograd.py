@@ -86,8 +86,18 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-run-time", type=float, default=1.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--markdown-from", metavar="JSON", help="only rewrite the .md of an earlier run's JSON")
     bench.add_machine_args(ap)
     args = ap.parse_args(argv)
+    if args.markdown_from:
+        import json
+
+        with open(args.markdown_from) as f:
+            rows = json.load(f)
+        rows = rows.get("rows", rows) if isinstance(rows, dict) else rows
+        with open(os.path.splitext(args.markdown_from)[0] + ".md", "w") as f:
+            f.write(markdown(rows))
+        return 0
     shapes = bench.shapes_from_arg(ap, args.shapes)
     why = bench.fused_modules_reason()
     if why:
@@ -138,8 +148,10 @@ def markdown(rows) -> str:
              f"`benchmarks/bench_winograd.py`; fp32, NCHW, C -> C 3x3 convolutions; {len(first['rounds_ms'])} "
              f"interleaved rounds in one process, median of the rounds' medians. "
              f"Allocator: {first.get('allocator') or 'as configured'}.", "",
-             "Convolution alone (`F.conv2d` against `conv3x3_winograd`); error: largest |y - y64| over the largest "
-             "|y64| (float64 direct convolution).", "",
+             "Convolution alone (`F.conv2d` against `conv3x3_winograd`; in its backward each gradient as "
+             "`backward_choice` picks under \"auto\": the weight gradient by the direct backward below 64 channels "
+             "or 64 tiles, the input gradient below 64 tiles); error: largest |y - y64| over the largest |y64| "
+             "(float64 direct convolution).", "",
              "| N x C x H x W | forward direct ms | forward Winograd ms | speed-up | fwd+bwd direct ms "
              "| fwd+bwd Winograd ms | speed-up | error direct | error Winograd |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

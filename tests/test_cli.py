@@ -410,6 +410,31 @@ def test_bench_layout_step_script(tmp_path):
 
 
 
+def test_bench_winograd_script(tmp_path):
+    """benchmarks/bench_winograd.py: the convolution both ways and the SCConv with each, in one process;
+    --markdown-from rewrites the table from the JSON."""
+    from scnet_fused import bench
+    from scnet_fused.ops import winograd
+
+    if bench.fused_modules_reason() is not None or not winograd._kernels_present():
+        pytest.skip("no compiled CPU kernels")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_winograd.py"), "--shapes", "16x13x14",
+                        "--batch-size", "2", "--rounds", "2", "--min-run-time", "0.02", "--device", "cpu",
+                        "--default-malloc", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "winograd.json").read_text())
+    assert len(rows) == 10 and all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
+    assert {(row["op"], row["provider"]) for row in rows} >= {("conv forward", "winograd"),
+                                                              ("scconv train", "fused auto")}
+    assert all(row["rel_error_winograd"] < 1e-4 for row in rows)
+    md = (tmp_path / "winograd.md").read_text()
+    assert md.count("| 2x16x13x14 |") == 3, md
+    (tmp_path / "winograd.md").unlink()
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_winograd.py"), "--markdown-from",
+                            str(tmp_path / "winograd.json")], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and (tmp_path / "winograd.md").read_text() == md
+
+
 def test_bench_bn_backward_script(tmp_path, capsys):
     """benchmarks/bench_bn_backward.py: the strategies of the BatchNorm gate backward and forward and of
     the BatchNorm + ReLU backward, interleaved."""
