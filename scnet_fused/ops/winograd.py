@@ -187,7 +187,7 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
     the same dtype, stride 1, padding 1, no dilation, one group, no autocast, not under torch.compile
     (inductor plans its own convolutions), the compiled kernels present; and under ``"auto"``, the
     AVX-512 build of the kernels and enough channels and tiles (``_AUTO_MIN_CHANNELS``,
-    ``_AUTO_MIN_TILES``): where the measured gain holds. Its gradients then follow
+    ``_AUTO_MIN_TILES``, ``_AUTO_MIN_WORK``): where the measured gain holds. Its gradients then follow
     :func:`backward_choice`."""
     algorithm = _algorithm if algorithm is None else algorithm
     if algorithm == "direct" or torch.compiler.is_compiling():
@@ -216,26 +216,35 @@ def backward_choice(x: Tensor, weight: Tensor) -> Tuple[bool, bool]:
     return _auto(x, weight)[1:]
 
 
-# "auto", per direction: measured on a 2-core AVX-512 Xeon at N = 8 and the SCNet-50 stage shapes
-# (benchmarks/results/cpu-xeon/winograd.md: C -> C convolutions alone, each call on cold caches, and
-# the SCConv training step and eval forward). The matrix products shrink with the channels (C K) and
-# the transforms only with C + K; the filter transforms (4x the filters) and fixed costs need enough
-# tiles to spread over. The forward and the input gradient gain from 32 channels and 64 tiles up
-# (8x7x7 has 32: the forward alone on cold caches still gained there, inside the SCConv it lost); the
-# weight gradient, whose matrix products reduce over the tiles and read two transformed tensors, from
-# 64 channels (with 32 the direct backward is faster). The builds without AVX-512 split the tile columns with scalar code: "auto"
-# leaves them alone.
+# "auto", per direction: measured on a 2-core AVX-512 Xeon at N = 8 (benchmarks/results/cpu-xeon/
+# winograd.md: C -> C convolutions alone and the SCConv training step and eval forward at the SCNet-50
+# stage shapes; the convolutions also at the pooled maps of k2). The matrix products (which run near
+# the cores' peak) shrink with C K and the transforms (memory-bound) only with C + K, so the gain
+# grows with the channels; the filter transforms (4x the filters) and fixed costs need enough tiles to
+# spread over; and where H or W is not a multiple of 4 part of each edge tile computes padding. The
+# rule: at least 32 channels, 64 tiles, and channels x tiles x (the useful fraction of the tiles'
+# outputs) of at least 16384. In: 8x32x56x56 (1.1x forward), 8x64x28x28 (1.3x), 8x128x16x16 (1.3x),
+# 8x256x14x14 (1.5x). Out: 8x32x28x28 and 8x64x14x14 (0.8x), 8x64x21x21 (0.8x: 23% padding),
+# 8x256x7x7 (0.9x), 8x128x14x14 (1.0x). The weight gradient, whose matrix products reduce over the
+# tiles and read two transformed tensors, needs 64 channels too (with 32 the direct backward is
+# faster). The builds without AVX-512 split the tile columns with scalar code: "auto" leaves them
+# alone.
 _AUTO_MIN_CHANNELS = (32, 32, 64)  # forward, input gradient, weight gradient
-_AUTO_MIN_TILES = (64, 64, 64)
+_AUTO_MIN_TILES = 64
+_AUTO_MIN_WORK = 16384
 
 
 def _auto(x: Tensor, weight: Tensor) -> Tuple[bool, bool, bool]:
     if not _auto_isa():
         return False, False, False
     H, W = x.shape[2], x.shape[3]
+    TH, TW = _tiles(H, W)
     channels = min(x.shape[1], weight.shape[0])
-    tiles = x.shape[0] * ((H + 3) // 4) * ((W + 3) // 4)
-    return tuple(channels >= c and tiles >= t for c, t in zip(_AUTO_MIN_CHANNELS, _AUTO_MIN_TILES))
+    tiles = x.shape[0] * TH * TW
+    work = channels * tiles * (H * W) / (16 * TH * TW)
+    if tiles < _AUTO_MIN_TILES or work < _AUTO_MIN_WORK:
+        return False, False, False
+    return tuple(channels >= c for c in _AUTO_MIN_CHANNELS)
 
 
 def _auto_isa() -> bool:
