@@ -37,10 +37,14 @@ def _conv_jobs(x, w, dy):
                 return conv(x, w)
         return fn
 
-    def fwd_bwd(conv):
+    def fwd_bwd(conv):  # the Winograd rows with both gradients as Winograd too, whatever "auto" picks
         def fn():
             xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-            return torch.autograd.grad(conv(xg, wg), [xg, wg], dy)
+            previous = scnet_fused.set_conv_algorithm("winograd" if conv is wino else "direct")
+            try:
+                return torch.autograd.grad(conv(xg, wg), [xg, wg], dy)
+            finally:
+                scnet_fused.set_conv_algorithm(previous)
         return fn
 
     def direct(a, b):
@@ -148,9 +152,8 @@ def markdown(rows) -> str:
              f"`benchmarks/bench_winograd.py`; fp32, NCHW, C -> C 3x3 convolutions; {len(first['rounds_ms'])} "
              f"interleaved rounds in one process, median of the rounds' medians. "
              f"Allocator: {first.get('allocator') or 'as configured'}.", "",
-             "Convolution alone (`F.conv2d` against `conv3x3_winograd`; in its backward each gradient as "
-             "`backward_choice` picks under \"auto\": the weight gradient by the direct backward below 64 channels "
-             "or 64 tiles, the input gradient below 64 tiles); error: largest |y - y64| over the largest |y64| "
+             "Convolution alone (`F.conv2d` against `conv3x3_winograd`, both gradients as Winograd too); "
+             "error: largest |y - y64| over the largest |y64| "
              "(float64 direct convolution).", "",
              "| N x C x H x W | forward direct ms | forward Winograd ms | speed-up | fwd+bwd direct ms "
              "| fwd+bwd Winograd ms | speed-up | error direct | error Winograd |",
