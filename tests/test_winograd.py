@@ -81,13 +81,33 @@ def test_output_transform_is_at_m_a_and_its_adjoint(shape):
     torch.testing.assert_close(z.double(), want, rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_channels_last_transforms_are_the_nchw_ones_transposed(shape):
+    x = torch.randn(*shape)
+    N, C, H, W = shape
+    TH, TW = (H + 3) // 4, (W + 3) // 4
+    cl = x.contiguous(memory_format=torch.channels_last)
+    ops = torch.ops.scnet_fused
+    torch.testing.assert_close(ops._wino_input_nhwc(cl, TH, TW), ops._wino_input(x, TH, TW).transpose(1, 2),
+                               rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ops._wino_output_adjoint_nhwc(cl, TH, TW),
+                               ops._wino_output_adjoint(x, TH, TW).transpose(1, 2), rtol=1e-6, atol=1e-5)
+    m = torch.randn(36, C, N * TH * TW)
+    bias = torch.randn(C)
+    y = ops._wino_output_nhwc(m.transpose(1, 2).contiguous(), N, H, W, bias)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ops._wino_output(m, N, H, W, bias), rtol=1e-6, atol=1e-4)
+
+
 def _check_conv(x, w, b, rel=5e-5):
     """conv3x3_winograd against a float64 direct convolution: output and the three gradients, each
     within `rel` of its largest magnitude."""
     x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
     b = None if b is None else b.detach().requires_grad_()
     y = scnet_fused.ops.conv3x3_winograd(x, w, b)
-    assert y.shape == (x.shape[0], w.shape[0], *x.shape[2:]) and y.is_contiguous()
+    nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    assert y.shape == (x.shape[0], w.shape[0], *x.shape[2:])
+    assert y.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
     g = torch.randn_like(y)
     y.backward(g)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
@@ -127,13 +147,22 @@ def test_wide_layer_error_stays_small():
     _check_conv(torch.randn(2, 256, 14, 14), torch.randn(64, 256, 3, 3) * 0.05, None, rel=1e-4)
 
 
-def test_channels_last_and_non_contiguous_inputs():
+@pytest.mark.parametrize("choice", [(True, True), (False, True), (True, False)])
+def test_channels_last_and_non_contiguous_inputs(monkeypatch, choice):
+    """channels_last runs its own kernels (output and gradients channels_last, as F.conv2d gives);
+    other strides are read through an NCHW copy."""
+    monkeypatch.setattr(winograd, "backward_choice", lambda x, w: choice)
     torch.manual_seed(2)
     x = torch.randn(2, 6, 11, 10)
     w = torch.randn(4, 6, 3, 3)
     want = F.conv2d(x, w, padding=1)
     cl = x.contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(scnet_fused.ops.conv3x3_winograd(cl, w), want, rtol=1e-4, atol=1e-4)
+    y = scnet_fused.ops.conv3x3_winograd(cl, w)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    xg = cl.detach().requires_grad_()
+    scnet_fused.ops.conv3x3_winograd(xg, w.requires_grad_()).sum().backward()
+    assert xg.grad.is_contiguous(memory_format=torch.channels_last)
     wide = torch.randn(2, 12, 11, 10)
     sliced = wide[:, ::2]
     torch.testing.assert_close(scnet_fused.ops.conv3x3_winograd(sliced, w), F.conv2d(sliced, w, padding=1),
@@ -175,6 +204,12 @@ def test_kernels_refuse_bad_tensors():
         torch.ops.scnet_fused._wino_output(torch.randn(36, 2, 5), 1, 8, 8, None)
     with pytest.raises(RuntimeError, match="bias"):
         torch.ops.scnet_fused._wino_output(torch.randn(36, 2, 4), 1, 8, 8, torch.randn(3))
+    with pytest.raises(RuntimeError, match="tiles"):
+        torch.ops.scnet_fused._wino_input_nhwc(torch.randn(1, 2, 8, 8), 2, 3)
+    with pytest.raises(RuntimeError, match="tiles"):
+        torch.ops.scnet_fused._wino_output_nhwc(torch.randn(36, 5, 2), 1, 8, 8, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.scnet_fused._wino_output_adjoint_nhwc(torch.randn(1, 2, 8, 8).half(), 2, 2)
 
 
 def test_set_conv_algorithm_validates_and_returns_the_previous_choice():
@@ -211,11 +246,19 @@ def test_selection_rule():
     # never: another stride, padding, dilation, groups, dtype, layout, kernel size, or autocast
     for xs, ws, a in [(x, w, ((2, 2), (1, 1), (1, 1), 1)), (x, w, ((1, 1), (2, 2), (2, 2), 1)),
                       (x, w, ((1, 1), (0, 0), (1, 1), 1)), (x, torch.randn(64, 32, 3, 3), ((1, 1), (1, 1), (1, 1), 2)),
-                      (x.double(), w.double(), args), (x.contiguous(memory_format=torch.channels_last), w, args),
-                      (x, torch.randn(64, 64, 1, 1), args)]:
+                      (x.double(), w.double(), args), (x[:, :, ::2], w, args), (x, torch.randn(64, 64, 1, 1), args)]:
         assert not winograd.winograd_applies(xs, ws, *a, algorithm="winograd")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not winograd.winograd_applies(x, w, *args, algorithm="winograd")
+    # channels_last has kernels of its own and a rule of its own (fewer tiles x channels suffice)
+    cl = torch.channels_last
+    mid = torch.randn(8, 64, 14, 14)
+    assert not winograd.winograd_applies(mid, w, *args, algorithm="auto")
+    assert winograd.winograd_applies(mid.contiguous(memory_format=cl), w, *args, algorithm="auto") == expected_auto
+    narrow14 = torch.randn(8, 32, 14, 14).contiguous(memory_format=cl)
+    assert not winograd.winograd_applies(narrow14, torch.randn(32, 32, 3, 3), *args, algorithm="auto")
+    assert not winograd.winograd_applies(small.contiguous(memory_format=cl), torch.randn(256, 256, 3, 3), *args,
+                                         algorithm="auto")
 
 
 def _spy(monkeypatch):
@@ -230,8 +273,9 @@ def _spy(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_scconv_through_winograd_matches_the_reference(monkeypatch, mode):
+def test_scconv_through_winograd_matches_the_reference(monkeypatch, mode, channels_last):
     """The fused SCConv with its 3x3 convolutions as Winograd against the float64 reference: output,
     every gradient, running statistics after two steps."""
     torch.manual_seed(3)
@@ -249,6 +293,9 @@ def test_scconv_through_winograd_matches_the_reference(monkeypatch, mode):
     with algorithm("winograd"):
         for step in range(2):
             x = torch.randn(2, 16, 18, 13)
+            if channels_last:
+                fused = fused.to(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
             xf, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
             out, out64 = fused(xf), ref64(x64)
             g = torch.randn_like(out)

@@ -344,6 +344,136 @@ at::Tensor wino_output(const at::Tensor& m_in, int64_t N, int64_t H, int64_t W, 
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------
+// channels_last (NHWC): the same three transforms, vectorized across the channels (contiguous in
+// this layout), in the tile-domain layout [36][tiles][channels]: the matrix products then read the
+// filters' transform transposed, M[xi] = V[xi] U[xi]^T. One task item = one tile, all channels.
+// ---------------------------------------------------------------------------------------------
+template <int ROWS>
+inline void combine(const Vec* in, Vec* out) {
+  if constexpr (ROWS == 6) {
+    bt6(in[0], in[1], in[2], in[3], in[4], in[5], out);
+  } else {
+    a4(in[0], in[1], in[2], in[3], out);
+  }
+}
+
+inline Vec load_part(const float* p, int64_t cnt) { return cnt == kV ? Vec::loadu(p) : Vec::loadu(p, cnt); }
+
+inline void store_part(const Vec& v, float* p, int64_t cnt) {
+  if (cnt == kV) {
+    v.store(p);
+  } else {
+    v.store(p, cnt);
+  }
+}
+
+// out[xi][t][c] for the (N, C, H, W) channels_last map `src`: B^T d B of the 6x6 windows at offset -1
+// (ROWS 6), or A dy A^T of the 4x4 tiles (ROWS 4).
+template <int ROWS>
+at::Tensor to_tiles_nhwc(const char* op, const at::Tensor& src_in, int64_t TH, int64_t TW) {
+  check_map(op, src_in);
+  const at::Tensor src = src_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = src.size(0), C = src.size(1), H = src.size(2), W = src.size(3);
+  check_tiles(op, H, W, TH, TW);
+  const int64_t T = N * TH * TW;
+  at::Tensor out = host::new_output({36, T, C}, src.options());
+  if (out.numel() == 0) return out;
+  const float* sp = src.data_ptr<float>();
+  float* op_ = out.data_ptr<float>();
+  constexpr int64_t off = ROWS == 6 ? 1 : 0;
+  const int64_t xi_stride = T * C;
+  at::parallel_for(0, T, grain_for(36 * C), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t tw = t % TW, th = (t / TW) % TH, n = t / (TW * TH);
+      const float* img = sp + n * H * W * C;
+      float* dst = op_ + t * C;
+      for (int64_t c0 = 0; c0 < C; c0 += kV) {
+        const int64_t cnt = std::min<int64_t>(kV, C - c0);
+        Vec tr[6][ROWS];  // tr[r][j]: the row combination r of column j
+        for (int64_t j = 0; j < ROWS; ++j) {
+          const int64_t col = 4 * tw - off + j;
+          Vec d[ROWS];
+          for (int64_t i = 0; i < ROWS; ++i) {
+            const int64_t row = 4 * th - off + i;
+            d[i] = (row >= 0 && row < H && col >= 0 && col < W) ? load_part(img + (row * W + col) * C + c0, cnt)
+                                                                : Vec(0.0f);
+          }
+          Vec o[6];
+          combine<ROWS>(d, o);
+          for (int r = 0; r < 6; ++r) tr[r][j] = o[r];
+        }
+        for (int r = 0; r < 6; ++r) {
+          Vec o[6];
+          combine<ROWS>(tr[r], o);
+          for (int s = 0; s < 6; ++s) store_part(o[s], dst + (6 * r + s) * xi_stride + c0, cnt);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor wino_input_nhwc(const at::Tensor& x, int64_t TH, int64_t TW) {
+  return to_tiles_nhwc<6>("scnet_fused::_wino_input_nhwc (cpu)", x, TH, TW);
+}
+
+at::Tensor wino_output_adjoint_nhwc(const at::Tensor& dy, int64_t TH, int64_t TW) {
+  return to_tiles_nhwc<4>("scnet_fused::_wino_output_adjoint_nhwc (cpu)", dy, TH, TW);
+}
+
+// y (N, K, H, W) channels_last from M [36][tiles][K]: A^T M A per tile, plus bias.
+at::Tensor wino_output_nhwc(const at::Tensor& m_in, int64_t N, int64_t H, int64_t W,
+                            const c10::optional<at::Tensor>& bias_in) {
+  const char* op = "scnet_fused::_wino_output_nhwc (cpu)";
+  TORCH_CHECK(m_in.device().is_cpu() && m_in.scalar_type() == at::kFloat && m_in.dim() == 3 && m_in.size(0) == 36,
+              op, ": expected a float32 CPU tensor of shape (36, tiles, K), got ", m_in.sizes(), " ",
+              m_in.scalar_type(), " on ", m_in.device());
+  TORCH_CHECK(N >= 0, op, ": negative batch ", N);
+  const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4;
+  check_tiles(op, H, W, TH, TW);
+  const int64_t K = m_in.size(2), T = N * TH * TW;
+  TORCH_CHECK(m_in.size(1) == T, op, ": ", N, " images of ", H, "x", W, " have ", T, " tiles, M has ", m_in.size(1));
+  const at::Tensor m = m_in.contiguous();
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = bias_in->contiguous();
+    TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == K,
+                op, ": bias must be a float32 CPU vector of ", K, " elements, got ", bias.sizes());
+  }
+  at::Tensor y = host::new_output({N, K, H, W}, m.options(), at::MemoryFormat::ChannelsLast);
+  if (y.numel() == 0) return y;
+  const float* mp = m.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t xi_stride = T * K;
+  at::parallel_for(0, T, grain_for(36 * K), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t tw = t % TW, th = (t / TW) % TH, n = t / (TW * TH);
+      const float* src = mp + t * K;
+      float* img = yp + n * H * W * K;
+      const int64_t rows = std::min<int64_t>(4, H - 4 * th), cols = std::min<int64_t>(4, W - 4 * tw);
+      for (int64_t k0 = 0; k0 < K; k0 += kV) {
+        const int64_t cnt = std::min<int64_t>(kV, K - k0);
+        Vec q[6][4];  // q[r][j]: A^T over s of M[6 r + s]
+        for (int r = 0; r < 6; ++r) {
+          Vec mv[6];
+          for (int s = 0; s < 6; ++s) mv[s] = load_part(src + (6 * r + s) * xi_stride + k0, cnt);
+          at6(mv[0], mv[1], mv[2], mv[3], mv[4], mv[5], q[r]);
+        }
+        const Vec b = bp ? load_part(bp + k0, cnt) : Vec(0.0f);
+        for (int64_t j = 0; j < cols; ++j) {
+          Vec o[4];
+          at6(q[0][j], q[1][j], q[2][j], q[3][j], q[4][j], q[5][j], o);
+          for (int64_t i = 0; i < rows; ++i)
+            store_part(o[i] + b, img + ((4 * th + i) * W + 4 * tw + j) * K + k0, cnt);
+        }
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 }  // namespace cpu_winograd
 }  // namespace scnet_fused
@@ -352,4 +482,7 @@ TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
   m.impl("_wino_input", &scnet_fused::cpu_winograd::wino_input);
   m.impl("_wino_output", &scnet_fused::cpu_winograd::wino_output);
   m.impl("_wino_output_adjoint", &scnet_fused::cpu_winograd::wino_output_adjoint);
+  m.impl("_wino_input_nhwc", &scnet_fused::cpu_winograd::wino_input_nhwc);
+  m.impl("_wino_output_nhwc", &scnet_fused::cpu_winograd::wino_output_nhwc);
+  m.impl("_wino_output_adjoint_nhwc", &scnet_fused::cpu_winograd::wino_output_adjoint_nhwc);
 }

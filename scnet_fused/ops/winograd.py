@@ -88,10 +88,20 @@ def _tiles(H: int, W: int):
     return (H + 3) // 4, (W + 3) // 4
 
 
+def _is_nhwc(t: Tensor) -> bool:
+    """Dense channels_last and not also dense NCHW: the layout whose kernels run for ``t``."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def _forward(x: Tensor, u: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The convolution of x (dense NCHW or channels_last: the output in the same layout) with the
+    transformed filters u (36, K, C)."""
     N, _, H, W = x.shape
     TH, TW = _tiles(H, W)
-    v = torch.ops.scnet_fused._wino_input(x, TH, TW)
+    if _is_nhwc(x):
+        v = torch.ops.scnet_fused._wino_input_nhwc(x, TH, TW)  # (36, T, C)
+        return torch.ops.scnet_fused._wino_output_nhwc(torch.bmm(v, u.transpose(1, 2)), N, H, W, bias)
+    v = torch.ops.scnet_fused._wino_input(x, TH, TW)  # (36, C, T)
     return torch.ops.scnet_fused._wino_output(torch.bmm(u, v), N, H, W, bias)
 
 
@@ -101,8 +111,13 @@ def _input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
 
 
 def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
+    """The filters' gradient; grad_out in x's layout."""
     H, W = x.shape[-2:]
     TH, TW = _tiles(H, W)
+    if _is_nhwc(x):
+        z = torch.ops.scnet_fused._wino_output_adjoint_nhwc(grad_out, TH, TW)  # (36, T, K)
+        v = torch.ops.scnet_fused._wino_input_nhwc(x, TH, TW)  # (36, T, C)
+        return _weight_transform_adjoint(torch.bmm(z.transpose(1, 2), v))
     z = torch.ops.scnet_fused._wino_output_adjoint(grad_out, TH, TW)  # (36, K, T)
     v = torch.ops.scnet_fused._wino_input(x, TH, TW)  # (36, C, T)
     return _weight_transform_adjoint(torch.bmm(z, v.transpose(1, 2)))
@@ -111,7 +126,7 @@ def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
 def conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool, need_weight: bool):
     """``(grad_x, grad_weight)`` of ``conv3x3_winograd(x, weight)`` (None where not needed): each as
     Winograd or as the direct convolution's backward, as :func:`backward_choice` says."""
-    grad_out = grad_out.contiguous()
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last if _is_nhwc(x) else torch.contiguous_format)
     wino_x, wino_w = backward_choice(x, weight)
     direct = [need_input and not wino_x, need_weight and not wino_w]
     grad_x = grad_w = None
@@ -162,9 +177,9 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
 
 def conv3x3_winograd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for 3x3 filters (stride 1, no dilation, one group) by
-    Winograd F(4x4, 3x3) on the CPU, float32, differentiable in x, weight and bias. Any memory format
-    (the kernels read NCHW: a channels_last input is copied); the output is NCHW. An empty batch gives an
-    empty output."""
+    Winograd F(4x4, 3x3) on the CPU, float32, differentiable in x, weight and bias. NCHW and
+    channels_last inputs are read in place (each layout has its kernels) and the output has the
+    input's layout; any other strides are copied to NCHW first. An empty batch gives an empty output."""
     _check(x, weight, bias)
     if not _kernels_present():
         from . import _cpp
@@ -173,7 +188,8 @@ def conv3x3_winograd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
                            f"{_cpp.available() or 'this build lacks the Winograd transforms'})")
     if x.shape[0] == 0 or weight.shape[0] == 0:
         return F.conv2d(x, weight, bias, padding=1)
-    x = x.contiguous()
+    if not _is_nhwc(x):
+        x = x.contiguous()
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):
         return _WinogradConv.apply(x, weight, bias)
@@ -182,9 +198,8 @@ def conv3x3_winograd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
 
 def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
                      algorithm: Optional[str] = None) -> bool:
-    """Whether :func:`conv2d` runs this convolution as Winograd F(4x4, 3x3): a CPU float32 NCHW input
-    (channels_last keeps oneDNN's direct convolution, which is faster in that layout), 3x3 filters of
-    the same dtype, stride 1, padding 1, no dilation, one group, no autocast, not under torch.compile
+    """Whether :func:`conv2d` runs this convolution as Winograd F(4x4, 3x3): a CPU float32 input, dense
+    NCHW or channels_last, 3x3 filters of the same dtype, stride 1, padding 1, no dilation, one group, no autocast, not under torch.compile
     (inductor plans its own convolutions), the compiled kernels present; and under ``"auto"``, the
     AVX-512 build of the kernels and enough channels and tiles (``_AUTO_MIN_CHANNELS``,
     ``_AUTO_MIN_TILES``, ``_AUTO_MIN_WORK``): where the measured gain holds. Its gradients then follow
@@ -196,7 +211,8 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
             and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3)
             and weight.shape[1] == x.shape[1] and groups == 1 and tuple(stride) == (1, 1)
             and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and x.numel() > 0
-            and weight.shape[0] > 0 and x.is_contiguous()):
+            and weight.shape[0] > 0
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))):
         return False
     if torch.is_autocast_enabled("cpu") or not _kernels_present():
         return False
@@ -217,21 +233,25 @@ def backward_choice(x: Tensor, weight: Tensor) -> Tuple[bool, bool]:
 
 
 # "auto", per direction: measured on a 2-core AVX-512 Xeon at N = 8 (benchmarks/results/cpu-xeon/
-# winograd.md: C -> C convolutions alone and the SCConv training step and eval forward at the SCNet-50
-# stage shapes; the convolutions also at the pooled maps of k2). The matrix products (which run near
-# the cores' peak) shrink with C K and the transforms (memory-bound) only with C + K, so the gain
-# grows with the channels; the filter transforms (4x the filters) and fixed costs need enough tiles to
-# spread over; and where H or W is not a multiple of 4 part of each edge tile computes padding. The
-# rule: at least 32 channels, 64 tiles, and channels x tiles x (the useful fraction of the tiles'
-# outputs) of at least 16384. In: 8x32x56x56 (1.1x forward), 8x64x28x28 (1.3x), 8x128x16x16 (1.3x),
-# 8x256x14x14 (1.5x). Out: 8x32x28x28 and 8x64x14x14 (0.8x), 8x64x21x21 (0.8x: 23% padding),
-# 8x256x7x7 (0.9x), 8x128x14x14 (1.0x). The weight gradient, whose matrix products reduce over the
-# tiles and read two transformed tensors, needs 64 channels too (with 32 the direct backward is
-# faster). The builds without AVX-512 split the tile columns with scalar code: "auto" leaves them
-# alone.
+# winograd.md and winograd_channels_last.md: C -> C convolutions alone and the SCConv training step and
+# eval forward at the SCNet-50 stage shapes; the convolutions also at the pooled maps of k2). The
+# matrix products (which run near the cores' peak) shrink with C K and the transforms (memory-bound)
+# only with C + K, so the gain grows with the channels; the filter transforms (4x the filters) and
+# fixed costs need enough tiles to spread over; and where H or W is not a multiple of 4 part of each
+# edge tile computes padding. The rule: at least 32 channels, a number of tiles, and channels x tiles x
+# (the useful fraction of the tiles' outputs) above a threshold. NCHW (64 tiles, 16384): in
+# 8x32x56x56 (1.1x forward), 8x64x28x28 (1.3x), 8x128x16x16 (1.3x), 8x256x14x14 (1.5x); out
+# 8x32x28x28 and 8x64x14x14 (0.8x), 8x64x21x21 (0.8x: 23% padding), 8x256x7x7 (0.9x), 8x128x14x14
+# (1.0x). channels_last, whose transforms vectorize across the channels without splitting columns
+# (64 tiles, 4096): the convolution alone 1.2x-2.2x forward at every stage shape and 8x64x14x14 (1.2x),
+# 0.8x forward + backward at 8x32x14x14; at 8x256x7x7 (32 tiles) 1.3x alone but the SCConv training
+# step lost (0.76x), so it stays out. The weight gradient, whose matrix products reduce
+# over the tiles and read two transformed tensors, needs 64 channels too (with 32 the direct backward
+# is faster). "auto" takes Winograd only with the AVX-512 build, where this was measured (the other
+# builds split the NCHW tile columns with scalar code).
 _AUTO_MIN_CHANNELS = (32, 32, 64)  # forward, input gradient, weight gradient
-_AUTO_MIN_TILES = 64
-_AUTO_MIN_WORK = 16384
+_AUTO_MIN_TILES = {False: 64, True: 64}  # by layout: channels_last?
+_AUTO_MIN_WORK = {False: 16384, True: 4096}
 
 
 def _auto(x: Tensor, weight: Tensor) -> Tuple[bool, bool, bool]:
@@ -242,7 +262,8 @@ def _auto(x: Tensor, weight: Tensor) -> Tuple[bool, bool, bool]:
     channels = min(x.shape[1], weight.shape[0])
     tiles = x.shape[0] * TH * TW
     work = channels * tiles * (H * W) / (16 * TH * TW)
-    if tiles < _AUTO_MIN_TILES or work < _AUTO_MIN_WORK:
+    nhwc = _is_nhwc(x)
+    if tiles < _AUTO_MIN_TILES[nhwc] or work < _AUTO_MIN_WORK[nhwc]:
         return False, False, False
     return tuple(channels >= c for c in _AUTO_MIN_CHANNELS)
 
@@ -261,7 +282,8 @@ def _kernels_present() -> bool:
     if _present is None:
         from . import _cpp
 
-        _present = all(_cpp.has_kernel(op, "CPU") for op in ("_wino_input", "_wino_output", "_wino_output_adjoint"))
+        _present = all(_cpp.has_kernel(op + layout, "CPU") for op in ("_wino_input", "_wino_output", "_wino_output_adjoint")
+                       for layout in ("", "_nhwc"))
     return _present
 
 
