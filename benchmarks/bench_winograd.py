@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-run-time", type=float, default=1.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--channels-last", action="store_true",
+                    help="inputs, gradients and modules in channels_last (writes winograd_channels_last.*)")
     ap.add_argument("--markdown-from", metavar="JSON", help="only rewrite the .md of an earlier run's JSON")
     bench.add_machine_args(ap)
     args = ap.parse_args(argv)
@@ -115,12 +117,13 @@ def main(argv=None) -> int:
     rows = []
     for C, H, W in shapes:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(N, C, H, W, generator=g)
-        dy = torch.randn(N, C, H, W, generator=g)
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        x = torch.randn(N, C, H, W, generator=g).contiguous(memory_format=fmt)
+        dy = torch.randn(N, C, H, W, generator=g).contiguous(memory_format=fmt)
         w = torch.randn(C, C, 3, 3, generator=g) * (2.0 / (9 * C)) ** 0.5
         err_direct, err_wino = _error(x, w)
-        ref = bench.build_module("scconv", C, fused=False)
-        fused = bench.build_module("scconv", C, fused=True, like=ref)
+        ref = bench.build_module("scconv", C, fused=False).to(memory_format=fmt)
+        fused = bench.build_module("scconv", C, fused=True, like=ref).to(memory_format=fmt)
         applies = winograd.winograd_applies(x, w, (1, 1), (1, 1), (1, 1), 1, algorithm="auto")
         jobs = _conv_jobs(x, w, dy)
         for mode in ("train", "eval"):
@@ -138,9 +141,10 @@ def main(argv=None) -> int:
             rows.append(dict(op=what, provider=variant, shape=where, dtype="fp32", device=bench.device_name(device),
                              versions=bench.versions(), median_ms=statistics.median(ts), rounds_ms=ts,
                              allocator=allocator, auto_uses_winograd=applies, rel_error_direct=err_direct,
-                             rel_error_winograd=err_wino))
+                             rel_error_winograd=err_wino, layout="channels_last" if args.channels_last else "nchw"))
         bench.log_stderr(f"{where}: " + ", ".join(f"{a} {b} {statistics.median(t):.2f} ms" for (a, b), t in samples.items()))
-    bench.write_script_results(rows, args.out or bench.default_out_dir(device), "winograd", markdown(rows))
+    stem = "winograd_channels_last" if args.channels_last else "winograd"
+    bench.write_script_results(rows, args.out or bench.default_out_dir(device), stem, markdown(rows))
     return 0
 
 
@@ -149,7 +153,8 @@ def markdown(rows) -> str:
     v = first["versions"]
     lines = [f"# Winograd F(4x4, 3x3) against the direct convolution: {first['device']}", "",
              f"torch {v['torch']}, Python {v['python']}, CPU kernels {v.get('cpu_isa')}; "
-             f"`benchmarks/bench_winograd.py`; fp32, NCHW, C -> C 3x3 convolutions; {len(first['rounds_ms'])} "
+             f"`benchmarks/bench_winograd.py`; fp32, {'channels_last' if first.get('layout') == 'channels_last' else 'NCHW'}, "
+             f"C -> C 3x3 convolutions; {len(first['rounds_ms'])} "
              f"interleaved rounds in one process, median of the rounds' medians. "
              f"Allocator: {first.get('allocator') or 'as configured'}.", "",
              "Convolution alone (`F.conv2d` against `conv3x3_winograd`, both gradients as Winograd too); "
