@@ -232,26 +232,26 @@ def backward_choice(x: Tensor, weight: Tensor) -> Tuple[bool, bool]:
     return _auto(x, weight)[1:]
 
 
-# "auto", per direction: measured on a 2-core AVX-512 Xeon at N = 8 (benchmarks/results/cpu-xeon/
-# winograd.md and winograd_channels_last.md: C -> C convolutions alone and the SCConv training step and
-# eval forward at the SCNet-50 stage shapes; the convolutions also at the pooled maps of k2). The
-# matrix products (which run near the cores' peak) shrink with C K and the transforms (memory-bound)
-# only with C + K, so the gain grows with the channels; the filter transforms (4x the filters) and
-# fixed costs need enough tiles to spread over; and where H or W is not a multiple of 4 part of each
-# edge tile computes padding. The rule: at least 32 channels, a number of tiles, and channels x tiles x
-# (the useful fraction of the tiles' outputs) above a threshold. NCHW (64 tiles, 16384): in
-# 8x32x56x56 (1.1x forward), 8x64x28x28 (1.3x), 8x128x16x16 (1.3x), 8x256x14x14 (1.5x); out
-# 8x32x28x28 and 8x64x14x14 (0.8x), 8x64x21x21 (0.8x: 23% padding), 8x256x7x7 (0.9x), 8x128x14x14
+# "auto": measured on a 2-core AVX-512 Xeon at N = 8 (benchmarks/results/cpu-xeon/winograd.md and
+# winograd_channels_last.md: C -> C convolutions alone and the SCConv training step and eval forward at
+# the SCNet-50 stage shapes; the convolutions also at the pooled maps of k2). The matrix products (which
+# run near the cores' peak) shrink with C K and the transforms (memory-bound) only with C + K, so the
+# gain grows with the channels; the filter transforms (4x the filters) and fixed costs need enough tiles
+# to spread over; and where H or W is not a multiple of 4 part of each edge tile computes padding. The
+# rule: at least 64 channels and 64 tiles, and channels x tiles x (the useful fraction of the tiles'
+# outputs) above a threshold per layout. NCHW (16384): in 8x64x28x28 (1.3x forward), 8x128x16x16
+# (1.3x), 8x256x14x14 (1.5x); out 8x64x14x14 (0.8x), 8x64x21x21 (0.8x: 23% padding), 8x128x14x14
 # (1.0x). channels_last, whose transforms vectorize across the channels without splitting columns
-# (64 tiles, 4096): the convolution alone 1.2x-2.2x forward at every stage shape and 8x64x14x14 (1.2x),
-# 0.8x forward + backward at 8x32x14x14; at 8x256x7x7 (32 tiles) 1.3x alone but the SCConv training
-# step lost (0.76x), so it stays out. The weight gradient, whose matrix products reduce
-# over the tiles and read two transformed tensors, needs 64 channels too (with 32 the direct backward
-# is faster). "auto" takes Winograd only with the AVX-512 build, where this was measured (the other
-# builds split the NCHW tile columns with scalar code).
-_AUTO_MIN_CHANNELS = (32, 32, 64)  # forward, input gradient, weight gradient
-_AUTO_MIN_TILES = {False: 64, True: 64}  # by layout: channels_last?
-_AUTO_MIN_WORK = {False: 16384, True: 4096}
+# (4096): the convolution alone 1.5x-2.1x forward from 64 channels at 14 to 56 px and 1.2x at
+# 8x64x14x14. Out in both: 8x256x7x7 (32 tiles: 1.3x alone in channels_last, but the SCConv training
+# step lost, 0.76x) and 32 channels (8x32x56x56: 1.2x forward alone, 0.95x-0.96x inside the SCConv;
+# 8x32x28x28 0.8x). The gradients follow the same rule (backward_choice keeps them apart for
+# "direct" / "winograd" and for rules that differ per direction). "auto" takes Winograd only with the
+# AVX-512 build, where this was measured (the other builds split the NCHW tile columns with scalar
+# code).
+_AUTO_MIN_CHANNELS = (64, 64, 64)  # forward, input gradient, weight gradient
+_AUTO_MIN_TILES = 64
+_AUTO_MIN_WORK = {False: 16384, True: 4096}  # by layout: channels_last?
 
 
 def _auto(x: Tensor, weight: Tensor) -> Tuple[bool, bool, bool]:
@@ -263,7 +263,7 @@ def _auto(x: Tensor, weight: Tensor) -> Tuple[bool, bool, bool]:
     tiles = x.shape[0] * TH * TW
     work = channels * tiles * (H * W) / (16 * TH * TW)
     nhwc = _is_nhwc(x)
-    if tiles < _AUTO_MIN_TILES[nhwc] or work < _AUTO_MIN_WORK[nhwc]:
+    if tiles < _AUTO_MIN_TILES or work < _AUTO_MIN_WORK[nhwc]:
         return False, False, False
     return tuple(channels >= c for c in _AUTO_MIN_CHANNELS)
 
