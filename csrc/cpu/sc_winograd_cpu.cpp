@@ -261,26 +261,45 @@ at::Tensor wino_output_adjoint(const at::Tensor& dy, int64_t TH, int64_t TW) {
   return to_tiles<4>("scnet_fused::_wino_output_adjoint (cpu)", dy, TH, TW);
 }
 
+// The checked arguments of an output transform: M is (36, K, tiles), or (36, tiles, K) for channels_last.
+struct OutputArgs {
+  at::Tensor m, bias;
+  int64_t K, TH, TW, T;
+};
+
+OutputArgs output_args(const char* op, const at::Tensor& m_in, int64_t N, int64_t H, int64_t W,
+                       const c10::optional<at::Tensor>& bias_in, bool nhwc) {
+  TORCH_CHECK(m_in.device().is_cpu() && m_in.scalar_type() == at::kFloat && m_in.dim() == 3 && m_in.size(0) == 36,
+              op, ": expected a float32 CPU tensor of shape ", nhwc ? "(36, tiles, K)" : "(36, K, tiles)", ", got ",
+              m_in.sizes(), " ", m_in.scalar_type(), " on ", m_in.device());
+  TORCH_CHECK(N >= 0, op, ": negative batch ", N);
+  OutputArgs a;
+  a.TH = (H + 3) / 4;
+  a.TW = (W + 3) / 4;
+  check_tiles(op, H, W, a.TH, a.TW);
+  a.K = m_in.size(nhwc ? 2 : 1);
+  a.T = N * a.TH * a.TW;
+  const int64_t tiles = m_in.size(nhwc ? 1 : 2);
+  TORCH_CHECK(tiles == a.T, op, ": ", N, " images of ", H, "x", W, " have ", a.T, " tiles, M has ", tiles);
+  a.m = m_in.contiguous();
+  if (bias_in.has_value() && bias_in->defined()) {
+    a.bias = bias_in->contiguous();
+    TORCH_CHECK(a.bias.device().is_cpu() && a.bias.scalar_type() == at::kFloat && a.bias.dim() == 1 &&
+                    a.bias.size(0) == a.K,
+                op, ": bias must be a float32 CPU vector of ", a.K, " elements, got ", a.bias.sizes());
+  }
+  return a;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Output transform.
 // ---------------------------------------------------------------------------------------------
 at::Tensor wino_output(const at::Tensor& m_in, int64_t N, int64_t H, int64_t W, const c10::optional<at::Tensor>& bias_in) {
   const char* op = "scnet_fused::_wino_output (cpu)";
-  TORCH_CHECK(m_in.device().is_cpu() && m_in.scalar_type() == at::kFloat && m_in.dim() == 3 && m_in.size(0) == 36,
-              op, ": expected a float32 CPU tensor of shape (36, K, tiles), got ", m_in.sizes(), " ",
-              m_in.scalar_type(), " on ", m_in.device());
-  TORCH_CHECK(N >= 0, op, ": negative batch ", N);
-  const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4;
-  check_tiles(op, H, W, TH, TW);
-  const int64_t K = m_in.size(1), T = N * TH * TW;
-  TORCH_CHECK(m_in.size(2) == T, op, ": ", N, " images of ", H, "x", W, " have ", T, " tiles, M has ", m_in.size(2));
-  const at::Tensor m = m_in.contiguous();
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    bias = bias_in->contiguous();
-    TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == K,
-                op, ": bias must be a float32 CPU vector of ", K, " elements, got ", bias.sizes());
-  }
+  const OutputArgs a = output_args(op, m_in, N, H, W, bias_in, false);
+  const at::Tensor& m = a.m;
+  const at::Tensor& bias = a.bias;
+  const int64_t K = a.K, TH = a.TH, TW = a.TW, T = a.T;
   at::Tensor y = host::new_output({N, K, H, W}, m.options());
   if (y.numel() == 0) return y;
   const float* mp = m.data_ptr<float>();
@@ -426,21 +445,10 @@ at::Tensor wino_output_adjoint_nhwc(const at::Tensor& dy, int64_t TH, int64_t TW
 at::Tensor wino_output_nhwc(const at::Tensor& m_in, int64_t N, int64_t H, int64_t W,
                             const c10::optional<at::Tensor>& bias_in) {
   const char* op = "scnet_fused::_wino_output_nhwc (cpu)";
-  TORCH_CHECK(m_in.device().is_cpu() && m_in.scalar_type() == at::kFloat && m_in.dim() == 3 && m_in.size(0) == 36,
-              op, ": expected a float32 CPU tensor of shape (36, tiles, K), got ", m_in.sizes(), " ",
-              m_in.scalar_type(), " on ", m_in.device());
-  TORCH_CHECK(N >= 0, op, ": negative batch ", N);
-  const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4;
-  check_tiles(op, H, W, TH, TW);
-  const int64_t K = m_in.size(2), T = N * TH * TW;
-  TORCH_CHECK(m_in.size(1) == T, op, ": ", N, " images of ", H, "x", W, " have ", T, " tiles, M has ", m_in.size(1));
-  const at::Tensor m = m_in.contiguous();
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    bias = bias_in->contiguous();
-    TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == K,
-                op, ": bias must be a float32 CPU vector of ", K, " elements, got ", bias.sizes());
-  }
+  const OutputArgs a = output_args(op, m_in, N, H, W, bias_in, true);
+  const at::Tensor& m = a.m;
+  const at::Tensor& bias = a.bias;
+  const int64_t K = a.K, TH = a.TH, TW = a.TW, T = a.T;
   at::Tensor y = host::new_output({N, K, H, W}, m.options(), at::MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return y;
   const float* mp = m.data_ptr<float>();
