@@ -377,3 +377,28 @@ def test_small_scnet_sgd_losses_through_winograd():
             assert history[-1][1] < 0.5 * history[0][1], history
             verdicts.append(all(abs(lf - lt) <= 3 * abs(lr - lt) + 1e-3 * max(1.0, lt) for lr, lf, lt in history))
     assert sum(verdicts) >= 2, verdicts
+
+
+def test_not_under_export_or_trace_and_once_differentiable(monkeypatch):
+    """torch.export and torch.jit.trace record the direct convolutions (the transforms have no fake
+    forms and a trace must run without this package); a second derivative through a Winograd
+    convolution raises instead of giving a wrong one."""
+    torch.manual_seed(7)
+    m = scnet_fused.SCConv(16, 16, 1, 1, 1, 1, 4, torch.nn.BatchNorm2d).eval()
+    x = torch.randn(2, 16, 12, 12)
+    calls = _spy(monkeypatch)
+    with algorithm("winograd"):
+        ep = torch.export.export(m, (x,))
+        assert calls == []
+        traced = torch.jit.trace(m, x, check_trace=False)  # (the check would rerun m in eager mode)
+        assert calls == []
+        with torch.no_grad():
+            want = m(x)
+        assert calls
+        torch.testing.assert_close(ep.module()(x), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(traced(x), want, rtol=1e-4, atol=1e-4)
+        xg = torch.randn(2, 16, 12, 12, requires_grad=True)
+        w = torch.randn(8, 16, 3, 3, requires_grad=True)
+        (gx,) = torch.autograd.grad(scnet_fused.ops.conv3x3_winograd(xg, w).square().sum(), xg, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            gx.sum().backward()

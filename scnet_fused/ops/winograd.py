@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["conv3x3_winograd", "conv2d", "set_conv_algorithm", "get_conv_algorithm", "winograd_applies"]
 
@@ -148,6 +149,7 @@ class _WinogradConv(torch.autograd.Function):
         return _forward(x, _weight_transform(weight), bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad_x, grad_w = conv_backward(grad_out, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
@@ -205,7 +207,7 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
     ``_AUTO_MIN_TILES``, ``_AUTO_MIN_WORK``): where the measured gain holds. Its gradients then follow
     :func:`backward_choice`."""
     algorithm = _algorithm if algorithm is None else algorithm
-    if algorithm == "direct" or torch.compiler.is_compiling():
+    if algorithm == "direct" or not _plain_eager(x, weight):
         return False
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3)
@@ -272,6 +274,19 @@ def _auto_isa() -> bool:
     from . import _cpp
 
     return _cpp.cpu_isa() == "avx512"
+
+
+def _plain_eager(x: Tensor, weight: Tensor) -> bool:
+    """Eager PyTorch on real tensors: not under torch.compile / torch.export (inductor plans its own
+    convolutions; the kernels have no fake-tensor forms), not while torch.jit.trace or an ONNX export
+    records, not inside a torch.func transform, no tensor subclass."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return False
+    from ._dispatch import _functorch_active
+
+    return not _functorch_active()
 
 
 _present: Optional[bool] = None
