@@ -37,14 +37,10 @@ def _conv_jobs(x, w, dy):
                 return conv(x, w)
         return fn
 
-    def fwd_bwd(conv):  # the Winograd rows with both gradients as Winograd too, whatever "auto" picks
+    def fwd_bwd(conv):
         def fn():
             xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-            previous = scnet_fused.set_conv_algorithm("winograd" if conv is wino else "direct")
-            try:
-                return torch.autograd.grad(conv(xg, wg), [xg, wg], dy)
-            finally:
-                scnet_fused.set_conv_algorithm(previous)
+            return torch.autograd.grad(conv(xg, wg), [xg, wg], dy)
         return fn
 
     def direct(a, b):

@@ -515,7 +515,8 @@ def _param_conv(x: Tensor, weights, stride, padding, dilation, groups: int) -> T
 
 def _conv(conv: nn.Module, x: Tensor) -> Tensor:
     """``conv(x)``; under autocast with a plain float32 convolution (:func:`_plain_conv`) and autograd
-    on, through :class:`_ParamConv` (the parameter saved instead of its lower-precision copy)."""
+    on, through :class:`_ParamConv` (the parameter saved instead of its lower-precision copy); a plain
+    convolution the Winograd rule takes (:func:`winograd.winograd_applies`) as Winograd."""
     if not (torch.is_grad_enabled() and _autocast_on(x.device.type) and _plain_conv(conv)):
         if _plain_conv(conv) and winograd.winograd_applies(x, conv.weight, conv.stride, conv.padding, conv.dilation,
                                                            conv.groups):

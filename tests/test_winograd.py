@@ -132,26 +132,14 @@ def test_conv_and_gradients_match_the_direct_convolution(shape, bias):
     _check_conv(x, w, torch.randn(7) if bias else None)
 
 
-def test_mixed_backward_matches(monkeypatch):
-    """Under "auto" a gradient may come from the direct backward and the other from Winograd: the same
-    gradients either way."""
-    torch.manual_seed(5)
-    x, w = torch.randn(2, 8, 9, 10), torch.randn(6, 8, 3, 3)
-    for choice in [(True, False), (False, True), (False, False)]:
-        monkeypatch.setattr(winograd, "backward_choice", lambda x, w, c=choice: c)
-        _check_conv(x, w, torch.randn(6))
-
-
 def test_wide_layer_error_stays_small():
     torch.manual_seed(1)
     _check_conv(torch.randn(2, 256, 14, 14), torch.randn(64, 256, 3, 3) * 0.05, None, rel=1e-4)
 
 
-@pytest.mark.parametrize("choice", [(True, True), (False, True), (True, False)])
-def test_channels_last_and_non_contiguous_inputs(monkeypatch, choice):
+def test_channels_last_and_non_contiguous_inputs():
     """channels_last runs its own kernels (output and gradients channels_last, as F.conv2d gives);
     other strides are read through an NCHW copy."""
-    monkeypatch.setattr(winograd, "backward_choice", lambda x, w: choice)
     torch.manual_seed(2)
     x = torch.randn(2, 6, 11, 10)
     w = torch.randn(4, 6, 3, 3)
@@ -236,13 +224,6 @@ def test_selection_rule():
     assert not winograd.winograd_applies(narrow, torch.randn(32, 32, 3, 3), *args, algorithm="auto")
     assert not winograd.winograd_applies(torch.randn(8, 64, 56, 56), torch.randn(32, 64, 3, 3), *args,
                                          algorithm="auto")  # 32 output channels
-    with algorithm("auto"):
-        assert winograd.backward_choice(narrow, torch.randn(32, 32, 3, 3)) == (False, False)
-        assert winograd.backward_choice(x, w) == (expected_auto, expected_auto)
-    with algorithm("direct"):
-        assert winograd.backward_choice(x, w) == (False, False)
-    with algorithm("winograd"):
-        assert winograd.backward_choice(small, w) == (True, True)
     # never: another stride, padding, dilation, groups, dtype, layout, kernel size, or autocast
     for xs, ws, a in [(x, w, ((2, 2), (1, 1), (1, 1), 1)), (x, w, ((1, 1), (2, 2), (2, 2), 1)),
                       (x, w, ((1, 1), (0, 0), (1, 1), 1)), (x, torch.randn(64, 32, 3, 3), ((1, 1), (1, 1), (1, 1), 2)),

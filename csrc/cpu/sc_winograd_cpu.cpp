@@ -17,9 +17,11 @@
 //                                  gradient dU[xi] = Z[xi] V[xi]^T.
 //
 // float32, NCHW (dense). Vectorized across the tiles of a tile row with at::vec::Vectorized<float>:
-// the row of the map a task reads is first split into its four column phases (column = 4 k + p), so
-// that the six (or four) columns of every tile are contiguous loads at k = tw and k = tw + 1. One task
-// item = one (channel, image, tile row); no reduction crosses a task.
+// each row of the map is first split into its four column phases (column = 4 k + p), so that the six
+// (or four) columns of every tile are contiguous loads at k = tw and k = tw + 1. One task item = one
+// (channel, image) plane, its tile rows staged in cache and written out as 36 contiguous runs; no
+// reduction crosses a task. The `_nhwc` variants take channels_last maps and use the tile-domain
+// layout [36][tiles][channels], vectorized across the channels, one tile per task item.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -111,7 +113,7 @@ inline void interleave4(const float* src, int64_t stride, float* dst) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
   alignas(64) static const int32_t kPairLo[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
   alignas(64) static const int32_t kPairHi[16] = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  alignas(64) static const int32_t kQuad[4][16] = {
+  alignas(64) static const int32_t kQuad[2][16] = {
       {0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23},
       {8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31}};
   const __m512 p0 = _mm512_loadu_ps(src), p1 = _mm512_loadu_ps(src + stride), p2 = _mm512_loadu_ps(src + 2 * stride),

@@ -25,7 +25,7 @@ enabled and pays (:func:`winograd_applies`), and ``F.conv2d`` everywhere else.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -125,19 +125,11 @@ def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
 
 
 def conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool, need_weight: bool):
-    """``(grad_x, grad_weight)`` of ``conv3x3_winograd(x, weight)`` (None where not needed): each as
-    Winograd or as the direct convolution's backward, as :func:`backward_choice` says."""
+    """``(grad_x, grad_weight)`` of ``conv3x3_winograd(x, weight)`` (None where not needed), both as
+    Winograd; grad_out is read in x's layout."""
     grad_out = grad_out.contiguous(memory_format=torch.channels_last if _is_nhwc(x) else torch.contiguous_format)
-    wino_x, wino_w = backward_choice(x, weight)
-    direct = [need_input and not wino_x, need_weight and not wino_w]
-    grad_x = grad_w = None
-    if any(direct):
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, direct + [False])
-    if need_input and wino_x:
-        grad_x = _input_grad(grad_out, weight)
-    if need_weight and wino_w:
-        grad_w = _weight_grad(grad_out, x)
+    grad_x = _input_grad(grad_out, weight) if need_input else None
+    grad_w = _weight_grad(grad_out, x) if need_weight else None
     return grad_x, grad_w
 
 
@@ -200,12 +192,12 @@ def conv3x3_winograd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
 
 def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
                      algorithm: Optional[str] = None) -> bool:
-    """Whether :func:`conv2d` runs this convolution as Winograd F(4x4, 3x3): a CPU float32 input, dense
-    NCHW or channels_last, 3x3 filters of the same dtype, stride 1, padding 1, no dilation, one group, no autocast, not under torch.compile
-    (inductor plans its own convolutions), the compiled kernels present; and under ``"auto"``, the
-    AVX-512 build of the kernels and enough channels and tiles (``_AUTO_MIN_CHANNELS``,
-    ``_AUTO_MIN_TILES``, ``_AUTO_MIN_WORK``): where the measured gain holds. Its gradients then follow
-    :func:`backward_choice`."""
+    """Whether :func:`conv2d` runs this convolution (forward and both gradients) as Winograd
+    F(4x4, 3x3): a CPU float32 input, dense NCHW or channels_last, 3x3 filters of the same dtype,
+    stride 1, padding 1, no dilation, one group, no autocast, plain eager (:func:`_plain_eager`), the
+    compiled kernels present; and under ``"auto"``, the AVX-512 build of the kernels and enough
+    channels and tiles (``_AUTO_MIN_CHANNELS``, ``_AUTO_MIN_TILES``, ``_AUTO_MIN_WORK``): where the
+    measured gain holds."""
     algorithm = _algorithm if algorithm is None else algorithm
     if algorithm == "direct" or not _plain_eager(x, weight):
         return False
@@ -220,18 +212,7 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
         return False
     if algorithm == "winograd":
         return True
-    return _auto(x, weight)[0]
-
-
-def backward_choice(x: Tensor, weight: Tensor) -> Tuple[bool, bool]:
-    """``(input gradient, weight gradient)``: which of the two gradients of a Winograd-run convolution
-    are computed as Winograd (the others by the direct convolution's backward): both under
-    ``"winograd"``, neither under ``"direct"``, the measured rule under ``"auto"``."""
-    if _algorithm == "winograd":
-        return True, True
-    if _algorithm == "direct":
-        return False, False
-    return _auto(x, weight)[1:]
+    return _auto(x, weight)
 
 
 # "auto": measured on a 2-core AVX-512 Xeon at N = 8 (benchmarks/results/cpu-xeon/winograd.md and
@@ -247,27 +228,24 @@ def backward_choice(x: Tensor, weight: Tensor) -> Tuple[bool, bool]:
 # (4096): the convolution alone 1.5x-2.1x forward from 64 channels at 14 to 56 px and 1.2x at
 # 8x64x14x14. Out in both: 8x256x7x7 (32 tiles: 1.3x alone in channels_last, but the SCConv training
 # step lost, 0.76x) and 32 channels (8x32x56x56: 1.2x forward alone, 0.95x-0.96x inside the SCConv;
-# 8x32x28x28 0.8x). The gradients follow the same rule (backward_choice keeps them apart for
-# "direct" / "winograd" and for rules that differ per direction). "auto" takes Winograd only with the
-# AVX-512 build, where this was measured (the other builds split the NCHW tile columns with scalar
-# code).
-_AUTO_MIN_CHANNELS = (64, 64, 64)  # forward, input gradient, weight gradient
+# 8x32x28x28 0.8x; with 32 channels the weight gradient alone was faster direct too). "auto" takes
+# Winograd only with the AVX-512 build, where this was measured (the other builds split the NCHW tile
+# columns with scalar code).
+_AUTO_MIN_CHANNELS = 64
 _AUTO_MIN_TILES = 64
 _AUTO_MIN_WORK = {False: 16384, True: 4096}  # by layout: channels_last?
 
 
-def _auto(x: Tensor, weight: Tensor) -> Tuple[bool, bool, bool]:
+def _auto(x: Tensor, weight: Tensor) -> bool:
     if not _auto_isa():
-        return False, False, False
+        return False
     H, W = x.shape[2], x.shape[3]
     TH, TW = _tiles(H, W)
     channels = min(x.shape[1], weight.shape[0])
     tiles = x.shape[0] * TH * TW
     work = channels * tiles * (H * W) / (16 * TH * TW)
     nhwc = _is_nhwc(x)
-    if tiles < _AUTO_MIN_TILES or work < _AUTO_MIN_WORK[nhwc]:
-        return False, False, False
-    return tuple(channels >= c for c in _AUTO_MIN_CHANNELS)
+    return channels >= _AUTO_MIN_CHANNELS and tiles >= _AUTO_MIN_TILES and work >= _AUTO_MIN_WORK[nhwc]
 
 
 def _auto_isa() -> bool:
@@ -297,8 +275,8 @@ def _kernels_present() -> bool:
     if _present is None:
         from . import _cpp
 
-        _present = all(_cpp.has_kernel(op + layout, "CPU") for op in ("_wino_input", "_wino_output", "_wino_output_adjoint")
-                       for layout in ("", "_nhwc"))
+        ops = ("_wino_input", "_wino_output", "_wino_output_adjoint")
+        _present = all(_cpp.has_kernel(op + layout, "CPU") for op in ops for layout in ("", "_nhwc"))
     return _present
 
 
