@@ -10,6 +10,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import scnet_fused
 from scnet_fused import reference
@@ -114,6 +115,7 @@ def _check_conv(x, w, b, rel=5e-5):
     b64 = None if b is None else b.detach().double().requires_grad_()
     y64 = F.conv2d(x64, w64, b64, padding=1)
     y64.backward(g.double())
+    assert x.grad.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
     pairs = [("y", y, y64), ("grad x", x.grad, x64.grad), ("grad w", w.grad, w64.grad)]
     if b is not None:
         pairs.append(("grad b", b.grad, b64.grad))
@@ -130,6 +132,33 @@ def test_conv_and_gradients_match_the_direct_convolution(shape, bias):
     x = torch.randn(*shape)
     w = torch.randn(7, shape[1], 3, 3) * 0.3
     _check_conv(x, w, torch.randn(7) if bias else None)
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("width, kernels", [(winograd._NHWC_ROUTE_MAX_W, "_nhwc"),
+                                            (winograd._NHWC_ROUTE_MAX_W + 1, "")])
+def test_narrow_nchw_maps_run_the_channels_last_kernels(width, kernels):
+    """An NCHW map up to _NHWC_ROUTE_MAX_W wide runs the channels_last transforms (forward and both
+    gradients) on a channels_last copy; a wider one the NCHW transforms. Either way the output and
+    the input gradient come back NCHW and match the direct convolution."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 6, width, requires_grad=True)
+    w = torch.randn(4, 5, 3, 3, requires_grad=True)
+    with _OpLog() as log:
+        y = scnet_fused.ops.conv3x3_winograd(x, w)
+        y.backward(torch.randn_like(y))
+    wino = {n for n in log.names if n.startswith("_wino_")}
+    assert wino == {"_wino_input" + kernels, "_wino_output" + kernels, "_wino_output_adjoint" + kernels}
+    _check_conv(x, w, None)
 
 
 def test_wide_layer_error_stays_small():

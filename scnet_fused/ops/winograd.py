@@ -94,30 +94,49 @@ def _is_nhwc(t: Tensor) -> bool:
     return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+# NCHW maps at most this wide run through the channels_last kernels (on a channels_last copy, the
+# result copied back to NCHW). The NCHW kernels vectorize across the tiles of a tile row, 16 at a time:
+# at 28 px a row has 7 tiles, at 14 px 4, at 7 px 2, and most lanes idle; the channels_last kernels
+# vectorize across the channels. Measured (transforms alone, N = 8, 2 cores) on an AMD EPYC (Zen 4):
+# input + output transform 654 us NCHW against 461 us through channels_last, the two copies included,
+# at 8x64x28x28; 874 against 304 at 8x128x14x14; 949 against 172 at 8x256x7x7; at 8x64x56x56 (14
+# tiles a row) 2552 against 2734. On a Xeon the channels_last convolution alone was already faster
+# than the NCHW one at these widths (0.83 against 1.17 ms forward at 8x64x28x28, 0.89 against 1.32 at
+# 8x128x14x14: benchmarks/results/cpu-xeon/winograd*.md).
+_NHWC_ROUTE_MAX_W = 32
+
+
+def _nhwc_kernels(x: Tensor) -> bool:
+    """Whether x's convolution runs the channels_last kernels: x is channels_last, or an NCHW map
+    narrow enough to go through them (:data:`_NHWC_ROUTE_MAX_W`)."""
+    return _is_nhwc(x) or x.shape[3] <= _NHWC_ROUTE_MAX_W
+
+
+def _as_nhwc(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 def _forward(x: Tensor, u: Tensor, bias: Optional[Tensor]) -> Tensor:
     """The convolution of x (dense NCHW or channels_last: the output in the same layout) with the
     transformed filters u (36, K, C)."""
     N, _, H, W = x.shape
     TH, TW = _tiles(H, W)
-    if _is_nhwc(x):
-        v = torch.ops.scnet_fused._wino_input_nhwc(x, TH, TW)  # (36, T, C)
-        return torch.ops.scnet_fused._wino_output_nhwc(torch.bmm(v, u.transpose(1, 2)), N, H, W, bias)
+    if _nhwc_kernels(x):
+        v = torch.ops.scnet_fused._wino_input_nhwc(_as_nhwc(x), TH, TW)  # (36, T, C)
+        y = torch.ops.scnet_fused._wino_output_nhwc(torch.bmm(v, u.transpose(1, 2)), N, H, W, bias)
+        return y if _is_nhwc(x) else y.contiguous()
     v = torch.ops.scnet_fused._wino_input(x, TH, TW)  # (36, C, T)
     return torch.ops.scnet_fused._wino_output(torch.bmm(u, v), N, H, W, bias)
 
 
-def _input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
-    """conv3x3(grad_out, flip(weight)^T): the input gradient of a stride-1, padding-1 convolution."""
-    return _forward(grad_out, _weight_transform(weight.flip(2, 3).transpose(0, 1)), None)
-
-
 def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
-    """The filters' gradient; grad_out in x's layout."""
+    """The filters' gradient; grad_out and x in one layout (channels_last for the channels_last
+    kernels, :func:`_nhwc_kernels`)."""
     H, W = x.shape[-2:]
     TH, TW = _tiles(H, W)
-    if _is_nhwc(x):
-        z = torch.ops.scnet_fused._wino_output_adjoint_nhwc(grad_out, TH, TW)  # (36, T, K)
-        v = torch.ops.scnet_fused._wino_input_nhwc(x, TH, TW)  # (36, T, C)
+    if _nhwc_kernels(x):
+        z = torch.ops.scnet_fused._wino_output_adjoint_nhwc(_as_nhwc(grad_out), TH, TW)  # (36, T, K)
+        v = torch.ops.scnet_fused._wino_input_nhwc(_as_nhwc(x), TH, TW)  # (36, T, C)
         return _weight_transform_adjoint(torch.bmm(z.transpose(1, 2), v))
     z = torch.ops.scnet_fused._wino_output_adjoint(grad_out, TH, TW)  # (36, K, T)
     v = torch.ops.scnet_fused._wino_input(x, TH, TW)  # (36, C, T)
@@ -126,10 +145,17 @@ def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
 
 def conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool, need_weight: bool):
     """``(grad_x, grad_weight)`` of ``conv3x3_winograd(x, weight)`` (None where not needed), both as
-    Winograd; grad_out is read in x's layout."""
-    grad_out = grad_out.contiguous(memory_format=torch.channels_last if _is_nhwc(x) else torch.contiguous_format)
-    grad_x = _input_grad(grad_out, weight) if need_input else None
-    grad_w = _weight_grad(grad_out, x) if need_weight else None
+    Winograd; grad_x in x's layout. grad_out is read in the layout of the kernels x's convolution runs
+    (:func:`_nhwc_kernels`: an NCHW x's channels_last route converts it once for both gradients)."""
+    nhwc = _nhwc_kernels(x)
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    grad_x = grad_w = None
+    if need_input:  # conv3x3(grad_out, flip(weight)^T)
+        grad_x = _forward(grad_out, _weight_transform(weight.flip(2, 3).transpose(0, 1)), None)
+        if nhwc and not _is_nhwc(x):
+            grad_x = grad_x.contiguous()
+    if need_weight:
+        grad_w = _weight_grad(grad_out, x)
     return grad_x, grad_w
 
 
