@@ -82,6 +82,38 @@ def test_output_transform_is_at_m_a_and_its_adjoint(shape):
     torch.testing.assert_close(z.double(), want, rtol=1e-6, atol=1e-4)
 
 
+G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+
+
+# filter counts around the kernels' 16-filter vectors: one, fewer than 16, a remainder, exact multiples
+@pytest.mark.parametrize("K, C", [(1, 1), (5, 3), (17, 33), (16, 32), (40, 7)])
+def test_filter_transforms_are_g_g_gt_and_its_adjoint(K, C):
+    torch.manual_seed(4)
+    g = torch.randn(K, C, 3, 3)
+    want = torch.einsum("ri,kcij,sj->rskc", G, g.double(), G).reshape(36, K, C)
+    u = torch.ops.scnet_fused._wino_filter(g)
+    assert u.shape == (36, K, C) and u.is_contiguous()
+    torch.testing.assert_close(u.double(), want, rtol=1e-6, atol=1e-6)
+    # flip: the input gradient's filters flip(g)^T, (C, K, 3, 3), transformed
+    flipped = g.flip(2, 3).transpose(0, 1)
+    want_flip = torch.einsum("ri,ckij,sj->rsck", G, flipped.double(), G).reshape(36, C, K)
+    torch.testing.assert_close(torch.ops.scnet_fused._wino_filter(g, True).double(), want_flip, rtol=1e-6, atol=1e-6)
+    # a non-contiguous weight is read as its values
+    torch.testing.assert_close(torch.ops.scnet_fused._wino_filter(flipped), want_flip.float(), rtol=1e-6, atol=1e-6)
+    # the adjoint: <U(g), du> = <g, U*(du)>, and U* against the float64 products
+    du = torch.randn(36, K, C)
+    dg = torch.ops.scnet_fused._wino_filter_adjoint(du)
+    assert dg.shape == (K, C, 3, 3) and dg.is_contiguous()
+    want_dg = torch.einsum("ri,rskc,sj->kcij", G, du.double().reshape(6, 6, K, C), G)
+    torch.testing.assert_close(dg.double(), want_dg, rtol=1e-6, atol=1e-6)
+    lhs, rhs = (want * du.double()).sum(), (g.double() * want_dg).sum()
+    assert abs(lhs - rhs) <= 1e-9 * max(1.0, abs(lhs))
+    # the matrix-product forms the kernels replaced agree
+    torch.testing.assert_close(winograd._weight_transform_mm(g), u, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(winograd._weight_transform_adjoint_mm(du), dg, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_channels_last_transforms_are_the_nchw_ones_transposed(shape):
     x = torch.randn(*shape)
@@ -156,7 +188,7 @@ def test_narrow_nchw_maps_run_the_channels_last_kernels(width, kernels):
     with _OpLog() as log:
         y = scnet_fused.ops.conv3x3_winograd(x, w)
         y.backward(torch.randn_like(y))
-    wino = {n for n in log.names if n.startswith("_wino_")}
+    wino = {n for n in log.names if n.startswith("_wino_") and not n.startswith("_wino_filter")}
     assert wino == {"_wino_input" + kernels, "_wino_output" + kernels, "_wino_output_adjoint" + kernels}
     _check_conv(x, w, None)
 
@@ -227,6 +259,12 @@ def test_kernels_refuse_bad_tensors():
         torch.ops.scnet_fused._wino_output_nhwc(torch.randn(36, 5, 2), 1, 8, 8, None)
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.scnet_fused._wino_output_adjoint_nhwc(torch.randn(1, 2, 8, 8).half(), 2, 2)
+    with pytest.raises(RuntimeError, match="3, 3"):
+        torch.ops.scnet_fused._wino_filter(torch.randn(4, 2, 5, 5))
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.scnet_fused._wino_filter(torch.randn(4, 2, 3, 3).double(), True)
+    with pytest.raises(RuntimeError, match="36"):
+        torch.ops.scnet_fused._wino_filter_adjoint(torch.randn(35, 2, 4))
 
 
 def test_set_conv_algorithm_validates_and_returns_the_previous_choice():

@@ -484,6 +484,121 @@ at::Tensor wino_output_nhwc(const at::Tensor& m_in, int64_t N, int64_t H, int64_
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The filters' transform U = G g G^T and its adjoint, 16 filters (one vector lane each) at a time.
+// ---------------------------------------------------------------------------------------------
+
+// G applied to three values (6 outputs): G's rows are (1/4, 0, 0), -(1, 1, 1)/6, -(1, -1, 1)/6,
+// (1, 2, 4)/24, (1, -2, 4)/24, (0, 0, 1).
+inline void g3(const Vec& g0, const Vec& g1, const Vec& g2, Vec* o) {
+  const Vec sixth(1.0f / 6.0f), quarter(0.25f), f24(1.0f / 24.0f), f2(2.0f), f4(4.0f);
+  const Vec p02 = g0 + g2, e = g0 + f4 * g2, t = f2 * g1;
+  o[0] = quarter * g0;
+  o[1] = Vec(0.0f) - sixth * (p02 + g1);
+  o[2] = sixth * (g1 - p02);
+  o[3] = f24 * (e + t);
+  o[4] = f24 * (e - t);
+  o[5] = g2;
+}
+
+// G^T applied to six values (3 outputs): the adjoint of g3.
+inline void gt6(const Vec* m, Vec* o) {
+  const Vec sixth(1.0f / 6.0f), quarter(0.25f), f24(1.0f / 24.0f), f2(2.0f), f4(4.0f);
+  const Vec s12 = m[1] + m[2], d12 = m[2] - m[1], s34 = f24 * (m[3] + m[4]), d34 = f24 * (m[3] - m[4]);
+  o[0] = quarter * m[0] - sixth * s12 + s34;
+  o[1] = sixth * d12 + f2 * d34;
+  o[2] = f4 * s34 - sixth * s12 + m[5];
+}
+
+// U[xi] (36 vectors) of the 16 filters whose nine taps are in[0..8] (tap 3 i + j, one filter a lane).
+inline void filter_tile(const Vec* in, Vec* u) {
+  Vec t[6][3];  // t[r][j] = (G g)[r][j]
+  for (int j = 0; j < 3; ++j) {
+    Vec o[6];
+    g3(in[j], in[3 + j], in[6 + j], o);
+    for (int r = 0; r < 6; ++r) t[r][j] = o[r];
+  }
+  for (int r = 0; r < 6; ++r) g3(t[r][0], t[r][1], t[r][2], u + 6 * r);
+}
+
+// (K, C, 3, 3) filters -> U (36, K, C), U[xi][k][c] = (G g[k][c] G^T)[xi]; with `flip`, the filters of
+// the input gradient's convolution, flip(g)^T: U (36, C, K), U[xi][c][k] = (G g[k][c]' G^T)[xi], g'
+// rotated by 180 degrees. A task item is one output row (k, or c with flip), 16 filters at a time.
+at::Tensor wino_filter(const at::Tensor& w_in, bool flip) {
+  const char* op = "scnet_fused::_wino_filter (cpu)";
+  TORCH_CHECK(w_in.device().is_cpu(), op, ": expected a CPU tensor, got ", w_in.device());
+  TORCH_CHECK(w_in.scalar_type() == at::kFloat, op, ": expected float32, got ", w_in.scalar_type());
+  TORCH_CHECK(w_in.dim() == 4 && w_in.size(2) == 3 && w_in.size(3) == 3, op, ": expected (K, C, 3, 3) filters, got ",
+              w_in.sizes());
+  const at::Tensor w = w_in.contiguous();
+  const int64_t K = w.size(0), C = w.size(1);
+  const int64_t rows = flip ? C : K, cols = flip ? K : C;
+  at::Tensor out = host::new_output({36, rows, cols}, w.options());
+  if (out.numel() == 0) return out;
+  const float* wp = w.data_ptr<float>();
+  float* up = out.data_ptr<float>();
+  const int64_t xi_stride = rows * cols;
+  const int64_t lane = flip ? C * 9 : 9;  // floats from one lane's filter to the next's
+  at::parallel_for(0, rows, grain_for(36 * cols), [&](int64_t begin, int64_t end) {
+    alignas(64) float taps[9][kV];
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t c0 = 0; c0 < cols; c0 += kV) {
+        const int64_t cnt = std::min<int64_t>(kV, cols - c0);
+        // flip: row r = c, column = k; the tap 3 i + j of the rotated filter is the original's 8 - (3 i + j)
+        const float* g0 = flip ? wp + (c0 * C + r) * 9 : wp + (r * C + c0) * 9;
+        for (int64_t l = 0; l < kV; ++l)
+          for (int e = 0; e < 9; ++e) taps[e][l] = l < cnt ? g0[l * lane + (flip ? 8 - e : e)] : 0.0f;
+        Vec in[9], u[36];
+        for (int e = 0; e < 9; ++e) in[e] = Vec::loadu(taps[e]);
+        filter_tile(in, u);
+        float* dst = up + r * cols + c0;
+        for (int xi = 0; xi < 36; ++xi) store_part(u[xi], dst + xi * xi_stride, cnt);
+      }
+    }
+  });
+  return out;
+}
+
+// The adjoint of wino_filter (flip false): dU (36, K, C) -> dg (K, C, 3, 3), dg[k][c] = G^T dU[.][k][c] G.
+at::Tensor wino_filter_adjoint(const at::Tensor& du_in) {
+  const char* op = "scnet_fused::_wino_filter_adjoint (cpu)";
+  TORCH_CHECK(du_in.device().is_cpu(), op, ": expected a CPU tensor, got ", du_in.device());
+  TORCH_CHECK(du_in.scalar_type() == at::kFloat, op, ": expected float32, got ", du_in.scalar_type());
+  TORCH_CHECK(du_in.dim() == 3 && du_in.size(0) == 36, op, ": expected a (36, K, C) tensor, got ", du_in.sizes());
+  const at::Tensor du = du_in.contiguous();
+  const int64_t K = du.size(1), C = du.size(2);
+  at::Tensor out = host::new_output({K, C, 3, 3}, du.options());
+  if (out.numel() == 0) return out;
+  const float* dp = du.data_ptr<float>();
+  float* gp = out.data_ptr<float>();
+  const int64_t xi_stride = K * C;
+  at::parallel_for(0, K, grain_for(36 * C), [&](int64_t begin, int64_t end) {
+    alignas(64) float taps[9][kV];
+    for (int64_t k = begin; k < end; ++k) {
+      for (int64_t c0 = 0; c0 < C; c0 += kV) {
+        const int64_t cnt = std::min<int64_t>(kV, C - c0);
+        const float* src = dp + k * C + c0;
+        Vec q[6][3];  // q[r][j]: G^T over s of dU[6 r + s]
+        for (int r = 0; r < 6; ++r) {
+          Vec m[6];
+          for (int s = 0; s < 6; ++s) m[s] = load_part(src + (6 * r + s) * xi_stride, cnt);
+          gt6(m, q[r]);
+        }
+        for (int j = 0; j < 3; ++j) {
+          const Vec m[6] = {q[0][j], q[1][j], q[2][j], q[3][j], q[4][j], q[5][j]};
+          Vec o[3];
+          gt6(m, o);
+          for (int i = 0; i < 3; ++i) o[i].store(taps[3 * i + j]);
+        }
+        float* dst = gp + (k * C + c0) * 9;
+        for (int64_t l = 0; l < cnt; ++l)
+          for (int e = 0; e < 9; ++e) dst[l * 9 + e] = taps[e][l];
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu_winograd
 }  // namespace scnet_fused
@@ -495,4 +610,6 @@ TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
   m.impl("_wino_input_nhwc", &scnet_fused::cpu_winograd::wino_input_nhwc);
   m.impl("_wino_output_nhwc", &scnet_fused::cpu_winograd::wino_output_nhwc);
   m.impl("_wino_output_adjoint_nhwc", &scnet_fused::cpu_winograd::wino_output_adjoint_nhwc);
+  m.impl("_wino_filter", &scnet_fused::cpu_winograd::wino_filter);
+  m.impl("_wino_filter_adjoint", &scnet_fused::cpu_winograd::wino_filter_adjoint);
 }
