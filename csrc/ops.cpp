@@ -76,8 +76,9 @@ TORCH_LIBRARY(scnet_fused, m) {
   m.def("_wino_input_nhwc(Tensor x, int TH, int TW) -> Tensor");
   m.def("_wino_output_nhwc(Tensor m, int N, int H, int W, Tensor? bias=None) -> Tensor");
   m.def("_wino_output_adjoint_nhwc(Tensor dy, int TH, int TW) -> Tensor");
-  m.def("_wino_filter(Tensor weight, bool flip=False) -> Tensor");
+  m.def("_wino_filter(Tensor weight, bool flip=False, bool in_major=False) -> Tensor");
   m.def("_wino_filter_adjoint(Tensor du) -> Tensor");
+  m.def("_wino_bmm(Tensor a, Tensor b, bool a_transposed=False) -> Tensor");
   m.def("_nearest_source(int i, int out_size, int in_size) -> int", &scnet_fused::nearest_source_one);
   m.def("_cell_start(int a, int out_size, int in_size) -> int", &scnet_fused::cell_start_one);
 }

@@ -157,9 +157,59 @@ def _check_conv(x, w, b, rel=5e-5):
         assert err <= rel * scale, f"{name}: error {err:.3e} against {rel} x {scale:.3e}"
 
 
+@pytest.fixture(params=["bmm", "kernel"])
+def gemm(request, monkeypatch):
+    """The Winograd products as torch.bmm and as the package's kernel (whichever this machine's "auto"
+    takes, both are checked)."""
+    monkeypatch.setattr(winograd, "_gemm_kernel_choice", request.param == "kernel")
+    return request.param
+
+
+# sizes around the kernel's blocks (14 rows and 32 columns with AVX-512, 6 and 16 with AVX2): below one
+# block, remainders, exact multiples; an empty reduction
+@pytest.mark.parametrize("P, M, K, N", [(3, 5, 7, 9), (2, 14, 16, 32), (36, 29, 33, 70), (1, 1, 1, 1),
+                                        (2, 6, 3, 200), (4, 30, 65, 129), (2, 30, 0, 5)])
+def test_batched_products_kernel(P, M, K, N):
+    torch.manual_seed(5)
+    a, b = torch.randn(P, M, K), torch.randn(P, K, N)
+    want = torch.bmm(a.double(), b.double())
+    scale = 1e-6 * max(1.0, K)
+    for got in (torch.ops.scnet_fused._wino_bmm(a, b), torch.ops.scnet_fused._wino_bmm(a.transpose(1, 2).contiguous(), b, True),
+                torch.ops.scnet_fused._wino_bmm(a.transpose(1, 2).contiguous().transpose(1, 2),  # strided views
+                                                b.transpose(1, 2).contiguous().transpose(1, 2))):
+        assert got.shape == (P, M, N) and got.dtype == torch.float32 and got.is_contiguous()
+        assert (got.double() - want).abs().max().item() <= scale * max(1.0, want.abs().max().item())
+    with pytest.raises(RuntimeError, match="multiply"):
+        torch.ops.scnet_fused._wino_bmm(a, torch.randn(P, K + 1, N))
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.scnet_fused._wino_bmm(a.double(), b.double())
+    with pytest.raises(RuntimeError, match="3-D"):
+        torch.ops.scnet_fused._wino_bmm(a[0], b[0])
+
+
+def test_gemm_choice(monkeypatch):
+    monkeypatch.setattr(winograd, "_gemm_kernel_choice", None)
+    monkeypatch.setenv(winograd._GEMM_ENV, "fastest")
+    with pytest.raises(ValueError, match="auto, bmm or kernel"):
+        winograd._gemm_kernel()
+    for value, want in (("bmm", False), ("kernel", True)):
+        monkeypatch.setattr(winograd, "_gemm_kernel_choice", None)
+        monkeypatch.setenv(winograd._GEMM_ENV, value)
+        assert winograd._gemm_kernel() is want
+    monkeypatch.setenv(winograd._GEMM_ENV, "auto")
+    monkeypatch.setattr(_cpp, "cpu_isa", lambda: "avx512")
+    for vendor, want in (("GenuineIntel", False), ("AuthenticAMD", True), ("", False)):
+        monkeypatch.setattr(winograd, "_gemm_kernel_choice", None)
+        monkeypatch.setattr(winograd, "_cpu_vendor", lambda v=vendor: v)
+        assert winograd._gemm_kernel() is want
+    monkeypatch.setattr(winograd, "_gemm_kernel_choice", None)
+    monkeypatch.setattr(_cpp, "cpu_isa", lambda: "avx2")
+    assert winograd._gemm_kernel() is False
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_conv_and_gradients_match_the_direct_convolution(shape, bias):
+def test_conv_and_gradients_match_the_direct_convolution(shape, bias, gemm):
     torch.manual_seed(0)
     x = torch.randn(*shape)
     w = torch.randn(7, shape[1], 3, 3) * 0.3
@@ -178,7 +228,7 @@ class _OpLog(TorchDispatchMode):
 
 @pytest.mark.parametrize("width, kernels", [(winograd._NHWC_ROUTE_MAX_W, "_nhwc"),
                                             (winograd._NHWC_ROUTE_MAX_W + 1, "")])
-def test_narrow_nchw_maps_run_the_channels_last_kernels(width, kernels):
+def test_narrow_nchw_maps_run_the_channels_last_kernels(width, kernels, gemm):
     """An NCHW map up to _NHWC_ROUTE_MAX_W wide runs the channels_last transforms (forward and both
     gradients) on a channels_last copy; a wider one the NCHW transforms. Either way the output and
     the input gradient come back NCHW and match the direct convolution."""
@@ -188,7 +238,7 @@ def test_narrow_nchw_maps_run_the_channels_last_kernels(width, kernels):
     with _OpLog() as log:
         y = scnet_fused.ops.conv3x3_winograd(x, w)
         y.backward(torch.randn_like(y))
-    wino = {n for n in log.names if n.startswith("_wino_") and not n.startswith("_wino_filter")}
+    wino = {n for n in log.names if n.startswith(("_wino_input", "_wino_output"))}
     assert wino == {"_wino_input" + kernels, "_wino_output" + kernels, "_wino_output_adjoint" + kernels}
     _check_conv(x, w, None)
 
@@ -313,9 +363,9 @@ def _spy(monkeypatch):
     calls = []
     real = winograd._forward
 
-    def counting(x, u, bias):
+    def counting(x, weight, bias, flip=False):
         calls.append(tuple(x.shape))
-        return real(x, u, bias)
+        return real(x, weight, bias, flip)
 
     monkeypatch.setattr(winograd, "_forward", counting)
     return calls

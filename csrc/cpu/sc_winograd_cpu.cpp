@@ -28,6 +28,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <vector>
 
 #include "sc_cpu_vec.h"
@@ -521,10 +523,12 @@ inline void filter_tile(const Vec* in, Vec* u) {
   for (int r = 0; r < 6; ++r) g3(t[r][0], t[r][1], t[r][2], u + 6 * r);
 }
 
-// (K, C, 3, 3) filters -> U (36, K, C), U[xi][k][c] = (G g[k][c] G^T)[xi]; with `flip`, the filters of
-// the input gradient's convolution, flip(g)^T: U (36, C, K), U[xi][c][k] = (G g[k][c]' G^T)[xi], g'
-// rotated by 180 degrees. A task item is one output row (k, or c with flip), 16 filters at a time.
-at::Tensor wino_filter(const at::Tensor& w_in, bool flip) {
+// (K, C, 3, 3) filters -> U (36, K, C), U[xi][k][c] = (G g[k][c] G^T)[xi]. `flip`: the filters of the
+// input gradient's convolution, flip(g)^T (g[k][c] rotated by 180 degrees, input and output channels
+// swapped): U (36, C, K). `in_major`: the two channel axes in the other order, input channel first, as
+// the matrix products B[xi] = U[xi]^T read them: (36, C, K), or with flip (36, K, C). A task item is
+// one row of U[xi] (all xi), 16 filters (one a vector lane) at a time.
+at::Tensor wino_filter(const at::Tensor& w_in, bool flip, bool in_major) {
   const char* op = "scnet_fused::_wino_filter (cpu)";
   TORCH_CHECK(w_in.device().is_cpu(), op, ": expected a CPU tensor, got ", w_in.device());
   TORCH_CHECK(w_in.scalar_type() == at::kFloat, op, ": expected float32, got ", w_in.scalar_type());
@@ -532,20 +536,21 @@ at::Tensor wino_filter(const at::Tensor& w_in, bool flip) {
               w_in.sizes());
   const at::Tensor w = w_in.contiguous();
   const int64_t K = w.size(0), C = w.size(1);
-  const int64_t rows = flip ? C : K, cols = flip ? K : C;
+  const bool swap = flip != in_major;  // U's rows run over the input channels c, its columns over k
+  const int64_t rows = swap ? C : K, cols = swap ? K : C;
   at::Tensor out = host::new_output({36, rows, cols}, w.options());
   if (out.numel() == 0) return out;
   const float* wp = w.data_ptr<float>();
   float* up = out.data_ptr<float>();
   const int64_t xi_stride = rows * cols;
-  const int64_t lane = flip ? C * 9 : 9;  // floats from one lane's filter to the next's
+  const int64_t lane = swap ? C * 9 : 9;  // floats from one lane's filter to the next's
   at::parallel_for(0, rows, grain_for(36 * cols), [&](int64_t begin, int64_t end) {
     alignas(64) float taps[9][kV];
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t c0 = 0; c0 < cols; c0 += kV) {
         const int64_t cnt = std::min<int64_t>(kV, cols - c0);
-        // flip: row r = c, column = k; the tap 3 i + j of the rotated filter is the original's 8 - (3 i + j)
-        const float* g0 = flip ? wp + (c0 * C + r) * 9 : wp + (r * C + c0) * 9;
+        // swap: row r = c, column = k; flip: the tap 3 i + j of the rotated filter is the original's 8 - (3 i + j)
+        const float* g0 = swap ? wp + (c0 * C + r) * 9 : wp + (r * C + c0) * 9;
         for (int64_t l = 0; l < kV; ++l)
           for (int e = 0; e < 9; ++e) taps[e][l] = l < cnt ? g0[l * lane + (flip ? 8 - e : e)] : 0.0f;
         Vec in[9], u[36];
@@ -599,6 +604,146 @@ at::Tensor wino_filter_adjoint(const at::Tensor& du_in) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The 36 channel sums: out[p] = A[p] B[p] for p < P (batched single-precision matrix products).
+// ---------------------------------------------------------------------------------------------
+// A register-blocked product: a block of kMR rows of A times kNR = 2 vectors of B's columns is kept in
+// kMR x 2 accumulator registers over the whole reduction (14 x 2 of the 32 AVX-512 registers; 6 x 2 of
+// AVX2's 16), each step one broadcast of A's element per row and two fused multiply-adds. A's rows are
+// packed per block into [reduction][kMR] (or read in place when A is given transposed, where a
+// block's kMR elements of one reduction step are already contiguous); B's rows are read in place.
+// One task item = one (p, row block), over all column blocks, so B[p] is read from cache after its
+// first block. Sums run over the reduction index in order, one accumulator per output element.
+constexpr int kMR = kV >= 16 ? 14 : (kV >= 8 ? 6 : 4);
+constexpr int64_t kNR = 2 * kV;
+
+// A's element (i, q) of the block at a[i * as + q] (kRows: A row-major, rows `as` apart) or at
+// a[q * as + i] (a block's kMR elements of one step contiguous: packed, or A given transposed).
+template <int MR, bool kRows>
+inline void gemm_block(const float* a, int64_t as, const float* b, int64_t ldb, int64_t kd, float* c,
+                       int64_t ldc, int64_t nc) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
+  // AVX-512 in intrinsics: with Vectorized<float> arrays GCC kept the accumulators in registers but
+  // stored them back to the stack every step (half the speed)
+  const int64_t n0 = std::min<int64_t>(16, nc), n1 = std::max<int64_t>(0, nc - 16);
+  const __mmask16 m0 = static_cast<__mmask16>((1u << n0) - 1u), m1 = static_cast<__mmask16>((1u << n1) - 1u);
+  __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < kd; ++q) {
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + q * ldb), b1 = _mm512_maskz_loadu_ps(m1, b + q * ldb + 16);
+    const float* aq = kRows ? a + q : a + q * as;
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 ai = _mm512_set1_ps(kRows ? aq[i * as] : aq[i]);
+      acc0[i] = _mm512_fmadd_ps(ai, b0, acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(ai, b1, acc1[i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    _mm512_mask_storeu_ps(c + i * ldc, m0, acc0[i]);
+    _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc1[i]);
+  }
+#else
+  Vec acc0[MR], acc1[MR];
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = Vec(0.0f);
+  if (nc == kNR) {
+    for (int64_t q = 0; q < kd; ++q) {
+      const Vec b0 = Vec::loadu(b + q * ldb), b1 = Vec::loadu(b + q * ldb + kV);
+      const float* aq = kRows ? a + q : a + q * as;
+      for (int i = 0; i < MR; ++i) {
+        const Vec ai(kRows ? aq[i * as] : aq[i]);
+        acc0[i] = at::vec::fmadd(ai, b0, acc0[i]);
+        acc1[i] = at::vec::fmadd(ai, b1, acc1[i]);
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      acc0[i].store(c + i * ldc);
+      acc1[i].store(c + i * ldc + kV);
+    }
+    return;
+  }
+  const int64_t n0 = std::min<int64_t>(kV, nc), n1 = nc - n0;
+  for (int64_t q = 0; q < kd; ++q) {
+    const Vec b0 = load_part(b + q * ldb, n0);
+    const Vec b1 = n1 > 0 ? load_part(b + q * ldb + kV, n1) : Vec(0.0f);
+    const float* aq = kRows ? a + q : a + q * as;
+    for (int i = 0; i < MR; ++i) {
+      const Vec ai(kRows ? aq[i * as] : aq[i]);
+      acc0[i] = at::vec::fmadd(ai, b0, acc0[i]);
+      acc1[i] = at::vec::fmadd(ai, b1, acc1[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    store_part(acc0[i], c + i * ldc, n0);
+    if (n1 > 0) store_part(acc1[i], c + i * ldc + kV, n1);
+  }
+#endif
+}
+
+using GemmBlockFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t);
+
+template <bool kRows, int... MRs>
+constexpr std::array<GemmBlockFn, sizeof...(MRs)> gemm_table(std::integer_sequence<int, MRs...>) {
+  return {&gemm_block<MRs + 1, kRows>...};
+}
+
+// a (P, M, Kd), or with a_t (P, Kd, M) holding A transposed; b (P, Kd, N); -> (P, M, N).
+at::Tensor wino_bmm(const at::Tensor& a_in, const at::Tensor& b_in, bool a_t) {
+  const char* op = "scnet_fused::_wino_bmm (cpu)";
+  for (const at::Tensor* t : {&a_in, &b_in}) {
+    TORCH_CHECK(t->device().is_cpu(), op, ": expected CPU tensors, got ", t->device());
+    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": expected float32, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 3, op, ": expected 3-D tensors, got ", t->dim(), " dimensions");
+  }
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const int64_t P = a.size(0), M = a_t ? a.size(2) : a.size(1), Kd = a_t ? a.size(1) : a.size(2);
+  const int64_t N = b.size(2);
+  TORCH_CHECK(b.size(0) == P && b.size(1) == Kd, op, ": cannot multiply ", a.sizes(), a_t ? " (transposed)" : "",
+              " by ", b.sizes());
+  at::Tensor out = host::new_output({P, M, N}, a.options());
+  if (out.numel() == 0) return out;
+  if (Kd == 0) return out.zero_();
+  static constexpr auto by_steps = gemm_table<false>(std::make_integer_sequence<int, kMR>{});
+  static constexpr auto by_rows = gemm_table<true>(std::make_integer_sequence<int, kMR>{});
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* op_ = out.data_ptr<float>();
+  const int64_t mblocks = (M + kMR - 1) / kMR;
+  // A row-major: packed per block when each block's rows are used for enough column blocks to repay the
+  // copy, else broadcast from the rows in place
+  const bool pack_a = !a_t && N > 4 * kNR;
+  at::parallel_for(0, P * mblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> pack(pack_a ? Kd * kMR : 0);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item / mblocks, m0 = (item % mblocks) * kMR;
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+      const float* blk;
+      int64_t as;
+      GemmBlockFn fn = by_steps[mr - 1];
+      if (a_t) {
+        blk = ap + p * Kd * M + m0;
+        as = M;
+      } else if (pack_a) {  // rows m0 .. m0 + mr of A[p] into [Kd][kMR]
+        const float* src = ap + (p * M + m0) * Kd;
+        for (int i = 0; i < mr; ++i)
+          for (int64_t q = 0; q < Kd; ++q) pack[q * kMR + i] = src[i * Kd + q];
+        blk = pack.data();
+        as = kMR;
+      } else {
+        blk = ap + (p * M + m0) * Kd;
+        as = Kd;
+        fn = by_rows[mr - 1];
+      }
+      const float* bq = bp + p * Kd * N;
+      float* cq = op_ + (p * M + m0) * N;
+      for (int64_t n0 = 0; n0 < N; n0 += kNR) fn(blk, as, bq + n0, N, Kd, cq + n0, N, std::min<int64_t>(kNR, N - n0));
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu_winograd
 }  // namespace scnet_fused
@@ -612,4 +757,5 @@ TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
   m.impl("_wino_output_adjoint_nhwc", &scnet_fused::cpu_winograd::wino_output_adjoint_nhwc);
   m.impl("_wino_filter", &scnet_fused::cpu_winograd::wino_filter);
   m.impl("_wino_filter_adjoint", &scnet_fused::cpu_winograd::wino_filter_adjoint);
+  m.impl("_wino_bmm", &scnet_fused::cpu_winograd::wino_bmm);
 }

@@ -78,10 +78,11 @@ _KRON_T = _KRON.t().contiguous()
 # (measured on a 2-core AMD EPYC at 256 channels: 715 us forward, 976 us for the flipped filters of the
 # input gradient, 1698 us for the adjoint, against 139 us to copy U), a tenth of a training step's
 # time at 256 channels. The products remain as the reference the tests check the kernels against.
-def _weight_transform(weight: Tensor, flip: bool = False) -> Tensor:
+def _weight_transform(weight: Tensor, flip: bool = False, in_major: bool = False) -> Tensor:
     """(K, C, 3, 3) float32 filters -> (36, K, C): U[xi] = (G g G^T)[xi] for every (k, c). ``flip``: the
-    filters of the input gradient's convolution, flip(g, (2, 3)) transposed to (C, K, 3, 3): U (36, C, K)."""
-    return torch.ops.scnet_fused._wino_filter(weight, flip)
+    filters of the input gradient's convolution, flip(g, (2, 3)) transposed to (C, K, 3, 3): U (36, C, K).
+    ``in_major``: the two channel axes swapped, input channels first (the products' right operand)."""
+    return torch.ops.scnet_fused._wino_filter(weight, flip, in_major)
 
 
 def _weight_transform_adjoint(du: Tensor) -> Tensor:
@@ -132,17 +133,64 @@ def _as_nhwc(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def _forward(x: Tensor, u: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """The convolution of x (dense NCHW or channels_last: the output in the same layout) with the
-    transformed filters u (36, K, C)."""
+# The 36 channel sums run either as torch.bmm (MKL) or as this package's register-blocked kernel
+# (``_wino_bmm``): where MKL does not run its fast code (on an AMD EPYC, Zen 4: 100-185 GFLOP/s with
+# two threads on the SCNet-50 stage shapes' products) the kernel ran 1.05x-1.5x faster (150-220
+# GFLOP/s, the same inputs, interleaved); on the Intel Xeon MKL's products ran at 330-385 GFLOP/s,
+# near the cores' peak. "auto" takes the kernel with the AVX-512 build on a CPU that is not Intel's;
+# SCNET_FUSED_WINOGRAD_GEMM=bmm|kernel overrides (the kernel also runs in the other builds, vectorized
+# with their width). The weight gradient of an NCHW map keeps torch.bmm (both of its operands have the
+# tiles as their contiguous axis, which the kernel does not read).
+_GEMM_ENV = "SCNET_FUSED_WINOGRAD_GEMM"
+_gemm_kernel_choice: Optional[bool] = None
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _gemm_kernel() -> bool:
+    """Whether the Winograd products run as ``_wino_bmm`` (else torch.bmm)."""
+    global _gemm_kernel_choice
+    if _gemm_kernel_choice is None:
+        from . import _cpp
+
+        value = os.environ.get(_GEMM_ENV, "auto").strip().lower() or "auto"
+        if value not in ("auto", "bmm", "kernel"):
+            raise ValueError(f"{_GEMM_ENV}={value!r}: expected auto, bmm or kernel")
+        if value == "auto":
+            _gemm_kernel_choice = _cpp.cpu_isa() == "avx512" and _cpu_vendor() not in ("", "GenuineIntel")
+        else:
+            _gemm_kernel_choice = value == "kernel"
+    return _gemm_kernel_choice
+
+
+def _bmm(a: Tensor, b: Tensor, a_transposed: bool = False) -> Tensor:
+    """``a @ b`` batched, or ``a^T @ b`` with ``a_transposed``; a and b dense (P, ., .)."""
+    if _gemm_kernel():
+        return torch.ops.scnet_fused._wino_bmm(a, b, a_transposed)
+    return torch.bmm(a.transpose(1, 2) if a_transposed else a, b)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool = False) -> Tensor:
+    """The convolution of x (dense NCHW or channels_last: the output in the same layout) with the 3x3
+    filters ``weight`` (K, C, 3, 3), or with ``flip`` with flip(weight)^T (the input gradient's)."""
     N, _, H, W = x.shape
     TH, TW = _tiles(H, W)
     if _nhwc_kernels(x):
         v = torch.ops.scnet_fused._wino_input_nhwc(_as_nhwc(x), TH, TW)  # (36, T, C)
-        y = torch.ops.scnet_fused._wino_output_nhwc(torch.bmm(v, u.transpose(1, 2)), N, H, W, bias)
+        u = _weight_transform(weight, flip, in_major=True)  # (36, C, K)
+        y = torch.ops.scnet_fused._wino_output_nhwc(_bmm(v, u), N, H, W, bias)
         return y if _is_nhwc(x) else y.contiguous()
     v = torch.ops.scnet_fused._wino_input(x, TH, TW)  # (36, C, T)
-    return torch.ops.scnet_fused._wino_output(torch.bmm(u, v), N, H, W, bias)
+    return torch.ops.scnet_fused._wino_output(_bmm(_weight_transform(weight, flip), v), N, H, W, bias)
 
 
 def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
@@ -153,7 +201,7 @@ def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     if _nhwc_kernels(x):
         z = torch.ops.scnet_fused._wino_output_adjoint_nhwc(_as_nhwc(grad_out), TH, TW)  # (36, T, K)
         v = torch.ops.scnet_fused._wino_input_nhwc(_as_nhwc(x), TH, TW)  # (36, T, C)
-        return _weight_transform_adjoint(torch.bmm(z.transpose(1, 2), v))
+        return _weight_transform_adjoint(_bmm(z, v, a_transposed=True))
     z = torch.ops.scnet_fused._wino_output_adjoint(grad_out, TH, TW)  # (36, K, T)
     v = torch.ops.scnet_fused._wino_input(x, TH, TW)  # (36, C, T)
     return _weight_transform_adjoint(torch.bmm(z, v.transpose(1, 2)))
@@ -167,7 +215,7 @@ def conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool,
     grad_out = grad_out.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
     grad_x = grad_w = None
     if need_input:  # conv3x3(grad_out, flip(weight)^T)
-        grad_x = _forward(grad_out, _weight_transform(weight, flip=True), None)
+        grad_x = _forward(grad_out, weight, None, flip=True)
         if nhwc and not _is_nhwc(x):
             grad_x = grad_x.contiguous()
     if need_weight:
@@ -180,7 +228,7 @@ class _WinogradConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
-        return _forward(x, _weight_transform(weight), bias)
+        return _forward(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -229,7 +277,7 @@ def conv3x3_winograd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):
         return _WinogradConv.apply(x, weight, bias)
-    return _forward(x, _weight_transform(weight.detach()), None if bias is None else bias.detach())
+    return _forward(x, weight.detach(), None if bias is None else bias.detach())
 
 
 def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
@@ -319,7 +367,7 @@ def _kernels_present() -> bool:
 
         ops = ("_wino_input", "_wino_output", "_wino_output_adjoint")
         _present = all(_cpp.has_kernel(op + layout, "CPU") for op in ops for layout in ("", "_nhwc")) and \
-            all(_cpp.has_kernel(op, "CPU") for op in ("_wino_filter", "_wino_filter_adjoint"))
+            all(_cpp.has_kernel(op, "CPU") for op in ("_wino_filter", "_wino_filter_adjoint", "_wino_bmm"))
     return _present
 
 
