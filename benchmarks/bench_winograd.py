@@ -125,6 +125,7 @@ def main(argv=None) -> int:
         for mode in ("train", "eval"):
             jobs[(f"scconv {mode}", "eager")] = _module_job(ref, x, dy, mode, "direct")
             jobs[(f"scconv {mode}", "fused direct")] = _module_job(fused, x, dy, mode, "direct")
+            jobs[(f"scconv {mode}", "fused winograd")] = _module_job(fused, x, dy, mode, "winograd")
             jobs[(f"scconv {mode}", "fused auto")] = _module_job(fused, x, dy, mode, "auto")
         samples = {k: [] for k in jobs}
         with bench.bench_environment():
@@ -137,11 +138,15 @@ def main(argv=None) -> int:
             rows.append(dict(op=what, provider=variant, shape=where, dtype="fp32", device=bench.device_name(device),
                              versions=bench.versions(), median_ms=statistics.median(ts), rounds_ms=ts,
                              allocator=allocator, auto_uses_winograd=applies, rel_error_direct=err_direct,
-                             rel_error_winograd=err_wino, layout="channels_last" if args.channels_last else "nchw"))
+                             rel_error_winograd=err_wino, layout="channels_last" if args.channels_last else "nchw",
+                             winograd_gemm="kernel" if winograd._gemm_kernel() else "bmm"))
         bench.log_stderr(f"{where}: " + ", ".join(f"{a} {b} {statistics.median(t):.2f} ms" for (a, b), t in samples.items()))
     stem = "winograd_channels_last" if args.channels_last else "winograd"
     bench.write_script_results(rows, args.out or bench.default_out_dir(device), stem, markdown(rows))
     return 0
+
+
+_GEMM_WORDS = {"kernel": "this package's batched product kernel (`_wino_bmm`)", "bmm": "`torch.bmm`"}
 
 
 def markdown(rows) -> str:
@@ -152,7 +157,8 @@ def markdown(rows) -> str:
              f"`benchmarks/bench_winograd.py`; fp32, {'channels_last' if first.get('layout') == 'channels_last' else 'NCHW'}, "
              f"C -> C 3x3 convolutions; {len(first['rounds_ms'])} "
              f"interleaved rounds in one process, median of the rounds' medians. "
-             f"Allocator: {first.get('allocator') or 'as configured'}.", "",
+             f"Allocator: {first.get('allocator') or 'as configured'}."
+             + (f" Winograd products: {_GEMM_WORDS[first['winograd_gemm']]}." if first.get("winograd_gemm") else ""), "",
              "Convolution alone (`F.conv2d` against `conv3x3_winograd`, both gradients as Winograd too); "
              "error: largest |y - y64| over the largest |y64| "
              "(float64 direct convolution).", "",
@@ -169,20 +175,23 @@ def markdown(rows) -> str:
         r0 = t[("conv forward", "direct")]
         lines.append(f"| {shape} | {fd:.2f} | {fw:.2f} | {fd / fw:.2f}x | {bd:.2f} | {bw:.2f} | {bd / bw:.2f}x "
                      f"| {r0['rel_error_direct']:.1e} | {r0['rel_error_winograd']:.1e} |")
-    lines += ["", "SCConv (reference = eager; fused with `set_conv_algorithm(\"direct\")` and with the default "
-              "`\"auto\"`; \"auto takes Winograd\": the selection rule's answer for the C -> C convolutions at "
-              "this shape).", "",
-              "| N x C x H x W | mode | eager ms | fused direct ms | fused auto ms | direct vs eager | auto vs eager "
-              "| auto vs direct | auto takes Winograd |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["", "SCConv (reference = eager; fused with `set_conv_algorithm(\"direct\")`, with \"winograd\" "
+              "(every eligible convolution, whatever the rule says) and with the default `\"auto\"`; \"auto takes "
+              "Winograd\": the selection rule's answer for the C -> C convolutions at this shape, where auto "
+              "and winograd run the same code and their difference is this machine's noise).", "",
+              "| N x C x H x W | mode | eager ms | fused direct ms | fused winograd ms | fused auto ms "
+              "| direct vs eager | winograd vs eager | auto vs eager | auto vs direct | auto takes Winograd |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for shape, t in by.items():
         for mode in ("train", "eval"):
             e = t[(f"scconv {mode}", "eager")]["median_ms"]
             d = t[(f"scconv {mode}", "fused direct")]["median_ms"]
+            w = t.get((f"scconv {mode}", "fused winograd"))  # absent in runs before this column
+            wm, wx = (f"{w['median_ms']:.2f}", f"{e / w['median_ms']:.2f}x") if w else ("-", "-")
             a = t[(f"scconv {mode}", "fused auto")]
             am = a["median_ms"]
-            lines.append(f"| {shape} | {mode} | {e:.2f} | {d:.2f} | {am:.2f} | {e / d:.2f}x | {e / am:.2f}x "
-                         f"| {d / am:.2f}x | {'yes' if a['auto_uses_winograd'] else 'no'} |")
+            lines.append(f"| {shape} | {mode} | {e:.2f} | {d:.2f} | {wm} | {am:.2f} | {e / d:.2f}x | {wx} "
+                         f"| {e / am:.2f}x | {d / am:.2f}x | {'yes' if a['auto_uses_winograd'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -348,11 +348,15 @@ def test_selection_rule():
         assert not winograd.winograd_applies(xs, ws, *a, algorithm="winograd")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not winograd.winograd_applies(x, w, *args, algorithm="winograd")
-    # channels_last has kernels of its own and a rule of its own (fewer tiles x channels suffice)
+    # channels_last has kernels of its own and a rule of its own (fewer tiles x channels suffice); NCHW maps
+    # narrow enough to run those kernels take that rule too
     cl = torch.channels_last
     mid = torch.randn(8, 64, 14, 14)
-    assert not winograd.winograd_applies(mid, w, *args, algorithm="auto")
+    assert winograd.winograd_applies(mid, w, *args, algorithm="auto") == expected_auto
     assert winograd.winograd_applies(mid.contiguous(memory_format=cl), w, *args, algorithm="auto") == expected_auto
+    wide = torch.randn(2, 64, 40, 40)  # 200 tiles x 64 channels: under the NCHW threshold, over channels_last's
+    assert not winograd.winograd_applies(wide, w, *args, algorithm="auto")
+    assert winograd.winograd_applies(wide.contiguous(memory_format=cl), w, *args, algorithm="auto") == expected_auto
     narrow14 = torch.randn(8, 32, 14, 14).contiguous(memory_format=cl)
     assert not winograd.winograd_applies(narrow14, torch.randn(32, 32, 3, 3), *args, algorithm="auto")
     assert not winograd.winograd_applies(small.contiguous(memory_format=cl), torch.randn(256, 256, 3, 3), *args,

@@ -320,10 +320,14 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
 # step lost, 0.76x) and 32 channels (8x32x56x56: 1.2x forward alone, 0.95x-0.96x inside the SCConv;
 # 8x32x28x28 0.8x; with 32 channels the weight gradient alone was faster direct too). "auto" takes
 # Winograd only with the AVX-512 build, where this was measured (the other builds split the NCHW tile
-# columns with scalar code).
+# columns with scalar code). NCHW maps that run the channels_last kernels (:func:`_nhwc_kernels`, up
+# to 32 px wide) take the channels_last threshold: on an AMD EPYC (Zen 4), with those kernels, the
+# filter-transform kernels and the product kernel, 8x128x14x14 NCHW ran 1.31x forward and 1.26x
+# forward + backward alone and 1.15x in the SCConv training step (benchmarks/results/cpu-epyc/
+# winograd.md); 8x256x7x7 (32 tiles) still lost there (0.75x forward alone, 0.80x in the step).
 _AUTO_MIN_CHANNELS = 64
 _AUTO_MIN_TILES = 64
-_AUTO_MIN_WORK = {False: 16384, True: 4096}  # by layout: channels_last?
+_AUTO_MIN_WORK = {False: 16384, True: 4096}  # by kernels: the channels_last ones?
 
 
 def _auto(x: Tensor, weight: Tensor) -> bool:
@@ -334,7 +338,7 @@ def _auto(x: Tensor, weight: Tensor) -> bool:
     channels = min(x.shape[1], weight.shape[0])
     tiles = x.shape[0] * TH * TW
     work = channels * tiles * (H * W) / (16 * TH * TW)
-    nhwc = _is_nhwc(x)
+    nhwc = _nhwc_kernels(x)
     return channels >= _AUTO_MIN_CHANNELS and tiles >= _AUTO_MIN_TILES and work >= _AUTO_MIN_WORK[nhwc]
 
 
