@@ -423,8 +423,9 @@ def test_bench_winograd_script(tmp_path):
                         "--default-malloc", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "winograd.json").read_text())
-    assert len(rows) == 10 and all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
+    assert len(rows) == 12 and all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
     assert {(row["op"], row["provider"]) for row in rows} >= {("conv forward", "winograd"),
+                                                              ("scconv train", "fused winograd"),
                                                               ("scconv train", "fused auto")}
     assert all(row["rel_error_winograd"] < 1e-4 for row in rows)
     md = (tmp_path / "winograd.md").read_text()
@@ -433,6 +434,25 @@ def test_bench_winograd_script(tmp_path):
     again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_winograd.py"), "--markdown-from",
                             str(tmp_path / "winograd.json")], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and (tmp_path / "winograd.md").read_text() == md
+
+
+def test_bench_winograd_parts_script(tmp_path):
+    """benchmarks/bench_winograd_parts.py: the products and the filter transforms, each implementation
+    against the other."""
+    from scnet_fused.ops import winograd
+
+    if not winograd._kernels_present():
+        pytest.skip("no compiled CPU kernels")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_winograd_parts.py"), "--shapes",
+                        "16x13x14,32x8x8", "--batch-size", "2", "--rounds", "2", "--min-run-time", "0.02", "--device",
+                        "cpu", "--default-malloc", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "winograd_parts.json").read_text())
+    # 2 shapes x 2 orientations x 2 implementations, 2 filter sizes x 3 transforms x 2 implementations
+    assert len(rows) == 8 + 12 and all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
+    assert all(row["gflops"] > 0 for row in rows if row["op"].startswith("products"))
+    md = (tmp_path / "winograd_parts.md").read_text()
+    assert md.count("| 2x16x13x14 |") == 2 and md.count("| 32x32x3x3 |") == 3, md
 
 
 def test_bench_bn_backward_script(tmp_path, capsys):

@@ -74,10 +74,10 @@ _KRON_T = _KRON.t().contiguous()
 
 # The filter transforms run as C++ kernels (``_wino_filter``, ``_wino_filter_adjoint``): G g G^T in its
 # separable form, 16 filters a vector, written in the layout the matrix products read. As matrix
-# products, (36 x 9) @ (9 x K C) and its transpose, they took 5x to 12x as long as writing U once
-# (measured on a 2-core AMD EPYC at 256 channels: 715 us forward, 976 us for the flipped filters of the
-# input gradient, 1698 us for the adjoint, against 139 us to copy U), a tenth of a training step's
-# time at 256 channels. The products remain as the reference the tests check the kernels against.
+# products, (36 x 9) @ (9 x K C) and its transpose (the flipped filters after a flip-transpose copy),
+# they took 3.5x to 9.6x as long (benchmarks/results/cpu-epyc/winograd_parts.md: at 256 channels 2.3,
+# 3.4 and 2.7 ms against 0.46, 0.52 and 0.33 ms, per convolution and training step three of them).
+# The products remain as the reference the tests check the kernels against.
 def _weight_transform(weight: Tensor, flip: bool = False, in_major: bool = False) -> Tensor:
     """(K, C, 3, 3) float32 filters -> (36, K, C): U[xi] = (G g G^T)[xi] for every (k, c). ``flip``: the
     filters of the input gradient's convolution, flip(g, (2, 3)) transposed to (C, K, 3, 3): U (36, C, K).
@@ -134,13 +134,14 @@ def _as_nhwc(t: Tensor) -> Tensor:
 
 
 # The 36 channel sums run either as torch.bmm (MKL) or as this package's register-blocked kernel
-# (``_wino_bmm``): where MKL does not run its fast code (on an AMD EPYC, Zen 4: 100-185 GFLOP/s with
-# two threads on the SCNet-50 stage shapes' products) the kernel ran 1.05x-1.5x faster (150-220
-# GFLOP/s, the same inputs, interleaved); on the Intel Xeon MKL's products ran at 330-385 GFLOP/s,
-# near the cores' peak. "auto" takes the kernel with the AVX-512 build on a CPU that is not Intel's;
-# SCNET_FUSED_WINOGRAD_GEMM=bmm|kernel overrides (the kernel also runs in the other builds, vectorized
-# with their width). The weight gradient of an NCHW map keeps torch.bmm (both of its operands have the
-# tiles as their contiguous axis, which the kernel does not read).
+# (``_wino_bmm``). Where MKL does not run its fast code, on an AMD EPYC (Zen 4), torch.bmm did 96-152
+# GFLOP/s with two threads on the products of the SCNet-50 stage shapes and the kernel 106-198, 1.03x
+# to 1.85x faster on the same inputs (benchmarks/results/cpu-epyc/winograd_parts.md); on the Intel
+# Xeon MKL's products ran at 330-385 GFLOP/s, near the cores' peak. "auto" takes the kernel with the
+# AVX-512 build on a CPU that is not Intel's; SCNET_FUSED_WINOGRAD_GEMM=bmm|kernel overrides (the
+# kernel also runs in the other builds, vectorized with their width). The weight gradient of an NCHW
+# map keeps torch.bmm (both of its operands have the tiles as their contiguous axis, which the kernel
+# does not read).
 _GEMM_ENV = "SCNET_FUSED_WINOGRAD_GEMM"
 _gemm_kernel_choice: Optional[bool] = None
 

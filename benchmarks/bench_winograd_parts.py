@@ -1,0 +1,137 @@
+"""The Winograd convolution's parts on the CPU, each implementation against the other: the 36 channel
+sums as ``torch.bmm`` (MKL) and as the package's product kernel (``_wino_bmm``), forward (tiles x C by
+C x K) and weight-gradient (K x tiles by tiles x C) orientation, at the products of the SCNet-50 stage
+shapes; and the filter transforms (U = G g G^T, the flipped filters of the input gradient, the adjoint)
+as the (36 x 9) matrix products they were and as the kernels that replaced them.
+
+    python benchmarks/bench_winograd_parts.py --threads 2 [--out DIR]
+
+Writes winograd_parts.{json,md}. Each pair is timed in interleaved rounds in one process; medians of
+the rounds' medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scnet_fused import bench  # noqa: E402
+from scnet_fused.ops import winograd  # noqa: E402
+
+
+def _product_jobs(N, C, H, W):
+    TH, TW = (H + 3) // 4, (W + 3) // 4
+    T = N * TH * TW
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(36, T, C, generator=g)
+    u = torch.randn(36, C, C, generator=g)
+    z = torch.randn(36, T, C, generator=g)
+    ops = torch.ops.scnet_fused
+    flops = 2 * 36 * T * C * C
+    return flops, {
+        ("products forward", "torch.bmm"): lambda: torch.bmm(v, u),
+        ("products forward", "kernel"): lambda: ops._wino_bmm(v, u, False),
+        ("products weight gradient", "torch.bmm"): lambda: torch.bmm(z.transpose(1, 2), v),
+        ("products weight gradient", "kernel"): lambda: ops._wino_bmm(z, v, True),
+    }
+
+
+def _filter_jobs(C):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(C, C, 3, 3, generator=g)
+    du = torch.randn(36, C, C, generator=g)
+    return {
+        ("filter transform", "matrix product"): lambda: winograd._weight_transform_mm(w),
+        ("filter transform", "kernel"): lambda: winograd._weight_transform(w),
+        ("flipped filters", "matrix product"): lambda: winograd._weight_transform_mm(w.flip(2, 3).transpose(0, 1)),
+        ("flipped filters", "kernel"): lambda: winograd._weight_transform(w, flip=True),
+        ("filter adjoint", "matrix product"): lambda: winograd._weight_transform_adjoint_mm(du),
+        ("filter adjoint", "kernel"): lambda: winograd._weight_transform_adjoint(du),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", help="comma list of CxHxW (default: SCNet-50 stage shapes)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--min-run-time", type=float, default=0.3)
+    ap.add_argument("--out", default=None)
+    bench.add_machine_args(ap)
+    args = ap.parse_args(argv)
+    if not winograd._kernels_present():
+        ap.error("the compiled CPU kernels with the Winograd transforms are not loaded")
+    device, allocator = bench.machine_from_args(args)
+    if device.type != "cpu":
+        ap.error("the Winograd convolution runs on the CPU")
+    shapes = bench.shapes_from_arg(ap, args.shapes)
+    N = args.batch_size
+    groups = []
+    for C, H, W in shapes:
+        flops, jobs = _product_jobs(N, C, H, W)
+        groups.append((bench.shape_str((N, C, H, W)), flops, jobs))
+    for C in sorted({C for C, _, _ in shapes}):
+        groups.append((f"{C}x{C}x3x3", None, _filter_jobs(C)))
+    rows = []
+    with bench.bench_environment():
+        for where, flops, jobs in groups:
+            samples = {k: [] for k in jobs}
+            for r in range(max(1, args.rounds)):
+                for key in (list(jobs) if r % 2 == 0 else list(reversed(list(jobs)))):
+                    jobs[key]()
+                    samples[key].append(bench.time_fn(jobs[key], device, min_run_time=args.min_run_time).median_ms)
+            for (what, impl), ts in samples.items():
+                ms = statistics.median(ts)
+                rows.append(dict(op=what, provider=impl, shape=where, dtype="fp32", device=bench.device_name(device),
+                                 versions=bench.versions(), median_ms=ms, rounds_ms=ts, allocator=allocator,
+                                 gflops=None if flops is None else flops / ms / 1e6,
+                                 auto_gemm="kernel" if winograd._gemm_kernel() else "bmm"))
+            bench.log_stderr(f"{where}: " + ", ".join(f"{a} {b} {statistics.median(t):.3f} ms"
+                                                      for (a, b), t in samples.items()))
+    bench.write_script_results(rows, args.out or bench.default_out_dir(device), "winograd_parts", markdown(rows))
+    return 0
+
+
+def markdown(rows) -> str:
+    first = rows[0]
+    v = first["versions"]
+    lines = [f"# Winograd parts, each implementation against the other: {first['device']}", "",
+             f"torch {v['torch']}, Python {v['python']}, CPU kernels {v.get('cpu_isa')}; "
+             f"`benchmarks/bench_winograd_parts.py`; fp32; {len(first['rounds_ms'])} interleaved rounds in one "
+             f"process, median of the rounds' medians. Allocator: {first.get('allocator') or 'as configured'}. "
+             f"On this machine the convolutions' products run as "
+             f"{'the kernel' if first.get('auto_gemm') == 'kernel' else 'torch.bmm'} (the \"auto\" choice).", "",
+             "The 36 channel sums of one convolution (N x C x H x W: the map; C -> C channels): forward, "
+             "(tiles x C) @ (C x K); weight gradient, (K x tiles) @ (tiles x C).", "",
+             "| N x C x H x W | products | torch.bmm ms | kernel ms | torch.bmm GFLOP/s | kernel GFLOP/s "
+             "| kernel vs torch.bmm |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    by = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["op"]), {})[r["provider"]] = r
+    for (shape, op), t in by.items():
+        if "torch.bmm" not in t:
+            continue
+        b, k = t["torch.bmm"], t["kernel"]
+        lines.append(f"| {shape} | {op.replace('products ', '')} | {b['median_ms']:.3f} | {k['median_ms']:.3f} "
+                     f"| {b['gflops']:.0f} | {k['gflops']:.0f} | {b['median_ms'] / k['median_ms']:.2f}x |")
+    lines += ["", "The filter transforms (C x C x 3 x 3 filters -> 36 x C x C): as (36 x 9) matrix products "
+              "(the flipped filters after a flip-transpose copy) and as kernels.", "",
+              "| filters | transform | matrix product ms | kernel ms | kernel vs matrix product |",
+              "|---|---|---:|---:|---:|"]
+    for (shape, op), t in by.items():
+        if "matrix product" not in t:
+            continue
+        m, k = t["matrix product"]["median_ms"], t["kernel"]["median_ms"]
+        lines.append(f"| {shape} | {op} | {m:.3f} | {k:.3f} | {m / k:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
