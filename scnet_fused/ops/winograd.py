@@ -323,9 +323,9 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
 # Winograd only with the AVX-512 build, where this was measured (the other builds split the NCHW tile
 # columns with scalar code). NCHW maps that run the channels_last kernels (:func:`_nhwc_kernels`, up
 # to 32 px wide) take the channels_last threshold: on an AMD EPYC (Zen 4), with those kernels, the
-# filter-transform kernels and the product kernel, 8x128x14x14 NCHW ran 1.31x forward and 1.26x
-# forward + backward alone and 1.15x in the SCConv training step (benchmarks/results/cpu-epyc/
-# winograd.md); 8x256x7x7 (32 tiles) still lost there (0.75x forward alone, 0.80x in the step).
+# filter-transform kernels and the product kernel, 8x128x14x14 NCHW ran 1.20x forward and 1.24x
+# forward + backward alone, and the SCConv training step 1.31x its direct self (benchmarks/results/
+# cpu-epyc/winograd.md); 8x256x7x7 (32 tiles) still lost there (0.77x forward alone, 0.84x in the step).
 _AUTO_MIN_CHANNELS = 64
 _AUTO_MIN_TILES = 64
 _AUTO_MIN_WORK = {False: 16384, True: 4096}  # by kernels: the channels_last ones?
