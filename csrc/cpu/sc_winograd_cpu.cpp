@@ -1,4 +1,4 @@
-// CPU kernels of the Winograd F(4x4, 3x3) convolution's data transforms (contract:
+// CPU kernels of the Winograd F(4x4, 3x3) convolution: its transforms and its products (contract:
 // scnet_fused/ops/winograd.py). A 3x3 convolution with stride 1 and padding 1 of an (N, C, H, W) map
 // is computed on 4x4 output tiles, TH = ceil(H / 4) by TW = ceil(W / 4) of them per image:
 //
@@ -6,15 +6,21 @@
 //
 // d_tile the 6x6 input window at rows 4 th - 1 .. 4 th + 4, columns 4 tw - 1 .. 4 tw + 4 (zero outside
 // the map), g a 3x3 filter, (.) the element-wise product. The sum over input channels is 36 matrix
-// products (one per position xi = 6 r + s of the 6x6 transformed tile), done by the caller with
-// torch.bmm; the kernels here are the transforms around them, in the layout those products read:
-// [36][channels][tiles], tiles numbered t = (n * TH + th) * TW + tw, contiguous.
+// products (one per position xi = 6 r + s of the 6x6 transformed tile), torch.bmm or _wino_bmm below;
+// the transforms around them write the layout those products read: [36][channels][tiles], tiles
+// numbered t = (n * TH + th) * TW + tw, contiguous.
 //
 //   _wino_input(x, TH, TW)         V[xi][c][t] = (B^T d_tile B)[xi]                 (x: N, C, H, W)
 //   _wino_output(M, N, H, W, bias) y[n][k][4 th + i][4 tw + j] = (A^T M_tile A)[i][j] + bias[k]
 //   _wino_output_adjoint(dy, TH, TW)  Z[xi][k][t] = (A dy_tile A^T)[xi]  (dy_tile: the 4x4 output tile,
 //                                  zero outside the map): the adjoint of _wino_output, for the weight
 //                                  gradient dU[xi] = Z[xi] V[xi]^T.
+//
+//   _wino_filter(g, flip, in_major)  U[xi][k][c] = (G g[k][c] G^T)[xi] (flip: of the input gradient's
+//                                  filters flip(g)^T; in_major: the channel axes swapped)
+//   _wino_filter_adjoint(dU)       dg[k][c] = G^T dU[.][k][c] G, the weight gradient from dU
+//   _wino_bmm(a, b, a_transposed)  the 36 channel sums as batched matrix products, a register-blocked
+//                                  kernel (taken where MKL's products are slow: see winograd.py)
 //
 // float32, NCHW (dense). Vectorized across the tiles of a tile row with at::vec::Vectorized<float>:
 // each row of the map is first split into its four column phases (column = 4 k + p), so that the six
