@@ -651,25 +651,9 @@ inline void gemm_block(const float* a, int64_t as, const float* b, int64_t ldb, 
     _mm512_mask_storeu_ps(c + i * ldc, m0, acc0[i]);
     _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc1[i]);
   }
-#else
+#else  // the other builds (whose "auto" keeps torch.bmm): one loop, partial loads where the columns end
   Vec acc0[MR], acc1[MR];
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = Vec(0.0f);
-  if (nc == kNR) {
-    for (int64_t q = 0; q < kd; ++q) {
-      const Vec b0 = Vec::loadu(b + q * ldb), b1 = Vec::loadu(b + q * ldb + kV);
-      const float* aq = kRows ? a + q : a + q * as;
-      for (int i = 0; i < MR; ++i) {
-        const Vec ai(kRows ? aq[i * as] : aq[i]);
-        acc0[i] = at::vec::fmadd(ai, b0, acc0[i]);
-        acc1[i] = at::vec::fmadd(ai, b1, acc1[i]);
-      }
-    }
-    for (int i = 0; i < MR; ++i) {
-      acc0[i].store(c + i * ldc);
-      acc1[i].store(c + i * ldc + kV);
-    }
-    return;
-  }
   const int64_t n0 = std::min<int64_t>(kV, nc), n1 = nc - n0;
   for (int64_t q = 0; q < kd; ++q) {
     const Vec b0 = load_part(b + q * ldb, n0);
