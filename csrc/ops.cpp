@@ -74,7 +74,7 @@ TORCH_LIBRARY(scnet_fused, m) {
   m.def("_wino_output(Tensor m, int N, int H, int W, Tensor? bias=None) -> Tensor");
   m.def("_wino_output_adjoint(Tensor dy, int TH, int TW) -> Tensor");
   m.def("_wino_input_nhwc(Tensor x, int TH, int TW) -> Tensor");
-  m.def("_wino_output_nhwc(Tensor m, int N, int H, int W, Tensor? bias=None) -> Tensor");
+  m.def("_wino_output_nhwc(Tensor m, int N, int H, int W, Tensor? bias=None, bool nchw=False) -> Tensor");
   m.def("_wino_output_adjoint_nhwc(Tensor dy, int TH, int TW) -> Tensor");
   m.def("_wino_filter(Tensor weight, bool flip=False, bool in_major=False) -> Tensor");
   m.def("_wino_filter_adjoint(Tensor du) -> Tensor");

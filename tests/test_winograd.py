@@ -44,8 +44,8 @@ def _windows(x, size, step, pad):
 
 
 # irregular sizes: maps below one tile, sizes not multiples of 4, more than 16 tiles in a row (two
-# vector chunks), a single row or column
-SHAPES = [(2, 3, 13, 9), (1, 5, 1, 1), (3, 4, 4, 5), (1, 2, 6, 70), (2, 3, 67, 2), (1, 8, 16, 16)]
+# vector chunks), a single row or column, more channels than one vector holds (20)
+SHAPES = [(2, 3, 13, 9), (1, 5, 1, 1), (3, 4, 4, 5), (1, 2, 6, 70), (2, 3, 67, 2), (1, 8, 16, 16), (2, 20, 9, 11)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -130,6 +130,12 @@ def test_channels_last_transforms_are_the_nchw_ones_transposed(shape):
     y = ops._wino_output_nhwc(m.transpose(1, 2).contiguous(), N, H, W, bias)
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, ops._wino_output(m, N, H, W, bias), rtol=1e-6, atol=1e-4)
+    # the same kernels on an NCHW map, read in place (channel vectors gathered a plane apart), and
+    # writing NCHW: the very same values, as the channels_last copy gives them
+    assert torch.equal(ops._wino_input_nhwc(x, TH, TW), ops._wino_input_nhwc(cl, TH, TW))
+    assert torch.equal(ops._wino_output_adjoint_nhwc(x, TH, TW), ops._wino_output_adjoint_nhwc(cl, TH, TW))
+    y_nchw = ops._wino_output_nhwc(m.transpose(1, 2).contiguous(), N, H, W, bias, True)
+    assert y_nchw.is_contiguous() and torch.equal(y_nchw, y.contiguous())
 
 
 def _check_conv(x, w, b, rel=5e-5):

@@ -397,12 +397,42 @@ inline void store_part(const Vec& v, float* p, int64_t cnt) {
   }
 }
 
-// out[xi][t][c] for the (N, C, H, W) channels_last map `src`: B^T d B of the 6x6 windows at offset -1
-// (ROWS 6), or A dy A^T of the 4x4 tiles (ROWS 4).
+// Channel vectors of an NCHW map, whose channels lie a plane (`stride` floats) apart: gathered (with
+// 32-bit indices `idx` = lane * stride where `gather`), or assembled lane by lane; `cnt` lanes, the rest 0.
+inline Vec load_strided(const float* p, int64_t stride, int64_t cnt, bool gather,
+                        const at::vec::Vectorized<int32_t>& idx) {
+  if (gather && cnt == kV) return at::vec::gather<4>(p, idx);
+  alignas(64) float tmp[kV];
+  for (int64_t l = 0; l < kV; ++l) tmp[l] = l < cnt ? p[l * stride] : 0.0f;
+  return Vec::loadu(tmp);
+}
+
+inline void store_strided(const Vec& v, float* p, int64_t stride, int64_t cnt) {
+  alignas(64) float tmp[kV];
+  v.store(tmp);
+  for (int64_t l = 0; l < cnt; ++l) p[l * stride] = tmp[l];
+}
+
+// 32-bit lane offsets l * stride for gathers, and whether they fit.
+struct LaneIndex {
+  bool fits;
+  at::vec::Vectorized<int32_t> idx;
+  explicit LaneIndex(int64_t stride) : fits(stride * kV < (int64_t{1} << 31)) {
+    alignas(64) int32_t a[kV];
+    for (int64_t l = 0; l < kV; ++l) a[l] = fits ? static_cast<int32_t>(l * stride) : 0;
+    idx = at::vec::Vectorized<int32_t>::loadu(a);
+  }
+};
+
+// out[xi][t][c] for the (N, C, H, W) map `src`: B^T d B of the 6x6 windows at offset -1 (ROWS 6), or
+// A dy A^T of the 4x4 tiles (ROWS 4). A channels_last map is read with vector loads across the
+// channels; a dense NCHW one in place, its channel vectors gathered a plane apart (no channels_last
+// copy of the map: the transform reads each element where it is).
 template <int ROWS>
 at::Tensor to_tiles_nhwc(const char* op, const at::Tensor& src_in, int64_t TH, int64_t TW) {
   check_map(op, src_in);
-  const at::Tensor src = src_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const bool nchw = src_in.is_contiguous() && !src_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor src = nchw ? src_in : src_in.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t N = src.size(0), C = src.size(1), H = src.size(2), W = src.size(3);
   check_tiles(op, H, W, TH, TW);
   const int64_t T = N * TH * TW;
@@ -411,11 +441,14 @@ at::Tensor to_tiles_nhwc(const char* op, const at::Tensor& src_in, int64_t TH, i
   const float* sp = src.data_ptr<float>();
   float* op_ = out.data_ptr<float>();
   constexpr int64_t off = ROWS == 6 ? 1 : 0;
-  const int64_t xi_stride = T * C;
+  const int64_t xi_stride = T * C, HW = H * W;
+  // element (row, col) of channel c: img + (row W + col) C + c (channels_last) or img + c HW + row W + col
+  const int64_t pix = nchw ? 1 : C, chan = nchw ? HW : 1;
+  const LaneIndex lanes(HW);
   at::parallel_for(0, T, grain_for(36 * C), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t tw = t % TW, th = (t / TW) % TH, n = t / (TW * TH);
-      const float* img = sp + n * H * W * C;
+      const float* img = sp + n * HW * C;
       float* dst = op_ + t * C;
       for (int64_t c0 = 0; c0 < C; c0 += kV) {
         const int64_t cnt = std::min<int64_t>(kV, C - c0);
@@ -425,8 +458,12 @@ at::Tensor to_tiles_nhwc(const char* op, const at::Tensor& src_in, int64_t TH, i
           Vec d[ROWS];
           for (int64_t i = 0; i < ROWS; ++i) {
             const int64_t row = 4 * th - off + i;
-            d[i] = (row >= 0 && row < H && col >= 0 && col < W) ? load_part(img + (row * W + col) * C + c0, cnt)
-                                                                : Vec(0.0f);
+            if (!(row >= 0 && row < H && col >= 0 && col < W)) {
+              d[i] = Vec(0.0f);
+            } else {
+              const float* e = img + (row * W + col) * pix + c0 * chan;
+              d[i] = nchw ? load_strided(e, HW, cnt, lanes.fits, lanes.idx) : load_part(e, cnt);
+            }
           }
           Vec o[6];
           combine<ROWS>(d, o);
@@ -451,16 +488,19 @@ at::Tensor wino_output_adjoint_nhwc(const at::Tensor& dy, int64_t TH, int64_t TW
   return to_tiles_nhwc<4>("scnet_fused::_wino_output_adjoint_nhwc (cpu)", dy, TH, TW);
 }
 
-// y (N, K, H, W) channels_last from M [36][tiles][K]: A^T M A per tile, plus bias.
+// y (N, K, H, W) from M [36][tiles][K]: A^T M A per tile, plus bias; channels_last, or with `nchw` dense
+// NCHW (each channel vector stored a plane apart: no NCHW copy of a channels_last result).
 at::Tensor wino_output_nhwc(const at::Tensor& m_in, int64_t N, int64_t H, int64_t W,
-                            const c10::optional<at::Tensor>& bias_in) {
+                            const c10::optional<at::Tensor>& bias_in, bool nchw) {
   const char* op = "scnet_fused::_wino_output_nhwc (cpu)";
   const OutputArgs a = output_args(op, m_in, N, H, W, bias_in, true);
   const at::Tensor& m = a.m;
   const at::Tensor& bias = a.bias;
   const int64_t K = a.K, TH = a.TH, TW = a.TW, T = a.T;
-  at::Tensor y = host::new_output({N, K, H, W}, m.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor y = host::new_output({N, K, H, W}, m.options(),
+                                  nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return y;
+  const int64_t HW = H * W, pix = nchw ? 1 : K, chan = nchw ? HW : 1;
   const float* mp = m.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
@@ -469,7 +509,7 @@ at::Tensor wino_output_nhwc(const at::Tensor& m_in, int64_t N, int64_t H, int64_
     for (int64_t t = begin; t < end; ++t) {
       const int64_t tw = t % TW, th = (t / TW) % TH, n = t / (TW * TH);
       const float* src = mp + t * K;
-      float* img = yp + n * H * W * K;
+      float* img = yp + n * HW * K;
       const int64_t rows = std::min<int64_t>(4, H - 4 * th), cols = std::min<int64_t>(4, W - 4 * tw);
       for (int64_t k0 = 0; k0 < K; k0 += kV) {
         const int64_t cnt = std::min<int64_t>(kV, K - k0);
@@ -483,8 +523,14 @@ at::Tensor wino_output_nhwc(const at::Tensor& m_in, int64_t N, int64_t H, int64_
         for (int64_t j = 0; j < cols; ++j) {
           Vec o[4];
           at6(q[0][j], q[1][j], q[2][j], q[3][j], q[4][j], q[5][j], o);
-          for (int64_t i = 0; i < rows; ++i)
-            store_part(o[i] + b, img + ((4 * th + i) * W + 4 * tw + j) * K + k0, cnt);
+          for (int64_t i = 0; i < rows; ++i) {
+            float* e = img + ((4 * th + i) * W + 4 * tw + j) * pix + k0 * chan;
+            if (nchw) {
+              store_strided(o[i] + b, e, HW, cnt);
+            } else {
+              store_part(o[i] + b, e, cnt);
+            }
+          }
         }
       }
     }

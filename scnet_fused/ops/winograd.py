@@ -111,8 +111,9 @@ def _is_nhwc(t: Tensor) -> bool:
     return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-# NCHW maps at most this wide run through the channels_last kernels (on a channels_last copy, the
-# result copied back to NCHW). The NCHW kernels vectorize across the tiles of a tile row, 16 at a time:
+# NCHW maps at most this wide run the channels_last kernels (which read an NCHW map in place, gathering
+# each channel vector a plane apart, and write the NCHW result the same way). The NCHW kernels vectorize
+# across the tiles of a tile row, 16 at a time:
 # at 28 px a row has 7 tiles, at 14 px 4, at 7 px 2, and most lanes idle; the channels_last kernels
 # vectorize across the channels. Measured (transforms alone, N = 8, 2 cores) on an AMD EPYC (Zen 4):
 # input + output transform 654 us NCHW against 461 us through channels_last, the two copies included,
@@ -127,10 +128,6 @@ def _nhwc_kernels(x: Tensor) -> bool:
     """Whether x's convolution runs the channels_last kernels: x is channels_last, or an NCHW map
     narrow enough to go through them (:data:`_NHWC_ROUTE_MAX_W`)."""
     return _is_nhwc(x) or x.shape[3] <= _NHWC_ROUTE_MAX_W
-
-
-def _as_nhwc(t: Tensor) -> Tensor:
-    return t.contiguous(memory_format=torch.channels_last)
 
 
 # The 36 channel sums run either as torch.bmm (MKL) or as this package's register-blocked kernel
@@ -185,11 +182,10 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool = Fal
     filters ``weight`` (K, C, 3, 3), or with ``flip`` with flip(weight)^T (the input gradient's)."""
     N, _, H, W = x.shape
     TH, TW = _tiles(H, W)
-    if _nhwc_kernels(x):
-        v = torch.ops.scnet_fused._wino_input_nhwc(_as_nhwc(x), TH, TW)  # (36, T, C)
+    if _nhwc_kernels(x):  # an NCHW x is read in place and y written NCHW by the same kernels
+        v = torch.ops.scnet_fused._wino_input_nhwc(x, TH, TW)  # (36, T, C)
         u = _weight_transform(weight, flip, in_major=True)  # (36, C, K)
-        y = torch.ops.scnet_fused._wino_output_nhwc(_bmm(v, u), N, H, W, bias)
-        return y if _is_nhwc(x) else y.contiguous()
+        return torch.ops.scnet_fused._wino_output_nhwc(_bmm(v, u), N, H, W, bias, not _is_nhwc(x))
     v = torch.ops.scnet_fused._wino_input(x, TH, TW)  # (36, C, T)
     return torch.ops.scnet_fused._wino_output(_bmm(_weight_transform(weight, flip), v), N, H, W, bias)
 
@@ -200,8 +196,8 @@ def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     H, W = x.shape[-2:]
     TH, TW = _tiles(H, W)
     if _nhwc_kernels(x):
-        z = torch.ops.scnet_fused._wino_output_adjoint_nhwc(_as_nhwc(grad_out), TH, TW)  # (36, T, K)
-        v = torch.ops.scnet_fused._wino_input_nhwc(_as_nhwc(x), TH, TW)  # (36, T, C)
+        z = torch.ops.scnet_fused._wino_output_adjoint_nhwc(grad_out, TH, TW)  # (36, T, K)
+        v = torch.ops.scnet_fused._wino_input_nhwc(x, TH, TW)  # (36, T, C)
         return _weight_transform_adjoint(_bmm(z, v, a_transposed=True))
     z = torch.ops.scnet_fused._wino_output_adjoint(grad_out, TH, TW)  # (36, K, T)
     v = torch.ops.scnet_fused._wino_input(x, TH, TW)  # (36, C, T)
@@ -210,15 +206,11 @@ def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
 
 def conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool, need_weight: bool):
     """``(grad_x, grad_weight)`` of ``conv3x3_winograd(x, weight)`` (None where not needed), both as
-    Winograd; grad_x in x's layout. grad_out is read in the layout of the kernels x's convolution runs
-    (:func:`_nhwc_kernels`: an NCHW x's channels_last route converts it once for both gradients)."""
-    nhwc = _nhwc_kernels(x)
-    grad_out = grad_out.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    Winograd; grad_out is read in x's layout, grad_x comes in it."""
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last if _is_nhwc(x) else torch.contiguous_format)
     grad_x = grad_w = None
     if need_input:  # conv3x3(grad_out, flip(weight)^T)
         grad_x = _forward(grad_out, weight, None, flip=True)
-        if nhwc and not _is_nhwc(x):
-            grad_x = grad_x.contiguous()
     if need_weight:
         grad_w = _weight_grad(grad_out, x)
     return grad_x, grad_w
