@@ -115,9 +115,10 @@ def _is_nhwc(t: Tensor) -> bool:
 # each channel vector a plane apart, and write the NCHW result the same way). The NCHW kernels vectorize
 # across the tiles of a tile row, 16 at a time:
 # at 28 px a row has 7 tiles, at 14 px 4, at 7 px 2, and most lanes idle; the channels_last kernels
-# vectorize across the channels. Measured (transforms alone, N = 8, 2 cores) on an AMD EPYC (Zen 4):
-# input + output transform 654 us NCHW against 461 us through channels_last, the two copies included,
-# at 8x64x28x28; 874 against 304 at 8x128x14x14; 949 against 172 at 8x256x7x7; at 8x64x56x56 (14
+# vectorize across the channels. Measured (transforms alone, N = 8, 2 cores) on an AMD EPYC (Zen 4),
+# when the route still made a channels_last copy of the map and an NCHW copy of the result: input +
+# output transform 654 us NCHW against 461 us through channels_last, the two copies included, at
+# 8x64x28x28; 874 against 304 at 8x128x14x14; 949 against 172 at 8x256x7x7; at 8x64x56x56 (14
 # tiles a row) 2552 against 2734. On a Xeon the channels_last convolution alone was already faster
 # than the NCHW one at these widths (0.83 against 1.17 ms forward at 8x64x28x28, 0.89 against 1.32 at
 # 8x128x14x14: benchmarks/results/cpu-xeon/winograd*.md).
@@ -315,9 +316,10 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
 # Winograd only with the AVX-512 build, where this was measured (the other builds split the NCHW tile
 # columns with scalar code). NCHW maps that run the channels_last kernels (:func:`_nhwc_kernels`, up
 # to 32 px wide) take the channels_last threshold: on an AMD EPYC (Zen 4), with those kernels, the
-# filter-transform kernels and the product kernel, 8x128x14x14 NCHW ran 1.20x forward and 1.24x
-# forward + backward alone, and the SCConv training step 1.31x its direct self (benchmarks/results/
-# cpu-epyc/winograd.md); 8x256x7x7 (32 tiles) still lost there (0.77x forward alone, 0.84x in the step).
+# filter-transform kernels and the product kernel, 8x128x14x14 NCHW ran 1.16x forward and 1.36x
+# forward + backward alone, and the SCConv training step 1.19x its direct self (benchmarks/results/
+# cpu-epyc/winograd.md). 8x256x7x7 (32 tiles) ran 1.09x / 1.21x alone there but its SCConv step with
+# Winograd did not gain (0.96x eager against 0.99x direct), so 7 px stays out.
 _AUTO_MIN_CHANNELS = 64
 _AUTO_MIN_TILES = 64
 _AUTO_MIN_WORK = {False: 16384, True: 4096}  # by kernels: the channels_last ones?
