@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _args
+from ._cpuinfo import read as cpuinfo_read
 
 # SCNet-50 SCConv input shapes (C, H, W) at 224 x 224 (shared/SPEC.md).
 STAGE_SHAPES: Tuple[Tuple[int, int, int], ...] = (
@@ -102,22 +103,7 @@ def shape_str(shape: Sequence[int]) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def _cpuinfo(path: str = "/proc/cpuinfo") -> Dict[str, str]:
-    """The first processor's fields of ``/proc/cpuinfo`` (lower-case keys); empty where there is none."""
-    info: Dict[str, str] = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                if not line.strip():
-                    if info:
-                        break
-                    continue
-                key, sep, value = line.partition(":")
-                if sep:
-                    info.setdefault(key.strip().lower(), value.strip())
-    except OSError:
-        pass
-    return info
+_cpuinfo = cpuinfo_read  # the first processor's fields of /proc/cpuinfo
 
 
 def cpu_model(info: Optional[Dict[str, str]] = None) -> str:

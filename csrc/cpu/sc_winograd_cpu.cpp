@@ -26,8 +26,9 @@
 // each row of the map is first split into its four column phases (column = 4 k + p), so that the six
 // (or four) columns of every tile are contiguous loads at k = tw and k = tw + 1. One task item = one
 // (channel, image) plane, its tile rows staged in cache and written out as 36 contiguous runs; no
-// reduction crosses a task. The `_nhwc` variants take channels_last maps and use the tile-domain
-// layout [36][tiles][channels], vectorized across the channels, one tile per task item.
+// reduction crosses a task. The `_nhwc` variants use the tile-domain layout [36][tiles][channels],
+// vectorized across the channels, one tile per task item; they read channels_last maps, and dense NCHW
+// ones in place (channel vectors gathered a plane apart), and `_wino_output_nhwc` writes either layout.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>

@@ -145,14 +145,9 @@ _gemm_kernel_choice: Optional[bool] = None
 
 
 def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    from .._cpuinfo import read
+
+    return read().get("vendor_id", "")
 
 
 def _gemm_kernel() -> bool:
