@@ -163,11 +163,12 @@ def _check_conv(x, w, b, rel=5e-5):
         assert err <= rel * scale, f"{name}: error {err:.3e} against {rel} x {scale:.3e}"
 
 
-@pytest.fixture(params=["bmm", "kernel"])
+@pytest.fixture(params=["bmm", "kernel", "fused"])
 def gemm(request, monkeypatch):
-    """The Winograd products as torch.bmm and as the package's kernel (whichever this machine's "auto"
-    takes, both are checked)."""
-    monkeypatch.setattr(winograd, "_gemm_kernel_choice", request.param == "kernel")
+    """The Winograd products as torch.bmm, as the package's kernel between the three transform passes,
+    and inside the one-kernel convolution (whichever this machine's "auto" takes, all are checked)."""
+    monkeypatch.setattr(winograd, "_gemm_kernel_choice", request.param != "bmm")
+    monkeypatch.setattr(winograd, "_fused_setting", "1" if request.param == "fused" else "0")
     return request.param
 
 
@@ -193,6 +194,56 @@ def test_batched_products_kernel(P, M, K, N):
         torch.ops.scnet_fused._wino_bmm(a[0], b[0])
 
 
+# tile counts around the blocks (14 tiles; below 4 x threads blocks, equal blocks up to 16 with the output
+# channels split), channels around the 16-channel vectors and the 32-column product blocks
+@pytest.mark.parametrize("N, C, K, H, W", [(2, 20, 24, 9, 11), (1, 3, 5, 1, 1), (3, 33, 17, 13, 7), (1, 16, 70, 6, 70),
+                                           (4, 7, 64, 16, 16), (9, 2, 3, 8, 12)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_kernel_convolution_is_the_three_passes(N, C, K, H, W, channels_last):
+    """_wino_conv computes what the three passes compute (input transform, products, output transform),
+    bit for bit (the same sums in the same order), for any block size and with or without the output
+    channels split, and writes its result in the input's layout."""
+    torch.manual_seed(6)
+    x = torch.randn(N, C, H, W)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(K, C, 3, 3), torch.randn(K)
+    u = torch.ops.scnet_fused._wino_filter(w, False, True)
+    TH, TW = (H + 3) // 4, (W + 3) // 4
+    ops = torch.ops.scnet_fused
+    for bias in (None, b):
+        want = ops._wino_output_nhwc(ops._wino_bmm(ops._wino_input_nhwc(x, TH, TW), u), N, H, W, bias, not channels_last)
+        T = N * TH * TW
+        for block, split in ((0, True), (1, True), (5, False), (14, True), (16, True), (T, True), (T + 3, False)):
+            got = ops._wino_conv(x, u, bias, block, split)
+            assert got.shape == (N, K, H, W) and got.is_contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            assert torch.equal(got, want), (block, split)
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    err = (ops._wino_conv(x, u, b).double() - ref).abs().max().item()
+    assert err <= 5e-5 * ref.abs().max().item()
+
+
+def test_one_kernel_convolution_refuses_bad_arguments():
+    x, u = torch.randn(1, 4, 8, 8), torch.randn(36, 4, 6)
+    conv = torch.ops.scnet_fused._wino_conv
+    with pytest.raises(RuntimeError, match=r"\(36, C, K\) with C = 4"):
+        conv(x, torch.randn(36, 5, 6))
+    with pytest.raises(RuntimeError, match=r"\(36, C, K\)"):
+        conv(x, torch.randn(35, 4, 6))
+    with pytest.raises(RuntimeError, match="float32"):
+        conv(x.double(), u.double())
+    with pytest.raises(RuntimeError, match="bias"):
+        conv(x, u, torch.randn(5))
+    with pytest.raises(RuntimeError, match="block"):
+        conv(x, u, None, -1)
+    empty = conv(torch.randn(0, 4, 8, 8), u)
+    assert empty.shape == (0, 6, 8, 8)
+    # no input channels: the bias alone
+    b = torch.randn(6)
+    torch.testing.assert_close(conv(torch.randn(2, 0, 5, 5), torch.randn(36, 0, 6), b), b.view(1, 6, 1, 1).expand(2, 6, 5, 5))
+
+
 def test_gemm_choice(monkeypatch):
     monkeypatch.setattr(winograd, "_gemm_kernel_choice", None)
     monkeypatch.setenv(winograd._GEMM_ENV, "fastest")
@@ -211,6 +262,20 @@ def test_gemm_choice(monkeypatch):
     monkeypatch.setattr(winograd, "_gemm_kernel_choice", None)
     monkeypatch.setattr(_cpp, "cpu_isa", lambda: "avx2")
     assert winograd._gemm_kernel() is False
+
+
+def test_one_kernel_choice(monkeypatch):
+    """SCNET_FUSED_WINOGRAD_FUSED: auto follows the products' choice (the one-kernel convolution runs the
+    product kernel), 0 and 1 force it; anything else is refused."""
+    for value, gemm_kernel, want in (("auto", True, True), ("auto", False, False), ("0", True, False), ("1", False, True)):
+        monkeypatch.setattr(winograd, "_fused_setting", None)
+        monkeypatch.setattr(winograd, "_gemm_kernel_choice", gemm_kernel)
+        monkeypatch.setenv(winograd._FUSED_ENV, value)
+        assert winograd._fused() is want
+    monkeypatch.setattr(winograd, "_fused_setting", None)
+    monkeypatch.setenv(winograd._FUSED_ENV, "yes")
+    with pytest.raises(ValueError, match="auto, 0 or 1"):
+        winograd._fused()
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -244,8 +309,12 @@ def test_narrow_nchw_maps_run_the_channels_last_kernels(width, kernels, gemm):
     with _OpLog() as log:
         y = scnet_fused.ops.conv3x3_winograd(x, w)
         y.backward(torch.randn_like(y))
-    wino = {n for n in log.names if n.startswith(("_wino_input", "_wino_output"))}
-    assert wino == {"_wino_input" + kernels, "_wino_output" + kernels, "_wino_output_adjoint" + kernels}
+    wino = {n for n in log.names if n.startswith(("_wino_input", "_wino_output", "_wino_conv"))}
+    if gemm == "fused":  # the forward and the input gradient in one kernel each, the weight gradient in passes
+        assert log.names.count("_wino_conv") == 2
+        assert wino == {"_wino_conv", "_wino_input" + kernels, "_wino_output_adjoint" + kernels}
+    else:
+        assert wino == {"_wino_input" + kernels, "_wino_output" + kernels, "_wino_output_adjoint" + kernels}
     _check_conv(x, w, None)
 
 

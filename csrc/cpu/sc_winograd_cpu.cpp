@@ -21,6 +21,9 @@
 //   _wino_filter_adjoint(dU)       dg[k][c] = G^T dU[.][k][c] G, the weight gradient from dU
 //   _wino_bmm(a, b, a_transposed)  the 36 channel sums as batched matrix products, a register-blocked
 //                                  kernel (taken where MKL's products are slow: see winograd.py)
+//   _wino_conv(x, U, bias)         the whole convolution, input transform, products and output
+//                                  transform a block of tiles at a time in cache (U from
+//                                  _wino_filter(g, flip, in_major=true)); y in x's layout
 //
 // float32, NCHW (dense). Vectorized across the tiles of a tile row with at::vec::Vectorized<float>:
 // each row of the map is first split into its four column phases (column = 4 k + p), so that the six
@@ -163,6 +166,11 @@ void check_map(const char* op, const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), op, ": expected a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": expected float32, got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 4, op, ": expected an (N, C, H, W) tensor, got ", t.dim(), " dimensions");
+}
+
+// Dense NCHW and not also channels_last (the layouts both hold for 1x1 maps and single channels).
+inline bool is_nchw(const at::Tensor& t) {
+  return t.is_contiguous() && !t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 void check_tiles(const char* op, int64_t H, int64_t W, int64_t TH, int64_t TW) {
@@ -425,6 +433,79 @@ struct LaneIndex {
   }
 };
 
+// Where a map's elements lie: element (row, col) of channel c at img + (row W + col) pix + c chan, with
+// (pix, chan) = (C, 1) channels_last or (1, H W) dense NCHW, whose channel vectors are gathered (or
+// stored) a plane apart.
+struct MapView {
+  int64_t H, W, pix, chan;
+  bool nchw;
+  LaneIndex lanes;
+  MapView(int64_t C, int64_t H_, int64_t W_, bool nchw_)
+      : H(H_), W(W_), pix(nchw_ ? 1 : C), chan(nchw_ ? H_ * W_ : 1), nchw(nchw_), lanes(H_ * W_) {}
+};
+
+// The tile (th, tw) of one image `img` (channels [0, C) from img): B^T d B of its 6x6 window at offset
+// -1 (ROWS 6), or A dy A^T of its 4x4 tile (ROWS 4), into dst[xi * xi_stride + c].
+template <int ROWS>
+inline void tile_to_domain(const float* img, const MapView& v, int64_t C, int64_t th, int64_t tw, float* dst,
+                           int64_t xi_stride) {
+  constexpr int64_t off = ROWS == 6 ? 1 : 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kV) {
+    const int64_t cnt = std::min<int64_t>(kV, C - c0);
+    Vec tr[6][ROWS];  // tr[r][j]: the row combination r of column j
+    for (int64_t j = 0; j < ROWS; ++j) {
+      const int64_t col = 4 * tw - off + j;
+      Vec d[ROWS];
+      for (int64_t i = 0; i < ROWS; ++i) {
+        const int64_t row = 4 * th - off + i;
+        if (!(row >= 0 && row < v.H && col >= 0 && col < v.W)) {
+          d[i] = Vec(0.0f);
+        } else {
+          const float* e = img + (row * v.W + col) * v.pix + c0 * v.chan;
+          d[i] = v.nchw ? load_strided(e, v.chan, cnt, v.lanes.fits, v.lanes.idx) : load_part(e, cnt);
+        }
+      }
+      Vec o[6];
+      combine<ROWS>(d, o);
+      for (int r = 0; r < 6; ++r) tr[r][j] = o[r];
+    }
+    for (int r = 0; r < 6; ++r) {
+      Vec o[6];
+      combine<ROWS>(tr[r], o);
+      for (int s = 0; s < 6; ++s) store_part(o[s], dst + (6 * r + s) * xi_stride + c0, cnt);
+    }
+  }
+}
+
+// The output tile (th, tw) of one image `img` (channels [0, K) from img): A^T M A of src[xi * xi_stride
+// + k], plus bias[k] where bias is given; the tile's rows and columns past the map's edge are dropped.
+inline void tile_from_domain(const float* src, int64_t xi_stride, int64_t K, const float* bias, const MapView& v,
+                             int64_t th, int64_t tw, float* img) {
+  const int64_t rows = std::min<int64_t>(4, v.H - 4 * th), cols = std::min<int64_t>(4, v.W - 4 * tw);
+  for (int64_t k0 = 0; k0 < K; k0 += kV) {
+    const int64_t cnt = std::min<int64_t>(kV, K - k0);
+    Vec q[6][4];  // q[r][j]: A^T over s of M[6 r + s]
+    for (int r = 0; r < 6; ++r) {
+      Vec mv[6];
+      for (int s = 0; s < 6; ++s) mv[s] = load_part(src + (6 * r + s) * xi_stride + k0, cnt);
+      at6(mv[0], mv[1], mv[2], mv[3], mv[4], mv[5], q[r]);
+    }
+    const Vec b = bias ? load_part(bias + k0, cnt) : Vec(0.0f);
+    for (int64_t j = 0; j < cols; ++j) {
+      Vec o[4];
+      at6(q[0][j], q[1][j], q[2][j], q[3][j], q[4][j], q[5][j], o);
+      for (int64_t i = 0; i < rows; ++i) {
+        float* e = img + ((4 * th + i) * v.W + 4 * tw + j) * v.pix + k0 * v.chan;
+        if (v.nchw) {
+          store_strided(o[i] + b, e, v.chan, cnt);
+        } else {
+          store_part(o[i] + b, e, cnt);
+        }
+      }
+    }
+  }
+}
+
 // out[xi][t][c] for the (N, C, H, W) map `src`: B^T d B of the 6x6 windows at offset -1 (ROWS 6), or
 // A dy A^T of the 4x4 tiles (ROWS 4). A channels_last map is read with vector loads across the
 // channels; a dense NCHW one in place, its channel vectors gathered a plane apart (no channels_last
@@ -432,7 +513,7 @@ struct LaneIndex {
 template <int ROWS>
 at::Tensor to_tiles_nhwc(const char* op, const at::Tensor& src_in, int64_t TH, int64_t TW) {
   check_map(op, src_in);
-  const bool nchw = src_in.is_contiguous() && !src_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool nchw = is_nchw(src_in);
   const at::Tensor src = nchw ? src_in : src_in.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t N = src.size(0), C = src.size(1), H = src.size(2), W = src.size(3);
   check_tiles(op, H, W, TH, TW);
@@ -441,41 +522,11 @@ at::Tensor to_tiles_nhwc(const char* op, const at::Tensor& src_in, int64_t TH, i
   if (out.numel() == 0) return out;
   const float* sp = src.data_ptr<float>();
   float* op_ = out.data_ptr<float>();
-  constexpr int64_t off = ROWS == 6 ? 1 : 0;
-  const int64_t xi_stride = T * C, HW = H * W;
-  // element (row, col) of channel c: img + (row W + col) C + c (channels_last) or img + c HW + row W + col
-  const int64_t pix = nchw ? 1 : C, chan = nchw ? HW : 1;
-  const LaneIndex lanes(HW);
+  const MapView view(C, H, W, nchw);
   at::parallel_for(0, T, grain_for(36 * C), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t tw = t % TW, th = (t / TW) % TH, n = t / (TW * TH);
-      const float* img = sp + n * HW * C;
-      float* dst = op_ + t * C;
-      for (int64_t c0 = 0; c0 < C; c0 += kV) {
-        const int64_t cnt = std::min<int64_t>(kV, C - c0);
-        Vec tr[6][ROWS];  // tr[r][j]: the row combination r of column j
-        for (int64_t j = 0; j < ROWS; ++j) {
-          const int64_t col = 4 * tw - off + j;
-          Vec d[ROWS];
-          for (int64_t i = 0; i < ROWS; ++i) {
-            const int64_t row = 4 * th - off + i;
-            if (!(row >= 0 && row < H && col >= 0 && col < W)) {
-              d[i] = Vec(0.0f);
-            } else {
-              const float* e = img + (row * W + col) * pix + c0 * chan;
-              d[i] = nchw ? load_strided(e, HW, cnt, lanes.fits, lanes.idx) : load_part(e, cnt);
-            }
-          }
-          Vec o[6];
-          combine<ROWS>(d, o);
-          for (int r = 0; r < 6; ++r) tr[r][j] = o[r];
-        }
-        for (int r = 0; r < 6; ++r) {
-          Vec o[6];
-          combine<ROWS>(tr[r], o);
-          for (int s = 0; s < 6; ++s) store_part(o[s], dst + (6 * r + s) * xi_stride + c0, cnt);
-        }
-      }
+      tile_to_domain<ROWS>(sp + n * H * W * C, view, C, th, tw, op_ + t * C, T * C);
     }
   });
   return out;
@@ -501,39 +552,14 @@ at::Tensor wino_output_nhwc(const at::Tensor& m_in, int64_t N, int64_t H, int64_
   at::Tensor y = host::new_output({N, K, H, W}, m.options(),
                                   nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return y;
-  const int64_t HW = H * W, pix = nchw ? 1 : K, chan = nchw ? HW : 1;
   const float* mp = m.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const int64_t xi_stride = T * K;
+  const MapView view(K, H, W, nchw);
   at::parallel_for(0, T, grain_for(36 * K), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t tw = t % TW, th = (t / TW) % TH, n = t / (TW * TH);
-      const float* src = mp + t * K;
-      float* img = yp + n * HW * K;
-      const int64_t rows = std::min<int64_t>(4, H - 4 * th), cols = std::min<int64_t>(4, W - 4 * tw);
-      for (int64_t k0 = 0; k0 < K; k0 += kV) {
-        const int64_t cnt = std::min<int64_t>(kV, K - k0);
-        Vec q[6][4];  // q[r][j]: A^T over s of M[6 r + s]
-        for (int r = 0; r < 6; ++r) {
-          Vec mv[6];
-          for (int s = 0; s < 6; ++s) mv[s] = load_part(src + (6 * r + s) * xi_stride + k0, cnt);
-          at6(mv[0], mv[1], mv[2], mv[3], mv[4], mv[5], q[r]);
-        }
-        const Vec b = bp ? load_part(bp + k0, cnt) : Vec(0.0f);
-        for (int64_t j = 0; j < cols; ++j) {
-          Vec o[4];
-          at6(q[0][j], q[1][j], q[2][j], q[3][j], q[4][j], q[5][j], o);
-          for (int64_t i = 0; i < rows; ++i) {
-            float* e = img + ((4 * th + i) * W + 4 * tw + j) * pix + k0 * chan;
-            if (nchw) {
-              store_strided(o[i] + b, e, HW, cnt);
-            } else {
-              store_part(o[i] + b, e, cnt);
-            }
-          }
-        }
-      }
+      tile_from_domain(mp + t * K, T * K, K, bp, view, th, tw, yp + n * H * W * K);
     }
   });
   return y;
@@ -781,6 +807,90 @@ at::Tensor wino_bmm(const at::Tensor& a_in, const at::Tensor& b_in, bool a_t) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The whole convolution through the tile domain, a block of tiles at a time: the block's transformed
+// input V (36 x tiles x C), its products M = V U (36 x tiles x K) and the output transform stay in the
+// task's cache, and memory sees the map read once and the result written once (the three-pass form
+// writes and reads V and M in between: 2 (36 / 16) (C + K) floats a pixel more).
+// ---------------------------------------------------------------------------------------------
+// A block is at most kMR tiles (one register block of the product: every product step reads the
+// block's rows of V from L1); where that leaves fewer blocks than the threads can share, the output
+// channels are split too (each part transforms the block's input again: cheap next to its products).
+at::Tensor wino_conv(const at::Tensor& x_in, const at::Tensor& u_in, const c10::optional<at::Tensor>& bias_in,
+                          int64_t block, bool split_k) {
+  const char* op = "scnet_fused::_wino_conv (cpu)";
+  check_map(op, x_in);
+  TORCH_CHECK(u_in.device().is_cpu() && u_in.scalar_type() == at::kFloat && u_in.dim() == 3 && u_in.size(0) == 36 &&
+                  u_in.size(1) == x_in.size(1),
+              op, ": expected the filters' transform as a float32 CPU tensor (36, C, K) with C = ", x_in.size(1),
+              ", got ", u_in.sizes(), " ", u_in.scalar_type(), " on ", u_in.device());
+  const bool nchw = is_nchw(x_in);
+  const at::Tensor x = nchw ? x_in : x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor u = u_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = u.size(2);
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = bias_in->contiguous();
+    TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == K,
+                op, ": bias must be a float32 CPU vector of ", K, " elements, got ", bias.sizes());
+  }
+  TORCH_CHECK(H > 0 && W > 0, op, ": empty spatial size ", H, "x", W);
+  at::Tensor y = host::new_output({N, K, H, W}, x.options(),
+                                  nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
+  if (y.numel() == 0) return y;
+  if (C == 0) return bias.defined() ? y.copy_(bias.view({1, K, 1, 1}).expand_as(y)) : y.zero_();
+  const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4, T = N * TH * TW;
+  TORCH_CHECK(block >= 0, op, ": block must be >= 0 (0: chosen here), got ", block);
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  int64_t TB = std::min<int64_t>(block > 0 ? block : kMR, T);
+  if (block == 0 && (T + kMR - 1) / kMR < want) {
+    // few tiles: blocks of equal size up to 16 (kMR + 2 rows), the output channels split between them
+    const int64_t nb = (T + 15) / 16;
+    TB = (T + nb - 1) / nb;
+  }
+  const int64_t blocks = (T + TB - 1) / TB;
+  const int64_t split = blocks < want && split_k ? (want + blocks - 1) / blocks : 1;
+  const int64_t KC = std::max<int64_t>(kNR, round_up((K + split - 1) / split, kNR));
+  const int64_t parts = (K + KC - 1) / KC;
+  static constexpr auto by_rows = gemm_table<true>(std::make_integer_sequence<int, kMR>{});
+  const float* xp = x.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const MapView in_view(C, H, W, nchw), out_view(K, H, W, nchw);
+  at::parallel_for(0, blocks * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> vbuf(36 * TB * C), mbuf(36 * TB * KC);
+    int64_t staged = -1;  // the block whose transformed input vbuf holds
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t blk = item / parts, k0 = (item % parts) * KC;
+      const int64_t t0 = blk * TB, tb = std::min<int64_t>(TB, T - t0), kn = std::min<int64_t>(KC, K - k0);
+      if (blk != staged) {
+        for (int64_t i = 0; i < tb; ++i) {
+          const int64_t t = t0 + i, tw = t % TW, th = (t / TW) % TH, n = t / (TW * TH);
+          tile_to_domain<6>(xp + n * H * W * C, in_view, C, th, tw, vbuf.data() + i * C, TB * C);
+        }
+        staged = blk;
+      }
+      for (int64_t xi = 0; xi < 36; ++xi) {
+        const float* a = vbuf.data() + xi * TB * C;
+        const float* b = up + xi * C * K + k0;
+        float* c = mbuf.data() + xi * TB * KC;
+        for (int64_t r0 = 0; r0 < tb; r0 += kMR) {
+          const GemmBlockFn fn = by_rows[std::min<int64_t>(kMR, tb - r0) - 1];
+          for (int64_t n0 = 0; n0 < kn; n0 += kNR)
+            fn(a + r0 * C, C, b + n0, K, C, c + r0 * KC + n0, KC, std::min<int64_t>(kNR, kn - n0));
+        }
+      }
+      for (int64_t i = 0; i < tb; ++i) {
+        const int64_t t = t0 + i, tw = t % TW, th = (t / TW) % TH, n = t / (TW * TH);
+        tile_from_domain(mbuf.data() + i * KC, TB * KC, kn, bp ? bp + k0 : nullptr, out_view, th, tw,
+                         yp + n * H * W * K + k0 * out_view.chan);
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 }  // namespace cpu_winograd
 }  // namespace scnet_fused
@@ -795,4 +905,5 @@ TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
   m.impl("_wino_filter", &scnet_fused::cpu_winograd::wino_filter);
   m.impl("_wino_filter_adjoint", &scnet_fused::cpu_winograd::wino_filter_adjoint);
   m.impl("_wino_bmm", &scnet_fused::cpu_winograd::wino_bmm);
+  m.impl("_wino_conv", &scnet_fused::cpu_winograd::wino_conv);
 }

@@ -173,11 +173,36 @@ def _bmm(a: Tensor, b: Tensor, a_transposed: bool = False) -> Tensor:
     return torch.bmm(a.transpose(1, 2) if a_transposed else a, b)
 
 
+# The whole convolution as one kernel (``_wino_conv``): the input transform, the products (the kernel of
+# _wino_bmm) and the output transform a block of 14 tiles at a time, the block's transformed input and
+# products in cache; memory sees the map once and the result once. Against the three passes (each
+# writing its result to memory: the transformed input and the products are 2.25x the map and the output
+# each) on an AMD EPYC (Zen 4), one 3x3 convolution forward, N = 8: 1.15x-1.35x faster from 32 to 256
+# channels at 14 to 56 px and 1.05x at 8x256x7x7 (blocks of 16 there, the output channels split
+# between them: benchmarks/results/cpu-epyc/winograd_parts.md). It runs where the products run as the
+# kernel (:func:`_gemm_kernel`); SCNET_FUSED_WINOGRAD_FUSED=0 keeps the three passes.
+_FUSED_ENV = "SCNET_FUSED_WINOGRAD_FUSED"
+_fused_setting: Optional[str] = None
+
+
+def _fused() -> bool:
+    """Whether the forward (and the input gradient) runs as the one-kernel convolution."""
+    global _fused_setting
+    if _fused_setting is None:
+        value = os.environ.get(_FUSED_ENV, "auto").strip().lower() or "auto"
+        if value not in ("auto", "0", "1"):
+            raise ValueError(f"{_FUSED_ENV}={value!r}: expected auto, 0 or 1")
+        _fused_setting = value
+    return _gemm_kernel() if _fused_setting == "auto" else _fused_setting == "1"
+
+
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool = False) -> Tensor:
     """The convolution of x (dense NCHW or channels_last: the output in the same layout) with the 3x3
     filters ``weight`` (K, C, 3, 3), or with ``flip`` with flip(weight)^T (the input gradient's)."""
     N, _, H, W = x.shape
     TH, TW = _tiles(H, W)
+    if _fused():
+        return torch.ops.scnet_fused._wino_conv(x, _weight_transform(weight, flip, in_major=True), bias)
     if _nhwc_kernels(x):  # an NCHW x is read in place and y written NCHW by the same kernels
         v = torch.ops.scnet_fused._wino_input_nhwc(x, TH, TW)  # (36, T, C)
         u = _weight_transform(weight, flip, in_major=True)  # (36, C, K)
@@ -361,7 +386,7 @@ def _kernels_present() -> bool:
 
         ops = ("_wino_input", "_wino_output", "_wino_output_adjoint")
         _present = all(_cpp.has_kernel(op + layout, "CPU") for op in ops for layout in ("", "_nhwc")) and \
-            all(_cpp.has_kernel(op, "CPU") for op in ("_wino_filter", "_wino_filter_adjoint", "_wino_bmm"))
+            all(_cpp.has_kernel(op, "CPU") for op in ("_wino_filter", "_wino_filter_adjoint", "_wino_bmm", "_wino_conv"))
     return _present
 
 
