@@ -12,6 +12,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .convert import convert, convert_with_report
 from .modules import SCBottleneck, SCConv
 from .ops import backend, get_conv_algorithm, sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train, set_conv_algorithm
+from .ops import set_filter_cache
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "sc_avgpool",
     "set_conv_algorithm",
     "get_conv_algorithm",
+    "set_filter_cache",
     "load_checkpoint",
     "CheckpointError",
     "__version__",

@@ -141,8 +141,9 @@ def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
     cost more than it saves, so they keep the two steps)."""
     if (not torch.is_grad_enabled() and _plain_conv(conv) and _foldable_eval_norm(bn) and x.dim() == 4
             and _outweighs(_conv_out_numel(conv, x), 4 * conv.weight.numel())):
-        weight, bias = _folded(conv, bn, x)
-        return winograd.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        return winograd.conv2d_cached(conv, x, sources, lambda: _folded(conv, bn, x), conv.stride, conv.padding,
+                                      conv.dilation, conv.groups)
     return bn(_conv(conv, x))
 
 
@@ -520,6 +521,9 @@ def _conv(conv: nn.Module, x: Tensor) -> Tensor:
     if not (torch.is_grad_enabled() and _autocast_on(x.device.type) and _plain_conv(conv)):
         if _plain_conv(conv) and winograd.winograd_applies(x, conv.weight, conv.stride, conv.padding, conv.dilation,
                                                            conv.groups):
+            if not torch.is_grad_enabled():  # inference: the filters' transform kept between calls
+                return winograd.conv2d_cached(conv, x, (conv.weight,), lambda: (conv.weight, None), conv.stride,
+                                              conv.padding, conv.dilation, conv.groups)
             return winograd.conv3x3_winograd(x, conv.weight)
         return conv(x)
     return _param_conv(x, (conv.weight,), conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -442,9 +442,9 @@ def _spy(monkeypatch):
     calls = []
     real = winograd._forward
 
-    def counting(x, weight, bias, flip=False):
+    def counting(x, weight, bias, flip=False, u=None):
         calls.append(tuple(x.shape))
-        return real(x, weight, bias, flip)
+        return real(x, weight, bias, flip, u)
 
     monkeypatch.setattr(winograd, "_forward", counting)
     return calls
@@ -579,3 +579,84 @@ def test_not_under_export_or_trace_and_once_differentiable(monkeypatch):
         (gx,) = torch.autograd.grad(scnet_fused.ops.conv3x3_winograd(xg, w).square().sum(), xg, create_graph=True)
         with pytest.raises(RuntimeError, match="once_differentiable"):
             gx.sum().backward()
+
+
+def _filter_transforms(fn):
+    with _OpLog() as log:
+        out = fn()
+    return out, log.names.count("_wino_filter")
+
+
+def _eval_scconv(C=16):
+    torch.manual_seed(8)
+    m = scnet_fused.SCConv(C, C, 1, 1, 1, 1, 4, torch.nn.BatchNorm2d)
+    for bn in (m.k2[2], m.k3[1], m.k4[1]):
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.running_var.data.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def test_inference_keeps_the_filter_transforms_until_a_source_changes(gemm):
+    """At inference the filters' transforms of k3 and of k4 (with its BatchNorm folded in) are made once
+    and reused; any change to what they were made from (an in-place edit of the filters or of the
+    BatchNorm's statistics, load_state_dict, a new tensor assigned, eps) remakes them, and the output
+    always matches the reference of the current parameters."""
+    m = _eval_scconv()
+    ref = reference.SCConv(16, 16, 1, 1, 1, 1, 4, torch.nn.BatchNorm2d).double().eval()
+    x = torch.randn(4, 16, 24, 24)  # large enough for k4's BatchNorm to be folded into its filters
+
+    def check(expect_made):
+        ref.load_state_dict(m.state_dict())
+        ref.k4[1].eps = m.k4[1].eps
+        with torch.no_grad(), algorithm("winograd"):
+            y, made = _filter_transforms(lambda: m(x))
+            want = ref(x.double())
+        assert made == expect_made
+        assert (y.double() - want).abs().max().item() <= 5e-5 * want.abs().max().item()
+
+    winograd.set_filter_cache(True)
+    check(3)  # k2 (on the pooled map), k3 and the folded k4
+    check(0)
+    with torch.no_grad():
+        m.k3[0].weight.mul_(1.5)
+    check(1)
+    with torch.no_grad():
+        m.k4[1].running_var.mul_(2.0)
+    check(1)
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()})
+    check(3)
+    m.k4[0].weight.data = m.k4[0].weight.data * 0.5
+    check(1)
+    m.k4[1].eps = 1e-3
+    check(1)
+    check(0)
+    assert winograd.set_filter_cache(False) is True
+    try:
+        check(3)
+        check(3)
+    finally:
+        winograd.set_filter_cache(True)
+
+
+def test_filter_cache_leaves_training_and_inference_mode_alone(gemm):
+    """With autograd on (training) nothing is kept; under torch.inference_mode the cache works and what it
+    made serves later no-grad calls too; the cache holds no module alive."""
+    import gc
+
+    m = _eval_scconv()
+    x = torch.randn(4, 16, 24, 24)
+    with algorithm("winograd"):
+        _, made = _filter_transforms(lambda: m(x))
+        assert made == 3 and m.k3[0] not in winograd._filter_cache
+        with torch.inference_mode():
+            y1, made = _filter_transforms(lambda: m(x))
+        assert made == 3
+        with torch.no_grad():
+            y2, made = _filter_transforms(lambda: m(x))
+        assert made == 0
+        torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    keys = len(winograd._filter_cache)
+    assert keys >= 3
+    del m
+    gc.collect()
+    assert len(winograd._filter_cache) == keys - 3

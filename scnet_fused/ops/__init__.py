@@ -4,7 +4,7 @@ from ._dispatch import BACKENDS, BackendUnavailable, available, backend, request
 from .avgpool import sc_avgpool
 from .bn_relu import affine_add_relu, bn_add_relu_train, bn_relu_cat_train, bn_relu_train
 from .sc_gate import check_gate_inputs, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
-from .winograd import conv3x3_winograd, get_conv_algorithm, set_conv_algorithm
+from .winograd import conv3x3_winograd, get_conv_algorithm, set_conv_algorithm, set_filter_cache
 
 __all__ = [
     "BACKENDS",
@@ -25,4 +25,5 @@ __all__ = [
     "conv3x3_winograd",
     "set_conv_algorithm",
     "get_conv_algorithm",
+    "set_filter_cache",
 ]

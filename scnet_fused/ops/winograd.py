@@ -25,6 +25,7 @@ enabled and pays (:func:`winograd_applies`), and ``F.conv2d`` everywhere else.
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["conv3x3_winograd", "conv2d", "set_conv_algorithm", "get_conv_algorithm", "winograd_applies"]
+__all__ = ["conv3x3_winograd", "conv2d", "conv2d_cached", "set_conv_algorithm", "get_conv_algorithm",
+           "set_filter_cache", "winograd_applies"]
 
 _ALGORITHMS = ("auto", "winograd", "direct")
 _ENV = "SCNET_FUSED_CONV"
@@ -196,19 +198,28 @@ def _fused() -> bool:
     return _gemm_kernel() if _fused_setting == "auto" else _fused_setting == "1"
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool = False) -> Tensor:
+def _in_major(x: Tensor) -> bool:
+    """The layout of the filters' transform x's convolution reads: (36, C, K) (True) or (36, K, C)."""
+    return _fused() or _nhwc_kernels(x)
+
+
+def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], flip: bool = False,
+             u: Optional[Tensor] = None) -> Tensor:
     """The convolution of x (dense NCHW or channels_last: the output in the same layout) with the 3x3
-    filters ``weight`` (K, C, 3, 3), or with ``flip`` with flip(weight)^T (the input gradient's)."""
+    filters ``weight`` (K, C, 3, 3), or with ``flip`` with flip(weight)^T (the input gradient's); or
+    with their transform ``u`` already made (``_weight_transform(weight, flip, _in_major(x))``)."""
     N, _, H, W = x.shape
     TH, TW = _tiles(H, W)
+    in_major = _in_major(x)
+    if u is None:
+        u = _weight_transform(weight, flip, in_major)  # (36, C, K), or (36, K, C)
     if _fused():
-        return torch.ops.scnet_fused._wino_conv(x, _weight_transform(weight, flip, in_major=True), bias)
-    if _nhwc_kernels(x):  # an NCHW x is read in place and y written NCHW by the same kernels
+        return torch.ops.scnet_fused._wino_conv(x, u, bias)
+    if in_major:  # an NCHW x is read in place and y written NCHW by the same kernels
         v = torch.ops.scnet_fused._wino_input_nhwc(x, TH, TW)  # (36, T, C)
-        u = _weight_transform(weight, flip, in_major=True)  # (36, C, K)
         return torch.ops.scnet_fused._wino_output_nhwc(_bmm(v, u), N, H, W, bias, not _is_nhwc(x))
     v = torch.ops.scnet_fused._wino_input(x, TH, TW)  # (36, C, T)
-    return torch.ops.scnet_fused._wino_output(_bmm(_weight_transform(weight, flip), v), N, H, W, bias)
+    return torch.ops.scnet_fused._wino_output(_bmm(u, v), N, H, W, bias)
 
 
 def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
@@ -396,6 +407,80 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, d
     if winograd_applies(x, weight, _pair(stride), _pair(padding), _pair(dilation), groups):
         return conv3x3_winograd(x, weight, bias)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+# Inference keeps the filters' transform of a convolution between calls (:func:`conv2d_cached`): it is
+# 4x the filters, and made from them it cost as much as a tenth of an SCConv's eval forward (two
+# 128x128 transforms per call at 8x128x14x14, 0.2 ms each, and at 256 channels 0.5 ms each: benchmarks/
+# results/cpu-epyc/winograd_parts.md). An entry holds the tensors it was made from (a view of each
+# too: its memory stays allocated, so no other tensor can take its address) and their version counters;
+# a change to any of them (an optimizer step, load_state_dict, an in-place edit, a new tensor assigned,
+# a module moved or cast) makes it be remade. The entries live as long as their modules (weak keys).
+# SCNET_FUSED_WINOGRAD_CACHE=0, or set_filter_cache(False), turns it off.
+_filter_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_cache_enabled = os.environ.get("SCNET_FUSED_WINOGRAD_CACHE", "1").strip() != "0"
+
+
+def set_filter_cache(enabled: bool) -> bool:
+    """Turn the inference cache of the filters' transforms on or off (off also empties it); returns the
+    previous setting."""
+    global _cache_enabled
+    previous, _cache_enabled = _cache_enabled, bool(enabled)
+    if not _cache_enabled:
+        _filter_cache.clear()
+    return previous
+
+
+class _Entry:
+    __slots__ = ("sources", "views", "versions", "in_major", "u", "bias")
+
+    def __init__(self, sources, in_major: bool, u: Tensor, bias: Optional[Tensor]):
+        self.sources = sources
+        self.views = tuple(t.detach() if isinstance(t, Tensor) else None for t in sources)
+        self.versions = tuple(t._version if isinstance(t, Tensor) else None for t in sources)
+        self.in_major, self.u, self.bias = in_major, u, bias
+
+    def matches(self, sources, in_major: bool) -> bool:
+        if in_major != self.in_major or len(sources) != len(self.sources):
+            return False
+        for t, old, view, version in zip(sources, self.sources, self.views, self.versions):
+            if isinstance(t, Tensor):
+                if t is not old or t.data_ptr() != view.data_ptr() or t._version != version:
+                    return False
+            elif isinstance(old, Tensor) or t != old:
+                return False
+        return True
+
+
+def _cacheable(sources) -> bool:
+    # inference tensors keep no version counter
+    return all(not (isinstance(t, Tensor) and t.is_inference()) for t in sources)
+
+
+def conv2d_cached(owner: torch.nn.Module, x: Tensor, sources: tuple, make, stride, padding, dilation,
+                  groups: int) -> Tensor:
+    """:func:`conv2d` of the filters and bias ``make()`` returns, made from ``sources`` (the tensors and
+    numbers they depend on, the filters first): at inference (autograd off) on the Winograd path, with
+    their transform kept for ``owner`` while the sources are unchanged; else as :func:`conv2d`."""
+    weight = sources[0]
+    if not (_cache_enabled and not torch.is_grad_enabled() and _cacheable(sources)
+            and winograd_applies(x, weight, _pair(stride), _pair(padding), _pair(dilation), groups)):
+        weight, bias = make()
+        return conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if not _is_nhwc(x):
+        x = x.contiguous()
+    if x.shape[0] == 0 or weight.shape[0] == 0:
+        weight, bias = make()
+        return F.conv2d(x, weight, bias, padding=1)
+    in_major = _in_major(x)
+    entry = _filter_cache.get(owner)
+    if entry is None or not entry.matches(sources, in_major):
+        weight, bias = make()
+        _check(x, weight, bias)
+        entry = _Entry(sources, in_major, _weight_transform(weight.detach(), False, in_major),
+                       None if bias is None else bias.detach())
+        _filter_cache[owner] = entry
+    return _forward(x, None, entry.bias, u=entry.u)
 
 
 def _pair(v):
