@@ -2,7 +2,9 @@
 sums as ``torch.bmm`` (MKL) and as the package's product kernel (``_wino_bmm``), forward (tiles x C by
 C x K) and weight-gradient (K x tiles by tiles x C) orientation, at the products of the SCNet-50 stage
 shapes; and the filter transforms (U = G g G^T, the flipped filters of the input gradient, the adjoint)
-as the (36 x 9) matrix products they were and as the kernels that replaced them.
+as the (36 x 9) matrix products they were and as the kernels that replaced them; and one convolution
+forward (its filters' transform made beforehand) as the three passes (input transform, products,
+output transform, each through memory) and as the one kernel (``_wino_conv``), beside ``F.conv2d``.
 
     python benchmarks/bench_winograd_parts.py --threads 2 [--out DIR]
 
@@ -42,6 +44,22 @@ def _product_jobs(N, C, H, W):
     }
 
 
+def _conv_jobs(N, C, H, W):
+    """One C -> C convolution of an NCHW map, the filters' transform made beforehand."""
+    TH, TW = (H + 3) // 4, (W + 3) // 4
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(N, C, H, W, generator=g)
+    w = torch.randn(C, C, 3, 3, generator=g)
+    ops = torch.ops.scnet_fused
+    u = ops._wino_filter(w, False, True)
+    return {
+        ("convolution forward", "F.conv2d"): lambda: torch.nn.functional.conv2d(x, w, None, padding=1),
+        ("convolution forward", "three passes"):
+            lambda: ops._wino_output_nhwc(ops._wino_bmm(ops._wino_input_nhwc(x, TH, TW), u, False), N, H, W, None, True),
+        ("convolution forward", "one kernel"): lambda: ops._wino_conv(x, u, None),
+    }
+
+
 def _filter_jobs(C):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(C, C, 3, 3, generator=g)
@@ -76,6 +94,7 @@ def main(argv=None) -> int:
     for C, H, W in shapes:
         flops, jobs = _product_jobs(N, C, H, W)
         groups.append((bench.shape_str((N, C, H, W)), flops, jobs))
+        groups.append((bench.shape_str((N, C, H, W)), None, _conv_jobs(N, C, H, W)))
     for C in sorted({C for C, _, _ in shapes}):
         groups.append((f"{C}x{C}x3x3", None, _filter_jobs(C)))
     rows = []
@@ -121,6 +140,18 @@ def markdown(rows) -> str:
         b, k = t["torch.bmm"], t["kernel"]
         lines.append(f"| {shape} | {op.replace('products ', '')} | {b['median_ms']:.3f} | {k['median_ms']:.3f} "
                      f"| {b['gflops']:.0f} | {k['gflops']:.0f} | {b['median_ms'] / k['median_ms']:.2f}x |")
+    lines += ["", "One C -> C convolution forward of the NCHW map, its filters' transform made beforehand: the "
+              "three passes (input transform, products as the kernel, output transform, each result through "
+              "memory) and the one kernel (`_wino_conv`: a block of tiles at a time in cache), beside the "
+              "direct `F.conv2d`.", "",
+              "| N x C x H x W | F.conv2d ms | three passes ms | one kernel ms | one kernel vs three passes "
+              "| one kernel vs F.conv2d |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for (shape, op), t in by.items():
+        if "one kernel" not in t:
+            continue
+        d, p3, k = (t[n]["median_ms"] for n in ("F.conv2d", "three passes", "one kernel"))
+        lines.append(f"| {shape} | {d:.3f} | {p3:.3f} | {k:.3f} | {p3 / k:.2f}x | {d / k:.2f}x |")
     lines += ["", "The filter transforms (C x C x 3 x 3 filters -> 36 x C x C): as (36 x 9) matrix products "
               "(the flipped filters after a flip-transpose copy) and as kernels.", "",
               "| filters | transform | matrix product ms | kernel ms | kernel vs matrix product |",

@@ -400,7 +400,9 @@ def test_set_conv_algorithm_validates_and_returns_the_previous_choice():
         scnet_fused.set_conv_algorithm("fft")
 
 
-def test_selection_rule():
+def test_selection_rule(monkeypatch):
+    """"auto" with the three-pass convolution (the products as torch.bmm or the kernel between passes)."""
+    monkeypatch.setattr(winograd, "_fused_setting", "0")
     x = torch.randn(8, 64, 28, 28)
     w = torch.randn(64, 64, 3, 3)
     args = ((1, 1), (1, 1), (1, 1), 1)
@@ -436,6 +438,31 @@ def test_selection_rule():
     assert not winograd.winograd_applies(narrow14, torch.randn(32, 32, 3, 3), *args, algorithm="auto")
     assert not winograd.winograd_applies(small.contiguous(memory_format=cl), torch.randn(256, 256, 3, 3), *args,
                                          algorithm="auto")
+
+
+def test_selection_rule_with_the_one_kernel_convolution(monkeypatch):
+    """"auto" with the one-kernel convolution: 32 channels, 64 tiles (16 where the filters' transform is kept
+    between calls), half of the tiles' outputs inside the map."""
+    monkeypatch.setattr(winograd, "_fused_setting", "1")
+    monkeypatch.setattr(winograd, "_auto_isa", lambda: True)
+    args = ((1, 1), (1, 1), (1, 1), 1)
+
+    def auto(shape, K=None, cached=False, cl=False):
+        x = torch.randn(*shape)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return winograd.winograd_applies(x, torch.randn(K or shape[1], shape[1], 3, 3), *args, algorithm="auto",
+                                         cached=cached)
+
+    assert auto((8, 32, 56, 56)) and auto((8, 32, 14, 14)) and auto((8, 64, 14, 14), cl=True)
+    assert not auto((8, 16, 56, 56)) and not auto((8, 64, 56, 56), K=16)  # too few channels
+    assert not auto((8, 256, 7, 7)) and auto((8, 256, 7, 7), cached=True)  # 32 tiles
+    assert not auto((1, 256, 14, 14)) and auto((1, 256, 14, 14), cached=True)  # 16 tiles
+    assert not auto((8, 256, 4, 4), cached=True)  # 8 tiles
+    assert not auto((16, 64, 5, 5), cached=True)  # 64 tiles, 39% of their outputs inside the map
+    assert auto((16, 64, 6, 6), cached=True)  # 56%
+    monkeypatch.setattr(winograd, "_auto_isa", lambda: False)
+    assert not auto((8, 64, 56, 56))
 
 
 def _spy(monkeypatch):

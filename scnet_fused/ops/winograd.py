@@ -5,13 +5,16 @@ A 3x3 convolution of an (N, C, H, W) map is computed on 4x4 output tiles: each 6
 the input channels (36 matrix products, one per position of the 6x6 tile, by ``torch.bmm``), and
 transformed back (``Y = A^T M A``). That is 36 multiplies per 16 outputs and input channel instead of
 144: about 4x fewer floating-point operations than the direct convolution, for three memory-bound
-transform passes (C++ kernels, ``csrc/cpu/sc_winograd_cpu.cpp``).
+transform passes (C++ kernels, ``csrc/cpu/sc_winograd_cpu.cpp``). Where the package's product kernel
+runs, the three passes are one kernel (``_wino_conv``) that keeps a block of tiles' transforms and
+products in cache (:func:`_fused`).
 
 The backward is two more Winograd computations: the input gradient is the same convolution of the
 output gradient with the flipped, transposed filters, and the weight gradient the 36 products
 ``Z V^T`` of the transformed output gradient (the adjoint of the output transform) with the
 transformed input, mapped back through ``G``. The transformed input is recomputed in the backward,
-not saved (it is 2.25x the input).
+not saved (it is 2.25x the input). At inference the filters' transform is kept between calls
+(:func:`conv2d_cached`, used by the fused modules).
 
 Numerics (float32): the transforms' coefficients (up to 8 and 1/24) cost precision: on random data the
 largest error relative to the output's largest magnitude is about 5e-6 to 1.3e-5 (32 to 256 input
@@ -306,13 +309,13 @@ def conv3x3_winograd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
 
 
 def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
-                     algorithm: Optional[str] = None) -> bool:
+                     algorithm: Optional[str] = None, cached: bool = False) -> bool:
     """Whether :func:`conv2d` runs this convolution (forward and both gradients) as Winograd
     F(4x4, 3x3): a CPU float32 input, dense NCHW or channels_last, 3x3 filters of the same dtype,
     stride 1, padding 1, no dilation, one group, no autocast, plain eager (:func:`_plain_eager`), the
     compiled kernels present; and under ``"auto"``, the AVX-512 build of the kernels and enough
-    channels and tiles (``_AUTO_MIN_CHANNELS``, ``_AUTO_MIN_TILES``, ``_AUTO_MIN_WORK``): where the
-    measured gain holds."""
+    channels and tiles (:func:`_auto`): where the measured gain holds. ``cached``: the filters' transform
+    is kept between calls (:func:`conv2d_cached`), which lets fewer tiles pay."""
     algorithm = _algorithm if algorithm is None else algorithm
     if algorithm == "direct" or not _plain_eager(x, weight):
         return False
@@ -327,7 +330,7 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
         return False
     if algorithm == "winograd":
         return True
-    return _auto(x, weight)
+    return _auto(x, weight, cached)
 
 
 # "auto": measured on a 2-core AVX-512 Xeon at N = 8 (benchmarks/results/cpu-xeon/winograd.md and
@@ -354,16 +357,30 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
 _AUTO_MIN_CHANNELS = 64
 _AUTO_MIN_TILES = 64
 _AUTO_MIN_WORK = {False: 16384, True: 4096}  # by kernels: the channels_last ones?
+# With the one-kernel convolution (:func:`_fused`), measured on the AMD EPYC (Zen 4), N = 8, the SCConv
+# forced to Winograd against its direct self (benchmarks/results/cpu-epyc/winograd.md): with 32 channels
+# it gained at 56, 28 and 14 px, training 1.20x / 1.07x / 1.09x and eval 1.51x / 1.64x / 1.83x (the
+# three-pass Winograd had lost there), and 8x64x14x14 1.07x / 1.51x. At 7 px (32 tiles) training lost,
+# 0.93x / 0.81x / 0.84x at 64 / 128 / 256 channels: the three filter transforms of a step (4x the
+# filters each) weigh as much as the products there; eval, its transforms kept
+# between calls (:func:`conv2d_cached`), gained 1.37x / 1.46x / 1.15x. 8x256x4x4 (8 tiles) was even.
+# So: 32 channels; 64 tiles, or 16 with the transform kept; and at least half of the tiles' outputs
+# inside the map (below that the products do more multiplies than the direct convolution's).
+_FUSED_MIN_CHANNELS = 32
+_FUSED_MIN_TILES = {False: 64, True: 16}  # by whether the filters' transform is kept between calls
 
 
-def _auto(x: Tensor, weight: Tensor) -> bool:
+def _auto(x: Tensor, weight: Tensor, cached: bool = False) -> bool:
     if not _auto_isa():
         return False
     H, W = x.shape[2], x.shape[3]
     TH, TW = _tiles(H, W)
     channels = min(x.shape[1], weight.shape[0])
     tiles = x.shape[0] * TH * TW
-    work = channels * tiles * (H * W) / (16 * TH * TW)
+    useful = (H * W) / (16 * TH * TW)
+    if _fused():
+        return channels >= _FUSED_MIN_CHANNELS and tiles >= _FUSED_MIN_TILES[cached] and useful >= 0.5
+    work = channels * tiles * useful
     nhwc = _nhwc_kernels(x)
     return channels >= _AUTO_MIN_CHANNELS and tiles >= _AUTO_MIN_TILES and work >= _AUTO_MIN_WORK[nhwc]
 
@@ -463,8 +480,9 @@ def conv2d_cached(owner: torch.nn.Module, x: Tensor, sources: tuple, make, strid
     numbers they depend on, the filters first): at inference (autograd off) on the Winograd path, with
     their transform kept for ``owner`` while the sources are unchanged; else as :func:`conv2d`."""
     weight = sources[0]
-    if not (_cache_enabled and not torch.is_grad_enabled() and _cacheable(sources)
-            and winograd_applies(x, weight, _pair(stride), _pair(padding), _pair(dilation), groups)):
+    if not (_cache_enabled and not torch.is_grad_enabled()
+            and winograd_applies(x, weight, _pair(stride), _pair(padding), _pair(dilation), groups, cached=True)
+            and _cacheable(sources)):
         weight, bias = make()
         return conv2d(x, weight, bias, stride, padding, dilation, groups)
     if not _is_nhwc(x):
