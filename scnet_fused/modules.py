@@ -519,11 +519,12 @@ def _conv(conv: nn.Module, x: Tensor) -> Tensor:
     on, through :class:`_ParamConv` (the parameter saved instead of its lower-precision copy); a plain
     convolution the Winograd rule takes (:func:`winograd.winograd_applies`) as Winograd."""
     if not (torch.is_grad_enabled() and _autocast_on(x.device.type) and _plain_conv(conv)):
-        if _plain_conv(conv) and not torch.is_grad_enabled():  # inference: a Winograd filter transform is kept
-            return winograd.conv2d_cached(conv, x, (conv.weight,), lambda: (conv.weight, None), conv.stride,
-                                          conv.padding, conv.dilation, conv.groups)
+        inference = not torch.is_grad_enabled()  # the Winograd filters' transform is kept between calls
         if _plain_conv(conv) and winograd.winograd_applies(x, conv.weight, conv.stride, conv.padding, conv.dilation,
-                                                           conv.groups):
+                                                           conv.groups, cached=inference):
+            if inference:
+                return winograd.conv2d_cached(conv, x, (conv.weight,), lambda: (conv.weight, None), conv.stride,
+                                              conv.padding, conv.dilation, conv.groups)
             return winograd.conv3x3_winograd(x, conv.weight)
         return conv(x)
     return _param_conv(x, (conv.weight,), conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -330,7 +330,7 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
         return False
     if algorithm == "winograd":
         return True
-    return _auto(x, weight, cached)
+    return _auto(x, weight, cached and _cache_enabled)
 
 
 # "auto": measured on a 2-core AVX-512 Xeon at N = 8 (benchmarks/results/cpu-xeon/winograd.md and
