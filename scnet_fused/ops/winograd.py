@@ -182,10 +182,11 @@ def _bmm(a: Tensor, b: Tensor, a_transposed: bool = False) -> Tensor:
 # _wino_bmm) and the output transform a block of 14 tiles at a time, the block's transformed input and
 # products in cache; memory sees the map once and the result once. Against the three passes (each
 # writing its result to memory: the transformed input and the products are 2.25x the map and the output
-# each) on an AMD EPYC (Zen 4), one 3x3 convolution forward, N = 8: 1.15x-1.35x faster from 32 to 256
-# channels at 14 to 56 px and 1.05x at 8x256x7x7 (blocks of 16 there, the output channels split
-# between them: benchmarks/results/cpu-epyc/winograd_parts.md). It runs where the products run as the
-# kernel (:func:`_gemm_kernel`); SCNET_FUSED_WINOGRAD_FUSED=0 keeps the three passes.
+# each) on an AMD EPYC (Zen 4), one 3x3 convolution forward of an NCHW map, N = 8, the filters'
+# transform made beforehand: 1.18x-1.65x faster at 8x32x56x56 to 8x256x14x14, even (0.99x-1.01x) at
+# 8x128x14x14 and 8x256x7x7 (blocks of 16 there, the output channels split between them), where the
+# products dominate (benchmarks/results/cpu-epyc/winograd_parts.md). It runs where the products run as
+# the kernel (:func:`_gemm_kernel`); SCNET_FUSED_WINOGRAD_FUSED=0 keeps the three passes.
 _FUSED_ENV = "SCNET_FUSED_WINOGRAD_FUSED"
 _fused_setting: Optional[str] = None
 
@@ -360,13 +361,13 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
 _AUTO_MIN_CHANNELS = 64
 _AUTO_MIN_TILES = 64
 _AUTO_MIN_WORK = {False: 16384, True: 4096}  # by kernels: the channels_last ones?
-# With the one-kernel convolution (:func:`_fused`), measured on the AMD EPYC (Zen 4), N = 8, the SCConv
-# forced to Winograd against its direct self (benchmarks/results/cpu-epyc/winograd.md): with 32 channels
-# it gained at 56, 28 and 14 px, training 1.20x / 1.07x / 1.09x and eval 1.51x / 1.64x / 1.83x (the
-# three-pass Winograd had lost there), and 8x64x14x14 1.07x / 1.51x. At 7 px (32 tiles) training lost,
-# 0.93x / 0.81x / 0.84x at 64 / 128 / 256 channels: the three filter transforms of a step (4x the
-# filters each) weigh as much as the products there; eval, its transforms kept
-# between calls (:func:`conv2d_cached`), gained 1.37x / 1.46x / 1.15x. 8x256x4x4 (8 tiles) was even.
+# With the one-kernel convolution (:func:`_fused`), measured on the AMD EPYC (Zen 4), N = 8, the fused
+# SCConv forced to Winograd against its direct self (benchmarks/results/cpu-epyc/winograd.md): with 32
+# channels, where the three-pass Winograd had lost, it gained at 56, 28 and 14 px, training 1.21x /
+# 1.15x / 1.09x and eval 1.35x / 1.48x / 1.75x; 8x64x14x14 1.21x / 1.46x. At 7 px (32 tiles) training
+# lost, 0.97x / 0.80x / 0.85x at 64 / 128 / 256 channels: the three filter transforms of a step (4x the
+# filters each) weigh as much as the products there; eval, its transforms kept between calls
+# (:func:`conv2d_cached`), gained 1.55x / 1.61x / 1.13x. 8x256x4x4 (8 tiles) eval was even (0.98x).
 # So: 32 channels; 64 tiles, or 16 with the transform kept; and at least half of the tiles' outputs
 # inside the map (below that the products do more multiplies than the direct convolution's).
 _FUSED_MIN_CHANNELS = 32
@@ -430,9 +431,10 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, d
 
 
 # Inference keeps the filters' transform of a convolution between calls (:func:`conv2d_cached`): it is
-# 4x the filters, and made from them it cost as much as a tenth of an SCConv's eval forward (two
-# 128x128 transforms per call at 8x128x14x14, 0.2 ms each, and at 256 channels 0.5 ms each: benchmarks/
-# results/cpu-epyc/winograd_parts.md). An entry holds the tensors it was made from (a view of each
+# 4x the filters, and made on every call it cost 0.12 ms per 128x128 and 0.47 ms per 256x256 filter bank
+# (benchmarks/results/cpu-epyc/winograd_parts.md), two or three per SCConv. The SCConv's eval forward
+# with the cache against without it, interleaved in one process (AMD EPYC, 2 threads, N = 8): 1.05x at
+# 8x64x28x28, 1.09x at 8x128x28x28, 1.13x at 8x128x14x14, 1.21x at 8x256x14x14. An entry holds the tensors it was made from (a view of each
 # too: its memory stays allocated, so no other tensor can take its address) and their version counters;
 # a change to any of them (an optimizer step, load_state_dict, an in-place edit, a new tensor assigned,
 # a module moved or cast) makes it be remade. The entries live as long as their modules (weak keys).
