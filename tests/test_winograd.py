@@ -239,6 +239,11 @@ def test_one_kernel_convolution_refuses_bad_arguments():
         conv(x, u, None, -1)
     empty = conv(torch.randn(0, 4, 8, 8), u)
     assert empty.shape == (0, 6, 8, 8)
+    # strides of neither layout: read through a channels_last copy, the result channels_last
+    odd = torch.randn(1, 4, 9, 8).transpose(2, 3)
+    got = conv(odd, u)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, conv(odd.contiguous(memory_format=torch.channels_last), u))
     # no input channels: the bias alone
     b = torch.randn(6)
     torch.testing.assert_close(conv(torch.randn(2, 0, 5, 5), torch.randn(36, 0, 6), b), b.view(1, 6, 1, 1).expand(2, 6, 5, 5))

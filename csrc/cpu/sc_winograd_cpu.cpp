@@ -23,7 +23,8 @@
 //                                  kernel (taken where MKL's products are slow: see winograd.py)
 //   _wino_conv(x, U, bias)         the whole convolution, input transform, products and output
 //                                  transform a block of tiles at a time in cache (U from
-//                                  _wino_filter(g, flip, in_major=true)); y in x's layout
+//                                  _wino_filter(g, flip, in_major=true)); y in x's layout (dense NCHW
+//                                  or channels_last; other strides through a channels_last copy)
 //
 // float32, NCHW (dense). Vectorized across the tiles of a tile row with at::vec::Vectorized<float>:
 // each row of the map is first split into its four column phases (column = 4 k + p), so that the six
