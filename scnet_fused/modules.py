@@ -514,11 +514,25 @@ def _param_conv(x: Tensor, weights, stride, padding, dilation, groups: int) -> T
         return _ParamConv.apply(x, dtype, _pair(stride), _pair(padding), _pair(dilation), groups, *weights)
 
 
+def _centre_taps_only(conv: nn.Module, x: Tensor) -> bool:
+    """A 3x3 convolution with stride 1, padding 1, no dilation and one group of a 1x1 map: its other eight
+    taps see only the zero padding (k2 on layer4's pooled maps in SCNet-50)."""
+    return (x.dim() == 4 and x.shape[2] == 1 and x.shape[3] == 1 and tuple(conv.kernel_size) == (3, 3)
+            and _pair(conv.stride) == (1, 1) and _pair(conv.padding) == (1, 1) and _pair(conv.dilation) == (1, 1)
+            and conv.groups == 1)
+
+
 def _conv(conv: nn.Module, x: Tensor) -> Tensor:
     """``conv(x)``; under autocast with a plain float32 convolution (:func:`_plain_conv`) and autograd
     on, through :class:`_ParamConv` (the parameter saved instead of its lower-precision copy); a plain
-    convolution the Winograd rule takes (:func:`winograd.winograd_applies`) as Winograd."""
+    convolution the Winograd rule takes (:func:`winograd.winograd_applies`) as Winograd; a plain 3x3
+    convolution of a 1x1 map as the matrix product with its centre taps (:func:`_centre_taps_only`:
+    8x256x1x1 with 256 filters took 2.53 ms forward + backward through oneDNN and 0.65 ms this way, AMD
+    EPYC, 2 threads; the other taps' gradient is zero either way)."""
     if not (torch.is_grad_enabled() and _autocast_on(x.device.type) and _plain_conv(conv)):
+        if _plain_conv(conv) and _centre_taps_only(conv, x):
+            N, K = x.shape[0], conv.weight.shape[0]
+            return F.linear(x.reshape(N, x.shape[1]), conv.weight[:, :, 1, 1]).view(N, K, 1, 1)
         inference = not torch.is_grad_enabled()  # the Winograd filters' transform is kept between calls
         if _plain_conv(conv) and winograd.winograd_applies(x, conv.weight, conv.stride, conv.padding, conv.dilation,
                                                            conv.groups, cached=inference):

@@ -653,3 +653,29 @@ def test_recompute_gate_gives_identical_gradients(backend):
             gb = torch.autograd.grad(b(x).square().sum(), [x] + list(b.parameters()))
             for u, v in zip(ga, gb):
                 assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("size", [(4, 4), (7, 5)])
+def test_k2_on_a_one_pixel_pooled_map_runs_its_centre_taps(size, channels_last, monkeypatch):
+    """Input maps under 8 px pooled at rate 4 leave k2 a 1x1 map, whose 3x3 convolution sees only its
+    centre taps: the fused SCConv runs it as a matrix product (k2's convolution module is not called)
+    and matches the reference in training (output, gradients of the input and of every parameter, the
+    other taps' zero, running statistics over two steps), eval with autograd and inference."""
+    ref, fused = _pair(R.SCConv, 8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    _randomize_norms(ref)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 8, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    calls = _count_forward_calls(monkeypatch, nn.Conv2d)
+    for mode in ("train", "eval"):
+        _step_and_compare(ref.train(mode == "train"), fused.train(mode == "train"), x, steps=2 if mode == "train" else 1)
+    assert not _called(calls, fused.k2[1])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+    fused.train()
+    fused.zero_grad()
+    fused(x.clone().requires_grad_()).sum().backward()
+    g = fused.k2[1].weight.grad
+    assert g[:, :, 1, 1].abs().sum() > 0 and torch.count_nonzero(g) == g[:, :, 1, 1].numel()
