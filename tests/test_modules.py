@@ -282,10 +282,14 @@ def test_entry_convolutions_stack_only_where_the_input_outweighs_the_weights(siz
     assert ref.conv1_a.weight.numel() + ref.conv1_b.weight.numel() == 2 * 128 * 64
     x = torch.randn(4, 64, *size)
     calls = _count_forward_calls(monkeypatch, nn.Conv2d)
+    # At 4x6 k2's pooled map is 1x1 and its training-mode BatchNorm normalises 4 values per channel: k2's
+    # weight gradient is ill-conditioned, 2e-4 from a float64 run for the reference and the fused module
+    # alike (measured), so the two float32 runs are compared at 5e-4 there.
+    tol = 5e-4 if size == (4, 6) else 1e-4
     for mode in ("train", "eval"):
         calls.clear()
         _step_and_compare(ref.train(mode == "train"), fused.train(mode == "train"), x,
-                          steps=2 if mode == "train" else 1)
+                          steps=2 if mode == "train" else 1, rtol=tol, atol=tol)
         assert _called(calls, fused.conv1_a) != stacked and _called(calls, fused.conv1_b) != stacked, mode
     with torch.no_grad():
         expected = ref(x)
