@@ -533,12 +533,11 @@ def _conv(conv: nn.Module, x: Tensor) -> Tensor:
         if _plain_conv(conv) and _centre_taps_only(conv, x):
             N, K = x.shape[0], conv.weight.shape[0]
             return F.linear(x.reshape(N, x.shape[1]), conv.weight[:, :, 1, 1]).view(N, K, 1, 1)
-        inference = not torch.is_grad_enabled()  # the Winograd filters' transform is kept between calls
+        if _plain_conv(conv) and not torch.is_grad_enabled():  # inference: a Winograd filter transform is kept
+            return winograd.conv2d_cached(conv, x, (conv.weight,), lambda: (conv.weight, None), conv.stride,
+                                          conv.padding, conv.dilation, conv.groups, fallback=lambda: conv(x))
         if _plain_conv(conv) and winograd.winograd_applies(x, conv.weight, conv.stride, conv.padding, conv.dilation,
-                                                           conv.groups, cached=inference):
-            if inference:
-                return winograd.conv2d_cached(conv, x, (conv.weight,), lambda: (conv.weight, None), conv.stride,
-                                              conv.padding, conv.dilation, conv.groups)
+                                                           conv.groups):
             return winograd.conv3x3_winograd(x, conv.weight)
         return conv(x)
     return _param_conv(x, (conv.weight,), conv.stride, conv.padding, conv.dilation, conv.groups)

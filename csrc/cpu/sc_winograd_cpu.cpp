@@ -281,6 +281,15 @@ at::Tensor wino_output_adjoint(const at::Tensor& dy, int64_t TH, int64_t TW) {
   return to_tiles<4>("scnet_fused::_wino_output_adjoint (cpu)", dy, TH, TW);
 }
 
+// The optional bias of an output transform, checked: a float32 CPU vector of K elements (undefined if absent).
+at::Tensor checked_bias(const char* op, const c10::optional<at::Tensor>& bias_in, int64_t K) {
+  if (!(bias_in.has_value() && bias_in->defined())) return at::Tensor();
+  at::Tensor bias = bias_in->contiguous();
+  TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == K, op,
+              ": bias must be a float32 CPU vector of ", K, " elements, got ", bias.sizes());
+  return bias;
+}
+
 // The checked arguments of an output transform: M is (36, K, tiles), or (36, tiles, K) for channels_last.
 struct OutputArgs {
   at::Tensor m, bias;
@@ -302,12 +311,7 @@ OutputArgs output_args(const char* op, const at::Tensor& m_in, int64_t N, int64_
   const int64_t tiles = m_in.size(nhwc ? 1 : 2);
   TORCH_CHECK(tiles == a.T, op, ": ", N, " images of ", H, "x", W, " have ", a.T, " tiles, M has ", tiles);
   a.m = m_in.contiguous();
-  if (bias_in.has_value() && bias_in->defined()) {
-    a.bias = bias_in->contiguous();
-    TORCH_CHECK(a.bias.device().is_cpu() && a.bias.scalar_type() == at::kFloat && a.bias.dim() == 1 &&
-                    a.bias.size(0) == a.K,
-                op, ": bias must be a float32 CPU vector of ", a.K, " elements, got ", a.bias.sizes());
-  }
+  a.bias = checked_bias(op, bias_in, a.K);
   return a;
 }
 
@@ -434,6 +438,12 @@ struct LaneIndex {
   }
 };
 
+// Tile t = (n TH + th) TW + tw of N images of TH x TW tiles.
+struct Tile {
+  int64_t n, th, tw;
+  Tile(int64_t t, int64_t TH, int64_t TW) : n(t / (TW * TH)), th((t / TW) % TH), tw(t % TW) {}
+};
+
 // Where a map's elements lie: element (row, col) of channel c at img + (row W + col) pix + c chan, with
 // (pix, chan) = (C, 1) channels_last or (1, H W) dense NCHW, whose channel vectors are gathered (or
 // stored) a plane apart.
@@ -526,8 +536,8 @@ at::Tensor to_tiles_nhwc(const char* op, const at::Tensor& src_in, int64_t TH, i
   const MapView view(C, H, W, nchw);
   at::parallel_for(0, T, grain_for(36 * C), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t tw = t % TW, th = (t / TW) % TH, n = t / (TW * TH);
-      tile_to_domain<ROWS>(sp + n * H * W * C, view, C, th, tw, op_ + t * C, T * C);
+      const Tile p(t, TH, TW);
+      tile_to_domain<ROWS>(sp + p.n * H * W * C, view, C, p.th, p.tw, op_ + t * C, T * C);
     }
   });
   return out;
@@ -559,8 +569,8 @@ at::Tensor wino_output_nhwc(const at::Tensor& m_in, int64_t N, int64_t H, int64_
   const MapView view(K, H, W, nchw);
   at::parallel_for(0, T, grain_for(36 * K), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t tw = t % TW, th = (t / TW) % TH, n = t / (TW * TH);
-      tile_from_domain(mp + t * K, T * K, K, bp, view, th, tw, yp + n * H * W * K);
+      const Tile p(t, TH, TW);
+      tile_from_domain(mp + t * K, T * K, K, bp, view, p.th, p.tw, yp + p.n * H * W * K);
     }
   });
   return y;
@@ -814,11 +824,13 @@ at::Tensor wino_bmm(const at::Tensor& a_in, const at::Tensor& b_in, bool a_t) {
 // task's cache, and memory sees the map read once and the result written once (the three-pass form
 // writes and reads V and M in between: 2 (36 / 16) (C + K) floats a pixel more).
 // ---------------------------------------------------------------------------------------------
-// A block is at most kMR tiles (one register block of the product: every product step reads the
-// block's rows of V from L1); where that leaves fewer blocks than the threads can share, the output
-// channels are split too (each part transforms the block's input again: cheap next to its products).
+// A block is kMR tiles (one register block of the product: every product step reads the block's rows
+// of V from L1; larger blocks measured slower, their buffers leaving L2). Where that leaves fewer than
+// 4 blocks a thread, the blocks are made equal, up to 16 tiles, and the output channels are split into
+// parts too (each part transforms its block's input again: x is read once per part, cheap next to the
+// part's products). `block` > 0 fixes the block size (the tests pin every boundary with it).
 at::Tensor wino_conv(const at::Tensor& x_in, const at::Tensor& u_in, const c10::optional<at::Tensor>& bias_in,
-                          int64_t block, bool split_k) {
+                     int64_t block, bool split_k) {
   const char* op = "scnet_fused::_wino_conv (cpu)";
   check_map(op, x_in);
   TORCH_CHECK(u_in.device().is_cpu() && u_in.scalar_type() == at::kFloat && u_in.dim() == 3 && u_in.size(0) == 36 &&
@@ -829,19 +841,14 @@ at::Tensor wino_conv(const at::Tensor& x_in, const at::Tensor& u_in, const c10::
   const at::Tensor x = nchw ? x_in : x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor u = u_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = u.size(2);
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    bias = bias_in->contiguous();
-    TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == K,
-                op, ": bias must be a float32 CPU vector of ", K, " elements, got ", bias.sizes());
-  }
+  const at::Tensor bias = checked_bias(op, bias_in, K);
+  TORCH_CHECK(block >= 0, op, ": block must be >= 0 (0: chosen here), got ", block);
   TORCH_CHECK(H > 0 && W > 0, op, ": empty spatial size ", H, "x", W);
   at::Tensor y = host::new_output({N, K, H, W}, x.options(),
                                   nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return y;
   if (C == 0) return bias.defined() ? y.copy_(bias.view({1, K, 1, 1}).expand_as(y)) : y.zero_();
   const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4, T = N * TH * TW;
-  TORCH_CHECK(block >= 0, op, ": block must be >= 0 (0: chosen here), got ", block);
   const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
   int64_t TB = std::min<int64_t>(block > 0 ? block : kMR, T);
   if (block == 0 && (T + kMR - 1) / kMR < want) {
@@ -867,8 +874,8 @@ at::Tensor wino_conv(const at::Tensor& x_in, const at::Tensor& u_in, const c10::
       const int64_t t0 = blk * TB, tb = std::min<int64_t>(TB, T - t0), kn = std::min<int64_t>(KC, K - k0);
       if (blk != staged) {
         for (int64_t i = 0; i < tb; ++i) {
-          const int64_t t = t0 + i, tw = t % TW, th = (t / TW) % TH, n = t / (TW * TH);
-          tile_to_domain<6>(xp + n * H * W * C, in_view, C, th, tw, vbuf.data() + i * C, TB * C);
+          const Tile p(t0 + i, TH, TW);
+          tile_to_domain<6>(xp + p.n * H * W * C, in_view, C, p.th, p.tw, vbuf.data() + i * C, TB * C);
         }
         staged = blk;
       }
@@ -883,9 +890,9 @@ at::Tensor wino_conv(const at::Tensor& x_in, const at::Tensor& u_in, const c10::
         }
       }
       for (int64_t i = 0; i < tb; ++i) {
-        const int64_t t = t0 + i, tw = t % TW, th = (t / TW) % TH, n = t / (TW * TH);
-        tile_from_domain(mbuf.data() + i * KC, TB * KC, kn, bp ? bp + k0 : nullptr, out_view, th, tw,
-                         yp + n * H * W * K + k0 * out_view.chan);
+        const Tile p(t0 + i, TH, TW);
+        tile_from_domain(mbuf.data() + i * KC, TB * KC, kn, bp ? bp + k0 : nullptr, out_view, p.th, p.tw,
+                         yp + p.n * H * W * K + k0 * out_view.chan);
       }
     }
   });

@@ -480,30 +480,31 @@ def _cacheable(sources) -> bool:
 
 
 def conv2d_cached(owner: torch.nn.Module, x: Tensor, sources: tuple, make, stride, padding, dilation,
-                  groups: int) -> Tensor:
+                  groups: int, fallback=None) -> Tensor:
     """:func:`conv2d` of the filters and bias ``make()`` returns, made from ``sources`` (the tensors and
     numbers they depend on, the filters first): at inference (autograd off) on the Winograd path, with
-    their transform kept for ``owner`` while the sources are unchanged; else as :func:`conv2d`."""
+    their transform kept for ``owner`` while the sources are unchanged. Where Winograd does not apply,
+    ``fallback()`` if given, else ``F.conv2d``."""
     weight = sources[0]
-    if not (_cache_enabled and not torch.is_grad_enabled()
-            and winograd_applies(x, weight, _pair(stride), _pair(padding), _pair(dilation), groups, cached=True)
-            and _cacheable(sources)):
-        weight, bias = make()
-        return conv2d(x, weight, bias, stride, padding, dilation, groups)
-    if not _is_nhwc(x):
-        x = x.contiguous()
-    if x.shape[0] == 0 or weight.shape[0] == 0:
-        weight, bias = make()
-        return F.conv2d(x, weight, bias, padding=1)
-    in_major = _in_major(x)
-    entry = _filter_cache.get(owner)
-    if entry is None or not entry.matches(sources, in_major):
-        weight, bias = make()
-        _check(x, weight, bias)
-        entry = _Entry(sources, in_major, _weight_transform(weight.detach(), False, in_major),
-                       None if bias is None else bias.detach())
-        _filter_cache[owner] = entry
-    return _forward(x, None, entry.bias, u=entry.u)
+    keep = (_cache_enabled and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and _cacheable(sources))
+    if winograd_applies(x, weight, _pair(stride), _pair(padding), _pair(dilation), groups, cached=keep):
+        if not keep:
+            weight, bias = make()
+            return conv3x3_winograd(x, weight, bias)
+        in_major = _in_major(x)
+        entry = _filter_cache.get(owner)
+        if entry is None or not entry.matches(sources, in_major):
+            weight, bias = make()
+            _check(x, weight, bias)
+            entry = _Entry(sources, in_major, _weight_transform(weight.detach(), False, in_major),
+                           None if bias is None else bias.detach())
+            _filter_cache[owner] = entry
+        return _forward(x, None, entry.bias, u=entry.u)  # x: dense NCHW or channels_last (winograd_applies)
+    if fallback is not None:
+        return fallback()
+    weight, bias = make()
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def _pair(v):
