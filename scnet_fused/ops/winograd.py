@@ -43,14 +43,15 @@ _ALGORITHMS = ("auto", "winograd", "direct")
 _ENV = "SCNET_FUSED_CONV"
 
 
-def _initial_algorithm() -> str:
-    value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
-    if value not in _ALGORITHMS:
-        raise ValueError(f"{_ENV}={value!r}: expected one of {', '.join(_ALGORITHMS)}")
+def _env_choice(name: str, choices) -> str:
+    """The environment variable ``name`` (default and empty: the first choice), one of ``choices``."""
+    value = os.environ.get(name, choices[0]).strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected {', '.join(choices[:-1])} or {choices[-1]}")
     return value
 
 
-_algorithm = _initial_algorithm()
+_algorithm = _env_choice(_ENV, _ALGORITHMS)
 
 
 def set_conv_algorithm(name: str) -> str:
@@ -161,9 +162,7 @@ def _gemm_kernel() -> bool:
     if _gemm_kernel_choice is None:
         from . import _cpp
 
-        value = os.environ.get(_GEMM_ENV, "auto").strip().lower() or "auto"
-        if value not in ("auto", "bmm", "kernel"):
-            raise ValueError(f"{_GEMM_ENV}={value!r}: expected auto, bmm or kernel")
+        value = _env_choice(_GEMM_ENV, ("auto", "bmm", "kernel"))
         if value == "auto":
             _gemm_kernel_choice = _cpp.cpu_isa() == "avx512" and _cpu_vendor() not in ("", "GenuineIntel")
         else:
@@ -195,10 +194,7 @@ def _fused() -> bool:
     """Whether the forward (and the input gradient) runs as the one-kernel convolution."""
     global _fused_setting
     if _fused_setting is None:
-        value = os.environ.get(_FUSED_ENV, "auto").strip().lower() or "auto"
-        if value not in ("auto", "0", "1"):
-            raise ValueError(f"{_FUSED_ENV}={value!r}: expected auto, 0 or 1")
-        _fused_setting = value
+        _fused_setting = _env_choice(_FUSED_ENV, ("auto", "0", "1"))
     return _gemm_kernel() if _fused_setting == "auto" else _fused_setting == "1"
 
 
