@@ -654,6 +654,25 @@ at::Tensor wino_filter(const at::Tensor& w_in, bool flip, bool in_major) {
   return out;
 }
 
+// dg of `cnt` consecutive filters (one a vector lane) from their dU at src[xi * xi_stride + lane]: G^T dU G,
+// written as dst[9 l + e] (the filters' (K, C, 3, 3) layout) through the staging buffer `taps`.
+inline void filter_adjoint_tile(const float* src, int64_t xi_stride, int64_t cnt, float* dst, float (*taps)[kV]) {
+  Vec q[6][3];  // q[r][j]: G^T over s of dU[6 r + s]
+  for (int r = 0; r < 6; ++r) {
+    Vec m[6];
+    for (int s = 0; s < 6; ++s) m[s] = load_part(src + (6 * r + s) * xi_stride, cnt);
+    gt6(m, q[r]);
+  }
+  for (int j = 0; j < 3; ++j) {
+    const Vec m[6] = {q[0][j], q[1][j], q[2][j], q[3][j], q[4][j], q[5][j]};
+    Vec o[3];
+    gt6(m, o);
+    for (int i = 0; i < 3; ++i) o[i].store(taps[3 * i + j]);
+  }
+  for (int64_t l = 0; l < cnt; ++l)
+    for (int e = 0; e < 9; ++e) dst[l * 9 + e] = taps[e][l];
+}
+
 // The adjoint of wino_filter (flip false): dU (36, K, C) -> dg (K, C, 3, 3), dg[k][c] = G^T dU[.][k][c] G.
 at::Tensor wino_filter_adjoint(const at::Tensor& du_in) {
   const char* op = "scnet_fused::_wino_filter_adjoint (cpu)";
@@ -672,22 +691,7 @@ at::Tensor wino_filter_adjoint(const at::Tensor& du_in) {
     for (int64_t k = begin; k < end; ++k) {
       for (int64_t c0 = 0; c0 < C; c0 += kV) {
         const int64_t cnt = std::min<int64_t>(kV, C - c0);
-        const float* src = dp + k * C + c0;
-        Vec q[6][3];  // q[r][j]: G^T over s of dU[6 r + s]
-        for (int r = 0; r < 6; ++r) {
-          Vec m[6];
-          for (int s = 0; s < 6; ++s) m[s] = load_part(src + (6 * r + s) * xi_stride, cnt);
-          gt6(m, q[r]);
-        }
-        for (int j = 0; j < 3; ++j) {
-          const Vec m[6] = {q[0][j], q[1][j], q[2][j], q[3][j], q[4][j], q[5][j]};
-          Vec o[3];
-          gt6(m, o);
-          for (int i = 0; i < 3; ++i) o[i].store(taps[3 * i + j]);
-        }
-        float* dst = gp + (k * C + c0) * 9;
-        for (int64_t l = 0; l < cnt; ++l)
-          for (int e = 0; e < 9; ++e) dst[l * 9 + e] = taps[e][l];
+        filter_adjoint_tile(dp + k * C + c0, xi_stride, cnt, gp + (k * C + c0) * 9, taps);
       }
     }
   });
@@ -899,6 +903,165 @@ at::Tensor wino_conv(const at::Tensor& x_in, const at::Tensor& u_in, const c10::
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Small maps: the filters' transform made inside the task items, never written to memory.
+// ---------------------------------------------------------------------------------------------
+// Where a map has few tiles next to its channels (the 7x7 and 14x14 maps of 128 and 256 channels), the
+// filters' transform U (36 C K floats: 9.4 MB at 256 channels) and the weight gradient's dU are the
+// largest tensors of the convolution, and a training step makes three of them per convolution (the
+// forward's U, the input gradient's flipped one and dU), each written by one pass and read back by the
+// next. wino_conv_w makes the input transform V (36 x tiles x C, small here) first; then a task item
+// takes kNR output channels, transforms their filters into its own buffer [36][C][kNR] and runs the
+// products and the output transform of its tiles against it. wino_wgrad makes dU a block of kMR x (up
+// to 2 kNR) filters at a time, all 36 positions, and transforms it back to the filters' gradient in
+// the task's cache.
+
+// U[xi][i][o - o0] of the convolution's filters for the outputs o0 .. o0 + on (on <= kNR) and every input
+// i < Cin into buf[xi * xs + i * kNR + o - o0] (columns from on on zero). The tap e of filter (o, i)
+// lies at w[o * os + i * is + e], or with `flip` at its 180-degree rotation 8 - e.
+inline void filter_part(const float* w, int64_t os, int64_t is, bool flip, int64_t Cin, int64_t o0, int64_t on,
+                        const LaneIndex& lanes, float* buf, int64_t xs) {
+  for (int64_t h = 0; h < kNR; h += kV) {
+    const int64_t cnt = std::max<int64_t>(0, std::min<int64_t>(kV, on - h));
+    for (int64_t i = 0; i < Cin; ++i) {
+      Vec in[9], u[36];
+      if (cnt == 0) {
+        for (int e = 0; e < 9; ++e) in[e] = Vec(0.0f);
+      } else {
+        const float* g = w + (o0 + h) * os + i * is;
+        for (int e = 0; e < 9; ++e) in[e] = load_strided(g + (flip ? 8 - e : e), os, cnt, lanes.fits, lanes.idx);
+      }
+      filter_tile(in, u);
+      float* dst = buf + i * kNR + h;
+      for (int xi = 0; xi < 36; ++xi) u[xi].store(dst + xi * xs);
+    }
+  }
+}
+
+// The convolution of x (N, Cin, H, W) with the filters `w` (K, C, 3, 3): Cin = C and K outputs, or with
+// `flip` (the input gradient's convolution, flip(w)^T) Cin = K and C outputs; y in x's layout. A task
+// item is kNR output channels of a group of the tiles; `tile_groups` > 0 fixes the number of groups
+// (each group's items transform the same filters again), 0 chooses the fewest giving every thread two
+// items.
+at::Tensor wino_conv_w(const at::Tensor& x_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& bias_in,
+                       bool flip, int64_t tile_groups) {
+  const char* op = "scnet_fused::_wino_conv_w (cpu)";
+  check_map(op, x_in);
+  TORCH_CHECK(w_in.device().is_cpu() && w_in.scalar_type() == at::kFloat && w_in.dim() == 4 && w_in.size(2) == 3 &&
+                  w_in.size(3) == 3,
+              op, ": expected float32 CPU (K, C, 3, 3) filters, got ", w_in.sizes(), " ", w_in.scalar_type(), " on ",
+              w_in.device());
+  const int64_t Cin = x_in.size(1), Kw = w_in.size(0), Cw = w_in.size(1);
+  TORCH_CHECK((flip ? Kw : Cw) == Cin, op, ": the map has ", Cin, " channels, the filters ", w_in.sizes(),
+              flip ? " (flipped: their output channels are the map's)" : "");
+  TORCH_CHECK(tile_groups >= 0, op, ": tile_groups must be >= 0 (0: chosen here), got ", tile_groups);
+  const int64_t Kout = flip ? Cw : Kw;
+  const bool nchw = is_nchw(x_in);
+  const at::Tensor x = nchw ? x_in : x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor w = w_in.contiguous();
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
+  const at::Tensor bias = checked_bias(op, bias_in, Kout);
+  TORCH_CHECK(H > 0 && W > 0, op, ": empty spatial size ", H, "x", W);
+  at::Tensor y = host::new_output({N, Kout, H, W}, x.options(),
+                                  nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
+  if (y.numel() == 0) return y;
+  if (Cin == 0) return bias.defined() ? y.copy_(bias.view({1, Kout, 1, 1}).expand_as(y)) : y.zero_();
+  const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4, T = N * TH * TW;
+  const at::Tensor v = to_tiles_nhwc<6>(op, x, TH, TW);  // (36, T, Cin)
+  const int64_t parts = (Kout + kNR - 1) / kNR;
+  const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t groups = std::min<int64_t>(T, tile_groups > 0 ? tile_groups : (want + parts - 1) / parts);
+  const int64_t TG = (T + groups - 1) / groups;
+  // the filter (o, i) at w[o * os + i * is]
+  const int64_t os = flip ? 9 : Cw * 9, is = flip ? Cw * 9 : 9;
+  static constexpr auto by_rows = gemm_table<true>(std::make_integer_sequence<int, kMR>{});
+  const float* vp = v.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const MapView out_view(Kout, H, W, nchw);
+  const LaneIndex lanes(os);
+  at::parallel_for(0, parts * groups, 1, [&](int64_t begin, int64_t end) {
+    // the 36 positions' rows a cache line more than Cin kNR apart: at a power of two (32 KiB at 256
+    // channels) the 36 stores of every filter vector fell into the same few cache sets
+    const int64_t xs = Cin * kNR + kV;
+    std::vector<float> ubuf(36 * xs), mbuf(36 * kMR * kNR);
+    int64_t made = -1;  // the part whose filters ubuf holds
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t part = item / groups, g = item % groups;
+      const int64_t o0 = part * kNR, on = std::min<int64_t>(kNR, Kout - o0);
+      if (part != made) {
+        filter_part(wp, os, is, flip, Cin, o0, on, lanes, ubuf.data(), xs);
+        made = part;
+      }
+      const int64_t ta = g * TG, tn = std::max<int64_t>(0, std::min<int64_t>(TG, T - ta));
+      // the group's tiles in equal blocks of at most kMR (a register block of the products each)
+      const int64_t nb = (tn + kMR - 1) / kMR;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t t0 = ta + b * tn / nb, tb = ta + (b + 1) * tn / nb - t0;
+        const GemmBlockFn fn = by_rows[tb - 1];
+        for (int64_t xi = 0; xi < 36; ++xi)
+          fn(vp + (xi * T + t0) * Cin, Cin, ubuf.data() + xi * xs, kNR, Cin, mbuf.data() + xi * kMR * kNR,
+             kNR, on);
+        for (int64_t i = 0; i < tb; ++i) {
+          const Tile p(t0 + i, TH, TW);
+          tile_from_domain(mbuf.data() + i * kNR, kMR * kNR, on, bp ? bp + o0 : nullptr, out_view, p.th, p.tw,
+                           yp + p.n * H * W * Kout + o0 * out_view.chan);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// The filters' gradient (K, C, 3, 3) from z (36, T, K) (the output gradient's adjoint transform) and v
+// (36, T, C) (the input's transform): dU[xi] = z[xi]^T v[xi], then G^T dU G. A task item is kMR filter
+// rows by `cpart` columns (a multiple of kNR; 0: 2 kNR, or kNR where that gives too few items).
+at::Tensor wino_wgrad(const at::Tensor& z_in, const at::Tensor& v_in, int64_t cpart) {
+  const char* op = "scnet_fused::_wino_wgrad (cpu)";
+  for (const at::Tensor* t : {&z_in, &v_in}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == 36, op,
+                ": expected float32 CPU (36, tiles, channels) tensors, got ", t->sizes(), " ", t->scalar_type(),
+                " on ", t->device());
+  }
+  TORCH_CHECK(z_in.size(1) == v_in.size(1), op, ": the two transforms have ", z_in.size(1), " and ", v_in.size(1),
+              " tiles");
+  TORCH_CHECK(cpart >= 0 && cpart % kNR == 0, op, ": cpart must be a multiple of ", kNR, " (0: chosen here), got ",
+              cpart);
+  const at::Tensor z = z_in.contiguous(), v = v_in.contiguous();
+  const int64_t T = z.size(1), K = z.size(2), C = v.size(2);
+  at::Tensor out = host::new_output({K, C, 3, 3}, z.options());
+  if (out.numel() == 0) return out;
+  const int64_t kblocks = (K + kMR - 1) / kMR;
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  int64_t CP = cpart > 0 ? cpart : std::min<int64_t>(2 * kNR, round_up(C, kNR));
+  if (cpart == 0 && kblocks * ((C + CP - 1) / CP) < want) CP = kNR;
+  const int64_t cparts = (C + CP - 1) / CP;
+  static constexpr auto by_steps = gemm_table<false>(std::make_integer_sequence<int, kMR>{});
+  const float* zp = z.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* gp = out.data_ptr<float>();
+  at::parallel_for(0, kblocks * cparts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> du(36 * kMR * CP);
+    alignas(64) float taps[9][kV];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k0 = (item / cparts) * kMR, c0 = (item % cparts) * CP;
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, K - k0));
+      const int64_t cn = std::min<int64_t>(CP, C - c0);
+      const GemmBlockFn fn = by_steps[mr - 1];
+      for (int64_t xi = 0; xi < 36; ++xi)
+        for (int64_t n0 = 0; n0 < cn; n0 += kNR)
+          fn(zp + xi * T * K + k0, K, vp + xi * T * C + c0 + n0, C, T, du.data() + xi * kMR * CP + n0, CP,
+             std::min<int64_t>(kNR, cn - n0));
+      for (int i = 0; i < mr; ++i)
+        for (int64_t c = 0; c < cn; c += kV)
+          filter_adjoint_tile(du.data() + i * CP + c, kMR * CP, std::min<int64_t>(kV, cn - c),
+                              gp + ((k0 + i) * C + c0 + c) * 9, taps);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu_winograd
 }  // namespace scnet_fused
@@ -914,4 +1077,6 @@ TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
   m.impl("_wino_filter_adjoint", &scnet_fused::cpu_winograd::wino_filter_adjoint);
   m.impl("_wino_bmm", &scnet_fused::cpu_winograd::wino_bmm);
   m.impl("_wino_conv", &scnet_fused::cpu_winograd::wino_conv);
+  m.impl("_wino_conv_w", &scnet_fused::cpu_winograd::wino_conv_w);
+  m.impl("_wino_wgrad", &scnet_fused::cpu_winograd::wino_wgrad);
 }
