@@ -163,12 +163,16 @@ def _check_conv(x, w, b, rel=5e-5):
         assert err <= rel * scale, f"{name}: error {err:.3e} against {rel} x {scale:.3e}"
 
 
-@pytest.fixture(params=["bmm", "kernel", "fused"])
+@pytest.fixture(params=["bmm", "kernel", "fused", "inside"])
 def gemm(request, monkeypatch):
     """The Winograd products as torch.bmm, as the package's kernel between the three transform passes,
-    and inside the one-kernel convolution (whichever this machine's "auto" takes, all are checked)."""
+    inside the one-kernel convolution, and that with the filters transformed inside the convolution and
+    the weight gradient's kernel (whichever this machine's "auto" takes, all are checked)."""
     monkeypatch.setattr(winograd, "_gemm_kernel_choice", request.param != "bmm")
-    monkeypatch.setattr(winograd, "_fused_setting", "1" if request.param == "fused" else "0")
+    monkeypatch.setattr(winograd, "_fused_setting", "1" if request.param in ("fused", "inside") else "0")
+    inside = request.param == "inside"
+    monkeypatch.setattr(winograd, "_filters_inside", lambda tiles, k_out: inside)
+    monkeypatch.setattr(winograd, "_wgrad_inside", lambda tiles, k, c: inside)
     return request.param
 
 
@@ -249,6 +253,84 @@ def test_one_kernel_convolution_refuses_bad_arguments():
     torch.testing.assert_close(conv(torch.randn(2, 0, 5, 5), torch.randn(36, 0, 6), b), b.view(1, 6, 1, 1).expand(2, 6, 5, 5))
 
 
+# output channels around the 32-column parts (16 with AVX2), tiles around the 14-row blocks, groups of
+# tiles more than the tiles; flipped filters (the input gradient's convolution)
+@pytest.mark.parametrize("N, C, K, H, W", [(2, 20, 24, 9, 11), (1, 3, 5, 1, 1), (3, 33, 17, 13, 7), (8, 16, 70, 7, 7),
+                                           (1, 40, 33, 6, 70)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_convolution_with_the_filters_transformed_inside(N, C, K, H, W, channels_last):
+    """_wino_conv_w computes what _wino_conv computes from the filters' transform made by _wino_filter,
+    bit for bit (the same transform of the same taps, the same sums in the same order), for any grouping
+    of the tiles, flipped or not, in the input's layout; and the direct convolution within float32
+    rounding."""
+    torch.manual_seed(7)
+    ops = torch.ops.scnet_fused
+    w, b = torch.randn(K, C, 3, 3), torch.randn(K)
+    for flip in (False, True):
+        cin = K if flip else C
+        x = torch.randn(N, cin, H, W)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        u = ops._wino_filter(w, flip, True)
+        bias = torch.randn(C) if flip else b
+        want = ops._wino_conv(x, u, bias)
+        T = N * ((H + 3) // 4) * ((W + 3) // 4)
+        for groups in (0, 1, 2, 5, T, T + 4):
+            got = ops._wino_conv_w(x, w, bias, flip, groups)
+            assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            assert torch.equal(got, want), (flip, groups)
+        assert torch.equal(ops._wino_conv_w(x, w, None, flip), ops._wino_conv(x, u, None))
+        ref = F.conv2d(x.double(), (w.flip(2, 3).transpose(0, 1) if flip else w).double(), bias.double(), padding=1)
+        assert (want.double() - ref).abs().max().item() <= 5e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("T, K, C", [(1, 1, 1), (3, 14, 32), (10, 29, 70), (64, 15, 31), (0, 5, 6), (2, 64, 40)])
+def test_weight_gradient_kernel(T, K, C):
+    """_wino_wgrad is the products z[xi]^T v[xi] and the filters' adjoint transform, bit for bit (the same
+    sums in the same order) for every width of its column parts; no tiles give zero gradients."""
+    torch.manual_seed(8)
+    ops = torch.ops.scnet_fused
+    z, v = torch.randn(36, T, K), torch.randn(36, T, C)
+    want = ops._wino_filter_adjoint(ops._wino_bmm(z, v, True))
+    for cpart in (0, 32, 64, 96):  # multiples of the column block (32 with AVX-512, 16 in the other builds)
+        got = ops._wino_wgrad(z, v, cpart)
+        assert got.shape == (K, C, 3, 3) and got.is_contiguous()
+        assert torch.equal(got, want), cpart
+    assert torch.equal(ops._wino_wgrad(z.transpose(1, 2).contiguous().transpose(1, 2), v), want)  # strided z
+    ref = winograd._weight_transform_adjoint_mm(torch.bmm(z.double().transpose(1, 2), v.double()).float())
+    torch.testing.assert_close(want, ref, rtol=1e-5, atol=1e-4 * max(1.0, T))
+
+
+def test_filters_inside_kernels_refuse_bad_arguments():
+    ops = torch.ops.scnet_fused
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="4 channels"):
+        ops._wino_conv_w(x, w, None, True)  # flipped: the map must have the filters' 6 outputs
+    with pytest.raises(RuntimeError, match=r"\(K, C, 3, 3\)"):
+        ops._wino_conv_w(x, torch.randn(6, 4, 5, 5))
+    with pytest.raises(RuntimeError, match="float32"):
+        ops._wino_conv_w(x.double(), w.double())
+    with pytest.raises(RuntimeError, match="bias"):
+        ops._wino_conv_w(x, w, torch.randn(4))
+    with pytest.raises(RuntimeError, match="tile_groups"):
+        ops._wino_conv_w(x, w, None, False, -1)
+    assert ops._wino_conv_w(torch.randn(0, 4, 8, 8), w).shape == (0, 6, 8, 8)
+    b = torch.randn(6)
+    torch.testing.assert_close(ops._wino_conv_w(torch.randn(2, 0, 5, 5), torch.randn(6, 0, 3, 3), b),
+                               b.view(1, 6, 1, 1).expand(2, 6, 5, 5))
+    odd = torch.randn(1, 4, 9, 8).transpose(2, 3)  # neither layout: through a channels_last copy
+    assert torch.equal(ops._wino_conv_w(odd, w), ops._wino_conv_w(odd.contiguous(memory_format=torch.channels_last), w))
+    z, v = torch.randn(36, 5, 3), torch.randn(36, 5, 4)
+    with pytest.raises(RuntimeError, match="5 and 6 tiles"):
+        ops._wino_wgrad(z, torch.randn(36, 6, 4))
+    with pytest.raises(RuntimeError, match=r"\(36, tiles, channels\)"):
+        ops._wino_wgrad(z[:35], v[:35])
+    with pytest.raises(RuntimeError, match="float32"):
+        ops._wino_wgrad(z.double(), v.double())
+    with pytest.raises(RuntimeError, match="cpart"):
+        ops._wino_wgrad(z, v, 5)
+
+
 def test_gemm_choice(monkeypatch):
     monkeypatch.setattr(winograd, "_gemm_kernel_choice", None)
     monkeypatch.setenv(winograd._GEMM_ENV, "fastest")
@@ -314,10 +396,13 @@ def test_narrow_nchw_maps_run_the_channels_last_kernels(width, kernels, gemm):
     with _OpLog() as log:
         y = scnet_fused.ops.conv3x3_winograd(x, w)
         y.backward(torch.randn_like(y))
-    wino = {n for n in log.names if n.startswith(("_wino_input", "_wino_output", "_wino_conv"))}
+    wino = {n for n in log.names if n.startswith(("_wino_input", "_wino_output", "_wino_conv", "_wino_wgrad"))}
     if gemm == "fused":  # the forward and the input gradient in one kernel each, the weight gradient in passes
         assert log.names.count("_wino_conv") == 2  # (on the channels_last kernels at every width)
         assert wino == {"_wino_conv", "_wino_input_nhwc", "_wino_output_adjoint_nhwc"}
+    elif gemm == "inside":  # those two from the filters themselves, the weight gradient's products and
+        assert log.names.count("_wino_conv_w") == 2  # adjoint transform in one kernel
+        assert wino == {"_wino_conv_w", "_wino_input_nhwc", "_wino_output_adjoint_nhwc", "_wino_wgrad"}
     else:
         assert wino == {"_wino_input" + kernels, "_wino_output" + kernels, "_wino_output_adjoint" + kernels}
     _check_conv(x, w, None)
@@ -447,7 +532,7 @@ def test_selection_rule(monkeypatch):
 
 def test_selection_rule_with_the_one_kernel_convolution(monkeypatch):
     """"auto" with the one-kernel convolution: 32 channels, 64 tiles (16 where the filters' transform is kept
-    between calls), half of the tiles' outputs inside the map."""
+    between calls or made inside the convolution), half of the tiles' outputs inside the map."""
     monkeypatch.setattr(winograd, "_fused_setting", "1")
     monkeypatch.setattr(winograd, "_auto_isa", lambda: True)
     args = ((1, 1), (1, 1), (1, 1), 1)
@@ -461,8 +546,11 @@ def test_selection_rule_with_the_one_kernel_convolution(monkeypatch):
 
     assert auto((8, 32, 56, 56)) and auto((8, 32, 14, 14)) and auto((8, 64, 14, 14), cl=True)
     assert not auto((8, 16, 56, 56)) and not auto((8, 64, 56, 56), K=16)  # too few channels
-    assert not auto((8, 256, 7, 7)) and auto((8, 256, 7, 7), cached=True)  # 32 tiles
-    assert not auto((1, 256, 14, 14)) and auto((1, 256, 14, 14), cached=True)  # 16 tiles
+    # 32 tiles: with the transform kept, or with at least twice as many outputs (the filters transformed
+    # inside the convolution)
+    assert auto((8, 256, 7, 7)) and auto((8, 64, 7, 7)) and auto((8, 32, 7, 7), cached=True)
+    assert not auto((8, 32, 7, 7)) and not auto((8, 64, 7, 7), K=32)
+    assert auto((1, 256, 14, 14)) and auto((1, 32, 14, 14))  # 16 tiles, 32 outputs
     assert not auto((8, 256, 4, 4), cached=True)  # 8 tiles
     assert not auto((16, 64, 5, 5), cached=True)  # 64 tiles, 39% of their outputs inside the map
     assert auto((16, 64, 6, 6), cached=True)  # 56%
@@ -614,9 +702,10 @@ def test_not_under_export_or_trace_and_once_differentiable(monkeypatch):
 
 
 def _filter_transforms(fn):
+    """fn()'s result and how many filter transforms it made (by _wino_filter, or inside _wino_conv_w)."""
     with _OpLog() as log:
         out = fn()
-    return out, log.names.count("_wino_filter")
+    return out, log.names.count("_wino_filter") + log.names.count("_wino_conv_w")
 
 
 def _eval_scconv(C=16):

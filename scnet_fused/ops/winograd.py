@@ -198,6 +198,28 @@ def _fused() -> bool:
     return _gemm_kernel() if _fused_setting == "auto" else _fused_setting == "1"
 
 
+# Few tiles next to the channels (7x7 and 14x14 maps of 128 and 256 channels at N = 8): the filters'
+# transform U (36 x C x K) and the weight gradient's dU outweigh the map's transforms (36 x tiles x
+# channels), and each went to memory and back between two passes. There the convolution transforms
+# the filters inside its task items (``_wino_conv_w``: kNR output channels an item, their part of U in
+# the item's cache), and the weight gradient's products and adjoint transform run as one kernel
+# (``_wino_wgrad``: a block of filters, all 36 positions, transformed back in cache). Measured on an AMD
+# EPYC (Zen 4), N = 8, 2 threads, C -> C: the convolution 1.65 against 3.23 ms with U made
+# beforehand by its own kernel at 8x256x7x7, 0.55 against 0.96 at 8x128x7x7, 5.60 against 6.43 at
+# 8x256x14x14; but 2.00 against 1.82 at 8x128x14x14 and slower still at more tiles (U made once and
+# read per block of tiles from the caches is cheaper than V read per part of the outputs). The weight
+# gradient 1.61 against 2.16 ms at 8x256x7x7 and 0.62 against 0.67 at 8x128x7x7; at 8x128x14x14
+# (128 tiles) 2.18 against 1.84, each item reading all 36 positions of the transformed input.
+# So: the outputs at least twice the tiles for the convolution, the channels at least 4x the tiles for
+# the weight gradient; both only where the product kernel runs (:func:`_fused`).
+def _filters_inside(tiles: int, k_out: int) -> bool:
+    return _fused() and k_out >= 2 * tiles
+
+
+def _wgrad_inside(tiles: int, k: int, c: int) -> bool:
+    return _fused() and 4 * tiles <= min(k, c)
+
+
 def _in_major(x: Tensor) -> bool:
     """The layout of the filters' transform x's convolution reads: (36, C, K) (True) or (36, K, C)."""
     return _fused() or _nhwc_kernels(x)
@@ -210,6 +232,8 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], flip: 
     with their transform ``u`` already made (``_weight_transform(weight, flip, _in_major(x))``)."""
     N, _, H, W = x.shape
     TH, TW = _tiles(H, W)
+    if u is None and _filters_inside(N * TH * TW, weight.shape[1] if flip else weight.shape[0]):
+        return torch.ops.scnet_fused._wino_conv_w(x, weight, bias, flip)
     in_major = _in_major(x)
     if u is None:
         u = _weight_transform(weight, flip, in_major)  # (36, C, K), or (36, K, C)
@@ -233,6 +257,8 @@ def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     if _in_major(x):
         z = torch.ops.scnet_fused._wino_output_adjoint_nhwc(grad_out, TH, TW)  # (36, T, K)
         v = torch.ops.scnet_fused._wino_input_nhwc(x, TH, TW)  # (36, T, C)
+        if _wgrad_inside(z.shape[1], z.shape[2], v.shape[2]):
+            return torch.ops.scnet_fused._wino_wgrad(z, v)
         return _weight_transform_adjoint(_bmm(z, v, a_transposed=True))
     z = torch.ops.scnet_fused._wino_output_adjoint(grad_out, TH, TW)  # (36, K, T)
     v = torch.ops.scnet_fused._wino_input(x, TH, TW)  # (36, C, T)
@@ -365,9 +391,12 @@ _AUTO_MIN_WORK = {False: 16384, True: 4096}  # by kernels: the channels_last one
 # filters each) weigh as much as the products there; eval, its transforms kept between calls
 # (:func:`conv2d_cached`), gained 1.55x / 1.61x / 1.13x. 8x256x4x4 (8 tiles) eval was even (0.98x).
 # So: 32 channels; 64 tiles, or 16 with the transform kept; and at least half of the tiles' outputs
-# inside the map (below that the products do more multiplies than the direct convolution's).
+# inside the map (below that the products do more multiplies than the direct convolution's). With the
+# filters transformed inside the convolution and the weight gradient (:func:`_filters_inside`), the
+# 7 px training steps gained too, forced Winograd against direct in one process: 1.26x / 1.29x / 1.22x
+# at 8x256x7x7 / 8x128x7x7 / 8x64x7x7 ; so 16 tiles suffice there as well.
 _FUSED_MIN_CHANNELS = 32
-_FUSED_MIN_TILES = {False: 64, True: 16}  # by whether the filters' transform is kept between calls
+_FUSED_MIN_TILES = {False: 64, True: 16}  # by whether the filters' transform is kept (or made inside)
 
 
 def _auto(x: Tensor, weight: Tensor, cached: bool = False) -> bool:
@@ -379,7 +408,8 @@ def _auto(x: Tensor, weight: Tensor, cached: bool = False) -> bool:
     tiles = x.shape[0] * TH * TW
     useful = (H * W) / (16 * TH * TW)
     if _fused():
-        return channels >= _FUSED_MIN_CHANNELS and tiles >= _FUSED_MIN_TILES[cached] and useful >= 0.5
+        enough = tiles >= _FUSED_MIN_TILES[cached or _filters_inside(tiles, weight.shape[0])]
+        return channels >= _FUSED_MIN_CHANNELS and enough and useful >= 0.5
     work = channels * tiles * useful
     nhwc = _nhwc_kernels(x)
     return channels >= _AUTO_MIN_CHANNELS and tiles >= _AUTO_MIN_TILES and work >= _AUTO_MIN_WORK[nhwc]
@@ -414,7 +444,8 @@ def _kernels_present() -> bool:
 
         ops = ("_wino_input", "_wino_output", "_wino_output_adjoint")
         _present = all(_cpp.has_kernel(op + layout, "CPU") for op in ops for layout in ("", "_nhwc")) and \
-            all(_cpp.has_kernel(op, "CPU") for op in ("_wino_filter", "_wino_filter_adjoint", "_wino_bmm", "_wino_conv"))
+            all(_cpp.has_kernel(op, "CPU") for op in ("_wino_filter", "_wino_filter_adjoint", "_wino_bmm", "_wino_conv",
+                                                     "_wino_conv_w", "_wino_wgrad"))
     return _present
 
 
