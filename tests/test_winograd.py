@@ -781,3 +781,25 @@ def test_filter_cache_leaves_training_and_inference_mode_alone(gemm):
     del m
     gc.collect()
     assert len(winograd._filter_cache) == keys - 3
+
+
+def test_large_filter_transforms_made_inside_are_not_kept(monkeypatch, gemm):
+    """Where the convolution transforms the filters inside itself and the transform would exceed
+    _CACHE_MAX_BYTES, inference keeps nothing: every call makes the transforms again, and the output
+    still matches the reference."""
+    monkeypatch.setattr(winograd, "_CACHE_MAX_BYTES", 36 * 16 * 16 * 4 - 1)  # just below k3's and k4's
+    m = _eval_scconv()
+    ref = reference.SCConv(16, 16, 1, 1, 1, 1, 4, torch.nn.BatchNorm2d).double().eval()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(1, 16, 24, 24)  # 36 tiles; k2's pooled map 4
+    winograd._filter_cache.clear()
+    with torch.no_grad(), algorithm("winograd"):
+        for _ in range(2):
+            y, made = _filter_transforms(lambda: m(x))
+            want = ref(x.double())
+            assert (y.double() - want).abs().max().item() <= 5e-5 * want.abs().max().item()
+            convs = (m.k2[1], m.k3[0], m.k4[0])
+            if gemm == "inside":  # k2 (on the 6x6 pooled map), k3 and k4 made inside on every call
+                assert made == 3 and not any(c in winograd._filter_cache for c in convs)
+            else:
+                assert all(c in winograd._filter_cache for c in convs)
