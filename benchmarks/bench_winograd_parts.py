@@ -60,6 +60,25 @@ def _conv_jobs(N, C, H, W):
     }
 
 
+def _inside_jobs(N, C, H, W):
+    """A convolution from its filters (their transform made in each call, as in a training step) and a
+    weight gradient from the two transforms: the kernels that make the filters' transform inside their
+    task items (``_wino_conv_w``, ``_wino_wgrad``) against the separate kernels."""
+    TH, TW = (H + 3) // 4, (W + 3) // 4
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, C, H, W, generator=g)
+    w = torch.randn(C, C, 3, 3, generator=g)
+    ops = torch.ops.scnet_fused
+    z, v = ops._wino_output_adjoint_nhwc(x, TH, TW), ops._wino_input_nhwc(x, TH, TW)
+    return {
+        ("from the filters forward", "F.conv2d"): lambda: torch.nn.functional.conv2d(x, w, None, padding=1),
+        ("from the filters forward", "separate"): lambda: ops._wino_conv(x, ops._wino_filter(w, False, True), None),
+        ("from the filters forward", "inside"): lambda: ops._wino_conv_w(x, w, None),
+        ("from the filters weight gradient", "separate"): lambda: ops._wino_filter_adjoint(ops._wino_bmm(z, v, True)),
+        ("from the filters weight gradient", "inside"): lambda: ops._wino_wgrad(z, v),
+    }
+
+
 def _filter_jobs(C):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(C, C, 3, 3, generator=g)
@@ -95,6 +114,7 @@ def main(argv=None) -> int:
         flops, jobs = _product_jobs(N, C, H, W)
         groups.append((bench.shape_str((N, C, H, W)), flops, jobs))
         groups.append((bench.shape_str((N, C, H, W)), None, _conv_jobs(N, C, H, W)))
+        groups.append((bench.shape_str((N, C, H, W)), None, _inside_jobs(N, C, H, W)))
     for C in sorted({C for C, _, _ in shapes}):
         groups.append((f"{C}x{C}x3x3", None, _filter_jobs(C)))
     rows = []
@@ -152,6 +172,24 @@ def markdown(rows) -> str:
             continue
         d, p3, k = (t[n]["median_ms"] for n in ("F.conv2d", "three passes", "one kernel"))
         lines.append(f"| {shape} | {d:.3f} | {p3:.3f} | {k:.3f} | {p3 / k:.2f}x | {d / k:.2f}x |")
+    lines += ["", "The filters' transform made in each call, as in a training step: a convolution forward from "
+              "its filters (separate: `_wino_filter`, then `_wino_conv`; inside: `_wino_conv_w`, which transforms "
+              "a part of the filters inside each task item), and the weight gradient from the transformed input "
+              "and output gradient (separate: `_wino_bmm`, then `_wino_filter_adjoint`; inside: `_wino_wgrad`). "
+              "`auto` takes the inside kernels where the outputs are at least twice the tiles (forward) and the "
+              "channels at least 4x the tiles (weight gradient).", "",
+              "| N x C x H x W | tiles | computes | F.conv2d ms | separate ms | inside ms | inside vs separate "
+              "| inside vs F.conv2d |",
+              "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for (shape, op), t in by.items():
+        if "inside" not in t:
+            continue
+        n, _, h, w = (int(d) for d in shape.split("x"))
+        d = t["F.conv2d"]["median_ms"] if "F.conv2d" in t else None
+        sep, ins = t["separate"]["median_ms"], t["inside"]["median_ms"]
+        lines.append(f"| {shape} | {n * ((h + 3) // 4) * ((w + 3) // 4)} | {op.replace('from the filters ', '')} "
+                     f"| {'-' if d is None else f'{d:.3f}'} | {sep:.3f} | {ins:.3f} | {sep / ins:.2f}x "
+                     f"| {'-' if d is None else f'{d / ins:.2f}x'} |")
     lines += ["", "The filter transforms (C x C x 3 x 3 filters -> 36 x C x C): as (36 x 9) matrix products "
               "(the flipped filters after a flip-transpose copy) and as kernels.", "",
               "| filters | transform | matrix product ms | kernel ms | kernel vs matrix product |",
