@@ -203,15 +203,18 @@ def _fused() -> bool:
 # channels), and each went to memory and back between two passes. There the convolution transforms
 # the filters inside its task items (``_wino_conv_w``: kNR output channels an item, their part of U in
 # the item's cache), and the weight gradient's products and adjoint transform run as one kernel
-# (``_wino_wgrad``: a block of filters, all 36 positions, transformed back in cache). Measured on an AMD
-# EPYC (Zen 4), N = 8, 2 threads, C -> C: the convolution 1.65 against 3.23 ms with U made
-# beforehand by its own kernel at 8x256x7x7, 0.55 against 0.96 at 8x128x7x7, 5.60 against 6.43 at
-# 8x256x14x14; but 2.00 against 1.82 at 8x128x14x14 and slower still at more tiles (U made once and
-# read per block of tiles from the caches is cheaper than V read per part of the outputs). The weight
-# gradient 1.61 against 2.16 ms at 8x256x7x7 and 0.62 against 0.67 at 8x128x7x7; at 8x128x14x14
-# (128 tiles) 2.18 against 1.84, each item reading all 36 positions of the transformed input.
-# So: the outputs at least twice the tiles for the convolution, the channels at least 4x the tiles for
-# the weight gradient; both only where the product kernel runs (:func:`_fused`).
+# (``_wino_wgrad``: a block of filters, all 36 positions, transformed back in cache). On an AMD EPYC
+# (Zen 4), N = 8, 2 threads, C -> C, the filters' transform made in each call as in a training step
+# (benchmarks/results/cpu-epyc/winograd_parts.md): the convolution forward 2.31x the separate kernels at
+# 8x256x7x7 (32 tiles), 1.40x at 8x256x14x14 and 1.55x at 8x128x14x14 (128 tiles), but 0.60x-0.84x at
+# 392 and 1568 tiles (there U, made once, is read per block of tiles from the caches, while the inside
+# kernel reads V once per part of the outputs); the weight gradient 1.86x at 8x256x7x7, 1.18x at
+# 8x256x14x14, 0.99x at 8x128x14x14, 0.58x-0.98x at more tiles (each item reads all 36 positions of the
+# transformed input). The rule: the outputs at least twice the tiles for the convolution, the channels
+# at least 4x the tiles for the weight gradient; both only where the product kernel runs
+# (:func:`_fused`). It leaves 8x128x14x14's convolutions out although they gained alone: its SCConv
+# training step with them inside (outputs >= tiles), interleaved with the rule's in one process, did not
+# (15.86 against 15.26 ms, four rounds).
 def _filters_inside(tiles: int, k_out: int) -> bool:
     return _fused() and k_out >= 2 * tiles
 
@@ -393,8 +396,8 @@ _AUTO_MIN_WORK = {False: 16384, True: 4096}  # by kernels: the channels_last one
 # So: 32 channels; 64 tiles, or 16 with the transform kept; and at least half of the tiles' outputs
 # inside the map (below that the products do more multiplies than the direct convolution's). With the
 # filters transformed inside the convolution and the weight gradient (:func:`_filters_inside`), the
-# 7 px training steps gained too, forced Winograd against direct in one process: 1.26x / 1.29x / 1.22x
-# at 8x256x7x7 / 8x128x7x7 / 8x64x7x7 ; so 16 tiles suffice there as well.
+# 7 px SCConv training steps gained too, forced Winograd against direct interleaved in one process (four
+# rounds): 1.29x / 1.28x / 1.22x at 8x256x7x7 / 8x128x7x7 / 8x64x7x7; so 16 tiles suffice there as well.
 _FUSED_MIN_CHANNELS = 32
 _FUSED_MIN_TILES = {False: 64, True: 16}  # by whether the filters' transform is kept (or made inside)
 
