@@ -580,20 +580,7 @@ at::Tensor wino_output_nhwc(const at::Tensor& m_in, int64_t N, int64_t H, int64_
 // The filters' transform U = G g G^T and its adjoint, 16 filters (one vector lane each) at a time.
 // ---------------------------------------------------------------------------------------------
 
-// G applied to three values (6 outputs): G's rows are (1/4, 0, 0), -(1, 1, 1)/6, -(1, -1, 1)/6,
-// (1, 2, 4)/24, (1, -2, 4)/24, (0, 0, 1).
-inline void g3(const Vec& g0, const Vec& g1, const Vec& g2, Vec* o) {
-  const Vec sixth(1.0f / 6.0f), quarter(0.25f), f24(1.0f / 24.0f), f2(2.0f), f4(4.0f);
-  const Vec p02 = g0 + g2, e = g0 + f4 * g2, t = f2 * g1;
-  o[0] = quarter * g0;
-  o[1] = Vec(0.0f) - sixth * (p02 + g1);
-  o[2] = sixth * (g1 - p02);
-  o[3] = f24 * (e + t);
-  o[4] = f24 * (e - t);
-  o[5] = g2;
-}
-
-// G^T applied to six values (3 outputs): the adjoint of g3.
+// G^T applied to six values (3 outputs): the adjoint of g3v.
 inline void gt6(const Vec* m, Vec* o) {
   const Vec sixth(1.0f / 6.0f), quarter(0.25f), f24(1.0f / 24.0f), f2(2.0f), f4(4.0f);
   const Vec s12 = m[1] + m[2], d12 = m[2] - m[1], s34 = f24 * (m[3] + m[4]), d34 = f24 * (m[3] - m[4]);
@@ -602,15 +589,27 @@ inline void gt6(const Vec* m, Vec* o) {
   o[2] = f4 * s34 - sixth * s12 + m[5];
 }
 
-// U[xi] (36 vectors) of the 16 filters whose nine taps are in[0..8] (tap 3 i + j, one filter a lane).
-inline void filter_tile(const Vec* in, Vec* u) {
-  Vec t[6][3];  // t[r][j] = (G g)[r][j]
-  for (int j = 0; j < 3; ++j) {
-    Vec o[6];
-    g3(in[j], in[3 + j], in[6 + j], o);
-    for (int r = 0; r < 6; ++r) t[r][j] = o[r];
+// G applied to three values (6 outputs): G's rows are (1/4, 0, 0), -(1, 1, 1)/6, -(1, -1, 1)/6,
+// (1, 2, 4)/24, (1, -2, 4)/24, (0, 0, 1). The results as values: arrays of vectors default-constructed
+// on the stack were zero-filled (`rep stos`, a fifth of the filter transform's time).
+struct Six {
+  Vec v[6];
+};
+inline Six g3v(const Vec& g0, const Vec& g1, const Vec& g2) {
+  const Vec sixth(1.0f / 6.0f), quarter(0.25f), f24(1.0f / 24.0f), f2(2.0f), f4(4.0f);
+  const Vec p02 = g0 + g2, e = g0 + f4 * g2, t = f2 * g1;
+  return Six{{quarter * g0, Vec(0.0f) - sixth * (p02 + g1), sixth * (g1 - p02), f24 * (e + t), f24 * (e - t), g2}};
+}
+
+// U[xi] of the 16 filters whose nine taps are in[0..8] (tap 3 i + j, one filter a lane), handed to
+// store(xi, vector) position by position.
+template <typename Store>
+inline void filter_tile(const Vec* in, Store&& store) {
+  const Six c0 = g3v(in[0], in[3], in[6]), c1 = g3v(in[1], in[4], in[7]), c2 = g3v(in[2], in[5], in[8]);
+  for (int r = 0; r < 6; ++r) {  // row r of G g: (c0[r], c1[r], c2[r]); then G applied to it
+    const Six o = g3v(c0.v[r], c1.v[r], c2.v[r]);
+    for (int s = 0; s < 6; ++s) store(6 * r + s, o.v[s]);
   }
-  for (int r = 0; r < 6; ++r) g3(t[r][0], t[r][1], t[r][2], u + 6 * r);
 }
 
 // (K, C, 3, 3) filters -> U (36, K, C), U[xi][k][c] = (G g[k][c] G^T)[xi]. `flip`: the filters of the
@@ -643,11 +642,11 @@ at::Tensor wino_filter(const at::Tensor& w_in, bool flip, bool in_major) {
         const float* g0 = swap ? wp + (c0 * C + r) * 9 : wp + (r * C + c0) * 9;
         for (int64_t l = 0; l < kV; ++l)
           for (int e = 0; e < 9; ++e) taps[e][l] = l < cnt ? g0[l * lane + (flip ? 8 - e : e)] : 0.0f;
-        Vec in[9], u[36];
-        for (int e = 0; e < 9; ++e) in[e] = Vec::loadu(taps[e]);
-        filter_tile(in, u);
+        const Vec in[9] = {Vec::loadu(taps[0]), Vec::loadu(taps[1]), Vec::loadu(taps[2]),
+                           Vec::loadu(taps[3]), Vec::loadu(taps[4]), Vec::loadu(taps[5]),
+                           Vec::loadu(taps[6]), Vec::loadu(taps[7]), Vec::loadu(taps[8])};
         float* dst = up + r * cols + c0;
-        for (int xi = 0; xi < 36; ++xi) store_part(u[xi], dst + xi * xi_stride, cnt);
+        filter_tile(in, [&](int xi, const Vec& u) { store_part(u, dst + xi * xi_stride, cnt); });
       }
     }
   });
@@ -937,12 +936,11 @@ inline void filter_part(const float* w, int64_t os, int64_t is, bool flip, int64
       }
     }
     for (int64_t i = 0; i < Cin; ++i) {
-      Vec in[9], u[36];
       const float* t = stage + i * 9 * kV;
-      for (int e = 0; e < 9; ++e) in[e] = Vec::loadu(t + (flip ? 8 - e : e) * kV);
-      filter_tile(in, u);
+      const auto tap = [&](int e) { return Vec::loadu(t + (flip ? 8 - e : e) * kV); };
+      const Vec in[9] = {tap(0), tap(1), tap(2), tap(3), tap(4), tap(5), tap(6), tap(7), tap(8)};
       float* dst = buf + i * kNR + h;
-      for (int xi = 0; xi < 36; ++xi) u[xi].store(dst + xi * xs);
+      filter_tile(in, [&](int xi, const Vec& u) { u.store(dst + xi * xs); });
     }
   }
 }
