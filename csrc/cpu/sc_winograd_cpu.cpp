@@ -40,6 +40,7 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -821,6 +822,15 @@ at::Tensor wino_bmm(const at::Tensor& a_in, const at::Tensor& b_in, bool a_t) {
   return out;
 }
 
+// A task's scratch floats, not initialized (a std::vector's zero fill of the per-task buffers, up to
+// 1.2 MB for _wino_conv_w, showed as memset in the profile of the 8x256x7x7 training step); every
+// element is written before it is read.
+struct Scratch {
+  std::unique_ptr<float[]> p;
+  explicit Scratch(int64_t n) : p(new float[static_cast<size_t>(std::max<int64_t>(n, 1))]) {}
+  float* data() const { return p.get(); }
+};
+
 // ---------------------------------------------------------------------------------------------
 // The whole convolution through the tile domain, a block of tiles at a time: the block's transformed
 // input V (36 x tiles x C), its products M = V U (36 x tiles x K) and the output transform stay in the
@@ -870,7 +880,7 @@ at::Tensor wino_conv(const at::Tensor& x_in, const at::Tensor& u_in, const c10::
   float* yp = y.data_ptr<float>();
   const MapView in_view(C, H, W, nchw), out_view(K, H, W, nchw);
   at::parallel_for(0, blocks * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> vbuf(36 * TB * C), mbuf(36 * TB * KC);
+    const Scratch vbuf(36 * TB * C), mbuf(36 * TB * KC);
     int64_t staged = -1;  // the block whose transformed input vbuf holds
     for (int64_t item = begin; item < end; ++item) {
       const int64_t blk = item / parts, k0 = (item % parts) * KC;
@@ -991,7 +1001,7 @@ at::Tensor wino_conv_w(const at::Tensor& x_in, const at::Tensor& w_in, const c10
     // the 36 positions' rows a cache line more than Cin kNR apart: at a power of two (32 KiB at 256
     // channels) the 36 stores of every filter vector fell into the same few cache sets
     const int64_t xs = Cin * kNR + kV;
-    std::vector<float> ubuf(36 * xs), mbuf(36 * kMR * kNR), stage(Cin * 9 * kV);
+    const Scratch ubuf(36 * xs), mbuf(36 * kMR * kNR), stage(Cin * 9 * kV);
     int64_t made = -1;  // the part whose filters ubuf holds
     for (int64_t item = begin; item < end; ++item) {
       const int64_t part = item / groups, g = item % groups;
@@ -1048,7 +1058,7 @@ at::Tensor wino_wgrad(const at::Tensor& z_in, const at::Tensor& v_in, int64_t cp
   const float* vp = v.data_ptr<float>();
   float* gp = out.data_ptr<float>();
   at::parallel_for(0, kblocks * cparts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> du(36 * kMR * CP);
+    const Scratch du(36 * kMR * CP);
     alignas(64) float taps[9][kV];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t k0 = (item / cparts) * kMR, c0 = (item % cparts) * CP;
