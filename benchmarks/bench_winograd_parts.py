@@ -176,8 +176,8 @@ def markdown(rows) -> str:
               "its filters (separate: `_wino_filter`, then `_wino_conv`; inside: `_wino_conv_w`, which transforms "
               "a part of the filters inside each task item), and the weight gradient from the transformed input "
               "and output gradient (separate: `_wino_bmm`, then `_wino_filter_adjoint`; inside: `_wino_wgrad`). "
-              "`auto` takes the inside kernels where the outputs are at least twice the tiles (forward) and the "
-              "channels at least 4x the tiles (weight gradient).", "",
+              "`auto` takes the inside kernels where the outputs are at least the tiles (forward) and the "
+              "channels at least twice the tiles (weight gradient).", "",
               "| N x C x H x W | tiles | computes | F.conv2d ms | separate ms | inside ms | inside vs separate "
               "| inside vs F.conv2d |",
               "|---|---:|---|---:|---:|---:|---:|---:|"]

@@ -546,11 +546,11 @@ def test_selection_rule_with_the_one_kernel_convolution(monkeypatch):
 
     assert auto((8, 32, 56, 56)) and auto((8, 32, 14, 14)) and auto((8, 64, 14, 14), cl=True)
     assert not auto((8, 16, 56, 56)) and not auto((8, 64, 56, 56), K=16)  # too few channels
-    # 32 tiles: with the transform kept, or with at least twice as many outputs (the filters transformed
-    # inside the convolution)
-    assert auto((8, 256, 7, 7)) and auto((8, 64, 7, 7)) and auto((8, 32, 7, 7), cached=True)
-    assert not auto((8, 32, 7, 7)) and not auto((8, 64, 7, 7), K=32)
-    assert auto((1, 256, 14, 14)) and auto((1, 32, 14, 14))  # 16 tiles, 32 outputs
+    # 16 to 63 tiles: with the transform kept, or with at least as many outputs as tiles (the filters
+    # transformed inside the convolution)
+    assert auto((8, 256, 7, 7)) and auto((8, 32, 7, 7))  # 32 tiles
+    assert not auto((12, 32, 7, 7)) and auto((12, 32, 7, 7), cached=True) and auto((12, 64, 7, 7))  # 48 tiles
+    assert auto((1, 256, 14, 14)) and auto((1, 32, 14, 14))  # 16 tiles
     assert not auto((8, 256, 4, 4), cached=True)  # 8 tiles
     assert not auto((16, 64, 5, 5), cached=True)  # 64 tiles, 39% of their outputs inside the map
     assert auto((16, 64, 6, 6), cached=True)  # 56%

@@ -210,17 +210,20 @@ def _fused() -> bool:
 # 392 and 1568 tiles (there U, made once, is read per block of tiles from the caches, while the inside
 # kernel reads V once per part of the outputs); the weight gradient 1.86x at 8x256x7x7, 1.18x at
 # 8x256x14x14, 0.99x at 8x128x14x14, 0.58x-0.98x at more tiles (each item reads all 36 positions of the
-# transformed input). The rule: the outputs at least twice the tiles for the convolution, the channels
-# at least 4x the tiles for the weight gradient; both only where the product kernel runs
-# (:func:`_fused`). It leaves 8x128x14x14's convolutions out although they gained alone: its SCConv
-# training step with them inside (outputs >= tiles), interleaved with the rule's in one process, did not
-# (15.86 against 15.26 ms, four rounds).
+# transformed input). In place in a training step, a convolution's forward and both gradients as
+# Winograd (8 interleaved rounds in one process): with the filters inside wherever the outputs are at
+# least the tiles, against twice the tiles, 4.00 against 4.42 ms and 4.19 against 4.78 (two runs) at
+# 8x128x14x14, 8.40 against 9.38 at 8x192x14x14, 0.75 against 0.87 at 4x64x14x14, 0.24 against 0.25 at
+# 8x32x7x7; the weight gradient inside wherever the channels are at least twice the tiles, against 4x,
+# 13.18 against 13.58 ms at 8x256x14x14. So: the outputs at least the tiles for the convolution, the
+# channels at least twice the tiles for the weight gradient; both only where the product kernel runs
+# (:func:`_fused`).
 def _filters_inside(tiles: int, k_out: int) -> bool:
-    return _fused() and k_out >= 2 * tiles
+    return _fused() and k_out >= tiles
 
 
 def _wgrad_inside(tiles: int, k: int, c: int) -> bool:
-    return _fused() and 4 * tiles <= min(k, c)
+    return _fused() and 2 * tiles <= min(k, c)
 
 
 def _in_major(x: Tensor) -> bool:
@@ -395,9 +398,10 @@ _AUTO_MIN_WORK = {False: 16384, True: 4096}  # by kernels: the channels_last one
 # (:func:`conv2d_cached`), gained 1.55x / 1.61x / 1.13x. 8x256x4x4 (8 tiles) eval was even (0.98x).
 # So: 32 channels; 64 tiles, or 16 with the transform kept; and at least half of the tiles' outputs
 # inside the map (below that the products do more multiplies than the direct convolution's). With the
-# filters transformed inside the convolution and the weight gradient (:func:`_filters_inside`), the
-# 7 px SCConv training steps gained too, forced Winograd against direct interleaved in one process (four
-# rounds): 1.29x / 1.28x / 1.22x at 8x256x7x7 / 8x128x7x7 / 8x64x7x7; so 16 tiles suffice there as well.
+# filters transformed inside the convolution and the weight gradient (:func:`_filters_inside`; measured
+# when it took at least twice as many outputs as tiles), the 7 px SCConv training steps gained too,
+# forced Winograd against direct interleaved in one process (four rounds): 1.29x / 1.28x / 1.22x at
+# 8x256x7x7 / 8x128x7x7 / 8x64x7x7; so 16 tiles suffice there as well.
 _FUSED_MIN_CHANNELS = 32
 _FUSED_MIN_TILES = {False: 64, True: 16}  # by whether the filters' transform is kept (or made inside)
 
