@@ -96,6 +96,15 @@ inline void a4(const V& d0, const V& d1, const V& d2, const V& d3, V* o) {
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// A task's scratch floats, not initialized (a std::vector's zero fill of the per-task buffers, up to
+// 1.2 MB for _wino_conv_w, showed as memset in the profile of the 8x256x7x7 training step); every
+// element is written before it is read.
+struct Scratch {
+  std::unique_ptr<float[]> p;
+  explicit Scratch(int64_t n) : p(new float[static_cast<size_t>(std::max<int64_t>(n, 1))]) {}
+  float* data() const { return p.get(); }
+};
+
 // The column phases are handled 16 tiles (64 columns) at a time.
 constexpr int64_t kChunk = 16;
 
@@ -456,27 +465,17 @@ struct MapView {
       : H(H_), W(W_), pix(nchw_ ? 1 : C), chan(nchw_ ? H_ * W_ : 1), nchw(nchw_), lanes(H_ * W_) {}
 };
 
-// The tile (th, tw) of one image `img` (channels [0, C) from img): B^T d B of its 6x6 window at offset
-// -1 (ROWS 6), or A dy A^T of its 4x4 tile (ROWS 4), into dst[xi * xi_stride + c].
-template <int ROWS>
-inline void tile_to_domain(const float* img, const MapView& v, int64_t C, int64_t th, int64_t tw, float* dst,
-                           int64_t xi_stride) {
-  constexpr int64_t off = ROWS == 6 ? 1 : 0;
+// B^T d B (ROWS 6) or A dy A^T (ROWS 4) of one window, channels [0, C), its channel vectors from
+// load(i, j, c0, cnt) (row i, column j of the window; `cnt` channels from c0, the rest zero), into
+// dst[xi * xi_stride + c].
+template <int ROWS, typename Load>
+inline void window_to_domain(Load&& load, int64_t C, float* dst, int64_t xi_stride) {
   for (int64_t c0 = 0; c0 < C; c0 += kV) {
     const int64_t cnt = std::min<int64_t>(kV, C - c0);
     Vec tr[6][ROWS];  // tr[r][j]: the row combination r of column j
     for (int64_t j = 0; j < ROWS; ++j) {
-      const int64_t col = 4 * tw - off + j;
       Vec d[ROWS];
-      for (int64_t i = 0; i < ROWS; ++i) {
-        const int64_t row = 4 * th - off + i;
-        if (!(row >= 0 && row < v.H && col >= 0 && col < v.W)) {
-          d[i] = Vec(0.0f);
-        } else {
-          const float* e = img + (row * v.W + col) * v.pix + c0 * v.chan;
-          d[i] = v.nchw ? load_strided(e, v.chan, cnt, v.lanes.fits, v.lanes.idx) : load_part(e, cnt);
-        }
-      }
+      for (int64_t i = 0; i < ROWS; ++i) d[i] = load(i, j, c0, cnt);
       Vec o[6];
       combine<ROWS>(d, o);
       for (int r = 0; r < 6; ++r) tr[r][j] = o[r];
@@ -487,6 +486,51 @@ inline void tile_to_domain(const float* img, const MapView& v, int64_t C, int64_
       for (int s = 0; s < 6; ++s) store_part(o[s], dst + (6 * r + s) * xi_stride + c0, cnt);
     }
   }
+}
+
+// The tile (th, tw) of one image `img` (channels [0, C) from img): B^T d B of its 6x6 window at offset
+// -1 (ROWS 6), or A dy A^T of its 4x4 tile (ROWS 4), into dst[xi * xi_stride + c].
+template <int ROWS>
+inline void tile_to_domain(const float* img, const MapView& v, int64_t C, int64_t th, int64_t tw, float* dst,
+                           int64_t xi_stride) {
+  constexpr int64_t off = ROWS == 6 ? 1 : 0;
+  window_to_domain<ROWS>(
+      [&](int64_t i, int64_t j, int64_t c0, int64_t cnt) {
+        const int64_t row = 4 * th - off + i, col = 4 * tw - off + j;
+        if (!(row >= 0 && row < v.H && col >= 0 && col < v.W)) return Vec(0.0f);
+        const float* e = img + (row * v.W + col) * v.pix + c0 * v.chan;
+        return v.nchw ? load_strided(e, v.chan, cnt, v.lanes.fits, v.lanes.idx) : load_part(e, cnt);
+      },
+      C, dst, xi_stride);
+}
+
+// Rows row0 .. row0 + R and columns col0 .. col0 + SW of the dense NCHW image `img` (C planes of H x W),
+// all channels, into strip[(r * SW + j) * C + c] (channels_last), zero outside the map: register
+// transposes of 16 channels x 16 columns. The NCHW transforms then read contiguous channel vectors
+// from the strip instead of gathering each one a plane apart (the gathers were a fifth of the
+// 8x32x56x56 SCConv training step).
+inline void stage_rows(const float* img, int64_t C, int64_t H, int64_t W, int64_t row0, int64_t R, int64_t col0,
+                       int64_t SW, float* strip) {
+  const int64_t cs = std::max<int64_t>(col0, 0), ce = std::min<int64_t>(col0 + SW, W);
+  for (int64_t r = 0; r < R; ++r) {
+    float* dst = strip + r * SW * C;
+    const int64_t row = row0 + r;
+    if (row < 0 || row >= H || ce <= cs) {
+      std::fill(dst, dst + SW * C, 0.0f);
+      continue;
+    }
+    std::fill(dst, dst + (cs - col0) * C, 0.0f);
+    std::fill(dst + (ce - col0) * C, dst + SW * C, 0.0f);
+    at::vec::transpose_mxn<float>(img + row * W + cs, H * W, dst + (cs - col0) * C, C, static_cast<int>(C),
+                                  static_cast<int>(ce - cs));
+  }
+}
+
+// The window of tile `k` of a staged strip (row pitch SW positions of C channels): its channel vectors.
+inline auto strip_window(const float* strip, int64_t SW, int64_t C, int64_t k) {
+  return [=](int64_t i, int64_t j, int64_t c0, int64_t cnt) {
+    return load_part(strip + (i * SW + 4 * k + j) * C + c0, cnt);
+  };
 }
 
 // The output tile (th, tw) of one image `img` (channels [0, K) from img): A^T M A of src[xi * xi_stride
@@ -534,6 +578,20 @@ at::Tensor to_tiles_nhwc(const char* op, const at::Tensor& src_in, int64_t TH, i
   if (out.numel() == 0) return out;
   const float* sp = src.data_ptr<float>();
   float* op_ = out.data_ptr<float>();
+  if (nchw) {  // a task item per tile row: its ROWS rows staged channels_last, then its TW tiles
+    constexpr int64_t off = ROWS == 6 ? 1 : 0;
+    const int64_t SW = 4 * TW + 2 * off;
+    at::parallel_for(0, N * TH, grain_for(36 * C * TW), [&](int64_t begin, int64_t end) {
+      const Scratch strip(ROWS * SW * C);
+      for (int64_t nt = begin; nt < end; ++nt) {
+        const int64_t n = nt / TH, th = nt % TH;
+        stage_rows(sp + n * C * H * W, C, H, W, 4 * th - off, ROWS, -off, SW, strip.data());
+        for (int64_t tw = 0; tw < TW; ++tw)
+          window_to_domain<ROWS>(strip_window(strip.data(), SW, C, tw), C, op_ + (nt * TW + tw) * C, T * C);
+      }
+    });
+    return out;
+  }
   const MapView view(C, H, W, nchw);
   at::parallel_for(0, T, grain_for(36 * C), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -822,15 +880,6 @@ at::Tensor wino_bmm(const at::Tensor& a_in, const at::Tensor& b_in, bool a_t) {
   return out;
 }
 
-// A task's scratch floats, not initialized (a std::vector's zero fill of the per-task buffers, up to
-// 1.2 MB for _wino_conv_w, showed as memset in the profile of the 8x256x7x7 training step); every
-// element is written before it is read.
-struct Scratch {
-  std::unique_ptr<float[]> p;
-  explicit Scratch(int64_t n) : p(new float[static_cast<size_t>(std::max<int64_t>(n, 1))]) {}
-  float* data() const { return p.get(); }
-};
-
 // ---------------------------------------------------------------------------------------------
 // The whole convolution through the tile domain, a block of tiles at a time: the block's transformed
 // input V (36 x tiles x C), its products M = V U (36 x tiles x K) and the output transform stay in the
@@ -879,16 +928,29 @@ at::Tensor wino_conv(const at::Tensor& x_in, const at::Tensor& u_in, const c10::
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const MapView in_view(C, H, W, nchw), out_view(K, H, W, nchw);
+  const bool stage_out = nchw && TW >= 7;
   at::parallel_for(0, blocks * parts, 1, [&](int64_t begin, int64_t end) {
-    const Scratch vbuf(36 * TB * C), mbuf(36 * TB * KC);
+    // strip: an NCHW block's rows channels_last, 6 input rows or 4 output rows of up to min(TB, TW) tiles
+    const Scratch vbuf(36 * TB * C), mbuf(36 * TB * KC),
+        strip(nchw ? (4 * std::min(TB, TW) + 2) * std::max<int64_t>(6 * C, stage_out ? 4 * KC : 0) : 0);
     int64_t staged = -1;  // the block whose transformed input vbuf holds
     for (int64_t item = begin; item < end; ++item) {
       const int64_t blk = item / parts, k0 = (item % parts) * KC;
       const int64_t t0 = blk * TB, tb = std::min<int64_t>(TB, T - t0), kn = std::min<int64_t>(KC, K - k0);
       if (blk != staged) {
-        for (int64_t i = 0; i < tb; ++i) {
+        for (int64_t i = 0; i < tb;) {
           const Tile p(t0 + i, TH, TW);
-          tile_to_domain<6>(xp + p.n * H * W * C, in_view, C, p.th, p.tw, vbuf.data() + i * C, TB * C);
+          if (!nchw) {
+            tile_to_domain<6>(xp + p.n * H * W * C, in_view, C, p.th, p.tw, vbuf.data() + i * C, TB * C);
+            ++i;
+            continue;
+          }
+          // NCHW: the block's tiles of one tile row at a time, their rows staged channels_last
+          const int64_t seg = std::min<int64_t>(tb - i, TW - p.tw), SW = 4 * seg + 2;
+          stage_rows(xp + p.n * C * H * W, C, H, W, 4 * p.th - 1, 6, 4 * p.tw - 1, SW, strip.data());
+          for (int64_t k = 0; k < seg; ++k)
+            window_to_domain<6>(strip_window(strip.data(), SW, C, k), C, vbuf.data() + (i + k) * C, TB * C);
+          i += seg;
         }
         staged = blk;
       }
@@ -902,10 +964,29 @@ at::Tensor wino_conv(const at::Tensor& x_in, const at::Tensor& u_in, const c10::
             fn(a + r0 * C, C, b + n0, K, C, c + r0 * KC + n0, KC, std::min<int64_t>(kNR, kn - n0));
         }
       }
-      for (int64_t i = 0; i < tb; ++i) {
+      for (int64_t i = 0; i < tb;) {
         const Tile p(t0 + i, TH, TW);
-        tile_from_domain(mbuf.data() + i * KC, TB * KC, kn, bp ? bp + k0 : nullptr, out_view, p.th, p.tw,
-                         yp + p.n * H * W * K + k0 * out_view.chan);
+        if (!stage_out) {
+          tile_from_domain(mbuf.data() + i * KC, TB * KC, kn, bp ? bp + k0 : nullptr, out_view, p.th, p.tw,
+                           yp + p.n * H * W * K + k0 * out_view.chan);
+          ++i;
+          continue;
+        }
+        // NCHW: the block's tiles of one tile row written channels_last into the strip, whose rows are
+        // then transposed into the output planes (each element was stored alone a plane apart; A/B in
+        // one process, AMD EPYC, 2 threads, N = 8: 1.15x the convolution at 32x56x56, 1.08x at 64x56x56
+        // and 64x28x28, even at 14 px, 0.97x at 256x14x14: so from 7 tiles a row)
+        const int64_t seg = std::min<int64_t>(tb - i, TW - p.tw);
+        const int64_t rows = std::min<int64_t>(4, H - 4 * p.th), cols = std::min<int64_t>(4 * seg, W - 4 * p.tw);
+        const MapView part_view(kn, rows, cols, false);
+        for (int64_t k = 0; k < seg; ++k)
+          tile_from_domain(mbuf.data() + (i + k) * KC, TB * KC, kn, bp ? bp + k0 : nullptr, part_view, 0, k,
+                           strip.data());
+        float* out = yp + p.n * K * H * W + k0 * H * W + 4 * p.th * W + 4 * p.tw;
+        for (int64_t r = 0; r < rows; ++r)
+          at::vec::transpose_mxn<float>(strip.data() + r * cols * kn, kn, out + r * W, H * W, static_cast<int>(cols),
+                                        static_cast<int>(kn));
+        i += seg;
       }
     }
   });
