@@ -32,7 +32,8 @@
 // (channel, image) plane, its tile rows staged in cache and written out as 36 contiguous runs; no
 // reduction crosses a task. The `_nhwc` variants use the tile-domain layout [36][tiles][channels],
 // vectorized across the channels, one tile per task item; they read channels_last maps, and dense NCHW
-// ones in place (channel vectors gathered a plane apart), and `_wino_output_nhwc` writes either layout.
+// ones a strip of rows at a time transposed to channels_last in the task's cache (stage_rows), and
+// `_wino_output_nhwc` writes either layout.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -564,8 +565,8 @@ inline void tile_from_domain(const float* src, int64_t xi_stride, int64_t K, con
 
 // out[xi][t][c] for the (N, C, H, W) map `src`: B^T d B of the 6x6 windows at offset -1 (ROWS 6), or
 // A dy A^T of the 4x4 tiles (ROWS 4). A channels_last map is read with vector loads across the
-// channels; a dense NCHW one in place, its channel vectors gathered a plane apart (no channels_last
-// copy of the map: the transform reads each element where it is).
+// channels; a dense NCHW one a tile row per task item, its rows staged channels_last (stage_rows; no
+// channels_last copy of the whole map).
 template <int ROWS>
 at::Tensor to_tiles_nhwc(const char* op, const at::Tensor& src_in, int64_t TH, int64_t TW) {
   check_map(op, src_in);
@@ -974,8 +975,8 @@ at::Tensor wino_conv(const at::Tensor& x_in, const at::Tensor& u_in, const c10::
         }
         // NCHW: the block's tiles of one tile row written channels_last into the strip, whose rows are
         // then transposed into the output planes (each element was stored alone a plane apart; A/B in
-        // one process, AMD EPYC, 2 threads, N = 8: 1.15x the convolution at 32x56x56, 1.08x at 64x56x56
-        // and 64x28x28, even at 14 px, 0.97x at 256x14x14: so from 7 tiles a row)
+        // one process, AMD EPYC, 2 threads, N = 8: 1.15x the convolution at 32x56x56, 1.08x at 64x56x56,
+        // 1.09x at 64x28x28, even at 14 px, 0.97x at 256x14x14: so from 7 tiles a row)
         const int64_t seg = std::min<int64_t>(tb - i, TW - p.tw);
         const int64_t rows = std::min<int64_t>(4, H - 4 * p.th), cols = std::min<int64_t>(4 * seg, W - 4 * p.tw);
         const MapView part_view(kn, rows, cols, false);

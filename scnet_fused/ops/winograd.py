@@ -117,8 +117,8 @@ def _is_nhwc(t: Tensor) -> bool:
     return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-# NCHW maps at most this wide run the channels_last kernels (which read an NCHW map in place, gathering
-# each channel vector a plane apart, and write the NCHW result the same way). The NCHW kernels vectorize
+# NCHW maps at most this wide run the channels_last kernels (which read an NCHW map a strip of rows at a
+# time, transposed to channels_last in cache, and write the NCHW result). The NCHW kernels vectorize
 # across the tiles of a tile row, 16 at a time:
 # at 28 px a row has 7 tiles, at 14 px 4, at 7 px 2, and most lanes idle; the channels_last kernels
 # vectorize across the channels. Measured (transforms alone, N = 8, 2 cores) on an AMD EPYC (Zen 4),
@@ -205,11 +205,11 @@ def _fused() -> bool:
 # the item's cache), and the weight gradient's products and adjoint transform run as one kernel
 # (``_wino_wgrad``: a block of filters, all 36 positions, transformed back in cache). On an AMD EPYC
 # (Zen 4), N = 8, 2 threads, C -> C, the filters' transform made in each call as in a training step
-# (benchmarks/results/cpu-epyc/winograd_parts.md): the convolution forward 2.31x the separate kernels at
-# 8x256x7x7 (32 tiles), 1.40x at 8x256x14x14 and 1.55x at 8x128x14x14 (128 tiles), but 0.60x-0.84x at
-# 392 and 1568 tiles (there U, made once, is read per block of tiles from the caches, while the inside
-# kernel reads V once per part of the outputs); the weight gradient 1.86x at 8x256x7x7, 1.18x at
-# 8x256x14x14, 0.99x at 8x128x14x14, 0.58x-0.98x at more tiles (each item reads all 36 positions of the
+# (benchmarks/results/cpu-epyc/winograd_parts.md): the convolution forward 2.44x the separate kernels at
+# 8x256x7x7 (32 tiles), 1.33x at 8x256x14x14 and 0.95x at 8x128x14x14 (128 tiles), 0.43x-0.76x at 392
+# and 1568 tiles (there U, made once, is read per block of tiles from the caches, while the inside
+# kernel reads V once per part of the outputs); the weight gradient 1.95x at 8x256x7x7, 1.21x at
+# 8x256x14x14, 1.17x at 8x128x14x14, 0.59x-1.00x at more tiles (each item reads all 36 positions of the
 # transformed input). In place in a training step, a convolution's forward and both gradients as
 # Winograd (8 interleaved rounds in one process): with the filters inside wherever the outputs are at
 # least the tiles, against twice the tiles, 4.00 against 4.42 ms and 4.19 against 4.78 (two runs) at
