@@ -532,7 +532,7 @@ def test_selection_rule(monkeypatch):
 
 def test_selection_rule_with_the_one_kernel_convolution(monkeypatch):
     """"auto" with the one-kernel convolution: 32 channels, 64 tiles (16 where the filters' transform is kept
-    between calls or made inside the convolution), half of the tiles' outputs inside the map."""
+    between calls, 8 where it is made inside the convolution), half of the tiles' outputs inside the map."""
     monkeypatch.setattr(winograd, "_fused_setting", "1")
     monkeypatch.setattr(winograd, "_auto_isa", lambda: True)
     args = ((1, 1), (1, 1), (1, 1), 1)
@@ -551,7 +551,9 @@ def test_selection_rule_with_the_one_kernel_convolution(monkeypatch):
     assert auto((8, 256, 7, 7)) and auto((8, 32, 7, 7))  # 32 tiles
     assert not auto((12, 32, 7, 7)) and auto((12, 32, 7, 7), cached=True) and auto((12, 64, 7, 7))  # 48 tiles
     assert auto((1, 256, 14, 14)) and auto((1, 32, 14, 14))  # 16 tiles
-    assert not auto((8, 256, 4, 4), cached=True)  # 8 tiles
+    # 8 tiles: with the filters transformed inside (at least 8 outputs); not 4
+    assert auto((8, 256, 4, 4)) and auto((8, 128, 3, 3)) and not auto((4, 256, 4, 4), cached=True)
+    assert not auto((16, 32, 2, 2), cached=True)  # 16 tiles, 32 outputs, 25% of their outputs inside the map
     assert not auto((16, 64, 5, 5), cached=True)  # 64 tiles, 39% of their outputs inside the map
     assert auto((16, 64, 6, 6), cached=True)  # 56%
     monkeypatch.setattr(winograd, "_auto_isa", lambda: False)

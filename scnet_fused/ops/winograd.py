@@ -404,6 +404,12 @@ _AUTO_MIN_WORK = {False: 16384, True: 4096}  # by kernels: the channels_last one
 # 8x256x7x7 / 8x128x7x7 / 8x64x7x7; so 16 tiles suffice there as well.
 _FUSED_MIN_CHANNELS = 32
 _FUSED_MIN_TILES = {False: 64, True: 16}  # by whether the filters' transform is kept (or made inside)
+# Where the convolution makes the filters' transform inside itself, 8 tiles (k2's 3x3 pooled maps of
+# 14 px layers at N = 8): a 3x3 convolution's forward + both gradients in place, Winograd against
+# direct (AMD EPYC, 2 threads, five interleaved rounds): 0.51 against 0.63 ms at 8x128x3x3, 1.50
+# against 1.61 at 8x256x3x3, 1.51 against 2.38 at 8x256x4x4, 0.28 against 0.38 at 8x64x3x3; inference
+# even or better but at 8x256x3x3 (0.44 against 0.38 ms).
+_INSIDE_MIN_TILES = 8
 
 
 def _auto(x: Tensor, weight: Tensor, cached: bool = False) -> bool:
@@ -415,7 +421,10 @@ def _auto(x: Tensor, weight: Tensor, cached: bool = False) -> bool:
     tiles = x.shape[0] * TH * TW
     useful = (H * W) / (16 * TH * TW)
     if _fused():
-        enough = tiles >= _FUSED_MIN_TILES[cached or _filters_inside(tiles, weight.shape[0])]
+        if _filters_inside(tiles, weight.shape[0]):
+            enough = tiles >= _INSIDE_MIN_TILES
+        else:
+            enough = tiles >= _FUSED_MIN_TILES[cached]
         return channels >= _FUSED_MIN_CHANNELS and enough and useful >= 0.5
     work = channels * tiles * useful
     nhwc = _nhwc_kernels(x)
