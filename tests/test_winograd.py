@@ -130,8 +130,8 @@ def test_channels_last_transforms_are_the_nchw_ones_transposed(shape):
     y = ops._wino_output_nhwc(m.transpose(1, 2).contiguous(), N, H, W, bias)
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, ops._wino_output(m, N, H, W, bias), rtol=1e-6, atol=1e-4)
-    # the same kernels on an NCHW map, read in place (channel vectors gathered a plane apart), and
-    # writing NCHW: the very same values, as the channels_last copy gives them
+    # the same kernels on an NCHW map (its rows staged channels_last a strip at a time), and writing
+    # NCHW: the very same values, as the channels_last copy gives them
     assert torch.equal(ops._wino_input_nhwc(x, TH, TW), ops._wino_input_nhwc(cl, TH, TW))
     assert torch.equal(ops._wino_output_adjoint_nhwc(x, TH, TW), ops._wino_output_adjoint_nhwc(cl, TH, TW))
     y_nchw = ops._wino_output_nhwc(m.transpose(1, 2).contiguous(), N, H, W, bias, True)
