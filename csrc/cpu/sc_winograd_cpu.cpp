@@ -881,6 +881,36 @@ at::Tensor wino_bmm(const at::Tensor& a_in, const at::Tensor& b_in, bool a_t) {
   return out;
 }
 
+// The output transform of tiles t0 .. t0 + tb, tile i's products at src[xi * xi_stride + i * pitch + k]
+// (k < kn), into output channels k0 .. k0 + kn of y (`v`: its layout), plus bias[k0 + k]. With `strip`
+// (a dense NCHW y) each tile row's run of tiles is written channels_last into the strip first (4 rows of
+// up to 4 tb columns by kn channels), whose rows are then transposed into the output planes: stored
+// singly a plane apart, the elements had cost 1.15x the convolution at 32x56x56, 1.08x at 64x56x56,
+// 1.09x at 64x28x28 (A/B in one process, AMD EPYC, 2 threads, N = 8), even at 14 px and 0.97x at
+// 256x14x14, so the callers take the strip from 7 tiles a row.
+inline void tiles_from_domain(const float* src, int64_t xi_stride, int64_t pitch, int64_t t0, int64_t tb,
+                              int64_t kn, const float* bias, int64_t TH, int64_t TW, const MapView& v, int64_t K,
+                              int64_t k0, float* yp, float* strip) {
+  const int64_t H = v.H, W = v.W;
+  for (int64_t i = 0; i < tb;) {
+    const Tile p(t0 + i, TH, TW);
+    if (strip == nullptr) {
+      tile_from_domain(src + i * pitch, xi_stride, kn, bias, v, p.th, p.tw, yp + p.n * H * W * K + k0 * v.chan);
+      ++i;
+      continue;
+    }
+    const int64_t seg = std::min<int64_t>(tb - i, TW - p.tw);
+    const int64_t rows = std::min<int64_t>(4, H - 4 * p.th), cols = std::min<int64_t>(4 * seg, W - 4 * p.tw);
+    const MapView part(kn, rows, cols, false);
+    for (int64_t k = 0; k < seg; ++k) tile_from_domain(src + (i + k) * pitch, xi_stride, kn, bias, part, 0, k, strip);
+    float* out = yp + p.n * K * H * W + k0 * H * W + 4 * p.th * W + 4 * p.tw;
+    for (int64_t r = 0; r < rows; ++r)
+      at::vec::transpose_mxn<float>(strip + r * cols * kn, kn, out + r * W, H * W, static_cast<int>(cols),
+                                    static_cast<int>(kn));
+    i += seg;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The whole convolution through the tile domain, a block of tiles at a time: the block's transformed
 // input V (36 x tiles x C), its products M = V U (36 x tiles x K) and the output transform stay in the
@@ -929,7 +959,7 @@ at::Tensor wino_conv(const at::Tensor& x_in, const at::Tensor& u_in, const c10::
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const MapView in_view(C, H, W, nchw), out_view(K, H, W, nchw);
-  const bool stage_out = nchw && TW >= 7;
+  const bool stage_out = nchw && TW >= 7;  // (tiles_from_domain)
   at::parallel_for(0, blocks * parts, 1, [&](int64_t begin, int64_t end) {
     // strip: an NCHW block's rows channels_last, 6 input rows or 4 output rows of up to min(TB, TW) tiles
     const Scratch vbuf(36 * TB * C), mbuf(36 * TB * KC),
@@ -965,30 +995,8 @@ at::Tensor wino_conv(const at::Tensor& x_in, const at::Tensor& u_in, const c10::
             fn(a + r0 * C, C, b + n0, K, C, c + r0 * KC + n0, KC, std::min<int64_t>(kNR, kn - n0));
         }
       }
-      for (int64_t i = 0; i < tb;) {
-        const Tile p(t0 + i, TH, TW);
-        if (!stage_out) {
-          tile_from_domain(mbuf.data() + i * KC, TB * KC, kn, bp ? bp + k0 : nullptr, out_view, p.th, p.tw,
-                           yp + p.n * H * W * K + k0 * out_view.chan);
-          ++i;
-          continue;
-        }
-        // NCHW: the block's tiles of one tile row written channels_last into the strip, whose rows are
-        // then transposed into the output planes (each element was stored alone a plane apart; A/B in
-        // one process, AMD EPYC, 2 threads, N = 8: 1.15x the convolution at 32x56x56, 1.08x at 64x56x56,
-        // 1.09x at 64x28x28, even at 14 px, 0.97x at 256x14x14: so from 7 tiles a row)
-        const int64_t seg = std::min<int64_t>(tb - i, TW - p.tw);
-        const int64_t rows = std::min<int64_t>(4, H - 4 * p.th), cols = std::min<int64_t>(4 * seg, W - 4 * p.tw);
-        const MapView part_view(kn, rows, cols, false);
-        for (int64_t k = 0; k < seg; ++k)
-          tile_from_domain(mbuf.data() + (i + k) * KC, TB * KC, kn, bp ? bp + k0 : nullptr, part_view, 0, k,
-                           strip.data());
-        float* out = yp + p.n * K * H * W + k0 * H * W + 4 * p.th * W + 4 * p.tw;
-        for (int64_t r = 0; r < rows; ++r)
-          at::vec::transpose_mxn<float>(strip.data() + r * cols * kn, kn, out + r * W, H * W, static_cast<int>(cols),
-                                        static_cast<int>(kn));
-        i += seg;
-      }
+      tiles_from_domain(mbuf.data(), TB * KC, KC, t0, tb, kn, bp ? bp + k0 : nullptr, TH, TW, out_view, K, k0, yp,
+                        stage_out ? strip.data() : nullptr);
     }
   });
   return y;
@@ -1079,11 +1087,13 @@ at::Tensor wino_conv_w(const at::Tensor& x_in, const at::Tensor& w_in, const c10
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const MapView out_view(Kout, H, W, nchw);
+  const bool stage_out = nchw && TW >= 7;  // (tiles_from_domain)
   at::parallel_for(0, parts * groups, 1, [&](int64_t begin, int64_t end) {
     // the 36 positions' rows a cache line more than Cin kNR apart: at a power of two (32 KiB at 256
     // channels) the 36 stores of every filter vector fell into the same few cache sets
     const int64_t xs = Cin * kNR + kV;
-    const Scratch ubuf(36 * xs), mbuf(36 * kMR * kNR), stage(Cin * 9 * kV);
+    const Scratch ubuf(36 * xs), mbuf(36 * kMR * kNR), stage(Cin * 9 * kV),
+        strip(stage_out ? 4 * std::min<int64_t>(kMR, TW) * 4 * kNR : 0);
     int64_t made = -1;  // the part whose filters ubuf holds
     for (int64_t item = begin; item < end; ++item) {
       const int64_t part = item / groups, g = item % groups;
@@ -1101,11 +1111,8 @@ at::Tensor wino_conv_w(const at::Tensor& x_in, const at::Tensor& w_in, const c10
         for (int64_t xi = 0; xi < 36; ++xi)
           fn(vp + (xi * T + t0) * Cin, Cin, ubuf.data() + xi * xs, kNR, Cin, mbuf.data() + xi * kMR * kNR,
              kNR, on);
-        for (int64_t i = 0; i < tb; ++i) {
-          const Tile p(t0 + i, TH, TW);
-          tile_from_domain(mbuf.data() + i * kNR, kMR * kNR, on, bp ? bp + o0 : nullptr, out_view, p.th, p.tw,
-                           yp + p.n * H * W * Kout + o0 * out_view.chan);
-        }
+        tiles_from_domain(mbuf.data(), kMR * kNR, kNR, t0, tb, on, bp ? bp + o0 : nullptr, TH, TW, out_view, Kout,
+                          o0, yp, stage_out ? strip.data() : nullptr);
       }
     }
   });
