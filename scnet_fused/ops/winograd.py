@@ -403,7 +403,7 @@ _AUTO_MIN_WORK = {False: 16384, True: 4096}  # by kernels: the channels_last one
 # forced Winograd against direct interleaved in one process (four rounds): 1.29x / 1.28x / 1.22x at
 # 8x256x7x7 / 8x128x7x7 / 8x64x7x7; so 16 tiles suffice there as well.
 _FUSED_MIN_CHANNELS = 32
-_FUSED_MIN_TILES = {False: 64, True: 16}  # by whether the filters' transform is kept (or made inside)
+_FUSED_MIN_TILES = {False: 64, True: 16}  # by whether the filters' transform is kept between calls
 # Where the convolution makes the filters' transform inside itself, 8 tiles (k2's 3x3 pooled maps of
 # 14 px layers at N = 8): a 3x3 convolution's forward + both gradients in place, Winograd against
 # direct (AMD EPYC, 2 threads, five interleaved rounds): 0.51 against 0.63 ms at 8x128x3x3, 1.50
