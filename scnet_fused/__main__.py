@@ -176,7 +176,7 @@ def cmd_train_bench(args) -> int:
                                         channels_last=args.channels_last, compile=args.compile,
                                         fused=not args.reference, steps=args.steps, warmup=args.warmup,
                                         image_size=args.image_size, device=device,
-                                        num_classes=args.num_classes, distributed=distributed,
+                                        num_classes=args.num_classes, lr=args.lr, distributed=distributed,
                                         progress=None if args.quiet else bench.log_stderr)
     except bench.BenchError as exc:
         raise CLIError(str(exc)) from None
@@ -195,8 +195,9 @@ def cmd_train_bench(args) -> int:
         print(f"batch {res['batch_size']} x {res['image_size']}px, amp {res['amp']}, channels_last {res['channels_last']}")
         print(f"images/s: {res['images_per_s']:.1f}  step: {res['median_ms']:.1f} ms "
               f"(p20 {res['p20_ms']:.1f}, p80 {res['p80_ms']:.1f})")
-        print(f"time to first step: {res['first_step_ms'] / 1e3:.2f} s  peak memory: {peak}  "
-              f"final loss {res['final_loss']:.4f}")
+        print(f"time to first step: {res['first_step_ms'] / 1e3:.2f} s  peak memory: {peak}")
+        print(f"loss {res['first_loss']:.4f} at the first step, {res['final_loss']:.4f} at the last "
+              f"(SGD lr {res['lr']:g}, momentum 0.9, the same batch every step)")
         if allocator:
             print(f"allocator: {allocator}")
         if args.json:
@@ -458,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=_nonneg_int, default=2)
     t.add_argument("--image-size", type=_positive_int, default=224)
     t.add_argument("--num-classes", type=_positive_int, default=1000)
+    t.add_argument("--lr", type=float, help="SGD learning rate (default: 0.1 x global batch / 256)")
     t.add_argument("--device", type=_device)
     t.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     t.add_argument("--default-malloc", action="store_true",

@@ -1422,14 +1422,21 @@ def build_model(arch: str, fused: bool, num_classes: int = 1000) -> nn.Module:
 def train_benchmark(arch: str = "scnet50", batch_size: int = 32, amp: Optional[torch.dtype] = None,
                     channels_last: bool = False, compile: bool = False, fused: bool = True, steps: int = 10,
                     warmup: int = 2, image_size: int = 224, device: Optional[torch.device] = None,
-                    num_classes: int = 1000, lr: float = 0.1, distributed: bool = False,
+                    num_classes: int = 1000, lr: Optional[float] = None, distributed: bool = False,
                     progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Synthetic-data SGD training of an SCNet: images/s, step-time quantiles, peak memory, first step."""
+    """Synthetic-data SGD training of an SCNet: images/s, step-time quantiles, peak memory, first step.
+
+    Every step trains on the same random batch, so the loss falls as the model fits it: a check that
+    the run trains, next to its speed. ``lr`` defaults to the published recipe's 0.1 at 256 images
+    scaled linearly to the global batch (0.1 * world * batch_size / 256); at 0.1 a batch of a few
+    images made the losses grow chaotically instead.
+    """
     device = torch.device(device) if device is not None else best_device()
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise BenchError("batch size and steps must be >= 1 and warmup >= 0")
-    if image_size < 32:
-        raise BenchError(f"image size {image_size} is too small for SCNet (need >= 32)")
+    if -(-image_size // 32) < 4:  # the last stage's map, ceil(size / 32), under its 4x4 average pool
+        raise BenchError(f"image size {image_size} is too small for SCNet: the last stage's map would be "
+                         f"{-(-image_size // 32)} px, below the 4 px its SCConvs pool to one (need >= 97)")
     torch.manual_seed(0)
     model = build_model(arch, fused, num_classes).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -1442,6 +1449,10 @@ def train_benchmark(arch: str = "scnet50", batch_size: int = 32, amp: Optional[t
         world = dist.get_world_size()
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     runner = _compiled(model) if compile else model
+    if lr is None:
+        lr = 0.1 * world * batch_size / 256
+    if not (lr > 0 and math.isfinite(lr)):
+        raise BenchError(f"the learning rate must be a positive number, got {lr}")
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     use_scaler = amp == torch.float16 and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -1473,6 +1484,7 @@ def train_benchmark(arch: str = "scnet50", batch_size: int = 32, amp: Optional[t
     loss = step()
     sync(device)
     first = (time.perf_counter() - t0) * 1e3
+    first_loss = float(loss.item())
     if progress:
         progress(f"{arch} first step {first:.0f} ms (loss {loss.item():.3f})")
     for _ in range(warmup):
@@ -1490,7 +1502,8 @@ def train_benchmark(arch: str = "scnet50", batch_size: int = 32, amp: Optional[t
             "amp": dtype_name(amp) if amp is not None else "none", "channels_last": channels_last,
             "image_size": image_size, "steps": steps, "median_ms": med, "p20_ms": _quantile(times, 0.2),
             "p80_ms": _quantile(times, 0.8), "images_per_s": world * batch_size / (med * 1e-3),
-            "first_step_ms": first, "peak_mem": peak, "final_loss": float(loss.item()),
+            "first_step_ms": first, "peak_mem": peak, "lr": lr, "first_loss": first_loss,
+            "final_loss": float(loss.item()),
             "device": device_name(device), "versions": versions()}
 
 

@@ -48,6 +48,9 @@ def test_check_passes():
     (["bench", "--ops", "nope"], "unknown op"),
     (["bench", "--shapes", "64x2x2"], "pooling_r"),
     (["train-bench", "--amp", "int4"], "invalid choice"),
+    (["train-bench", "--device", "cpu", "--image-size", "96"], "need >= 97"),
+    (["train-bench", "--device", "cpu", "--image-size", "128", "--lr", "0"], "learning rate"),
+    (["train-bench", "--device", "cpu", "--image-size", "128", "--lr", "nan"], "learning rate"),
     (["frobnicate"], "invalid choice"),
     (["check", "--backends", "nope"], "unknown backend"),
 ])
@@ -68,6 +71,29 @@ def test_bad_arguments_subprocess():
     r = _cli("train-bench", "--device", "cuda:0", "--steps", "1")
     if r.returncode != 0:  # no GPU here: a one-line error, not a traceback
         assert "Traceback" not in r.stderr and "error" in r.stderr
+
+
+def test_train_bench_fits_its_batch(capsys):
+    """train-bench's default learning rate (0.1 per 256 images) makes the loss on its fixed batch fall
+    for the fused model and the reference, from the same first loss (the last ones are compared only
+    loosely: a batch of four fits fast enough that the reference's own final loss moves by 6% between
+    one thread and two); the CLI prints both losses and the rate."""
+    from scnet_fused import bench
+    from scnet_fused.__main__ import main
+
+    runs = {fused: bench.train_benchmark("scnet50", batch_size=4, image_size=97, steps=3, warmup=0,
+                                         device="cpu", fused=fused, num_classes=10)
+            for fused in (False, True)}
+    for r in runs.values():
+        assert r["lr"] == pytest.approx(0.1 * 4 / 256)
+        assert r["final_loss"] < 0.8 * r["first_loss"], r
+    assert runs[True]["first_loss"] == pytest.approx(runs[False]["first_loss"], rel=1e-4)
+    assert runs[True]["final_loss"] == pytest.approx(runs[False]["final_loss"], rel=0.3)
+    code = main(["train-bench", "--device", "cpu", "--batch-size", "2", "--image-size", "97", "--steps", "1",
+                 "--warmup", "0", "--num-classes", "10", "--lr", "0.005", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "at the first step" in out and "lr 0.005" in out
 
 
 def test_bench_quick_writes_rows(tmp_path, capsys):
