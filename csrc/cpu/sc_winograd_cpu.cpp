@@ -1051,7 +1051,7 @@ inline void filter_part(const float* w, int64_t os, int64_t is, bool flip, int64
 // items share its group of tiles: the transformed input V is written by the threads a run of tile rows
 // each, and a thread reading tiles that another wrote gets them from that thread's cache. The virtual
 // machine this was measured on (AMD EPYC, 2 threads) runs in two states, apparently its two vCPUs on
-// one core complex or on two (a 64 MB copy takes 1.3 or 0.65 ms), and in the second, reading every tile
+// one core complex or on two (copying 32 MB took 1.3 or 0.65 ms), and in the second, reading every tile
 // took 1.75 ms for the convolution at 8x128x14x14 against 1.05 ms reading its own half (1.03 vs 1.05 ms
 // in the first). `tile_groups` > 0 fixes the number of groups (each group's items transform the same
 // filters again); 0 chooses one group a thread where the tiles number at least half the output
