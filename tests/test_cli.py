@@ -543,3 +543,27 @@ def test_bench_stream_stores_script(tmp_path, capsys):
     assert f"| gate | backward | 2x3x16x16 | {can} |" in md and "| gate | forward | 2x2x7x7 | no |" in md
     _script_usage_errors("bench_stream_stores", tmp_path, capsys,
                          [(["--ops", "sideways"], "sideways"), (["--shapes", "0x4x4"], "0x4x4"), (["--rounds", "0"], "--rounds")])
+
+
+def test_bench_first_step_script(tmp_path, capsys):
+    """benchmarks/bench_first_step.py: each first call timed in a process of its own, compile with an
+    empty inductor cache and again with the one that run filled; bad arguments refused before any run."""
+    from scnet_fused import bench
+
+    if bench.fused_modules_reason() is not None:
+        pytest.skip(bench.fused_modules_reason())
+    _script_usage_errors("bench_first_step", tmp_path, capsys, [
+        (["--modes", "backward"], "unknown mode"),
+        (["--shapes", "8x2x2"], "pooling_r"),
+        (["--batch-size", "0"], "positive integer"),
+    ])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_first_step.py"), "--shapes", "8x8x8",
+                        "--modes", "eval", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "first_step.json").read_text())
+    assert len(rows) == 1 and rows[0]["mode"] == "eval" and rows[0]["shape"] == "2x8x8x8"
+    for kind in ("eager", "fused", "compile_cold", "compile_warm"):
+        assert rows[0][f"{kind}_ms"] > 0
+    assert rows[0]["vs_compile_cold"] == pytest.approx(rows[0]["fused_ms"] / rows[0]["compile_cold_ms"])
+    assert "| 2x8x8x8 | eval |" in (tmp_path / "first_step.md").read_text()
