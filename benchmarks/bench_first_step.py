@@ -98,7 +98,12 @@ def main(argv=None) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         ap.error(f"unknown mode {','.join(bad) or '(none)'}; choose from {', '.join(MODES)}")
-    device = bench.torch.device(args.device) if args.device else bench.best_device()
+    try:
+        device = bench.torch.device(args.device) if args.device else bench.best_device()
+    except RuntimeError:
+        ap.error(f"unknown device {args.device!r} (use cpu or cuda[:index])")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not bench.torch.cuda.is_available()):
+        ap.error(f"device {device} is not available here (cpu, or cuda with a CUDA device)")
     args.device = str(device)
     why = bench.fused_modules_reason()
     if why is not None:

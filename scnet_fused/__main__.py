@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=_nonneg_int, default=2)
     t.add_argument("--image-size", type=_positive_int, default=224)
     t.add_argument("--num-classes", type=_positive_int, default=1000)
-    t.add_argument("--lr", type=float, help="SGD learning rate (default: 0.1 x global batch / 256)")
+    t.add_argument("--lr", type=_args.positive_float, help="SGD learning rate (default: 0.1 x global batch / 256)")
     t.add_argument("--device", type=_device)
     t.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     t.add_argument("--default-malloc", action="store_true",

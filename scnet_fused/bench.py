@@ -1434,6 +1434,8 @@ def train_benchmark(arch: str = "scnet50", batch_size: int = 32, amp: Optional[t
     device = torch.device(device) if device is not None else best_device()
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise BenchError("batch size and steps must be >= 1 and warmup >= 0")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise BenchError(f"the learning rate must be a positive number, got {lr}")
     if -(-image_size // 32) < 4:  # the last stage's map, ceil(size / 32), under its 4x4 average pool
         raise BenchError(f"image size {image_size} is too small for SCNet: the last stage's map would be "
                          f"{-(-image_size // 32)} px, below the 4 px its SCConvs pool to one (need >= 97)")
@@ -1451,8 +1453,6 @@ def train_benchmark(arch: str = "scnet50", batch_size: int = 32, amp: Optional[t
     runner = _compiled(model) if compile else model
     if lr is None:
         lr = 0.1 * world * batch_size / 256
-    if not (lr > 0 and math.isfinite(lr)):
-        raise BenchError(f"the learning rate must be a positive number, got {lr}")
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     use_scaler = amp == torch.float16 and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None

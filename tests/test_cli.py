@@ -49,8 +49,8 @@ def test_check_passes():
     (["bench", "--shapes", "64x2x2"], "pooling_r"),
     (["train-bench", "--amp", "int4"], "invalid choice"),
     (["train-bench", "--device", "cpu", "--image-size", "96"], "need >= 97"),
-    (["train-bench", "--device", "cpu", "--image-size", "128", "--lr", "0"], "learning rate"),
-    (["train-bench", "--device", "cpu", "--image-size", "128", "--lr", "nan"], "learning rate"),
+    (["train-bench", "--device", "cpu", "--image-size", "128", "--lr", "0"], "positive number"),
+    (["train-bench", "--device", "cpu", "--image-size", "128", "--lr", "nan"], "positive number"),
     (["frobnicate"], "invalid choice"),
     (["check", "--backends", "nope"], "unknown backend"),
 ])
@@ -81,6 +81,8 @@ def test_train_bench_fits_its_batch(capsys):
     from scnet_fused import bench
     from scnet_fused.__main__ import main
 
+    with pytest.raises(bench.BenchError, match="learning rate"):  # refused before the model is built
+        bench.train_benchmark("scnet50", device="cpu", lr=float("inf"))
     runs = {fused: bench.train_benchmark("scnet50", batch_size=4, image_size=97, steps=3, warmup=0,
                                          device="cpu", fused=fused, num_classes=10)
             for fused in (False, True)}
@@ -556,7 +558,8 @@ def test_bench_first_step_script(tmp_path, capsys):
         (["--modes", "backward"], "unknown mode"),
         (["--shapes", "8x2x2"], "pooling_r"),
         (["--batch-size", "0"], "positive integer"),
-    ])
+        (["--device", "tpu"], "device"),
+    ] + ([] if bench.torch.cuda.is_available() else [(["--device", "cuda"], "not available")]))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_first_step.py"), "--shapes", "8x8x8",
                         "--modes", "eval", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--out",
                         str(tmp_path)], capture_output=True, text=True, timeout=600, env=_env())

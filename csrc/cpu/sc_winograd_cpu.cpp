@@ -1084,9 +1084,9 @@ at::Tensor wino_conv_w(const at::Tensor& x_in, const at::Tensor& w_in, const c10
   const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4, T = N * TH * TW;
   const at::Tensor v = to_tiles_nhwc<6>(op, x, TH, TW);  // (36, T, Cin)
   const int64_t parts = (Kout + kNR - 1) / kNR;
-  const int64_t threads = at::get_num_threads(), want = 2 * threads;
-  const int64_t chosen = 2 * T >= Kout ? threads * ((want + threads * parts - 1) / (threads * parts))
-                                       : (want + parts - 1) / parts;
+  // two items a thread: one group each with two parts or more, else two groups each
+  const int64_t threads = at::get_num_threads(), per_thread = (2 + parts - 1) / parts;
+  const int64_t chosen = 2 * T >= Kout ? threads * per_thread : (2 * threads + parts - 1) / parts;
   const int64_t groups = std::min<int64_t>(T, tile_groups > 0 ? tile_groups : chosen);
   const int64_t TG = (T + groups - 1) / groups;
   // the filter (o, i) at w[o * os + i * is]
