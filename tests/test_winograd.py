@@ -275,10 +275,18 @@ def test_convolution_with_the_filters_transformed_inside(N, C, K, H, W, channels
         bias = torch.randn(C) if flip else b
         want = ops._wino_conv(x, u, bias)
         T = N * ((H + 3) // 4) * ((W + 3) // 4)
-        for groups in (0, 1, 2, 5, T, T + 4):
-            got = ops._wino_conv_w(x, w, bias, flip, groups)
-            assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            assert torch.equal(got, want), (flip, groups)
+        threads = torch.get_num_threads()
+        try:
+            # each thread transforms the tiles of its own groups: any split of the groups between threads
+            for nthreads in (threads, 1, 3):
+                torch.set_num_threads(nthreads)
+                for groups in (0, 1, 2, 5, T, T + 4):
+                    got = ops._wino_conv_w(x, w, bias, flip, groups)
+                    assert got.is_contiguous(
+                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                    assert torch.equal(got, want), (flip, groups, nthreads)
+        finally:
+            torch.set_num_threads(threads)
         assert torch.equal(ops._wino_conv_w(x, w, None, flip), ops._wino_conv(x, u, None))
         ref = F.conv2d(x.double(), (w.flip(2, 3).transpose(0, 1) if flip else w).double(), bias.double(), padding=1)
         assert (want.double() - ref).abs().max().item() <= 5e-5 * ref.abs().max().item()

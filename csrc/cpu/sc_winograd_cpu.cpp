@@ -534,6 +534,26 @@ inline auto strip_window(const float* strip, int64_t SW, int64_t C, int64_t k) {
   };
 }
 
+// B^T d B of the tiles t0 .. t1 of x (the 6x6 windows at offset -1; x dense NCHW, or channels_last as `v`
+// says) into out[xi * xs + (t - t0) * C + c], by the calling thread. NCHW: a tile row's run of tiles
+// at a time, its rows staged channels_last in `strip` (6 (4 min(t1 - t0, TW) + 2) C floats).
+inline void tiles_to_domain(const float* xp, const MapView& v, int64_t C, int64_t TH, int64_t TW, int64_t t0,
+                            int64_t t1, float* out, int64_t xs, float* strip) {
+  for (int64_t t = t0; t < t1;) {
+    const Tile p(t, TH, TW);
+    const float* img = xp + p.n * v.H * v.W * C;
+    if (!v.nchw) {
+      tile_to_domain<6>(img, v, C, p.th, p.tw, out + (t - t0) * C, xs);
+      ++t;
+      continue;
+    }
+    const int64_t seg = std::min<int64_t>(t1 - t, TW - p.tw), SW = 4 * seg + 2;
+    stage_rows(img, C, v.H, v.W, 4 * p.th - 1, 6, 4 * p.tw - 1, SW, strip);
+    for (int64_t k = 0; k < seg; ++k) window_to_domain<6>(strip_window(strip, SW, C, k), C, out + (t - t0 + k) * C, xs);
+    t += seg;
+  }
+}
+
 // The output tile (th, tw) of one image `img` (channels [0, K) from img): A^T M A of src[xi * xi_stride
 // + k], plus bias[k] where bias is given; the tile's rows and columns past the map's edge are dropped.
 inline void tile_from_domain(const float* src, int64_t xi_stride, int64_t K, const float* bias, const MapView& v,
@@ -969,20 +989,7 @@ at::Tensor wino_conv(const at::Tensor& x_in, const at::Tensor& u_in, const c10::
       const int64_t blk = item / parts, k0 = (item % parts) * KC;
       const int64_t t0 = blk * TB, tb = std::min<int64_t>(TB, T - t0), kn = std::min<int64_t>(KC, K - k0);
       if (blk != staged) {
-        for (int64_t i = 0; i < tb;) {
-          const Tile p(t0 + i, TH, TW);
-          if (!nchw) {
-            tile_to_domain<6>(xp + p.n * H * W * C, in_view, C, p.th, p.tw, vbuf.data() + i * C, TB * C);
-            ++i;
-            continue;
-          }
-          // NCHW: the block's tiles of one tile row at a time, their rows staged channels_last
-          const int64_t seg = std::min<int64_t>(tb - i, TW - p.tw), SW = 4 * seg + 2;
-          stage_rows(xp + p.n * C * H * W, C, H, W, 4 * p.th - 1, 6, 4 * p.tw - 1, SW, strip.data());
-          for (int64_t k = 0; k < seg; ++k)
-            window_to_domain<6>(strip_window(strip.data(), SW, C, k), C, vbuf.data() + (i + k) * C, TB * C);
-          i += seg;
-        }
+        tiles_to_domain(xp, in_view, C, TH, TW, t0, t0 + tb, vbuf.data(), TB * C, strip.data());
         staged = blk;
       }
       for (int64_t xi = 0; xi < 36; ++xi) {
@@ -1047,17 +1054,20 @@ inline void filter_part(const float* w, int64_t os, int64_t is, bool flip, int64
 
 // The convolution of x (N, Cin, H, W) with the filters `w` (K, C, 3, 3): Cin = C and K outputs, or with
 // `flip` (the input gradient's convolution, flip(w)^T) Cin = K and C outputs; y in x's layout. A task
-// item is kNR output channels of a group of the tiles, the items in group-major order, so that a thread's
-// items share its group of tiles: the transformed input V is written by the threads a run of tile rows
-// each, and a thread reading tiles that another wrote gets them from that thread's cache. The virtual
-// machine this was measured on (AMD EPYC, 2 threads) runs in two states, apparently its two vCPUs on
-// one core complex or on two (copying 32 MB took 1.3 or 0.65 ms), and in the second, reading every tile
-// took 1.75 ms for the convolution at 8x128x14x14 against 1.05 ms reading its own half (1.03 vs 1.05 ms
-// in the first). `tile_groups` > 0 fixes the number of groups (each group's items transform the same
-// filters again); 0 chooses one group a thread where the tiles number at least half the output
-// channels, else the fewest groups giving every thread two items: with fewer tiles the filters made
-// again by every thread cost about what the local tiles save (8x128x7x7: 0.30 vs 0.32 ms in the first
-// state, 0.49 vs 0.38 in the second; 8x256x7x7: 1.01 vs 1.16 ms, then 1.05-1.43 vs 1.16-1.31 ms).
+// item is kNR output channels of a group of the tiles, the items in group-major order; each thread first
+// transforms the tiles of the groups its items cover into its own buffer (no tile is read by a thread
+// that did not write it). The virtual machine this was measured on (AMD EPYC, 2 threads) runs in two
+// states, apparently its two vCPUs on one core complex or on two (copying 32 MB took 1.3 or 0.65 ms). In
+// the second, data one thread wrote and the other read is slow to write again: with the transformed
+// input shared (written a tile row a thread, read whole by every thread), its transform took 0.08 ms
+// of the convolution at 8x256x7x7 in the first state and 0.31 ms in the second (per thread, perf
+// samples), the convolution 1.04 and 1.35-1.40 ms; each thread transforming all 32 tiles itself, 1.06
+// and 1.06-1.07 ms (A/B in one process, 600 rounds, bit-identical results). `tile_groups` > 0 fixes
+// the number of groups (each group's items transform the same filters again); 0 chooses one group a
+// thread where the tiles number at least half the output channels (8x128x14x14: 1.05 ms in both
+// states, 1.75 ms in the second with every tile read by every thread), else the fewest groups giving
+// every thread two items: with fewer tiles the filters made again by every thread cost more than the
+// tiles transformed again (8x256x7x7: 1.01 vs 1.16 ms, then 1.05-1.43 vs 1.16-1.31 ms).
 at::Tensor wino_conv_w(const at::Tensor& x_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& bias_in,
                        bool flip, int64_t tile_groups) {
   const char* op = "scnet_fused::_wino_conv_w (cpu)";
@@ -1082,7 +1092,6 @@ at::Tensor wino_conv_w(const at::Tensor& x_in, const at::Tensor& w_in, const c10
   if (y.numel() == 0) return y;
   if (Cin == 0) return bias.defined() ? y.copy_(bias.view({1, Kout, 1, 1}).expand_as(y)) : y.zero_();
   const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4, T = N * TH * TW;
-  const at::Tensor v = to_tiles_nhwc<6>(op, x, TH, TW);  // (36, T, Cin)
   const int64_t parts = (Kout + kNR - 1) / kNR;
   // two items a thread: one group each with two parts or more, else two groups each
   const int64_t threads = at::get_num_threads(), per_thread = (2 + parts - 1) / parts;
@@ -1092,18 +1101,24 @@ at::Tensor wino_conv_w(const at::Tensor& x_in, const at::Tensor& w_in, const c10
   // the filter (o, i) at w[o * os + i * is]
   const int64_t os = flip ? 9 : Cw * 9, is = flip ? Cw * 9 : 9;
   static constexpr auto by_rows = gemm_table<true>(std::make_integer_sequence<int, kMR>{});
-  const float* vp = v.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const MapView out_view(Kout, H, W, nchw);
+  const MapView in_view(Cin, H, W, nchw), out_view(Kout, H, W, nchw);
   const bool stage_out = nchw && TW >= 7;  // (tiles_from_domain)
   at::parallel_for(0, parts * groups, 1, [&](int64_t begin, int64_t end) {
+    if (begin >= end) return;
     // the 36 positions' rows a cache line more than Cin kNR apart: at a power of two (32 KiB at 256
     // channels) the 36 stores of every filter vector fell into the same few cache sets
     const int64_t xs = Cin * kNR + kV;
     const Scratch ubuf(36 * xs), mbuf(36 * kMR * kNR), stage(Cin * 9 * kV),
         strip(stage_out ? 4 * std::min<int64_t>(kMR, TW) * 4 * kNR : 0);
+    // the tiles of this thread's groups, transformed by this thread
+    const int64_t ts = std::min(T, (begin / parts) * TG), te = std::min(T, ((end - 1) / parts + 1) * TG);
+    const int64_t vs = (te - ts) * Cin + kV;  // (a cache line more: the 36 rows' stores in different sets)
+    const Scratch own(36 * vs), instrip(nchw ? 6 * (4 * std::min(te - ts, TW) + 2) * Cin : 0);
+    tiles_to_domain(xp, in_view, Cin, TH, TW, ts, te, own.data(), vs, instrip.data());
     int64_t made = -1;  // the part whose filters ubuf holds
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / parts, part = item % parts;
@@ -1119,8 +1134,7 @@ at::Tensor wino_conv_w(const at::Tensor& x_in, const at::Tensor& w_in, const c10
         const int64_t t0 = ta + b * tn / nb, tb = ta + (b + 1) * tn / nb - t0;
         const GemmBlockFn fn = by_rows[tb - 1];
         for (int64_t xi = 0; xi < 36; ++xi)
-          fn(vp + (xi * T + t0) * Cin, Cin, ubuf.data() + xi * xs, kNR, Cin, mbuf.data() + xi * kMR * kNR,
-             kNR, on);
+          fn(own.data() + xi * vs + (t0 - ts) * Cin, Cin, ubuf.data() + xi * xs, kNR, Cin, mbuf.data() + xi * kMR * kNR, kNR, on);
         tiles_from_domain(mbuf.data(), kMR * kNR, kNR, t0, tb, on, bp ? bp + o0 : nullptr, TH, TW, out_view, Kout,
                           o0, yp, stage_out ? strip.data() : nullptr);
       }
