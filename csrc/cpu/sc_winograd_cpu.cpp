@@ -47,12 +47,14 @@
 
 #include "sc_cpu_vec.h"
 #include "sc_host.h"
+#include "sc_scratch.h"
 
 namespace scnet_fused {
 namespace cpu_winograd {
 namespace {
 
 using namespace ::scnet_fused::cpu_vec;
+using ::scnet_fused::cpu_scratch::Scratch;
 
 // B^T applied to six values (the input transform of one row or column of a 6x6 window).
 template <typename V>
@@ -96,15 +98,6 @@ inline void a4(const V& d0, const V& d1, const V& d2, const V& d3, V* o) {
 }
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
-// A task's scratch floats, not initialized (a std::vector's zero fill of the per-task buffers, up to
-// 1.2 MB for _wino_conv_w, showed as memset in the profile of the 8x256x7x7 training step); every
-// element is written before it is read.
-struct Scratch {
-  std::unique_ptr<float[]> p;
-  explicit Scratch(int64_t n) : p(new float[static_cast<size_t>(std::max<int64_t>(n, 1))]) {}
-  float* data() const { return p.get(); }
-};
 
 // The column phases are handled 16 tiles (64 columns) at a time.
 constexpr int64_t kChunk = 16;
