@@ -6,10 +6,12 @@
 #include <cstdio>
 #include <optional>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
 #include "cpu/sc_isa.h"
+#include "cpu/sc_scratch.h"
 #include "sc_gate_math.h"
 #include "sc_index.h"
 
@@ -162,6 +164,50 @@ void test_gate_kernels(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, in
   expect(max_abs_diff(sum_gk, esgk) < 1e-3, "gate backward sum_gk " + tag);
 }
 
+// The per-thread scratch stack: aligned, nested buffers disjoint, a buffer that does not fit from the
+// heap and the block grown to the deepest use once empty (the same memory on the next call), each
+// thread its own block.
+void test_scratch_stack() {
+  using scnet_fused::cpu_scratch::Scratch;
+  const auto aligned = [](const float* p) { return reinterpret_cast<uintptr_t>(p) % 64 == 0; };
+  const float* first = nullptr;
+  for (int call = 0; call < 3; ++call) {
+    const Scratch a(1000), b(17), c(1);
+    expect(aligned(a.data()) && aligned(b.data()) && aligned(c.data()), "scratch alignment");
+    for (int i = 0; i < 1000; ++i) a.data()[i] = 1.0f;
+    for (int i = 0; i < 17; ++i) b.data()[i] = 2.0f;
+    c.data()[0] = 3.0f;
+    bool intact = true;
+    for (int i = 0; i < 1000; ++i) intact = intact && a.data()[i] == 1.0f;
+    for (int i = 0; i < 17; ++i) intact = intact && b.data()[i] == 2.0f;
+    expect(intact && c.data()[0] == 3.0f, "scratch buffers overlap (call " + std::to_string(call) + ")");
+    if (call == 1) first = a.data();
+    if (call == 2) expect(a.data() == first, "scratch: the same block on the next call");
+    if (call > 0) expect(b.data() == a.data() + 1008 && c.data() == b.data() + 32, "scratch: stacked in the block");
+  }
+  {  // deeper than the block: from the heap, then the block grows
+    const Scratch a(1000), big(1 << 20);
+    big.data()[(1 << 20) - 1] = 4.0f;
+    expect(big.data() != a.data() + 1008, "scratch: an oversized buffer comes from the heap");
+  }
+  {
+    const Scratch a(1000), big(1 << 20);
+    expect(big.data() == a.data() + 1008, "scratch: the block grew to the deepest use");
+  }
+  const float* main_block = nullptr;
+  {
+    const Scratch a(64);
+    main_block = a.data();
+  }
+  const float* other = nullptr;
+  std::thread t([&] {
+    const Scratch a(64);
+    other = a.data();
+  });
+  t.join();
+  expect(other != nullptr && other != main_block, "scratch: each thread its own block");
+}
+
 }  // namespace
 
 int main() {
@@ -171,6 +217,7 @@ int main() {
     return 77;
   }
   test_index_map();
+  test_scratch_stack();
   test_gate_kernels(3, 13, 14, 25, 3, 6, false);
   test_gate_kernels(3, 13, 14, 25, 3, 6, true);
   test_gate_kernels(2, 8, 56, 56, 14, 14, false);
