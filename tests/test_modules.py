@@ -683,3 +683,41 @@ def test_k2_on_a_one_pixel_pooled_map_runs_its_centre_taps(size, channels_last, 
     fused(x.clone().requires_grad_()).sum().backward()
     g = fused.k2[1].weight.grad
     assert g[:, :, 1, 1].abs().sum() > 0 and torch.count_nonzero(g) == g[:, :, 1, 1].numel()
+
+
+def test_k2_centre_taps_are_kept_at_inference_while_the_filters_are_unchanged():
+    """At inference the 1x1 pooled map's centre taps are one contiguous copy kept between calls; an
+    in-place change of k2's filters (an optimizer step), a new weight tensor, or turning the cache off
+    is seen on the next call; with autograd on nothing is kept and the taps' gradient flows."""
+    from scnet_fused.ops import winograd
+    ref, fused = _pair(R.SCConv, 8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    _randomize_norms(ref)
+    fused.load_state_dict(ref.state_dict())
+    ref.eval(), fused.eval()
+    x = torch.randn(3, 8, 6, 6)
+    conv2 = fused.k2[1]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+        kept = winograd._taps_cache[conv2].u
+        assert kept.is_contiguous() and torch.equal(kept, conv2.weight[:, :, 1, 1])
+        fused(x)
+        assert winograd._taps_cache[conv2].u is kept  # reused
+        for m in (ref, fused):
+            m.k2[1].weight.mul_(-2.0)  # in place, as an optimizer step
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+        assert winograd._taps_cache[conv2].u is not kept
+        w = torch.randn_like(conv2.weight)
+        conv2.weight, ref.k2[1].weight = nn.Parameter(w.clone()), nn.Parameter(w.clone())
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+        previous = winograd.set_filter_cache(False)
+        try:
+            assert conv2 not in winograd._taps_cache
+            ref.k2[1].weight.add_(1.0), conv2.weight.add_(1.0)
+            torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+            assert conv2 not in winograd._taps_cache
+        finally:
+            winograd.set_filter_cache(previous)
+    winograd._taps_cache.clear()
+    fused(x).sum().backward()  # autograd on: the taps from the parameter, nothing kept
+    assert conv2 not in winograd._taps_cache
+    assert conv2.weight.grad[:, :, 1, 1].abs().sum() > 0

@@ -509,6 +509,7 @@ def set_filter_cache(enabled: bool) -> bool:
     previous, _cache_enabled = _cache_enabled, bool(enabled)
     if not _cache_enabled:
         _filter_cache.clear()
+        _taps_cache.clear()
     return previous
 
 
@@ -531,6 +532,28 @@ class _Entry:
             elif isinstance(old, Tensor) or t != old:
                 return False
         return True
+
+
+# The centre taps of a 3x3 convolution applied to 1x1 maps (the SCConv's k2 at 7 px), kept at inference
+# under the same rules: taken from the filters on every call they are a strided copy of the whole filter
+# bank (0.12 ms of the 8x256x7x7 eval forward's 3.2 ms, AMD EPYC, 2 threads; torch.profiler). Kept, that
+# forward ran 1.037x as fast (2.94 against 3.05 ms, median of 100 interleaved rounds, one process).
+_taps_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def centre_taps(owner: torch.nn.Module, weight: Tensor) -> Tensor:
+    """``weight[:, :, 1, 1]`` of the (K, C, 3, 3) filters, as one select of the flattened taps (its
+    backward zero-fills one weight-sized tensor); at inference (autograd off), a contiguous copy kept for
+    ``owner`` while the filters are unchanged (:func:`conv2d_cached`'s rules)."""
+    taps = weight.flatten(2)[:, :, 4]
+    if not (_cache_enabled and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and _cacheable((weight,))):
+        return taps
+    entry = _taps_cache.get(owner)
+    if entry is None or not entry.matches((weight,), False):
+        entry = _Entry((weight,), False, taps.detach().contiguous(), None)
+        _taps_cache[owner] = entry
+    return entry.u
 
 
 def _cacheable(sources) -> bool:
