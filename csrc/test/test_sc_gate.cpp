@@ -194,6 +194,20 @@ void test_scratch_stack() {
     const Scratch a(1000), big(1 << 20);
     expect(big.data() == a.data() + 1008, "scratch: the block grew to the deepest use");
   }
+  {  // past the 8 MiB kept a thread: the block grows to 8 MiB, the rest comes from the heap
+    const Scratch a(1000), huge(3 << 20);
+    huge.data()[(3 << 20) - 1] = 5.0f;
+  }
+  const float* base = nullptr;
+  {
+    const Scratch a(1000), b((1 << 21) - 1008);  // 8 MiB in all: in the block
+    base = a.data();
+    expect(b.data() == a.data() + 1008, "scratch: the block grew to 8 MiB");
+  }
+  {
+    const Scratch huge(3 << 20);
+    expect(huge.data() != base, "scratch: more than 8 MiB is not kept");
+  }
   const float* main_block = nullptr;
   {
     const Scratch a(64);
