@@ -82,6 +82,7 @@ TORCH_LIBRARY(scnet_fused, m) {
   m.def("_wino_conv(Tensor x, Tensor u, Tensor? bias=None, int block=0, bool split_k=True) -> Tensor");
   m.def("_wino_conv_w(Tensor x, Tensor weight, Tensor? bias=None, bool flip=False, int tile_groups=0) -> Tensor");
   m.def("_wino_wgrad(Tensor z, Tensor v, int cpart=0) -> Tensor");
+  m.def("_wino_wgrad_x(Tensor dy, Tensor x, int chunks=0) -> Tensor");
   m.def("_nearest_source(int i, int out_size, int in_size) -> int", &scnet_fused::nearest_source_one);
   m.def("_cell_start(int a, int out_size, int in_size) -> int", &scnet_fused::cell_start_one);
 }

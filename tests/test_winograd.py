@@ -166,13 +166,16 @@ def _check_conv(x, w, b, rel=5e-5):
 @pytest.fixture(params=["bmm", "kernel", "fused", "inside"])
 def gemm(request, monkeypatch):
     """The Winograd products as torch.bmm, as the package's kernel between the three transform passes,
-    inside the one-kernel convolution, and that with the filters transformed inside the convolution and
-    the weight gradient's kernel (whichever this machine's "auto" takes, all are checked)."""
+    inside the one-kernel convolution (with the weight gradient's transforms inside it where its rule
+    takes them), and that with the filters transformed inside the convolution and the weight gradient's
+    products kernel (whichever this machine's "auto" takes, all are checked)."""
     monkeypatch.setattr(winograd, "_gemm_kernel_choice", request.param != "bmm")
     monkeypatch.setattr(winograd, "_fused_setting", "1" if request.param in ("fused", "inside") else "0")
     inside = request.param == "inside"
     monkeypatch.setattr(winograd, "_filters_inside", lambda tiles, k_out: inside)
     monkeypatch.setattr(winograd, "_wgrad_inside", lambda tiles, k, c: inside)
+    if inside:  # the weight gradient's products kernel at every size (the runs kernel: "fused")
+        monkeypatch.setattr(winograd, "_wgrad_runs", lambda tiles, k, c: False)
     return request.param
 
 
@@ -290,6 +293,81 @@ def test_convolution_with_the_filters_transformed_inside(N, C, K, H, W, channels
         assert torch.equal(ops._wino_conv_w(x, w, None, flip), ops._wino_conv(x, u, None))
         ref = F.conv2d(x.double(), (w.flip(2, 3).transpose(0, 1) if flip else w).double(), bias.double(), padding=1)
         assert (want.double() - ref).abs().max().item() <= 5e-5 * ref.abs().max().item()
+
+
+# tiles around the run boundaries and the 14-row product blocks; output channels around the 32-column
+# blocks (16 with AVX2); maps not a multiple of 4
+@pytest.mark.parametrize("N, C, K, H, W", [(2, 5, 7, 9, 11), (3, 33, 17, 13, 7), (1, 16, 70, 20, 36),
+                                           (8, 4, 3, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_weight_gradient_with_the_transforms_inside(N, C, K, H, W, channels_last):
+    """_wino_wgrad_x (both transforms inside, the tiles in runs whose partial products are added in
+    run order): with one run, bit for bit the separate transforms, products and adjoint transform (the
+    same sums in the same order); with any number of runs within float32 rounding of the float64 weight
+    gradient; the same bits for every thread count and in both layouts."""
+    torch.manual_seed(9)
+    ops = torch.ops.scnet_fused
+    x, dy = torch.randn(N, C, H, W), torch.randn(N, K, H, W)
+    TH, TW = (H + 3) // 4, (W + 3) // 4
+    T = N * TH * TW
+    want = ops._wino_filter_adjoint(ops._wino_bmm(ops._wino_output_adjoint_nhwc(dy, TH, TW),
+                                                  ops._wino_input_nhwc(x, TH, TW), True))
+    ref = torch.nn.grad.conv2d_weight(x.double(), (K, C, 3, 3), dy.double(), padding=1)
+    if channels_last:
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ops._wino_wgrad_x(dy, x, 1), want)
+    threads = torch.get_num_threads()
+    try:
+        for chunks in (0, 2, 3, T, T + 5):
+            got = {}
+            for nthreads in (1, 2, 3):
+                torch.set_num_threads(nthreads)
+                got[nthreads] = ops._wino_wgrad_x(dy, x, chunks)
+            assert got[1].shape == (K, C, 3, 3) and got[1].is_contiguous()
+            assert torch.equal(got[1], got[2]) and torch.equal(got[1], got[3]), chunks
+            assert (got[1].double() - ref).abs().max().item() <= 5e-5 * ref.abs().max().item(), chunks
+            other = ops._wino_wgrad_x(dy.contiguous(), x.contiguous(), chunks) if channels_last else \
+                ops._wino_wgrad_x(dy.contiguous(memory_format=torch.channels_last),
+                                  x.contiguous(memory_format=torch.channels_last), chunks)
+            assert torch.equal(other, got[1]), chunks
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_weight_gradient_with_the_transforms_inside_rejects_bad_input():
+    ops = torch.ops.scnet_fused
+    x, dy = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 8, 8)
+    with pytest.raises(RuntimeError, match="batch or spatial"):
+        ops._wino_wgrad_x(dy[:1], x)
+    with pytest.raises(RuntimeError, match="batch or spatial"):
+        ops._wino_wgrad_x(dy[..., :7], x)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops._wino_wgrad_x(dy.double(), x.double())
+    with pytest.raises(RuntimeError, match="dimensions"):
+        ops._wino_wgrad_x(dy[0], x[0])
+    with pytest.raises(RuntimeError, match="chunks"):
+        ops._wino_wgrad_x(dy, x, -1)
+    assert torch.equal(ops._wino_wgrad_x(dy[:0], x[:0]), torch.zeros(6, 4, 3, 3))  # no tiles: zero
+    assert ops._wino_wgrad_x(torch.randn(2, 6, 8, 8), torch.randn(2, 0, 8, 8)).shape == (6, 0, 3, 3)
+
+
+@pytest.mark.parametrize("C, H", [(16, 34), (64, 14)])
+def test_few_channels_and_many_tiles_take_the_weight_gradient_with_the_transforms_inside(C, H, gemm):
+    """Up to 64 x 64 channels and more than 64 tiles, with the product kernel, the weight gradient runs
+    as one _wino_wgrad_x call (no separate transforms); it matches the direct convolution's."""
+    torch.manual_seed(4)
+    x = torch.randn(8, C, H, H, requires_grad=True)
+    w = torch.randn(C, C, 3, 3, requires_grad=True)
+    with _OpLog() as log:
+        y = scnet_fused.ops.conv3x3_winograd(x, w)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    runs = winograd._wgrad_runs(8 * ((H + 3) // 4) ** 2, C, C)
+    assert runs == (gemm == "fused")
+    assert ("_wino_wgrad_x" in log.names) == runs
+    assert any(n.startswith("_wino_input") for n in log.names) != runs  # no separate transform of x
+    ref = torch.nn.grad.conv2d_weight(x.detach().double(), w.shape, dy.double(), padding=1)
+    assert (w.grad.double() - ref).abs().max().item() <= 5e-5 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("T, K, C", [(1, 1, 1), (3, 14, 32), (10, 29, 70), (64, 15, 31), (0, 5, 6), (2, 64, 40)])

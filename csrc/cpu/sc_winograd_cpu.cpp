@@ -527,22 +527,26 @@ inline auto strip_window(const float* strip, int64_t SW, int64_t C, int64_t k) {
   };
 }
 
-// B^T d B of the tiles t0 .. t1 of x (the 6x6 windows at offset -1; x dense NCHW, or channels_last as `v`
-// says) into out[xi * xs + (t - t0) * C + c], by the calling thread. NCHW: a tile row's run of tiles
-// at a time, its rows staged channels_last in `strip` (6 (4 min(t1 - t0, TW) + 2) C floats).
+// B^T d B of the 6x6 windows at offset -1 (ROWS 6), or A dy A^T of the 4x4 tiles (ROWS 4), of the tiles
+// t0 .. t1 of the map at xp (C channels; dense NCHW, or channels_last as `v` says) into out[xi * xs + (t -
+// t0) * C + c], by the calling thread. NCHW: a tile row's run of tiles at a time, its rows staged
+// channels_last in `strip` (ROWS (4 min(t1 - t0, TW) + 2) C floats).
+template <int ROWS>
 inline void tiles_to_domain(const float* xp, const MapView& v, int64_t C, int64_t TH, int64_t TW, int64_t t0,
                             int64_t t1, float* out, int64_t xs, float* strip) {
+  constexpr int64_t off = ROWS == 6 ? 1 : 0;
   for (int64_t t = t0; t < t1;) {
     const Tile p(t, TH, TW);
     const float* img = xp + p.n * v.H * v.W * C;
     if (!v.nchw) {
-      tile_to_domain<6>(img, v, C, p.th, p.tw, out + (t - t0) * C, xs);
+      tile_to_domain<ROWS>(img, v, C, p.th, p.tw, out + (t - t0) * C, xs);
       ++t;
       continue;
     }
-    const int64_t seg = std::min<int64_t>(t1 - t, TW - p.tw), SW = 4 * seg + 2;
-    stage_rows(img, C, v.H, v.W, 4 * p.th - 1, 6, 4 * p.tw - 1, SW, strip);
-    for (int64_t k = 0; k < seg; ++k) window_to_domain<6>(strip_window(strip, SW, C, k), C, out + (t - t0 + k) * C, xs);
+    const int64_t seg = std::min<int64_t>(t1 - t, TW - p.tw), SW = 4 * seg + 2 * off;
+    stage_rows(img, C, v.H, v.W, 4 * p.th - off, ROWS, 4 * p.tw - off, SW, strip);
+    for (int64_t k = 0; k < seg; ++k)
+      window_to_domain<ROWS>(strip_window(strip, SW, C, k), C, out + (t - t0 + k) * C, xs);
     t += seg;
   }
 }
@@ -982,7 +986,7 @@ at::Tensor wino_conv(const at::Tensor& x_in, const at::Tensor& u_in, const c10::
       const int64_t blk = item / parts, k0 = (item % parts) * KC;
       const int64_t t0 = blk * TB, tb = std::min<int64_t>(TB, T - t0), kn = std::min<int64_t>(KC, K - k0);
       if (blk != staged) {
-        tiles_to_domain(xp, in_view, C, TH, TW, t0, t0 + tb, vbuf.data(), TB * C, strip.data());
+        tiles_to_domain<6>(xp, in_view, C, TH, TW, t0, t0 + tb, vbuf.data(), TB * C, strip.data());
         staged = blk;
       }
       for (int64_t xi = 0; xi < 36; ++xi) {
@@ -1111,7 +1115,7 @@ at::Tensor wino_conv_w(const at::Tensor& x_in, const at::Tensor& w_in, const c10
     const int64_t ts = std::min(T, (begin / parts) * TG), te = std::min(T, ((end - 1) / parts + 1) * TG);
     const int64_t vs = (te - ts) * Cin + kV;  // (a cache line more: the 36 rows' stores in different sets)
     const Scratch own(36 * vs), instrip(nchw ? 6 * (4 * std::min(te - ts, TW) + 2) * Cin : 0);
-    tiles_to_domain(xp, in_view, Cin, TH, TW, ts, te, own.data(), vs, instrip.data());
+    tiles_to_domain<6>(xp, in_view, Cin, TH, TW, ts, te, own.data(), vs, instrip.data());
     int64_t made = -1;  // the part whose filters ubuf holds
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / parts, part = item % parts;
@@ -1184,6 +1188,77 @@ at::Tensor wino_wgrad(const at::Tensor& z_in, const at::Tensor& v_in, int64_t cp
   return out;
 }
 
+// The filters' gradient (K, C, 3, 3) of the convolution of x (N, C, H, W) whose output gradient is dy
+// (N, K, H, W), the two maps in one layout (dense NCHW or channels_last), with both transforms made
+// inside: the tiles are cut into `chunks` runs (0: chosen from the shape alone, below); a task item is
+// one run, whose transforms z (36 x run x K, of dy) and v (36 x run x C, of x) its thread makes in its
+// own cache and multiplies into the run's partial dU[xi] = z[xi]^T v[xi]; the partials are then added
+// in run order (the result does not depend on the thread count) and transformed back, G^T dU G. The
+// separate form writes z and v whole (36 / 16 of dy's and x's sizes) and reads them back for the
+// products; here dy and x cross the memory bus once. For few channels (the partials, 36 K C floats
+// each, are what it stores instead).
+at::Tensor wino_wgrad_x(const at::Tensor& dy_in, const at::Tensor& x_in, int64_t chunks) {
+  const char* op = "scnet_fused::_wino_wgrad_x (cpu)";
+  check_map(op, dy_in);
+  check_map(op, x_in);
+  TORCH_CHECK(dy_in.size(0) == x_in.size(0) && dy_in.size(2) == x_in.size(2) && dy_in.size(3) == x_in.size(3), op,
+              ": the output gradient ", dy_in.sizes(), " and the input ", x_in.sizes(),
+              " differ in batch or spatial size");
+  TORCH_CHECK(chunks >= 0, op, ": chunks must be >= 0 (0: chosen here), got ", chunks);
+  const bool nchw = is_nchw(x_in);
+  const auto fmt = nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(fmt), dy = dy_in.contiguous(fmt);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = dy.size(1);
+  at::Tensor out = host::new_output({K, C, 3, 3}, x.options());
+  if (out.numel() == 0) return out;
+  const int64_t TH = (H + 3) / 4, TW = (W + 3) / 4, T = N * TH * TW;
+  if (T == 0) return out.zero_();
+  // runs of about 64 tiles, at most as many as 1M floats of partials hold (at least one)
+  const int64_t most = std::max<int64_t>(1, (int64_t{1} << 20) / (36 * K * C));
+  const int64_t P = std::min<int64_t>(T, chunks > 0 ? chunks : std::min<int64_t>(most, (T + 63) / 64));
+  const int64_t KC = K * C;
+  at::Tensor part = at::empty({P, 36, K, C}, x.options());
+  static constexpr auto by_steps = gemm_table<false>(std::make_integer_sequence<int, kMR>{});
+  const float* xp = x.data_ptr<float>();
+  const float* dp = dy.data_ptr<float>();
+  float* pp = part.data_ptr<float>();
+  const MapView xv(C, H, W, nchw), dv(K, H, W, nchw);
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    const int64_t most_tiles = (T + P - 1) / P;
+    // rows a cache line more than a power of two apart (the 36 positions' stores in different sets)
+    const int64_t zs = most_tiles * K + kV, vs = most_tiles * C + kV;
+    const Scratch zbuf(36 * zs), vbuf(36 * vs),
+        strip(nchw ? 6 * (4 * std::min(most_tiles, TW) + 2) * std::max(C, K) : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t0 = r * T / P, t1 = (r + 1) * T / P, n = t1 - t0;
+      tiles_to_domain<4>(dp, dv, K, TH, TW, t0, t1, zbuf.data(), zs, strip.data());
+      tiles_to_domain<6>(xp, xv, C, TH, TW, t0, t1, vbuf.data(), vs, strip.data());
+      float* dst = pp + r * 36 * KC;
+      for (int64_t xi = 0; xi < 36; ++xi) {
+        for (int64_t k0 = 0; k0 < K; k0 += kMR) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMR, K - k0));
+          const GemmBlockFn fn = by_steps[mr - 1];
+          for (int64_t n0 = 0; n0 < C; n0 += kNR)
+            fn(zbuf.data() + xi * zs + k0, K, vbuf.data() + xi * vs + n0, C, n, dst + xi * KC + k0 * C + n0, C,
+               std::min<int64_t>(kNR, C - n0));
+        }
+      }
+    }
+  });
+  // dU = the partials added in run order, into the first
+  if (P > 1) {
+    at::parallel_for(0, 36 * KC, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t r = 1; r < P; ++r) {
+        const float* src = pp + r * 36 * KC;
+        int64_t e = begin;
+        for (; e + kV <= end; e += kV) (Vec::loadu(pp + e) + Vec::loadu(src + e)).store(pp + e);
+        for (; e < end; ++e) pp[e] += src[e];
+      }
+    });
+  }
+  return wino_filter_adjoint(part[0]);
+}
+
 }  // namespace
 }  // namespace cpu_winograd
 }  // namespace scnet_fused
@@ -1201,4 +1276,5 @@ TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
   m.impl("_wino_conv", &scnet_fused::cpu_winograd::wino_conv);
   m.impl("_wino_conv_w", &scnet_fused::cpu_winograd::wino_conv_w);
   m.impl("_wino_wgrad", &scnet_fused::cpu_winograd::wino_wgrad);
+  m.impl("_wino_wgrad_x", &scnet_fused::cpu_winograd::wino_wgrad_x);
 }
