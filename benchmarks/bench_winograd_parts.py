@@ -4,7 +4,9 @@ C x K) and weight-gradient (K x tiles by tiles x C) orientation, at the products
 shapes; and the filter transforms (U = G g G^T, the flipped filters of the input gradient, the adjoint)
 as the (36 x 9) matrix products they were and as the kernels that replaced them; and one convolution
 forward (its filters' transform made beforehand) as the three passes (input transform, products,
-output transform, each through memory) and as the one kernel (``_wino_conv``), beside ``F.conv2d``.
+output transform, each through memory) and as the one kernel (``_wino_conv``), beside ``F.conv2d``;
+and a weight gradient from the two maps with its transforms through memory and made inside
+(``_wino_wgrad_x``).
 
     python benchmarks/bench_winograd_parts.py --threads 2 [--out DIR]
 
@@ -79,6 +81,25 @@ def _inside_jobs(N, C, H, W):
     }
 
 
+def _wgrad_jobs(N, C, H, W):
+    """A weight gradient from the two maps (x and the output gradient): the two transforms through memory
+    and the product kernel with the adjoint transform (as ``_weight_grad`` runs it where the
+    transforms-inside rule does not apply) against ``_wino_wgrad_x``, both transforms inside."""
+    TH, TW = (H + 3) // 4, (W + 3) // 4
+    g = torch.Generator().manual_seed(4)
+    x, dy = torch.randn(N, C, H, W, generator=g), torch.randn(N, C, H, W, generator=g)
+    ops = torch.ops.scnet_fused
+
+    def separate():
+        z, v = ops._wino_output_adjoint_nhwc(dy, TH, TW), ops._wino_input_nhwc(x, TH, TW)
+        return ops._wino_filter_adjoint(ops._wino_bmm(z, v, True))
+
+    return {
+        ("weight gradient from the maps", "separate"): separate,
+        ("weight gradient from the maps", "inside"): lambda: ops._wino_wgrad_x(dy, x),
+    }
+
+
 def _filter_jobs(C):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(C, C, 3, 3, generator=g)
@@ -115,6 +136,7 @@ def main(argv=None) -> int:
         groups.append((bench.shape_str((N, C, H, W)), flops, jobs))
         groups.append((bench.shape_str((N, C, H, W)), None, _conv_jobs(N, C, H, W)))
         groups.append((bench.shape_str((N, C, H, W)), None, _inside_jobs(N, C, H, W)))
+        groups.append((bench.shape_str((N, C, H, W)), None, _wgrad_jobs(N, C, H, W)))
     for C in sorted({C for C, _, _ in shapes}):
         groups.append((f"{C}x{C}x3x3", None, _filter_jobs(C)))
     rows = []
@@ -177,7 +199,11 @@ def markdown(rows) -> str:
               "a part of the filters inside each task item), and the weight gradient from the transformed input "
               "and output gradient (separate: `_wino_bmm`, then `_wino_filter_adjoint`; inside: `_wino_wgrad`). "
               "`auto` takes the inside kernels where the outputs are at least the tiles (forward) and the "
-              "channels at least twice the tiles (weight gradient).", "",
+              "channels at least twice the tiles (weight gradient). The weight gradient from the maps (x "
+              "and the output gradient): separate, their transforms through memory, then `_wino_bmm` and "
+              "`_wino_filter_adjoint`; inside, `_wino_wgrad_x` (both transforms in cache, a run of tiles a "
+              "task item, the runs' partial products added in order), which `auto` takes up to 64 x 64 "
+              "channels and more than 64 tiles.", "",
               "| N x C x H x W | tiles | computes | F.conv2d ms | separate ms | inside ms | inside vs separate "
               "| inside vs F.conv2d |",
               "|---|---:|---|---:|---:|---:|---:|---:|"]

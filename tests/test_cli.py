@@ -465,8 +465,8 @@ def test_bench_winograd_script(tmp_path):
 
 
 def test_bench_winograd_parts_script(tmp_path):
-    """benchmarks/bench_winograd_parts.py: the products and the filter transforms, each implementation
-    against the other."""
+    """benchmarks/bench_winograd_parts.py: the products, the convolutions, the weight gradients and the
+    filter transforms, each implementation against the other."""
     from scnet_fused.ops import winograd
 
     if not winograd._kernels_present():
@@ -477,15 +477,18 @@ def test_bench_winograd_parts_script(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "winograd_parts.json").read_text())
     # 2 shapes x 2 orientations x 2 implementations, 2 shapes x 3 convolutions, 2 shapes x (3 forward + 2
-    # weight gradient) from the filters, 2 filter sizes x 3 transforms x 2 implementations
-    assert len(rows) == 8 + 6 + 10 + 12 and all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
+    # weight gradient) from the filters, 2 shapes x 2 weight gradients from the maps, 2 filter sizes x 3
+    # transforms x 2 implementations
+    assert len(rows) == 8 + 6 + 10 + 4 + 12 and all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
+    assert sorted(r["provider"] for r in rows if r["op"] == "weight gradient from the maps") == \
+        sorted(["separate", "inside"] * 2)
     assert sorted(r["provider"] for r in rows if r["op"].startswith("from the filters")) == \
         sorted(["F.conv2d", "separate", "inside", "separate", "inside"] * 2)
     assert all(row["gflops"] > 0 for row in rows if row["op"].startswith("products"))
     assert sorted(r["provider"] for r in rows if r["op"] == "convolution forward") == \
         sorted(["F.conv2d", "three passes", "one kernel"] * 2)
     md = (tmp_path / "winograd_parts.md").read_text()
-    assert md.count("| 2x16x13x14 |") == 5 and md.count("| 32x32x3x3 |") == 3, md
+    assert md.count("| 2x16x13x14 |") == 6 and md.count("| 32x32x3x3 |") == 3, md
 
 
 def test_bench_bn_backward_script(tmp_path, capsys):

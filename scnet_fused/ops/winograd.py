@@ -231,9 +231,10 @@ def _wgrad_inside(tiles: int, k: int, c: int) -> bool:
 # ``_wino_wgrad_x`` makes them inside instead, a run of about 64 tiles a task item, each run's products
 # into a partial dU (36 K C floats) of its own, the partials added in run order (so the result does not
 # depend on the thread count). On an AMD EPYC (Zen 4), N = 8, 2 threads, C -> C, against the separate
-# transforms and products (10 interleaved rounds in one process): 1.46x at 8x32x56x56 (1.07 against
-# 1.56 ms), 1.22x at 8x64x56x56, 1.08x at 8x64x28x28, 1.52x at 8x32x14x14, 1.25x at 8x64x14x14; at 128
-# channels the partials leave room for one run only, and it ran 0.50x-0.58x. So: at most 64 x 64
+# transforms and products (benchmarks/results/cpu-epyc/winograd_parts_wgrad.md, 5 interleaved rounds in
+# one process): 1.52x at 8x32x56x56 (1.16 against 1.76 ms), 1.10x at 8x64x56x56, 1.09x at 8x64x28x28
+# (and in a 10-round loop 1.52x at 8x32x14x14, 1.25x at 8x64x14x14); from 128 channels the partials
+# leave room for one run only, and it ran 0.50x-0.58x. So: at most 64 x 64
 # channels, and more than 64 tiles (two runs or more); only with the product kernel (:func:`_fused`).
 # The fused SCConv training step with it against without (interleaved rounds in one process): 1.098x at
 # 8x32x56x56 (13.77 against 15.11 ms, 12 of 12 rounds), 1.066x at 8x64x28x28 (14 of 16), 1.035x at
