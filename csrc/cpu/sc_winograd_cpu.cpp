@@ -25,6 +25,11 @@
 //                                  transform a block of tiles at a time in cache (U from
 //                                  _wino_filter(g, flip, in_major=true)); y in x's layout (dense NCHW
 //                                  or channels_last; other strides through a channels_last copy)
+//   _wino_conv_w(x, g, bias, flip)  the same from the filters, their transform made inside the task
+//                                  items (small maps, many channels)
+//   _wino_wgrad(Z, V)              the weight gradient's products and adjoint transform in one kernel
+//   _wino_wgrad_x(dy, x)           the weight gradient from the two maps, both transforms inside, the
+//                                  tiles in runs whose partial products are added in run order
 //
 // float32, NCHW (dense). Vectorized across the tiles of a tile row with at::vec::Vectorized<float>:
 // each row of the map is first split into its four column phases (column = 4 k + p), so that the six
