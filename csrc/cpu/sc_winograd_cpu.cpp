@@ -535,7 +535,7 @@ inline auto strip_window(const float* strip, int64_t SW, int64_t C, int64_t k) {
 // B^T d B of the 6x6 windows at offset -1 (ROWS 6), or A dy A^T of the 4x4 tiles (ROWS 4), of the tiles
 // t0 .. t1 of the map at xp (C channels; dense NCHW, or channels_last as `v` says) into out[xi * xs + (t -
 // t0) * C + c], by the calling thread. NCHW: a tile row's run of tiles at a time, its rows staged
-// channels_last in `strip` (ROWS (4 min(t1 - t0, TW) + 2) C floats).
+// channels_last in `strip` (ROWS (4 min(t1 - t0, TW) + 2) C floats; unused for channels_last).
 template <int ROWS>
 inline void tiles_to_domain(const float* xp, const MapView& v, int64_t C, int64_t TH, int64_t TW, int64_t t0,
                             int64_t t1, float* out, int64_t xs, float* strip) {
@@ -601,26 +601,16 @@ at::Tensor to_tiles_nhwc(const char* op, const at::Tensor& src_in, int64_t TH, i
   if (out.numel() == 0) return out;
   const float* sp = src.data_ptr<float>();
   float* op_ = out.data_ptr<float>();
+  const MapView view(C, H, W, nchw);
   if (nchw) {  // a task item per tile row: its ROWS rows staged channels_last, then its TW tiles
-    constexpr int64_t off = ROWS == 6 ? 1 : 0;
-    const int64_t SW = 4 * TW + 2 * off;
     at::parallel_for(0, N * TH, grain_for(36 * C * TW), [&](int64_t begin, int64_t end) {
-      const Scratch strip(ROWS * SW * C);
-      for (int64_t nt = begin; nt < end; ++nt) {
-        const int64_t n = nt / TH, th = nt % TH;
-        stage_rows(sp + n * C * H * W, C, H, W, 4 * th - off, ROWS, -off, SW, strip.data());
-        for (int64_t tw = 0; tw < TW; ++tw)
-          window_to_domain<ROWS>(strip_window(strip.data(), SW, C, tw), C, op_ + (nt * TW + tw) * C, T * C);
-      }
+      const Scratch strip(ROWS * (4 * TW + 2) * C);
+      tiles_to_domain<ROWS>(sp, view, C, TH, TW, begin * TW, end * TW, op_ + begin * TW * C, T * C, strip.data());
     });
     return out;
   }
-  const MapView view(C, H, W, nchw);
   at::parallel_for(0, T, grain_for(36 * C), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const Tile p(t, TH, TW);
-      tile_to_domain<ROWS>(sp + p.n * H * W * C, view, C, p.th, p.tw, op_ + t * C, T * C);
-    }
+    tiles_to_domain<ROWS>(sp, view, C, TH, TW, begin, end, op_ + begin * C, T * C, nullptr);
   });
   return out;
 }
@@ -1136,7 +1126,8 @@ at::Tensor wino_conv_w(const at::Tensor& x_in, const at::Tensor& w_in, const c10
         const int64_t t0 = ta + b * tn / nb, tb = ta + (b + 1) * tn / nb - t0;
         const GemmBlockFn fn = by_rows[tb - 1];
         for (int64_t xi = 0; xi < 36; ++xi)
-          fn(own.data() + xi * vs + (t0 - ts) * Cin, Cin, ubuf.data() + xi * xs, kNR, Cin, mbuf.data() + xi * kMR * kNR, kNR, on);
+          fn(own.data() + xi * vs + (t0 - ts) * Cin, Cin, ubuf.data() + xi * xs, kNR, Cin,
+             mbuf.data() + xi * kMR * kNR, kNR, on);
         tiles_from_domain(mbuf.data(), kMR * kNR, kNR, t0, tb, on, bp ? bp + o0 : nullptr, TH, TW, out_view, Kout,
                           o0, yp, stage_out ? strip.data() : nullptr);
       }
