@@ -203,6 +203,19 @@ def test_summary_tables_from_results(tmp_path, capsys):
     assert "| scconv | train | 8x32x56x56 | fp32 | 20.00 | 22.00 | 16.00 | 1.25x | 1.38x | 16.5 / 7.0 | 10 / 2 |" in out
     assert "Allocator: glibc test." in out
     assert tables.main([str(path), "--fused", "triton"]) == 1  # no such rows: says so, exits non-zero
+    capsys.readouterr()
+
+    # --compact: an op's modes side by side in one row; a module's first calls (compile / fused)
+    rows += [dict(base, op="gate", mode="backward", shape="8x32x56x56", provider=p, median_ms=m)
+             for p, m in (("eager", 2.0), ("compile", 4.0), ("cpu", 1.0))]
+    for r in rows:
+        if r["op"] == "scconv":
+            r["first_ms"] = {"eager": 30.0, "compile": 300.0, "cpu": 12.0}[r["provider"]]
+    path.write_text(json.dumps(rows))
+    assert tables.main([str(path), "--compact"]) == 0
+    out = capsys.readouterr().out
+    assert "| gate | 8x32x56x56 | fp32 | 3.000 / 1.500 / 0.500 | 6.00x, 3.00x | 2.000 / 4.000 / 1.000 | 2.00x, 4.00x |" in out
+    assert "| scconv | 8x32x56x56 | fp32 | 20.00 / 22.00 / 16.00 | 1.25x, 1.38x | 300 / 12 | 16.5 / 7.0 |" in out
 
 
 def test_module_rows_interleaved_rounds(tmp_path, capsys):
