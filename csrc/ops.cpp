@@ -70,6 +70,8 @@ TORCH_LIBRARY(scnet_fused, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("_bn_add_relu_train_backward(Tensor dy, Tensor y, Tensor t, Tensor weight, Tensor bias, Tensor mean, "
         "Tensor var, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_max_pool2d_nchw(Tensor x, int kH, int kW, int sH, int sW, int pH, int pW, bool need_indices) "
+        "-> (Tensor, Tensor)");
   m.def("_wino_input(Tensor x, int TH, int TW) -> Tensor");
   m.def("_wino_output(Tensor m, int N, int H, int W, Tensor? bias=None) -> Tensor");
   m.def("_wino_output_adjoint(Tensor dy, int TH, int TW) -> Tensor");

@@ -1,0 +1,119 @@
+"""The stem's max pool on the CPU: ATen's NCHW and channels_last kernels against this package's NCHW
+kernel (scnet_fused.ops.maxpool), and the fused scnet50 with either pool in one process.
+
+    python benchmarks/bench_maxpool.py                      # op rows + scnet50 train step / eval forward
+    python benchmarks/bench_maxpool.py --no-model --rounds 9
+
+Op rows: the stem's 3x3 / stride 2 / padding 1 pool over N x 64 x 112 x 112 (ReLU'd input), forward
+with the indices a backward needs, and without (inference); medians over interleaved rounds. Model
+rows: the fused scnet50 (224 px) with its stem pool on the package's kernel and on nn.MaxPool2d,
+alternating, the rest of the model the same objects. Results: <out>/<name>.json and .md.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from scnet_fused import bench, models
+from scnet_fused.modules import MaxPool2d
+from scnet_fused.ops import maxpool
+
+
+def _timed(fn, reps):
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def _interleaved(fns, rounds, reps):
+    times = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            times[k].append(_timed(fns[k], reps))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-model", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--name", default="maxpool")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not maxpool._kernel_ready():
+        print("bench_maxpool: the package's max pool kernel is not available here (needs the AVX2 or AVX-512 "
+              "build of the CPU kernels)", file=sys.stderr)
+        return 2
+    bench.log_stderr("allocator: " + bench.pin_cpu_allocator(pin=True))
+    N = args.batch_size
+    x = torch.randn(N, 64, 112, 112).relu()
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    op = torch.ops.scnet_fused._max_pool2d_nchw
+    rows = []
+    op_fns = {
+        "aten NCHW, with indices": lambda: F.max_pool2d_with_indices(x, 3, 2, 1),
+        "aten channels_last, with indices": lambda: F.max_pool2d_with_indices(xcl, 3, 2, 1),
+        "scnet_fused NCHW, with indices": lambda: op(x, 3, 3, 2, 2, 1, 1, True),
+        "aten NCHW, no indices": lambda: torch.ops.aten.max_pool2d(x, [3, 3], [2, 2], [1, 1]),
+        "scnet_fused NCHW, no indices": lambda: op(x, 3, 3, 2, 2, 1, 1, False),
+    }
+    for k, ms in _interleaved(op_fns, args.rounds, 5).items():
+        rows.append(dict(what="pool", variant=k, shape=f"{N}x64x112x112", median_ms=ms))
+    if not args.no_model:
+        m = models.scnet50(fused=True)
+        img = torch.randn(N, 3, 224, 224)
+        target = torch.randint(0, 1000, (N,))
+        opt = torch.optim.SGD(m.parameters(), lr=0.1 * N / 256, momentum=0.9)
+        pools = {"scnet_fused": MaxPool2d(3, 2, 1), "nn.MaxPool2d": torch.nn.MaxPool2d(3, 2, 1)}
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(m(img), target).backward()
+            opt.step()
+
+        def infer():
+            with torch.no_grad():
+                m(img)
+
+        for mode, fn, reps in (("train step", step, 2), ("eval forward", infer, 3)):
+            m.train(mode == "train step")
+            fns = {}
+            for name, pool in pools.items():
+                def run(pool=pool, fn=fn):
+                    m.maxpool = pool
+                    fn()
+                fns[name] = run
+            for k, ms in _interleaved(fns, args.rounds, reps).items():
+                rows.append(dict(what=f"scnet50 {mode}", variant=f"stem pool: {k}", shape=f"{N}x3x224x224",
+                                 median_ms=ms))
+    device = bench.device_name(torch.device("cpu"))
+    out = args.out or bench.default_out_dir(torch.device("cpu"))
+    os.makedirs(out, exist_ok=True)
+    versions = {"torch": torch.__version__, "python": sys.version.split()[0], "threads": torch.get_num_threads()}
+    with open(os.path.join(out, f"{args.name}.json"), "w") as f:
+        json.dump(dict(rows=rows, versions=versions, device=device), f, indent=1)
+    lines = [f"# The stem's max pool on the CPU, N={N}", "",
+             f"Device: {device}; torch {versions['torch']}, Python {versions['python']}, {versions['threads']} threads; "
+             f"{args.rounds} interleaved rounds, medians. `python benchmarks/bench_maxpool.py`.", "",
+             "| what | variant | shape | median ms |", "|---|---|---|---:|"]
+    lines += [f"| {r['what']} | {r['variant']} | {r['shape']} | {r['median_ms']:.2f} |" for r in rows]
+    with open(os.path.join(out, f"{args.name}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
