@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .checkpoint import load_pretrained
-from .modules import SCBottleneck
+from .modules import MaxPool2d, SCBottleneck
 
 __all__ = ["scnet50", "scnet50_v1d", "scnet101", "scnet101_v1d", "SCNetFeatures", "build"]
 
@@ -89,6 +89,10 @@ def build(arch: str, fused: bool = True, pretrained=False, features_only: bool =
         model = SCNetFeatures(block, out_indices=out_indices, **cfg)
     else:
         model = reference.SCNet(block, **cfg)
+    if fused and type(model.maxpool) is nn.MaxPool2d:
+        pool = model.maxpool  # the stem's pool on the package's kernel (no state: the state_dict is unchanged)
+        model.maxpool = MaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
+                                  pool.ceil_mode)
     if pretrained:
         load_pretrained(model, arch, pretrained, ignore_prefixes=("fc.",) if features_only else ())
     return model
