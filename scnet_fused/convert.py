@@ -1,4 +1,5 @@
-"""``convert(model)``: swap every SCConv / SCBottleneck-compatible submodule for the fused one."""
+"""``convert(model)``: swap every SCConv / SCBottleneck-compatible submodule for the fused one (and an
+SCNet stem's max pool for the package's, as the fused models have it)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import List, Tuple
 
 from torch import nn
 
-from .modules import SCBottleneck, SCConv
+from .modules import MaxPool2d, SCBottleneck, SCConv
 
 __all__ = ["convert", "convert_with_report", "is_scconv_like", "is_bottleneck_like"]
 
@@ -60,6 +61,13 @@ def convert_with_report(model: nn.Module, inplace: bool = False) -> Tuple[nn.Mod
             replaced = swap(qual, child)
             if replaced is not child:
                 setattr(new, name, replaced)
+        pool = getattr(new, "maxpool", None)
+        if type(pool) is nn.MaxPool2d and isinstance(getattr(new, "layer1", None), nn.Module):
+            # an SCNet's (ResNet-style) stem pool: the package's NCHW kernel, ATen's results (no state)
+            new.maxpool = MaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
+                                    pool.ceil_mode)
+            report.append((f"{parent_name}.maxpool" if parent_name else "maxpool", type(pool).__qualname__,
+                           "scnet_fused.modules.MaxPool2d"))
         return new
 
     return swap("", model), report
@@ -69,7 +77,9 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
     """Replace every SCConv / SCBottleneck-compatible submodule of ``model`` with the fused one.
 
     Compatible means the module tree of the paper's classes (the reference's, the published
-    ``scnet.py``'s, or any module with the same attributes and forward). Weights, buffers, device,
+    ``scnet.py``'s, or any module with the same attributes and forward). A module with ``layer1`` and
+    an ``nn.MaxPool2d`` named ``maxpool`` (an SCNet's stem) gets :class:`scnet_fused.modules.MaxPool2d`
+    there, whose results are ATen's bit for bit. Weights, buffers, device,
     dtype and train/eval mode are kept (the fused modules take over the same submodules), so the
     state_dict is unchanged. ``inplace=False`` converts a deep copy. ``verbose`` prints what was replaced.
     """

@@ -454,6 +454,13 @@ def test_convert_keeps_dtype_and_reference_models():
     n_sc = sum(isinstance(x, scnet_fused.SCConv) for x in fused.modules())
     assert n_sc == 16
     assert list(fused.state_dict()) == list(m.state_dict())
+    # the stem's pool, as the fused models have it (no state; ATen's results: tests/test_maxpool.py)
+    from scnet_fused.modules import MaxPool2d
+
+    fused, report = scnet_fused.convert_with_report(m)
+    assert type(fused.maxpool) is MaxPool2d and type(m.maxpool) is torch.nn.MaxPool2d
+    assert ("maxpool", "MaxPool2d", "scnet_fused.modules.MaxPool2d") in report
+    assert scnet_fused.convert_with_report(fused)[1] == []
     with pytest.raises(TypeError, match="nn.Module"):
         scnet_fused.convert("model")
 
