@@ -1,8 +1,8 @@
 """A 2-D max pool for NCHW float32 CPU maps (SCNet's stem pool) with ATen's exact results.
 
-ATen's CPU max pool runs NCHW maps one output at a time: the stem's 3x3 / stride 2 pool over
-8x64x112x112 took 25 ms there on a 2-core AMD EPYC (its channels_last kernel 1.5 ms), 2% of an
-scnet50 training step at batch 8 and 5% of an inference pass. :func:`max_pool2d` runs such maps
+ATen's CPU max pool is slow on NCHW maps: the stem's 3x3 / stride 2 pool over 8x64x112x112 took
+25 ms there on a 2-core AMD EPYC (its channels_last kernel 1.5 ms), 2% of an scnet50 training step at
+batch 8 and 7% of an inference pass. :func:`max_pool2d` runs such maps
 through this package's vectorized kernel (``csrc/cpu/sc_maxpool_cpu.cpp``, 2.7 ms there with the
 indices a backward needs) and everything else through ``F.max_pool2d``. The kernel returns ATen's
 values and ATen's indices bit for bit (ties keep the first maximum of the window in row-major
