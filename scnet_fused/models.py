@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .checkpoint import load_pretrained
-from .modules import MaxPool2d, SCBottleneck
+from .modules import MaxPool2d, SCBottleneck, scnet_stem
 
 __all__ = ["scnet50", "scnet50_v1d", "scnet101", "scnet101_v1d", "SCNetFeatures", "build"]
 
@@ -48,10 +48,13 @@ class SCNetFeatures(reference.SCNet):
     def strides(self) -> List[int]:
         return [f["reduction"] for f in self.feature_info]
 
+    def stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
     def forward(self, x: Tensor) -> List[Tensor]:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"SCNet expects an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.stem(x)
         outs = []
         for i in range(1, 5):
             x = getattr(self, f"layer{i}")(x)
@@ -60,6 +63,29 @@ class SCNetFeatures(reference.SCNet):
             if i >= max(self.out_indices):
                 break
         return outs
+
+
+class _FusedStem:
+    def stem(self, x: Tensor) -> Tensor:
+        """The stem with bn1 + ReLU fused (:func:`scnet_fused.modules.scnet_stem`)."""
+        return scnet_stem(self.conv1, self.bn1, self.relu, self.maxpool, x)
+
+
+class SCNet(_FusedStem, reference.SCNet):
+    """The fused models' SCNet: :class:`scnet_fused.reference.SCNet` (same module tree and state_dict)
+    whose stem runs through :func:`scnet_fused.modules.scnet_stem`; its blocks are the fused
+    SCBottlenecks and its stem pool :class:`scnet_fused.modules.MaxPool2d` (see :func:`build`)."""
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+
+class FusedSCNetFeatures(_FusedStem, SCNetFeatures):
+    """:class:`SCNetFeatures` with the fused stem (the fused models' ``features_only=True``)."""
 
 
 def _layer_stride(block: nn.Module) -> int:
@@ -86,9 +112,9 @@ def build(arch: str, fused: bool = True, pretrained=False, features_only: bool =
     cfg.update(kwargs)
     if features_only:
         cfg.pop("num_classes", None)
-        model = SCNetFeatures(block, out_indices=out_indices, **cfg)
+        model = (FusedSCNetFeatures if fused else SCNetFeatures)(block, out_indices=out_indices, **cfg)
     else:
-        model = reference.SCNet(block, **cfg)
+        model = (SCNet if fused else reference.SCNet)(block, **cfg)
     if fused and type(model.maxpool) is nn.MaxPool2d:
         pool = model.maxpool  # the stem's pool on the package's kernel (no state: the state_dict is unchanged)
         model.maxpool = MaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,

@@ -43,7 +43,7 @@ from .ops.sc_gate import affine_fold
 from .ops import winograd
 from .ops.maxpool import max_pool2d
 
-__all__ = ["SCConv", "SCBottleneck", "MaxPool2d"]
+__all__ = ["SCConv", "SCBottleneck", "MaxPool2d", "scnet_stem"]
 
 
 # torch.nn's global module hooks (register_module_forward_hook, ...): dicts it adds to and removes
@@ -852,3 +852,30 @@ class MaxPool2d(nn.MaxPool2d):
         if self.return_indices or standard_ops_only():
             return super().forward(x)
         return max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+
+
+def scnet_stem(conv1: nn.Module, bn1: nn.Module, relu: nn.Module, maxpool: nn.Module, x: Tensor) -> Tensor:
+    """``maxpool(relu(bn1(conv1(x))))``, an SCNet's stem, as the fused models run it: with ``bn1`` a
+    BatchNorm2d using batch statistics (training), BatchNorm + ReLU as one fused op
+    (:func:`scnet_fused.ops.bn_relu_train`; running statistics as nn.BatchNorm2d updates them); at
+    inference with an eval-mode ``bn1``, the BatchNorm folded into ``conv1`` (a plain convolution);
+    otherwise, and where a hook is attached to ``bn1`` or ``relu``, the modules. ``conv1`` runs as its
+    module (the v1d models' deep stem is a Sequential) unless it is a plain convolution the fused
+    paths take; ``maxpool`` always runs as its module. The v1d models' deep stem (``conv1`` a Sequential
+    of convolution, BatchNorm, ReLU, ..., convolution) runs its convolution + BatchNorm + ReLU triples
+    the same way, and its last convolution with ``bn1``."""
+    if standard_ops_only() or x.dim() != 4 or not _plain_relu(relu):
+        return maxpool(relu(bn1(conv1(x))))
+    if type(conv1) is nn.Sequential and len(conv1) > 0 and isinstance(conv1[-1], nn.Conv2d) and _hookless(conv1):
+        mods = list(conv1)
+        i = 0
+        while i < len(mods) - 1:
+            if (i + 3 < len(mods) and isinstance(mods[i], nn.Conv2d)
+                    and isinstance(mods[i + 1], nn.modules.batchnorm._BatchNorm) and _plain_relu(mods[i + 2])):
+                x = _bn_relu(mods[i], mods[i + 1], mods[i + 2], x)
+                i += 3
+            else:
+                x = mods[i](x)
+                i += 1
+        conv1 = mods[-1]
+    return maxpool(_bn_relu(conv1, bn1, relu, x))
