@@ -1,13 +1,16 @@
-"""The stem's max pool on the CPU: ATen's NCHW and channels_last kernels against this package's NCHW
-kernel (scnet_fused.ops.maxpool), and the fused scnet50 with either pool in one process.
+"""The SCNet stem on the CPU: the max pool (ATen's NCHW and channels_last kernels against this
+package's NCHW kernel, scnet_fused.ops.maxpool) and the fused scnet50 with its stem as built (bn1 +
+ReLU fused, the pool on the kernel), with the stem's modules and the kernel pool, and with the
+reference's stem (modules, nn.MaxPool2d), in one process.
 
-    python benchmarks/bench_maxpool.py                      # op rows + scnet50 train step / eval forward
-    python benchmarks/bench_maxpool.py --no-model --rounds 9
+    python benchmarks/bench_stem.py                      # pool rows + scnet50 train step / eval forward
+    python benchmarks/bench_stem.py --no-model --rounds 9
 
-Op rows: the stem's 3x3 / stride 2 / padding 1 pool over N x 64 x 112 x 112 (ReLU'd input), forward
+Pool rows: the stem's 3x3 / stride 2 / padding 1 pool over N x 64 x 112 x 112 (ReLU'd input), forward
 with the indices a backward needs, and without (inference); medians over interleaved rounds. Model
-rows: the fused scnet50 (224 px) with its stem pool on the package's kernel and on nn.MaxPool2d,
-alternating, the rest of the model the same objects. Results: <out>/<name>.json and .md.
+rows: the same fused scnet50 (224 px, the same parameter objects) with each stem, alternating: the stem
+alone (training forward + backward), the training step and the eval forward.
+Results: <out>/<name>.json and .md.
 """
 
 import argparse
@@ -41,6 +44,15 @@ def _interleaved(fns, rounds, reps):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _use(model, stem, pool):
+    """The model's stem pool and stem function (None: the class's, the fused stem)."""
+    model.maxpool = pool
+    if stem is None:
+        model.__dict__.pop("stem", None)
+    else:
+        model.stem = stem
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=8)
@@ -48,12 +60,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-model", action="store_true")
     p.add_argument("--out", default=None)
-    p.add_argument("--name", default="maxpool")
+    p.add_argument("--name", default="stem")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not maxpool._kernel_ready():
-        print("bench_maxpool: the package's max pool kernel is not available here (needs the AVX2 or AVX-512 "
+        print("bench_stem: the package's max pool kernel is not available here (needs the AVX2 or AVX-512 "
               "build of the CPU kernels)", file=sys.stderr)
         return 2
     bench.log_stderr("allocator: " + bench.pin_cpu_allocator(pin=True))
@@ -76,7 +88,16 @@ def main(argv=None):
         img = torch.randn(N, 3, 224, 224)
         target = torch.randint(0, 1000, (N,))
         opt = torch.optim.SGD(m.parameters(), lr=0.1 * N / 256, momentum=0.9)
-        pools = {"scnet_fused": MaxPool2d(3, 2, 1), "nn.MaxPool2d": torch.nn.MaxPool2d(3, 2, 1)}
+        kernel_pool, aten_pool = MaxPool2d(3, 2, 1), torch.nn.MaxPool2d(3, 2, 1)
+
+        def module_stem(x):
+            return m.maxpool(m.relu(m.bn1(m.conv1(x))))
+
+        stems = {  # (the stem function, the pool)
+            "fused bn1 + ReLU, kernel pool (as built)": (None, kernel_pool),
+            "modules, kernel pool": (module_stem, kernel_pool),
+            "modules, nn.MaxPool2d (the reference's)": (module_stem, aten_pool),
+        }
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -87,16 +108,27 @@ def main(argv=None):
             with torch.no_grad():
                 m(img)
 
+        def stem_alone():  # the stem's forward + backward in training (its parameters' gradients)
+            y = m.stem(img)
+            y.backward(torch.ones_like(y))
+
+        m.train()
+        for k, ms in _interleaved({name: (lambda stem=stem, pool=pool: (_use(m, stem, pool), stem_alone()))
+                                   for name, (stem, pool) in stems.items()}, 2 * args.rounds, 4).items():
+            rows.append(dict(what="scnet50 stem, training forward + backward", variant=f"stem: {k}",
+                             shape=f"{N}x3x224x224", median_ms=ms))
+        m.zero_grad(set_to_none=True)
+
         for mode, fn, reps in (("train step", step, 2), ("eval forward", infer, 3)):
             m.train(mode == "train step")
             fns = {}
-            for name, pool in pools.items():
-                def run(pool=pool, fn=fn):
-                    m.maxpool = pool
+            for name, (stem, pool) in stems.items():
+                def run(stem=stem, pool=pool, fn=fn):
+                    _use(m, stem, pool)
                     fn()
                 fns[name] = run
             for k, ms in _interleaved(fns, args.rounds, reps).items():
-                rows.append(dict(what=f"scnet50 {mode}", variant=f"stem pool: {k}", shape=f"{N}x3x224x224",
+                rows.append(dict(what=f"scnet50 {mode}", variant=f"stem: {k}", shape=f"{N}x3x224x224",
                                  median_ms=ms))
     device = bench.device_name(torch.device("cpu"))
     out = args.out or bench.default_out_dir(torch.device("cpu"))
@@ -104,9 +136,9 @@ def main(argv=None):
     versions = {"torch": torch.__version__, "python": sys.version.split()[0], "threads": torch.get_num_threads()}
     with open(os.path.join(out, f"{args.name}.json"), "w") as f:
         json.dump(dict(rows=rows, versions=versions, device=device), f, indent=1)
-    lines = [f"# The stem's max pool on the CPU, N={N}", "",
+    lines = [f"# The SCNet stem on the CPU, N={N}", "",
              f"Device: {device}; torch {versions['torch']}, Python {versions['python']}, {versions['threads']} threads; "
-             f"{args.rounds} interleaved rounds, medians. `python benchmarks/bench_maxpool.py`.", "",
+             f"{args.rounds} interleaved rounds, medians. `python benchmarks/bench_stem.py`.", "",
              "| what | variant | shape | median ms |", "|---|---|---|---:|"]
     lines += [f"| {r['what']} | {r['variant']} | {r['shape']} | {r['median_ms']:.2f} |" for r in rows]
     with open(os.path.join(out, f"{args.name}.md"), "w") as f:
