@@ -477,19 +477,19 @@ def test_bench_winograd_script(tmp_path):
     assert again.returncode == 0 and (tmp_path / "winograd.md").read_text() == md
 
 
-def test_bench_maxpool_script(tmp_path):
-    """benchmarks/bench_maxpool.py: the pool rows (ATen's kernels and the package's), JSON and Markdown."""
+def test_bench_stem_script(tmp_path):
+    """benchmarks/bench_stem.py: the pool rows (ATen's kernels and the package's), JSON and Markdown."""
     from scnet_fused.ops import maxpool
 
     if not maxpool._kernel_ready():
         pytest.skip("no vectorized CPU kernel build")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_maxpool.py"), "--no-model",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_stem.py"), "--no-model",
                         "--batch-size", "1", "--rounds", "1", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "maxpool.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "stem.json").read_text())["rows"]
     assert len(rows) == 5 and all(row["median_ms"] > 0 and row["shape"] == "1x64x112x112" for row in rows)
-    assert "| pool | scnet_fused NCHW, with indices | 1x64x112x112 |" in (tmp_path / "maxpool.md").read_text()
+    assert "| pool | scnet_fused NCHW, with indices | 1x64x112x112 |" in (tmp_path / "stem.md").read_text()
 
 
 def test_bench_winograd_parts_script(tmp_path):
