@@ -728,3 +728,36 @@ def test_k2_centre_taps_are_kept_at_inference_while_the_filters_are_unchanged():
     fused(x).sum().backward()  # autograd on: the taps from the parameter, nothing kept
     assert conv2 not in winograd._taps_cache
     assert conv2.weight.grad[:, :, 1, 1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("size", [(15, 17), (14, 14)])
+@pytest.mark.parametrize("train", [True, False])
+def test_strided_1x1_downsample_reads_the_subsampled_pixels(size, train, monkeypatch):
+    """A plain 1x1 convolution with stride 2 (the downsample of a stage's first block) runs on
+    x[:, :, ::2, ::2] at stride 1 on the CPU: the strided convolution's output and gradients, odd sizes
+    included; the path is taken in training and at inference (BatchNorm folded)."""
+    from scnet_fused import modules
+
+    taken = []
+    real = modules._subsampled
+    monkeypatch.setattr(modules, "_subsampled", lambda conv, x: taken.append(tuple(x.shape)) or real(conv, x))
+    conv = nn.Conv2d(8, 16, 1, stride=2, bias=False)
+    bn = nn.BatchNorm2d(16)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    seq = nn.Sequential(conv, bn).train(train)
+    ref = copy.deepcopy(seq)
+    x = torch.randn(3, 8, *size)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = modules._seq_conv_bn(seq, a), ref(b)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conv.weight.grad, ref[0].weight.grad, rtol=1e-5, atol=1e-5)
+    assert taken == [(3, 8) + size]
+    if not train:
+        with torch.no_grad():
+            torch.testing.assert_close(modules._seq_conv_bn(seq, x), ref(x), rtol=1e-5, atol=1e-5)
+        assert len(taken) == 2  # the folded inference path too
