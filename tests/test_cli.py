@@ -492,6 +492,17 @@ def test_bench_stem_script(tmp_path):
     assert "| pool | scnet_fused NCHW, with indices | 1x64x112x112 |" in (tmp_path / "stem.md").read_text()
 
 
+def test_bench_downsample_script(tmp_path):
+    """benchmarks/bench_downsample.py: the strided and subsampled 1x1 convolutions, JSON and Markdown."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_downsample.py"), "--no-model",
+                        "--batch-size", "1", "--rounds", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "downsample.json").read_text())["rows"]
+    assert len(rows) == 12 and all(row["median_ms"] > 0 for row in rows)
+    assert sorted({row["variant"] for row in rows}) == ["strided (oneDNN)", "subsampled, stride 1"]
+
+
 def test_bench_winograd_parts_script(tmp_path):
     """benchmarks/bench_winograd_parts.py: the products, the convolutions, the weight gradients and the
     filter transforms, each implementation against the other."""

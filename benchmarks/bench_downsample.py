@@ -1,0 +1,123 @@
+"""The plain downsample's strided 1x1 convolution on the CPU: oneDNN's strided convolution against the
+subsampled view x[:, :, ::s, ::s] at stride 1 (what the fused modules run), and the fused scnet50 with
+either, in one process.
+
+    python benchmarks/bench_downsample.py                  # convolution rows + scnet50 train step / eval forward
+    python benchmarks/bench_downsample.py --no-model --rounds 9
+
+Convolution rows: SCNet-50's three strided downsample convolutions at batch N (layer2-4's first
+blocks), forward + backward (input and weight gradients) and inference forward; medians over
+interleaved rounds. Model rows: the same fused scnet50 (224 px) with the subsampled path on and off.
+Results: <out>/<name>.json and .md.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from scnet_fused import bench, models, modules
+
+
+def _timed(fn, reps):
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def _interleaved(fns, rounds, reps):
+    times = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            times[k].append(_timed(fns[k], reps))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-model", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--name", default="downsample")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench.log_stderr("allocator: " + bench.pin_cpu_allocator(pin=True))
+    N = args.batch_size
+    rows = []
+    for C, H in ((256, 56), (512, 28), (1024, 14)):
+        x = torch.randn(N, C, H, H, requires_grad=True)
+        w = (torch.randn(2 * C, C, 1, 1) * 0.05).requires_grad_()
+        g = torch.randn(N, 2 * C, H // 2, H // 2)
+
+        def train(sub, x=x, w=w, g=g):
+            y = F.conv2d(x[:, :, ::2, ::2], w) if sub else F.conv2d(x, w, stride=2)
+            torch.autograd.grad(y, (x, w), g)
+
+        def infer(sub, x=x, w=w):
+            with torch.no_grad():
+                F.conv2d(x[:, :, ::2, ::2], w) if sub else F.conv2d(x, w, stride=2)
+
+        for mode, fn in (("forward + backward", train), ("inference forward", infer)):
+            fns = {"strided (oneDNN)": lambda fn=fn: fn(False), "subsampled, stride 1": lambda fn=fn: fn(True)}
+            for k, ms in _interleaved(fns, args.rounds, 3).items():
+                rows.append(dict(what=f"1x1 conv {C}->{2 * C}, stride 2, {mode}", variant=k,
+                                 shape=f"{N}x{C}x{H}x{H}", median_ms=ms))
+    if not args.no_model:
+        m = models.scnet50(fused=True)
+        img = torch.randn(N, 3, 224, 224)
+        target = torch.randint(0, 1000, (N,))
+        opt = torch.optim.SGD(m.parameters(), lr=0.1 * N / 256, momentum=0.9)
+        real = modules._strided_1x1
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(m(img), target).backward()
+            opt.step()
+
+        def infer_model():
+            with torch.no_grad():
+                m(img)
+
+        try:
+            for mode, fn, reps in (("train step", step, 2), ("eval forward", infer_model, 3)):
+                m.train(mode == "train step")
+                fns = {}
+                for name, rule in (("subsampled (as built)", real), ("strided", lambda conv, x: False)):
+                    def run(rule=rule, fn=fn):
+                        modules._strided_1x1 = rule
+                        fn()
+                    fns[name] = run
+                for k, ms in _interleaved(fns, args.rounds, reps).items():
+                    rows.append(dict(what=f"scnet50 {mode}", variant=f"downsample: {k}", shape=f"{N}x3x224x224",
+                                     median_ms=ms))
+        finally:
+            modules._strided_1x1 = real
+    device = bench.device_name(torch.device("cpu"))
+    out = args.out or bench.default_out_dir(torch.device("cpu"))
+    os.makedirs(out, exist_ok=True)
+    versions = {"torch": torch.__version__, "python": sys.version.split()[0], "threads": torch.get_num_threads()}
+    with open(os.path.join(out, f"{args.name}.json"), "w") as f:
+        json.dump(dict(rows=rows, versions=versions, device=device), f, indent=1)
+    lines = [f"# The downsample's strided 1x1 convolution on the CPU, N={N}", "",
+             f"Device: {device}; torch {versions['torch']}, Python {versions['python']}, {versions['threads']} "
+             f"threads; {args.rounds} interleaved rounds, medians. `python benchmarks/bench_downsample.py`.", "",
+             "| what | variant | shape | median ms |", "|---|---|---|---:|"]
+    lines += [f"| {r['what']} | {r['variant']} | {r['shape']} | {r['median_ms']:.2f} |" for r in rows]
+    with open(os.path.join(out, f"{args.name}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
