@@ -11,46 +11,17 @@ interleaved rounds. Model rows: the same fused scnet50 (224 px) with the subsamp
 Results: <out>/<name>.json and .md.
 """
 
-import argparse
-import json
-import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from _ab import interleaved, parse_args, write_rows
 from scnet_fused import bench, models, modules
 
 
-def _timed(fn, reps):
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps * 1e3
-
-
-def _interleaved(fns, rounds, reps):
-    times = {k: [] for k in fns}
-    for r in range(rounds):
-        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            times[k].append(_timed(fns[k], reps))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-model", action="store_true")
-    p.add_argument("--out", default=None)
-    p.add_argument("--name", default="downsample")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, "downsample", argv)
     bench.log_stderr("allocator: " + bench.pin_cpu_allocator(pin=True))
     N = args.batch_size
     rows = []
@@ -69,7 +40,7 @@ def main(argv=None):
 
         for mode, fn in (("forward + backward", train), ("inference forward", infer)):
             fns = {"strided (oneDNN)": lambda fn=fn: fn(False), "subsampled, stride 1": lambda fn=fn: fn(True)}
-            for k, ms in _interleaved(fns, args.rounds, 3).items():
+            for k, ms in interleaved(fns, args.rounds, 3).items():
                 rows.append(dict(what=f"1x1 conv {C}->{2 * C}, stride 2, {mode}", variant=k,
                                  shape=f"{N}x{C}x{H}x{H}", median_ms=ms))
     if not args.no_model:
@@ -97,25 +68,12 @@ def main(argv=None):
                         modules._strided_1x1 = rule
                         fn()
                     fns[name] = run
-                for k, ms in _interleaved(fns, args.rounds, reps).items():
+                for k, ms in interleaved(fns, args.rounds, reps).items():
                     rows.append(dict(what=f"scnet50 {mode}", variant=f"downsample: {k}", shape=f"{N}x3x224x224",
                                      median_ms=ms))
         finally:
             modules._strided_1x1 = real
-    device = bench.device_name(torch.device("cpu"))
-    out = args.out or bench.default_out_dir(torch.device("cpu"))
-    os.makedirs(out, exist_ok=True)
-    versions = {"torch": torch.__version__, "python": sys.version.split()[0], "threads": torch.get_num_threads()}
-    with open(os.path.join(out, f"{args.name}.json"), "w") as f:
-        json.dump(dict(rows=rows, versions=versions, device=device), f, indent=1)
-    lines = [f"# The downsample's strided 1x1 convolution on the CPU, N={N}", "",
-             f"Device: {device}; torch {versions['torch']}, Python {versions['python']}, {versions['threads']} "
-             f"threads; {args.rounds} interleaved rounds, medians. `python benchmarks/bench_downsample.py`.", "",
-             "| what | variant | shape | median ms |", "|---|---|---|---:|"]
-    lines += [f"| {r['what']} | {r['variant']} | {r['shape']} | {r['median_ms']:.2f} |" for r in rows]
-    with open(os.path.join(out, f"{args.name}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_rows(rows, args.out, args.name, f"The downsample's strided 1x1 convolution on the CPU, N={N}", "python benchmarks/bench_downsample.py", args.rounds)
     return 0
 
 

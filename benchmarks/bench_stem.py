@@ -13,35 +13,15 @@ alone (training forward + backward), the training step and the eval forward.
 Results: <out>/<name>.json and .md.
 """
 
-import argparse
-import json
-import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from _ab import interleaved, parse_args, write_rows
 from scnet_fused import bench, models
 from scnet_fused.modules import MaxPool2d
 from scnet_fused.ops import maxpool
-
-
-def _timed(fn, reps):
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps * 1e3
-
-
-def _interleaved(fns, rounds, reps):
-    times = {k: [] for k in fns}
-    for r in range(rounds):
-        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            times[k].append(_timed(fns[k], reps))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _use(model, stem, pool):
@@ -54,16 +34,7 @@ def _use(model, stem, pool):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-model", action="store_true")
-    p.add_argument("--out", default=None)
-    p.add_argument("--name", default="stem")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, "stem", argv)
     if not maxpool._kernel_ready():
         print("bench_stem: the package's max pool kernel is not available here (needs the AVX2 or AVX-512 "
               "build of the CPU kernels)", file=sys.stderr)
@@ -81,7 +52,7 @@ def main(argv=None):
         "aten NCHW, no indices": lambda: torch.ops.aten.max_pool2d(x, [3, 3], [2, 2], [1, 1]),
         "scnet_fused NCHW, no indices": lambda: op(x, 3, 3, 2, 2, 1, 1, False),
     }
-    for k, ms in _interleaved(op_fns, args.rounds, 5).items():
+    for k, ms in interleaved(op_fns, args.rounds, 5).items():
         rows.append(dict(what="pool", variant=k, shape=f"{N}x64x112x112", median_ms=ms))
     if not args.no_model:
         m = models.scnet50(fused=True)
@@ -113,7 +84,7 @@ def main(argv=None):
             y.backward(torch.ones_like(y))
 
         m.train()
-        for k, ms in _interleaved({name: (lambda stem=stem, pool=pool: (_use(m, stem, pool), stem_alone()))
+        for k, ms in interleaved({name: (lambda stem=stem, pool=pool: (_use(m, stem, pool), stem_alone()))
                                    for name, (stem, pool) in stems.items()}, 2 * args.rounds, 4).items():
             rows.append(dict(what="scnet50 stem, training forward + backward", variant=f"stem: {k}",
                              shape=f"{N}x3x224x224", median_ms=ms))
@@ -127,23 +98,10 @@ def main(argv=None):
                     _use(m, stem, pool)
                     fn()
                 fns[name] = run
-            for k, ms in _interleaved(fns, args.rounds, reps).items():
+            for k, ms in interleaved(fns, args.rounds, reps).items():
                 rows.append(dict(what=f"scnet50 {mode}", variant=f"stem: {k}", shape=f"{N}x3x224x224",
                                  median_ms=ms))
-    device = bench.device_name(torch.device("cpu"))
-    out = args.out or bench.default_out_dir(torch.device("cpu"))
-    os.makedirs(out, exist_ok=True)
-    versions = {"torch": torch.__version__, "python": sys.version.split()[0], "threads": torch.get_num_threads()}
-    with open(os.path.join(out, f"{args.name}.json"), "w") as f:
-        json.dump(dict(rows=rows, versions=versions, device=device), f, indent=1)
-    lines = [f"# The SCNet stem on the CPU, N={N}", "",
-             f"Device: {device}; torch {versions['torch']}, Python {versions['python']}, {versions['threads']} threads; "
-             f"{args.rounds} interleaved rounds, medians. `python benchmarks/bench_stem.py`.", "",
-             "| what | variant | shape | median ms |", "|---|---|---|---:|"]
-    lines += [f"| {r['what']} | {r['variant']} | {r['shape']} | {r['median_ms']:.2f} |" for r in rows]
-    with open(os.path.join(out, f"{args.name}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_rows(rows, args.out, args.name, f"The SCNet stem on the CPU, N={N}", "python benchmarks/bench_stem.py", args.rounds)
     return 0
 
 

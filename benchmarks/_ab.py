@@ -1,0 +1,65 @@
+"""Shared by the in-process A/B benchmarks (bench_stem.py, bench_downsample.py): their arguments,
+interleaved timing rounds and the JSON / Markdown rows they write."""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from scnet_fused import bench
+
+
+def parse_args(doc, name, argv):
+    """The scripts' common arguments; applies --threads."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-model", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--name", default=name)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def timed(fn, reps):
+    """Mean wall time of ``reps`` calls after one untimed call, in ms."""
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def interleaved(fns, rounds, reps):
+    """``{name: median ms}`` over ``rounds`` rounds, each timing every function, in alternating order."""
+    times = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            times[k].append(timed(fns[k], reps))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def write_rows(rows, out, name, title, command, rounds):
+    """Rows ``{what, variant, shape, median_ms}`` to <out>/<name>.json and .md (device and versions
+    recorded); the Markdown is printed too."""
+    device = bench.device_name(torch.device("cpu"))
+    out = out or bench.default_out_dir(torch.device("cpu"))
+    os.makedirs(out, exist_ok=True)
+    versions = {"torch": torch.__version__, "python": sys.version.split()[0], "threads": torch.get_num_threads()}
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(dict(rows=rows, versions=versions, device=device), f, indent=1)
+    lines = [f"# {title}", "",
+             f"Device: {device}; torch {versions['torch']}, Python {versions['python']}, {versions['threads']} "
+             f"threads; {rounds} interleaved rounds, medians. `{command}`.", "",
+             "| what | variant | shape | median ms |", "|---|---|---|---:|"]
+    lines += [f"| {r['what']} | {r['variant']} | {r['shape']} | {r['median_ms']:.2f} |" for r in rows]
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
