@@ -172,7 +172,7 @@ def gemm(request, monkeypatch):
     monkeypatch.setattr(winograd, "_gemm_kernel_choice", request.param != "bmm")
     monkeypatch.setattr(winograd, "_fused_setting", "1" if request.param in ("fused", "inside") else "0")
     inside = request.param == "inside"
-    monkeypatch.setattr(winograd, "_filters_inside", lambda tiles, k_out: inside)
+    monkeypatch.setattr(winograd, "_filters_inside", lambda tiles, k_out, c_in: inside)
     monkeypatch.setattr(winograd, "_wgrad_inside", lambda tiles, k, c: inside)
     if inside:  # the weight gradient's products kernel at every size (the runs kernel: "fused")
         monkeypatch.setattr(winograd, "_wgrad_runs", lambda tiles, k, c: False)
@@ -449,6 +449,66 @@ def test_one_kernel_choice(monkeypatch):
     monkeypatch.setenv(winograd._FUSED_ENV, "yes")
     with pytest.raises(ValueError, match="auto, 0 or 1"):
         winograd._fused()
+
+
+@pytest.fixture
+def bmm_by_auto(monkeypatch):
+    """The products as torch.bmm by the "auto" choice (an AVX-512 build on an Intel CPU), the one-kernel
+    convolution left to "auto"."""
+    monkeypatch.setattr(winograd, "_fused_setting", "auto")
+    monkeypatch.setattr(winograd, "_gemm_kernel_choice", False)
+    monkeypatch.setattr(winograd, "_bmm_by_auto", True)
+
+
+def test_one_kernel_choice_per_convolution_where_auto_chose_bmm(bmm_by_auto, monkeypatch):
+    """With torch.bmm chosen by "auto", the one-kernel convolution runs where the products are small: at most
+    64 channels (the smaller side) or at most 32 tiles; never without a convolution's sizes, and never
+    where torch.bmm was asked for."""
+    assert winograd._fused(1568, 32) and winograd._fused(392, 64) and winograd._fused(32, 256)
+    assert not winograd._fused(392, 128) and not winograd._fused(128, 256) and not winograd._fused(33, 65)
+    assert not winograd._fused()
+    # a convolution's forward, input gradient and weight gradient decide alike (64 -> 256 channels)
+    assert winograd._filters_inside(16, 256, 64) and winograd._filters_inside(16, 64, 256)
+    assert winograd._wgrad_inside(16, 64, 256) and winograd._wgrad_inside(16, 256, 64)
+    monkeypatch.setattr(winograd, "_bmm_by_auto", False)
+    assert not winograd._fused(1568, 32)
+    for value, want in (("auto", True), ("bmm", False), ("kernel", False)):
+        monkeypatch.setattr(winograd, "_bmm_by_auto", None)
+        monkeypatch.setenv(winograd._GEMM_ENV, value)
+        monkeypatch.setattr(_cpp, "cpu_isa", lambda: "avx512")
+        assert winograd._bmm_chosen_by_auto() is want
+    monkeypatch.setattr(winograd, "_bmm_by_auto", None)
+    monkeypatch.setattr(_cpp, "cpu_isa", lambda: "avx2")
+    assert winograd._bmm_chosen_by_auto() is False
+
+
+@pytest.mark.parametrize("shape, K", [((2, 72, 20, 20), 72), ((1, 72, 16, 16), 80), ((2, 16, 20, 20), 72),
+                                      ((2, 72, 20, 20), 16)])
+def test_conv_and_gradients_with_the_per_convolution_choice(bmm_by_auto, shape, K):
+    """Each of the choice's cases against the direct convolution: 72 channels and 50 tiles (torch.bmm), 16
+    tiles (one kernel, the filters transformed inside), 16 channels on either side (one kernel)."""
+    torch.manual_seed(0)
+    tiles = shape[0] * ((shape[2] + 3) // 4) * ((shape[3] + 3) // 4)
+    assert winograd._fused(tiles, min(K, shape[1])) == (tiles <= 32 or min(K, shape[1]) <= 64)
+    x = torch.randn(*shape)
+    _check_conv(x, torch.randn(K, shape[1], 3, 3) * 0.2, torch.randn(K))
+    _check_conv(x.contiguous(memory_format=torch.channels_last), torch.randn(K, shape[1], 3, 3) * 0.2, None)
+
+
+def test_selection_rule_where_auto_chose_bmm(bmm_by_auto, monkeypatch):
+    """"auto" takes the one-kernel rule where the one-kernel convolution runs (32 channels at 56 px, 7 px
+    maps), the three-pass rule elsewhere."""
+    monkeypatch.setattr(winograd, "_auto_isa", lambda: True)
+    args = ((1, 1), (1, 1), (1, 1), 1)
+
+    def auto(shape):
+        return winograd.winograd_applies(torch.randn(*shape), torch.randn(shape[1], shape[1], 3, 3), *args,
+                                         algorithm="auto")
+
+    assert auto((8, 32, 56, 56)) and auto((8, 256, 7, 7)) and auto((8, 64, 28, 28)) and auto((8, 128, 28, 28))
+    assert not auto((8, 16, 56, 56))  # below the one-kernel rule's 32 channels
+    # 48 tiles of 128 channels: three passes, whose rule wants 64 tiles (the one-kernel rule would take it)
+    assert not auto((3, 128, 14, 14)) and auto((2, 128, 14, 14))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

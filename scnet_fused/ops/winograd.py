@@ -186,16 +186,57 @@ def _bmm(a: Tensor, b: Tensor, a_transposed: bool = False) -> Tensor:
 # 8x128x14x14 and 8x256x7x7 (blocks of 16 there, the output channels split between them), where the
 # products dominate (benchmarks/results/cpu-epyc/winograd_parts.md). It runs where the products run as
 # the kernel (:func:`_gemm_kernel`); SCNET_FUSED_WINOGRAD_FUSED=0 keeps the three passes.
+#
+# Where "auto" runs the products as torch.bmm (the AVX-512 build on an Intel CPU, MKL near the cores'
+# peak), the one-kernel convolution still runs where the products are a small part of the work: at most
+# 64 channels (its smaller side, input or output), or at most 32 tiles (7 px maps at N = 8, where the
+# three passes' filter transforms outweighed the products and "auto" had left the convolution direct).
+# Measured on a 2-core Intel Xeon (AVX-512), N = 8, the fused SCConv (its three 3x3 convolutions and
+# k2's on the pooled map) with every convolution one-kernel against every one through torch.bmm,
+# interleaved rounds in one process, training step / eval forward against eager: 8x32x56x56 1.92x /
+# 2.72x against 1.15x / 1.54x (the bmm rule had left 32 channels direct), 8x64x56x56 1.72x / 2.25x
+# against 1.30x / 2.07x, 8x64x28x28 1.85x / 2.62x against 1.76x / 1.69x, 8x256x7x7 1.24x / 1.27x against
+# 0.95x / 0.89x (direct); but 8x128x28x28 0.97x / 1.22x against 1.26x / 2.25x, 8x256x14x14 1.28x / 1.54x
+# against 1.64x / 1.89x and 8x128x14x14 1.42x / 1.30x against 1.35x / 1.53x, where MKL's products win.
 _FUSED_ENV = "SCNET_FUSED_WINOGRAD_FUSED"
 _fused_setting: Optional[str] = None
+_BMM_FUSED_MAX_CHANNELS = 64
+_BMM_FUSED_MAX_TILES = 32
+_bmm_by_auto: Optional[bool] = None
 
 
-def _fused() -> bool:
-    """Whether the forward (and the input gradient) runs as the one-kernel convolution."""
+def _fused(tiles: Optional[int] = None, channels: Optional[int] = None) -> bool:
+    """Whether the forward (and the input gradient) runs as the one-kernel convolution: with the products
+    as the kernel (:func:`_gemm_kernel`) always; where "auto" chose torch.bmm for them, for a convolution
+    of ``tiles`` tiles and ``channels`` channels (the smaller of its input and output channels; both given)
+    within :data:`_BMM_FUSED_MAX_CHANNELS` or :data:`_BMM_FUSED_MAX_TILES`. The rule is symmetric in
+    the channels, so a convolution's forward and both gradients choose alike."""
     global _fused_setting
     if _fused_setting is None:
         _fused_setting = _env_choice(_FUSED_ENV, ("auto", "0", "1"))
-    return _gemm_kernel() if _fused_setting == "auto" else _fused_setting == "1"
+    if _fused_setting != "auto":
+        return _fused_setting == "1"
+    if _gemm_kernel():
+        return True
+    if tiles is None or channels is None or not _bmm_chosen_by_auto():
+        return False
+    return channels <= _BMM_FUSED_MAX_CHANNELS or tiles <= _BMM_FUSED_MAX_TILES
+
+
+def _bmm_chosen_by_auto() -> bool:
+    """torch.bmm runs the products because "auto" chose it for an AVX-512 build (not because it was asked
+    for, or for a build whose kernels are narrower)."""
+    global _bmm_by_auto
+    if _bmm_by_auto is None:
+        from . import _cpp
+
+        _bmm_by_auto = _env_choice(_GEMM_ENV, ("auto", "bmm", "kernel")) == "auto" and _cpp.cpu_isa() == "avx512"
+    return _bmm_by_auto
+
+
+def _conv_tiles(x: Tensor) -> int:
+    TH, TW = _tiles(x.shape[2], x.shape[3])
+    return x.shape[0] * TH * TW
 
 
 # Few tiles next to the channels (7x7 and 14x14 maps of 128 and 256 channels at N = 8): the filters'
@@ -218,12 +259,12 @@ def _fused() -> bool:
 # 13.18 against 13.58 ms at 8x256x14x14. So: the outputs at least the tiles for the convolution, the
 # channels at least twice the tiles for the weight gradient; both only where the product kernel runs
 # (:func:`_fused`).
-def _filters_inside(tiles: int, k_out: int) -> bool:
-    return _fused() and k_out >= tiles
+def _filters_inside(tiles: int, k_out: int, c_in: int) -> bool:
+    return _fused(tiles, min(k_out, c_in)) and k_out >= tiles
 
 
 def _wgrad_inside(tiles: int, k: int, c: int) -> bool:
-    return _fused() and 2 * tiles <= min(k, c)
+    return _fused(tiles, min(k, c)) and 2 * tiles <= min(k, c)
 
 
 # Few channels and many tiles (the 56 and 28 px maps of 32 and 64 channels): the weight gradient's two
@@ -240,27 +281,30 @@ def _wgrad_inside(tiles: int, k: int, c: int) -> bool:
 # 8x32x56x56 (13.77 against 15.11 ms, 12 of 12 rounds), 1.066x at 8x64x28x28 (14 of 16), 1.035x at
 # 8x64x56x56 (6 of 6).
 def _wgrad_runs(tiles: int, k: int, c: int) -> bool:
-    return _fused() and k * c <= 64 * 64 and tiles > 64
+    return _fused(tiles, min(k, c)) and k * c <= 64 * 64 and tiles > 64
 
 
-def _in_major(x: Tensor) -> bool:
-    """The layout of the filters' transform x's convolution reads: (36, C, K) (True) or (36, K, C)."""
-    return _fused() or _nhwc_kernels(x)
+def _in_major(x: Tensor, channels: int) -> bool:
+    """The layout of the filters' transform x's convolution (``channels``: the smaller of its input and
+    output channels) reads: (36, C, K) (True) or (36, K, C)."""
+    return _fused(_conv_tiles(x), channels) or _nhwc_kernels(x)
 
 
 def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], flip: bool = False,
              u: Optional[Tensor] = None) -> Tensor:
     """The convolution of x (dense NCHW or channels_last: the output in the same layout) with the 3x3
     filters ``weight`` (K, C, 3, 3), or with ``flip`` with flip(weight)^T (the input gradient's); or
-    with their transform ``u`` already made (``_weight_transform(weight, flip, _in_major(x))``)."""
+    with their transform ``u`` already made (``_weight_transform(weight, flip, _in_major(x, min(K, C)))``)."""
     N, _, H, W = x.shape
     TH, TW = _tiles(H, W)
-    if u is None and _filters_inside(N * TH * TW, weight.shape[1] if flip else weight.shape[0]):
+    tiles = N * TH * TW
+    K, C = (weight.shape[0], weight.shape[1]) if u is None else (u.shape[1], u.shape[2])  # either order
+    if u is None and _filters_inside(tiles, C if flip else K, K if flip else C):
         return torch.ops.scnet_fused._wino_conv_w(x, weight, bias, flip)
-    in_major = _in_major(x)
+    in_major = _in_major(x, min(K, C))
     if u is None:
         u = _weight_transform(weight, flip, in_major)  # (36, C, K), or (36, K, C)
-    if _fused():
+    if _fused(tiles, min(K, C)):
         return torch.ops.scnet_fused._wino_conv(x, u, bias)
     if in_major:  # an NCHW x is read in place and y written NCHW by the same kernels
         v = torch.ops.scnet_fused._wino_input_nhwc(x, TH, TW)  # (36, T, C)
@@ -277,7 +321,7 @@ def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     transforms' layout; AMD EPYC, 2 threads)."""
     H, W = x.shape[-2:]
     TH, TW = _tiles(H, W)
-    if _in_major(x):
+    if _in_major(x, min(grad_out.shape[1], x.shape[1])):
         if _wgrad_runs(x.shape[0] * TH * TW, grad_out.shape[1], x.shape[1]):
             return torch.ops.scnet_fused._wino_wgrad_x(grad_out, x)
         z = torch.ops.scnet_fused._wino_output_adjoint_nhwc(grad_out, TH, TW)  # (36, T, K)
@@ -439,8 +483,8 @@ def _auto(x: Tensor, weight: Tensor, cached: bool = False) -> bool:
     channels = min(x.shape[1], weight.shape[0])
     tiles = x.shape[0] * TH * TW
     useful = (H * W) / (16 * TH * TW)
-    if _fused():
-        if _filters_inside(tiles, weight.shape[0]):
+    if _fused(tiles, channels):
+        if _filters_inside(tiles, weight.shape[0], x.shape[1]):
             enough = tiles >= _INSIDE_MIN_TILES
         else:
             enough = tiles >= _FUSED_MIN_TILES[cached]
@@ -518,7 +562,7 @@ def _made_inside(x: Tensor, weight: Tensor) -> bool:
         return False
     TH, TW = _tiles(x.shape[2], x.shape[3])
     K, C = weight.shape[0], weight.shape[1]
-    return 36 * K * C * 4 > _CACHE_MAX_BYTES and _filters_inside(x.shape[0] * TH * TW, K)
+    return 36 * K * C * 4 > _CACHE_MAX_BYTES and _filters_inside(x.shape[0] * TH * TW, K, C)
 
 
 def set_filter_cache(enabled: bool) -> bool:
@@ -593,7 +637,7 @@ def conv2d_cached(owner: torch.nn.Module, x: Tensor, sources: tuple, make, strid
         if not keep:
             weight, bias = make()
             return conv3x3_winograd(x, weight, bias)
-        in_major = _in_major(x)
+        in_major = _in_major(x, min(weight.shape[0], weight.shape[1]))
         entry = _filter_cache.get(owner)
         if entry is None or not entry.matches(sources, in_major):
             weight, bias = make()
