@@ -1,5 +1,6 @@
-"""Shared by the in-process A/B benchmarks (bench_stem.py, bench_downsample.py): their arguments,
-interleaved timing rounds and the JSON / Markdown rows they write."""
+"""Shared by the in-process A/B benchmarks (bench_stem.py, bench_downsample.py,
+bench_winograd_policy.py): their arguments, interleaved timing rounds and the JSON / Markdown rows
+they write."""
 
 import argparse
 import json

@@ -503,6 +503,20 @@ def test_bench_downsample_script(tmp_path):
     assert sorted({row["variant"] for row in rows}) == ["strided (oneDNN)", "subsampled, stride 1"]
 
 
+def test_bench_winograd_policy_script(tmp_path):
+    """benchmarks/bench_winograd_policy.py: the reference and the fused SCConv under each Winograd policy,
+    JSON and Markdown; the policy setting is restored."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_winograd_policy.py"), "--no-model",
+                        "--batch-size", "2", "--rounds", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "winograd_policy.json").read_text())["rows"]
+    assert len(rows) == 7 * 2 * 4 and all(row["median_ms"] > 0 for row in rows)
+    assert sorted({row["variant"] for row in rows}) == ["fused, auto", "fused, one kernel", "fused, three passes",
+                                                        "reference (eager)"]
+    assert "| SCConv train step | fused, auto | 2x256x7x7 |" in (tmp_path / "winograd_policy.md").read_text()
+
+
 def test_bench_winograd_parts_script(tmp_path):
     """benchmarks/bench_winograd_parts.py: the products, the convolutions, the weight gradients and the
     filter transforms, each implementation against the other."""

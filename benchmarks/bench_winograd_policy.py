@@ -1,0 +1,100 @@
+"""Which Winograd convolution the fused modules run on the CPU: the three passes (transforms to memory,
+the products between them), the one-kernel convolution everywhere, and "auto" (the default: the
+one-kernel convolution where the products run as this package's kernel; where they run as torch.bmm,
+as on an Intel CPU, per convolution: one kernel at most 64 channels or 32 tiles, three passes
+elsewhere). In one process, interleaved rounds.
+
+    python benchmarks/bench_winograd_policy.py --threads 2                 # SCConv rows + scnet50
+    python benchmarks/bench_winograd_policy.py --no-model --rounds 5
+
+SCConv rows: the reference (eager) and the fused SCConv(C, C) at the SCNet-50 stage shapes, N = 8,
+training step (forward + input and parameter gradients) and eval forward, under each policy
+(SCNET_FUSED_WINOGRAD_FUSED=0 / 1 / auto, switched in the process). Model rows: the fused scnet50
+(224 px) training step and eval forward under each policy. Results: <out>/<name>.json and .md.
+"""
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from _ab import interleaved, parse_args, write_rows
+from scnet_fused import bench, models
+from scnet_fused.ops import winograd
+
+POLICIES = (("three passes", "0"), ("one kernel", "1"), ("auto", "auto"))
+STAGES = ((32, 56), (64, 56), (64, 28), (128, 28), (128, 14), (256, 14), (256, 7))
+
+
+def _policy(setting, fn):
+    def run():
+        winograd._fused_setting = setting
+        fn()
+    return run
+
+
+def main(argv=None):
+    args = parse_args(__doc__, "winograd_policy", argv)
+    bench.log_stderr("allocator: " + bench.pin_cpu_allocator(pin=True))
+    N = args.batch_size
+    gemm = "this package's kernel" if winograd._gemm_kernel() else "torch.bmm"
+    rows = []
+    saved = winograd._fused_setting
+    try:
+        for C, H in STAGES:
+            ref = bench.build_module("scconv", C, fused=False)
+            fus = bench.build_module("scconv", C, fused=True, like=ref)
+            x = torch.randn(N, C, H, H, requires_grad=True)
+            dy = torch.randn(N, C, H, H)
+
+            def train(m):
+                params = list(m.parameters())
+
+                def fn():
+                    m.train()
+                    torch.autograd.grad(m(x), [x] + params, dy)
+                return fn
+
+            def infer(m):
+                def fn():
+                    m.eval()
+                    with torch.no_grad():
+                        m(x)
+                return fn
+
+            for mode, make in (("train step", train), ("eval forward", infer)):
+                fns = {"reference (eager)": make(ref)}
+                fns.update({f"fused, {name}": _policy(setting, make(fus)) for name, setting in POLICIES})
+                for k, ms in interleaved(fns, args.rounds, 3).items():
+                    rows.append(dict(what=f"SCConv {mode}", variant=k, shape=f"{N}x{C}x{H}x{H}", median_ms=ms))
+        if not args.no_model:
+            m = models.scnet50(fused=True)
+            img = torch.randn(N, 3, 224, 224)
+            target = torch.randint(0, 1000, (N,))
+            opt = torch.optim.SGD(m.parameters(), lr=0.1 * N / 256, momentum=0.9)
+
+            def step():
+                m.train()
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(m(img), target).backward()
+                opt.step()
+
+            def infer_model():
+                m.eval()
+                with torch.no_grad():
+                    m(img)
+
+            for mode, fn, reps in (("train step", step, 2), ("eval forward", infer_model, 3)):
+                fns = {f"fused, {name}": _policy(setting, fn) for name, setting in POLICIES}
+                for k, ms in interleaved(fns, args.rounds, reps).items():
+                    rows.append(dict(what=f"scnet50 {mode}", variant=k, shape=f"{N}x3x224x224", median_ms=ms))
+    finally:
+        winograd._fused_setting = saved
+    write_rows(rows, args.out, args.name,
+               f"Winograd policy of the fused modules on the CPU, N={N} (products between passes: {gemm})",
+               "python benchmarks/bench_winograd_policy.py", args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
