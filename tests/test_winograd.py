@@ -462,10 +462,14 @@ def bmm_by_auto(monkeypatch):
 
 def test_one_kernel_choice_per_convolution_where_auto_chose_bmm(bmm_by_auto, monkeypatch):
     """With torch.bmm chosen by "auto", the one-kernel convolution runs where the products are small: at most
-    64 channels (the smaller side) or at most 32 tiles; never without a convolution's sizes, and never
-    where torch.bmm was asked for."""
-    assert winograd._fused(1568, 32) and winograd._fused(392, 64) and winograd._fused(32, 256)
-    assert not winograd._fused(392, 128) and not winograd._fused(128, 256) and not winograd._fused(33, 65)
+    64 channels (the smaller side), at most 32 tiles, or (the filters' transform not kept between calls)
+    at most 16384 channel-tiles; never without a convolution's sizes, and never where torch.bmm was asked
+    for."""
+    for kept in (False, True):
+        assert winograd._fused(1568, 32, kept) and winograd._fused(392, 64, kept) and winograd._fused(32, 256, kept)
+        assert not winograd._fused(392, 128, kept) and not winograd._fused(128, 256, kept)
+    assert winograd._fused(128, 128) and winograd._fused(33, 65) and not winograd._fused(129, 128)
+    assert not winograd._fused(128, 128, kept=True) and not winograd._fused(33, 65, kept=True)
     assert not winograd._fused()
     # a convolution's forward, input gradient and weight gradient decide alike (64 -> 256 channels)
     assert winograd._filters_inside(16, 256, 64) and winograd._filters_inside(16, 64, 256)
@@ -482,14 +486,17 @@ def test_one_kernel_choice_per_convolution_where_auto_chose_bmm(bmm_by_auto, mon
     assert winograd._bmm_chosen_by_auto() is False
 
 
-@pytest.mark.parametrize("shape, K", [((2, 72, 20, 20), 72), ((1, 72, 16, 16), 80), ((2, 16, 20, 20), 72),
-                                      ((2, 72, 20, 20), 16)])
+@pytest.mark.parametrize("shape, K", [((4, 72, 32, 32), 72), ((2, 72, 20, 20), 72), ((1, 72, 16, 16), 80),
+                                      ((4, 16, 32, 32), 72), ((4, 72, 32, 32), 16)])
 def test_conv_and_gradients_with_the_per_convolution_choice(bmm_by_auto, shape, K):
-    """Each of the choice's cases against the direct convolution: 72 channels and 50 tiles (torch.bmm), 16
-    tiles (one kernel, the filters transformed inside), 16 channels on either side (one kernel)."""
+    """Each of the choice's cases against the direct convolution: 72 channels and 256 tiles (torch.bmm), 50
+    tiles (one kernel: 3600 channel-tiles), 16 tiles (one kernel, the filters transformed inside), 16
+    channels on either side (one kernel)."""
     torch.manual_seed(0)
     tiles = shape[0] * ((shape[2] + 3) // 4) * ((shape[3] + 3) // 4)
-    assert winograd._fused(tiles, min(K, shape[1])) == (tiles <= 32 or min(K, shape[1]) <= 64)
+    ch = min(K, shape[1])
+    assert winograd._fused(tiles, ch) == (tiles <= 32 or ch <= 64 or ch * tiles <= 16384)
+    assert winograd._fused(tiles, ch) == (shape != (4, 72, 32, 32) or K != 72)
     x = torch.randn(*shape)
     _check_conv(x, torch.randn(K, shape[1], 3, 3) * 0.2, torch.randn(K))
     _check_conv(x.contiguous(memory_format=torch.channels_last), torch.randn(K, shape[1], 3, 3) * 0.2, None)
@@ -501,14 +508,15 @@ def test_selection_rule_where_auto_chose_bmm(bmm_by_auto, monkeypatch):
     monkeypatch.setattr(winograd, "_auto_isa", lambda: True)
     args = ((1, 1), (1, 1), (1, 1), 1)
 
-    def auto(shape):
+    def auto(shape, cached=False):
         return winograd.winograd_applies(torch.randn(*shape), torch.randn(shape[1], shape[1], 3, 3), *args,
-                                         algorithm="auto")
+                                         algorithm="auto", cached=cached)
 
     assert auto((8, 32, 56, 56)) and auto((8, 256, 7, 7)) and auto((8, 64, 28, 28)) and auto((8, 128, 28, 28))
     assert not auto((8, 16, 56, 56))  # below the one-kernel rule's 32 channels
-    # 48 tiles of 128 channels: three passes, whose rule wants 64 tiles (the one-kernel rule would take it)
-    assert not auto((3, 128, 14, 14)) and auto((2, 128, 14, 14))
+    # 48 tiles of 128 channels: one kernel where the filters' transform is made in the call; kept between
+    # calls, three passes, whose rule wants 64 tiles
+    assert auto((3, 128, 14, 14)) and not auto((3, 128, 14, 14), cached=True) and auto((2, 128, 14, 14), cached=True)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -951,3 +959,37 @@ def test_large_filter_transforms_made_inside_are_not_kept(monkeypatch, gemm):
                 assert made == 3 and not any(c in winograd._filter_cache for c in convs)
             else:
                 assert all(c in winograd._filter_cache for c in convs)
+
+
+def test_scconv_with_the_per_convolution_choice(bmm_by_auto, monkeypatch):
+    """Where "auto" chose torch.bmm, a 72-channel SCConv at 4x16x16 (64 tiles: one kernel in training, three
+    passes once the filters' transform is kept at inference): the training
+    step's output and gradients, and two eval forwards (the second from the kept transforms), against the
+    float64 reference."""
+    monkeypatch.setattr(winograd, "_auto_isa", lambda: True)
+    with algorithm("auto"):
+        torch.manual_seed(0)
+        ref = reference.SCConv(72, 72, 1, 1, 1, 1, 4, torch.nn.BatchNorm2d)
+        m = scnet_fused.SCConv(72, 72, 1, 1, 1, 1, 4, torch.nn.BatchNorm2d)
+        m.load_state_dict(ref.state_dict())
+        ref = ref.double()
+        x = torch.randn(4, 72, 16, 16)
+        assert winograd.winograd_applies(x, m.k3[0].weight, (1, 1), (1, 1), (1, 1), 1)
+        assert winograd._fused(64, 72) and not winograd._fused(64, 72, kept=True)
+        xg, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+        y, want = m(xg), ref(xr)
+        g = torch.randn_like(y)
+        y.backward(g)
+        want.backward(g.double())
+        assert (y.double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+        assert (xg.grad.double() - xr.grad).abs().max().item() <= 1e-4 * xr.grad.abs().max().item()
+        for (name, p), pr in zip(m.named_parameters(), ref.parameters()):
+            assert (p.grad.double() - pr.grad).abs().max().item() <= 1e-4 * pr.grad.abs().max().item() + 1e-6, name
+        m.eval()
+        ref.eval()
+        with torch.no_grad():
+            want = ref(x.double())
+            for _ in range(2):
+                y = m(x)
+                assert (y.double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+        assert m.k3[0] in winograd._filter_cache  # kept: the three passes took it

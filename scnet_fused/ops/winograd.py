@@ -188,29 +188,33 @@ def _bmm(a: Tensor, b: Tensor, a_transposed: bool = False) -> Tensor:
 # the kernel (:func:`_gemm_kernel`); SCNET_FUSED_WINOGRAD_FUSED=0 keeps the three passes.
 #
 # Where "auto" runs the products as torch.bmm (the AVX-512 build on an Intel CPU, MKL near the cores'
-# peak), the one-kernel convolution still runs where the products are a small part of the work: at most
-# 64 channels (its smaller side, input or output), or at most 32 tiles (7 px maps at N = 8, where the
-# three passes' filter transforms outweighed the products and "auto" had left the convolution direct).
-# Measured on a 2-core Intel Xeon (AVX-512), N = 8, the fused SCConv (its three 3x3 convolutions and
-# k2's on the pooled map) with every convolution one-kernel against every one through torch.bmm,
-# interleaved rounds in one process, training step / eval forward against eager: 8x32x56x56 1.92x /
-# 2.72x against 1.15x / 1.54x (the bmm rule had left 32 channels direct), 8x64x56x56 1.72x / 2.25x
-# against 1.30x / 2.07x, 8x64x28x28 1.85x / 2.62x against 1.76x / 1.69x, 8x256x7x7 1.24x / 1.27x against
-# 0.95x / 0.89x (direct); but 8x128x28x28 0.97x / 1.22x against 1.26x / 2.25x, 8x256x14x14 1.28x / 1.54x
-# against 1.64x / 1.89x and 8x128x14x14 1.42x / 1.30x against 1.35x / 1.53x, where MKL's products win.
+# peak on large products), the one-kernel convolution still runs where the products are a small part
+# of the work or too small for MKL to reach its rate: at most 64 channels (the convolution's smaller
+# side, input or output), at most 32 tiles (7 px maps at N = 8), or, where the filters' transform is
+# made in the call (training), at most 16384 channel-tiles (8x128x14x14). Measured on a 2-core Intel
+# Xeon (AVX-512), N = 8 (benchmarks/results/cpu-xeon/winograd_policy.md: the fused SCConv with every
+# convolution in three passes through torch.bmm, every one as one kernel, and this rule, interleaved in
+# one process; training step / eval forward): 8x32x56x56 17.6 / 3.8 ms one kernel against 26.9 / 6.5
+# three passes, 8x64x28x28 9.6 / 2.5 against 12.7 / 3.4, 8x256x7x7 12.1 / 3.7 against 13.6 / 4.1; but
+# 8x128x28x28 34.2 / 11.0 against 31.3 / 7.7 and 8x256x14x14 40.9 / 9.7 against 32.8 / 8.4, and at
+# 8x128x14x14 the eval forward with its transform kept 3.6 against 3.0. In the scnet50 training step
+# (torch.profiler) the 8x128x14x14 convolutions took about 47 ms as one kernel against 80 ms in three
+# passes (torch.bmm alone 45 ms), so there training takes the one kernel.
 _FUSED_ENV = "SCNET_FUSED_WINOGRAD_FUSED"
 _fused_setting: Optional[str] = None
 _BMM_FUSED_MAX_CHANNELS = 64
 _BMM_FUSED_MAX_TILES = 32
+_BMM_FUSED_MAX_WORK = 16384  # channels x tiles, where the filters' transform is made in the call
 _bmm_by_auto: Optional[bool] = None
 
 
-def _fused(tiles: Optional[int] = None, channels: Optional[int] = None) -> bool:
+def _fused(tiles: Optional[int] = None, channels: Optional[int] = None, kept: bool = False) -> bool:
     """Whether the forward (and the input gradient) runs as the one-kernel convolution: with the products
     as the kernel (:func:`_gemm_kernel`) always; where "auto" chose torch.bmm for them, for a convolution
     of ``tiles`` tiles and ``channels`` channels (the smaller of its input and output channels; both given)
-    within :data:`_BMM_FUSED_MAX_CHANNELS` or :data:`_BMM_FUSED_MAX_TILES`. The rule is symmetric in
-    the channels, so a convolution's forward and both gradients choose alike."""
+    within :data:`_BMM_FUSED_MAX_CHANNELS` or :data:`_BMM_FUSED_MAX_TILES`, or, unless its filters'
+    transform is ``kept`` between calls, :data:`_BMM_FUSED_MAX_WORK`. The rule is symmetric in the
+    channels, so a convolution's forward and both gradients choose alike."""
     global _fused_setting
     if _fused_setting is None:
         _fused_setting = _env_choice(_FUSED_ENV, ("auto", "0", "1"))
@@ -220,7 +224,8 @@ def _fused(tiles: Optional[int] = None, channels: Optional[int] = None) -> bool:
         return True
     if tiles is None or channels is None or not _bmm_chosen_by_auto():
         return False
-    return channels <= _BMM_FUSED_MAX_CHANNELS or tiles <= _BMM_FUSED_MAX_TILES
+    return (channels <= _BMM_FUSED_MAX_CHANNELS or tiles <= _BMM_FUSED_MAX_TILES
+            or (not kept and channels * tiles <= _BMM_FUSED_MAX_WORK))
 
 
 def _bmm_chosen_by_auto() -> bool:
@@ -284,27 +289,28 @@ def _wgrad_runs(tiles: int, k: int, c: int) -> bool:
     return _fused(tiles, min(k, c)) and k * c <= 64 * 64 and tiles > 64
 
 
-def _in_major(x: Tensor, channels: int) -> bool:
+def _in_major(x: Tensor, channels: int, kept: bool = False) -> bool:
     """The layout of the filters' transform x's convolution (``channels``: the smaller of its input and
-    output channels) reads: (36, C, K) (True) or (36, K, C)."""
-    return _fused(_conv_tiles(x), channels) or _nhwc_kernels(x)
+    output channels; ``kept``: the transform kept between calls) reads: (36, C, K) (True) or (36, K, C)."""
+    return _fused(_conv_tiles(x), channels, kept) or _nhwc_kernels(x)
 
 
 def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], flip: bool = False,
              u: Optional[Tensor] = None) -> Tensor:
     """The convolution of x (dense NCHW or channels_last: the output in the same layout) with the 3x3
     filters ``weight`` (K, C, 3, 3), or with ``flip`` with flip(weight)^T (the input gradient's); or
-    with their transform ``u`` already made (``_weight_transform(weight, flip, _in_major(x, min(K, C)))``)."""
+    with their transform ``u`` already made (``_weight_transform(weight, flip, _in_major(x, min(K, C), True))``)."""
     N, _, H, W = x.shape
     TH, TW = _tiles(H, W)
     tiles = N * TH * TW
     K, C = (weight.shape[0], weight.shape[1]) if u is None else (u.shape[1], u.shape[2])  # either order
     if u is None and _filters_inside(tiles, C if flip else K, K if flip else C):
         return torch.ops.scnet_fused._wino_conv_w(x, weight, bias, flip)
-    in_major = _in_major(x, min(K, C))
+    kept = u is not None
+    in_major = _in_major(x, min(K, C), kept)
     if u is None:
         u = _weight_transform(weight, flip, in_major)  # (36, C, K), or (36, K, C)
-    if _fused(tiles, min(K, C)):
+    if _fused(tiles, min(K, C), kept):
         return torch.ops.scnet_fused._wino_conv(x, u, bias)
     if in_major:  # an NCHW x is read in place and y written NCHW by the same kernels
         v = torch.ops.scnet_fused._wino_input_nhwc(x, TH, TW)  # (36, T, C)
@@ -483,7 +489,7 @@ def _auto(x: Tensor, weight: Tensor, cached: bool = False) -> bool:
     channels = min(x.shape[1], weight.shape[0])
     tiles = x.shape[0] * TH * TW
     useful = (H * W) / (16 * TH * TW)
-    if _fused(tiles, channels):
+    if _fused(tiles, channels, cached):
         if _filters_inside(tiles, weight.shape[0], x.shape[1]):
             enough = tiles >= _INSIDE_MIN_TILES
         else:
@@ -637,7 +643,7 @@ def conv2d_cached(owner: torch.nn.Module, x: Tensor, sources: tuple, make, strid
         if not keep:
             weight, bias = make()
             return conv3x3_winograd(x, weight, bias)
-        in_major = _in_major(x, min(weight.shape[0], weight.shape[1]))
+        in_major = _in_major(x, min(weight.shape[0], weight.shape[1]), kept=True)
         entry = _filter_cache.get(owner)
         if entry is None or not entry.matches(sources, in_major):
             weight, bias = make()
