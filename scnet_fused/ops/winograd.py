@@ -194,10 +194,10 @@ def _bmm(a: Tensor, b: Tensor, a_transposed: bool = False) -> Tensor:
 # made in the call (training), at most 16384 channel-tiles (8x128x14x14). Measured on a 2-core Intel
 # Xeon (AVX-512), N = 8 (benchmarks/results/cpu-xeon/winograd_policy.md: the fused SCConv with every
 # convolution in three passes through torch.bmm, every one as one kernel, and this rule, interleaved in
-# one process; training step / eval forward): 8x32x56x56 17.6 / 3.8 ms one kernel against 26.9 / 6.5
-# three passes, 8x64x28x28 9.6 / 2.5 against 12.7 / 3.4, 8x256x7x7 12.1 / 3.7 against 13.6 / 4.1; but
-# 8x128x28x28 34.2 / 11.0 against 31.3 / 7.7 and 8x256x14x14 40.9 / 9.7 against 32.8 / 8.4, and at
-# 8x128x14x14 the eval forward with its transform kept 3.6 against 3.0. In the scnet50 training step
+# one process; training step / eval forward): 8x32x56x56 18.0 / 4.1 ms one kernel against 26.6 / 8.4
+# three passes, 8x64x28x28 10.6 / 2.7 against 13.8 / 3.8, 8x256x7x7 10.4 / 3.1 against 13.3 / 4.0; but
+# 8x128x28x28 38.7 / 8.0 against 33.1 / 7.2 and 8x256x14x14 34.3 / 9.6 against 29.8 / 7.8, and at
+# 8x128x14x14 the eval forward with its transform kept 3.2 against 2.9. In the scnet50 training step
 # (torch.profiler) the 8x128x14x14 convolutions took about 47 ms as one kernel against 80 ms in three
 # passes (torch.bmm alone 45 ms), so there training takes the one kernel.
 _FUSED_ENV = "SCNET_FUSED_WINOGRAD_FUSED"
