@@ -29,6 +29,31 @@ def parse_args(doc, name, argv):
     return args
 
 
+def scnet50_jobs(N):
+    """A fused scnet50 (224 px inputs, batch N, SGD with momentum at 0.1 x N / 256) and two callables:
+    one training step and one eval forward; each leaves the model's train/eval mode as it found it
+    (the caller sets it). Returns (model, image batch, step, infer)."""
+    import torch.nn.functional as F
+
+    from scnet_fused import models
+
+    m = models.scnet50(fused=True)
+    img = torch.randn(N, 3, 224, 224)
+    target = torch.randint(0, 1000, (N,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1 * N / 256, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(m(img), target).backward()
+        opt.step()
+
+    def infer():
+        with torch.no_grad():
+            m(img)
+
+    return m, img, step, infer
+
+
 def timed(fn, reps):
     """Mean wall time of ``reps`` calls after one untimed call, in ms."""
     fn()

@@ -16,8 +16,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from _ab import interleaved, parse_args, write_rows
-from scnet_fused import bench, models, modules
+from _ab import interleaved, parse_args, scnet50_jobs, write_rows
+from scnet_fused import bench, modules
 
 
 def main(argv=None):
@@ -44,20 +44,8 @@ def main(argv=None):
                 rows.append(dict(what=f"1x1 conv {C}->{2 * C}, stride 2, {mode}", variant=k,
                                  shape=f"{N}x{C}x{H}x{H}", median_ms=ms))
     if not args.no_model:
-        m = models.scnet50(fused=True)
-        img = torch.randn(N, 3, 224, 224)
-        target = torch.randint(0, 1000, (N,))
-        opt = torch.optim.SGD(m.parameters(), lr=0.1 * N / 256, momentum=0.9)
+        m, _, step, infer_model = scnet50_jobs(N)
         real = modules._strided_1x1
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(m(img), target).backward()
-            opt.step()
-
-        def infer_model():
-            with torch.no_grad():
-                m(img)
 
         try:
             for mode, fn, reps in (("train step", step, 2), ("eval forward", infer_model, 3)):

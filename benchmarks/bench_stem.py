@@ -18,8 +18,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from _ab import interleaved, parse_args, write_rows
-from scnet_fused import bench, models
+from _ab import interleaved, parse_args, scnet50_jobs, write_rows
+from scnet_fused import bench
 from scnet_fused.modules import MaxPool2d
 from scnet_fused.ops import maxpool
 
@@ -55,10 +55,7 @@ def main(argv=None):
     for k, ms in interleaved(op_fns, args.rounds, 5).items():
         rows.append(dict(what="pool", variant=k, shape=f"{N}x64x112x112", median_ms=ms))
     if not args.no_model:
-        m = models.scnet50(fused=True)
-        img = torch.randn(N, 3, 224, 224)
-        target = torch.randint(0, 1000, (N,))
-        opt = torch.optim.SGD(m.parameters(), lr=0.1 * N / 256, momentum=0.9)
+        m, img, step, infer = scnet50_jobs(N)
         kernel_pool, aten_pool = MaxPool2d(3, 2, 1), torch.nn.MaxPool2d(3, 2, 1)
 
         def module_stem(x):
@@ -69,15 +66,6 @@ def main(argv=None):
             "modules, kernel pool": (module_stem, kernel_pool),
             "modules, nn.MaxPool2d (the reference's)": (module_stem, aten_pool),
         }
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(m(img), target).backward()
-            opt.step()
-
-        def infer():
-            with torch.no_grad():
-                m(img)
 
         def stem_alone():  # the stem's forward + backward in training (its parameters' gradients)
             y = m.stem(img)

@@ -16,10 +16,9 @@ training step (forward + input and parameter gradients) and eval forward, under 
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from _ab import interleaved, parse_args, write_rows
-from scnet_fused import bench, models
+from _ab import interleaved, parse_args, scnet50_jobs, write_rows
+from scnet_fused import bench
 from scnet_fused.ops import winograd
 
 POLICIES = (("three passes", "0"), ("one kernel", "1"), ("auto", "auto"))
@@ -68,21 +67,15 @@ def main(argv=None):
                 for k, ms in interleaved(fns, args.rounds, 3).items():
                     rows.append(dict(what=f"SCConv {mode}", variant=k, shape=f"{N}x{C}x{H}x{H}", median_ms=ms))
         if not args.no_model:
-            m = models.scnet50(fused=True)
-            img = torch.randn(N, 3, 224, 224)
-            target = torch.randint(0, 1000, (N,))
-            opt = torch.optim.SGD(m.parameters(), lr=0.1 * N / 256, momentum=0.9)
+            m, _, train_step, eval_forward = scnet50_jobs(N)
 
             def step():
                 m.train()
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(m(img), target).backward()
-                opt.step()
+                train_step()
 
             def infer_model():
                 m.eval()
-                with torch.no_grad():
-                    m(img)
+                eval_forward()
 
             for mode, fn, reps in (("train step", step, 2), ("eval forward", infer_model, 3)):
                 fns = {f"fused, {name}": _policy(setting, fn) for name, setting in POLICIES}
