@@ -47,7 +47,9 @@ def _product_jobs(N, C, H, W):
 
 
 def _conv_jobs(N, C, H, W):
-    """One C -> C convolution of an NCHW map, the filters' transform made beforehand."""
+    """One C -> C convolution of an NCHW map, the filters' transform made beforehand (as inference keeps it):
+    three passes with the products as the kernel and as torch.bmm, the one kernel; beside the direct
+    convolution and the one kernel that makes the transform inside (``_wino_conv_w``)."""
     TH, TW = (H + 3) // 4, (W + 3) // 4
     g = torch.Generator().manual_seed(2)
     x = torch.randn(N, C, H, W, generator=g)
@@ -58,7 +60,10 @@ def _conv_jobs(N, C, H, W):
         ("convolution forward", "F.conv2d"): lambda: torch.nn.functional.conv2d(x, w, None, padding=1),
         ("convolution forward", "three passes"):
             lambda: ops._wino_output_nhwc(ops._wino_bmm(ops._wino_input_nhwc(x, TH, TW), u, False), N, H, W, None, True),
+        ("convolution forward", "three passes, torch.bmm"):
+            lambda: ops._wino_output_nhwc(torch.bmm(ops._wino_input_nhwc(x, TH, TW), u), N, H, W, None, True),
         ("convolution forward", "one kernel"): lambda: ops._wino_conv(x, u, None),
+        ("convolution forward", "made inside"): lambda: ops._wino_conv_w(x, w, None),
     }
 
 
@@ -114,12 +119,17 @@ def _filter_jobs(C):
     }
 
 
+_PARTS = ("products", "conv", "inside", "wgrad", "filters")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", help="comma list of CxHxW (default: SCNet-50 stage shapes)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--min-run-time", type=float, default=0.3)
+    ap.add_argument("--parts", default=",".join(_PARTS),
+                    help=f"comma list of {', '.join(_PARTS)} (default: all)")
     ap.add_argument("--out", default=None)
     bench.add_machine_args(ap)
     args = ap.parse_args(argv)
@@ -129,16 +139,23 @@ def main(argv=None) -> int:
     if device.type != "cpu":
         ap.error("the Winograd convolution runs on the CPU")
     shapes = bench.shapes_from_arg(ap, args.shapes)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(_PARTS))
+    if unknown or not parts:
+        ap.error(f"--parts: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(_PARTS)}")
     N = args.batch_size
     groups = []
     for C, H, W in shapes:
-        flops, jobs = _product_jobs(N, C, H, W)
-        groups.append((bench.shape_str((N, C, H, W)), flops, jobs))
-        groups.append((bench.shape_str((N, C, H, W)), None, _conv_jobs(N, C, H, W)))
-        groups.append((bench.shape_str((N, C, H, W)), None, _inside_jobs(N, C, H, W)))
-        groups.append((bench.shape_str((N, C, H, W)), None, _wgrad_jobs(N, C, H, W)))
-    for C in sorted({C for C, _, _ in shapes}):
-        groups.append((f"{C}x{C}x3x3", None, _filter_jobs(C)))
+        where = bench.shape_str((N, C, H, W))
+        if "products" in parts:
+            flops, jobs = _product_jobs(N, C, H, W)
+            groups.append((where, flops, jobs))
+        for part, make in (("conv", _conv_jobs), ("inside", _inside_jobs), ("wgrad", _wgrad_jobs)):
+            if part in parts:
+                groups.append((where, None, make(N, C, H, W)))
+    if "filters" in parts:
+        for C in sorted({C for C, _, _ in shapes}):
+            groups.append((f"{C}x{C}x3x3", None, _filter_jobs(C)))
     rows = []
     with bench.bench_environment():
         for where, flops, jobs in groups:
@@ -182,18 +199,22 @@ def markdown(rows) -> str:
         b, k = t["torch.bmm"], t["kernel"]
         lines.append(f"| {shape} | {op.replace('products ', '')} | {b['median_ms']:.3f} | {k['median_ms']:.3f} "
                      f"| {b['gflops']:.0f} | {k['gflops']:.0f} | {b['median_ms'] / k['median_ms']:.2f}x |")
-    lines += ["", "One C -> C convolution forward of the NCHW map, its filters' transform made beforehand: the "
-              "three passes (input transform, products as the kernel, output transform, each result through "
-              "memory) and the one kernel (`_wino_conv`: a block of tiles at a time in cache), beside the "
-              "direct `F.conv2d`.", "",
-              "| N x C x H x W | F.conv2d ms | three passes ms | one kernel ms | one kernel vs three passes "
-              "| one kernel vs F.conv2d |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "One C -> C convolution forward of the NCHW map, its filters' transform made beforehand (as "
+              "inference keeps it): the three passes (input transform, products, output transform, each result "
+              "through memory) with the products as the kernel and as torch.bmm, and the one kernel "
+              "(`_wino_conv`: a block of tiles at a time in cache); beside the direct `F.conv2d` and the one "
+              "kernel that makes the transform inside (`_wino_conv_w`, nothing kept).", "",
+              "| N x C x H x W | tiles | F.conv2d ms | three passes ms | three passes, torch.bmm ms "
+              "| one kernel ms | made inside ms | fastest |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
+    names = ("F.conv2d", "three passes", "three passes, torch.bmm", "one kernel", "made inside")
     for (shape, op), t in by.items():
         if "one kernel" not in t:
             continue
-        d, p3, k = (t[n]["median_ms"] for n in ("F.conv2d", "three passes", "one kernel"))
-        lines.append(f"| {shape} | {d:.3f} | {p3:.3f} | {k:.3f} | {p3 / k:.2f}x | {d / k:.2f}x |")
+        n, _, h, w = (int(d) for d in shape.split("x"))
+        ms = [t[k]["median_ms"] for k in names]
+        lines.append(f"| {shape} | {n * ((h + 3) // 4) * ((w + 3) // 4)} | "
+                     + " | ".join(f"{m:.3f}" for m in ms) + f" | {names[ms.index(min(ms))]} |")
     lines += ["", "The filters' transform made in each call, as in a training step: a convolution forward from "
               "its filters (separate: `_wino_filter`, then `_wino_conv`; inside: `_wino_conv_w`, which transforms "
               "a part of the filters inside each task item), and the weight gradient from the transformed input "
@@ -225,7 +246,25 @@ def markdown(rows) -> str:
             continue
         m, k = t["matrix product"]["median_ms"], t["kernel"]["median_ms"]
         lines.append(f"| {shape} | {op} | {m:.3f} | {k:.3f} | {m / k:.2f}x |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(_without_empty_tables(lines)) + "\n"
+
+
+def _without_empty_tables(lines):
+    """The lines less each table that got no rows (the parts not run) and the paragraph before it."""
+    blocks, cur = [], []
+    for line in lines + [""]:
+        if line == "":
+            blocks.append(cur)
+            cur = []
+        else:
+            cur.append(line)
+    keep = []
+    for block in blocks:
+        if len(block) == 2 and block[0].startswith("|") and block[1].startswith("|---"):
+            keep.pop()  # its description
+        else:
+            keep.append(block)
+    return [line for i, block in enumerate(keep) for line in ([""] if i else []) + block]
 
 
 if __name__ == "__main__":

@@ -529,19 +529,34 @@ def test_bench_winograd_parts_script(tmp_path):
                         "cpu", "--default-malloc", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "winograd_parts.json").read_text())
-    # 2 shapes x 2 orientations x 2 implementations, 2 shapes x 3 convolutions, 2 shapes x (3 forward + 2
+    # 2 shapes x 2 orientations x 2 implementations, 2 shapes x 5 convolutions, 2 shapes x (3 forward + 2
     # weight gradient) from the filters, 2 shapes x 2 weight gradients from the maps, 2 filter sizes x 3
     # transforms x 2 implementations
-    assert len(rows) == 8 + 6 + 10 + 4 + 12 and all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
+    assert len(rows) == 8 + 10 + 10 + 4 + 12 and all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
     assert sorted(r["provider"] for r in rows if r["op"] == "weight gradient from the maps") == \
         sorted(["separate", "inside"] * 2)
     assert sorted(r["provider"] for r in rows if r["op"].startswith("from the filters")) == \
         sorted(["F.conv2d", "separate", "inside", "separate", "inside"] * 2)
     assert all(row["gflops"] > 0 for row in rows if row["op"].startswith("products"))
     assert sorted(r["provider"] for r in rows if r["op"] == "convolution forward") == \
-        sorted(["F.conv2d", "three passes", "one kernel"] * 2)
+        sorted(["F.conv2d", "three passes", "three passes, torch.bmm", "one kernel", "made inside"] * 2)
     md = (tmp_path / "winograd_parts.md").read_text()
     assert md.count("| 2x16x13x14 |") == 6 and md.count("| 32x32x3x3 |") == 3, md
+    assert "| 2x32x8x8 | 8 |" in md  # the convolutions' row, with its tiles
+    # --parts: only the convolutions; the other tables left out
+    out = tmp_path / "conv"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_winograd_parts.py"), "--shapes",
+                        "32x8x8", "--batch-size", "2", "--rounds", "1", "--min-run-time", "0.02", "--device", "cpu",
+                        "--default-malloc", "--parts", "conv", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((out / "winograd_parts.json").read_text())
+    assert len(rows) == 5 and {row["op"] for row in rows} == {"convolution forward"}
+    md = (out / "winograd_parts.md").read_text()
+    assert "| 2x32x8x8 | 8 |" in md and "GFLOP/s" not in md and "matrix product ms" not in md, md
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_winograd_parts.py"), "--parts",
+                        "conv,nope", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "unknown nope" in r.stderr
 
 
 def test_bench_bn_backward_script(tmp_path, capsys):
