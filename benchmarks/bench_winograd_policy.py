@@ -1,8 +1,9 @@
 """Which Winograd convolution the fused modules run on the CPU: the three passes (transforms to memory,
 the products between them), the one-kernel convolution everywhere, and "auto" (the default: the
 one-kernel convolution where the products run as this package's kernel; where they run as torch.bmm,
-as on an Intel CPU, per convolution: one kernel at most 64 channels or 32 tiles, three passes
-elsewhere). In one process, interleaved rounds.
+as on an Intel CPU, per convolution: one kernel at most 64 channels, or in training at most 32 tiles or
+16384 channel-tiles; three passes elsewhere, and at inference, with the filters' transform kept, from 65
+channels at every size). In one process, interleaved rounds.
 
     python benchmarks/bench_winograd_policy.py --threads 2                 # SCConv rows + scnet50
     python benchmarks/bench_winograd_policy.py --no-model --rounds 5

@@ -462,12 +462,14 @@ def bmm_by_auto(monkeypatch):
 
 def test_one_kernel_choice_per_convolution_where_auto_chose_bmm(bmm_by_auto, monkeypatch):
     """With torch.bmm chosen by "auto", the one-kernel convolution runs where the products are small: at most
-    64 channels (the smaller side), at most 32 tiles, or (the filters' transform not kept between calls)
-    at most 16384 channel-tiles; never without a convolution's sizes, and never where torch.bmm was asked
-    for."""
+    64 channels (the smaller side); where the filters' transform is made in the call, also at most 32
+    tiles or at most 16384 channel-tiles; never without a convolution's sizes, and never where torch.bmm
+    was asked for."""
     for kept in (False, True):
-        assert winograd._fused(1568, 32, kept) and winograd._fused(392, 64, kept) and winograd._fused(32, 256, kept)
+        assert winograd._fused(1568, 32, kept) and winograd._fused(392, 64, kept) and winograd._fused(4, 64, kept)
         assert not winograd._fused(392, 128, kept) and not winograd._fused(128, 256, kept)
+    assert winograd._fused(32, 256) and winograd._fused(4, 512)
+    assert not winograd._fused(32, 256, kept=True) and not winograd._fused(4, 65, kept=True)
     assert winograd._fused(128, 128) and winograd._fused(33, 65) and not winograd._fused(129, 128)
     assert not winograd._fused(128, 128, kept=True) and not winograd._fused(33, 65, kept=True)
     assert not winograd._fused()
@@ -514,9 +516,39 @@ def test_selection_rule_where_auto_chose_bmm(bmm_by_auto, monkeypatch):
 
     assert auto((8, 32, 56, 56)) and auto((8, 256, 7, 7)) and auto((8, 64, 28, 28)) and auto((8, 128, 28, 28))
     assert not auto((8, 16, 56, 56))  # below the one-kernel rule's 32 channels
-    # 48 tiles of 128 channels: one kernel where the filters' transform is made in the call; kept between
-    # calls, three passes, whose rule wants 64 tiles
-    assert auto((3, 128, 14, 14)) and not auto((3, 128, 14, 14), cached=True) and auto((2, 128, 14, 14), cached=True)
+    # 48 tiles of 128 channels: one kernel where the filters' transform is made in the call, three passes
+    # where it is kept
+    assert auto((3, 128, 14, 14)) and auto((3, 128, 14, 14), cached=True)
+    assert winograd._fused(48, 128) and not winograd._fused(48, 128, kept=True)
+
+
+def test_kept_filter_transforms_take_the_three_passes_where_auto_chose_bmm(bmm_by_auto, monkeypatch):
+    """Where "auto" chose torch.bmm and the filters' transform is kept, more than 64 channels run the three
+    passes from 4 tiles up with at least half of the tiles' outputs inside the map, on the kernels that
+    read maps up to 32 px wide; the transform is kept even where it is large (no transform made inside);
+    wider NCHW maps keep the three-pass rule of 64 tiles and enough work. With the product kernel (the
+    AMD rule) a large transform is still made inside."""
+    monkeypatch.setattr(winograd, "_auto_isa", lambda: True)
+    args = ((1, 1), (1, 1), (1, 1), 1)
+
+    def auto(shape, cached=True, k=None):
+        w = torch.randn(k or shape[1], shape[1], 3, 3)
+        return winograd.winograd_applies(torch.randn(*shape), w, *args, algorithm="auto", cached=cached)
+
+    for shape in ((8, 256, 7, 7), (1, 128, 7, 7), (8, 128, 3, 3), (4, 256, 4, 4), (1, 512, 7, 7), (8, 96, 7, 7),
+                  (2, 256, 14, 14)):
+        assert auto(shape), shape
+    assert auto((4, 128, 4, 4), k=256) and auto((4, 256, 4, 4), k=128)  # the smaller side counts
+    assert not auto((1, 256, 4, 4))  # 1 tile
+    assert not auto((2, 256, 4, 4))  # 2 tiles
+    assert not auto((8, 256, 5, 5))  # 25 of 64 outputs inside the map
+    assert not auto((1, 128, 36, 36))  # NCHW over 32 px: 81 tiles, under the three passes' work
+    x, w = torch.randn(8, 256, 7, 7), torch.randn(256, 256, 3, 3)
+    assert not winograd._made_inside(x, w) and winograd._filters_inside(32, 256, 256)
+    # wide NCHW (81 tiles of 192 channels, a 5.3 MB transform): made inside as before
+    assert winograd._made_inside(torch.randn(1, 192, 36, 36), torch.randn(192, 192, 3, 3))
+    monkeypatch.setattr(winograd, "_gemm_kernel_choice", True)
+    assert winograd._made_inside(x, w)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -993,3 +1025,27 @@ def test_scconv_with_the_per_convolution_choice(bmm_by_auto, monkeypatch):
                 y = m(x)
                 assert (y.double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
         assert m.k3[0] in winograd._filter_cache  # kept: the three passes took it
+
+
+def test_scconv_inference_keeps_large_transforms_for_the_three_passes(bmm_by_auto, monkeypatch):
+    """Where "auto" chose torch.bmm, a 72-channel SCConv's eval forward at 2x72x7x7 (8 tiles) with the
+    transforms counted as large (over _CACHE_MAX_BYTES): k3 and k4 keep their transforms and run the three
+    passes through torch.bmm (no transform made inside, none made again), against the float64 reference."""
+    monkeypatch.setattr(winograd, "_auto_isa", lambda: True)
+    monkeypatch.setattr(winograd, "_CACHE_MAX_BYTES", 36 * 72 * 72 * 4 - 1)
+    m = _eval_scconv(72)
+    ref = reference.SCConv(72, 72, 1, 1, 1, 1, 4, torch.nn.BatchNorm2d).double().eval()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 72, 7, 7)
+    assert not winograd._made_inside(x, m.k3[0].weight) and winograd._filters_inside(8, 72, 72)
+    winograd._filter_cache.clear()
+    want = ref(x.double())
+    with torch.no_grad(), algorithm("auto"):
+        for call in range(2):
+            with _OpLog() as log:
+                y = m(x)
+            assert (y.double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+            assert "_wino_conv_w" not in log.names and "_wino_conv" not in log.names
+            assert log.names.count("_wino_input_nhwc") == 2 and log.names.count("_wino_output_nhwc") == 2
+            assert log.names.count("_wino_filter") == (2 if call == 0 else 0)
+    assert m.k3[0] in winograd._filter_cache and m.k4[0] in winograd._filter_cache

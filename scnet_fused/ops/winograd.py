@@ -213,8 +213,9 @@ def _fused(tiles: Optional[int] = None, channels: Optional[int] = None, kept: bo
     as the kernel (:func:`_gemm_kernel`) always; where "auto" chose torch.bmm for them, for a convolution
     of ``tiles`` tiles and ``channels`` channels (the smaller of its input and output channels; both given)
     within :data:`_BMM_FUSED_MAX_CHANNELS` or :data:`_BMM_FUSED_MAX_TILES`, or, unless its filters'
-    transform is ``kept`` between calls, :data:`_BMM_FUSED_MAX_WORK`. The rule is symmetric in the
-    channels, so a convolution's forward and both gradients choose alike."""
+    transform is ``kept`` between calls, :data:`_BMM_FUSED_MAX_WORK`; with it kept, only within the
+    channels. The rule is symmetric in the channels, so a convolution's forward and both gradients choose
+    alike."""
     global _fused_setting
     if _fused_setting is None:
         _fused_setting = _env_choice(_FUSED_ENV, ("auto", "0", "1"))
@@ -224,8 +225,10 @@ def _fused(tiles: Optional[int] = None, channels: Optional[int] = None, kept: bo
         return True
     if tiles is None or channels is None or not _bmm_chosen_by_auto():
         return False
+    if kept:  # (the transform kept: :data:`_BMM_KEPT_MIN_TILES`)
+        return channels <= _BMM_FUSED_MAX_CHANNELS
     return (channels <= _BMM_FUSED_MAX_CHANNELS or tiles <= _BMM_FUSED_MAX_TILES
-            or (not kept and channels * tiles <= _BMM_FUSED_MAX_WORK))
+            or channels * tiles <= _BMM_FUSED_MAX_WORK)
 
 
 def _bmm_chosen_by_auto() -> bool:
@@ -471,6 +474,22 @@ _AUTO_MIN_WORK = {False: 16384, True: 4096}  # by kernels: the channels_last one
 # when it took at least twice as many outputs as tiles), the 7 px SCConv training steps gained too,
 # forced Winograd against direct interleaved in one process (four rounds): 1.29x / 1.28x / 1.22x at
 # 8x256x7x7 / 8x128x7x7 / 8x64x7x7; so 16 tiles suffice there as well.
+# Where "auto" runs the products as torch.bmm (:func:`_fused`) and the filters' transform is kept between
+# calls, a convolution of more than 64 channels runs the three passes from 4 tiles up, on the kernels
+# that read maps up to 32 px wide as channels_last (:func:`_nhwc_kernels`; wider NCHW maps keep the rule
+# above). The transform read from memory once per call by torch.bmm (MKL near the cores' peak) beat
+# the one kernel (which reads it once per block of tiles), the transform made inside the call, and the
+# direct convolution at every size measured from 4 tiles on a 2-core Xeon (AVX-512), C -> C, the map
+# NCHW (benchmarks/results/cpu-xeon/winograd_kept_n{8,1,2}.md, `bench_winograd_parts.py --parts conv`,
+# five interleaved rounds in one process), ms, three passes through torch.bmm / the one kernel reading the
+# kept transform / the transform made inside / F.conv2d: 8x256x7x7 0.80 / 1.25 / 1.20 / 1.60 (the
+# kept transform was read by the one kernel there before, and the inference cache left it to be made
+# inside), 8x128x7x7 0.24 / 0.33 / 0.32 / 0.44, 8x256x4x4 0.30 / 0.41 / 0.49 / 0.65, 1x512x7x7 1.18 /
+# 1.41 / 2.67 / 1.70, 1x256x14x14 0.63 / 1.13 / 0.99 / 1.29, 8x256x14x14 2.66 / 4.52 / 4.74 / 5.85; at 64
+# channels the one kernel stays ahead (8x64x7x7: 0.086 / 0.074). One tile is too few (1x256x4x4: 0.265
+# against 0.286 direct, the kept transform's read alone); 2 tiles gained in the two cases measured
+# (2x256x4x4 0.32 against 0.42, 2x128x4x4 0.066 against 0.195), 4 and more in all: 4 for a margin.
+_BMM_KEPT_MIN_TILES = 4
 _FUSED_MIN_CHANNELS = 32
 _FUSED_MIN_TILES = {False: 64, True: 16}  # by whether the filters' transform is kept between calls
 # Where the convolution makes the filters' transform inside itself, 8 tiles (k2's 3x3 pooled maps of
@@ -495,8 +514,10 @@ def _auto(x: Tensor, weight: Tensor, cached: bool = False) -> bool:
         else:
             enough = tiles >= _FUSED_MIN_TILES[cached]
         return channels >= _FUSED_MIN_CHANNELS and enough and useful >= 0.5
-    work = channels * tiles * useful
     nhwc = _nhwc_kernels(x)
+    if cached and nhwc and _bmm_chosen_by_auto():
+        return channels >= _AUTO_MIN_CHANNELS and tiles >= _BMM_KEPT_MIN_TILES and useful >= 0.5
+    work = channels * tiles * useful
     return channels >= _AUTO_MIN_CHANNELS and tiles >= _AUTO_MIN_TILES and work >= _AUTO_MIN_WORK[nhwc]
 
 
@@ -568,7 +589,11 @@ def _made_inside(x: Tensor, weight: Tensor) -> bool:
         return False
     TH, TW = _tiles(x.shape[2], x.shape[3])
     K, C = weight.shape[0], weight.shape[1]
-    return 36 * K * C * 4 > _CACHE_MAX_BYTES and _filters_inside(x.shape[0] * TH * TW, K, C)
+    tiles = x.shape[0] * TH * TW
+    if not (36 * K * C * 4 > _CACHE_MAX_BYTES and _filters_inside(tiles, K, C)):
+        return False
+    # kept where the three passes would read it (:data:`_BMM_KEPT_MIN_TILES`)
+    return _fused(tiles, min(K, C), kept=True) or not _nhwc_kernels(x)
 
 
 def set_filter_cache(enabled: bool) -> bool:
