@@ -2,9 +2,9 @@
 _cpu_avx512) and the best one this CPU runs is loaded; ``$SCNET_FUSED_CPU_ISA`` caps the choice.
 
 The rest of the suite runs the loaded build (the best one here); every other build this CPU runs
-is checked here in a subprocess (one build per process: each registers the same kernels) by the
+is checked here in subprocesses (one build per process: each registers the same kernels) by the
 parity check of ``python -m scnet_fused check`` and by the test files of the kernels, the ops and
-their C++ autograd (``KERNEL_TESTS``), with poisoned outputs.
+their C++ autograd (``KERNEL_TESTS``, the builds side by side), with poisoned outputs.
 """
 
 from __future__ import annotations
@@ -77,13 +77,31 @@ def test_each_runnable_build_matches_the_reference(isa):
     assert probe.stdout.strip().splitlines()[-1] == isa
     check = _run(["-m", "scnet_fused", "check", "--backends", "cpu"], SCNET_FUSED_CPU_ISA=isa)
     assert check.returncode == 0 and "0 failing case(s)" in check.stdout, check.stdout[-4000:]
-    if isa == _cpp.cpu_isa():
-        return  # the whole suite runs this build
-    kernels = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS, "-k", "not triton"],
-                   SCNET_FUSED_CPU_ISA=isa)
-    assert kernels.returncode == 0, kernels.stdout[-4000:]
-    summary = kernels.stdout.strip().splitlines()[-1]
-    assert re.match(r"\d+ passed", summary) and int(summary.split()[0]) >= 100, kernels.stdout[-2000:]
+
+
+def test_other_builds_pass_the_kernel_tests():
+    """The kernel tests (KERNEL_TESTS) under every runnable build but the loaded one (the whole suite runs
+    that), the builds' processes side by side (two threads each, waiting passively: most of their time
+    is the tests' own Python, so two processes on two cores take little longer than one)."""
+    others = [isa for isa in _cpp.runnable_isas() if isa != _cpp.cpu_isa()]
+    if not others:
+        pytest.skip("no other CPU kernel build is built and runnable here")
+    procs = {isa: subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS,
+                                    "-k", "not triton"], cwd=ROOT,
+                                   env=_env(SCNET_FUSED_CPU_ISA=isa, OMP_WAIT_POLICY="PASSIVE"),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for isa in others}
+    try:
+        outs = {isa: p.communicate(timeout=900)[0] for isa, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for isa, out in outs.items():
+        assert procs[isa].returncode == 0, f"{isa}:\n{out[-4000:]}"
+        summary = out.strip().splitlines()[-1]
+        assert re.match(r"\d+ passed", summary) and int(summary.split()[0]) >= 100, f"{isa}:\n{out[-2000:]}"
 
 
 def test_an_unknown_isa_name_is_a_clear_error():
