@@ -517,7 +517,7 @@ def test_bench_winograd_policy_script(tmp_path):
     assert "| SCConv train step | fused, auto | 2x256x7x7 |" in (tmp_path / "winograd_policy.md").read_text()
 
 
-def test_bench_winograd_parts_script(tmp_path):
+def test_bench_winograd_parts_script(tmp_path, capsys):
     """benchmarks/bench_winograd_parts.py: the products, the convolutions, the weight gradients and the
     filter transforms, each implementation against the other."""
     from scnet_fused.ops import winograd
@@ -543,20 +543,20 @@ def test_bench_winograd_parts_script(tmp_path):
     md = (tmp_path / "winograd_parts.md").read_text()
     assert md.count("| 2x16x13x14 |") == 6 and md.count("| 32x32x3x3 |") == 3, md
     assert "| 2x32x8x8 | 8 |" in md  # the convolutions' row, with its tiles
-    # --parts: only the convolutions; the other tables left out
+    # --parts (in this process): only the convolutions, the other tables left out; an unknown part refused
     out = tmp_path / "conv"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_winograd_parts.py"), "--shapes",
-                        "32x8x8", "--batch-size", "2", "--rounds", "1", "--min-run-time", "0.02", "--device", "cpu",
-                        "--default-malloc", "--parts", "conv", "--out", str(out)], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("bench_winograd_parts", os.path.join(ROOT, "benchmarks",
+                                                                                       "bench_winograd_parts.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--shapes", "32x8x8", "--batch-size", "2", "--rounds", "1", "--min-run-time", "0.02",
+                     "--device", "cpu", "--default-malloc", "--parts", "conv", "--out", str(out)]) == 0
     rows = json.loads((out / "winograd_parts.json").read_text())
     assert len(rows) == 5 and {row["op"] for row in rows} == {"convolution forward"}
     md = (out / "winograd_parts.md").read_text()
     assert "| 2x32x8x8 | 8 |" in md and "GFLOP/s" not in md and "matrix product ms" not in md, md
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_winograd_parts.py"), "--parts",
-                        "conv,nope", "--device", "cpu"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "unknown nope" in r.stderr
+    _script_usage_errors("bench_winograd_parts", tmp_path, capsys, [(["--parts", "conv,nope"], "unknown nope"),
+                                                                   (["--parts", ","], "(none given)")])
 
 
 def test_bench_bn_backward_script(tmp_path, capsys):
