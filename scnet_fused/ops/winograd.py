@@ -478,17 +478,21 @@ _AUTO_MIN_WORK = {False: 16384, True: 4096}  # by kernels: the channels_last one
 # calls, a convolution of more than 64 channels runs the three passes from 4 tiles up, on the kernels
 # that read maps up to 32 px wide as channels_last (:func:`_nhwc_kernels`; wider NCHW maps keep the rule
 # above). The transform read from memory once per call by torch.bmm (MKL near the cores' peak) beat
-# the one kernel (which reads it once per block of tiles), the transform made inside the call, and the
-# direct convolution at every size measured from 4 tiles on a 2-core Xeon (AVX-512), C -> C, the map
-# NCHW (benchmarks/results/cpu-xeon/winograd_kept_n{8,1,2}.md, `bench_winograd_parts.py --parts conv`,
-# five interleaved rounds in one process), ms, three passes through torch.bmm / the one kernel reading the
+# the transform made inside the call and the direct convolution at every size measured from 4 tiles
+# with at least half of the tiles' outputs inside the map, and the one kernel (which reads it once per
+# block of tiles) at all of them but 8x96x7x7 (0.163 against 0.155 ms), on a 2-core Xeon (AVX-512),
+# C -> C, the map NCHW (benchmarks/results/cpu-xeon/winograd_kept_n{8,1,2}.md and winograd_kept_small.md,
+# `bench_winograd_parts.py --parts conv`, five interleaved rounds in one process), ms, three passes through torch.bmm / the one kernel reading the
 # kept transform / the transform made inside / F.conv2d: 8x256x7x7 0.80 / 1.25 / 1.20 / 1.60 (the
 # kept transform was read by the one kernel there before, and the inference cache left it to be made
 # inside), 8x128x7x7 0.24 / 0.33 / 0.32 / 0.44, 8x256x4x4 0.30 / 0.41 / 0.49 / 0.65, 1x512x7x7 1.18 /
 # 1.41 / 2.67 / 1.70, 1x256x14x14 0.63 / 1.13 / 0.99 / 1.29, 8x256x14x14 2.66 / 4.52 / 4.74 / 5.85; at 64
-# channels the one kernel stays ahead (8x64x7x7: 0.086 / 0.074). One tile is too few (1x256x4x4: 0.265
-# against 0.286 direct, the kept transform's read alone); 2 tiles gained in the two cases measured
-# (2x256x4x4 0.32 against 0.42, 2x128x4x4 0.066 against 0.195), 4 and more in all: 4 for a margin.
+# channels the one kernel stays ahead (8x64x7x7: 0.086 / 0.074). At one tile the kept transform's read
+# alone can outweigh the direct convolution (1x512x4x4: 0.84 against 0.59 ms, though 1x256x4x4 gained,
+# 0.23 against 0.28); 2 tiles gained on the direct convolution in the three cases measured (2x512x4x4 1.05 against
+# 1.36, 2x256x4x4 0.32 against 0.42, 2x128x4x4 0.066 against 0.195), 4 and more in all with at least
+# half of the tiles' outputs inside the map (4x512x4x4 1.05 against 1.76, 1x512x8x8 1.10 against 1.85;
+# but 1x512x5x5, 25 of 64 outputs inside, 1.14 against 0.94): 4 for a margin.
 _BMM_KEPT_MIN_TILES = 4
 _FUSED_MIN_CHANNELS = 32
 _FUSED_MIN_TILES = {False: 64, True: 16}  # by whether the filters' transform is kept between calls
