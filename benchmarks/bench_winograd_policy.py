@@ -2,8 +2,8 @@
 the products between them), the one-kernel convolution everywhere, and "auto" (the default: the
 one-kernel convolution where the products run as this package's kernel; where they run as torch.bmm,
 as on an Intel CPU, per convolution: one kernel at most 64 channels, or in training at most 32 tiles or
-16384 channel-tiles; three passes elsewhere, and at inference, with the filters' transform kept, from 65
-channels at every size). In one process, interleaved rounds.
+16384 channel-tiles; three passes elsewhere, and at inference, with the filters' transform kept, for
+more than 64 channels from 4 tiles up on maps up to 32 px wide). In one process, interleaved rounds.
 
     python benchmarks/bench_winograd_policy.py --threads 2                 # SCConv rows + scnet50
     python benchmarks/bench_winograd_policy.py --no-model --rounds 5

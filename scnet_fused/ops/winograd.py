@@ -482,15 +482,16 @@ _AUTO_MIN_WORK = {False: 16384, True: 4096}  # by kernels: the channels_last one
 # with at least half of the tiles' outputs inside the map, and the one kernel (which reads it once per
 # block of tiles) at all of them but 8x96x7x7 (0.163 against 0.155 ms), on a 2-core Xeon (AVX-512),
 # C -> C, the map NCHW (benchmarks/results/cpu-xeon/winograd_kept_n{8,1,2}.md and winograd_kept_small.md,
-# `bench_winograd_parts.py --parts conv`, five interleaved rounds in one process), ms, three passes through torch.bmm / the one kernel reading the
-# kept transform / the transform made inside / F.conv2d: 8x256x7x7 0.80 / 1.25 / 1.20 / 1.60 (the
+# `bench_winograd_parts.py --parts conv`, five interleaved rounds in one process), ms, three passes
+# through torch.bmm / the one kernel reading the kept transform / the transform made inside / F.conv2d:
+# 8x256x7x7 0.80 / 1.25 / 1.20 / 1.60 (the
 # kept transform was read by the one kernel there before, and the inference cache left it to be made
 # inside), 8x128x7x7 0.24 / 0.33 / 0.32 / 0.44, 8x256x4x4 0.30 / 0.41 / 0.49 / 0.65, 1x512x7x7 1.18 /
 # 1.41 / 2.67 / 1.70, 1x256x14x14 0.63 / 1.13 / 0.99 / 1.29, 8x256x14x14 2.66 / 4.52 / 4.74 / 5.85; at 64
 # channels the one kernel stays ahead (8x64x7x7: 0.086 / 0.074). At one tile the kept transform's read
 # alone can outweigh the direct convolution (1x512x4x4: 0.84 against 0.59 ms, though 1x256x4x4 gained,
-# 0.23 against 0.28); 2 tiles gained on the direct convolution in the three cases measured (2x512x4x4 1.05 against
-# 1.36, 2x256x4x4 0.32 against 0.42, 2x128x4x4 0.066 against 0.195), 4 and more in all with at least
+# 0.23 against 0.28); 2 tiles gained on the direct convolution in the three cases measured (2x512x4x4
+# 1.05 against 1.36, 2x256x4x4 0.32 against 0.42, 2x128x4x4 0.066 against 0.195), 4 and more in all with at least
 # half of the tiles' outputs inside the map (4x512x4x4 1.05 against 1.76, 1x512x8x8 1.10 against 1.85;
 # but 1x512x5x5, 25 of 64 outputs inside, 1.14 against 0.94): 4 for a margin.
 _BMM_KEPT_MIN_TILES = 4
@@ -502,6 +503,13 @@ _FUSED_MIN_TILES = {False: 64, True: 16}  # by whether the filters' transform is
 # against 1.61 at 8x256x3x3, 1.51 against 2.38 at 8x256x4x4, 0.28 against 0.38 at 8x64x3x3; inference
 # even or better but at 8x256x3x3 (0.44 against 0.38 ms).
 _INSIDE_MIN_TILES = 8
+
+
+def _kept_through_bmm(x: Tensor, tiles: int, channels: int) -> bool:
+    """Whether a kept filters' transform of x's convolution (``tiles`` tiles, ``channels`` the smaller of
+    its input and output channels) is read by the three passes with torch.bmm chosen by "auto" for the
+    products, on the channels_last kernels (:data:`_BMM_KEPT_MIN_TILES`)."""
+    return _bmm_chosen_by_auto() and _nhwc_kernels(x) and not _fused(tiles, channels, kept=True)
 
 
 def _auto(x: Tensor, weight: Tensor, cached: bool = False) -> bool:
@@ -518,9 +526,9 @@ def _auto(x: Tensor, weight: Tensor, cached: bool = False) -> bool:
         else:
             enough = tiles >= _FUSED_MIN_TILES[cached]
         return channels >= _FUSED_MIN_CHANNELS and enough and useful >= 0.5
-    nhwc = _nhwc_kernels(x)
-    if cached and nhwc and _bmm_chosen_by_auto():
+    if cached and _kept_through_bmm(x, tiles, channels):
         return channels >= _AUTO_MIN_CHANNELS and tiles >= _BMM_KEPT_MIN_TILES and useful >= 0.5
+    nhwc = _nhwc_kernels(x)
     work = channels * tiles * useful
     return channels >= _AUTO_MIN_CHANNELS and tiles >= _AUTO_MIN_TILES and work >= _AUTO_MIN_WORK[nhwc]
 
@@ -594,10 +602,8 @@ def _made_inside(x: Tensor, weight: Tensor) -> bool:
     TH, TW = _tiles(x.shape[2], x.shape[3])
     K, C = weight.shape[0], weight.shape[1]
     tiles = x.shape[0] * TH * TW
-    if not (36 * K * C * 4 > _CACHE_MAX_BYTES and _filters_inside(tiles, K, C)):
-        return False
-    # kept where the three passes would read it (:data:`_BMM_KEPT_MIN_TILES`)
-    return _fused(tiles, min(K, C), kept=True) or not _nhwc_kernels(x)
+    return (36 * K * C * 4 > _CACHE_MAX_BYTES and _filters_inside(tiles, K, C)
+            and not _kept_through_bmm(x, tiles, min(K, C)))
 
 
 def set_filter_cache(enabled: bool) -> bool:
