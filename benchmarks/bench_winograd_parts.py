@@ -80,8 +80,13 @@ def _inside_jobs(N, C, H, W):
     return {
         ("from the filters forward", "F.conv2d"): lambda: torch.nn.functional.conv2d(x, w, None, padding=1),
         ("from the filters forward", "separate"): lambda: ops._wino_conv(x, ops._wino_filter(w, False, True), None),
+        ("from the filters forward", "separate, three passes, torch.bmm"):
+            lambda: ops._wino_output_nhwc(torch.bmm(ops._wino_input_nhwc(x, TH, TW), ops._wino_filter(w, False, True)),
+                                          N, H, W, None, True),
         ("from the filters forward", "inside"): lambda: ops._wino_conv_w(x, w, None),
         ("from the filters weight gradient", "separate"): lambda: ops._wino_filter_adjoint(ops._wino_bmm(z, v, True)),
+        ("from the filters weight gradient", "separate, torch.bmm"):
+            lambda: ops._wino_filter_adjoint(torch.bmm(z.transpose(1, 2), v)),
         ("from the filters weight gradient", "inside"): lambda: ops._wino_wgrad(z, v),
     }
 
@@ -99,8 +104,13 @@ def _wgrad_jobs(N, C, H, W):
         z, v = ops._wino_output_adjoint_nhwc(dy, TH, TW), ops._wino_input_nhwc(x, TH, TW)
         return ops._wino_filter_adjoint(ops._wino_bmm(z, v, True))
 
+    def separate_mkl():
+        z, v = ops._wino_output_adjoint_nhwc(dy, TH, TW), ops._wino_input_nhwc(x, TH, TW)
+        return ops._wino_filter_adjoint(torch.bmm(z.transpose(1, 2), v))
+
     return {
         ("weight gradient from the maps", "separate"): separate,
+        ("weight gradient from the maps", "separate, torch.bmm"): separate_mkl,
         ("weight gradient from the maps", "inside"): lambda: ops._wino_wgrad_x(dy, x),
     }
 
@@ -217,26 +227,29 @@ def markdown(rows) -> str:
                      + " | ".join(f"{m:.3f}" for m in ms) + f" | {names[ms.index(min(ms))]} |")
     lines += ["", "The filters' transform made in each call, as in a training step: a convolution forward from "
               "its filters (separate: `_wino_filter`, then `_wino_conv`; inside: `_wino_conv_w`, which transforms "
-              "a part of the filters inside each task item), and the weight gradient from the transformed input "
-              "and output gradient (separate: `_wino_bmm`, then `_wino_filter_adjoint`; inside: `_wino_wgrad`). "
+              "a part of the filters inside each task item; separate, torch.bmm: `_wino_filter`, then the three "
+              "passes with torch.bmm), and the weight gradient from the transformed input and output gradient "
+              "(separate: `_wino_bmm` or torch.bmm, then `_wino_filter_adjoint`; inside: `_wino_wgrad`). "
               "`auto` takes the inside kernels where the outputs are at least the tiles (forward) and the "
-              "channels at least twice the tiles (weight gradient). The weight gradient from the maps (x "
-              "and the output gradient): separate, their transforms through memory, then `_wino_bmm` and "
-              "`_wino_filter_adjoint`; inside, `_wino_wgrad_x` (both transforms in cache, a run of tiles a "
-              "task item, the runs' partial products added in order), which `auto` takes up to 64 x 64 "
-              "channels and more than 64 tiles.", "",
-              "| N x C x H x W | tiles | computes | F.conv2d ms | separate ms | inside ms | inside vs separate "
-              "| inside vs F.conv2d |",
-              "|---|---:|---|---:|---:|---:|---:|---:|"]
+              "channels at least twice the tiles (weight gradient; where the products run as torch.bmm, only "
+              "with a transformed input of at most 4096 tiles x input channels or a dU over 32 MiB). The "
+              "weight gradient from the maps (x and the output gradient): separate, their transforms through "
+              "memory, then `_wino_bmm` (or torch.bmm) and `_wino_filter_adjoint`; inside, `_wino_wgrad_x` "
+              "(both transforms in cache, a run of tiles a task item, the runs' partial products added in "
+              "order), which `auto` takes up to 64 x 64 channels and more than 64 tiles.", "",
+              "| N x C x H x W | tiles | computes | F.conv2d ms | separate ms | separate, torch.bmm ms | inside ms "
+              "| inside vs separate | inside vs separate, torch.bmm | inside vs F.conv2d |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (shape, op), t in by.items():
         if "inside" not in t:
             continue
         n, _, h, w = (int(d) for d in shape.split("x"))
         d = t["F.conv2d"]["median_ms"] if "F.conv2d" in t else None
         sep, ins = t["separate"]["median_ms"], t["inside"]["median_ms"]
+        mkl = next((v["median_ms"] for k, v in t.items() if k.startswith("separate,")), None)
         lines.append(f"| {shape} | {n * ((h + 3) // 4) * ((w + 3) // 4)} | {op.replace('from the filters ', '')} "
-                     f"| {'-' if d is None else f'{d:.3f}'} | {sep:.3f} | {ins:.3f} | {sep / ins:.2f}x "
-                     f"| {'-' if d is None else f'{d / ins:.2f}x'} |")
+                     f"| {_ms(d)} | {sep:.3f} | {_ms(mkl)} | {ins:.3f} | {sep / ins:.2f}x "
+                     f"| {'-' if mkl is None else f'{mkl / ins:.2f}x'} | {'-' if d is None else f'{d / ins:.2f}x'} |")
     lines += ["", "The filter transforms (C x C x 3 x 3 filters -> 36 x C x C): as (36 x 9) matrix products "
               "(the flipped filters after a flip-transpose copy) and as kernels.", "",
               "| filters | transform | matrix product ms | kernel ms | kernel vs matrix product |",
@@ -247,6 +260,10 @@ def markdown(rows) -> str:
         m, k = t["matrix product"]["median_ms"], t["kernel"]["median_ms"]
         lines.append(f"| {shape} | {op} | {m:.3f} | {k:.3f} | {m / k:.2f}x |")
     return "\n".join(_without_empty_tables(lines)) + "\n"
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def _without_empty_tables(lines):

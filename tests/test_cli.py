@@ -529,14 +529,15 @@ def test_bench_winograd_parts_script(tmp_path, capsys):
                         "cpu", "--default-malloc", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "winograd_parts.json").read_text())
-    # 2 shapes x 2 orientations x 2 implementations, 2 shapes x 5 convolutions, 2 shapes x (3 forward + 2
-    # weight gradient) from the filters, 2 shapes x 2 weight gradients from the maps, 2 filter sizes x 3
+    # 2 shapes x 2 orientations x 2 implementations, 2 shapes x 5 convolutions, 2 shapes x (4 forward + 3
+    # weight gradient) from the filters, 2 shapes x 3 weight gradients from the maps, 2 filter sizes x 3
     # transforms x 2 implementations
-    assert len(rows) == 8 + 10 + 10 + 4 + 12 and all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
+    assert len(rows) == 8 + 10 + 14 + 6 + 12 and all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
     assert sorted(r["provider"] for r in rows if r["op"] == "weight gradient from the maps") == \
-        sorted(["separate", "inside"] * 2)
+        sorted(["separate", "separate, torch.bmm", "inside"] * 2)
     assert sorted(r["provider"] for r in rows if r["op"].startswith("from the filters")) == \
-        sorted(["F.conv2d", "separate", "inside", "separate", "inside"] * 2)
+        sorted(["F.conv2d", "separate", "separate, three passes, torch.bmm", "inside",
+                "separate", "separate, torch.bmm", "inside"] * 2)
     assert all(row["gflops"] > 0 for row in rows if row["op"].startswith("products"))
     assert sorted(r["provider"] for r in rows if r["op"] == "convolution forward") == \
         sorted(["F.conv2d", "three passes", "three passes, torch.bmm", "one kernel", "made inside"] * 2)
