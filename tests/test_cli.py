@@ -511,9 +511,10 @@ def test_bench_winograd_policy_script(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "winograd_policy.json").read_text())["rows"]
-    assert len(rows) == 7 * 2 * 4 and all(row["median_ms"] > 0 for row in rows)
-    assert sorted({row["variant"] for row in rows}) == ["fused, auto", "fused, one kernel", "fused, three passes",
-                                                        "reference (eager)"]
+    assert len(rows) == 7 * 2 * 5 and all(row["median_ms"] > 0 for row in rows)
+    assert sorted({row["variant"] for row in rows}) == [
+        "fused, auto", "fused, auto, weight gradient inside wherever eligible", "fused, one kernel",
+        "fused, three passes", "reference (eager)"]
     assert "| SCConv train step | fused, auto | 2x256x7x7 |" in (tmp_path / "winograd_policy.md").read_text()
 
 

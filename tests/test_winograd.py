@@ -551,6 +551,39 @@ def test_kept_filter_transforms_take_the_three_passes_where_auto_chose_bmm(bmm_b
     assert winograd._made_inside(x, w)
 
 
+def test_weight_gradient_inside_where_auto_chose_bmm(bmm_by_auto, monkeypatch):
+    """Where "auto" chose torch.bmm, the weight gradient's products kernel (dU in cache) runs where the
+    transformed input is at most 4096 tiles x input channels or dU is over glibc's largest mmap threshold;
+    elsewhere the separate form. With the product kernel (the AMD rule) or the one kernel forced, the
+    channels-twice-the-tiles rule alone."""
+    for tiles, k, c in ((16, 256, 256), (4, 256, 256), (32, 128, 128), (24, 128, 128), (8, 512, 512),
+                        (16, 64, 256), (16, 256, 64), (32, 256, 128)):
+        assert winograd._wgrad_inside(tiles, k, c), (tiles, k, c)
+    for tiles, k, c in ((24, 256, 256), (32, 256, 256), (128, 256, 256), (32, 448, 448), (32, 128, 256)):
+        assert not winograd._wgrad_inside(tiles, k, c), (tiles, k, c)
+    assert winograd._wgrad_inside(32, 512, 512) and winograd._wgrad_inside(16, 512, 483)  # dU 36 and 34 MiB
+    assert not winograd._wgrad_inside(16, 16, 256)  # under twice the tiles
+    for setting, kernel in (("auto", True), ("1", False)):
+        monkeypatch.setattr(winograd, "_fused_setting", setting)
+        monkeypatch.setattr(winograd, "_gemm_kernel_choice", kernel)
+        assert winograd._wgrad_inside(32, 256, 256) and winograd._wgrad_inside(128, 256, 256)
+        assert not winograd._wgrad_inside(129, 256, 256)
+
+
+@pytest.mark.parametrize("n, inside", [(2, False), (1, True)])
+def test_weight_gradient_form_in_place_where_auto_chose_bmm(bmm_by_auto, n, inside):
+    """A 136 -> 136 channel convolution of 14x14 maps: at 2 images (32 tiles x 136 channels) the weight
+    gradient in its separate form through torch.bmm, at 1 image (16 tiles) the products kernel; both
+    against float64."""
+    torch.manual_seed(5)
+    x = torch.randn(n, 136, 14, 14)
+    assert winograd._wgrad_inside(n * 16, 136, 136) is inside
+    with _OpLog() as log, algorithm("auto"):
+        _check_conv(x, torch.randn(136, 136, 3, 3) * 0.1, None)
+    assert ("_wino_wgrad" in log.names) is inside
+    assert ("bmm" in log.names) is not inside
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_conv_and_gradients_match_the_direct_convolution(shape, bias, gemm):

@@ -271,8 +271,31 @@ def _filters_inside(tiles: int, k_out: int, c_in: int) -> bool:
     return _fused(tiles, min(k_out, c_in)) and k_out >= tiles
 
 
+# Where "auto" runs the products as torch.bmm (an Intel CPU), the weight gradient inside was slower than
+# its separate form (torch.bmm, then the adjoint transform, dU through memory) once the transformed input
+# passed about 600 KiB: a thread reads the whole of it again for every block of 14 filters, and with
+# z, dU's block and the other thread's share of the 2 MiB L2 a core (the Xeon measured) it no longer
+# stays there. So there the kernel runs where the transformed input is at most
+# :data:`_BMM_WGRAD_INSIDE_MAX_V` tiles x input channels (36 x 4096 floats, 576 KiB), or where dU is
+# over glibc's largest mmap threshold (32 MiB: torch.bmm's output is then mapped afresh and faulted in
+# by every call). Measured on a 2-core Intel Xeon, 2 threads
+# (benchmarks/results/cpu-xeon/winograd_parts_inside_n*.md, five interleaved rounds; separate with
+# torch.bmm / inside, ms): 8x128x7x7 (32 tiles x 128 channels = 4096) 0.309 / 0.286, 4x256x7x7 0.782 /
+# 0.725, 2x512x7x7 2.93 / 2.27, 1x256x7x7 0.744 / 0.465; but 6x256x7x7 (6144) 1.017 / 1.082, 8x256x7x7
+# 1.126 / 1.576, 8x384x7x7 2.25 / 3.67, 8x448x7x7 2.87 / 3.83; with dU over 32 MiB 8x512x7x7 14.98 /
+# 7.53 and 4x512x7x7 3.14 / 3.83 (the faults vary: 12.30 ms in that run through the package's product
+# kernel). In place, the fused SCConv training step at 8x256x7x7 ran 11.60 ms against 12.26 with the
+# kernel, eager 14.64 (winograd_policy_wgrad.md, 40 interleaved rounds in one process).
+_BMM_WGRAD_INSIDE_MAX_V = 4096  # tiles x input channels
+_BMM_WGRAD_INSIDE_MIN_DU = 32 << 20  # bytes of dU (36 K C float32)
+
+
 def _wgrad_inside(tiles: int, k: int, c: int) -> bool:
-    return _fused(tiles, min(k, c)) and 2 * tiles <= min(k, c)
+    if not (_fused(tiles, min(k, c)) and 2 * tiles <= min(k, c)):
+        return False
+    if _gemm_kernel() or _fused_setting != "auto":
+        return True
+    return tiles * c <= _BMM_WGRAD_INSIDE_MAX_V or 36 * k * c * 4 > _BMM_WGRAD_INSIDE_MIN_DU
 
 
 # Few channels and many tiles (the 56 and 28 px maps of 32 and 64 channels): the weight gradient's two
