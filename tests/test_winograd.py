@@ -99,6 +99,11 @@ def test_filter_transforms_are_g_g_gt_and_its_adjoint(K, C):
     flipped = g.flip(2, 3).transpose(0, 1)
     want_flip = torch.einsum("ri,ckij,sj->rsck", G, flipped.double(), G).reshape(36, C, K)
     torch.testing.assert_close(torch.ops.scnet_fused._wino_filter(g, True).double(), want_flip, rtol=1e-6, atol=1e-6)
+    # in_major: the two channel axes swapped (the layout the channels_last kernels' products read)
+    for flip, w in ((False, want), (True, want_flip)):
+        got = torch.ops.scnet_fused._wino_filter(g, flip, True)
+        assert got.is_contiguous()
+        torch.testing.assert_close(got.double(), w.transpose(1, 2), rtol=1e-6, atol=1e-6)
     # a non-contiguous weight is read as its values
     torch.testing.assert_close(torch.ops.scnet_fused._wino_filter(flipped), want_flip.float(), rtol=1e-6, atol=1e-6)
     # the adjoint: <U(g), du> = <g, U*(du)>, and U* against the float64 products

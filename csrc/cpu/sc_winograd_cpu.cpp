@@ -712,11 +712,11 @@ at::Tensor wino_filter(const at::Tensor& w_in, bool flip, bool in_major) {
         const int64_t cnt = std::min<int64_t>(kV, cols - c0);
         // swap: row r = c, column = k; flip: the tap 3 i + j of the rotated filter is the original's 8 - (3 i + j)
         const float* g0 = swap ? wp + (c0 * C + r) * 9 : wp + (r * C + c0) * 9;
-        for (int64_t l = 0; l < kV; ++l)
-          for (int e = 0; e < 9; ++e) taps[e][l] = l < cnt ? g0[l * lane + (flip ? 8 - e : e)] : 0.0f;
-        const Vec in[9] = {Vec::loadu(taps[0]), Vec::loadu(taps[1]), Vec::loadu(taps[2]),
-                           Vec::loadu(taps[3]), Vec::loadu(taps[4]), Vec::loadu(taps[5]),
-                           Vec::loadu(taps[6]), Vec::loadu(taps[7]), Vec::loadu(taps[8])};
+        // the vector's cnt filters (`lane` floats apart) transposed to taps[tap][lane], the rest zero
+        if (cnt < kV) std::fill(&taps[0][0], &taps[0][0] + 9 * kV, 0.0f);
+        at::vec::transpose_mxn<float>(g0, lane, &taps[0][0], kV, static_cast<int>(cnt), 9);
+        const auto tap = [&](int e) { return Vec::loadu(taps[flip ? 8 - e : e]); };
+        const Vec in[9] = {tap(0), tap(1), tap(2), tap(3), tap(4), tap(5), tap(6), tap(7), tap(8)};
         float* dst = up + r * cols + c0;
         filter_tile(in, [&](int xi, const Vec& u) { store_part(u, dst + xi * xi_stride, cnt); });
       }

@@ -83,6 +83,10 @@ _KRON_T = _KRON.t().contiguous()
 # products, (36 x 9) @ (9 x K C) and its transpose (the flipped filters after a flip-transpose copy),
 # they took 3.5x to 9.6x as long (benchmarks/results/cpu-epyc/winograd_parts.md: at 256 channels 2.3,
 # 3.4 and 2.7 ms against 0.46, 0.52 and 0.33 ms, per convolution and training step three of them).
+# On the Intel Xeon MKL runs those products near its peak: there, at 256 channels, the transform took
+# 0.39 ms against their 0.32, the flipped one 0.58 against 0.70, the adjoint 0.28 against 1.01, with
+# each vector's 16 filters transposed in registers (gathered element by element the first two had
+# taken 0.52 and 0.85 ms: benchmarks/results/cpu-xeon/winograd_parts_filters{,_gathered}.md).
 # The products remain as the reference the tests check the kernels against.
 def _weight_transform(weight: Tensor, flip: bool = False, in_major: bool = False) -> Tensor:
     """(K, C, 3, 3) float32 filters -> (36, K, C): U[xi] = (G g G^T)[xi] for every (k, c). ``flip``: the
