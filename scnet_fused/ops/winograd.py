@@ -277,12 +277,12 @@ def _filters_inside(tiles: int, k_out: int, c_in: int) -> bool:
 
 # Where "auto" runs the products as torch.bmm (an Intel CPU), the weight gradient inside was slower than
 # its separate form (torch.bmm, then the adjoint transform, dU through memory) once the transformed input
-# passed about 600 KiB: a thread reads the whole of it again for every block of 14 filters, and with
-# z, dU's block and the other thread's share of the 2 MiB L2 a core (the Xeon measured) it no longer
-# stays there. So there the kernel runs where the transformed input is at most
-# :data:`_BMM_WGRAD_INSIDE_MAX_V` tiles x input channels (36 x 4096 floats, 576 KiB), or where dU is
-# over glibc's largest mmap threshold (32 MiB: torch.bmm's output is then mapped afresh and faulted in
-# by every call). Measured on a 2-core Intel Xeon, 2 threads
+# passed about 600 KiB: a thread reads the whole of it again for every block of 14 filters, presumably
+# from L2 (2 MiB a core on the Xeon measured, shared with z and dU's block) only up to about that size
+# (the VM exposed no cache counters to confirm it). So there the kernel runs where the transformed
+# input is at most :data:`_BMM_WGRAD_INSIDE_MAX_V` tiles x input channels (36 x 4096 floats, 576 KiB),
+# or where dU is over glibc's largest mmap threshold (32 MiB: torch.bmm's output is then mapped afresh
+# and faulted in by every call). Measured on a 2-core Intel Xeon, 2 threads
 # (benchmarks/results/cpu-xeon/winograd_parts_inside_n*.md, five interleaved rounds; separate with
 # torch.bmm / inside, ms): 8x128x7x7 (32 tiles x 128 channels = 4096) 0.309 / 0.286, 4x256x7x7 0.782 /
 # 0.725, 2x512x7x7 2.93 / 2.27, 1x256x7x7 0.744 / 0.465; but 6x256x7x7 (6144) 1.017 / 1.082, 8x256x7x7
