@@ -93,24 +93,24 @@ def _inside_jobs(N, C, H, W):
 
 def _wgrad_jobs(N, C, H, W):
     """A weight gradient from the two maps (x and the output gradient): the two transforms through memory
-    and the product kernel with the adjoint transform (as ``_weight_grad`` runs it where the
-    transforms-inside rule does not apply) against ``_wino_wgrad_x``, both transforms inside."""
+    and the products (the package's kernel or torch.bmm) with the adjoint transform (as ``_weight_grad``
+    runs it where the transforms-inside rule does not apply) against ``_wino_wgrad_x``, both transforms
+    inside."""
     TH, TW = (H + 3) // 4, (W + 3) // 4
     g = torch.Generator().manual_seed(4)
     x, dy = torch.randn(N, C, H, W, generator=g), torch.randn(N, C, H, W, generator=g)
     ops = torch.ops.scnet_fused
 
-    def separate():
-        z, v = ops._wino_output_adjoint_nhwc(dy, TH, TW), ops._wino_input_nhwc(x, TH, TW)
-        return ops._wino_filter_adjoint(ops._wino_bmm(z, v, True))
-
-    def separate_mkl():
-        z, v = ops._wino_output_adjoint_nhwc(dy, TH, TW), ops._wino_input_nhwc(x, TH, TW)
-        return ops._wino_filter_adjoint(torch.bmm(z.transpose(1, 2), v))
+    def separate(products):
+        def run():
+            z, v = ops._wino_output_adjoint_nhwc(dy, TH, TW), ops._wino_input_nhwc(x, TH, TW)
+            return ops._wino_filter_adjoint(products(z, v))
+        return run
 
     return {
-        ("weight gradient from the maps", "separate"): separate,
-        ("weight gradient from the maps", "separate, torch.bmm"): separate_mkl,
+        ("weight gradient from the maps", "separate"): separate(lambda z, v: ops._wino_bmm(z, v, True)),
+        ("weight gradient from the maps", "separate, torch.bmm"):
+            separate(lambda z, v: torch.bmm(z.transpose(1, 2), v)),
         ("weight gradient from the maps", "inside"): lambda: ops._wino_wgrad_x(dy, x),
     }
 
