@@ -56,3 +56,17 @@ def kink_perturbed(x, n=2, rel=1e-5):
         g = torch.Generator().manual_seed(1000 + k)
         out.append(x * (1 + rel * torch.randn(x.shape, generator=g, dtype=x.dtype)))
     return out
+
+
+def randomize_norms(m):
+    """Every BatchNorm in m: weight in [0.5, 1.5], bias in [-0.5, 0.5], running mean in [-0.2, 0.2] and
+    running variance in [0.5, 2] (torch's global generator), so that no fold is the identity."""
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                if mod.weight is not None:
+                    mod.weight.uniform_(0.5, 1.5)
+                    mod.bias.uniform_(-0.5, 0.5)
+                if mod.running_mean is not None:
+                    mod.running_mean.uniform_(-0.2, 0.2)
+                    mod.running_var.uniform_(0.5, 2.0)

@@ -11,7 +11,7 @@ import scnet_fused
 from scnet_fused import models, reference as R
 
 import published_style
-from _util import backends_here, kink_perturbed
+from _util import backends_here, kink_perturbed, randomize_norms
 
 BACKENDS = backends_here()
 # the package's value (the suite's conftest sets the threshold to 0 for every test)
@@ -41,18 +41,6 @@ def _count_forward_calls(monkeypatch, cls):
 
 def _called(calls, module):
     return any(m is module for m in calls)
-
-
-def _randomize_norms(m):
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                if mod.weight is not None:
-                    mod.weight.uniform_(0.5, 1.5)
-                    mod.bias.uniform_(-0.5, 0.5)
-                if mod.running_mean is not None:
-                    mod.running_mean.uniform_(-0.2, 0.2)
-                    mod.running_var.uniform_(0.5, 2.0)
 
 
 def _step_and_compare(ref, fused, x, steps=2, rtol=1e-4, atol=1e-4):
@@ -91,7 +79,7 @@ SC_CASES = [
 def test_scconv_train_and_eval(backend, case, channels_last):
     C, N, H, W, stride, dil, groups = case
     ref, fused = _pair(R.SCConv, C, C, stride, dil, dil, groups, 4, nn.BatchNorm2d)
-    _randomize_norms(ref)
+    randomize_norms(ref)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(N, C, H, W)
     if channels_last:
@@ -107,7 +95,7 @@ def test_scconv_train_and_eval(backend, case, channels_last):
 def test_scconv_other_pooling_rates(backend, pooling_r, H, W):
     """pooling_r is read from the module, never assumed to be 4 (irregular maps for every rate)."""
     ref, fused = _pair(R.SCConv, 6, 6, 1, 1, 1, 2, pooling_r, nn.BatchNorm2d)
-    _randomize_norms(ref)
+    randomize_norms(ref)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, 6, H, W)
     with scnet_fused.backend(backend):
@@ -120,7 +108,7 @@ def test_scconv_other_pooling_rates(backend, pooling_r, H, W):
 def test_scconv_inference_folds_k4_batchnorm(backend, channels_last, monkeypatch):
     """Under no_grad in eval mode k4's BatchNorm is folded into its convolution: same output."""
     ref, fused = _pair(R.SCConv, 12, 12, 2, 1, 1, 3, 4, nn.BatchNorm2d)
-    _randomize_norms(ref)
+    randomize_norms(ref)
     fused.load_state_dict(ref.state_dict())
     ref.eval(), fused.eval()
     calls = _count_forward_calls(monkeypatch, nn.BatchNorm2d)
@@ -148,7 +136,7 @@ def test_other_norm_layers(norm):
         "syncbn_eval": nn.SyncBatchNorm,
     }
     ref, fused = _pair(R.SCConv, 6, 6, 1, 1, 1, 1, 4, layers[norm])
-    _randomize_norms(ref)
+    randomize_norms(ref)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, 6, 13, 14)
     if norm == "syncbn_eval":
@@ -196,7 +184,7 @@ def test_bottleneck(kwargs):
     down = nn.Sequential(nn.Conv2d(32, 128, 1, stride=kwargs["stride"], bias=False), nn.BatchNorm2d(128))
     ref, fused = _pair(R.SCBottleneck, 32, 32, downsample=down, norm_layer=nn.BatchNorm2d, **kwargs)
     assert isinstance(fused, scnet_fused.SCBottleneck) and isinstance(fused.scconv, scnet_fused.SCConv)
-    _randomize_norms(ref)
+    randomize_norms(ref)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, 32, 14, 13)
     _step_and_compare(ref.train(), fused.train(), x, steps=2)
@@ -217,7 +205,7 @@ def test_bottleneck_norm_layers(norm):
     }
     ref, fused = _pair(R.SCBottleneck, 32, 16, norm_layer=layers[norm],
                        downsample=nn.Sequential(nn.Conv2d(32, 64, 1, bias=False), layers[norm](64)))
-    _randomize_norms(ref)
+    randomize_norms(ref)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, 32, 13, 14)
     _step_and_compare(ref.train(), fused.train(), x, steps=2)
@@ -245,7 +233,7 @@ def test_bottleneck_entry_convolutions(backend, variant, channels_last, monkeypa
         ref.bn1_b.eps = 1e-3
     if variant == "bias":
         ref.conv1_b = nn.Conv2d(24, ref.conv1_b.out_channels, 1, bias=True)
-    _randomize_norms(ref)
+    randomize_norms(ref)
     fused = scnet_fused.convert(ref)
     if variant == "stack_conv1_false":
         fused.stack_conv1 = False
@@ -277,7 +265,7 @@ def test_entry_convolutions_stack_only_where_the_input_outweighs_the_weights(siz
     inference, with the reference's outputs, gradients and running statistics."""
     torch.manual_seed(0)
     ref = R.SCBottleneck(64, 16, bottleneck_width=512, norm_layer=nn.BatchNorm2d)
-    _randomize_norms(ref)
+    randomize_norms(ref)
     fused = scnet_fused.convert(ref)
     assert ref.conv1_a.weight.numel() + ref.conv1_b.weight.numel() == 2 * 128 * 64
     x = torch.randn(4, 64, *size)
@@ -303,7 +291,7 @@ def test_float64_eval_keeps_float64_precision():
     float64 for a float64 model: fused and reference agree to float64 rounding, not float32's."""
     down = nn.Sequential(nn.Conv2d(32, 64, 1, bias=False), nn.BatchNorm2d(64))
     ref, fused = _pair(R.SCBottleneck, 32, 16, norm_layer=nn.BatchNorm2d, downsample=down)
-    _randomize_norms(ref)
+    randomize_norms(ref)
     fused.load_state_dict(ref.state_dict())
     ref, fused = ref.double().eval(), fused.double().eval()
     x = torch.randn(2, 32, 14, 13, dtype=torch.float64)
@@ -318,7 +306,7 @@ def test_bottleneck_inference_folds_batchnorms(backend, channels_last, monkeypat
     """Under no_grad in eval mode the bottleneck's conv + BatchNorm pairs run folded: same output."""
     down = nn.Sequential(nn.Conv2d(32, 128, 1, stride=2, bias=False), nn.BatchNorm2d(128))
     ref, fused = _pair(R.SCBottleneck, 32, 32, stride=2, downsample=down, norm_layer=nn.BatchNorm2d)
-    _randomize_norms(ref)
+    randomize_norms(ref)
     fused.load_state_dict(ref.state_dict())
     ref.eval(), fused.eval()
     calls = _count_forward_calls(monkeypatch, nn.BatchNorm2d)
@@ -346,7 +334,7 @@ def test_avd_bottleneck_takes_the_fused_path(hooked, monkeypatch):
                          nn.Conv2d(32, 128, 1, bias=False), nn.BatchNorm2d(128))  # as SCNet's avg_down
     ref = R.SCBottleneck(32, 32, stride=2, downsample=down, avd=True, norm_layer=nn.BatchNorm2d)
     assert ref.avd
-    _randomize_norms(ref)
+    randomize_norms(ref)
     fused = scnet_fused.convert(ref)
     assert isinstance(fused, scnet_fused.SCBottleneck)
     seen = []
@@ -431,7 +419,7 @@ def test_convert_published_style_model():
     # implementation) can flip a ReLU mask and move upstream gradients by a few percent.
     torch.manual_seed(0)
     ref = published_style.TinyNet().double()
-    _randomize_norms(ref)
+    randomize_norms(ref)
     fused, report = scnet_fused.convert_with_report(ref)
     names = [r[0] for r in report]
     assert names == ["blocks.0", "blocks.0.scconv", "blocks.1", "blocks.1.scconv", "lone"]
@@ -511,7 +499,7 @@ def test_stacked_entry_convolution_saves_the_parameters(autocast, monkeypatch):
     torch.manual_seed(0)
     ref = R.SCBottleneck(64, 16, norm_layer=nn.BatchNorm2d,
                          downsample=nn.Sequential(nn.Conv2d(64, 64, 1, bias=False), nn.BatchNorm2d(64)))
-    _randomize_norms(ref)
+    randomize_norms(ref)
     x = torch.randn(2, 64, 8, 8)
 
     def run(module):
@@ -585,7 +573,7 @@ def test_autocast_convolutions_save_the_parameters(train, monkeypatch):
 
     torch.manual_seed(0)
     ref = R.SCConv(32, 32, 1, 1, 1, 1, 4, nn.BatchNorm2d).train(train)
-    _randomize_norms(ref)
+    randomize_norms(ref)
     x = torch.randn(2, 32, 16, 16)
 
     def run(module):
@@ -674,7 +662,7 @@ def test_k2_on_a_one_pixel_pooled_map_runs_its_centre_taps(size, channels_last, 
     and matches the reference in training (output, gradients of the input and of every parameter, the
     other taps' zero, running statistics over two steps), eval with autograd and inference."""
     ref, fused = _pair(R.SCConv, 8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
-    _randomize_norms(ref)
+    randomize_norms(ref)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(3, 8, *size)
     if channels_last:
@@ -698,7 +686,7 @@ def test_k2_centre_taps_are_kept_at_inference_while_the_filters_are_unchanged():
     is seen on the next call; with autograd on nothing is kept and the taps' gradient flows."""
     from scnet_fused.ops import winograd
     ref, fused = _pair(R.SCConv, 8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
-    _randomize_norms(ref)
+    randomize_norms(ref)
     fused.load_state_dict(ref.state_dict())
     ref.eval(), fused.eval()
     x = torch.randn(3, 8, 6, 6)

@@ -14,7 +14,7 @@ import scnet_fused
 from scnet_fused import reference as R
 from scnet_fused.ops import sc_gate, sc_gate_bn2_train
 
-from _util import backends_here, eager_gate, randn
+from _util import backends_here, eager_gate, randn, randomize_norms
 
 BACKENDS = backends_here()
 
@@ -159,13 +159,7 @@ def test_opcheck(backend):
 def _pair(C, stride=1, groups=1):
     torch.manual_seed(0)
     ref = R.SCConv(C, C, stride, 1, 1, groups, 4, nn.BatchNorm2d)
-    with torch.no_grad():
-        for m in ref.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
+    randomize_norms(ref)
     return ref, scnet_fused.convert(ref)
 
 
