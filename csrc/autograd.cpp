@@ -32,16 +32,20 @@
 //       times unbias = M / (M - 1)
 //
 // Registered for the Autograd keys (the autograd node) and CompositeExplicitAutograd (inference
-// mode, where autograd keys are skipped). A second backward through the gate, the BatchNorm + ReLU
-// ops or relu_cat raises, naming the op, as the Python path does; the pool's backward is
-// differentiable (it is linear). relu_cat uses no backend kernel (ATen's clamp_min and where on each
-// half): it serves every device.
+// mode, where autograd keys are skipped). A backward run with create_graph (a second derivative
+// to come) returns gradients that can be differentiated again: the gate, the BatchNorm + ReLU ops and
+// relu_cat then compute them through `scnet_fused::_double_vjp`, their forward recomputed in standard
+// operators and differentiated by autograd (scnet_fused/ops/_double.py, as the Python path does);
+// without that op (the library loaded without its Python package) a second backward raises, naming
+// the op. The pool's backward is differentiable (it is linear). relu_cat uses no backend kernel
+// (ATen's clamp_min and where on each half): it serves every device.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "sc_host.h"
 
@@ -264,6 +268,33 @@ struct NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward> {
   }
 };
 
+// Gradients for a backward run with create_graph: scnet_fused::_double_vjp(op, dy, inputs, scalars)
+// (registered by the Python package) recomputes the op's forward in standard operators from the saved
+// inputs, which are attached to the graph, and differentiates it with create_graph. Its gradients follow
+// `inputs` (see scnet_fused/ops/_double.py for the two ops that save their output instead); undefined
+// tensors are inserted at the positions `scalar_at` (the op's non-tensor arguments) so that the list
+// matches the forward's arguments. nullopt without the op, or when no second derivative is to come.
+c10::optional<variable_list> double_vjp(const char* op, const at::Tensor& dy, const variable_list& inputs,
+                                        const std::vector<double>& scalars, std::vector<size_t> scalar_at = {}) {
+  if (!at::GradMode::is_enabled()) return c10::nullopt;
+  const auto handle = c10::Dispatcher::singleton().findSchema({"scnet_fused::_double_vjp", ""});
+  if (!handle.has_value() || !handle->hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd))
+    return c10::nullopt;
+  c10::List<c10::optional<at::Tensor>> ins;
+  for (const auto& t : inputs) ins.push_back(t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt);
+  torch::jit::Stack stack;
+  stack.emplace_back(std::string(op));
+  stack.emplace_back(dy.defined() ? c10::IValue(dy) : c10::IValue());
+  stack.emplace_back(std::move(ins));
+  stack.emplace_back(c10::List<double>(scalars));
+  handle->callBoxed(&stack);
+  TORCH_CHECK(stack.size() == 1, "scnet_fused::_double_vjp returned ", stack.size(), " values");
+  variable_list grads;
+  for (const c10::IValue& v : stack[0].toListRef()) grads.push_back(v.isNone() ? at::Tensor() : v.toTensor());
+  for (size_t pos : scalar_at) grads.insert(grads.begin() + static_cast<std::ptrdiff_t>(pos), at::Tensor());
+  return grads;
+}
+
 variable_list guard_double_backward(variable_list grads, const variable_list& inputs, const char* op) {
   if (!at::GradMode::is_enabled()) return grads;  // create_graph=False: plain gradients
   variable_list wired;
@@ -315,6 +346,7 @@ struct GateFn : public torch::autograd::Function<GateFn> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &small = saved[1], &k3 = saved[2], &scale = saved[3], &shift = saved[4];
     const at::Tensor &ss = saved[5], &st = saved[6];
+    if (auto g = double_vjp("sc_gate", grads[0], {x, small, k3, scale, shift, ss, st}, {})) return *g;
     const at::Tensor dy = grads[0].to(x.dtype()).contiguous(format_like(x));
     auto [dx, dsmall, dk3, sum_g, sum_gk] = prim_gate_backward(dy, x, small, k3, f32(opt(scale)), f32(opt(shift)),
                                                                c10::nullopt, true, f32(opt(ss)), f32(opt(st)));
@@ -406,6 +438,7 @@ struct GateBnTrainFn : public torch::autograd::Function<GateBnTrainFn> {
     const at::Tensor &x = saved[0], &small = saved[1], &k3 = saved[2], &weight = saved[3], &bias = saved[4];
     const at::Tensor &mean = saved[5], &var = saved[6];
     const double eps = ctx->saved_data["eps"].toDouble();
+    if (auto g = double_vjp("sc_gate_bn_train", grads[0], {x, small, k3, weight, bias}, {eps}, {5})) return *g;
     at::Tensor dy = grads[0];
     if (!dy.defined()) dy = at::zeros_like(x);  // only mean / var were used (they carry no gradient)
     dy = dy.to(x.dtype()).contiguous(format_like(x));
@@ -452,6 +485,9 @@ struct GateBn2TrainFn : public torch::autograd::Function<GateBn2TrainFn> {
     const at::Tensor &small_mean = saved[9], &small_var = saved[10];
     const double eps = ctx->saved_data["eps"].toDouble();
     const double small_eps = ctx->saved_data["small_eps"].toDouble();
+    if (auto g = double_vjp("sc_gate_bn2_train", grads[0], {x, small, k3, weight, bias, small_weight, small_bias},
+                            {eps, small_eps}, {5, 8}))
+      return *g;
     at::Tensor dy = grads[0];
     if (!dy.defined()) dy = at::zeros_like(x);  // only the statistics were used (they carry no gradient)
     dy = dy.to(x.dtype()).contiguous(format_like(x));
@@ -521,6 +557,9 @@ struct BnReluTrainFn : public torch::autograd::Function<BnReluTrainFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &weight = saved[1], &bias = saved[2], &mean = saved[3], &var = saved[4];
+    if (auto g = double_vjp("bn_relu_train", grads[0], {saved[0], weight, bias}, {ctx->saved_data["eps"].toDouble()},
+                            {3}))
+      return *g;
     const at::Tensor t = saved[0].contiguous(format_like(saved[0]));
     at::Tensor dy = grads[0];
     if (!dy.defined()) dy = at::zeros_like(t);
@@ -564,9 +603,11 @@ struct BnAddReluTrainFn : public torch::autograd::Function<BnAddReluTrainFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &weight = saved[2], &bias = saved[3], &mean = saved[4], &var = saved[5];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    // (t, weight, bias and the output y) -> gradients of t, weight, bias and the residual
+    if (auto g = double_vjp("bn_add_relu_train", grads[0], {saved[1], weight, bias, saved[0]}, {eps}, {4})) return *g;
     const at::Tensor t = saved[1].contiguous(format_like(saved[1]));
     const at::Tensor y = saved[0].contiguous(format_like(t));
-    const double eps = ctx->saved_data["eps"].toDouble();
     at::Tensor dy = grads[0];
     if (!dy.defined()) dy = at::zeros_like(t);
     dy = dy.to(t.dtype()).contiguous(format_like(t));
@@ -641,6 +682,9 @@ struct BnReluCatTrainFn : public torch::autograd::Function<BnReluCatTrainFn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    if (auto g = double_vjp("bn_relu_cat_train", grads[0], {saved[0], saved[1], saved[2], saved[5], saved[6], saved[7]},
+                            {ctx->saved_data["eps_a"].toDouble(), ctx->saved_data["eps_b"].toDouble()}, {3, 7}))
+      return *g;
     const at::MemoryFormat fmt = format_like(saved[0]);
     const at::Tensor ta = saved[0].contiguous(fmt), tb = saved[5].contiguous(fmt);
     const int64_t ca = ta.size(1), cb = tb.size(1);
@@ -682,6 +726,8 @@ struct ReluCatFn : public torch::autograd::Function<ReluCatFn> {
     const at::Tensor out = ctx->get_saved_variables()[0];
     const int64_t ca = ctx->saved_data["ca"].toInt(), cb = out.size(1) - ca;
     const at::Tensor& g = grads[0];
+    // (out) -> gradients of a and b
+    if (auto d = double_vjp("relu_cat", g, {out}, {static_cast<double>(ca)})) return *d;
     const at::MemoryFormat fmt = format_like(out);
     const at::Tensor zero = at::zeros({}, g.options());
     // Each half masked straight from the slices (one read of grad and out, one write per half); zero

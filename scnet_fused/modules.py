@@ -37,10 +37,9 @@ from . import reference
 from .ops import sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
 from .ops.bn_relu import affine_add_relu, bn_add_relu_train, bn_relu_cat_train, bn_relu_train
 from .ops._dispatch import cpp_glue, standard_ops_only
-from .ops._plain import upsample_nearest
 from .ops.relu_cat import relu_cat
 from .ops.sc_gate import affine_fold
-from .ops import winograd
+from .ops import _plain, winograd
 from .ops.maxpool import max_pool2d
 
 __all__ = ["SCConv", "SCBottleneck", "MaxPool2d", "scnet_stem"]
@@ -441,7 +440,13 @@ class _ConvOfGate(torch.autograd.Function):
     ``y = sc_gate(x, small, k3, scale, shift, small_scale, small_shift)`` is cheap to recompute (it
     reads x and k3), so the backward recomputes it for the convolution's weight gradient rather than
     keeping a full-size tensor alive between forward and backward. ``x``, ``small`` and ``k3`` are saved
-    by the gate's own backward anyway; the affines are per-channel.
+    by the gate's own backward anyway; the affines are per-channel (detached: they only rebuild y).
+
+    A backward run with create_graph needs the weight gradient as a function of everything y depends
+    on (a second derivative through it reaches x, k3, the pooled branch and the BatchNorms' weights):
+    ``regate(x, small, k3)`` rebuilds y in standard operators from the same tensors, attached to the
+    graph (x, small and k3 are inputs of this node for that; their first-order gradients come through
+    y, so they get none here), and the convolution's backward is ATen's, differentiable again.
     """
 
     # forward(ctx, ...) rather than forward + setup_context: that form binds the arguments with
@@ -451,8 +456,9 @@ class _ConvOfGate(torch.autograd.Function):
     # and again in the backward: the parameter is saved, not a copy).
     @staticmethod
     def forward(ctx, y, weight, x, small, k3, scale, shift, small_scale, small_shift, stride, padding, dilation,
-                groups):
+                groups, regate):
         ctx.conv = (stride, padding, dilation, groups)
+        ctx.regate = regate
         ctx.save_for_backward(weight, x, small, k3, scale, shift, small_scale, small_shift)
         ctx.winograd = winograd.winograd_applies(y, weight, stride, padding, dilation, groups)
         if ctx.winograd:
@@ -463,18 +469,20 @@ class _ConvOfGate(torch.autograd.Function):
     def backward(ctx, grad_out):
         weight, x, small, k3, scale, shift, small_scale, small_shift = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
-        with torch.no_grad():
+        if torch.is_grad_enabled():  # create_graph: y and the gradients attached to the graph
+            y = ctx.regate(x, small, k3)
+        else:
             y = sc_gate(x, small, k3, scale, shift, small_scale, small_shift)
         if ctx.winograd:
             grad_y, grad_w = winograd.conv_backward(grad_out, y, weight, ctx.needs_input_grad[0],
                                                     ctx.needs_input_grad[1])
-            return (grad_y, grad_w) + (None,) * 11
+            return (grad_y, grad_w) + (None,) * 12
         grad_y, grad_w, _ = torch.ops.aten.convolution_backward(
             grad_out, y, weight.to(y.dtype), None, list(stride), list(padding), list(dilation), False, [0, 0],
             groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
-        return (grad_y, grad_w) + (None,) * 11
+        return (grad_y, grad_w) + (None,) * 12
 
 
 class _ParamConv(torch.autograd.Function):
@@ -573,6 +581,25 @@ def _conv(conv: nn.Module, x: Tensor) -> Tensor:
     return _param_conv(x, (conv.weight,), conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def _regate_affine(scale, shift, small_scale, small_shift):
+    """The gate output from (x, small, k3) in standard operators, with these per-channel affines (eval
+    folds, attached to the BatchNorms' parameters; None: none): :class:`_ConvOfGate` under create_graph."""
+    return lambda x, small, k3: _plain.sc_gate(x, small, k3, scale, shift, small_scale, small_shift)
+
+
+def _regate_bn(bn: nn.Module, k3: Tensor):
+    """As :func:`_regate_affine`, k3 normalized by its batch statistics (``bn`` in training mode)."""
+    weight, bias = _affine_params(bn, k3)
+    return lambda x, small, k: _plain.sc_gate_bn_train(x, small, k, weight, bias, bn.eps)[0]
+
+
+def _regate_bn2(bn: nn.Module, bn2: nn.Module, k3: Tensor, small: Tensor):
+    """As :func:`_regate_bn`, the pooled branch normalized by its batch statistics too (``bn2``)."""
+    weight, bias = _affine_params(bn, k3)
+    weight2, bias2 = _affine_params(bn2, small)
+    return lambda x, s, k: _plain.sc_gate_bn2_train(x, s, k, weight, bias, bn.eps, weight2, bias2, bn2.eps)[0]
+
+
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
@@ -605,7 +632,7 @@ class SCConv(reference.SCConv):
     def _portable_forward(self, x: Tensor) -> Tensor:
         """The reference computation in standard operators only (exports, torch.func transforms)."""
         reference._check_sc_input(x, self.inplanes, self.pooling_r)
-        up = upsample_nearest(self.k2(x), x)
+        up = _plain.upsample_nearest(self.k2(x), x)
         return self.k4(torch.mul(self.k3(x), torch.sigmoid(torch.add(x, up))))
 
     def _fusable(self) -> bool:
@@ -651,17 +678,22 @@ class SCConv(reference.SCConv):
         if k3.numel() == 0:  # empty batch: BatchNorm2d's own handling (empty output, stats kept)
             k3 = norm3(k3).to(k3.dtype)
             y = sc_gate(xg, small, k3)
+            regate = _regate_affine(None, None, None, None)
         elif k3_train and norm2 is not None:
             y, scale, shift, ss, st = self._gate_bn2_train(xg, small, k3, norm3, norm2)
+            regate = _regate_bn2(norm3, norm2, k3, small)
         elif k3_train:
             y, scale, shift = self._gate_bn_train(xg, small, k3, norm3)
+            regate = _regate_bn(norm3, k3)
         elif _foldable_eval_norm(norm3):
             scale, shift = _eval_fold(norm3, k3, differentiable=True)
             y = sc_gate(xg, small, k3, scale, shift, ss, st)
+            regate = _regate_affine(scale, shift, ss, st)
         else:
             k3 = norm3(k3).to(k3.dtype)
             y = sc_gate(xg, small, k3, None, None, ss, st)
-        return y, (xg, small, k3, scale, shift, ss, st)
+            regate = _regate_affine(None, None, ss, st)
+        return y, (xg, small, k3, scale, shift, ss, st, regate)
 
     def _k2(self, x: Tensor) -> Tuple[Tensor, Optional[nn.Module]]:
         """The pooled branch: the pool as a fused kernel, then k2's convolution on the small map.
@@ -677,7 +709,7 @@ class SCConv(reference.SCConv):
             return norm2(small), None
         return k2(x), None
 
-    def _conv4(self, y, x, small, k3, scale, shift, small_scale, small_shift):
+    def _conv4(self, y, x, small, k3, scale, shift, small_scale, small_shift, regate):
         conv4 = self.k4[0]
         if not (self.recompute_gate and _plain_conv(conv4) and y.requires_grad and _recompute_pays(y)):
             return _conv(conv4, y)
@@ -695,9 +727,9 @@ class SCConv(reference.SCConv):
         if small_scale is not None:
             small_scale, small_shift = small_scale.detach(), small_shift.detach()
         with torch.autocast(y.device.type, enabled=False) if amp_device else contextlib.nullcontext():
-            return _ConvOfGate.apply(y, weight, x.detach(), small.detach(), k3.detach(), scale, shift, small_scale,
-                                     small_shift, _pair(conv4.stride), _pair(conv4.padding), _pair(conv4.dilation),
-                                     conv4.groups)
+            return _ConvOfGate.apply(y, weight, x, small, k3, scale, shift, small_scale, small_shift,
+                                     _pair(conv4.stride), _pair(conv4.padding), _pair(conv4.dilation), conv4.groups,
+                                     regate)
 
     def _gate_bn_train(self, x: Tensor, small: Tensor, k3: Tensor, bn):
         factor = _bn_momentum(bn)

@@ -78,13 +78,18 @@ def test_empty_batch_no_grad_and_inference_mode(monkeypatch, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_double_backward_raises_naming_the_op(monkeypatch, path):
+def test_double_backward_as_relu_and_cat(monkeypatch, path):
+    """A backward with create_graph stays attached to the upstream gradient (the derivative is linear
+    in it): the second derivative with respect to that gradient is ReLU + cat's, bit for bit."""
     _path(monkeypatch, path)
     a, b = (t.requires_grad_() for t in _inputs("contiguous", torch.float32))
-    (ga,) = torch.autograd.grad(relu_cat(a, b).square().nansum(), a, create_graph=True)
-    assert ga.requires_grad
-    with pytest.raises(RuntimeError, match=r"scnet_fused\.relu_cat_backward.*no autograd formula"):
-        torch.autograd.grad(ga.nansum(), b)
+    dy = torch.randn(2, 7, 5, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    w = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(2))
+    got = []
+    for fn in (relu_cat, lambda p, q: torch.cat([torch.relu(p), torch.relu(q)], 1)):
+        (ga,) = torch.autograd.grad(fn(a, b), a, dy, create_graph=True)
+        got.append(torch.autograd.grad((ga * w).sum(), dy)[0])
+    torch.testing.assert_close(got[0], got[1], rtol=0, atol=0)
 
 
 def test_bad_inputs_raise_before_any_kernel():

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._alloc import new_empty
-from . import _dispatch, _plain
+from . import _dispatch, _double, _plain
 from .sc_gate import _format, bn_fold, check_per_channel
 
 __all__ = ["bn_relu_train", "bn_relu_cat_train", "bn_add_relu_train", "affine_add_relu", "check_bn_relu_inputs"]
@@ -127,6 +127,8 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _dvar):
     t, weight, bias, mean, var = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a backward that can be differentiated again
+        return (*_double.vjp("bn_relu_train", dy, (t, weight, bias), (ctx.eps,)), None)
     if dy is None:
         dy = torch.zeros_like(t)
     dt, dweight, dbias = torch.ops.scnet_fused.bn_relu_train_backward(dy, t, weight, bias, mean, var, ctx.eps)
@@ -234,6 +236,9 @@ def _cat_setup(ctx, inputs, output):
 
 def _cat_backward(ctx, dout, *_dstats):
     ta, wa, ba, mean_a, var_a, tb, wb, bb, mean_b, var_b = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a backward that can be differentiated again
+        dta, dwa, dba, dtb, dwb, dbb = _double.vjp("bn_relu_cat_train", dout, (ta, wa, ba, tb, wb, bb), ctx.eps)
+        return dta, dwa, dba, None, dtb, dwb, dbb, None
     if dout is None:
         dout = torch.zeros((ta.shape[0], ta.shape[1] + tb.shape[1], ta.shape[2], ta.shape[3]), dtype=ta.dtype,
                            device=ta.device)
@@ -339,6 +344,8 @@ def _add_setup(ctx, inputs, output):
 
 def _add_backward(ctx, dy, _dmean, _dvar):
     y, t, weight, bias, mean, var = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a backward that can be differentiated again
+        return (*_double.vjp("bn_add_relu_train", dy, (t, weight, bias, y), (ctx.eps,)), None)
     if dy is None:
         dy = torch.zeros_like(t)
     dt, dweight, dbias, dres = torch.ops.scnet_fused.bn_add_relu_train_backward(dy, y, t, weight, bias, mean, var,

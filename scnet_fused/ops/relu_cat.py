@@ -17,7 +17,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from . import _dispatch, _plain
+from . import _dispatch, _double, _plain
 from .sc_gate import _format
 
 __all__ = ["relu_cat"]
@@ -78,6 +78,8 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (out,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a backward that can be differentiated again
+        return tuple(_double.vjp("relu_cat", grad, (out,), (ctx.ca,)))
     return tuple(torch.ops.scnet_fused.relu_cat_backward(grad, out, ctx.ca))
 
 

@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _dispatch, _plain
+from . import _dispatch, _double, _plain
 
 __all__ = ["sc_gate", "sc_gate_bn_train", "sc_gate_bn2_train", "check_gate_inputs"]
 
@@ -195,6 +195,8 @@ def _sc_gate_setup(ctx, inputs, output):
 
 
 def _sc_gate_bwd(ctx, dy):
+    if torch.is_grad_enabled():  # create_graph: a backward that can be differentiated again
+        return tuple(_double.vjp("sc_gate", dy, ctx.saved_tensors))
     x, small, k3, scale, shift, ss, st = ctx.saved_tensors
     dx, dsmall, dk3, sum_g, sum_gk = torch.ops.scnet_fused.sc_gate_backward(dy, x, small, k3, scale, shift, ss, st)
     dscale = sum_gk.to(scale.dtype) if scale is not None else None
@@ -337,6 +339,8 @@ def _bn_setup(ctx, inputs, output):
 
 def _bn_bwd(ctx, dy, _dmean, _dvar):
     x, small, k3, weight, bias, mean, var = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a backward that can be differentiated again
+        return (*_double.vjp("sc_gate_bn_train", dy, (x, small, k3, weight, bias), (ctx.eps,)), None)
     dx, dsmall, dk3, dweight, dbias = torch.ops.scnet_fused.sc_gate_bn_train_backward(
         dy, x, small, k3, weight, bias, mean, var, ctx.eps)
     return dx, dsmall, dk3, dweight, dbias, None
@@ -442,6 +446,10 @@ def _bn2_setup(ctx, inputs, output):
 
 def _bn2_bwd(ctx, dy, _dmean, _dvar, _dsmall_mean, _dsmall_var):
     x, small, k3, weight, bias, mean, var, small_weight, small_bias, small_mean, small_var = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a backward that can be differentiated again
+        dx, dsmall, dk3, dweight, dbias, dsw, dsb = _double.vjp(
+            "sc_gate_bn2_train", dy, (x, small, k3, weight, bias, small_weight, small_bias), (ctx.eps, ctx.small_eps))
+        return dx, dsmall, dk3, dweight, dbias, None, dsw, dsb, None
     if dy is None:  # only the statistics were used (they carry no gradient)
         dy = torch.zeros_like(x)
     dx, dsmall, dk3, dweight, dbias, dsw, dsb = torch.ops.scnet_fused.sc_gate_bn2_train_backward(

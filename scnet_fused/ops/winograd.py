@@ -34,7 +34,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 __all__ = ["conv3x3_winograd", "conv2d", "conv2d_cached", "set_conv_algorithm", "get_conv_algorithm",
            "set_filter_cache", "winograd_applies"]
@@ -372,7 +371,13 @@ def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
 
 def conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool, need_weight: bool):
     """``(grad_x, grad_weight)`` of ``conv3x3_winograd(x, weight)`` (None where not needed), both as
-    Winograd; grad_out is read in x's layout, grad_x comes in it."""
+    Winograd; grad_out is read in x's layout, grad_x comes in it. With grad mode on (a backward run
+    with create_graph) ATen's convolution backward instead, which autograd differentiates again (the
+    Winograd kernels have no derivative of their own)."""
+    if torch.is_grad_enabled():
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [need_input, need_weight, False])
+        return grad_x, grad_w
     grad_out = grad_out.contiguous(memory_format=torch.channels_last if _is_nhwc(x) else torch.contiguous_format)
     grad_x = grad_w = None
     if need_input:  # conv3x3(grad_out, flip(weight)^T)
@@ -390,8 +395,7 @@ class _WinogradConv(torch.autograd.Function):
         return _forward(x, weight, bias)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out):  # differentiable again under create_graph (conv_backward)
         x, weight = ctx.saved_tensors
         grad_x, grad_w = conv_backward(grad_out, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         grad_b = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
