@@ -487,17 +487,16 @@ class _ConvOfGate(torch.autograd.Function):
 
 class _ParamConv(torch.autograd.Function):
     """``conv2d(x, w)`` with ``w`` the parameter ``weights[0]``, or several parameters stacked along the
-    output channels (``torch.cat``), optionally with x and w cast to ``dtype`` (as autocast runs a
-    convolution): the backward keeps the parameters themselves and rebuilds w from them, instead of
-    holding the stacked or cast weight, a new weight-sized tensor, until the backward (at the deep
-    stages the weights outweigh the activations). Outputs and gradients are those of ``F.conv2d`` on
-    the stacked / cast weight."""
+    output channels (``torch.cat``), in x's dtype (under autocast x comes cast, by an operation autograd
+    records, and w is cast here): the backward keeps the parameters themselves and rebuilds w from them,
+    instead of holding the stacked or cast weight, a new weight-sized tensor, until the backward (at the
+    deep stages the weights outweigh the activations). Outputs and gradients are those of ``F.conv2d``
+    on the stacked / cast weight; differentiable again (the backward is ATen's convolution backward on
+    the saved input and the rebuilt weight, both attached to the graph)."""
 
     @staticmethod
-    def forward(ctx, x, dtype, stride, padding, dilation, groups, *weights):
+    def forward(ctx, xc, stride, padding, dilation, groups, *weights):
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.x_dtype = x.dtype
-        xc = x if dtype is None else x.to(dtype)
         ctx.save_for_backward(xc, *weights)
         return F.conv2d(xc, _param_weight(weights, xc.dtype), None, stride, padding, dilation, groups)
 
@@ -505,16 +504,14 @@ class _ParamConv(torch.autograd.Function):
     def backward(ctx, grad_out):
         xc, *weights = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
-        need_w = any(ctx.needs_input_grad[6:])
+        need_w = any(ctx.needs_input_grad[5:])
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad_out, xc, _param_weight(weights, xc.dtype), None, list(stride), list(padding), list(dilation),
             False, [0, 0], groups, [ctx.needs_input_grad[0], need_w, False])
-        if grad_x is not None:
-            grad_x = grad_x.to(ctx.x_dtype)
         grads_w = [None] * len(weights)
         if grad_w is not None:
             grads_w = [g.to(w.dtype) for g, w in zip(grad_w.split([w.shape[0] for w in weights]), weights)]
-        return (grad_x, None, None, None, None, None, *grads_w)
+        return (grad_x, None, None, None, None, *grads_w)
 
 
 def _param_weight(weights, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -540,9 +537,11 @@ def _param_conv(x: Tensor, weights, stride, padding, dilation, groups: int) -> T
     if not (ok and torch.is_grad_enabled() and x.dim() == 4):
         return F.conv2d(x, _param_weight(weights), None, stride, padding, dilation, groups)
     if dtype is None:
-        return _ParamConv.apply(x, None, _pair(stride), _pair(padding), _pair(dilation), groups, *weights)
+        return _ParamConv.apply(x, _pair(stride), _pair(padding), _pair(dilation), groups, *weights)
     with torch.autocast(x.device.type, enabled=False):
-        return _ParamConv.apply(x, dtype, _pair(stride), _pair(padding), _pair(dilation), groups, *weights)
+        # x cast as autocast would (recorded: its gradient comes back in x's dtype, and a second
+        # derivative reaches x through it); the cast of the weights inside
+        return _ParamConv.apply(x.to(dtype), _pair(stride), _pair(padding), _pair(dilation), groups, *weights)
 
 
 def _centre_taps_only(conv: nn.Module, x: Tensor) -> bool:

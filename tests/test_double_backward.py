@@ -206,3 +206,48 @@ def test_small_scnet_gradient_penalty_float64():
     x = torch.randn(2, 3, 128, 136, dtype=torch.float64)  # layer4's maps 4x5: at least the pooling rate
     _compare_models(ref.train(), fused.train(), x, 1e-10, 1e-8)
 
+
+def test_parameter_convolution_under_autocast_twice_differentiable():
+    """The modules' convolution that saves its parameters (``_param_conv``) under CPU autocast: the
+    cast of x is recorded, so a second derivative reaches x through it, as through F.conv2d."""
+    import torch.nn.functional as F
+
+    from scnet_fused.modules import _param_conv
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    w = torch.randn(6, 8, 3, 3, requires_grad=True)
+    dy = torch.randn(2, 6, 10, 10)
+    got = []
+    for conv in (lambda: _param_conv(x, (w,), 1, 1, 1, 1), lambda: F.conv2d(x, w, None, 1, 1)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv()
+        assert y.dtype == torch.bfloat16
+        (gw,) = torch.autograd.grad(y, w, dy.to(y.dtype), create_graph=True)
+        got.append(torch.autograd.grad(gw.float().square().sum(), x)[0])
+    torch.testing.assert_close(got[0], got[1], rtol=1e-2, atol=1e-2 * got[1].abs().max().item())
+
+
+def test_scconv_second_derivatives_under_autocast():
+    """bfloat16 autocast on the CPU: the fused SCConv's second derivatives as close to float64 as the
+    reference's under the same autocast."""
+    torch.manual_seed(0)
+    ref, fused = _sc_pair(True, C=16)
+    x = torch.randn(2, 16, 64, 64)
+    res = []
+    for m, dt in ((ref, torch.float32), (fused, torch.float32), (copy.deepcopy(ref).double(), torch.float64)):
+        xi = x.to(dt).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dt != torch.float64):
+            out = m(xi)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        (g,) = torch.autograd.grad((out * w).sum(), xi, create_graph=True)
+        res.append(torch.autograd.grad(g.float().square().sum(), [xi] + list(m.parameters()), allow_unused=True))
+    names = ["x"] + [n for n, _ in fused.named_parameters()]
+    for n, r, f, t in zip(names, *res):
+        if t is None:  # k4's BatchNorm bias: the input gradient does not depend on it
+            assert r is None and (f is None or not f.any()), n
+            continue
+        scale = t.abs().max().item()
+        err_ref = (r.double() - t).abs().max().item() / scale
+        err_fused = (f.double() - t).abs().max().item() / scale
+        assert err_fused <= 3 * err_ref + 1e-3, f"{n}: fused {err_fused:.2e}, reference {err_ref:.2e}"
