@@ -518,6 +518,20 @@ def test_bench_winograd_policy_script(tmp_path):
     assert "| SCConv train step | fused, auto | 2x256x7x7 |" in (tmp_path / "winograd_policy.md").read_text()
 
 
+def test_bench_double_backward_script(tmp_path):
+    """benchmarks/bench_double_backward.py: the reference and the fused SCConv, with and without an
+    input-gradient penalty, JSON and Markdown."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_double_backward.py"),
+                        "--batch-size", "2", "--rounds", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "double_backward.json").read_text())["rows"]
+    assert len(rows) == 4 * 4 and all(row["median_ms"] > 0 for row in rows)
+    assert sorted({row["variant"] for row in rows}) == [
+        "fused, no penalty", "fused, penalty", "reference (eager), no penalty", "reference (eager), penalty"]
+    assert "| SCConv train step | fused, penalty | 2x256x7x7 |" in (tmp_path / "double_backward.md").read_text()
+
+
 def test_bench_winograd_parts_script(tmp_path, capsys):
     """benchmarks/bench_winograd_parts.py: the products, the convolutions, the weight gradients and the
     filter transforms, each implementation against the other."""
