@@ -1,6 +1,7 @@
-"""torch.func transforms over the fused modules (functional_call + grad, vmap): the custom ops' autograd
-does not support them, so inside a transform the modules run the reference computation in standard
-operators; the results must equal the reference model's, running statistics included."""
+"""torch.func transforms over the fused modules (functional_call + grad, vmap) and forward-mode AD with
+dual tensors: the custom ops' autograd does not support them, so inside a transform or a dual level the
+modules run the reference computation in standard operators; the results must equal the reference
+model's, running statistics included."""
 
 import copy
 
@@ -124,6 +125,47 @@ def test_public_ops_under_func_grad_match_the_fused_ops(case):
         torch.testing.assert_close(got, leaf.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"argument {i}: {m}")
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_forward_ad_dual_tensors_match_reference(train):
+    """torch.autograd.forward_ad (dual tensors, outside torch.func): the custom ops and the C++ autograd
+    nodes have no forward derivative, so while a dual level is open the modules run the standard
+    operators; the tangent equals the reference's. Outside the level the fused path runs again."""
+    import torch.autograd.forward_ad as fwAD
+
+    ref, fused = _pair(3)
+    ref.train(train), fused.train(train)
+    x, t = torch.randn(2, 32, 14, 18), torch.randn(2, 32, 14, 18)
+    got = []
+    for model in (ref, copy.deepcopy(fused)):
+        with fwAD.dual_level():
+            assert scnet_fused.ops._dispatch.standard_ops_only()
+            out = fwAD.unpack_dual(model(fwAD.make_dual(x, t)))
+        got.append((out.primal, out.tangent))
+    assert got[1][1] is not None
+    torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-4, atol=1e-4)
+    assert not scnet_fused.ops._dispatch.standard_ops_only()
+
+
+@pytest.mark.parametrize("case", _op_cases(), ids=lambda c: c[0])
+def test_public_ops_forward_ad(case):
+    """Each public op with dual inputs: its tangent J t is torch.func.jvp's, and <J t, dy> equals
+    <t, J^T dy> with J^T dy from the op's own eager backward (the fused kernels)."""
+    import torch.autograd.forward_ad as fwAD
+
+    _, fn, args, dy = case
+    tangents = [torch.randn(a.shape, generator=torch.Generator().manual_seed(i)) for i, a in enumerate(args)]
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(fn(*[fwAD.make_dual(a, t) for a, t in zip(args, tangents)]))
+    _, want = torch.func.jvp(fn, tuple(args), tuple(tangents))
+    torch.testing.assert_close(out.tangent, want, rtol=1e-5, atol=1e-5)
+    leaves = [a.detach().clone().requires_grad_(True) for a in args]
+    grads = torch.autograd.grad(fn(*leaves), leaves, dy)
+    lhs = (out.tangent.double() * dy.double()).sum()
+    rhs = sum((g.double() * t.double()).sum() for g, t in zip(grads, tangents))
+    assert abs(lhs - rhs) <= 1e-4 * max(1.0, abs(rhs)), (lhs.item(), rhs.item())
+
+
 def test_bad_input_inside_a_transform_is_the_same_clear_error():
     x, k3 = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     small = torch.randn(2, 4, 2, 2)  # 4 channels against 3
@@ -131,3 +173,23 @@ def test_bad_input_inside_a_transform_is_the_same_clear_error():
         torch.func.grad(lambda x: scnet_fused.sc_gate(x, small, k3).sum())(x)
     with pytest.raises(ValueError, match="channel"):
         scnet_fused.sc_gate(x, small, k3)
+
+
+def test_conv3x3_winograd_under_transforms_and_dual_tensors():
+    """The public Winograd convolution inside torch.func.grad and with dual tensors: F.conv2d's results."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+
+    from scnet_fused.ops import winograd
+
+    if not winograd._kernels_present():
+        pytest.skip("no compiled CPU kernels")
+    g = torch.Generator().manual_seed(4)
+    x, w, t = torch.randn(2, 8, 9, 7, generator=g), torch.randn(5, 8, 3, 3, generator=g), torch.randn(2, 8, 9, 7,
+                                                                                                       generator=g)
+    got = torch.func.grad(lambda w: scnet_fused.ops.conv3x3_winograd(x, w).square().sum())(w)
+    want = torch.func.grad(lambda w: F.conv2d(x, w, padding=1).square().sum())(w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(scnet_fused.ops.conv3x3_winograd(fwAD.make_dual(x, t), w)).tangent
+    torch.testing.assert_close(got, F.conv2d(t, w, padding=1), rtol=1e-5, atol=1e-5)

@@ -312,27 +312,36 @@ def _functorch_active() -> bool:
     return bool(fn()) if fn is not None else False
 
 
+def _forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``): the custom ops,
+    the C++ autograd nodes and the Winograd convolution have no forward derivative."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def standard_ops_only() -> bool:
     """Whether this call should run in standard PyTorch operators instead of the custom ops
     (:mod:`scnet_fused.ops._plain` for the ops; the fused modules run the reference computation):
     while ``torch.jit.trace`` or an ONNX export (either exporter) records it, so that the result runs
-    without this package, and inside a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...), which
-    the custom ops' autograd does not support. torch.compile and torch.export keep the custom ops.
-    Cheap to rule out in eager."""
+    without this package, inside a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...), which
+    the custom ops' autograd does not support, and while a forward-mode AD level is open
+    (``torch.autograd.forward_ad``: dual tensors get their tangents through the standard operators).
+    torch.compile and torch.export keep the custom ops. Cheap to rule out in eager."""
     if torch.compiler.is_compiling():
         return torch.onnx.is_in_onnx_export()
-    return torch.jit.is_tracing() or _functorch_active()
+    return torch.jit.is_tracing() or _functorch_active() or _forward_ad_active()
 
 
 def _plain_eager(*tensors: torch.Tensor) -> bool:
     """Plain eager PyTorch on real tensors: not under torch.compile / torch.export, no tensor subclass
-    (nn.Parameter aside), no functorch transform, and ``SCNET_FUSED_CPP_AUTOGRAD`` is not "0"."""
+    (nn.Parameter aside), no functorch transform, no forward-mode AD level open, and
+    ``SCNET_FUSED_CPP_AUTOGRAD`` is not "0"."""
     if torch.compiler.is_compiling():  # first: under tracing nothing below is evaluated
         return False
     for t in tensors:
         if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
             return False
-    return os.environ.get(_CPP_AUTOGRAD_ENV, "1").strip() != "0" and not _functorch_active()
+    return (os.environ.get(_CPP_AUTOGRAD_ENV, "1").strip() != "0" and not _functorch_active()
+            and not _forward_ad_active())
 
 
 def cpp_glue(*tensors: torch.Tensor) -> bool:

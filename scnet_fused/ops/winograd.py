@@ -426,7 +426,9 @@ def conv3x3_winograd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
     """``F.conv2d(x, weight, bias, padding=1)`` for 3x3 filters (stride 1, no dilation, one group) by
     Winograd F(4x4, 3x3) on the CPU, float32, differentiable in x, weight and bias. NCHW and
     channels_last inputs are read in place (each layout has its kernels) and the output has the
-    input's layout; any other strides are copied to NCHW first. An empty batch gives an empty output."""
+    input's layout; any other strides are copied to NCHW first. An empty batch gives an empty output.
+    Where the fused ops take standard operators (``standard_ops_only``: traces, exports, torch.func
+    transforms, forward-mode AD) it is ``F.conv2d``."""
     _check(x, weight, bias)
     if not _kernels_present():
         from . import _cpp
@@ -434,6 +436,10 @@ def conv3x3_winograd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
         raise RuntimeError("conv3x3_winograd: the compiled CPU kernels are not loaded ("
                            f"{_cpp.available() or 'this build lacks the Winograd transforms'})")
     if x.shape[0] == 0 or weight.shape[0] == 0:
+        return F.conv2d(x, weight, bias, padding=1)
+    from ._dispatch import standard_ops_only
+
+    if standard_ops_only():  # a trace or export records, a torch.func transform, a forward-mode AD level
         return F.conv2d(x, weight, bias, padding=1)
     if not _is_nhwc(x):
         x = x.contiguous()
@@ -573,14 +579,14 @@ def _auto_isa() -> bool:
 def _plain_eager(x: Tensor, weight: Tensor) -> bool:
     """Eager PyTorch on real tensors: not under torch.compile / torch.export (inductor plans its own
     convolutions; the kernels have no fake-tensor forms), not while torch.jit.trace or an ONNX export
-    records, not inside a torch.func transform, no tensor subclass."""
+    records, not inside a torch.func transform or a forward-mode AD level, no tensor subclass."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, torch.nn.Parameter):
         return False
-    from ._dispatch import _functorch_active
+    from ._dispatch import _forward_ad_active, _functorch_active
 
-    return not _functorch_active()
+    return not (_functorch_active() or _forward_ad_active())
 
 
 _present: Optional[bool] = None
