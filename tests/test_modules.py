@@ -749,3 +749,31 @@ def test_strided_1x1_downsample_reads_the_subsampled_pixels(size, train, monkeyp
         with torch.no_grad():
             torch.testing.assert_close(modules._seq_conv_bn(seq, x), ref(x), rtol=1e-5, atol=1e-5)
         assert len(taken) == 2  # the folded inference path too
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_bottleneck_under_activation_checkpointing(reentrant):
+    """torch.utils.checkpoint over a fused bottleneck: outputs, gradients and running statistics as the
+    reference's (without reentrance with the recomputation's early stop off: with it, the fused bn3's
+    second update is skipped, see the README)."""
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(32, 64, 1, bias=False), nn.BatchNorm2d(64))
+    ref = R.SCBottleneck(32, 16, downsample=down, norm_layer=nn.BatchNorm2d)
+    randomize_norms(ref)
+    x = torch.randn(2, 32, 18, 20)
+    runs = []
+    for m in (copy.deepcopy(ref), scnet_fused.convert(copy.deepcopy(ref))):
+        xi = x.clone().requires_grad_()
+        with set_checkpoint_early_stop(False):
+            out = checkpoint(m.train(), xi, use_reentrant=reentrant)
+        out.square().sum().backward()
+        runs.append((out.detach(), xi.grad, [p.grad for p in m.parameters()], list(m.buffers())))
+    (oa, ga, pa, ba), (ob, gb, pb, bb) = runs
+    torch.testing.assert_close(ob, oa, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-4)
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * max(1.0, a.abs().max().item()))
+    for a, b in zip(ba, bb):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
