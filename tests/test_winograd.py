@@ -1093,3 +1093,10 @@ def test_scconv_inference_keeps_large_transforms_for_the_three_passes(bmm_by_aut
             assert log.names.count("_wino_input_nhwc") == 2 and log.names.count("_wino_output_nhwc") == 2
             assert log.names.count("_wino_filter") == (2 if call == 0 else 0)
     assert m.k3[0] in winograd._filter_cache and m.k4[0] in winograd._filter_cache
+
+
+def test_missing_kernels_are_a_clear_error(monkeypatch):
+    """conv3x3_winograd without the compiled transforms: a RuntimeError that says so, before any kernel."""
+    monkeypatch.setattr(winograd, "_kernels_present", lambda: False)
+    with pytest.raises(RuntimeError, match="compiled CPU kernels are not loaded"):
+        scnet_fused.ops.conv3x3_winograd(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3))

@@ -434,7 +434,7 @@ def conv3x3_winograd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
         from . import _cpp
 
         raise RuntimeError("conv3x3_winograd: the compiled CPU kernels are not loaded ("
-                           f"{_cpp.available() or 'this build lacks the Winograd transforms'})")
+                           f"{_cpp.unavailable_reason('cpu') or 'this build lacks the Winograd transforms'})")
     if x.shape[0] == 0 or weight.shape[0] == 0:
         return F.conv2d(x, weight, bias, padding=1)
     from ._dispatch import standard_ops_only
