@@ -72,6 +72,12 @@ def interleaved(fns, rounds, reps):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def add_rows(rows, what, shape, fns, rounds, reps):
+    """Time ``fns`` (:func:`interleaved`) and append a row ``{what, variant, shape, median_ms}`` for each."""
+    for k, ms in interleaved(fns, rounds, reps).items():
+        rows.append(dict(what=what, variant=k, shape=shape, median_ms=ms))
+
+
 def write_rows(rows, out, name, title, command, rounds):
     """Rows ``{what, variant, shape, median_ms}`` to <out>/<name>.json and .md (device and versions
     recorded); the Markdown is printed too."""

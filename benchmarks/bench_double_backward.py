@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from _ab import interleaved, parse_args, write_rows
+from _ab import add_rows, parse_args, write_rows
 from scnet_fused import bench
 
 STAGES = ((32, 56), (64, 28), (128, 14), (256, 7))
@@ -44,8 +44,7 @@ def main(argv=None):
         x = torch.randn(N, C, H, H)
         fns = {"reference (eager), penalty": _step(ref, x, True), "fused, penalty": _step(fus, x, True),
                "reference (eager), no penalty": _step(ref, x, False), "fused, no penalty": _step(fus, x, False)}
-        for k, ms in interleaved(fns, args.rounds, 3).items():
-            rows.append(dict(what="SCConv train step", variant=k, shape=f"{N}x{C}x{H}x{H}", median_ms=ms))
+        add_rows(rows, "SCConv train step", f"{N}x{C}x{H}x{H}", fns, args.rounds, 3)
     write_rows(rows, args.out, args.name, f"SCConv training step with an input-gradient penalty, N={N}",
                "python benchmarks/bench_double_backward.py", args.rounds)
     return 0

@@ -15,6 +15,7 @@
 //       -> (y, mean, var, small_mean, small_var)
 //   _sc_avgpool_ag(x, r) -> y
 //   _bn_relu_train_ag(t, weight, bias, eps) -> (y, mean, var)
+//   _bn_train_ag(t, weight, bias, eps) -> (y, mean, var)   (no activation: a standalone SCConv's k4 norm)
 //   _bn_add_relu_train_ag(t, weight, bias, residual, eps) -> (y, mean, var)
 //   _bn_relu_cat_train_ag(ta, wa, ba, eps_a, tb, wb, bb, eps_b) -> (out, mean_a, var_a, mean_b, var_b)
 //   _relu_cat_ag(a, b) -> out
@@ -153,24 +154,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prim_gate
   return op.call(dy, x, small, k3, weight, bias, mean, var, eps, small_scale, small_shift);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prim_bn_relu_train_backward(
-    const at::Tensor& dy, const at::Tensor& t, const at::Tensor& weight, const at::Tensor& bias,
-    const at::Tensor& mean, const at::Tensor& var, double eps) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("scnet_fused::_bn_relu_train_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(dy, t, weight, bias, mean, var, eps);
+// The one-call CPU BatchNorm kernels: with the ReLU (`_bn_relu_train_backward` / `_out`) or without it
+// (`_bn_train_backward` / `_out`, relu false).
+using TrainBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                        const at::Tensor&, const at::Tensor&,
+                                                                        const at::Tensor&, const at::Tensor&, double);
+using TrainOutSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                                       const at::Tensor&);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prim_bn_train_backward(const at::Tensor& dy, const at::Tensor& t,
+                                                                      const at::Tensor& weight, const at::Tensor& bias,
+                                                                      const at::Tensor& mean, const at::Tensor& var,
+                                                                      double eps, bool relu) {
+  static auto with_relu = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("scnet_fused::_bn_relu_train_backward", "")
+                              .typed<TrainBackwardSig>();
+  static auto without = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("scnet_fused::_bn_train_backward", "")
+                            .typed<TrainBackwardSig>();
+  return (relu ? with_relu : without).call(dy, t, weight, bias, mean, var, eps);
 }
 
-std::tuple<at::Tensor, at::Tensor> prim_bn_relu_train_out(const at::Tensor& t, const at::Tensor& weight,
-                                                          const at::Tensor& bias, double eps, const at::Tensor& out) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("scnet_fused::_bn_relu_train_out", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, double, const at::Tensor&)>();
-  return op.call(t, weight, bias, eps, out);
+std::tuple<at::Tensor, at::Tensor> prim_bn_train_out(const at::Tensor& t, const at::Tensor& weight,
+                                                     const at::Tensor& bias, double eps, const at::Tensor& out,
+                                                     bool relu) {
+  static auto with_relu =
+      c10::Dispatcher::singleton().findSchemaOrThrow("scnet_fused::_bn_relu_train_out", "").typed<TrainOutSig>();
+  static auto without =
+      c10::Dispatcher::singleton().findSchemaOrThrow("scnet_fused::_bn_train_out", "").typed<TrainOutSig>();
+  return (relu ? with_relu : without).call(t, weight, bias, eps, out);
 }
 
 at::Tensor prim_affine_add_relu(const at::Tensor& t, const at::Tensor& residual, const at::Tensor& scale,
@@ -508,46 +520,67 @@ struct GateBn2TrainFn : public torch::autograd::Function<GateBn2TrainFn> {
 };
 
 // ---------------------------------------------------------------------------------------------
-// bn_relu_train
+// bn_relu_train, and bn_train (relu false: the BatchNorm alone, a standalone SCConv's k4 norm). On the
+// CPU one call each way (NCHW channel by channel); elsewhere the statistics pass and the ReLU
+// primitives, without the ReLU the affine applied by ATen (one pass) and the backward's primitives with
+// their mask off (scale 0, shift 1: 0 * t + 1 is never <= 0).
 // ---------------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_impl(const at::Tensor& t_in, const at::Tensor& weight,
-                                                                  const at::Tensor& bias, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_impl(const at::Tensor& t_in, const at::Tensor& weight,
+                                                             const at::Tensor& bias, double eps, bool relu) {
   const at::Tensor t = t_in.contiguous(format_like(t_in));
   if (t.is_cpu()) {  // one call: NCHW channel by channel, each channel read the second time from cache
     at::Tensor y = host::new_output(t.sizes(), t.options(), format_like(t));
-    auto [mean, var] = prim_bn_relu_train_out(t, weight.detach(), bias.detach(), eps, y);
+    auto [mean, var] = prim_bn_train_out(t, weight.detach(), bias.detach(), eps, y, relu);
     return {y, mean, var};
   }
   auto [mean, var] = prim_channel_stats(t);
   const BnFold f = bn_fold(weight, bias, mean, var, eps);
-  at::Tensor y = prim_affine_relu(t, f.scale, f.shift);
+  if (relu) return {prim_affine_relu(t, f.scale, f.shift), mean, var};
+  at::Tensor y = host::new_output(t.sizes(), t.options(), format_like(t));
+  at::addcmul_out(y, f.shift.view({1, -1, 1, 1}), t, f.scale.view({1, -1, 1, 1}));
   return {y, mean, var};
 }
 
-// (dt, dweight, dbias) of relu(batch_norm(t)) for the output gradient dy (dense like t, or a channel
-// slice of a wider gradient in t's memory format, read in place by the kernels).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_grads(const at::Tensor& dy, const at::Tensor& t,
-                                                             const at::Tensor& weight, const at::Tensor& bias,
-                                                             const at::Tensor& mean, const at::Tensor& var, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_impl(const at::Tensor& t, const at::Tensor& weight,
+                                                                  const at::Tensor& bias, double eps) {
+  return bn_train_impl(t, weight, bias, eps, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_only_train_impl(const at::Tensor& t, const at::Tensor& weight,
+                                                                  const at::Tensor& bias, double eps) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) * t.size(2) * t.size(3) > 0 && weight.size(0) == t.size(1) &&
+                  bias.size(0) == t.size(1),
+              "bn_train: expects a 4-D t with elements in every channel and weight, bias of its channel count");
+  return bn_train_impl(t, weight, bias, eps, false);
+}
+
+// (dt, dweight, dbias) of relu(batch_norm(t)) (or of batch_norm(t)) for the output gradient dy (dense
+// like t, or a channel slice of a wider gradient in t's memory format, read in place by the kernels).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_grads(const at::Tensor& dy, const at::Tensor& t,
+                                                              const at::Tensor& weight, const at::Tensor& bias,
+                                                              const at::Tensor& mean, const at::Tensor& var, double eps,
+                                                              bool relu) {
   if (t.is_cpu()) {  // one call: NCHW channel by channel, each channel's data read twice from cache
-    auto [dt, dweight, dbias] = prim_bn_relu_train_backward(dy, t, weight.detach(), bias.detach(), mean, var, eps);
+    auto [dt, dweight, dbias] = prim_bn_train_backward(dy, t, weight.detach(), bias.detach(), mean, var, eps, relu);
     return {dt, dweight.to(weight.scalar_type()), dbias.to(bias.scalar_type())};
   }
   const BnFold f = bn_fold(weight, bias, mean, var, eps);
+  const at::Tensor mask_a = relu ? f.scale : at::zeros_like(f.scale), mask_b = relu ? f.shift : at::ones_like(f.scale);
   // Pass 1: sum(g), sum(g * (t - mean)) with g the ReLU-masked dy; pass 2: dt = p g + q t + r.
-  auto [sum_g, sum_gc] = prim_affine_relu_backward_sums(dy, t, f.scale, f.shift, mean.contiguous());
+  auto [sum_g, sum_gc] = prim_affine_relu_backward_sums(dy, t, mask_a, mask_b, mean.contiguous());
   const double m = static_cast<double>(t.size(0) * t.size(2) * t.size(3));
   at::Tensor dweight = sum_gc * f.invstd;
   at::Tensor q = (-f.scale * f.invstd * dweight / m).contiguous();
   at::Tensor r = (-q * mean - f.scale * sum_g / m).contiguous();
-  at::Tensor dt = prim_affine_relu_backward_apply(dy, t, f.scale, f.shift, f.scale, q, r);
+  at::Tensor dt = prim_affine_relu_backward_apply(dy, t, mask_a, mask_b, f.scale, q, r);
   return {dt, dweight.to(weight.scalar_type()), sum_g.to(bias.scalar_type())};
 }
 
-struct BnReluTrainFn : public torch::autograd::Function<BnReluTrainFn> {
+template <bool kRelu>
+struct BnTrainFn : public torch::autograd::Function<BnTrainFn<kRelu>> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& t, const at::Tensor& weight,
                                const at::Tensor& bias, double eps) {
-    auto [y, mean, var] = bn_relu_train_impl(t, weight, bias, eps);
+    auto [y, mean, var] = kRelu ? bn_relu_train_impl(t, weight, bias, eps) : bn_only_train_impl(t, weight, bias, eps);
     ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({mean, var});
     ctx->save_for_backward({t, weight, bias, mean, var});
@@ -557,16 +590,16 @@ struct BnReluTrainFn : public torch::autograd::Function<BnReluTrainFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &weight = saved[1], &bias = saved[2], &mean = saved[3], &var = saved[4];
-    if (auto g = double_vjp("bn_relu_train", grads[0], {saved[0], weight, bias}, {ctx->saved_data["eps"].toDouble()},
-                            {3}))
+    const double eps = ctx->saved_data["eps"].toDouble();
+    if (auto g = double_vjp(kRelu ? "bn_relu_train" : "bn_train", grads[0], {saved[0], weight, bias}, {eps}, {3}))
       return *g;
     const at::Tensor t = saved[0].contiguous(format_like(saved[0]));
     at::Tensor dy = grads[0];
     if (!dy.defined()) dy = at::zeros_like(t);
     dy = dy.to(t.dtype()).contiguous(format_like(t));
-    auto [dt, dweight, dbias] = bn_relu_grads(dy, t, weight, bias, mean, var, ctx->saved_data["eps"].toDouble());
+    auto [dt, dweight, dbias] = bn_train_grads(dy, t, weight, bias, mean, var, eps, kRelu);
     return guard_double_backward({dt, dweight, dbias, at::Tensor()}, {grads[0], saved[0], weight, bias},
-                                 "scnet_fused.bn_relu_train_backward");
+                                 kRelu ? "scnet_fused.bn_relu_train_backward" : "scnet_fused.bn_train_backward");
   }
 };
 
@@ -656,7 +689,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
     at::Tensor half = k == 0 ? out.narrow(1, 0, ca) : out.narrow(1, ca, tb.size(1));
     at::Tensor mean, var;
     if (t.is_cpu()) {  // written in place, in one call
-      std::tie(mean, var) = prim_bn_relu_train_out(t, ws[k]->detach(), bs[k]->detach(), eps[k], half);
+      std::tie(mean, var) = prim_bn_train_out(t, ws[k]->detach(), bs[k]->detach(), eps[k], half, true);
     } else {
       std::tie(mean, var) = prim_channel_stats(t);
       const BnFold f = bn_fold(*ws[k], *bs[k], mean, var, eps[k]);
@@ -692,10 +725,10 @@ struct BnReluCatTrainFn : public torch::autograd::Function<BnReluCatTrainFn> {
     if (!dout.defined()) dout = at::zeros({ta.size(0), ca + cb, ta.size(2), ta.size(3)}, ta.options());
     dout = dout.to(ta.dtype()).contiguous(fmt);
     // each half of dout is read in place by the kernels (a channel slice in ta's memory format)
-    auto [dta, dwa, dba] = bn_relu_grads(dout.narrow(1, 0, ca), ta, saved[1], saved[2], saved[3], saved[4],
-                                         ctx->saved_data["eps_a"].toDouble());
-    auto [dtb, dwb, dbb] = bn_relu_grads(dout.narrow(1, ca, cb), tb, saved[6], saved[7], saved[8], saved[9],
-                                         ctx->saved_data["eps_b"].toDouble());
+    auto [dta, dwa, dba] = bn_train_grads(dout.narrow(1, 0, ca), ta, saved[1], saved[2], saved[3], saved[4],
+                                          ctx->saved_data["eps_a"].toDouble(), true);
+    auto [dtb, dwb, dbb] = bn_train_grads(dout.narrow(1, ca, cb), tb, saved[6], saved[7], saved[8], saved[9],
+                                          ctx->saved_data["eps_b"].toDouble(), true);
     return guard_double_backward(
         {dta, dwa, dba, at::Tensor(), dtb, dwb, dbb, at::Tensor()},
         {grads[0], saved[0], saved[1], saved[2], saved[5], saved[6], saved[7]}, "scnet_fused.bn_relu_cat_train_backward");
@@ -838,7 +871,7 @@ at::Tensor relu_cat_autograd(const at::Tensor& a, const at::Tensor& b) { return 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_autograd(const at::Tensor& t, const at::Tensor& weight,
                                                                       const at::Tensor& bias, double eps) {
-  auto out = BnReluTrainFn::apply(t, weight, bias, eps);
+  auto out = BnTrainFn<true>::apply(t, weight, bias, eps);
   return {out[0], out[1], out[2]};
 }
 
@@ -855,6 +888,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
     const at::Tensor& wb, const at::Tensor& bb, double eps_b) {
   auto out = BnReluCatTrainFn::apply(ta, wa, ba, eps_a, tb, wb, bb, eps_b);
   return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_autograd(const at::Tensor& t, const at::Tensor& weight,
+                                                                 const at::Tensor& bias, double eps) {
+  auto out = BnTrainFn<false>::apply(t, weight, bias, eps);
+  return {out[0], out[1], out[2]};
 }
 
 at::Tensor sc_avgpool_plain(const at::Tensor& x, int64_t r) { return prim_avgpool(x.contiguous(format_like(x)), r); }
@@ -878,6 +917,7 @@ TORCH_LIBRARY_FRAGMENT(scnet_fused, m) {
   m.def("_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
         "float factor, float unbias) -> ()");
   m.def("_bn_relu_train_ag(Tensor t, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("_bn_train_ag(Tensor t, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("_bn_add_relu_train_ag(Tensor t, Tensor weight, Tensor bias, Tensor residual, float eps) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("_bn_relu_cat_train_ag(Tensor ta, Tensor wa, Tensor ba, float eps_a, Tensor tb, Tensor wb, Tensor bb, "
@@ -891,6 +931,7 @@ TORCH_LIBRARY_IMPL(scnet_fused, Autograd, m) {
   m.impl("_sc_avgpool_ag", &scnet_fused::sc_avgpool_autograd);
   m.impl("_relu_cat_ag", &scnet_fused::relu_cat_autograd);
   m.impl("_bn_relu_train_ag", &scnet_fused::bn_relu_train_autograd);
+  m.impl("_bn_train_ag", &scnet_fused::bn_train_autograd);
   m.impl("_bn_add_relu_train_ag", &scnet_fused::bn_add_relu_train_autograd);
   m.impl("_bn_relu_cat_train_ag", &scnet_fused::bn_relu_cat_train_autograd);
 }
@@ -902,6 +943,7 @@ TORCH_LIBRARY_IMPL(scnet_fused, CompositeExplicitAutograd, m) {
   m.impl("_sc_avgpool_ag", &scnet_fused::sc_avgpool_plain);
   m.impl("_relu_cat_ag", &scnet_fused::relu_cat_impl);
   m.impl("_bn_relu_train_ag", &scnet_fused::bn_relu_train_impl);
+  m.impl("_bn_train_ag", &scnet_fused::bn_only_train_impl);
   m.impl("_bn_add_relu_train_ag", &scnet_fused::bn_add_relu_train_impl);
   m.impl("_bn_relu_cat_train_ag", &scnet_fused::bn_relu_cat_train_impl);
 }

@@ -66,6 +66,9 @@ TORCH_LIBRARY(scnet_fused, m) {
   m.def("_gate_bn_train_forward(Tensor x, Tensor small, Tensor k3, Tensor weight, Tensor bias, float eps, "
         "Tensor? small_scale=None, Tensor? small_shift=None) -> (Tensor, Tensor, Tensor)");
   m.def("_bn_relu_train_out(Tensor t, Tensor weight, Tensor bias, float eps, Tensor(a!) out) -> (Tensor, Tensor)");
+  m.def("_bn_train_out(Tensor t, Tensor weight, Tensor bias, float eps, Tensor(a!) out) -> (Tensor, Tensor)");
+  m.def("_bn_train_backward(Tensor dy, Tensor t, Tensor weight, Tensor bias, Tensor mean, Tensor var, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("_bn_add_relu_train_forward(Tensor t, Tensor residual, Tensor weight, Tensor bias, float eps) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("_bn_add_relu_train_backward(Tensor dy, Tensor y, Tensor t, Tensor weight, Tensor bias, Tensor mean, "

@@ -532,6 +532,21 @@ def test_bench_double_backward_script(tmp_path):
     assert "| SCConv train step | fused, penalty | 2x256x7x7 |" in (tmp_path / "double_backward.md").read_text()
 
 
+def test_bench_k4_norm_script(tmp_path):
+    """benchmarks/bench_k4_norm.py: k4's BatchNorm alone and the SCConv step with either BatchNorm."""
+    from scnet_fused.ops import _cpp
+
+    if not _cpp.has_autograd_ops():
+        pytest.skip("no compiled C++ autograd ops")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_k4_norm.py"), "--batch-size", "2",
+                        "--rounds", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "k4_norm.json").read_text())["rows"]
+    assert len(rows) == 7 * 5 and all(row["median_ms"] > 0 for row in rows)
+    assert "| SCConv train step | fused, k4 BatchNorm as the package's kernels | 2x256x7x7 |" in \
+        (tmp_path / "k4_norm.md").read_text()
+
+
 def test_bench_winograd_parts_script(tmp_path, capsys):
     """benchmarks/bench_winograd_parts.py: the products, the convolutions, the weight gradients and the
     filter transforms, each implementation against the other."""

@@ -528,6 +528,42 @@ def test_bn_relu_train_out_matches_stats_then_apply(shape, cl, dtype):
     torch.testing.assert_close(y.double(), want64, **tol64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,cl", WHOLE_BACKWARD, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else ("nhwc" if v else "nchw"))
+def test_bn_train_without_relu(shape, cl, dtype):
+    """The one-call BatchNorm forward and backward without the ReLU (a standalone SCConv's k4 norm):
+    where the ReLU would pass everything (a bias that keeps every z above 0) the bits of the BatchNorm +
+    ReLU kernels, and otherwise float64 BatchNorm's values (outputs below zero kept, every gradient
+    passed)."""
+    P = prims()
+    dy, t, w, b, mean, var = _bn_backward_inputs(shape, dtype, cl, seed=shape[1] + 2)
+    fmt = torch.channels_last if cl and shape[2] * shape[3] > 1 else torch.contiguous_format
+    y = torch.full(shape, float("nan"), dtype=dtype).contiguous(memory_format=fmt)
+    stats = P.bn_train_out(t, w, b, 1e-3, y)
+    grads = P.bn_train_backward(dy, t, w, b, mean, var, 1e-3)
+    assert grads[0].dtype == dtype and grads[0].is_contiguous(memory_format=fmt)
+    tt, w64, b64 = (v.double().requires_grad_() for v in (t, w, b))
+    y64 = F.batch_norm(tt, None, None, w64, b64, True, 0.1, 1e-3)
+    g64 = torch.autograd.grad(y64, (tt, w64, b64), dy.double())
+    tol64 = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    assert (y64 < 0).any()
+    torch.testing.assert_close(y.double(), y64, **tol64)
+    for a, e in zip(grads, g64):
+        torch.testing.assert_close(a.double(), e, **tol64)
+    up = b + 100.0  # relu(z) = z everywhere: the ReLU kernels' bits
+    y_relu = torch.empty_like(y)
+    y_plain = torch.empty_like(y)
+    for a, e in zip(P.bn_train_out(t, w, up, 1e-3, y_plain), P.bn_relu_train_out(t, w, up, 1e-3, y_relu)):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    torch.testing.assert_close(y_plain, y_relu, rtol=0, atol=0)
+    for a, e in zip(P.bn_train_backward(dy, t, w, up, mean, var, 1e-3),
+                    P.bn_relu_train_backward(dy, t, w, up, mean, var, 1e-3)):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    for a, e in zip(stats, P.channel_stats(t)):  # the statistics: `_channel_stats`' bits
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cl", [False, True])
 def test_bn_relu_train_out_writes_its_slice_and_ignores_threads(cl):
     P = prims()

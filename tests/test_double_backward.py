@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import scnet_fused
@@ -56,6 +57,9 @@ OPS = {
     "bn_relu_cat_train": (lambda x, s, k, w, b, w2, b2: bn_relu_cat_train(k, w, b, x, w2, b2)[0],
                           lambda x, s, k, w, b, w2, b2: _plain.bn_relu_cat_train(k, w, b, x, w2, b2, 1e-5, 1e-5)[0]),
     "relu_cat": (lambda x, s, k, *_: relu_cat(k, x), lambda x, s, k, *_: _plain.relu_cat(k, x)),
+    # the modules' BatchNorm without activation (C++ only: SCConv's k4 norm on float32 CPU tensors)
+    "bn_train": (lambda x, s, k, w, b, *_: torch.ops.scnet_fused._bn_train_ag(k, w, b, 1e-5)[0],
+                 lambda x, s, k, w, b, *_: F.batch_norm(k, None, None, w, b, True, 0.0, 1e-5)),
     "sc_avgpool": (lambda x, *_: sc_avgpool(x, 3), lambda x, *_: _plain.sc_avgpool(x, 3)),
 }
 
@@ -90,10 +94,12 @@ def _close(got, want, rtol, what):
 def test_op_second_derivatives_match_standard_ops(monkeypatch, path, name):
     """float32 through the fused op against the standard-operator form in float64."""
     _path(monkeypatch, path)
+    if name == "bn_train" and not _cpp.has_autograd_ops():
+        pytest.skip("no compiled C++ autograd ops")
     fused, plain = OPS[name]
     ins32 = _inputs(torch.float32)
     if path == "cpp" and name not in ("sc_avgpool",):
-        assert _dispatch.cpp_autograd(ins32[0]) or name == "relu_cat"
+        assert _dispatch.cpp_autograd(ins32[0]) or name in ("relu_cat", "bn_train")
     ins64 = [t.detach().double().requires_grad_() for t in ins32]
     first, second = _second(fused, ins32)
     first64, second64 = _second(plain, ins64)

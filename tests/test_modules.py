@@ -675,7 +675,8 @@ def test_k2_on_a_one_pixel_pooled_map_runs_its_centre_taps(size, channels_last, 
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
     fused.train()
     fused.zero_grad()
-    fused(x.clone().requires_grad_()).sum().backward()
+    # (not .sum(): the sum of a training-mode BatchNorm's output does not depend on its input)
+    fused(x.clone().requires_grad_()).square().sum().backward()
     g = fused.k2[1].weight.grad
     assert g[:, :, 1, 1].abs().sum() > 0 and torch.count_nonzero(g) == g[:, :, 1, 1].numel()
 
@@ -777,3 +778,31 @@ def test_bottleneck_under_activation_checkpointing(reentrant):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * max(1.0, a.abs().max().item()))
     for a, b in zip(ba, bb):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("norm", ["default", "momentum_none", "no_affine", "no_running_stats"])
+def test_scconv_k4_batchnorm_from_the_primitives(norm, channels_last):
+    """A standalone SCConv's k4 BatchNorm in training, on a float32 CPU tensor: the C++ op _bn_train_ag
+    (statistics pass, affine, the two backward passes) instead of ATen's BatchNorm, with the reference's
+    outputs, gradients and running statistics over two steps, for each BatchNorm configuration."""
+    import functools
+
+    from scnet_fused.ops import _cpp
+
+    if not _cpp.has_autograd_ops():
+        pytest.skip("no compiled C++ autograd ops")
+    kw = {"default": {}, "momentum_none": {"momentum": None}, "no_affine": {"affine": False},
+          "no_running_stats": {"track_running_stats": False}}[norm]
+    ref, fused = _pair(R.SCConv, 8, 8, 1, 1, 1, 1, 4, functools.partial(nn.BatchNorm2d, **kw))
+    randomize_norms(ref)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 8, 13, 11)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.profiler.profile() as prof:
+        _step_and_compare(ref.train(), fused.train(), x, steps=2)
+    assert "scnet_fused::_bn_train_ag" in {e.name for e in prof.events()}
+    with torch.no_grad():
+        out = fused(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last

@@ -13,6 +13,7 @@
 //          NCHW channel by channel, each channel's planes read again while they are in cache
 //   train: the batch statistics, the BatchNorm folded to scale and shift, y (`_bn_relu_train_out`):
 //          NCHW channel by channel too
+//   without the ReLU (`_bn_train_out`, `_bn_train_backward`: a BatchNorm alone): y = z, g = dy
 //   with a residual (`_bn_add_relu_train_forward` / `_backward`): y = relu(z + res); the backward's
 //          mask comes from y (g = dy where !(y <= 0): torch's ReLU backward from its output), g is
 //          also the residual's gradient (written out), and dt = p * g + q * t + r unmasked
@@ -94,20 +95,20 @@ inline void apply_plane(const T* tp, const T* dp, T* op, int64_t HW, float a, fl
   }
 }
 
-// y = relu(a * t + b) over a plane; with kAdd, y = relu(a * t + b + res).
-template <typename T, bool kAdd = false>
+// y = relu(a * t + b) over a plane; with kAdd, y = relu(a * t + b + res); without kRelu no ReLU.
+template <typename T, bool kAdd = false, bool kRelu = true>
 inline void relu_plane(const T* tp, const T* rp, T* op, int64_t HW, float a, float b) {
   const Vec av(a), bv(b);
   int64_t e = 0;
   for (; e + kV <= HW; e += kV) {
     Vec z = at::vec::fmadd(load_f(tp + e), av, bv);
     if constexpr (kAdd) z = z + load_f(rp + e);
-    store_f(op + e, relu_v(z));
+    store_f(op + e, kRelu ? relu_v(z) : z);
   }
   for (; e < HW; ++e) {
     float z = static_cast<float>(tp[e]) * a + b;
     if constexpr (kAdd) z += static_cast<float>(rp[e]);
-    op[e] = static_cast<T>(relu_s(z));
+    op[e] = static_cast<T>(kRelu ? relu_s(z) : z);
   }
 }
 
@@ -158,9 +159,9 @@ inline void plane_sums(const T* tp, const T* dp, int64_t HW, float a, float b, f
 // Elementwise: y = relu(affine(t))  (kApply false; with kAdd, relu(affine(t) + dy), dy then the
 // residual, dense in t's layout) or dt = p * g + q * t + r  (kApply true), with g the ReLU-masked dy
 // (kMask) or dy itself (then A, B are unused and out may be dy: each element is read before it is
-// written). A, B: scale, shift; P, Q, R: p, q, r (apply only).
+// written). A, B: scale, shift; P, Q, R: p, q, r (apply only). Without kRelu, y = affine(t).
 // ---------------------------------------------------------------------------------------------
-template <typename T, bool kApply, bool kMask = true, bool kAdd = false>
+template <typename T, bool kApply, bool kMask = true, bool kAdd = false, bool kRelu = true>
 void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, const float* P, const float* Q,
                const float* R, const Shape& s, Layout L) {
   if (L == Layout::NCHW) {
@@ -173,7 +174,7 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
         if constexpr (kApply) {
           apply_plane<T, kMask>(tp, dy + (n * s.dyP + c) * HW, op, HW, A[c], B[c], P[c], Q[c], R[c]);
         } else {
-          relu_plane<T, kAdd>(tp, kAdd ? dy + plane * HW : nullptr, op, HW, A[c], B[c]);
+          relu_plane<T, kAdd, kRelu>(tp, kAdd ? dy + plane * HW : nullptr, op, HW, A[c], B[c]);
         }
       }
     });
@@ -204,12 +205,12 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
         for (; c + kV <= C; c += kV) {
           Vec z = at::vec::fmadd(load_f(tp + c), Vec::loadu(A + c), Vec::loadu(B + c));
           if constexpr (kAdd) z = z + load_f(rp + c);
-          store_f(op + c, relu_v(z));
+          store_f(op + c, kRelu ? relu_v(z) : z);
         }
         for (; c < C; ++c) {
           float z = static_cast<float>(tp[c]) * A[c] + B[c];
           if constexpr (kAdd) z += static_cast<float>(rp[c]);
-          op[c] = static_cast<T>(relu_s(z));
+          op[c] = static_cast<T>(kRelu ? relu_s(z) : z);
         }
       }
     }
@@ -320,7 +321,7 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
 template <typename T, bool kOut = false>
 void backward_by_channel(const T* t, const T* dy, T* dt, const float* A, const float* B, const float* K,
                          const float* IS, const Shape& s, float* sum_g, float* sum_gc, const T* y = nullptr,
-                         T* g = nullptr) {
+                         T* g = nullptr, const float* P = nullptr) {
   const int64_t C = s.C, HW = s.HW, N = s.N;
   const float m = static_cast<float>(static_cast<double>(N * HW));
   at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
@@ -340,13 +341,14 @@ void backward_by_channel(const T* t, const T* dy, T* dt, const float* A, const f
       sum_g[c] = static_cast<float>(a1);
       sum_gc[c] = static_cast<float>(a2);
       float q, r;
-      bn_input_affine(sum_g[c], sum_gc[c], A[c], IS[c], K[c], m, &q, &r);
+      const float pc = P ? P[c] : A[c];  // the BatchNorm's scale (A[c] unless A, B only mask)
+      bn_input_affine(sum_g[c], sum_gc[c], pc, IS[c], K[c], m, &q, &r);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t off = (n * C + c) * HW;
         if constexpr (kOut) {
-          apply_plane<T, false>(t + off, g + off, dt + off, HW, 0.0f, 0.0f, A[c], q, r);
+          apply_plane<T, false>(t + off, g + off, dt + off, HW, 0.0f, 0.0f, pc, q, r);
         } else {
-          apply_plane<T, true>(t + off, dy + (n * s.dyP + c) * HW, dt + off, HW, A[c], B[c], A[c], q, r);
+          apply_plane<T, true>(t + off, dy + (n * s.dyP + c) * HW, dt + off, HW, A[c], B[c], pc, q, r);
         }
       }
     }
@@ -366,7 +368,7 @@ bool by_channel(const Shape& s, int64_t bytes_per_value) {
 // The forward, NCHW, channel by channel: the channel's statistics (`cpu_stats::channel_moments`, the
 // same bits as `_channel_stats`), the fold, and y while the planes are in cache. W, Bi: weight, bias.
 // With kAdd, y = relu(z + res), res dense NCHW.
-template <typename T, bool kAdd = false>
+template <typename T, bool kAdd = false, bool kRelu = true>
 void forward_by_channel(const T* t, const T* res, T* out, const float* W, const float* Bi, float eps, const Shape& s,
                         float* mean, float* var) {
   const int64_t C = s.C, HW = s.HW, N = s.N;
@@ -376,20 +378,20 @@ void forward_by_channel(const T* t, const T* res, T* out, const float* W, const 
       float a, b;
       bn_fold_one(W[c], Bi[c], mean[c], var[c], eps, &a, &b);
       for (int64_t n = 0; n < N; ++n)
-        relu_plane<T, kAdd>(t + (n * C + c) * HW, kAdd ? res + (n * C + c) * HW : nullptr,
+        relu_plane<T, kAdd, kRelu>(t + (n * C + c) * HW, kAdd ? res + (n * C + c) * HW : nullptr,
                             out + (n * s.outP + c) * HW, HW, a, b);
     }
   });
 }
 
 // The training forward: the batch statistics (`_channel_stats`' bits), the fold, y = relu(z) (with
-// kAdd, relu(z + res)); NCHW channel by channel where a channel fits in cache.
-template <typename T, bool kAdd = false>
+// kAdd, relu(z + res); without kRelu, z); NCHW channel by channel where a channel fits in cache.
+template <typename T, bool kAdd = false, bool kRelu = true>
 void train_forward(const T* t, const T* res, T* out, const float* W, const float* Bi, float eps, const Shape& s,
                    Layout L, float* mean, float* var) {
   const int64_t N = s.N, C = s.C, HW = s.HW;
   if (L == Layout::NCHW && by_channel(s, sizeof(T))) {
-    forward_by_channel<T, kAdd>(t, res, out, W, Bi, eps, s, mean, var);
+    forward_by_channel<T, kAdd, kRelu>(t, res, out, W, Bi, eps, s, mean, var);
     return;
   }
   if (L == Layout::NCHW) {
@@ -399,7 +401,7 @@ void train_forward(const T* t, const T* res, T* out, const float* W, const float
   }
   std::vector<float> A(C), B(C);
   for (int64_t c = 0; c < C; ++c) bn_fold_one(W[c], Bi[c], mean[c], var[c], eps, &A[c], &B[c]);
-  pointwise<T, false, true, kAdd>(t, res, out, A.data(), B.data(), nullptr, nullptr, nullptr, s, L);
+  pointwise<T, false, true, kAdd, kRelu>(t, res, out, A.data(), B.data(), nullptr, nullptr, nullptr, s, L);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -506,7 +508,7 @@ at::Tensor affine_add_relu(const at::Tensor& t_in, const at::Tensor& res_in, con
 // and `train_forward` writing y into out (channel pitch outP); res: the residual (dense in L) or undefined.
 std::tuple<at::Tensor, at::Tensor> train_forward_into(const char* op, const at::Tensor& t, const at::Tensor& res,
                                                       const at::Tensor& out, int64_t outP, const at::Tensor& weight,
-                                                      const at::Tensor& bias, double eps, Layout L) {
+                                                      const at::Tensor& bias, double eps, Layout L, bool relu = true) {
   const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
   const auto W = vec_of(op, "weight", weight, C), Bi = vec_of(op, "bias", bias, C);
   at::Tensor mean = new_output({C}, t.options().dtype(at::kFloat));
@@ -521,21 +523,34 @@ std::tuple<at::Tensor, at::Tensor> train_forward_into(const char* op, const at::
     if (res.defined()) {
       train_forward<T, true>(t.data_ptr<T>(), res.data_ptr<T>(), out.data_ptr<T>(), W.data(), Bi.data(), epsf, s, L,
                              mp, vp);
-    } else {
+    } else if (relu) {
       train_forward<T>(t.data_ptr<T>(), nullptr, out.data_ptr<T>(), W.data(), Bi.data(), epsf, s, L, mp, vp);
+    } else {
+      train_forward<T, false, false>(t.data_ptr<T>(), nullptr, out.data_ptr<T>(), W.data(), Bi.data(), epsf, s, L,
+                                     mp, vp);
     }
   });
   return {mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_relu_train_out(const at::Tensor& t_in, const at::Tensor& weight,
-                                                     const at::Tensor& bias, double eps, const at::Tensor& out) {
-  const char* op = "scnet_fused::_bn_relu_train_out (cpu)";
+std::tuple<at::Tensor, at::Tensor> train_out(const char* op, const at::Tensor& t_in, const at::Tensor& weight,
+                                             const at::Tensor& bias, double eps, const at::Tensor& out, bool relu) {
   check_full(op, t_in);
   const Layout L = layout_for_out(t_in, out);
   const at::Tensor t = in_layout(t_in, L);
   TORCH_CHECK(t.size(0) * t.size(2) * t.size(3) > 0, op, ": t has no elements per channel, shape ", t.sizes());
-  return train_forward_into(op, t, at::Tensor(), out, out_pitch(op, out, t, L), weight, bias, eps, L);
+  return train_forward_into(op, t, at::Tensor(), out, out_pitch(op, out, t, L), weight, bias, eps, L, relu);
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_train_out(const at::Tensor& t, const at::Tensor& weight,
+                                                     const at::Tensor& bias, double eps, const at::Tensor& out) {
+  return train_out("scnet_fused::_bn_relu_train_out (cpu)", t, weight, bias, eps, out, true);
+}
+
+// batch_norm(t) with batch statistics (no activation) written into `out`, as `_bn_relu_train_out`.
+std::tuple<at::Tensor, at::Tensor> bn_train_out(const at::Tensor& t, const at::Tensor& weight,
+                                                const at::Tensor& bias, double eps, const at::Tensor& out) {
+  return train_out("scnet_fused::_bn_train_out (cpu)", t, weight, bias, eps, out, false);
 }
 
 std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& dy_in, const at::Tensor& t_in,
@@ -596,21 +611,25 @@ BackwardFold backward_fold(const char* op, const at::Tensor& weight, const at::T
   return f;
 }
 
-// (dt, dweight, dbias) of relu(batch_norm(t)) with the batch statistics (mean, biased var; float32
-// dweight and dbias): BatchNorm folded to scale and shift (bn_fold), the sums, dweight = sum_gc * invstd,
-// dbias = sum_g, then dt = scale * g + q * t + r with q, r from the sums. One call for what
-// `affine_relu_backward_sums` and `_apply` do with the per-channel algebra in ATen in between.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward(const at::Tensor& dy_in, const at::Tensor& t_in,
-                                                                      const at::Tensor& weight, const at::Tensor& bias,
-                                                                      const at::Tensor& mean, const at::Tensor& var,
-                                                                      double eps) {
-  const char* op = "scnet_fused::_bn_relu_train_backward (cpu)";
+// (dt, dweight, dbias) of relu(batch_norm(t)) (relu) or batch_norm(t) with the batch statistics (mean,
+// biased var; float32 dweight and dbias): BatchNorm folded to scale and shift (bn_fold), the sums,
+// dweight = sum_gc * invstd, dbias = sum_g, then dt = scale * g + q * t + r with q, r from the sums. One
+// call for what `affine_relu_backward_sums` and `_apply` do with the per-channel algebra in ATen in
+// between. Without the ReLU the mask is one that never applies (0 * t + 1 is never <= 0, NaN neither).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_backward(const char* op, const at::Tensor& dy_in,
+                                                              const at::Tensor& t_in, const at::Tensor& weight,
+                                                              const at::Tensor& bias, const at::Tensor& mean,
+                                                              const at::Tensor& var, double eps, bool relu) {
   const BackwardInputs in = backward_inputs(op, dy_in, t_in);
   const Layout L = in.L;
   const at::Tensor &t = in.t, &dy = in.dy;
   const int64_t C = t.size(1);
   const BackwardFold f = backward_fold(op, weight, bias, mean, var, eps, C);
   const std::vector<float>&A = f.A, &B = f.B, &K = f.K, &IS = f.IS;
+  std::vector<float> off, on;
+  if (!relu) off.assign(C, 0.0f), on.assign(C, 1.0f);
+  const float* MA = relu ? A.data() : off.data();  // the mask: relu(MA * t + MB)
+  const float* MB = relu ? B.data() : on.data();
   at::Tensor dweight = at::zeros({C}, t.options().dtype(at::kFloat));
   at::Tensor dbias = at::zeros({C}, t.options().dtype(at::kFloat));
   at::Tensor dt = new_output(t.sizes(), t.options(), format_of(L));
@@ -621,20 +640,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward(const at::
   dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     if (L == Layout::NCHW && by_channel(s, 2 * sizeof(T))) {
-      backward_by_channel<T>(t.data_ptr<T>(), dy.data_ptr<T>(), dt.data_ptr<T>(), A.data(), B.data(), K.data(),
-                             IS.data(), s, sg, sgc.data());
+      backward_by_channel<T>(t.data_ptr<T>(), dy.data_ptr<T>(), dt.data_ptr<T>(), MA, MB, K.data(), IS.data(), s, sg,
+                             sgc.data(), nullptr, nullptr, A.data());
       return;
     }
-    sums<T>(t.data_ptr<T>(), dy.data_ptr<T>(), A.data(), B.data(), K.data(), s, L, sg, sgc.data());
+    sums<T>(t.data_ptr<T>(), dy.data_ptr<T>(), MA, MB, K.data(), s, L, sg, sgc.data());
     const float m = static_cast<float>(static_cast<double>(s.N * s.HW));
     std::vector<float> Q(C), R(C);
     for (int64_t c = 0; c < C; ++c) bn_input_affine(sg[c], sgc[c], A[c], IS[c], K[c], m, &Q[c], &R[c]);
-    pointwise<T, true>(t.data_ptr<T>(), dy.data_ptr<T>(), dt.data_ptr<T>(), A.data(), B.data(), A.data(), Q.data(),
-                       R.data(), s, L);
+    pointwise<T, true>(t.data_ptr<T>(), dy.data_ptr<T>(), dt.data_ptr<T>(), MA, MB, A.data(), Q.data(), R.data(), s,
+                       L);
   });
   float* dw = dweight.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) dw[c] = sgc[c] * IS[c];
   return {dt, dweight, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_backward(const at::Tensor& dy, const at::Tensor& t,
+                                                                      const at::Tensor& weight, const at::Tensor& bias,
+                                                                      const at::Tensor& mean, const at::Tensor& var,
+                                                                      double eps) {
+  return train_backward("scnet_fused::_bn_relu_train_backward (cpu)", dy, t, weight, bias, mean, var, eps, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_backward(const at::Tensor& dy, const at::Tensor& t,
+                                                                 const at::Tensor& weight, const at::Tensor& bias,
+                                                                 const at::Tensor& mean, const at::Tensor& var,
+                                                                 double eps) {
+  return train_backward("scnet_fused::_bn_train_backward (cpu)", dy, t, weight, bias, mean, var, eps, false);
 }
 
 // d += q * t + r per channel, in place: d dense in t's memory format, of t's shape, dtype and device.
@@ -736,6 +769,8 @@ TORCH_LIBRARY_IMPL(scnet_fused, CPU, m) {
   m.impl("_add_channel_affine_", &scnet_fused::cpu_bn_relu::add_channel_affine_);
   m.impl("_bn_relu_train_backward", &scnet_fused::cpu_bn_relu::bn_relu_train_backward);
   m.impl("_bn_relu_train_out", &scnet_fused::cpu_bn_relu::bn_relu_train_out);
+  m.impl("_bn_train_backward", &scnet_fused::cpu_bn_relu::bn_train_backward);
+  m.impl("_bn_train_out", &scnet_fused::cpu_bn_relu::bn_train_out);
   m.impl("_bn_add_relu_train_forward", &scnet_fused::cpu_bn_relu::bn_add_relu_train_forward);
   m.impl("_bn_add_relu_train_backward", &scnet_fused::cpu_bn_relu::bn_add_relu_train_backward);
 }

@@ -97,13 +97,14 @@ def has_kernel(op: str, key: str) -> bool:
 
 
 # The cpu backend's one-call primitives (see scnet_fused.ops._dispatch).
-_CPU_ONLY_OPS = ("_add_channel_affine_", "_bn_relu_train_backward", "_bn_relu_train_out", "_gate_bn_train_forward",
+_CPU_ONLY_OPS = ("_add_channel_affine_", "_bn_relu_train_backward", "_bn_relu_train_out", "_bn_train_backward",
+                 "_bn_train_out", "_gate_bn_train_forward",
                  "_gate_bn_train_backward", "_bn_add_relu_train_forward", "_bn_add_relu_train_backward")
 # The ops of csrc/autograd.cpp, with the dispatch key each is registered for: the autograd twins of
 # the public ops (which call the backend kernels), and the ops that use no backend kernel.
 _AUTOGRAD_OPS = {op: "Autograd" for op in ("_sc_gate_ag", "_sc_gate_bn_train_ag", "_sc_gate_bn2_train_ag",
                                            "_sc_avgpool_ag", "_bn_relu_train_ag", "_bn_relu_cat_train_ag",
-                                           "_bn_add_relu_train_ag")}
+                                           "_bn_add_relu_train_ag", "_bn_train_ag")}
 _GLUE_OPS = {"_relu_cat_ag": "Autograd", "_bn_affine_fold": "CompositeImplicitAutograd",
              "_conv_bn_fold": "CompositeImplicitAutograd", "_update_running_stats_": "CompositeImplicitAutograd"}
 _registered: dict = {}
@@ -196,6 +197,12 @@ class Primitives:
 
     def bn_relu_train_out(self, t, weight, bias, eps, out):
         return self._ops._bn_relu_train_out(t, weight, bias, float(eps), out)
+
+    def bn_train_backward(self, dy, t, weight, bias, mean, var, eps):
+        return self._ops._bn_train_backward(dy, t, weight, bias, mean, var, float(eps))
+
+    def bn_train_out(self, t, weight, bias, eps, out):
+        return self._ops._bn_train_out(t, weight, bias, float(eps), out)
 
     def bn_add_relu_train_forward(self, t, residual, weight, bias, eps):
         return self._ops._bn_add_relu_train_forward(t, residual, weight, bias, float(eps))

@@ -98,6 +98,8 @@ _VJPS: Dict[str, Callable[..., List[Optional[Tensor]]]] = {
         lambda x, small, k3, w, b, sw, sb, eps, seps: _plain.sc_gate_bn2_train(x, small, k3, w, b, eps, sw, sb,
                                                                                  seps)[0]),
     # inputs: t, weight, bias; scalars: eps
+    "bn_train": _by_forward(lambda t, w, b, eps: R._like(_bn_out(t, w, b, eps), t)),
+    # inputs: t, weight, bias; scalars: eps
     "bn_relu_train": _by_forward(lambda t, w, b, eps: _plain.bn_relu_train(t, w, b, eps)[0]),
     # inputs: ta, wa, ba, tb, wb, bb; scalars: eps_a, eps_b
     "bn_relu_cat_train": _by_forward(
