@@ -15,7 +15,7 @@
 //       -> (y, mean, var, small_mean, small_var)
 //   _sc_avgpool_ag(x, r) -> y
 //   _bn_relu_train_ag(t, weight, bias, eps) -> (y, mean, var)
-//   _bn_train_ag(t, weight, bias, eps) -> (y, mean, var)   (no activation: a standalone SCConv's k4 norm)
+//   _bn_train_ag(t, weight, bias, eps) -> (y, mean, var)   (no activation, CPU: a standalone SCConv's k4 norm)
 //   _bn_add_relu_train_ag(t, weight, bias, residual, eps) -> (y, mean, var)
 //   _bn_relu_cat_train_ag(ta, wa, ba, eps_a, tb, wb, bb, eps_b) -> (out, mean_a, var_a, mean_b, var_b)
 //   _relu_cat_ag(a, b) -> out
@@ -520,10 +520,9 @@ struct GateBn2TrainFn : public torch::autograd::Function<GateBn2TrainFn> {
 };
 
 // ---------------------------------------------------------------------------------------------
-// bn_relu_train, and bn_train (relu false: the BatchNorm alone, a standalone SCConv's k4 norm). On the
-// CPU one call each way (NCHW channel by channel); elsewhere the statistics pass and the ReLU
-// primitives, without the ReLU the affine applied by ATen (one pass) and the backward's primitives with
-// their mask off (scale 0, shift 1: 0 * t + 1 is never <= 0).
+// bn_relu_train, and bn_train (relu false: the BatchNorm alone, a standalone SCConv's k4 norm; CPU
+// only, where the modules take it). On the CPU one call each way (NCHW channel by channel); elsewhere
+// (bn_relu_train) the statistics pass and the ReLU primitives.
 // ---------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_impl(const at::Tensor& t_in, const at::Tensor& weight,
                                                              const at::Tensor& bias, double eps, bool relu) {
@@ -533,12 +532,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_impl(const at::Tensor& t
     auto [mean, var] = prim_bn_train_out(t, weight.detach(), bias.detach(), eps, y, relu);
     return {y, mean, var};
   }
+  TORCH_INTERNAL_ASSERT(relu, "bn_train: the BatchNorm alone has CPU kernels only");
   auto [mean, var] = prim_channel_stats(t);
   const BnFold f = bn_fold(weight, bias, mean, var, eps);
-  if (relu) return {prim_affine_relu(t, f.scale, f.shift), mean, var};
-  at::Tensor y = host::new_output(t.sizes(), t.options(), format_like(t));
-  at::addcmul_out(y, f.shift.view({1, -1, 1, 1}), t, f.scale.view({1, -1, 1, 1}));
-  return {y, mean, var};
+  return {prim_affine_relu(t, f.scale, f.shift), mean, var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_impl(const at::Tensor& t, const at::Tensor& weight,
@@ -548,9 +545,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_train_impl(const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_only_train_impl(const at::Tensor& t, const at::Tensor& weight,
                                                                   const at::Tensor& bias, double eps) {
-  TORCH_CHECK(t.dim() == 4 && t.size(0) * t.size(2) * t.size(3) > 0 && weight.size(0) == t.size(1) &&
-                  bias.size(0) == t.size(1),
-              "bn_train: expects a 4-D t with elements in every channel and weight, bias of its channel count");
+  TORCH_CHECK(t.is_cpu(), "bn_train: CPU tensors only (t is on ", t.device(), ")");
+  TORCH_CHECK(t.dim() == 4 && t.size(0) * t.size(2) * t.size(3) > 0,
+              "bn_train: expects a 4-D t with elements in every channel, got shape ", t.sizes());
+  TORCH_CHECK(weight.dim() == 1 && bias.dim() == 1 && weight.size(0) == t.size(1) && bias.size(0) == t.size(1),
+              "bn_train: weight and bias must be 1-D of t's ", t.size(1), " channels, got ", weight.sizes(), " and ",
+              bias.sizes());
   return bn_train_impl(t, weight, bias, eps, false);
 }
 
@@ -564,15 +564,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train_grads(const at::Tensor& 
     auto [dt, dweight, dbias] = prim_bn_train_backward(dy, t, weight.detach(), bias.detach(), mean, var, eps, relu);
     return {dt, dweight.to(weight.scalar_type()), dbias.to(bias.scalar_type())};
   }
+  TORCH_INTERNAL_ASSERT(relu, "bn_train: the BatchNorm alone has CPU kernels only");
   const BnFold f = bn_fold(weight, bias, mean, var, eps);
-  const at::Tensor mask_a = relu ? f.scale : at::zeros_like(f.scale), mask_b = relu ? f.shift : at::ones_like(f.scale);
   // Pass 1: sum(g), sum(g * (t - mean)) with g the ReLU-masked dy; pass 2: dt = p g + q t + r.
-  auto [sum_g, sum_gc] = prim_affine_relu_backward_sums(dy, t, mask_a, mask_b, mean.contiguous());
+  auto [sum_g, sum_gc] = prim_affine_relu_backward_sums(dy, t, f.scale, f.shift, mean.contiguous());
   const double m = static_cast<double>(t.size(0) * t.size(2) * t.size(3));
   at::Tensor dweight = sum_gc * f.invstd;
   at::Tensor q = (-f.scale * f.invstd * dweight / m).contiguous();
   at::Tensor r = (-q * mean - f.scale * sum_g / m).contiguous();
-  at::Tensor dt = prim_affine_relu_backward_apply(dy, t, mask_a, mask_b, f.scale, q, r);
+  at::Tensor dt = prim_affine_relu_backward_apply(dy, t, f.scale, f.shift, f.scale, q, r);
   return {dt, dweight.to(weight.scalar_type()), sum_g.to(bias.scalar_type())};
 }
 

@@ -782,9 +782,9 @@ def test_bottleneck_under_activation_checkpointing(reentrant):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("norm", ["default", "momentum_none", "no_affine", "no_running_stats"])
-def test_scconv_k4_batchnorm_from_the_primitives(norm, channels_last):
+def test_scconv_k4_batchnorm_from_the_package_kernels(norm, channels_last):
     """A standalone SCConv's k4 BatchNorm in training, on a float32 CPU tensor: the C++ op _bn_train_ag
-    (statistics pass, affine, the two backward passes) instead of ATen's BatchNorm, with the reference's
+    (the one-call BatchNorm kernels without the ReLU) instead of ATen's BatchNorm, with the reference's
     outputs, gradients and running statistics over two steps, for each BatchNorm configuration."""
     import functools
 
@@ -806,3 +806,21 @@ def test_scconv_k4_batchnorm_from_the_primitives(norm, channels_last):
     with torch.no_grad():
         out = fused(x)
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_k4_batchnorm_op_bad_input_is_a_clear_error():
+    """_bn_train_ag refuses what its kernels do not take, naming it, before any kernel runs."""
+    from scnet_fused.ops import _cpp
+
+    if not _cpp.has_autograd_ops():
+        pytest.skip("no compiled C++ autograd ops")
+    op = torch.ops.scnet_fused._bn_train_ag
+    t, w, b = torch.randn(2, 3, 4, 4), torch.ones(3), torch.zeros(3)
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        op(t.to("meta"), w.to("meta"), b.to("meta"), 1e-5)
+    with pytest.raises(RuntimeError, match="4-D t with elements in every channel"):
+        op(t[0], w, b, 1e-5)
+    with pytest.raises(RuntimeError, match="weight and bias must be 1-D of t's 3 channels"):
+        op(t, torch.ones(4), b, 1e-5)
+    with pytest.raises(RuntimeError, match="4-D t with elements in every channel"):
+        op(t[:0], w, b, 1e-5)
