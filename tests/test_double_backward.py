@@ -257,3 +257,8 @@ def test_scconv_second_derivatives_under_autocast():
         err_ref = (r.double() - t).abs().max().item() / scale
         err_fused = (f.double() - t).abs().max().item() / scale
         assert err_fused <= 3 * err_ref + 1e-3, f"{n}: fused {err_fused:.2e}, reference {err_ref:.2e}"
+
+
+def test_unknown_op_is_a_clear_error():
+    with pytest.raises(ValueError, match="no standard-operator form for 'nope'"):
+        torch.ops.scnet_fused._double_vjp("nope", torch.ones(1), [torch.ones(1)], [])

@@ -23,18 +23,6 @@ from .. import reference as R
 from . import _plain
 
 
-def _bn_out(t: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """A training-mode BatchNorm of t (batch statistics), in the accumulation dtype, differentiable."""
-    _, _, scale, shift = _plain._batch_affine(t, weight, bias, eps)
-    return R._acc(t) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-
-
-def _relu_masked(dy: Tensor, out: Tensor) -> Tensor:
-    """ReLU's input gradient from its output, as torch's (zero where out <= 0, a NaN output passes dy):
-    linear in dy, constant in everything else almost everywhere."""
-    return torch.where(out <= 0, torch.zeros((), dtype=dy.dtype, device=dy.device), dy)
-
-
 def _grad(outs: Sequence[Tensor], grads: Sequence[Tensor], inputs: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
     """d<grads, outs>/d inputs with create_graph, None for inputs that are None or need no gradient."""
     wrt = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
@@ -74,9 +62,9 @@ def _bn_add_relu_vjp(dy: Tensor, inputs: Sequence[Optional[Tensor]], scalars: Se
     y = inputs[3]
     with torch.enable_grad():
         t, weight, bias = _alias(inputs[:3])
-        g = _relu_masked(dy.to(y.dtype), y)
-        dt, dweight, dbias = _grad([_bn_out(t, weight, bias, scalars[0])], [R._acc(g)], [t, weight, bias])
-    return [dt, dweight, dbias, g]
+        g = R._relu_grad(dy, y)  # dy where y is not <= 0: linear in dy, constant in the rest almost everywhere
+        dt, dweight, dbias = _grad([_plain.bn_z(t, weight, bias, scalars[0])[0]], [g], [t, weight, bias])
+    return [dt, dweight, dbias, g.to(y.dtype)]
 
 
 def _relu_cat_vjp(dy: Tensor, inputs: Sequence[Optional[Tensor]], scalars: Sequence[float]):
@@ -84,7 +72,7 @@ def _relu_cat_vjp(dy: Tensor, inputs: Sequence[Optional[Tensor]], scalars: Seque
     (out,) = inputs
     ca = int(scalars[0])
     with torch.enable_grad():
-        g = _relu_masked(dy.to(out.dtype), out)
+        g = R._relu_grad(dy, out).to(out.dtype)
         return [g[:, :ca], g[:, ca:]]
 
 
@@ -98,7 +86,7 @@ _VJPS: Dict[str, Callable[..., List[Optional[Tensor]]]] = {
         lambda x, small, k3, w, b, sw, sb, eps, seps: _plain.sc_gate_bn2_train(x, small, k3, w, b, eps, sw, sb,
                                                                                  seps)[0]),
     # inputs: t, weight, bias; scalars: eps
-    "bn_train": _by_forward(lambda t, w, b, eps: R._like(_bn_out(t, w, b, eps), t)),
+    "bn_train": _by_forward(lambda t, w, b, eps: _plain.bn_train(t, w, b, eps)[0]),
     # inputs: t, weight, bias; scalars: eps
     "bn_relu_train": _by_forward(lambda t, w, b, eps: _plain.bn_relu_train(t, w, b, eps)[0]),
     # inputs: ta, wa, ba, tb, wb, bb; scalars: eps_a, eps_b
@@ -117,6 +105,8 @@ def vjp(op: str, dy: Optional[Tensor], inputs: Sequence[Optional[Tensor]],
     saved tensors, attached to the graph), computed so that they can be differentiated again. None where
     an input is None or needs no gradient, and everywhere when dy is None (only outputs without a
     gradient were used)."""
+    if op not in _VJPS:
+        raise ValueError(f"scnet_fused._double_vjp: no standard-operator form for {op!r} (known: {sorted(_VJPS)})")
     if dy is None:
         return [None] * (2 if op == "relu_cat" else len(inputs))
     return _VJPS[op](dy, inputs, scalars)

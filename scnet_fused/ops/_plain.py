@@ -74,17 +74,27 @@ def sc_avgpool(x: Tensor, r: int) -> Tensor:
     return R.avgpool(x, r)
 
 
-def bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+def bn_z(t: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(z, mean, var)``: the training-mode BatchNorm of t (batch statistics) in the accumulation
+    dtype, differentiable in t, weight and bias, and its statistics."""
     mean, var, scale, shift = _batch_affine(t, weight, bias, eps)
-    return R._like(torch.relu(R._acc(t) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)), t), \
-        mean.detach(), var.detach()
+    return R._acc(t) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), mean, var
+
+
+def bn_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    z, mean, var = bn_z(t, weight, bias, eps)
+    return R._like(z, t), mean.detach(), var.detach()
+
+
+def bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    z, mean, var = bn_z(t, weight, bias, eps)
+    return R._like(torch.relu(z), t), mean.detach(), var.detach()
 
 
 def bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
                       eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    mean, var, scale, shift = _batch_affine(t, weight, bias, eps)
-    z = R._acc(t) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1) + R._acc(residual)
-    return R._like(torch.relu(z), t), mean.detach(), var.detach()
+    z, mean, var = bn_z(t, weight, bias, eps)
+    return R._like(torch.relu(z + R._acc(residual)), t), mean.detach(), var.detach()
 
 
 def affine_add_relu(t: Tensor, residual: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
