@@ -12,7 +12,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .convert import convert, convert_with_report
 from .modules import SCBottleneck, SCConv
 from .ops import backend, get_conv_algorithm, sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train, set_conv_algorithm
-from .ops import set_filter_cache
+from .ops import get_conv1x1, set_conv1x1, set_filter_cache
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,8 @@ __all__ = [
     "set_conv_algorithm",
     "get_conv_algorithm",
     "set_filter_cache",
+    "set_conv1x1",
+    "get_conv1x1",
     "load_checkpoint",
     "CheckpointError",
     "__version__",

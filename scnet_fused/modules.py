@@ -39,7 +39,7 @@ from .ops.bn_relu import affine_add_relu, bn_add_relu_train, bn_relu_cat_train, 
 from .ops._dispatch import cpp_autograd, cpp_glue, standard_ops_only
 from .ops.relu_cat import relu_cat
 from .ops.sc_gate import affine_fold
-from .ops import _plain, winograd
+from .ops import _plain, conv1x1, winograd
 from .ops.maxpool import max_pool2d
 
 __all__ = ["SCConv", "SCBottleneck", "MaxPool2d", "scnet_stem"]
@@ -508,12 +508,17 @@ class _ParamConv(torch.autograd.Function):
     instead of holding the stacked or cast weight, a new weight-sized tensor, until the backward (at the
     deep stages the weights outweigh the activations). Outputs and gradients are those of ``F.conv2d``
     on the stacked / cast weight; differentiable again (the backward is ATen's convolution backward on
-    the saved input and the rebuilt weight, both attached to the graph)."""
+    the saved input and the rebuilt weight, both attached to the graph). A 1x1 convolution of a
+    channels_last float32 CPU map runs as matrix products where :func:`conv1x1.gemm_applies` (forward
+    and backward; under create_graph the backward is ATen's, as above)."""
 
     @staticmethod
     def forward(ctx, xc, stride, padding, dilation, groups, *weights):
         ctx.conv = (stride, padding, dilation, groups)
+        ctx.gemm = conv1x1.gemm_applies(xc, weights, stride, padding, dilation, groups)
         ctx.save_for_backward(xc, *weights)
+        if ctx.gemm:
+            return conv1x1.forward(xc, _param_weight(weights))
         return F.conv2d(xc, _param_weight(weights, xc.dtype), None, stride, padding, dilation, groups)
 
     @staticmethod
@@ -521,9 +526,13 @@ class _ParamConv(torch.autograd.Function):
         xc, *weights = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         need_w = any(ctx.needs_input_grad[5:])
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_out, xc, _param_weight(weights, xc.dtype), None, list(stride), list(padding), list(dilation),
-            False, [0, 0], groups, [ctx.needs_input_grad[0], need_w, False])
+        if ctx.gemm and not torch.is_grad_enabled():
+            grad_x, grad_w = conv1x1.backward(grad_out, xc, _param_weight(weights), ctx.needs_input_grad[0],
+                                              need_w)
+        else:
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad_out, xc, _param_weight(weights, xc.dtype), None, list(stride), list(padding),
+                list(dilation), False, [0, 0], groups, [ctx.needs_input_grad[0], need_w, False])
         grads_w = [None] * len(weights)
         if grad_w is not None:
             grads_w = [g.to(w.dtype) for g, w in zip(grad_w.split([w.shape[0] for w in weights]), weights)]
@@ -574,7 +583,9 @@ def _conv(conv: nn.Module, x: Tensor) -> Tensor:
     convolution the Winograd rule takes (:func:`winograd.winograd_applies`) as Winograd; a plain 3x3
     convolution of a 1x1 map as the matrix product with its centre taps (:func:`_centre_taps_only`:
     8x256x1x1 with 256 filters took 2.53 ms forward + backward through oneDNN and 0.65 ms this way, AMD
-    EPYC, 2 threads; the other taps' gradient is zero either way)."""
+    EPYC, 2 threads; the other taps' gradient is zero either way); with autograd on, a plain 1x1
+    convolution of a channels_last float32 CPU map (a strided one: of its subsampled input) as matrix
+    products through :class:`_ParamConv` where :func:`conv1x1.gemm_applies`."""
     if not (torch.is_grad_enabled() and _autocast_on(x.device.type) and _plain_conv(conv)):
         if _plain_conv(conv) and _centre_taps_only(conv, x):
             N, K = x.shape[0], conv.weight.shape[0]
@@ -590,8 +601,14 @@ def _conv(conv: nn.Module, x: Tensor) -> Tensor:
         if _plain_conv(conv) and winograd.winograd_applies(x, conv.weight, conv.stride, conv.padding, conv.dilation,
                                                            conv.groups):
             return winograd.conv3x3_winograd(x, conv.weight)
-        if _strided_1x1(conv, x):
-            return F.conv2d(_subsampled(conv, x), conv.weight, None, 1, 0, 1, conv.groups)
+        strided = _strided_1x1(conv, x)
+        xs, stride = (_subsampled(conv, x), 1) if strided else (x, conv.stride)
+        if (_plain_conv(conv) and tuple(conv.kernel_size) == (1, 1)
+                and conv1x1.gemm_applies(xs, (conv.weight,), stride, conv.padding, conv.dilation, conv.groups)):
+            return _ParamConv.apply(xs, _pair(stride), _pair(conv.padding), _pair(conv.dilation), conv.groups,
+                                    conv.weight)
+        if strided:
+            return F.conv2d(xs, conv.weight, None, 1, 0, 1, conv.groups)
         return conv(x)
     return _param_conv(x, (conv.weight,), conv.stride, conv.padding, conv.dilation, conv.groups)
 
@@ -829,7 +846,7 @@ class SCBottleneck(reference.SCBottleneck):
         # (under autocast they do not, and bn3 is better folded into conv3's weights)
         if _batch_stats_bn(self.bn3) or (not torch.is_grad_enabled() and _foldable_eval_norm(self.bn3)
                                          and not _autocast_on(x.device.type)):
-            out = self.conv3(out)
+            out = _conv(self.conv3, out)
             if self.downsample is not None:
                 residual = _seq_conv_bn(self.downsample, x)
             return self._tail(out, residual)

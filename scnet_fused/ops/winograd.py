@@ -58,11 +58,16 @@ def set_conv_algorithm(name: str) -> str:
     where :func:`winograd_applies` says it pays, the default), ``"winograd"`` (wherever it can run) or
     ``"direct"`` (always ``F.conv2d``). Returns the previous choice."""
     global _algorithm
-    name = str(name).strip().lower()
-    if name not in _ALGORITHMS:
-        raise ValueError(f"set_conv_algorithm: expected one of {', '.join(_ALGORITHMS)}, got {name!r}")
-    previous, _algorithm = _algorithm, name
+    previous, _algorithm = _algorithm, _checked_choice("set_conv_algorithm", name, _ALGORITHMS)
     return previous
+
+
+def _checked_choice(what: str, value, choices) -> str:
+    """``value`` normalized (stripped, lower case); a ValueError naming ``what`` unless one of ``choices``."""
+    value = str(value).strip().lower()
+    if value not in choices:
+        raise ValueError(f"{what}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def get_conv_algorithm() -> str:
