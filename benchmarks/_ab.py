@@ -14,8 +14,8 @@ import torch
 from scnet_fused import bench
 
 
-def parse_args(doc, name, argv):
-    """The scripts' common arguments; applies --threads."""
+def parse_args(doc, name, argv, extra=None):
+    """The scripts' common arguments (``extra(parser)`` adds a script's own); applies --threads."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rounds", type=int, default=6)
@@ -23,22 +23,26 @@ def parse_args(doc, name, argv):
     p.add_argument("--no-model", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default=name)
+    if extra is not None:
+        extra(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
 
 
-def scnet50_jobs(N):
-    """A fused scnet50 (224 px inputs, batch N, SGD with momentum at 0.1 x N / 256) and two callables:
-    one training step and one eval forward; each leaves the model's train/eval mode as it found it
-    (the caller sets it). Returns (model, image batch, step, infer)."""
+def scnet50_jobs(N, channels_last=False):
+    """A fused scnet50 (224 px inputs, batch N, SGD with momentum at 0.1 x N / 256; model and images
+    channels_last if asked) and two callables: one training step and one eval forward; each leaves
+    the model's train/eval mode as it found it (the caller sets it). Returns (model, image batch, step,
+    infer)."""
     import torch.nn.functional as F
 
     from scnet_fused import models
 
-    m = models.scnet50(fused=True)
-    img = torch.randn(N, 3, 224, 224)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    m = models.scnet50(fused=True).to(memory_format=fmt)
+    img = torch.randn(N, 3, 224, 224).contiguous(memory_format=fmt)
     target = torch.randint(0, 1000, (N,))
     opt = torch.optim.SGD(m.parameters(), lr=0.1 * N / 256, momentum=0.9)
 

@@ -547,6 +547,19 @@ def test_bench_k4_norm_script(tmp_path):
         (tmp_path / "k4_norm.md").read_text()
 
 
+def test_bench_conv1x1_script(tmp_path):
+    """benchmarks/bench_conv1x1.py: SCNet-50's 1x1 convolutions through oneDNN and as matrix products."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_conv1x1.py"), "--no-model",
+                        "--batch-size", "1", "--rounds", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "conv1x1.json").read_text())["rows"]
+    assert len(rows) == 15 * 2 * 2 and all(row["median_ms"] > 0 for row in rows)
+    assert sorted({row["variant"] for row in rows}) == ["matrix products", "oneDNN"]
+    assert "| 1x1 convolution, forward + backward | matrix products | 1x1024x7x7 -> 2048 |" in \
+        (tmp_path / "conv1x1.md").read_text()
+
+
 def test_bench_winograd_parts_script(tmp_path, capsys):
     """benchmarks/bench_winograd_parts.py: the products, the convolutions, the weight gradients and the
     filter transforms, each implementation against the other."""
