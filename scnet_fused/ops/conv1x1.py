@@ -107,16 +107,13 @@ def _unrows(m: Tensor, like: Tensor) -> Tensor:
     return m.view(like.shape[0], like.shape[2], like.shape[3], m.shape[1]).permute(0, 3, 1, 2)
 
 
-def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.conv2d(x, weight, bias)`` for a 1x1 ``weight`` (K, C, 1, 1); the output channels_last."""
-    w = weight.reshape(weight.shape[0], weight.shape[1])
-    if bias is None:
-        return _unrows(torch.mm(_rows(x), w.t()), x)
-    return _unrows(torch.addmm(bias, _rows(x), w.t()), x)
+def forward(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.conv2d(x, weight)`` for a 1x1 ``weight`` (K, C, 1, 1); the output channels_last."""
+    return _unrows(torch.mm(_rows(x), weight.reshape(weight.shape[0], weight.shape[1]).t()), x)
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool, need_weight: bool):
-    """``(dx | None, dweight | None)`` of :func:`forward` (no bias): dx channels_last, dweight like
+    """``(dx | None, dweight | None)`` of :func:`forward`: dx channels_last, dweight like
     weight's shape."""
     g = _rows(grad_out.contiguous(memory_format=torch.channels_last))
     K, C = weight.shape[0], weight.shape[1]
