@@ -25,14 +25,14 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import winograd
+
 _MODES = ("auto", "gemm", "onednn")
 _ENV = "SCNET_FUSED_CONV1X1"
 
 
 def _env_mode() -> str:
-    from .winograd import _env_choice
-
-    return _env_choice(_ENV, _MODES)
+    return winograd._env_choice(_ENV, _MODES)
 
 
 _mode = _env_mode()
@@ -45,10 +45,8 @@ def set_conv1x1(mode: str) -> str:
     """How the fused modules run their 1x1 convolutions of channels_last float32 CPU maps: ``"auto"`` (as
     matrix products on Intel CPUs, the default), ``"gemm"`` (as matrix products on any CPU) or
     ``"onednn"`` (always ``F.conv2d``). Returns the previous setting."""
-    from .winograd import _checked_choice
-
     global _mode
-    previous, _mode = _mode, _checked_choice("set_conv1x1", mode, _MODES)
+    previous, _mode = _mode, winograd._checked_choice("set_conv1x1", mode, _MODES)
     return previous
 
 
@@ -59,9 +57,7 @@ def get_conv1x1() -> str:
 def _on_intel() -> bool:
     global _intel
     if _intel is None:
-        from .winograd import _cpu_vendor
-
-        _intel = _cpu_vendor() == "GenuineIntel"
+        _intel = winograd._cpu_vendor() == "GenuineIntel"
     return _intel
 
 
@@ -76,11 +72,7 @@ def gemm_applies(x: Tensor, weights: Sequence[Tensor], stride, padding, dilation
     stride, in plain eager PyTorch; and the setting (``"auto"``: an Intel CPU and at least
     :data:`MIN_CHANNELS` input and output channels)."""
     mode = _mode
-    if mode == "onednn":
-        return False
-    from . import winograd
-
-    if not winograd._plain_eager(x, weights[0]):
+    if mode == "onednn" or not winograd._plain_eager(x, weights[0]):
         return False
     if not (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0
             and x.stride(1) == 1 and groups == 1 and _pair(stride) == (1, 1) and _pair(padding) == (0, 0)
