@@ -11,10 +11,10 @@ fast at 7 px, 1.03x-1.17x at 14 px, 0.96x-1.03x at 28 px, 0.95x at 56 px with 12
 (``"auto"``): an Intel CPU, at least :data:`MIN_CHANNELS` input and output channels, eager PyTorch, a
 float32 CPU map whose channel stride is 1 (channels_last, or a strided view of such a map: the
 subsampled input of a strided 1x1 convolution), autograd on (the fused modules call it there; at
-inference the forward alone gained only at 7 and 14 px). Not taken: NCHW maps (one product per image
-for the weight gradient: the scnet50 training step did not gain in a trial), other CPUs (on AMD,
-torch.mm is MKL's slower path and oneDNN has its own products; not measured), torch.compile /
-torch.export (inductor plans its own). :func:`set_conv1x1` (or ``SCNET_FUSED_CONV1X1``) forces either
+inference the forward alone was 1.22x-1.25x as fast at 7 px but 0.86x-1.17x at the larger maps).
+Not taken: NCHW maps (one product per image for the weight gradient: the scnet50 training step did not
+gain in a trial), other CPUs (on AMD, torch.mm is MKL's slower path and oneDNN has its own products;
+not measured), torch.compile / torch.export (inductor plans its own). :func:`set_conv1x1` (or ``SCNET_FUSED_CONV1X1``) forces either
 way; the 3x3 convolutions' setting (:func:`scnet_fused.ops.set_conv_algorithm`) is another.
 """
 
