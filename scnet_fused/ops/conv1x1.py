@@ -61,10 +61,6 @@ def _on_intel() -> bool:
     return _intel
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 def gemm_applies(x: Tensor, weights: Sequence[Tensor], stride, padding, dilation, groups: int) -> bool:
     """Whether the convolution of ``x`` with the filters ``weights`` (one, or several stacked along the
     output channels) runs as matrix products (module docstring): 1x1 float32 filters of x's channels,
@@ -75,8 +71,8 @@ def gemm_applies(x: Tensor, weights: Sequence[Tensor], stride, padding, dilation
     if mode == "onednn" or not winograd._plain_eager(x, weights[0]):
         return False
     if not (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0
-            and x.stride(1) == 1 and groups == 1 and _pair(stride) == (1, 1) and _pair(padding) == (0, 0)
-            and _pair(dilation) == (1, 1)):
+            and x.stride(1) == 1 and groups == 1 and winograd._pair(stride) == (1, 1)
+            and winograd._pair(padding) == (0, 0) and winograd._pair(dilation) == (1, 1)):
         return False
     for w in weights:
         if not (type(w) in (torch.Tensor, torch.nn.Parameter) and w.dim() == 4 and w.dtype == torch.float32
