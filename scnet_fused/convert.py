@@ -8,7 +8,7 @@ from typing import List, Tuple
 
 from torch import nn
 
-from .modules import MaxPool2d, SCBottleneck, SCConv
+from .modules import MaxPool2d, SCBottleneck, SCConv, _adopted
 
 __all__ = ["convert", "convert_with_report", "is_scconv_like", "is_bottleneck_like"]
 
@@ -63,9 +63,9 @@ def convert_with_report(model: nn.Module, inplace: bool = False) -> Tuple[nn.Mod
                 setattr(new, name, replaced)
         pool = getattr(new, "maxpool", None)
         if type(pool) is nn.MaxPool2d and isinstance(getattr(new, "layer1", None), nn.Module):
-            # an SCNet's (ResNet-style) stem pool: the package's NCHW kernel, ATen's results (no state)
-            new.maxpool = MaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
-                                    pool.ceil_mode)
+            # an SCNet's (ResNet-style) stem pool: the package's NCHW kernel, ATen's results (no state;
+            # its arguments, hooks and attributes carried over)
+            new.maxpool = _adopted(MaxPool2d, pool)
             report.append((f"{parent_name}.maxpool" if parent_name else "maxpool", type(pool).__qualname__,
                            "scnet_fused.modules.MaxPool2d"))
         return new
@@ -79,9 +79,10 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
     Compatible means the module tree of the paper's classes (the reference's, the published
     ``scnet.py``'s, or any module with the same attributes and forward). A module with ``layer1`` and
     an ``nn.MaxPool2d`` named ``maxpool`` (an SCNet's stem) gets :class:`scnet_fused.modules.MaxPool2d`
-    there, whose results are ATen's bit for bit. Weights, buffers, device,
-    dtype and train/eval mode are kept (the fused modules take over the same submodules), so the
-    state_dict is unchanged. ``inplace=False`` converts a deep copy. ``verbose`` prints what was replaced.
+    there, whose results are ATen's bit for bit. Weights, buffers, device and dtype are kept (the fused
+    modules take over the same submodules), so the state_dict is unchanged; so are every submodule's
+    train/eval mode (a frozen BatchNorm in a training model stays frozen) and the replaced modules' own
+    hooks and attributes (the hook handles the caller holds still remove them). ``inplace=False`` converts a deep copy. ``verbose`` prints what was replaced.
     """
     new, report = convert_with_report(model, inplace=inplace)
     if verbose:

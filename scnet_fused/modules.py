@@ -632,8 +632,7 @@ def _regate_bn2(bn: nn.Module, bn2: nn.Module, k3: Tensor, small: Tensor):
     return lambda x, s, k: _plain.sc_gate_bn2_train(x, s, k, weight, bias, bn.eps, weight2, bias2, bn2.eps)[0]
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+_pair = winograd._pair
 
 
 class SCConv(reference.SCConv):
@@ -788,20 +787,28 @@ class SCConv(reference.SCConv):
     @classmethod
     def adopt(cls, module: nn.Module) -> "SCConv":
         """A fused SCConv sharing ``module``'s submodules (weights, buffers, mode, device, dtype)."""
-        k2, k3, k4 = module.k2, module.k3, module.k4
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.k2, new.k3, new.k4 = k2, k3, k4
-        conv = k3[0]
+        conv = module.k3[0]
+        if conv.in_channels != conv.out_channels:
+            raise ValueError(f"cannot fuse an SCConv with inplanes={conv.in_channels} != planes={conv.out_channels}")
+        new = _adopted(cls, module)
         new.inplanes = conv.in_channels
         new.planes = conv.out_channels
-        pool = k2[0]
-        r = getattr(module, "pooling_r", None) or _pool_rate(pool)
+        r = getattr(module, "pooling_r", None) or _pool_rate(module.k2[0])
         new.pooling_r = int(r)
-        if new.inplanes != new.planes:
-            raise ValueError(f"cannot fuse an SCConv with inplanes={new.inplanes} != planes={new.planes}")
-        new.train(module.training)
         return new
+
+
+def _adopted(cls, module: nn.Module) -> nn.Module:
+    """A ``cls`` instance that takes over ``module``'s instance state: its children, parameters and buffers
+    (in containers of its own, so that swapping a child leaves ``module`` as it was), its hooks (the same
+    dicts: handles the user holds still remove them), its other attributes and its own training flag
+    (each child keeps its mode: a frozen BatchNorm stays in eval)."""
+    new = cls.__new__(cls)
+    for key, value in module.__dict__.items():
+        if key in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+            value = value.copy()
+        new.__dict__[key] = value
+    return new
 
 
 def _pool_rate(pool: nn.Module) -> int:
@@ -914,20 +921,16 @@ class SCBottleneck(reference.SCBottleneck):
     @classmethod
     def adopt(cls, module: nn.Module) -> "SCBottleneck":
         """A fused bottleneck sharing ``module``'s submodules; its SCConv becomes the fused one."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for name, child in module.named_children():
-            setattr(new, name, child)
+        new = _adopted(cls, module)
         if "downsample" not in new._modules:
             new.downsample = None
-        for attr in ("avd", "dilation", "stride"):
-            if hasattr(module, attr):
+        for attr in ("avd", "dilation", "stride"):  # class attributes of the source class too
+            if attr not in new.__dict__ and hasattr(module, attr):
                 setattr(new, attr, getattr(module, attr))
         if not hasattr(new, "avd"):
             new.avd = hasattr(module, "avd_layer")
         if not isinstance(new.scconv, SCConv):
             new.scconv = SCConv.adopt(new.scconv)
-        new.train(module.training)
         return new
 
 

@@ -453,6 +453,57 @@ def test_convert_keeps_dtype_and_reference_models():
         scnet_fused.convert("model")
 
 
+def test_convert_keeps_each_submodules_mode():
+    # a frozen BatchNorm (eval inside a training model, as detection backbones keep them) stays frozen,
+    # and a training one inside an eval model keeps training
+    torch.manual_seed(0)
+    model = nn.Sequential(R.SCBottleneck(64, 16), R.SCConv(64, 64, 1, 1, 1, 1, 4, nn.BatchNorm2d)).train()
+    frozen = {name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and hash(name) % 2 == 0}
+    frozen |= {"0.bn3", "1.k3.1"}
+    for name, m in model.named_modules():
+        if name in frozen:
+            m.eval()
+    randomize_norms(model)
+    modes = {name: m.training for name, m in model.named_modules()}
+    fused = scnet_fused.convert(model)
+    assert {name: m.training for name, m in fused.named_modules()} == modes
+    x = torch.randn(2, 64, 8, 8)
+    before = copy.deepcopy(model)
+    y_ref, y = model(x), fused(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for name, m in fused.named_modules():
+        if name in frozen:  # eval BatchNorms: running statistics untouched
+            torch.testing.assert_close(m.running_mean, dict(before.named_modules())[name].running_mean,
+                                       rtol=0, atol=0)
+    model.eval().get_submodule("0.bn3").train()
+    assert not scnet_fused.convert(model).get_submodule("0.k1.1").training
+    assert scnet_fused.convert(model).get_submodule("0.bn3").training
+
+
+def test_convert_keeps_hooks_and_attributes_of_the_converted_modules():
+    torch.manual_seed(0)
+    model = R.scnet50(num_classes=3)
+    block, sc = model.layer1[0], model.layer2[0].scconv
+    calls = []
+    block.register_forward_pre_hook(lambda m, args: calls.append("block pre"))
+    handle = sc.register_forward_hook(lambda m, args, out: out * 0)  # replaces the SCConv's output
+    model.maxpool.register_forward_hook(lambda m, args, out: calls.append("pool"))
+    block.tag = "kept"
+    fused = scnet_fused.convert(model, inplace=True)
+    assert isinstance(fused.layer1[0], scnet_fused.SCBottleneck) and fused.layer1[0].tag == "kept"
+    assert isinstance(fused.layer2[0].scconv, scnet_fused.SCConv)
+    assert type(fused.maxpool).__name__ == "MaxPool2d" and type(fused.maxpool) is not nn.MaxPool2d
+    assert fused.maxpool.kernel_size == 3 and fused.maxpool.stride == 2
+    out = fused.layer2[0].scconv(torch.randn(2, 64, 8, 8))
+    assert torch.count_nonzero(out) == 0
+    fused.eval()
+    with torch.no_grad():
+        fused(torch.randn(1, 3, 128, 128))
+    assert calls == ["pool", "block pre"]
+    handle.remove()  # the user's handle still reaches the converted module's hooks
+    assert torch.count_nonzero(fused.layer2[0].scconv(torch.randn(2, 64, 8, 8))) > 0
+
+
 def _saved_bytes(module, x):
     """Bytes of the unique storages saved for backward by one forward (parameters and input excluded)."""
     exclude = {p.untyped_storage().data_ptr() for p in module.parameters()}
