@@ -592,7 +592,7 @@ def _conv(conv: nn.Module, x: Tensor) -> Tensor:
             # the centre tap as one select of the flattened taps: its backward zero-fills one
             # weight-sized tensor (indexing [:, :, 1, 1] zero-filled and copied two; 0.29 against 0.45 ms
             # forward + backward with 256 x 256 filters, AMD EPYC, 2 threads)
-            return F.linear(x.reshape(N, x.shape[1]), winograd.centre_taps(conv, conv.weight)).view(N, K, 1, 1)
+            return F.linear(x.reshape(N, x.shape[1]), winograd.centre_taps(conv.weight)).view(N, K, 1, 1)
         if _plain_conv(conv) and not torch.is_grad_enabled():  # inference: a Winograd filter transform is kept
             if _strided_1x1(conv, x):
                 return F.conv2d(_subsampled(conv, x), conv.weight, None, 1, 0, 1, conv.groups)

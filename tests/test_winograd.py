@@ -952,8 +952,8 @@ def _eval_scconv(C=16):
 def test_inference_keeps_the_filter_transforms_until_a_source_changes(gemm):
     """At inference the filters' transforms of k3 and of k4 (with its BatchNorm folded in) are made once
     and reused; any change to what they were made from (an in-place edit of the filters or of the
-    BatchNorm's statistics, load_state_dict, a new tensor assigned, eps) remakes them, and the output
-    always matches the reference of the current parameters."""
+    BatchNorm's statistics, also through .data, load_state_dict of other values, a new tensor assigned,
+    eps) remakes them, and the output always matches the reference of the current parameters."""
     m = _eval_scconv()
     ref = reference.SCConv(16, 16, 1, 1, 1, 1, 4, torch.nn.BatchNorm2d).double().eval()
     x = torch.randn(4, 16, 24, 24)  # large enough for k4's BatchNorm to be folded into its filters
@@ -977,8 +977,17 @@ def test_inference_keeps_the_filter_transforms_until_a_source_changes(gemm):
         m.k4[1].running_var.mul_(2.0)
     check(1)
     m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()})
+    check(0)  # the same values: the same transforms
+    m.load_state_dict({k: v * 0.75 if v.is_floating_point() else v for k, v in m.state_dict().items()})
     check(3)
     m.k4[0].weight.data = m.k4[0].weight.data * 0.5
+    check(1)
+    # edits through .data leave the parameters' version counters as they were (EMA updates do this)
+    m.k3[0].weight.data.mul_(0.5)
+    check(1)
+    m.k4[1].running_mean.data.add_(0.25)
+    check(1)
+    m.k2[1].weight.data[0, 0, 0, 0] += 1.0  # one element of k2's filters
     check(1)
     m.k4[1].eps = 1e-3
     check(1)
@@ -989,6 +998,39 @@ def test_inference_keeps_the_filter_transforms_until_a_source_changes(gemm):
         check(3)
     finally:
         winograd.set_filter_cache(True)
+
+
+def test_bits_digest_sees_every_bit_and_not_the_thread_count():
+    """The cache's digest: equal for equal bytes (also of a clone in another process-wide thread count),
+    different after a change of any single bit, dtype or shape; channels_last and non-dense tensors."""
+    digest = torch.ops.scnet_fused._bits_digest
+    torch.manual_seed(0)
+    w = torch.randn(300, 70, 3, 3)  # 756000 bytes: three 256 KiB chunks and a partial one
+    d = digest(w)
+    assert digest(w.clone()) == d
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert digest(w) == d
+    finally:
+        torch.set_num_threads(threads)
+    flat = w.view(-1).view(torch.int32)
+    for index in (0, 1, 7, 8, 15, 16, 65535, 65536, flat.numel() - 1):
+        for bit in (0, 17, 31):
+            v = flat.clone()
+            v[index] ^= 1 << bit
+            assert digest(v.view(torch.float32).view_as(w)) != d, (index, bit)
+    assert digest(w.view(torch.int32)) != d  # same bytes, another dtype
+    assert digest(w.view(70, 300, 3, 3)) != d  # same bytes, another shape
+    tail = torch.arange(13, dtype=torch.uint8)  # bytes not a multiple of 8
+    t2 = tail.clone()
+    t2[12] = 99
+    assert digest(tail) != digest(t2) and digest(tail) == digest(tail.clone())
+    cl = w.contiguous(memory_format=torch.channels_last)
+    assert digest(cl) == digest(cl.clone())
+    strided = w[:, ::2]
+    assert digest(strided) == digest(strided.contiguous())
+    assert digest(torch.empty(0, 3)) == digest(torch.empty(0, 3)) != digest(torch.empty(3, 0))
 
 
 def test_filter_cache_leaves_training_and_inference_mode_alone(gemm):

@@ -604,7 +604,7 @@ def _kernels_present() -> bool:
 
         ops = ("_wino_input", "_wino_output", "_wino_output_adjoint")
         _present = all(_cpp.has_kernel(op + layout, "CPU") for op in ops for layout in ("", "_nhwc")) and \
-            all(_cpp.has_kernel(op, "CPU") for op in ("_wino_filter", "_wino_filter_adjoint", "_wino_bmm", "_wino_conv",
+            all(_cpp.has_kernel(op, "CPU") for op in ("_wino_filter", "_wino_filter_adjoint", "_wino_bmm", "_wino_conv", "_bits_digest",
                                                      "_wino_conv_w", "_wino_wgrad", "_wino_wgrad_x"))
     return _present
 
@@ -621,10 +621,14 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, d
 # 4x the filters, and made on every call it cost 0.12 ms per 128x128 and 0.47 ms per 256x256 filter bank
 # (benchmarks/results/cpu-epyc/winograd_parts.md), two or three per SCConv. The SCConv's eval forward
 # with the cache against without it, interleaved in one process (AMD EPYC, 2 threads, N = 8): 1.05x at
-# 8x64x28x28, 1.09x at 8x128x28x28, 1.13x at 8x128x14x14, 1.21x at 8x256x14x14. An entry holds the tensors it was made from (a view of each
-# too: its memory stays allocated, so no other tensor can take its address) and their version counters;
-# a change to any of them (an optimizer step, load_state_dict, an in-place edit, a new tensor assigned,
-# a module moved or cast) makes it be remade. The entries live as long as their modules (weak keys).
+# 8x64x28x28, 1.09x at 8x128x28x28, 1.13x at 8x128x14x14, 1.21x at 8x256x14x14. An entry holds the
+# tensors it was made from and a fingerprint of each (:func:`_fingerprint`: dtype, shape, strides and a
+# 64-bit digest of the bytes), and serves a call only while every source is the same object with the
+# same fingerprint, checked on every call: version counters alone would miss edits made through
+# ``.data``, which leave the parameter's counter as it was (EMA updates and weight surgery do this).
+# Any other value (an optimizer step, load_state_dict of other values, an in-place edit however made,
+# a new tensor assigned, a module moved or cast) makes it be remade. The entries live as long as their
+# modules (weak keys).
 # SCNET_FUSED_WINOGRAD_CACHE=0, or set_filter_cache(False), turns it off.
 _filter_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _cache_enabled = os.environ.get("SCNET_FUSED_WINOGRAD_CACHE", "1").strip() != "0"
@@ -655,51 +659,40 @@ def set_filter_cache(enabled: bool) -> bool:
     previous, _cache_enabled = _cache_enabled, bool(enabled)
     if not _cache_enabled:
         _filter_cache.clear()
-        _taps_cache.clear()
     return previous
 
 
+def _fingerprint(t: Tensor) -> tuple:
+    """What identifies ``t``'s value for the cache: its dtype, shape, strides and a 64-bit digest of its
+    bytes (``_bits_digest``, csrc/ops.cpp: one read of the tensor, at about memory speed)."""
+    return t.dtype, tuple(t.shape), t.stride(), torch.ops.scnet_fused._bits_digest(t.detach())
+
+
 class _Entry:
-    __slots__ = ("sources", "views", "versions", "in_major", "u", "bias")
+    __slots__ = ("sources", "prints", "in_major", "u", "bias")
 
     def __init__(self, sources, in_major: bool, u: Tensor, bias: Optional[Tensor]):
         self.sources = sources
-        self.views = tuple(t.detach() if isinstance(t, Tensor) else None for t in sources)
-        self.versions = tuple(t._version if isinstance(t, Tensor) else None for t in sources)
+        self.prints = tuple(_fingerprint(t) if isinstance(t, Tensor) else None for t in sources)
         self.in_major, self.u, self.bias = in_major, u, bias
 
     def matches(self, sources, in_major: bool) -> bool:
         if in_major != self.in_major or len(sources) != len(self.sources):
             return False
-        for t, old, view, version in zip(sources, self.sources, self.views, self.versions):
-            if isinstance(t, Tensor):
-                if t is not old or t.data_ptr() != view.data_ptr() or t._version != version:
+        for t, old in zip(sources, self.sources):  # the same objects and numbers first (cheap)
+            if isinstance(t, Tensor) or isinstance(old, Tensor):
+                if t is not old:
                     return False
-            elif isinstance(old, Tensor) or t != old:
+            elif t != old:
                 return False
-        return True
+        return all(_fingerprint(t) == fp for t, fp in zip(sources, self.prints) if fp is not None)
 
 
-# The centre taps of a 3x3 convolution applied to 1x1 maps (the SCConv's k2 at 7 px), kept at inference
-# under the same rules: taken from the filters on every call they are a strided copy of the whole filter
-# bank (0.12 ms of the 8x256x7x7 eval forward's 3.2 ms, AMD EPYC, 2 threads; torch.profiler). Kept, that
-# forward ran 1.037x as fast (2.94 against 3.05 ms, median of 100 interleaved rounds, one process).
-_taps_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def centre_taps(owner: torch.nn.Module, weight: Tensor) -> Tensor:
+def centre_taps(weight: Tensor) -> Tensor:
     """``weight[:, :, 1, 1]`` of the (K, C, 3, 3) filters, as one select of the flattened taps (its
-    backward zero-fills one weight-sized tensor); at inference (autograd off), a contiguous copy kept for
-    ``owner`` while the filters are unchanged (:func:`conv2d_cached`'s rules)."""
-    taps = weight.flatten(2)[:, :, 4]
-    if not (_cache_enabled and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and _cacheable((weight,))):
-        return taps
-    entry = _taps_cache.get(owner)
-    if entry is None or not entry.matches((weight,), False):
-        entry = _Entry((weight,), False, taps.detach().contiguous(), None)
-        _taps_cache[owner] = entry
-    return entry.u
+    backward zero-fills one weight-sized tensor). Not kept between calls: checking that the filters are
+    unchanged reads them whole, as taking the taps does."""
+    return weight.flatten(2)[:, :, 4]
 
 
 def _cacheable(sources) -> bool:
