@@ -3,7 +3,8 @@ feature-pyramid mode for detection and segmentation backbones."""
 
 from __future__ import annotations
 
-from typing import List, Sequence
+import operator
+from typing import List, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -17,16 +18,16 @@ __all__ = ["scnet50", "scnet50_v1d", "scnet101", "scnet101_v1d", "SCNetFeatures"
 class SCNetFeatures(reference.SCNet):
     """SCNet returning the stage feature maps selected by ``out_indices`` (1..4 = layer1..layer4).
 
+    ``out_indices``: strictly increasing stage numbers (the maps come out in that order).
     ``feature_info``: one dict per returned map with ``module``, ``num_chs`` and ``reduction`` (stride
-    to the input). The classifier head (``avgpool``, ``fc``) is removed; checkpoints load with their
-    ``fc.*`` keys ignored.
+    to the input). The classifier head (``avgpool``, ``fc``) and the stages after the last selected one
+    are not kept (no parameters that get no gradient, which DistributedDataParallel would reject);
+    ``pretrained`` checkpoints load with those keys ignored.
     """
 
     def __init__(self, *args, out_indices: Sequence[int] = (1, 2, 3, 4), **kwargs):
+        out_indices = _checked_out_indices(out_indices)
         super().__init__(*args, **kwargs)
-        out_indices = tuple(int(i) for i in out_indices)
-        if not out_indices or any(i not in (1, 2, 3, 4) for i in out_indices):
-            raise ValueError(f"out_indices must be a non-empty subset of (1, 2, 3, 4), got {out_indices}")
         self.out_indices = out_indices
         del self.avgpool
         del self.fc
@@ -39,6 +40,8 @@ class SCNetFeatures(reference.SCNet):
             channels = first.conv3.out_channels
             info.append(dict(module=f"layer{i}", num_chs=channels, reduction=reduction))
         self.feature_info = [info[i - 1] for i in out_indices]
+        for i in range(max(out_indices) + 1, 5):  # stages past the last map: no unused parameters (DDP)
+            delattr(self, f"layer{i}")
 
     @property
     def channels(self) -> List[int]:
@@ -63,6 +66,24 @@ class SCNetFeatures(reference.SCNet):
             if i >= max(self.out_indices):
                 break
         return outs
+
+
+def _checked_out_indices(out_indices) -> tuple:
+    """``out_indices`` as a tuple of stage numbers, strictly increasing (the order the maps come out in),
+    each 1..4; anything else a clear error."""
+    if isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence):
+        raise TypeError(f"out_indices must be a sequence of stage numbers (1..4), got {out_indices!r}")
+    try:
+        if any(isinstance(i, bool) for i in out_indices):
+            raise TypeError
+        idx = tuple(operator.index(i) for i in out_indices)
+    except TypeError:
+        raise TypeError(f"out_indices must hold ints (stage numbers 1..4), got {out_indices!r}") from None
+    if not idx or any(i not in (1, 2, 3, 4) for i in idx):
+        raise ValueError(f"out_indices must be a non-empty subset of (1, 2, 3, 4), got {idx}")
+    if any(b <= a for a, b in zip(idx, idx[1:])):
+        raise ValueError(f"out_indices must be strictly increasing (the maps come out in stage order), got {idx}")
+    return idx
 
 
 class _FusedStem:
@@ -98,21 +119,25 @@ def _layer_stride(block: nn.Module) -> int:
 
 
 def build(arch: str, fused: bool = True, pretrained=False, features_only: bool = False,
-          out_indices: Sequence[int] = (1, 2, 3, 4), **kwargs) -> nn.Module:
+          out_indices: Optional[Sequence[int]] = None, **kwargs) -> nn.Module:
     """An SCNet of ``arch`` (scnet50, scnet50_v1d, scnet101, scnet101_v1d).
 
     ``fused``: fused SCBottleneck/SCConv (default) or the reference modules; the state_dict is the
     same either way. ``pretrained``: False, True (the published file via the torch hub cache) or a
-    path. ``features_only``: return the stage feature maps (see :class:`SCNetFeatures`).
+    path. ``features_only``: return the stage feature maps (see :class:`SCNetFeatures`) of the stages
+    ``out_indices`` (default all four; stages after the last one selected are not built).
     """
     if arch not in reference.ARCHS:
         raise ValueError(f"unknown SCNet architecture {arch!r}; choose one of {sorted(reference.ARCHS)}")
     block = SCBottleneck if fused else reference.SCBottleneck
     cfg = dict(reference.ARCHS[arch])
     cfg.update(kwargs)
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices selects the stage maps of features_only=True; pass features_only=True too")
     if features_only:
         cfg.pop("num_classes", None)
-        model = (FusedSCNetFeatures if fused else SCNetFeatures)(block, out_indices=out_indices, **cfg)
+        model = (FusedSCNetFeatures if fused else SCNetFeatures)(
+            block, out_indices=(1, 2, 3, 4) if out_indices is None else out_indices, **cfg)
     else:
         model = (SCNet if fused else reference.SCNet)(block, **cfg)
     if fused and type(model.maxpool) is nn.MaxPool2d:
@@ -120,7 +145,10 @@ def build(arch: str, fused: bool = True, pretrained=False, features_only: bool =
         model.maxpool = MaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
                                   pool.ceil_mode)
     if pretrained:
-        load_pretrained(model, arch, pretrained, ignore_prefixes=("fc.",) if features_only else ())
+        ignore = ()
+        if features_only:  # the head, and the stages not built
+            ignore = ("fc.",) + tuple(f"layer{i}." for i in range(max(model.out_indices) + 1, 5))
+        load_pretrained(model, arch, pretrained, ignore_prefixes=ignore)
     return model
 
 

@@ -186,8 +186,11 @@ class SCNet(nn.Module):
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"SCNet needs four stage depths, got layers={tuple(layers)}")
-        if not (dilated or dilation in (1, 2, 4)):
+        if dilation not in (1, 2, 4):
             raise ValueError(f"SCNet: dilation must be 1, 2 or 4, got {dilation}")
+        if groups < 1 or bottleneck_width < 1 or stem_width < 1:
+            raise ValueError(f"SCNet: groups, bottleneck_width and stem_width must be positive, got {groups}, "
+                             f"{bottleneck_width}, {stem_width}")
         self.cardinality = groups
         self.bottleneck_width = bottleneck_width
         self.inplanes = stem_width * 2 if deep_stem else 64

@@ -57,6 +57,10 @@ def test_features_only_ignores_head(tmp_path, ref_state):
     feats = models.scnet50(features_only=True, pretrained=str(path))
     assert "fc.weight" not in feats.state_dict()
     assert torch.equal(feats.state_dict()["layer4.2.conv3.weight"], ref_state["layer4.2.conv3.weight"])
+    # stages not built (after the last selected map) are ignored too
+    early = models.scnet50(features_only=True, out_indices=(1, 3), pretrained=str(path))
+    assert "layer4.0.conv3.weight" not in early.state_dict()
+    assert torch.equal(early.state_dict()["layer3.5.conv3.weight"], ref_state["layer3.5.conv3.weight"])
 
 
 def test_missing_unexpected_and_mismatched_keys_are_listed(ref_state):

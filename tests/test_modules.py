@@ -412,6 +412,28 @@ def test_features_only():
     assert d.strides == [4, 8, 8, 8]
     with pytest.raises(ValueError, match="out_indices"):
         models.scnet50(features_only=True, out_indices=(0, 5))
+    # the maps come out in stage order, one per index: other orders and repeats are errors, as are
+    # non-integers and out_indices without features_only
+    for bad in ((4, 2), (2, 2)):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            models.scnet50(features_only=True, out_indices=bad)
+    for bad in ([1.5], "12", 3, (True,)):
+        with pytest.raises(TypeError, match="out_indices"):
+            models.scnet50(features_only=True, out_indices=bad)
+    with pytest.raises(ValueError, match="features_only"):
+        models.scnet50(out_indices=(1,))
+    # stages after the last selected one are not built (no unused parameters); a full checkpoint loads
+    two = models.scnet50(features_only=True, out_indices=(1, 2), fused=False)
+    assert not hasattr(two, "layer3") and not hasattr(two, "layer4")
+    assert not any(k.startswith(("layer3.", "layer4.")) for k in two.state_dict())
+
+
+def test_scnet_rejects_other_dilations_and_empty_widths():
+    with pytest.raises(ValueError, match="dilation"):
+        R.scnet50(dilated=True, dilation=3)
+    for kwargs in (dict(bottleneck_width=0), dict(groups=0)):
+        with pytest.raises(ValueError, match="positive"):
+            R.scnet50(**kwargs)
 
 
 def test_convert_published_style_model():
