@@ -153,6 +153,28 @@ def test_kernel_checks_its_inputs():
         op(torch.randn(1, 1, 2, 8), 5, 3, 1, 1, 1, 1, True)
 
 
+@pytest.mark.parametrize("args", [(True,), (2.5,), ((3, 2, 1),), (3, 2.0), (3, 2, (1, 0.5)), (3, 2, 1, True)])
+def test_arguments_aten_rejects_are_rejected(args):
+    """Pool arguments F.max_pool2d refuses (floats, bools, three numbers) get ATen's own error, not a
+    truncated pool."""
+    x = torch.randn(1, 2, 8, 8)
+    with pytest.raises((TypeError, RuntimeError)) as want:
+        F.max_pool2d(x, *args)
+    with pytest.raises(type(want.value)):
+        maxpool.max_pool2d(x, *args)
+
+
+def test_forward_mode_ad_gets_the_tangent():
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = torch.randn(2, 3, 9, 9), torch.randn(2, 3, 9, 9)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(maxpool.max_pool2d(fwAD.make_dual(x, t), 3, 2, 1))
+        want = fwAD.unpack_dual(F.max_pool2d(fwAD.make_dual(x, t), 3, 2, 1))
+    assert got.tangent is not None
+    assert torch.equal(got.primal, want.primal) and torch.equal(got.tangent, want.tangent)
+
+
 def test_module_is_a_maxpool2d_and_the_fused_models_use_it():
     pool = MaxPool2d(3, 2, 1)
     assert isinstance(pool, torch.nn.MaxPool2d) and pool.state_dict() == {}

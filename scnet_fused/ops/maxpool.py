@@ -12,6 +12,7 @@ order, NaN propagates as ATen propagates it), and the backward is ATen's
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -21,12 +22,17 @@ from torch import Tensor
 _IntOr2 = Union[int, Sequence[int]]
 
 
-def _pair(v: _IntOr2) -> Tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        if len(v) == 1:
-            return int(v[0]), int(v[0])
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
+def _pair(v: _IntOr2) -> Optional[Tuple[int, int]]:
+    """An int or a sequence of one or two ints as a pair; None for anything else (a float, a bool, three
+    numbers, ...), which then goes to ``F.max_pool2d`` to be rejected with ATen's own error."""
+    items = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    if not 1 <= len(items) <= 2 or any(isinstance(i, bool) for i in items):
+        return None
+    try:
+        items = tuple(operator.index(i) for i in items)
+    except TypeError:
+        return None
+    return (items[0], items[-1])
 
 
 _ready: Optional[bool] = None
@@ -48,10 +54,13 @@ def kernel_applies(x: Tensor, kernel_size: Tuple[int, int], stride: Tuple[int, i
     """Whether :func:`max_pool2d` runs this pool on the package's kernel: a dense NCHW float32 CPU
     tensor of rank 4 with elements, no dilation, floor mode, padding at most half the window (as ATen
     requires), a window at most 16 rows high, and plain eager PyTorch (not under torch.compile /
-    torch.export, a trace or an ONNX export, a torch.func transform, nor on a tensor subclass)."""
-    from ._dispatch import _functorch_active
+    torch.export, a trace or an ONNX export, a torch.func transform or a forward-mode AD level, nor on
+    a tensor subclass)."""
+    from ._dispatch import _forward_ad_active, _functorch_active
 
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not torch.Tensor:
+        return False
+    if None in (kernel_size, stride, padding, dilation):  # arguments F.max_pool2d rejects
         return False
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.numel() > 0
@@ -60,7 +69,8 @@ def kernel_applies(x: Tensor, kernel_size: Tuple[int, int], stride: Tuple[int, i
             and x.shape[2] + 2 * ph >= kh and x.shape[3] + 2 * pw >= kw
             and x.shape[2] * x.shape[3] < (1 << 31) - 64 * sw):
         return False
-    return not _functorch_active() and _kernel_ready()
+    # a forward-mode AD level open: dual tensors get their tangents from F.max_pool2d
+    return not (_functorch_active() or _forward_ad_active()) and _kernel_ready()
 
 
 class _MaxPool2dNCHW(torch.autograd.Function):
