@@ -470,3 +470,28 @@ def test_robustness(name, fn, expected, tmp_path):
         exc_type, pattern = expected
         with pytest.raises(exc_type, match=pattern or None):  # "": the reference's own message
             fn(*args)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan")])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_training_batchnorm_ops_refuse_a_non_positive_eps(eps, backend):
+    """A training BatchNorm divides by sqrt(var + eps) and a constant channel has var 0: every fused op
+    with one refuses eps <= 0 (as ATen's batch_norm does) and NaN, naming the op and the argument."""
+    from scnet_fused import ops
+
+    t = torch.randn(2, 3, 8, 8)
+    t[:, 1] = 5.0  # a constant channel
+    w, b = torch.ones(3), torch.zeros(3)
+    small = torch.randn(2, 3, 2, 2)
+    calls = {
+        "bn_relu_train": lambda e: ops.bn_relu_train(t, w, b, e),
+        "bn_add_relu_train": lambda e: ops.bn_add_relu_train(t, w, b, t.clone(), e),
+        "bn_relu_cat_train": lambda e: ops.bn_relu_cat_train(t, w, b, t, w, b, 1e-5, e),
+        "sc_gate_bn_train": lambda e: scnet_fused.sc_gate_bn_train(t, small, t, w, b, e),
+        "sc_gate_bn2_train": lambda e: scnet_fused.sc_gate_bn2_train(t, small, t, w, b, 1e-5, w, b, e),
+    }
+    with scnet_fused.backend(backend):
+        for name, call in calls.items():
+            call(1e-5)  # fine
+            with pytest.raises(ValueError, match=f"{name}: (small_)?eps(_b)? must be positive"):
+                call(eps)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .._alloc import new_empty
 from . import _dispatch, _double, _plain
-from .sc_gate import _format, bn_fold, check_per_channel
+from .sc_gate import _format, bn_fold, check_per_channel, checked_eps
 
 __all__ = ["bn_relu_train", "bn_relu_cat_train", "bn_add_relu_train", "affine_add_relu", "check_bn_relu_inputs"]
 
@@ -146,6 +146,7 @@ def bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) ->
     float32 batch statistics (update running statistics with them; unbiased = var * M / (M - 1)).
     """
     check_bn_relu_inputs(t, weight, bias)
+    eps = checked_eps("bn_relu_train", eps)
     if _dispatch.standard_ops_only():
         return _plain.bn_relu_train(t, weight, bias, float(eps))
     if _dispatch.cpp_autograd(t):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
@@ -178,6 +179,7 @@ def _cat_empty(ta: Tensor, tb: Tensor, fmt: torch.memory_format) -> Tensor:
 def _bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, eps_a: float, tb: Tensor, wb: Tensor, bb: Tensor,
                        eps_b: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_bn_relu_cat_inputs(ta, wa, ba, tb, wb, bb)
+    eps_a, eps_b = checked_eps("bn_relu_cat_train", eps_a, "eps_a"), checked_eps("bn_relu_cat_train", eps_b, "eps_b")
     _, prims = _dispatch.select(ta.device, ta.dtype)
     fmt = _format(ta)
     out = _cat_empty(ta, tb, fmt)
@@ -198,6 +200,7 @@ def _bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, eps_a: float, tb: Ten
 @_bn_relu_cat_train.register_fake
 def _(ta, wa, ba, eps_a, tb, wb, bb, eps_b):
     check_bn_relu_cat_inputs(ta, wa, ba, tb, wb, bb)
+    checked_eps("bn_relu_cat_train", eps_a, "eps_a"), checked_eps("bn_relu_cat_train", eps_b, "eps_b")
     out = torch.empty((ta.shape[0], ta.shape[1] + tb.shape[1], ta.shape[2], ta.shape[3]), dtype=ta.dtype,
                       device=ta.device, memory_format=_format(ta))
     ca, cb = ta.new_empty(ta.shape[1], dtype=_acc_dtype(ta)), tb.new_empty(tb.shape[1], dtype=_acc_dtype(tb))
@@ -262,6 +265,7 @@ def bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, tb: Tensor, wb: Tensor
     Eager: two BatchNorms write their outputs, the ReLUs and the concatenation read and write them again.
     """
     check_bn_relu_cat_inputs(ta, wa, ba, tb, wb, bb)
+    eps_a, eps_b = checked_eps("bn_relu_cat_train", eps_a, "eps_a"), checked_eps("bn_relu_cat_train", eps_b, "eps_b")
     if _dispatch.standard_ops_only():
         return _plain.bn_relu_cat_train(ta, wa, ba, tb, wb, bb, float(eps_a), float(eps_b))
     if _dispatch.cpp_autograd(ta):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
@@ -283,6 +287,7 @@ def check_bn_add_relu_inputs(t: Tensor, weight: Tensor, bias: Tensor, residual: 
 def _bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
                        eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     check_bn_add_relu_inputs(t, weight, bias, residual)
+    eps = checked_eps("bn_add_relu_train", eps)
     _, prims = _dispatch.select(t.device, t.dtype)
     t = t.contiguous(memory_format=_format(t))
     if _dispatch.one_call(prims, t):  # NCHW channel by channel: t's second read from cache
@@ -296,6 +301,7 @@ def _bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor
 @_bn_add_relu_train.register_fake
 def _(t, weight, bias, residual, eps):
     check_bn_add_relu_inputs(t, weight, bias, residual)
+    checked_eps("bn_add_relu_train", eps)
     c = t.new_empty(t.shape[1], dtype=_acc_dtype(t))
     return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_format(t)), c, c.new_empty(c.shape)
 
@@ -369,6 +375,7 @@ def bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
     Differentiable in t, weight, bias and residual.
     """
     check_bn_add_relu_inputs(t, weight, bias, residual)
+    eps = checked_eps("bn_add_relu_train", eps)
     if _dispatch.standard_ops_only():
         return _plain.bn_add_relu_train(t, weight, bias, residual, float(eps))
     if _dispatch.cpp_autograd(t):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)

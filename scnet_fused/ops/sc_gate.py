@@ -80,6 +80,16 @@ def check_gate_inputs(x: Tensor, small: Tensor, k3: Tensor, *per_channel: Option
             check_per_channel("sc_gate", names[i] if i < len(names) else f"per-channel argument {i}", t, x, "x")
 
 
+def checked_eps(op: str, eps, name: str = "eps") -> float:
+    """``eps`` as a float, positive: a training BatchNorm divides by sqrt(var + eps), and a constant
+    channel has var 0 (ATen's batch_norm refuses eps <= 0 in training too; NaN is refused here as well)."""
+    value = float(eps)
+    if not value > 0.0:
+        raise ValueError(f"{op}: {name} must be positive (a training BatchNorm divides by sqrt(var + {name})), "
+                         f"got {value}")
+    return value
+
+
 def check_per_channel(op: str, name: str, v, like: Tensor, like_name: str) -> None:
     """``v`` must be a floating-point 1-D tensor of ``like``'s C values on ``like``'s device."""
     C = like.shape[1]
@@ -276,6 +286,7 @@ def _gate_bn_train_forward(prims, x, small, k3, weight, bias, eps, small_affine=
 def _sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor,
                       eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     _check_bn(x, small, k3, weight, bias)
+    eps = checked_eps("sc_gate_bn_train", eps)
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3 = _prepare(x, small, k3)
     return _gate_bn_train_forward(prims, x, small, k3, weight, bias, eps)
@@ -284,6 +295,7 @@ def _sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias
 @_sc_gate_bn_train.register_fake
 def _(x, small, k3, weight, bias, eps):
     _check_bn(x, small, k3, weight, bias)
+    checked_eps("sc_gate_bn_train", eps)
     acc = _acc_dtype(x)
     c = x.new_empty(x.shape[1], dtype=acc)
     return _empty_like_x(x), c, c.new_empty(c.shape)
@@ -359,6 +371,7 @@ def sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias:
     weight and bias.
     """
     _check_bn(x, small, k3, weight, bias)
+    eps = checked_eps("sc_gate_bn_train", eps)
     if _dispatch.standard_ops_only():
         return _plain.sc_gate_bn_train(x, small, k3, weight, bias, float(eps))
     if _dispatch.cpp_autograd(x):
@@ -473,7 +486,7 @@ def sc_gate_bn2_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias
     Differentiable in x, small, k3 and the four BatchNorm parameters.
     """
     _check_bn2(x, small, k3, weight, bias, small_weight, small_bias)
-    eps, small_eps = float(eps), float(small_eps)
+    eps, small_eps = checked_eps("sc_gate_bn2_train", eps), checked_eps("sc_gate_bn2_train", small_eps, "small_eps")
     if _dispatch.standard_ops_only():
         return _plain.sc_gate_bn2_train(x, small, k3, weight, bias, eps, small_weight, small_bias, small_eps)
     if _dispatch.cpp_autograd(x):
