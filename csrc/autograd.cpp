@@ -46,6 +46,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "sc_host.h"
@@ -508,9 +509,18 @@ struct GateBn2TrainFn : public torch::autograd::Function<GateBn2TrainFn> {
         gate_bn_train_grads(dy, x, small, k3, weight, bias, mean, var, eps, f2.scale, f2.shift);
     // The pooled branch's BatchNorm backward on the small map, from dn (the gradient of its output); the
     // weight in the statistics' dtype (half-precision parameters: ATen's mixed-type form).
-    auto [dsmall, dsw, dsb] = at::native_batch_norm_backward(
-        dn, small, small_weight.detach().to(small_mean.scalar_type()), c10::nullopt, c10::nullopt, small_mean,
-        f2.invstd, true, small_eps, {true, small_weight.requires_grad(), small_bias.requires_grad()});
+    // (An empty pooled map, no channels or no images: nothing to reduce, and ATen's CPU BatchNorm
+    // backward divides by the channel count, a floating-point exception at C = 0.)
+    at::Tensor dsmall, dsw, dsb;
+    if (small.numel() == 0) {
+      dsmall = at::zeros_like(small);
+      if (small_weight.requires_grad()) dsw = at::zeros_like(small_weight);
+      if (small_bias.requires_grad()) dsb = at::zeros_like(small_bias);
+    } else {
+      std::tie(dsmall, dsw, dsb) = at::native_batch_norm_backward(
+          dn, small, small_weight.detach().to(small_mean.scalar_type()), c10::nullopt, c10::nullopt, small_mean,
+          f2.invstd, true, small_eps, {true, small_weight.requires_grad(), small_bias.requires_grad()});
+    }
     return guard_double_backward(
         {dx, dsmall, dk3, dweight.to(weight.scalar_type()), dbias.to(bias.scalar_type()), at::Tensor(),
          dsw.defined() ? dsw.to(small_weight.scalar_type()) : dsw,

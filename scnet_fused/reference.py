@@ -342,6 +342,8 @@ def _per_channel(v: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
 
 
 def _upsample(small: Tensor, size) -> Tensor:
+    if small.numel() == 0:  # no channels or no images: ATen's upsampling refuses them; nothing to compute
+        return _acc(small)[:, :, :1, :1].expand(*small.shape[:2], *size)
     return F.interpolate(_acc(small), size=size, mode="nearest")
 
 

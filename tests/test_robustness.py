@@ -495,3 +495,21 @@ def test_training_batchnorm_ops_refuse_a_non_positive_eps(eps, backend):
             call(1e-5)  # fine
             with pytest.raises(ValueError, match=f"{name}: (small_)?eps(_b)? must be positive"):
                 call(eps)
+
+
+@pytest.mark.parametrize("dtype,backend", [(torch.float64, "auto"), (torch.float32, "reference")]
+                         + [(torch.float32, b) for b in backends_here() if b == "cpu"])
+def test_gate_bn_ops_without_channels(dtype, backend):
+    """C = 0: empty outputs and gradients on every CPU path (the reference path raised ATen's upsampling
+    error, and the pooled branch's BatchNorm backward, ATen's, a floating-point exception)."""
+    x = torch.randn(2, 0, 8, 8, dtype=dtype, requires_grad=True)
+    small = torch.randn(2, 0, 2, 2, dtype=dtype, requires_grad=True)
+    w, b = torch.ones(0, dtype=dtype, requires_grad=True), torch.zeros(0, dtype=dtype, requires_grad=True)
+    with scnet_fused.backend(backend):
+        y, mean, var = scnet_fused.sc_gate_bn_train(x, small, x, w, b)
+        y2, *stats = scnet_fused.sc_gate_bn2_train(x, small, x, w, b, 1e-5, w, b, 1e-5)
+        g = scnet_fused.sc_gate(x, small, x)
+    assert y.shape == y2.shape == g.shape == (2, 0, 8, 8) and mean.shape == var.shape == (0,)
+    assert all(s.shape == (0,) for s in stats)
+    (y.sum() + y2.sum() + g.sum()).backward()
+    assert x.grad.shape == x.shape and small.grad.shape == small.shape and w.grad.shape == (0,)

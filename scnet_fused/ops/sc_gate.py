@@ -436,9 +436,14 @@ def _sc_gate_bn2_train_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor
                                                        small_affine)
     # The pooled branch's BatchNorm backward on the small map, from dn (the gradient of its output); the
     # weight in the statistics' dtype (half-precision parameters: ATen's mixed-type form).
-    dsmall, dsw, dsb = torch.ops.aten.native_batch_norm_backward(
-        dn, small, small_weight.detach().to(small_mean.dtype), None, None, small_mean, invstd2, True, small_eps,
-        [True, True, True])
+    # (An empty pooled map: nothing to reduce, and ATen's CPU BatchNorm backward divides by the channel
+    # count, a floating-point exception at C = 0.)
+    if small.numel() == 0:
+        dsmall, dsw, dsb = torch.zeros_like(small), torch.zeros_like(small_weight), torch.zeros_like(small_bias)
+    else:
+        dsmall, dsw, dsb = torch.ops.aten.native_batch_norm_backward(
+            dn, small, small_weight.detach().to(small_mean.dtype), None, None, small_mean, invstd2, True, small_eps,
+            [True, True, True])
     return dx, dsmall, dk3, dweight, dbias, dsw.to(small_weight.dtype), dsb.to(small_bias.dtype)
 
 
