@@ -254,6 +254,40 @@ def test_backend_context_is_per_thread(monkeypatch):
     assert scnet_fused.ops.requested() == "auto"
 
 
+@pytest.mark.parametrize("cpp_autograd", ["1", "0"])
+def test_backward_runs_on_the_forwards_backend(monkeypatch, cpp_autograd):
+    """A forward inside ``with backend(...)`` has its backward on that backend wherever ``.backward()`` is
+    called; a backward inside another backend's block keeps the forward's (both autograd paths)."""
+    from scnet_fused import ops, reference
+
+    monkeypatch.delenv("SCNET_FUSED_BACKEND", raising=False)
+    monkeypatch.setenv("SCNET_FUSED_CPP_AUTOGRAD", cpp_autograd)
+    calls = []
+    for name in ("gate_backward", "avgpool_backward", "affine_relu_backward_sums", "bn_relu_train_backward"):
+        if hasattr(reference, name):
+            original = getattr(reference, name)
+            monkeypatch.setattr(reference, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    x, small, k3 = (t.detach().requires_grad_() for t in _inputs(SHAPES[0]))
+    C = x.shape[1]
+    w, b = torch.rand(C, requires_grad=True), torch.randn(C, requires_grad=True)
+
+    def run():
+        return (sc_gate(x, small, k3).sum() + scnet_fused.sc_avgpool(x, 2).sum()
+                + ops.bn_relu_train(k3, w, b)[0].sum())
+
+    with scnet_fused.backend("reference"):
+        loss = run()
+    loss.backward()
+    assert {"gate_backward", "avgpool_backward"} <= set(calls), calls
+    assert calls.count("affine_relu_backward_sums") + calls.count("bn_relu_train_backward") >= 1, calls
+    if "cpu" in backends_here():
+        calls.clear()
+        loss = run()  # auto: the C++ kernels on these CPU tensors
+        with scnet_fused.backend("triton" if "triton" not in backends_here() else "reference"):
+            loss.backward()  # neither an error (triton cannot run CPU tensors here) nor the reference
+        assert calls == []
+
+
 def test_gradcheck_float64():
     x, small, k3 = (t.double().detach().requires_grad_() for t in _inputs((2, 3, 7, 6, 1, 2)))
     scale = torch.rand(3, dtype=torch.float64, requires_grad=True)

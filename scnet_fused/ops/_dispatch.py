@@ -265,6 +265,23 @@ class _DropOnCompileError:
         return call
 
 
+def register_autograd(op, backward, setup_context) -> None:
+    """``op.register_autograd(backward, setup_context=setup_context)``, the backward run under the backend
+    the forward was asked for (the innermost :func:`backend` block or $SCNET_FUSED_BACKEND, recorded by
+    the forward): a forward inside ``with backend("reference")`` has its backward on that backend too,
+    wherever ``.backward()`` is called, as the compiled ops' C++ autograd nodes do."""
+
+    def setup(ctx, inputs, output):
+        ctx.scnet_backend = requested()
+        setup_context(ctx, inputs, output)
+
+    def run(ctx, *grads):
+        with backend(ctx.scnet_backend):
+            return backward(ctx, *grads)
+
+    op.register_autograd(run, setup_context=setup)
+
+
 def select(device: torch.device, dtype: torch.dtype):
     """Return ``(name, primitives_module)`` for tensors on ``device`` of ``dtype``."""
     name = requested()

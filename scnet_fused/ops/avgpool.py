@@ -83,7 +83,7 @@ def _backward(ctx, dy):
     return torch.ops.scnet_fused.sc_avgpool_backward(dy, H, W, ctx.r, ctx.channels_last), None
 
 
-_sc_avgpool.register_autograd(_backward, setup_context=_setup)
+_dispatch.register_autograd(_sc_avgpool, _backward, _setup)
 
 
 def _setup_bwd(ctx, inputs, output):
@@ -95,7 +95,7 @@ def _backward_bwd(ctx, ddx):
     return torch.ops.scnet_fused.sc_avgpool(ddx, ctx.r), None, None, None, None
 
 
-_sc_avgpool_backward.register_autograd(_backward_bwd, setup_context=_setup_bwd)
+_dispatch.register_autograd(_sc_avgpool_backward, _backward_bwd, _setup_bwd)
 
 
 def sc_avgpool(x: Tensor, r: int) -> Tensor:

@@ -135,7 +135,7 @@ def _backward(ctx, dy, _dmean, _dvar):
     return dt, dweight, dbias, None
 
 
-_bn_relu_train.register_autograd(_backward, setup_context=_setup)
+_dispatch.register_autograd(_bn_relu_train, _backward, _setup)
 
 
 def bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor]:
@@ -250,7 +250,7 @@ def _cat_backward(ctx, dout, *_dstats):
     return dta, dwa, dba, None, dtb, dwb, dbb, None
 
 
-_bn_relu_cat_train.register_autograd(_cat_backward, setup_context=_cat_setup)
+_dispatch.register_autograd(_bn_relu_cat_train, _cat_backward, _cat_setup)
 
 
 def bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, tb: Tensor, wb: Tensor, bb: Tensor, eps_a: float = 1e-5,
@@ -359,7 +359,7 @@ def _add_backward(ctx, dy, _dmean, _dvar):
     return dt, dweight, dbias, dres, None
 
 
-_bn_add_relu_train.register_autograd(_add_backward, setup_context=_add_setup)
+_dispatch.register_autograd(_bn_add_relu_train, _add_backward, _add_setup)
 
 
 def bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,

@@ -217,7 +217,7 @@ def _sc_gate_bwd(ctx, dy):
     return dx, dsmall, dk3, dscale, dshift, dss, dst
 
 
-_sc_gate.register_autograd(_sc_gate_bwd, setup_context=_sc_gate_setup)
+_dispatch.register_autograd(_sc_gate, _sc_gate_bwd, _sc_gate_setup)
 
 
 def sc_gate(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor] = None,
@@ -358,7 +358,7 @@ def _bn_bwd(ctx, dy, _dmean, _dvar):
     return dx, dsmall, dk3, dweight, dbias, None
 
 
-_sc_gate_bn_train.register_autograd(_bn_bwd, setup_context=_bn_setup)
+_dispatch.register_autograd(_sc_gate_bn_train, _bn_bwd, _bn_setup)
 
 
 def sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor,
@@ -476,7 +476,7 @@ def _bn2_bwd(ctx, dy, _dmean, _dvar, _dsmall_mean, _dsmall_var):
     return dx, dsmall, dk3, dweight, dbias, None, dsw, dsb, None
 
 
-_sc_gate_bn2_train.register_autograd(_bn2_bwd, setup_context=_bn2_setup)
+_dispatch.register_autograd(_sc_gate_bn2_train, _bn2_bwd, _bn2_setup)
 
 
 def sc_gate_bn2_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor, eps: float,
