@@ -125,6 +125,26 @@ def test_public_ops_under_func_grad_match_the_fused_ops(case):
         torch.testing.assert_close(got, leaf.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"argument {i}: {m}")
 
 
+@pytest.mark.parametrize("case", _op_cases(), ids=lambda c: c[0])
+def test_public_ops_under_vmap_match_a_loop(case):
+    """Each public op batched by torch.func.vmap over a leading dimension (every argument batched) equals
+    the op called on each slice, and vmap of its gradient equals the slices' gradients."""
+    _, fn, args, dy = case
+    batched = [torch.stack([a, a.flip(0) * 0.5 + 0.25]) if a.dim() == 4 else torch.stack([a, a.abs() + 0.1])
+               for a in args]
+    got = torch.func.vmap(fn)(*batched)
+    want = torch.stack([fn(*(b[i] for b in batched)) for i in range(2)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    def loss(*a):
+        return (fn(*a) * dy).sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss, argnums=0))(*batched)
+    for i in range(2):
+        torch.testing.assert_close(grads[i], torch.func.grad(loss, argnums=0)(*(b[i] for b in batched)),
+                                   rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_forward_ad_dual_tensors_match_reference(train):
     """torch.autograd.forward_ad (dual tensors, outside torch.func): the custom ops and the C++ autograd
