@@ -83,7 +83,26 @@ def cmd_bench(args) -> int:
     for op in ops:
         if op not in _BENCH_OPS:
             raise CLIError(f"unknown op {op!r} in --ops; choose from {', '.join(_BENCH_OPS)}")
+    if args.ops is not None and not ops:
+        raise CLIError("--ops is empty; give one or more of " + ", ".join(_BENCH_OPS))
     modes = _csv(args.modes) if args.modes else None
+    if modes is not None:
+        for m in modes:
+            if m not in bench.OP_MODES + bench.MODULE_MODES:
+                raise CLIError(f"unknown mode {m!r} in --modes; choose from "
+                               f"{', '.join(bench.OP_MODES + bench.MODULE_MODES)}")
+        for op in ops:
+            if op == "model":
+                continue
+            kinds = bench.OP_MODES if op in bench.OPS else bench.MODULE_MODES
+            if not any(m in kinds for m in modes):
+                raise CLIError(f"--modes {','.join(modes)} has no mode of op {op!r}; its modes are "
+                               f"{', '.join(kinds)}")
+    if "model" in ops:
+        try:
+            bench.check_train_images(args.batch_size, args.image_size)
+        except bench.BenchError as exc:
+            raise CLIError(str(exc)) from None
     providers = _csv(args.providers) if args.providers else None
     if providers:
         for p in providers:

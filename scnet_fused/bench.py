@@ -1419,6 +1419,20 @@ def build_model(arch: str, fused: bool, num_classes: int = 1000) -> nn.Module:
     return ctor(fused=True, num_classes=num_classes)
 
 
+def check_train_images(batch_size: int, image_size: int) -> None:
+    """A clear error, before any model is built, for images an SCNet cannot train on: the last stage's map
+    (ceil(size / 32) px) under the SCConvs' 4x4 average pool, and a batch whose pooled map there leaves
+    a training BatchNorm one value per channel (batch 1 below 225 px)."""
+    last = -(-image_size // 32)
+    if last < 4:
+        raise BenchError(f"image size {image_size} is too small for SCNet: the last stage's map would be "
+                         f"{last} px, below the 4 px its SCConvs pool to one (need >= 97)")
+    if batch_size * (last // 4) ** 2 < 2:
+        raise BenchError(f"batch size {batch_size} at {image_size} px leaves the last stage's pooled map "
+                         f"{last // 4}x{last // 4}: one value per channel, which a training BatchNorm cannot "
+                         "normalise; use a batch of at least 2 or images of at least 225 px")
+
+
 def train_benchmark(arch: str = "scnet50", batch_size: int = 32, amp: Optional[torch.dtype] = None,
                     channels_last: bool = False, compile: bool = False, fused: bool = True, steps: int = 10,
                     warmup: int = 2, image_size: int = 224, device: Optional[torch.device] = None,
@@ -1436,9 +1450,7 @@ def train_benchmark(arch: str = "scnet50", batch_size: int = 32, amp: Optional[t
         raise BenchError("batch size and steps must be >= 1 and warmup >= 0")
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise BenchError(f"the learning rate must be a positive number, got {lr}")
-    if -(-image_size // 32) < 4:  # the last stage's map, ceil(size / 32), under its 4x4 average pool
-        raise BenchError(f"image size {image_size} is too small for SCNet: the last stage's map would be "
-                         f"{-(-image_size // 32)} px, below the 4 px its SCConvs pool to one (need >= 97)")
+    check_train_images(batch_size, image_size)
     torch.manual_seed(0)
     model = build_model(arch, fused, num_classes).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format

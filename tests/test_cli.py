@@ -51,6 +51,12 @@ def test_check_passes():
     (["train-bench", "--device", "cpu", "--image-size", "96"], "need >= 97"),
     (["train-bench", "--device", "cpu", "--image-size", "128", "--lr", "0"], "positive number"),
     (["train-bench", "--device", "cpu", "--image-size", "128", "--lr", "nan"], "positive number"),
+    (["train-bench", "--device", "cpu", "--batch-size", "1"], "at least 225 px"),
+    (["bench", "--device", "cpu", "--ops", "model", "--batch-size", "1", "--image-size", "160"], "at least 225 px"),
+    (["bench", "--ops", ",", "--shapes", "8x8x8"], "--ops is empty"),
+    (["bench", "--ops", "gate", "--shapes", "8x8x8", "--modes", "bogus"], "unknown mode 'bogus'"),
+    (["bench", "--ops", "gate,scconv", "--shapes", "8x8x8", "--modes", "train"], "no mode of op 'gate'"),
+    (["bench", "--ops", "scconv", "--shapes", "8x8x8", "--modes", "forward"], "no mode of op 'scconv'"),
     (["frobnicate"], "invalid choice"),
     (["check", "--backends", "nope"], "unknown backend"),
 ])
