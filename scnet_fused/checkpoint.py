@@ -129,7 +129,16 @@ def _download(url: str, dst: str) -> None:
 def load_pretrained(model: nn.Module, arch: str, pretrained, check_hash: bool = False,
                     ignore_prefixes: Sequence[str] = ()) -> nn.Module:
     """``pretrained=True``: the published file from the hub cache, downloaded on first use;
-    ``pretrained="path.pth"``: that file. ``check_hash`` compares the SHA-256 prefix in the file name."""
+    ``pretrained="path.pth"``: that file. ``check_hash``: the file's SHA-256 must start with the hex
+    digits of the published file's name for ``arch`` (``scnet50-dc6a7e87.pth``: dc6a7e87), whatever the
+    file is called; not the default (no copy of the published files was at hand to confirm they honour
+    the convention)."""
+    if not isinstance(pretrained, (bool, str, os.PathLike)):
+        raise TypeError(f"pretrained must be False, True or a file path, got {pretrained!r}")
+    if check_hash and arch not in PUBLISHED:
+        raise CheckpointError(f"check_hash: no published weights exist for {arch!r}, so there is no hash to "
+                              f"check against (published: {', '.join(sorted(PUBLISHED))})")
+    prefix = PUBLISHED[arch].rsplit("-", 1)[1].split(".")[0] if check_hash else None
     if pretrained is True:
         url = published_url(arch)
         dst = cached_path(arch)
@@ -143,8 +152,7 @@ def load_pretrained(model: nn.Module, arch: str, pretrained, check_hash: bool = 
                     f"Without a network, copy the file to {dst} or pass its path: "
                     f"{arch}(pretrained='/path/to/{PUBLISHED[arch]}')"
                 ) from exc
-        prefix = PUBLISHED[arch].rsplit("-", 1)[1].split(".")[0] if check_hash else None
         return load_checkpoint(model, dst, sha256_prefix=prefix, ignore_prefixes=ignore_prefixes)
     if isinstance(pretrained, (str, os.PathLike)):
-        return load_checkpoint(model, pretrained, ignore_prefixes=ignore_prefixes)
+        return load_checkpoint(model, pretrained, sha256_prefix=prefix, ignore_prefixes=ignore_prefixes)
     raise TypeError(f"pretrained must be False, True or a file path, got {pretrained!r}")

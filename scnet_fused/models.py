@@ -119,12 +119,13 @@ def _layer_stride(block: nn.Module) -> int:
 
 
 def build(arch: str, fused: bool = True, pretrained=False, features_only: bool = False,
-          out_indices: Optional[Sequence[int]] = None, **kwargs) -> nn.Module:
+          out_indices: Optional[Sequence[int]] = None, check_hash: bool = False, **kwargs) -> nn.Module:
     """An SCNet of ``arch`` (scnet50, scnet50_v1d, scnet101, scnet101_v1d).
 
     ``fused``: fused SCBottleneck/SCConv (default) or the reference modules; the state_dict is the
     same either way. ``pretrained``: False, True (the published file via the torch hub cache) or a
-    path. ``features_only``: return the stage feature maps (see :class:`SCNetFeatures`) of the stages
+    path; ``check_hash=True`` checks the file against the published file's SHA-256 prefix (not the
+    default). ``features_only``: return the stage feature maps (see :class:`SCNetFeatures`) of the stages
     ``out_indices`` (default all four; stages after the last one selected are not built).
     """
     if arch not in reference.ARCHS:
@@ -148,7 +149,9 @@ def build(arch: str, fused: bool = True, pretrained=False, features_only: bool =
         ignore = ()
         if features_only:  # the head, and the stages not built
             ignore = ("fc.",) + tuple(f"layer{i}." for i in range(max(model.out_indices) + 1, 5))
-        load_pretrained(model, arch, pretrained, ignore_prefixes=ignore)
+        load_pretrained(model, arch, pretrained, check_hash=check_hash, ignore_prefixes=ignore)
+    elif check_hash:
+        raise ValueError("check_hash applies to pretrained weights; pass pretrained=True or a file path")
     return model
 
 

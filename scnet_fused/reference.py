@@ -299,16 +299,20 @@ def build(arch: str, block: type = SCBottleneck, **kwargs) -> SCNet:
 
 
 def _pretrained_model(arch: str, pretrained, kwargs) -> SCNet:
+    check_hash = kwargs.pop("check_hash", False)
     model = build(arch, **kwargs)
     if pretrained:
         from .checkpoint import load_pretrained
 
-        load_pretrained(model, arch, pretrained)
+        load_pretrained(model, arch, pretrained, check_hash=check_hash)
+    elif check_hash:
+        raise ValueError("check_hash applies to pretrained weights; pass pretrained=True or a file path")
     return model
 
 
 def scnet50(pretrained=False, **kwargs) -> SCNet:
-    """SCNet-50. ``pretrained``: False, True (published weights via the hub cache) or a file path."""
+    """SCNet-50. ``pretrained``: False, True (published weights via the hub cache) or a file path;
+    ``check_hash=True`` checks the file against the published file's SHA-256 prefix."""
     return _pretrained_model("scnet50", pretrained, kwargs)
 
 

@@ -1,5 +1,6 @@
 """Checkpoint loading: local files, wrappers, prefixes, every error case, no code execution."""
 
+import hashlib
 import os
 import pickle
 
@@ -110,6 +111,28 @@ def test_sha256_prefix_check(tmp_path, ref_state):
     scnet_fused.load_checkpoint(R.scnet50(num_classes=10), str(path), sha256_prefix=digest[:8])
     with pytest.raises(CheckpointError, match="SHA-256"):
         scnet_fused.load_checkpoint(R.scnet50(num_classes=10), str(path), sha256_prefix="00000000" if digest[:8] != "00000000" else "11111111")
+
+
+def test_check_hash_applies_to_a_file_path_too(tmp_path, monkeypatch, ref_state):
+    """check_hash=True compares a local file with the published file's SHA-256 prefix whatever the file is
+    called (a file named like the published one but with other contents is refused), through
+    load_pretrained and through the model constructors; a matching prefix loads."""
+    path = tmp_path / "scnet50-dc6a7e87.pth"
+    torch.save(ref_state, path)
+    for load in (lambda: checkpoint.load_pretrained(R.scnet50(num_classes=10), "scnet50", str(path), check_hash=True),
+                 lambda: models.scnet50(num_classes=10, pretrained=str(path), check_hash=True),
+                 lambda: R.scnet50(num_classes=10, pretrained=path, check_hash=True)):
+        with pytest.raises(CheckpointError, match="SHA-256"):
+            load()
+    models.scnet50(num_classes=10, pretrained=str(path))  # not the default
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setitem(checkpoint.PUBLISHED, "scnet50", f"scnet50-{digest[:8]}.pth")
+    m = models.scnet50(num_classes=10, pretrained=str(path), check_hash=True)
+    assert torch.equal(m.state_dict()["conv1.weight"], ref_state["conv1.weight"])
+    with pytest.raises(CheckpointError, match="no hash"):
+        models.scnet101_v1d(pretrained=str(path), check_hash=True)
+    with pytest.raises(ValueError, match="check_hash"):
+        models.scnet50(check_hash=True)
 
 
 def test_pretrained_true_without_network_names_file_and_path(tmp_path, monkeypatch):
