@@ -19,7 +19,10 @@ not saved (it is 2.25x the input). At inference the filters' transform is kept b
 Numerics (float32): the transforms' coefficients (up to 8 and 1/24) cost precision: on random data the
 largest error relative to the output's largest magnitude is about 5e-6 to 1.3e-5 (32 to 256 input
 channels) against 3e-7 to 1e-6 for the direct convolution. cuDNN's Winograd algorithms trade the same
-way; ``set_conv_algorithm("direct")`` (or ``SCNET_FUSED_CONV=direct``) keeps the direct convolution.
+way. A NaN or infinity in the input reaches every output of the 4x4 tiles whose windows hold it (a
+direct convolution: its 3x3 neighbourhood), and inputs of about 1e37 and more overflow in the
+transforms' sums. ``set_conv_algorithm("direct")`` (or ``SCNET_FUSED_CONV=direct``) keeps the direct
+convolution.
 
 :func:`conv2d` is what the fused modules call for their convolutions: it takes this path where it is
 enabled and pays (:func:`winograd_applies`), and ``F.conv2d`` everywhere else.
