@@ -64,13 +64,25 @@ def _strip_prefix(state: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.
     return out
 
 
+def _bn_counter(model: nn.Module, key: str) -> bool:
+    """``key`` is the num_batches_tracked buffer of a BatchNorm in ``model``."""
+    owner = key[: -len(".num_batches_tracked")]
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return False
+    return isinstance(module, nn.modules.batchnorm._NormBase)
+
+
 def load_checkpoint(model: nn.Module, path_or_state: Union[str, os.PathLike, Mapping],
                     sha256_prefix: Optional[str] = None, ignore_prefixes: Sequence[str] = ()) -> nn.Module:
     """Load an SCNet checkpoint into ``model`` (reference or fused; the keys are the same).
 
     ``path_or_state`` is a file path or an in-memory state_dict. The file may hold a bare state_dict
     or one under ``"state_dict"`` / ``"model"``; a ``"module."`` prefix (DataParallel) is stripped.
-    Missing, unexpected or mis-shaped keys raise :class:`CheckpointError` listing all of them.
+    Missing, unexpected or mis-shaped keys raise :class:`CheckpointError` listing all of them (a
+    BatchNorm's ``num_batches_tracked`` may be absent, as nn.BatchNorm2d's own loading allows: files from
+    PyTorch before 0.4.1 have none).
     ``sha256_prefix``: when given, the file's SHA-256 must start with it. ``ignore_prefixes``: keys of
     the checkpoint to drop before matching (e.g. ``("fc.",)`` for a headless backbone).
     """
@@ -94,7 +106,9 @@ def load_checkpoint(model: nn.Module, path_or_state: Union[str, os.PathLike, Map
     if ignore_prefixes:
         state = OrderedDict((k, v) for k, v in state.items() if not k.startswith(tuple(ignore_prefixes)))
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # BatchNorm's num_batches_tracked: files saved before it existed (PyTorch < 0.4.1) lack it, and
+    # nn.BatchNorm2d's own loading accepts that (its counter restarts from zero); so does this one
+    missing = [k for k in own if k not in state and not (k.endswith(".num_batches_tracked") and _bn_counter(model, k))]
     unexpected = [k for k in state if k not in own]
     mismatched = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

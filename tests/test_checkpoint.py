@@ -135,6 +135,21 @@ def test_check_hash_applies_to_a_file_path_too(tmp_path, monkeypatch, ref_state)
         models.scnet50(check_hash=True)
 
 
+def test_files_without_batchnorm_counters_load(tmp_path, ref_state):
+    """Checkpoints saved before BatchNorm had num_batches_tracked load, as nn.BatchNorm2d allows (the
+    counters start from zero); any other missing key is still an error."""
+    path = tmp_path / "old.pth"
+    old = {k: v for k, v in ref_state.items() if not k.endswith("num_batches_tracked")}
+    assert len(old) < len(ref_state)
+    torch.save(old, path)
+    m = models.scnet50(num_classes=10, pretrained=str(path))
+    assert torch.equal(m.state_dict()["layer2.1.bn3.running_var"], ref_state["layer2.1.bn3.running_var"])
+    assert int(m.state_dict()["bn1.num_batches_tracked"]) == 0
+    del old["layer2.1.bn3.running_var"]
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): layer2.1.bn3.running_var"):
+        scnet_fused.load_checkpoint(R.scnet50(num_classes=10), old)
+
+
 def test_pretrained_true_without_network_names_file_and_path(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     torch.hub.set_dir(str(tmp_path / "hub"))
