@@ -447,9 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--channels-last", action="store_true")
     b.add_argument("--device", type=_device, help="cpu or cuda (default: cuda when present)")
     b.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
-    b.add_argument("--min-run-time", type=_positive_float, help="CPU seconds per measurement")
-    b.add_argument("--warmup-ms", type=_positive_float, help="GPU warm-up per measurement (default 25)")
-    b.add_argument("--rep-ms", type=_positive_float, help="GPU timed milliseconds per measurement (default 100)")
+    b.add_argument("--min-run-time", type=_positive_float, help="CPU seconds per measurement (default 0.5; 0.2 with --quick)")
+    b.add_argument("--warmup-ms", type=_positive_float, help="GPU warm-up per measurement (default 25; 10 with --quick)")
+    b.add_argument("--rep-ms", type=_positive_float, help="GPU timed milliseconds per measurement (default 100; 40 with --quick)")
     b.add_argument("--model", default="scnet50", choices=("scnet50", "scnet101", "scnet50_v1d", "scnet101_v1d"),
                    help="model for --ops model")
     b.add_argument("--image-size", type=_positive_int, default=224)
@@ -467,17 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="images/s, peak memory and time to first step; under torchrun "
                                    "(WORLD_SIZE > 1) the model runs in DistributedDataParallel.")
     t.add_argument("--model", default="scnet50", choices=("scnet50", "scnet101", "scnet50_v1d", "scnet101_v1d"))
-    t.add_argument("--batch-size", type=_positive_int, default=32, help="per-process batch size")
+    t.add_argument("--batch-size", type=_positive_int, default=32, help="per-process batch size (default 32)")
     t.add_argument("--amp", default="none", choices=("none", "fp16", "bf16"))
     t.add_argument("--channels-last", action="store_true")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--fused", action="store_true", default=True, help="fused SCConv modules (default)")
     g.add_argument("--reference", action="store_true", help="the pure-PyTorch reference model")
-    t.add_argument("--steps", type=_positive_int, default=10)
-    t.add_argument("--warmup", type=_nonneg_int, default=2)
-    t.add_argument("--image-size", type=_positive_int, default=224)
-    t.add_argument("--num-classes", type=_positive_int, default=1000)
+    t.add_argument("--steps", type=_positive_int, default=10, help="timed steps (default 10)")
+    t.add_argument("--warmup", type=_nonneg_int, default=2, help="untimed steps first (default 2)")
+    t.add_argument("--image-size", type=_positive_int, default=224, help="square images, px (default 224)")
+    t.add_argument("--num-classes", type=_positive_int, default=1000, help="(default 1000)")
     t.add_argument("--lr", type=_args.positive_float, help="SGD learning rate (default: 0.1 x global batch / 256)")
     t.add_argument("--device", type=_device)
     t.add_argument("--json", metavar="FILE", help="also write the result as JSON")
@@ -486,7 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train_bench)
 
-    c = sub.add_parser("check", help="parity of every available backend against the reference (seconds)")
+    c = sub.add_parser("check", help="parity of every available backend against the reference (seconds)",
+                       description="Runs each backend's fused ops on small irregular shapes, NCHW and channels_last, "
+                                   "against the float64 eager reference and prints PASS or FAIL per op, shape "
+                                   "and layout (allowed: twice eager's own error in the dtype plus a small "
+                                   "slack); exits non-zero on any failure.")
     c.add_argument("--backends", metavar="LIST", help="comma list of triton, cuda, cpu, reference "
                                                       "(default: every one that can run here)")
     c.add_argument("--dtype", default="fp32", help="comma list of fp32, bf16, fp16")
