@@ -450,6 +450,39 @@ class _SharedCast(torch.autograd.Function):
         return grad.to(ctx.dtype), None
 
 
+class _GradLayoutOf(torch.autograd.Function):
+    """The identity, whose backward gives the gradient the memory layout ``t`` has (dense NCHW or
+    channels_last). The gate ops return k3's and the pooled map's gradients in x's layout; where a norm
+    module made those tensors in the other layout, its backward then still gets its output's layout
+    (ATen's InstanceNorm2d backward, given a channels_last gradient for its NCHW output of a one-image
+    channels_last input, returns wrong values: torch 2.14)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.fmt = _layout(t)
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None or grad.is_contiguous(memory_format=ctx.fmt):
+            return grad
+        return grad.contiguous(memory_format=ctx.fmt)
+
+
+def _layout(t: Tensor) -> torch.memory_format:
+    return torch.channels_last if (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+                                   and not t.is_contiguous()) else torch.contiguous_format
+
+
+def _norm_module_out(norm: nn.Module, t: Tensor) -> Tensor:
+    """``norm(t)`` for a norm the gate does not take inside (run as its module), its gradient to come
+    back in the layout of its output (:class:`_GradLayoutOf`)."""
+    out = norm(t)
+    if torch.is_grad_enabled() and out.requires_grad and out.dim() == 4:
+        out = _GradLayoutOf.apply(out)
+    return out
+
+
 class _ConvOfGate(torch.autograd.Function):
     """``conv2d(y)`` for the gate output ``y``, saving the gate's inputs instead of ``y``.
 
@@ -693,7 +726,7 @@ class SCConv(reference.SCConv):
             else:
                 in_gate = k3.numel() > 0 and not k3_train  # k2's eval fold, into the other gates
             if not in_gate:  # mixed modes, an empty batch: k2's norm runs as the module
-                small, norm2 = norm2(small), None
+                small, norm2 = _norm_module_out(norm2, small), None
         # The gate kernels take one dtype: under autocast the conv outputs set it.
         if small.dtype != k3.dtype:
             small = small.to(k3.dtype)
@@ -721,7 +754,7 @@ class SCConv(reference.SCConv):
             y = sc_gate(xg, small, k3, scale, shift, ss, st)
             regate = _regate_affine(scale, shift, ss, st)
         else:
-            k3 = norm3(k3).to(k3.dtype)
+            k3 = _norm_module_out(norm3, k3).to(k3.dtype)
             y = sc_gate(xg, small, k3, None, None, ss, st)
             regate = _regate_affine(None, None, ss, st)
         return y, (xg, small, k3, scale, shift, ss, st, regate)
@@ -737,8 +770,8 @@ class SCConv(reference.SCConv):
             small = _conv(conv2, pooled)
             if self.fuse_k2_norm and _gate_takes_norm(norm2, small):
                 return small, norm2
-            return norm2(small), None
-        return k2(x), None
+            return _norm_module_out(norm2, small), None
+        return _GradLayoutOf.apply(k2(x)) if torch.is_grad_enabled() else k2(x), None
 
     def _conv4(self, y, x, small, k3, scale, shift, small_scale, small_shift, regate):
         conv4 = self.k4[0]

@@ -147,6 +147,22 @@ def test_other_norm_layers(norm):
         _step_and_compare(ref.eval(), fused.eval(), x, steps=1)
 
 
+@pytest.mark.parametrize("block", ["scconv", "bottleneck"])
+def test_instance_norm_on_one_channels_last_image(block):
+    """InstanceNorm2d on one channels_last image: its output is NCHW, and ATen's backward given a
+    channels_last gradient for it computes wrong values; the gradients the fused gate returns in x's
+    layout reach it in its output's layout, so they match the reference."""
+    norm = lambda c: nn.InstanceNorm2d(c, affine=True)  # noqa: E731
+    if block == "scconv":
+        ref, fused = _pair(R.SCConv, 16, 16, 1, 1, 1, 1, 4, norm)
+        x = torch.randn(1, 16, 8, 8)
+    else:
+        ref, fused = _pair(R.SCBottleneck, 32, 8, norm_layer=norm)
+        x = torch.randn(1, 32, 8, 8)
+    fused.load_state_dict(ref.state_dict())
+    _step_and_compare(ref.train(), fused.train(), x.contiguous(memory_format=torch.channels_last), steps=1)
+
+
 class FrozenBN(nn.Module):
     """A frozen BatchNorm (buffers only), as detection codebases use."""
 
