@@ -401,6 +401,29 @@ def _affine_params_none(C: int, like: Tensor) -> Tuple[Tensor, Tensor]:
             torch.zeros(C, device=like.device, dtype=torch.float32))
 
 
+# Inference (autograd off) on maps below these sizes runs the reference computation (the modules), in
+# eager mode: there the fused paths' Python (per call: the path checks, the BatchNorm folds, the
+# Winograd rules, ~900 more Python calls per bottleneck than the reference's forward) costs more than
+# their kernels save. Measured on a 2-core Xeon, SCNet-50's blocks in eval against the reference's
+# (benchmarks/results/cpu-xeon/small_inference.md, nine interleaved rounds, 2 threads), time relative to
+# the reference, by the larger of the block's input and output: 401408 elements and more 0.75x-1.03x
+# (layer1 to layer3[0] at 1x224; at 2x224 and 4x160 to layer4[0]) but 1.05x-1.08x for layer3[1] and
+# layer4[0] at 2x224 and 4x160; 524288 at 2x128 (layer1, layer2[0]) 0.87x-0.96x; 262144 and fewer
+# 1.06x-1.40x (1x224 from layer3[1], 2x128 from layer2[1], layer4[1] at 2x224 and 4x160). A bottleneck
+# whose input and output both have fewer than 3 x 2^17 elements, and an SCConv whose input has fewer
+# than 3 x 2^14 (a bottleneck's SCConv sees an eighth of its input), take the reference. Training keeps
+# the fused paths at every size (their saved-memory bounds). Under torch.compile / torch.export the
+# fused paths always run (a size test would be a guard).
+BOTTLENECK_INFERENCE_MIN_ELEMENTS = 3 << 17
+SCCONV_INFERENCE_MIN_ELEMENTS = 3 << 14
+
+
+def _reference_inference(elements: int, min_elements: int) -> bool:
+    """Whether an inference call (autograd off, eager) on a map of ``elements`` elements is small enough
+    for the reference computation (:data:`BOTTLENECK_INFERENCE_MIN_ELEMENTS`)."""
+    return not torch.is_grad_enabled() and elements < min_elements and not torch.compiler.is_compiling()
+
+
 # Gate outputs below this many elements are saved for k4's backward rather than recomputed.
 RECOMPUTE_MIN_ELEMENTS = 1 << 16
 
@@ -685,8 +708,8 @@ class SCConv(reference.SCConv):
     def forward(self, x: Tensor) -> Tensor:
         if standard_ops_only():
             return self._portable_forward(x)
-        if not self._fusable():
-            return super().forward(x)  # hooks on k2 / k3 / k4: the containers run as modules
+        if _reference_inference(x.numel(), SCCONV_INFERENCE_MIN_ELEMENTS) or not self._fusable():
+            return super().forward(x)  # a small map at inference; hooks on k2 / k3 / k4: the modules
         y, saved = self._gate(x)
         conv4, norm4 = self.k4[0], self.k4[1]
         if not torch.is_grad_enabled():
@@ -870,6 +893,7 @@ class SCBottleneck(reference.SCBottleneck):
 
     def forward(self, x: Tensor) -> Tensor:
         if (not _plain_relu(self.relu) or x.dim() != 4 or standard_ops_only()
+                or _reference_inference(self._map_elements(x), BOTTLENECK_INFERENCE_MIN_ELEMENTS)
                 or (self.avd and not self._plain_avd())):
             # exports and torch.func transforms: standard operators only; a ReLU or an avd pool with
             # hooks or its own forward is called as often as the reference calls it
@@ -895,6 +919,14 @@ class SCBottleneck(reference.SCBottleneck):
             residual = _seq_conv_bn(self.downsample, x)
         out = out + residual
         return self.relu(out)
+
+    def _map_elements(self, x: Tensor) -> int:
+        """The larger of the block's input and output sizes (a stage's first block at 64 channels in has
+        a small input and a large output), for the small-map rule at inference."""
+        s = getattr(self, "stride", 1)
+        s = int(s[0] if isinstance(s, (tuple, list)) else s)
+        out = x.shape[0] * self.conv3.out_channels * (-(-x.shape[2] // s)) * (-(-x.shape[3] // s))
+        return max(x.numel(), out)
 
     def _tail(self, t: Tensor, residual: Tensor) -> Tensor:
         """``relu(bn3(t) + residual)`` as one fused op where t and the residual match in shape, dtype and

@@ -39,3 +39,16 @@ def _recompute_at_every_size(monkeypatch):
 
     monkeypatch.setattr(modules, "RECOMPUTE_MIN_ELEMENTS", 0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fused_inference_at_every_size(monkeypatch):
+    """At inference the fused modules run the reference computation on small maps (below
+    ``modules.BOTTLENECK_INFERENCE_MIN_ELEMENTS`` / ``SCCONV_INFERENCE_MIN_ELEMENTS``); the suite's small
+    shapes would all take it, so the tests run the fused paths at every size (test_modules checks the
+    thresholds themselves)."""
+    from scnet_fused import modules
+
+    monkeypatch.setattr(modules, "BOTTLENECK_INFERENCE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(modules, "SCCONV_INFERENCE_MIN_ELEMENTS", 0)
+    yield

@@ -566,6 +566,18 @@ def test_bench_conv1x1_script(tmp_path):
         (tmp_path / "conv1x1.md").read_text()
 
 
+def test_bench_small_inference_script(tmp_path):
+    """benchmarks/bench_small_inference.py: scnet50's blocks at inference, reference against fused with and
+    without the small-map rule."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_small_inference.py"), "--no-model",
+                        "--rounds", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "small_inference.json").read_text())["rows"]
+    assert len(rows) == 4 * 8 * 3 and all(row["median_ms"] > 0 for row in rows)
+    assert "| layer4[1] eval forward (scnet50 at 2x3x128x128) | reference | 2x2048x4x4 |" in \
+        (tmp_path / "small_inference.md").read_text()
+
+
 def test_bench_winograd_parts_script(tmp_path, capsys):
     """benchmarks/bench_winograd_parts.py: the products, the convolutions, the weight gradients and the
     filter transforms, each implementation against the other."""

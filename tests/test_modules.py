@@ -16,6 +16,8 @@ from _util import backends_here, kink_perturbed, randomize_norms
 BACKENDS = backends_here()
 # the package's value (the suite's conftest sets the threshold to 0 for every test)
 DEFAULT_RECOMPUTE_MIN_ELEMENTS = scnet_fused.modules.RECOMPUTE_MIN_ELEMENTS
+DEFAULT_INFERENCE_MIN_ELEMENTS = (scnet_fused.modules.BOTTLENECK_INFERENCE_MIN_ELEMENTS,
+                                  scnet_fused.modules.SCCONV_INFERENCE_MIN_ELEMENTS)
 
 
 def _pair(ctor, *args, **kwargs):
@@ -636,6 +638,57 @@ def test_gate_output_saved_below_the_recompute_size(monkeypatch):
             grads.append(torch.autograd.grad(m(x).square().sum(), [x] + list(m.parameters())))
         for a, b in zip(*grads):
             assert torch.equal(a, b)
+
+
+def test_small_maps_at_inference_run_the_reference_computation(monkeypatch):
+    """At inference (autograd off) a bottleneck's input below ``BOTTLENECK_INFERENCE_MIN_ELEMENTS`` and an
+    SCConv's below ``SCCONV_INFERENCE_MIN_ELEMENTS`` run the reference computation (every BatchNorm
+    module called, nothing folded), with the reference's results bit for bit; larger maps, and training
+    at any size, run the fused paths."""
+    from scnet_fused import modules as fused_modules
+
+    bottleneck_min, scconv_min = DEFAULT_INFERENCE_MIN_ELEMENTS
+    monkeypatch.setattr(fused_modules, "BOTTLENECK_INFERENCE_MIN_ELEMENTS", bottleneck_min)
+    monkeypatch.setattr(fused_modules, "SCCONV_INFERENCE_MIN_ELEMENTS", scconv_min)
+    ref, fused = _pair(R.SCBottleneck, 256, 64)
+    randomize_norms(ref)
+    fused.load_state_dict(ref.state_dict())
+    ref.eval(), fused.eval()
+    small, large = torch.randn(1, 256, 8, 8), torch.randn(1, 256, 40, 40)
+    assert small.numel() < bottleneck_min <= large.numel()
+    calls = _count_forward_calls(monkeypatch, nn.BatchNorm2d)
+    norms = [m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        assert torch.equal(fused(small), ref(small))
+        assert all(_called(calls, m) for m in norms)
+        calls.clear()
+        torch.testing.assert_close(fused(large), ref(large), rtol=1e-4, atol=1e-4)
+        assert not _called(calls, fused.bn3) and not _called(calls, fused.scconv.k3[1])  # in the fused ops
+    calls.clear()
+    x = small.clone().requires_grad_()
+    fused(x).sum().backward()  # autograd on: the fused paths (k3's norm inside the gate)
+    assert not _called(calls, fused.scconv.k3[1])
+    # a stage's first block: a small input (64 channels) but a large output stays fused
+    first_ref, first = _pair(R.SCBottleneck, 64, 64,
+                             downsample=nn.Sequential(nn.Conv2d(64, 256, 1, bias=False), nn.BatchNorm2d(256)))
+    first_ref.eval(), first.eval()
+    x64 = torch.randn(1, 64, 40, 40)
+    assert x64.numel() < bottleneck_min <= 256 * 40 * 40
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(first(x64), first_ref(x64), rtol=1e-4, atol=1e-4)
+    assert not _called(calls, first.bn3)
+    sc_ref, sc = _pair(R.SCConv, 32, 32, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    sc_ref.eval(), sc.eval()
+    tiny, big = torch.randn(2, 32, 16, 16), torch.randn(2, 32, 32, 32)
+    assert tiny.numel() < scconv_min <= big.numel()
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(sc(tiny), sc_ref(tiny))
+        assert _called(calls, sc.k3[1])
+        calls.clear()
+        torch.testing.assert_close(sc(big), sc_ref(big), rtol=1e-4, atol=1e-4)
+        assert not _called(calls, sc.k3[1])
 
 
 def _step_saving(module, x, autocast):
