@@ -106,8 +106,9 @@ def cmd_bench(args) -> int:
     providers = _csv(args.providers) if args.providers else None
     if providers:
         for p in providers:
-            if p not in bench.PROVIDERS:
-                raise CLIError(f"unknown provider {p!r}; choose from {', '.join(bench.PROVIDERS)}")
+            if p not in bench.PROVIDERS and p != "fused":
+                raise CLIError(f"unknown provider {p!r}; choose from {', '.join(bench.PROVIDERS)} or fused "
+                               "(the fused backend auto picks here)")
     if device.type == "cpu" and any(d != torch.float32 for d in dtypes):
         print(f"{PROG}: note: low-precision timings on the CPU are not a target; running them anyway",
               file=sys.stderr)
@@ -134,8 +135,12 @@ def cmd_bench(args) -> int:
                               rep_ms=args.rep_ms or (40 if args.quick else 100))
             if h.ceiling_gbps is None and any(op in bench.OPS for op in ops):
                 h.measure_ceiling()
+            # "fused": the backend auto picks for these tensors (the model rows' label)
+            op_providers = None if providers is None else list(dict.fromkeys(
+                p2 for p in providers
+                for p2 in ([bench.auto_fused_backend(device, dtype) or "cpu"] if p == "fused" else [p])))
             log(f"device: {h._device_name}; dtype {bench.dtype_name(dtype)}; N={args.batch_size}; "
-                f"providers: {', '.join(providers or bench.default_providers(device, dtype))}")
+                f"providers: {', '.join(op_providers or bench.default_providers(device, dtype))}")
             for op in ops:
                 if op == "model":
                     continue
@@ -143,12 +148,12 @@ def cmd_bench(args) -> int:
                     log(f"-- {op} {bench.shape_str((args.batch_size,) + tuple(shape))} {bench.dtype_name(dtype)}")
                     if op in bench.OPS:
                         h.run_op(op, shape, modes=[m for m in (modes or bench.OP_MODES) if m in bench.OP_MODES],
-                                 providers=providers, channels_last=args.channels_last)
+                                 providers=op_providers, channels_last=args.channels_last)
                     else:
                         amp = None if dtype == torch.float32 else dtype
                         h.run_module(op, shape, modes=[m for m in (modes or bench.MODULE_MODES)
                                                        if m in bench.MODULE_MODES],
-                                     providers=providers, channels_last=args.channels_last, amp=amp)
+                                     providers=op_providers, channels_last=args.channels_last, amp=amp)
             if "model" in ops:
                 model_provs = list(dict.fromkeys(p if p not in bench.FUSED_BACKENDS else "fused" for p in
                                                  (providers or ["eager", "compile", "fused", "compile_fused"])))
@@ -412,6 +417,8 @@ def cmd_info(args) -> int:
                     else " (needs CUDA tensors; TRITON_INTERPRET=1 runs it on CPU tensors)")
         if why is None and b == "triton" and interp_problem is not None:
             note = f" on CUDA tensors only: on CPU tensors {interp_problem}"
+        if why is None and b == "cuda" and not torch.cuda.is_available():
+            note = " (built; runs on CUDA tensors, and this machine has no GPU)"
         print(f"  {b:<10} {'available' + note if why is None else 'unavailable: ' + why}")
     why = bench.fused_modules_reason()
     print(f"fused modules (SCConv, SCBottleneck): {'available' if why is None else why}")
@@ -440,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(default gate,gate_bn,avgpool,bn_relu,bn_add_relu,scconv; --quick: gate,gate_bn)")
     b.add_argument("--modes", metavar="LIST", help="op modes forward,backward,full and/or module modes train,eval")
     b.add_argument("--providers", metavar="LIST",
-                   help="comma list of eager, compile, triton, cuda, cpu, compile_fused (default: all available)")
+                   help="comma list of eager, compile, triton, cuda, cpu, compile_fused, or fused (the fused "
+                        "backend auto picks here) (default: all available)")
     b.add_argument("--dtype", default="fp32", help="comma list of fp32, bf16, fp16 (modules: autocast)")
     b.add_argument("--batch-size", type=_positive_int, default=8, help="N (default 8)")
     b.add_argument("--shapes", metavar="LIST", help="comma list of CxHxW (default: SCNet-50 stage shapes)")

@@ -54,6 +54,7 @@ def test_check_passes():
     (["train-bench", "--device", "cpu", "--batch-size", "1"], "at least 225 px"),
     (["bench", "--device", "cpu", "--ops", "model", "--batch-size", "1", "--image-size", "160"], "at least 225 px"),
     (["bench", "--ops", ",", "--shapes", "8x8x8"], "--ops is empty"),
+    (["bench", "--providers", "fast"], "or fused"),
     (["bench", "--ops", "gate", "--shapes", "8x8x8", "--modes", "bogus"], "unknown mode 'bogus'"),
     (["bench", "--ops", "gate,scconv", "--shapes", "8x8x8", "--modes", "train"], "no mode of op 'gate'"),
     (["bench", "--ops", "scconv", "--shapes", "8x8x8", "--modes", "forward"], "no mode of op 'scconv'"),
@@ -225,7 +226,8 @@ def test_summary_tables_from_results(tmp_path, capsys):
 
 
 def test_module_rows_interleaved_rounds(tmp_path, capsys):
-    """Module rows: every provider is timed in each round (order alternating), the row combines them."""
+    """Module rows: every provider is timed in each round (order alternating), the row combines them;
+    "fused" names the fused backend auto picks (cpu here)."""
     from scnet_fused import bench
     from scnet_fused.__main__ import main
 
@@ -233,7 +235,7 @@ def test_module_rows_interleaved_rounds(tmp_path, capsys):
             "cpu", bench.torch.device("cpu"), bench.torch.float32) is not None:
         pytest.skip("the fused modules need the compiled cpu backend")
     code = main(["bench", "--device", "cpu", "--ops", "scconv", "--shapes", "8x8x8", "--batch-size", "2",
-                 "--providers", "eager,cpu", "--min-run-time", "0.02", "--rounds", "3", "--out", str(tmp_path),
+                 "--providers", "eager,fused", "--min-run-time", "0.02", "--rounds", "3", "--out", str(tmp_path),
                  "--quiet", "--default-malloc", "--no-plot"])
     assert code == 0, capsys.readouterr().err
     rows = json.loads((tmp_path / "results.json").read_text())
