@@ -895,8 +895,9 @@ class SCBottleneck(reference.SCBottleneck):
         if (not _plain_relu(self.relu) or x.dim() != 4 or standard_ops_only()
                 or _reference_inference(self._map_elements(x), BOTTLENECK_INFERENCE_MIN_ELEMENTS)
                 or (self.avd and not self._plain_avd())):
-            # exports and torch.func transforms: standard operators only; a ReLU or an avd pool with
-            # hooks or its own forward is called as often as the reference calls it
+            # exports and torch.func transforms: standard operators only; a small map at inference
+            # (BOTTLENECK_INFERENCE_MIN_ELEMENTS); a ReLU or an avd pool with hooks or its own forward
+            # is called as often as the reference calls it
             return super().forward(x)
         residual = x
         out_a, out_b = _conv1_pair(self.conv1_a, self.bn1_a, self.conv1_b, self.bn1_b, self.relu, x,
