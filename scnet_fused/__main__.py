@@ -65,6 +65,16 @@ def _err(msg: str) -> None:
 _BENCH_OPS = ("gate", "gate_bn", "avgpool", "bn_relu", "bn_add_relu", "scconv", "bottleneck", "model")
 
 
+def _check_writable_dir(path: str, what: str) -> None:
+    """Create ``path`` if needed and make sure files can be written there, before any measurement."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"{what} {path}: cannot create the folder ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CLIError(f"{what} {path}: the folder is not writable")
+
+
 def cmd_bench(args) -> int:
     import torch
 
@@ -113,6 +123,7 @@ def cmd_bench(args) -> int:
         print(f"{PROG}: note: low-precision timings on the CPU are not a target; running them anyway",
               file=sys.stderr)
     out_dir = args.out or bench.default_out_dir(device)
+    _check_writable_dir(out_dir, "--out")
     min_run_time = args.min_run_time or (0.2 if args.quick else 0.5)
     log = (lambda m: None) if args.quiet else bench.log_stderr
     notes: List[str] = []
@@ -182,6 +193,8 @@ def cmd_train_bench(args) -> int:
     from . import bench
 
     amp = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.amp]
+    if args.json:
+        _check_writable_dir(os.path.dirname(os.path.abspath(args.json)), "--json")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     distributed = world > 1
     device = _resolve_device(args.device)

@@ -55,6 +55,8 @@ def test_check_passes():
     (["bench", "--device", "cpu", "--ops", "model", "--batch-size", "1", "--image-size", "160"], "at least 225 px"),
     (["bench", "--ops", ",", "--shapes", "8x8x8"], "--ops is empty"),
     (["bench", "--providers", "fast"], "or fused"),
+    (["bench", "--out", "/proc/no/such/folder"], "cannot create the folder"),
+    (["train-bench", "--json", "/proc/no/such/folder/r.json"], "cannot create the folder"),
     (["bench", "--ops", "gate", "--shapes", "8x8x8", "--modes", "bogus"], "unknown mode 'bogus'"),
     (["bench", "--ops", "gate,scconv", "--shapes", "8x8x8", "--modes", "train"], "no mode of op 'gate'"),
     (["bench", "--ops", "scconv", "--shapes", "8x8x8", "--modes", "forward"], "no mode of op 'scconv'"),
