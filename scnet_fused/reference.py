@@ -229,7 +229,9 @@ class SCNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, norm_layer) and getattr(m, "weight", None) is not None:
+            # (a norm_layer that is a factory rather than a class, functools.partial or a lambda: its
+            # modules keep their own initialisation, for BatchNorm and GroupNorm the same ones and zeros)
+            elif isinstance(norm_layer, type) and isinstance(m, norm_layer) and getattr(m, "weight", None) is not None:
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 

@@ -446,6 +446,21 @@ def test_features_only():
     assert not any(k.startswith(("layer3.", "layer4.")) for k in two.state_dict())
 
 
+def test_models_take_a_norm_layer_factory():
+    """norm_layer may be a factory (functools.partial, a lambda), not only a class, as its annotation
+    says: the models build and the fused one matches the reference (float64, training and eval)."""
+    import functools
+
+    for norm in (functools.partial(nn.BatchNorm2d, momentum=0.3), lambda c: nn.GroupNorm(4, c)):
+        torch.manual_seed(0)
+        ref = models.build("scnet50", fused=False, layers=(1, 1, 1, 1), num_classes=3, norm_layer=norm).double()
+        fused = models.build("scnet50", fused=True, layers=(1, 1, 1, 1), num_classes=3, norm_layer=norm).double()
+        fused.load_state_dict(ref.state_dict())
+        x = torch.randn(2, 3, 128, 128, dtype=torch.float64)
+        _step_and_compare(ref.train(), fused.train(), x, steps=1, rtol=1e-7, atol=1e-9)
+        _step_and_compare(ref.eval(), fused.eval(), x, steps=1, rtol=1e-7, atol=1e-9)
+
+
 def test_scnet_rejects_other_dilations_and_empty_widths():
     with pytest.raises(ValueError, match="dilation"):
         R.scnet50(dilated=True, dilation=3)
