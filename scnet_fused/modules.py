@@ -926,7 +926,8 @@ class SCBottleneck(reference.SCBottleneck):
         a small input and a large output), for the small-map rule at inference."""
         s = getattr(self, "stride", 1)
         s = int(s[0] if isinstance(s, (tuple, list)) else s)
-        out = x.shape[0] * self.conv3.out_channels * (-(-x.shape[2] // s)) * (-(-x.shape[3] // s))
+        channels = getattr(self.conv3, "out_channels", None) or x.shape[1]  # a conv3 of another kind: x's
+        out = x.shape[0] * channels * (-(-x.shape[2] // s)) * (-(-x.shape[3] // s))
         return max(x.numel(), out)
 
     def _tail(self, t: Tensor, residual: Tensor) -> Tensor:

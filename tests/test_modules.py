@@ -693,6 +693,13 @@ def test_small_maps_at_inference_run_the_reference_computation(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(first(x64), first_ref(x64), rtol=1e-4, atol=1e-4)
     assert not _called(calls, first.bn3)
+    # a conv3 that is not a convolution (no out_channels): the rule sizes the output by x's channels
+    odd_ref = R.SCBottleneck(256, 64)
+    odd_ref.conv3 = nn.Sequential(odd_ref.conv3)
+    odd = scnet_fused.convert(odd_ref).eval()
+    odd_ref.eval()
+    with torch.no_grad():
+        assert torch.equal(odd(small), odd_ref(small))
     sc_ref, sc = _pair(R.SCConv, 32, 32, 1, 1, 1, 1, 4, nn.BatchNorm2d)
     sc_ref.eval(), sc.eval()
     tiny, big = torch.randn(2, 32, 16, 16), torch.randn(2, 32, 32, 32)
