@@ -38,7 +38,7 @@ from .ops import sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
 from .ops.bn_relu import affine_add_relu, bn_add_relu_train, bn_relu_cat_train, bn_relu_train
 from .ops._dispatch import cpp_autograd, cpp_glue, standard_ops_only
 from .ops.relu_cat import relu_cat
-from .ops.sc_gate import affine_fold
+from .ops.sc_gate import _format, affine_fold
 from .ops import _plain, conv1x1, winograd
 from .ops.maxpool import max_pool2d
 
@@ -482,7 +482,7 @@ class _GradLayoutOf(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t):
-        ctx.fmt = _layout(t)
+        ctx.fmt = _format(t) if t.dim() == 4 else torch.contiguous_format
         return t.view_as(t)
 
     @staticmethod
@@ -490,11 +490,6 @@ class _GradLayoutOf(torch.autograd.Function):
         if grad is None or grad.is_contiguous(memory_format=ctx.fmt):
             return grad
         return grad.contiguous(memory_format=ctx.fmt)
-
-
-def _layout(t: Tensor) -> torch.memory_format:
-    return torch.channels_last if (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-                                   and not t.is_contiguous()) else torch.contiguous_format
 
 
 def _norm_module_out(norm: nn.Module, t: Tensor) -> Tensor:

@@ -339,11 +339,6 @@ def scnet101_v1d(pretrained=False, **kwargs) -> SCNet:
 # ---------------------------------------------------------------------------------------------
 
 
-def _functorch_transform_active() -> bool:
-    fn = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(fn()) if fn is not None else False
-
-
 def _acc(t: Tensor) -> Tensor:
     return t.double() if t.dtype == torch.float64 else t.float()
 
@@ -375,7 +370,9 @@ def _affine(k3: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -> Ten
 
 
 def _like(t: Tensor, ref: Tensor) -> Tensor:
-    if _functorch_transform_active():  # no layouts inside torch.func transforms (vmap refuses the query)
+    from .ops._dispatch import _functorch_active
+
+    if _functorch_active():  # no layouts inside torch.func transforms (vmap refuses the query)
         return t.to(ref.dtype)
     fmt = torch.channels_last if ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous() \
         else torch.contiguous_format
