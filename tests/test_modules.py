@@ -905,16 +905,20 @@ def test_strided_1x1_downsample_reads_the_subsampled_pixels(size, train, monkeyp
         assert len(taken) == 2  # the folded inference path too
 
 
+@pytest.mark.parametrize("kind", ["bottleneck", "scconv"])
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_bottleneck_under_activation_checkpointing(reentrant):
-    """torch.utils.checkpoint over a fused bottleneck: outputs, gradients and running statistics as the
-    reference's (without reentrance with the recomputation's early stop off: with it, the fused bn3's
-    second update is skipped, see the README)."""
+def test_under_activation_checkpointing(reentrant, kind):
+    """torch.utils.checkpoint over a fused bottleneck or SCConv: outputs, gradients and running statistics
+    as the reference's (without reentrance with the recomputation's early stop off: with it, the second
+    update of the fused bn3's / k4's statistics is skipped, see the README)."""
     from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
     torch.manual_seed(0)
-    down = nn.Sequential(nn.Conv2d(32, 64, 1, bias=False), nn.BatchNorm2d(64))
-    ref = R.SCBottleneck(32, 16, downsample=down, norm_layer=nn.BatchNorm2d)
+    if kind == "bottleneck":
+        down = nn.Sequential(nn.Conv2d(32, 64, 1, bias=False), nn.BatchNorm2d(64))
+        ref = R.SCBottleneck(32, 16, downsample=down, norm_layer=nn.BatchNorm2d)
+    else:
+        ref = R.SCConv(32, 32, 1, 1, 1, 1, 4, nn.BatchNorm2d)
     randomize_norms(ref)
     x = torch.randn(2, 32, 18, 20)
     runs = []
@@ -922,7 +926,7 @@ def test_bottleneck_under_activation_checkpointing(reentrant):
         xi = x.clone().requires_grad_()
         with set_checkpoint_early_stop(False):
             out = checkpoint(m.train(), xi, use_reentrant=reentrant)
-        out.square().sum().backward()
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
         runs.append((out.detach(), xi.grad, [p.grad for p in m.parameters()], list(m.buffers())))
     (oa, ga, pa, ba), (ob, gb, pb, bb) = runs
     torch.testing.assert_close(ob, oa, rtol=1e-4, atol=1e-4)
@@ -931,6 +935,33 @@ def test_bottleneck_under_activation_checkpointing(reentrant):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * max(1.0, a.abs().max().item()))
     for a, b in zip(ba, bb):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "scconv"])
+def test_checkpoint_early_stop_updates_the_last_norm_once(kind):
+    """The documented difference (README, activation checkpointing): without reentrance and with the
+    recomputation's early stop on, a checkpointed fused bottleneck's bn3 / SCConv's k4 BatchNorm gets one
+    running-statistics update (the forward's), every other BatchNorm two, as in the reference."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    if kind == "bottleneck":
+        ref, last = R.SCBottleneck(32, 8, norm_layer=nn.BatchNorm2d), "bn3"
+    else:
+        from scnet_fused.ops import _cpp
+
+        if not _cpp.has_autograd_ops():
+            pytest.skip("no compiled C++ autograd ops: k4's BatchNorm runs as the module")
+        ref, last = R.SCConv(32, 32, 1, 1, 1, 1, 4, nn.BatchNorm2d), "k4.1"
+    x = torch.randn(2, 32, 18, 20)
+    once, twice, fused = copy.deepcopy(ref).train(), copy.deepcopy(ref).train(), scnet_fused.convert(copy.deepcopy(ref))
+    once(x)
+    twice(x), twice(x)
+    checkpoint(fused.train(), x.clone().requires_grad_(), use_reentrant=False).sum().backward()
+    stats = lambda m: {k: v for k, v in m.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    for key, value in stats(fused).items():
+        expected = (once if key.startswith(last + ".") else twice).state_dict()[key]
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
