@@ -1141,7 +1141,8 @@ class Harness:
                 continue
             for mode in modes:
                 try:
-                    fns = self._op_fns(f, mode, sets, dys)
+                    with provider_context(prov):  # a backward row's forward too: its backward runs there
+                        fns = self._op_fns(f, mode, sets, dys)
                     fn = _wrap_ctx(prov, cycle(fns))
                     t = self.time(fn)
                     pk = peak_memory(_wrap_ctx(prov, fns[0]), self.device)

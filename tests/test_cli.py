@@ -136,6 +136,24 @@ def test_bench_quick_writes_rows(tmp_path, capsys):
     assert "| op | mode | shape |" in md and "gate_bn" in md and "faults/call" in md and "Allocator:" in md
 
 
+@pytest.mark.parametrize("mode", ["backward", "full"])
+def test_bench_backward_rows_run_the_providers_backward(mode, monkeypatch):
+    """A forced provider's backward row times that backend's backward: the row's forward (run once when the
+    row is built) runs under the provider too, as the backward follows the forward's backend."""
+    from scnet_fused import bench
+    from scnet_fused.ops import _dispatch
+
+    if bench.provider_reason("triton", bench.torch.device("cpu"), bench.torch.float32) is not None:
+        pytest.skip("no triton provider here")
+    tri = _dispatch._load("triton")
+    calls = []
+    real = tri.gate_backward
+    monkeypatch.setattr(tri, "gate_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    h = bench.Harness(device="cpu", batch_size=1, min_run_time=0.001, warmup_ms=0, rep_ms=0)
+    rows = h.run_op("gate", (2, 5, 4), modes=[mode], providers=["triton"])
+    assert [r["provider"] for r in rows] == ["triton"] and calls
+
+
 @pytest.mark.parametrize("env, pin, needle", [
     ({}, True, "fixed at 32 MiB"),
     ({}, False, "default, dynamic thresholds"),
