@@ -25,6 +25,17 @@ def _csv(text: str) -> List[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _given_list(text: Optional[str], option: str, choices: str) -> Optional[List[str]]:
+    """A comma-separated option: None when it was not given, else its items (an error when it names none,
+    instead of falling back to the defaults)."""
+    if text is None:
+        return None
+    items = _csv(text)
+    if not items:
+        raise CLIError(f"{option} is empty; give one or more of {choices}")
+    return items
+
+
 _positive_int = _args.positive_int
 _nonneg_int = _args.nonneg_int
 _positive_float = _args.positive_float
@@ -75,6 +86,21 @@ def _check_writable_dir(path: str, what: str) -> None:
         raise CLIError(f"{what} {path}: the folder is not writable")
 
 
+def _three_digits(v: float) -> str:
+    """A rate with three significant digits, also below 1 (0.0431, not 0.0)."""
+    return f"{v:.1f}" if v >= 100 else f"{v:.3g}"
+
+
+def _check_writable_file(path: str, what: str) -> None:
+    """``path`` can be written as a file: its folder (created if needed) is writable, and it is not a
+    folder or a file that cannot be replaced."""
+    _check_writable_dir(os.path.dirname(os.path.abspath(path)), what)
+    if os.path.isdir(path):
+        raise CLIError(f"{what} {path}: is a folder; give a file name")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise CLIError(f"{what} {path}: the file is not writable")
+
+
 def cmd_bench(args) -> int:
     import torch
 
@@ -82,20 +108,18 @@ def cmd_bench(args) -> int:
 
     device = _resolve_device(args.device)
     try:
-        dtypes = [bench.parse_dtype(d) for d in _csv(args.dtype)]
-        shapes = [bench.parse_shape(s) for s in _csv(args.shapes)] if args.shapes else list(bench.stage_shapes(args.quick))
+        dtypes = [bench.parse_dtype(d) for d in _given_list(args.dtype, "--dtype", "fp32, bf16, fp16")]
+        shapes = _given_list(args.shapes, "--shapes", "CxHxW shapes")
+        shapes = [bench.parse_shape(s) for s in shapes] if shapes is not None else list(bench.stage_shapes(args.quick))
     except bench.BenchError as exc:
         raise CLIError(str(exc)) from None
-    if not dtypes:
-        raise CLIError("--dtype is empty; give fp32, bf16 or fp16")
-    ops = _csv(args.ops) if args.ops else (["gate", "gate_bn"] if args.quick
-                                           else ["gate", "gate_bn", "avgpool", "bn_relu", "bn_add_relu", "scconv"])
+    ops = _given_list(args.ops, "--ops", ", ".join(_BENCH_OPS))
+    if ops is None:
+        ops = ["gate", "gate_bn"] if args.quick else ["gate", "gate_bn", "avgpool", "bn_relu", "bn_add_relu", "scconv"]
     for op in ops:
         if op not in _BENCH_OPS:
             raise CLIError(f"unknown op {op!r} in --ops; choose from {', '.join(_BENCH_OPS)}")
-    if args.ops is not None and not ops:
-        raise CLIError("--ops is empty; give one or more of " + ", ".join(_BENCH_OPS))
-    modes = _csv(args.modes) if args.modes else None
+    modes = _given_list(args.modes, "--modes", ", ".join(bench.OP_MODES + bench.MODULE_MODES))
     if modes is not None:
         for m in modes:
             if m not in bench.OP_MODES + bench.MODULE_MODES:
@@ -113,7 +137,7 @@ def cmd_bench(args) -> int:
             bench.check_train_images(args.batch_size, args.image_size)
         except bench.BenchError as exc:
             raise CLIError(str(exc)) from None
-    providers = _csv(args.providers) if args.providers else None
+    providers = _given_list(args.providers, "--providers", ", ".join(bench.PROVIDERS) + ", fused")
     if providers:
         for p in providers:
             if p not in bench.PROVIDERS and p != "fused":
@@ -194,7 +218,7 @@ def cmd_train_bench(args) -> int:
 
     amp = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.amp]
     if args.json:
-        _check_writable_dir(os.path.dirname(os.path.abspath(args.json)), "--json")
+        _check_writable_file(args.json, "--json")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     distributed = world > 1
     device = _resolve_device(args.device)
@@ -230,7 +254,7 @@ def cmd_train_bench(args) -> int:
         print(f"model {res['model']} ({'fused' if res['fused'] else 'reference'}{', compiled' if res['compile'] else ''})"
               f" on {res['device']}, world size {res['world_size']}")
         print(f"batch {res['batch_size']} x {res['image_size']}px, amp {res['amp']}, channels_last {res['channels_last']}")
-        print(f"images/s: {res['images_per_s']:.1f}  step: {res['median_ms']:.1f} ms "
+        print(f"images/s: {_three_digits(res['images_per_s'])}  step: {res['median_ms']:.1f} ms "
               f"(p20 {res['p20_ms']:.1f}, p80 {res['p80_ms']:.1f})")
         print(f"time to first step: {res['first_step_ms'] / 1e3:.2f} s  peak memory: {peak}")
         print(f"loss {res['first_loss']:.4f} at the first step, {res['final_loss']:.4f} at the last "
@@ -321,10 +345,11 @@ def cmd_check(args) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     device = _resolve_device(args.device)
     try:
-        dtypes = [bench.parse_dtype(d) for d in _csv(args.dtype)]
+        dtypes = [bench.parse_dtype(d) for d in _given_list(args.dtype, "--dtype", "fp32, bf16, fp16")]
     except bench.BenchError as exc:
         raise CLIError(str(exc)) from None
-    wanted = _csv(args.backends) if args.backends else [b for b in BACKENDS if b != "auto"]
+    names = ", ".join(x for x in BACKENDS if x != "auto")
+    wanted = _given_list(args.backends, "--backends", names) or [b for b in BACKENDS if b != "auto"]
     for b in wanted:
         if b not in BACKENDS or b == "auto":
             raise CLIError(f"unknown backend {b!r}; choose from {', '.join(x for x in BACKENDS if x != 'auto')}")

@@ -13,7 +13,7 @@ def number(kind, minimum, inclusive, what):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not (v >= minimum if inclusive else v > minimum):
+        if not (v >= minimum if inclusive else v > minimum) or v in (float("inf"), float("-inf")):
             raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
         return v
 
@@ -22,4 +22,4 @@ def number(kind, minimum, inclusive, what):
 
 positive_int = number(int, 1, True, "a positive integer")
 nonneg_int = number(int, 0, True, "a non-negative integer")
-positive_float = number(float, 0.0, False, "a positive number")
+positive_float = number(float, 0.0, False, "a positive finite number")

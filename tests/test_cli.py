@@ -49,11 +49,21 @@ def test_check_passes():
     (["bench", "--shapes", "64x2x2"], "pooling_r"),
     (["train-bench", "--amp", "int4"], "invalid choice"),
     (["train-bench", "--device", "cpu", "--image-size", "96"], "need >= 97"),
-    (["train-bench", "--device", "cpu", "--image-size", "128", "--lr", "0"], "positive number"),
-    (["train-bench", "--device", "cpu", "--image-size", "128", "--lr", "nan"], "positive number"),
+    (["train-bench", "--device", "cpu", "--image-size", "128", "--lr", "0"], "positive finite number"),
+    (["train-bench", "--device", "cpu", "--image-size", "128", "--lr", "nan"], "positive finite number"),
     (["train-bench", "--device", "cpu", "--batch-size", "1"], "at least 225 px"),
     (["bench", "--device", "cpu", "--ops", "model", "--batch-size", "1", "--image-size", "160"], "at least 225 px"),
     (["bench", "--ops", ",", "--shapes", "8x8x8"], "--ops is empty"),
+    (["bench", "--ops", "", "--shapes", "8x8x8"], "--ops is empty"),
+    (["bench", "--ops", "gate", "--shapes", ""], "--shapes is empty"),
+    (["bench", "--ops", "gate", "--shapes", "8x8x8", "--providers", ""], "--providers is empty"),
+    (["bench", "--ops", "gate", "--shapes", "8x8x8", "--modes", " , "], "--modes is empty"),
+    (["bench", "--ops", "gate", "--shapes", "8x8x8", "--dtype", ""], "--dtype is empty"),
+    (["bench", "--min-run-time", "inf"], "positive finite number"),
+    (["train-bench", "--device", "cpu", "--image-size", "128", "--lr", "inf"], "positive finite number"),
+    (["check", "--dtype", ","], "--dtype is empty"),
+    (["check", "--backends", ""], "--backends is empty"),
+    (["train-bench", "--device", "cpu", "--json", "/tmp"], "is a folder"),
     (["bench", "--providers", "fast"], "or fused"),
     (["bench", "--out", "/proc/no/such/folder"], "cannot create the folder"),
     (["train-bench", "--json", "/proc/no/such/folder/r.json"], "cannot create the folder"),
@@ -329,6 +339,16 @@ def _script_usage_errors(name, tmp_path, capsys, cases):
             status = exc.code
         err = capsys.readouterr().err
         assert status == 2 and needle in err, (argv, status, err[-2000:])
+
+
+def test_bench_model_script_usage_errors(tmp_path, capsys):
+    """benchmarks/bench_model.py refuses images and batches an SCNet cannot train on before building a
+    model (it used to skip every provider and write empty results)."""
+    _script_usage_errors("bench_model", tmp_path, capsys, [
+        (["--device", "cpu", "--image-size", "64"], "too small"),
+        (["--device", "cpu", "--batch-size", "1", "--image-size", "160"], "at least 225 px"),
+        (["--device", "cpu", "--batch-size", "0"], "positive integer"),
+        (["--device", "cpu", "--steps", "-1"], "positive integer")])
 
 
 def test_bench_cpu_isa_script(tmp_path, capsys):
