@@ -16,8 +16,8 @@ from scnet_fused import _args, bench
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="scnet50", help="comma list of scnet50, scnet101, scnet50_v1d, scnet101_v1d")
-    p.add_argument("--providers", default="eager,fused,compile,compile_fused",
+    p.add_argument("--model", type=_args.comma_list, default="scnet50", help="comma list of scnet50, scnet101, scnet50_v1d, scnet101_v1d")
+    p.add_argument("--providers", type=_args.comma_list, default="eager,fused,compile,compile_fused",
                    help="comma list of eager, fused, compile, compile_fused")
     p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
     p.add_argument("--batch-size", type=_args.positive_int, default=32)
@@ -38,9 +38,9 @@ def main(argv=None):
         amp = None if args.amp == "none" else bench.parse_dtype(args.amp)
         h = bench.Harness(device=device, batch_size=args.batch_size, progress=bench.log_stderr)
         with bench.bench_environment():
-            for arch in args.model.split(","):
+            for arch in args.model:
                 h.run_model(arch.strip(), image_size=args.image_size, steps=args.steps, warmup=args.warmup,
-                            providers=args.providers.split(","), channels_last=args.channels_last, amp=amp)
+                            providers=args.providers, channels_last=args.channels_last, amp=amp)
     except bench.BenchError as exc:
         print(f"bench_model: error: {exc}", file=sys.stderr)
         return 2

@@ -23,3 +23,12 @@ def number(kind, minimum, inclusive, what):
 positive_int = number(int, 1, True, "a positive integer")
 nonneg_int = number(int, 0, True, "a non-negative integer")
 positive_float = number(float, 0.0, False, "a positive finite number")
+
+
+def comma_list(text: str):
+    """An argparse type: a comma-separated list of names, at least one (an empty one is an error rather
+    than the defaults)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma list of one or more names, got {text!r}")
+    return items

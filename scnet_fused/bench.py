@@ -305,7 +305,7 @@ def cpu_kernels_from_args(ap, args):
 def shapes_from_arg(ap, text: Optional[str]) -> List[Tuple[int, int, int]]:
     """A script's ``--shapes`` (comma list of CxHxW; the stage shapes when None); a bad one is ``ap.error``."""
     try:
-        return [parse_shape(s) for s in text.split(",")] if text else list(STAGE_SHAPES)
+        return [parse_shape(s) for s in text.split(",")] if text is not None else list(STAGE_SHAPES)
     except BenchError as exc:
         ap.error(str(exc))
 

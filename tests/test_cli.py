@@ -348,7 +348,19 @@ def test_bench_model_script_usage_errors(tmp_path, capsys):
         (["--device", "cpu", "--image-size", "64"], "too small"),
         (["--device", "cpu", "--batch-size", "1", "--image-size", "160"], "at least 225 px"),
         (["--device", "cpu", "--batch-size", "0"], "positive integer"),
-        (["--device", "cpu", "--steps", "-1"], "positive integer")])
+        (["--device", "cpu", "--steps", "-1"], "positive integer"),
+        (["--device", "cpu", "--providers", ","], "one or more names")])
+
+
+@pytest.mark.parametrize("script", ["bench_gate", "bench_scconv"])
+def test_bench_gate_and_scconv_script_usage_errors(script, tmp_path, capsys):
+    """An empty list is an error (it used to mean the defaults), as are a zero batch or run time."""
+    _script_usage_errors(script, tmp_path, capsys, [
+        (["--device", "cpu", "--shapes", ""], "bad shape"),
+        (["--device", "cpu", "--providers", ""], "one or more names"),
+        (["--device", "cpu", "--mode", ","], "one or more names"),
+        (["--device", "cpu", "--batch-size", "0"], "positive integer"),
+        (["--device", "cpu", "--min-run-time", "inf"], "positive finite number")])
 
 
 def test_bench_cpu_isa_script(tmp_path, capsys):
