@@ -21,8 +21,7 @@ class CLIError(Exception):
 # ------------------------------------------------------------------------------------------------
 
 
-def _csv(text: str) -> List[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+_csv = _args.split_list
 
 
 def _given_list(text: Optional[str], option: str, choices: str) -> Optional[List[str]]:

@@ -25,10 +25,15 @@ nonneg_int = number(int, 0, True, "a non-negative integer")
 positive_float = number(float, 0.0, False, "a positive finite number")
 
 
+def split_list(text: str):
+    """The non-blank items of a comma-separated list, stripped."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def comma_list(text: str):
     """An argparse type: a comma-separated list of names, at least one (an empty one is an error rather
     than the defaults)."""
-    items = [t.strip() for t in text.split(",") if t.strip()]
+    items = split_list(text)
     if not items:
         raise argparse.ArgumentTypeError(f"expected a comma list of one or more names, got {text!r}")
     return items
