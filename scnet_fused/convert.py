@@ -4,7 +4,8 @@ SCNet stem's max pool for the package's, as the fused models have it)."""
 from __future__ import annotations
 
 import copy
-from typing import List, Tuple
+import warnings
+from typing import Dict, List, Tuple
 
 from torch import nn
 
@@ -33,6 +34,17 @@ def is_bottleneck_like(m: nn.Module) -> bool:
     return all(isinstance(getattr(m, a, None), nn.Module) for a in names) and is_scconv_like(m.scconv)
 
 
+def _layout_forward(m: nn.Module) -> bool:
+    """``m`` computes with its layout's forward: the class that defines ``forward`` does not override a
+    ``forward`` of a base class other than nn.Module (a subclass of the reference SCConv or SCBottleneck
+    with a forward of its own computes something else, which the fused module would not), and no
+    ``forward`` is set on the instance."""
+    if "forward" in m.__dict__:
+        return False
+    owner = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+    return not any("forward" in base.__dict__ for base in owner.__mro__[1:] if base not in (nn.Module, object))
+
+
 def convert_with_report(model: nn.Module, inplace: bool = False) -> Tuple[nn.Module, List[Tuple[str, str, str]]]:
     """Like :func:`convert`, also returning ``[(qualified name, old class, new class), ...]``."""
     if not isinstance(model, nn.Module):
@@ -40,23 +52,18 @@ def convert_with_report(model: nn.Module, inplace: bool = False) -> Tuple[nn.Mod
     if not inplace:
         model = copy.deepcopy(model)
     report: List[Tuple[str, str, str]] = []
+    # a module held in several places (twice in one container, or by two parents) becomes one fused module
+    done: Dict[int, nn.Module] = {}
 
     def swap(parent_name: str, module: nn.Module) -> nn.Module:
-        if type(module) in (SCConv, SCBottleneck):
-            new = module
-        elif is_bottleneck_like(module):
-            new = SCBottleneck.adopt(module)
-            report.append((parent_name or "<root>", type(module).__qualname__, "scnet_fused.SCBottleneck"))
-            report.append((f"{parent_name}.scconv" if parent_name else "scconv",
-                           type(module.scconv).__qualname__, "scnet_fused.SCConv"))
+        if id(module) in done:
+            return done[id(module)]
+        new = done[id(module)] = _swapped(parent_name, module)
+        if new is not module:
             return new
-        elif is_scconv_like(module):
-            new = SCConv.adopt(module)
-            report.append((parent_name or "<root>", type(module).__qualname__, "scnet_fused.SCConv"))
-            return new
-        else:
-            new = module
-        for name, child in list(new.named_children()):
+        for name, child in list(new._modules.items()):  # every slot, also a module held twice
+            if child is None:
+                continue
             qual = f"{parent_name}.{name}" if parent_name else name
             replaced = swap(qual, child)
             if replaced is not child:
@@ -69,6 +76,30 @@ def convert_with_report(model: nn.Module, inplace: bool = False) -> Tuple[nn.Mod
             report.append((f"{parent_name}.maxpool" if parent_name else "maxpool", type(pool).__qualname__,
                            "scnet_fused.modules.MaxPool2d"))
         return new
+
+    def _swapped(parent_name: str, module: nn.Module) -> nn.Module:
+        """The fused module for ``module`` itself, or ``module`` (its children are the caller's)."""
+        if isinstance(module, (SCConv, SCBottleneck)):  # fused already (a subclass of ours too)
+            return module
+        bottleneck, scconv = is_bottleneck_like(module), is_scconv_like(module)
+        if not (bottleneck or scconv):
+            return module
+        own = module if not _layout_forward(module) else (
+            module.scconv if bottleneck and not _layout_forward(module.scconv) else None)
+        if own is not None:
+            what = "" if own is module else f"its scconv ({type(own).__qualname__}) "
+            warnings.warn(f"scnet_fused.convert: {parent_name or '<root>'} ({type(module).__qualname__}) has the "
+                          f"{'SCBottleneck' if bottleneck else 'SCConv'} layout but {what}has a forward of its own "
+                          "(overriding its base class's, or set on the instance), which the fused module would not "
+                          "run; left as it is (its other submodules are converted)")
+            return module
+        if bottleneck:
+            report.append((parent_name or "<root>", type(module).__qualname__, "scnet_fused.SCBottleneck"))
+            report.append((f"{parent_name}.scconv" if parent_name else "scconv",
+                           type(module.scconv).__qualname__, "scnet_fused.SCConv"))
+            return SCBottleneck.adopt(module)
+        report.append((parent_name or "<root>", type(module).__qualname__, "scnet_fused.SCConv"))
+        return SCConv.adopt(module)
 
     return swap("", model), report
 

@@ -67,6 +67,13 @@ def _hookless(*mods: nn.Module) -> bool:
     return True
 
 
+def _plain_seq(m: nn.Module, n: Optional[int] = None) -> bool:
+    """An nn.Sequential (``n`` layers, if given) that runs its layers in order: no subclass forward of its
+    own and nothing attached (:func:`_hookless`), so a fused path may call the layers inside directly."""
+    return (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+            and (n is None or len(m) == n) and _hookless(m))
+
+
 def _plain_batchnorm(m: nn.Module) -> bool:
     """A BatchNorm whose forward is nn.BatchNorm2d's own (subclasses that override forward excluded)
     and that nothing is attached to (:func:`_hookless`)."""
@@ -185,7 +192,7 @@ def _seq_conv_bn(seq: nn.Module, x: Tensor) -> Tensor:
     """A ``Sequential(..., Conv2d, norm)`` (the plain downsample, or the v1d models' average pool
     first) with its last two through :func:`_conv_bn`, the modules before them called as they are;
     anything else as the module."""
-    if isinstance(seq, nn.Sequential) and len(seq) >= 2 and _hookless(seq):
+    if _plain_seq(seq) and len(seq) >= 2:
         *head, conv, norm = seq
         for m in head:
             x = m(x)
@@ -719,8 +726,9 @@ class SCConv(reference.SCConv):
 
     def _fusable(self) -> bool:
         """The fused forward calls the layers inside k2, k3 and k4, not the containers: only without
-        hooks on them (:func:`_hookless`)."""
-        return _hookless(self.k2, self.k3, self.k4)
+        hooks on them (:func:`_hookless`), and with k3 and k4 plain (conv, norm) Sequentials (a subclass
+        with a forward of its own runs as the module); k2 is checked where it is taken apart."""
+        return _hookless(self.k2) and _plain_seq(self.k3, 2) and _plain_seq(self.k4, 2)
 
     def _pre_norm4(self, x: Tensor) -> Tensor:
         """k4's convolution output, before k4's norm (the bottleneck fuses that norm with its ReLU)."""
@@ -782,7 +790,7 @@ class SCConv(reference.SCConv):
         Returns ``(small, norm)``: k2's convolution output and its norm where the gate applies that norm
         (a BatchNorm2d with batch statistics, or an eval-mode one it folds), else k2's output and None."""
         k2, r = self.k2, self.pooling_r
-        if isinstance(k2, nn.Sequential) and len(k2) == 3 and _plain_pool(k2[0], r) and _conv_accepts(k2[1], x):
+        if _plain_seq(k2, 3) and _plain_pool(k2[0], r) and _conv_accepts(k2[1], x):
             pooled = sc_avgpool(x, r)
             conv2, norm2 = k2[1], k2[2]
             small = _conv(conv2, pooled)
@@ -958,9 +966,11 @@ class SCBottleneck(reference.SCBottleneck):
         nn.BatchNorm2d updates them. Otherwise the branches run as modules and their ReLUs write the
         halves (:func:`scnet_fused.ops.relu_cat.relu_cat`)."""
         k1, sc = self.k1, self.scconv
-        if not (isinstance(k1, nn.Sequential) and len(k1) == 2 and _batch_stats_bn(k1[1]) and isinstance(sc, SCConv)
-                and isinstance(sc.k4, nn.Sequential) and len(sc.k4) == 2 and _batch_stats_bn(sc.k4[1])
-                and _hookless(k1, sc) and sc._fusable()):
+        # scconv's fused halves only from this package's SCConv forward (a subclass with a forward of its
+        # own runs as the module)
+        if not (_plain_seq(k1, 2) and _batch_stats_bn(k1[1]) and isinstance(sc, SCConv)
+                and type(sc).forward is SCConv.forward and _hookless(sc) and sc._fusable()
+                and _batch_stats_bn(sc.k4[1])):
             return relu_cat(_seq_conv_bn(k1, out_a), sc(out_b))
         bn_a, bn_b = k1[1], sc.k4[1]
         ta, tb = _conv(k1[0], out_a), sc._pre_norm4(out_b)

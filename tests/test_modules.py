@@ -508,6 +508,92 @@ def test_convert_keeps_dtype_and_reference_models():
         scnet_fused.convert("model")
 
 
+def test_convert_a_module_held_twice_becomes_one_fused_module():
+    """A module held in two slots of one container, or by two parents: every slot gets the same fused
+    module (the container's children listing names a shared module once)."""
+    torch.manual_seed(0)
+    s = R.SCConv(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    seq = nn.Sequential(s, nn.ReLU(), s)
+    out, report = scnet_fused.convert_with_report(seq)
+    assert type(out[0]) is scnet_fused.SCConv and out[0] is out[2] and [r[0] for r in report] == ["0"]
+    b = R.SCBottleneck(32, 8, norm_layer=nn.BatchNorm2d)
+    parents = nn.ModuleList([nn.ModuleList([b, b]), nn.Sequential(b)])
+    scnet_fused.convert(parents, inplace=True)
+    assert type(parents[0][0]) is scnet_fused.SCBottleneck
+    assert parents[0][0] is parents[0][1] is parents[1][0]
+    x = torch.randn(2, 8, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(out.eval()(x), seq.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+class _ResidualSCConv(R.SCConv):
+    def forward(self, x):
+        return super().forward(x) + x
+
+
+class _ScaledSCConv(scnet_fused.SCConv):
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+class _RefScaledSCConv(R.SCConv):
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+class _DoubledSeq(nn.Sequential):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_convert_leaves_a_subclass_with_its_own_forward():
+    """A subclass of the reference classes whose forward differs has the layout but not the computation:
+    convert leaves it (with a warning) and converts what is inside; a module already fused (a subclass
+    of the fused classes too) stays as it is."""
+    torch.manual_seed(0)
+    ref = _ResidualSCConv(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    with pytest.warns(UserWarning, match="forward of its own"):
+        out, report = scnet_fused.convert_with_report(ref)
+    assert type(out) is _ResidualSCConv and report == []
+    block = R.SCBottleneck(64, 16, norm_layer=nn.BatchNorm2d)
+    block.scconv = _ResidualSCConv(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    with pytest.warns(UserWarning, match="its scconv"):
+        out = scnet_fused.convert(block)
+    assert type(out) is R.SCBottleneck and type(out.scconv) is _ResidualSCConv
+    x = torch.randn(2, 64, 12, 12)
+    torch.testing.assert_close(out(x), block(x), rtol=1e-5, atol=1e-5)
+    fused = _ScaledSCConv(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    fused.recompute_gate = False
+    again, report = scnet_fused.convert_with_report(fused)
+    assert type(again) is _ScaledSCConv and again.recompute_gate is False and report == []
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_modules_run_the_forwards_of_subclasses_inside(train):
+    """A fused bottleneck whose scconv is a subclass with its own forward, and Sequential subclasses with
+    their own forward as k3, k4 or the downsample: the fused paths call those forwards, as the reference
+    does, instead of taking the layers inside apart."""
+    torch.manual_seed(0)
+    ref = R.SCBottleneck(64, 16, downsample=nn.Sequential(nn.Conv2d(64, 64, 1, bias=False), nn.BatchNorm2d(64)))
+    randomize_norms(ref)
+    ref.scconv = _RefScaledSCConv(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    ref.scconv.k3 = _DoubledSeq(*ref.scconv.k3)
+    ref.downsample = _DoubledSeq(*ref.downsample)
+    fused = scnet_fused.SCBottleneck(64, 16, downsample=copy.deepcopy(ref.downsample))
+    fused.scconv = _ScaledSCConv(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    fused.scconv.k3 = _DoubledSeq(*fused.scconv.k3)
+    fused.load_state_dict(ref.state_dict())
+    sc_ref = R.SCConv(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    randomize_norms(sc_ref)
+    sc_ref.k3, sc_ref.k4 = _DoubledSeq(*sc_ref.k3), _DoubledSeq(*sc_ref.k4)
+    sc_fused = scnet_fused.SCConv(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    sc_fused.k3, sc_fused.k4 = _DoubledSeq(*sc_fused.k3), _DoubledSeq(*sc_fused.k4)
+    sc_fused.load_state_dict(sc_ref.state_dict())
+    for r, f, x in ((ref, fused, torch.randn(2, 64, 16, 16)), (sc_ref, sc_fused, torch.randn(2, 8, 16, 16))):
+        r.train(train), f.train(train)
+        torch.testing.assert_close(f(x), r(x), rtol=1e-4, atol=1e-4)
+
+
 def test_convert_keeps_each_submodules_mode():
     # a frozen BatchNorm (eval inside a training model, as detection backbones keep them) stays frozen,
     # and a training one inside an eval model keeps training
