@@ -140,6 +140,12 @@ def _download(url: str, dst: str) -> None:
     torch.hub.download_url_to_file(url, dst, hash_prefix=None, progress=True)
 
 
+def wants_pretrained(pretrained) -> bool:
+    """Whether a constructor's ``pretrained`` asks for weights: anything but False / None, so that an
+    empty path or a wrong type reaches :func:`load_pretrained`'s error instead of a random model."""
+    return not (pretrained is False or pretrained is None)
+
+
 def load_pretrained(model: nn.Module, arch: str, pretrained, check_hash: bool = False,
                     ignore_prefixes: Sequence[str] = ()) -> nn.Module:
     """``pretrained=True``: the published file from the hub cache, downloaded on first use;

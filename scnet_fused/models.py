@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence
 from torch import Tensor, nn
 
 from . import reference
-from .checkpoint import load_pretrained
+from .checkpoint import load_pretrained, wants_pretrained
 from .modules import MaxPool2d, SCBottleneck, scnet_stem
 
 __all__ = ["scnet50", "scnet50_v1d", "scnet101", "scnet101_v1d", "SCNetFeatures", "build"]
@@ -145,7 +145,7 @@ def build(arch: str, fused: bool = True, pretrained=False, features_only: bool =
         pool = model.maxpool  # the stem's pool on the package's kernel (no state: the state_dict is unchanged)
         model.maxpool = MaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
                                   pool.ceil_mode)
-    if pretrained:
+    if wants_pretrained(pretrained):
         ignore = ()
         if features_only:  # the head, and the stages not built
             ignore = ("fc.",) + tuple(f"layer{i}." for i in range(max(model.out_indices) + 1, 5))

@@ -303,9 +303,9 @@ def build(arch: str, block: type = SCBottleneck, **kwargs) -> SCNet:
 def _pretrained_model(arch: str, pretrained, kwargs) -> SCNet:
     check_hash = kwargs.pop("check_hash", False)
     model = build(arch, **kwargs)
-    if pretrained:
-        from .checkpoint import load_pretrained
+    from .checkpoint import load_pretrained, wants_pretrained
 
+    if wants_pretrained(pretrained):
         load_pretrained(model, arch, pretrained, check_hash=check_hash)
     elif check_hash:
         raise ValueError("check_hash applies to pretrained weights; pass pretrained=True or a file path")

@@ -86,6 +86,17 @@ def test_missing_file_and_not_a_state_dict(tmp_path):
         scnet_fused.load_checkpoint(R.scnet50(), str(path))
 
 
+def test_an_empty_or_wrongly_typed_pretrained_is_an_error():
+    """pretrained="" named no file: an error, as any missing path is (it used to give random weights);
+    a value that is neither a bool nor a path is a TypeError; None means no weights, as False does."""
+    for ctor in (lambda **k: models.scnet50(features_only=True, out_indices=(1,), **k), R.scnet50):
+        with pytest.raises(CheckpointError, match="not found"):
+            ctor(pretrained="")
+        with pytest.raises(TypeError, match="pretrained"):
+            ctor(pretrained=0)
+        assert isinstance(ctor(pretrained=None), torch.nn.Module)
+
+
 class _Evil:
     def __init__(self, marker):
         self.marker = marker
