@@ -108,7 +108,9 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
     """Replace every SCConv / SCBottleneck-compatible submodule of ``model`` with the fused one.
 
     Compatible means the module tree of the paper's classes (the reference's, the published
-    ``scnet.py``'s, or any module with the same attributes and forward). A module with ``layer1`` and
+    ``scnet.py``'s, or any module with the same attributes and forward; a subclass whose ``forward``
+    overrides its base class's computes something else, and is left as it is with a warning, its
+    submodules converted). A module held in several places becomes one fused module. A module with ``layer1`` and
     an ``nn.MaxPool2d`` named ``maxpool`` (an SCNet's stem) gets :class:`scnet_fused.modules.MaxPool2d`
     there, whose results are ATen's bit for bit. Weights, buffers, device and dtype are kept (the fused
     modules take over the same submodules), so the state_dict is unchanged; so are every submodule's
