@@ -88,6 +88,8 @@ def convert_with_report(model: nn.Module, inplace: bool = False) -> Tuple[nn.Mod
             module.scconv if bottleneck and not _layout_forward(module.scconv) else None)
         if own is not None:
             what = "" if own is module else f"its scconv ({type(own).__qualname__}) "
+            if own is not module:
+                done[id(own)] = own  # named here: no second warning for it
             warnings.warn(f"scnet_fused.convert: {parent_name or '<root>'} ({type(module).__qualname__}) has the "
                           f"{'SCBottleneck' if bottleneck else 'SCConv'} layout but {what}has a forward of its own "
                           "(overriding its base class's, or set on the instance), which the fused module would not "
