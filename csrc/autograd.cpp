@@ -472,6 +472,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_bn2_
     const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3, const at::Tensor& weight,
     const at::Tensor& bias, double eps, const at::Tensor& small_weight, const at::Tensor& small_bias,
     double small_eps) {
+  for (const at::Tensor* t : {&small_weight, &small_bias}) {
+    TORCH_CHECK(t->dim() == 1 && small.dim() == 4 && t->size(0) == small.size(1),
+                "scnet_fused::_sc_gate_bn2_train_ag: the pooled branch's weight and bias must be 1-D with one "
+                "value per channel of small, got ", t->sizes(), " for small ", small.sizes());
+  }
   auto [small_mean, small_var] = prim_channel_stats(small);
   const BnFold f2 = bn_fold(small_weight, small_bias, small_mean, small_var, small_eps);
   auto [y, mean, var] = gate_bn_train_impl(x, small, k3, weight, bias, eps, f2.scale, f2.shift);
@@ -749,6 +754,12 @@ struct BnReluCatTrainFn : public torch::autograd::Function<BnReluCatTrainFn> {
 // relu_cat: cat([relu(a), relu(b)], 1), each ReLU writing its half of the output (a's memory format)
 // ---------------------------------------------------------------------------------------------
 at::Tensor relu_cat_impl(const at::Tensor& a, const at::Tensor& b) {
+  const char* op = "scnet_fused::_relu_cat_ag";
+  TORCH_CHECK(a.dim() == 4 && b.dim() == 4, op, ": expected 4-D tensors, got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.size(0) == b.size(0) && a.size(2) == b.size(2) && a.size(3) == b.size(3), op, ": shapes ",
+              a.sizes(), " and ", b.sizes(), " differ outside dim 1");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.device() == b.device(), op, ": dtype/device differ (",
+              a.scalar_type(), " on ", a.device(), ", ", b.scalar_type(), " on ", b.device(), ")");
   const int64_t ca = a.size(1);
   at::Tensor out = host::new_output({a.size(0), ca + b.size(1), a.size(2), a.size(3)}, a.options(), format_like(a));
   at::Tensor out_a = out.narrow(1, 0, ca), out_b = out.narrow(1, ca, b.size(1));
@@ -797,6 +808,9 @@ std::tuple<at::Tensor, at::Tensor> bn_affine_fold(const c10::optional<at::Tensor
 std::tuple<at::Tensor, at::Tensor> conv_bn_fold(const at::Tensor& conv_weight, const c10::optional<at::Tensor>& weight,
                                                 const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
                                                 const at::Tensor& var, double eps, at::ScalarType dtype) {
+  TORCH_CHECK(conv_weight.dim() == 4 && mean.dim() == 1 && conv_weight.size(0) == mean.size(0),
+              "scnet_fused::_conv_bn_fold: expected (K, C, kH, kW) convolution filters with K = ", mean.sizes(),
+              "'s channel count, got ", conv_weight.sizes());
   auto [scale, shift] = bn_affine_fold(weight, bias, mean, var, eps, dtype);
   const at::ScalarType wt = conv_weight.scalar_type();
   return {(conv_weight.to(scale.scalar_type()) * scale.view({-1, 1, 1, 1})).to(wt), shift.to(wt)};

@@ -212,6 +212,24 @@ def test_inference_mode_and_no_grad():
         assert not sc_gate(x.requires_grad_(), small, k3).requires_grad
 
 
+def test_direct_calls_check_the_per_channel_shapes():
+    """The C++ ops check what the public wrappers check, also when called directly: a 0-d pooled-branch
+    weight (its backward failed later) and filters that are not 4-D with the norm's channel count (folded
+    by broadcasting)."""
+    ops = torch.ops.scnet_fused
+    x, k3, small = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 2, 2)
+    one, zero = torch.ones(4), torch.zeros(4)
+    for sw, sb in ((torch.tensor(1.0), zero), (one, torch.zeros(3))):
+        with pytest.raises(RuntimeError, match="one value per channel of small"):
+            ops._sc_gate_bn2_train_ag(x, small, k3, one, zero, 1e-5, sw, sb, 1e-5)
+    mean, var = torch.zeros(4), torch.ones(4)
+    for w in (torch.randn(4), torch.randn(3, 2, 3, 3)):
+        with pytest.raises(RuntimeError, match=r"\(K, C, kH, kW\)"):
+            ops._conv_bn_fold(w, one, zero, mean, var, 1e-5, torch.float32)
+    folded, _ = ops._conv_bn_fold(torch.ones(4, 2, 3, 3), 2 * one, zero, mean, var, 0.0, torch.float32)
+    torch.testing.assert_close(folded, torch.full((4, 2, 3, 3), 2.0))
+
+
 def test_double_backward_through_the_standard_ops():
     """A backward with create_graph through the C++ autograd ops goes through scnet_fused::_double_vjp
     (the op recomputed in standard operators): differentiable again, the first derivative the kernels'

@@ -149,6 +149,9 @@ def test_kernel_checks_its_inputs():
         op(x[0], 3, 3, 2, 2, 1, 1, True)
     with pytest.raises(RuntimeError, match="at most half"):
         op(x, 3, 3, 2, 2, 2, 1, True)
+    for pads in ((2 ** 63 - 1, 1), (1, 2 ** 63 - 1)):  # 2 p overflowed past the check (wrong pools, or a crash)
+        with pytest.raises(RuntimeError, match="at most half"):
+            op(torch.randn(2, 5, 21, 40), 3, 3, 2, 2, *pads, True)
     with pytest.raises(RuntimeError, match="smaller than the kernel"):
         op(torch.randn(1, 1, 2, 8), 5, 3, 1, 1, 1, 1, True)
 

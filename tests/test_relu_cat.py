@@ -100,6 +100,13 @@ def test_bad_inputs_raise_before_any_kernel():
         relu_cat(a, b[:, :, :4])
     with pytest.raises(ValueError, match="dtype/device differ"):
         relu_cat(a, b.double())
+    if _cpp.has_glue_ops():  # the C++ op called directly checks the same (it wrote b broadcast or unset)
+        op = torch.ops.scnet_fused._relu_cat_ag
+        for bad in (b[:1], b[:, :, :4], torch.cat([b, b]), b[0]):
+            with pytest.raises(RuntimeError, match="differ outside dim 1|4-D"):
+                op(a, bad)
+        with pytest.raises(RuntimeError, match="dtype/device differ"):
+            op(a, b.double())
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

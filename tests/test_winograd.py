@@ -420,6 +420,8 @@ def test_filters_inside_kernels_refuse_bad_arguments():
         ops._wino_wgrad(z.double(), v.double())
     with pytest.raises(RuntimeError, match="cpart"):
         ops._wino_wgrad(z, v, 5)
+    # a part wider than the channels is one part of them all (a huge one overflowed the scratch's size)
+    assert torch.equal(ops._wino_wgrad(z, v, 2 ** 62), ops._wino_wgrad(z, v, 0))
 
 
 def test_gemm_choice(monkeypatch):

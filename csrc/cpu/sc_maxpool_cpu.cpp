@@ -178,7 +178,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_nchw(const at::Tensor& x, int64_t 
   TORCH_CHECK(x.is_contiguous(), op, ": expected a contiguous (NCHW) input");
   TORCH_CHECK(kH > 0 && kW > 0 && sH > 0 && sW > 0, op, ": kernel size and stride must be positive");
   TORCH_CHECK(kH <= 16, op, ": kernel heights above 16 are not supported");
-  TORCH_CHECK(pH >= 0 && pW >= 0 && 2 * pH <= kH && 2 * pW <= kW, op,
+  // (pH <= kH / 2, not 2 pH <= kH: no product that can overflow for a huge padding)
+  TORCH_CHECK(pH >= 0 && pW >= 0 && pH <= kH / 2 && pW <= kW / 2, op,
               ": padding must be non-negative and at most half the kernel size");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(H + 2 * pH >= kH && W + 2 * pW >= kW, op, ": the padded input (", H + 2 * pH, "x", W + 2 * pW,

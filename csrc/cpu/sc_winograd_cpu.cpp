@@ -1152,6 +1152,8 @@ at::Tensor wino_wgrad(const at::Tensor& z_in, const at::Tensor& v_in, int64_t cp
               cpart);
   const at::Tensor z = z_in.contiguous(), v = v_in.contiguous();
   const int64_t T = z.size(1), K = z.size(2), C = v.size(2);
+  // a part wider than the channels is one part of them all (no scratch sized beyond use, or overflowing)
+  cpart = std::min<int64_t>(cpart, round_up(C, kNR));
   at::Tensor out = host::new_output({K, C, 3, 3}, z.options());
   if (out.numel() == 0) return out;
   const int64_t kblocks = (K + kMR - 1) / kMR;
