@@ -45,7 +45,7 @@ def main(argv=None):
                                   min_run_time=args.min_run_time, progress=bench.log_stderr)
                 for op in args.op:
                     for shape in shapes:
-                        h.run_op(op.strip(), shape, modes=args.mode, providers=providers,
+                        h.run_op(op, shape, modes=args.mode, providers=providers,
                                  channels_last=args.channels_last)
                 rows += h.rows
                 notes += h.skipped

@@ -39,7 +39,7 @@ def main(argv=None):
         h = bench.Harness(device=device, batch_size=args.batch_size, progress=bench.log_stderr)
         with bench.bench_environment():
             for arch in args.model:
-                h.run_model(arch.strip(), image_size=args.image_size, steps=args.steps, warmup=args.warmup,
+                h.run_model(arch, image_size=args.image_size, steps=args.steps, warmup=args.warmup,
                             providers=args.providers, channels_last=args.channels_last, amp=amp)
     except bench.BenchError as exc:
         print(f"bench_model: error: {exc}", file=sys.stderr)

@@ -44,7 +44,7 @@ def main(argv=None):
         with bench.bench_environment():
             for module in args.module:
                 for shape in shapes:
-                    h.run_module(module.strip(), shape, modes=args.mode, providers=providers,
+                    h.run_module(module, shape, modes=args.mode, providers=providers,
                                  channels_last=args.channels_last, amp=amp)
     except bench.BenchError as exc:
         print(f"bench_scconv: error: {exc}", file=sys.stderr)

@@ -21,20 +21,6 @@ class CLIError(Exception):
 # ------------------------------------------------------------------------------------------------
 
 
-_csv = _args.split_list
-
-
-def _given_list(text: Optional[str], option: str, choices: str) -> Optional[List[str]]:
-    """A comma-separated option: None when it was not given, else its items (an error when it names none,
-    instead of falling back to the defaults)."""
-    if text is None:
-        return None
-    items = _csv(text)
-    if not items:
-        raise CLIError(f"{option} is empty; give one or more of {choices}")
-    return items
-
-
 _positive_int = _args.positive_int
 _nonneg_int = _args.nonneg_int
 _positive_float = _args.positive_float
@@ -107,18 +93,17 @@ def cmd_bench(args) -> int:
 
     device = _resolve_device(args.device)
     try:
-        dtypes = [bench.parse_dtype(d) for d in _given_list(args.dtype, "--dtype", "fp32, bf16, fp16")]
-        shapes = _given_list(args.shapes, "--shapes", "CxHxW shapes")
-        shapes = [bench.parse_shape(s) for s in shapes] if shapes is not None else list(bench.stage_shapes(args.quick))
+        dtypes = [bench.parse_dtype(d) for d in args.dtype]
+        shapes = [bench.parse_shape(s) for s in args.shapes] if args.shapes is not None else list(bench.stage_shapes(args.quick))
     except bench.BenchError as exc:
         raise CLIError(str(exc)) from None
-    ops = _given_list(args.ops, "--ops", ", ".join(_BENCH_OPS))
+    ops = args.ops
     if ops is None:
         ops = ["gate", "gate_bn"] if args.quick else ["gate", "gate_bn", "avgpool", "bn_relu", "bn_add_relu", "scconv"]
     for op in ops:
         if op not in _BENCH_OPS:
             raise CLIError(f"unknown op {op!r} in --ops; choose from {', '.join(_BENCH_OPS)}")
-    modes = _given_list(args.modes, "--modes", ", ".join(bench.OP_MODES + bench.MODULE_MODES))
+    modes = args.modes
     if modes is not None:
         for m in modes:
             if m not in bench.OP_MODES + bench.MODULE_MODES:
@@ -136,7 +121,7 @@ def cmd_bench(args) -> int:
             bench.check_train_images(args.batch_size, args.image_size)
         except bench.BenchError as exc:
             raise CLIError(str(exc)) from None
-    providers = _given_list(args.providers, "--providers", ", ".join(bench.PROVIDERS) + ", fused")
+    providers = args.providers
     if providers:
         for p in providers:
             if p not in bench.PROVIDERS and p != "fused":
@@ -344,11 +329,10 @@ def cmd_check(args) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     device = _resolve_device(args.device)
     try:
-        dtypes = [bench.parse_dtype(d) for d in _given_list(args.dtype, "--dtype", "fp32, bf16, fp16")]
+        dtypes = [bench.parse_dtype(d) for d in args.dtype]
     except bench.BenchError as exc:
         raise CLIError(str(exc)) from None
-    names = ", ".join(x for x in BACKENDS if x != "auto")
-    wanted = _given_list(args.backends, "--backends", names) or [b for b in BACKENDS if b != "auto"]
+    wanted = args.backends or [b for b in BACKENDS if b != "auto"]
     for b in wanted:
         if b not in BACKENDS or b == "auto":
             raise CLIError(f"unknown backend {b!r}; choose from {', '.join(x for x in BACKENDS if x != 'auto')}")
@@ -480,15 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="one shape, short timing (about a minute on 2 CPU cores)")
     b.add_argument("--out", metavar="DIR", help="results folder (default benchmarks/results/<device>)")
     b.add_argument("--name", default="results", help="file name stem of the results (default: results)")
-    b.add_argument("--ops", metavar="LIST", help=f"comma list of {', '.join(_BENCH_OPS)} "
+    b.add_argument("--ops", metavar="LIST", type=_args.comma_list, help=f"comma list of {', '.join(_BENCH_OPS)} "
                                                  "(default gate,gate_bn,avgpool,bn_relu,bn_add_relu,scconv; --quick: gate,gate_bn)")
-    b.add_argument("--modes", metavar="LIST", help="op modes forward,backward,full and/or module modes train,eval")
-    b.add_argument("--providers", metavar="LIST",
+    b.add_argument("--modes", metavar="LIST", type=_args.comma_list, help="op modes forward,backward,full and/or module modes train,eval")
+    b.add_argument("--providers", metavar="LIST", type=_args.comma_list,
                    help="comma list of eager, compile, triton, cuda, cpu, compile_fused, or fused (the fused "
                         "backend auto picks here) (default: all available)")
-    b.add_argument("--dtype", default="fp32", help="comma list of fp32, bf16, fp16 (modules: autocast)")
+    b.add_argument("--dtype", default="fp32", type=_args.comma_list, help="comma list of fp32, bf16, fp16 (modules: autocast)")
     b.add_argument("--batch-size", type=_positive_int, default=8, help="N (default 8)")
-    b.add_argument("--shapes", metavar="LIST", help="comma list of CxHxW (default: SCNet-50 stage shapes)")
+    b.add_argument("--shapes", metavar="LIST", type=_args.comma_list, help="comma list of CxHxW (default: SCNet-50 stage shapes)")
     b.add_argument("--channels-last", action="store_true")
     b.add_argument("--device", type=_device, help="cpu or cuda (default: cuda when present)")
     b.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
@@ -536,9 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "against the float64 eager reference and prints PASS or FAIL per op, shape "
                                    "and layout (allowed: twice eager's own error in the dtype plus a small "
                                    "slack); exits non-zero on any failure.")
-    c.add_argument("--backends", metavar="LIST", help="comma list of triton, cuda, cpu, reference "
+    c.add_argument("--backends", metavar="LIST", type=_args.comma_list, help="comma list of triton, cuda, cpu, reference "
                                                       "(default: every one that can run here)")
-    c.add_argument("--dtype", default="fp32", help="comma list of fp32, bf16, fp16")
+    c.add_argument("--dtype", default="fp32", type=_args.comma_list, help="comma list of fp32, bf16, fp16")
     c.add_argument("--device", type=_device)
     c.add_argument("--interpret", action="store_true",
                    help="run Triton kernels through the interpreter (CPU tensors; sets TRITON_INTERPRET=1)")

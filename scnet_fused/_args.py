@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def number(kind, minimum, inclusive, what):
@@ -13,7 +14,7 @@ def number(kind, minimum, inclusive, what):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not (v >= minimum if inclusive else v > minimum) or v in (float("inf"), float("-inf")):
+        if not (v >= minimum if inclusive else v > minimum) or not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
         return v
 
@@ -25,15 +26,10 @@ nonneg_int = number(int, 0, True, "a non-negative integer")
 positive_float = number(float, 0.0, False, "a positive finite number")
 
 
-def split_list(text: str):
-    """The non-blank items of a comma-separated list, stripped."""
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def comma_list(text: str):
     """An argparse type: a comma-separated list of names, at least one (an empty one is an error rather
     than the defaults)."""
-    items = split_list(text)
+    items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
         raise argparse.ArgumentTypeError(f"expected a comma list of one or more names, got {text!r}")
     return items
