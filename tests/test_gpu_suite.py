@@ -70,9 +70,9 @@ def test_suite_command_lines_parse(program, argv, monkeypatch):
         except SystemExit as exc:
             pytest.fail(f"python -m scnet_fused {' '.join(argv)}: refused by its parser ({exc})")
         if ns.command == "bench":  # the values `bench` checks itself once it runs
-            assert set(cli._csv(ns.ops)) <= set(cli._BENCH_OPS), ns.ops
-            assert set(cli._csv(ns.providers or "")) <= set(bench.PROVIDERS), ns.providers
-            for d in cli._csv(ns.dtype):
+            assert set(ns.ops) <= set(cli._BENCH_OPS), ns.ops  # the list options parse to lists
+            assert set(ns.providers or ()) <= set(bench.PROVIDERS), ns.providers
+            for d in ns.dtype:
                 bench.parse_dtype(d)
         return
     # A benchmark script builds its parser inside main(): stop right after parse_args.
