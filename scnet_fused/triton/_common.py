@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 INT32_LIMIT = 2 ** 31  # at or above this many elements a kernel switches to 64-bit offsets (BIG)
+_GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)  # CUDA's blocks per launch along x, y and z
+
+
+def on_tensor_device(fn):
+    """``fn`` (a launcher whose first tensor argument is on the device of all its tensors) run with that
+    tensor's CUDA device current. A Triton launch runs on the current device and its current stream,
+    whatever device the pointers belong to: a model on ``cuda:1`` called while ``cuda:0`` is current
+    would run there, unordered with cuda:1's stream (or fault without peer access)."""
+
+    @functools.wraps(fn)
+    def launch(*args, **kwargs):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if a.is_cuda and a.device.index != torch.cuda.current_device():
+                    with torch.cuda.device(a.device):
+                        return fn(*args, **kwargs)
+                break
+        return fn(*args, **kwargs)
+
+    launch.on_tensor_device = True
+    return launch
+
+
+def check_grid(op: str, grid: tuple, what: str) -> tuple:
+    """``grid`` if CUDA can launch it, else a ValueError naming ``what`` made it that large (decided
+    before anything runs; the limits hold for the interpreter's launches too, so the error is the
+    same on every machine)."""
+    for axis, (n, limit) in enumerate(zip(grid, _GRID_LIMITS)):
+        if n > limit:
+            raise ValueError(f"{op}: {what} needs {n} programs along axis {axis} of the Triton launch grid, more "
+                             f"than CUDA's {limit}")
+    return grid
 
 
 def layout(x: torch.Tensor):

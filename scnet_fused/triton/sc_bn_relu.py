@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_empty
-from ._common import (INT32_LIMIT, channel_pitch, flat_block, in_layout_or_slice, layout as _layout, offset4,
-                      unflatten)
+from ._common import (INT32_LIMIT, channel_pitch, check_grid, flat_block, in_layout_or_slice, layout as _layout,
+                      offset4, on_tensor_device, unflatten)
 
 _BLOCK = 1024
 
@@ -141,23 +141,26 @@ def _pointwise(t, dy, scale, shift, pqr: Optional[tuple], out: Optional[torch.Te
     else:
         dy = t
     span = t.shape[0] * max(dy_pitch, out_pitch) * HW
-    _affine_relu_pointwise_kernel[(triton.cdiv(total, _BLOCK),)](
+    _affine_relu_pointwise_kernel[check_grid("affine_relu", (triton.cdiv(total, _BLOCK),), f"{total} elements")](
         t, dy, out, a, b, p, q, r, total, C, HW, dy_pitch, out_pitch, APPLY=apply, CHANNELS_LAST=channels_last,
         BIG=max(total, span) >= INT32_LIMIT, BLOCK_E=_BLOCK, SLICED=max(dy_pitch, out_pitch) != C,
         RESIDUAL=residual is not None, num_warps=_num_warps(_BLOCK))
     return out
 
 
+@on_tensor_device
 def affine_relu(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """relu(t * scale[c] + shift[c]) in t's dtype and memory format."""
     return _pointwise(t, None, scale, shift, None)
 
 
+@on_tensor_device
 def affine_relu_out(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """relu(t * scale[c] + shift[c]) written into ``out`` (dense in t's format, or a channel slice)."""
     return _pointwise(t, None, scale, shift, None, out)
 
 
+@on_tensor_device
 def affine_add_relu(t: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """relu(t * scale[c] + shift[c] + residual) in t's dtype and memory format."""
     if residual.shape != t.shape or residual.dtype != t.dtype or residual.device != t.device:
@@ -166,6 +169,7 @@ def affine_add_relu(t: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor
     return _pointwise(t, None, scale, shift, None, residual=residual)
 
 
+@on_tensor_device
 def affine_relu_backward_apply(dy, t, scale, shift, p, q, r) -> torch.Tensor:
     """dt = p[c] * g + q[c] * t + r[c], g = dy masked by relu(t * scale + shift) > 0."""
     return _pointwise(t, dy, scale, shift, (p, q, r))
@@ -176,6 +180,7 @@ def _sums_blocks(C: int, channels_last: bool):
     return block_c, max(16, 2048 // block_c)
 
 
+@on_tensor_device
 def affine_relu_backward_sums(dy, t, scale, shift, center):
     """Per-channel float32 (sum g, sum g * (t - center))."""
     channels_last, fmt = _layout(t)
@@ -193,7 +198,7 @@ def affine_relu_backward_sums(dy, t, scale, shift, center):
     chunk = block_p * triton.cdiv(tiles, min(tiles, max(1, target // c_blocks)))
     q_progs = triton.cdiv(nhw, chunk)
     part = new_empty((2, q_progs, C), torch.float32, t.device)
-    _affine_relu_sums_kernel[(q_progs, c_blocks)](
+    _affine_relu_sums_kernel[check_grid("affine_relu_backward_sums", (q_progs, c_blocks), f"a tensor of {C} channels")](
         t, dy, _vec(scale), _vec(shift), _vec(center), part[0], part[1], C, H * W, nhw, chunk, dy_pitch,
         SLICED=dy_pitch != C, CHANNELS_LAST=channels_last, BIG=N * max(C, dy_pitch) * H * W >= INT32_LIMIT, BLOCK_C=block_c, BLOCK_P=block_p,
         num_warps=_num_warps(block_c * block_p))

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_empty
-from ._common import INT32_LIMIT, layout as _layout
+from ._common import INT32_LIMIT, check_grid, layout as _layout, on_tensor_device
 from .._index import cell_tables, max_run
 from . import sc_pool as _pool
 from . import sc_bn_relu as _bn_relu
@@ -254,8 +254,10 @@ def _channel_stats_kernel(t_ptr, mean_ptr, m2_ptr, C, HW, NHW, chunk,
     c_mask = c < C
     if BIG:
         q_start = pid_q.to(tl.int64) * chunk
+        c_big = c.to(tl.int64)  # c * HW passes 2**31 where one image has that many elements
     else:
         q_start = pid_q * chunk
+        c_big = c
     q_end = tl.minimum(q_start + chunk, NHW)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -265,7 +267,7 @@ def _channel_stats_kernel(t_ptr, mean_ptr, m2_ptr, C, HW, NHW, chunk,
             off = q[None, :] * C + c[:, None]
         else:
             img = q // HW
-            off = (img * C)[None, :] * HW + c[:, None] * HW + (q - img * HW)[None, :]
+            off = (img * C)[None, :] * HW + c_big[:, None] * HW + (q - img * HW)[None, :]
         mask = c_mask[:, None] & (q < q_end)[None, :]
         v = tl.load(t_ptr + off, mask=mask, other=0.0).to(tl.float32)
         cnt = (q0 - q_start).to(tl.float32)
@@ -395,7 +397,8 @@ def _gate_setup(x, small, *others):
     run_w = max_run(W, w)
     block_c, block_b, block_r = _gate_blocks(N * h, C, w, run_w, channels_last)
     big = C * H * W >= INT32_LIMIT or small.numel() >= INT32_LIMIT
-    grid = (N * h, triton.cdiv(C, block_c), triton.cdiv(w, block_b))
+    grid = check_grid("sc_gate", (N * h, triton.cdiv(C, block_c), triton.cdiv(w, block_b)),
+                      f"an input of shape {tuple(x.shape)} with a pooled map {h}x{w}")
     meta = dict(CHANNELS_LAST=channels_last, BIG=big, BLOCK_C=block_c, BLOCK_B=block_b, BLOCK_R=block_r,
                 num_warps=_num_warps(block_c * block_b * block_r))
     scalars = (C, h, w) + _strides(x.shape, channels_last) + (run_w,)
@@ -417,6 +420,7 @@ def _small_affine(small_scale: Optional[torch.Tensor], small_shift: Optional[tor
     return ss, st, True
 
 
+@on_tensor_device
 def gate_forward(x: torch.Tensor, small: torch.Tensor, k3: torch.Tensor, scale: Optional[torch.Tensor],
                  shift: Optional[torch.Tensor], small_scale: Optional[torch.Tensor] = None,
                  small_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -434,6 +438,7 @@ def gate_forward(x: torch.Tensor, small: torch.Tensor, k3: torch.Tensor, scale: 
     return y
 
 
+@on_tensor_device
 def gate_backward(dy: torch.Tensor, x: torch.Tensor, small: torch.Tensor, k3: torch.Tensor,
                   scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                   center: Optional[torch.Tensor], need_dk3: bool, small_scale: Optional[torch.Tensor] = None,
@@ -459,6 +464,7 @@ def gate_backward(dy: torch.Tensor, x: torch.Tensor, small: torch.Tensor, k3: to
     return dx, dsmall, dk3, part[0].sum(dim=0), part[1].sum(dim=0)
 
 
+@on_tensor_device
 def gate_backward_k3(dy: torch.Tensor, x: torch.Tensor, small: torch.Tensor, k3: torch.Tensor,
                      p: torch.Tensor, q: torch.Tensor, r: torch.Tensor, small_scale: Optional[torch.Tensor] = None,
                      small_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -485,6 +491,7 @@ def _stats_chunks(nhw: int, block_p: int, c_blocks: int, device: torch.device) -
     return block_p * triton.cdiv(tiles, min(tiles, q_progs))
 
 
+@on_tensor_device
 def channel_stats(t: torch.Tensor):
     """Per-channel (mean, biased var) over N, H, W in float32, exact per tile and merged with Chan's formula."""
     channels_last, fmt = _layout(t)
@@ -498,8 +505,9 @@ def channel_stats(t: torch.Tensor):
     c_blocks = triton.cdiv(C, block_c)
     chunk = _stats_chunks(nhw, block_p, c_blocks, t.device)
     q_progs = triton.cdiv(nhw, chunk)
+    grid = check_grid("channel_stats", (q_progs, c_blocks), f"a tensor of {C} channels")
     part = new_empty((2, q_progs, C), torch.float32, t.device)
-    _channel_stats_kernel[(q_progs, c_blocks)](
+    _channel_stats_kernel[grid](
         t, part[0], part[1], C, H * W, nhw, chunk,
         CHANNELS_LAST=channels_last, BIG=t.numel() >= INT32_LIMIT, BLOCK_C=block_c, BLOCK_P=block_p,
         num_warps=_num_warps(block_c * block_p))

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_empty
-from ._common import INT32_LIMIT, flat_block, layout as _layout, offset4, unflatten
+from ._common import INT32_LIMIT, check_grid, flat_block, layout as _layout, offset4, on_tensor_device, unflatten
 
 _BLOCK = 1024
 
@@ -32,7 +32,10 @@ def _avgpool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, h, w, inv,
     n, c, p, q = unflatten(o, C, h, w, CHANNELS_LAST)
     base = offset4(n, c, p * R, q * R, C, H, W, CHANNELS_LAST)  # the window's top-left element
     if CHANNELS_LAST:
-        s_row = W * C
+        if BIG:
+            s_row = tl.cast(W, tl.int64) * C  # (R - 1) * W * C may pass 2**31 (W may be a constexpr 1)
+        else:
+            s_row = W * C
         s_col = C
     else:
         s_row = W
@@ -61,6 +64,7 @@ def _num_warps() -> int:
     return max(1, min(8, _BLOCK // 128))  # as kernel_options() computes it from BLOCK_E
 
 
+@on_tensor_device
 def avgpool(x: torch.Tensor, r: int) -> torch.Tensor:
     """The ``r x r``, stride ``r`` average pool of x, in x's dtype and memory format."""
     channels_last, fmt = _layout(x)
@@ -75,12 +79,13 @@ def avgpool(x: torch.Tensor, r: int) -> torch.Tensor:
     if total == 0:
         return y
     big = x.numel() >= INT32_LIMIT
-    _avgpool_fwd_kernel[(triton.cdiv(total, _BLOCK),)](
+    _avgpool_fwd_kernel[check_grid("avgpool", (triton.cdiv(total, _BLOCK),), f"{total} outputs")](
         x, y, total, C, H, W, h, w, 1.0 / (r * r), CHANNELS_LAST=channels_last, BIG=big, R=r, BLOCK_E=_BLOCK,
         num_warps=_num_warps())
     return y
 
 
+@on_tensor_device
 def avgpool_backward(dy: torch.Tensor, H: int, W: int, r: int, channels_last: bool) -> torch.Tensor:
     """dx of :func:`avgpool` for an ``H x W`` input, in ``channels_last`` or contiguous format."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -94,7 +99,7 @@ def avgpool_backward(dy: torch.Tensor, H: int, W: int, r: int, channels_last: bo
     if total == 0:
         return dx
     big = total >= INT32_LIMIT
-    _avgpool_bwd_kernel[(triton.cdiv(total, _BLOCK),)](
+    _avgpool_bwd_kernel[check_grid("avgpool_backward", (triton.cdiv(total, _BLOCK),), f"{total} outputs")](
         dy, dx, total, C, H, W, h, w, 1.0 / (r * r), CHANNELS_LAST=bool(channels_last), BIG=big, R=r,
         BLOCK_E=_BLOCK, num_warps=_num_warps())
     return dx

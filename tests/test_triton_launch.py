@@ -1,0 +1,119 @@
+"""The Triton launchers' host side: the tensors' device made current for the launch, the launch grid
+checked against CUDA's limits before anything runs, and the 64-bit offset path of the BatchNorm + ReLU
+kernels (run on small tensors by lowering the threshold)."""
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("Triton needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+
+from scnet_fused import reference as ref  # noqa: E402
+from scnet_fused.triton import _common, sc_bn_relu, sc_gate as tg  # noqa: E402
+
+from _util import interpreter_broken  # noqa: E402
+
+if interpreter_broken():
+    pytest.skip(interpreter_broken(), allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_every_primitive_launches_on_its_tensors_device():
+    launchers = [n for n in tg.__all__ if n not in ("aot_kernels", "kernel_options")]
+    assert len(launchers) == 11
+    for name in launchers:
+        fn = getattr(tg, name)
+        assert getattr(fn, "on_tensor_device", False), f"{name} launches on whatever device is current"
+
+
+class _OnCudaOne(torch.Tensor):
+    """A CPU tensor that says it is on cuda:1 (what the guard looks at)."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+def _recording_guard(monkeypatch, current: int):
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(torch.device(d))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    return entered
+
+
+def test_guard_makes_the_first_tensors_device_current(monkeypatch):
+    seen = []
+    fn = _common.on_tensor_device(lambda *a, **k: seen.append((a, k)) or "result")
+    t = torch.zeros(2).as_subclass(_OnCudaOne)
+    entered = _recording_guard(monkeypatch, current=0)
+    assert fn(3, t, scale=None) == "result"
+    assert entered == [torch.device("cuda", 1)] and len(seen) == 1
+
+    entered = _recording_guard(monkeypatch, current=1)  # already current: no switch
+    assert fn(t) == "result" and entered == []
+    entered = _recording_guard(monkeypatch, current=0)  # CPU tensors (the interpreter): no switch
+    assert fn(torch.zeros(2), t) == "result" and entered == []
+
+
+def test_grid_limits_are_checked_before_the_launch(monkeypatch):
+    assert _common.check_grid("op", (5, 65535, 1), "x") == (5, 65535, 1)
+    with pytest.raises(ValueError, match=r"op: a thing needs 65536 programs along axis 2 .* than CUDA's 65535"):
+        _common.check_grid("op", (1, 1, 65536), "a thing")
+    with pytest.raises(ValueError, match="axis 0"):
+        _common.check_grid("op", (2 ** 31,), "a thing")
+    # The launchers apply them: with the limits lowered, a launch that needs two programs on axis 1
+    # is refused with the input named, and no output is written.
+    monkeypatch.setattr(_common, "_GRID_LIMITS", (2 ** 31 - 1, 1, 1))
+    x = torch.randn(1, 200, 8, 8, device=DEVICE)
+    small = torch.randn(1, 200, 2, 2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"sc_gate: an input of shape \(1, 200, 8, 8\) with a pooled map 2x2"):
+        tg.gate_forward(x, small, x, None, None)
+    with pytest.raises(ValueError, match="channel_stats: a tensor of 200 channels"):
+        tg.channel_stats(x)
+    with pytest.raises(ValueError, match="affine_relu_backward_sums: a tensor of 200 channels"):
+        v = torch.ones(200, device=DEVICE)
+        sc_bn_relu.affine_relu_backward_sums(x, x, v, v, v)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_bn_relu_int64_offsets_path(monkeypatch, channels_last):
+    """The 64-bit index path of the BatchNorm + ReLU kernels (taken at 2**31 elements), on a small
+    tensor: the same values as the reference backend, dense and through a channel slice."""
+    monkeypatch.setattr(sc_bn_relu, "INT32_LIMIT", 1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(3)
+    N, C, H, W = 2, 5, 7, 6
+    t, dy, res = (torch.randn(N, C, H, W, generator=g).to(DEVICE).contiguous(memory_format=fmt) for _ in range(3))
+    scale, shift, center, p, q, r = (torch.randn(C, generator=g).to(DEVICE) for _ in range(6))
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sc_bn_relu.affine_relu(t, scale, shift), ref.affine_relu(t, scale, shift), **close)
+    torch.testing.assert_close(sc_bn_relu.affine_add_relu(t, res, scale, shift),
+                               ref.affine_add_relu(t, res, scale, shift), **close)
+    buf = torch.full((N, C + 3, H, W), float("nan"), device=DEVICE).contiguous(memory_format=fmt)
+    sc_bn_relu.affine_relu_out(t, scale, shift, buf[:, 1:C + 1])
+    torch.testing.assert_close(buf[:, 1:C + 1], ref.affine_relu(t, scale, shift), **close)
+    assert buf[:, 0].isnan().all() and buf[:, C + 1:].isnan().all()
+    wide = torch.randn(N, C + 4, H, W, generator=g).to(DEVICE).contiguous(memory_format=fmt)
+    for d in (dy, wide[:, 2:C + 2]):
+        got = sc_bn_relu.affine_relu_backward_sums(d, t, scale, shift, center)
+        want = ref.affine_relu_backward_sums(d, t, scale, shift, center)
+        for u, v in zip(got, want):
+            torch.testing.assert_close(u, v.float(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(sc_bn_relu.affine_relu_backward_apply(d, t, scale, shift, p, q, r),
+                                   ref.affine_relu_backward_apply(d, t, scale, shift, p, q, r), **close)
