@@ -1008,3 +1008,27 @@ def test_opcheck_cuda_backend(requires_grad):
         torch.library.opcheck(torch.ops.scnet_fused.sc_gate_bn_train.default,
                               (rg(x), rg(small), rg(k3), rg(torch.rand(C, device="cuda") + 0.5),
                                rg(torch.randn(C, device="cuda")), 1e-5))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_saturated_gate_passes_no_gradient(channels_last):
+    """Where sigmoid(x + up(small)) is 1 in float32 (z of 20 or more), torch's gate derivative
+    s * (1 - s) is exactly 0: the fused backward gives exact zeros there too, however large k3 is (the
+    AVX2 reciprocal once gave 1 - 2^-24 and a gradient of 0.06 at k3 = 1e6), and torch's values
+    elsewhere. Rerun for every CPU build by test_cpu_isa."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(2, 20, 9, 11, generator=g) * 80 + 20).contiguous(memory_format=fmt)  # z in [20, 110)
+    x[:, :, 0] = torch.randn(2, 20, 11, generator=g)  # and a row of ordinary values
+    k3 = torch.full_like(x, 1e6)
+    small = torch.rand(2, 20, 2, 2, generator=g)
+    dy = torch.randn(x.shape, generator=g)
+    with scnet_fused.backend("cpu"):
+        leaves = [t.clone().requires_grad_() for t in (x, small)]
+        scnet_fused.sc_gate(leaves[0], leaves[1], k3).backward(dy)
+    ex, es = (t.clone().requires_grad_() for t in (x, small))
+    (torch.sigmoid(ex + F.interpolate(es, size=x.shape[-2:], mode="nearest")) * k3).backward(dy)
+    assert torch.equal(leaves[0].grad[:, :, 1:], torch.zeros_like(x[:, :, 1:]))
+    assert torch.equal(ex.grad[:, :, 1:], torch.zeros_like(x[:, :, 1:]))
+    torch.testing.assert_close(leaves[0].grad, ex.grad, rtol=1e-4, atol=1e-2)  # (k3 = 1e6 in the first row)
+    torch.testing.assert_close(leaves[1].grad, es.grad, rtol=1e-4, atol=1e-1)

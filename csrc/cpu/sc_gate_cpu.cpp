@@ -78,14 +78,19 @@ struct IO<float> {
   static void store(float* p, const Vec& v, int64_t n) { v.store(p, n); }
 };
 
-// 1 / d for d >= 1: the hardware reciprocal estimate refined by one Newton step (about 23 bits).
+// 1 / d for d >= 1: the hardware reciprocal estimate refined by one Newton step (about 23 bits), and
+// exactly 1 for d = 1 (a saturated sigmoid: 1 / (1 + 2^-30) is 1 in float32, and s * (1 - s), the
+// gate's derivative, must then be 0 as torch's is).
 inline Vec vreciprocal(const Vec& d) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
-  const __m512 r = _mm512_rcp14_ps(d);  // 14 bits; one Newton step gives about 23
+  const __m512 r = _mm512_rcp14_ps(d);  // 14 bits; one Newton step gives about 23 (rcp14(1) is 1)
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
 #elif defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__FMA__)
+  // rcp(1) is 1 - 2^-12, refined to 1 - 2^-24: d = 1 is given 1 by a blend
+  const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 r = _mm256_rcp_ps(d);
-  return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+  const __m256 refined = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+  return _mm256_blendv_ps(refined, one, _mm256_cmp_ps(d, one, _CMP_EQ_OQ));
 #else
   return Vec(1.0f) / d;
 #endif
