@@ -816,12 +816,23 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_fold(const at::Tensor& conv_weight, c
   return {(conv_weight.to(scale.scalar_type()) * scale.view({-1, 1, 1, 1})).to(wt), shift.to(wt)};
 }
 
+// running = (1 - factor) * running + factor * stat in place; 16-bit float buffers in float32, rounded
+// once, as ATen's BatchNorm (a batch variance above 65504 still moves a float16 running variance by a
+// finite step). The Python twin is _blend_ of scnet_fused/modules.py.
+static void blend_(at::Tensor& running, const at::Tensor& stat, double factor) {
+  const at::ScalarType rt = running.scalar_type();
+  if (rt == at::kHalf || rt == at::kBFloat16) {
+    running.copy_(running.to(at::kFloat).mul_(1.0 - factor).add_(stat.to(at::kFloat), factor));
+  } else {
+    running.mul_(1.0 - factor).add_(stat.to(rt), factor);
+  }
+}
+
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                           const at::Tensor& var, double factor, double unbias) {
   at::NoGradGuard no_grad;
-  running_mean.mul_(1.0 - factor).add_(mean.to(running_mean.scalar_type()), factor);
-  const at::Tensor unbiased = var * unbias;
-  running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.scalar_type()), factor);
+  blend_(running_mean, mean, factor);
+  blend_(running_var, var * unbias, factor);
 }
 
 // ---------------------------------------------------------------------------------------------

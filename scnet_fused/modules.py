@@ -236,8 +236,18 @@ def _conv_accepts(conv: nn.Module, x: Tensor) -> bool:
     return _autocast_on(x.device.type)
 
 
+def _check_train_eps(*bns: nn.Module) -> None:
+    """ATen's error for a training BatchNorm's eps <= 0 (or NaN), raised before any of ``bns`` counts the
+    batch: a fused path that updates several BatchNorms changes none of them when it refuses."""
+    for bn in bns:
+        if not bn.eps > 0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {bn.eps}")
+
+
 def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
-    """nn.BatchNorm2d's exponential_average_factor; bumps num_batches_tracked as it does."""
+    """nn.BatchNorm2d's exponential_average_factor; bumps num_batches_tracked as it does (after
+    :func:`_check_train_eps`)."""
+    _check_train_eps(bn)
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -254,9 +264,18 @@ def _update_running_stats(bn, factor: float, mean: Tensor, var: Tensor, t: Tenso
                                                          m / (m - 1))
             return
         with torch.no_grad():
-            bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-            unbiased = var * (m / (m - 1))
-            bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+            _blend_(bn.running_mean, mean, factor)
+            _blend_(bn.running_var, var * (m / (m - 1)), factor)
+
+
+def _blend_(running: Tensor, stat: Tensor, factor: float) -> None:
+    """``running = (1 - factor) * running + factor * stat`` in place. Buffers of 16-bit floats are
+    updated in float32 and rounded once, as ATen's BatchNorm does: a batch variance above 65504 (a
+    float16 infinity) still moves a float16 running variance by a finite step."""
+    if running.dtype in (torch.float16, torch.bfloat16):
+        running.copy_(running.float().mul_(1.0 - factor).add_(stat.float(), alpha=factor))
+    else:
+        running.mul_(1.0 - factor).add_(stat.to(running.dtype), alpha=factor)
 
 
 def _tensors_on(m: nn.Module, t: Tensor) -> bool:
@@ -385,6 +404,7 @@ def _conv1_pair(ca: nn.Module, bna: nn.Module, cb: nn.Module, bnb: nn.Module, re
     if (_batch_stats_bn(bna) and _batch_stats_bn(bnb) and bna.eps == bnb.eps and _bn_stats_ok(t)
             and (bna.weight is None) == (bnb.weight is None)
             and (bna.weight is None or bna.weight.dtype == bnb.weight.dtype)):
+        _check_train_eps(bna, bnb)
         factor_a, factor_b = _bn_momentum(bna), _bn_momentum(bnb)
         wa, ba = _affine_params(bna, t)
         wb, bb = _affine_params(bnb, t)
@@ -833,6 +853,7 @@ class SCConv(reference.SCConv):
     def _gate_bn2_train(self, x: Tensor, small: Tensor, k3: Tensor, bn: nn.Module, bn2: nn.Module):
         """The gate with k3's and k2's BatchNorms (batch statistics) inside; both running statistics
         updated as nn.BatchNorm2d does. Returns y and the two folds as the op applied them."""
+        _check_train_eps(bn, bn2)
         factor, factor2 = _bn_momentum(bn), _bn_momentum(bn2)
         weight, bias = _affine_params(bn, k3)
         weight2, bias2 = _affine_params(bn2, small)
@@ -976,6 +997,7 @@ class SCBottleneck(reference.SCBottleneck):
         ta, tb = _conv(k1[0], out_a), sc._pre_norm4(out_b)
         if not _fusable_pair(ta, tb):
             return relu_cat(bn_a(ta), bn_b(tb))  # nn.BatchNorm2d's own handling (and errors)
+        _check_train_eps(bn_a, bn_b)
         factor_a, factor_b = _bn_momentum(bn_a), _bn_momentum(bn_b)
         wa, ba = _affine_params(bn_a, ta)
         wb, bb = _affine_params(bn_b, tb)

@@ -513,3 +513,41 @@ def test_gate_bn_ops_without_channels(dtype, backend):
     assert all(s.shape == (0,) for s in stats)
     (y.sum() + y2.sum() + g.sum()).backward()
     assert x.grad.shape == x.shape and small.grad.shape == small.shape and w.grad.shape == (0,)
+
+
+@pytest.mark.parametrize("glue", [True, False], ids=["cpp", "python"])
+def test_half_running_variance_moves_by_a_finite_step(glue, monkeypatch):
+    """A float16 BatchNorm whose batch variance is above 65504 (a float16 infinity): ATen updates the
+    running variance in float32 and rounds once, so it stays finite; the fused update does the same
+    (through the C++ helper and the Python fallback)."""
+    from scnet_fused import modules
+
+    if not glue:
+        monkeypatch.setattr(modules, "cpp_glue", lambda *a: False)
+    t = (torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 400).half()
+    bn_ref = nn.BatchNorm2d(3).half()
+    bn = copy.deepcopy(bn_ref)
+    torch.relu(bn_ref(t))
+    modules._bn_relu_of(bn, nn.ReLU(), t)
+    assert bool(torch.isfinite(bn_ref.running_var).all()) and float(bn_ref.running_var.min()) > 1e4
+    torch.testing.assert_close(bn.running_var, bn_ref.running_var, rtol=2e-3, atol=0)
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean, rtol=2e-3, atol=0.05)
+    assert int(bn.num_batches_tracked) == int(bn_ref.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("where", ["k2", "k3", "k4", "bn1_a", "bn3"])
+def test_training_eps_of_zero_is_atens_error(where):
+    """eps = 0 in any training BatchNorm of a fused bottleneck: ATen's error, as the reference gives, and
+    the fused op that would have updated it (with a partner BatchNorm in the fused pairs) leaves its
+    running statistics as they were."""
+    ref = R.SCBottleneck(16, 4, norm_layer=nn.BatchNorm2d).train()
+    fused = scnet_fused.convert(ref).train()
+    for model in (ref, fused):
+        norm = {"k2": model.scconv.k2[2], "k3": model.scconv.k3[1], "k4": model.scconv.k4[1]}.get(where)
+        norm = norm if norm is not None else getattr(model, where)
+        norm.eps = 0.0
+        before = (norm.running_mean.clone(), norm.running_var.clone())
+        with pytest.raises(ValueError, match="eps must be positive during training"):
+            model(torch.randn(2, 16, 16, 16))
+        assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
+
