@@ -246,3 +246,20 @@ def test_results_do_not_depend_on_launch_geometry_or_order(emu, dtype, cl):
             assert any("long int" in k for k in names) and not any("unsigned int" in k for k in names), sorted(names)
         for i, (a, b) in enumerate(zip(base, got)):
             assert torch.equal(a, b), f"output {i} changed under {knobs}"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channel_stats_of_a_square_that_overflows(emu, cpu, layout):
+    """A finite value of 3e19 (its float32 square overflows): variance +inf and a finite mean, as the CPU
+    kernels and ATen give, not the NaN of a channel holding a NaN or an infinity (which stays NaN)."""
+    t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    t[1, 0, 2, 2] = 3e19
+    t[0, 2, 1, 1] = float("inf")
+    if layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    mean, var = emu.channel_stats(t)
+    cmean, cvar = cpu.channel_stats(t)
+    assert float(var[0]) == float(cvar[0]) == float("inf")
+    torch.testing.assert_close(mean[:2], cmean[:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var[1], cvar[1], rtol=1e-5, atol=1e-5)
+    assert bool(var[2].isnan()) and bool(cvar[2].isnan()) and bool(mean[2].isnan())

@@ -551,3 +551,27 @@ def test_training_eps_of_zero_is_atens_error(where):
             model(torch.randn(2, 16, 16, 16))
         assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
 
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("backend", backends_here())
+def test_a_finite_value_whose_square_overflows_gives_atens_batchnorm(backend, channels_last):
+    """One value of 3e19 in a channel: its float32 square overflows, and ATen's float32 variance is
+    +inf, so its BatchNorm gives the bias across the channel (finite). The fused statistics once called
+    that channel non-finite and made all of it NaN; now the variance is +inf as ATen's, the other
+    channel is unaffected, and the outputs are ATen's."""
+    from scnet_fused import ops
+
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(2, 2, 8, 8, generator=g)
+    t[0, 0, 3, 5] = 3e19
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    w, b = torch.tensor([1.0, 0.7]), torch.tensor([0.5, -0.2])
+    want = torch.relu(nn.functional.batch_norm(t, None, None, w, b, training=True))
+    x, small = torch.randn(2, 2, 8, 8, generator=g), torch.randn(2, 2, 2, 2, generator=g)
+    with scnet_fused.backend(backend):
+        y, mean, var = ops.bn_relu_train(t, w, b, 1e-5)
+        y2, _, var2 = scnet_fused.sc_gate_bn_train(x, small, t, w, b)
+    assert float(var[0]) == float(var2[0]) == float("inf") and bool(torch.isfinite(mean).all())
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert not bool(y2.isnan().any())

@@ -32,9 +32,16 @@ using cpu_vec::Vec;
 // Mean and biased variance from sums of (x - K) and (x - K)^2 over M values. A channel whose sums are
 // not finite (a NaN or an infinity in it) gets the mean as torch's CPU BatchNorm computes it, the
 // plain sum over M (plain_sum(): +-inf for infinities of one sign, NaN otherwise; the shifted sums
-// have lost it), and a NaN variance.
+// have lost it), and a NaN variance. Only the squares infinite (a finite value 2^64 from K: its
+// float32 square overflows): a finite channel whose variance is +inf, as ATen's float32 accumulation
+// gives there (the BatchNorm's output is then its bias), not NaN.
 template <typename PlainSum>
 inline void finalize_stats(float K, double a1, double a2, double M, float* mean, float* var, PlainSum plain_sum) {
+  if (std::isfinite(a1) && std::isfinite(K) && a2 == std::numeric_limits<double>::infinity()) {
+    *mean = static_cast<float>(static_cast<double>(K) + a1 / M);
+    *var = std::numeric_limits<float>::infinity();
+    return;
+  }
   if (!std::isfinite(a1) || !std::isfinite(a2) || !std::isfinite(K)) {
     *mean = static_cast<float>(plain_sum() / M);
     *var = std::numeric_limits<float>::quiet_NaN();

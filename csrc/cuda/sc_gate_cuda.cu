@@ -278,6 +278,11 @@ __global__ void __launch_bounds__(kThreads) stats_finalize_kernel(const T* t, in
     a2 += part[(c * nchunk + k) * 2 + 1];
   }
   const float K = static_cast<float>(t[c * kstride]);
+  if (isfinite(a1) && isfinite(K) && isinf(a2)) {  // finite values whose float32 squares overflow
+    mean[c] = static_cast<float>(static_cast<double>(K) + a1 / count);
+    var[c] = __int_as_float(0x7f800000);  // +inf, as the CPU kernels (finalize_stats)
+    return;
+  }
   if (!isfinite(a1) || !isfinite(a2) || !isfinite(K)) {  // NaN or Inf in the channel: NaN, as torch
     mean[c] = var[c] = __int_as_float(0x7fc00000);
     return;

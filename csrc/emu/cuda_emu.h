@@ -273,6 +273,7 @@ inline float __int_as_float(int i) {
 }
 inline float __expf(float x) { return std::exp(x); }
 using std::isfinite;
+using std::isinf;
 
 // The host side of the CUDA runtime the kernels' launchers use.
 namespace c10 {

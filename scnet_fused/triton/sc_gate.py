@@ -278,7 +278,7 @@ def _channel_stats_kernel(t_ptr, mean_ptr, m2_ptr, C, HW, NHW, chunk,
         delta = t_mean - mean
         tot = cnt + nt
         mean += delta * (nt / tot)
-        m2 += t_m2 + delta * delta * (cnt * (nt / tot))
+        m2 += t_m2 + tl.where(cnt > 0, delta * delta * (cnt * (nt / tot)), 0.0)  # (no inf * 0 on the first tile)
     out = pid_q.to(tl.int64) * C + c
     tl.store(mean_ptr + out, mean, mask=c_mask)
     tl.store(m2_ptr + out, m2, mask=c_mask)
@@ -289,7 +289,8 @@ def _stats_finalize_kernel(mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, C, Q, NH
                            BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
     """The Q programs' per-channel (mean, M2) of ``_channel_stats_kernel`` merged (Chan's formula, each
     program's count ``min(NHW - q * chunk, chunk)``) into the batch mean and biased variance; a channel
-    whose mean or variance is not finite gets NaN for both."""
+    whose mean is not finite (a NaN or an infinity in it) gets NaN for both; a finite channel whose
+    squares overflow float32 gets variance +inf, as the C++ kernels."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -311,7 +312,7 @@ def _stats_finalize_kernel(mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, C, Q, NH
         acc2 += tl.sum(tl.where(mask, m2 + cnt[:, None] * d * d, 0.0), axis=0)
     var = acc2 / NHW
     inf = float("inf")
-    ok = (tl.abs(mean) < inf) & (tl.abs(var) < inf)  # false for a NaN and for an infinity
+    ok = tl.abs(mean) < inf  # false for a NaN and for an infinity
     nan = float("nan")
     tl.store(out_mean_ptr + c, tl.where(ok, mean, nan), mask=c_mask)
     tl.store(out_var_ptr + c, tl.where(ok, var, nan), mask=c_mask)
