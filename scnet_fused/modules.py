@@ -236,22 +236,24 @@ def _conv_accepts(conv: nn.Module, x: Tensor) -> bool:
     return _autocast_on(x.device.type)
 
 
-def _check_train_eps(*bns: nn.Module) -> None:
-    """ATen's error for a training BatchNorm's eps <= 0 (or NaN), raised before any of ``bns`` counts the
-    batch: a fused path that updates several BatchNorms changes none of them when it refuses."""
-    for bn in bns:
-        if not bn.eps > 0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {bn.eps}")
+def _bad_train_eps(m: nn.Module) -> bool:
+    """Whether a BatchNorm in ``m`` normalises with batch statistics and has eps <= 0 (or NaN), which
+    ATen refuses. The fused modules then run the reference computation, so that the error comes with
+    the reference's side effects (the BatchNorms before it have counted the batch, and it has bumped
+    its own counter): a fused path that updates two BatchNorms at once would count neither, or both."""
+    return any(isinstance(b, nn.modules.batchnorm._BatchNorm) and (b.training or b.running_mean is None)
+               and not b.eps > 0 for b in m.modules())
 
 
 def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
-    """nn.BatchNorm2d's exponential_average_factor; bumps num_batches_tracked as it does (after
-    :func:`_check_train_eps`)."""
-    _check_train_eps(bn)
+    """nn.BatchNorm2d's exponential_average_factor; bumps num_batches_tracked as it does, and then, as
+    it does, raises ATen's error for an eps <= 0 (or NaN)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    if not bn.eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {bn.eps}")
     return factor
 
 
@@ -404,7 +406,6 @@ def _conv1_pair(ca: nn.Module, bna: nn.Module, cb: nn.Module, bnb: nn.Module, re
     if (_batch_stats_bn(bna) and _batch_stats_bn(bnb) and bna.eps == bnb.eps and _bn_stats_ok(t)
             and (bna.weight is None) == (bnb.weight is None)
             and (bna.weight is None or bna.weight.dtype == bnb.weight.dtype)):
-        _check_train_eps(bna, bnb)
         factor_a, factor_b = _bn_momentum(bna), _bn_momentum(bnb)
         wa, ba = _affine_params(bna, t)
         wb, bb = _affine_params(bnb, t)
@@ -730,8 +731,10 @@ class SCConv(reference.SCConv):
     def forward(self, x: Tensor) -> Tensor:
         if standard_ops_only():
             return self._portable_forward(x)
-        if _reference_inference(x.numel(), SCCONV_INFERENCE_MIN_ELEMENTS) or not self._fusable():
-            return super().forward(x)  # a small map at inference; hooks on k2 / k3 / k4: the modules
+        if (_reference_inference(x.numel(), SCCONV_INFERENCE_MIN_ELEMENTS) or not self._fusable()
+                or (self.training and _bad_train_eps(self))):
+            # a small map at inference; hooks on k2 / k3 / k4: the modules; a training eps ATen refuses
+            return super().forward(x)
         y, saved = self._gate(x)
         conv4, norm4 = self.k4[0], self.k4[1]
         if not torch.is_grad_enabled():
@@ -853,7 +856,6 @@ class SCConv(reference.SCConv):
     def _gate_bn2_train(self, x: Tensor, small: Tensor, k3: Tensor, bn: nn.Module, bn2: nn.Module):
         """The gate with k3's and k2's BatchNorms (batch statistics) inside; both running statistics
         updated as nn.BatchNorm2d does. Returns y and the two folds as the op applied them."""
-        _check_train_eps(bn, bn2)
         factor, factor2 = _bn_momentum(bn), _bn_momentum(bn2)
         weight, bias = _affine_params(bn, k3)
         weight2, bias2 = _affine_params(bn2, small)
@@ -918,10 +920,11 @@ class SCBottleneck(reference.SCBottleneck):
     def forward(self, x: Tensor) -> Tensor:
         if (not _plain_relu(self.relu) or x.dim() != 4 or standard_ops_only()
                 or _reference_inference(self._map_elements(x), BOTTLENECK_INFERENCE_MIN_ELEMENTS)
-                or (self.avd and not self._plain_avd())):
+                or (self.avd and not self._plain_avd()) or (self.training and _bad_train_eps(self))):
             # exports and torch.func transforms: standard operators only; a small map at inference
             # (BOTTLENECK_INFERENCE_MIN_ELEMENTS); a ReLU or an avd pool with hooks or its own forward
-            # is called as often as the reference calls it
+            # is called as often as the reference calls it; a training eps ATen refuses (its error with
+            # the reference's side effects)
             return super().forward(x)
         residual = x
         out_a, out_b = _conv1_pair(self.conv1_a, self.bn1_a, self.conv1_b, self.bn1_b, self.relu, x,
@@ -994,10 +997,17 @@ class SCBottleneck(reference.SCBottleneck):
                 and _batch_stats_bn(sc.k4[1])):
             return relu_cat(_seq_conv_bn(k1, out_a), sc(out_b))
         bn_a, bn_b = k1[1], sc.k4[1]
-        ta, tb = _conv(k1[0], out_a), sc._pre_norm4(out_b)
+        ta = _conv(k1[0], out_a)
+        try:
+            tb = sc._pre_norm4(out_b)
+        except Exception:
+            # the reference's k1 ran in full before its SCConv raised (a pooled map of one value per
+            # channel in training, ...): k1's BatchNorm counts this batch there, so it does here
+            with torch.no_grad(), contextlib.suppress(Exception):
+                bn_a(ta)
+            raise
         if not _fusable_pair(ta, tb):
             return relu_cat(bn_a(ta), bn_b(tb))  # nn.BatchNorm2d's own handling (and errors)
-        _check_train_eps(bn_a, bn_b)
         factor_a, factor_b = _bn_momentum(bn_a), _bn_momentum(bn_b)
         wa, ba = _affine_params(bn_a, ta)
         wb, bb = _affine_params(bn_b, tb)

@@ -535,21 +535,46 @@ def test_half_running_variance_moves_by_a_finite_step(glue, monkeypatch):
     assert int(bn.num_batches_tracked) == int(bn_ref.num_batches_tracked) == 1
 
 
-@pytest.mark.parametrize("where", ["k2", "k3", "k4", "bn1_a", "bn3"])
-def test_training_eps_of_zero_is_atens_error(where):
-    """eps = 0 in any training BatchNorm of a fused bottleneck: ATen's error, as the reference gives, and
-    the fused op that would have updated it (with a partner BatchNorm in the fused pairs) leaves its
-    running statistics as they were."""
+def _state_after_error(model, x, match):
+    with pytest.raises(ValueError, match=match):
+        model(x)
+    return model.state_dict()
+
+
+def _assert_same_state(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("where", ["k2", "k3", "k4", "k1", "bn1_a", "bn3"])
+def test_training_eps_of_zero_errs_with_the_references_side_effects(where):
+    """eps = 0 in a training BatchNorm of a fused bottleneck: ATen's error, and afterwards the same state
+    as the reference's (the BatchNorms before it have counted the batch, it has bumped its counter),
+    also where the fused code updates that BatchNorm together with another one."""
     ref = R.SCBottleneck(16, 4, norm_layer=nn.BatchNorm2d).train()
-    fused = scnet_fused.convert(ref).train()
+    fused = scnet_fused.convert(ref)
+    x = torch.randn(2, 16, 16, 16)
+    states = []
     for model in (ref, fused):
-        norm = {"k2": model.scconv.k2[2], "k3": model.scconv.k3[1], "k4": model.scconv.k4[1]}.get(where)
-        norm = norm if norm is not None else getattr(model, where)
-        norm.eps = 0.0
-        before = (norm.running_mean.clone(), norm.running_var.clone())
-        with pytest.raises(ValueError, match="eps must be positive during training"):
-            model(torch.randn(2, 16, 16, 16))
-        assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
+        norm = {"k2": model.scconv.k2[2], "k3": model.scconv.k3[1], "k4": model.scconv.k4[1],
+                "k1": model.k1[1]}.get(where)
+        (norm if norm is not None else getattr(model, where)).eps = 0.0
+        states.append(_state_after_error(model, x, "eps must be positive during training"))
+    _assert_same_state(states[1], states[0])
+
+
+def test_an_error_inside_the_scconv_leaves_the_references_state():
+    """A training batch whose pooled map has one value per channel (N = 1, 4x4 maps): BatchNorm2d's
+    error from k2, and the fused bottleneck's state afterwards is the reference's, k1's BatchNorm
+    (which the reference runs before its SCConv) having counted the batch."""
+    ref = R.SCBottleneck(16, 4, norm_layer=nn.BatchNorm2d).train()
+    fused = scnet_fused.convert(ref)
+    x = torch.randn(1, 16, 4, 4)
+    want = _state_after_error(ref, x, "Expected more than 1 value per channel")
+    got = _state_after_error(fused, x, "Expected more than 1 value per channel")
+    assert int(got["k1.1.num_batches_tracked"]) == 1
+    _assert_same_state(got, want)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
