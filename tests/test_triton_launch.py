@@ -77,6 +77,12 @@ def test_grid_limits_are_checked_before_the_launch(monkeypatch):
         _common.check_grid("op", (1, 1, 65536), "a thing")
     with pytest.raises(ValueError, match="axis 0"):
         _common.check_grid("op", (2 ** 31,), "a thing")
+    assert _common.check_grid("op", (0, 70000, 1), "x") == (0, 70000, 1)  # empty: nothing is launched
+    # An empty batch of many channels still gives empty outputs (its grid has an empty axis).
+    e = torch.empty(0, 140000, 128, 128, device=DEVICE)
+    es = torch.empty(0, 140000, 4, 4, device=DEVICE)
+    assert tg.gate_forward(e, es, e, None, None).shape == e.shape
+    assert tg.gate_backward_k3(e, e, es, e, *(torch.ones(140000, device=DEVICE),) * 3).shape == e.shape
     # The launchers apply them: with the limits lowered, a launch that needs two programs on axis 1
     # is refused with the input named, and no output is written.
     monkeypatch.setattr(_common, "_GRID_LIMITS", (2 ** 31 - 1, 1, 1))

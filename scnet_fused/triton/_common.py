@@ -35,7 +35,9 @@ def on_tensor_device(fn):
 def check_grid(op: str, grid: tuple, what: str) -> tuple:
     """``grid`` if CUDA can launch it, else a ValueError naming ``what`` made it that large (decided
     before anything runs; the limits hold for the interpreter's launches too, so the error is the
-    same on every machine)."""
+    same on every machine). A grid with an empty axis (an empty tensor) launches nothing: no limit."""
+    if 0 in grid:
+        return grid
     for axis, (n, limit) in enumerate(zip(grid, _GRID_LIMITS)):
         if n > limit:
             raise ValueError(f"{op}: {what} needs {n} programs along axis {axis} of the Triton launch grid, more "

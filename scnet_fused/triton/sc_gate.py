@@ -599,4 +599,12 @@ def aot_kernels():
            "Q": "i32", "NHW": "i32", "chunk": "i32"}
     const = dict(BLOCK_C=_FINALIZE_BLOCK_C, BLOCK_Q=_FINALIZE_BLOCK_Q)
     entries.append(("stats_finalize", _stats_finalize_kernel, {**sig, **{k: "constexpr" for k in const}}, const))
+    # the 64-bit path (2**31 elements or more) of the statistics over NCHW maps, whose channel offsets
+    # are 64-bit there
+    bc, bp = _stats_blocks(256, False)
+    sig = {"t_ptr": "*bf16", "mean_ptr": "*fp32", "m2_ptr": "*fp32", "C": "i32", "HW": "i32", "NHW": "i64",
+           "chunk": "i32"}
+    const = dict(CHANNELS_LAST=False, BIG=True, BLOCK_C=bc, BLOCK_P=bp)
+    entries.append(("channel_stats_nchw_bf16_C256_int64", _channel_stats_kernel,
+                    {**sig, **{k: "constexpr" for k in const}}, const))
     return entries + _pool.aot_kernels() + _bn_relu.aot_kernels()

@@ -121,4 +121,9 @@ def aot_kernels():
             entries.append((f"avgpool_fwd_{tag}", _avgpool_fwd_kernel, sig, const))
             sig = {"dy_ptr": ty, "dx_ptr": ty, **ints, "inv": "fp32", **{k: "constexpr" for k in const}}
             entries.append((f"avgpool_bwd_{tag}", _avgpool_bwd_kernel, sig, const))
+    # the forward's 64-bit path (2**31 elements or more) over NHWC maps, whose row stride is 64-bit there
+    const = dict(CHANNELS_LAST=True, BIG=True, R=4, BLOCK_E=_BLOCK)
+    sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", **ints, "total": "i64", "inv": "fp32",
+           **{k: "constexpr" for k in const}}
+    entries.append(("avgpool_fwd_nhwc_bf16_r4_int64", _avgpool_fwd_kernel, sig, const))
     return entries
