@@ -273,7 +273,9 @@ def _update_running_stats(bn, factor: float, mean: Tensor, var: Tensor, t: Tenso
 def _blend_(running: Tensor, stat: Tensor, factor: float) -> None:
     """``running = (1 - factor) * running + factor * stat`` in place. Buffers of 16-bit floats are
     updated in float32 and rounded once, as ATen's BatchNorm does: a batch variance above 65504 (a
-    float16 infinity) still moves a float16 running variance by a finite step."""
+    float16 infinity) still moves a float16 running variance by a finite step. (float16 buffers get
+    ATen's bits; bfloat16 ones differ by bfloat16 rounding, ATen's CPU kernel rounding its batch
+    statistics to bfloat16 first.)"""
     if running.dtype in (torch.float16, torch.bfloat16):
         running.copy_(running.float().mul_(1.0 - factor).add_(stat.float(), alpha=factor))
     else:

@@ -600,3 +600,18 @@ def test_a_finite_value_whose_square_overflows_gives_atens_batchnorm(backend, ch
     assert float(var[0]) == float(var2[0]) == float("inf") and bool(torch.isfinite(mean).all())
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     assert not bool(y2.isnan().any())
+    if backend != "cpu":
+        return  # (values near the float32 maximum overflow their float32 sums: NaN, documented)
+    # Two values of 2e38 in one vector lane (flat positions 1 and 17): the float32 partial sums overflow,
+    # the channel is still finite. The CPU kernels give a finite mean and variance +inf, so the channel's
+    # output is its bias, as ATen's NCHW kernel gives (its channels_last kernel's float32 mean overflows
+    # to inf and its output is NaN); the other channel is ATen's.
+    t2 = torch.randn(2, 2, 8, 8, generator=g)
+    t2[0, 0, 0, 1] = t2[0, 0, 2, 1] = 2e38
+    t2 = t2.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    want2 = torch.relu(nn.functional.batch_norm(t2, None, None, w, b, training=True))
+    with scnet_fused.backend(backend):
+        y3, mean3, var3 = ops.bn_relu_train(t2, w, b, 1e-5)
+    assert float(var3[0]) == float("inf") and bool(torch.isfinite(mean3).all())
+    assert torch.equal(y3[:, 0], torch.full_like(y3[:, 0], 0.5))
+    torch.testing.assert_close(y3[:, 1], want2[:, 1], rtol=1e-5, atol=1e-5)

@@ -30,11 +30,11 @@ using cpu_vec::load_f;
 using cpu_vec::Vec;
 
 // Mean and biased variance from sums of (x - K) and (x - K)^2 over M values. A channel whose sums are
-// not finite (a NaN or an infinity in it) gets the mean as torch's CPU BatchNorm computes it, the
-// plain sum over M (plain_sum(): +-inf for infinities of one sign, NaN otherwise; the shifted sums
-// have lost it), and a NaN variance. Only the squares infinite (a finite value 2^64 from K: its
-// float32 square overflows): a finite channel whose variance is +inf, as ATen's float32 accumulation
-// gives there (the BatchNorm's output is then its bias), not NaN.
+// not finite gets the mean as torch's CPU BatchNorm computes it, the plain sum over M (plain_sum(), in
+// double: +-inf for infinities of one sign, NaN for a NaN or both signs; the shifted sums have lost it),
+// and a variance of NaN if a value is not finite, else +inf: finite values 2^64 from K (whose float32
+// squares overflow) or near the float32 maximum (whose float32 sums do) give +inf, as ATen's float32
+// accumulation does there (the BatchNorm's output is then its bias).
 template <typename PlainSum>
 inline void finalize_stats(float K, double a1, double a2, double M, float* mean, float* var, PlainSum plain_sum) {
   if (std::isfinite(a1) && std::isfinite(K) && a2 == std::numeric_limits<double>::infinity()) {
@@ -43,8 +43,9 @@ inline void finalize_stats(float K, double a1, double a2, double M, float* mean,
     return;
   }
   if (!std::isfinite(a1) || !std::isfinite(a2) || !std::isfinite(K)) {
-    *mean = static_cast<float>(plain_sum() / M);
-    *var = std::numeric_limits<float>::quiet_NaN();
+    const double s = plain_sum();  // finite exactly when every value is (a double sum of floats)
+    *mean = static_cast<float>(s / M);
+    *var = std::isfinite(s) ? std::numeric_limits<float>::infinity() : std::numeric_limits<float>::quiet_NaN();
     return;
   }
   const double m1 = a1 / M;

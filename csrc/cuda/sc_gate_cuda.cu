@@ -283,7 +283,9 @@ __global__ void __launch_bounds__(kThreads) stats_finalize_kernel(const T* t, in
     var[c] = __int_as_float(0x7f800000);  // +inf, as the CPU kernels (finalize_stats)
     return;
   }
-  if (!isfinite(a1) || !isfinite(a2) || !isfinite(K)) {  // NaN or Inf in the channel: NaN, as torch
+  // NaN or Inf in the channel: NaN, as torch; so for finite values near the float32 maximum whose
+  // per-thread float sums overflow (the CPU kernels, which add in double, give variance +inf there)
+  if (!isfinite(a1) || !isfinite(a2) || !isfinite(K)) {
     mean[c] = var[c] = __int_as_float(0x7fc00000);
     return;
   }

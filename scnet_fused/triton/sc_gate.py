@@ -289,8 +289,10 @@ def _stats_finalize_kernel(mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, C, Q, NH
                            BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
     """The Q programs' per-channel (mean, M2) of ``_channel_stats_kernel`` merged (Chan's formula, each
     program's count ``min(NHW - q * chunk, chunk)``) into the batch mean and biased variance; a channel
-    whose mean is not finite (a NaN or an infinity in it) gets NaN for both; a finite channel whose
-    squares overflow float32 gets variance +inf, as the C++ kernels."""
+    whose mean is not finite (a NaN or an infinity in it, or finite values near the float32 maximum
+    whose float32 tile sums overflow, where the CPU kernels give variance +inf) gets NaN for both; a
+    finite channel whose squares overflow float32 (values 2^64 apart) gets variance +inf, as the C++
+    kernels and ATen."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
