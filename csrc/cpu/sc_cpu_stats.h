@@ -37,11 +37,6 @@ using cpu_vec::Vec;
 // accumulation does there (the BatchNorm's output is then its bias).
 template <typename PlainSum>
 inline void finalize_stats(float K, double a1, double a2, double M, float* mean, float* var, PlainSum plain_sum) {
-  if (std::isfinite(a1) && std::isfinite(K) && a2 == std::numeric_limits<double>::infinity()) {
-    *mean = static_cast<float>(static_cast<double>(K) + a1 / M);
-    *var = std::numeric_limits<float>::infinity();
-    return;
-  }
   if (!std::isfinite(a1) || !std::isfinite(a2) || !std::isfinite(K)) {
     const double s = plain_sum();  // finite exactly when every value is (a double sum of floats)
     *mean = static_cast<float>(s / M);

@@ -33,7 +33,8 @@ def on_tensor_device(fn):
 
 
 def check_grid(op: str, grid: tuple, what: str) -> tuple:
-    """``grid`` if CUDA can launch it, else a ValueError naming ``what`` made it that large (decided
+    """For the 2-D and 3-D grids (a 1-D grid of 1024-element programs stays under its limit for any
+    tensor a GPU holds): ``grid`` if CUDA can launch it, else a ValueError naming ``what`` made it that large (decided
     before anything runs; the limits hold for the interpreter's launches too, so the error is the
     same on every machine). A grid with an empty axis (an empty tensor) launches nothing: no limit."""
     if 0 in grid:

@@ -141,7 +141,7 @@ def _pointwise(t, dy, scale, shift, pqr: Optional[tuple], out: Optional[torch.Te
     else:
         dy = t
     span = t.shape[0] * max(dy_pitch, out_pitch) * HW
-    _affine_relu_pointwise_kernel[check_grid("affine_relu", (triton.cdiv(total, _BLOCK),), f"{total} elements")](
+    _affine_relu_pointwise_kernel[(triton.cdiv(total, _BLOCK),)](
         t, dy, out, a, b, p, q, r, total, C, HW, dy_pitch, out_pitch, APPLY=apply, CHANNELS_LAST=channels_last,
         BIG=max(total, span) >= INT32_LIMIT, BLOCK_E=_BLOCK, SLICED=max(dy_pitch, out_pitch) != C,
         RESIDUAL=residual is not None, num_warps=_num_warps(_BLOCK))

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_empty
-from ._common import INT32_LIMIT, check_grid, flat_block, layout as _layout, offset4, on_tensor_device, unflatten
+from ._common import INT32_LIMIT, flat_block, layout as _layout, offset4, on_tensor_device, unflatten
 
 _BLOCK = 1024
 
@@ -79,7 +79,7 @@ def avgpool(x: torch.Tensor, r: int) -> torch.Tensor:
     if total == 0:
         return y
     big = x.numel() >= INT32_LIMIT
-    _avgpool_fwd_kernel[check_grid("avgpool", (triton.cdiv(total, _BLOCK),), f"{total} outputs")](
+    _avgpool_fwd_kernel[(triton.cdiv(total, _BLOCK),)](
         x, y, total, C, H, W, h, w, 1.0 / (r * r), CHANNELS_LAST=channels_last, BIG=big, R=r, BLOCK_E=_BLOCK,
         num_warps=_num_warps())
     return y
@@ -99,7 +99,7 @@ def avgpool_backward(dy: torch.Tensor, H: int, W: int, r: int, channels_last: bo
     if total == 0:
         return dx
     big = total >= INT32_LIMIT
-    _avgpool_bwd_kernel[check_grid("avgpool_backward", (triton.cdiv(total, _BLOCK),), f"{total} outputs")](
+    _avgpool_bwd_kernel[(triton.cdiv(total, _BLOCK),)](
         dy, dx, total, C, H, W, h, w, 1.0 / (r * r), CHANNELS_LAST=bool(channels_last), BIG=big, R=r,
         BLOCK_E=_BLOCK, num_warps=_num_warps())
     return dx
