@@ -56,16 +56,55 @@ def max_run(out_size: int, in_size: int) -> int:
 
 
 _TABLE_CACHE: dict = {}
+# Distinct (sizes, device) keys kept; past it, new keys get a table of their own call. A cached table is
+# never freed: a kernel on another stream, or a captured CUDA graph, may still read it.
+_TABLE_CACHE_MAX = 4096
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _tables_on_device(H: int, W: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+    """The tables made by device ops alone (no host copy, no synchronization: what a CUDA graph capture
+    allows), the same values as :func:`_starts_np`: the float32 product, floor and clamp of
+    :func:`_source_index_np`, then the first output index of each source index."""
+    parts = []
+    for out_size, in_size in ((H, h), (W, w)):
+        if out_size <= 0 or in_size <= 0:
+            raise ValueError(f"sizes must be positive, got out={out_size}, in={in_size}")
+        i = torch.arange(out_size, device=device, dtype=torch.int64)
+        if out_size == in_size:
+            idx = i
+        elif out_size == 2 * in_size:
+            idx = i >> 1
+        else:
+            scale = float(np.float32(in_size) / np.float32(out_size))  # a float32 value, exact in a double
+            prod = i.to(torch.float32) * scale  # computed in float32 (a Python scalar: no host copy)
+            idx = torch.floor(prod).to(torch.int64).clamp_(max=in_size - 1)
+        a = torch.arange(in_size + 1, device=device, dtype=torch.int64)
+        parts.append(torch.searchsorted(idx, a, side="left").to(torch.int32))
+    return torch.cat(parts)
 
 
 def cell_tables(H: int, W: int, h: int, w: int, device) -> torch.Tensor:
-    """One int32 tensor on ``device``: row starts (h + 1 entries) then column starts (w + 1)."""
+    """One int32 tensor on ``device``: row starts (h + 1 entries) then column starts (w + 1).
+
+    Cached per sizes and device; a cached table lives as long as the process, so kernels queued on any
+    stream and CUDA graphs that captured it keep reading valid memory. While a CUDA stream is capturing,
+    a table not yet cached is made by device ops (a host copy cannot be captured) and not cached: its
+    memory belongs to the graph, and it holds values only once the graph is replayed."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (H, W, h, w, str(device))
     t = _TABLE_CACHE.get(key)
-    if t is None:
-        arr = np.concatenate([_starts_np(H, h), _starts_np(W, w)]).astype(np.int32)
-        t = torch.from_numpy(arr).to(device)
-        if len(_TABLE_CACHE) > 256:
-            _TABLE_CACHE.clear()
+    if t is not None:
+        return t
+    if _capturing(device):
+        return _tables_on_device(H, W, h, w, device)
+    arr = np.concatenate([_starts_np(H, h), _starts_np(W, w)]).astype(np.int32)
+    t = torch.from_numpy(arr).to(device)  # a blocking copy: complete before any stream reads it
+    if len(_TABLE_CACHE) < _TABLE_CACHE_MAX:
         _TABLE_CACHE[key] = t
     return t
