@@ -1,6 +1,7 @@
 """The Triton launchers' host side: the tensors' device made current for the launch, the launch grid
-checked against CUDA's limits before anything runs, and the 64-bit offset path of the BatchNorm + ReLU
-kernels (run on small tensors by lowering the threshold)."""
+checked against CUDA's limits before anything runs (and ``auto``'s fallback past them), the 64-bit
+offset path of the BatchNorm + ReLU kernels (run on small tensors by lowering the threshold), and the
+gate's cached index tables (never freed; made by device ops during a graph capture)."""
 
 import contextlib
 import os
@@ -123,3 +124,77 @@ def test_bn_relu_int64_offsets_path(monkeypatch, channels_last):
             torch.testing.assert_close(u, v.float(), rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(sc_bn_relu.affine_relu_backward_apply(d, t, scale, shift, p, q, r),
                                    ref.affine_relu_backward_apply(d, t, scale, shift, p, q, r), **close)
+
+
+def test_cell_tables_made_by_device_ops_match_the_host_tables():
+    """The tables a CUDA graph capture gets (device ops, no host copy) equal the host-made ones."""
+    import numpy as np
+
+    from scnet_fused import _index
+
+    sizes = [(H, h) for H in range(1, 70) for h in range(1, H + 1)]
+    sizes += [(1000, 999), (4097, 13), (65536, 7), (100003, 4099), (2 ** 20 + 1, 3)]
+    for H, h in sizes:
+        got = _index._tables_on_device(H, 5, h, 2, "cpu")
+        want = np.concatenate([_index._starts_np(H, h), _index._starts_np(5, 2)])
+        assert got.dtype == torch.int32 and np.array_equal(got.numpy(), want), (H, h)
+
+
+def test_cell_tables_cached_tables_are_never_freed(monkeypatch):
+    """A cached table stays alive (kernels on other streams and captured graphs may read it): past the
+    cache's size, new sizes get a table of their own; while a stream captures, a missing table is made by
+    device ops and not cached, a cached one is reused."""
+    from scnet_fused import _index
+
+    monkeypatch.setattr(_index, "_TABLE_CACHE", {})
+    monkeypatch.setattr(_index, "_TABLE_CACHE_MAX", 2)
+    a, b = _index.cell_tables(8, 8, 2, 2, "cpu"), _index.cell_tables(9, 9, 2, 2, "cpu")
+    c = _index.cell_tables(10, 10, 3, 3, "cpu")
+    assert _index.cell_tables(8, 8, 2, 2, "cpu") is a and _index.cell_tables(9, 9, 2, 2, "cpu") is b
+    assert len(_index._TABLE_CACHE) == 2 and _index.cell_tables(10, 10, 3, 3, "cpu") is not c
+    assert c.tolist() == [0, 4, 7, 10, 0, 4, 7, 10]
+    monkeypatch.setattr(_index, "_TABLE_CACHE", {})
+    monkeypatch.setattr(_index, "_capturing", lambda device: True)
+    made = []
+    monkeypatch.setattr(_index, "_tables_on_device", lambda *a: made.append(a) or torch.zeros(1))
+    _index.cell_tables(8, 8, 2, 2, "cpu")
+    assert made == [(8, 8, 2, 2, torch.device("cpu"))] and _index._TABLE_CACHE == {}
+    _index._TABLE_CACHE[(8, 8, 2, 2, "cpu")] = a
+    assert _index.cell_tables(8, 8, 2, 2, "cpu") is a and len(made) == 1
+
+
+def test_auto_runs_a_call_past_the_grid_limits_on_the_next_backend(monkeypatch):
+    """Under ``auto`` a Triton launch refused for its grid runs that call on the next backend in the
+    order (one warning); the Triton backend stays selected for the next call. (A forced backend is not
+    wrapped: the error reaches the caller, as the grid test above shows.)"""
+    import warnings
+
+    from scnet_fused.ops import _dispatch
+
+    calls = []
+
+    class Triton:
+        @staticmethod
+        def gate_forward(x):
+            if x > 1:
+                raise _common.GridLimitError("sc_gate: too many programs")
+            calls.append(("triton", x))
+            return "triton"
+
+    class Cuda:
+        @staticmethod
+        def gate_forward(x):
+            calls.append(("cuda", x))
+            return "cuda"
+
+    real_load = _dispatch._load
+    monkeypatch.setattr(_dispatch, "_load", lambda name: Cuda if name == "cuda" else real_load(name))
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    wrapped = _dispatch._DropOnCompileError("triton", Triton, torch.device("cuda"), torch.float32)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert wrapped.gate_forward(5) == "cuda" and wrapped.gate_forward(6) == "cuda"
+    assert wrapped.gate_forward(1) == "triton"
+    assert calls == [("cuda", 5), ("cuda", 6), ("triton", 1)]
+    assert len(seen) == 1 and "this call runs on the cuda backend" in str(seen[0].message)
+    assert not isinstance(_dispatch._module_cache.get("triton"), str)  # not dropped

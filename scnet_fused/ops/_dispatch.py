@@ -250,10 +250,17 @@ class _DropOnCompileError:
     def __getattr__(self, attr):
         fn = getattr(self._mod, attr)
         errors = _compile_errors()
+        from ..triton._common import GridLimitError
 
         def call(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
+            except GridLimitError as exc:
+                # Too large for one Triton launch grid (decided before any launch): this call alone runs
+                # on the next backend, the backend stays.
+                nxt_name, nxt = _after(self._name, self._device, self._dtype)
+                _warn_once(f"grid:{self._name}:{attr}", f"scnet_fused: {exc}; this call runs on the {nxt_name} backend")
+                return getattr(nxt, attr)(*args, **kwargs)
             except errors as exc:
                 reason = f"its kernels failed to compile here ({type(exc).__name__}: {str(exc).strip()[:300]})"
                 _module_cache[self._name] = reason
@@ -263,6 +270,16 @@ class _DropOnCompileError:
                 return getattr(nxt, attr)(*args, **kwargs)
 
         return call
+
+
+def _after(name: str, device: torch.device, dtype: torch.dtype):
+    """``(name, primitives_module)`` of the first available backend after ``name`` in ``auto``'s order."""
+    order = _auto_order(device, dtype)
+    for cand in order[order.index(name) + 1:]:
+        mod = _load(cand)
+        if not isinstance(mod, str):
+            return cand, mod
+    raise BackendUnavailable(f"no scnet_fused backend after {name} can run {device} tensors")  # pragma: no cover
 
 
 def register_autograd(op, backward, setup_context) -> None:

@@ -32,6 +32,11 @@ def on_tensor_device(fn):
     return launch
 
 
+class GridLimitError(ValueError):
+    """A launch grid past CUDA's limits (:func:`check_grid`). ``auto`` runs such a call on its next
+    backend; a forced ``triton`` backend raises it."""
+
+
 def check_grid(op: str, grid: tuple, what: str) -> tuple:
     """For the 2-D and 3-D grids (a 1-D grid of 1024-element programs stays under its limit for any
     tensor a GPU holds): ``grid`` if CUDA can launch it, else a ValueError naming ``what`` made it that large (decided
@@ -41,7 +46,7 @@ def check_grid(op: str, grid: tuple, what: str) -> tuple:
         return grid
     for axis, (n, limit) in enumerate(zip(grid, _GRID_LIMITS)):
         if n > limit:
-            raise ValueError(f"{op}: {what} needs {n} programs along axis {axis} of the Triton launch grid, more "
+            raise GridLimitError(f"{op}: {what} needs {n} programs along axis {axis} of the Triton launch grid, more "
                              f"than CUDA's {limit}")
     return grid
 
