@@ -15,7 +15,35 @@ os.environ.setdefault("SCNET_FUSED_CONV", "direct")
 import pytest  # noqa: E402
 
 
+def pytest_collection_finish(session):
+    """Queue the selected script tests' processes to run beside the other tests (tests/_background.py),
+    in the order their module's ``BACKGROUND`` lists them."""
+    if session.config.option.collectonly:
+        return
+    import _background
+
+    keys = {}
+    for item in session.items:
+        mark = item.get_closest_marker("background")
+        if mark is not None:
+            keys.setdefault(item.module, set()).add(mark.args[0])
+    for module, selected in keys.items():
+        for key, runs in module.BACKGROUND.items():
+            if key in selected:
+                _background.start(key, runs)
+
+
+def pytest_sessionfinish(session):
+    import _background
+
+    _background.stop()
+
+
 def pytest_collection_modifyitems(config, items):
+    # The tests whose script runs go to the background (tests/_background.py) run last: by then their
+    # processes have had the rest of the session to finish.
+    items[:] = [i for i in items if i.get_closest_marker("background") is None] + \
+        [i for i in items if i.get_closest_marker("background") is not None]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import _background
 from _util import kink_perturbed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,6 +25,56 @@ def _env():
 def _cli(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "scnet_fused", *args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _script(name, *args):
+    """A benchmark script's command line, its output folder left to the run ("{out}")."""
+    return [os.path.join(ROOT, "benchmarks", f"{name}.py"), *args, "--out", "{out}"]
+
+
+_BN_BACKWARD_EXTRA = ([], ["--channels-last", "--default-malloc", "--threads", "1"], ["--op", "gate_bn_forward"],
+                      ["--op", "bn_relu"])
+
+# The script tests' processes, run in the background while the other tests run (tests/_background.py),
+# the longest first.
+BACKGROUND = {
+    "first_step": [(_script("bench_first_step", "--shapes", "8x8x8", "--modes", "eval", "--batch-size", "2",
+                            "--device", "cpu", "--threads", "1"), {"env": _env(), "timeout": 600})],
+    "checkouts": [(_script("bench_checkouts", "--base", ROOT, "--rounds", "2", "--op", "gate", "--mode", "backward",
+                           "--shapes", "5x13x14", "--batch-size", "2", "--min-run-time", "0.02", "--name", "ab"), {})],
+    "winograd_parts": [(_script("bench_winograd_parts", "--shapes", "16x13x14,32x8x8", "--batch-size", "2",
+                                "--rounds", "2", "--min-run-time", "0.02", "--device", "cpu", "--default-malloc"), {})],
+    "bn_backward": [(_script("bench_bn_backward", "--shapes", "3x16x16,2x7x7", "--batch-size", "2", "--rounds", "2",
+                              "--min-run-time", "0.02", *extra), {}) for extra in _BN_BACKWARD_EXTRA],
+    "stream_stores": [(_script("bench_stream_stores", "--shapes", "3x16x16,2x7x7", "--batch-size", "2", "--rounds", "2",
+                               "--min-run-time", "0.02"), {"env": dict(os.environ, SCNET_FUSED_CPU_STREAM="0")})],
+    "winograd": [(_script("bench_winograd", "--shapes", "16x13x14", "--batch-size", "2", "--rounds", "2",
+                          "--min-run-time", "0.02", "--device", "cpu", "--default-malloc"), {})],
+    "small_inference": [(_script("bench_small_inference", "--no-model", "--rounds", "1"), {})],
+    "conv1_stack": [(_script("bench_conv1_stack", "--shapes", "16x9x7,512x4x4", "--batch-size", "2", "--rounds", "2",
+                             "--min-run-time", "0.02", "--device", "cpu", "--default-malloc", "--amp", "bf16",
+                             "--channels-last"), {})],
+    "layout_step": [(_script("bench_layout_step", "--shapes", "5x13x14", "--batch-size", "2", "--rounds", "2",
+                             "--min-run-time", "0.02", "--device", "cpu", "--default-malloc"), {})],
+    "conv_layout": [(_script("bench_conv_layout", "--shapes", "5x9x7", "--batch-size", "2", "--rounds", "2",
+                             "--min-run-time", "0.02", "--device", "cpu", "--default-malloc"), {})],
+    "infer": [(_script("bench_infer", "--image-size", "128", "--batch-size", "1", "--rounds", "2", "--min-run-time",
+                       "0.05", "--device", "cpu", "--default-malloc"), {})],
+    "winograd_policy": [(_script("bench_winograd_policy", "--no-model", "--batch-size", "2", "--rounds", "1"), {})],
+    "pooled_bn": [(_script("bench_pooled_bn", "--shapes", "8x9x7", "--batch-size", "2", "--rounds", "2",
+                           "--min-run-time", "0.02", "--device", "cpu", "--default-malloc", "--amp", "bf16",
+                           "--channels-last"), {})],
+    "k4_norm": [(_script("bench_k4_norm", "--batch-size", "2", "--rounds", "1"), {})],
+    "double_backward": [(_script("bench_double_backward", "--batch-size", "2", "--rounds", "1"), {})],
+    "conv1x1": [(_script("bench_conv1x1", "--no-model", "--batch-size", "1", "--rounds", "1"), {})],
+    "downsample": [(_script("bench_downsample", "--no-model", "--batch-size", "1", "--rounds", "1"), {})],
+    "stem": [(_script("bench_stem", "--no-model", "--batch-size", "1", "--rounds", "1"), {})],
+}
+
+
+def _bg(key):
+    """``(completed processes, output folder)`` of the script runs of ``BACKGROUND[key]``."""
+    return _background.result(key, BACKGROUND[key])
 
 
 def test_info_runs():
@@ -308,21 +359,20 @@ def test_cpu_results_folder_names_the_machine(tmp_path):
         "benchmarks", "results", "cpu")
 
 
-def test_bench_infer_script(tmp_path):
+@pytest.mark.background("infer")
+def test_bench_infer_script():
     """benchmarks/bench_infer.py: both providers timed, their error against a float64 run recorded."""
     from scnet_fused import bench
 
     if bench.fused_modules_reason() is not None:
         pytest.skip(bench.fused_modules_reason())
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_infer.py"), "--image-size", "128",
-                        "--batch-size", "1", "--rounds", "2", "--min-run-time", "0.05", "--device", "cpu",
-                        "--default-malloc", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    (r,), out = _bg("infer")
     assert r.returncode == 0, r.stderr
-    rows = json.loads((tmp_path / "infer_scnet50.json").read_text())
+    rows = json.loads((out / "infer_scnet50.json").read_text())
     assert {row["provider"] for row in rows} == {"eager", "fused"}
     for row in rows:
         assert row["rounds"] == 2 and row["median_ms"] > 0 and 0 <= row["rel_err_vs_float64"] < 1e-3
-    assert "| fused |" in (tmp_path / "infer_scnet50.md").read_text()
+    assert "| fused |" in (out / "infer_scnet50.md").read_text()
 
 
 def _script_usage_errors(name, tmp_path, capsys, cases):
@@ -383,6 +433,7 @@ def test_bench_cpu_isa_script(tmp_path, capsys):
     _script_usage_errors("bench_cpu_isa", tmp_path, capsys, [(["--isas", "sse9"], "sse9")])
 
 
+@pytest.mark.background("checkouts")
 def test_bench_checkouts_script(tmp_path, capsys):
     """benchmarks/bench_checkouts.py: both checkouts run in alternating rounds, each row says which one
     (here the same checkout twice); a folder that is not a checkout of the package is refused."""
@@ -390,17 +441,14 @@ def test_bench_checkouts_script(tmp_path, capsys):
 
     if _cpp.cpu_isa() is None:
         pytest.skip("no CPU kernel build is loaded")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_checkouts.py"), "--base", ROOT,
-                        "--rounds", "2", "--op", "gate", "--mode", "backward", "--shapes", "5x13x14",
-                        "--batch-size", "2", "--min-run-time", "0.02", "--out", str(tmp_path), "--name", "ab"],
-                       capture_output=True, text=True, timeout=300)
+    (r,), out = _bg("checkouts")
     assert r.returncode == 0, r.stderr[-3000:]
-    data = json.loads((tmp_path / "ab.json").read_text())
+    data = json.loads((out / "ab.json").read_text())
     assert sorted((row["round"], row["checkout"]) for row in data["rows"]) == [
         (0, "base"), (0, "head"), (1, "base"), (1, "head")]
     assert data["checkouts"]["base"]["path"] == data["checkouts"]["head"]["path"] == os.path.realpath(ROOT)
     assert all(row["commit"] == data["checkouts"]["base"]["commit"] != "" for row in data["rows"])
-    assert "| gate | backward | 2x5x13x14 | fp32 |" in (tmp_path / "ab.md").read_text()
+    assert "| gate | backward | 2x5x13x14 | fp32 |" in (out / "ab.md").read_text()
     # A folder that looks like a checkout but has no package of its own: its processes would import this
     # checkout's package, so both sides would time the same build. Refused before anything runs.
     fake = tmp_path / "fake"
@@ -411,13 +459,12 @@ def test_bench_checkouts_script(tmp_path, capsys):
                           (["--base", ROOT, "--rounds", "0"], "--rounds")])
 
 
+@pytest.mark.background("conv_layout")
 def test_bench_conv_layout_script(tmp_path):
     """benchmarks/bench_conv_layout.py: both memory formats, both modes, GFLOP/s from the time."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_conv_layout.py"), "--shapes", "5x9x7",
-                        "--batch-size", "2", "--rounds", "2", "--min-run-time", "0.02", "--device", "cpu",
-                        "--default-malloc", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    (r,), out = _bg("conv_layout")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "conv_layout.json").read_text())
+    rows = json.loads((out / "conv_layout.json").read_text())
     assert sorted((row["provider"], row["mode"]) for row in rows) == [
         ("channels_last", "forward"), ("channels_last", "forward+backward"), ("nchw", "forward"),
         ("nchw", "forward+backward")]
@@ -425,12 +472,13 @@ def test_bench_conv_layout_script(tmp_path):
         flops = 2 * 2 * 5 * 5 * 9 * 9 * 7 * (1 if row["mode"] == "forward" else 3)
         assert row["rounds"] == 2 and row["median_ms"] > 0 and row["to_channels_last_ms"] > 0
         assert row["gflops"] == pytest.approx(flops / (row["median_ms"] * 1e-3) / 1e9)
-    assert "| 2x5x9x7 | forward+backward |" in (tmp_path / "conv_layout.md").read_text()
+    assert "| 2x5x9x7 | forward+backward |" in (out / "conv_layout.md").read_text()
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_conv_layout.py"), "--shapes", "5x9",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "5x9" in bad.stderr
 
 
+@pytest.mark.background("conv1_stack")
 def test_bench_conv1_stack_script(tmp_path):
     """benchmarks/bench_conv1_stack.py: the stacked and separate entry convolutions, both modes, at a size
     where the module stacks them and one where it does not (the ``default`` column)."""
@@ -439,12 +487,9 @@ def test_bench_conv1_stack_script(tmp_path):
     if bench.fused_modules_reason() is not None:
         pytest.skip(bench.fused_modules_reason())
     script = os.path.join(ROOT, "benchmarks", "bench_conv1_stack.py")
-    r = subprocess.run([sys.executable, script, "--shapes", "16x9x7,512x4x4", "--batch-size", "2", "--rounds", "2",
-                        "--min-run-time", "0.02", "--device", "cpu", "--default-malloc", "--amp", "bf16",
-                        "--channels-last", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    (r,), out = _bg("conv1_stack")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "conv1_stack.json").read_text())
+    rows = json.loads((out / "conv1_stack.json").read_text())
     assert sorted((row["shape"], row["provider"], row["mode"]) for row in rows) == sorted(
         (shape, p, m) for shape in ("2x16x9x7", "2x512x4x4") for p in ("separate", "stacked")
         for m in ("inference", "train"))
@@ -453,13 +498,14 @@ def test_bench_conv1_stack_script(tmp_path):
     for row in rows:
         assert row["rounds"] == 2 and 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"]
         assert row["dtype"] == "bf16 autocast" and row["layout"] == "channels_last"
-    md = (tmp_path / "conv1_stack.md").read_text()
+    md = (out / "conv1_stack.md").read_text()
     assert "| 2x16x9x7 | train |" in md and md.count("| separate |\n") == 2, md
     bad = subprocess.run([sys.executable, script, "--shapes", "12x9x7", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "multiple of 8" in bad.stderr
 
 
+@pytest.mark.background("pooled_bn")
 def test_bench_pooled_bn_script(tmp_path):
     """benchmarks/bench_pooled_bn.py: k2's BatchNorm inside the gate and as the module, three modes, and
     which of the two each setting actually ran (``k2_norm``)."""
@@ -467,13 +513,9 @@ def test_bench_pooled_bn_script(tmp_path):
 
     if bench.fused_modules_reason() is not None:
         pytest.skip(bench.fused_modules_reason())
-    script = os.path.join(ROOT, "benchmarks", "bench_pooled_bn.py")
-    r = subprocess.run([sys.executable, script, "--shapes", "8x9x7", "--batch-size", "2", "--rounds", "2",
-                        "--min-run-time", "0.02", "--device", "cpu", "--default-malloc", "--amp", "bf16",
-                        "--channels-last", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    (r,), out = _bg("pooled_bn")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "pooled_bn.json").read_text())
+    rows = json.loads((out / "pooled_bn.json").read_text())
     assert sorted((row["provider"], row["mode"]) for row in rows) == sorted(
         (p, m) for p in ("module", "gate") for m in ("train", "eval", "inference"))
     for row in rows:
@@ -483,27 +525,26 @@ def test_bench_pooled_bn_script(tmp_path):
         assert (row["saved_bytes"] is not None and row["saved_bytes"] > 0) == (row["mode"] == "train")
     saved = {row["provider"]: row["saved_bytes"] for row in rows if row["mode"] == "train"}
     assert saved["gate"] < saved["module"]  # the normalized pooled map is not kept
-    md = (tmp_path / "pooled_bn.md").read_text()
+    md = (out / "pooled_bn.md").read_text()
     assert "| 2x8x9x7 | train |" in md and md.count("| 2x8x9x7 |") == 3, md
 
 
+@pytest.mark.background("layout_step")
 def test_bench_layout_step_script(tmp_path):
     """benchmarks/bench_layout_step.py: reference and fused, each in both memory formats, in one process."""
     from scnet_fused import bench
 
     if bench.fused_modules_reason() is not None:
         pytest.skip(bench.fused_modules_reason())
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_layout_step.py"), "--shapes", "5x13x14",
-                        "--batch-size", "2", "--rounds", "2", "--min-run-time", "0.02", "--device", "cpu",
-                        "--default-malloc", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    (r,), out = _bg("layout_step")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "layout_step.json").read_text())
+    rows = json.loads((out / "layout_step.json").read_text())
     assert sorted((row["provider"], row["layout"]) for row in rows) == [
         ("eager", "channels_last"), ("eager", "nchw"), ("fused", "channels_last"), ("fused", "nchw")]
     for row in rows:
         assert len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 and row["mode"] == "train"
         assert row["out_channels_last"] == (row["layout"] == "channels_last")  # each variant ran in its format
-    assert "| 2x5x13x14 |" in (tmp_path / "layout_step.md").read_text()
+    assert "| 2x5x13x14 |" in (out / "layout_step.md").read_text()
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_layout_step.py"), "--shapes", "0x4x4",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "0x4x4" in bad.stderr
@@ -511,6 +552,7 @@ def test_bench_layout_step_script(tmp_path):
 
 
 
+@pytest.mark.background("winograd")
 def test_bench_winograd_script(tmp_path):
     """benchmarks/bench_winograd.py: the convolution both ways and the SCConv with each, in one process;
     --markdown-from rewrites the table from the JSON."""
@@ -519,119 +561,113 @@ def test_bench_winograd_script(tmp_path):
 
     if bench.fused_modules_reason() is not None or not winograd._kernels_present():
         pytest.skip("no compiled CPU kernels")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_winograd.py"), "--shapes", "16x13x14",
-                        "--batch-size", "2", "--rounds", "2", "--min-run-time", "0.02", "--device", "cpu",
-                        "--default-malloc", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    (r,), out = _bg("winograd")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "winograd.json").read_text())
+    rows = json.loads((out / "winograd.json").read_text())
     assert len(rows) == 12 and all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
     assert {(row["op"], row["provider"]) for row in rows} >= {("conv forward", "winograd"),
                                                               ("scconv train", "fused winograd"),
                                                               ("scconv train", "fused auto")}
     assert all(row["rel_error_winograd"] < 1e-4 for row in rows)
-    md = (tmp_path / "winograd.md").read_text()
+    md = (out / "winograd.md").read_text()
     assert md.count("| 2x16x13x14 |") == 3, md
-    (tmp_path / "winograd.md").unlink()
+    (out / "winograd.md").unlink()
     again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_winograd.py"), "--markdown-from",
-                            str(tmp_path / "winograd.json")], capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and (tmp_path / "winograd.md").read_text() == md
+                            str(out / "winograd.json")], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and (out / "winograd.md").read_text() == md
 
 
-def test_bench_stem_script(tmp_path):
+@pytest.mark.background("stem")
+def test_bench_stem_script():
     """benchmarks/bench_stem.py: the pool rows (ATen's kernels and the package's), JSON and Markdown."""
     from scnet_fused.ops import maxpool
 
     if not maxpool._kernel_ready():
         pytest.skip("no vectorized CPU kernel build")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_stem.py"), "--no-model",
-                        "--batch-size", "1", "--rounds", "1", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    (r,), out = _bg("stem")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "stem.json").read_text())["rows"]
+    rows = json.loads((out / "stem.json").read_text())["rows"]
     assert len(rows) == 5 and all(row["median_ms"] > 0 and row["shape"] == "1x64x112x112" for row in rows)
-    assert "| pool | scnet_fused NCHW, with indices | 1x64x112x112 |" in (tmp_path / "stem.md").read_text()
+    assert "| pool | scnet_fused NCHW, with indices | 1x64x112x112 |" in (out / "stem.md").read_text()
 
 
-def test_bench_downsample_script(tmp_path):
+@pytest.mark.background("downsample")
+def test_bench_downsample_script():
     """benchmarks/bench_downsample.py: the strided and subsampled 1x1 convolutions, JSON and Markdown."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_downsample.py"), "--no-model",
-                        "--batch-size", "1", "--rounds", "1", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    (r,), out = _bg("downsample")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "downsample.json").read_text())["rows"]
+    rows = json.loads((out / "downsample.json").read_text())["rows"]
     assert len(rows) == 12 and all(row["median_ms"] > 0 for row in rows)
     assert sorted({row["variant"] for row in rows}) == ["strided (oneDNN)", "subsampled, stride 1"]
 
 
-def test_bench_winograd_policy_script(tmp_path):
+@pytest.mark.background("winograd_policy")
+def test_bench_winograd_policy_script():
     """benchmarks/bench_winograd_policy.py: the reference and the fused SCConv under each Winograd policy,
     JSON and Markdown; the policy setting is restored."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_winograd_policy.py"), "--no-model",
-                        "--batch-size", "2", "--rounds", "1", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    (r,), out = _bg("winograd_policy")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "winograd_policy.json").read_text())["rows"]
+    rows = json.loads((out / "winograd_policy.json").read_text())["rows"]
     assert len(rows) == 7 * 2 * 5 and all(row["median_ms"] > 0 for row in rows)
     assert sorted({row["variant"] for row in rows}) == [
         "fused, auto", "fused, auto, weight gradient inside wherever eligible", "fused, one kernel",
         "fused, three passes", "reference (eager)"]
-    assert "| SCConv train step | fused, auto | 2x256x7x7 |" in (tmp_path / "winograd_policy.md").read_text()
+    assert "| SCConv train step | fused, auto | 2x256x7x7 |" in (out / "winograd_policy.md").read_text()
 
 
-def test_bench_double_backward_script(tmp_path):
+@pytest.mark.background("double_backward")
+def test_bench_double_backward_script():
     """benchmarks/bench_double_backward.py: the reference and the fused SCConv, with and without an
     input-gradient penalty, JSON and Markdown."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_double_backward.py"),
-                        "--batch-size", "2", "--rounds", "1", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    (r,), out = _bg("double_backward")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "double_backward.json").read_text())["rows"]
+    rows = json.loads((out / "double_backward.json").read_text())["rows"]
     assert len(rows) == 4 * 4 and all(row["median_ms"] > 0 for row in rows)
     assert sorted({row["variant"] for row in rows}) == [
         "fused, no penalty", "fused, penalty", "reference (eager), no penalty", "reference (eager), penalty"]
-    assert "| SCConv train step | fused, penalty | 2x256x7x7 |" in (tmp_path / "double_backward.md").read_text()
+    assert "| SCConv train step | fused, penalty | 2x256x7x7 |" in (out / "double_backward.md").read_text()
 
 
-def test_bench_k4_norm_script(tmp_path):
+@pytest.mark.background("k4_norm")
+def test_bench_k4_norm_script():
     """benchmarks/bench_k4_norm.py: k4's BatchNorm alone and the SCConv step with either BatchNorm."""
     from scnet_fused.ops import _cpp
 
     if not _cpp.has_autograd_ops():
         pytest.skip("no compiled C++ autograd ops")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_k4_norm.py"), "--batch-size", "2",
-                        "--rounds", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    (r,), out = _bg("k4_norm")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "k4_norm.json").read_text())["rows"]
+    rows = json.loads((out / "k4_norm.json").read_text())["rows"]
     assert len(rows) == 7 * 5 and all(row["median_ms"] > 0 for row in rows)
     assert "| SCConv train step | fused, k4 BatchNorm as the package's kernels | 2x256x7x7 |" in \
-        (tmp_path / "k4_norm.md").read_text()
+        (out / "k4_norm.md").read_text()
 
 
-def test_bench_conv1x1_script(tmp_path):
+@pytest.mark.background("conv1x1")
+def test_bench_conv1x1_script():
     """benchmarks/bench_conv1x1.py: SCNet-50's 1x1 convolutions through oneDNN and as matrix products."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_conv1x1.py"), "--no-model",
-                        "--batch-size", "1", "--rounds", "1", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    (r,), out = _bg("conv1x1")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "conv1x1.json").read_text())["rows"]
+    rows = json.loads((out / "conv1x1.json").read_text())["rows"]
     assert len(rows) == 15 * 2 * 2 and all(row["median_ms"] > 0 for row in rows)
     assert sorted({row["variant"] for row in rows}) == ["matrix products", "oneDNN"]
     assert "| 1x1 convolution, forward + backward | matrix products | 1x1024x7x7 -> 2048 |" in \
-        (tmp_path / "conv1x1.md").read_text()
+        (out / "conv1x1.md").read_text()
 
 
-def test_bench_small_inference_script(tmp_path):
+@pytest.mark.background("small_inference")
+def test_bench_small_inference_script():
     """benchmarks/bench_small_inference.py: scnet50's blocks at inference, reference against fused with and
     without the small-map rule."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_small_inference.py"), "--no-model",
-                        "--rounds", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    (r,), out = _bg("small_inference")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "small_inference.json").read_text())["rows"]
+    rows = json.loads((out / "small_inference.json").read_text())["rows"]
     assert len(rows) == 4 * 8 * 3 and all(row["median_ms"] > 0 for row in rows)
     assert "| layer4[1] eval forward (scnet50 at 2x3x128x128) | reference | 2x2048x4x4 |" in \
-        (tmp_path / "small_inference.md").read_text()
+        (out / "small_inference.md").read_text()
 
 
+@pytest.mark.background("winograd_parts")
 def test_bench_winograd_parts_script(tmp_path, capsys):
     """benchmarks/bench_winograd_parts.py: the products, the convolutions, the weight gradients and the
     filter transforms, each implementation against the other."""
@@ -639,11 +675,9 @@ def test_bench_winograd_parts_script(tmp_path, capsys):
 
     if not winograd._kernels_present():
         pytest.skip("no compiled CPU kernels")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_winograd_parts.py"), "--shapes",
-                        "16x13x14,32x8x8", "--batch-size", "2", "--rounds", "2", "--min-run-time", "0.02", "--device",
-                        "cpu", "--default-malloc", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    (r,), made = _bg("winograd_parts")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "winograd_parts.json").read_text())
+    rows = json.loads((made / "winograd_parts.json").read_text())
     # 2 shapes x 2 orientations x 2 implementations, 2 shapes x 5 convolutions, 2 shapes x (4 forward + 3
     # weight gradient) from the filters, 2 shapes x 3 weight gradients from the maps, 2 filter sizes x 3
     # transforms x 2 implementations
@@ -656,7 +690,7 @@ def test_bench_winograd_parts_script(tmp_path, capsys):
     assert all(row["gflops"] > 0 for row in rows if row["op"].startswith("products"))
     assert sorted(r["provider"] for r in rows if r["op"] == "convolution forward") == \
         sorted(["F.conv2d", "three passes", "three passes, torch.bmm", "one kernel", "made inside"] * 2)
-    md = (tmp_path / "winograd_parts.md").read_text()
+    md = (made / "winograd_parts.md").read_text()
     assert md.count("| 2x16x13x14 |") == 6 and md.count("| 32x32x3x3 |") == 3, md
     assert "| 2x32x8x8 | 8 |" in md  # the convolutions' row, with its tiles
     # --parts (in this process): only the convolutions, the other tables left out; an unknown part refused
@@ -675,6 +709,7 @@ def test_bench_winograd_parts_script(tmp_path, capsys):
                                                                    (["--parts", ","], "(none given)")])
 
 
+@pytest.mark.background("bn_backward")
 def test_bench_bn_backward_script(tmp_path, capsys):
     """benchmarks/bench_bn_backward.py: the strategies of the BatchNorm gate backward and forward and of
     the BatchNorm + ReLU backward, interleaved."""
@@ -682,18 +717,16 @@ def test_bench_bn_backward_script(tmp_path, capsys):
 
     if _dispatch.available("cpu") is not None:
         pytest.skip(_dispatch.available("cpu"))
-    script = os.path.join(ROOT, "benchmarks", "bench_bn_backward.py")
     gate = ("recompute", "from g", "one call")
-    runs = [("bn_backward", gate, []),
-            ("bn_backward_channels_last", gate, ["--channels-last", "--default-malloc", "--threads", "1"]),
-            ("bn_forward", ("two passes", "one call"), ["--op", "gate_bn_forward"]),
-            ("bn_relu_backward", ("aten", "two passes", "one call"), ["--op", "bn_relu"])]
-    for stem, strategies, extra in runs:
-        r = subprocess.run([sys.executable, script, "--shapes", "3x16x16,2x7x7", "--batch-size", "2", "--rounds", "2",
-                            "--min-run-time", "0.02", "--out", str(tmp_path), *extra],
-                           capture_output=True, text=True, timeout=300)
+    runs = [("bn_backward", gate, _BN_BACKWARD_EXTRA[0]),
+            ("bn_backward_channels_last", gate, _BN_BACKWARD_EXTRA[1]),
+            ("bn_forward", ("two passes", "one call"), _BN_BACKWARD_EXTRA[2]),
+            ("bn_relu_backward", ("aten", "two passes", "one call"), _BN_BACKWARD_EXTRA[3])]
+    done, out = _bg("bn_backward")
+    assert len(done) == len(runs)
+    for (stem, strategies, extra), r in zip(runs, done):
         assert r.returncode == 0, r.stderr[-3000:]
-        rows = json.loads((tmp_path / f"{stem}.json").read_text())
+        rows = json.loads((out / f"{stem}.json").read_text())
         assert sorted((row["shape"], row["strategy"]) for row in rows) == sorted(
             (s, k) for s in ("2x3x16x16", "2x2x7x7") for k in strategies)
         assert all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
@@ -702,7 +735,7 @@ def test_bench_bn_backward_script(tmp_path, capsys):
         assert all(row["threads"] == 1 and "fixed at 32 MiB" not in row["allocator"] for row in rows) or "--threads" not in extra
         # the strategies compute the same gradient (float32 rounding apart)
         assert all(row["max_rel_diff"] < 1e-5 for row in rows)
-        md = (tmp_path / f"{stem}.md").read_text()
+        md = (out / f"{stem}.md").read_text()
         assert "| 2x3x16x16 |" in md and "| 2x2x7x7 |" in md
         assert f"| {strategies[-1]} vs {strategies[0]} |" in md
     _script_usage_errors("bench_bn_backward", tmp_path, capsys,
@@ -710,6 +743,7 @@ def test_bench_bn_backward_script(tmp_path, capsys):
                           (["--op", "relu"], "relu")])
 
 
+@pytest.mark.background("stream_stores")
 def test_bench_stream_stores_script(tmp_path, capsys):
     """benchmarks/bench_stream_stores.py: the three SCNET_FUSED_CPU_STREAM settings, interleaved in one
     process, for each op."""
@@ -717,23 +751,21 @@ def test_bench_stream_stores_script(tmp_path, capsys):
 
     if _dispatch.available("cpu") is not None:
         pytest.skip(_dispatch.available("cpu"))
-    env = dict(os.environ, SCNET_FUSED_CPU_STREAM="0")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_stream_stores.py"), "--shapes",
-                        "3x16x16,2x7x7", "--batch-size", "2", "--rounds", "2", "--min-run-time", "0.02",
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    (r,), out = _bg("stream_stores")  # run with SCNET_FUSED_CPU_STREAM=0: the script sets each itself
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "stream_stores.json").read_text())
+    rows = json.loads((out / "stream_stores.json").read_text())
     assert sorted({(row["shape"], row["mode"], row["stream"]) for row in rows}) == sorted(
         (s, m, k) for s in ("2x3x16x16", "2x2x7x7") for m in ("forward", "backward", "backward+dk3")
         for k in ("0", "auto", "1"))
     assert len(rows) == 18 and all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 for row in rows)
-    md = (tmp_path / "stream_stores.md").read_text()
+    md = (out / "stream_stores.md").read_text()
     can = "yes" if rows[0]["cpu_isa"] in ("avx2", "avx512") else "no"
     assert f"| gate | backward | 2x3x16x16 | {can} |" in md and "| gate | forward | 2x2x7x7 | no |" in md
     _script_usage_errors("bench_stream_stores", tmp_path, capsys,
                          [(["--ops", "sideways"], "sideways"), (["--shapes", "0x4x4"], "0x4x4"), (["--rounds", "0"], "--rounds")])
 
 
+@pytest.mark.background("first_step")
 def test_bench_first_step_script(tmp_path, capsys):
     """benchmarks/bench_first_step.py: each first call timed in a process of its own, compile with an
     empty inductor cache and again with the one that run filled; bad arguments refused before any run."""
@@ -747,13 +779,11 @@ def test_bench_first_step_script(tmp_path, capsys):
         (["--batch-size", "0"], "positive integer"),
         (["--device", "tpu"], "device"),
     ] + ([] if bench.torch.cuda.is_available() else [(["--device", "cuda"], "not available")]))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_first_step.py"), "--shapes", "8x8x8",
-                        "--modes", "eval", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--out",
-                        str(tmp_path)], capture_output=True, text=True, timeout=600, env=_env())
+    (r,), out = _bg("first_step")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "first_step.json").read_text())
+    rows = json.loads((out / "first_step.json").read_text())
     assert len(rows) == 1 and rows[0]["mode"] == "eval" and rows[0]["shape"] == "2x8x8x8"
     for kind in ("eager", "fused", "compile_cold", "compile_warm"):
         assert rows[0][f"{kind}_ms"] > 0
     assert rows[0]["vs_compile_cold"] == pytest.approx(rows[0]["fused_ms"] / rows[0]["compile_cold_ms"])
-    assert "| 2x8x8x8 | eval |" in (tmp_path / "first_step.md").read_text()
+    assert "| 2x8x8x8 | eval |" in (out / "first_step.md").read_text()
