@@ -236,13 +236,30 @@ def _conv_accepts(conv: nn.Module, x: Tensor) -> bool:
     return _autocast_on(x.device.type)
 
 
-def _bad_train_eps(m: nn.Module) -> bool:
-    """Whether a BatchNorm in ``m`` normalises with batch statistics and has eps <= 0 (or NaN), which
-    ATen refuses. The fused modules then run the reference computation, so that the error comes with
-    the reference's side effects (the BatchNorms before it have counted the batch, and it has bumped
-    its own counter): a fused path that updates two BatchNorms at once would count neither, or both."""
-    return any(isinstance(b, nn.modules.batchnorm._BatchNorm) and (b.training or b.running_mean is None)
-               and not b.eps > 0 for b in m.modules())
+def _submodules(m: nn.Module):
+    """``m`` and every module below it, a module held in several places once per place."""
+    yield m
+    for child in m._modules.values():
+        if child is not None:
+            yield from _submodules(child)
+
+
+def _bad_train_norms(m: nn.Module) -> bool:
+    """Whether the fused modules must run the reference computation in training for their BatchNorms:
+
+    - a BatchNorm that normalises with batch statistics has eps <= 0 (or NaN), which ATen refuses: the
+      error then comes with the reference's side effects (the BatchNorms before it have counted the
+      batch, and it has bumped its own counter), where a fused path that updates two BatchNorms at once
+      would count neither, or both;
+    - one such BatchNorm module serves in two places (k1's norm shared with one of the SCConv's, say):
+      its running statistics then depend on the order the places run in, which the fused paths change."""
+    seen = set()
+    for b in _submodules(m):
+        if isinstance(b, nn.modules.batchnorm._BatchNorm) and (b.training or b.running_mean is None):
+            if not b.eps > 0 or id(b) in seen:
+                return True
+            seen.add(id(b))
+    return False
 
 
 def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
@@ -258,16 +275,22 @@ def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
 
 
 def _update_running_stats(bn, factor: float, mean: Tensor, var: Tensor, t: Tensor) -> None:
-    """nn.BatchNorm2d's running-statistics update from the batch ``mean`` / biased ``var`` of ``t``."""
+    """nn.BatchNorm2d's running-statistics update from the batch ``mean`` / biased ``var`` of ``t``.
+
+    In eager mode the buffers are updated through ``.data``, which leaves their version counters as
+    ATen's BatchNorm kernels leave them: a BatchNorm node that saved them (the same module run in
+    another place of the model) still runs its backward after this update."""
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         m = t.shape[0] * t.shape[2] * t.shape[3]
-        if cpp_glue(bn.running_mean, bn.running_var, mean, var):  # the same ATen calls in one C++ call
-            torch.ops.scnet_fused._update_running_stats_(bn.running_mean, bn.running_var, mean, var, factor,
-                                                         m / (m - 1))
+        running_mean, running_var = bn.running_mean, bn.running_var
+        if not torch.compiler.is_compiling():
+            running_mean, running_var = running_mean.data, running_var.data
+        if cpp_glue(running_mean, running_var, mean, var):  # the same ATen calls in one C++ call
+            torch.ops.scnet_fused._update_running_stats_(running_mean, running_var, mean, var, factor, m / (m - 1))
             return
         with torch.no_grad():
-            _blend_(bn.running_mean, mean, factor)
-            _blend_(bn.running_var, var * (m / (m - 1)), factor)
+            _blend_(running_mean, mean, factor)
+            _blend_(running_var, var * (m / (m - 1)), factor)
 
 
 def _blend_(running: Tensor, stat: Tensor, factor: float) -> None:
@@ -734,8 +757,9 @@ class SCConv(reference.SCConv):
         if standard_ops_only():
             return self._portable_forward(x)
         if (_reference_inference(x.numel(), SCCONV_INFERENCE_MIN_ELEMENTS) or not self._fusable()
-                or (self.training and _bad_train_eps(self))):
-            # a small map at inference; hooks on k2 / k3 / k4: the modules; a training eps ATen refuses
+                or (self.training and _bad_train_norms(self))):
+            # a small map at inference; hooks on k2 / k3 / k4: the modules; a training eps ATen refuses or
+            # a BatchNorm in two places (_bad_train_norms)
             return super().forward(x)
         y, saved = self._gate(x)
         conv4, norm4 = self.k4[0], self.k4[1]
@@ -857,13 +881,16 @@ class SCConv(reference.SCConv):
 
     def _gate_bn2_train(self, x: Tensor, small: Tensor, k3: Tensor, bn: nn.Module, bn2: nn.Module):
         """The gate with k3's and k2's BatchNorms (batch statistics) inside; both running statistics
-        updated as nn.BatchNorm2d does. Returns y and the two folds as the op applied them."""
-        factor, factor2 = _bn_momentum(bn), _bn_momentum(bn2)
+        updated as nn.BatchNorm2d does. Returns y and the two folds as the op applied them.
+
+        k2's norm is counted and updated before k3's, in the reference's order."""
+        factor2 = _bn_momentum(bn2)
+        factor = _bn_momentum(bn)
         weight, bias = _affine_params(bn, k3)
         weight2, bias2 = _affine_params(bn2, small)
         y, mean, var, mean2, var2 = sc_gate_bn2_train(x, small, k3, weight, bias, bn.eps, weight2, bias2, bn2.eps)
-        _update_running_stats(bn, factor, mean, var, k3)
         _update_running_stats(bn2, factor2, mean2, var2, small)
+        _update_running_stats(bn, factor, mean, var, k3)
         scale, shift = _affine_fold(weight.detach(), bias.detach(), mean, var, bn.eps, mean.dtype, k3)
         ss, st = _affine_fold(weight2.detach(), bias2.detach(), mean2, var2, bn2.eps, mean2.dtype, small)
         return y, scale, shift, ss, st
@@ -922,11 +949,11 @@ class SCBottleneck(reference.SCBottleneck):
     def forward(self, x: Tensor) -> Tensor:
         if (not _plain_relu(self.relu) or x.dim() != 4 or standard_ops_only()
                 or _reference_inference(self._map_elements(x), BOTTLENECK_INFERENCE_MIN_ELEMENTS)
-                or (self.avd and not self._plain_avd()) or (self.training and _bad_train_eps(self))):
+                or (self.avd and not self._plain_avd()) or (self.training and _bad_train_norms(self))):
             # exports and torch.func transforms: standard operators only; a small map at inference
             # (BOTTLENECK_INFERENCE_MIN_ELEMENTS); a ReLU or an avd pool with hooks or its own forward
             # is called as often as the reference calls it; a training eps ATen refuses (its error with
-            # the reference's side effects)
+            # the reference's side effects) or a BatchNorm in two places (_bad_train_norms)
             return super().forward(x)
         residual = x
         out_a, out_b = _conv1_pair(self.conv1_a, self.bn1_a, self.conv1_b, self.bn1_b, self.relu, x,

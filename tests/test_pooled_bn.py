@@ -296,3 +296,21 @@ def test_scconv_k2_batchnorm_without_affine_or_running_stats():
         m.k2[2] = nn.BatchNorm2d(6, track_running_stats=False)
         m.eval()
     _compare_step(ref2, fused2, x)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_scconv_k2_and_k3_sharing_one_batchnorm(momentum):
+    """One BatchNorm module as k2's and k3's norm: its running statistics take k2's batch, then k3's, as
+    in the reference (the counter bumped before each), over training steps and an eval step."""
+    torch.manual_seed(0)
+    ref = R.SCConv(6, 6, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    randomize_norms(ref)
+    ref.k3[1].momentum = momentum
+    ref.k2[2] = ref.k3[1]
+    fused = scnet_fused.convert(ref)
+    assert fused.k2[2] is fused.k3[1] and fused.k3[1] is not ref.k3[1]
+    x = torch.randn(2, 6, 13, 14)
+    for mode in (True, True, False):
+        ref.train(mode), fused.train(mode)
+        _compare_step(ref, fused, x)
+    assert int(fused.k3[1].num_batches_tracked) == 4

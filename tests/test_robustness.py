@@ -18,7 +18,7 @@ import scnet_fused
 from scnet_fused import CheckpointError, load_checkpoint
 from scnet_fused import reference as R
 from scnet_fused.ops import available, sc_gate
-from _util import backends_here
+from _util import backends_here, randomize_norms
 
 OK = "ok"
 BACKEND = "cpu" if available("cpu") is None else "reference"
@@ -562,6 +562,33 @@ def test_training_eps_of_zero_errs_with_the_references_side_effects(where):
         (norm if norm is not None else getattr(model, where)).eps = 0.0
         states.append(_state_after_error(model, x, "eps must be positive during training"))
     _assert_same_state(states[1], states[0])
+
+
+@pytest.mark.parametrize("pair", [("k1", "k2"), ("k1", "k3"), ("k1", "k4"), ("k2", "k3"), ("bn1_a", "bn1_b"),
+                                  ("bn1_b", "k4")])
+def test_a_batchnorm_shared_by_two_places_counts_in_the_references_order(pair):
+    """One BatchNorm module serving two places of a bottleneck: its running statistics take the batches
+    in the order the reference runs the places (the fused paths run some in another order, k1's norm
+    after the SCConv, say): the fused modules take the reference computation in training there. The
+    outputs, gradients and every buffer after three training steps and an eval step are the reference's."""
+    torch.manual_seed(0)
+    ref = R.SCBottleneck(32, 8, norm_layer=nn.BatchNorm2d)
+    randomize_norms(ref)
+    places = {"bn1_a": (ref, "bn1_a"), "bn1_b": (ref, "bn1_b"), "k1": (ref.k1, "1"), "k2": (ref.scconv.k2, "2"),
+              "k3": (ref.scconv.k3, "1"), "k4": (ref.scconv.k4, "1")}
+    (owner_a, key_a), (owner_b, key_b) = places[pair[0]], places[pair[1]]
+    owner_b._modules[key_b] = owner_a._modules[key_a]
+    fused = scnet_fused.convert(ref)
+    x = torch.randn(2, 32, 13, 14)
+    for mode in (True, True, True, False):
+        ref.train(mode), fused.train(mode)
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, yf = ref(xr), fused(xf)
+        torch.testing.assert_close(yf, yr, rtol=1e-4, atol=1e-5)
+        g = torch.randn_like(yr)
+        torch.testing.assert_close(torch.autograd.grad(yf, xf, g)[0], torch.autograd.grad(yr, xr, g)[0],
+                                   rtol=1e-4, atol=1e-5)
+        _assert_same_state(fused.state_dict(), ref.state_dict())
 
 
 def test_an_error_inside_the_scconv_leaves_the_references_state():
