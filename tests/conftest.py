@@ -18,7 +18,8 @@ import pytest  # noqa: E402
 def pytest_collection_finish(session):
     """Queue the selected script tests' processes to run beside the other tests (tests/_background.py),
     in the order their module's ``BACKGROUND`` lists them."""
-    if session.config.option.collectonly:
+    option = session.config.option
+    if option.collectonly or getattr(option, "setuponly", False) or getattr(option, "setupplan", False):
         return
     import _background
 
