@@ -106,5 +106,5 @@ def cell_tables(H: int, W: int, h: int, w: int, device) -> torch.Tensor:
     arr = np.concatenate([_starts_np(H, h), _starts_np(W, w)]).astype(np.int32)
     t = torch.from_numpy(arr).to(device)  # a blocking copy: complete before any stream reads it
     if len(_TABLE_CACHE) < _TABLE_CACHE_MAX:
-        _TABLE_CACHE[key] = t
+        t = _TABLE_CACHE.setdefault(key, t)  # two threads racing: both use the one kept
     return t

@@ -391,17 +391,17 @@ def _vec(v: Optional[torch.Tensor], C: int, like: torch.Tensor) -> torch.Tensor:
 
 def _gate_setup(x, small, *others):
     channels_last, fmt = _layout(x)
-    x = x.contiguous(memory_format=fmt)
-    others = tuple(t.contiguous(memory_format=fmt) for t in others)
-    small = small.contiguous()
     N, C, H, W = x.shape
     h, w = int(small.shape[2]), int(small.shape[3])
-    tab = cell_tables(H, W, h, w, x.device)
     run_w = max_run(W, w)
     block_c, block_b, block_r = _gate_blocks(N * h, C, w, run_w, channels_last)
     big = C * H * W >= INT32_LIMIT or small.numel() >= INT32_LIMIT
     grid = check_grid("sc_gate", (N * h, triton.cdiv(C, block_c), triton.cdiv(w, block_b)),
                       f"an input of shape {tuple(x.shape)} with a pooled map {h}x{w}")
+    x = x.contiguous(memory_format=fmt)  # copies and tables only for a launch that will run
+    others = tuple(t.contiguous(memory_format=fmt) for t in others)
+    small = small.contiguous()
+    tab = cell_tables(H, W, h, w, x.device)
     meta = dict(CHANNELS_LAST=channels_last, BIG=big, BLOCK_C=block_c, BLOCK_B=block_b, BLOCK_R=block_r,
                 num_warps=_num_warps(block_c * block_b * block_r))
     scalars = (C, h, w) + _strides(x.shape, channels_last) + (run_w,)
