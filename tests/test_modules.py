@@ -932,6 +932,30 @@ def test_k2_on_a_one_pixel_pooled_map_runs_its_centre_taps(size, channels_last, 
     assert g[:, :, 1, 1].abs().sum() > 0 and torch.count_nonzero(g) == g[:, :, 1, 1].numel()
 
 
+def test_k2_centre_taps_product_first_and_second_derivatives():
+    """The centre-tap product's own backward (the filters' gradient zero-padded in one pass) against
+    finite differences in float64, and its double backward (a backward with create_graph), and through
+    the fused SCConv: an input-gradient penalty on a 1x1 pooled map gives the reference's gradients."""
+    from scnet_fused.modules import _CentreTaps
+
+    x2d = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_CentreTaps.apply, (x2d, w))
+    assert torch.autograd.gradgradcheck(_CentreTaps.apply, (x2d, w))
+    ref, fused = _pair(R.SCConv, 8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    randomize_norms(ref)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 8, 6, 6)
+    grads = []
+    for m in (ref, fused):
+        xx = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(m(xx).square().sum(), xx, create_graph=True)
+        grads.append(torch.autograd.grad(gx.square().sum(), [xx] + list(m.parameters())))
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert grads[1][list(dict(fused.named_parameters())).index("k2.1.weight") + 1][:, :, 1, 1].abs().sum() > 0
+
+
 def test_k2_centre_taps_follow_every_edit_of_the_filters():
     """k2's centre taps on a 1x1 pooled map are taken from the filters on every call: an in-place change
     (an optimizer step, an edit through .data that leaves the version counter alone) or a new weight
