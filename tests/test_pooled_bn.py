@@ -120,8 +120,12 @@ def test_gate_bn2_train_low_precision(backend, dtype, half_params):
 def test_gate_bn2_train_input_errors():
     x, small, k3 = _inputs(SHAPES[0])
     w, b, w2, b2 = _params(SHAPES[0][1], 4)
-    with pytest.raises(ValueError, match="small_weight must be a 1-D tensor of C=5"):
+    with pytest.raises(ValueError, match="^sc_gate_bn2_train: small_weight must be a 1-D tensor of C=5"):
         sc_gate_bn2_train(x, small, k3, w, b, 1e-5, w2[:3], b2, 1e-5)
+    with pytest.raises(ValueError, match="^sc_gate_bn_train: weight must be a 1-D tensor of C=5"):
+        scnet_fused.sc_gate_bn_train(x, small, k3, w[:2], b)
+    with pytest.raises(TypeError, match="^sc_gate_bn2_train: x, small and k3 must share one dtype"):
+        sc_gate_bn2_train(x, small.double(), k3, w, b, 1e-5, w2, b2, 1e-5)
     with pytest.raises(ValueError, match="small_weight and small_bias are required"):
         sc_gate_bn2_train(x, small, k3, w, b, 1e-5, None, b2, 1e-5)
     with pytest.raises(ValueError, match="more than 1 value per channel"):

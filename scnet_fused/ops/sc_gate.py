@@ -41,43 +41,44 @@ def _shape(t: Tensor) -> tuple:
 
 
 def check_gate_inputs(x: Tensor, small: Tensor, k3: Tensor, *per_channel: Optional[Tensor],
-                      names: Tuple[str, ...] = ()) -> None:
-    """Validate the gate's inputs before any kernel runs; raise ValueError/TypeError naming the problem."""
+                      names: Tuple[str, ...] = (), op: str = "sc_gate") -> None:
+    """Validate the gate's inputs before any kernel runs; raise ValueError/TypeError naming the problem
+    and ``op``, the public op called."""
     for name, t in (("x", x), ("small", small), ("k3", k3)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"sc_gate: {name} must be a Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"sc_gate: {name} must be 4-D (N, C, H, W), got shape {_shape(t)}")
+            raise ValueError(f"{op}: {name} must be 4-D (N, C, H, W), got shape {_shape(t)}")
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"sc_gate: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+            raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if small.dtype != x.dtype or k3.dtype != x.dtype:
         raise TypeError(
-            f"sc_gate: x, small and k3 must share one dtype, got x {x.dtype}, small {small.dtype}, k3 {k3.dtype}"
+            f"{op}: x, small and k3 must share one dtype, got x {x.dtype}, small {small.dtype}, k3 {k3.dtype}"
         )
     if small.device != x.device or k3.device != x.device:
         raise ValueError(
-            f"sc_gate: x, small and k3 must be on one device, got x {x.device}, small {small.device}, k3 {k3.device}"
+            f"{op}: x, small and k3 must be on one device, got x {x.device}, small {small.device}, k3 {k3.device}"
         )
     if _shape(k3) != _shape(x):
-        raise ValueError(f"sc_gate: k3 must have x's shape {_shape(x)}, got {_shape(k3)}")
+        raise ValueError(f"{op}: k3 must have x's shape {_shape(x)}, got {_shape(k3)}")
     if small.shape[0] != x.shape[0] or small.shape[1] != x.shape[1]:
         raise ValueError(
-            f"sc_gate: small must have x's batch and channel sizes (N={x.shape[0]}, C={x.shape[1]}), "
+            f"{op}: small must have x's batch and channel sizes (N={x.shape[0]}, C={x.shape[1]}), "
             f"got small {_shape(small)} for x {_shape(x)}"
         )
     if small.shape[2] < 1 or small.shape[3] < 1:
         raise ValueError(
-            f"sc_gate: the pooled map is empty (small {_shape(small)}): H and W of x {_shape(x)} "
+            f"{op}: the pooled map is empty (small {_shape(small)}): H and W of x {_shape(x)} "
             f"must be at least the pooling rate"
         )
     if small.shape[2] > x.shape[2] or small.shape[3] > x.shape[3]:
         raise ValueError(
-            f"sc_gate: small {_shape(small)} must not be larger than x {_shape(x)} in H or W "
+            f"{op}: small {_shape(small)} must not be larger than x {_shape(x)} in H or W "
             f"(the gate upsamples it to x's size)"
         )
     for i, t in enumerate(per_channel):
         if t is not None:
-            check_per_channel("sc_gate", names[i] if i < len(names) else f"per-channel argument {i}", t, x, "x")
+            check_per_channel(op, names[i] if i < len(names) else f"per-channel argument {i}", t, x, "x")
 
 
 def checked_eps(op: str, eps, name: str = "eps") -> float:
@@ -261,7 +262,7 @@ def bn_fold(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float)
 
 
 def _check_bn(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor) -> None:
-    check_gate_inputs(x, small, k3, weight, bias, names=("weight", "bias"))
+    check_gate_inputs(x, small, k3, weight, bias, names=("weight", "bias"), op="sc_gate_bn_train")
     if weight is None or bias is None:
         raise ValueError("sc_gate_bn_train: weight and bias are required (pass ones and zeros for affine=False)")
     n_per_channel = x.shape[0] * x.shape[2] * x.shape[3]
@@ -387,7 +388,7 @@ def sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias:
 def _check_bn2(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor, small_weight: Tensor,
                small_bias: Tensor) -> None:
     check_gate_inputs(x, small, k3, weight, bias, small_weight, small_bias,
-                      names=("weight", "bias", "small_weight", "small_bias"))
+                      names=("weight", "bias", "small_weight", "small_bias"), op="sc_gate_bn2_train")
     if any(v is None for v in (weight, bias, small_weight, small_bias)):
         raise ValueError("sc_gate_bn2_train: weight, bias, small_weight and small_bias are required (pass ones and "
                          "zeros for affine=False)")
