@@ -149,6 +149,16 @@ def test_empty_batch_and_errors():
     assert y.shape == (0, 3, 2, 2)
     y.sum().backward()
     assert x.grad.shape == x.shape
+    # zero channels (ATen's pool refuses them): the empty result on every path, the standard-operator
+    # form (traces, exports, torch.func) included
+    from scnet_fused.ops import _plain
+
+    for pool in (sc_avgpool, _plain.sc_avgpool):
+        x0 = torch.randn(2, 0, 9, 8, requires_grad=True)
+        y0 = pool(x0, 4)
+        assert y0.shape == (2, 0, 2, 2)
+        y0.sum().backward()
+        assert x0.grad.shape == x0.shape
     with pytest.raises(ValueError, match="at least the pooling rate 4"):
         sc_avgpool(torch.randn(1, 2, 3, 8), 4)
     with pytest.raises(ValueError, match="4-D"):
