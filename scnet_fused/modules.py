@@ -251,14 +251,27 @@ def _bad_train_norms(m: nn.Module) -> bool:
       error then comes with the reference's side effects (the BatchNorms before it have counted the
       batch, and it has bumped its own counter), where a fused path that updates two BatchNorms at once
       would count neither, or both;
-    - one such BatchNorm module serves in two places (k1's norm shared with one of the SCConv's, say):
-      its running statistics then depend on the order the places run in, which the fused paths change."""
-    seen = set()
+    - one such BatchNorm module serves in two places (k1's norm shared with one of the SCConv's, say), or
+      two share their running statistics (the same buffer tensors): the statistics then depend on the
+      order the places run in, which the fused paths change.
+
+    Checked whatever the module's own mode (test-time adaptation runs an eval-mode model whose
+    BatchNorms train)."""
+    seen = set()  # the BatchNorms and their running-statistics tensors (ids: all are alive meanwhile)
     for b in _submodules(m):
-        if isinstance(b, nn.modules.batchnorm._BatchNorm) and (b.training or b.running_mean is None):
+        if isinstance(b, nn.modules.batchnorm._BatchNorm):
+            buffers = b._buffers
+            mean, var = buffers.get("running_mean"), buffers.get("running_var")
+            if not (b.training or mean is None):
+                continue
             if not b.eps > 0 or id(b) in seen:
                 return True
             seen.add(id(b))
+            if mean is not None:
+                if id(mean) in seen or id(var) in seen:
+                    return True
+                seen.add(id(mean))
+                seen.add(id(var))
     return False
 
 
@@ -784,7 +797,7 @@ class SCConv(reference.SCConv):
         if standard_ops_only():
             return self._portable_forward(x)
         if (_reference_inference(x.numel(), SCCONV_INFERENCE_MIN_ELEMENTS) or not self._fusable()
-                or (self.training and _bad_train_norms(self))):
+                or _bad_train_norms(self)):
             # a small map at inference; hooks on k2 / k3 / k4: the modules; a training eps ATen refuses or
             # a BatchNorm in two places (_bad_train_norms)
             return super().forward(x)
@@ -976,7 +989,7 @@ class SCBottleneck(reference.SCBottleneck):
     def forward(self, x: Tensor) -> Tensor:
         if (not _plain_relu(self.relu) or x.dim() != 4 or standard_ops_only()
                 or _reference_inference(self._map_elements(x), BOTTLENECK_INFERENCE_MIN_ELEMENTS)
-                or (self.avd and not self._plain_avd()) or (self.training and _bad_train_norms(self))):
+                or (self.avd and not self._plain_avd()) or _bad_train_norms(self)):
             # exports and torch.func transforms: standard operators only; a small map at inference
             # (BOTTLENECK_INFERENCE_MIN_ELEMENTS); a ReLU or an avd pool with hooks or its own forward
             # is called as often as the reference calls it; a training eps ATen refuses (its error with

@@ -566,18 +566,24 @@ def test_training_eps_of_zero_errs_with_the_references_side_effects(where):
 
 @pytest.mark.parametrize("pair", [("k1", "k2"), ("k1", "k3"), ("k1", "k4"), ("k2", "k3"), ("bn1_a", "bn1_b"),
                                   ("bn1_b", "k4")])
-def test_a_batchnorm_shared_by_two_places_counts_in_the_references_order(pair):
-    """One BatchNorm module serving two places of a bottleneck: its running statistics take the batches
-    in the order the reference runs the places (the fused paths run some in another order, k1's norm
-    after the SCConv, say): the fused modules take the reference computation in training there. The
-    outputs, gradients and every buffer after three training steps and an eval step are the reference's."""
+@pytest.mark.parametrize("how", ["module", "buffers"])
+def test_a_batchnorm_shared_by_two_places_counts_in_the_references_order(pair, how):
+    """One BatchNorm module serving two places of a bottleneck, or two BatchNorms holding the same
+    running-statistics tensors: the statistics take the batches in the order the reference runs the
+    places (the fused paths run some in another order, k1's norm after the SCConv, say), so the fused
+    modules take the reference computation there. The outputs, gradients and every buffer after three
+    training steps and an eval step are the reference's."""
     torch.manual_seed(0)
     ref = R.SCBottleneck(32, 8, norm_layer=nn.BatchNorm2d)
     randomize_norms(ref)
     places = {"bn1_a": (ref, "bn1_a"), "bn1_b": (ref, "bn1_b"), "k1": (ref.k1, "1"), "k2": (ref.scconv.k2, "2"),
               "k3": (ref.scconv.k3, "1"), "k4": (ref.scconv.k4, "1")}
     (owner_a, key_a), (owner_b, key_b) = places[pair[0]], places[pair[1]]
-    owner_b._modules[key_b] = owner_a._modules[key_a]
+    if how == "module":
+        owner_b._modules[key_b] = owner_a._modules[key_a]
+    else:
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            owner_b._modules[key_b]._buffers[name] = owner_a._modules[key_a]._buffers[name]
     fused = scnet_fused.convert(ref)
     x = torch.randn(2, 32, 13, 14)
     for mode in (True, True, True, False):
@@ -589,6 +595,41 @@ def test_a_batchnorm_shared_by_two_places_counts_in_the_references_order(pair):
         torch.testing.assert_close(torch.autograd.grad(yf, xf, g)[0], torch.autograd.grad(yr, xr, g)[0],
                                    rtol=1e-4, atol=1e-5)
         _assert_same_state(fused.state_dict(), ref.state_dict())
+
+
+@pytest.mark.parametrize("case", ["shared k1/k3", "eps 0 in k3"])
+def test_eval_model_with_training_batchnorms_keeps_the_references_state(case, monkeypatch):
+    """Test-time adaptation: the model in eval mode, its BatchNorms training. A shared BatchNorm, or a
+    training eps of 0, still sends the fused bottleneck to the reference computation (the check looks at
+    the BatchNorms, not the module's own mode), with and without autograd."""
+    from scnet_fused import modules
+
+    monkeypatch.setattr(modules, "BOTTLENECK_INFERENCE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(modules, "SCCONV_INFERENCE_MIN_ELEMENTS", 0)
+    torch.manual_seed(0)
+    ref = R.SCBottleneck(32, 8, norm_layer=nn.BatchNorm2d)
+    randomize_norms(ref)
+    if case == "shared k1/k3":
+        ref.scconv.k3[1] = ref.k1[1]
+    fused = scnet_fused.convert(ref)
+    x = torch.randn(2, 32, 13, 14)
+    for model in (ref, fused):
+        model.eval()
+        for b in model.modules():
+            if isinstance(b, nn.BatchNorm2d):
+                b.train()
+        if case == "eps 0 in k3":
+            model.scconv.k3[1].eps = 0.0
+    states = []
+    for model in (ref, fused):
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                if case == "eps 0 in k3":
+                    _state_after_error(model, x, "eps must be positive during training")
+                else:
+                    model(x)
+        states.append(model.state_dict())
+    _assert_same_state(states[1], states[0])
 
 
 def test_an_error_inside_the_scconv_leaves_the_references_state():
