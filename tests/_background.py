@@ -73,8 +73,13 @@ def result(key: str, runs):
     running process is killed and this raises."""
     start(key, runs)
     future, out, _ = _runs[key]
-    with _lock:  # this run's limit and those of the runs still ahead of it or running
-        limit = sum(own for f, _, own in _runs.values() if not f.done())
+    with _lock:  # this run's limit and those of the runs queued before it and not yet done
+        limit = 0
+        for other, (f, _, own) in _runs.items():  # in the order queued
+            if not f.done():
+                limit += own
+            if other == key:
+                break
     try:
         return future.result(timeout=limit), out
     except concurrent.futures.TimeoutError:
