@@ -245,28 +245,31 @@ class _DropOnCompileError:
     retried on the next backend in ``auto``'s order. Forced backends are never wrapped."""
 
     def __init__(self, name, mod, device, dtype):
+        from ..triton._common import GridLimitError
+
         self._name, self._mod, self._device, self._dtype = name, mod, device, dtype
+        self._grid_error = GridLimitError
 
     def __getattr__(self, attr):
         fn = getattr(self._mod, attr)
         errors = _compile_errors()
-        from ..triton._common import GridLimitError
 
         def call(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except GridLimitError as exc:
+            except self._grid_error as exc:
                 # Too large for one Triton launch grid (decided before any launch): this call alone runs
                 # on the next backend, the backend stays.
                 nxt_name, nxt = _after(self._name, self._device, self._dtype)
-                _warn_once(f"grid:{self._name}:{attr}", f"scnet_fused: {exc}; this call runs on the {nxt_name} backend")
+                _warn_once(f"grid:{self._name}:{attr}",
+                           f"scnet_fused: {exc}; this call runs on the {nxt_name} backend")
                 return getattr(nxt, attr)(*args, **kwargs)
             except errors as exc:
                 reason = f"its kernels failed to compile here ({type(exc).__name__}: {str(exc).strip()[:300]})"
                 _module_cache[self._name] = reason
                 warnings.warn(f"scnet_fused: backend {self._name} dropped, {reason}; falling back",
                               RuntimeWarning, stacklevel=2)
-                _, nxt = select(self._device, self._dtype)
+                _, nxt = _after(self._name, self._device, self._dtype)
                 return getattr(nxt, attr)(*args, **kwargs)
 
         return call

@@ -39,15 +39,16 @@ class GridLimitError(ValueError):
 
 def check_grid(op: str, grid: tuple, what: str) -> tuple:
     """For the 2-D and 3-D grids (a 1-D grid of 1024-element programs stays under its limit for any
-    tensor a GPU holds): ``grid`` if CUDA can launch it, else a ValueError naming ``what`` made it that large (decided
-    before anything runs; the limits hold for the interpreter's launches too, so the error is the
-    same on every machine). A grid with an empty axis (an empty tensor) launches nothing: no limit."""
+    tensor a GPU holds): ``grid`` if CUDA can launch it, else a :class:`GridLimitError` naming ``what``
+    made it that large (decided before anything runs; the limits hold for the interpreter's launches
+    too, so the error is the same on every machine). A grid with an empty axis (an empty tensor)
+    launches nothing: no limit."""
     if 0 in grid:
         return grid
     for axis, (n, limit) in enumerate(zip(grid, _GRID_LIMITS)):
         if n > limit:
-            raise GridLimitError(f"{op}: {what} needs {n} programs along axis {axis} of the Triton launch grid, more "
-                             f"than CUDA's {limit}")
+            raise GridLimitError(f"{op}: {what} needs {n} programs along axis {axis} of the Triton launch grid, "
+                                 f"more than CUDA's {limit}")
     return grid
 
 
