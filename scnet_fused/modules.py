@@ -300,10 +300,30 @@ def _update_running_stats(bn, factor: float, mean: Tensor, var: Tensor, t: Tenso
             running_mean, running_var = running_mean.data, running_var.data
         if cpp_glue(running_mean, running_var, mean, var):  # the same ATen calls in one C++ call
             torch.ops.scnet_fused._update_running_stats_(running_mean, running_var, mean, var, factor, m / (m - 1))
-            return
-        with torch.no_grad():
-            _blend_(running_mean, mean, factor)
-            _blend_(running_var, var * (m / (m - 1)), factor)
+        else:
+            with torch.no_grad():
+                _blend_(running_mean, mean, factor)
+                _blend_(running_var, var * (m / (m - 1)), factor)
+        _save_after_update()
+
+
+_top_saved_hooks = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
+
+
+def _save_after_update() -> None:
+    """Under saved-tensor hooks (``torch.utils.checkpoint`` without reentrance), one empty tensor saved
+    for backward after a running-statistics update. The fused ops save their tensors before the module
+    updates the statistics, where nn.BatchNorm2d saves after its update; the checkpoint's recomputation
+    stops at the last tensor saved (early stop, PyTorch's default), so without this mark it would stop
+    before the update of a checkpointed function's last fused BatchNorm, which then got one update
+    where the reference's gets two. The mark is saved by a node of its own (an empty leaf times
+    itself), outside the output's graph, in the forward and the recomputation alike. No hooks, no grad
+    mode or torch.compile: nothing is done."""
+    if (_top_saved_hooks is None or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or _top_saved_hooks(False) is None):
+        return
+    mark = torch.empty(0, requires_grad=True)
+    mark.mul(mark)
 
 
 def _blend_(running: Tensor, stat: Tensor, factor: float) -> None:

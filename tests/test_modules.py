@@ -2,13 +2,14 @@
 running statistics, other norm layers, convert(), saved-for-backward bytes."""
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
 from torch import nn
 
 import scnet_fused
-from scnet_fused import models, reference as R
+from scnet_fused import models, modules, reference as R
 
 import published_style
 from _util import backends_here, kink_perturbed, randomize_norms
@@ -1018,9 +1019,9 @@ def test_strided_1x1_downsample_reads_the_subsampled_pixels(size, train, monkeyp
 @pytest.mark.parametrize("kind", ["bottleneck", "scconv"])
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_under_activation_checkpointing(reentrant, kind):
-    """torch.utils.checkpoint over a fused bottleneck or SCConv: outputs, gradients and running statistics
-    as the reference's (without reentrance with the recomputation's early stop off: with it, the second
-    update of the fused bn3's / k4's statistics is skipped, see the README)."""
+    """torch.utils.checkpoint over a fused bottleneck or SCConv with the recomputation's early stop off
+    (the whole function recomputed): outputs, gradients and running statistics as the reference's (the
+    early stop: the test below)."""
     from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
     torch.manual_seed(0)
@@ -1047,31 +1048,69 @@ def test_under_activation_checkpointing(reentrant, kind):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tail", ["none", "scaled", "view", "relu"])
 @pytest.mark.parametrize("kind", ["bottleneck", "scconv"])
-def test_checkpoint_early_stop_updates_the_last_norm_once(kind):
-    """The documented difference (README, activation checkpointing): without reentrance and with the
-    recomputation's early stop on, a checkpointed fused bottleneck's bn3 / SCConv's k4 BatchNorm gets one
-    running-statistics update (the forward's), every other BatchNorm two, as in the reference."""
+def test_checkpoint_early_stop_updates_every_norm_as_the_reference(kind, tail):
+    """torch.utils.checkpoint without reentrance and with the recomputation's early stop on (PyTorch's
+    default), the function ending with a fused bottleneck / SCConv, or with ops after it that save
+    nothing for backward (a scale, a view) or something (a ReLU): every BatchNorm's running statistics
+    as the reference's under the same checkpoint (two updates each). The fused bn3 / k4 BatchNorm saves
+    before its update; without the mark saved after the update, the recomputation stopped before it
+    (one update, running_mean off by up to 0.07 here)."""
     from torch.utils.checkpoint import checkpoint
 
     torch.manual_seed(0)
     if kind == "bottleneck":
-        ref, last = R.SCBottleneck(32, 8, norm_layer=nn.BatchNorm2d), "bn3"
+        ref = R.SCBottleneck(32, 8, norm_layer=nn.BatchNorm2d)
     else:
         from scnet_fused.ops import _cpp
 
         if not _cpp.has_autograd_ops():
             pytest.skip("no compiled C++ autograd ops: k4's BatchNorm runs as the module")
-        ref, last = R.SCConv(32, 32, 1, 1, 1, 1, 4, nn.BatchNorm2d), "k4.1"
+        ref = R.SCConv(32, 32, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    randomize_norms(ref)
+    after = {"none": lambda t: t, "scaled": lambda t: t * 2.0, "view": lambda t: t.view(-1), "relu": torch.relu}[tail]
     x = torch.randn(2, 32, 18, 20)
-    once, twice, fused = copy.deepcopy(ref).train(), copy.deepcopy(ref).train(), scnet_fused.convert(copy.deepcopy(ref))
-    once(x)
-    twice(x), twice(x)
-    checkpoint(fused.train(), x.clone().requires_grad_(), use_reentrant=False).sum().backward()
-    stats = lambda m: {k: v for k, v in m.state_dict().items() if k.endswith(("running_mean", "running_var"))}
-    for key, value in stats(fused).items():
-        expected = (once if key.startswith(last + ".") else twice).state_dict()[key]
-        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
+    stats = []
+    for m in (copy.deepcopy(ref).train(), scnet_fused.convert(copy.deepcopy(ref)).train()):
+        out = checkpoint(lambda t: after(m(t)), x.clone().requires_grad_(), use_reentrant=False)
+        out.sum().backward()
+        stats.append({k: v for k, v in m.state_dict().items() if k.endswith(("running_mean", "running_var",
+                                                                               "num_batches_tracked"))})
+    want, got = stats
+    assert got.keys() == want.keys() and all(v.item() == 2 for k, v in want.items() if k.endswith("tracked"))
+    for key, value in got.items():
+        torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_mark_after_a_statistics_update_only_under_saved_tensor_hooks():
+    """The mark of a running-statistics update (an empty tensor saved for backward) is made only where
+    saved-tensor hooks are active, with grad mode on: a fused bottleneck's forward packs exactly one
+    tensor more per updated BatchNorm than its saved tensors without the mark, and none at all under
+    no_grad."""
+    torch.manual_seed(0)
+    m = scnet_fused.convert(R.SCBottleneck(32, 8, norm_layer=nn.BatchNorm2d)).train()
+    x = torch.randn(2, 32, 18, 20, requires_grad=True)
+    packed = []
+
+    def pack(t):
+        packed.append(t.numel())
+        return t
+
+    with mock.patch.object(modules, "_save_after_update", wraps=modules._save_after_update) as marked, \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(x)
+    assert marked.call_count == 7  # once for each of the block's seven BatchNorms (bn1_a ... bn3)
+    assert packed.count(0) == 2 * marked.call_count  # (mark * mark: two packs)
+    packed.clear()
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(x)
+    assert packed == []
+    with mock.patch.object(modules, "_top_saved_hooks", None):  # an older torch without the query
+        packed.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(x)
+        assert packed.count(0) == 0
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
