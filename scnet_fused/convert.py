@@ -117,7 +117,10 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
     there, whose results are ATen's bit for bit. Weights, buffers, device and dtype are kept (the fused
     modules take over the same submodules), so the state_dict is unchanged; so are every submodule's
     train/eval mode (a frozen BatchNorm in a training model stays frozen) and the replaced modules' own
-    hooks and attributes (the hook handles the caller holds still remove them). ``inplace=False`` converts a deep copy. ``verbose`` prints what was replaced.
+    hooks and attributes (the hook handles the caller holds still remove them). A replaced module whose
+    class is not the reference's (a subclass, the published file's class) becomes an instance of a class
+    deriving from the fused class (first) and its own, so its methods and class attributes stay and
+    ``isinstance`` against its class holds; such models pickle and deep-copy. ``inplace=False`` converts a deep copy. ``verbose`` prints what was replaced.
     """
     new, report = convert_with_report(model, inplace=inplace)
     if verbose:

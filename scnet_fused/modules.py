@@ -25,8 +25,9 @@ transform the modules take the same path (:func:`scnet_fused.ops._dispatch.stand
 from __future__ import annotations
 
 import contextlib
+import threading
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -973,13 +974,50 @@ def _adopted(cls, module: nn.Module) -> nn.Module:
     """A ``cls`` instance that takes over ``module``'s instance state: its children, parameters and buffers
     (in containers of its own, so that swapping a child leaves ``module`` as it was), its hooks (the same
     dicts: handles the user holds still remove them), its other attributes and its own training flag
-    (each child keeps its mode: a frozen BatchNorm stays in eval)."""
+    (each child keeps its mode: a frozen BatchNorm stays in eval). Where ``module``'s class is not a base
+    of ``cls`` (a subclass of the reference's, the published file's class), the instance is of
+    :func:`_keeping`'s class deriving from both, so that class's methods and class attributes stay."""
+    cls = _keeping(cls, type(module))
     new = cls.__new__(cls)
     for key, value in module.__dict__.items():
         if key in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
             value = value.copy()
         new.__dict__[key] = value
     return new
+
+
+_KEEPING: Dict[Tuple[type, type], type] = {}
+_KEEPING_LOCK = threading.Lock()
+
+
+def _keeping(cls: type, source: type) -> type:
+    """``cls`` where it derives from ``source`` already, else a class deriving from ``cls`` (first: its
+    forward and methods run) and ``source`` (the replaced module's class: its other methods and class
+    attributes stay reachable, and ``isinstance(m, source)`` still holds), one per pair. Its instances
+    pickle and deep-copy through :func:`_rebuild_keeping` (the class itself is made here, not importable).
+    A pair that cannot be combined (a metaclass or layout conflict) gives ``cls``."""
+    if issubclass(cls, source):
+        return cls
+    with _KEEPING_LOCK:
+        kept = _KEEPING.get((cls, source))
+        if kept is None:
+            def __reduce_ex__(self, protocol):
+                return _rebuild_keeping, (cls, source), self.__dict__
+
+            try:
+                kept = type(f"Fused{source.__name__}", (cls, source),
+                            {"__module__": __name__, "__reduce_ex__": __reduce_ex__,
+                             "__doc__": f"{cls.__qualname__} keeping the methods of {source.__qualname__}"})
+            except TypeError:
+                kept = cls
+            _KEEPING[(cls, source)] = kept
+    return kept
+
+
+def _rebuild_keeping(cls: type, source: type) -> nn.Module:
+    """An empty instance of ``_keeping(cls, source)`` (unpickling and deepcopy then set its state)."""
+    kept = _keeping(cls, source)
+    return kept.__new__(kept)
 
 
 def _pool_rate(pool: nn.Module) -> int:

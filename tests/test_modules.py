@@ -491,6 +491,67 @@ def test_convert_published_style_model():
     assert scnet_fused.convert_with_report(same)[1] == []  # nothing left to convert
 
 
+class TaggedSCConv(R.SCConv):
+    """A subclass keeping the reference's forward, with a method and class attribute of its own."""
+
+    kind = "tagged"
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.planes}"
+
+
+class FreezableBottleneck(R.SCBottleneck):
+    frozen = False
+
+    def freeze(self) -> None:
+        self.frozen = True
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+
+def test_convert_keeps_the_replaced_classes_methods_and_isinstance():
+    """A converted module keeps its class's methods and class attributes and still passes isinstance
+    against that class (a reference subclass, the published file's class), with the fused forward; the
+    result pickles (torch.save of the whole model), deep-copies and converts again to itself."""
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(TaggedSCConv(16, 16, 1, 1, 1, 1, 4, nn.BatchNorm2d),
+                        FreezableBottleneck(64, 16, norm_layer=nn.BatchNorm2d), published_style.TinyNet().lone)
+    randomize_norms(ref)
+    fused = scnet_fused.convert(ref)
+    sc, block, pub = fused
+    assert isinstance(sc, TaggedSCConv) and isinstance(sc, scnet_fused.SCConv) and sc.describe() == "tagged 16"
+    assert isinstance(block, FreezableBottleneck) and isinstance(block, scnet_fused.SCBottleneck)
+    assert isinstance(pub, published_style.SCConv) and isinstance(pub, scnet_fused.SCConv)
+    assert type(sc).forward is scnet_fused.SCConv.forward and type(block).forward is scnet_fused.SCBottleneck.forward
+    assert type(sc) is type(scnet_fused.convert(TaggedSCConv(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)))  # one class a pair
+    block.freeze()
+    assert block.frozen and not any(p.requires_grad for p in block.parameters()) and not FreezableBottleneck.frozen
+    for copy_of in (copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m)),
+                    lambda m: torch.load(io.BytesIO(_saved(m)), weights_only=False)):
+        again = copy_of(fused)
+        assert [type(m) for m in again] == [type(m) for m in fused] and again[0].describe() == "tagged 16"
+        assert again[1].frozen and scnet_fused.convert_with_report(again)[1] == []
+        x = torch.randn(2, 16, 12, 12)
+        with torch.no_grad():
+            torch.testing.assert_close(again[0].eval()(x), sc.eval()(x))
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    sc.train()(x).sum().backward()
+    ref[0].train()(xr).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+
+
+def _saved(m: nn.Module) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    return buf.getvalue()
+
+
 def test_convert_keeps_dtype_and_reference_models():
     m = R.scnet50(num_classes=3).double()
     fused = scnet_fused.convert(m)
