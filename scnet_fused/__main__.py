@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from typing import List, Optional, Sequence
 
 from . import _args
@@ -69,6 +70,12 @@ def _check_writable_dir(path: str, what: str) -> None:
         raise CLIError(f"{what} {path}: cannot create the folder ({exc.strerror or exc})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise CLIError(f"{what} {path}: the folder is not writable")
+    try:  # a file made and removed there: os.access says yes to root on folders no file can be made in
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".scnet-fused-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CLIError(f"{what} {path}: cannot create a file there ({exc.strerror or exc})") from None
 
 
 def _three_digits(v: float) -> str:
@@ -143,7 +150,8 @@ def cmd_bench(args) -> int:
         log("allocator: " + bench.pin_cpu_allocator(pin=not args.default_malloc))
 
     def save(rows):
-        bench.write_json(rows, os.path.join(out_dir, args.name + ".json"))
+        if rows:  # (an earlier run's file stays until this run has measured something)
+            bench.write_json(rows, os.path.join(out_dir, args.name + ".json"))
 
     with bench.bench_environment():
         for dtype in dtypes:
@@ -181,7 +189,8 @@ def cmd_bench(args) -> int:
             all_rows.extend(h.rows)
             notes.extend(h.skipped)
     if not all_rows:
-        raise CLIError("nothing was measured (every provider was unavailable or failed; see the lines above)")
+        reasons = "; ".join(sorted(set(notes))) or "see the lines above"
+        raise CLIError(f"nothing was measured, every provider was unavailable or failed ({reasons})")
     title = f"scnet_fused benchmark: {all_rows[0]['device']}, N={args.batch_size}"
     paths = bench.write_results(all_rows, out_dir, name=args.name, title=title, notes=sorted(set(notes)),
                                 plot=not args.no_plot)

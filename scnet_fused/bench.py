@@ -1081,6 +1081,8 @@ class Harness:
         return row
 
     def _add_group(self, group: List[dict]) -> None:
+        if not group:
+            return
         add_speedups(group)
         for r in group:
             self.log(format_progress(r))

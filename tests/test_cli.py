@@ -134,6 +134,32 @@ def test_bad_arguments(capsys, argv, needle):
     assert "Traceback" not in err
 
 
+def test_unwritable_json_target_fails_before_the_run(capsys):
+    """A folder no file can be made in is refused before anything runs (as root, os.access said yes
+    to /proc and the run failed at its end)."""
+    from scnet_fused.__main__ import main
+
+    code = main(["train-bench", "--device", "cpu", "--json", "/proc/x.json", "--batch-size", "2",
+                 "--image-size", "97", "--steps", "1", "--warmup", "0"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert "cannot create a file there" in err or "not writable" in err
+
+
+def test_a_bench_that_measures_nothing_keeps_an_earlier_file(tmp_path, capsys):
+    """Every provider unavailable: an error naming why, and the results file of an earlier run as it was
+    (it used to be overwritten with [])."""
+    from scnet_fused.__main__ import main
+
+    earlier = '[{"op": "gate", "median_ms": 1.0}]'
+    (tmp_path / "results.json").write_text(earlier)
+    code = main(["bench", "--device", "cpu", "--providers", "cuda", "--ops", "gate", "--shapes", "8x8x8",
+                 "--modes", "forward", "--min-run-time", "0.01", "--out", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code != 0 and "nothing was measured" in err and "needs CUDA tensors" in err
+    assert (tmp_path / "results.json").read_text() == earlier
+
+
 def test_bad_arguments_subprocess():
     r = _cli("bench", "--batch-size", "-3")
     assert r.returncode != 0
