@@ -87,6 +87,8 @@ def load_checkpoint(model: nn.Module, path_or_state: Union[str, os.PathLike, Map
     the checkpoint to drop before matching (e.g. ``("fc.",)`` for a headless backbone).
     """
     if isinstance(path_or_state, Mapping):
+        if sha256_prefix:
+            raise CheckpointError("sha256_prefix checks a file's bytes: pass the checkpoint's path, not a state_dict")
         raw = path_or_state
     else:
         path = os.fspath(path_or_state)
@@ -98,10 +100,13 @@ def load_checkpoint(model: nn.Module, path_or_state: Union[str, os.PathLike, Map
                 raise CheckpointError(
                     f"checkpoint {path} has SHA-256 {digest}, which does not start with {sha256_prefix!r}"
                 )
+        if os.path.getsize(path) == 0:
+            raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted download or copy?")
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle errors, unsafe globals, truncated files
-            raise CheckpointError(f"could not read checkpoint {path} safely (weights_only=True): {exc}") from exc
+            reason = str(exc) or f"{type(exc).__name__} (the file ends early: truncated?)"
+            raise CheckpointError(f"could not read checkpoint {path} safely (weights_only=True): {reason}") from exc
     state = _strip_prefix(_extract_state_dict(raw))
     if ignore_prefixes:
         state = OrderedDict((k, v) for k, v in state.items() if not k.startswith(tuple(ignore_prefixes)))

@@ -97,6 +97,23 @@ def test_an_empty_or_wrongly_typed_pretrained_is_an_error():
         assert isinstance(ctor(pretrained=None), torch.nn.Module)
 
 
+def test_empty_file_and_hash_of_an_in_memory_state_are_clear_errors(tmp_path, ref_state):
+    """A 0-byte file (an interrupted download) says so; sha256_prefix with a state_dict (no file bytes to
+    hash) is refused instead of passing unchecked; a truncated file names its reason."""
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is empty"):
+        scnet_fused.load_checkpoint(R.scnet50(num_classes=10), str(empty))
+    with pytest.raises(CheckpointError, match="pass the checkpoint's path"):
+        scnet_fused.load_checkpoint(R.scnet50(num_classes=10), ref_state, sha256_prefix="deadbeef")
+    whole = tmp_path / "whole.pth"
+    torch.save(ref_state, whole)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"weights_only=True\): \S"):
+        scnet_fused.load_checkpoint(R.scnet50(num_classes=10), str(cut))
+
+
 class _Evil:
     def __init__(self, marker):
         self.marker = marker
