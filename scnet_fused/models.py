@@ -135,6 +135,11 @@ def build(arch: str, fused: bool = True, pretrained=False, features_only: bool =
     cfg.update(kwargs)
     if out_indices is not None and not features_only:
         raise ValueError("out_indices selects the stage maps of features_only=True; pass features_only=True too")
+    if features_only and "num_classes" in kwargs:
+        raise ValueError("num_classes sizes the classification head, which features_only=True does not build")
+    n = cfg.get("num_classes", 1000)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"num_classes must be an integer >= 0, got {n!r}")
     if features_only:
         cfg.pop("num_classes", None)
         model = (FusedSCNetFeatures if fused else SCNetFeatures)(

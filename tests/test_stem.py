@@ -117,6 +117,16 @@ def test_hooks_run_the_modules(where):
     assert ("BatchNorm2d" in seen) if where in ("bn1", "global") else ("ReLU" in seen)
 
 
+def test_num_classes_is_checked():
+    """features_only builds no head, so a num_classes there is an error; a negative one is refused with
+    its name (torch's error was about a tensor's negative dimension)."""
+    with pytest.raises(ValueError, match="features_only=True does not build"):
+        models.scnet50(features_only=True, num_classes=10)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="num_classes must be an integer >= 0"):
+            models.scnet50(num_classes=bad)
+
+
 def test_features_only_and_errors():
     ref, _ = _pair("scnet50")
     feats = models.scnet50(features_only=True, out_indices=(1, 2))

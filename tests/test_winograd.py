@@ -716,6 +716,18 @@ def test_set_conv_algorithm_validates_and_returns_the_previous_choice():
         scnet_fused.set_conv_algorithm("fft")
 
 
+def test_set_filter_cache_takes_only_a_bool():
+    """A string such as "false" is an error, not a truthy value that turns the cache on."""
+    before = winograd.set_filter_cache(True)
+    try:
+        for bad in ("false", "0", None, 2, 0.5):
+            with pytest.raises(ValueError, match="expected True or False"):
+                winograd.set_filter_cache(bad)
+        assert winograd.set_filter_cache(0) is True and winograd.set_filter_cache(1) is False
+    finally:
+        winograd.set_filter_cache(before)
+
+
 def test_selection_rule(monkeypatch):
     """"auto" with the three-pass convolution (the products as torch.bmm or the kernel between passes)."""
     monkeypatch.setattr(winograd, "_fused_setting", "0")
