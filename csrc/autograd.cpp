@@ -45,6 +45,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <array>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -483,6 +484,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_bn2_
   return {y, mean, var, small_mean, small_var};
 }
 
+// A 4-d tensor itself where its strides are the ones its memory format gives a new tensor of its sizes,
+// else a copy in that format. ATen's CPU BatchNorm backward (torch 2.14) misreads a channels_last input
+// whose size-1 batch dimension has another stride than C*H*W (legal: a size-1 dimension's stride is
+// never used) next to an NCHW gradient: the input and weight gradients came out wrong.
+at::Tensor with_canonical_strides(const at::Tensor& t) {
+  if (t.dim() != 4) return t.contiguous();
+  const auto fmt = t.suggest_memory_format();
+  const int64_t C = t.size(1), H = t.size(2), W = t.size(3);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const std::array<int64_t, 4> want = cl ? std::array<int64_t, 4>{H * W * C, 1, W * C, C}
+                                         : std::array<int64_t, 4>{C * H * W, H * W, W, 1};
+  for (int d = 0; d < 4; ++d)
+    if (t.stride(d) != want[d]) return t.clone(fmt);
+  return t;
+}
+
 struct GateBn2TrainFn : public torch::autograd::Function<GateBn2TrainFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& small,
                                const at::Tensor& k3, const at::Tensor& weight, const at::Tensor& bias, double eps,
@@ -523,7 +540,8 @@ struct GateBn2TrainFn : public torch::autograd::Function<GateBn2TrainFn> {
       if (small_bias.requires_grad()) dsb = at::zeros_like(small_bias);
     } else {
       std::tie(dsmall, dsw, dsb) = at::native_batch_norm_backward(
-          dn, small, small_weight.detach().to(small_mean.scalar_type()), c10::nullopt, c10::nullopt, small_mean,
+          dn, with_canonical_strides(small), small_weight.detach().to(small_mean.scalar_type()), c10::nullopt,
+          c10::nullopt, small_mean,
           f2.invstd, true, small_eps, {true, small_weight.requires_grad(), small_bias.requires_grad()});
     }
     return guard_double_backward(

@@ -117,6 +117,33 @@ def test_gate_bn2_train_low_precision(backend, dtype, half_params):
         torch.testing.assert_close(a.double() / scale, e / scale, **tol, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cpp_autograd", ["1", "0"])
+def test_gate_bn2_train_one_image_small_with_an_unused_batch_stride(backend, cpp_autograd, monkeypatch):
+    """A 1-image channels_last pooled map whose (size-1, never used) batch stride is not C*h*w is a legal
+    tensor: the same results and gradients as its NCHW copy. ATen's CPU BatchNorm backward misreads such
+    an input beside an NCHW gradient (the pooled map's gradient was off by 3.8 on values of 3.3 through
+    the C++ autograd op, which passed the user's tensor to it)."""
+    monkeypatch.setenv("SCNET_FUSED_CPP_AUTOGRAD", cpp_autograd)
+    torch.manual_seed(0)
+    C, H, W = 8, 12, 12
+    x, k3 = torch.randn(1, C, H, W), torch.randn(1, C, H, W)
+    w, b, sw, sb = torch.rand(C) + 0.5, torch.randn(C), torch.rand(C) + 0.5, torch.randn(C)
+    values = torch.randn(1, C, 3, 3)
+    odd = torch.empty(200).as_strided((1, C, 3, 3), (7, 1, 3 * C, C))
+    odd.copy_(values)
+    assert odd.is_contiguous(memory_format=torch.channels_last) and odd.stride(0) != 9 * C
+    dy = torch.randn(1, C, H, W)
+    runs = []
+    for small in (values, odd):
+        leaves = [small.detach().requires_grad_(), sw.clone().requires_grad_(), sb.clone().requires_grad_()]
+        with scnet_fused.backend(backend):
+            y = sc_gate_bn2_train(x, leaves[0], k3, w, b, 1e-5, leaves[1], leaves[2], 1e-5)[0]
+        runs.append((y.detach(),) + torch.autograd.grad(y, leaves, dy))
+    for want, got in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_gate_bn2_train_input_errors():
     x, small, k3 = _inputs(SHAPES[0])
     w, b, w2, b2 = _params(SHAPES[0][1], 4)
