@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 
 from typing import Dict, Optional, Tuple
 
@@ -288,8 +289,10 @@ def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
     return factor
 
 
-def _update_running_stats(bn, factor: float, mean: Tensor, var: Tensor, t: Tensor) -> None:
-    """nn.BatchNorm2d's running-statistics update from the batch ``mean`` / biased ``var`` of ``t``.
+def _update_running_stats(bn, factor: float, mean: Tensor, var: Tensor, t: Tensor, out: Tensor) -> None:
+    """nn.BatchNorm2d's running-statistics update from the batch ``mean`` / biased ``var`` of ``t``;
+    ``out`` is the fused op's output (it saved tensors for backward where it requires grad: see
+    :func:`_save_after_update`).
 
     In eager mode the buffers are updated through ``.data``, which leaves their version counters as
     ATen's BatchNorm kernels leave them: a BatchNorm node that saved them (the same module run in
@@ -305,7 +308,8 @@ def _update_running_stats(bn, factor: float, mean: Tensor, var: Tensor, t: Tenso
             with torch.no_grad():
                 _blend_(running_mean, mean, factor)
                 _blend_(running_var, var * (m / (m - 1)), factor)
-        _save_after_update()
+        if out.requires_grad:
+            _save_after_update()
 
 
 _top_saved_hooks = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
@@ -313,7 +317,8 @@ _top_saved_hooks = getattr(getattr(torch._C, "_autograd", None), "_top_saved_ten
 
 def _save_after_update() -> None:
     """Under saved-tensor hooks (``torch.utils.checkpoint`` without reentrance), one empty tensor saved
-    for backward after a running-statistics update. The fused ops save their tensors before the module
+    for backward after a running-statistics update whose fused op saved tensors (its output requires
+    grad; where it saved nothing, nn.BatchNorm2d saved nothing either). The fused ops save their tensors before the module
     updates the statistics, where nn.BatchNorm2d saves after its update; the checkpoint's recomputation
     stops at the last tensor saved (early stop, PyTorch's default), so without this mark it would stop
     before the update of a checkpointed function's last fused BatchNorm, which then got one update
@@ -390,7 +395,7 @@ def _bn_relu_of(bn: nn.Module, relu: nn.Module, t: Tensor) -> Tensor:
     factor = _bn_momentum(bn)
     weight, bias = _affine_params(bn, t)
     y, mean, var = bn_relu_train(t, weight, bias, bn.eps)
-    _update_running_stats(bn, factor, mean, var, t)
+    _update_running_stats(bn, factor, mean, var, t, y)
     return y
 
 
@@ -406,7 +411,7 @@ def _bn_of(bn: nn.Module, t: Tensor) -> Tensor:
     factor = _bn_momentum(bn)
     weight, bias = _affine_params(bn, t)
     y, mean, var = torch.ops.scnet_fused._bn_train_ag(t, weight, bias, bn.eps)
-    _update_running_stats(bn, factor, mean, var, t)
+    _update_running_stats(bn, factor, mean, var, t, y)
     return y
 
 
@@ -469,8 +474,8 @@ def _conv1_pair(ca: nn.Module, bna: nn.Module, cb: nn.Module, bnb: nn.Module, re
         wa, ba = _affine_params(bna, t)
         wb, bb = _affine_params(bnb, t)
         y, mean, var = bn_relu_train(t, torch.cat([wa, wb]), torch.cat([ba, bb]), bna.eps)
-        _update_running_stats(bna, factor_a, mean[:c], var[:c], t)
-        _update_running_stats(bnb, factor_b, mean[c:], var[c:], t)
+        _update_running_stats(bna, factor_a, mean[:c], var[:c], t, y)
+        _update_running_stats(bnb, factor_b, mean[c:], var[c:], t, y)
         return _split_channels(y, c)
     ta, tb = _split_channels(t, c)
     return _bn_relu_of(bna, relu, ta), _bn_relu_of(bnb, relu, tb)
@@ -935,7 +940,7 @@ class SCConv(reference.SCConv):
         factor = _bn_momentum(bn)
         weight, bias = _affine_params(bn, k3)
         y, mean, var = sc_gate_bn_train(x, small, k3, weight, bias, bn.eps)
-        _update_running_stats(bn, factor, mean, var, k3)
+        _update_running_stats(bn, factor, mean, var, k3, y)
         # as the op folded it (bn_fold: detached, in the statistics' dtype): the same y on recompute
         scale, shift = _affine_fold(weight.detach(), bias.detach(), mean, var, bn.eps, mean.dtype, k3)
         return y, scale, shift
@@ -950,8 +955,8 @@ class SCConv(reference.SCConv):
         weight, bias = _affine_params(bn, k3)
         weight2, bias2 = _affine_params(bn2, small)
         y, mean, var, mean2, var2 = sc_gate_bn2_train(x, small, k3, weight, bias, bn.eps, weight2, bias2, bn2.eps)
-        _update_running_stats(bn2, factor2, mean2, var2, small)
-        _update_running_stats(bn, factor, mean, var, k3)
+        _update_running_stats(bn2, factor2, mean2, var2, small, y)
+        _update_running_stats(bn, factor, mean, var, k3, y)
         scale, shift = _affine_fold(weight.detach(), bias.detach(), mean, var, bn.eps, mean.dtype, k3)
         ss, st = _affine_fold(weight2.detach(), bias2.detach(), mean2, var2, bn2.eps, mean2.dtype, small)
         return y, scale, shift, ss, st
@@ -986,30 +991,47 @@ def _adopted(cls, module: nn.Module) -> nn.Module:
     return new
 
 
-_KEEPING: Dict[Tuple[type, type], type] = {}
+_KEEPING: "weakref.WeakValueDictionary[Tuple[type, type], type]" = weakref.WeakValueDictionary()
 _KEEPING_LOCK = threading.Lock()
+
+
+def _combinable(cls: type, source: type) -> bool:
+    """Whether a class deriving from ``cls`` and ``source`` can be made without running or changing
+    anything of the user's: a plain metaclass, no ``__init_subclass__`` (it would run, e.g. register the
+    new class or refuse its name), and no data descriptor (a property) in ``source``'s own classes, which
+    would shadow the instance attributes the fused modules set and read."""
+    if type(source) is not type:
+        return False
+    own = [k for k in source.__mro__ if k not in cls.__mro__]
+    for k in own:
+        for name, value in vars(k).items():
+            if name == "__init_subclass__" or hasattr(type(value), "__set__") or hasattr(type(value), "__delete__"):
+                if name not in ("__dict__", "__weakref__"):
+                    return False
+    return True
 
 
 def _keeping(cls: type, source: type) -> type:
     """``cls`` where it derives from ``source`` already, else a class deriving from ``cls`` (first: its
     forward and methods run) and ``source`` (the replaced module's class: its other methods and class
-    attributes stay reachable, and ``isinstance(m, source)`` still holds), one per pair. Its instances
-    pickle and deep-copy through :func:`_rebuild_keeping` (the class itself is made here, not importable).
-    A pair that cannot be combined (a metaclass or layout conflict) gives ``cls``."""
-    if issubclass(cls, source):
+    attributes stay reachable, and ``isinstance(m, source)`` still holds), one per pair while it has
+    instances. Its instances pickle and deep-copy through :func:`_rebuild_keeping` with
+    ``nn.Module.__getstate__``'s state (the class itself is made here, not importable). Where the two
+    cannot be combined (:func:`_combinable`, or making the class fails), ``cls``."""
+    if issubclass(cls, source) or not _combinable(cls, source):
         return cls
     with _KEEPING_LOCK:
         kept = _KEEPING.get((cls, source))
         if kept is None:
             def __reduce_ex__(self, protocol):
-                return _rebuild_keeping, (cls, source), self.__dict__
+                return _rebuild_keeping, (cls, source), self.__getstate__()
 
             try:
                 kept = type(f"Fused{source.__name__}", (cls, source),
                             {"__module__": __name__, "__reduce_ex__": __reduce_ex__,
                              "__doc__": f"{cls.__qualname__} keeping the methods of {source.__qualname__}"})
-            except TypeError:
-                kept = cls
+            except Exception:  # (a layout conflict, or what a base class's hooks raise)
+                return cls
             _KEEPING[(cls, source)] = kept
     return kept
 
@@ -1102,7 +1124,7 @@ class SCBottleneck(reference.SCBottleneck):
         factor = _bn_momentum(bn)
         weight, bias = _affine_params(bn, t)
         y, mean, var = bn_add_relu_train(t, weight, bias, residual, bn.eps)
-        _update_running_stats(bn, factor, mean, var, t)
+        _update_running_stats(bn, factor, mean, var, t, y)
         return y
 
     def _plain_avd(self) -> bool:
@@ -1139,8 +1161,8 @@ class SCBottleneck(reference.SCBottleneck):
         wa, ba = _affine_params(bn_a, ta)
         wb, bb = _affine_params(bn_b, tb)
         out, mean_a, var_a, mean_b, var_b = bn_relu_cat_train(ta, wa, ba, tb, wb, bb, bn_a.eps, bn_b.eps)
-        _update_running_stats(bn_a, factor_a, mean_a, var_a, ta)
-        _update_running_stats(bn_b, factor_b, mean_b, var_b, tb)
+        _update_running_stats(bn_a, factor_a, mean_a, var_a, ta, out)
+        _update_running_stats(bn_b, factor_b, mean_b, var_b, tb, out)
         return out
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,

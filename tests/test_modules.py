@@ -544,6 +544,43 @@ def test_convert_keeps_the_replaced_classes_methods_and_isinstance():
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_convert_keeps_nothing_it_cannot_combine_and_copies_through_module_getstate():
+    """A source class with an __init_subclass__ (it would run on the combined class: a registry, a name
+    rule) or a property (it would shadow the attributes the fused module sets) converts to the plain
+    fused class, as before; the kept class pickles and copies through nn.Module.__getstate__, so a
+    module compiled in place deep-copies into one that runs its own weights."""
+    registry = []
+
+    class Registering(R.SCConv):
+        def __init_subclass__(cls, **kwargs):
+            super().__init_subclass__(**kwargs)
+            registry.append(cls)
+
+    class MySCConv(Registering):
+        pass
+
+    class WithProperty(published_style.SCConv):  # (the published class stores no pooling_r)
+        @property
+        def pooling_r(self):
+            return self.k2[0].kernel_size
+
+    registry.clear()
+    for src in (MySCConv, WithProperty):
+        m = scnet_fused.convert(src(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d))
+        assert type(m) is scnet_fused.SCConv
+    assert registry == []
+    m = scnet_fused.convert(TaggedSCConv(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)).eval()
+    m.compile(backend="eager")
+    x = torch.randn(2, 8, 12, 12)
+    with torch.no_grad():
+        m(x)
+        c = copy.deepcopy(m)
+        assert "_compiled_call_impl" not in c.__dict__ and isinstance(c, TaggedSCConv)
+        c.k4[0].weight.zero_()
+        assert (c(x) - m(x)).abs().max() > 0
+    assert isinstance(torch.load(__import__("io").BytesIO(_saved(m)), weights_only=False), TaggedSCConv)
+
+
 def _saved(m: nn.Module) -> bytes:
     import io
 
@@ -1140,6 +1177,32 @@ def test_checkpoint_early_stop_updates_every_norm_as_the_reference(kind, tail):
                                                                                "num_batches_tracked"))})
     want, got = stats
     assert got.keys() == want.keys() and all(v.item() == 2 for k, v in want.items() if k.endswith("tracked"))
+    for key, value in got.items():
+        torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "scconv"])
+def test_checkpoint_early_stop_with_a_frozen_block_after_the_last_save(kind):
+    """A checkpointed function whose last part is a frozen training block on an input without grad:
+    nothing there is saved (in the reference or the fused block), so the early-stopped recomputation
+    ends before it and its BatchNorms get one update in both; a mark made whatever the op saved gave
+    the fused block two."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    ref = R.SCBottleneck(32, 8, norm_layer=nn.BatchNorm2d) if kind == "bottleneck" else \
+        R.SCConv(32, 32, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    randomize_norms(ref)
+    w, img = torch.randn(2, 32, 12, 12), torch.randn(2, 32, 12, 12)
+    stats = []
+    for m in (copy.deepcopy(ref).train(), scnet_fused.convert(copy.deepcopy(ref)).train()):
+        m.requires_grad_(False)
+        checkpoint(lambda a, b: torch.sigmoid(a).sum() + m(b).sum(), w.clone().requires_grad_(), img,
+                   use_reentrant=False).backward()
+        stats.append({k: v for k, v in m.state_dict().items() if k.endswith(("running_mean", "running_var",
+                                                                               "num_batches_tracked"))})
+    want, got = stats
+    assert all(v.item() == 1 for k, v in want.items() if k.endswith("tracked"))
     for key, value in got.items():
         torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6, msg=key)
 
