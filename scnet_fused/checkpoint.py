@@ -94,14 +94,14 @@ def load_checkpoint(model: nn.Module, path_or_state: Union[str, os.PathLike, Map
         path = os.fspath(path_or_state)
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint file not found: {path}")
+        if os.path.getsize(path) == 0:
+            raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted download or copy?")
         if sha256_prefix:
             digest = _sha256(path)
             if not digest.startswith(sha256_prefix.lower()):
                 raise CheckpointError(
                     f"checkpoint {path} has SHA-256 {digest}, which does not start with {sha256_prefix!r}"
                 )
-        if os.path.getsize(path) == 0:
-            raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted download or copy?")
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle errors, unsafe globals, truncated files

@@ -138,7 +138,11 @@ def build(arch: str, fused: bool = True, pretrained=False, features_only: bool =
     if features_only and "num_classes" in kwargs:
         raise ValueError("num_classes sizes the classification head, which features_only=True does not build")
     n = cfg.get("num_classes", 1000)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    try:
+        ok = not isinstance(n, bool) and operator.index(n) >= 0
+    except TypeError:
+        ok = False
+    if not ok:
         raise ValueError(f"num_classes must be an integer >= 0, got {n!r}")
     if features_only:
         cfg.pop("num_classes", None)

@@ -102,8 +102,9 @@ def test_empty_file_and_hash_of_an_in_memory_state_are_clear_errors(tmp_path, re
     hash) is refused instead of passing unchecked; a truncated file names its reason."""
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
-    with pytest.raises(CheckpointError, match="is empty"):
-        scnet_fused.load_checkpoint(R.scnet50(num_classes=10), str(empty))
+    for prefix in (None, "deadbeef"):  # (an empty file's hash would not say why)
+        with pytest.raises(CheckpointError, match="is empty"):
+            scnet_fused.load_checkpoint(R.scnet50(num_classes=10), str(empty), sha256_prefix=prefix)
     with pytest.raises(CheckpointError, match="pass the checkpoint's path"):
         scnet_fused.load_checkpoint(R.scnet50(num_classes=10), ref_state, sha256_prefix="deadbeef")
     whole = tmp_path / "whole.pth"

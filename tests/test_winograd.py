@@ -724,6 +724,8 @@ def test_set_filter_cache_takes_only_a_bool():
             with pytest.raises(ValueError, match="expected True or False"):
                 winograd.set_filter_cache(bad)
         assert winograd.set_filter_cache(0) is True and winograd.set_filter_cache(1) is False
+        np = pytest.importorskip("numpy")
+        assert winograd.set_filter_cache(np.bool_(False)) is True and winograd.set_filter_cache(np.int64(1)) is False
     finally:
         winograd.set_filter_cache(before)
 

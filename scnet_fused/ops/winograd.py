@@ -659,7 +659,7 @@ def set_filter_cache(enabled: bool) -> bool:
     """Turn the inference cache of the filters' transforms on or off (off also empties it); returns the
     previous setting."""
     global _cache_enabled
-    if not isinstance(enabled, (bool, int)) or isinstance(enabled, int) and enabled not in (0, 1):
+    if isinstance(enabled, str) or enabled not in (True, False):  # (numpy's bools and 0 / 1 too)
         raise ValueError(f"set_filter_cache: expected True or False, got {enabled!r}")
     previous, _cache_enabled = _cache_enabled, bool(enabled)
     if not _cache_enabled:
