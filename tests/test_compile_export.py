@@ -160,6 +160,39 @@ def test_export_inference_over_a_dynamic_batch():
             torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["scconv", "bottleneck"])
+@pytest.mark.parametrize("train", [False, True])
+def test_export_over_dynamic_height_and_width(kind, train):
+    """A fused SCConv / bottleneck exported with dynamic H and W (from twice the pooling rate, where the
+    reference exports too) runs at other and irregular sizes with the reference's results (the gate's
+    size checks used to guard on h // r <= H and specialise H and W: the export failed)."""
+    from scnet_fused import reference as R
+
+    torch.manual_seed(0)
+    ref = R.SCConv(16, 16, 1, 1, 1, 1, 4, nn.BatchNorm2d) if kind == "scconv" else \
+        R.SCBottleneck(64, 16, norm_layer=nn.BatchNorm2d)
+    _randomize_norms(ref)
+    C = 16 if kind == "scconv" else 64
+    fused = scnet_fused.convert(copy.deepcopy(ref)).train(train)
+    ref.train(train)
+    dims = {2: torch.export.Dim("h", min=8, max=64), 3: torch.export.Dim("w", min=8, max=64)}
+    with scnet_fused.backend(BACKEND):
+        ep = torch.export.export(fused, (torch.randn(2, C, 24, 24),), dynamic_shapes={"x": dims})
+        for size in ((12, 12), (17, 9), (8, 8)):
+            x = torch.randn(2, C, *size)
+            torch.testing.assert_close(ep.module()(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_gate_size_checks_run_on_the_real_sizes_under_compile():
+    """While tracing, the gate leaves its spatial-size checks to the op's body, which runs them on the
+    real sizes: a pooled map larger than x is still refused, before any kernel."""
+    x, k3 = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    small = torch.randn(1, 2, 5, 4)
+    f = torch.compile(lambda a, b, c: scnet_fused.sc_gate(a, b, c), backend="eager", fullgraph=True)
+    with scnet_fused.backend(BACKEND), pytest.raises(Exception, match="must not be larger than x"):
+        f(x, small, k3)
+
+
 @pytest.mark.gpu
 def test_reduce_overhead_cuda_graphs():
     device = "cuda"

@@ -66,16 +66,18 @@ def check_gate_inputs(x: Tensor, small: Tensor, k3: Tensor, *per_channel: Option
             f"{op}: small must have x's batch and channel sizes (N={x.shape[0]}, C={x.shape[1]}), "
             f"got small {_shape(small)} for x {_shape(x)}"
         )
-    if small.shape[2] < 1 or small.shape[3] < 1:
-        raise ValueError(
-            f"{op}: the pooled map is empty (small {_shape(small)}): H and W of x {_shape(x)} "
-            f"must be at least the pooling rate"
-        )
-    if small.shape[2] > x.shape[2] or small.shape[3] > x.shape[3]:
-        raise ValueError(
-            f"{op}: small {_shape(small)} must not be larger than x {_shape(x)} in H or W "
-            f"(the gate upsamples it to x's size)"
-        )
+    empty = (f"{op}: the pooled map is empty (small {_shape(small)}): H and W of x {_shape(x)} "
+             f"must be at least the pooling rate")
+    larger = (f"{op}: small {_shape(small)} must not be larger than x {_shape(x)} in H or W "
+              f"(the gate upsamples it to x's size)")
+    # While torch.compile / torch.export trace (symbolic sizes) these two are left to the op's own body,
+    # which runs them on the real sizes before any kernel: comparing h // r with H there added a guard
+    # that specialised H and W, and an export with dynamic H and W failed.
+    if not torch.compiler.is_compiling():
+        if small.shape[2] < 1 or small.shape[3] < 1:
+            raise ValueError(empty)
+        if small.shape[2] > x.shape[2] or small.shape[3] > x.shape[3]:
+            raise ValueError(larger)
     for i, t in enumerate(per_channel):
         if t is not None:
             check_per_channel(op, names[i] if i < len(names) else f"per-channel argument {i}", t, x, "x")
