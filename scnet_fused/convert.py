@@ -120,9 +120,11 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
     hooks and attributes (the hook handles the caller holds still remove them). A replaced module whose
     class is not the reference's (a subclass, the published file's class) becomes an instance of a class
     deriving from the fused class (first) and its own, so its methods and class attributes stay and
-    ``isinstance`` against its class holds; such models pickle and deep-copy. A class with a metaclass,
-    an ``__init_subclass__`` or a property gets the plain fused class instead (combining would run the
-    user's hook, or let the property shadow the attributes the fused module sets). ``inplace=False`` converts a deep copy. ``verbose`` prints what was replaced.
+    ``isinstance`` against its class holds; such models pickle (where the class can be imported, as
+    the original model's pickling needed too) and deep-copy. A class made inside a function (not found
+    again by name), or with a metaclass, an ``__init_subclass__``, its own ``__new__``, ``__setattr__``
+    or ``__reduce__``, a property or slots gets the plain fused class instead (combining would run or
+    bypass the user's hooks, or let a descriptor shadow the attributes the fused module sets). ``inplace=False`` converts a deep copy. ``verbose`` prints what was replaced.
     """
     new, report = convert_with_report(model, inplace=inplace)
     if verbose:

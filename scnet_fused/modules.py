@@ -25,6 +25,7 @@ transform the modules take the same path (:func:`scnet_fused.ops._dispatch.stand
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import weakref
 
@@ -995,19 +996,38 @@ _KEEPING: "weakref.WeakValueDictionary[Tuple[type, type], type]" = weakref.WeakV
 _KEEPING_LOCK = threading.Lock()
 
 
+# What a source class's own classes may not define for a combined class (:func:`_combinable`): hooks of
+# class creation, instance creation, attribute setting and pickling that would run (or be bypassed) in
+# adopting the module and copying the result.
+_NOT_COMBINED = frozenset(("__init_subclass__", "__new__", "__setattr__", "__delattr__", "__getattribute__",
+                           "__reduce__", "__reduce_ex__", "__class_getitem__"))
+
+
+def _importable(source: type) -> bool:
+    """``source`` is found again by its module and qualified name (what unpickling a combined instance
+    needs; a class made inside a function is not)."""
+    obj = sys.modules.get(source.__module__)
+    for part in source.__qualname__.split("."):
+        obj = getattr(obj, part, None)
+    return obj is source
+
+
 def _combinable(cls: type, source: type) -> bool:
-    """Whether a class deriving from ``cls`` and ``source`` can be made without running or changing
-    anything of the user's: a plain metaclass, no ``__init_subclass__`` (it would run, e.g. register the
-    new class or refuse its name), and no data descriptor (a property) in ``source``'s own classes, which
-    would shadow the instance attributes the fused modules set and read."""
-    if type(source) is not type:
+    """Whether a class deriving from ``cls`` and ``source`` can be made and used without running or
+    changing anything of the user's, and pickled: ``source`` importable (:func:`_importable`), a plain
+    metaclass, none of :data:`_NOT_COMBINED` and no data descriptor (a property, slots) in its own
+    classes (a descriptor would shadow the instance attributes the fused modules set and read)."""
+    if type(source) is not type or not _importable(source):
         return False
-    own = [k for k in source.__mro__ if k not in cls.__mro__]
-    for k in own:
+    for k in source.__mro__:
+        if k in cls.__mro__:
+            continue
         for name, value in vars(k).items():
-            if name == "__init_subclass__" or hasattr(type(value), "__set__") or hasattr(type(value), "__delete__"):
-                if name not in ("__dict__", "__weakref__"):
-                    return False
+            if name in _NOT_COMBINED:
+                return False
+            if (hasattr(type(value), "__set__") or hasattr(type(value), "__delete__")) and \
+                    name not in ("__dict__", "__weakref__"):
+                return False
     return True
 
 

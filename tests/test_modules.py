@@ -544,31 +544,74 @@ def test_convert_keeps_the_replaced_classes_methods_and_isinstance():
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_convert_keeps_nothing_it_cannot_combine_and_copies_through_module_getstate():
-    """A source class with an __init_subclass__ (it would run on the combined class: a registry, a name
-    rule) or a property (it would shadow the attributes the fused module sets) converts to the plain
-    fused class, as before; the kept class pickles and copies through nn.Module.__getstate__, so a
-    module compiled in place deep-copies into one that runs its own weights."""
-    registry = []
+_REGISTRY = []
 
-    class Registering(R.SCConv):
-        def __init_subclass__(cls, **kwargs):
-            super().__init_subclass__(**kwargs)
-            registry.append(cls)
 
-    class MySCConv(Registering):
-        pass
+class Registering(R.SCConv):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _REGISTRY.append(cls)
 
-    class WithProperty(published_style.SCConv):  # (the published class stores no pooling_r)
-        @property
-        def pooling_r(self):
-            return self.k2[0].kernel_size
 
-    registry.clear()
-    for src in (MySCConv, WithProperty):
-        m = scnet_fused.convert(src(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d))
-        assert type(m) is scnet_fused.SCConv
-    assert registry == []
+class RegisteredSCConv(Registering):
+    pass
+
+
+class PropertySCConv(published_style.SCConv):  # (the published class stores no pooling_r)
+    @property
+    def pooling_r(self):
+        return self.k2[0].kernel_size
+
+
+class FrozenAttrsSCConv(R.SCConv):
+    """Refuses attribute changes after its constructor."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"{type(self).__name__} is frozen: cannot set {name!r}")
+        super().__setattr__(name, value)
+
+
+class NewWithArgsSCConv(R.SCConv):
+    def __new__(cls, inplanes, *args, **kwargs):
+        return super().__new__(cls)
+
+
+class OwnReduceSCConv(R.SCConv):
+    def __reduce__(self):
+        return (OwnReduceSCConv, (8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("src", [RegisteredSCConv, PropertySCConv, FrozenAttrsSCConv, NewWithArgsSCConv,
+                                 OwnReduceSCConv, "local"])
+def test_convert_keeps_nothing_it_cannot_combine(src):
+    """A source class that a combined class would run or bypass something of (an __init_subclass__, a
+    property shadowing the attributes the fused module sets, its own __setattr__ / __new__ / __reduce__)
+    or that cannot be found again by name (made inside a function: its instances would not unpickle)
+    converts to the plain fused class, as before; nothing of the user's runs (no registration) and the
+    result pickles."""
+    import pickle
+
+    if src == "local":
+        class Local(R.SCConv):
+            pass
+
+        src = Local
+    _REGISTRY.clear()
+    m = scnet_fused.convert(src(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d), inplace=True)
+    assert type(m) is scnet_fused.SCConv and _REGISTRY == []
+    x = torch.randn(2, 8, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(pickle.loads(pickle.dumps(m)).eval()(x), m.eval()(x))
+
+
+def test_combined_class_copies_through_module_getstate():
+    """The combined class pickles and copies through nn.Module.__getstate__, so a module compiled in place
+    deep-copies into one that runs its own weights."""
     m = scnet_fused.convert(TaggedSCConv(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)).eval()
     m.compile(backend="eager")
     x = torch.randn(2, 8, 12, 12)
