@@ -142,8 +142,10 @@ def build(arch: str, fused: bool = True, pretrained=False, features_only: bool =
         ok = not isinstance(n, bool) and operator.index(n) >= 0
     except TypeError:
         ok = False
-    if not ok:
+    if not ok or isinstance(n, Tensor):
         raise ValueError(f"num_classes must be an integer >= 0, got {n!r}")
+    if "num_classes" in cfg:
+        cfg["num_classes"] = operator.index(n)  # (a numpy integer as a Python int)
     if features_only:
         cfg.pop("num_classes", None)
         model = (FusedSCNetFeatures if fused else SCNetFeatures)(

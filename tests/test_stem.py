@@ -126,7 +126,8 @@ def test_num_classes_is_checked():
         with pytest.raises(ValueError, match="num_classes must be an integer >= 0"):
             models.scnet50(num_classes=bad)
     np = pytest.importorskip("numpy")
-    assert models.scnet50(num_classes=np.int64(10), fused=False).fc.out_features == 10  # as the reference takes it
+    out = models.scnet50(num_classes=np.int64(10), fused=False).fc.out_features  # as the reference takes it
+    assert out == 10 and type(out) is int
 
 
 def test_features_only_and_errors():

@@ -720,7 +720,7 @@ def test_set_filter_cache_takes_only_a_bool():
     """A string such as "false" is an error, not a truthy value that turns the cache on."""
     before = winograd.set_filter_cache(True)
     try:
-        for bad in ("false", "0", None, 2, 0.5):
+        for bad in ("false", "0", None, 2, 0.5, 1.0, 0.0, torch.tensor(1)):
             with pytest.raises(ValueError, match="expected True or False"):
                 winograd.set_filter_cache(bad)
         assert winograd.set_filter_cache(0) is True and winograd.set_filter_cache(1) is False

@@ -30,6 +30,7 @@ enabled and pays (:func:`winograd_applies`), and ``F.conv2d`` everywhere else.
 
 from __future__ import annotations
 
+import operator
 import os
 import weakref
 from typing import Optional
@@ -655,11 +656,22 @@ def _made_inside(x: Tensor, weight: Tensor) -> bool:
             and not _kept_through_bmm(x, tiles, min(K, C)))
 
 
+def _index_0_or_1(v) -> bool:
+    """``v`` is an integer (Python's or numpy's, not a tensor) equal to 0 or 1."""
+    if isinstance(v, torch.Tensor):
+        return False
+    try:
+        return operator.index(v) in (0, 1)
+    except TypeError:
+        return False
+
+
 def set_filter_cache(enabled: bool) -> bool:
     """Turn the inference cache of the filters' transforms on or off (off also empties it); returns the
     previous setting."""
     global _cache_enabled
-    if isinstance(enabled, str) or enabled not in (True, False):  # (numpy's bools and 0 / 1 too)
+    numpy_bool = type(enabled).__module__ == "numpy" and type(enabled).__name__ in ("bool", "bool_")
+    if not (isinstance(enabled, bool) or numpy_bool or _index_0_or_1(enabled)):
         raise ValueError(f"set_filter_cache: expected True or False, got {enabled!r}")
     previous, _cache_enabled = _cache_enabled, bool(enabled)
     if not _cache_enabled:
