@@ -70,10 +70,11 @@ def check_gate_inputs(x: Tensor, small: Tensor, k3: Tensor, *per_channel: Option
              f"must be at least the pooling rate")
     larger = (f"{op}: small {_shape(small)} must not be larger than x {_shape(x)} in H or W "
               f"(the gate upsamples it to x's size)")
-    # While torch.compile / torch.export trace (symbolic sizes) these two are left to the op's own body,
-    # which runs them on the real sizes before any kernel: comparing h // r with H there added a guard
-    # that specialised H and W, and an export with dynamic H and W failed.
-    if not torch.compiler.is_compiling():
+    # With symbolic sizes (torch.compile / torch.export with dynamic H or W) these two are left to the
+    # op's own body, which runs them on the real sizes before any kernel: comparing h // r with H there
+    # added a guard that specialised H and W, and an export with dynamic H and W failed. Plain sizes
+    # (eager, or static shapes while tracing) are checked here.
+    if not any(isinstance(d, torch.SymInt) for d in (small.shape[2], small.shape[3], x.shape[2], x.shape[3])):
         if small.shape[2] < 1 or small.shape[3] < 1:
             raise ValueError(empty)
         if small.shape[2] > x.shape[2] or small.shape[3] > x.shape[3]:
