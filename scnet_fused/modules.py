@@ -29,7 +29,7 @@ import sys
 import threading
 import weakref
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -319,11 +319,11 @@ _top_saved_hooks = getattr(getattr(torch._C, "_autograd", None), "_top_saved_ten
 def _save_after_update() -> None:
     """Under saved-tensor hooks (``torch.utils.checkpoint`` without reentrance), one empty tensor saved
     for backward after a running-statistics update whose fused op saved tensors (its output requires
-    grad; where it saved nothing, nn.BatchNorm2d saved nothing either). The fused ops save their tensors before the module
-    updates the statistics, where nn.BatchNorm2d saves after its update; the checkpoint's recomputation
-    stops at the last tensor saved (early stop, PyTorch's default), so without this mark it would stop
-    before the update of a checkpointed function's last fused BatchNorm, which then got one update
-    where the reference's gets two. The mark is saved by a node of its own (an empty leaf times
+    grad; where it saved nothing, nn.BatchNorm2d saved nothing either). The fused ops save their
+    tensors before the module updates the statistics, where nn.BatchNorm2d saves after its update; the
+    checkpoint's recomputation stops at the last tensor saved (early stop, PyTorch's default), so
+    without this mark it would stop before the update of a checkpointed function's last fused
+    BatchNorm, which then got one update where the reference's gets two. The mark is saved by a node of its own (an empty leaf times
     itself), outside the output's graph, in the forward and the recomputation alike. No hooks, no grad
     mode or torch.compile: nothing is done."""
     if (_top_saved_hooks is None or not torch.is_grad_enabled() or torch.compiler.is_compiling()
