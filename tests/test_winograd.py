@@ -577,6 +577,35 @@ def test_weight_gradient_inside_where_auto_chose_bmm(bmm_by_auto, monkeypatch):
         assert not winograd._wgrad_inside(129, 256, 256)
 
 
+def test_weight_gradient_form_setting(bmm_by_auto, monkeypatch):
+    """SCNET_FUSED_WINOGRAD_WGRAD: "inside" takes the products kernel wherever it is eligible (8x256x7x7's
+    32 tiles x 256 channels, where the rule keeps torch.bmm), "separate" never (also where the rule takes
+    the kernel), "auto" the rule; an ineligible convolution stays separate; a bad value is a clear error.
+    Both forms give the direct convolution's weight gradient."""
+    import torch.nn.functional as F
+
+    for value, want in (("inside", True), ("separate", False), ("auto", False)):
+        monkeypatch.setenv("SCNET_FUSED_WINOGRAD_WGRAD", value)
+        monkeypatch.setattr(winograd, "_wgrad_setting", None)
+        assert winograd._wgrad_inside(32, 256, 256) is want, value
+    monkeypatch.setattr(winograd, "_wgrad_setting", "separate")
+    assert not winograd._wgrad_inside(16, 256, 256)
+    monkeypatch.setattr(winograd, "_wgrad_setting", "inside")
+    assert not winograd._wgrad_inside(16, 16, 256)  # channels under twice the tiles: not eligible
+    monkeypatch.setenv("SCNET_FUSED_WINOGRAD_WGRAD", "bogus")
+    monkeypatch.setattr(winograd, "_wgrad_setting", None)
+    with pytest.raises(ValueError, match="SCNET_FUSED_WINOGRAD_WGRAD='bogus'"):
+        winograd._wgrad_inside(32, 256, 256)
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 64, 7, 7, requires_grad=True), torch.randn(64, 64, 3, 3, requires_grad=True)
+    dy = torch.randn(2, 64, 7, 7)
+    want = torch.autograd.grad(F.conv2d(x, w, padding=1), w, dy)[0]
+    for value in ("inside", "separate"):
+        monkeypatch.setattr(winograd, "_wgrad_setting", value)
+        got = torch.autograd.grad(winograd.conv3x3_winograd(x, w), w, dy)[0]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("n, inside", [(2, False), (1, True)])
 def test_weight_gradient_form_in_place_where_auto_chose_bmm(bmm_by_auto, n, inside):
     """A 136 -> 136 channel convolution of 14x14 maps: at 2 images (32 tiles x 136 channels) the weight

@@ -298,13 +298,26 @@ def _filters_inside(tiles: int, k_out: int, c_in: int) -> bool:
 # 7.53 and 4x512x7x7 3.14 / 3.83 (the faults vary: 12.30 ms in that run through the package's product
 # kernel). In place, the fused SCConv training step at 8x256x7x7 ran 11.60 ms against 12.26 with the
 # kernel, eager 14.64 (winograd_policy_wgrad.md, 40 interleaved rounds in one process).
+# A second Xeon (model 167) had it the other way at 8x256x7x7 in an A/B loop: the training step 4-6%
+# faster with the kernel (9.52-9.72 against 10.12-10.15 ms), though in the benchmark harness on that
+# shape no difference showed beyond the rounds' spread (1.26x / 1.30x eager with it, 1.27x / 1.29x
+# without; benchmarks/results/HISTORY.md). So the rule stays, and SCNET_FUSED_WINOGRAD_WGRAD=inside (the
+# kernel wherever eligible) or separate (never) overrides it; "auto" is the rule. The two forms' sums differ in the last bits (torch.bmm's against the kernel's order), so the
+# choice is fixed, never made by timing at run time.
 _BMM_WGRAD_INSIDE_MAX_V = 4096  # tiles x input channels
 _BMM_WGRAD_INSIDE_MIN_DU = 32 << 20  # bytes of dU (36 K C float32)
+_WGRAD_ENV = "SCNET_FUSED_WINOGRAD_WGRAD"
+_wgrad_setting: Optional[str] = None
 
 
 def _wgrad_inside(tiles: int, k: int, c: int) -> bool:
+    global _wgrad_setting
     if not (_fused(tiles, min(k, c)) and 2 * tiles <= min(k, c)):
         return False
+    if _wgrad_setting is None:
+        _wgrad_setting = _env_choice(_WGRAD_ENV, ("auto", "inside", "separate"))
+    if _wgrad_setting != "auto":
+        return _wgrad_setting == "inside"
     if _gemm_kernel() or _fused_setting != "auto":
         return True
     return tiles * c <= _BMM_WGRAD_INSIDE_MAX_V or 36 * k * c * 4 > _BMM_WGRAD_INSIDE_MIN_DU
