@@ -124,7 +124,8 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
     the original model's pickling needed too) and deep-copy. A class made inside a function (not found
     again by name), or with a metaclass, an ``__init_subclass__``, its own ``__new__``, ``__setattr__``
     or ``__reduce__``, a property or slots gets the plain fused class instead (combining would run or
-    bypass the user's hooks, or let a descriptor shadow the attributes the fused module sets). ``inplace=False`` converts a deep copy. ``verbose`` prints what was replaced.
+    bypass the user's hooks, or let a descriptor shadow the attributes the fused module sets).
+    ``inplace=False`` converts a deep copy. ``verbose`` prints what was replaced.
     """
     new, report = convert_with_report(model, inplace=inplace)
     if verbose:

@@ -137,14 +137,10 @@ def build(arch: str, fused: bool = True, pretrained=False, features_only: bool =
         raise ValueError("out_indices selects the stage maps of features_only=True; pass features_only=True too")
     if features_only and "num_classes" in kwargs:
         raise ValueError("num_classes sizes the classification head, which features_only=True does not build")
-    n = cfg.get("num_classes", 1000)
-    try:
-        ok = not isinstance(n, bool) and operator.index(n) >= 0
-    except TypeError:
-        ok = False
-    if not ok or isinstance(n, Tensor):
-        raise ValueError(f"num_classes must be an integer >= 0, got {n!r}")
     if "num_classes" in cfg:
+        n = cfg["num_classes"]
+        if isinstance(n, (bool, Tensor)) or not hasattr(type(n), "__index__") or operator.index(n) < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {n!r}")
         cfg["num_classes"] = operator.index(n)  # (a numpy integer as a Python int)
     if features_only:
         cfg.pop("num_classes", None)

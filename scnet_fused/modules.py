@@ -323,9 +323,9 @@ def _save_after_update() -> None:
     tensors before the module updates the statistics, where nn.BatchNorm2d saves after its update; the
     checkpoint's recomputation stops at the last tensor saved (early stop, PyTorch's default), so
     without this mark it would stop before the update of a checkpointed function's last fused
-    BatchNorm, which then got one update where the reference's gets two. The mark is saved by a node of its own (an empty leaf times
-    itself), outside the output's graph, in the forward and the recomputation alike. No hooks, no grad
-    mode or torch.compile: nothing is done."""
+    BatchNorm, which then got one update where the reference's gets two. The mark is saved by a node of
+    its own (an empty leaf times itself), outside the output's graph, in the forward and the
+    recomputation alike. No hooks, no grad mode or torch.compile: nothing is done."""
     if (_top_saved_hooks is None or not torch.is_grad_enabled() or torch.compiler.is_compiling()
             or _top_saved_hooks(False) is None):
         return

@@ -302,8 +302,9 @@ def _filters_inside(tiles: int, k_out: int, c_in: int) -> bool:
 # faster with the kernel (9.52-9.72 against 10.12-10.15 ms), though in the benchmark harness on that
 # shape no difference showed beyond the rounds' spread (1.26x / 1.30x eager with it, 1.27x / 1.29x
 # without; benchmarks/results/HISTORY.md). So the rule stays, and SCNET_FUSED_WINOGRAD_WGRAD=inside (the
-# kernel wherever eligible) or separate (never) overrides it; "auto" is the rule. The two forms' sums differ in the last bits (torch.bmm's against the kernel's order), so the
-# choice is fixed, never made by timing at run time.
+# kernel wherever eligible) or separate (never) overrides it; "auto" is the rule. The two forms' sums
+# differ in the last bits (torch.bmm's order against the kernel's), so the choice is fixed, never made
+# by timing at run time.
 _BMM_WGRAD_INSIDE_MAX_V = 4096  # tiles x input channels
 _BMM_WGRAD_INSIDE_MIN_DU = 32 << 20  # bytes of dU (36 K C float32)
 _WGRAD_ENV = "SCNET_FUSED_WINOGRAD_WGRAD"
@@ -669,22 +670,13 @@ def _made_inside(x: Tensor, weight: Tensor) -> bool:
             and not _kept_through_bmm(x, tiles, min(K, C)))
 
 
-def _index_0_or_1(v) -> bool:
-    """``v`` is an integer (Python's or numpy's, not a tensor) equal to 0 or 1."""
-    if isinstance(v, torch.Tensor):
-        return False
-    try:
-        return operator.index(v) in (0, 1)
-    except TypeError:
-        return False
-
-
 def set_filter_cache(enabled: bool) -> bool:
     """Turn the inference cache of the filters' transforms on or off (off also empties it); returns the
     previous setting."""
     global _cache_enabled
     numpy_bool = type(enabled).__module__ == "numpy" and type(enabled).__name__ in ("bool", "bool_")
-    if not (isinstance(enabled, bool) or numpy_bool or _index_0_or_1(enabled)):
+    integer = not isinstance(enabled, torch.Tensor) and hasattr(type(enabled), "__index__")  # (numpy's too)
+    if not (isinstance(enabled, bool) or numpy_bool or integer and operator.index(enabled) in (0, 1)):
         raise ValueError(f"set_filter_cache: expected True or False, got {enabled!r}")
     previous, _cache_enabled = _cache_enabled, bool(enabled)
     if not _cache_enabled:
