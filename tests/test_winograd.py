@@ -263,8 +263,9 @@ def test_one_kernel_convolution_refuses_bad_arguments():
 
 # output channels around the 32-column parts (16 with AVX2), tiles around the 14-row blocks, groups of
 # tiles more than the tiles; flipped filters (the input gradient's convolution)
+# (4, 20, 12, 16, 17): 80 tiles, more than one pass of register blocks in a group
 @pytest.mark.parametrize("N, C, K, H, W", [(2, 20, 24, 9, 11), (1, 3, 5, 1, 1), (3, 33, 17, 13, 7), (8, 16, 70, 7, 7),
-                                           (1, 40, 33, 6, 70)])
+                                           (1, 40, 33, 6, 70), (4, 20, 12, 16, 17)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_convolution_with_the_filters_transformed_inside(N, C, K, H, W, channels_last):
     """_wino_conv_w computes what _wino_conv computes from the filters' transform made by _wino_filter,
