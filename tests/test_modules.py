@@ -1089,13 +1089,19 @@ def test_k2_centre_taps_product_first_and_second_derivatives():
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(3, 8, 6, 6)
     grads = []
-    for m in (ref, fused):
-        xx = x.clone().requires_grad_()
+    # the reference in float64 is the truth: the second derivatives through batch statistics of three
+    # values amplify float32 rounding, so the float32 reference is itself off by up to about 1e-3 of a
+    # gradient's largest element; the fused one must be as close to the truth as the reference is
+    for m, xm in ((ref, x), (fused, x), (copy.deepcopy(ref).double(), x.double())):
+        xx = xm.clone().requires_grad_()
         (gx,) = torch.autograd.grad(m(xx).square().sum(), xx, create_graph=True)
         grads.append(torch.autograd.grad(gx.square().sum(), [xx] + list(m.parameters())))
-    for a, b in zip(grads[1], grads[0]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert grads[1][list(dict(fused.named_parameters())).index("k2.1.weight") + 1][:, :, 1, 1].abs().sum() > 0
+    names = ["input"] + [n for n, _ in fused.named_parameters()]
+    for name, r32, f32, r64 in zip(names, *grads):
+        scale = r64.abs().max().item()
+        ref_err, fused_err = ((t.double() - r64).abs().max().item() for t in (r32, f32))
+        assert fused_err <= 2 * ref_err + 1e-4 * scale + 1e-6, (name, fused_err, ref_err, scale)
+    assert grads[1][names.index("k2.1.weight")][:, :, 1, 1].abs().sum() > 0
 
 
 def test_k2_centre_taps_follow_every_edit_of_the_filters():
