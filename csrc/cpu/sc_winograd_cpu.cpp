@@ -789,9 +789,10 @@ constexpr int64_t kNR = 2 * kV;
 // whole matrix row apart, and the loads of B were where the samples of the kernel's stalls fell. The
 // weight gradient's products and adjoint at (36, 32, 256) x (36, 32, 256), model 167 Xeon, 2 threads:
 // 0.98-1.03 ms without, 0.85-0.89 four steps ahead, 0.77-0.88 eight; at 128 tiles of 128 channels
-// 1.40-1.48 -> 1.09-1.11 ms. (The other form, A read in place by rows, did not gain from it.)
+// 1.40-1.48 -> 1.09-1.11 ms. (The other form, A read in place by rows, did not gain from it; nor is it
+// asked for where A and B were just made in the thread's cache, `_wino_wgrad_x`.)
 constexpr int kPrefetchRows = 8;
-template <int MR, bool kRows>
+template <int MR, bool kRows, bool kPrefetch = !kRows>
 inline void gemm_block(const float* a, int64_t as, const float* b, int64_t ldb, int64_t kd, float* c,
                        int64_t ldc, int64_t nc) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
@@ -803,7 +804,7 @@ inline void gemm_block(const float* a, int64_t as, const float* b, int64_t ldb, 
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
   for (int64_t q = 0; q < kd; ++q) {
-    if (!kRows) {
+    if (kPrefetch) {
       const char* pb = reinterpret_cast<const char*>(b + (q + kPrefetchRows) * ldb);
       _mm_prefetch(pb, _MM_HINT_T0);
       _mm_prefetch(pb + 64, _MM_HINT_T0);
@@ -849,6 +850,12 @@ using GemmBlockFn = void (*)(const float*, int64_t, const float*, int64_t, int64
 template <bool kRows, int... MRs>
 constexpr std::array<GemmBlockFn, sizeof...(MRs)> gemm_table(std::integer_sequence<int, MRs...>) {
   return {&gemm_block<MRs + 1, kRows>...};
+}
+
+// The same kernels without prefetching (A given by steps).
+template <int... MRs>
+constexpr std::array<GemmBlockFn, sizeof...(MRs)> gemm_table_in_cache(std::integer_sequence<int, MRs...>) {
+  return {&gemm_block<MRs + 1, false, false>...};
 }
 
 // a (P, M, Kd), or with a_t (P, Kd, M) holding A transposed; b (P, Kd, N); -> (P, M, N).
@@ -1254,7 +1261,7 @@ at::Tensor wino_wgrad_x(const at::Tensor& dy_in, const at::Tensor& x_in, int64_t
   const int64_t P = std::min<int64_t>(T, chunks > 0 ? chunks : std::min<int64_t>(most, (T + 63) / 64));
   const int64_t KC = K * C;
   at::Tensor part = at::empty({P, 36, K, C}, x.options());
-  static constexpr auto by_steps = gemm_table<false>(std::make_integer_sequence<int, kMR>{});
+  static constexpr auto by_steps = gemm_table_in_cache(std::make_integer_sequence<int, kMR>{});
   const float* xp = x.data_ptr<float>();
   const float* dp = dy.data_ptr<float>();
   float* pp = part.data_ptr<float>();
