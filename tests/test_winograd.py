@@ -561,13 +561,15 @@ def test_kept_filter_transforms_take_the_three_passes_where_auto_chose_bmm(bmm_b
 
 def test_weight_gradient_inside_where_auto_chose_bmm(bmm_by_auto, monkeypatch):
     """Where "auto" chose torch.bmm, the weight gradient's products kernel (dU in cache) runs where the
-    transformed input is at most 4096 tiles x input channels or dU is over glibc's largest mmap threshold;
+    transformed input is at most 8192 tiles x input channels or dU is over glibc's largest mmap threshold;
     elsewhere the separate form. With the product kernel (the AMD rule) or the one kernel forced, the
     channels-twice-the-tiles rule alone."""
     for tiles, k, c in ((16, 256, 256), (4, 256, 256), (32, 128, 128), (24, 128, 128), (8, 512, 512),
-                        (16, 64, 256), (16, 256, 64), (32, 256, 128)):
+                        (16, 64, 256), (16, 256, 64), (32, 256, 128), (24, 256, 256), (32, 256, 256),
+                        (32, 128, 256), (16, 448, 448)):
         assert winograd._wgrad_inside(tiles, k, c), (tiles, k, c)
-    for tiles, k, c in ((24, 256, 256), (32, 256, 256), (128, 256, 256), (32, 448, 448), (32, 128, 256)):
+    for tiles, k, c in ((40, 256, 256), (48, 256, 256), (128, 256, 256), (32, 448, 448), (64, 128, 256),
+                        (24, 384, 384)):
         assert not winograd._wgrad_inside(tiles, k, c), (tiles, k, c)
     assert winograd._wgrad_inside(32, 512, 512) and winograd._wgrad_inside(16, 512, 483)  # dU 36 and 34 MiB
     assert not winograd._wgrad_inside(16, 16, 256)  # under twice the tiles
@@ -579,16 +581,16 @@ def test_weight_gradient_inside_where_auto_chose_bmm(bmm_by_auto, monkeypatch):
 
 
 def test_weight_gradient_form_setting(bmm_by_auto, monkeypatch):
-    """SCNET_FUSED_WINOGRAD_WGRAD: "inside" takes the products kernel wherever it is eligible (8x256x7x7's
-    32 tiles x 256 channels, where the rule keeps torch.bmm), "separate" never (also where the rule takes
-    the kernel), "auto" the rule; an ineligible convolution stays separate; a bad value is a clear error.
+    """SCNET_FUSED_WINOGRAD_WGRAD: "inside" takes the products kernel wherever it is eligible (40 tiles x
+    256 channels, where the rule keeps torch.bmm), "separate" never (also where the rule takes the
+    kernel), "auto" the rule; an ineligible convolution stays separate; a bad value is a clear error.
     Both forms give the direct convolution's weight gradient."""
     import torch.nn.functional as F
 
     for value, want in (("inside", True), ("separate", False), ("auto", False)):
         monkeypatch.setenv("SCNET_FUSED_WINOGRAD_WGRAD", value)
         monkeypatch.setattr(winograd, "_wgrad_setting", None)
-        assert winograd._wgrad_inside(32, 256, 256) is want, value
+        assert winograd._wgrad_inside(40, 256, 256) is want, value
     monkeypatch.setattr(winograd, "_wgrad_setting", "separate")
     assert not winograd._wgrad_inside(16, 256, 256)
     monkeypatch.setattr(winograd, "_wgrad_setting", "inside")
@@ -607,10 +609,10 @@ def test_weight_gradient_form_setting(bmm_by_auto, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("n, inside", [(2, False), (1, True)])
+@pytest.mark.parametrize("n, inside", [(4, False), (2, True)])
 def test_weight_gradient_form_in_place_where_auto_chose_bmm(bmm_by_auto, n, inside):
-    """A 136 -> 136 channel convolution of 14x14 maps: at 2 images (32 tiles x 136 channels) the weight
-    gradient in its separate form through torch.bmm, at 1 image (16 tiles) the products kernel; both
+    """A 136 -> 136 channel convolution of 14x14 maps: at 4 images (64 tiles x 136 channels) the weight
+    gradient in its separate form through torch.bmm, at 2 images (32 tiles) the products kernel; both
     against float64."""
     torch.manual_seed(5)
     x = torch.randn(n, 136, 14, 14)

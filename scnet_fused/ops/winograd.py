@@ -301,11 +301,19 @@ def _filters_inside(tiles: int, k_out: int, c_in: int) -> bool:
 # A second Xeon (model 167) had it the other way at 8x256x7x7 in an A/B loop: the training step 4-6%
 # faster with the kernel (9.52-9.72 against 10.12-10.15 ms), though in the benchmark harness on that
 # shape no difference showed beyond the rounds' spread (1.26x / 1.30x eager with it, 1.27x / 1.29x
-# without; benchmarks/results/HISTORY.md). So the rule stays, and SCNET_FUSED_WINOGRAD_WGRAD=inside (the
-# kernel wherever eligible) or separate (never) overrides it; "auto" is the rule. The two forms' sums
-# differ in the last bits (torch.bmm's order against the kernel's), so the choice is fixed, never made
-# by timing at run time.
-_BMM_WGRAD_INSIDE_MAX_V = 4096  # tiles x input channels
+# without). Then the product kernel prefetched its rows (gemm_block): the kernel's loads of the
+# transformed input, rows a matrix row apart, were where its stalls fell. On that Xeon the weight
+# gradient alone, separate with torch.bmm / inside, ms: 24 tiles x 256 channels 0.87 / 0.64-0.68,
+# 32 x 256 0.93-1.01 / 0.82-0.84, 40 x 256 1.04-1.12 / 0.98-1.07, 48 x 256 1.17-1.23 / 1.40 (a
+# reduction of 48 tiles suits torch.bmm), 32 x 384 2.03-2.14 / 1.73-1.81; the 8x256x7x7 training step
+# in one process, 40 interleaved rounds: 10.26 ms inside against 11.15 separate (per-round ratio 0.924,
+# eager 13.79), and the benchmark harness on that shape 1.31x / 1.34x eager inside against 1.26x /
+# 1.21x separate (benchmarks/results/HISTORY.md). So the bound is now 8192 (32 tiles of 256 channels,
+# 16 of 512); the first Xeon's figures above predate the prefetch. SCNET_FUSED_WINOGRAD_WGRAD=inside
+# (the kernel wherever eligible) or separate (never) overrides the rule; "auto" is the rule. The two
+# forms' sums differ in the last bits (torch.bmm's order against the kernel's), so the choice is fixed,
+# never made by timing at run time.
+_BMM_WGRAD_INSIDE_MAX_V = 8192  # tiles x input channels
 _BMM_WGRAD_INSIDE_MIN_DU = 32 << 20  # bytes of dU (36 K C float32)
 _WGRAD_ENV = "SCNET_FUSED_WINOGRAD_WGRAD"
 _wgrad_setting: Optional[str] = None
