@@ -809,14 +809,13 @@ inline void gemm_block(const float* a, int64_t as, const float* b, int64_t ldb, 
       // past a matrix's last row too (the next call's rows, measured faster than stopping at the last
       // row: 0.66-0.70 against 0.74-0.76 ms for the weight gradient at 32 tiles x 256 channels); the
       // addresses are made as integers, and a prefetch never faults
-      const auto ahead = [](const float* p, int64_t stride) {
+      const auto ahead = [](const float* p, int64_t stride, int64_t bytes) {
         return reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(p) +
-                                             static_cast<std::uintptr_t>(kPrefetchRows * stride * 4));
+                                             static_cast<std::uintptr_t>(kPrefetchRows * stride * 4 + bytes));
       };
-      const auto bq = reinterpret_cast<std::uintptr_t>(ahead(b + q * ldb, ldb));
-      _mm_prefetch(reinterpret_cast<const char*>(bq), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(bq + 64), _MM_HINT_T0);
-      _mm_prefetch(ahead(a + q * as, as), _MM_HINT_T0);
+      _mm_prefetch(ahead(b + q * ldb, ldb, 0), _MM_HINT_T0);
+      _mm_prefetch(ahead(b + q * ldb, ldb, 64), _MM_HINT_T0);
+      _mm_prefetch(ahead(a + q * as, as, 0), _MM_HINT_T0);
     }
     const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + q * ldb), b1 = _mm512_maskz_loadu_ps(m1, b + q * ldb + 16);
     const float* aq = kRows ? a + q : a + q * as;
@@ -855,15 +854,9 @@ inline void gemm_block(const float* a, int64_t as, const float* b, int64_t ldb, 
 
 using GemmBlockFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t);
 
-template <bool kRows, int... MRs>
+template <bool kRows, bool kPrefetch = !kRows, int... MRs>
 constexpr std::array<GemmBlockFn, sizeof...(MRs)> gemm_table(std::integer_sequence<int, MRs...>) {
-  return {&gemm_block<MRs + 1, kRows>...};
-}
-
-// The same kernels without prefetching (A given by steps).
-template <int... MRs>
-constexpr std::array<GemmBlockFn, sizeof...(MRs)> gemm_table_in_cache(std::integer_sequence<int, MRs...>) {
-  return {&gemm_block<MRs + 1, false, false>...};
+  return {&gemm_block<MRs + 1, kRows, kPrefetch>...};
 }
 
 // a (P, M, Kd), or with a_t (P, Kd, M) holding A transposed; b (P, Kd, N); -> (P, M, N).
@@ -1269,7 +1262,8 @@ at::Tensor wino_wgrad_x(const at::Tensor& dy_in, const at::Tensor& x_in, int64_t
   const int64_t P = std::min<int64_t>(T, chunks > 0 ? chunks : std::min<int64_t>(most, (T + 63) / 64));
   const int64_t KC = K * C;
   at::Tensor part = at::empty({P, 36, K, C}, x.options());
-  static constexpr auto by_steps = gemm_table_in_cache(std::make_integer_sequence<int, kMR>{});
+  // (without the prefetch: A and B were just made in the thread's cache)
+  static constexpr auto by_steps = gemm_table<false, false>(std::make_integer_sequence<int, kMR>{});
   const float* xp = x.data_ptr<float>();
   const float* dp = dy.data_ptr<float>();
   float* pp = part.data_ptr<float>();
