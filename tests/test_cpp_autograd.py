@@ -266,6 +266,36 @@ def test_not_taken_where_it_must_not_be(monkeypatch):
     assert not _dispatch.cpp_autograd(x)
 
 
+def _expected_route(x):
+    if _dispatch.standard_ops_only():
+        return _dispatch.PLAIN
+    return _dispatch.CPP if _dispatch.cpp_autograd(x) else _dispatch.OP
+
+
+def test_route_is_the_two_predicates_in_one_call(monkeypatch):
+    """The public ops ask ``route`` once instead of standard_ops_only() and cpp_autograd(): the same
+    answer in every case those two tell apart."""
+    x = torch.randn(2, 4, 8, 8)
+    cases = [x, x[:0], x.double(), torch.empty(2, 4, 8, 8, device="meta"), torch.nn.Parameter(x.clone()),
+             "not a tensor"]
+    for t in cases:
+        assert _dispatch.route(t) == (_expected_route(t) if isinstance(t, torch.Tensor) else _dispatch.OP)
+    assert _dispatch.route(x) == _dispatch.CPP
+    with _dispatch.backend("reference"):
+        assert _dispatch.route(x) == _dispatch.OP
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        assert _dispatch.route(mode.from_tensor(x)) == _dispatch.OP
+    seen = []
+    torch.func.vmap(lambda t: seen.append(_dispatch.route(t)) or t)(x)
+    with torch.autograd.forward_ad.dual_level():
+        seen.append(_dispatch.route(x))
+    assert seen == [_dispatch.PLAIN, _dispatch.PLAIN]
+    monkeypatch.setenv("SCNET_FUSED_CPP_AUTOGRAD", "0")
+    assert _dispatch.route(x) == _dispatch.OP == _expected_route(x)
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_bottleneck_paths_agree_bit_for_bit(monkeypatch, affine):
     """The fused bottleneck with the C++ ops (the autograd twins, relu_cat, and the modules' BatchNorm

@@ -358,3 +358,39 @@ def test_auto_drops_a_backend_whose_kernels_do_not_compile(monkeypatch):
     with pytest.raises(CompilationError):
         with scnet_fused.backend("triton"):
             sc_gate(x, small, k3)
+
+
+def _bad_gate_inputs():
+    x, small = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 2, 2)
+    c = torch.ones(4)
+    return [
+        ("rank", (x[0], small, x[0], ())),
+        ("dtype", (x, small.double(), x, ())),
+        ("integer", (x.long(), small.long(), x.long(), ())),
+        ("k3 shape", (x, small, x[:, :3], ())),
+        ("batch", (x, small[:1], x, ())),
+        ("channels", (x, small[:, :3], x, ())),
+        ("empty pooled map", (x, small[:, :, :0], x, ())),
+        ("pooled map larger", (x, torch.randn(2, 4, 9, 8), x, ())),
+        ("device", (x, torch.randn(2, 4, 2, 2, device="meta"), x, ())),
+        ("per-channel length", (x, small, x, (torch.ones(3),))),
+        ("per-channel rank", (x, small, x, (c.view(2, 2),))),
+        ("per-channel integer", (x, small, x, (torch.ones(4, dtype=torch.long),))),
+        ("per-channel device", (x, small, x, (torch.ones(4, device="meta"),))),
+        ("per-channel not a tensor", (x, small, x, ([1.0] * 4,))),
+        ("not a tensor", (x.tolist(), small, x, ())),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_gate_inputs(), ids=lambda c: c[0])
+def test_the_quick_input_check_accepts_nothing_the_full_checks_refuse(case):
+    """check_gate_inputs first asks a one-expression form of its checks; that form must say no wherever
+    one of the checks one by one refuses (they then name the problem)."""
+    from scnet_fused.ops.sc_gate import _inputs_ok, check_gate_inputs
+
+    _, (x, small, k3, per_channel) = case
+    assert not _inputs_ok(x, small, k3, per_channel)
+    with pytest.raises((ValueError, TypeError)):
+        check_gate_inputs(x, small, k3, *per_channel, names=("scale",))
+    good = torch.randn(2, 4, 8, 8)
+    assert _inputs_ok(good, torch.randn(2, 4, 2, 2), good, (torch.ones(4), None))

@@ -95,7 +95,14 @@ import torch
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 _ENV = "SCNET_FUSED_BACKEND"
 
-_state = threading.local()
+class _State(threading.local):
+    """Per thread: the stack of backends forced by :func:`backend` blocks."""
+
+    def __init__(self):
+        self.stack = []
+
+
+_state = _State()
 _warned: set = set()
 _module_cache: dict = {}
 
@@ -113,7 +120,7 @@ def _validate(name: str) -> str:
 
 def requested() -> str:
     """The backend asked for: the innermost ``backend(...)`` context, else $SCNET_FUSED_BACKEND, else auto."""
-    stack = getattr(_state, "stack", None)
+    stack = _state.stack
     if stack:
         return stack[-1]
     env = os.environ.get(_ENV, "").strip()
@@ -124,9 +131,7 @@ def requested() -> str:
 def backend(name: str):
     """Force a backend inside a ``with`` block: ``with scnet_fused.backend("triton"): ...``."""
     name = _validate(name)
-    stack = getattr(_state, "stack", None)
-    if stack is None:
-        stack = _state.stack = []
+    stack = _state.stack
     stack.append(name)
     try:
         yield
@@ -208,12 +213,13 @@ def _device_ok(name: str, device: torch.device) -> Optional[str]:
 def _auto_order(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float64:
         return ("reference",)
-    if device.type == "cuda":
+    kind = device.type
+    if kind == "cuda":
         # Triton first: its kernels are the ones whose exact semantics the CPU test suite runs (under
         # the interpreter); the CUDA extension is selected explicitly (backend("cuda")) until it is
         # measured faster on the device.
         return ("triton", "cuda", "reference")
-    if device.type == "cpu":
+    if kind == "cpu":
         return ("cpu", "reference")
     return ("reference",)
 
@@ -401,7 +407,13 @@ def cpp_autograd(x: torch.Tensor) -> bool:
     not an empty tensor, and ``SCNET_FUSED_CPP_AUTOGRAD`` is not "0". Same kernels and results either
     way; the C++ path just skips the Python autograd and dispatch layers.
     """
-    if not _plain_eager(x) or x.numel() == 0 or x.dtype == torch.float64:
+    return _plain_eager(x) and _cpp_backend(x)
+
+
+def _cpp_backend(x: torch.Tensor) -> bool:
+    """The part of :func:`cpp_autograd` after :func:`_plain_eager`: a non-empty tensor, not float64,
+    whose backend is a compiled one with the autograd ops built."""
+    if x.numel() == 0 or x.dtype == torch.float64:
         return False
     try:
         name, _ = select(x.device, x.dtype)
@@ -412,3 +424,21 @@ def cpp_autograd(x: torch.Tensor) -> bool:
     from . import _cpp
 
     return _cpp.has_autograd_ops()
+
+
+PLAIN, CPP, OP = "plain", "cpp", "op"
+
+
+def route(x) -> str:
+    """Which path a public op's call on ``x`` takes, :func:`standard_ops_only` and :func:`cpp_autograd`
+    in one call (the public ops ask both on every call): ``PLAIN`` (the standard operators),
+    ``CPP`` (the C++ autograd op) or ``OP`` (the torch.library custom op)."""
+    if torch.compiler.is_compiling():
+        return PLAIN if torch.onnx.is_in_onnx_export() else OP
+    if torch.jit.is_tracing() or _functorch_active() or _forward_ad_active():
+        return PLAIN
+    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
+        return OP
+    if os.environ.get(_CPP_AUTOGRAD_ENV, "1").strip() == "0":
+        return OP
+    return CPP if _cpp_backend(x) else OP

@@ -105,8 +105,9 @@ def sc_avgpool(x: Tensor, r: int) -> Tensor:
     strides are copied to contiguous first); the output keeps x's memory format. Differentiable.
     """
     check_avgpool_input(x, r)
-    if _dispatch.standard_ops_only():
+    path = _dispatch.route(x)
+    if path is _dispatch.PLAIN:
         return _plain.sc_avgpool(x, r)
-    if _dispatch.cpp_autograd(x):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
+    if path is _dispatch.CPP:  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
         return torch.ops.scnet_fused._sc_avgpool_ag(x, r)
     return torch.ops.scnet_fused.sc_avgpool(x, r)

@@ -147,9 +147,10 @@ def bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) ->
     """
     check_bn_relu_inputs(t, weight, bias)
     eps = checked_eps("bn_relu_train", eps)
-    if _dispatch.standard_ops_only():
+    path = _dispatch.route(t)
+    if path is _dispatch.PLAIN:
         return _plain.bn_relu_train(t, weight, bias, float(eps))
-    if _dispatch.cpp_autograd(t):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
+    if path is _dispatch.CPP:  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
         return torch.ops.scnet_fused._bn_relu_train_ag(t, weight, bias, float(eps))
     return torch.ops.scnet_fused.bn_relu_train(t, weight, bias, float(eps))
 
@@ -266,9 +267,10 @@ def bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, tb: Tensor, wb: Tensor
     """
     check_bn_relu_cat_inputs(ta, wa, ba, tb, wb, bb)
     eps_a, eps_b = checked_eps("bn_relu_cat_train", eps_a, "eps_a"), checked_eps("bn_relu_cat_train", eps_b, "eps_b")
-    if _dispatch.standard_ops_only():
+    path = _dispatch.route(ta)
+    if path is _dispatch.PLAIN:
         return _plain.bn_relu_cat_train(ta, wa, ba, tb, wb, bb, float(eps_a), float(eps_b))
-    if _dispatch.cpp_autograd(ta):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
+    if path is _dispatch.CPP:  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
         return torch.ops.scnet_fused._bn_relu_cat_train_ag(ta, wa, ba, float(eps_a), tb, wb, bb, float(eps_b))
     return torch.ops.scnet_fused.bn_relu_cat_train(ta, wa, ba, float(eps_a), tb, wb, bb, float(eps_b))
 
@@ -376,9 +378,10 @@ def bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
     """
     check_bn_add_relu_inputs(t, weight, bias, residual)
     eps = checked_eps("bn_add_relu_train", eps)
-    if _dispatch.standard_ops_only():
+    path = _dispatch.route(t)
+    if path is _dispatch.PLAIN:
         return _plain.bn_add_relu_train(t, weight, bias, residual, float(eps))
-    if _dispatch.cpp_autograd(t):  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
+    if path is _dispatch.CPP:  # eager with a compiled backend: the C++ autograd twin (csrc/autograd.cpp)
         return torch.ops.scnet_fused._bn_add_relu_train_ag(t, weight, bias, residual, float(eps))
     return torch.ops.scnet_fused.bn_add_relu_train(t, weight, bias, residual, float(eps))
 
@@ -422,8 +425,9 @@ def affine_add_relu(t: Tensor, residual: Tensor, scale: Tensor, shift: Tensor) -
     if torch.is_grad_enabled() and any(v.requires_grad for v in (t, residual, scale, shift)):
         raise RuntimeError("affine_add_relu is for inference: call it under torch.no_grad() "
                            "(bn_add_relu_train is the differentiable op)")
-    if _dispatch.standard_ops_only():
+    path = _dispatch.route(t)
+    if path is _dispatch.PLAIN:
         return _plain.affine_add_relu(t, residual, scale, shift)
-    if _dispatch.cpp_autograd(t):  # eager with a compiled backend: the kernel op itself (nothing to record)
+    if path is _dispatch.CPP:  # eager with a compiled backend: the kernel op itself (nothing to record)
         return torch.ops.scnet_fused._affine_add_relu(*_affine_add_relu_args(t, residual, scale, shift))
     return torch.ops.scnet_fused.affine_add_relu(t, residual, scale, shift)
