@@ -153,6 +153,7 @@ TORCH_LIBRARY(scnet_fused, m) {
   m.def("_wino_conv_w(Tensor x, Tensor weight, Tensor? bias=None, bool flip=False, int tile_groups=0) -> Tensor");
   m.def("_wino_wgrad(Tensor z, Tensor v, int cpart=0) -> Tensor");
   m.def("_wino_wgrad_x(Tensor dy, Tensor x, int chunks=0) -> Tensor");
+  m.def("_centre_taps_wgrad(Tensor dy, Tensor x) -> Tensor");
   m.def("_nearest_source(int i, int out_size, int in_size) -> int", &scnet_fused::nearest_source_one);
   m.def("_cell_start(int a, int out_size, int in_size) -> int", &scnet_fused::cell_start_one);
   m.def("_bits_digest(Tensor t) -> int");

@@ -42,7 +42,7 @@ from .ops.bn_relu import affine_add_relu, bn_add_relu_train, bn_relu_cat_train, 
 from .ops._dispatch import cpp_autograd, cpp_glue, standard_ops_only
 from .ops.relu_cat import relu_cat
 from .ops.sc_gate import _format, affine_fold
-from .ops import _plain, conv1x1, winograd
+from .ops import _cpp, _plain, conv1x1, winograd
 from .ops.maxpool import max_pool2d
 
 __all__ = ["SCConv", "SCBottleneck", "MaxPool2d", "scnet_stem"]
@@ -717,8 +717,10 @@ class _CentreTaps(torch.autograd.Function):
     """``F.linear(x2d, weight[:, :, 1, 1])`` for (K, C, 3, 3) filters (k2's convolution of a 1x1 map),
     whose backward writes the filters' gradient in one pass, the taps' gradient zero-padded to 3x3: the
     select's own backward zero-fills the filters' shape and then copies the taps in (8x256x1x1 with 256
-    filters, Intel Xeon, 2 threads: the filters' gradient 70-89 against about 320 us). The backward is in
-    standard operators on the saved inputs, so a backward with create_graph differentiates it."""
+    filters, Intel Xeon, 2 threads: the filters' gradient 70-89 against about 320 us). On float32 CPU
+    tensors the product and the padding are one kernel (``_centre_taps_wgrad``: each filter row zeroed
+    and its taps written while it is in cache). A backward with create_graph runs in standard operators
+    on the saved inputs, so that it is differentiated again."""
 
     @staticmethod
     def forward(ctx, x2d: Tensor, weight: Tensor) -> Tensor:
@@ -732,9 +734,19 @@ class _CentreTaps(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ winograd.centre_taps(weight)
         if ctx.needs_input_grad[1]:
-            K, C = weight.shape[0], weight.shape[1]
-            grad_w = F.pad((grad_y.t() @ x2d).view(K, C, 1, 1), (1, 1, 1, 1))
+            if _centre_wgrad_kernel(grad_y, x2d):
+                grad_w = torch.ops.scnet_fused._centre_taps_wgrad(grad_y, x2d)
+            else:
+                K, C = weight.shape[0], weight.shape[1]
+                grad_w = F.pad((grad_y.t() @ x2d).view(K, C, 1, 1), (1, 1, 1, 1))
         return grad_x, grad_w
+
+
+def _centre_wgrad_kernel(grad_y: Tensor, x2d: Tensor) -> bool:
+    """Whether the filters' gradient of :class:`_CentreTaps` runs as ``_centre_taps_wgrad`` (float32 CPU
+    tensors, a backward that is not differentiated again, the kernel built)."""
+    return (not torch.is_grad_enabled() and grad_y.device.type == "cpu" and grad_y.dtype == torch.float32
+            and x2d.dtype == torch.float32 and _cpp.has_kernel("_centre_taps_wgrad", "CPU"))
 
 
 def _centre_linear(x2d: Tensor, weight: Tensor) -> Tensor:

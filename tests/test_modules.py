@@ -1074,6 +1074,56 @@ def test_k2_on_a_one_pixel_pooled_map_runs_its_centre_taps(size, channels_last, 
     assert g[:, :, 1, 1].abs().sum() > 0 and torch.count_nonzero(g) == g[:, :, 1, 1].numel()
 
 
+@pytest.mark.parametrize("n,k,c", [(1, 3, 37), (5, 16, 32), (8, 20, 50), (2, 0, 5)])
+def test_centre_taps_filter_gradient_kernel(n, k, c):
+    """``_centre_taps_wgrad(dy, x)``: dy^T x as (K, C, 3, 3) filters, zero but the centre taps (C with a
+    partial vector, one image, no filters), against float64; and its refusals."""
+    pytest.importorskip("scnet_fused._C")
+    from scnet_fused.ops import _cpp
+
+    if not _cpp.has_kernel("_centre_taps_wgrad", "CPU"):
+        pytest.skip("the CPU kernels are not built")
+    dy, x = torch.randn(n, k), torch.randn(n, c)
+    got = torch.ops.scnet_fused._centre_taps_wgrad(dy, x)
+    want = torch.zeros(k, c, 3, 3, dtype=torch.float64)
+    want[:, :, 1, 1] = dy.double().t() @ x.double()
+    assert got.shape == (k, c, 3, 3) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(got) == torch.count_nonzero(got[:, :, 1, 1])
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.scnet_fused._centre_taps_wgrad(dy.double(), x.double())
+    with pytest.raises(RuntimeError, match="one batch size"):
+        torch.ops.scnet_fused._centre_taps_wgrad(dy, torch.randn(n + 1, c))
+    with pytest.raises(RuntimeError, match="2-D"):
+        torch.ops.scnet_fused._centre_taps_wgrad(dy.view(n, k, 1), x)
+
+
+def test_k2_centre_taps_backward_takes_the_kernel_on_float32_cpu():
+    """The fused SCConv's training backward on a 1x1 pooled map writes k2's filter gradient with
+    ``_centre_taps_wgrad`` (float32 CPU), and the gradient is the reference's."""
+    from scnet_fused.ops import _cpp
+
+    if not _cpp.has_kernel("_centre_taps_wgrad", "CPU"):
+        pytest.skip("the CPU kernels are not built")
+    ref, fused = _pair(R.SCConv, 8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    randomize_norms(ref)
+    fused.load_state_dict(ref.state_dict())
+    x, dy = torch.randn(12, 8, 5, 6), torch.randn(12, 8, 5, 6)
+    with torch.profiler.profile() as prof:
+        gf = torch.autograd.grad(fused(x), fused.k2[1].weight, dy)[0]
+    assert "scnet_fused::_centre_taps_wgrad" in {e.name for e in prof.events()}
+    gr = torch.autograd.grad(ref(x), ref.k2[1].weight, dy)[0]
+    ref64 = copy.deepcopy(ref).double()
+    g64 = torch.autograd.grad(ref64(x.double()), ref64.k2[1].weight, dy.double())[0]
+    # a random cotangent (a loss like y.square().sum() is ill-conditioned through k2's batch statistics:
+    # both float32 models there are about 5e-4 of the largest element off float64); here both are
+    # within 1e-6, and a wrong product is off by the order of the gradient
+    scale = g64.abs().max().item()
+    for g in (gr, gf):
+        assert (g.double() - g64).abs().max().item() <= 1e-5 * scale
+    assert torch.count_nonzero(gf) == torch.count_nonzero(gf[:, :, 1, 1]) > 0
+
+
 def test_k2_centre_taps_product_first_and_second_derivatives():
     """The centre-tap product's own backward (the filters' gradient zero-padded in one pass) against
     finite differences in float64, and its double backward (a backward with create_graph), and through
