@@ -125,7 +125,10 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
     again by name), or with a metaclass, an ``__init_subclass__``, its own ``__new__``, ``__setattr__``
     or ``__reduce__``, a property or slots gets the plain fused class instead (combining would run or
     bypass the user's hooks, or let a descriptor shadow the attributes the fused module sets).
-    ``inplace=False`` converts a deep copy. ``verbose`` prints what was replaced.
+    ``inplace=False`` converts a deep copy; ``inplace=True`` replaces the submodules inside ``model``
+    itself, except where ``model`` is itself an SCConv or SCBottleneck (an object cannot become another):
+    there the fused module is a new object, sharing ``model``'s submodules and parameters. Use the
+    returned module either way. ``verbose`` prints what was replaced.
     """
     new, report = convert_with_report(model, inplace=inplace)
     if verbose:

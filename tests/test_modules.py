@@ -1380,3 +1380,14 @@ def test_k4_batchnorm_op_bad_input_is_a_clear_error():
         op(t, torch.ones(4), b, 1e-5)
     with pytest.raises(RuntimeError, match="4-D t with elements in every channel"):
         op(t[:0], w, b, 1e-5)
+
+
+def test_convert_in_place_of_a_root_scconv_returns_the_fused_module_sharing_its_parameters():
+    """A model that is itself an SCConv cannot become another object: convert(inplace=True) returns a new
+    fused module that holds the very same submodules and parameters (so an optimizer built on the
+    original's parameters still trains it)."""
+    ref = R.SCConv(8, 8, 1, 1, 1, 1, 4, nn.BatchNorm2d)
+    new = scnet_fused.convert(ref, inplace=True)
+    assert isinstance(new, scnet_fused.SCConv) and new is not ref
+    assert {id(p) for p in new.parameters()} == {id(p) for p in ref.parameters()}
+    assert new.k3[1] is ref.k3[1]
