@@ -49,6 +49,7 @@ SHAPES = [
     (1, 2, 23, 67, 5, 33),    # 33 values: the blocked path with 8 and 16 lanes
     (2, 5, 3, 5, 1, 2),       # a 15-element plane: one partial vector of 16 lanes, overlapping ones of 8
     (3, 4, 2, 3, 1, 1),       # a 6-element plane: one partial vector
+    (2, 9, 7, 7, 1, 1),       # a 1x1 pooled map: NCHW planes walked as one flat array, a partial last chunk
 ]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 

@@ -645,6 +645,59 @@ void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTa
   });
 }
 
+// The pointwise ops on NCHW maps whose pooled map is 1x1 (4 to 7 px at rate 4: SCNet-50's 7x7 stage),
+// whose plane size is not a multiple of kV. Every element of a plane then adds the same upsampled
+// value, so the planes are walked as one flat array: a chunk of kV consecutive planes is exactly HW
+// vectors, and each lane takes its plane's upsampled value and channel constants by one permute of the
+// chunk's kV values (lane table: element e of a chunk lies in plane e / HW). Plane by plane, a 49-element
+// plane took 4 vectors of 16 lanes (the last one overlapping 15 of its lanes); here 16 such planes take
+// 49 vectors instead of 64. The same arithmetic per element as pointwise_plane_permute, so the same bits.
+template <typename T, bool kK3, bool kSameAB>
+void pointwise_nchw_flat1(const Pointwise<T>& p, const Geometry& g) {
+  const int64_t HW = g.H * g.W, C = g.C, P = g.N * C;
+  const Vec A0(p.A[0]), B0(p.B[0]);
+  std::vector<int32_t> lane(HW * kV);
+  for (int64_t e = 0; e < HW * kV; ++e) lane[e] = static_cast<int32_t>(e / HW);
+  const int64_t chunks = (P + kV - 1) / kV;
+  at::parallel_for(0, chunks, grain_for(kV * HW), [&](int64_t c0, int64_t c1) {
+    alignas(64) float S[kV], A[kV], B[kV], R[kV];
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t q0 = ch * kV, nq = std::min<int64_t>(kV, P - q0);
+      for (int64_t q = 0; q < kV; ++q) {
+        const int64_t c = (q0 + q) % C;
+        const bool in = q < nq;
+        S[q] = in ? small_value(p.small[q0 + q], p.sa, c) : 0.0f;
+        A[q] = in ? p.A[c] : 0.0f;
+        B[q] = in ? p.B[c] : 0.0f;
+        R[q] = in ? p.R[c] : 0.0f;
+      }
+      const int64_t n = nq * HW, off = q0 * HW;
+      const T* xp = p.x + off;
+      const T* kp = p.k + off;
+      const T* dp = kK3 ? p.dy + off : nullptr;
+      T* op = p.out + off;
+      const int32_t* L = lane.data();
+      int64_t e = 0;
+      for (; e + kV <= n; e += kV) {
+        const Vec dyv = kK3 ? IO<T>::load(dp + e) : Vec(0.0f);
+        const Vec Rv = kK3 ? up_vec<true>(R, L + e) : Vec(0.0f);
+        const Vec Av = kSameAB ? A0 : up_vec<true>(A, L + e), Bv = kSameAB ? B0 : up_vec<true>(B, L + e);
+        IO<T>::store(op + e,
+                     pointwise_vec<kK3>(IO<T>::load(xp + e), up_vec<true>(S, L + e), IO<T>::load(kp + e), dyv, Av, Bv, Rv));
+      }
+      if (e < n) {  // the last chunk's end: its lanes past n read table entries of planes not there (masked)
+        const int64_t m = n - e;
+        const Vec dyv = kK3 ? IO<T>::load(dp + e, m) : Vec(0.0f);
+        const Vec Rv = kK3 ? up_vec<true>(R, L + e) : Vec(0.0f);
+        IO<T>::store(op + e,
+                     pointwise_vec<kK3>(IO<T>::load(xp + e, m), up_vec<true>(S, L + e), IO<T>::load(kp + e, m), dyv,
+                                        up_vec<true>(A, L + e), up_vec<true>(B, L + e), Rv),
+                     m);
+      }
+    }
+  });
+}
+
 // The training-mode BatchNorm gate forward (`_gate_bn_train_forward`), NCHW, channel by channel: the
 // channel's batch statistics (`cpu_stats::channel_moments`, the bits of `_channel_stats`), the fold
 // (bn_fold_one, written to A and B at c), then y for its N planes while k3 is still in cache: k3 crosses
@@ -1169,6 +1222,19 @@ at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, co
       if (t.ok) {
         // Read x, k (and dy), written out.
         const bool nt = use_streaming<T>(mode, g.N * g.C, g.H * g.W, k3_mode ? 4 : 3, {p.out});
+        if (g.h == 1 && g.w == 1 && (g.H * g.W) % kV != 0 && !nt) {
+          // one A and one B for every channel (the plain gate: 1 and 0): no permute for them
+          const auto all_bits_of_first = [](const std::vector<float>& v) {
+            return std::all_of(v.begin(), v.end(), [&](const float& f) { return std::memcmp(&f, v.data(), 4) == 0; });
+          };
+          const bool same = all_bits_of_first(A) && all_bits_of_first(B);
+          if (k3_mode) {
+            same ? pointwise_nchw_flat1<T, true, true>(p, g) : pointwise_nchw_flat1<T, true, false>(p, g);
+          } else {
+            same ? pointwise_nchw_flat1<T, false, true>(p, g) : pointwise_nchw_flat1<T, false, false>(p, g);
+          }
+          return;
+        }
         if (t.one) {
           k3_mode ? pointwise_nchw_permute<T, true, true>(p, g, t, nt) : pointwise_nchw_permute<T, false, true>(p, g, t, nt);
         } else {
