@@ -1391,3 +1391,27 @@ def test_convert_in_place_of_a_root_scconv_returns_the_fused_module_sharing_its_
     assert isinstance(new, scnet_fused.SCConv) and new is not ref
     assert {id(p) for p in new.parameters()} == {id(p) for p in ref.parameters()}
     assert new.k3[1] is ref.k3[1]
+
+
+def test_strided_downsample_with_few_channels_in_channels_last_trains():
+    """A stage's first block with a strided 1x1 downsample of fewer than 16 input channels on a
+    channels_last float32 CPU map: oneDNN's weight gradient of that convolution writes past its
+    workspace (IC below its channel block, stride 2: 8 or 12 input channels into 16 at 3x22x20
+    crashed torch 2.14.1 on an AVX-512 Xeon). The fused block runs it as the stride-1 convolution of
+    the subsampled view, and its gradients match the reference's in float64 (which takes ATen's own
+    double convolution)."""
+    torch.manual_seed(0)
+    ds = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+    ref = R.SCBottleneck(8, 4, 2, ds, 1, 32, True, 1, False, nn.BatchNorm2d)
+    randomize_norms(ref)
+    fused = scnet_fused.convert(copy.deepcopy(ref))
+    ref64 = copy.deepcopy(ref).double()
+    x = torch.randn(3, 8, 22, 20).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(3, 16, 11, 10)
+    got, want = [], []
+    for m, xx, out in ((fused, x, got), (ref64, x.double(), want)):
+        xi = xx.clone().requires_grad_()
+        y = m(xi)
+        out.extend([y.detach()] + list(torch.autograd.grad(y, [xi] + list(m.parameters()), dy.to(y.dtype))))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item() + 1e-6)
