@@ -1033,3 +1033,27 @@ def test_saturated_gate_passes_no_gradient(channels_last):
     assert torch.equal(ex.grad[:, :, 1:], torch.zeros_like(x[:, :, 1:]))
     torch.testing.assert_close(leaves[0].grad, ex.grad, rtol=1e-4, atol=1e-2)  # (k3 = 1e6 in the first row)
     torch.testing.assert_close(leaves[1].grad, es.grad, rtol=1e-4, atol=1e-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pointwise_on_a_one_pixel_pooled_map_is_the_same_per_plane(dtype):
+    """On a 1x1 pooled map the NCHW pointwise kernels walk the planes as one flat array, a vector's
+    lanes spanning planes: every plane must come out bit for bit as when it is computed alone (its own
+    tensor: other lanes, other chunks), for the gate forward with and without per-channel affines and
+    the BN gate's dk3 pass."""
+    P = prims()
+    for N, C, H, W in ((3, 7, 7, 7), (2, 9, 5, 6), (1, 20, 4, 5)):
+        x, small, k3, dy, scale, shift, center = make_inputs((N, C, H, W, 1, 1), dtype=dtype)
+        ss, st = torch.rand(C) + 0.5, torch.randn(C)
+        calls = [
+            lambda x, s, k, d, sl: P.gate_forward(x, s, k, scale[sl], shift[sl]),
+            lambda x, s, k, d, sl: P.gate_forward(x, s, k, None, None),
+            lambda x, s, k, d, sl: P.gate_forward(x, s, k, scale[sl], shift[sl], ss[sl], st[sl]),
+            lambda x, s, k, d, sl: P.gate_backward_k3(d, x, s, k, scale[sl], shift[sl], center[sl]),
+        ]
+        for f in calls:
+            whole = f(x, small, k3, dy, slice(None))
+            for n in range(N):
+                for c in range(C):
+                    one = f(*(t[n:n + 1, c:c + 1].contiguous() for t in (x, small, k3, dy)), slice(c, c + 1))
+                    assert torch.equal(one[0, 0], whole[n, c]), (N, C, H, W, n, c)

@@ -652,6 +652,8 @@ void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTa
 // chunk's kV values (lane table: element e of a chunk lies in plane e / HW). Plane by plane, a 49-element
 // plane took 4 vectors of 16 lanes (the last one overlapping 15 of its lanes); here 16 such planes take
 // 49 vectors instead of 64. The same arithmetic per element as pointwise_plane_permute, so the same bits.
+constexpr int64_t kMaxFlatPlane = 1024;
+
 template <typename T, bool kK3, bool kSameAB>
 void pointwise_nchw_flat1(const Pointwise<T>& p, const Geometry& g) {
   const int64_t HW = g.H * g.W, C = g.C, P = g.N * C;
@@ -677,23 +679,22 @@ void pointwise_nchw_flat1(const Pointwise<T>& p, const Geometry& g) {
       const T* dp = kK3 ? p.dy + off : nullptr;
       T* op = p.out + off;
       const int32_t* L = lane.data();
+      // lanes [e, e + m) of the chunk: m = kV but at the last chunk's end (its lanes past n would be of
+      // planes not there: masked loads and stores)
+      const auto one = [&](int64_t e, int64_t m) {
+        const int32_t* ix = L + e;
+        const bool full = m == kV;
+        const Vec xv = full ? IO<T>::load(xp + e) : IO<T>::load(xp + e, m);
+        const Vec kv = full ? IO<T>::load(kp + e) : IO<T>::load(kp + e, m);
+        const Vec dyv = !kK3 ? Vec(0.0f) : full ? IO<T>::load(dp + e) : IO<T>::load(dp + e, m);
+        const Vec Rv = kK3 ? up_vec<true>(R, ix) : Vec(0.0f);
+        const Vec Av = kSameAB ? A0 : up_vec<true>(A, ix), Bv = kSameAB ? B0 : up_vec<true>(B, ix);
+        const Vec y = pointwise_vec<kK3>(xv, up_vec<true>(S, ix), kv, dyv, Av, Bv, Rv);
+        full ? IO<T>::store(op + e, y) : IO<T>::store(op + e, y, m);
+      };
       int64_t e = 0;
-      for (; e + kV <= n; e += kV) {
-        const Vec dyv = kK3 ? IO<T>::load(dp + e) : Vec(0.0f);
-        const Vec Rv = kK3 ? up_vec<true>(R, L + e) : Vec(0.0f);
-        const Vec Av = kSameAB ? A0 : up_vec<true>(A, L + e), Bv = kSameAB ? B0 : up_vec<true>(B, L + e);
-        IO<T>::store(op + e,
-                     pointwise_vec<kK3>(IO<T>::load(xp + e), up_vec<true>(S, L + e), IO<T>::load(kp + e), dyv, Av, Bv, Rv));
-      }
-      if (e < n) {  // the last chunk's end: its lanes past n read table entries of planes not there (masked)
-        const int64_t m = n - e;
-        const Vec dyv = kK3 ? IO<T>::load(dp + e, m) : Vec(0.0f);
-        const Vec Rv = kK3 ? up_vec<true>(R, L + e) : Vec(0.0f);
-        IO<T>::store(op + e,
-                     pointwise_vec<kK3>(IO<T>::load(xp + e, m), up_vec<true>(S, L + e), IO<T>::load(kp + e, m), dyv,
-                                        up_vec<true>(A, L + e), up_vec<true>(B, L + e), Rv),
-                     m);
-      }
+      for (; e + kV <= n; e += kV) one(e, kV);
+      if (e < n) one(e, n - e);
     }
   });
 }
@@ -1222,7 +1223,9 @@ at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, co
       if (t.ok) {
         // Read x, k (and dy), written out.
         const bool nt = use_streaming<T>(mode, g.N * g.C, g.H * g.W, k3_mode ? 4 : 3, {p.out});
-        if (g.h == 1 && g.w == 1 && (g.H * g.W) % kV != 0 && !nt) {
+        // (planes up to kMaxFlatPlane elements: the lane table is 4 kV bytes per element, and for larger
+        // planes the plane-by-plane walk's one overlapping vector is a small share)
+        if (g.h == 1 && g.w == 1 && (g.H * g.W) % kV != 0 && g.H * g.W <= kMaxFlatPlane && !nt) {
           // one A and one B for every channel (the plain gate: 1 and 0): no permute for them
           const auto all_bits_of_first = [](const std::vector<float>& v) {
             return std::all_of(v.begin(), v.end(), [&](const float& f) { return std::memcmp(&f, v.data(), 4) == 0; });

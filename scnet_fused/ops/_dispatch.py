@@ -95,6 +95,7 @@ import torch
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 _ENV = "SCNET_FUSED_BACKEND"
 
+
 class _State(threading.local):
     """Per thread: the stack of backends forced by :func:`backend` blocks."""
 
@@ -380,11 +381,15 @@ def _plain_eager(*tensors: torch.Tensor) -> bool:
     ``SCNET_FUSED_CPP_AUTOGRAD`` is not "0"."""
     if torch.compiler.is_compiling():  # first: under tracing nothing below is evaluated
         return False
+    return _cpp_allowed(tensors) and not _functorch_active() and not _forward_ad_active()
+
+
+def _cpp_allowed(tensors) -> bool:
+    """Real tensors (no subclass, nn.Parameter aside) and ``SCNET_FUSED_CPP_AUTOGRAD`` not "0"."""
     for t in tensors:
         if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
             return False
-    return (os.environ.get(_CPP_AUTOGRAD_ENV, "1").strip() != "0" and not _functorch_active()
-            and not _forward_ad_active())
+    return os.environ.get(_CPP_AUTOGRAD_ENV, "1").strip() != "0"
 
 
 def cpp_glue(*tensors: torch.Tensor) -> bool:
@@ -437,8 +442,4 @@ def route(x) -> str:
         return PLAIN if torch.onnx.is_in_onnx_export() else OP
     if torch.jit.is_tracing() or _functorch_active() or _forward_ad_active():
         return PLAIN
-    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
-        return OP
-    if os.environ.get(_CPP_AUTOGRAD_ENV, "1").strip() == "0":
-        return OP
-    return CPP if _cpp_backend(x) else OP
+    return CPP if _cpp_allowed((x,)) and _cpp_backend(x) else OP
