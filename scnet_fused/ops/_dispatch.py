@@ -438,8 +438,8 @@ def route(x) -> str:
     """Which path a public op's call on ``x`` takes, :func:`standard_ops_only` and :func:`cpp_autograd`
     in one call (the public ops ask both on every call): ``PLAIN`` (the standard operators),
     ``CPP`` (the C++ autograd op) or ``OP`` (the torch.library custom op)."""
-    if torch.compiler.is_compiling():
-        return PLAIN if torch.onnx.is_in_onnx_export() else OP
-    if torch.jit.is_tracing() or _functorch_active() or _forward_ad_active():
+    if standard_ops_only():
         return PLAIN
+    if torch.compiler.is_compiling():
+        return OP
     return CPP if _cpp_allowed((x,)) and _cpp_backend(x) else OP
