@@ -1057,3 +1057,50 @@ def test_pointwise_on_a_one_pixel_pooled_map_is_the_same_per_plane(dtype):
                 for c in range(C):
                     one = f(*(t[n:n + 1, c:c + 1].contiguous() for t in (x, small, k3, dy)), slice(c, c + 1))
                     assert torch.equal(one[0, 0], whole[n, c]), (N, C, H, W, n, c)
+
+
+# (N, C, H, W, h, w) of the three NCHW kernel paths a gate forward can take on the CPU: a 1x1 pooled map
+# (planes walked as one flat array), lane permutes, and the blocked path of large planes.
+_SIGMOID_PATHS = [(2, 8, 7, 7, 1, 1), (2, 8, 25, 25, 6, 6), (1, 1, 203, 320, 50, 80)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", _SIGMOID_PATHS, ids=["x".join(map(str, s)) for s in _SIGMOID_PATHS])
+def test_gate_sigmoid_accuracy_over_its_range(shape, channels_last):
+    """The vectorized sigmoid of the CPU gate against float64 on z spread evenly over [-87, 87], through
+    every layout and NCHW path, with and without k3's affine: within 2.5e-7 absolute and 5e-6 relative
+    (about 4e-6 measured with the AVX-512 build near |z| = 87, from rounding -z * log2(e) to float;
+    below 4e-7 for |z| < 5). Rerun for every CPU build by test_cpu_isa."""
+    N, C, H, W, h, w = shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    z = torch.linspace(-87.0, 87.0, N * C * H * W).reshape(N, C, H, W).contiguous(memory_format=fmt)
+    small = torch.zeros(N, C, h, w)
+    ones = torch.ones(N, C, H, W).contiguous(memory_format=fmt)
+    want = torch.sigmoid(z.double())
+    P = prims()
+    for scale, shift in ((None, None), (torch.ones(C), torch.zeros(C))):
+        got = P.gate_forward(z, small, ones, scale, shift).double()
+        err = (got - want).abs()
+        assert err.max().item() <= 2.5e-7, (scale is None, err.max().item())
+        assert (err / want).max().item() <= 5e-6, (scale is None, (err / want).max().item())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", _SIGMOID_PATHS[:2], ids=["x".join(map(str, s)) for s in _SIGMOID_PATHS[:2]])
+def test_gate_without_affine_keeps_the_sign_of_zero(shape, channels_last):
+    """Without scale and shift the gate is k3 * s, as eager computes it: k3 = -0 gives -0. With k3's
+    affine it is (k3 * scale + shift) * s, which for scale 1 and shift 0 turns -0 into +0, as eager's
+    does."""
+    N, C, H, W, h, w = shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, C, H, W, generator=g).contiguous(memory_format=fmt)
+    small = torch.randn(N, C, h, w, generator=g)
+    k3 = torch.full((N, C, H, W), -0.0).contiguous(memory_format=fmt)
+    P = prims()
+    plain = P.gate_forward(x, small, k3, None, None)
+    affine = P.gate_forward(x, small, k3, torch.ones(C), torch.zeros(C))
+    up = F.interpolate(small, size=(H, W), mode="nearest")
+    assert torch.equal(plain.signbit(), (k3 * torch.sigmoid(x + up)).signbit()) and plain.signbit().all()
+    assert torch.equal(affine.signbit(), ((k3 * 1.0 + 0.0) * torch.sigmoid(x + up)).signbit())
+    assert not affine.signbit().any()

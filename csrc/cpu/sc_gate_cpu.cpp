@@ -97,26 +97,30 @@ inline Vec vreciprocal(const Vec& d) {
 }
 
 
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
-// sigmoid(z) = 1 / (1 + 2^t), t = -z * log2(e), with z clamped to [-87, 87] (the result is then 1 or
-// below 2e-38). 2^t = 2^n * 2^f, n = round(t), |f| <= 1/2, 2^f by its degree-6 Taylor polynomial in
-// f * ln 2 (relative error below 2.2e-7 evaluated in float32), 2^n applied by scalef (exact for the
-// integral n here).
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__) && defined(__AVX512DQ__)
+// sigmoid(z) = 1 / (1 + 2^t), t = -z * log2(e). 2^t = 2^n * 2^f with n = round(t) and f = t - n in
+// [-1/2, 1/2] (reduce computes t - round(t) exactly, and 0 for an infinite t), 2^f by the degree-5
+// polynomial of the AVX2 build below (maximum relative error 1.9e-7 evaluated in float32), 2^n applied
+// by scalef (exact for integral n; it saturates to 0 or infinity instead of wrapping, so z needs no
+// clamp: for z = +inf the denominator is 1 + 0). 1 / d by the reciprocal estimate and one Newton step
+// (as vreciprocal); the step's last multiply writes 0 where z < -87 (there d may be infinite, and the
+// step would give NaN): below -87 the result is 0, as in the AVX2 build. Each operation here counts:
+// the gate kernels' arithmetic is mostly this function (14 vector operations).
 inline Vec vsigmoid(const Vec& z) {
-  const __m512 zc = _mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_min_ps(_mm512_set1_ps(87.0f), z));
-  const __m512 t = _mm512_mul_ps(zc, _mm512_set1_ps(-1.44269504088896341f));
+  const __m512 t = _mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381608e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  const __m512 r = vreciprocal(Vec(_mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, n))));
-  const __mmask16 below = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-  return _mm512_mask_blend_ps(below, r, _mm512_setzero_ps());
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(1.3280890409721954e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6770689263959850e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507120134055300e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022086607356520e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314695648539530e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000798170599f));
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, n));
+  // NaN z: not below -87 (an unordered compare), so the NaN passes through.
+  const __mmask16 keep = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+  const __m512 r = _mm512_rcp14_ps(d);  // 14 bits; one Newton step gives about 23 (rcp14(1) is 1)
+  return _mm512_maskz_mul_ps(keep, r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
 }
 #elif defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__FMA__)
 // sigmoid(z) = 1 / (1 + 2^t), t = -z * log2(e), with z clamped to [-87, 87] (the result is then 1 or
@@ -124,7 +128,7 @@ inline Vec vsigmoid(const Vec& z) {
 // mantissa bits are then n, shifted into the exponent below), f = t - n in [-1/2, 1/2] from one fused
 // multiply-subtract, 2^f by a degree-5 polynomial fitted to it on [-1/2, 1/2] by iteratively
 // reweighted least squares (maximum relative error 1.9e-7 evaluated in float32; the degree-6 Taylor
-// polynomial of the AVX-512 build has 2.2e-7).
+// polynomial has 2.2e-7). The AVX-512 build uses the same polynomial.
 inline Vec vsigmoid(const Vec& z) {
   // min/max return their second operand when one is NaN: z goes second so a NaN passes through.
   const __m256 zc = _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_min_ps(_mm256_set1_ps(87.0f), z));
@@ -243,12 +247,19 @@ struct Pointwise {
   SmallAffine sa;
 };
 
-template <bool kK3>
+// What a pointwise kernel computes (its template argument kM): the gate forward with k3's per-channel
+// affine, the gate forward without one (no scale and no shift given: k3 * s, one operation less, and
+// k3 = -0 gives -0 as k3 * s does), or the BN-training dk3.
+enum PointwiseMode : int { kGate = 0, kGatePlain = 1, kDk3 = 2 };
+
+template <int kM>
 inline Vec pointwise_vec(const Vec& xv, const Vec& uv, const Vec& kv, const Vec& dyv, const Vec& A, const Vec& B,
                          const Vec& R) {
   const Vec s = vsigmoid(xv + uv);
-  if constexpr (kK3) {
+  if constexpr (kM == kDk3) {
     return at::vec::fmadd(A, dyv * s, at::vec::fmadd(B, kv, R));
+  } else if constexpr (kM == kGatePlain) {
+    return kv * s;
   } else {
     return at::vec::fmadd(kv, A, B) * s;
   }
@@ -315,8 +326,9 @@ void build_up(const T* small, const SmallAffine& sa, const Geometry& g, const Nc
   }
 }
 
-template <typename T, bool kK3>
+template <typename T, int kM>
 void pointwise_nchw(const Pointwise<T>& p, const Geometry& g) {
+  constexpr bool kK3 = kM == kDk3;
   const int64_t HW = g.H * g.W;
   const NchwBlocking bl = nchw_blocking(g);
   const int64_t grain = grain_for(HW);
@@ -341,19 +353,19 @@ void pointwise_nchw(const Pointwise<T>& p, const Geometry& g) {
           for (; e + kV <= L; e += kV) {
             const Vec dyv = kK3 ? IO<T>::load(dp + e) : Vec(0.0f);
             IO<T>::store(op + e,
-                         pointwise_vec<kK3>(IO<T>::load(xp + e), Vec::loadu(U + e), IO<T>::load(kp + e), dyv, A, B, R));
+                         pointwise_vec<kM>(IO<T>::load(xp + e), Vec::loadu(U + e), IO<T>::load(kp + e), dyv, A, B, R));
           }
           if (e < L && L >= kV) {
             // Recompute the last full vector (overlapping): the op is elementwise, rewriting is harmless.
             e = L - kV;
             const Vec dyv = kK3 ? IO<T>::load(dp + e) : Vec(0.0f);
             IO<T>::store(op + e,
-                         pointwise_vec<kK3>(IO<T>::load(xp + e), Vec::loadu(U + e), IO<T>::load(kp + e), dyv, A, B, R));
+                         pointwise_vec<kM>(IO<T>::load(xp + e), Vec::loadu(U + e), IO<T>::load(kp + e), dyv, A, B, R));
           } else if (e < L) {
             const int64_t n = L - e;
             const Vec dyv = kK3 ? IO<T>::load(dp + e, n) : Vec(0.0f);
             IO<T>::store(op + e,
-                         pointwise_vec<kK3>(IO<T>::load(xp + e, n), Vec::loadu(U + e, n), IO<T>::load(kp + e, n), dyv,
+                         pointwise_vec<kM>(IO<T>::load(xp + e, n), Vec::loadu(U + e, n), IO<T>::load(kp + e, n), dyv,
                                             A, B, R),
                          n);
           }
@@ -603,9 +615,10 @@ struct PlaneWalk {
 };
 
 // One plane of the pointwise ops on the permute table (channel c, small values S as float).
-template <typename T, bool kK3, bool kOne>
+template <typename T, int kM, bool kOne>
 SCNET_FUSED_ALWAYS_INLINE void pointwise_plane_permute(const Pointwise<T>& p, const Geometry& g, const UpTable& t, int64_t plane,
                                     int64_t c, const float* S, bool nt) {
+  constexpr bool kK3 = kM == kDk3;
   const int64_t HW = g.H * g.W, nvec = static_cast<int64_t>(t.base.size());
   const int32_t* TB = t.base.data();
   const int32_t* TI = t.idx.data();
@@ -618,7 +631,7 @@ SCNET_FUSED_ALWAYS_INLINE void pointwise_plane_permute(const Pointwise<T>& p, co
   const auto one = [&](int64_t v, int64_t e) {
     const Vec uv = up_vec<kOne>(S + TB[v], TI + v * kV);
     const Vec dyv = kK3 ? IO<T>::load(dp + e) : Vec(0.0f);
-    put(op + e, pointwise_vec<kK3>(IO<T>::load(xp + e), uv, IO<T>::load(kp + e), dyv, A, B, R), nt);
+    put(op + e, pointwise_vec<kM>(IO<T>::load(xp + e), uv, IO<T>::load(kp + e), dyv, A, B, R), nt);
   };
   if (HW >= kV) {
     const int64_t nfull = HW / kV;
@@ -627,11 +640,11 @@ SCNET_FUSED_ALWAYS_INLINE void pointwise_plane_permute(const Pointwise<T>& p, co
   } else {
     const Vec uv = up_vec<kOne>(S + TB[0], TI);
     const Vec dyv = kK3 ? IO<T>::load(dp, HW) : Vec(0.0f);
-    IO<T>::store(op, pointwise_vec<kK3>(IO<T>::load(xp, HW), uv, IO<T>::load(kp, HW), dyv, A, B, R), HW);
+    IO<T>::store(op, pointwise_vec<kM>(IO<T>::load(xp, HW), uv, IO<T>::load(kp, HW), dyv, A, B, R), HW);
   }
 }
 
-template <typename T, bool kK3, bool kOne>
+template <typename T, int kM, bool kOne>
 void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTable& t, bool nt) {
   const int64_t HW = g.H * g.W, hw = g.h * g.w, C = g.C;
   const int64_t grain = grain_for(HW);
@@ -639,7 +652,7 @@ void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTa
   at::parallel_for(0, g.N * C, grain, [&](int64_t p0, int64_t p1) {
     PlaneWalk<T> walk(p.small, p.sa, hw, G, C, p0, p1);
     for (int64_t plane = p0; plane < p1; ++plane, walk.next()) {
-      pointwise_plane_permute<T, kK3, kOne>(p, g, t, plane, walk.c, walk.values(plane), nt);
+      pointwise_plane_permute<T, kM, kOne>(p, g, t, plane, walk.c, walk.values(plane), nt);
     }
     if (nt) _mm_sfence();
   });
@@ -654,8 +667,9 @@ void pointwise_nchw_permute(const Pointwise<T>& p, const Geometry& g, const UpTa
 // 49 vectors instead of 64. The same arithmetic per element as pointwise_plane_permute, so the same bits.
 constexpr int64_t kMaxFlatPlane = 1024;
 
-template <typename T, bool kK3, bool kSameAB>
+template <typename T, int kM, bool kSameAB>
 void pointwise_nchw_flat1(const Pointwise<T>& p, const Geometry& g) {
+  constexpr bool kK3 = kM == kDk3;
   const int64_t HW = g.H * g.W, C = g.C, P = g.N * C;
   const Vec A0(p.A[0]), B0(p.B[0]);
   std::vector<int32_t> lane(HW * kV);
@@ -689,7 +703,7 @@ void pointwise_nchw_flat1(const Pointwise<T>& p, const Geometry& g) {
         const Vec dyv = !kK3 ? Vec(0.0f) : full ? IO<T>::load(dp + e) : IO<T>::load(dp + e, m);
         const Vec Rv = kK3 ? up_vec<true>(R, ix) : Vec(0.0f);
         const Vec Av = kSameAB ? A0 : up_vec<true>(A, ix), Bv = kSameAB ? B0 : up_vec<true>(B, ix);
-        const Vec y = pointwise_vec<kK3>(xv, up_vec<true>(S, ix), kv, dyv, Av, Bv, Rv);
+        const Vec y = pointwise_vec<kM>(xv, up_vec<true>(S, ix), kv, dyv, Av, Bv, Rv);
         full ? IO<T>::store(op + e, y) : IO<T>::store(op + e, y, m);
       };
       int64_t e = 0;
@@ -715,7 +729,7 @@ void gate_bn_forward_by_channel(const Pointwise<T>& p, float* A, float* B, const
       for (int64_t n = 0; n < N; ++n) {
         load_small_planes(p.small + (n * C + c) * hw, hw, 1, sbuf.data() + n * hw, p.sa, c, C);
       }
-      for (int64_t n = 0; n < N; ++n) pointwise_plane_permute<T, false, kOne>(p, g, t, n * C + c, c, sbuf.data() + n * hw, nt);
+      for (int64_t n = 0; n < N; ++n) pointwise_plane_permute<T, kGate, kOne>(p, g, t, n * C + c, c, sbuf.data() + n * hw, nt);
     }
     if (nt) _mm_sfence();
   });
@@ -748,8 +762,9 @@ void gather_small_row(const T* small, const SmallAffine& sa, const Geometry& g, 
   }
 }
 
-template <typename T, bool kK3>
+template <typename T, int kM>
 void pointwise_nhwc(const Pointwise<T>& p, const Geometry& g) {
+  constexpr bool kK3 = kM == kDk3;
   const NhwcTasks tk = nhwc_tasks(g);
   const int64_t per_task = std::max<int64_t>(1, (g.H / g.h + 1) * g.W * tk.cb);
   const int64_t grain = grain_for(per_task);
@@ -777,14 +792,14 @@ void pointwise_nhwc(const Pointwise<T>& p, const Geometry& g) {
           int64_t e = 0;
           for (; e + kV <= cn; e += kV) {
             const Vec dyv = kK3 ? IO<T>::load(dp + e) : Vec(0.0f);
-            IO<T>::store(op + e, pointwise_vec<kK3>(IO<T>::load(xp + e), Vec::loadu(u + e), IO<T>::load(kp + e), dyv,
+            IO<T>::store(op + e, pointwise_vec<kM>(IO<T>::load(xp + e), Vec::loadu(u + e), IO<T>::load(kp + e), dyv,
                                                     Vec::loadu(A + e), Vec::loadu(B + e), Vec::loadu(R + e)));
           }
           if (e < cn) {
             const int64_t m = cn - e;
             const Vec dyv = kK3 ? IO<T>::load(dp + e, m) : Vec(0.0f);
             IO<T>::store(op + e,
-                         pointwise_vec<kK3>(IO<T>::load(xp + e, m), Vec::loadu(u + e, m), IO<T>::load(kp + e, m), dyv,
+                         pointwise_vec<kM>(IO<T>::load(xp + e, m), Vec::loadu(u + e, m), IO<T>::load(kp + e, m), dyv,
                                             Vec::loadu(A + e, m), Vec::loadu(B + e, m), Vec::loadu(R + e, m)),
                          m);
           }
@@ -1201,10 +1216,21 @@ void reduce_partials(const double* part, int64_t K, int64_t C, float* out) {
 // ------------------------------------------------------------------------------------------------
 // Op entry points.
 // ------------------------------------------------------------------------------------------------
-at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, const at::Tensor& small_in,
+// Runs pointwise kernel F<kM> (a generic lambda taking the mode as a std::integral_constant) for mode.
+template <typename F>
+void with_mode(int mode, F&& f) {
+  switch (mode) {
+    case kDk3: f(std::integral_constant<int, kDk3>{}); break;
+    case kGatePlain: f(std::integral_constant<int, kGatePlain>{}); break;
+    default: f(std::integral_constant<int, kGate>{}); break;
+  }
+}
+
+at::Tensor pointwise_op(const char* op, int mode, const at::Tensor& x_in, const at::Tensor& small_in,
                         const at::Tensor& k_in, const at::Tensor* dy_in, std::vector<float> A, std::vector<float> B,
                         std::vector<float> R, const SmallAffine& sa) {
-  [[maybe_unused]] const StreamMode mode = stream_mode();
+  [[maybe_unused]] const StreamMode smode = stream_mode();
+  [[maybe_unused]] const bool k3_mode = mode == kDk3;
   const Layout L = layout_of(x_in);
   const at::Tensor x = in_layout(x_in, L);
   const at::Tensor k = in_layout(k_in, L);
@@ -1222,34 +1248,30 @@ at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, co
       const UpTable t = make_up_table(g);
       if (t.ok) {
         // Read x, k (and dy), written out.
-        const bool nt = use_streaming<T>(mode, g.N * g.C, g.H * g.W, k3_mode ? 4 : 3, {p.out});
+        const bool nt = use_streaming<T>(smode, g.N * g.C, g.H * g.W, k3_mode ? 4 : 3, {p.out});
         // (planes up to kMaxFlatPlane elements: the lane table is 4 kV bytes per element, and for larger
         // planes the plane-by-plane walk's one overlapping vector is a small share)
         if (g.h == 1 && g.w == 1 && (g.H * g.W) % kV != 0 && g.H * g.W <= kMaxFlatPlane && !nt) {
-          // one A and one B for every channel (the plain gate: 1 and 0): no permute for them
+          // one A and one B for every channel (or none, the plain gate): no permute for them
           const auto all_bits_of_first = [](const std::vector<float>& v) {
             return std::all_of(v.begin(), v.end(), [&](const float& f) { return std::memcmp(&f, v.data(), 4) == 0; });
           };
-          const bool same = all_bits_of_first(A) && all_bits_of_first(B);
-          if (k3_mode) {
-            same ? pointwise_nchw_flat1<T, true, true>(p, g) : pointwise_nchw_flat1<T, true, false>(p, g);
-          } else {
-            same ? pointwise_nchw_flat1<T, false, true>(p, g) : pointwise_nchw_flat1<T, false, false>(p, g);
-          }
+          const bool same = mode == kGatePlain || (all_bits_of_first(A) && all_bits_of_first(B));
+          with_mode(mode, [&](auto m) {
+            same ? pointwise_nchw_flat1<T, decltype(m)::value, true>(p, g) : pointwise_nchw_flat1<T, decltype(m)::value, false>(p, g);
+          });
           return;
         }
-        if (t.one) {
-          k3_mode ? pointwise_nchw_permute<T, true, true>(p, g, t, nt) : pointwise_nchw_permute<T, false, true>(p, g, t, nt);
-        } else {
-          k3_mode ? pointwise_nchw_permute<T, true, false>(p, g, t, nt)
-                  : pointwise_nchw_permute<T, false, false>(p, g, t, nt);
-        }
+        with_mode(mode, [&](auto m) {
+          t.one ? pointwise_nchw_permute<T, decltype(m)::value, true>(p, g, t, nt)
+                : pointwise_nchw_permute<T, decltype(m)::value, false>(p, g, t, nt);
+        });
         return;
       }
 #endif
-      k3_mode ? pointwise_nchw<T, true>(p, g) : pointwise_nchw<T, false>(p, g);
+      with_mode(mode, [&](auto m) { pointwise_nchw<T, decltype(m)::value>(p, g); });
     } else {
-      k3_mode ? pointwise_nhwc<T, true>(p, g) : pointwise_nhwc<T, false>(p, g);
+      with_mode(mode, [&](auto m) { pointwise_nhwc<T, decltype(m)::value>(p, g); });
     }
   });
   return out;
@@ -1262,7 +1284,8 @@ at::Tensor gate_forward(const at::Tensor& x, const at::Tensor& small, const at::
   check_gate(op, x, small, k3, c10::DeviceType::CPU);
   const int64_t C = x.size(1);
   const SmallAffineArgs sa(op, small_scale, small_shift, C);
-  return pointwise_op(op, false, x, small, k3, nullptr, per_channel(op, "scale", scale, C, 1.0f),
+  const bool plain = !(scale.has_value() && scale->defined()) && !(shift.has_value() && shift->defined());
+  return pointwise_op(op, plain ? kGatePlain : kGate, x, small, k3, nullptr, per_channel(op, "scale", scale, C, 1.0f),
                       per_channel(op, "shift", shift, C, 0.0f), std::vector<float>(C, 0.0f), sa.view());
 }
 
@@ -1275,7 +1298,7 @@ at::Tensor gate_backward_k3(const at::Tensor& dy, const at::Tensor& x, const at:
   check_full(op, "dy", dy, x);
   const int64_t C = x.size(1);
   const SmallAffineArgs sa(op, small_scale, small_shift, C);
-  return pointwise_op(op, true, x, small, k3, &dy, per_channel(op, "p", p, C, 0.0f), per_channel(op, "q", q, C, 0.0f),
+  return pointwise_op(op, kDk3, x, small, k3, &dy, per_channel(op, "p", p, C, 0.0f), per_channel(op, "q", q, C, 0.0f),
                       per_channel(op, "r", r, C, 0.0f), sa.view());
 }
 
@@ -1516,7 +1539,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bn_train_forward(
   const float* mp = mean.data_ptr<float>();
   const float* vp = var.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) bn_fold_one(W[c], Bi[c], mp[c], vp[c], epsf, &A[c], &B[c]);
-  at::Tensor y = pointwise_op(op, false, x, small, k, nullptr, A, B, std::vector<float>(C, 0.0f), sa.view());
+  at::Tensor y = pointwise_op(op, kGate, x, small, k, nullptr, A, B, std::vector<float>(C, 0.0f), sa.view());
   return {y, mean, var};
 }
 
