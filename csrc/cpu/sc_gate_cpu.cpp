@@ -432,11 +432,16 @@ UpTable make_up_table(const Geometry& g) {
     const int64_t e0 = HW >= kV ? std::min(v * kV, HW - kV) : 0;
     int64_t src[64];
     int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
+    // element e0 + l at row i, column j: one division per vector, not two per lane
+    int64_t i = e0 / g.W, j = e0 - (e0 / g.W) * g.W;
     for (int64_t l = 0; l < lanes; ++l) {
-      const int64_t e = e0 + l;
-      src[l] = g.rsrc[e / g.W] * g.w + g.csrc[e % g.W];
+      src[l] = g.rsrc[i] * g.w + g.csrc[j];
       lo = std::min(lo, src[l]);
       hi = std::max(hi, src[l]);
+      if (++j == g.W) {
+        j = 0;
+        ++i;
+      }
     }
     if (hi - lo >= 2 * kV) return UpTable{};
     span = std::max(span, hi - lo + 1);
@@ -673,7 +678,7 @@ void pointwise_nchw_flat1(const Pointwise<T>& p, const Geometry& g) {
   const int64_t HW = g.H * g.W, C = g.C, P = g.N * C;
   const Vec A0(p.A[0]), B0(p.B[0]);
   std::vector<int32_t> lane(HW * kV);
-  for (int64_t e = 0; e < HW * kV; ++e) lane[e] = static_cast<int32_t>(e / HW);
+  for (int64_t q = 0; q < kV; ++q) std::fill(lane.begin() + q * HW, lane.begin() + (q + 1) * HW, static_cast<int32_t>(q));
   const int64_t chunks = (P + kV - 1) / kV;
   at::parallel_for(0, chunks, grain_for(kV * HW), [&](int64_t c0, int64_t c1) {
     alignas(64) float S[kV], A[kV], B[kV], R[kV];
