@@ -1085,22 +1085,27 @@ def test_gate_sigmoid_accuracy_over_its_range(shape, channels_last):
         assert (err / want).max().item() <= 5e-6, (scale is None, (err / want).max().item())
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("shape", _SIGMOID_PATHS[:2], ids=["x".join(map(str, s)) for s in _SIGMOID_PATHS[:2]])
-def test_gate_without_affine_keeps_the_sign_of_zero(shape, channels_last):
+def check_plain_gate_sign_of_zero(P, device="cpu"):
     """Without scale and shift the gate is k3 * s, as eager computes it: k3 = -0 gives -0. With k3's
     affine it is (k3 * scale + shift) * s, which for scale 1 and shift 0 turns -0 into +0, as eager's
-    does."""
-    N, C, H, W, h, w = shape
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(N, C, H, W, generator=g).contiguous(memory_format=fmt)
-    small = torch.randn(N, C, h, w, generator=g)
-    k3 = torch.full((N, C, H, W), -0.0).contiguous(memory_format=fmt)
-    P = prims()
-    plain = P.gate_forward(x, small, k3, None, None)
-    affine = P.gate_forward(x, small, k3, torch.ones(C), torch.zeros(C))
-    up = F.interpolate(small, size=(H, W), mode="nearest")
-    assert torch.equal(plain.signbit(), (k3 * torch.sigmoid(x + up)).signbit()) and plain.signbit().all()
-    assert torch.equal(affine.signbit(), ((k3 * 1.0 + 0.0) * torch.sigmoid(x + up)).signbit())
-    assert not affine.signbit().any()
+    does. P: a backend's primitives; over the CPU kernels' NCHW paths (flat walk, permutes) and
+    channels_last."""
+    for N, C, H, W, h, w in _SIGMOID_PATHS[:2]:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            g = torch.Generator().manual_seed(3)
+            x = torch.randn(N, C, H, W, generator=g).contiguous(memory_format=fmt)
+            small = torch.randn(N, C, h, w, generator=g)
+            k3 = torch.full((N, C, H, W), -0.0).contiguous(memory_format=fmt)
+            up = F.interpolate(small, size=(H, W), mode="nearest")
+            want_plain = (k3 * torch.sigmoid(x + up)).signbit()
+            want_affine = ((k3 * 1.0 + 0.0) * torch.sigmoid(x + up)).signbit()
+            x, small, k3 = (t.to(device) for t in (x, small, k3))
+            plain = P.gate_forward(x, small, k3, None, None).cpu()
+            ones, zeros = torch.ones(C, device=device), torch.zeros(C, device=device)
+            affine = P.gate_forward(x, small, k3, ones, zeros).cpu()
+            assert torch.equal(plain.signbit(), want_plain) and want_plain.all(), (N, C, H, W, fmt)
+            assert torch.equal(affine.signbit(), want_affine) and not want_affine.any(), (N, C, H, W, fmt)
+
+
+def test_gate_without_affine_keeps_the_sign_of_zero():
+    check_plain_gate_sign_of_zero(prims())

@@ -91,6 +91,10 @@ def test_gate_fp32_matches_reference(emu):
         assert f"scnet_fused::cuda::{k}" in names, f"{k} never launched: {sorted(names)}"
 
 
+def test_gate_without_affine_keeps_the_sign_of_zero(emu):
+    K.check_plain_gate_sign_of_zero(emu)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gate_low_precision_matches_reference(emu, dtype):
     K.check_lowp("cpu", dtype, emu)

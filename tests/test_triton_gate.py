@@ -275,6 +275,12 @@ def _leaf(t):
     return t.detach().clone().requires_grad_(True)
 
 
+def test_gate_without_affine_keeps_the_sign_of_zero():
+    import test_cpu_kernels as K
+
+    K.check_plain_gate_sign_of_zero(tg, DEVICE)
+
+
 @pytest.mark.parametrize("case", ["nchw", "nhwc", "sliced"])
 def test_public_sc_gate_triton(case):
     N, C, H, W, h, w = 3, 5, 14, 13, 3, 3

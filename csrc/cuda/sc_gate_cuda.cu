@@ -94,7 +94,8 @@ __global__ void __launch_bounds__(kThreads) pointwise_kernel(const PointwisePara
         const float R = p.R ? p.R[ce] : 0.0f;
         o[e] = bn_train_input_grad(A, gate_grad_a(dv[e], s), B, kv[e], R);
       } else {
-        o[e] = gate_value(affine_apply(kv[e], A, B), s);
+        // without scale and shift: k3 * s (k3 = -0 gives -0, as the CPU kernels and eager)
+        o[e] = gate_value(p.A || p.B ? affine_apply(kv[e], A, B) : kv[e], s);
       }
     }
     store_f<T, V>(p.out + base, o);

@@ -166,7 +166,11 @@ def _gate_fwd_kernel(x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, ss_ptr, st_
             base = base_n + i * s_h
             xv = tl.load(x_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
             kv = tl.load(k3_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
-            y = (kv * scale + shift) * _sigmoid(xv + sv)
+            if HAS_SCALE or HAS_SHIFT:
+                a = kv * scale + shift
+            else:  # k3 * s: k3 = -0 gives -0, as the CPU kernels and eager
+                a = kv
+            y = a * _sigmoid(xv + sv)
             tl.store(y_ptr + base + lane, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
