@@ -97,12 +97,17 @@ inline Vec vreciprocal(const Vec& d) {
 }
 
 
+// 2^f on [-1/2, 1/2] for the vectorized sigmoids below: a degree-5 polynomial fitted by iteratively
+// reweighted least squares (maximum relative error 1.9e-7 evaluated in float32; the degree-6 Taylor
+// polynomial has 2.2e-7), highest degree first, evaluated by Horner's rule.
+constexpr float kExp2Poly[6] = {1.3280890409721954e-3f, 9.6770689263959850e-3f, 5.5507120134055300e-2f,
+                                2.4022086607356520e-1f, 6.9314695648539530e-1f, 1.0000000798170599f};
+
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__) && defined(__AVX512DQ__)
 // sigmoid(z) = 1 / (1 + 2^t), t = -z * log2(e). 2^t = 2^n * 2^f with n = round(t) and f = t - n in
-// [-1/2, 1/2] (reduce computes t - round(t) exactly, and 0 for an infinite t), 2^f by the degree-5
-// polynomial of the AVX2 build below (maximum relative error 1.9e-7 evaluated in float32), 2^n applied
-// by scalef (exact for integral n; it saturates to 0 or infinity instead of wrapping, so z needs no
-// clamp: for z = +inf the denominator is 1 + 0). 1 / d by the reciprocal estimate and one Newton step
+// [-1/2, 1/2] (reduce computes t - round(t) exactly, and 0 for an infinite t), 2^f by kExp2Poly, 2^n
+// applied by scalef (exact for integral n; it saturates to 0 or infinity instead of wrapping, so z needs
+// no clamp: for z = +inf the denominator is 1 + 0). 1 / d by the reciprocal estimate and one Newton step
 // (as vreciprocal); the step's last multiply writes 0 where z < -87 (there d may be infinite, and the
 // step would give NaN): below -87 the result is 0, as in the AVX2 build. Each operation here counts:
 // the gate kernels' arithmetic is mostly this function (14 vector operations).
@@ -110,12 +115,8 @@ inline Vec vsigmoid(const Vec& z) {
   const __m512 t = _mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 p = _mm512_set1_ps(1.3280890409721954e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6770689263959850e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507120134055300e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022086607356520e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314695648539530e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000798170599f));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
   const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, n));
   // NaN z: not below -87 (an unordered compare), so the NaN passes through.
   const __mmask16 keep = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
@@ -126,9 +127,7 @@ inline Vec vsigmoid(const Vec& z) {
 // sigmoid(z) = 1 / (1 + 2^t), t = -z * log2(e), with z clamped to [-87, 87] (the result is then 1 or
 // below 2e-38). 2^t = 2^n * 2^f: n = round(t) by adding and subtracting 1.5 * 2^23 (the sum's low
 // mantissa bits are then n, shifted into the exponent below), f = t - n in [-1/2, 1/2] from one fused
-// multiply-subtract, 2^f by a degree-5 polynomial fitted to it on [-1/2, 1/2] by iteratively
-// reweighted least squares (maximum relative error 1.9e-7 evaluated in float32; the degree-6 Taylor
-// polynomial has 2.2e-7). The AVX-512 build uses the same polynomial.
+// multiply-subtract, 2^f by kExp2Poly.
 inline Vec vsigmoid(const Vec& z) {
   // min/max return their second operand when one is NaN: z goes second so a NaN passes through.
   const __m256 zc = _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_min_ps(_mm256_set1_ps(87.0f), z));
@@ -137,12 +136,8 @@ inline Vec vsigmoid(const Vec& z) {
   const __m256 tm = _mm256_fmadd_ps(zc, nlog2e, magic);
   const __m256 n = _mm256_sub_ps(tm, magic);
   const __m256 f = _mm256_fmsub_ps(zc, nlog2e, n);
-  __m256 p = _mm256_set1_ps(1.3280890409721954e-3f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6770689263959850e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5507120134055300e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022086607356520e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314695648539530e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0000000798170599f));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
   const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_castps_si256(tm), 23));
   const __m256 r = vreciprocal(Vec(_mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_castsi256_ps(bits))));
   // Below -87 the sigmoid is 0 (as torch's: 1 / (1 + inf)), so -inf * 0 gives NaN there too.
