@@ -78,13 +78,20 @@ struct IO<float> {
   static void store(float* p, const Vec& v, int64_t n) { v.store(p, n); }
 };
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
+// 1 / d for d >= 1 in the lanes of keep, 0 in the others (the Newton step's last multiply zeroes them).
+inline __m512 reciprocal_or_zero(__m512 d, __mmask16 keep) {
+  const __m512 r = _mm512_rcp14_ps(d);  // 14 bits; one Newton step gives about 23 (rcp14(1) is 1)
+  return _mm512_maskz_mul_ps(keep, r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+#endif
+
 // 1 / d for d >= 1: the hardware reciprocal estimate refined by one Newton step (about 23 bits), and
 // exactly 1 for d = 1 (a saturated sigmoid: 1 / (1 + 2^-30) is 1 in float32, and s * (1 - s), the
 // gate's derivative, must then be 0 as torch's is).
 inline Vec vreciprocal(const Vec& d) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
-  const __m512 r = _mm512_rcp14_ps(d);  // 14 bits; one Newton step gives about 23 (rcp14(1) is 1)
-  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+  return reciprocal_or_zero(d, static_cast<__mmask16>(0xFFFF));
 #elif defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__FMA__)
   // rcp(1) is 1 - 2^-12, refined to 1 - 2^-24: d = 1 is given 1 by a blend
   const __m256 one = _mm256_set1_ps(1.0f);
@@ -107,10 +114,10 @@ constexpr float kExp2Poly[6] = {1.3280890409721954e-3f, 9.6770689263959850e-3f, 
 // sigmoid(z) = 1 / (1 + 2^t), t = -z * log2(e). 2^t = 2^n * 2^f with n = round(t) and f = t - n in
 // [-1/2, 1/2] (reduce computes t - round(t) exactly, and 0 for an infinite t), 2^f by kExp2Poly, 2^n
 // applied by scalef (exact for integral n; it saturates to 0 or infinity instead of wrapping, so z needs
-// no clamp: for z = +inf the denominator is 1 + 0). 1 / d by the reciprocal estimate and one Newton step
-// (as vreciprocal); the step's last multiply writes 0 where z < -87 (there d may be infinite, and the
-// step would give NaN): below -87 the result is 0, as in the AVX2 build. Each operation here counts:
-// the gate kernels' arithmetic is mostly this function (14 vector operations).
+// no clamp: for z = +inf the denominator is 1 + 0). 1 / d by reciprocal_or_zero, 0 where z < -87 (there
+// d may be infinite, and the Newton step would give NaN): below -87 the result is 0, as in the AVX2
+// build. Each operation here counts: the gate kernels' arithmetic is mostly this function (14 vector
+// operations).
 inline Vec vsigmoid(const Vec& z) {
   const __m512 t = _mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -119,9 +126,7 @@ inline Vec vsigmoid(const Vec& z) {
   for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
   const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, n));
   // NaN z: not below -87 (an unordered compare), so the NaN passes through.
-  const __mmask16 keep = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
-  const __m512 r = _mm512_rcp14_ps(d);  // 14 bits; one Newton step gives about 23 (rcp14(1) is 1)
-  return _mm512_maskz_mul_ps(keep, r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+  return reciprocal_or_zero(d, _mm512_cmp_ps_mask(z, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ));
 }
 #elif defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__FMA__)
 // sigmoid(z) = 1 / (1 + 2^t), t = -z * log2(e), with z clamped to [-87, 87] (the result is then 1 or
@@ -428,7 +433,7 @@ UpTable make_up_table(const Geometry& g) {
     int64_t src[64];
     int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
     // element e0 + l at row i, column j: one division per vector, not two per lane
-    int64_t i = e0 / g.W, j = e0 - (e0 / g.W) * g.W;
+    int64_t i = e0 / g.W, j = e0 - i * g.W;
     for (int64_t l = 0; l < lanes; ++l) {
       src[l] = g.rsrc[i] * g.w + g.csrc[j];
       lo = std::min(lo, src[l]);
@@ -1222,7 +1227,8 @@ void with_mode(int mode, F&& f) {
   switch (mode) {
     case kDk3: f(std::integral_constant<int, kDk3>{}); break;
     case kGatePlain: f(std::integral_constant<int, kGatePlain>{}); break;
-    default: f(std::integral_constant<int, kGate>{}); break;
+    case kGate: f(std::integral_constant<int, kGate>{}); break;
+    default: TORCH_INTERNAL_ASSERT(false, "pointwise mode ", mode);
   }
 }
 
@@ -1258,7 +1264,12 @@ at::Tensor pointwise_op(const char* op, int mode, const at::Tensor& x_in, const 
           };
           const bool same = mode == kGatePlain || (all_bits_of_first(A) && all_bits_of_first(B));
           with_mode(mode, [&](auto m) {
-            same ? pointwise_nchw_flat1<T, decltype(m)::value, true>(p, g) : pointwise_nchw_flat1<T, decltype(m)::value, false>(p, g);
+            constexpr int kM = decltype(m)::value;
+            if constexpr (kM == kGatePlain) {  // no A, B to permute
+              pointwise_nchw_flat1<T, kM, true>(p, g);
+            } else {
+              same ? pointwise_nchw_flat1<T, kM, true>(p, g) : pointwise_nchw_flat1<T, kM, false>(p, g);
+            }
           });
           return;
         }
