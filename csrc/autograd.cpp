@@ -79,14 +79,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prim_gate
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small, const at::Tensor& k3,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
     const c10::optional<at::Tensor>& center, bool need_dk3, const OptTensor& small_scale = c10::nullopt,
-    const OptTensor& small_shift = c10::nullopt) {
+    const OptTensor& small_shift = c10::nullopt, bool need_sums = true) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("scnet_fused::_gate_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-              const OptTensor&, const OptTensor&, bool, const OptTensor&, const OptTensor&)>();
-  return op.call(dy, x, small, k3, scale, shift, center, need_dk3, small_scale, small_shift);
+              const OptTensor&, const OptTensor&, bool, const OptTensor&, const OptTensor&, bool)>();
+  return op.call(dy, x, small, k3, scale, shift, center, need_dk3, small_scale, small_shift, need_sums);
 }
 
 at::Tensor prim_gate_backward_k3(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& small,
@@ -362,10 +362,16 @@ struct GateFn : public torch::autograd::Function<GateFn> {
     const at::Tensor &ss = saved[5], &st = saved[6];
     if (auto g = double_vjp("sc_gate", grads[0], {x, small, k3, scale, shift, ss, st}, {})) return *g;
     const at::Tensor dy = grads[0].to(x.dtype()).contiguous(format_like(x));
-    auto [dx, dsmall, dk3, sum_g, sum_gk] = prim_gate_backward(dy, x, small, k3, f32(opt(scale)), f32(opt(shift)),
-                                                               c10::nullopt, true, f32(opt(ss)), f32(opt(st)));
-    at::Tensor dscale = scale.defined() ? sum_gk.to(scale.scalar_type()) : at::Tensor();
-    at::Tensor dshift = shift.defined() ? sum_g.to(shift.scalar_type()) : at::Tensor();
+    // The per-channel sums are the affine's gradients: skipped when no trained affine asks for them
+    // (a plain gate, a frozen BatchNorm's constants). The edges count only the tensors given: x, small,
+    // k3, then scale and shift where present.
+    const bool want_dscale = scale.defined() && ctx->needs_input_grad(3);
+    const bool want_dshift = shift.defined() && ctx->needs_input_grad(scale.defined() ? 4 : 3);
+    auto [dx, dsmall, dk3, sum_g, sum_gk] =
+        prim_gate_backward(dy, x, small, k3, f32(opt(scale)), f32(opt(shift)), c10::nullopt, true, f32(opt(ss)),
+                           f32(opt(st)), want_dscale || want_dshift);
+    at::Tensor dscale = want_dscale ? sum_gk.to(scale.scalar_type()) : at::Tensor();
+    at::Tensor dshift = want_dshift ? sum_g.to(shift.scalar_type()) : at::Tensor();
     at::Tensor dss, dst;
     if (ss.defined() || st.defined()) std::tie(dsmall, dss, dst) = small_affine_grads(dsmall, small, ss, st);
     return guard_double_backward({dx, dsmall, dk3, dscale, dshift, dss, dst},

@@ -108,7 +108,7 @@ TORCH_LIBRARY(scnet_fused, m) {
   m.def("_gate_forward(Tensor x, Tensor small, Tensor k3, Tensor? scale, Tensor? shift, Tensor? small_scale=None, "
         "Tensor? small_shift=None) -> Tensor");
   m.def("_gate_backward(Tensor dy, Tensor x, Tensor small, Tensor k3, Tensor? scale, Tensor? shift, "
-        "Tensor? center, bool need_dk3, Tensor? small_scale=None, Tensor? small_shift=None) "
+        "Tensor? center, bool need_dk3, Tensor? small_scale=None, Tensor? small_shift=None, bool need_sums=True) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_gate_backward_k3(Tensor dy, Tensor x, Tensor small, Tensor k3, Tensor p, Tensor q, Tensor r, "
         "Tensor? small_scale=None, Tensor? small_shift=None) -> Tensor");

@@ -394,7 +394,8 @@ def upsample_adjoint(grad_full: Tensor, small_size) -> Tensor:
 
 def gate_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor],
                   shift: Optional[Tensor], center: Optional[Tensor], need_dk3: bool,
-                  small_scale: Optional[Tensor] = None, small_shift: Optional[Tensor] = None):
+                  small_scale: Optional[Tensor] = None, small_shift: Optional[Tensor] = None,
+                  need_sums: bool = True):
     """One pass of the gate's backward.
 
     Returns ``(dx, dsmall, dk3 or None, sum_g, sum_gk)`` where ``s = sigmoid(x + up(small))``,
@@ -403,6 +404,7 @@ def gate_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, scale: Optio
     ``sum_gk[c] = sum g * (k3 - center)`` over N, H, W (``center`` 0 when None), both float32. With
     ``small_scale`` / ``small_shift``, ``up`` reads ``small * small_scale + small_shift`` and dsmall is
     the gradient of that affine's output (the cell sums of dx, not multiplied by small_scale).
+    ``need_sums=False``: sum_g and sum_gk are empty (0 elements).
     """
     s = _gate_sigmoid(x, small, small_scale, small_shift)
     d = _acc(dy)
@@ -417,6 +419,8 @@ def gate_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, scale: Optio
     if center is not None:
         kc = kc - _per_channel(center, kc)
     acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    if not need_sums:
+        return dx, dsmall, dk3, g.new_empty(0, dtype=acc_dtype), g.new_empty(0, dtype=acc_dtype)
     sum_g = g.sum(dim=(0, 2, 3)).to(acc_dtype)
     sum_gk = (g * kc).sum(dim=(0, 2, 3)).to(acc_dtype)
     return dx, dsmall, dk3, sum_g, sum_gk

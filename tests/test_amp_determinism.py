@@ -61,8 +61,8 @@ class _Recorder:
     def __getattr__(self, name):
         fn = getattr(self._prims, name)
 
-        def wrapped(*args):
-            out = fn(*args)
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
             outs = out if isinstance(out, tuple) else (out,)
             self._log.append((name, [_info(a) for a in args], [_info(o) for o in outs]))
             return out

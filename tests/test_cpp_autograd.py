@@ -350,3 +350,45 @@ def test_bottleneck_paths_agree_bit_for_bit(monkeypatch, affine):
     assert len(a) == len(b)
     for i, (u, v) in enumerate(zip(a, b)):
         assert u.dtype == v.dtype and torch.equal(u, v), i
+
+
+_AFFINE_CASES = [  # (scale: absent / frozen / trained, shift: likewise, gradients asked of: x, scale, shift)
+    ("absent", "absent", "x"), ("frozen", "frozen", "x"), ("trained", "trained", "x"),
+    ("trained", "trained", "x,scale"), ("trained", "trained", "shift"), ("absent", "trained", "x,shift"),
+    ("trained", "absent", "scale"), ("frozen", "trained", "x,shift"), ("trained", "frozen", "x,scale"),
+]
+
+
+@pytest.mark.parametrize("scale_kind,shift_kind,wrt", _AFFINE_CASES, ids=["-".join(c) for c in _AFFINE_CASES])
+def test_gate_sums_only_where_an_affine_gradient_is_asked(monkeypatch, scale_kind, shift_kind, wrt):
+    """The gate backward computes the per-channel sums (the gradients of scale and shift) only where
+    they can be needed: on the C++ path when one of them is asked for (the engine tells), on the
+    torch.library path when one requires grad (its ctx knows no more); every gradient asked for is the
+    same on both and matches the reference backend."""
+    g = torch.Generator().manual_seed(1)
+    x, k3 = (torch.randn(2, 6, 7, 9, generator=g).requires_grad_() for _ in range(2))
+    small = torch.randn(2, 6, 2, 3, generator=g).requires_grad_()
+
+    def per_channel(kind, t):
+        return None if kind == "absent" else t.requires_grad_(kind == "trained")
+
+    scale = per_channel(scale_kind, torch.rand(6, generator=g) + 0.5)
+    shift = per_channel(shift_kind, torch.randn(6, generator=g))
+    named = {"x": x, "scale": scale, "shift": shift}
+    inputs = [named[n] for n in wrt.split(",")]
+    dy = torch.randn(2, 6, 7, 9, generator=g)
+    want_sums = {"1": any(n in ("scale", "shift") for n in wrt.split(",")),
+                 "0": "trained" in (scale_kind, shift_kind)}
+    with _dispatch.backend("reference"):
+        expected = torch.autograd.grad(sc_gate(x, small, k3, scale, shift), inputs, dy)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SCNET_FUSED_CPP_AUTOGRAD", flag)
+        with torch.profiler.profile(record_shapes=True) as prof:
+            grads = torch.autograd.grad(sc_gate(x, small, k3, scale, shift), inputs, dy)
+        calls = [e.concrete_inputs for e in prof.events() if e.name == "scnet_fused::_gate_backward"]
+        assert len(calls) == 1 and calls[0][-1] is want_sums[flag], (flag, calls)
+        for got, ref in zip(grads, expected):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        results.append(grads)
+    _same(results[0], results[1])

@@ -1109,3 +1109,30 @@ def check_plain_gate_sign_of_zero(P, device="cpu"):
 
 def test_gate_without_affine_keeps_the_sign_of_zero():
     check_plain_gate_sign_of_zero(prims())
+
+
+def check_gate_backward_without_sums(P, device="cpu", shapes=_SIGMOID_PATHS[:2]):
+    """``gate_backward(..., need_sums=False)``: the same dx, dsmall and dk3 as with the sums, bit for
+    bit, and empty sums; without an affine and with scale, shift and center, in both layouts. P: a
+    backend's primitives; the default shapes take the CPU kernels' one-cell and many-cell permute paths."""
+    for N, C, H, W, h, w in shapes:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            g = torch.Generator().manual_seed(5)
+            x, k3, dy = (torch.randn(N, C, H, W, generator=g).contiguous(memory_format=fmt).to(device)
+                         for _ in range(3))
+            small = torch.randn(N, C, h, w, generator=g).to(device)
+            affine = [(torch.rand(C, generator=g) + 0.5).to(device), torch.randn(C, generator=g).to(device),
+                      torch.randn(C, generator=g).to(device)]
+            for scale, shift, center in ((None, None, None), affine):
+                full = P.gate_backward(dy, x, small, k3, scale, shift, center, True)
+                bare = P.gate_backward(dy, x, small, k3, scale, shift, center, True, need_sums=False)
+                where = (N, C, H, W, fmt, scale is None)
+                for a, b in zip(full[:3], bare[:3]):
+                    assert torch.equal(a, b), where
+                assert full[3].shape == full[4].shape == (C,), where
+                assert bare[3].numel() == 0 and bare[4].numel() == 0, where
+
+
+def test_gate_backward_without_sums():
+    check_gate_backward_without_sums(prims())
+    check_gate_backward_without_sums(R)

@@ -95,6 +95,10 @@ def test_gate_without_affine_keeps_the_sign_of_zero(emu):
     K.check_plain_gate_sign_of_zero(emu)
 
 
+def test_gate_backward_without_sums(emu):
+    K.check_gate_backward_without_sums(emu)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gate_low_precision_matches_reference(emu, dtype):
     K.check_lowp("cpu", dtype, emu)

@@ -281,6 +281,12 @@ def test_gate_without_affine_keeps_the_sign_of_zero():
     K.check_plain_gate_sign_of_zero(tg, DEVICE)
 
 
+def test_gate_backward_without_sums():
+    import test_cpu_kernels as K
+
+    K.check_gate_backward_without_sums(tg, DEVICE, shapes=[(2, 4, 7, 9, 2, 3)])
+
+
 @pytest.mark.parametrize("case", ["nchw", "nhwc", "sliced"])
 def test_public_sc_gate_triton(case):
     N, C, H, W, h, w = 3, 5, 14, 13, 3, 3

@@ -835,6 +835,7 @@ struct Backward {
 
 // One vector of the backward. Returns dz; accumulates g and g * (k - center) over the lanes that
 // `keep` selects (all lanes when nullptr).
+template <bool kSums = true>
 inline Vec backward_vec(const Vec& xv, const Vec& uv, const Vec& kv, const Vec& dyv, const Vec& sc, const Vec& sh,
                         const Vec& ctr, Vec& dk3v, Vec& gsum, Vec& gksum, const Vec* keep = nullptr) {
   const Vec s = vsigmoid(xv + uv);
@@ -844,9 +845,11 @@ inline Vec backward_vec(const Vec& xv, const Vec& uv, const Vec& kv, const Vec& 
   // where the reference gives +-inf.
   const Vec dz = ga * (Vec(1.0f) - s);
   dk3v = g * sc;
-  if (keep != nullptr) g = Vec::blendv(Vec(0.0f), g, *keep);
-  gsum = gsum + g;
-  gksum = at::vec::fmadd(g, kv - ctr, gksum);
+  if constexpr (kSums) {  // without: the caller needs no per-channel sums (a gate without a trained affine)
+    if (keep != nullptr) g = Vec::blendv(Vec(0.0f), g, *keep);
+    gsum = gsum + g;
+    gksum = at::vec::fmadd(g, kv - ctr, gksum);
+  }
   return dz;
 }
 
@@ -955,8 +958,9 @@ void backward_nchw(const Backward<T>& p, const Geometry& g, double* part_g, doub
 // source rows. A plane that is a single cell (h = w = 1, the 7x7 stage) sums dz in the first pass
 // instead. dk3 = g * scale goes to dkp when set: the dk3 output (TK = T) or a float scratch (TK =
 // float). nt / ntk: streaming stores of dx / dk. D (HW + kV floats) and Acc (h * W + kV): the
-// caller's scratch. The plane's sums of g and g * (k - center) go to *sum_g_out, *sum_gk_out.
-template <typename T, typename TK, bool kOne>
+// caller's scratch. The plane's sums of g and g * (k - center) go to *sum_g_out, *sum_gk_out (with
+// kSums; without, they are not computed and the pointers not written).
+template <typename T, typename TK, bool kOne, bool kSums = true>
 SCNET_FUSED_ALWAYS_INLINE void backward_plane_permute(const Backward<T>& p, const Geometry& g, const UpTable& t, int64_t plane,
                                    int64_t c, const float* S, TK* dkp, bool nt, bool ntk, float* D, float* Acc,
                                    double* sum_g_out, double* sum_gk_out) {
@@ -972,13 +976,14 @@ SCNET_FUSED_ALWAYS_INLINE void backward_plane_permute(const Backward<T>& p, cons
   const T* kp = p.k + off;
   const T* dp = p.dy + off;
   T* dxp = p.dx + off;
-  double sum_g = 0.0, sum_gk = 0.0, sum_dz = 0.0;
+  [[maybe_unused]] double sum_g = 0.0, sum_gk = 0.0;
+  double sum_dz = 0.0;
   Vec gs(0.0f), gks(0.0f), dzs(0.0f), dk3v;
   if (HW >= kV) {
     const int64_t nfull = HW / kV;
     for (int64_t v = 0; v < nfull; ++v) {
       const int64_t e = v * kV;
-      const Vec dz = backward_vec(IO<T>::load(xp + e), up_vec<kOne>(S + TB[v], TI + v * kV),
+      const Vec dz = backward_vec<kSums>(IO<T>::load(xp + e), up_vec<kOne>(S + TB[v], TI + v * kV),
                                   IO<T>::load(kp + e), IO<T>::load(dp + e), sc, sh, ctr, dk3v, gs, gks);
       put(dxp + e, dz, nt);
       if (dkp) put(dkp + e, dk3v, ntk);
@@ -988,10 +993,12 @@ SCNET_FUSED_ALWAYS_INLINE void backward_plane_permute(const Backward<T>& p, cons
         dz.store(D + e);
       }
       if ((v + 1) % kFlushVec == 0) {
-        sum_g += hsum(gs);
-        sum_gk += hsum(gks);
-        gs = Vec(0.0f);
-        gks = Vec(0.0f);
+        if constexpr (kSums) {
+          sum_g += hsum(gs);
+          sum_gk += hsum(gks);
+          gs = Vec(0.0f);
+          gks = Vec(0.0f);
+        }
         if (one_cell) {
           sum_dz += hsum(dzs);
           dzs = Vec(0.0f);
@@ -1003,7 +1010,7 @@ SCNET_FUSED_ALWAYS_INLINE void backward_plane_permute(const Backward<T>& p, cons
       // only the lanes not yet counted.
       const int64_t e = HW - kV;
       const Vec keep = lane >= Vec(static_cast<float>(kV - (HW - nfull * kV)));
-      const Vec dz = backward_vec(IO<T>::load(xp + e), up_vec<kOne>(S + TB[nfull], TI + nfull * kV),
+      const Vec dz = backward_vec<kSums>(IO<T>::load(xp + e), up_vec<kOne>(S + TB[nfull], TI + nfull * kV),
                                   IO<T>::load(kp + e), IO<T>::load(dp + e), sc, sh, ctr, dk3v, gs, gks, &keep);
       IO<T>::store(dxp + e, dz);
       if (dkp) IO<TK>::store(dkp + e, dk3v);
@@ -1015,7 +1022,7 @@ SCNET_FUSED_ALWAYS_INLINE void backward_plane_permute(const Backward<T>& p, cons
     }
   } else {
     const Vec keep = lane < Vec(static_cast<float>(HW));
-    const Vec dz = backward_vec(IO<T>::load(xp, HW), up_vec<kOne>(S + TB[0], TI), IO<T>::load(kp, HW),
+    const Vec dz = backward_vec<kSums>(IO<T>::load(xp, HW), up_vec<kOne>(S + TB[0], TI), IO<T>::load(kp, HW),
                                 IO<T>::load(dp, HW), sc, sh, ctr, dk3v, gs, gks, &keep);
     IO<T>::store(dxp, dz, HW);
     if (dkp) IO<TK>::store(dkp, dk3v, HW);
@@ -1025,10 +1032,12 @@ SCNET_FUSED_ALWAYS_INLINE void backward_plane_permute(const Backward<T>& p, cons
       dz.store(D);
     }
   }
-  sum_g += hsum(gs);
-  sum_gk += hsum(gks);
-  *sum_g_out = sum_g;
-  *sum_gk_out = sum_gk;
+  if constexpr (kSums) {
+    sum_g += hsum(gs);
+    sum_gk += hsum(gks);
+    *sum_g_out = sum_g;
+    *sum_gk_out = sum_gk;
+  }
   T* dsp = p.dsmall + plane * hw;
   if (one_cell) {  // the whole plane is one cell: dsmall is the sum of dz
     dsp[0] = static_cast<T>(sum_dz + hsum(dzs));
@@ -1061,8 +1070,9 @@ SCNET_FUSED_ALWAYS_INLINE void backward_plane_permute(const Backward<T>& p, cons
   }
 }
 
-// The gate backward on the permute table, plane by plane; partial sums per plane.
-template <typename T, bool kOne>
+// The gate backward on the permute table, plane by plane; partial sums per plane (with kSums; without,
+// part_g and part_gk are not written).
+template <typename T, bool kOne, bool kSums>
 void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTable& t, bool nt, double* part_g,
                            double* part_gk) {
   const int64_t HW = g.H * g.W, hw = g.h * g.w;
@@ -1075,8 +1085,8 @@ void backward_nchw_permute(const Backward<T>& p, const Geometry& g, const UpTabl
     for (int64_t plane = p0; plane < p1; ++plane, walk.next()) {
       const float* S = walk.values(plane);
       T* dkp = p.dk3 ? p.dk3 + plane * HW : nullptr;
-      backward_plane_permute<T, T, kOne>(p, g, t, plane, walk.c, S, dkp, nt, nt, dbuf.data(), abuf.data(),
-                                         part_g + plane, part_gk + plane);
+      backward_plane_permute<T, T, kOne, kSums>(p, g, t, plane, walk.c, S, dkp, nt, nt, dbuf.data(),
+                                                abuf.data(), part_g + plane, part_gk + plane);
     }
     if (nt) _mm_sfence();
   });
@@ -1317,7 +1327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
     const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& small_in, const at::Tensor& k3_in,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
     const c10::optional<at::Tensor>& center, bool need_dk3, const c10::optional<at::Tensor>& small_scale,
-    const c10::optional<at::Tensor>& small_shift) {
+    const c10::optional<at::Tensor>& small_shift, bool need_sums) {
   const char* op = "scnet_fused::_gate_backward (cpu)";
   check_gate(op, x_in, small_in, k3_in, c10::DeviceType::CPU);
   check_full(op, "dy", dy_in, x_in);
@@ -1336,8 +1346,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
   at::Tensor dx = new_output(x.sizes(), x.options(), format_of(L));
   at::Tensor dsmall = new_output(small.sizes(), small.options());
   at::Tensor dk3 = need_dk3 ? new_output(x.sizes(), x.options(), format_of(L)) : at::empty({0}, x.options());
-  at::Tensor sum_g = new_output({C}, x.options().dtype(at::kFloat));
-  at::Tensor sum_gk = new_output({C}, x.options().dtype(at::kFloat));
+  // Without need_sums the sums are empty: the permute path skips them, the others drop them.
+  const int64_t nsum = need_sums ? C : 0;
+  at::Tensor sum_g = new_output({nsum}, x.options().dtype(at::kFloat));
+  at::Tensor sum_gk = new_output({nsum}, x.options().dtype(at::kFloat));
   if (x.numel() == 0) {
     dsmall.zero_();
     sum_g.zero_();
@@ -1361,8 +1373,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
       if (t.ok) {
         // Read dy, x, k, written dx (and dk3).
         const bool nt = use_streaming<T>(mode, g.N * g.C, g.H * g.W, need_dk3 ? 5 : 4, {p.dx, p.dk3});
-        t.one ? backward_nchw_permute<T, true>(p, g, t, nt, part_g.data(), part_gk.data())
-              : backward_nchw_permute<T, false>(p, g, t, nt, part_g.data(), part_gk.data());
+        double* pg = part_g.data();
+        double* pk = part_gk.data();
+        if (need_sums) {
+          t.one ? backward_nchw_permute<T, true, true>(p, g, t, nt, pg, pk)
+                : backward_nchw_permute<T, false, true>(p, g, t, nt, pg, pk);
+        } else {
+          t.one ? backward_nchw_permute<T, true, false>(p, g, t, nt, pg, pk)
+                : backward_nchw_permute<T, false, false>(p, g, t, nt, pg, pk);
+        }
         return;
       }
 #endif
@@ -1371,8 +1390,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
       backward_nhwc<T>(p, g, part_g.data(), part_gk.data());
     }
   });
-  reduce_partials(part_g.data(), K, C, sum_g.data_ptr<float>());
-  reduce_partials(part_gk.data(), K, C, sum_gk.data_ptr<float>());
+  if (need_sums) {
+    reduce_partials(part_g.data(), K, C, sum_g.data_ptr<float>());
+    reduce_partials(part_gk.data(), K, C, sum_gk.data_ptr<float>());
+  }
   return {dx, dsmall, dk3, sum_g, sum_gk};
 }
 
@@ -1480,7 +1501,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_bn_t
   const at::Tensor sct = at::tensor(sc, f32), sht = at::tensor(sh, f32), kt = at::tensor(K, f32);
   const bool from_g = x.scalar_type() == at::kFloat;
   auto [dx, dsmall, dk3, sum_g, sum_gk] =
-      gate_backward(dy, x, small, k, sct, sht, kt, from_g, small_scale, small_shift);
+      gate_backward(dy, x, small, k, sct, sht, kt, from_g, small_scale, small_shift, true);
   const float m = static_cast<float>(static_cast<double>(g.N * g.H * g.W));
   std::vector<float> Q(C), R(C);
   const float* sg = sum_g.data_ptr<float>();

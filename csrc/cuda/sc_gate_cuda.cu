@@ -119,8 +119,8 @@ struct BackwardParams {
   const float* center;  // nullptr: 0
   const float* small_scale;  // the pooled branch's affine (nullptr: none)
   const float* small_shift;
-  float* part_g;        // [N, C, h, w]: sum of g over the cell
-  float* part_gk;       // [N, C, h, w]: sum of g * (k3 - center) over the cell
+  float* part_g;        // [N, C, h, w]: sum of g over the cell (nullptr: not needed)
+  float* part_gk;       // [N, C, h, w]: sum of g * (k3 - center) over the cell (nullptr: not needed)
   int64_t C, H, W, h, w;
   float scale_h, scale_w;
 };
@@ -185,8 +185,10 @@ __global__ void __launch_bounds__(kThreads) backward_cells_kernel(const Backward
     for (int e = 0; e < V; ++e) {
       const I sidx = ((n * C + c0 + static_cast<I>(e)) * h + ra) * w + cb;
       p.dsmall[sidx] = static_cast<T>(acc_dz[e]);
-      p.part_g[sidx] = acc_g[e];
-      p.part_gk[sidx] = acc_gk[e];
+      if (p.part_g != nullptr) {
+        p.part_g[sidx] = acc_g[e];
+        p.part_gk[sidx] = acc_gk[e];
+      }
     }
   }
 }
@@ -416,7 +418,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
     const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& small_in, const at::Tensor& k3_in,
     const c10::optional<at::Tensor>& scale_in, const c10::optional<at::Tensor>& shift_in,
     const c10::optional<at::Tensor>& center_in, bool need_dk3, const c10::optional<at::Tensor>& small_scale,
-    const c10::optional<at::Tensor>& small_shift) {
+    const c10::optional<at::Tensor>& small_shift, bool need_sums) {
   const char* op = "scnet_fused::_gate_backward (cuda)";
   check_gate(op, x_in, small_in, k3_in, c10::DeviceType::CUDA);
   check_full(op, "dy", dy_in, x_in);
@@ -435,8 +437,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
   at::Tensor dx = new_output(x.sizes(), x.options(), format_of(L));
   at::Tensor dsmall = new_output(small.sizes(), small.options());
   at::Tensor dk3 = need_dk3 ? new_output(x.sizes(), x.options(), format_of(L)) : at::empty({0}, x.options());
-  at::Tensor sum_g = new_output({C}, x.options().dtype(at::kFloat));
-  at::Tensor sum_gk = new_output({C}, x.options().dtype(at::kFloat));
+  // Without need_sums the sums are empty and the kernel writes no partials.
+  const int64_t nsum = need_sums ? C : 0;
+  at::Tensor sum_g = new_output({nsum}, x.options().dtype(at::kFloat));
+  at::Tensor sum_gk = new_output({nsum}, x.options().dtype(at::kFloat));
   const int64_t numel = x.numel();
   if (numel == 0) {
     dsmall.zero_();
@@ -446,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
   }
   TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), op, ": too many channels (", C, ")");
   const int64_t hw = small.size(2) * small.size(3);
-  at::Tensor part = at::empty({2, N * C * hw}, x.options().dtype(at::kFloat));
+  at::Tensor part = at::empty({need_sums ? 2 * N * C * hw : 0}, x.options().dtype(at::kFloat));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
@@ -464,8 +468,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
     p.center = ptr_or_null(center);
     p.small_scale = ptr_or_null(sa.first);
     p.small_shift = ptr_or_null(sa.second);
-    p.part_g = part.data_ptr<float>();
-    p.part_gk = p.part_g + N * C * hw;
+    p.part_g = need_sums ? part.data_ptr<float>() : nullptr;
+    p.part_gk = need_sums ? p.part_g + N * C * hw : nullptr;
     p.C = C;
     p.H = x.size(2);
     p.W = x.size(3);
@@ -486,10 +490,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
       launch_backward<T, false, 1>(p, cells, numel, stream);
     }
   });
-  channel_sum_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(
-      part.data_ptr<float>(), part.data_ptr<float>() + N * C * hw, N, C, hw, sum_g.data_ptr<float>(),
-      sum_gk.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (need_sums) {
+    channel_sum_kernel<<<static_cast<unsigned>(C), kThreads, 0, stream>>>(
+        part.data_ptr<float>(), part.data_ptr<float>() + N * C * hw, N, C, hw, sum_g.data_ptr<float>(),
+        sum_gk.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {dx, dsmall, dk3, sum_g, sum_gk};
 }
 

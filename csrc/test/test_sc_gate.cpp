@@ -91,7 +91,7 @@ using GateFwd = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tenso
                            const Opt&);
 using GateBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, const Opt&, const Opt&, bool,
-    const Opt&, const Opt&);
+    const Opt&, const Opt&, bool);
 
 double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
   return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
@@ -123,7 +123,15 @@ void test_gate_kernels(int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, in
   }
   at::Tensor y = fwd.call(x, small, k, scale, shift, ss_arg, st_arg);
   at::Tensor dx, dsmall, dk3, sum_g, sum_gk;
-  std::tie(dx, dsmall, dk3, sum_g, sum_gk) = bwd.call(dy, x, small, k, scale, shift, center, true, ss_arg, st_arg);
+  std::tie(dx, dsmall, dk3, sum_g, sum_gk) =
+      bwd.call(dy, x, small, k, scale, shift, center, true, ss_arg, st_arg, true);
+  // Without the sums: the same gradients, bit for bit, and empty sums.
+  const auto plain = bwd.call(dy, x, small, k, scale, shift, center, true, ss_arg, st_arg, false);
+  expect(at::equal(std::get<0>(plain), dx) && at::equal(std::get<1>(plain), dsmall) &&
+             at::equal(std::get<2>(plain), dk3),
+         "gate backward without sums: the same dx, dsmall, dk3, " + tag);
+  expect(std::get<3>(plain).numel() == 0 && std::get<4>(plain).numel() == 0,
+         "gate backward without sums: empty sums, " + tag);
   expect(y.is_contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
          "forward keeps the memory format, " + tag);
 

@@ -155,9 +155,10 @@ class Primitives:
     def gate_forward(self, x, small, k3, scale, shift, small_scale=None, small_shift=None):
         return self._ops._gate_forward(x, small, k3, scale, shift, small_scale, small_shift)
 
-    def gate_backward(self, dy, x, small, k3, scale, shift, center, need_dk3, small_scale=None, small_shift=None):
+    def gate_backward(self, dy, x, small, k3, scale, shift, center, need_dk3, small_scale=None, small_shift=None,
+                      need_sums=True):
         dx, dsmall, dk3, sum_g, sum_gk = self._ops._gate_backward(dy, x, small, k3, scale, shift, center, need_dk3,
-                                                                  small_scale, small_shift)
+                                                                  small_scale, small_shift, need_sums)
         return dx, dsmall, (dk3 if need_dk3 else None), sum_g, sum_gk
 
     def gate_backward_k3(self, dy, x, small, k3, p, q, r, small_scale=None, small_shift=None):

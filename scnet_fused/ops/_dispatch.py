@@ -13,7 +13,8 @@ Every backend provides the same kernel-level primitives (no autograd, no torch.l
     one pass: ``s = sigmoid(x + up(small))``, ``g = dy * s``, ``dx = dy * affine(k3) * s * (1 - s)``,
     ``dsmall`` = the upsampling adjoint of dx (cell sums, accumulated in float32), ``dk3 = g * scale``
     when ``need_dk3``, and float32 per-channel sums ``sum_g = sum g``,
-    ``sum_gk = sum g * (k3 - center)`` (center float32 ``[C]`` or None for 0).
+    ``sum_gk = sum g * (k3 - center)`` (center float32 ``[C]`` or None for 0); with ``need_sums=False``
+    (keyword, after the pooled branch's affine) both are empty and may go uncomputed.
 ``gate_backward_k3(dy, x, small, k3, p, q, r) -> dk3``
     ``dk3 = p[c] * g + q[c] * k3 + r[c]`` (the input gradient of a training-mode BatchNorm on k3).
 ``channel_stats(t) -> (mean, var)``

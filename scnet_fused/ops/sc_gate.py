@@ -200,23 +200,27 @@ def _small_args(small_scale: Optional[Tensor], small_shift: Optional[Tensor], ac
 @torch.library.custom_op("scnet_fused::sc_gate_backward", mutates_args=())
 def _sc_gate_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor],
                       shift: Optional[Tensor], small_scale: Optional[Tensor] = None,
-                      small_shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      small_shift: Optional[Tensor] = None,
+                      need_sums: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dsmall, dk3, sum_g, sum_gk); sum_g and sum_gk (the gradients of shift and scale) are empty
+    without need_sums."""
     acc = _acc_dtype(x)
     if x.numel() == 0:
-        zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+        zeros = torch.zeros(x.shape[1] if need_sums else 0, dtype=acc, device=x.device)
         return (_empty_like_x(x), torch.zeros_like(small, memory_format=torch.contiguous_format),
                 _empty_like_x(x), zeros, zeros.clone())
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3, dy = _prepare(x, small, k3, dy.to(x.dtype))
     dx, dsmall, dk3, sum_g, sum_gk = prims.gate_backward(
-        dy, x, small, k3, _vec(scale, acc), _vec(shift, acc), None, True, *_small_args(small_scale, small_shift, acc))
+        dy, x, small, k3, _vec(scale, acc), _vec(shift, acc), None, True, *_small_args(small_scale, small_shift, acc),
+        need_sums=need_sums)
     return dx, dsmall, dk3, sum_g, sum_gk
 
 
 @_sc_gate_backward.register_fake
-def _(dy, x, small, k3, scale, shift, small_scale=None, small_shift=None):
+def _(dy, x, small, k3, scale, shift, small_scale=None, small_shift=None, need_sums=True):
     acc = _acc_dtype(x)
-    c = x.new_empty(x.shape[1], dtype=acc)
+    c = x.new_empty(x.shape[1] if need_sums else 0, dtype=acc)
     return (_empty_like_x(x), small.new_empty(small.shape), _empty_like_x(x), c, c.new_empty(c.shape))
 
 
@@ -239,9 +243,13 @@ def _sc_gate_bwd(ctx, dy):
     if torch.is_grad_enabled():  # create_graph: a backward that can be differentiated again
         return tuple(_double.vjp("sc_gate", dy, ctx.saved_tensors))
     x, small, k3, scale, shift, ss, st = ctx.saved_tensors
-    dx, dsmall, dk3, sum_g, sum_gk = torch.ops.scnet_fused.sc_gate_backward(dy, x, small, k3, scale, shift, ss, st)
-    dscale = sum_gk.to(scale.dtype) if scale is not None else None
-    dshift = sum_g.to(shift.dtype) if shift is not None else None
+    # The per-channel sums only where a trained affine asks for them (not a plain gate or frozen constants).
+    want_dscale = scale is not None and ctx.needs_input_grad[3]
+    want_dshift = shift is not None and ctx.needs_input_grad[4]
+    dx, dsmall, dk3, sum_g, sum_gk = torch.ops.scnet_fused.sc_gate_backward(
+        dy, x, small, k3, scale, shift, ss, st, want_dscale or want_dshift)
+    dscale = sum_gk.to(scale.dtype) if want_dscale else None
+    dshift = sum_g.to(shift.dtype) if want_dshift else None
     dss = dst = None
     if ss is not None or st is not None:
         dsmall, dss, dst = small_affine_grads(dsmall, small, ss, st)

@@ -449,15 +449,16 @@ def gate_forward(x: torch.Tensor, small: torch.Tensor, k3: torch.Tensor, scale: 
 def gate_backward(dy: torch.Tensor, x: torch.Tensor, small: torch.Tensor, k3: torch.Tensor,
                   scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                   center: Optional[torch.Tensor], need_dk3: bool, small_scale: Optional[torch.Tensor] = None,
-                  small_shift: Optional[torch.Tensor] = None):
+                  small_shift: Optional[torch.Tensor] = None, need_sums: bool = True):
     """One pass: (dx, dsmall, dk3 or None, sum_g, sum_gk); see the contract in ops._dispatch."""
     x, small, (k3, dy), fmt, tab, grid, scalars, meta = _gate_setup(x, small, k3, dy.to(x.dtype))
     N, C = x.shape[0], x.shape[1]
     dx = new_empty(x.shape, x.dtype, x.device, fmt)
     dsmall = new_empty(small.shape, small.dtype, small.device)
     dk3 = new_empty(x.shape, x.dtype, x.device, fmt) if need_dk3 else None
+    nsum = C if need_sums else 0
     if x.numel() == 0:
-        zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
+        zeros = torch.zeros(nsum, dtype=torch.float32, device=x.device)
         return dx, dsmall.zero_(), dk3, zeros, zeros.clone()
     n_rows = grid[0] * grid[2]
     part = new_empty((2, n_rows, C), torch.float32, x.device)
@@ -467,6 +468,8 @@ def gate_backward(dy: torch.Tensor, x: torch.Tensor, small: torch.Tensor, k3: to
                            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
                            HAS_CENTER=center is not None, HAS_SMALL_AFFINE=has_sa, NEED_DK3=bool(need_dk3),
                            **meta)
+    if not need_sums:  # the kernel's partials are left unreduced
+        return dx, dsmall, dk3, part.new_empty(0), part.new_empty(0)
     # Two separate reductions: the results must not be views of one tensor (custom ops forbid aliasing).
     return dx, dsmall, dk3, part[0].sum(dim=0), part[1].sum(dim=0)
 
