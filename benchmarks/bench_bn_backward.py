@@ -4,6 +4,7 @@
     python benchmarks/bench_bn_backward.py --shapes 64x56x56 --rounds 9
     python benchmarks/bench_bn_backward.py --op bn_relu     # BatchNorm + ReLU
     python benchmarks/bench_bn_backward.py --op gate_bn_forward
+    python benchmarks/bench_bn_backward.py --op gate         # the gate without an affine to train
 
 ``--op gate_bn`` (default):
 
@@ -20,6 +21,11 @@ second time from cache, 5 full-size tensors in all. Writes ``bn_backward.json`` 
 ``gate_forward`` against the cpu backend's one call ``gate_bn_train_forward`` (NCHW channel by
 channel: each channel's k3 read the second time from cache, 3 full-size tensors instead of 4). Writes
 ``bn_forward.json`` and ``.md``.
+
+``--op gate``: the gate backward where no affine of k3 is trained (no BatchNorm, one whose statistics
+are frozen, another norm layer before the gate): ``gate_backward`` with the per-channel sums (the
+affine's gradients) against ``need_sums=False``, which skips them (the cpu backend's NCHW permute
+kernels leave them out; the others drop them). Writes ``gate_backward_sums.json`` and ``.md``.
 
 ``--op bn_relu``: ``bn_relu_train``'s backward (kernels only, no autograd) three ways: ATen's
 (``threshold_backward`` then ``native_batch_norm_backward``, what eager autograd runs), the two
@@ -68,6 +74,14 @@ def from_g(P, t):
                                               t["center"], True)
     q, r = _gate_qr(t, sum_g, sum_gc)
     return P.add_channel_affine_(gs, t["k3"], q, r)
+
+
+def gate_with_sums(P, t):
+    return P.gate_backward(t["dy"], t["x"], t["small"], t["k3"], None, None, None, True)[0]
+
+
+def gate_without_sums(P, t):
+    return P.gate_backward(t["dy"], t["x"], t["small"], t["k3"], None, None, None, True, need_sums=False)[0]
 
 
 def gate_one_call(P, t):
@@ -119,6 +133,12 @@ OPS = {
                             title="Training-mode BatchNorm gate forward on the CPU, two strategies",
                             legend="two passes: `channel_stats`, `bn_fold` in ATen, `gate_forward`; one call: "
                                    "`gate_bn_train_forward` (NCHW channel by channel)."),
+    "gate": dict(strategies={"with sums": gate_with_sums, "without sums": gate_without_sums},
+                 stem="gate_backward_sums", out="dx",
+                 title="Gate backward without an affine to train on the CPU, with and without the sums",
+                 legend="with sums: `gate_backward` with its per-channel sums of g and g * k3 (the gradients of "
+                        "k3's affine); without sums: the same call with `need_sums=False` (dx, dsmall and dk3 "
+                        "the same, bit for bit)."),
     "bn_relu": dict(strategies={"aten": bn_relu_aten, "two passes": bn_relu_two_passes,
                                 "one call": bn_relu_one_call}, stem="bn_relu_backward", out="dt",
                     title="Training-mode BatchNorm + ReLU backward on the CPU, three strategies",
@@ -131,7 +151,7 @@ OPS = {
 
 def make_inputs(op, N, C, H, W, dtype, fmt):
     g = torch.Generator().manual_seed(0)
-    if op in ("gate_bn", "gate_bn_forward"):
+    if op in ("gate_bn", "gate_bn_forward", "gate"):
         h, w = bench.pooled_hw(H, W)
         t = {k: torch.randn(N, C, H, W, generator=g).to(dtype).contiguous(memory_format=fmt)
              for k in ("x", "k3", "dy")}

@@ -33,7 +33,7 @@ def _script(name, *args):
 
 
 _BN_BACKWARD_EXTRA = ([], ["--channels-last", "--default-malloc", "--threads", "1"], ["--op", "gate_bn_forward"],
-                      ["--op", "bn_relu"])
+                      ["--op", "bn_relu"], ["--op", "gate"])
 
 # The script tests' processes, run in the background while the other tests run (tests/_background.py),
 # the longest first.
@@ -747,7 +747,8 @@ def test_bench_bn_backward_script(tmp_path, capsys):
     runs = [("bn_backward", gate, _BN_BACKWARD_EXTRA[0]),
             ("bn_backward_channels_last", gate, _BN_BACKWARD_EXTRA[1]),
             ("bn_forward", ("two passes", "one call"), _BN_BACKWARD_EXTRA[2]),
-            ("bn_relu_backward", ("aten", "two passes", "one call"), _BN_BACKWARD_EXTRA[3])]
+            ("bn_relu_backward", ("aten", "two passes", "one call"), _BN_BACKWARD_EXTRA[3]),
+            ("gate_backward_sums", ("with sums", "without sums"), _BN_BACKWARD_EXTRA[4])]
     done, out = _bg("bn_backward")
     assert len(done) == len(runs)
     for (stem, strategies, extra), r in zip(runs, done):
@@ -761,6 +762,8 @@ def test_bench_bn_backward_script(tmp_path, capsys):
         assert all(row["threads"] == 1 and "fixed at 32 MiB" not in row["allocator"] for row in rows) or "--threads" not in extra
         # the strategies compute the same gradient (float32 rounding apart)
         assert all(row["max_rel_diff"] < 1e-5 for row in rows)
+        if stem == "gate_backward_sums":  # the same dx bit for bit
+            assert all(row["max_rel_diff"] == 0 for row in rows)
         md = (out / f"{stem}.md").read_text()
         assert "| 2x3x16x16 |" in md and "| 2x2x7x7 |" in md
         assert f"| {strategies[-1]} vs {strategies[0]} |" in md
