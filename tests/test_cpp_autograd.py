@@ -296,6 +296,33 @@ def test_route_is_the_two_predicates_in_one_call(monkeypatch):
     assert _dispatch.route(x) == _dispatch.OP == _expected_route(x)
 
 
+def test_route_fast_path_takes_only_the_plain_eager_cpu_call(monkeypatch):
+    """``route`` answers the common eager CPU call without ``select`` (``_plain_cpu_call``): taken for a
+    real non-empty CPU tensor of a kernel dtype in any layout, with no backend block and neither
+    environment variable set; in every other case the full path answers, and as the two predicates do."""
+    x = torch.randn(2, 4, 8, 8)
+    plain = [x, x.half(), x.bfloat16(), x.contiguous(memory_format=torch.channels_last), x[:, :, ::2],
+             torch.nn.Parameter(x.clone())]
+    for t in plain:
+        assert _dispatch._plain_cpu_call(t) and _dispatch.route(t) == _dispatch.CPP == _expected_route(t)
+    for t in (x[:0], x.double(), torch.empty(2, 4, 8, 8, device="meta"), torch.ones(2, 4, 8, 8, dtype=torch.int32)):
+        assert not _dispatch._plain_cpu_call(t) and _dispatch.route(t) == _expected_route(t)
+    with _dispatch.backend("cpu"):
+        assert not _dispatch._plain_cpu_call(x) and _dispatch.route(x) == _dispatch.CPP == _expected_route(x)
+    with _dispatch.backend("reference"):
+        assert not _dispatch._plain_cpu_call(x) and _dispatch.route(x) == _dispatch.OP == _expected_route(x)
+    settings = (("SCNET_FUSED_BACKEND", "reference", _dispatch.OP), ("SCNET_FUSED_BACKEND", "auto", _dispatch.CPP),
+                ("SCNET_FUSED_CPP_AUTOGRAD", "1", _dispatch.CPP), ("SCNET_FUSED_CPP_AUTOGRAD", "0", _dispatch.OP))
+    for name, value, want in settings:
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            assert not _dispatch._plain_cpu_call(x), (name, value)
+            assert _dispatch.route(x) == want == _expected_route(x), (name, value)
+    assert _dispatch._plain_cpu_call(x)  # the variables unset again
+    traced = torch.jit.trace(lambda t: t + (1.0 if _dispatch.route(t) == _dispatch.PLAIN else -1.0), x)
+    assert torch.equal(traced(x), x + 1.0)
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_bottleneck_paths_agree_bit_for_bit(monkeypatch, affine):
     """The fused bottleneck with the C++ ops (the autograd twins, relu_cat, and the modules' BatchNorm

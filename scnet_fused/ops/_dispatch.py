@@ -434,13 +434,63 @@ def _cpp_backend(x: torch.Tensor) -> bool:
 
 PLAIN, CPP, OP = "plain", "cpp", "op"
 
+# CPython keeps os.environ in a dict of encoded keys: a lookup there is one hash probe, where
+# os.environ.get encodes the key and decodes the value (objects that a kernel streaming megabytes
+# between two calls has evicted from the caches; the cold lookups cost more than the rest of route).
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEYS = tuple(os.environ.encodekey(k) for k in (_ENV, _CPP_AUTOGRAD_ENV))  # type: ignore[attr-defined]
+except AttributeError:  # another Python: no fast path
+    _ENV_DATA, _ENV_KEYS = None, ()
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _plain_cpu_call(x) -> bool:
+    """Whether the call on ``x`` is the common eager one that needs no :func:`select`: a real non-empty
+    CPU tensor of a kernel dtype, no :func:`backend` block, neither $SCNET_FUSED_BACKEND nor
+    $SCNET_FUSED_CPP_AUTOGRAD set (set to anything, the full path reads them), and the cpu backend
+    loaded with the C++ autograd ops. What ``auto`` would pick there: the ``cpu`` backend."""
+    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
+        return False
+    if not x.is_cpu or x.dtype not in _FAST_DTYPES or _state.stack:
+        return False
+    data = _ENV_DATA
+    if data is None or _ENV_KEYS[0] in data or _ENV_KEYS[1] in data or x.numel() == 0:
+        return False
+    prims = _module_cache.get("cpu")
+    if prims is None or isinstance(prims, str):
+        return False
+    return _has_autograd_ops()
+
+
+_autograd_ops: Optional[bool] = None
+
+
+def _has_autograd_ops() -> bool:
+    """``_cpp.has_autograd_ops()``, kept after the first answer (the extension's ops do not change)."""
+    global _autograd_ops
+    if _autograd_ops is None:
+        from . import _cpp
+
+        _autograd_ops = _cpp.has_autograd_ops()
+    return _autograd_ops
+
+
+_is_tracing = torch._C._is_tracing
+_functorch_fn = getattr(torch._C, "_are_functorch_transforms_active", None)
+_forward_ad = torch.autograd.forward_ad
+
 
 def route(x) -> str:
     """Which path a public op's call on ``x`` takes, :func:`standard_ops_only` and :func:`cpp_autograd`
     in one call (the public ops ask both on every call): ``PLAIN`` (the standard operators),
-    ``CPP`` (the C++ autograd op) or ``OP`` (the torch.library custom op)."""
-    if standard_ops_only():
-        return PLAIN
+    ``CPP`` (the C++ autograd op) or ``OP`` (the torch.library custom op). Few objects touched in the
+    common eager CPU case (:func:`_plain_cpu_call`)."""
     if torch.compiler.is_compiling():
-        return OP
+        return PLAIN if torch.onnx.is_in_onnx_export() else OP
+    if (_is_tracing() or (_functorch_fn is not None and _functorch_fn())
+            or getattr(_forward_ad, "_current_level", -1) >= 0):
+        return PLAIN
+    if _plain_cpu_call(x):
+        return CPP
     return CPP if _cpp_allowed((x,)) and _cpp_backend(x) else OP
