@@ -48,6 +48,8 @@ BACKGROUND = {
                               "--min-run-time", "0.02", *extra), {}) for extra in _BN_BACKWARD_EXTRA],
     "stream_stores": [(_script("bench_stream_stores", "--shapes", "3x16x16,2x7x7", "--batch-size", "2", "--rounds", "2",
                                "--min-run-time", "0.02"), {"env": dict(os.environ, SCNET_FUSED_CPU_STREAM="0")})],
+    "route": [(_script("bench_route", "--shapes", "3x16x16,2x7x7", "--batch-size", "2", "--rounds", "2",
+                       "--min-run-time", "0.02"), {})],
     "winograd": [(_script("bench_winograd", "--shapes", "16x13x14", "--batch-size", "2", "--rounds", "2",
                           "--min-run-time", "0.02", "--device", "cpu", "--default-malloc"), {})],
     "small_inference": [(_script("bench_small_inference", "--no-model", "--rounds", "1"), {})],
@@ -792,6 +794,28 @@ def test_bench_stream_stores_script(tmp_path, capsys):
     assert f"| gate | backward | 2x3x16x16 | {can} |" in md and "| gate | forward | 2x2x7x7 | no |" in md
     _script_usage_errors("bench_stream_stores", tmp_path, capsys,
                          [(["--ops", "sideways"], "sideways"), (["--shapes", "0x4x4"], "0x4x4"), (["--rounds", "0"], "--rounds")])
+
+
+@pytest.mark.background("route")
+def test_bench_route_script(tmp_path, capsys, monkeypatch):
+    """benchmarks/bench_route.py: the public gate ops with route's shortcut and without, interleaved in
+    one process; refused where the shortcut would not be taken."""
+    from scnet_fused.ops import _dispatch
+
+    if _dispatch.available("cpu") is not None:
+        pytest.skip(_dispatch.available("cpu"))
+    (r,), out = _bg("route")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((out / "route.json").read_text())
+    assert sorted((row["shape"], row["op"], row["setting"]) for row in rows) == sorted(
+        (s, o, k) for s in ("2x3x16x16", "2x2x7x7") for o in ("gate", "gate_bn") for k in ("shortcut", "full"))
+    assert all(len(row["rounds_ms"]) == 2 and row["median_ms"] > 0 and row["input_sets"] >= 1 for row in rows)
+    md = (out / "route.md").read_text()
+    assert "| gate | forward | 2x3x16x16 |" in md and "| gate_bn | forward | 2x2x7x7 |" in md
+    _script_usage_errors("bench_route", tmp_path, capsys,
+                         [(["--ops", "sideways"], "sideways"), (["--shapes", "0x4x4"], "0x4x4"), (["--rounds", "0"], "--rounds")])
+    monkeypatch.setenv("SCNET_FUSED_CPP_AUTOGRAD", "1")
+    _script_usage_errors("bench_route", tmp_path, capsys, [(["--shapes", "2x7x7"], "shortcut is not taken")])
 
 
 @pytest.mark.background("first_step")
