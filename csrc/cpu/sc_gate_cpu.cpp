@@ -836,7 +836,7 @@ struct Backward {
 // One vector of the backward. Returns dz; accumulates g and g * (k - center) over the lanes that
 // `keep` selects (all lanes when nullptr).
 template <bool kSums = true>
-inline Vec backward_vec(const Vec& xv, const Vec& uv, const Vec& kv, const Vec& dyv, const Vec& sc, const Vec& sh,
+SCNET_FUSED_ALWAYS_INLINE Vec backward_vec(const Vec& xv, const Vec& uv, const Vec& kv, const Vec& dyv, const Vec& sc, const Vec& sh,
                         const Vec& ctr, Vec& dk3v, Vec& gsum, Vec& gksum, const Vec* keep = nullptr) {
   const Vec s = vsigmoid(xv + uv);
   Vec g = dyv * s;
@@ -1142,8 +1142,9 @@ void gate_bn_backward_by_channel(const Backward<T>& p, const Geometry& g, const 
 
 #endif  // SCNET_FUSED_PERMUTE_UP
 
-// Tasks (n, a, channel block); partial sums at [(n * h + a) * C + c].
-template <typename T>
+// Tasks (n, a, channel block); partial sums at [(n * h + a) * C + c] (with kSums; without, not
+// computed and part_g, part_gk not written).
+template <typename T, bool kSums>
 void backward_nhwc(const Backward<T>& p, const Geometry& g, double* part_g, double* part_gk) {
   const NhwcTasks tk = nhwc_tasks(g);
   const int64_t per_task = std::max<int64_t>(1, (g.H / g.h + 1) * g.W * tk.cb);
@@ -1181,39 +1182,55 @@ void backward_nhwc(const Backward<T>& p, const Geometry& g, double* part_g, doub
           T* dkp = p.dk3 ? p.dk3 + off : nullptr;
           int64_t e = 0;
           for (; e + kV <= cn; e += kV) {
-            Vec gs = Vec::loadu(rowg.data() + e), gks = Vec::loadu(rowgk.data() + e), dk3v;
-            const Vec dz = backward_vec(IO<T>::load(xp + e), Vec::loadu(u + e), IO<T>::load(kp + e),
+            Vec gs(0.0f), gks(0.0f), dk3v;
+            if constexpr (kSums) {
+              gs = Vec::loadu(rowg.data() + e);
+              gks = Vec::loadu(rowgk.data() + e);
+            }
+            const Vec dz = backward_vec<kSums>(IO<T>::load(xp + e), Vec::loadu(u + e), IO<T>::load(kp + e),
                                            IO<T>::load(dp + e), Vec::loadu(SC + e), Vec::loadu(SH + e),
                                            Vec::loadu(CT + e), dk3v, gs, gks);
             IO<T>::store(dxp + e, dz);
             if (dkp) IO<T>::store(dkp + e, dk3v);
             (Vec::loadu(d + e) + dz).store(d + e);
-            gs.store(rowg.data() + e);
-            gks.store(rowgk.data() + e);
+            if constexpr (kSums) {
+              gs.store(rowg.data() + e);
+              gks.store(rowgk.data() + e);
+            }
           }
           if (e < cn) {
             const int64_t m = cn - e;
-            Vec gs = Vec::loadu(rowg.data() + e, m), gks = Vec::loadu(rowgk.data() + e, m), dk3v;
-            const Vec dz = backward_vec(IO<T>::load(xp + e, m), Vec::loadu(u + e, m), IO<T>::load(kp + e, m),
+            Vec gs(0.0f), gks(0.0f), dk3v;
+            if constexpr (kSums) {
+              gs = Vec::loadu(rowg.data() + e, m);
+              gks = Vec::loadu(rowgk.data() + e, m);
+            }
+            const Vec dz = backward_vec<kSums>(IO<T>::load(xp + e, m), Vec::loadu(u + e, m), IO<T>::load(kp + e, m),
                                            IO<T>::load(dp + e, m), Vec::loadu(SC + e, m), Vec::loadu(SH + e, m),
                                            Vec::loadu(CT + e, m), dk3v, gs, gks);
             IO<T>::store(dxp + e, dz, m);
             if (dkp) IO<T>::store(dkp + e, dk3v, m);
             (Vec::loadu(d + e, m) + dz).store(d + e, m);
-            gs.store(rowg.data() + e, m);
-            gks.store(rowgk.data() + e, m);
+            if constexpr (kSums) {
+              gs.store(rowg.data() + e, m);
+              gks.store(rowgk.data() + e, m);
+            }
           }
         }
-        for (int64_t cc = 0; cc < cn; ++cc) {
-          accg[cc] += rowg[cc];
-          accgk[cc] += rowgk[cc];
+        if constexpr (kSums) {
+          for (int64_t cc = 0; cc < cn; ++cc) {
+            accg[cc] += rowg[cc];
+            accgk[cc] += rowgk[cc];
+          }
         }
       }
       for (int64_t cc = 0; cc < cn; ++cc) {
         T* drow = p.dsmall + ((n * g.C + c0 + cc) * g.h + a) * g.w;
         for (int64_t b = 0; b < g.w; ++b) drow[b] = static_cast<T>(dsT[b * cn + cc]);
-        part_g[(n * g.h + a) * g.C + c0 + cc] = accg[cc];
-        part_gk[(n * g.h + a) * g.C + c0 + cc] = accgk[cc];
+        if constexpr (kSums) {
+          part_g[(n * g.h + a) * g.C + c0 + cc] = accg[cc];
+          part_gk[(n * g.h + a) * g.C + c0 + cc] = accgk[cc];
+        }
       }
     }
   });
@@ -1346,7 +1363,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
   at::Tensor dx = new_output(x.sizes(), x.options(), format_of(L));
   at::Tensor dsmall = new_output(small.sizes(), small.options());
   at::Tensor dk3 = need_dk3 ? new_output(x.sizes(), x.options(), format_of(L)) : at::empty({0}, x.options());
-  // Without need_sums the sums are empty: the permute path skips them, the others drop them.
+  // Without need_sums the sums are empty: the permute and channels_last paths skip them, the blocked
+  // NCHW one (the default build) drops them.
   const int64_t nsum = need_sums ? C : 0;
   at::Tensor sum_g = new_output({nsum}, x.options().dtype(at::kFloat));
   at::Tensor sum_gk = new_output({nsum}, x.options().dtype(at::kFloat));
@@ -1387,7 +1405,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
 #endif
       backward_nchw<T>(p, g, part_g.data(), part_gk.data());
     } else {
-      backward_nhwc<T>(p, g, part_g.data(), part_gk.data());
+      need_sums ? backward_nhwc<T, true>(p, g, part_g.data(), part_gk.data())
+                : backward_nhwc<T, false>(p, g, part_g.data(), part_gk.data());
     }
   });
   if (need_sums) {
