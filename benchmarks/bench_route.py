@@ -4,8 +4,9 @@
     python benchmarks/bench_route.py --shapes 256x7x7 --rounds 15
 
 Every public op asks ``scnet_fused.ops._dispatch.route`` which path a call takes. In the common eager
-CPU call it answers from a few attribute reads (``_plain_cpu_call``); otherwise it asks the backend
-selection (the backend blocks, both environment variables, ``select``). Between two calls a kernel
+CPU call it answers which backend ``auto`` picks from a few attribute reads (``_plain_cpu_call``);
+otherwise it asks the backend selection (``select``: the backend blocks, $SCNET_FUSED_BACKEND, the
+order of the backends). Between two calls a kernel
 streams megabytes through the caches and evicts the Python objects a lookup touches, so a lookup that
 takes a few microseconds in a tight loop costs tens between kernels. This times the public forward
 (``sc_gate``, ``sc_gate_bn_train``: the checks, ``route``, the C++ autograd op) with the shortcut and
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
         if op not in OPS:
             ap.error(f"unknown op {op!r}: choose from {', '.join(OPS)}")
     _, isa, allocator = bench.cpu_kernels_from_args(ap, args)
-    if not _dispatch._plain_cpu_call(torch.ones(1, 1, 1, 1)):
+    probe = torch.ones(1, 1, 1, 1)
+    if not (_dispatch._plain_cpu_call(probe) and _dispatch.route(probe) == _dispatch.CPP):
         ap.error("route's shortcut is not taken here (a backend block, $SCNET_FUSED_BACKEND or "
                  "$SCNET_FUSED_CPP_AUTOGRAD set, or no C++ autograd ops)")
     device = torch.device("cpu")

@@ -814,7 +814,10 @@ def test_bench_route_script(tmp_path, capsys, monkeypatch):
     assert "| gate | forward | 2x3x16x16 |" in md and "| gate_bn | forward | 2x2x7x7 |" in md
     _script_usage_errors("bench_route", tmp_path, capsys,
                          [(["--ops", "sideways"], "sideways"), (["--shapes", "0x4x4"], "0x4x4"), (["--rounds", "0"], "--rounds")])
-    monkeypatch.setenv("SCNET_FUSED_CPP_AUTOGRAD", "1")
+    monkeypatch.setenv("SCNET_FUSED_BACKEND", "cpu")  # set: select reads it, no shortcut to time
+    _script_usage_errors("bench_route", tmp_path, capsys, [(["--shapes", "2x7x7"], "shortcut is not taken")])
+    monkeypatch.delenv("SCNET_FUSED_BACKEND")
+    monkeypatch.setenv("SCNET_FUSED_CPP_AUTOGRAD", "0")  # the torch.library path: no C++ op to time
     _script_usage_errors("bench_route", tmp_path, capsys, [(["--shapes", "2x7x7"], "shortcut is not taken")])
 
 

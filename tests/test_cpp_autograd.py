@@ -298,8 +298,9 @@ def test_route_is_the_two_predicates_in_one_call(monkeypatch):
 
 def test_route_fast_path_takes_only_the_plain_eager_cpu_call(monkeypatch):
     """``route`` answers the common eager CPU call without ``select`` (``_plain_cpu_call``): taken for a
-    real non-empty CPU tensor of a kernel dtype in any layout, with no backend block and neither
-    environment variable set; in every other case the full path answers, and as the two predicates do."""
+    non-empty CPU tensor of a kernel dtype in any layout, with no backend block and
+    $SCNET_FUSED_BACKEND not set; in every other case ``select`` answers; always as the two predicates
+    do."""
     x = torch.randn(2, 4, 8, 8)
     plain = [x, x.half(), x.bfloat16(), x.contiguous(memory_format=torch.channels_last), x[:, :, ::2],
              torch.nn.Parameter(x.clone())]
@@ -316,7 +317,8 @@ def test_route_fast_path_takes_only_the_plain_eager_cpu_call(monkeypatch):
     for name, value, want in settings:
         with monkeypatch.context() as m:
             m.setenv(name, value)
-            assert not _dispatch._plain_cpu_call(x), (name, value)
+            # $SCNET_FUSED_BACKEND is select's to read; $SCNET_FUSED_CPP_AUTOGRAD is asked before it
+            assert _dispatch._plain_cpu_call(x) == (name != "SCNET_FUSED_BACKEND"), (name, value)
             assert _dispatch.route(x) == want == _expected_route(x), (name, value)
     assert _dispatch._plain_cpu_call(x)  # the variables unset again
     traced = torch.jit.trace(lambda t: t + (1.0 if _dispatch.route(t) == _dispatch.PLAIN else -1.0), x)

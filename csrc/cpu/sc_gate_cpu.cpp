@@ -836,8 +836,9 @@ struct Backward {
 // One vector of the backward. Returns dz; accumulates g and g * (k - center) over the lanes that
 // `keep` selects (all lanes when nullptr).
 template <bool kSums = true>
-SCNET_FUSED_ALWAYS_INLINE Vec backward_vec(const Vec& xv, const Vec& uv, const Vec& kv, const Vec& dyv, const Vec& sc, const Vec& sh,
-                        const Vec& ctr, Vec& dk3v, Vec& gsum, Vec& gksum, const Vec* keep = nullptr) {
+SCNET_FUSED_ALWAYS_INLINE Vec backward_vec(const Vec& xv, const Vec& uv, const Vec& kv, const Vec& dyv, const Vec& sc,
+                                           const Vec& sh, const Vec& ctr, Vec& dk3v, Vec& gsum, Vec& gksum,
+                                           const Vec* keep = nullptr) {
   const Vec s = vsigmoid(xv + uv);
   Vec g = dyv * s;
   const Vec ga = g * at::vec::fmadd(kv, sc, sh);

@@ -352,15 +352,35 @@ _CPP_AUTOGRAD_BACKENDS = ("cpu", "cuda")
 _CPP_AUTOGRAD_ENV = "SCNET_FUSED_CPP_AUTOGRAD"  # "0": always the torch.library ops (debugging)
 
 
+# The predicates below run on every public call and every fused convolution, between kernels that
+# evict the caches: bound once, they touch few objects.
+_is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() in eager Python
+_functorch_fn = getattr(torch._C, "_are_functorch_transforms_active", None)
+_forward_ad = torch.autograd.forward_ad
+# CPython keeps os.environ in a dict of encoded keys: testing a key there is one hash probe, where
+# os.environ.get encodes the key and decodes the value. None on another Python: os.environ.get.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEYS = {name: os.environ.encodekey(name) for name in (_ENV, _CPP_AUTOGRAD_ENV)}  # type: ignore
+except AttributeError:
+    _ENV_DATA = None
+
+
+def _env_set(name: str) -> bool:
+    """Whether environment variable ``name`` ($SCNET_FUSED_BACKEND or $SCNET_FUSED_CPP_AUTOGRAD) is set."""
+    if _ENV_DATA is None:
+        return name in os.environ
+    return _ENV_KEYS[name] in _ENV_DATA
+
+
 def _functorch_active() -> bool:
-    fn = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(fn()) if fn is not None else False
+    return _functorch_fn is not None and bool(_functorch_fn())
 
 
 def _forward_ad_active() -> bool:
     """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``): the custom ops,
     the C++ autograd nodes and the Winograd convolution have no forward derivative."""
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+    return getattr(_forward_ad, "_current_level", -1) >= 0
 
 
 def standard_ops_only() -> bool:
@@ -373,7 +393,7 @@ def standard_ops_only() -> bool:
     torch.compile and torch.export keep the custom ops. Cheap to rule out in eager."""
     if torch.compiler.is_compiling():
         return torch.onnx.is_in_onnx_export()
-    return torch.jit.is_tracing() or _functorch_active() or _forward_ad_active()
+    return _is_tracing() or _functorch_active() or _forward_ad_active()
 
 
 def _plain_eager(*tensors: torch.Tensor) -> bool:
@@ -390,7 +410,7 @@ def _cpp_allowed(tensors) -> bool:
     for t in tensors:
         if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
             return False
-    return os.environ.get(_CPP_AUTOGRAD_ENV, "1").strip() != "0"
+    return not _env_set(_CPP_AUTOGRAD_ENV) or os.environ.get(_CPP_AUTOGRAD_ENV, "1").strip() != "0"
 
 
 def cpp_glue(*tensors: torch.Tensor) -> bool:
@@ -419,6 +439,8 @@ def cpp_autograd(x: torch.Tensor) -> bool:
 def _cpp_backend(x: torch.Tensor) -> bool:
     """The part of :func:`cpp_autograd` after :func:`_plain_eager`: a non-empty tensor, not float64,
     whose backend is a compiled one with the autograd ops built."""
+    if _plain_cpu_call(x):
+        return True
     if x.numel() == 0 or x.dtype == torch.float64:
         return False
     try:
@@ -427,35 +449,20 @@ def _cpp_backend(x: torch.Tensor) -> bool:
         return False
     if name not in _CPP_AUTOGRAD_BACKENDS:
         return False
-    from . import _cpp
-
-    return _cpp.has_autograd_ops()
+    return _has_autograd_ops()
 
 
 PLAIN, CPP, OP = "plain", "cpp", "op"
 
-# CPython keeps os.environ in a dict of encoded keys: a lookup there is one hash probe, where
-# os.environ.get encodes the key and decodes the value (objects that a kernel streaming megabytes
-# between two calls has evicted from the caches; the cold lookups cost more than the rest of route).
-_ENV_DATA = getattr(os.environ, "_data", None)
-try:
-    _ENV_KEYS = tuple(os.environ.encodekey(k) for k in (_ENV, _CPP_AUTOGRAD_ENV))  # type: ignore[attr-defined]
-except AttributeError:  # another Python: no fast path
-    _ENV_DATA, _ENV_KEYS = None, ()
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _plain_cpu_call(x) -> bool:
-    """Whether the call on ``x`` is the common eager one that needs no :func:`select`: a real non-empty
-    CPU tensor of a kernel dtype, no :func:`backend` block, neither $SCNET_FUSED_BACKEND nor
-    $SCNET_FUSED_CPP_AUTOGRAD set (set to anything, the full path reads them), and the cpu backend
-    loaded with the C++ autograd ops. What ``auto`` would pick there: the ``cpu`` backend."""
-    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
-        return False
-    if not x.is_cpu or x.dtype not in _FAST_DTYPES or _state.stack:
-        return False
-    data = _ENV_DATA
-    if data is None or _ENV_KEYS[0] in data or _ENV_KEYS[1] in data or x.numel() == 0:
+    """What :func:`select` would answer without asking it, for the common eager call: a non-empty CPU
+    tensor of a kernel dtype, no :func:`backend` block, $SCNET_FUSED_BACKEND not set (set to anything,
+    ``select`` reads it), and the cpu backend loaded with the C++ autograd ops: ``auto`` picks ``cpu``,
+    whose ops :func:`_cpp_backend` takes."""
+    if not x.is_cpu or x.dtype not in _FAST_DTYPES or _state.stack or _env_set(_ENV) or x.numel() == 0:
         return False
     prims = _module_cache.get("cpu")
     if prims is None or isinstance(prims, str):
@@ -476,21 +483,12 @@ def _has_autograd_ops() -> bool:
     return _autograd_ops
 
 
-_is_tracing = torch._C._is_tracing
-_functorch_fn = getattr(torch._C, "_are_functorch_transforms_active", None)
-_forward_ad = torch.autograd.forward_ad
-
-
 def route(x) -> str:
     """Which path a public op's call on ``x`` takes, :func:`standard_ops_only` and :func:`cpp_autograd`
     in one call (the public ops ask both on every call): ``PLAIN`` (the standard operators),
-    ``CPP`` (the C++ autograd op) or ``OP`` (the torch.library custom op). Few objects touched in the
-    common eager CPU case (:func:`_plain_cpu_call`)."""
-    if torch.compiler.is_compiling():
-        return PLAIN if torch.onnx.is_in_onnx_export() else OP
-    if (_is_tracing() or (_functorch_fn is not None and _functorch_fn())
-            or getattr(_forward_ad, "_current_level", -1) >= 0):
+    ``CPP`` (the C++ autograd op) or ``OP`` (the torch.library custom op)."""
+    if standard_ops_only():
         return PLAIN
-    if _plain_cpu_call(x):
-        return CPP
+    if torch.compiler.is_compiling():
+        return OP
     return CPP if _cpp_allowed((x,)) and _cpp_backend(x) else OP
