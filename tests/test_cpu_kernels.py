@@ -50,6 +50,9 @@ SHAPES = [
     (2, 5, 3, 5, 1, 2),       # a 15-element plane: one partial vector of 16 lanes, overlapping ones of 8
     (3, 4, 2, 3, 1, 1),       # a 6-element plane: one partial vector
     (2, 9, 7, 7, 1, 1),       # a 1x1 pooled map: NCHW planes walked as one flat array, a partial last chunk
+    # The NHWC backward's channel chunks (16 lanes: chunks of 4, 2 and 1 vectors; 8 lanes: of 2 and 1):
+    (2, 117, 11, 10, 3, 4),   # a block wider than a chunk, walked cell by cell, with a partial last vector
+    (1, 53, 12, 13, 4, 5),    # a block of at most one chunk (16 lanes), walked row by row
 ]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 
@@ -1134,5 +1137,5 @@ def check_gate_backward_without_sums(P, device="cpu", shapes=_SIGMOID_PATHS[:2])
 
 
 def test_gate_backward_without_sums():
-    check_gate_backward_without_sums(prims())
+    check_gate_backward_without_sums(prims(), shapes=_SIGMOID_PATHS[:2] + SHAPES[-2:])
     check_gate_backward_without_sums(R)
