@@ -107,7 +107,9 @@ def markdown(rows, sides, rounds) -> str:
     v = first["versions"]
     lines = [f"# Two builds compared: {first['device']}", "",
              f"base `{sides['base']['commit']}`, head `{sides['head']['commit']}`; torch {v['torch']}, Python "
-             f"{v['python']}, CPU kernels {v.get('cpu_isa', '?')}; {rounds} rounds, the checkouts alternating, "
+             f"{v['python']}, CPU kernels {v.get('cpu_isa', '?')}; inputs "
+             f"{'channels_last' if first.get('channels_last') else 'contiguous (NCHW)'}; {rounds} rounds, the "
+             f"checkouts alternating, "
              f"each (round, checkout) in a process of its own; ms = median of the rounds' medians; "
              f"head vs base = base's time over head's.", "",
              "| op | mode | N x C x H x W | dtype | base ms | head ms | head vs base | base rounds ms | head rounds ms |",

@@ -392,6 +392,7 @@ def add_gate_rounds_args(ap, op: str, mode: str, rounds: int) -> None:
     ap.add_argument("--min-run-time", type=_args.positive_float, default=0.5)
     ap.add_argument("--threads", type=_args.positive_int, default=None,
                     help="OMP threads of the runs (default: torch's)")
+    ap.add_argument("--channels-last", action="store_true", help="inputs in channels_last")
 
 
 def gate_rounds(labels: Sequence[str], args, run_spec: Callable[[str], Tuple[str, dict, Optional[str]]],
@@ -412,6 +413,8 @@ def gate_rounds(labels: Sequence[str], args, run_spec: Callable[[str], Tuple[str
                        "--out", tmp, "--name", name]
                 if args.shapes:
                     cmd += ["--shapes", args.shapes]
+                if getattr(args, "channels_last", False):
+                    cmd.append("--channels-last")
                 if args.threads:
                     env = dict(env, OMP_NUM_THREADS=str(args.threads))
                 log_stderr(f"round {r + 1}/{args.rounds}: {label}")

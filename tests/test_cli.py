@@ -41,7 +41,8 @@ BACKGROUND = {
     "first_step": [(_script("bench_first_step", "--shapes", "8x8x8", "--modes", "eval", "--batch-size", "2",
                             "--device", "cpu", "--threads", "1"), {"env": _env(), "timeout": 600})],
     "checkouts": [(_script("bench_checkouts", "--base", ROOT, "--rounds", "2", "--op", "gate", "--mode", "backward",
-                           "--shapes", "5x13x14", "--batch-size", "2", "--min-run-time", "0.02", "--name", "ab"), {})],
+                           "--shapes", "5x13x14", "--batch-size", "2", "--min-run-time", "0.02", "--channels-last",
+                           "--name", "ab"), {})],
     "winograd_parts": [(_script("bench_winograd_parts", "--shapes", "16x13x14,32x8x8", "--batch-size", "2",
                                 "--rounds", "2", "--min-run-time", "0.02", "--device", "cpu", "--default-malloc"), {})],
     "bn_backward": [(_script("bench_bn_backward", "--shapes", "3x16x16,2x7x7", "--batch-size", "2", "--rounds", "2",
@@ -464,7 +465,8 @@ def test_bench_cpu_isa_script(tmp_path, capsys):
 @pytest.mark.background("checkouts")
 def test_bench_checkouts_script(tmp_path, capsys):
     """benchmarks/bench_checkouts.py: both checkouts run in alternating rounds, each row says which one
-    (here the same checkout twice); a folder that is not a checkout of the package is refused."""
+    (here the same checkout twice), the layout asked for reaches the runs; a folder that is not a
+    checkout of the package is refused."""
     from scnet_fused.ops import _cpp
 
     if _cpp.cpu_isa() is None:
@@ -476,7 +478,9 @@ def test_bench_checkouts_script(tmp_path, capsys):
         (0, "base"), (0, "head"), (1, "base"), (1, "head")]
     assert data["checkouts"]["base"]["path"] == data["checkouts"]["head"]["path"] == os.path.realpath(ROOT)
     assert all(row["commit"] == data["checkouts"]["base"]["commit"] != "" for row in data["rows"])
-    assert "| gate | backward | 2x5x13x14 | fp32 |" in (out / "ab.md").read_text()
+    assert all(row["channels_last"] is True for row in data["rows"])
+    md = (out / "ab.md").read_text()
+    assert "| gate | backward | 2x5x13x14 | fp32 |" in md and "inputs channels_last" in md
     # A folder that looks like a checkout but has no package of its own: its processes would import this
     # checkout's package, so both sides would time the same build. Refused before anything runs.
     fake = tmp_path / "fake"
