@@ -180,9 +180,11 @@ def _gate_bwd_kernel(dy_ptr, x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, cen
                      C, h, w, s_n, s_c, s_h, s_w, run_w,
                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_CENTER: tl.constexpr,
                      HAS_SMALL_AFFINE: tl.constexpr,
-                     NEED_DK3: tl.constexpr, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
-    """dx, dk3 and, per cell, dsmall = sum(dx); per program, partial sums of g and g * (k3 - center)."""
+                     NEED_DK3: tl.constexpr, NEED_SUMS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                     BIG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dx, dk3 and, per cell, dsmall = sum(dx); with NEED_SUMS, per program, partial sums of g and
+    g * (k3 - center) (without, neither their accumulators nor their stores: part_g_ptr and part_gk_ptr
+    are not touched)."""
     n, c_idx, c_mask, col0, ncol, row0, row1, small_off, small_mask = _cell_program(
         tab_ptr, C, h, w, BIG, BLOCK_C, BLOCK_B)
     sv = _small_values(small_ptr, small_off, small_mask, ss_ptr, st_ptr, c_idx, c_mask, HAS_SMALL_AFFINE)
@@ -191,8 +193,9 @@ def _gate_bwd_kernel(dy_ptr, x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, cen
     center = _per_channel(center_ptr, c_idx, c_mask, HAS_CENTER, 0.0)
     # Elementwise accumulators, reduced once at the end (no cross-lane reduction inside the loops).
     acc_ds = tl.zeros([BLOCK_C, BLOCK_B, BLOCK_R], dtype=tl.float32)
-    acc_g = tl.zeros([BLOCK_C, BLOCK_B, BLOCK_R], dtype=tl.float32)
-    acc_gk = tl.zeros([BLOCK_C, BLOCK_B, BLOCK_R], dtype=tl.float32)
+    if NEED_SUMS:
+        acc_g = tl.zeros([BLOCK_C, BLOCK_B, BLOCK_R], dtype=tl.float32)
+        acc_gk = tl.zeros([BLOCK_C, BLOCK_B, BLOCK_R], dtype=tl.float32)
     base_n = n.to(tl.int64) * s_n
     for k0 in range(0, run_w, BLOCK_R):
         lane, mask = _run_chunk(c_idx, c_mask, col0, ncol, k0, s_c, s_w, CHANNELS_LAST, BIG, BLOCK_R)
@@ -209,15 +212,17 @@ def _gate_bwd_kernel(dy_ptr, x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, cen
             if NEED_DK3:
                 tl.store(dk3_ptr + base + lane, (g * scale).to(dk3_ptr.dtype.element_ty), mask=mask)
             acc_ds += dz
-            acc_g += g
-            acc_gk += g * (kv - center)
+            if NEED_SUMS:
+                acc_g += g
+                acc_gk += g * (kv - center)
     # The run chunks of one source column all land in the same (c, b) slot: summing over the run axis
     # gives the cell sum of dx, which is dsmall.
     tl.store(dsmall_ptr + small_off, tl.sum(acc_ds, axis=2).to(dsmall_ptr.dtype.element_ty), mask=small_mask)
-    part_row = tl.program_id(0) * tl.num_programs(2) + tl.program_id(2)
-    part_off = part_row.to(tl.int64) * C + c_idx
-    tl.store(part_g_ptr + part_off, tl.sum(tl.sum(acc_g, axis=2), axis=1), mask=c_mask)
-    tl.store(part_gk_ptr + part_off, tl.sum(tl.sum(acc_gk, axis=2), axis=1), mask=c_mask)
+    if NEED_SUMS:
+        part_row = tl.program_id(0) * tl.num_programs(2) + tl.program_id(2)
+        part_off = part_row.to(tl.int64) * C + c_idx
+        tl.store(part_g_ptr + part_off, tl.sum(tl.sum(acc_g, axis=2), axis=1), mask=c_mask)
+        tl.store(part_gk_ptr + part_off, tl.sum(tl.sum(acc_gk, axis=2), axis=1), mask=c_mask)
 
 
 @triton.jit
@@ -460,16 +465,19 @@ def gate_backward(dy: torch.Tensor, x: torch.Tensor, small: torch.Tensor, k3: to
     if x.numel() == 0:
         zeros = torch.zeros(nsum, dtype=torch.float32, device=x.device)
         return dx, dsmall.zero_(), dk3, zeros, zeros.clone()
-    n_rows = grid[0] * grid[2]
-    part = new_empty((2, n_rows, C), torch.float32, x.device)
+    # Per-program partial sums (rows of C floats), only when asked for: without, the kernel neither
+    # accumulates nor stores them, and dx stands in for their (untouched) pointers.
+    part = new_empty((2, grid[0] * grid[2], C), torch.float32, x.device) if need_sums else None
     ss, st, has_sa = _small_affine(small_scale, small_shift, C, x)
     _gate_bwd_kernel[grid](dy, x, k3, small, _vec(scale, C, x), _vec(shift, C, x), _vec(center, C, x), ss, st,
-                           dx, dk3 if need_dk3 else dx, dsmall, part[0], part[1], tab, *scalars,
+                           dx, dk3 if need_dk3 else dx, dsmall, part[0] if need_sums else dx,
+                           part[1] if need_sums else dx, tab, *scalars,
                            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
                            HAS_CENTER=center is not None, HAS_SMALL_AFFINE=has_sa, NEED_DK3=bool(need_dk3),
-                           **meta)
-    if not need_sums:  # the kernel's partials are left unreduced
-        return dx, dsmall, dk3, part.new_empty(0), part.new_empty(0)
+                           NEED_SUMS=bool(need_sums), **meta)
+    if not need_sums:
+        empty = torch.empty(0, dtype=torch.float32, device=x.device)
+        return dx, dsmall, dk3, empty, empty.clone()
     # Two separate reductions: the results must not be views of one tensor (custom ops forbid aliasing).
     return dx, dsmall, dk3, part[0].sum(dim=0), part[1].sum(dim=0)
 
@@ -585,11 +593,14 @@ def aot_kernels():
                **ptrs(("scale_ptr", "shift_ptr", "center_ptr", "ss_ptr", "st_ptr"), "*fp32"),
                **ptrs(("dx_ptr", "dk3_ptr", "dsmall_ptr"), ty), **ptrs(("part_g_ptr", "part_gk_ptr"), "*fp32"),
                "tab_ptr": "*i32", **gate_ints}
-        # flags 0: the plain gate's backward (dk3, no affine); 1: BN-train pass 1 (affines, center, no dk3)
-        const = dict(HAS_SCALE=bool(flags), HAS_SHIFT=bool(flags), HAS_CENTER=bool(flags),
-                     HAS_SMALL_AFFINE=bool(flags), NEED_DK3=not flags, **blocks)
-        entries.append((f"gate_bwd_{tag}_{'bn_train' if flags else 'dk3'}", _gate_bwd_kernel,
-                        {**sig, **{k: "constexpr" for k in const}}, const))
+        # flags 0: the plain gate's backward (dk3, no affine, no sums), and the same with a trained affine
+        # of k3 (its sums); 1: BN-train pass 1 (affines, center, sums, no dk3)
+        for sums in ((True,) if flags else (False, True)):
+            const = dict(HAS_SCALE=bool(flags) or sums, HAS_SHIFT=bool(flags) or sums, HAS_CENTER=bool(flags),
+                         HAS_SMALL_AFFINE=bool(flags), NEED_DK3=not flags, NEED_SUMS=sums, **blocks)
+            name = "bn_train" if flags else ("dk3_sums" if sums else "dk3")
+            entries.append((f"gate_bwd_{tag}_{name}", _gate_bwd_kernel,
+                            {**sig, **{k: "constexpr" for k in const}}, const))
 
         sig = {**ptrs(("dy_ptr", "x_ptr", "k3_ptr", "small_ptr"), ty),
                **ptrs(("p_ptr", "q_ptr", "r_ptr", "ss_ptr", "st_ptr"), "*fp32"),
