@@ -454,7 +454,9 @@ def _bn_backward_inputs(shape, dtype, cl, seed):
 # NCHW channel by channel (vector tails, a 1x1 plane, one channel: with two or more threads the
 # two-pass path), NHWC, and an NCHW shape whose channels exceed the by-channel size (two passes).
 WHOLE_BACKWARD = [((2, 16, 14, 13), False), ((3, 5, 7, 6), False), ((4, 3, 1, 1), False), ((3, 1, 9, 9), False),
-                  ((2, 16, 14, 13), True), ((3, 19, 5, 5), True), ((2, 2, 260, 256), False)]
+                  ((2, 16, 14, 13), True), ((3, 19, 5, 5), True), ((2, 2, 260, 256), False),
+                  # NCHW statistics in runs of small planes: 40 planes of 25 a run, then 5; 2 of 512, 2, 1
+                  ((45, 2, 5, 5), False), ((5, 3, 16, 32), False)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -663,7 +665,8 @@ def _small_up64(small, sa, size):
 # size, and a map whose upsampling the permute table does not cover (the blocked path); NHWC.
 GATE_BN_BACKWARD = [(SHAPES[0], False), (SHAPES[3], False), (SHAPES[6], False), (SHAPES[14], False),
                     (SHAPES[15], False), ((3, 1, 9, 9, 2, 2), False), ((1, 2, 240, 232, 60, 58), False),
-                    (SHAPES[13], False), (SHAPES[0], True), (SHAPES[11], True)]
+                    (SHAPES[13], False), (SHAPES[0], True), (SHAPES[11], True),
+                    ((7, 3, 14, 14, 3, 3), False)]  # statistics in runs of 5 planes and 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -748,7 +751,7 @@ def test_gate_bn_train_forward_matches_stats_then_gate(shape, cl, dtype):
 def test_gate_bn_train_forward_ignores_threads_and_checks_inputs():
     P = prims()
     threads = torch.get_num_threads()
-    for shape in (SHAPES[0], (3, 1, 9, 9, 2, 2), SHAPES[3]):
+    for shape in (SHAPES[0], (3, 1, 9, 9, 2, 2), SHAPES[3], (7, 3, 14, 14, 3, 3)):
         for cl in (False, True):
             x, small, k3, _, w, b, _, _ = _gate_bn_inputs(shape, torch.float32, cl, seed=4)
             results = []

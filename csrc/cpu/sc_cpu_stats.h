@@ -4,9 +4,10 @@
 // per-channel BatchNorm algebra of the one-call kernels (the fold, and the input gradient's q and r).
 //
 // Values are shifted by the channel's first value K to keep E[x^2] - E[x]^2 exact enough; float
-// partials over at most 1024 values of a plane (NCHW) or 128 pixels (NHWC) are added in double,
-// in an order fixed by the shape alone (independent of the thread count). Host code only, compiled
-// with the CPU capability flags of setup.py / CMakeLists.txt.
+// partials over at most 1024 values (NCHW: of one plane, or of a run of whole planes of one channel
+// when planes are smaller; NHWC: 128 pixels) are added in double, in an order fixed by the shape alone
+// (independent of the thread count). Host code only, compiled with the CPU capability flags of
+// setup.py / CMakeLists.txt.
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -83,10 +84,12 @@ inline void bn_fold_one(float weight, float bias, float mean, float var, float e
   if (invstd != nullptr) *invstd = is;
 }
 
+// Values a float partial sums at most (then it is added in double).
+constexpr int64_t kFlush = 1024;
+
 // Sums of (x - K) and (x - K)^2 over one NCHW plane of HW values.
 template <typename T>
 inline void plane_moments(const T* xp, int64_t HW, float k, double* s1, double* s2) {
-  constexpr int64_t kFlush = 1024;
   const Vec K(k);
   double a1 = 0.0, a2 = 0.0;
   for (int64_t f0 = 0; f0 < HW; f0 += kFlush) {
@@ -111,6 +114,38 @@ inline void plane_moments(const T* xp, int64_t HW, float k, double* s1, double* 
   *s2 = a2;
 }
 
+// Planes of one NCHW channel per run: as many whole planes as fit in kFlush values (at least one).
+// Small planes (7x7, 14x14) share their float partials, and their horizontal sums, that way: at 7x7
+// one sum per channel and batch of 20 planes instead of one per plane.
+inline int64_t planes_per_run(int64_t HW) { return HW >= kFlush ? 1 : std::max<int64_t>(1, kFlush / HW); }
+
+// Sums of (x - K) and (x - K)^2 over the planes [n0, n1) of one NCHW channel (plane n at
+// t + n * plane_stride), a run of planes_per_run(HW) planes or the channel's last, shorter one.
+template <typename T>
+inline void run_moments(const T* t, int64_t n0, int64_t n1, int64_t plane_stride, int64_t HW, float k, double* s1,
+                        double* s2) {
+  if (n1 - n0 == 1) return plane_moments(t + n0 * plane_stride, HW, k, s1, s2);
+  const Vec K(k);
+  Vec v1(0.0f), v2(0.0f);
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* xp = t + n * plane_stride;
+    int64_t e = 0;
+    for (; e + kV <= HW; e += kV) {
+      const Vec d = load_f(xp + e) - K;
+      v1 = v1 + d;
+      v2 = at::vec::fmadd(d, d, v2);
+    }
+    if (e < HW) {
+      const int64_t m = HW - e;
+      const Vec d = Vec::set(Vec(0.0f), load_f(xp + e, m) - K, m);
+      v1 = v1 + d;
+      v2 = at::vec::fmadd(d, d, v2);
+    }
+  }
+  *s1 = hsum(v1);
+  *s2 = hsum(v2);
+}
+
 // The plain sum of one NCHW channel's values (the non-finite case of finalize_stats).
 template <typename T>
 double nchw_channel_sum(const T* t, int64_t N, int64_t plane_stride, int64_t HW) {
@@ -120,14 +155,16 @@ double nchw_channel_sum(const T* t, int64_t N, int64_t plane_stride, int64_t HW)
   return s;
 }
 
-// One NCHW channel's statistics from its N planes (plane n at t + n * plane_stride), added in n order.
+// One NCHW channel's statistics from its N planes (plane n at t + n * plane_stride): the runs' sums
+// added in n order.
 template <typename T>
 inline void channel_moments(const T* t, int64_t N, int64_t plane_stride, int64_t HW, float* mean, float* var) {
   const float K = static_cast<float>(t[0]);
+  const int64_t R = planes_per_run(HW);
   double a1 = 0.0, a2 = 0.0;
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n0 = 0; n0 < N; n0 += R) {
     double p1, p2;
-    plane_moments(t + n * plane_stride, HW, K, &p1, &p2);
+    run_moments(t, n0, std::min(N, n0 + R), plane_stride, HW, K, &p1, &p2);
     a1 += p1;
     a2 += p2;
   }
@@ -135,22 +172,25 @@ inline void channel_moments(const T* t, int64_t N, int64_t plane_stride, int64_t
                  [&] { return nchw_channel_sum(t, N, plane_stride, HW); });
 }
 
+// All channels, parallel over (run, channel): the same runs and order as channel_moments, so the
+// same bits.
 template <typename T>
 void stats_nchw(const T* t, int64_t N, int64_t C, int64_t HW, float* mean, float* var) {
-  std::vector<double> s1(N * C), s2(N * C);
-  const int64_t grain = grain_for(HW);
-  at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t plane = p0; plane < p1; ++plane) {
-      const int64_t c = plane % C;
-      plane_moments(t + plane * HW, HW, static_cast<float>(t[c * HW]), &s1[plane], &s2[plane]);
+  const int64_t R = planes_per_run(HW);
+  const int64_t runs = (N + R - 1) / R;
+  std::vector<double> s1(runs * C), s2(runs * C);
+  at::parallel_for(0, runs * C, grain_for(std::min(N, R) * HW), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t c = u % C, n0 = (u / C) * R;
+      run_moments(t + c * HW, n0, std::min(N, n0 + R), C * HW, HW, static_cast<float>(t[c * HW]), &s1[u], &s2[u]);
     }
   });
   const double M = static_cast<double>(N * HW);
   for (int64_t c = 0; c < C; ++c) {
     double a1 = 0.0, a2 = 0.0;
-    for (int64_t n = 0; n < N; ++n) {
-      a1 += s1[n * C + c];
-      a2 += s2[n * C + c];
+    for (int64_t r = 0; r < runs; ++r) {
+      a1 += s1[r * C + c];
+      a2 += s2[r * C + c];
     }
     finalize_stats(static_cast<float>(t[c * HW]), a1, a2, M, mean + c, var + c,
                    [&] { return nchw_channel_sum(t + c * HW, N, C * HW, HW); });
