@@ -767,9 +767,65 @@ void gather_small_row(const T* small, const SmallAffine& sa, const Geometry& g, 
   }
 }
 
+// Channel chunks of the NHWC kernels: up to four vectors with 32 vector registers (AVX-512), up to two
+// with 16. A channel block of at most one chunk walks each row once per chunk call; a wider block goes
+// cell by cell through its chunks, which keeps the streams' accesses close to sequential (a whole row
+// per chunk measured up to 1.15x slower in the backward at 8x128x28x28).
+constexpr int kNhwcChunk = kV >= 16 ? 4 : 2;
+
+// Calls f(e, m, std::integral_constant<int, NV>, std::bool_constant<kTail>) over the chunks of a
+// channel block of cn channels: chunks of kNhwcChunk vectors, then one of two (AVX-512), single
+// vectors, and a last partial vector of m lanes (kTail, NV = 1).
+template <typename F>
+SCNET_FUSED_ALWAYS_INLINE void for_chunks(int64_t cn, F&& f) {
+  int64_t e = 0;
+  for (; e + kNhwcChunk * kV <= cn; e += kNhwcChunk * kV) {
+    f(e, kV, std::integral_constant<int, kNhwcChunk>{}, std::false_type{});
+  }
+  if constexpr (kNhwcChunk > 2) {
+    if (e + 2 * kV <= cn) {
+      f(e, kV, std::integral_constant<int, 2>{}, std::false_type{});
+      e += 2 * kV;
+    }
+  }
+  for (; e + kV <= cn; e += kV) f(e, kV, std::integral_constant<int, 1>{}, std::false_type{});
+  if (e < cn) f(e, cn - e, std::integral_constant<int, 1>{}, std::true_type{});
+}
+
+// The source cells [b0, b1) of one output row of the NHWC pointwise kernels, for the channels
+// [e, e + NV * kV) of the block (the last vector m lanes wide when kTail): the per-channel constants
+// and each cell's upsampled values held in registers, so the pixels' vectors load only the streams.
+template <typename T, int kM, int NV, bool kTail>
+SCNET_FUSED_ALWAYS_INLINE void pointwise_nhwc_cells(const Pointwise<T>& p, const Geometry& g, int64_t rowoff,
+                                                    int64_t c0, int64_t cn, int64_t b0, int64_t b1, int64_t e,
+                                                    int64_t m, const float* upT) {
+  constexpr bool kK3 = kM == kDk3;
+  auto ld = [&](const float* q) { return kTail ? Vec::loadu(q, m) : Vec::loadu(q); };
+  auto lt = [&](const T* q) { return kTail ? IO<T>::load(q, m) : IO<T>::load(q); };
+  Vec A[NV], B[NV], R[NV];
+  for (int v = 0; v < NV; ++v) {
+    A[v] = ld(p.A + c0 + e + v * kV);
+    B[v] = ld(p.B + c0 + e + v * kV);
+    R[v] = ld(p.R + c0 + e + v * kV);
+  }
+  for (int64_t b = b0; b < b1; ++b) {
+    Vec uv[NV];
+    for (int v = 0; v < NV; ++v) uv[v] = ld(upT + b * cn + e + v * kV);
+    for (int64_t j = g.cs[b]; j < g.cs[b + 1]; ++j) {
+      const int64_t off = rowoff + j * g.C + c0 + e;
+      for (int v = 0; v < NV; ++v) {
+        const int64_t o = off + v * kV;
+        const Vec dyv = kK3 ? lt(p.dy + o) : Vec(0.0f);
+        const Vec y = pointwise_vec<kM>(lt(p.x + o), uv[v], lt(p.k + o), dyv, A[v], B[v], R[v]);
+        if (kTail) IO<T>::store(p.out + o, y, m);
+        else IO<T>::store(p.out + o, y);
+      }
+    }
+  }
+}
+
 template <typename T, int kM>
 void pointwise_nhwc(const Pointwise<T>& p, const Geometry& g) {
-  constexpr bool kK3 = kM == kDk3;
   const NhwcTasks tk = nhwc_tasks(g);
   const int64_t per_task = std::max<int64_t>(1, (g.H / g.h + 1) * g.W * tk.cb);
   const int64_t grain = grain_for(per_task);
@@ -783,31 +839,15 @@ void pointwise_nhwc(const Pointwise<T>& p, const Geometry& g) {
       const int64_t c0 = cbi * tk.cb;
       const int64_t cn = std::min(tk.cb, g.C - c0);
       gather_small_row(p.small, p.sa, g, n, a, c0, cn, upT);
-      const float* A = p.A + c0;
-      const float* B = p.B + c0;
-      const float* R = p.R + c0;
+      const int64_t bstep = cn <= kNhwcChunk * kV ? g.w : 1;
       for (int64_t i = g.rs[a]; i < g.rs[a + 1]; ++i) {
-        for (int64_t j = 0; j < g.W; ++j) {
-          const float* u = upT + g.csrc[j] * cn;
-          const int64_t off = ((n * g.H + i) * g.W + j) * g.C + c0;
-          const T* xp = p.x + off;
-          const T* kp = p.k + off;
-          const T* dp = kK3 ? p.dy + off : nullptr;
-          T* op = p.out + off;
-          int64_t e = 0;
-          for (; e + kV <= cn; e += kV) {
-            const Vec dyv = kK3 ? IO<T>::load(dp + e) : Vec(0.0f);
-            IO<T>::store(op + e, pointwise_vec<kM>(IO<T>::load(xp + e), Vec::loadu(u + e), IO<T>::load(kp + e), dyv,
-                                                    Vec::loadu(A + e), Vec::loadu(B + e), Vec::loadu(R + e)));
-          }
-          if (e < cn) {
-            const int64_t m = cn - e;
-            const Vec dyv = kK3 ? IO<T>::load(dp + e, m) : Vec(0.0f);
-            IO<T>::store(op + e,
-                         pointwise_vec<kM>(IO<T>::load(xp + e, m), Vec::loadu(u + e, m), IO<T>::load(kp + e, m), dyv,
-                                            Vec::loadu(A + e, m), Vec::loadu(B + e, m), Vec::loadu(R + e, m)),
-                         m);
-          }
+        const int64_t rowoff = (n * g.H + i) * g.W * g.C;
+        for (int64_t b0 = 0; b0 < g.w; b0 += bstep) {
+          const int64_t b1 = std::min(g.w, b0 + bstep);
+          for_chunks(cn, [&](int64_t e, int64_t m, auto nv, auto tail) {
+            pointwise_nhwc_cells<T, kM, decltype(nv)::value, decltype(tail)::value>(p, g, rowoff, c0, cn, b0, b1, e,
+                                                                                    m, upT);
+          });
         }
       }
     }
@@ -1200,12 +1240,6 @@ SCNET_FUSED_ALWAYS_INLINE void backward_nhwc_cells(const Backward<T>& p, const G
   }
 }
 
-// Channel chunks of the NHWC backward: up to four vectors with 32 vector registers (AVX-512), up to
-// two with 16. A channel block of at most one chunk walks each row once per chunk call, the sums in
-// registers all along; a wider block goes cell by cell through its chunks, which keeps the streams'
-// accesses close to sequential (a whole row per chunk measured up to 1.15x slower at 8x128x28x28).
-constexpr int kNhwcChunk = kV >= 16 ? 4 : 2;
-
 // Tasks (n, a, channel block); partial sums at [(n * h + a) * C + c] (with kSums; without, not
 // computed and part_g, part_gk not written).
 template <typename T, bool kSums>
@@ -1239,22 +1273,10 @@ void backward_nhwc(const Backward<T>& p, const Geometry& g, double* part_g, doub
           const int64_t b1 = std::min(g.w, b0 + bstep);
           float* rg = rowg.data();
           float* rgk = rowgk.data();
-          int64_t e = 0;
-          for (; e + kNhwcChunk * kV <= cn; e += kNhwcChunk * kV) {
-            backward_nhwc_cells<T, kSums, kNhwcChunk, false>(p, g, rowoff, c0, cn, b0, b1, e, kV, upT, dsT, rg, rgk);
-          }
-          if constexpr (kNhwcChunk > 2) {
-            if (e + 2 * kV <= cn) {
-              backward_nhwc_cells<T, kSums, 2, false>(p, g, rowoff, c0, cn, b0, b1, e, kV, upT, dsT, rg, rgk);
-              e += 2 * kV;
-            }
-          }
-          for (; e + kV <= cn; e += kV) {
-            backward_nhwc_cells<T, kSums, 1, false>(p, g, rowoff, c0, cn, b0, b1, e, kV, upT, dsT, rg, rgk);
-          }
-          if (e < cn) {
-            backward_nhwc_cells<T, kSums, 1, true>(p, g, rowoff, c0, cn, b0, b1, e, cn - e, upT, dsT, rg, rgk);
-          }
+          for_chunks(cn, [&](int64_t e, int64_t m, auto nv, auto tail) {
+            backward_nhwc_cells<T, kSums, decltype(nv)::value, decltype(tail)::value>(p, g, rowoff, c0, cn, b0, b1, e,
+                                                                                      m, upT, dsT, rg, rgk);
+          });
         }
         if constexpr (kSums) {
           for (int64_t cc = 0; cc < cn; ++cc) {
