@@ -456,7 +456,9 @@ def _bn_backward_inputs(shape, dtype, cl, seed):
 WHOLE_BACKWARD = [((2, 16, 14, 13), False), ((3, 5, 7, 6), False), ((4, 3, 1, 1), False), ((3, 1, 9, 9), False),
                   ((2, 16, 14, 13), True), ((3, 19, 5, 5), True), ((2, 2, 260, 256), False),
                   # NCHW statistics in runs of small planes: 40 planes of 25 a run, then 5; 2 of 512, 2, 1
-                  ((45, 2, 5, 5), False), ((5, 3, 16, 32), False)]
+                  ((45, 2, 5, 5), False), ((5, 3, 16, 32), False),
+                  # NHWC statistics: chunks of 4, 2 and 1 vectors and a tail (16 lanes); 64 tasks of 75 pixels
+                  ((2, 117, 11, 10), True), ((4, 3, 40, 30), True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

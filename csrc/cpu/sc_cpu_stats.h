@@ -5,7 +5,7 @@
 //
 // Values are shifted by the channel's first value K to keep E[x^2] - E[x]^2 exact enough; float
 // partials over at most 1024 values (NCHW: of one plane, or of a run of whole planes of one channel
-// when planes are smaller; NHWC: 128 pixels) are added in double, in an order fixed by the shape alone
+// when planes are smaller; NHWC: 16 pixels) are added in double, in an order fixed by the shape alone
 // (independent of the thread count). Host code only, compiled with the CPU capability flags of
 // setup.py / CMakeLists.txt.
 #pragma once
@@ -197,44 +197,71 @@ void stats_nchw(const T* t, int64_t N, int64_t C, int64_t HW, float* mean, float
   }
 }
 
+// Sums of (x - K) and (x - K)^2 over the NHWC pixels [q0, q1) (at most kNhwcRun: one float partial)
+// of the channels [e, e + NV * kV) (the last vector m lanes wide when kTail; NV is then 1), in
+// registers, then added to the double partials d1, d2 (indexed by channel).
+constexpr int64_t kNhwcRun = 16;
+
+template <typename T, int NV, bool kTail>
+inline void nhwc_moments_chunk(const T* t, int64_t C, int64_t q0, int64_t q1, int64_t e, int64_t m, const float* K,
+                               double* d1, double* d2) {
+  Vec k[NV], v1[NV], v2[NV];
+  for (int v = 0; v < NV; ++v) {
+    k[v] = kTail ? Vec::loadu(K + e, m) : Vec::loadu(K + e + v * kV);
+    v1[v] = Vec(0.0f);
+    v2[v] = Vec(0.0f);
+  }
+  for (int64_t q = q0; q < q1; ++q) {
+    const T* xp = t + q * C + e;
+    for (int v = 0; v < NV; ++v) {
+      const Vec d = (kTail ? load_f(xp, m) : load_f(xp + v * kV)) - k[v];
+      v1[v] = v1[v] + d;
+      v2[v] = at::vec::fmadd(d, d, v2[v]);
+    }
+  }
+  float b1[NV * kV], b2[NV * kV];
+  for (int v = 0; v < NV; ++v) {
+    v1[v].store(b1 + v * kV);
+    v2[v].store(b2 + v * kV);
+  }
+  const int64_t width = kTail ? m : NV * kV;
+  for (int64_t l = 0; l < width; ++l) {
+    d1[e + l] += static_cast<double>(b1[l]);
+    d2[e + l] += static_cast<double>(b2[l]);
+  }
+}
+
+// NHWC statistics: the pixels in tasks of at least 64 (at most 64 tasks), each task's partials per
+// channel in double from float partials over runs of at most kNhwcRun pixels, each run going through
+// the channels in chunks of up to four vectors (two with 16 vector registers) summed in registers. The
+// tasks are fixed by the shape: the bits do not depend on how they are split among threads.
 template <typename T>
 void stats_nhwc(const T* t, int64_t N, int64_t C, int64_t HW, float* mean, float* var) {
   const int64_t P = N * HW;  // pixels
-  const int64_t ntask = std::min<int64_t>(P, 64);
+  const int64_t ntask = std::max<int64_t>(1, std::min<int64_t>(64, (P + 63) / 64));
   const int64_t per = (P + ntask - 1) / ntask;
   std::vector<float> K(C);
   for (int64_t c = 0; c < C; ++c) K[c] = static_cast<float>(t[c]);
   std::vector<double> s1(ntask * C, 0.0), s2(ntask * C, 0.0);
-  // the partials are per task: the bits do not depend on how the tasks are split among threads
-  const int64_t grain = grain_for(per * C);
-  at::parallel_for(0, ntask, grain, [&](int64_t k0, int64_t k1) {
-    std::vector<float> f1(C), f2(C);
+  constexpr int kChunk = kV >= 16 ? 4 : 2;
+  at::parallel_for(0, ntask, grain_for(per * C), [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t q0 = k * per, q1 = std::min(P, q0 + per);
       double* d1 = s1.data() + k * C;
       double* d2 = s2.data() + k * C;
-      for (int64_t b0 = q0; b0 < q1; b0 += 128) {  // float partials over at most 128 pixels
-        const int64_t b1 = std::min(q1, b0 + 128);
-        std::fill(f1.begin(), f1.end(), 0.0f);
-        std::fill(f2.begin(), f2.end(), 0.0f);
-        for (int64_t q = b0; q < b1; ++q) {
-          const T* xp = t + q * C;
-          int64_t e = 0;
-          for (; e + kV <= C; e += kV) {
-            const Vec d = load_f(xp + e) - Vec::loadu(K.data() + e);
-            (Vec::loadu(f1.data() + e) + d).store(f1.data() + e);
-            at::vec::fmadd(d, d, Vec::loadu(f2.data() + e)).store(f2.data() + e);
-          }
-          for (; e < C; ++e) {
-            const float d = static_cast<float>(xp[e]) - K[e];
-            f1[e] += d;
-            f2[e] += d * d;
+      for (int64_t r0 = q0; r0 < q1; r0 += kNhwcRun) {
+        const int64_t r1 = std::min(q1, r0 + kNhwcRun);
+        int64_t e = 0;
+        for (; e + kChunk * kV <= C; e += kChunk * kV)
+          nhwc_moments_chunk<T, kChunk, false>(t, C, r0, r1, e, kV, K.data(), d1, d2);
+        if constexpr (kChunk > 2) {
+          if (e + 2 * kV <= C) {
+            nhwc_moments_chunk<T, 2, false>(t, C, r0, r1, e, kV, K.data(), d1, d2);
+            e += 2 * kV;
           }
         }
-        for (int64_t c = 0; c < C; ++c) {
-          d1[c] += f1[c];
-          d2[c] += f2[c];
-        }
+        for (; e + kV <= C; e += kV) nhwc_moments_chunk<T, 1, false>(t, C, r0, r1, e, kV, K.data(), d1, d2);
+        if (e < C) nhwc_moments_chunk<T, 1, true>(t, C, r0, r1, e, C - e, K.data(), d1, d2);
       }
     }
   });
