@@ -217,6 +217,53 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
   });
 }
 
+// The NHWC sums of `sums` over the pixels [q0, q1) (one float partial) of the channels
+// [e, e + NV * kV) (the last vector m lanes wide when kTail; NV is then 1), in registers, then added to
+// the double partials d1, d2 (indexed by channel).
+template <typename T, bool kOut, int NV, bool kTail>
+inline void nhwc_sums_chunk(const T* t, const T* dy, int64_t dyP, const float* A, const float* B, const float* K,
+                            int64_t C, int64_t q0, int64_t q1, int64_t e, int64_t m, double* d1, double* d2,
+                            const T* y, T* g) {
+  auto ld = [&](const float* q) { return kTail ? Vec::loadu(q, m) : Vec::loadu(q); };
+  auto lt = [&](const T* q) { return kTail ? load_f(q, m) : load_f(q); };
+  Vec av[NV], bv[NV], kv[NV], v1[NV], v2[NV];
+  for (int v = 0; v < NV; ++v) {
+    if constexpr (!kOut) {
+      av[v] = ld(A + e + v * kV);
+      bv[v] = ld(B + e + v * kV);
+    }
+    kv[v] = ld(K + e + v * kV);
+    v1[v] = Vec(0.0f);
+    v2[v] = Vec(0.0f);
+  }
+  for (int64_t q = q0; q < q1; ++q) {
+    for (int v = 0; v < NV; ++v) {
+      const int64_t o = q * C + e + v * kV;
+      const Vec tv = lt(t + o);
+      Vec gv;
+      if constexpr (kOut) {
+        gv = mask_v(lt(dy + q * dyP + e + v * kV), lt(y + o));
+        if (kTail) store_f(g + o, gv, m);
+        else store_f(g + o, gv);
+      } else {
+        gv = mask_v(lt(dy + q * dyP + e + v * kV), at::vec::fmadd(tv, av[v], bv[v]));
+      }
+      v1[v] = v1[v] + gv;
+      v2[v] = at::vec::fmadd(gv, tv - kv[v], v2[v]);
+    }
+  }
+  float b1[NV * kV], b2[NV * kV];
+  for (int v = 0; v < NV; ++v) {
+    v1[v].store(b1 + v * kV);
+    v2[v].store(b2 + v * kV);
+  }
+  const int64_t width = kTail ? m : NV * kV;
+  for (int64_t l = 0; l < width; ++l) {
+    d1[e + l] += static_cast<double>(b1[l]);
+    d2[e + l] += static_cast<double>(b2[l]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sums of g and g * (t - center) per channel.
 // ---------------------------------------------------------------------------------------------
@@ -251,53 +298,33 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
     }
     return;
   }
+  // NHWC: as the statistics (cpu_stats::stats_nhwc): tasks of at least 64 pixels, float partials over
+  // runs of 16 pixels, channel chunks summed in registers.
   const int64_t P = s.N * s.HW;
-  const int64_t ntask = std::min<int64_t>(P, 64);
+  const int64_t ntask = std::max<int64_t>(1, std::min<int64_t>(64, (P + 63) / 64));
   const int64_t per = (P + ntask - 1) / ntask;
   std::vector<double> s1(ntask * C, 0.0), s2(ntask * C, 0.0);
   // the partials are per task: the bits do not depend on how the tasks are split among threads
-  const int64_t grain = grain_for(per * C);
-  at::parallel_for(0, ntask, grain, [&](int64_t k0, int64_t k1) {
-    std::vector<float> f1(C), f2(C);
+  constexpr int kChunk = kV >= 16 ? 4 : 2;
+  at::parallel_for(0, ntask, grain_for(per * C), [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t q0 = k * per, q1 = std::min(P, q0 + per);
-      for (int64_t b0 = q0; b0 < q1; b0 += 128) {  // float partials over at most 128 pixels
-        const int64_t b1 = std::min(q1, b0 + 128);
-        std::fill(f1.begin(), f1.end(), 0.0f);
-        std::fill(f2.begin(), f2.end(), 0.0f);
-        for (int64_t q = b0; q < b1; ++q) {
-          const T* tp = t + q * C;
-          const T* dp = dy + q * s.dyP;
-          int64_t c = 0;
-          for (; c + kV <= C; c += kV) {
-            const Vec tv = load_f(tp + c);
-            Vec gv;
-            if constexpr (kOut) {
-              gv = mask_v(load_f(dp + c), load_f(y + q * C + c));
-              store_f(g + q * C + c, gv);
-            } else {
-              gv = mask_v(load_f(dp + c), at::vec::fmadd(tv, Vec::loadu(A + c), Vec::loadu(B + c)));
-            }
-            (Vec::loadu(f1.data() + c) + gv).store(f1.data() + c);
-            at::vec::fmadd(gv, tv - Vec::loadu(K + c), Vec::loadu(f2.data() + c)).store(f2.data() + c);
-          }
-          for (; c < C; ++c) {
-            const float tv = static_cast<float>(tp[c]);
-            float gv;
-            if constexpr (kOut) {
-              gv = mask_s(static_cast<float>(dp[c]), static_cast<float>(y[q * C + c]));
-              g[q * C + c] = static_cast<T>(gv);
-            } else {
-              gv = mask_s(static_cast<float>(dp[c]), tv * A[c] + B[c]);
-            }
-            f1[c] += gv;
-            f2[c] += gv * (tv - K[c]);
+      double* d1 = s1.data() + k * C;
+      double* d2 = s2.data() + k * C;
+      for (int64_t r0 = q0; r0 < q1; r0 += cpu_stats::kNhwcRun) {
+        const int64_t r1 = std::min(q1, r0 + cpu_stats::kNhwcRun);
+        int64_t c = 0;
+        for (; c + kChunk * kV <= C; c += kChunk * kV)
+          nhwc_sums_chunk<T, kOut, kChunk, false>(t, dy, s.dyP, A, B, K, C, r0, r1, c, kV, d1, d2, y, g);
+        if constexpr (kChunk > 2) {
+          if (c + 2 * kV <= C) {
+            nhwc_sums_chunk<T, kOut, 2, false>(t, dy, s.dyP, A, B, K, C, r0, r1, c, kV, d1, d2, y, g);
+            c += 2 * kV;
           }
         }
-        for (int64_t c = 0; c < C; ++c) {
-          s1[k * C + c] += f1[c];
-          s2[k * C + c] += f2[c];
-        }
+        for (; c + kV <= C; c += kV)
+          nhwc_sums_chunk<T, kOut, 1, false>(t, dy, s.dyP, A, B, K, C, r0, r1, c, kV, d1, d2, y, g);
+        if (c < C) nhwc_sums_chunk<T, kOut, 1, true>(t, dy, s.dyP, A, B, K, C, r0, r1, c, C - c, d1, d2, y, g);
       }
     }
   });
