@@ -252,16 +252,7 @@ inline void nhwc_sums_chunk(const T* t, const T* dy, int64_t dyP, const float* A
       v2[v] = at::vec::fmadd(gv, tv - kv[v], v2[v]);
     }
   }
-  float b1[NV * kV], b2[NV * kV];
-  for (int v = 0; v < NV; ++v) {
-    v1[v].store(b1 + v * kV);
-    v2[v].store(b2 + v * kV);
-  }
-  const int64_t width = kTail ? m : NV * kV;
-  for (int64_t l = 0; l < width; ++l) {
-    d1[e + l] += static_cast<double>(b1[l]);
-    d2[e + l] += static_cast<double>(b2[l]);
-  }
+  cpu_stats::add_lanes<NV>(v1, v2, kTail ? m : NV * kV, d1 + e, d2 + e);
 }
 
 // ---------------------------------------------------------------------------------------------

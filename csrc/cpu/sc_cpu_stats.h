@@ -87,26 +87,32 @@ inline void bn_fold_one(float weight, float bias, float mean, float var, float e
 // Values a float partial sums at most (then it is added in double).
 constexpr int64_t kFlush = 1024;
 
+// Adds (x - K) and (x - K)^2 over xp[e0, e1) to the lanes of v1, v2: whole vectors, then one partial
+// vector whose other lanes add 0.
+template <typename T>
+inline void add_moments(const T* xp, int64_t e0, int64_t e1, const Vec& K, Vec& v1, Vec& v2) {
+  int64_t e = e0;
+  for (; e + kV <= e1; e += kV) {
+    const Vec d = load_f(xp + e) - K;
+    v1 = v1 + d;
+    v2 = at::vec::fmadd(d, d, v2);
+  }
+  if (e < e1) {
+    const int64_t n = e1 - e;
+    const Vec d = Vec::set(Vec(0.0f), load_f(xp + e, n) - K, n);
+    v1 = v1 + d;
+    v2 = at::vec::fmadd(d, d, v2);
+  }
+}
+
 // Sums of (x - K) and (x - K)^2 over one NCHW plane of HW values.
 template <typename T>
 inline void plane_moments(const T* xp, int64_t HW, float k, double* s1, double* s2) {
   const Vec K(k);
   double a1 = 0.0, a2 = 0.0;
   for (int64_t f0 = 0; f0 < HW; f0 += kFlush) {
-    const int64_t f1 = std::min(HW, f0 + kFlush);
     Vec v1(0.0f), v2(0.0f);
-    int64_t e = f0;
-    for (; e + kV <= f1; e += kV) {
-      const Vec d = load_f(xp + e) - K;
-      v1 = v1 + d;
-      v2 = at::vec::fmadd(d, d, v2);
-    }
-    if (e < f1) {
-      const int64_t n = f1 - e;
-      const Vec d = Vec::set(Vec(0.0f), load_f(xp + e, n) - K, n);
-      v1 = v1 + d;
-      v2 = at::vec::fmadd(d, d, v2);
-    }
+    add_moments(xp, f0, std::min(HW, f0 + kFlush), K, v1, v2);
     a1 += hsum(v1);
     a2 += hsum(v2);
   }
@@ -127,21 +133,7 @@ inline void run_moments(const T* t, int64_t n0, int64_t n1, int64_t plane_stride
   if (n1 - n0 == 1) return plane_moments(t + n0 * plane_stride, HW, k, s1, s2);
   const Vec K(k);
   Vec v1(0.0f), v2(0.0f);
-  for (int64_t n = n0; n < n1; ++n) {
-    const T* xp = t + n * plane_stride;
-    int64_t e = 0;
-    for (; e + kV <= HW; e += kV) {
-      const Vec d = load_f(xp + e) - K;
-      v1 = v1 + d;
-      v2 = at::vec::fmadd(d, d, v2);
-    }
-    if (e < HW) {
-      const int64_t m = HW - e;
-      const Vec d = Vec::set(Vec(0.0f), load_f(xp + e, m) - K, m);
-      v1 = v1 + d;
-      v2 = at::vec::fmadd(d, d, v2);
-    }
-  }
+  for (int64_t n = n0; n < n1; ++n) add_moments(t + n * plane_stride, 0, HW, K, v1, v2);
   *s1 = hsum(v1);
   *s2 = hsum(v2);
 }
@@ -197,6 +189,21 @@ void stats_nchw(const T* t, int64_t N, int64_t C, int64_t HW, float* mean, float
   }
 }
 
+// d1[l] += v1's lane l and d2[l] += v2's lane l (in double) for the first `width` lanes of the NV
+// vectors taken end to end.
+template <int NV>
+inline void add_lanes(const Vec (&v1)[NV], const Vec (&v2)[NV], int64_t width, double* d1, double* d2) {
+  float b1[NV * kV], b2[NV * kV];
+  for (int v = 0; v < NV; ++v) {
+    v1[v].store(b1 + v * kV);
+    v2[v].store(b2 + v * kV);
+  }
+  for (int64_t l = 0; l < width; ++l) {
+    d1[l] += static_cast<double>(b1[l]);
+    d2[l] += static_cast<double>(b2[l]);
+  }
+}
+
 // Sums of (x - K) and (x - K)^2 over the NHWC pixels [q0, q1) (at most kNhwcRun: one float partial)
 // of the channels [e, e + NV * kV) (the last vector m lanes wide when kTail; NV is then 1), in
 // registers, then added to the double partials d1, d2 (indexed by channel).
@@ -219,16 +226,7 @@ inline void nhwc_moments_chunk(const T* t, int64_t C, int64_t q0, int64_t q1, in
       v2[v] = at::vec::fmadd(d, d, v2[v]);
     }
   }
-  float b1[NV * kV], b2[NV * kV];
-  for (int v = 0; v < NV; ++v) {
-    v1[v].store(b1 + v * kV);
-    v2[v].store(b2 + v * kV);
-  }
-  const int64_t width = kTail ? m : NV * kV;
-  for (int64_t l = 0; l < width; ++l) {
-    d1[e + l] += static_cast<double>(b1[l]);
-    d2[e + l] += static_cast<double>(b2[l]);
-  }
+  add_lanes<NV>(v1, v2, kTail ? m : NV * kV, d1 + e, d2 + e);
 }
 
 // NHWC statistics: the pixels in tasks of at least 64 (at most 64 tasks), each task's partials per
