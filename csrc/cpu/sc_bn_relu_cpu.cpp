@@ -289,35 +289,15 @@ void sums(const T* t, const T* dy, const float* A, const float* B, const float* 
     }
     return;
   }
-  // NHWC: as the statistics (cpu_stats::stats_nhwc): tasks of at least 64 pixels, float partials over
-  // runs of 16 pixels, channel chunks summed in registers.
+  // NHWC: the statistics' tasks and runs (cpu_stats::for_nhwc_runs), channel chunks summed in registers
   const int64_t P = s.N * s.HW;
-  const int64_t ntask = std::max<int64_t>(1, std::min<int64_t>(64, (P + 63) / 64));
-  const int64_t per = (P + ntask - 1) / ntask;
+  const int64_t ntask = cpu_stats::nhwc_reduce_tasks(P);
   std::vector<double> s1(ntask * C, 0.0), s2(ntask * C, 0.0);
-  // the partials are per task: the bits do not depend on how the tasks are split among threads
-  constexpr int kChunk = kV >= 16 ? 4 : 2;
-  at::parallel_for(0, ntask, grain_for(per * C), [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t q0 = k * per, q1 = std::min(P, q0 + per);
-      double* d1 = s1.data() + k * C;
-      double* d2 = s2.data() + k * C;
-      for (int64_t r0 = q0; r0 < q1; r0 += cpu_stats::kNhwcRun) {
-        const int64_t r1 = std::min(q1, r0 + cpu_stats::kNhwcRun);
-        int64_t c = 0;
-        for (; c + kChunk * kV <= C; c += kChunk * kV)
-          nhwc_sums_chunk<T, kOut, kChunk, false>(t, dy, s.dyP, A, B, K, C, r0, r1, c, kV, d1, d2, y, g);
-        if constexpr (kChunk > 2) {
-          if (c + 2 * kV <= C) {
-            nhwc_sums_chunk<T, kOut, 2, false>(t, dy, s.dyP, A, B, K, C, r0, r1, c, kV, d1, d2, y, g);
-            c += 2 * kV;
-          }
-        }
-        for (; c + kV <= C; c += kV)
-          nhwc_sums_chunk<T, kOut, 1, false>(t, dy, s.dyP, A, B, K, C, r0, r1, c, kV, d1, d2, y, g);
-        if (c < C) nhwc_sums_chunk<T, kOut, 1, true>(t, dy, s.dyP, A, B, K, C, r0, r1, c, C - c, d1, d2, y, g);
-      }
-    }
+  cpu_stats::for_nhwc_runs(P, C, [&](int64_t k, int64_t r0, int64_t r1) {
+    for_chunks(C, [&](int64_t c, int64_t m, auto nv, auto tail) {
+      nhwc_sums_chunk<T, kOut, decltype(nv)::value, decltype(tail)::value>(t, dy, s.dyP, A, B, K, C, r0, r1, c, m,
+                                                                           s1.data() + k * C, s2.data() + k * C, y, g);
+    });
   });
   for (int64_t c = 0; c < C; ++c) {
     double a1 = 0.0, a2 = 0.0;

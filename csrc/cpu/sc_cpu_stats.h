@@ -24,6 +24,7 @@
 namespace scnet_fused {
 namespace cpu_stats {
 
+using cpu_vec::for_chunks;
 using cpu_vec::grain_for;
 using cpu_vec::hsum;
 using cpu_vec::kV;
@@ -204,10 +205,31 @@ inline void add_lanes(const Vec (&v1)[NV], const Vec (&v2)[NV], int64_t width, d
   }
 }
 
-// Sums of (x - K) and (x - K)^2 over the NHWC pixels [q0, q1) (at most kNhwcRun: one float partial)
-// of the channels [e, e + NV * kV) (the last vector m lanes wide when kTail; NV is then 1), in
-// registers, then added to the double partials d1, d2 (indexed by channel).
+// The NHWC reductions (the statistics here, the BatchNorm backward's sums in sc_bn_relu_cpu.cpp): the
+// P pixels in at most 64 tasks of at least 64 pixels, fixed by the shape (the bits do not depend on
+// how the tasks are split among threads); each task's partials per channel in double, from float
+// partials over runs of at most kNhwcRun pixels.
 constexpr int64_t kNhwcRun = 16;
+
+inline int64_t nhwc_reduce_tasks(int64_t P) { return std::max<int64_t>(1, std::min<int64_t>(64, (P + 63) / 64)); }
+
+// f(k, r0, r1) for every run [r0, r1) of every task k of the nhwc_reduce_tasks(P) tasks, the tasks
+// spread over the threads (C channels a pixel: the grain).
+template <typename F>
+void for_nhwc_runs(int64_t P, int64_t C, F&& f) {
+  const int64_t ntask = nhwc_reduce_tasks(P);
+  const int64_t per = (P + ntask - 1) / ntask;
+  at::parallel_for(0, ntask, grain_for(per * C), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t q1 = std::min(P, (k + 1) * per);
+      for (int64_t r0 = k * per; r0 < q1; r0 += kNhwcRun) f(k, r0, std::min(q1, r0 + kNhwcRun));
+    }
+  });
+}
+
+// Sums of (x - K) and (x - K)^2 over the NHWC pixels [q0, q1) (one float partial) of the channels
+// [e, e + NV * kV) (the last vector m lanes wide when kTail; NV is then 1), in registers, then added
+// to the double partials d1, d2 (indexed by channel).
 
 template <typename T, int NV, bool kTail>
 inline void nhwc_moments_chunk(const T* t, int64_t C, int64_t q0, int64_t q1, int64_t e, int64_t m, const float* K,
@@ -229,39 +251,20 @@ inline void nhwc_moments_chunk(const T* t, int64_t C, int64_t q0, int64_t q1, in
   add_lanes<NV>(v1, v2, kTail ? m : NV * kV, d1 + e, d2 + e);
 }
 
-// NHWC statistics: the pixels in tasks of at least 64 (at most 64 tasks), each task's partials per
-// channel in double from float partials over runs of at most kNhwcRun pixels, each run going through
-// the channels in chunks of up to four vectors (two with 16 vector registers) summed in registers. The
-// tasks are fixed by the shape: the bits do not depend on how they are split among threads.
+// NHWC statistics: tasks and runs of for_nhwc_runs, each run going through the channels in chunks
+// (for_chunks) summed in registers.
 template <typename T>
 void stats_nhwc(const T* t, int64_t N, int64_t C, int64_t HW, float* mean, float* var) {
   const int64_t P = N * HW;  // pixels
-  const int64_t ntask = std::max<int64_t>(1, std::min<int64_t>(64, (P + 63) / 64));
-  const int64_t per = (P + ntask - 1) / ntask;
+  const int64_t ntask = nhwc_reduce_tasks(P);
   std::vector<float> K(C);
   for (int64_t c = 0; c < C; ++c) K[c] = static_cast<float>(t[c]);
   std::vector<double> s1(ntask * C, 0.0), s2(ntask * C, 0.0);
-  constexpr int kChunk = kV >= 16 ? 4 : 2;
-  at::parallel_for(0, ntask, grain_for(per * C), [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t q0 = k * per, q1 = std::min(P, q0 + per);
-      double* d1 = s1.data() + k * C;
-      double* d2 = s2.data() + k * C;
-      for (int64_t r0 = q0; r0 < q1; r0 += kNhwcRun) {
-        const int64_t r1 = std::min(q1, r0 + kNhwcRun);
-        int64_t e = 0;
-        for (; e + kChunk * kV <= C; e += kChunk * kV)
-          nhwc_moments_chunk<T, kChunk, false>(t, C, r0, r1, e, kV, K.data(), d1, d2);
-        if constexpr (kChunk > 2) {
-          if (e + 2 * kV <= C) {
-            nhwc_moments_chunk<T, 2, false>(t, C, r0, r1, e, kV, K.data(), d1, d2);
-            e += 2 * kV;
-          }
-        }
-        for (; e + kV <= C; e += kV) nhwc_moments_chunk<T, 1, false>(t, C, r0, r1, e, kV, K.data(), d1, d2);
-        if (e < C) nhwc_moments_chunk<T, 1, true>(t, C, r0, r1, e, C - e, K.data(), d1, d2);
-      }
-    }
+  for_nhwc_runs(P, C, [&](int64_t k, int64_t r0, int64_t r1) {
+    for_chunks(C, [&](int64_t e, int64_t m, auto nv, auto tail) {
+      nhwc_moments_chunk<T, decltype(nv)::value, decltype(tail)::value>(t, C, r0, r1, e, m, K.data(),
+                                                                        s1.data() + k * C, s2.data() + k * C);
+    });
   });
   const double M = static_cast<double>(P);
   for (int64_t c = 0; c < C; ++c) {

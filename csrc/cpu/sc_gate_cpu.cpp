@@ -29,15 +29,8 @@
 #include "sc_gate_math.h"
 #include "sc_host.h"
 
-// The per-plane bodies of the NCHW kernels are inlined into every loop that walks planes (the
-// plane-by-plane and the channel-by-channel ones), as they were before they were split out: GCC kept
-// them out of line where two loops use them, a call per plane of 49 or 196 elements at the small
-// stages.
-#if defined(__GNUC__) || defined(__clang__)
-#define SCNET_FUSED_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define SCNET_FUSED_ALWAYS_INLINE inline
-#endif
+// SCNET_FUSED_ALWAYS_INLINE (sc_cpu_vec.h): the per-plane bodies of the NCHW kernels are inlined into
+// every loop that walks planes (the plane-by-plane and the channel-by-channel ones).
 
 namespace scnet_fused {
 namespace cpu {
@@ -767,29 +760,21 @@ void gather_small_row(const T* small, const SmallAffine& sa, const Geometry& g, 
   }
 }
 
-// Channel chunks of the NHWC kernels: up to four vectors with 32 vector registers (AVX-512), up to two
-// with 16. A channel block of at most one chunk walks each row once per chunk call; a wider block goes
-// cell by cell through its chunks, which keeps the streams' accesses close to sequential (a whole row
-// per chunk measured up to 1.15x slower in the backward at 8x128x28x28).
-constexpr int kNhwcChunk = kV >= 16 ? 4 : 2;
+using ::scnet_fused::cpu_vec::for_chunks;
+using ::scnet_fused::cpu_vec::kChunkVecs;
 
-// Calls f(e, m, std::integral_constant<int, NV>, std::bool_constant<kTail>) over the chunks of a
-// channel block of cn channels: chunks of kNhwcChunk vectors, then one of two (AVX-512), single
-// vectors, and a last partial vector of m lanes (kTail, NV = 1).
+// Walks one output row of an NHWC task (a block of cn channels) as f(b0, b1, e, m, nv, tail): the
+// source cells [b0, b1) for the channels of one chunk (for_chunks). A block of at most one chunk walks
+// the whole row per chunk; a wider block goes cell by cell through its chunks, which keeps the streams'
+// accesses close to sequential (a whole row per chunk measured up to 1.15x slower in the backward at
+// 8x128x28x28).
 template <typename F>
-SCNET_FUSED_ALWAYS_INLINE void for_chunks(int64_t cn, F&& f) {
-  int64_t e = 0;
-  for (; e + kNhwcChunk * kV <= cn; e += kNhwcChunk * kV) {
-    f(e, kV, std::integral_constant<int, kNhwcChunk>{}, std::false_type{});
+SCNET_FUSED_ALWAYS_INLINE void for_row_chunks(const Geometry& g, int64_t cn, F&& f) {
+  const int64_t bstep = cn <= kChunkVecs * kV ? g.w : 1;
+  for (int64_t b0 = 0; b0 < g.w; b0 += bstep) {
+    const int64_t b1 = std::min(g.w, b0 + bstep);
+    for_chunks(cn, [&](int64_t e, int64_t m, auto nv, auto tail) { f(b0, b1, e, m, nv, tail); });
   }
-  if constexpr (kNhwcChunk > 2) {
-    if (e + 2 * kV <= cn) {
-      f(e, kV, std::integral_constant<int, 2>{}, std::false_type{});
-      e += 2 * kV;
-    }
-  }
-  for (; e + kV <= cn; e += kV) f(e, kV, std::integral_constant<int, 1>{}, std::false_type{});
-  if (e < cn) f(e, cn - e, std::integral_constant<int, 1>{}, std::true_type{});
 }
 
 // The source cells [b0, b1) of one output row of the NHWC pointwise kernels, for the channels
@@ -839,16 +824,12 @@ void pointwise_nhwc(const Pointwise<T>& p, const Geometry& g) {
       const int64_t c0 = cbi * tk.cb;
       const int64_t cn = std::min(tk.cb, g.C - c0);
       gather_small_row(p.small, p.sa, g, n, a, c0, cn, upT);
-      const int64_t bstep = cn <= kNhwcChunk * kV ? g.w : 1;
       for (int64_t i = g.rs[a]; i < g.rs[a + 1]; ++i) {
         const int64_t rowoff = (n * g.H + i) * g.W * g.C;
-        for (int64_t b0 = 0; b0 < g.w; b0 += bstep) {
-          const int64_t b1 = std::min(g.w, b0 + bstep);
-          for_chunks(cn, [&](int64_t e, int64_t m, auto nv, auto tail) {
-            pointwise_nhwc_cells<T, kM, decltype(nv)::value, decltype(tail)::value>(p, g, rowoff, c0, cn, b0, b1, e,
-                                                                                    m, upT);
-          });
-        }
+        for_row_chunks(g, cn, [&](int64_t b0, int64_t b1, int64_t e, int64_t m, auto nv, auto tail) {
+          pointwise_nhwc_cells<T, kM, decltype(nv)::value, decltype(tail)::value>(p, g, rowoff, c0, cn, b0, b1, e, m,
+                                                                                  upT);
+        });
       }
     }
   });
@@ -1195,6 +1176,7 @@ SCNET_FUSED_ALWAYS_INLINE void backward_nhwc_cells(const Backward<T>& p, const G
                                                    int64_t m, const float* upT, float* dsT, float* rowg,
                                                    float* rowgk) {
   auto ld = [&](const float* q) { return kTail ? Vec::loadu(q, m) : Vec::loadu(q); };
+  auto lt = [&](const T* q) { return kTail ? IO<T>::load(q, m) : IO<T>::load(q); };
   auto st = [&](const Vec& v, float* q) { kTail ? v.store(q, m) : v.store(q); };
   Vec gs[NV], gks[NV];
   if constexpr (kSums) {
@@ -1215,11 +1197,10 @@ SCNET_FUSED_ALWAYS_INLINE void backward_nhwc_cells(const Backward<T>& p, const G
         const int64_t o = off + v * kV;
         const int64_t c = c0 + e + v * kV;
         Vec dk3v;
-        const Vec dz = backward_vec<kSums>(
-            kTail ? IO<T>::load(p.x + o, m) : IO<T>::load(p.x + o), uv[v],
-            kTail ? IO<T>::load(p.k + o, m) : IO<T>::load(p.k + o),
-            kTail ? IO<T>::load(p.dy + o, m) : IO<T>::load(p.dy + o), ld(p.scale + c), ld(p.shift + c),
-            ld(p.center + c), dk3v, gs[v], gks[v]);
+        // scale, shift and center are read from L1 here: in registers too, with gs, gks, uv and dacc,
+        // the four-vector chunk would spill
+        const Vec dz = backward_vec<kSums>(lt(p.x + o), uv[v], lt(p.k + o), lt(p.dy + o), ld(p.scale + c),
+                                           ld(p.shift + c), ld(p.center + c), dk3v, gs[v], gks[v]);
         if (kTail) {
           IO<T>::store(p.dx + o, dz, m);
           if (p.dk3) IO<T>::store(p.dk3 + o, dk3v, m);
@@ -1268,16 +1249,10 @@ void backward_nhwc(const Backward<T>& p, const Geometry& g, double* part_g, doub
           std::fill(rowg.begin(), rowg.end(), 0.0f);
           std::fill(rowgk.begin(), rowgk.end(), 0.0f);
         }
-        const int64_t bstep = cn <= kNhwcChunk * kV ? g.w : 1;
-        for (int64_t b0 = 0; b0 < g.w; b0 += bstep) {
-          const int64_t b1 = std::min(g.w, b0 + bstep);
-          float* rg = rowg.data();
-          float* rgk = rowgk.data();
-          for_chunks(cn, [&](int64_t e, int64_t m, auto nv, auto tail) {
-            backward_nhwc_cells<T, kSums, decltype(nv)::value, decltype(tail)::value>(p, g, rowoff, c0, cn, b0, b1, e,
-                                                                                      m, upT, dsT, rg, rgk);
-          });
-        }
+        for_row_chunks(g, cn, [&](int64_t b0, int64_t b1, int64_t e, int64_t m, auto nv, auto tail) {
+          backward_nhwc_cells<T, kSums, decltype(nv)::value, decltype(tail)::value>(
+              p, g, rowoff, c0, cn, b0, b1, e, m, upT, dsT, rowg.data(), rowgk.data());
+        });
         if constexpr (kSums) {
           for (int64_t cc = 0; cc < cn; ++cc) {
             accg[cc] += rowg[cc];
