@@ -457,12 +457,17 @@ PLAIN, CPP, OP = "plain", "cpp", "op"
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_CPU = torch.device("cpu")
+
+
 def _plain_cpu_call(x) -> bool:
-    """What :func:`select` would answer without asking it, for the common eager call: a non-empty CPU
-    tensor of a kernel dtype, no :func:`backend` block, $SCNET_FUSED_BACKEND not set (set to anything,
-    ``select`` reads it), and the cpu backend loaded with the C++ autograd ops: ``auto`` picks ``cpu``,
-    whose ops :func:`_cpp_backend` takes."""
+    """What :func:`select` would answer without its warnings and loads, for the common eager call: a
+    non-empty CPU tensor of a kernel dtype, no :func:`backend` block, $SCNET_FUSED_BACKEND not set (set
+    to anything, ``select`` reads it), ``auto``'s first choice there (:func:`_auto_order`) the cpu
+    backend, already loaded, with the C++ autograd ops, which :func:`_cpp_backend` then takes."""
     if not x.is_cpu or x.dtype not in _FAST_DTYPES or _state.stack or _env_set(_ENV) or x.numel() == 0:
+        return False
+    if _auto_order(_CPU, x.dtype)[0] != "cpu":
         return False
     prims = _module_cache.get("cpu")
     if prims is None or isinstance(prims, str):
