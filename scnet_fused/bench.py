@@ -413,7 +413,7 @@ def gate_rounds(labels: Sequence[str], args, run_spec: Callable[[str], Tuple[str
                        "--out", tmp, "--name", name]
                 if args.shapes:
                     cmd += ["--shapes", args.shapes]
-                if getattr(args, "channels_last", False):
+                if args.channels_last:
                     cmd.append("--channels-last")
                 if args.threads:
                     env = dict(env, OMP_NUM_THREADS=str(args.threads))

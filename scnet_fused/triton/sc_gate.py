@@ -467,11 +467,10 @@ def gate_backward(dy: torch.Tensor, x: torch.Tensor, small: torch.Tensor, k3: to
         return dx, dsmall.zero_(), dk3, zeros, zeros.clone()
     # Per-program partial sums (rows of C floats), only when asked for: without, the kernel neither
     # accumulates nor stores them, and dx stands in for their (untouched) pointers.
-    part = new_empty((2, grid[0] * grid[2], C), torch.float32, x.device) if need_sums else None
+    part = new_empty((2, grid[0] * grid[2], C), torch.float32, x.device) if need_sums else (dx, dx)
     ss, st, has_sa = _small_affine(small_scale, small_shift, C, x)
     _gate_bwd_kernel[grid](dy, x, k3, small, _vec(scale, C, x), _vec(shift, C, x), _vec(center, C, x), ss, st,
-                           dx, dk3 if need_dk3 else dx, dsmall, part[0] if need_sums else dx,
-                           part[1] if need_sums else dx, tab, *scalars,
+                           dx, dk3 if need_dk3 else dx, dsmall, part[0], part[1], tab, *scalars,
                            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
                            HAS_CENTER=center is not None, HAS_SMALL_AFFINE=has_sa, NEED_DK3=bool(need_dk3),
                            NEED_SUMS=bool(need_sums), **meta)
