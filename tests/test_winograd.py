@@ -6,6 +6,7 @@ through it against the reference."""
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -1190,3 +1191,165 @@ def test_missing_kernels_are_a_clear_error(monkeypatch):
     monkeypatch.setattr(winograd, "_kernels_present", lambda: False)
     with pytest.raises(RuntimeError, match="compiled CPU kernels are not loaded"):
         scnet_fused.ops.conv3x3_winograd(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Under torch.compile: the convolutions as one custom op of the graph (scnet_fused::conv3x3)
+# ----------------------------------------------------------------------------------------------
+
+
+def _recording_backend(targets):
+    """aot_eager, recording the call targets of the graphs dynamo hands over and of their subgraphs
+    (an autograd.Function's forward and backward), an op by its packet."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    aot_eager = lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):
+        for sub in gm.modules():
+            if isinstance(sub, torch.fx.GraphModule):
+                targets.extend(getattr(n.target, "overloadpacket", n.target) for n in sub.graph.nodes
+                               if n.op == "call_function")
+        return aot_eager(gm, example_inputs)
+
+    return backend
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mode", ["train", "eval", "no_grad"])
+def test_compiled_scconv_runs_its_convolutions_as_the_graph_op(monkeypatch, mode, channels_last):
+    """A fused SCConv under torch.compile (fullgraph) with the Winograd algorithm: its 3x3 convolutions
+    are scnet_fused::conv3x3 nodes of the one graph, their bodies run Winograd, and output, input and
+    parameter gradients and running statistics agree with the eager module's (which runs the same
+    convolutions)."""
+    torch.manual_seed(9)
+    eager = scnet_fused.SCConv(16, 16, 1, 1, 1, 1, 4, torch.nn.BatchNorm2d)
+    for bn in (eager.k2[2], eager.k3[1], eager.k4[1]):
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+        bn.running_var.data.uniform_(0.5, 2.0)
+    if channels_last:
+        eager = eager.to(memory_format=torch.channels_last)
+    eager.train(mode == "train")
+    compiled_mod = copy.deepcopy(eager)
+    targets = []
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_mod, backend=_recording_backend(targets), fullgraph=True)
+    x = torch.randn(2, 16, 18, 13)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    calls = _spy(monkeypatch)
+    with algorithm("winograd"), torch.set_grad_enabled(mode != "no_grad"):
+        xe, xc = x.clone().requires_grad_(mode != "no_grad"), x.clone().requires_grad_(mode != "no_grad")
+        out_e = eager(xe)
+        calls.clear()
+        out_c = compiled(xc)
+        assert calls, "the graph op's body did not run Winograd"
+        assert out_c.stride() == out_e.stride()
+        torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-4)
+        if mode != "no_grad":
+            g = torch.randn_like(out_e)
+            out_e.backward(g)
+            out_c.backward(g)
+            torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-4 * xe.grad.abs().max().item())
+            assert xc.grad.stride() == xe.grad.stride()
+            for (name, p), q in zip(compiled_mod.named_parameters(), eager.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4 * q.grad.abs().max().item(),
+                                           msg=lambda m: f"{name}: {m}")
+    for (name, b), b_e in zip(compiled_mod.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(b, b_e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    # k2, k3 and k4 (in training k4 inside _ConvOfGate's subgraph, its input gradient and filters'
+    # gradient in its backward's)
+    assert targets.count(torch.ops.scnet_fused.conv3x3) == 3, targets
+    if mode == "train":
+        assert torch.ops.scnet_fused.conv3x3_backward in targets, targets
+    assert torch.nn.functional.conv2d not in targets and torch.conv2d not in targets, targets
+
+
+def test_graph_op_takes_the_eager_decision_on_the_real_sizes(monkeypatch):
+    """Under "auto" the size rule runs in the graph op's body: one graph (dynamic shapes) serves maps
+    on both sides of it, Winograd where eager takes it and F.conv2d where not, each with eager's
+    results; without the AVX-512 build "auto" leaves the convolution to the graph as F.conv2d."""
+    torch.manual_seed(10)
+    w = torch.randn(64, 64, 3, 3, requires_grad=True)
+    targets = []
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    f = torch.compile(lambda a, b: scnet_fused.ops.winograd.conv2d(a, b, None, 1, 1, 1, 1),
+                      backend=_recording_backend(targets), fullgraph=True, dynamic=True)
+    calls = _spy(monkeypatch)
+    with algorithm("auto"):
+        for shape in ((2, 64, 6, 7), (8, 64, 30, 29), (3, 64, 5, 9)):  # (a batch of 1 would specialize)
+            x = torch.randn(shape, requires_grad=True)
+            eager_takes = winograd.winograd_applies(x, w, (1, 1), (1, 1), (1, 1), 1)
+            calls.clear()
+            y = f(x, w)
+            assert bool(calls) == eager_takes, (shape, eager_takes)
+            with algorithm("direct"):
+                want = F.conv2d(x, w, padding=1)
+            tol = 1e-4 * want.abs().max().item() if eager_takes else 1e-5
+            torch.testing.assert_close(y, want, rtol=1e-4, atol=tol)
+            gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
+            wx, ww = torch.autograd.grad(want.square().sum(), (x, w))
+            torch.testing.assert_close(gx, wx, rtol=1e-3, atol=1e-4 * wx.abs().max().item())
+            torch.testing.assert_close(gw, ww, rtol=1e-3, atol=1e-4 * ww.abs().max().item())
+    if winograd._auto_isa():
+        assert targets.count(torch.ops.scnet_fused.conv3x3) == 1, targets
+    else:
+        assert torch.ops.scnet_fused.conv3x3 not in targets, targets
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(2, 8, 9, 11),
+    lambda: torch.randn(2, 8, 9, 11).contiguous(memory_format=torch.channels_last),
+    lambda: torch.randn(2, 16, 9, 11)[:, ::2],  # neither layout: NCHW out
+    lambda: torch.randn(3, 8, 1, 1).contiguous(memory_format=torch.channels_last),  # both layouts at once
+    lambda: torch.randn(0, 8, 5, 5),
+], ids=["nchw", "channels_last", "strided", "1x1", "empty"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_graph_op_under_inductor_keeps_the_layouts_it_declares(make, bias):
+    """Inductor checks every custom op's output strides against its fake form: the graph op and its
+    backward return exactly the declared layouts (the input's format; contiguous filters' gradients)
+    whichever convolution the body ran, with the direct convolution's results."""
+    torch.manual_seed(11)
+    x = make().requires_grad_()
+    w = torch.randn(6, 8, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True) if bias else None
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, c, d: scnet_fused.ops.conv3x3_winograd(a, c, d), fullgraph=True)
+    for name in ("winograd", "direct", "auto"):
+        with algorithm(name):
+            y = f(x, w, b)
+            want = F.conv2d(x.detach().double(), w.detach().double(), None if b is None else b.detach().double(),
+                            padding=1)
+            torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+            g = torch.randn_like(y)
+            got = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], g)
+            ref = [t.detach().double().requires_grad_() for t in (x, w, b) if t is not None]
+            want = torch.autograd.grad(F.conv2d(ref[0], ref[1], ref[2] if bias else None, padding=1), ref, g.double())
+            for a, c in zip(got, want):
+                scale = c.abs().max().item() if c.numel() else 1.0
+                torch.testing.assert_close(a.double(), c, rtol=1e-4, atol=1e-4 * max(1.0, scale))
+
+
+def test_graph_ops_opcheck_and_refuse_bad_arguments():
+    """The graph ops pass torch.library.opcheck (schema, fake forms, autograd registration, AOT
+    dispatch) and, called directly, refuse what conv3x3_winograd refuses."""
+    torch.manual_seed(12)
+    x = torch.randn(2, 5, 7, 9)
+    w = torch.randn(4, 5, 3, 3)
+    b = torch.randn(4)
+    with algorithm("winograd"):
+        torch.library.opcheck(torch.ops.scnet_fused.conv3x3.default, (x.requires_grad_(), w.requires_grad_(), b))
+        torch.library.opcheck(torch.ops.scnet_fused.conv3x3.default, (x.contiguous(memory_format=torch.channels_last),
+                                                                      w, None))
+        g = torch.randn(2, 4, 7, 9)
+        for need in ((True, True), (True, False), (False, True)):
+            torch.library.opcheck(torch.ops.scnet_fused.conv3x3_backward.default, (g, x.detach(), w.detach()) + need)
+        with pytest.raises(ValueError, match="channels"):
+            torch.ops.scnet_fused.conv3x3(torch.randn(1, 3, 6, 6), w, None)
+        with pytest.raises(TypeError, match="float32"):
+            torch.ops.scnet_fused.conv3x3(x.double(), w.double(), None)
+        with pytest.raises(ValueError, match="3, 3"):
+            torch.ops.scnet_fused.conv3x3(x, torch.randn(4, 5, 1, 1), None)

@@ -25,7 +25,9 @@ transforms' sums. ``set_conv_algorithm("direct")`` (or ``SCNET_FUSED_CONV=direct
 convolution.
 
 :func:`conv2d` is what the fused modules call for their convolutions: it takes this path where it is
-enabled and pays (:func:`winograd_applies`), and ``F.conv2d`` everywhere else.
+enabled and pays (:func:`winograd_applies`), and ``F.conv2d`` everywhere else. Under torch.compile an
+eligible convolution is one custom op of the graph, ``scnet_fused::conv3x3``, that takes the same
+decision on the real tensors (see "Inside torch.compile" below).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from __future__ import annotations
 import operator
 import os
 import weakref
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -409,6 +411,8 @@ def conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool,
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [need_input, need_weight, False])
         return grad_x, grad_w
+    if torch.compiler.is_compiling():
+        return _graph_conv_backward(grad_out, x, weight, need_input, need_weight)
     grad_out = grad_out.contiguous(memory_format=torch.channels_last if _is_nhwc(x) else torch.contiguous_format)
     grad_x = grad_w = None
     if need_input:  # conv3x3(grad_out, flip(weight)^T)
@@ -459,13 +463,19 @@ def conv3x3_winograd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
     channels_last inputs are read in place (each layout has its kernels) and the output has the
     input's layout; any other strides are copied to NCHW first. An empty batch gives an empty output.
     Where the fused ops take standard operators (``standard_ops_only``: traces, exports, torch.func
-    transforms, forward-mode AD) it is ``F.conv2d``."""
+    transforms, forward-mode AD) and under torch.export it is ``F.conv2d``; under torch.compile the
+    graph op ``scnet_fused::conv3x3``, which runs this (or ``F.conv2d`` where :func:`winograd_applies`
+    says no)."""
     _check(x, weight, bias)
     if not _kernels_present():
         from . import _cpp
 
         raise RuntimeError("conv3x3_winograd: the compiled CPU kernels are not loaded ("
                            f"{_cpp.unavailable_reason('cpu') or 'this build lacks the Winograd transforms'})")
+    if torch.compiler.is_compiling():  # one op of the graph (no guard on the sizes), or F.conv2d for an export
+        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+            return F.conv2d(x, weight, bias, padding=1)
+        return torch.ops.scnet_fused.conv3x3(x, weight, bias)
     if x.shape[0] == 0 or weight.shape[0] == 0:
         return F.conv2d(x, weight, bias, padding=1)
     from ._dispatch import standard_ops_only
@@ -487,7 +497,11 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
     stride 1, padding 1, no dilation, one group, no autocast, plain eager (:func:`_plain_eager`), the
     compiled kernels present; and under ``"auto"``, the AVX-512 build of the kernels and enough
     channels and tiles (:func:`_auto`): where the measured gain holds. ``cached``: the filters' transform
-    is kept between calls (:func:`conv2d_cached`), which lets fewer tiles pay."""
+    is kept between calls (:func:`conv2d_cached`), which lets fewer tiles pay. Under torch.compile:
+    whether the convolution becomes the graph op (:func:`_graph_op_applies`), whose body asks this
+    again on the real tensors."""
+    if torch.compiler.is_compiling():  # the size rule moves into the graph op's body
+        return _graph_op_applies(x, weight, stride, padding, dilation, groups, algorithm)
     algorithm = _algorithm if algorithm is None else algorithm
     if algorithm == "direct" or not _plain_eager(x, weight):
         return False
@@ -601,6 +615,7 @@ def _auto(x: Tensor, weight: Tensor, cached: bool = False) -> bool:
     return channels >= _AUTO_MIN_CHANNELS and tiles >= _AUTO_MIN_TILES and work >= _AUTO_MIN_WORK[nhwc]
 
 
+@torch.compiler.assume_constant_result  # (under torch.compile: asked at trace time, a constant)
 def _auto_isa() -> bool:
     from . import _cpp
 
@@ -608,8 +623,8 @@ def _auto_isa() -> bool:
 
 
 def _plain_eager(x: Tensor, weight: Tensor) -> bool:
-    """Eager PyTorch on real tensors: not under torch.compile / torch.export (inductor plans its own
-    convolutions; the kernels have no fake-tensor forms), not while torch.jit.trace or an ONNX export
+    """Eager PyTorch on real tensors: not under torch.compile / torch.export (there the graph op stands
+    for the decision: :func:`_graph_op_applies`), not while torch.jit.trace or an ONNX export
     records, not inside a torch.func transform or a forward-mode AD level, no tensor subclass."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
@@ -623,6 +638,7 @@ def _plain_eager(x: Tensor, weight: Tensor) -> bool:
 _present: Optional[bool] = None
 
 
+@torch.compiler.assume_constant_result  # (under torch.compile: asked at trace time, a constant)
 def _kernels_present() -> bool:
     global _present
     if _present is None:
@@ -760,3 +776,130 @@ def conv2d_cached(owner: torch.nn.Module, x: Tensor, sources: tuple, make, strid
 
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inside torch.compile: the convolution as a custom op of the compiled graph
+# ----------------------------------------------------------------------------------------------
+# Dynamo cannot trace the Winograd path (its kernels have no fake-tensor forms, and the size rule would
+# put guards on the sizes), so under torch.compile an eligible convolution enters the graph as one
+# opaque op, ``scnet_fused::conv3x3`` (and ``conv3x3_backward`` for its gradients), whose body runs on
+# the real tensors and takes the same decision as eager (:func:`winograd_applies`, the size rule
+# included): Winograd where it pays, ``F.conv2d`` / ATen's convolution backward elsewhere. Its outputs
+# have fixed layouts whatever the body chose (the input's memory format for the output and the input
+# gradient, contiguous filters' gradients), as the graph's fake tensors say. torch.export keeps
+# ``F.conv2d`` (an exported program runs without this package where it can).
+
+
+def _graph_op_applies(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
+                      algorithm: Optional[str] = None) -> bool:
+    """Under torch.compile (not torch.export): whether ``conv2d(x, weight, ...)`` enters the graph as
+    ``scnet_fused::conv3x3``, whose body applies the size rule. Only what the graph fixes anyway is
+    asked here (device, dtype, the filters' shape, the convolution's parameters, autocast, the
+    algorithm, the kernels' build), so no guard on the sizes is added."""
+    algorithm = _algorithm if algorithm is None else algorithm
+    if algorithm == "direct" or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return False
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3)
+            and weight.shape[1] == x.shape[1] and groups == 1 and tuple(stride) == (1, 1)
+            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)):
+        return False
+    if torch.is_autocast_enabled("cpu") or not _kernels_present():
+        return False
+    return algorithm == "winograd" or _auto_isa()
+
+
+def _graph_format(x: Tensor) -> torch.memory_format:
+    """The graph op's output layout for an input like ``x`` (the Winograd kernels' rule: channels_last
+    for a dense channels_last map that is not also dense NCHW, else NCHW)."""
+    return torch.channels_last if _is_nhwc(x) else torch.contiguous_format
+
+
+def _in_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    """``t`` with exactly the strides of ``torch.empty(t.shape, memory_format=fmt)`` (a copy only where
+    they differ: size-1 dimensions leave several strides dense)."""
+    if t.stride() == _dense_strides(t.shape, fmt):
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
+    return out.copy_(t)
+
+
+def _dense_strides(shape, fmt: torch.memory_format):
+    """The strides ``torch.empty(shape, memory_format=fmt)`` gets (4-D)."""
+    return torch.empty(shape, device="meta", memory_format=fmt).stride()
+
+
+def _winograd_at_run(x: Tensor, weight: Tensor) -> bool:
+    """The eager decision on the real tensors: the graph op's body."""
+    return winograd_applies(x, weight, (1, 1), (1, 1), (1, 1), 1)
+
+
+@torch.library.custom_op("scnet_fused::conv3x3", mutates_args=())
+def _conv3x3_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    _check(x, weight, bias)
+    fmt = _graph_format(x)
+    if _winograd_at_run(x, weight):
+        with torch.no_grad():
+            y = _forward(x, weight, bias)
+    else:
+        y = F.conv2d(x, weight, bias, padding=1)
+    return _in_format(y, fmt)
+
+
+@_conv3x3_op.register_fake
+def _(x, weight, bias):
+    _check(x, weight, bias)
+    shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_graph_format(x))
+
+
+@torch.library.custom_op("scnet_fused::conv3x3_backward", mutates_args=())
+def _conv3x3_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool,
+                         need_weight: bool) -> Tuple[Tensor, Tensor]:
+    """(grad_x, grad_weight); an empty tensor for one not asked for."""
+    _check(x, weight, None)
+    fmt = _graph_format(x)
+    x = x.contiguous(memory_format=fmt)
+    if _winograd_at_run(x, weight):
+        with torch.no_grad():
+            grad_x, grad_w = conv_backward(grad_out, x, weight, need_input, need_weight)
+    else:
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [need_input, need_weight, False])
+    grad_x = _in_format(grad_x, fmt) if need_input else x.new_empty(0)
+    grad_w = _in_format(grad_w, torch.contiguous_format) if need_weight else weight.new_empty(0)
+    return grad_x, grad_w
+
+
+@_conv3x3_backward_op.register_fake
+def _(grad_out, x, weight, need_input, need_weight):
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_graph_format(x)) \
+        if need_input else x.new_empty(0)
+    return grad_x, (weight.new_empty(weight.shape) if need_weight else weight.new_empty(0))
+
+
+def _graph_conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool, need_weight: bool):
+    grad_x, grad_w = torch.ops.scnet_fused.conv3x3_backward(grad_out, x, weight, need_input, need_weight)
+    return grad_x if need_input else None, grad_w if need_weight else None
+
+
+def _conv3x3_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight)
+
+
+def _conv3x3_bwd(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if torch.is_grad_enabled():  # create_graph: ATen's backward, differentiable again
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [need_input, need_weight, False])
+    else:
+        grad_x, grad_w = _graph_conv_backward(grad_out, x, weight, need_input, need_weight)
+    grad_b = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b
+
+
+_conv3x3_op.register_autograd(_conv3x3_bwd, setup_context=_conv3x3_setup)
