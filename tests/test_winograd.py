@@ -1308,17 +1308,21 @@ def test_graph_op_takes_the_eager_decision_on_the_real_sizes(monkeypatch):
     lambda: torch.randn(0, 8, 5, 5),
 ], ids=["nchw", "channels_last", "strided", "1x1", "empty"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_graph_op_under_inductor_keeps_the_layouts_it_declares(make, bias):
+def test_graph_op_under_inductor_keeps_the_layouts_it_declares(monkeypatch, make, bias):
     """Inductor checks every custom op's output strides against its fake form: the graph op and its
     backward return exactly the declared layouts (the input's format; contiguous filters' gradients)
-    whichever convolution the body ran, with the direct convolution's results."""
+    whichever convolution the body ran, with the direct convolution's results. Forward and backward
+    take one decision: Winograd for a dense map under "winograd", never for the strided one."""
     torch.manual_seed(11)
     x = make().requires_grad_()
+    dense = x.numel() > 0 and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+    calls = _spy(monkeypatch)
     w = torch.randn(6, 8, 3, 3, requires_grad=True)
     b = torch.randn(6, requires_grad=True) if bias else None
     torch._dynamo.reset()
     f = torch.compile(lambda a, c, d: scnet_fused.ops.conv3x3_winograd(a, c, d), fullgraph=True)
     for name in ("winograd", "direct", "auto"):
+        calls.clear()
         with algorithm(name):
             y = f(x, w, b)
             want = F.conv2d(x.detach().double(), w.detach().double(), None if b is None else b.detach().double(),
@@ -1331,6 +1335,10 @@ def test_graph_op_under_inductor_keeps_the_layouts_it_declares(make, bias):
             for a, c in zip(got, want):
                 scale = c.abs().max().item() if c.numel() else 1.0
                 torch.testing.assert_close(a.double(), c, rtol=1e-4, atol=1e-4 * max(1.0, scale))
+        if name == "winograd" and dense:  # the forward, the input gradient (and the weight gradient's
+            assert len(calls) >= 2, calls  # products in their own kernels)
+        elif name == "direct" or not dense:
+            assert calls == [], (name, calls)
 
 
 def test_graph_ops_opcheck_and_refuse_bad_arguments():

@@ -860,8 +860,7 @@ def _conv3x3_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, need_input
     """(grad_x, grad_weight); an empty tensor for one not asked for."""
     _check(x, weight, None)
     fmt = _graph_format(x)
-    x = x.contiguous(memory_format=fmt)
-    if _winograd_at_run(x, weight):
+    if _winograd_at_run(x, weight):  # (the forward's decision: the same x)
         with torch.no_grad():
             grad_x, grad_w = conv_backward(grad_out, x, weight, need_input, need_weight)
     else:
