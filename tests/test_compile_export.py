@@ -56,9 +56,12 @@ def test_fullgraph_aot_eager_train_step_matches_eager():
         nn.functional.cross_entropy(out_e, target).backward()
         nn.functional.cross_entropy(out_c, target).backward()
         torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
+        # The compiled classifier runs its maps channels_last (models._channels_last_when_compiled), whose
+        # convolution weight gradients ATen sums in another order: float32 rounding of the largest sums.
         ge, gc = _grads(eager), _grads(compiled_mod)
         for n in ge:
-            torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {n}: {m}")
+            atol = 1e-5 * max(1.0, ge[n].abs().max().item())
+            torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=atol, msg=lambda m: f"grad {n}: {m}")
         opt_e.step(), opt_c.step()
         opt_e.zero_grad(), opt_c.zero_grad()
         _assert_same_state(compiled_mod, eager)  # running statistics updated alike
