@@ -72,6 +72,8 @@ BACKGROUND = {
     "conv1x1": [(_script("bench_conv1x1", "--no-model", "--batch-size", "1", "--rounds", "1"), {})],
     "downsample": [(_script("bench_downsample", "--no-model", "--batch-size", "1", "--rounds", "1"), {})],
     "stem": [(_script("bench_stem", "--no-model", "--batch-size", "1", "--rounds", "1"), {})],
+    "compile_model": [(_script("bench_compile_model", "--layers", "1,1,1,1", "--image-size", "64", "--batch-size", "2",
+                               "--rounds", "1", "--variants", "reference:eager,fused:compile"), {"timeout": 600})],
 }
 
 
@@ -621,6 +623,25 @@ def test_bench_stem_script():
     rows = json.loads((out / "stem.json").read_text())["rows"]
     assert len(rows) == 5 and all(row["median_ms"] > 0 and row["shape"] == "1x64x112x112" for row in rows)
     assert "| pool | scnet_fused NCHW, with indices | 1x64x112x112 |" in (out / "stem.md").read_text()
+
+
+@pytest.mark.background("compile_model")
+def test_bench_compile_model_script(tmp_path, capsys):
+    """benchmarks/bench_compile_model.py: a small SCNet's training step, eager and compiled, JSON and
+    Markdown with the rounds; bad variants refused before anything is built."""
+    (r,), out = _bg("compile_model")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((out / "compile_model.json").read_text())["rows"]
+    assert [(row["what"], row["variant"]) for row in rows] == [
+        ("first two steps", "reference:eager"), ("first two steps", "fused:compile"),
+        ("training step", "reference:eager"), ("training step", "fused:compile")]
+    assert all(row["median_ms"] > 0 and row["shape"] == "2x3x64" for row in rows)
+    assert "- fused:compile: " in (out / "compile_model.md").read_text()
+    _script_usage_errors("bench_compile_model", tmp_path, capsys, [
+        (["--variants", "fused:jit"], "bad variant 'fused:jit'"),
+        (["--variants", "mine:eager"], "bad variant 'mine:eager'"),
+        (["--variants", "fused:eager:nhwc"], "bad variant"),
+        (["--layers", "1,0,1,1"], "--layers")])
 
 
 @pytest.mark.background("downsample")
