@@ -92,8 +92,8 @@ def _channels_last_when_compiled(x: Tensor) -> bool:
     Inductor runs a CPU graph's convolutions channels_last whatever the input's layout, while the fused
     ops' outputs keep their input's layout: from an NCHW batch the graph converted the maps between the
     two around every fused op. The scnet50 training step at N = 8, 224 px (Intel Xeon, 2 threads,
-    interleaved rounds in one process, benchmarks/results/cpu-xeon/compile_model.md): the fused model
-    compiled from NCHW took 0.86x the speed of the reference compiled, and 1.06x from channels_last. The
+    interleaved rounds in one process): the fused model compiled took 0.86x the speed of the reference
+    compiled that way, and takes 1.08x this way (benchmarks/results/cpu-xeon/compile_model.md). The
     logits do not depend on the layout (only the maps inside do)."""
     return (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and x.dim() == 4
             and x.device.type == "cpu")
