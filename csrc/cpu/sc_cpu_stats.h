@@ -230,7 +230,6 @@ void for_nhwc_runs(int64_t P, int64_t C, F&& f) {
 // Sums of (x - K) and (x - K)^2 over the NHWC pixels [q0, q1) (one float partial) of the channels
 // [e, e + NV * kV) (the last vector m lanes wide when kTail; NV is then 1), in registers, then added
 // to the double partials d1, d2 (indexed by channel).
-
 template <typename T, int NV, bool kTail>
 inline void nhwc_moments_chunk(const T* t, int64_t C, int64_t q0, int64_t q1, int64_t e, int64_t m, const float* K,
                                double* d1, double* d2) {

@@ -402,15 +402,20 @@ def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
     return _weight_transform_adjoint(torch.bmm(z, v.transpose(1, 2)))
 
 
+def _aten_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool, need_weight: bool):
+    """``(grad_x, grad_weight)`` of the direct convolution (padding 1), ATen's (differentiable again)."""
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [need_input, need_weight, False])
+    return grad_x, grad_w
+
+
 def conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool, need_weight: bool):
     """``(grad_x, grad_weight)`` of ``conv3x3_winograd(x, weight)`` (None where not needed), both as
     Winograd; grad_out is read in x's layout, grad_x comes in it. With grad mode on (a backward run
     with create_graph) ATen's convolution backward instead, which autograd differentiates again (the
     Winograd kernels have no derivative of their own)."""
     if torch.is_grad_enabled():
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [need_input, need_weight, False])
-        return grad_x, grad_w
+        return _aten_backward(grad_out, x, weight, need_input, need_weight)
     if torch.compiler.is_compiling():
         return _graph_conv_backward(grad_out, x, weight, need_input, need_weight)
     grad_out = grad_out.contiguous(memory_format=torch.channels_last if _is_nhwc(x) else torch.contiguous_format)
@@ -505,18 +510,23 @@ def winograd_applies(x: Tensor, weight: Tensor, stride, padding, dilation, group
     algorithm = _algorithm if algorithm is None else algorithm
     if algorithm == "direct" or not _plain_eager(x, weight):
         return False
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3)
-            and weight.shape[1] == x.shape[1] and groups == 1 and tuple(stride) == (1, 1)
-            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and x.numel() > 0
-            and weight.shape[0] > 0
+    if not (_eligible(x, weight, stride, padding, dilation, groups) and x.numel() > 0 and weight.shape[0] > 0
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))):
-        return False
-    if torch.is_autocast_enabled("cpu") or not _kernels_present():
         return False
     if algorithm == "winograd":
         return True
     return _auto(x, weight, cached and _cache_enabled)
+
+
+def _eligible(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
+    """The conditions no size enters (so a compiled graph fixes them anyway): a CPU float32 4-D input,
+    3x3 float32 filters taking its channels, stride 1, padding 1, no dilation, one group, no autocast,
+    the compiled kernels present."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3)
+            and weight.shape[1] == x.shape[1] and groups == 1 and tuple(stride) == (1, 1)
+            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)
+            and not torch.is_autocast_enabled("cpu") and _kernels_present())
 
 
 # "auto": measured on a 2-core AVX-512 Xeon at N = 8 (benchmarks/results/cpu-xeon/winograd.md and
@@ -795,19 +805,12 @@ def _graph_op_applies(x: Tensor, weight: Tensor, stride, padding, dilation, grou
                       algorithm: Optional[str] = None) -> bool:
     """Under torch.compile (not torch.export): whether ``conv2d(x, weight, ...)`` enters the graph as
     ``scnet_fused::conv3x3``, whose body applies the size rule. Only what the graph fixes anyway is
-    asked here (device, dtype, the filters' shape, the convolution's parameters, autocast, the
-    algorithm, the kernels' build), so no guard on the sizes is added."""
+    asked here (:func:`_eligible`, the algorithm, the kernels' build), so no guard on the sizes is
+    added."""
     algorithm = _algorithm if algorithm is None else algorithm
     if algorithm == "direct" or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
         return False
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3)
-            and weight.shape[1] == x.shape[1] and groups == 1 and tuple(stride) == (1, 1)
-            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)):
-        return False
-    if torch.is_autocast_enabled("cpu") or not _kernels_present():
-        return False
-    return algorithm == "winograd" or _auto_isa()
+    return _eligible(x, weight, stride, padding, dilation, groups) and (algorithm == "winograd" or _auto_isa())
 
 
 def _graph_format(x: Tensor) -> torch.memory_format:
@@ -864,8 +867,7 @@ def _conv3x3_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, need_input
         with torch.no_grad():
             grad_x, grad_w = conv_backward(grad_out, x, weight, need_input, need_weight)
     else:
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [need_input, need_weight, False])
+        grad_x, grad_w = _aten_backward(grad_out, x, weight, need_input, need_weight)
     grad_x = _in_format(grad_x, fmt) if need_input else x.new_empty(0)
     grad_w = _in_format(grad_w, torch.contiguous_format) if need_weight else weight.new_empty(0)
     return grad_x, grad_w
@@ -893,8 +895,7 @@ def _conv3x3_bwd(ctx, grad_out):
     x, weight = ctx.saved_tensors
     need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if torch.is_grad_enabled():  # create_graph: ATen's backward, differentiable again
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [need_input, need_weight, False])
+        grad_x, grad_w = _aten_backward(grad_out, x, weight, need_input, need_weight)
     else:
         grad_x, grad_w = _graph_conv_backward(grad_out, x, weight, need_input, need_weight)
     grad_b = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
