@@ -87,16 +87,37 @@ def _checked_out_indices(out_indices) -> tuple:
     return idx
 
 
-def _channels_last_when_compiled(x: Tensor) -> bool:
-    """Under torch.compile (not torch.export), a 4-D CPU batch: the classifier takes it channels_last.
-    Inductor runs a CPU graph's convolutions channels_last whatever the input's layout, while the fused
-    ops' outputs keep their input's layout: from an NCHW batch the graph converted the maps between the
-    two around every fused op. The scnet50 training step at N = 8, 224 px (Intel Xeon, 2 threads,
-    interleaved rounds in one process): the fused model compiled took 0.86x the speed of the reference
-    compiled that way, and takes 1.08x this way (benchmarks/results/cpu-xeon/compile_model.md). The
-    logits do not depend on the layout (only the maps inside do)."""
-    return (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and x.dim() == 4
-            and x.device.type == "cpu")
+# Eval images of at least this many pixels (H * W: 192 x 192) run channels_last on a CPU.
+_CPU_CHANNELS_LAST_EVAL_PIXELS = 192 * 192
+
+
+def _cpu_channels_last(x: Tensor, training: bool, policy) -> bool:
+    """Whether the fused classifier converts a CPU batch to channels_last before its stem (``policy``:
+    :attr:`SCNet.cpu_channels_last`). The logits do not depend on the layout; only the maps inside do.
+
+    ``"auto"``: under torch.compile (not torch.export), always. Inductor runs a CPU graph's
+    convolutions channels_last whatever the input's layout, while the fused ops' outputs keep their
+    input's layout: from an NCHW batch the graph converted the maps between the two around every fused
+    op (the compiled scnet50 training step at N = 8, 224 px: 0.86x the speed of the compiled reference
+    that way, 1.08x this way; benchmarks/results/cpu-xeon/compile_model.md). Eager, when training and
+    for eval images of at least 192 x 192 px: the 1x1 convolutions from 128 channels are then matrix
+    products and the Winograd tiles are read with the channels innermost. On the Intel Xeon (2 threads,
+    interleaved rounds in one process, benchmarks/results/cpu-xeon/eager_layout.md, medians) the
+    training step ran 1.02x-1.08x faster from 2 images of 128 px to 8 of 224 px; the eval forward
+    1.02x-1.16x faster with 224 px images (1 to 8 of them) and 1.04x with 192 px, 0.99x-1.02x with
+    160 px, and 0.94x-0.98x with one to four 128 px images (1.02x with eight), so eval images below
+    192 px keep their layout.
+    Never while ``torch.jit`` traces or scripts (the traced graph keeps the caller's layout).
+    """
+    if x.dim() != 4 or x.device.type != "cpu" or policy is False:
+        return False
+    if torch.compiler.is_compiling():
+        return not torch.compiler.is_exporting()
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if policy is True:
+        return True
+    return training or x.shape[2] * x.shape[3] >= _CPU_CHANNELS_LAST_EVAL_PIXELS
 
 
 class _FusedStem:
@@ -110,8 +131,17 @@ class SCNet(_FusedStem, reference.SCNet):
     whose stem runs through :func:`scnet_fused.modules.scnet_stem`; its blocks are the fused
     SCBottlenecks and its stem pool :class:`scnet_fused.modules.MaxPool2d` (see :func:`build`)."""
 
+    #: On a CPU the classifier may run its maps channels_last (the logits are the same either way):
+    #: ``"auto"`` (the default; see :func:`_cpu_channels_last`), ``True`` (always), ``False`` (the
+    #: caller's layout). A class attribute, so the state_dict is unchanged; set it on an instance to
+    #: override it there.
+    cpu_channels_last = "auto"
+
     def forward(self, x: Tensor) -> Tensor:
-        if _channels_last_when_compiled(x):
+        policy = self.cpu_channels_last
+        if not (policy is True or policy is False or (isinstance(policy, str) and policy == "auto")):
+            raise ValueError(f"cpu_channels_last must be 'auto', True or False, got {policy!r}")
+        if _cpu_channels_last(x, self.training, policy):
             x = x.contiguous(memory_format=torch.channels_last)
         return super().forward(x)
 

@@ -56,8 +56,8 @@ def test_fullgraph_aot_eager_train_step_matches_eager():
         nn.functional.cross_entropy(out_e, target).backward()
         nn.functional.cross_entropy(out_c, target).backward()
         torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
-        # The compiled classifier runs its maps channels_last (models._channels_last_when_compiled), whose
-        # convolution weight gradients ATen sums in another order: float32 rounding of the largest sums.
+        # The compiled graph's convolutions (inductor's, channels_last) sum the weight gradients in
+        # another order than eager's: float32 rounding of the largest sums.
         ge, gc = _grads(eager), _grads(compiled_mod)
         for n in ge:
             atol = 1e-5 * max(1.0, ge[n].abs().max().item())

@@ -2,6 +2,7 @@
 running statistics, other norm layers, convert(), saved-for-backward bytes."""
 
 import copy
+import warnings
 from unittest import mock
 
 import pytest
@@ -378,13 +379,19 @@ def test_avd_bottleneck_takes_the_fused_path(hooked, monkeypatch):
     assert _called(pools, fused.downsample[0]) and _called(convs, fused.downsample[1]) == hooked
 
 
-def _sgd_history(x, y, steps):
+def _sgd_history(x, y, steps, channels_last=False):
+    """Losses of ``steps`` SGD steps of the reference, the fused model and a float64 reference. With
+    ``channels_last`` the float32 reference gets the batch channels_last and the fused model converts
+    it itself (its CPU training default), else both keep NCHW maps (the fused model told to)."""
     torch.manual_seed(0)
     ref = R.SCNet(R.SCBottleneck, layers=(1, 1, 1, 1), num_classes=5)
     fused = models.build("scnet50", layers=(1, 1, 1, 1), num_classes=5)
     fused.load_state_dict(ref.state_dict())
+    if not channels_last:
+        fused.cpu_channels_last = False
     truth = copy.deepcopy(ref).double()
-    runs = [(ref, x), (fused, x), (truth, x.double())]
+    x_ref = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    runs = [(ref, x_ref), (fused, x), (truth, x.double())]
     opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m, _ in runs]
     history = []
     for _ in range(steps):
@@ -399,19 +406,22 @@ def _sgd_history(x, y, steps):
     return history, ref, fused
 
 
-def test_small_scnet_sgd_losses_match():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_small_scnet_sgd_losses_match(channels_last):
     """Four SGD steps of a small SCNet: the fused model's losses are as close to a float64 run of the
-    reference as the float32 reference's are (float32 rounding drifts either one by ~1e-4). Checked on
-    the input and two copies with 1e-5 relative noise, and required on two of the three: a ReLU input
-    within rounding of 0 (measured once: |z| = 4e-8 against a largest 4.45, in layer4) takes the other
-    side of the kink in one of two correct float32 runs and moves the later losses by ~1e-3."""
+    reference as the float32 reference's are, in the same memory layout (float32 rounding drifts
+    either one by ~1e-4, by up to ~5e-4 channels_last, whose convolutions sum in another order).
+    Checked on the input and two copies with 1e-5 relative noise, and required on two of the three: a
+    ReLU input within rounding of 0 (measured once: |z| = 4e-8 against a largest 4.45, in layer4)
+    takes the other side of the kink in one of two correct float32 runs and moves the later losses by
+    ~1e-3."""
     torch.manual_seed(0)
     # 128 px: layer4's pooled map is 2 x 2, so its BatchNorm sees 16 values per channel.
     x = torch.randn(4, 3, 128, 128)
     y = torch.tensor([0, 1, 2, 3])
     verdicts = []
     for inp in kink_perturbed(x):
-        history, ref, fused = _sgd_history(inp, y, steps=4)
+        history, ref, fused = _sgd_history(inp, y, steps=4, channels_last=channels_last)
         assert history[-1][1] < 0.5 * history[0][1], history
         verdicts.append((all(abs(lf - lt) <= 3 * abs(lr - lt) + 1e-4 * max(1.0, lt) for lr, lf, lt in history),
                          history))
@@ -419,6 +429,88 @@ def test_small_scnet_sgd_losses_match():
     ref.eval(), fused.eval()
     with torch.no_grad():
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-3, atol=1e-3)  # after 4 steps of float drift
+
+
+def _stem_layouts(model, x, **kw):
+    """The memory format the stem convolution sees on each forward of ``model`` on ``x``."""
+    seen = []
+    h = model.conv1.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    try:
+        out = model(x, **kw)
+    finally:
+        h.remove()
+    return seen, out
+
+
+def test_classifier_cpu_layout_policy():
+    """The fused classifier on a CPU batch: channels_last maps when training and for eval images of at
+    least 192 x 192 px (``cpu_channels_last = "auto"``), the caller's layout for smaller eval images,
+    under torch.jit.trace, and with ``False``; always with ``True``; the logits the same."""
+    torch.manual_seed(0)
+    m = models.build("scnet50", layers=(1, 1, 1, 1), num_classes=5)
+    small, large = torch.randn(2, 3, 64, 64), torch.randn(1, 3, 192, 192)
+    seen, out = _stem_layouts(m.train(), small)
+    assert seen == [True] and out.is_contiguous()  # the logits come out as from an NCHW run
+    m.eval()
+    with torch.no_grad():
+        seen, out_auto = _stem_layouts(m, small)
+        assert seen == [False]
+        seen, _ = _stem_layouts(m, large)
+        assert seen == [True]
+        seen, _ = _stem_layouts(m, torch.randn(8, 3, 176, 192))  # 176 x 192 px: below the rule
+        assert seen == [False]
+        m.cpu_channels_last = True
+        seen, out_cl = _stem_layouts(m, small)
+        assert seen == [True]
+        torch.testing.assert_close(out_cl, out_auto, rtol=1e-4, atol=1e-5)
+        m.cpu_channels_last = False
+        seen, _ = _stem_layouts(m, large)
+        assert seen == [False]
+    m.train()
+    seen, _ = _stem_layouts(m, small)
+    assert seen == [False]
+    del m.cpu_channels_last  # back to the class default
+    assert m.cpu_channels_last == "auto"
+    # a traced graph keeps the caller's layout (the rule is not recorded into it)
+    m.eval()
+    seen = []
+    h = m.conv1.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(m, large, check_trace=False)
+    h.remove()
+    assert seen == [False]
+    for bad in ("yes", 1, None):
+        m.cpu_channels_last = bad
+        with pytest.raises(ValueError, match="cpu_channels_last"):
+            m(small)
+    # the policy is a class attribute: nothing in the state_dict
+    assert not any("channels_last" in k for k in m.state_dict())
+
+
+def test_classifier_channels_last_training_matches_nchw():
+    """One training step of the fused classifier in its CPU default (channels_last maps) against the
+    same model on NCHW maps: logits, every parameter gradient and the running statistics."""
+    torch.manual_seed(0)
+    a = models.build("scnet50", layers=(1, 1, 1, 1), num_classes=5)
+    b = copy.deepcopy(a)
+    b.cpu_channels_last = False
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 4])
+    outs = []
+    for m in (a, b):
+        out = m(x)
+        nn.functional.cross_entropy(out, y).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    # float32 rounding: the reference's own gradients (either layout) differ from a float64 run's by up
+    # to ~3e-5 of the largest (the stem's filter gradient: 8e-5 of 3.0)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        atol = 1e-4 * max(1.0, q.grad.abs().max().item())
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=atol, msg=lambda s: f"{n}: {s}")
+    for (n, u), v in zip(a.named_buffers(), b.buffers()):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6, msg=lambda s: f"{n}: {s}")
 
 
 def test_features_only():

@@ -930,7 +930,8 @@ def test_bottleneck_training_through_winograd(monkeypatch):
         torch.testing.assert_close(b.to(b64.dtype), b64, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_small_scnet_sgd_losses_through_winograd():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_small_scnet_sgd_losses_through_winograd(channels_last):
     """Four SGD steps of a small SCNet with its 3x3 convolutions as Winograd: the losses follow a float64
     run of the reference within 3x the float32 reference's drift plus 1e-3 (Winograd's rounding moves
     them by up to ~5e-4 here; the direct convolutions' by ~2e-4). Required on two of three inputs (the
@@ -945,7 +946,7 @@ def test_small_scnet_sgd_losses_through_winograd():
     verdicts = []
     with algorithm("winograd"):
         for inp in kink_perturbed(x):
-            history, _, _ = _sgd_history(inp, y, steps=4)
+            history, _, _ = _sgd_history(inp, y, steps=4, channels_last=channels_last)
             assert history[-1][1] < 0.5 * history[0][1], history
             verdicts.append(all(abs(lf - lt) <= 3 * abs(lr - lt) + 1e-3 * max(1.0, lt) for lr, lf, lt in history))
     assert sum(verdicts) >= 2, verdicts
