@@ -72,6 +72,8 @@ BACKGROUND = {
     "conv1x1": [(_script("bench_conv1x1", "--no-model", "--batch-size", "1", "--rounds", "1"), {})],
     "downsample": [(_script("bench_downsample", "--no-model", "--batch-size", "1", "--rounds", "1"), {})],
     "stem": [(_script("bench_stem", "--no-model", "--batch-size", "1", "--rounds", "1"), {})],
+    "eager_layout": [(_script("bench_eager_layout", "--layers", "1,1,1,1", "--shapes", "2x128", "--eval-shapes",
+                              "1x64", "--rounds", "2", "--reps", "1"), {})],
     "compile_model": [(_script("bench_compile_model", "--layers", "1,1,1,1", "--image-size", "64", "--batch-size", "2",
                                "--rounds", "1", "--variants", "reference:eager,fused:compile"), {"timeout": 600})],
 }
@@ -642,6 +644,28 @@ def test_bench_compile_model_script(tmp_path, capsys):
         (["--variants", "mine:eager"], "bad variant 'mine:eager'"),
         (["--variants", "fused:eager:nhwc"], "bad variant"),
         (["--layers", "1,0,1,1"], "--layers")])
+
+
+@pytest.mark.background("eager_layout")
+def test_bench_eager_layout_script(tmp_path, capsys):
+    """benchmarks/bench_eager_layout.py: a small fused SCNet's training step and eval forward with NCHW
+    and channels_last maps, JSON and Markdown with the per-round ratios; bad arguments refused."""
+    (r,), out = _bg("eager_layout")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((out / "eager_layout.json").read_text())["rows"]
+    assert [(row["what"], row["shape"], row["variant"]) for row in rows] == [
+        (what, shape, v) for what, shape in (("training step", "2x3x128x128"), ("eval forward", "2x3x128x128"),
+                                             ("eval forward", "1x3x64x64")) for v in ("nchw", "channels_last")]
+    assert all(row["median_ms"] > 0 for row in rows)
+    md = (out / "eager_layout.md").read_text()
+    assert "- eval forward 1x3x64x64: " in md and "| training step | channels_last | 2x3x128x128 |" in md
+    _script_usage_errors("bench_eager_layout", tmp_path, capsys, [
+        (["--shapes", "8x"], "bad shape '8x'"),
+        (["--shapes", "2x16"], "below the model's 32 px"),
+        (["--modes", "infer"], "bad mode 'infer'"),
+        (["--shapes", "1x128"], "batch size 1 at 128 px"),
+        (["--layers", "1,1,1"], "--layers"),
+        (["--reps", "0"], "at least 1")])
 
 
 @pytest.mark.background("downsample")
