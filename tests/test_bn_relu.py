@@ -417,6 +417,34 @@ def test_add_relu_edge_values(name):
     torch.testing.assert_close(dres, expect)  # whatever the rounding of the sum, the mask is the output's
 
 
+@pytest.mark.parametrize("name", backends_here())
+def test_add_relu_edge_values_channels_last(name):
+    """The same on channels_last maps of 19 channels (a full vector and a tail on the CPU): outputs of
+    exactly 0 stop the gradient, NaN outputs pass it, and dt, dweight, dbias stay finite in the channels
+    without a NaN."""
+    torch.manual_seed(3)
+    t = torch.randn(2, 19, 3, 4)
+    w, b = torch.rand(19) + 0.5, torch.randn(19)
+    with torch.no_grad():
+        z = F.batch_norm(t, None, None, w, b, True, 0.1, 1e-5)
+    res = -z.clone()
+    res[:, ::2] = torch.randn(2, 10, 3, 4)  # even channels: ordinary sums; odd channels: cancelling
+    res[1, 5, 2, 1] = float("nan")
+    res[0, 18, 0, 0] = float("nan")
+    leaves = [v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v.clone() for v in (t, w, b, res)]
+    leaves = [v.detach().requires_grad_() for v in leaves]
+    dy = torch.randn(2, 19, 3, 4).contiguous(memory_format=torch.channels_last)
+    with backend(name):
+        y, _, _ = bn_add_relu_train(*leaves)
+        dt, dw, db, dres = torch.autograd.grad(y, leaves, dy)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isnan(y[1, 5, 2, 1]) and torch.isnan(y[0, 18, 0, 0])
+    torch.testing.assert_close(dres, torch.where(y.detach() <= 0, 0.0, dy))  # NaN outputs pass dy
+    clean = [c for c in range(19) if c not in (5, 18)]
+    assert torch.isfinite(dt[:, clean]).all() and torch.isfinite(dw[clean]).all() and torch.isfinite(db[clean]).all()
+    torch.testing.assert_close(db, dres.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
 def test_add_opcheck_gradcheck_and_errors():
     t, w, b, _ = _inputs((2, 3, 5, 4))
     res = _residual((2, 3, 5, 4))

@@ -217,6 +217,17 @@ void pointwise(const T* t, const T* dy, T* out, const float* A, const float* B, 
   });
 }
 
+// g = dy where !(y <= 0), else 0 (torch's ReLU backward from its output: a NaN y passes the gradient)
+// over n dense values, in one streaming pass.
+template <typename T>
+void mask_by_output(const T* dy, const T* y, T* g, int64_t n) {
+  at::parallel_for(0, n, grain_for(1), [&](int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    for (; i + kV <= i1; i += kV) store_f(g + i, mask_v(load_f(dy + i), load_f(y + i)));
+    for (; i < i1; ++i) g[i] = static_cast<T>(mask_s(static_cast<float>(dy[i]), static_cast<float>(y[i])));
+  });
+}
+
 // The NHWC sums of `sums` over the pixels [q0, q1) (one float partial) of the channels
 // [e, e + NV * kV) (the last vector m lanes wide when kTail; NV is then 1), in registers, then added to
 // the double partials d1, d2 (indexed by channel).
@@ -732,6 +743,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_train_bac
   if (t.numel() == 0) return {dt, dweight, dbias, g};
   const Shape s{t.size(0), C, t.size(2) * t.size(3), C, C};
   std::vector<float> sgc(C);
+  const std::vector<float> one(C, 1.0f), zero(C, 0.0f);  // the NHWC sums' mask that never applies
   float* sg = dbias.data_ptr<float>();
   dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
@@ -740,8 +752,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_train_bac
                                    IS.data(), s, sg, sgc.data(), y.data_ptr<T>(), g.data_ptr<T>());
       return;
     }
-    sums<T, true>(t.data_ptr<T>(), dy.data_ptr<T>(), nullptr, nullptr, K.data(), s, L, sg, sgc.data(),
-                  y.data_ptr<T>(), g.data_ptr<T>());
+    if (L == Layout::NCHW) {
+      sums<T, true>(t.data_ptr<T>(), dy.data_ptr<T>(), nullptr, nullptr, K.data(), s, L, sg, sgc.data(),
+                    y.data_ptr<T>(), g.data_ptr<T>());
+    } else {
+      // NHWC: g in a streaming pass of its own, then the sums of g with a mask that never applies
+      // (0 * t + 1), the same arithmetic and so the same bits as `sums<T, true>`. Writing g inside the sums' channel chunks (each chunk walks a run of pixel rows
+      // C values apart) took 3.4 ms at 8x1024x14x14 where the three passes take 1.2 (Intel Xeon).
+      mask_by_output<T>(dy.data_ptr<T>(), y.data_ptr<T>(), g.data_ptr<T>(), s.N * s.C * s.HW);
+      sums<T>(t.data_ptr<T>(), g.data_ptr<T>(), zero.data(), one.data(), K.data(), s, L, sg, sgc.data());
+    }
     const float m = static_cast<float>(static_cast<double>(s.N * s.HW));
     std::vector<float> Q(C), R(C);
     for (int64_t c = 0; c < C; ++c) bn_input_affine(sg[c], sgc[c], A[c], IS[c], K[c], m, &Q[c], &R[c]);
