@@ -158,9 +158,42 @@ def _strided_1x1(conv: nn.Module, x: Tensor) -> bool:
 
 
 def _subsampled(conv: nn.Module, x: Tensor) -> Tensor:
-    """``x[:, :, ::sh, ::sw]``, the pixels a strided 1x1 convolution reads (a view)."""
+    """``x[:, :, ::sh, ::sw]``, the pixels a strided 1x1 convolution reads (a view); with autograd
+    recording x's gradient in eager mode, through :class:`_Subsample`."""
     sh, sw = _pair(conv.stride)
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+        return _Subsample.apply(x, sh, sw)
     return x[:, :, ::sh, ::sw]
+
+
+class _Subsample(torch.autograd.Function):
+    """``x[:, :, ::sh, ::sw]`` (a view) whose backward writes x's gradient in x's memory format. The two
+    slices' own backward builds it contiguous (NCHW) whatever x's layout: in a channels_last network
+    that gradient then met the block's other branch's channels_last one in a mixed-layout addition and
+    was converted back for the BatchNorm before it (the fused scnet50 training step, Intel Xeon: 21.9
+    ms for that addition at 8x256x56x56 against 1.9 for a same-layout one, and an 11.1 ms copy).
+    Differentiable twice (the backward is a zero fill and a slice assignment)."""
+
+    @staticmethod
+    def forward(ctx, x, sh, sw):
+        ctx.geometry = (x.shape, x.dtype, x.device, _layout_of(x))
+        ctx.steps = (sh, sw)
+        return x[:, :, ::sh, ::sw]
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device, fmt = ctx.geometry
+        sh, sw = ctx.steps
+        gx = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt).zero_()
+        gx[:, :, ::sh, ::sw] = grad
+        return gx, None, None
+
+
+def _layout_of(x: Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor dense in that format and not also contiguous, else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:

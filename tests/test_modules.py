@@ -342,6 +342,46 @@ def test_bottleneck_inference_folds_batchnorms(backend, channels_last, monkeypat
         assert [_called(calls, getattr(fused, name)) for name in names] == [grad] * 3  # folded at this size
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subsample_gradient_keeps_the_input_layout(channels_last):
+    """The strided 1x1 downsample's subsampled view (modules._Subsample): its input gradient in the
+    input's memory format (the slices' own backward gives NCHW), equal to the slices' gradient, and
+    differentiable twice."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 5, 7, 8, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    y = modules._Subsample.apply(x, 2, 3)
+    assert y.shape == (2, 5, 4, 3)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    xs = x.detach().requires_grad_()
+    (expect,) = torch.autograd.grad(xs[:, :, ::2, ::3], xs, g)
+    assert torch.equal(gx, expect) and gx.is_contiguous(memory_format=fmt)
+    assert torch.autograd.gradcheck(lambda t: modules._Subsample.apply(t, 2, 2), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: modules._Subsample.apply(t, 2, 2).square(), (x,))
+
+
+def test_strided_downsample_training_through_subsample(monkeypatch):
+    """A stride-2 bottleneck's plain downsample in training, channels_last: its convolution reads the
+    subsampled view through _Subsample; the input gradient, every parameter gradient and the output
+    match the reference's."""
+    down = nn.Sequential(nn.Conv2d(32, 128, 1, stride=2, bias=False), nn.BatchNorm2d(128))
+    ref, fused = _pair(R.SCBottleneck, 32, 32, stride=2, downsample=down, norm_layer=nn.BatchNorm2d)
+    seen = []
+    apply = modules._Subsample.apply
+    monkeypatch.setattr(modules._Subsample, "apply", lambda *a: seen.append(a[0].shape) or apply(*a))
+    x = torch.randn(4, 32, 14, 13).contiguous(memory_format=torch.channels_last)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn(4, 128, 7, 7)
+    out_r, out_f = ref(xr), fused(xf)
+    out_r.backward(dy), out_f.backward(dy)
+    assert seen == [(4, 32, 14, 13)]
+    torch.testing.assert_close(out_f, out_r, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    for (n, p), q in zip(fused.named_parameters(), ref.parameters()):
+        atol = 1e-5 * max(1.0, q.grad.abs().max().item())
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("hooked", [False, True])
 def test_avd_bottleneck_takes_the_fused_path(hooked, monkeypatch):
     """The v1d models' first block of a stage (avd, stride 2, a downsample that pools first): conv1_a and
