@@ -7,7 +7,9 @@ either, in one process.
 
 Convolution rows: SCNet-50's three strided downsample convolutions at batch N (layer2-4's first
 blocks), forward + backward (input and weight gradients) and inference forward; medians over
-interleaved rounds. Model rows: the same fused scnet50 (224 px) with the subsampled path on and off.
+interleaved rounds. Model rows: the same fused scnet50 (224 px; the classifier runs channels_last maps
+on the CPU) with the subsampled path on and off, and in training with the view's gradient from the
+slices' own backward (NCHW whatever the input's layout) instead of ``modules._Subsample``'s.
 Results: <out>/<name>.json and .md.
 """
 
@@ -45,22 +47,31 @@ def main(argv=None):
                                  shape=f"{N}x{C}x{H}x{H}", median_ms=ms))
     if not args.no_model:
         m, _, step, infer_model = scnet50_jobs(N)
-        real = modules._strided_1x1
+        real, real_sub = modules._strided_1x1, modules._subsampled
 
+        def slices(conv, x):  # the plain view, whose backward builds x's gradient NCHW
+            sh, sw = modules._pair(conv.stride)
+            return x[:, :, ::sh, ::sw]
+
+        variants = {"train step": (("subsampled (as built)", real, real_sub),
+                                   ("subsampled, the slices' own backward", real, slices),
+                                   ("strided", lambda conv, x: False, real_sub)),
+                    "eval forward": (("subsampled (as built)", real, real_sub),
+                                     ("strided", lambda conv, x: False, real_sub))}
         try:
             for mode, fn, reps in (("train step", step, 2), ("eval forward", infer_model, 3)):
                 m.train(mode == "train step")
                 fns = {}
-                for name, rule in (("subsampled (as built)", real), ("strided", lambda conv, x: False)):
-                    def run(rule=rule, fn=fn):
-                        modules._strided_1x1 = rule
+                for name, rule, sub in variants[mode]:
+                    def run(rule=rule, sub=sub, fn=fn):
+                        modules._strided_1x1, modules._subsampled = rule, sub
                         fn()
                     fns[name] = run
                 for k, ms in interleaved(fns, args.rounds, reps).items():
                     rows.append(dict(what=f"scnet50 {mode}", variant=f"downsample: {k}", shape=f"{N}x3x224x224",
                                      median_ms=ms))
         finally:
-            modules._strided_1x1 = real
+            modules._strided_1x1, modules._subsampled = real, real_sub
     write_rows(rows, args.out, args.name, f"The downsample's strided 1x1 convolution on the CPU, N={N}", "python benchmarks/bench_downsample.py", args.rounds)
     return 0
 
