@@ -99,3 +99,11 @@ def write_rows(rows, out, name, title, command, rounds):
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def append_lines(lines, out, name):
+    """Print ``lines`` and append them to <out>/<name>.md (after :func:`write_rows` wrote it)."""
+    print("\n".join(lines))
+    with open(os.path.join(out or bench.default_out_dir(torch.device("cpu")), f"{name}.md"), "a") as f:
+        f.write("\n".join(lines) + "\n")
+

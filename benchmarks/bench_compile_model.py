@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _ab, also when loaded as a module
-from _ab import parse_args, write_rows  # noqa: E402
+from _ab import append_lines, parse_args, write_rows  # noqa: E402
 from scnet_fused import bench, models  # noqa: E402
 from scnet_fused.modules import SCConv  # noqa: E402
 
@@ -113,9 +113,7 @@ def main(argv=None):
         ratios = [b / t for b, t in zip(times[base], times[s])]
         lines.append(f"- {s}: {', '.join(f'{t:.1f}' for t in times[s])}" + (
             f"; {min(ratios):.3f}x-{max(ratios):.3f}x (median {statistics.median(ratios):.3f}x)" if s != base else ""))
-    print("\n".join(lines))
-    with open(os.path.join(args.out or bench.default_out_dir(torch.device("cpu")), f"{args.name}.md"), "a") as f:
-        f.write("\n".join(lines) + "\n")
+    append_lines(lines, args.out, args.name)
     return 0
 
 

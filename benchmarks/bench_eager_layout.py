@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _ab, also when loaded as a module
-from _ab import parse_args, timed, write_rows  # noqa: E402
+from _ab import append_lines, parse_args, timed, write_rows  # noqa: E402
 from scnet_fused import bench, models  # noqa: E402
 
 VARIANTS = {"nchw": False, "channels_last": True}
@@ -122,9 +122,7 @@ def main(argv=None):
     command = "python benchmarks/bench_eager_layout.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_rows(rows, args.out, args.name, f"fused {args.model} eager on the CPU: NCHW maps against channels_last",
                command.strip(), args.rounds)
-    print("\n".join(lines))
-    with open(os.path.join(args.out or bench.default_out_dir(torch.device("cpu")), f"{args.name}.md"), "a") as f:
-        f.write("\n".join(lines) + "\n")
+    append_lines(lines, args.out, args.name)
     return 0
 
 
