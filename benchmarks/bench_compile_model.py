@@ -105,7 +105,8 @@ def main(argv=None):
         rows.append(dict(what="training step", variant=s, shape=f"{args.batch_size}x3x{args.image_size}",
                          median_ms=statistics.median(times[s])))
     command = "python benchmarks/bench_compile_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_rows(rows, args.out, args.name, f"{args.model} training step under torch.compile (CPU)", command.strip(),
+    write_rows(rows, args.out, args.name, f"{args.model} training step on the CPU" + (
+        ", eager and under torch.compile" if any(_variant(s)[1] == "compile" for s in specs) else ", eager"), command.strip(),
                args.rounds)
     base = specs[0]
     lines = ["", f"Per round (ms), and the speed against {base} round by round:", ""]
