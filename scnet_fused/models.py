@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from . import reference
 from .checkpoint import load_pretrained, wants_pretrained
 from .modules import MaxPool2d, SCBottleneck, scnet_stem
+from .ops._dispatch import standard_ops_only
 
 __all__ = ["scnet50", "scnet50_v1d", "scnet101", "scnet101_v1d", "SCNetFeatures", "build"]
 
@@ -107,13 +108,15 @@ def _cpu_channels_last(x: Tensor, training: bool, policy) -> bool:
     1.02x-1.16x faster with 224 px images (1 to 8 of them) and 1.04x with 192 px, 0.99x-1.02x with
     160 px, and 0.94x-0.98x with one to four 128 px images (1.02x with eight), so eval images below
     192 px keep their layout.
-    Never while ``torch.jit`` traces or scripts (the traced graph keeps the caller's layout).
+    Never while ``torch.jit`` traces or scripts (the traced graph keeps the caller's layout), inside a
+    ``torch.func`` transform (vmap cannot convert a batched tensor's memory format) or with a
+    forward-mode AD level open: there the modules run the reference computation anyway.
     """
     if x.dim() != 4 or x.device.type != "cpu" or policy is False:
         return False
     if torch.compiler.is_compiling():
         return not torch.compiler.is_exporting()
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
+    if torch.jit.is_scripting() or standard_ops_only():  # tracing, torch.func transforms, forward-mode AD
         return False
     if policy is True:
         return True

@@ -213,3 +213,31 @@ def test_conv3x3_winograd_under_transforms_and_dual_tensors():
     with fwAD.dual_level():
         got = fwAD.unpack_dual(scnet_fused.ops.conv3x3_winograd(fwAD.make_dual(x, t), w)).tangent
     torch.testing.assert_close(got, F.conv2d(t, w, padding=1), rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_under_transforms_keeps_its_layout():
+    """The fused classifier's CPU layout rule stands aside inside torch.func transforms (vmap cannot
+    convert a batched tensor's memory format): torch.func.grad in training and vmap of eval batches of
+    192 px images (which the rule would otherwise convert) match the reference."""
+    from scnet_fused import models
+
+    torch.manual_seed(0)
+    fused = models.build("scnet50", layers=(1, 1, 1, 1), num_classes=5)
+    ref = models.build("scnet50", fused=False, layers=(1, 1, 1, 1), num_classes=5)
+    ref.load_state_dict(fused.state_dict())
+    params = {k: v.detach() for k, v in fused.named_parameters()}
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for model in (fused, ref):
+        bufs = {k: v.clone() for k, v in model.named_buffers()}
+        grads.append(torch.func.grad(
+            lambda p, b, model=model: torch.func.functional_call(model, {**p, **b}, (x,)).square().mean())(params, bufs))
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    fused.eval(), ref.eval()
+    bufs = {k: v.clone() for k, v in fused.named_buffers()}
+    xs = torch.randn(2, 1, 3, 192, 192)
+    with torch.no_grad():
+        out = torch.vmap(lambda xx: torch.func.functional_call(fused, {**params, **bufs}, (xx,)))(xs)
+        expect = torch.stack([ref(xx) for xx in xs])
+    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
