@@ -230,8 +230,11 @@ def test_classifier_under_transforms_keeps_its_layout():
     grads = []
     for model in (fused, ref):
         bufs = {k: v.clone() for k, v in model.named_buffers()}
-        grads.append(torch.func.grad(
-            lambda p, b, model=model: torch.func.functional_call(model, {**p, **b}, (x,)).square().mean())(params, bufs))
+
+        def loss(p, b, model=model):
+            return torch.func.functional_call(model, {**p, **b}, (x,)).square().mean()
+
+        grads.append(torch.func.grad(loss)(params, bufs))
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
     fused.eval(), ref.eval()

@@ -757,8 +757,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_train_bac
                     y.data_ptr<T>(), g.data_ptr<T>());
     } else {
       // NHWC: g in a streaming pass of its own, then the sums of g with a mask that never applies
-      // (0 * t + 1), the same arithmetic and so the same bits as `sums<T, true>`. Writing g inside the sums' channel chunks (each chunk walks a run of pixel rows
-      // C values apart) took 3.4 ms at 8x1024x14x14 where the three passes take 1.2 (Intel Xeon).
+      // (0 * t + 1), the same arithmetic and so the same bits as `sums<T, true>`. Writing g inside
+      // the sums' channel chunks (each chunk walks a run of pixel rows C values apart) took 3.4 ms at
+      // 8x1024x14x14 where the three passes take 1.2 (Intel Xeon).
       mask_by_output<T>(dy.data_ptr<T>(), y.data_ptr<T>(), g.data_ptr<T>(), s.N * s.C * s.HW);
       sums<T>(t.data_ptr<T>(), g.data_ptr<T>(), zero.data(), one.data(), K.data(), s, L, sg, sgc.data());
     }
