@@ -701,8 +701,8 @@ PASSES = {
     # BatchNorm + residual addition + ReLU (a bottleneck's end): statistics (1) + one pass reading t and
     # the residual and writing y (3) forward; backward one pass reading dy, y, t and writing g (the
     # residual's gradient) with the sums (4) + dt from g and t (3). The CPU's channel-by-channel path
-    # re-reads g and t from cache (5 from memory); the Triton and CUDA backward writes g in a pass of
-    # its own and reads it again for the sums (8). Eager: batch_norm (3) + add (3) + relu (2); relu
+    # re-reads g and t from cache (5 from memory); the Triton and CUDA backward, and the CPU's
+    # channels_last one, write g in a pass of its own and read it again for the sums (8). Eager: batch_norm (3) + add (3) + relu (2); relu
     # backward (3) + BatchNorm backward (5).
     ("bn_add_relu", "forward"): (4, 8),
     ("bn_add_relu", "backward"): (7, 8),

@@ -176,7 +176,7 @@ class _Subsample(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, sh, sw):
-        ctx.geometry = (x.shape, x.dtype, x.device, _layout_of(x))
+        ctx.geometry = (x.shape, x.dtype, x.device, winograd._graph_format(x))  # (NCHW unless dense channels_last)
         ctx.steps = (sh, sw)
         return x[:, :, ::sh, ::sw]
 
@@ -187,13 +187,6 @@ class _Subsample(torch.autograd.Function):
         gx = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt).zero_()
         gx[:, :, ::sh, ::sw] = grad
         return gx, None, None
-
-
-def _layout_of(x: Tensor) -> torch.memory_format:
-    """channels_last for a 4-D tensor dense in that format and not also contiguous, else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:

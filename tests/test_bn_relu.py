@@ -368,12 +368,20 @@ def test_add_matches_batch_norm_add_relu(name, shape, t_format, res_format):
 
 
 @pytest.mark.skipif("cpu" not in backends_here(), reason="the cpu backend is not built")
-@pytest.mark.parametrize("shape", [(2, 2, 256, 200), (3, 1, 6, 5)], ids=["channel_over_1MiB", "one_channel"])
-def test_add_cpu_two_pass_paths(shape):
+@pytest.mark.parametrize("shape,channels_last", [((2, 2, 256, 200), False), ((3, 1, 6, 5), False),
+                                                 ((2, 19, 40, 50), True)],
+                         ids=["channel_over_1MiB", "one_channel", "nhwc_several_tasks"])
+def test_add_cpu_two_pass_paths(shape, channels_last):
     """The cpu backend's one-call forward and backward go channel by channel on NCHW tensors only where
-    a channel fits in cache and every thread gets one; these shapes take the two-pass paths instead."""
-    t, w, b, dy = _inputs(shape)
-    y, _, _, grads, y64, g64 = _add_run("cpu", t, w, b, _residual(shape), dy)
+    a channel fits in cache and every thread gets one; these shapes take the two-pass paths instead
+    (channels_last: the mask pass, the sums and the apply, over more values than one task takes, so
+    the mask pass's tasks start mid-vector, with a 3-lane channel tail)."""
+    t, w, b, dy = _inputs(shape, channels_last=channels_last)
+    if channels_last:
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    res = _residual(shape).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    y, _, _, grads, y64, g64 = _add_run("cpu", t, w, b, res, dy)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
     for n, a, e in zip(("dt", "dweight", "dbias", "dresidual"), grads, g64):
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-3 if n != "dt" else 1e-4,

@@ -815,7 +815,8 @@ def _graph_op_applies(x: Tensor, weight: Tensor, stride, padding, dilation, grou
 
 def _graph_format(x: Tensor) -> torch.memory_format:
     """The graph op's output layout for an input like ``x`` (the Winograd kernels' rule: channels_last
-    for a dense channels_last map that is not also dense NCHW, else NCHW)."""
+    for a dense channels_last map that is not also dense NCHW, else NCHW; also the layout of the
+    strided downsample's input gradient, ``modules._Subsample``)."""
     return torch.channels_last if _is_nhwc(x) else torch.contiguous_format
 
 
