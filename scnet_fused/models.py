@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from . import reference
 from .checkpoint import load_pretrained, wants_pretrained
 from .modules import MaxPool2d, SCBottleneck, scnet_stem
-from .ops._dispatch import standard_ops_only
+from .ops._dispatch import exporting, standard_ops_only
 
 __all__ = ["scnet50", "scnet50_v1d", "scnet101", "scnet101_v1d", "SCNetFeatures", "build"]
 
@@ -115,7 +115,7 @@ def _cpu_channels_last(x: Tensor, training: bool, policy) -> bool:
     if x.dim() != 4 or x.device.type != "cpu" or policy is False:
         return False
     if torch.compiler.is_compiling():
-        return not torch.compiler.is_exporting()
+        return not exporting()
     if torch.jit.is_scripting() or standard_ops_only():  # tracing, torch.func transforms, forward-mode AD
         return False
     if policy is True:

@@ -220,3 +220,24 @@ def test_reduce_overhead_cuda_graphs():
         x = torch.randn(4, 3, 64, 64, device=device)
         torch.compiler.cudagraph_mark_step_begin()
         torch.testing.assert_close(compiled_eval(x).clone(), eager(x), rtol=2e-3, atol=2e-3)
+
+
+class _ExportingProbe(nn.Module):
+    def forward(self, x):
+        from scnet_fused.ops import _dispatch
+
+        return x + 1 if _dispatch.exporting() else x - 1
+
+
+def test_exporting_is_true_only_under_export():
+    """``_dispatch.exporting()`` is False in eager and under torch.compile, True under torch.export
+    (strict or not). Before torch 2.14, dynamo replaced ``torch.compiler.is_exporting()`` with a constant
+    True while compiling, which sent compiled graphs down the export paths (the Winograd graph op and the
+    classifier's channels_last maps were lost under torch.compile on torch 2.11)."""
+    probe, x = _ExportingProbe(), torch.zeros(3)
+    assert torch.equal(probe(x), x - 1)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(probe, backend="aot_eager", fullgraph=True)(x), x - 1)
+    for strict in (False, True):
+        exported = torch.export.export(probe, (x,), strict=strict)
+        assert torch.equal(exported.module()(x), x + 1), f"strict={strict}"

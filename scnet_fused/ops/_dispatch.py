@@ -383,6 +383,22 @@ def _forward_ad_active() -> bool:
     return getattr(_forward_ad, "_current_level", -1) >= 0
 
 
+@torch.compiler.assume_constant_result
+def _exporting_flag() -> bool:
+    return torch.compiler.is_exporting()
+
+
+def exporting() -> bool:
+    """Whether torch.export (strict or not, and the ONNX exporter built on it) is recording this call;
+    False in eager and under torch.compile. ``torch.compiler.is_exporting()`` alone says True under
+    torch.compile too before torch 2.14: dynamo replaced the call with a constant True while tracing
+    (pytorch/pytorch#176347, fixed in #176499), so a compiled graph took the export paths (no
+    ``scnet_fused::conv3x3`` graph op, no channels_last maps). Here dynamo runs the function for real
+    while tracing and keeps its result as a constant of the graph (``assume_constant_result``), so it
+    reads the flag that export sets."""
+    return _exporting_flag()
+
+
 def standard_ops_only() -> bool:
     """Whether this call should run in standard PyTorch operators instead of the custom ops
     (:mod:`scnet_fused.ops._plain` for the ops; the fused modules run the reference computation):

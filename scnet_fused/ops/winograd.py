@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _dispatch
+
 __all__ = ["conv3x3_winograd", "conv2d", "conv2d_cached", "set_conv_algorithm", "get_conv_algorithm",
            "set_filter_cache", "winograd_applies"]
 
@@ -478,7 +480,7 @@ def conv3x3_winograd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
         raise RuntimeError("conv3x3_winograd: the compiled CPU kernels are not loaded ("
                            f"{_cpp.unavailable_reason('cpu') or 'this build lacks the Winograd transforms'})")
     if torch.compiler.is_compiling():  # one op of the graph (no guard on the sizes), or F.conv2d for an export
-        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        if _dispatch.exporting() or torch.onnx.is_in_onnx_export():
             return F.conv2d(x, weight, bias, padding=1)
         return torch.ops.scnet_fused.conv3x3(x, weight, bias)
     if x.shape[0] == 0 or weight.shape[0] == 0:
@@ -808,7 +810,7 @@ def _graph_op_applies(x: Tensor, weight: Tensor, stride, padding, dilation, grou
     asked here (:func:`_eligible`, the algorithm, the kernels' build), so no guard on the sizes is
     added."""
     algorithm = _algorithm if algorithm is None else algorithm
-    if algorithm == "direct" or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+    if algorithm == "direct" or _dispatch.exporting() or torch.onnx.is_in_onnx_export():
         return False
     return _eligible(x, weight, stride, padding, dilation, groups) and (algorithm == "winograd" or _auto_isa())
 
