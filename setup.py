@@ -2,7 +2,8 @@
 
 Environment:
   SCNET_FUSED_CUDA=0|1     force the CUDA kernels off / on (default: on when a toolkit and a CUDA
-                           build of torch are found; a GPU is not needed to build them)
+                           build of torch of the same CUDA major version are found, with a note when
+                           not; a GPU is not needed to build them)
   CUDA_HOME                the toolkit root (found from /usr/local/cuda* or nvcc otherwise)
   TORCH_CUDA_ARCH_LIST     default "8.0;9.0"
   SCNET_FUSED_CPU_ISAS     comma list of instruction sets to build the CPU kernels for, each into a
@@ -28,17 +29,17 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _load_toolkit_finder():
+def _load_toolkit():
     # scnet_fused/_toolkit.py imports nothing heavy; load it by path (the package is not built yet).
     spec = importlib.util.spec_from_file_location("_scnet_fused_toolkit",
                                                   os.path.join(HERE, "scnet_fused", "_toolkit.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.find_cuda_home
+    return mod
 
 
-find_cuda_home = _load_toolkit_finder()
-CUDA_HOME = find_cuda_home()
+toolkit = _load_toolkit()
+CUDA_HOME = toolkit.find_cuda_home()
 if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME  # cpp_extension reads it at import time
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -46,18 +47,10 @@ os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-flag = os.environ.get("SCNET_FUSED_CUDA", "").strip()
-if flag == "1":
-    if not CUDA_HOME or torch.version.cuda is None:
-        sys.exit("SCNET_FUSED_CUDA=1 but no CUDA toolkit (set CUDA_HOME) or torch is not a CUDA build")
-    WITH_CUDA = True
-elif flag == "0":
-    WITH_CUDA = False
-else:
-    WITH_CUDA = bool(CUDA_HOME) and torch.version.cuda is not None
-    if not WITH_CUDA:
-        print("scnet_fused: building without CUDA kernels (no CUDA toolkit found or torch is a CPU build); "
-              "the 'cuda' backend will be absent", file=sys.stderr)
+WITH_CUDA, _note = toolkit.cuda_build_decision(os.environ.get("SCNET_FUSED_CUDA", "").strip(), CUDA_HOME,
+                                                torch.version.cuda)
+if _note:
+    print(_note, file=sys.stderr)
 
 
 # Compiler flags of each instruction set (CPU_CAPABILITY_* selects ATen's vector types, as in ATen's own

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from scnet_fused._toolkit import find_cuda_home
+from scnet_fused._toolkit import cuda_build_decision, find_cuda_home, toolkit_version
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,3 +158,34 @@ def test_cuda_sources_compile_without_spills():
 if __name__ == "__main__":  # pragma: no cover
     rows, version = compile_sources()
     print(f"ptxas: {len(rows)} kernel entries ({version})" if rows is not None else f"ptxas: skipped ({version})")
+
+
+def _fake_toolkit(root, version_define):
+    os.makedirs(os.path.join(root, "include"))
+    with open(os.path.join(root, "include", "cuda.h"), "w") as f:
+        f.write(f"#ifndef CUDA_H\n#define CUDA_VERSION {version_define}\n#endif\n")
+    return str(root)
+
+
+def test_cuda_build_decision(tmp_path):
+    """setup.py's choice: the kernels are built with a toolkit and a CUDA build of torch of the same major
+    version; auto leaves them out, with a note naming both versions, where the majors differ (torch's
+    extension builder refuses that mix: a CUDA 12.4 torch 2.6 with a CUDA 13.0 toolkit failed the whole
+    build); SCNET_FUSED_CUDA=1 builds anyway and fails clearly without a toolkit or a CUDA torch."""
+    t13 = _fake_toolkit(tmp_path / "cuda13", 13000)
+    t12 = _fake_toolkit(tmp_path / "cuda12", 12040)
+    assert toolkit_version(t13) == (13, 0) and toolkit_version(t12) == (12, 4)
+    assert toolkit_version(str(tmp_path / "missing")) is None
+    assert cuda_build_decision("", t13, "13.0") == (True, None)
+    assert cuda_build_decision("", t12, "12.6") == (True, None)  # minor versions may differ (torch warns)
+    built, note = cuda_build_decision("", t13, "12.4")
+    assert not built and "CUDA 13.0" in note and "CUDA 12.4" in note and "SCNET_FUSED_CUDA=1" in note
+    assert cuda_build_decision("1", t13, "12.4") == (True, None)
+    assert cuda_build_decision("0", t13, "13.0") == (False, None)
+    built, note = cuda_build_decision("", None, "13.0")
+    assert not built and "no CUDA toolkit" in note
+    assert not cuda_build_decision("", t13, None)[0]
+    with pytest.raises(SystemExit, match="SCNET_FUSED_CUDA=1"):
+        cuda_build_decision("1", None, "13.0")
+    with pytest.raises(SystemExit, match="SCNET_FUSED_CUDA=1"):
+        cuda_build_decision("1", t13, None)
