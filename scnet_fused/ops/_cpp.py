@@ -138,7 +138,8 @@ def unavailable_reason(name: str) -> Optional[str]:
     missing = [op for op in ops if not has_kernel(op, key)]
     if missing:
         if name == "cuda":
-            return "scnet_fused._C was built without CUDA kernels (no CUDA toolkit at build time, or SCNET_FUSED_CUDA=0)"
+            return ("scnet_fused._C was built without CUDA kernels (no CUDA toolkit at build time, one of another "
+                    "CUDA major version than torch's, or SCNET_FUSED_CUDA=0)")
         if _cpu_isa_error is not None:
             return _cpu_isa_error
         return f"scnet_fused._C has no {key} kernels for {', '.join(missing)}"

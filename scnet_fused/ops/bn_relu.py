@@ -12,7 +12,6 @@ Differentiable in t, weight, bias.
 
 from __future__ import annotations
 
-from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -59,7 +58,7 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 
 
 @torch.library.custom_op("scnet_fused::bn_relu_train", mutates_args=())
-def _bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+def _bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     check_bn_relu_inputs(t, weight, bias)
     _, prims = _dispatch.select(t.device, t.dtype)
     t = t.contiguous(memory_format=_format(t))
@@ -82,7 +81,7 @@ def _(t, weight, bias, eps):
 
 @torch.library.custom_op("scnet_fused::bn_relu_train_backward", mutates_args=())
 def _bn_relu_train_backward(dy: Tensor, t: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
-                            eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+                            eps: float) -> tuple[Tensor, Tensor, Tensor]:
     _, prims = _dispatch.select(t.device, t.dtype)
     fmt = _format(t)
     t = t.contiguous(memory_format=fmt)
@@ -138,7 +137,7 @@ def _backward(ctx, dy, _dmean, _dvar):
 _dispatch.register_autograd(_bn_relu_train, _backward, _setup)
 
 
-def bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor]:
+def bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
     """``relu(batch_norm(t, weight, bias, training=True))`` fused; returns ``(y, mean, var)``.
 
     t: ``(N, C, H, W)`` float16 / bfloat16 / float32 (float64 on the reference backend), contiguous or
@@ -178,7 +177,7 @@ def _cat_empty(ta: Tensor, tb: Tensor, fmt: torch.memory_format) -> Tensor:
 
 @torch.library.custom_op("scnet_fused::bn_relu_cat_train", mutates_args=())
 def _bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, eps_a: float, tb: Tensor, wb: Tensor, bb: Tensor,
-                       eps_b: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       eps_b: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_bn_relu_cat_inputs(ta, wa, ba, tb, wb, bb)
     eps_a, eps_b = checked_eps("bn_relu_cat_train", eps_a, "eps_a"), checked_eps("bn_relu_cat_train", eps_b, "eps_b")
     _, prims = _dispatch.select(ta.device, ta.dtype)
@@ -211,7 +210,7 @@ def _(ta, wa, ba, eps_a, tb, wb, bb, eps_b):
 @torch.library.custom_op("scnet_fused::bn_relu_cat_train_backward", mutates_args=())
 def _bn_relu_cat_train_backward(dout: Tensor, ta: Tensor, wa: Tensor, ba: Tensor, mean_a: Tensor, var_a: Tensor,
                                 eps_a: float, tb: Tensor, wb: Tensor, bb: Tensor, mean_b: Tensor, var_b: Tensor,
-                                eps_b: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                                eps_b: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _, prims = _dispatch.select(ta.device, ta.dtype)
     fmt = _format(ta)
     dout = dout.to(ta.dtype).contiguous(memory_format=fmt)
@@ -255,7 +254,7 @@ _dispatch.register_autograd(_bn_relu_cat_train, _cat_backward, _cat_setup)
 
 
 def bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, tb: Tensor, wb: Tensor, bb: Tensor, eps_a: float = 1e-5,
-                      eps_b: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      eps_b: float = 1e-5) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``cat([relu(batch_norm(ta)), relu(batch_norm(tb))], dim=1)`` in training mode, each branch's
     normalise-and-ReLU pass writing its channels of the output directly.
 
@@ -287,7 +286,7 @@ def check_bn_add_relu_inputs(t: Tensor, weight: Tensor, bias: Tensor, residual: 
 
 @torch.library.custom_op("scnet_fused::bn_add_relu_train", mutates_args=())
 def _bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
-                       eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+                       eps: float) -> tuple[Tensor, Tensor, Tensor]:
     check_bn_add_relu_inputs(t, weight, bias, residual)
     eps = checked_eps("bn_add_relu_train", eps)
     _, prims = _dispatch.select(t.device, t.dtype)
@@ -310,7 +309,7 @@ def _(t, weight, bias, residual, eps):
 
 @torch.library.custom_op("scnet_fused::bn_add_relu_train_backward", mutates_args=())
 def _bn_add_relu_train_backward(dy: Tensor, y: Tensor, t: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
-                                var: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                                var: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _, prims = _dispatch.select(t.device, t.dtype)
     fmt = _format(t)
     t = t.contiguous(memory_format=fmt)
@@ -365,7 +364,7 @@ _dispatch.register_autograd(_bn_add_relu_train, _add_backward, _add_setup)
 
 
 def bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
-                      eps: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor]:
+                      eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
     """``relu(batch_norm(t, weight, bias, training=True) + residual)`` fused; returns ``(y, mean, var)``.
 
     The end of a bottleneck: its last BatchNorm, the shortcut's addition and the ReLU. Forward: one

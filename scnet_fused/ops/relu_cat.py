@@ -12,8 +12,6 @@ custom-op path costs tens of microseconds per call, which small maps notice).
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 from torch import Tensor
 
@@ -54,7 +52,7 @@ def _(a, b):
 
 
 @torch.library.custom_op("scnet_fused::relu_cat_backward", mutates_args=())
-def _relu_cat_backward(grad: Tensor, out: Tensor, ca: int) -> Tuple[Tensor, Tensor]:
+def _relu_cat_backward(grad: Tensor, out: Tensor, ca: int) -> tuple[Tensor, Tensor]:
     # Each half is masked straight from the slices (one read of grad and out, one write per half);
     # zero where out <= 0, as ReLU's own backward (a NaN output passes the gradient).
     zero = torch.zeros((), dtype=grad.dtype, device=grad.device)

@@ -24,7 +24,7 @@ k3 and pooled map are recomputed.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -66,7 +66,7 @@ def _inputs_ok(x, small, k3, per_channel) -> bool:
 
 
 def check_gate_inputs(x: Tensor, small: Tensor, k3: Tensor, *per_channel: Optional[Tensor],
-                      names: Tuple[str, ...] = (), op: str = "sc_gate") -> None:
+                      names: tuple[str, ...] = (), op: str = "sc_gate") -> None:
     """Validate the gate's inputs before any kernel runs; raise ValueError/TypeError naming the problem
     and ``op``, the public op called."""
     if _inputs_ok(x, small, k3, per_channel):
@@ -201,7 +201,7 @@ def _small_args(small_scale: Optional[Tensor], small_shift: Optional[Tensor], ac
 def _sc_gate_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor],
                       shift: Optional[Tensor], small_scale: Optional[Tensor] = None,
                       small_shift: Optional[Tensor] = None,
-                      need_sums: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      need_sums: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dsmall, dk3, sum_g, sum_gk); sum_g and sum_gk (the gradients of shift and scale) are empty
     without need_sums."""
     acc = _acc_dtype(x)
@@ -324,7 +324,7 @@ def _gate_bn_train_forward(prims, x, small, k3, weight, bias, eps, small_affine=
 
 @torch.library.custom_op("scnet_fused::sc_gate_bn_train", mutates_args=())
 def _sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor,
-                      eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
     _check_bn(x, small, k3, weight, bias)
     eps = checked_eps("sc_gate_bn_train", eps)
     _, prims = _dispatch.select(x.device, x.dtype)
@@ -344,7 +344,7 @@ def _(x, small, k3, weight, bias, eps):
 @torch.library.custom_op("scnet_fused::sc_gate_bn_train_backward", mutates_args=())
 def _sc_gate_bn_train_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, weight: Tensor,
                                bias: Tensor, mean: Tensor, var: Tensor,
-                               eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                               eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3, dy = _prepare(x, small, k3, dy.to(x.dtype))
     return _gate_bn_train_grads(prims, dy, x, small, k3, weight, bias, mean, var, eps)
@@ -402,7 +402,7 @@ _dispatch.register_autograd(_sc_gate_bn_train, _bn_bwd, _bn_setup)
 
 
 def sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor,
-                     eps: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor]:
+                     eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
     """Gate with a training-mode BatchNorm of ``k3`` fused in.
 
     Returns ``(y, mean, var)``: ``y = bn(k3) * sigmoid(x + up(small))`` with ``bn`` normalizing by the
@@ -448,7 +448,7 @@ def _small_fold(small_weight, small_bias, small_mean, small_var, small_eps):
 @torch.library.custom_op("scnet_fused::sc_gate_bn2_train", mutates_args=())
 def _sc_gate_bn2_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor, eps: float,
                        small_weight: Tensor, small_bias: Tensor,
-                       small_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       small_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_bn2(x, small, k3, weight, bias, small_weight, small_bias)
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3 = _prepare(x, small, k3)
@@ -469,7 +469,7 @@ def _(x, small, k3, weight, bias, eps, small_weight, small_bias, small_eps):
 def _sc_gate_bn2_train_backward(dy: Tensor, x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor,
                                 mean: Tensor, var: Tensor, eps: float, small_weight: Tensor, small_bias: Tensor,
                                 small_mean: Tensor, small_var: Tensor, small_eps: float
-                                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _, prims = _dispatch.select(x.device, x.dtype)
     _, x, small, k3, dy = _prepare(x, small, k3, dy.to(x.dtype))
     invstd2, small_affine = _small_fold(small_weight, small_bias, small_mean, small_var, small_eps)
@@ -522,7 +522,7 @@ _dispatch.register_autograd(_sc_gate_bn2_train, _bn2_bwd, _bn2_setup)
 
 def sc_gate_bn2_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias: Tensor, eps: float,
                       small_weight: Tensor, small_bias: Tensor,
-                      small_eps: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      small_eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gate with training-mode BatchNorms of ``k3`` and of the pooled map ``small`` fused in.
 
     ``y = bn(k3) * sigmoid(x + up(bn_small(small)))`` where both BatchNorms normalize by their batch

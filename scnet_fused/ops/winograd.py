@@ -35,7 +35,7 @@ from __future__ import annotations
 import operator
 import os
 import weakref
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -862,7 +862,7 @@ def _(x, weight, bias):
 
 @torch.library.custom_op("scnet_fused::conv3x3_backward", mutates_args=())
 def _conv3x3_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, need_input: bool,
-                         need_weight: bool) -> Tuple[Tensor, Tensor]:
+                         need_weight: bool) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_weight); an empty tensor for one not asked for."""
     _check(x, weight, None)
     fmt = _graph_format(x)
