@@ -385,7 +385,8 @@ def _forward_ad_active() -> bool:
 
 @torch.compiler.assume_constant_result
 def _exporting_flag() -> bool:
-    return torch.compiler.is_exporting()
+    flag = getattr(torch.compiler, "is_exporting", None)  # (absent from torch 2.6)
+    return bool(flag()) if flag is not None else False
 
 
 def exporting() -> bool:
