@@ -115,8 +115,25 @@ for isa in cpu_isas():
 BUILD_TEMP = os.path.join(HERE, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
 
 
+BUILD_INFO = "scnet_fused/_build_info.py"
+
+
 class Build(BuildExtension.with_options(use_ninja=True)):
-    """Each instruction set's objects in a folder of their own: the same sources, other flags."""
+    """Each instruction set's objects in a folder of their own: the same sources, other flags. Records
+    the torch the extension is compiled against (``scnet_fused/_build_info.py``), so that an import
+    under another torch can say so (a dependency resolution that upgrades torch after the build leaves
+    an extension whose symbols the new torch lacks)."""
+
+    def run(self):
+        text = f"# Written by setup.py at build time.\nTORCH_VERSION = {torch.__version__!r}\n"
+        targets = [os.path.join(HERE, BUILD_INFO)]
+        if not self.inplace:
+            targets.append(os.path.join(self.build_lib, BUILD_INFO))
+        for path in targets:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+        super().run()
 
     def build_extension(self, ext):
         base = self.build_temp

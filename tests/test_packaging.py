@@ -25,3 +25,21 @@ def test_wheel_metadata_has_the_license_and_entry_point(tmp_path):
     assert "scnet-fused = scnet_fused.__main__:main" in (dist_info / "entry_points.txt").read_text()
     # pyproject.toml's license fields were deprecated or refused depending on the setuptools version.
     assert "SetuptoolsDeprecationWarning" not in proc.stderr, proc.stderr[-4000:]
+
+
+def test_an_extension_built_against_another_torch_says_so():
+    """setup.py records the torch it compiles against; an import that fails under another torch (pip
+    upgraded torch 2.10 to 2.14.1 after building against 2.10, to meet the dependency, and the
+    extension then missed a symbol) names both versions and how to rebuild."""
+    import torch
+
+    from scnet_fused.ops import _cpp
+
+    assert _cpp._built_against() == torch.__version__  # this checkout's build
+    exc = ImportError("_C.so: undefined symbol: _ZN5torch8autograd10deleteNodeEPNS0_4NodeE")
+    msg = _cpp._import_failure(exc, "2.10.0+cu128", "2.14.1+cu130")
+    assert "deleteNode" in msg and "built against torch 2.10.0+cu128" in msg and "this is torch 2.14.1+cu130" in msg
+    assert "pip install -e . --no-build-isolation" in msg
+    for built in ("2.14.1+cu130", None):
+        same = _cpp._import_failure(exc, built, "2.14.1+cu130")
+        assert "deleteNode" in same and "built against" not in same

@@ -22,10 +22,29 @@ _OPS = ("_gate_forward", "_gate_backward", "_gate_backward_k3", "_channel_stats"
         "_affine_add_relu")
 _import_error: Optional[str] = None
 
+
+def _import_failure(exc: BaseException, built_against: Optional[str], running: str) -> str:
+    """Why scnet_fused._C did not import, naming the torch it was built against where that differs from
+    the running one (its symbols are then another torch's: rebuild)."""
+    reason = f"the compiled extension scnet_fused._C is not importable ({type(exc).__name__}: {exc})"
+    if built_against and built_against != running:
+        reason += (f"; it was built against torch {built_against} and this is torch {running}: rebuild it "
+                   f"(pip install -e . --no-build-isolation, or python setup.py build_ext --inplace)")
+    return reason
+
+
+def _built_against() -> Optional[str]:
+    try:
+        from .._build_info import TORCH_VERSION  # written by setup.py at build time
+    except ImportError:
+        return None
+    return TORCH_VERSION
+
+
 try:
     from .. import _C  # noqa: F401  (loads the op library)
 except Exception as exc:  # not built, or built against another torch
-    _import_error = f"the compiled extension scnet_fused._C is not importable ({type(exc).__name__}: {exc})"
+    _import_error = _import_failure(exc, _built_against(), torch.__version__)
 
 # Instruction sets of the CPU kernel builds, most capable first.
 CPU_ISAS = ("avx512", "avx2", "default")
