@@ -43,3 +43,22 @@ def test_an_extension_built_against_another_torch_says_so():
     for built in ("2.14.1+cu130", None):
         same = _cpp._import_failure(exc, built, "2.14.1+cu130")
         assert "deleteNode" in same and "built against" not in same
+
+
+def test_import_under_an_older_torch_warns():
+    """Below the supported torch (README, "Supported") the import says so once; at or above it, nothing."""
+    import torch
+
+    import scnet_fused
+
+    code = ("import warnings, torch; torch.__version__ = {v!r}\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import scnet_fused\n"
+            "print([str(x.message) for x in w if 'scnet_fused needs torch' in str(x.message)])")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for version, warned in (("2.10.0+cu128", True), (torch.__version__, False)):
+        out = subprocess.run([sys.executable, "-c", code.format(v=version)], cwd=root, capture_output=True,
+                             text=True, check=True).stdout
+        assert ("needs torch >= 2.11" in out and version in out) == warned, out
+    assert scnet_fused.MIN_TORCH == (2, 11)
