@@ -25,8 +25,8 @@ from . import models, reference  # noqa: E402
 from .checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from .convert import convert, convert_with_report  # noqa: E402
 from .modules import SCBottleneck, SCConv  # noqa: E402
-from .ops import backend, get_conv_algorithm, sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train, set_conv_algorithm  # noqa: E402,E501
-from .ops import get_conv1x1, set_conv1x1, set_filter_cache  # noqa: E402
+from .ops import backend, get_conv_algorithm, sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train  # noqa: E402
+from .ops import get_conv1x1, set_conv1x1, set_conv_algorithm, set_filter_cache  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -702,8 +702,8 @@ PASSES = {
     # the residual and writing y (3) forward; backward one pass reading dy, y, t and writing g (the
     # residual's gradient) with the sums (4) + dt from g and t (3). The CPU's channel-by-channel path
     # re-reads g and t from cache (5 from memory); the Triton and CUDA backward, and the CPU's
-    # channels_last one, write g in a pass of its own and read it again for the sums (8). Eager: batch_norm (3) + add (3) + relu (2); relu
-    # backward (3) + BatchNorm backward (5).
+    # channels_last one, write g in a pass of its own and read it again for the sums (8). Eager:
+    # batch_norm (3) + add (3) + relu (2); relu backward (3) + BatchNorm backward (5).
     ("bn_add_relu", "forward"): (4, 8),
     ("bn_add_relu", "backward"): (7, 8),
     ("bn_add_relu", "full"): (11, 16),

@@ -384,11 +384,6 @@ def _forward_ad_active() -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _exporting_flag() -> bool:
-    flag = getattr(torch.compiler, "is_exporting", None)  # (absent from torch 2.6)
-    return bool(flag()) if flag is not None else False
-
-
 def exporting() -> bool:
     """Whether torch.export (strict or not, and the ONNX exporter built on it) is recording this call;
     False in eager and under torch.compile. ``torch.compiler.is_exporting()`` alone says True under
@@ -396,8 +391,9 @@ def exporting() -> bool:
     (pytorch/pytorch#176347, fixed in #176499), so a compiled graph took the export paths (no
     ``scnet_fused::conv3x3`` graph op, no channels_last maps). Here dynamo runs the function for real
     while tracing and keeps its result as a constant of the graph (``assume_constant_result``), so it
-    reads the flag that export sets."""
-    return _exporting_flag()
+    reads the flag that export sets. (torch 2.6 has no ``is_exporting``: False there.)"""
+    flag = getattr(torch.compiler, "is_exporting", None)
+    return bool(flag()) if flag is not None else False
 
 
 def standard_ops_only() -> bool:
