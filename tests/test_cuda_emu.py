@@ -166,7 +166,8 @@ def test_avgpool_matches_cpu_kernels(emu, cpu, dtype, layout):
         assert any("avgpool_fwd_kernel" in k and k.endswith("true, 1>") for k in E.take_log())
 
 
-BN_SHAPES = [(3, 5, 7, 6), (2, 16, 14, 13), (4, 3, 1, 1), (1, 9, 25, 7), (2, 40, 9, 5)]
+BN_SHAPES = [(3, 5, 7, 6), (2, 16, 14, 13), (4, 3, 1, 1), (1, 9, 25, 7), (2, 40, 9, 5), (2, 8, 4, 6), (1, 24, 5, 8)]
+_CPP_T = {torch.float32: "float", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -208,6 +209,25 @@ def test_bn_relu_matches_cpu_kernels(emu, cpu, dtype, layout):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         _close(emu.affine_relu_backward_apply(dys, t, scale, shift, p, q, r),
                cpu.affine_relu_backward_apply(dense, t, scale, shift, p, q, r), dtype)
+        # the halves of a two-branch concatenation (pitch 2C; the second half 16-byte aligned when C is a
+        # multiple of the vector): written and read in place, vectorized where the layout allows
+        halves = torch.full((shape[0], 2 * C, *shape[2:]), 5.0, dtype=dtype).contiguous(memory_format=fmt)
+        emu.affine_relu_out(t, scale, shift, halves[:, C:])
+        _close(halves[:, C:], y, dtype)
+        assert torch.all(halves[:, :C] == 5.0)
+        dyh = torch.randn(shape[0], 2 * C, *shape[2:]).to(dtype).contiguous(memory_format=fmt)[:, C:]
+        _close(emu.affine_relu_backward_apply(dyh, t, scale, shift, p, q, r),
+               cpu.affine_relu_backward_apply(dyh.contiguous(memory_format=fmt), t, scale, shift, p, q, r), dtype)
+    # 16-byte vectors (4 floats, 8 halves) where every pointer is aligned and a vector stays in one
+    # channel (NCHW) or one position (NHWC); one element per thread otherwise. (A vector access at a
+    # misaligned address would have raised: the model checks every one.)
+    names = [k for k in E.take_log() if "cuda_bn_relu::pointwise_kernel" in k]
+    nhwc = "true" if layout in ("channels_last", "misaligned_cl") else "false"
+    v = 4 if dtype == torch.float32 else 8
+    for apply in ("true", "false"):
+        for width in (1, v):
+            k = f"scnet_fused::cuda_bn_relu::pointwise_kernel<{_CPP_T[dtype]}, unsigned int, {nhwc}, {apply}, {width}>"
+            assert (k in names) == (width == 1 or not layout.startswith("misaligned")), (k, sorted(names))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -42,37 +42,99 @@ struct Params {
   int64_t dyP, outP;  // channel pitch of dy and of out (C when dense; more for a slice of a concatenation)
 };
 
-// Offset in a tensor of channel pitch `pitch` of the element at flat index i = memory-order index of
-// the dense (N, C, H, W) tensor: i itself when pitch == C.
+// The element at flat index i (memory order of the dense (N, C, H, W) tensor, NCHW or NHWC): its
+// channel, and its offset in a tensor of channel pitch `pitch` (i itself when pitch == C). The
+// quotients are taken once per element (64-bit divisions are calls).
 template <typename I, bool kNHWC>
-__device__ __forceinline__ I pitched(I i, I C, I HW, I pitch) {
-  if (kNHWC) {
-    const I q = i / C;
-    return q * pitch + (i - q * C);
+struct Site {
+  I i, c, q, n;  // NHWC: q = i / C (the position); NCHW: q = i / HW (the plane), n = q / C
+  __device__ __forceinline__ Site(I i_, I C, I HW) : i(i_) {
+    if (kNHWC) {
+      q = i / C;
+      c = i - q * C;
+      n = 0;
+    } else {
+      q = i / HW;
+      n = q / C;
+      c = q - n * C;
+    }
   }
-  const I plane = i / HW, n = plane / C;
-  return (n * pitch + (plane - n * C)) * HW + (i - plane * HW);
+  __device__ __forceinline__ I offset(I C, I HW, I pitch) const {
+    if (pitch == C) return i;
+    return kNHWC ? q * pitch + c : (n * pitch + c) * HW + (i - q * HW);
+  }
+};
+
+// V per-channel values from c on: one value for all V (NCHW: the V elements share their channel), or
+// channels c .. c + V - 1 (NHWC), read as float4 packs when V is a multiple of 4 (c is then a
+// multiple of V and the vectors are 16-byte aligned: vec_of).
+template <bool kNHWC, int V, typename I>
+__device__ __forceinline__ void channel_vals(const float* a, I c, float (&out)[V]) {
+  if constexpr (!kNHWC || V == 1) {
+    const float v = a[c];
+#pragma unroll
+    for (int e = 0; e < V; ++e) out[e] = v;
+  } else if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < V; k += 4) {
+      const Pack<float, 4> pk = load_pack<float, 4>(a + c + k);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) out[k + e] = pk.v[e];
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) out[e] = a[c + static_cast<I>(e)];
+  }
 }
 
-template <typename T, typename I, bool kNHWC, bool kApply>
-__global__ void __launch_bounds__(kThreads) pointwise_kernel(const Params<T> p, const I numel) {
+// V consecutive elements per thread (one Pack of 16 bytes when V > 1), grid-stride over the nvec
+// vectors. The V elements of a vector share their channel (NCHW: HW % V == 0) or are V consecutive
+// channels of one position (NHWC: C % V == 0, and the pitches of dy and out multiples of V), so a
+// vector is contiguous in a channel slice too; the launcher picks V > 1 only then, with every
+// pointer 16-byte aligned.
+template <typename T, typename I, bool kNHWC, bool kApply, int V>
+__global__ void __launch_bounds__(kThreads) pointwise_kernel(const Params<T> p, const I nvec) {
   const I C = static_cast<I>(p.C), HW = static_cast<I>(p.HW);
   const I stride = static_cast<I>(gridDim.x) * static_cast<I>(blockDim.x);
-  for (I i = static_cast<I>(blockIdx.x) * static_cast<I>(blockDim.x) + static_cast<I>(threadIdx.x); i < numel;
-       i += stride) {
-    const I c = kNHWC ? i % C : (i / HW) % C;
-    const float tv = static_cast<float>(p.t[i]);
-    const float z = tv * p.A[c] + p.B[c];
+  for (I v = static_cast<I>(blockIdx.x) * static_cast<I>(blockDim.x) + static_cast<I>(threadIdx.x); v < nvec;
+       v += stride) {
+    const I i = v * static_cast<I>(V);
+    const Site<I, kNHWC> at(i, C, HW);
+    const I c = at.c;
+    float tv[V], a[V], b[V], o[V];
+    load_f<T, V>(p.t + i, tv);
+    channel_vals<kNHWC, V>(p.A, c, a);
+    channel_vals<kNHWC, V>(p.B, c, b);
     // dense dy / out (pitch C, the usual case): offset i, no index arithmetic
     if (kApply) {
       const I dyP = static_cast<I>(p.dyP);
-      const float g = mask_f(static_cast<float>(p.dy[dyP == C ? i : pitched<I, kNHWC>(i, C, HW, dyP)]), z);
-      p.out[i] = static_cast<T>(p.P[c] * g + p.Q[c] * tv + p.R[c]);
+      float d[V], pp[V], qq[V], rr[V];
+      load_f<T, V>(p.dy + at.offset(C, HW, dyP), d);
+      channel_vals<kNHWC, V>(p.P, c, pp);
+      channel_vals<kNHWC, V>(p.Q, c, qq);
+      channel_vals<kNHWC, V>(p.R, c, rr);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float g = mask_f(d[e], tv[e] * a[e] + b[e]);
+        o[e] = pp[e] * g + qq[e] * tv[e] + rr[e];
+      }
+      store_f<T, V>(p.out + i, o);
     } else {
       const I outP = static_cast<I>(p.outP);
       // the residual (`_affine_add_relu`) comes in dy's place, dense in t's layout
-      const float zr = p.dy ? z + static_cast<float>(p.dy[i]) : z;
-      p.out[outP == C ? i : pitched<I, kNHWC>(i, C, HW, outP)] = static_cast<T>(relu_f(zr));
+      float res[V];
+      if (p.dy) {
+        load_f<T, V>(p.dy + i, res);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) res[e] = 0.0f;
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float z = tv[e] * a[e] + b[e];
+        o[e] = relu_f(p.dy ? z + res[e] : z);
+      }
+      store_f<T, V>(p.out + at.offset(C, HW, outP), o);
     }
   }
 }
@@ -152,7 +214,9 @@ at::Tensor vec_of(const char* op, const char* name, const at::Tensor& v, const a
   TORCH_CHECK(v.device() == t.device() && v.dim() == 1 && v.size(0) == t.size(1), op, ": ", name,
               " must be a 1-D tensor of C=", t.size(1), " values on ", t.device(), ", got ", v.sizes(), " on ",
               v.device());
-  return v.to(at::kFloat).contiguous();
+  at::Tensor f = v.to(at::kFloat).contiguous();
+  // the kernels read channel vectors as float4 packs (NHWC): a view at an odd offset is copied
+  return aligned16(f.data_ptr<float>()) ? f : f.clone();
 }
 
 void check_full(const char* op, const at::Tensor& t) {
@@ -160,6 +224,17 @@ void check_full(const char* op, const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 4, op, ": expected a 4-D (N, C, H, W) tensor, got ", t.sizes());
   TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": expected float32, float16 or bfloat16, got ",
               t.scalar_type());
+}
+
+template <typename T, bool kNHWC, bool kApply, int V>
+void launch_pointwise(const Params<T>& p, int64_t numel, bool idx32, cudaStream_t stream) {
+  const int64_t nvec = numel / V;
+  const dim3 grid(static_cast<unsigned>(blocks_for(nvec)));
+  if (idx32) {
+    pointwise_kernel<T, uint32_t, kNHWC, kApply, V><<<grid, kThreads, 0, stream>>>(p, static_cast<uint32_t>(nvec));
+  } else {
+    pointwise_kernel<T, int64_t, kNHWC, kApply, V><<<grid, kThreads, 0, stream>>>(p, nvec);
+  }
 }
 
 // kApply false: y = relu(affine(t)) into `out_in` when given (dense in t's format or a channel slice
@@ -212,16 +287,22 @@ at::Tensor pointwise_op(const char* op, const at::Tensor& t_in, const at::Tensor
                 t.size(2) * t.size(3),
                 dyP,
                 outP};
-    const dim3 grid(static_cast<unsigned>(blocks_for(numel)));
     const bool nhwc = L == Layout::NHWC;
     // 32-bit indices only when every offset fits, the pitched tensors' included
     const int64_t span = t.size(0) * std::max(dyP, outP) * t.size(2) * t.size(3);
-    if (fits_int32(numel) && fits_int32(span)) {
-      nhwc ? pointwise_kernel<T, uint32_t, true, kApply><<<grid, kThreads, 0, stream>>>(p, static_cast<uint32_t>(numel))
-           : pointwise_kernel<T, uint32_t, false, kApply><<<grid, kThreads, 0, stream>>>(p, static_cast<uint32_t>(numel));
+    const bool idx32 = fits_int32(numel) && fits_int32(span);
+    // 16-byte vectors: a vector's elements share their channel (NCHW) or are neighbouring channels of
+    // one position, also in the pitched tensors (NHWC), and every pointer is aligned
+    constexpr int kVec = static_cast<int>(16 / sizeof(T));
+    const bool vec = (nhwc ? t.size(1) % kVec == 0 && dyP % kVec == 0 && outP % kVec == 0
+                           : (t.size(2) * t.size(3)) % kVec == 0) &&
+                     aligned16(p.t) && aligned16(p.dy) && aligned16(p.out);
+    if (vec) {
+      nhwc ? launch_pointwise<T, true, kApply, kVec>(p, numel, idx32, stream)
+           : launch_pointwise<T, false, kApply, kVec>(p, numel, idx32, stream);
     } else {
-      nhwc ? pointwise_kernel<T, int64_t, true, kApply><<<grid, kThreads, 0, stream>>>(p, numel)
-           : pointwise_kernel<T, int64_t, false, kApply><<<grid, kThreads, 0, stream>>>(p, numel);
+      nhwc ? launch_pointwise<T, true, kApply, 1>(p, numel, idx32, stream)
+           : launch_pointwise<T, false, kApply, 1>(p, numel, idx32, stream);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
