@@ -1,5 +1,9 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90, without a GPU, with no register spills
-(asserted from triton 3.6 on, see SPILL_FREE_FROM).
+(asserted from triton 3.6 on, see SPILL_FREE_FROM), twice: with its integer arguments unknown, and
+marked multiples of 16 as the JIT specializes them for most SCNet shapes (different code: vector
+accesses, other registers). In the second form the channels_last variants, and the NCHW ones that
+walk a flat index or whole rows, must load (the NCHW k2 pool: store) 64- or 128-bit vectors in the PTX
+(``must_vectorize``); the NCHW gate kernels, which walk each pooled cell's run of columns, are reported.
 
 With ``TRITON_INTERPRET=1`` set when a kernel is defined (conftest sets it on GPU-less machines),
 ``triton.jit`` returns an interpreter object that ``triton.compile`` cannot take, so the compilation
@@ -43,8 +47,10 @@ ARCHS = (80, 90)
 # ---------------------------------------------------------------------------------------------
 
 
-def make_source(fn, signature: dict, constexprs: dict):
-    """``ASTSource`` for ``fn``: pointers marked 16-byte aligned (as the JIT specializes torch tensors).
+def make_source(fn, signature: dict, constexprs: dict, ints16: bool = False):
+    """``ASTSource`` for ``fn``: pointers marked 16-byte aligned (as the JIT specializes torch tensors);
+    with ``ints16`` every integer argument marked a multiple of 16 too (as the JIT specializes one that
+    is: the strides, sizes and counts of most SCNet shapes).
 
     The third argument is named ``constants`` in triton 3.2 and ``constexprs`` from 3.3 on (both keyed
     by argument name, with the constexpr arguments also listed in the signature as ``"constexpr"``):
@@ -52,7 +58,8 @@ def make_source(fn, signature: dict, constexprs: dict):
     """
     from triton.compiler import ASTSource
 
-    ptr_idx = [fn.arg_names.index(k) for k, v in signature.items() if str(v).startswith("*")]
+    ptr_idx = [fn.arg_names.index(k) for k, v in signature.items()
+               if str(v).startswith("*") or (ints16 and v in ("i32", "i64"))]
     attrs = None
     try:
         from triton.backends.compiler import AttrsDescriptor  # triton 3.2
@@ -110,6 +117,45 @@ def _resources(compiled, arch: int) -> dict:
     return res
 
 
+_PTX_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9_:]+)*?)(\.v[248])?\.[bfsu](8|16|32|64)\b")
+
+
+def ptx_accesses(ptx: str) -> dict:
+    """The global loads and stores of a kernel's PTX by vector width in bits: ``{"ld128": n, "st32": m}``
+    (``ld.global.v4.b32`` is 128, ``ld.global.b16`` 16)."""
+    out: dict = {}
+    for m in _PTX_ACCESS.finditer(ptx):
+        lanes = int(m.group(3)[2:]) if m.group(3) else 1
+        key = f"{m.group(1)}{lanes * int(m.group(4))}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+# Variants whose loads of the full-size tensors must be vectors (64 or 128 bits a lane) once the JIT
+# knows the integer arguments are multiples of 16: everything in channels_last, and the kernels that
+# walk a flat index or whole rows in NCHW too. The NCHW gate kernels walk each pooled cell's run of
+# columns, whose start the compiler cannot know aligned (one element a lane, coalesced across lanes).
+# The NCHW k2 pool reads (forward) or writes (backward) r-element runs of rows: its full-size side is
+# the other one, so there its stores must be vectors.
+def must_vectorize(variant: str):
+    """"ld" or "st": which of the variant's global accesses must include 64- or 128-bit ones once the
+    integer arguments are known multiples of 16; None: neither."""
+    if variant.startswith("gate_") and "_nchw_" in variant:
+        return None
+    return "st" if variant.startswith("avgpool_") and "_nchw_" in variant else "ld"
+
+
+def _accesses(acc) -> str:
+    if not acc:
+        return "-"
+    parts = []
+    for op in ("ld", "st"):
+        ws = sorted(((int(k[2:]), n) for k, n in acc.items() if k.startswith(op)), reverse=True)
+        if ws:
+            parts.append(f"{op} " + " ".join(f"{w}x{n}" for w, n in ws))
+    return "; ".join(parts)
+
+
 def compile_all(arch: int) -> list:
     """Compile every AOT entry for ``arch`` (run with TRITON_INTERPRET=0); one result row each."""
     import triton
@@ -118,17 +164,18 @@ def compile_all(arch: int) -> list:
     from scnet_fused.triton import sc_gate
 
     rows = []
-    for name, fn, signature, constexprs in sc_gate.aot_kernels():
-        options = sc_gate.kernel_options(constexprs)
-        row = {"kernel": fn.__name__, "variant": name, "arch": f"sm_{arch}", "num_warps": options["num_warps"],
-               "triton": triton.__version__}
-        try:
-            compiled = triton.compile(make_source(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                                      options=options)
-            row.update(_resources(compiled, arch), ok=True)
-        except Exception as exc:  # reported, and failed, by the test
-            row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
-        rows.append(row)
+    for ints16 in (False, True):
+        for name, fn, signature, constexprs in sc_gate.aot_kernels():
+            options = sc_gate.kernel_options(constexprs)
+            row = {"kernel": fn.__name__, "variant": name, "ints": "multiples of 16" if ints16 else "any",
+                   "arch": f"sm_{arch}", "num_warps": options["num_warps"], "triton": triton.__version__}
+            try:
+                compiled = triton.compile(make_source(fn, signature, constexprs, ints16),
+                                          target=GPUTarget("cuda", arch, 32), options=options)
+                row.update(_resources(compiled, arch), accesses=ptx_accesses(compiled.asm["ptx"]), ok=True)
+            except Exception as exc:  # reported, and failed, by the test
+                row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+            rows.append(row)
     return rows
 
 
@@ -145,17 +192,21 @@ def _write_report(rows: list, stem: str = "triton_resources") -> None:
         "",
         "Compiled ahead of time without a GPU (`tests/test_aot_compile.py`, triton "
         f"{rows[0].get('triton', '?')}); registers and spill bytes (stack frame + local memory) of the cubin, "
-        "shared memory as launched.",
+        "shared memory as launched. Each variant twice: with the integer arguments unknown (any), and "
+        "marked multiples of 16 as the JIT specializes them for most SCNet shapes. Global accesses: the "
+        "PTX's global loads (ld) and stores (st) by width in bits and count (128: a 16-byte vector).",
         "",
-        "| kernel | variant | arch | warps | registers | spill bytes | shared bytes |",
-        "|---|---|---|---|---|---|---|",
+        "| kernel | variant | integer args | arch | warps | registers | spill bytes | shared bytes "
+        "| global accesses |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        head = f"| `{r['kernel']}` | {r['variant']} | {r.get('ints', 'any')} | {r['arch']} | {r['num_warps']} |"
         if r.get("ok"):
-            lines.append(f"| `{r['kernel']}` | {r['variant']} | {r['arch']} | {r['num_warps']} | {r['registers']} "
-                         f"| {r['spill_bytes']} | {r['shared_bytes']} |")
+            lines.append(f"{head} {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "
+                         f"{_accesses(r.get('accesses'))} |")
         else:
-            lines.append(f"| `{r['kernel']}` | {r['variant']} | {r['arch']} | {r['num_warps']} | compile error | | |")
+            lines.append(f"{head} compile error | | | |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -181,11 +232,18 @@ def test_aot_compile_sm80_sm90(tmp_path):
         assert proc.returncode == 0, f"sm_{arch} compile script failed:\n{log[-4000:]}"
         rows += json.loads(out.read_text())
 
-    rows.sort(key=lambda r: (r["kernel"], r["variant"], r["arch"]))
+    rows.sort(key=lambda r: (r["kernel"], r["variant"], r.get("ints", ""), r["arch"]))
     _write_report(rows)
     failed = [f"{r['variant']} {r['arch']}: {r['error']}" for r in rows if not r["ok"]]
     assert not failed, "compile errors:\n" + "\n".join(failed)
-    spilled = [f"{r['variant']} {r['arch']}: {r['spill_bytes']} bytes" for r in rows if r["spill_bytes"]]
+    # the channels_last paths (and the flat NCHW ones) move vectors once the JIT knows the alignment
+    scalar = []
+    for r in rows:
+        side = must_vectorize(r["variant"]) if r["ints"] == "multiples of 16" else None
+        if side and not any(r["accesses"].get(f"{side}{w}") for w in (64, 128)):
+            scalar.append(f"{r['variant']} {r['arch']}: {_accesses(r['accesses'])}")
+    assert not scalar, f"no vector {side} where the alignment is known:\n" + "\n".join(scalar)
+    spilled = [f"{r['variant']} {r['ints']} {r['arch']}: {r['spill_bytes']} bytes" for r in rows if r["spill_bytes"]]
     import triton
 
     from scnet_fused.ops._dispatch import _release
