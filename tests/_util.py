@@ -1,5 +1,7 @@
 """Shared test helpers: tolerance rule for low precision, backends available here, input makers."""
 
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -70,3 +72,16 @@ def randomize_norms(m):
                 if mod.running_mean is not None:
                     mod.running_mean.uniform_(-0.2, 0.2)
                     mod.running_var.uniform_(0.5, 2.0)
+
+
+def access_summary(acc):
+    """'ld 128x3 32x24; st 128x1' from counts of global accesses by width ({"ld128": 3, "st128": 1}, or
+    the SASS's {"LDG128": 3, ...}): loads first, widest first; '-' for none known."""
+    if not acc:
+        return "-"
+    groups = {}
+    for key, n in acc.items():
+        op, width = re.fullmatch(r"([A-Za-z]+)(\d+)", key).groups()
+        groups.setdefault(op, []).append((int(width), n))
+    ops = sorted(groups, key=lambda op: not op.lower().startswith("ld"))
+    return "; ".join(f"{op} " + " ".join(f"{w}x{n}" for w, n in sorted(groups[op], reverse=True)) for op in ops)

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from _util import access_summary
+
 ROOT = Path(__file__).resolve().parents[1]
 # The Triton version from which no kernel spills registers (checked with 3.6.0, the GPU machines', and
 # 3.8.0). Triton 3.2.0 spills 8 bytes on sm_90 in 3 of the 114 compiles (affine_relu_sums on a channel
@@ -131,29 +133,17 @@ def ptx_accesses(ptx: str) -> dict:
     return out
 
 
-# Variants whose loads of the full-size tensors must be vectors (64 or 128 bits a lane) once the JIT
-# knows the integer arguments are multiples of 16: everything in channels_last, and the kernels that
-# walk a flat index or whole rows in NCHW too. The NCHW gate kernels walk each pooled cell's run of
-# columns, whose start the compiler cannot know aligned (one element a lane, coalesced across lanes).
-# The NCHW k2 pool reads (forward) or writes (backward) r-element runs of rows: its full-size side is
-# the other one, so there its stores must be vectors.
+# Variants whose full-size accesses must be vectors (64 or 128 bits a lane) once the JIT knows the
+# integer arguments are multiples of 16: the loads of everything in channels_last and of the kernels
+# that walk a flat index in NCHW. The NCHW k2 pool reads (forward) or writes (backward) r-element runs
+# of rows: there its stores must be. The NCHW gate kernels walk each pooled cell's run of columns,
+# whose start the compiler cannot know aligned (one element a lane, coalesced across lanes): reported.
 def must_vectorize(variant: str):
     """"ld" or "st": which of the variant's global accesses must include 64- or 128-bit ones once the
     integer arguments are known multiples of 16; None: neither."""
     if variant.startswith("gate_") and "_nchw_" in variant:
         return None
     return "st" if variant.startswith("avgpool_") and "_nchw_" in variant else "ld"
-
-
-def _accesses(acc) -> str:
-    if not acc:
-        return "-"
-    parts = []
-    for op in ("ld", "st"):
-        ws = sorted(((int(k[2:]), n) for k, n in acc.items() if k.startswith(op)), reverse=True)
-        if ws:
-            parts.append(f"{op} " + " ".join(f"{w}x{n}" for w, n in ws))
-    return "; ".join(parts)
 
 
 def compile_all(arch: int) -> list:
@@ -204,7 +194,7 @@ def _write_report(rows: list, stem: str = "triton_resources") -> None:
         head = f"| `{r['kernel']}` | {r['variant']} | {r.get('ints', 'any')} | {r['arch']} | {r['num_warps']} |"
         if r.get("ok"):
             lines.append(f"{head} {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "
-                         f"{_accesses(r.get('accesses'))} |")
+                         f"{access_summary(r.get('accesses'))} |")
         else:
             lines.append(f"{head} compile error | | | |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
@@ -241,7 +231,7 @@ def test_aot_compile_sm80_sm90(tmp_path):
     for r in rows:
         side = must_vectorize(r["variant"]) if r["ints"] == "multiples of 16" else None
         if side and not any(r["accesses"].get(f"{side}{w}") for w in (64, 128)):
-            scalar.append(f"{r['variant']} {r['arch']}: {_accesses(r['accesses'])}")
+            scalar.append(f"{r['variant']} {r['arch']}: {access_summary(r['accesses'])}")
     assert not scalar, f"no vector {side} where the alignment is known:\n" + "\n".join(scalar)
     spilled = [f"{r['variant']} {r['ints']} {r['arch']}: {r['spill_bytes']} bytes" for r in rows if r["spill_bytes"]]
     import triton

@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from _util import access_summary
+
 from scnet_fused._toolkit import cuda_build_decision, find_cuda_home, toolkit_version
 import torch
 
@@ -137,7 +139,7 @@ def write_report(rows, nvcc_version):
     for r in sorted(rows, key=lambda r: (r.get("source", ""), r["kernel"], r["arch"])):
         lines.append(f"| {r.get('source', '')} | `{r['kernel']}` | {r['arch']} | {r['registers']} | "
                      f"{r['spill_stores']} | {r['spill_loads']} | {r['stack_bytes']} | {r['smem_bytes']} | "
-                     f"{_accesses(r.get('global_accesses'))} |")
+                     f"{access_summary(r.get('global_accesses'))} |")
     with open(os.path.join(RESULTS, "cuda_resources.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -146,18 +148,6 @@ def _with_source(rows, src):
     for r in rows:
         r["source"] = os.path.basename(src)
     return rows
-
-
-def _accesses(acc):
-    """'LDG 128x3 32x24; STG 128x1' from access_widths' counts ('-' without a disassembler)."""
-    if acc is None:
-        return "-"
-    parts = []
-    for op in ("LDG", "STG"):
-        ws = sorted(((int(k[3:]), n) for k, n in acc.items() if k.startswith(op)), reverse=True)
-        if ws:
-            parts.append(f"{op} " + " ".join(f"{w}x{n}" for w, n in ws))
-    return "; ".join(parts) or "none"
 
 
 def compile_sources():
