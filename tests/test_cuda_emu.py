@@ -230,6 +230,20 @@ def test_bn_relu_matches_cpu_kernels(emu, cpu, dtype, layout):
             assert (k in names) == (width == 1 or not layout.startswith("misaligned")), (k, sorted(names))
 
 
+def test_bn_relu_vectors_with_misaligned_channel_vectors(emu, cpu):
+    """Per-channel vectors that are views one float past 16-byte alignment: the NHWC vector kernels
+    read them as float4 packs (the model checks each), so the launcher copies them first."""
+    t = _tensor((2, 8, 3, 5), torch.float32, "channels_last", scale=2.0, offset=0.3)
+    dy = _tensor((2, 8, 3, 5), torch.float32, "channels_last", seed=1)
+    vecs = [torch.randn(9)[1:] for _ in range(6)]  # each a view one float into its own buffer
+    scale, shift, center, p, q, r = vecs
+    assert all(v.data_ptr() % 16 for v in vecs)
+    _close(emu.affine_relu(t, scale, shift), cpu.affine_relu(t, scale, shift), torch.float32)
+    _close(emu.affine_relu_backward_apply(dy, t, scale, shift, p, q, r),
+           cpu.affine_relu_backward_apply(dy, t, scale, shift, p, q, r), torch.float32)
+    assert "scnet_fused::cuda_bn_relu::pointwise_kernel<float, unsigned int, true, true, 4>" in E.take_log()
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_affine_relu_out_one_channel_into_the_other_layout(emu, cpu, channels_last):
     """A one-channel t is dense in both layouts: it is written into a slice of a buffer in either."""

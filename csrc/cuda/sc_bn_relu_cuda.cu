@@ -2,9 +2,10 @@
 // math is stated in csrc/cpu/sc_bn_relu_cpu.cpp).
 //
 //   pointwise_kernel   y = relu(t * scale + shift) (+ a residual inside the ReLU: `_affine_add_relu`), or
-//                      dt = p * g + q * t + r: one thread per element,
-//                      grid-stride, channel from the flat index (NCHW or NHWC); y (`_affine_relu_out`)
-//                      and dy may be channel slices of a concatenation buffer (channel pitch).
+//                      dt = p * g + q * t + r: a 16-byte vector per thread where the layout and
+//                      alignment allow (else one element), grid-stride, channel from the flat index
+//                      (NCHW or NHWC); y (`_affine_relu_out`) and dy may be channel slices of a
+//                      concatenation buffer (channel pitch).
 //   sums_kernel        NCHW: per (channel, chunk of N*H*W positions) block: sum g and g * (t - center)
 //                      in float per thread, double across the block in a fixed tree order.
 //   sums_nhwc_kernel   NHWC: per (32 channels, chunk of positions) block, the channels on threadIdx.x
@@ -215,7 +216,7 @@ at::Tensor vec_of(const char* op, const char* name, const at::Tensor& v, const a
               " must be a 1-D tensor of C=", t.size(1), " values on ", t.device(), ", got ", v.sizes(), " on ",
               v.device());
   at::Tensor f = v.to(at::kFloat).contiguous();
-  // the kernels read channel vectors as float4 packs (NHWC): a view at an odd offset is copied
+  // the kernels read channel vectors as float4 packs (NHWC): a view that is not 16-byte aligned is copied
   return aligned16(f.data_ptr<float>()) ? f : f.clone();
 }
 
