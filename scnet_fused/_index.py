@@ -15,7 +15,7 @@ import functools
 import numpy as np
 import torch
 
-__all__ = ["nearest_source_index", "cell_starts", "cell_tables", "max_run"]
+__all__ = ["nearest_source_index", "cell_starts", "cell_tables", "max_run", "uniform_run"]
 
 
 @functools.lru_cache(maxsize=512)
@@ -53,6 +53,16 @@ def max_run(out_size: int, in_size: int) -> int:
     """Longest run of outputs sharing one source index (the cell extent a kernel must cover)."""
     s = _starts_np(int(out_size), int(in_size))
     return int(np.max(np.diff(s))) if len(s) > 1 else 0
+
+
+def uniform_run(out_size: int, in_size: int) -> int:
+    """``out_size // in_size`` when every source index is read by that many consecutive outputs, the
+    cells starting at its multiples (56 -> 14, 28 -> 7); 0 otherwise (14 -> 3, 7 -> 1)."""
+    out_size, in_size = int(out_size), int(in_size)
+    if out_size % in_size:
+        return 0
+    run = out_size // in_size
+    return run if np.array_equal(_starts_np(out_size, in_size), np.arange(in_size + 1) * run) else 0
 
 
 _TABLE_CACHE: dict = {}

@@ -147,6 +147,40 @@ def test_long_runs_and_channel_blocks(shape, channels_last):
         _close_to_f64(got, want)
 
 
+@pytest.mark.parametrize("big", [False, True], ids=["int32", "int64"])
+def test_uniform_runs_take_the_run_path_bit_for_bit(monkeypatch, big):
+    """NCHW maps whose column runs are all one power-of-two length (56 -> 14 and 28 -> 7 in SCNet-50;
+    12 -> 3 here) run the gate kernels with RUN set, their runs' lanes provably contiguous and aligned
+    (vector accesses when compiled); the results are the table path's, bit for bit."""
+    assert tg.nchw_run(56, 14, 4, False) == 4 and tg.nchw_run(28, 7, 4, False) == 4
+    assert tg.nchw_run(14, 3, 8, False) == 0 and tg.nchw_run(7, 1, 8, False) == 0
+    assert tg.nchw_run(56, 14, 4, True) == 0 and tg.nchw_run(13, 3, 8, False) == 0
+    if big:
+        monkeypatch.setattr(tg, "INT32_LIMIT", 1)
+    shape = (2, 3, 8, 12, 2, 3)
+    x, small, k3, dy = _inputs(shape)
+    scale, shift, center = _vecs(3)
+    p, q, r = torch.randn(3, device=DEVICE), torch.randn(3, device=DEVICE), torch.randn(3, device=DEVICE)
+
+    def run_all():
+        outs = [tg.gate_forward(x, small, k3, scale, shift), tg.gate_forward(x, small, k3, None, None),
+                tg.gate_backward_k3(dy, x, small, k3, p, q, r)]
+        outs += tg.gate_backward(dy, x, small, k3, scale, shift, center, True)
+        outs += tg.gate_backward(dy, x, small, k3, None, None, None, True)
+        return [t for t in outs if t is not None]
+
+    picked, real = [], tg.nchw_run
+    monkeypatch.setattr(tg, "nchw_run", lambda *a: picked.append(real(*a)) or picked[-1])
+    with_run = run_all()
+    assert picked and set(picked) == {4}
+    monkeypatch.setattr(tg, "nchw_run", lambda *a: 0)
+    table = run_all()
+    assert len(with_run) == len(table) >= 10
+    for a, b in zip(with_run, table):
+        assert torch.equal(a, b)
+    _close_to_f64(with_run[0], ref.gate_forward(x.double(), small.double(), k3.double(), _d(scale), _d(shift)))
+
+
 def test_backward_deterministic():
     x, small, k3, dy = _inputs((3, 5, 14, 14, 3, 3), channels_last=True)
     scale, shift, center = _vecs(5)

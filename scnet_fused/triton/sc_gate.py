@@ -19,7 +19,11 @@ upsampling adjoint is a sum over the run axis plus an accumulation over the cell
 per-channel sums of the backward are reduced per program into a float32 partial buffer
 ``[2, N * h * cdiv(w, BLOCK_B), C]`` that the launcher sums with ``torch.sum`` (deterministic).
 Contiguous (NCHW) tensors vectorize along the run/columns, channels_last (NHWC) along the channels;
-the layout is a constexpr and the unit stride is implied by it.
+the layout is a constexpr and the unit stride is implied by it. In NCHW a run starts where the table
+says, so the compiler cannot know a run's lanes aligned and moves them one element a lane; where every
+column run has the same power-of-two length and starts at its multiples (SCNet-50's 56 -> 14 and
+28 -> 7; :func:`nchw_run`), the ``RUN`` constexpr computes the starts instead and marks the offsets
+multiples of it, and a run's lanes move as one vector (16 bytes in float32, 8 in 16-bit types).
 
 Bytes moved per element of the full ``N x C x H x W`` tensors (``E`` = element size: 4 for fp32, 2 for
 fp16/bf16; the pooled map, the cell tables, the per-channel vectors and the partial sums are 1/r^2 of
@@ -53,7 +57,7 @@ import triton.language as tl
 
 from .._alloc import new_empty
 from ._common import INT32_LIMIT, check_grid, layout as _layout, on_tensor_device
-from .._index import cell_tables, max_run
+from .._index import cell_tables, max_run, uniform_run
 from . import sc_pool as _pool
 from . import sc_bn_relu as _bn_relu
 from .sc_bn_relu import (  # noqa: F401  (the BatchNorm + ReLU primitives of this backend)
@@ -77,8 +81,12 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _cell_program(tab_ptr, C, h, w, BIG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
-    """This program's image, channels, source columns, row range and the offsets of small[n, c, a, b]."""
+def _cell_program(tab_ptr, C, h, w, BIG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+                  RUN: tl.constexpr = 0):
+    """This program's image, channels, source columns, row range and the offsets of small[n, c, a, b].
+
+    With RUN (uniform column runs of RUN = BLOCK_R outputs), col0 is computed, not read, and ncol is the
+    source columns' mask: the lanes of a run then share their mask (see _run_chunk)."""
     pid_na = tl.program_id(0)
     n = pid_na // h
     a = pid_na - n * h
@@ -91,8 +99,12 @@ def _cell_program(tab_ptr, C, h, w, BIG: tl.constexpr, BLOCK_C: tl.constexpr, BL
     if BIG:  # the row loop variable then carries 64-bit offsets
         row0 = row0.to(tl.int64)
         row1 = row1.to(tl.int64)
-    col0 = tl.load(tab_ptr + h + 1 + b, mask=b_mask, other=0)
-    ncol = tl.load(tab_ptr + h + 2 + b, mask=b_mask, other=0) - col0
+    if RUN:
+        col0 = b * RUN
+        ncol = b_mask
+    else:
+        col0 = tl.load(tab_ptr + h + 1 + b, mask=b_mask, other=0)
+        ncol = tl.load(tab_ptr + h + 2 + b, mask=b_mask, other=0) - col0
     if BIG:
         c_idx = c.to(tl.int64)
         nc = n.to(tl.int64) * C + c_idx
@@ -106,8 +118,19 @@ def _cell_program(tab_ptr, C, h, w, BIG: tl.constexpr, BLOCK_C: tl.constexpr, BL
 
 @triton.jit
 def _run_chunk(c_idx, c_mask, col0, ncol, k0, s_c, s_w, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr,
-               BLOCK_R: tl.constexpr):
-    """Per-lane offsets (inside one output row) and mask of a [BLOCK_C, BLOCK_B, BLOCK_R] tile."""
+               BLOCK_R: tl.constexpr, RUN: tl.constexpr = 0):
+    """Per-lane offsets (inside one output row) and mask of a [BLOCK_C, BLOCK_B, BLOCK_R] tile.
+
+    RUN (NCHW, uniform runs, one chunk): the RUN lanes of a run are contiguous, start at a multiple of
+    RUN (every offset's other terms are too: the launcher checks) and share their mask, so the
+    compiler can move them as one vector."""
+    if RUN:
+        j = col0[:, None] + tl.arange(0, BLOCK_R)[None, :]
+        if BIG:
+            j = j.to(tl.int64)
+        lane = tl.multiple_of(c_idx * s_c, RUN)[:, None, None] + j[None, :, :]
+        mask = tl.broadcast_to((c_mask[:, None] & ncol[None, :])[:, :, None], lane.shape)
+        return lane, mask
     k = k0 + tl.arange(0, BLOCK_R)
     j = col0[:, None] + k[None, :]  # [BLOCK_B, BLOCK_R] output columns
     if BIG:
@@ -118,6 +141,14 @@ def _run_chunk(c_idx, c_mask, col0, ncol, k0, s_c, s_w, CHANNELS_LAST: tl.conste
         lane = c_idx[:, None, None] * s_c + j[None, :, :]
     mask = c_mask[:, None, None] & (k[None, :] < ncol[:, None])[None, :, :]
     return lane, mask
+
+
+@triton.jit
+def _row_base(base_n, i, s_h, RUN: tl.constexpr):
+    """Offset of output row i of image base_n; a multiple of RUN in RUN mode (the launcher checks)."""
+    if RUN:
+        return tl.multiple_of(base_n + i * s_h, RUN)
+    return base_n + i * s_h
 
 
 @triton.jit
@@ -152,18 +183,19 @@ def _gate_fwd_kernel(x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, ss_ptr, st_
                      C, h, w, s_n, s_c, s_h, s_w, run_w,
                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SMALL_AFFINE: tl.constexpr,
                      CHANNELS_LAST: tl.constexpr,
-                     BIG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+                     BIG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+                     RUN: tl.constexpr = 0):
     """y = (k3 * scale + shift) * sigmoid(x + small[n, c, a, b]) over the cells of one source row."""
     n, c_idx, c_mask, col0, ncol, row0, row1, small_off, small_mask = _cell_program(
-        tab_ptr, C, h, w, BIG, BLOCK_C, BLOCK_B)
+        tab_ptr, C, h, w, BIG, BLOCK_C, BLOCK_B, RUN)
     sv = _small_values(small_ptr, small_off, small_mask, ss_ptr, st_ptr, c_idx, c_mask, HAS_SMALL_AFFINE)
     scale = _per_channel(scale_ptr, c_idx, c_mask, HAS_SCALE, 1.0)
     shift = _per_channel(shift_ptr, c_idx, c_mask, HAS_SHIFT, 0.0)
     base_n = n.to(tl.int64) * s_n
     for k0 in range(0, run_w, BLOCK_R):
-        lane, mask = _run_chunk(c_idx, c_mask, col0, ncol, k0, s_c, s_w, CHANNELS_LAST, BIG, BLOCK_R)
+        lane, mask = _run_chunk(c_idx, c_mask, col0, ncol, k0, s_c, s_w, CHANNELS_LAST, BIG, BLOCK_R, RUN)
         for i in range(row0, row1):
-            base = base_n + i * s_h
+            base = _row_base(base_n, i, s_h, RUN)
             xv = tl.load(x_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
             kv = tl.load(k3_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
             if HAS_SCALE or HAS_SHIFT:
@@ -181,12 +213,13 @@ def _gate_bwd_kernel(dy_ptr, x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, cen
                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_CENTER: tl.constexpr,
                      HAS_SMALL_AFFINE: tl.constexpr,
                      NEED_DK3: tl.constexpr, NEED_SUMS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                     BIG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+                     BIG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+                     RUN: tl.constexpr = 0):
     """dx, dk3 and, per cell, dsmall = sum(dx); with NEED_SUMS, per program, partial sums of g and
     g * (k3 - center) (without, neither their accumulators nor their stores: part_g_ptr and part_gk_ptr
     are not touched)."""
     n, c_idx, c_mask, col0, ncol, row0, row1, small_off, small_mask = _cell_program(
-        tab_ptr, C, h, w, BIG, BLOCK_C, BLOCK_B)
+        tab_ptr, C, h, w, BIG, BLOCK_C, BLOCK_B, RUN)
     sv = _small_values(small_ptr, small_off, small_mask, ss_ptr, st_ptr, c_idx, c_mask, HAS_SMALL_AFFINE)
     scale = _per_channel(scale_ptr, c_idx, c_mask, HAS_SCALE, 1.0)
     shift = _per_channel(shift_ptr, c_idx, c_mask, HAS_SHIFT, 0.0)
@@ -198,9 +231,9 @@ def _gate_bwd_kernel(dy_ptr, x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, cen
         acc_gk = tl.zeros([BLOCK_C, BLOCK_B, BLOCK_R], dtype=tl.float32)
     base_n = n.to(tl.int64) * s_n
     for k0 in range(0, run_w, BLOCK_R):
-        lane, mask = _run_chunk(c_idx, c_mask, col0, ncol, k0, s_c, s_w, CHANNELS_LAST, BIG, BLOCK_R)
+        lane, mask = _run_chunk(c_idx, c_mask, col0, ncol, k0, s_c, s_w, CHANNELS_LAST, BIG, BLOCK_R, RUN)
         for i in range(row0, row1):
-            base = base_n + i * s_h
+            base = _row_base(base_n, i, s_h, RUN)
             # Masked lanes load dy = 0, so every term below is 0 there.
             dyv = tl.load(dy_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
             xv = tl.load(x_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
@@ -229,19 +262,20 @@ def _gate_bwd_kernel(dy_ptr, x_ptr, k3_ptr, small_ptr, scale_ptr, shift_ptr, cen
 def _gate_bwd_k3_kernel(dy_ptr, x_ptr, k3_ptr, small_ptr, p_ptr, q_ptr, r_ptr, ss_ptr, st_ptr, dk3_ptr, tab_ptr,
                         C, h, w, s_n, s_c, s_h, s_w, run_w,
                         HAS_SMALL_AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+                        BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+                        RUN: tl.constexpr = 0):
     """dk3 = p * dy * sigmoid(x + small[n, c, a, b]) + q * k3 + r."""
     n, c_idx, c_mask, col0, ncol, row0, row1, small_off, small_mask = _cell_program(
-        tab_ptr, C, h, w, BIG, BLOCK_C, BLOCK_B)
+        tab_ptr, C, h, w, BIG, BLOCK_C, BLOCK_B, RUN)
     sv = _small_values(small_ptr, small_off, small_mask, ss_ptr, st_ptr, c_idx, c_mask, HAS_SMALL_AFFINE)
     p = _per_channel(p_ptr, c_idx, c_mask, True, 0.0)
     q = _per_channel(q_ptr, c_idx, c_mask, True, 0.0)
     r = _per_channel(r_ptr, c_idx, c_mask, True, 0.0)
     base_n = n.to(tl.int64) * s_n
     for k0 in range(0, run_w, BLOCK_R):
-        lane, mask = _run_chunk(c_idx, c_mask, col0, ncol, k0, s_c, s_w, CHANNELS_LAST, BIG, BLOCK_R)
+        lane, mask = _run_chunk(c_idx, c_mask, col0, ncol, k0, s_c, s_w, CHANNELS_LAST, BIG, BLOCK_R, RUN)
         for i in range(row0, row1):
-            base = base_n + i * s_h
+            base = _row_base(base_n, i, s_h, RUN)
             dyv = tl.load(dy_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
             xv = tl.load(x_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
             kv = tl.load(k3_ptr + base + lane, mask=mask, other=0.0).to(tl.float32)
@@ -398,6 +432,15 @@ def _vec(v: Optional[torch.Tensor], C: int, like: torch.Tensor) -> torch.Tensor:
     return v
 
 
+def nchw_run(W: int, w: int, block_r: int, channels_last: bool) -> int:
+    """The gate kernels' RUN: NCHW maps whose column runs are all ``block_r`` long and start at its
+    multiples (then W, H * W and C * H * W are multiples of it too, so every row of a run starts at
+    one): the run's lanes load and store as vectors. 0: the run table."""
+    if channels_last or block_r < 2:
+        return 0
+    return block_r if uniform_run(W, w) == block_r else 0
+
+
 def _gate_setup(x, small, *others):
     channels_last, fmt = _layout(x)
     N, C, H, W = x.shape
@@ -412,7 +455,7 @@ def _gate_setup(x, small, *others):
     small = small.contiguous()
     tab = cell_tables(H, W, h, w, x.device)
     meta = dict(CHANNELS_LAST=channels_last, BIG=big, BLOCK_C=block_c, BLOCK_B=block_b, BLOCK_R=block_r,
-                num_warps=_num_warps(block_c * block_b * block_r))
+                RUN=nchw_run(W, w, block_r, channels_last), num_warps=_num_warps(block_c * block_b * block_r))
     scalars = (C, h, w) + _strides(x.shape, channels_last) + (run_w,)
     return x, small, others, fmt, tab, grid, scalars, meta
 
@@ -572,13 +615,17 @@ def aot_kernels():
         (torch.bfloat16, False, 1, 1),
         (torch.float32, True, 1, 1),
         (torch.bfloat16, True, 0, 0),
+        (torch.bfloat16, False, 0, 1),  # NCHW uniform runs (RUN) in 16-bit too
+        (torch.float32, False, 1, 0),  # and the NCHW table path in float32
     ]
     for dtype, cl, si, flags in variants:
         ty = "*" + _TRITON_DTYPE[dtype]
         N, C, H, W, h, w = shapes[si]
         bc, bb, br = _gate_blocks(N * h, C, w, max_run(W, w), cl)
-        blocks = dict(CHANNELS_LAST=cl, BIG=False, BLOCK_C=bc, BLOCK_B=bb, BLOCK_R=br)
-        tag = f"{'nhwc' if cl else 'nchw'}_{_TRITON_DTYPE[dtype]}_C{C}_{H}x{W}"
+        blocks = dict(CHANNELS_LAST=cl, BIG=False, BLOCK_C=bc, BLOCK_B=bb, BLOCK_R=br,
+                      RUN=nchw_run(W, w, br, cl))
+        tag = f"{'nhwc' if cl else 'nchw'}_{_TRITON_DTYPE[dtype]}_C{C}_{H}x{W}" + (
+            f"_run{blocks['RUN']}" if blocks["RUN"] else "")
 
         sig = {**ptrs(("x_ptr", "k3_ptr", "small_ptr"), ty),
                **ptrs(("scale_ptr", "shift_ptr", "ss_ptr", "st_ptr"), "*fp32"),
