@@ -136,8 +136,9 @@ def ptx_accesses(ptx: str) -> dict:
 # Variants whose full-size accesses must be vectors (64 or 128 bits a lane) once the JIT knows the
 # integer arguments are multiples of 16: the loads of everything in channels_last and of the kernels
 # that walk a flat index in NCHW, and of the NCHW gate kernels where the column runs are uniform
-# (``_run4``: 56 -> 14 and 28 -> 7 px). The NCHW k2 pool reads (forward) or writes (backward)
-# r-element runs of rows: there its stores must be. The other NCHW gate variants walk each pooled
+# (``_run4``: 56 -> 14 and 28 -> 7 px), and of the NCHW k2 pool forward that reads a window row as
+# one vector (``_rowvec``). Otherwise the NCHW pool reads (forward) or writes (backward) r-element
+# runs of rows: there its stores must be. The other NCHW gate variants walk each pooled
 # cell's run of columns from the table, starts the compiler cannot know aligned (one element a lane,
 # coalesced across lanes): reported.
 def must_vectorize(variant: str):
@@ -145,7 +146,9 @@ def must_vectorize(variant: str):
     integer arguments are known multiples of 16; None: neither."""
     if variant.startswith("gate_") and "_nchw_" in variant and "_run" not in variant:
         return None
-    return "st" if variant.startswith("avgpool_") and "_nchw_" in variant else "ld"
+    if variant.startswith("avgpool_") and "_nchw_" in variant and not variant.endswith("_rowvec"):
+        return "st"
+    return "ld"
 
 
 def compile_all(arch: int) -> list:

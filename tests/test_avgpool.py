@@ -231,3 +231,25 @@ def test_triton_int64_offsets_path(monkeypatch):
         dy = torch.randn(2, 6, 3, 2)
         torch.testing.assert_close(sc_pool.avgpool_backward(dy, 13, 11, 4, cl),
                                    reference.avgpool_backward(dy, 13, 11, 4, cl), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(available("triton") is not None, reason="triton unavailable")
+@pytest.mark.parametrize("big", [False, True], ids=["int32", "int64"])
+def test_triton_row_vectors(monkeypatch, big):
+    """NCHW maps whose width is a multiple of a power-of-two rate read each window row as one vector
+    (56 and 28 px at r = 4): the same means as the R * R loads, to rounding, and as ATen's."""
+    from scnet_fused.triton import sc_pool
+
+    assert sc_pool.row_vectors(56, 4, False) and sc_pool.row_vectors(28, 4, False)
+    assert not (sc_pool.row_vectors(14, 4, False) or sc_pool.row_vectors(56, 4, True)
+                or sc_pool.row_vectors(12, 3, False) or sc_pool.row_vectors(8, 1, False))
+    if big:
+        monkeypatch.setattr(sc_pool, "INT32_LIMIT", 1)
+    x = torch.randn(2, 6, 13, 12) * 3 + 1
+    picked, real = [], sc_pool.row_vectors
+    monkeypatch.setattr(sc_pool, "row_vectors", lambda *a: picked.append(real(*a)) or picked[-1])
+    y = sc_pool.avgpool(x, 4)
+    assert picked == [True]
+    monkeypatch.setattr(sc_pool, "row_vectors", lambda *a: False)
+    torch.testing.assert_close(y, sc_pool.avgpool(x, 4), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, F.avg_pool2d(x, 4, 4), rtol=1e-6, atol=1e-6)

@@ -7,9 +7,11 @@ the gate's upsampling) ``i // r`` is the exact source index.
 
 Both kernels walk a flat index over their output in memory order (NCHW or NHWC, a constexpr), so
 stores are coalesced: the forward reads each window with ``R * R`` (constexpr) masked loads whose
-lanes the next loads reuse from cache; the backward reads the pooled gradient (``1 / r**2`` of the
-traffic) by gather. Bytes: forward reads x once and writes ``1 / r**2`` of it; backward writes dx once
-and reads ``1 / r**2`` of it. Float32 math; 64-bit offsets when a tensor reaches 2**31 elements.
+lanes the next loads reuse from cache (NCHW maps whose width is a multiple of a power-of-two ``R``:
+``R`` loads of a window row's ``R`` contiguous values each, vectors when compiled; ``row_vectors``);
+the backward reads the pooled gradient (``1 / r**2`` of the traffic) by gather. Bytes: forward reads
+x once and writes ``1 / r**2`` of it; backward writes dx once and reads ``1 / r**2`` of it. Float32
+math; 64-bit offsets when a tensor reaches 2**31 elements.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ _BLOCK = 1024
 
 @triton.jit
 def _avgpool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, h, w, inv,
-                        CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr):
+                        CHANNELS_LAST: tl.constexpr, BIG: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr,
+                        ROW_VEC: tl.constexpr = False):
+    """ROW_VEC (NCHW, R a power of two dividing W): each window row's R columns are one load of R
+    contiguous values starting at a multiple of R (a vector when compiled), summed across after the
+    rows; otherwise R * R scalar loads."""
     o = flat_block(BLOCK_E, BIG)
     mask = o < total
     n, c, p, q = unflatten(o, C, h, w, CHANNELS_LAST)
@@ -40,10 +46,18 @@ def _avgpool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, h, w, inv,
     else:
         s_row = W
         s_col = 1
-    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-    for di in tl.static_range(R):
-        for dj in tl.static_range(R):
-            acc += tl.load(x_ptr + base + di * s_row + dj * s_col, mask=mask, other=0.0).to(tl.float32)
+    if ROW_VEC:
+        cols = tl.arange(0, R)
+        rows = tl.zeros([BLOCK_E, R], dtype=tl.float32)
+        for di in tl.static_range(R):
+            start = tl.multiple_of(base + di * s_row, R)  # W and the window's column are multiples of R
+            rows += tl.load(x_ptr + start[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+        acc = tl.sum(rows, axis=1)
+    else:
+        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for di in tl.static_range(R):
+            for dj in tl.static_range(R):
+                acc += tl.load(x_ptr + base + di * s_row + dj * s_col, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + o, (acc * inv).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -64,6 +78,12 @@ def _num_warps() -> int:
     return max(1, min(8, _BLOCK // 128))  # as kernel_options() computes it from BLOCK_E
 
 
+def row_vectors(W: int, r: int, channels_last: bool) -> bool:
+    """Whether the forward reads each window row as one vector (its ROW_VEC): NCHW maps whose width is
+    a multiple of a power-of-two rate (SCNet's r = 4 at 56 and 28 px; not at 14 or 7)."""
+    return not channels_last and r > 1 and r & (r - 1) == 0 and W % r == 0
+
+
 @on_tensor_device
 def avgpool(x: torch.Tensor, r: int) -> torch.Tensor:
     """The ``r x r``, stride ``r`` average pool of x, in x's dtype and memory format."""
@@ -81,7 +101,7 @@ def avgpool(x: torch.Tensor, r: int) -> torch.Tensor:
     big = x.numel() >= INT32_LIMIT
     _avgpool_fwd_kernel[(triton.cdiv(total, _BLOCK),)](
         x, y, total, C, H, W, h, w, 1.0 / (r * r), CHANNELS_LAST=channels_last, BIG=big, R=r, BLOCK_E=_BLOCK,
-        num_warps=_num_warps())
+        ROW_VEC=row_vectors(W, r, channels_last), num_warps=_num_warps())
     return y
 
 
@@ -117,12 +137,16 @@ def aot_kernels():
         for cl in (False, True):
             const = dict(CHANNELS_LAST=cl, BIG=False, R=4, BLOCK_E=_BLOCK)
             tag = f"{'nhwc' if cl else 'nchw'}_{_TRITON_DTYPE[dtype]}_r4"
-            sig = {"x_ptr": ty, "y_ptr": ty, **ints, "inv": "fp32", **{k: "constexpr" for k in const}}
-            entries.append((f"avgpool_fwd_{tag}", _avgpool_fwd_kernel, sig, const))
+            # NCHW widths that are multiples of r (56, 28 px) read a window row as one vector
+            for row_vec in ((False, True) if not cl else (False,)):
+                fconst = dict(const, ROW_VEC=row_vec)
+                sig = {"x_ptr": ty, "y_ptr": ty, **ints, "inv": "fp32", **{k: "constexpr" for k in fconst}}
+                entries.append((f"avgpool_fwd_{tag}" + ("_rowvec" if row_vec else ""), _avgpool_fwd_kernel, sig,
+                                fconst))
             sig = {"dy_ptr": ty, "dx_ptr": ty, **ints, "inv": "fp32", **{k: "constexpr" for k in const}}
             entries.append((f"avgpool_bwd_{tag}", _avgpool_bwd_kernel, sig, const))
     # the forward's 64-bit path (2**31 elements or more) over NHWC maps, whose row stride is 64-bit there
-    const = dict(CHANNELS_LAST=True, BIG=True, R=4, BLOCK_E=_BLOCK)
+    const = dict(CHANNELS_LAST=True, BIG=True, R=4, BLOCK_E=_BLOCK, ROW_VEC=False)
     sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", **ints, "total": "i64", "inv": "fp32",
            **{k: "constexpr" for k in const}}
     entries.append(("avgpool_fwd_nhwc_bf16_r4_int64", _avgpool_fwd_kernel, sig, const))
