@@ -1,9 +1,11 @@
-"""Compile the CUDA sources for sm_80 and sm_90 without a GPU and check their resource use.
+"""Compile the CUDA sources for sm_80 and sm_90 without a GPU and check their resource use and code.
 
 One device-only nvcc invocation per .cu (``--fatbin``: both -gencode targets through ptxas with
 ``-Xptxas -v``; the host side is compiled by the extension build of setup.py), the files in parallel,
-an unchanged file's log reused from build/ptxas; fails on a compile error or on any register spill. The per-kernel report (registers, spills, stack,
-shared memory) is written to benchmarks/results/cuda_resources.json and .md.
+an unchanged file's log and fatbin reused from build/ptxas; fails on a compile error or on any register
+spill. The fatbin's SASS (``cuobjdump -sass``) gives each kernel's global loads and stores by width,
+and the 16-byte vector paths must compile to 128-bit ones. The per-kernel report (registers, spills,
+stack, shared memory, access widths) is written to benchmarks/results/cuda_resources.json and .md.
 """
 
 from __future__ import annotations
