@@ -126,6 +126,7 @@ LAYOUTS = ["contiguous", "channels_last", "misaligned", "misaligned_cl"]
 POOL_SHAPES = [(2, 3, 8, 8, 4), (2, 5, 14, 14, 4), (1, 4, 7, 9, 4), (2, 3, 11, 10, 3), (1, 16, 9, 13, 2),
                (1, 8, 12, 12, 4), (2, 3, 4, 6, 1)]
 TOL = {torch.float32: (1e-6, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}
+_CPP_T = {torch.float32: "float", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}
 
 
 def _tensor(shape, dtype, layout, seed=0, scale=1.0, offset=0.0):
@@ -162,12 +163,15 @@ def test_avgpool_matches_cpu_kernels(emu, cpu, dtype, layout):
         _close(dx, cpu.avgpool_backward(dy, H, W, r, cl), dtype)
         assert dx.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     # (a vector access at a misaligned address would have raised: the model checks every one)
+    names = E.take_log()
     if layout == "misaligned_cl":
-        assert any("avgpool_fwd_kernel" in k and k.endswith("true, 1>") for k in E.take_log())
+        assert any("avgpool_fwd_kernel" in k and k.endswith("true, 1>") for k in names)
+    # NCHW at r = 4 with W a multiple of 4 (8x8, 12x12 here): a window row as one Pack of 4
+    row_vec = f"scnet_fused::cuda_pool::avgpool_fwd_kernel<{_CPP_T[dtype]}, unsigned int, false, 4>"
+    assert (row_vec in names) == (layout == "contiguous"), sorted(names)
 
 
 BN_SHAPES = [(3, 5, 7, 6), (2, 16, 14, 13), (4, 3, 1, 1), (1, 9, 25, 7), (2, 40, 9, 5), (2, 8, 4, 6), (1, 24, 5, 8)]
-_CPP_T = {torch.float32: "float", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -3,7 +3,9 @@
 //
 //   avgpool_fwd_kernel   one thread per output element (NCHW) or per V output channels (NHWC), the
 //                        r x r window summed in float; NHWC loads are 16-byte vectors where C and
-//                        the pointers allow.
+//                        the pointers allow; NCHW loads read a window row as one Pack of V = r
+//                        values where r == 4, W % 4 == 0 and x is aligned to the Pack (the same sum,
+//                        in the same order).
 //   avgpool_bwd_kernel   one thread per V consecutive elements of dx (V along W in NCHW, along C in
 //                        NHWC): dy / r^2 inside the pooled region, 0 in the dropped trailing rows
 //                        and columns. Every element of dx is written exactly once; no atomics.
@@ -45,7 +47,8 @@ __global__ void __launch_bounds__(kThreads) avgpool_fwd_kernel(const PoolParams<
   const I stride = static_cast<I>(gridDim.x) * static_cast<I>(blockDim.x);
   for (I u = static_cast<I>(blockIdx.x) * static_cast<I>(blockDim.x) + static_cast<I>(threadIdx.x); u < nunits;
        u += stride) {
-    const I o = u * static_cast<I>(V);  // first output element of this unit, in memory order
+    // first output element of this unit, in memory order (NCHW: one output, V the window row's Pack)
+    const I o = kNHWC ? u * static_cast<I>(V) : u;
     float acc[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) acc[e] = 0.0f;
@@ -65,12 +68,19 @@ __global__ void __launch_bounds__(kThreads) avgpool_fwd_kernel(const PoolParams<
       for (int e = 0; e < V; ++e) res.v[e] = static_cast<T>(acc[e] * p.inv);
       store_pack<T, V>(p.out + o, res);
     } else {
-      // V == 1 in NCHW: consecutive threads take consecutive q, so each dj step of a warp reads a
-      // strided set of a few cache lines the next steps reuse.
+      // NCHW: consecutive threads take consecutive q. V == 1: each dj step of a warp reads a strided
+      // set of a few cache lines the next steps reuse. V == r: a window row is one Pack (W and q * r
+      // are multiples of V), added in the same order.
       const I plane = n * C + c;
       for (I di = 0; di < r; ++di) {
         const T* src = p.in + (plane * H + pr * r + di) * W + q * r;
-        for (I dj = 0; dj < r; ++dj) acc[0] += static_cast<float>(src[dj]);
+        if constexpr (V > 1) {
+          const Pack<T, V> pk = load_pack<T, V>(src);
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[0] += static_cast<float>(pk.v[e]);
+        } else {
+          for (I dj = 0; dj < r; ++dj) acc[0] += static_cast<float>(src[dj]);
+        }
       }
       p.out[o] = static_cast<T>(acc[0] * p.inv);
     }
@@ -157,6 +167,8 @@ at::Tensor avgpool(const at::Tensor& x_in, int64_t r) {
       } else {
         launch_fwd<T, true, 1>(p, x.numel(), y.numel(), stream);
       }
+    } else if (r == 4 && W % 4 == 0 && reinterpret_cast<uintptr_t>(p.in) % sizeof(Pack<T, 4>) == 0) {
+      launch_fwd<T, false, 4>(p, x.numel(), y.numel(), stream);  // SCNet's rate at 56 and 28 px
     } else {
       launch_fwd<T, false, 1>(p, x.numel(), y.numel(), stream);
     }
