@@ -86,7 +86,9 @@ def test_gate_fp32_matches_reference(emu):
               "pointwise_kernel<float, unsigned int, true, 1>", "pointwise_kernel<float, unsigned int, true, 4>",
               "backward_cells_kernel<float, unsigned int, false, 1>",
               "backward_cells_kernel<float, unsigned int, true, 1>",
-              "backward_cells_kernel<float, unsigned int, true, 4>", "channel_sum_kernel",
+              "backward_cells_kernel<float, unsigned int, true, 4>",
+              "backward_cells_kernel<float, unsigned int, false, 4>",  # NCHW runs of 4 (56 -> 14)
+              "channel_sum_kernel",
               "stats_nchw_kernel<float>", "stats_nhwc_kernel<float>", "stats_finalize_kernel<float>"):
         assert f"scnet_fused::cuda::{k}" in names, f"{k} never launched: {sorted(names)}"
 
@@ -105,6 +107,29 @@ def test_gate_low_precision_matches_reference(emu, dtype):
     T = {torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}[dtype]
     names = E.take_log()
     assert f"scnet_fused::cuda::pointwise_kernel<{T}, unsigned int, true, 8>" in names, sorted(names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_backward_nchw_runs_of_four_match_the_one_element_path(emu, dtype):
+    """NCHW maps whose column runs are all 4 long (12 -> 3 here, 56 -> 14 in SCNet-50) take the
+    backward with a cell row as one Pack; the same data at a misaligned address takes the one-element
+    path. Every output is the same to the bit."""
+    shape = (2, 5, 8, 12)
+    g = torch.Generator().manual_seed(3)
+    vals = [torch.randn(*shape, generator=g).to(dtype) for _ in range(3)]
+    small = torch.randn(2, 5, 2, 3, generator=g).to(dtype)
+    scale, shift, center = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g), torch.randn(5, generator=g)
+    outs = {}
+    for layout in ("contiguous", "misaligned"):
+        dy, x, k3 = (_placed(v, layout) for v in vals)
+        E.take_log()
+        outs[layout] = emu.gate_backward(dy, x, small, k3, scale, shift, center, True)
+        names = E.take_log()
+        T = _CPP_T[dtype]
+        width = 4 if layout == "contiguous" else 1
+        assert f"scnet_fused::cuda::backward_cells_kernel<{T}, unsigned int, false, {width}>" in names, sorted(names)
+    for a, b in zip(outs["contiguous"], outs["misaligned"]):
+        assert torch.equal(a, b)
 
 
 def test_gate_clear_errors(emu):
@@ -141,6 +166,16 @@ def _tensor(shape, dtype, layout, seed=0, scale=1.0, offset=0.0):
         view.copy_(t)
         return view
     return t
+
+
+def _placed(t, layout):
+    """t's values, dense NCHW, at an aligned address ("contiguous") or one element past it ("misaligned")."""
+    if layout == "contiguous":
+        return t.contiguous()
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)[1:]
+    view = buf.view(t.shape)
+    view.copy_(t)
+    return view
 
 
 def _close(a, b, dtype):

@@ -9,8 +9,10 @@
 //   pointwise_kernel        gate forward (y = affine(k3) * s) and the BN-training dk3
 //                           (p * dy * s + q * k3 + r): one thread per V consecutive elements.
 //   backward_cells_kernel   gate backward: one thread per upsampling cell (n, c, a, b) (NHWC: V
-//                           channels per thread). It owns dsmall[n, c, a, b] and writes that cell's
-//                           partial sums of g and g * (k3 - center); no atomics.
+//                           channels per thread; NCHW maps whose column runs are all 4 long and start
+//                           at multiples of 4, as 56 -> 14: a cell row as one Pack of 4). It owns
+//                           dsmall[n, c, a, b] and writes that cell's partial sums of g and
+//                           g * (k3 - center); no atomics.
 //   channel_sum_kernel      per-channel sums of the cell partials, in a fixed order.
 //   stats_*_kernel          per-channel shifted sums (x - K, (x - K)^2) per chunk, then
 //   stats_finalize_kernel   mean and biased variance, chunks summed in a fixed order.
@@ -143,6 +145,45 @@ __global__ void __launch_bounds__(kThreads) backward_cells_kernel(const Backward
     }
     const I i0 = static_cast<I>(cell_start(static_cast<int64_t>(ra), p.scale_h, p.h, p.H));
     const I i1 = static_cast<I>(cell_start(static_cast<int64_t>(ra) + 1, p.scale_h, p.h, p.H));
+    if constexpr (!kNHWC && V > 1) {
+      // NCHW cells whose column runs are all V long and start at multiples of V (the launcher checks
+      // the map): a cell row is one Pack. One channel per unit; the same terms added in the same order
+      // as the one-element path, so the same bits.
+      const I c = c0, j0 = cb * static_cast<I>(V);
+      const I sidx = ((n * C + c) * h + ra) * w + cb;
+      float up = static_cast<float>(p.small[sidx]);
+      if (p.small_scale) up = small_affine_apply(up, p.small_scale[c], p.small_shift[c]);
+      const float sc = p.scale ? p.scale[c] : 1.0f;
+      const float sf = p.shift ? p.shift[c] : 0.0f;
+      const float ct = p.center ? p.center[c] : 0.0f;
+      float acc_dz = 0.0f, acc_g = 0.0f, acc_gk = 0.0f;
+      for (I i = i0; i < i1; ++i) {
+        const I off = ((n * C + c) * H + i) * W + j0;
+        float xv[V], kv[V], dv[V], dxo[V], dko[V];
+        load_f<T, V>(p.x + off, xv);
+        load_f<T, V>(p.k + off, kv);
+        load_f<T, V>(p.dy + off, dv);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const float s = gate_sigmoid(xv[e] + up);
+          const float g = gate_grad_a(dv[e], s);
+          const float dz = gate_grad_z(dv[e], affine_apply(kv[e], sc, sf), s);
+          dxo[e] = dz;
+          dko[e] = g * sc;
+          acc_dz += dz;
+          acc_g += g;
+          acc_gk += g * (kv[e] - ct);
+        }
+        store_f<T, V>(p.dx + off, dxo);
+        if (p.dk3 != nullptr) store_f<T, V>(p.dk3 + off, dko);
+      }
+      p.dsmall[sidx] = static_cast<T>(acc_dz);
+      if (p.part_g != nullptr) {
+        p.part_g[sidx] = acc_g;
+        p.part_gk[sidx] = acc_gk;
+      }
+      continue;
+    }
     const I j0 = static_cast<I>(cell_start(static_cast<int64_t>(cb), p.scale_w, p.w, p.W));
     const I j1 = static_cast<I>(cell_start(static_cast<int64_t>(cb) + 1, p.scale_w, p.w, p.W));
 
@@ -403,6 +444,22 @@ at::Tensor gate_backward_k3(const at::Tensor& dy, const at::Tensor& x, const at:
                       per_channel(op, "r", r, x), small_affine(op, small_scale, small_shift, x));
 }
 
+// Whether every source column's run of outputs is `run` long and starts at a multiple of it (the
+// map of w -> W as the kernels compute it), so a cell row of an NCHW map is one Pack of `run`.
+inline bool uniform_runs(int64_t w, int64_t W, float scale_w, int64_t run) {
+  if (W != run * w) return false;
+  for (int64_t b = 0; b <= w; ++b) {
+    if (cell_start(b, scale_w, w, W) != b * run) return false;
+  }
+  return true;
+}
+
+// Every non-null pointer aligned to `bytes`.
+template <typename... P>
+inline bool aligned_to(size_t bytes, const P*... ptrs) {
+  return ((ptrs == nullptr || reinterpret_cast<uintptr_t>(ptrs) % bytes == 0) && ...);
+}
+
 template <typename T, bool kNHWC, int V>
 void launch_backward(const BackwardParams<T>& p, int64_t nunits, int64_t numel, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(blocks_for(nunits)));
@@ -486,6 +543,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
       } else {
         launch_backward<T, true, 1>(p, cells, numel, stream);
       }
+    } else if (uniform_runs(p.w, p.W, p.scale_w, 4) &&
+               aligned_to(sizeof(Pack<T, 4>), p.dy, p.x, p.k, p.dx, p.dk3)) {
+      launch_backward<T, false, 4>(p, cells, numel, stream);  // SCNet's 56 -> 14 and 28 -> 7
     } else {
       launch_backward<T, false, 1>(p, cells, numel, stream);
     }
