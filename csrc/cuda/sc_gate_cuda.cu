@@ -127,6 +127,20 @@ struct BackwardParams {
   float scale_h, scale_w;
 };
 
+// One element of the gate backward: dx (dz) and dk3 (g * scale) out, the cell's sums of dz, g and
+// g * (k3 - center) advanced.
+__device__ __forceinline__ void backward_element(float xv, float kv, float dv, float up, float sc, float sf, float ct,
+                                                 float& dxo, float& dko, float& acc_dz, float& acc_g, float& acc_gk) {
+  const float s = gate_sigmoid(xv + up);
+  const float g = gate_grad_a(dv, s);
+  const float dz = gate_grad_z(dv, affine_apply(kv, sc, sf), s);
+  dxo = dz;
+  dko = g * sc;
+  acc_dz += dz;
+  acc_g += g;
+  acc_gk += g * (kv - ct);
+}
+
 template <typename T, typename I, bool kNHWC, int V>
 __global__ void __launch_bounds__(kThreads) backward_cells_kernel(const BackwardParams<T> p, const I nunits) {
   const I C = static_cast<I>(p.C), H = static_cast<I>(p.H), W = static_cast<I>(p.W);
@@ -165,14 +179,7 @@ __global__ void __launch_bounds__(kThreads) backward_cells_kernel(const Backward
         load_f<T, V>(p.dy + off, dv);
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          const float s = gate_sigmoid(xv[e] + up);
-          const float g = gate_grad_a(dv[e], s);
-          const float dz = gate_grad_z(dv[e], affine_apply(kv[e], sc, sf), s);
-          dxo[e] = dz;
-          dko[e] = g * sc;
-          acc_dz += dz;
-          acc_g += g;
-          acc_gk += g * (kv[e] - ct);
+          backward_element(xv[e], kv[e], dv[e], up, sc, sf, ct, dxo[e], dko[e], acc_dz, acc_g, acc_gk);
         }
         store_f<T, V>(p.dx + off, dxo);
         if (p.dk3 != nullptr) store_f<T, V>(p.dk3 + off, dko);
@@ -209,14 +216,8 @@ __global__ void __launch_bounds__(kThreads) backward_cells_kernel(const Backward
         load_f<T, V>(p.dy + off, dv);
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          const float s = gate_sigmoid(xv[e] + up[e]);
-          const float g = gate_grad_a(dv[e], s);
-          const float dz = gate_grad_z(dv[e], affine_apply(kv[e], sc[e], sf[e]), s);
-          dxo[e] = dz;
-          dko[e] = g * sc[e];
-          acc_dz[e] += dz;
-          acc_g[e] += g;
-          acc_gk[e] += g * (kv[e] - ct[e]);
+          backward_element(xv[e], kv[e], dv[e], up[e], sc[e], sf[e], ct[e], dxo[e], dko[e], acc_dz[e], acc_g[e],
+                           acc_gk[e]);
         }
         store_f<T, V>(p.dx + off, dxo);
         if (p.dk3 != nullptr) store_f<T, V>(p.dk3 + off, dko);
