@@ -10,6 +10,7 @@ stack, shared memory, access widths) is written to benchmarks/results/cuda_resou
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -152,6 +153,7 @@ def _with_source(rows, src):
     return rows
 
 
+@functools.lru_cache(maxsize=1)  # the tests of one process share one compile and one disassembly
 def compile_sources():
     """ptxas's rows for every kernel of csrc/cuda/*.cu and the nvcc version; None when there is nothing
     to compile or no toolkit (with the reason). A file's ptxas log is kept in build/ptxas under a

@@ -113,6 +113,12 @@ __device__ __forceinline__ bool column_sums(float s1, float s2, double& a1, doub
 
 inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Every non-null pointer aligned to `bytes` (a Pack's size).
+template <typename... P>
+inline bool aligned_to(size_t bytes, const P*... ptrs) {
+  return ((ptrs == nullptr || reinterpret_cast<uintptr_t>(ptrs) % bytes == 0) && ...);
+}
+
 // Blocks of kThreads for `work` items, grid-stride beyond kMaxBlocks (under the host model: beyond
 // its max_blocks setting when set, so the grid-stride loops run at small sizes).
 inline int64_t blocks_for(int64_t work) {

@@ -445,22 +445,6 @@ at::Tensor gate_backward_k3(const at::Tensor& dy, const at::Tensor& x, const at:
                       per_channel(op, "r", r, x), small_affine(op, small_scale, small_shift, x));
 }
 
-// Whether every source column's run of outputs is `run` long and starts at a multiple of it (the
-// map of w -> W as the kernels compute it), so a cell row of an NCHW map is one Pack of `run`.
-inline bool uniform_runs(int64_t w, int64_t W, float scale_w, int64_t run) {
-  if (W != run * w) return false;
-  for (int64_t b = 0; b <= w; ++b) {
-    if (cell_start(b, scale_w, w, W) != b * run) return false;
-  }
-  return true;
-}
-
-// Every non-null pointer aligned to `bytes`.
-template <typename... P>
-inline bool aligned_to(size_t bytes, const P*... ptrs) {
-  return ((ptrs == nullptr || reinterpret_cast<uintptr_t>(ptrs) % bytes == 0) && ...);
-}
-
 template <typename T, bool kNHWC, int V>
 void launch_backward(const BackwardParams<T>& p, int64_t nunits, int64_t numel, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(blocks_for(nunits)));
@@ -544,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
       } else {
         launch_backward<T, true, 1>(p, cells, numel, stream);
       }
-    } else if (uniform_runs(p.w, p.W, p.scale_w, 4) &&
+    } else if (uniform_cell_runs(4, p.scale_w, p.w, p.W) &&
                aligned_to(sizeof(Pack<T, 4>), p.dy, p.x, p.k, p.dx, p.dk3)) {
       launch_backward<T, false, 4>(p, cells, numel, stream);  // SCNet's 56 -> 14 and 28 -> 7
     } else {

@@ -49,9 +49,10 @@ __global__ void __launch_bounds__(kThreads) avgpool_fwd_kernel(const PoolParams<
        u += stride) {
     // first output element of this unit, in memory order (NCHW: one output, V the window row's Pack)
     const I o = kNHWC ? u * static_cast<I>(V) : u;
-    float acc[V];
+    constexpr int kOut = kNHWC ? V : 1;  // outputs of this unit
+    float acc[kOut];
 #pragma unroll
-    for (int e = 0; e < V; ++e) acc[e] = 0.0f;
+    for (int e = 0; e < kOut; ++e) acc[e] = 0.0f;
     I n, c, pr, q;  // output element (n, c, pr, q) of the h x w map
     unflatten<kNHWC>(o, C, h, w, n, c, pr, q);
     if (kNHWC) {
@@ -167,7 +168,7 @@ at::Tensor avgpool(const at::Tensor& x_in, int64_t r) {
       } else {
         launch_fwd<T, true, 1>(p, x.numel(), y.numel(), stream);
       }
-    } else if (r == 4 && W % 4 == 0 && reinterpret_cast<uintptr_t>(p.in) % sizeof(Pack<T, 4>) == 0) {
+    } else if (r == 4 && W % 4 == 0 && aligned_to(sizeof(Pack<T, 4>), p.in)) {
       launch_fwd<T, false, 4>(p, x.numel(), y.numel(), stream);  // SCNet's rate at 56 and 28 px
     } else {
       launch_fwd<T, false, 1>(p, x.numel(), y.numel(), stream);
