@@ -163,7 +163,9 @@ def test_a_bench_that_measures_nothing_keeps_an_earlier_file(tmp_path, capsys):
     code = main(["bench", "--device", "cpu", "--providers", "cuda", "--ops", "gate", "--shapes", "8x8x8",
                  "--modes", "forward", "--min-run-time", "0.01", "--out", str(tmp_path), "--quiet"])
     err = capsys.readouterr().err
-    assert code != 0 and "nothing was measured" in err and "needs CUDA tensors" in err
+    # why: CPU tensors for the cuda backend, or (a CPU-only build) no CUDA kernels at all
+    assert code != 0 and "nothing was measured" in err
+    assert "needs CUDA tensors" in err or "built without CUDA kernels" in err
     assert (tmp_path / "results.json").read_text() == earlier
 
 

@@ -162,6 +162,8 @@ def compile_sources():
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     if not sources:
         return None, "no CUDA sources in csrc/cuda"
+    if torch.version.cuda is None:  # a CPU build of torch ships no c10/cuda configuration header
+        return None, f"torch {torch.__version__} is a CPU build: the CUDA kernels build only against a CUDA build"
     home = find_cuda_home()
     if home is None:
         return None, "no CUDA toolkit found (set CUDA_HOME to the toolkit root)"
