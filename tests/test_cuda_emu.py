@@ -89,7 +89,8 @@ def test_gate_fp32_matches_reference(emu):
               "backward_cells_kernel<float, unsigned int, true, 4>",
               "backward_cells_kernel<float, unsigned int, false, 4>",  # NCHW runs of 4 (56 -> 14)
               "channel_sum_kernel",
-              "stats_nchw_kernel<float>", "stats_nhwc_kernel<float>", "stats_finalize_kernel<float>"):
+              "stats_nchw_kernel<float, 1>", "stats_nchw_kernel<float, 4>", "stats_nhwc_kernel<float>",
+              "stats_finalize_kernel<float>"):
         assert f"scnet_fused::cuda::{k}" in names, f"{k} never launched: {sorted(names)}"
 
 
@@ -260,13 +261,54 @@ def test_bn_relu_matches_cpu_kernels(emu, cpu, dtype, layout):
     # 16-byte vectors (4 floats, 8 halves) where every pointer is aligned and a vector stays in one
     # channel (NCHW) or one position (NHWC); one element per thread otherwise. (A vector access at a
     # misaligned address would have raised: the model checks every one.)
-    names = [k for k in E.take_log() if "cuda_bn_relu::pointwise_kernel" in k]
+    log = E.take_log()
+    names = [k for k in log if "cuda_bn_relu::pointwise_kernel" in k]
     nhwc = "true" if layout in ("channels_last", "misaligned_cl") else "false"
     v = 4 if dtype == torch.float32 else 8
+    # the NCHW sums: a Pack of t and of dy (dy a channel slice too) where H * W is a multiple of it
+    # (4 x 6 and 5 x 8 here), one value otherwise (and for the shapes dense in both layouts, as 4x3x1x1)
+    sums = f"scnet_fused::cuda_bn_relu::sums_kernel<{_CPP_T[dtype]}, "
+    assert (sums + f"{v}>" in log) == (layout == "contiguous"), sorted(log)
+    assert nhwc == "true" or sums + "1>" in log, sorted(log)
     for apply in ("true", "false"):
         for width in (1, v):
             k = f"scnet_fused::cuda_bn_relu::pointwise_kernel<{_CPP_T[dtype]}, unsigned int, {nhwc}, {apply}, {width}>"
             assert (k in names) == (width == 1 or not layout.startswith("misaligned")), (k, sorted(names))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_channel_stats_match_cpu_kernels(emu, cpu, dtype, layout):
+    """Per-channel mean and biased variance against the CPU kernels (which add in double), over the BN
+    shapes; NCHW reads a 16-byte Pack a step where H * W is a multiple of it and t is aligned."""
+    for i, shape in enumerate(BN_SHAPES + [(3, 4, 16, 16), (1, 2, 2, 2)]):
+        t = _tensor(shape, dtype, layout, seed=i, scale=3.0, offset=1.5)
+        for a, b in zip(emu.channel_stats(t), cpu.channel_stats(t)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    log = E.take_log()
+    v = 4 if dtype == torch.float32 else 8
+    stats = f"scnet_fused::cuda::stats_nchw_kernel<{_CPP_T[dtype]}, "
+    assert (stats + f"{v}>" in log) == (layout == "contiguous"), sorted(log)
+    assert layout.endswith("cl") or layout == "channels_last" or stats + "1>" in log, sorted(log)
+
+
+def test_nchw_sums_cross_planes_inside_a_thread_step(emu, cpu):
+    """Planes far smaller than a block's step (H * W = 4: a thread's next vector is 64 planes on, one
+    value per plane as a Pack of 4 floats) and chunks that end inside a plane: the walk from plane to
+    plane by addition gives the CPU kernels' sums."""
+    for shape in [(300, 3, 2, 2), (1000, 2, 1, 1), (257, 5, 4, 1), (90, 2, 8, 9)]:
+        t = _tensor(shape, torch.float32, "contiguous", seed=1, scale=2.0, offset=0.3)
+        dy = _tensor(shape, torch.float32, "contiguous", seed=2)
+        C = shape[1]
+        scale, shift, center = torch.rand(C) + 0.5, torch.randn(C), torch.randn(C)
+        for a, b in zip(emu.channel_stats(t), cpu.channel_stats(t)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(emu.affine_relu_backward_sums(dy, t, scale, shift, center),
+                        cpu.affine_relu_backward_sums(dy, t, scale, shift, center)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    log = E.take_log()
+    assert "scnet_fused::cuda::stats_nchw_kernel<float, 4>" in log and "scnet_fused::cuda::stats_nchw_kernel<float, 1>" in log
+    assert "scnet_fused::cuda_bn_relu::sums_kernel<float, 4>" in log
 
 
 def test_bn_relu_vectors_with_misaligned_channel_vectors(emu, cpu):

@@ -7,7 +7,8 @@
 //                      (NCHW or NHWC); y (`_affine_relu_out`) and dy may be channel slices of a
 //                      concatenation buffer (channel pitch).
 //   sums_kernel        NCHW: per (channel, chunk of N*H*W positions) block: sum g and g * (t - center)
-//                      in float per thread, double across the block in a fixed tree order.
+//                      in float per thread, double across the block in a fixed tree order; a 16-byte
+//                      Pack of t and of dy per step where HW and the pointers allow.
 //   sums_nhwc_kernel   NHWC: per (32 channels, chunk of positions) block, the channels on threadIdx.x
 //                      so a warp reads 32 consecutive values; lanes summed in double in a fixed order.
 //   finalize_kernel    per channel: the chunks summed in order. Deterministic, no atomics.
@@ -140,26 +141,32 @@ __global__ void __launch_bounds__(kThreads) pointwise_kernel(const Params<T> p, 
   }
 }
 
-// NCHW. part: [C, nchunk, 2] doubles.
-template <typename T>
+// NCHW. part: [C, nchunk, 2] doubles. A block per (channel, chunk of `chunk` vectors of V values); V > 1
+// (one 16-byte Pack) when HW is a multiple of V and t and dy are aligned.
+template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) sums_kernel(const Params<T> p, int64_t N, int64_t chunk, double* part) {
   __shared__ double smem[kThreads];
   const int64_t c = blockIdx.x;
   const int64_t k = blockIdx.y;
   const int64_t nchunk = gridDim.y;
-  const int64_t C = p.C, HW = p.HW, M = N * HW;
-  const int64_t m0 = k * chunk;
-  const int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
+  const int64_t C = p.C, HWv = p.HW / V, Mv = N * HWv;
+  const int64_t u0 = k * chunk + threadIdx.x;
+  const int64_t u1 = k * chunk + chunk < Mv ? k * chunk + chunk : Mv;
   const float a = p.A[c], b = p.B[c], kc = p.K[c];
   float s1 = 0.0f, s2 = 0.0f;
-  for (int64_t m = m0 + threadIdx.x; m < m1; m += kThreads) {
-    const int64_t n = m / HW;
-    const int64_t off = (n * C + c) * HW + (m - n * HW);
-    const int64_t doff = (n * p.dyP + c) * HW + (m - n * HW);
-    const float tv = static_cast<float>(p.t[off]);
-    const float g = mask_f(static_cast<float>(p.dy[doff]), tv * a + b);
-    s1 += g;
-    s2 += g * (tv - kc);
+  if (u0 < u1) {
+    ChannelWalk w(u0, HWv, kThreads);
+    for (int64_t u = u0; u < u1; u += kThreads, w.advance()) {
+      float tv[V], d[V];
+      load_f<T, V>(p.t + w.offset<V>(c, C), tv);
+      load_f<T, V>(p.dy + w.offset<V>(c, p.dyP), d);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float g = mask_f(d[e], tv[e] * a + b);
+        s1 += g;
+        s2 += g * (tv[e] - kc);
+      }
+    }
   }
   const double t1 = block_sum(static_cast<double>(s1), smem);
   const double t2 = block_sum(static_cast<double>(s2), smem);
@@ -351,7 +358,6 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
   // About 16 blocks of work per channel, at least 16 positions per thread.
   const int64_t chunk = std::max<int64_t>(16 * kThreads, (M + 15) / 16);
   const int64_t nchunk = std::min<int64_t>((M + chunk - 1) / chunk, 65535);
-  const int64_t chunk_fit = (M + nchunk - 1) / nchunk;
   at::Tensor part = at::empty({C, nchunk, 2}, t.options().dtype(at::kDouble));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
   dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
@@ -359,12 +365,22 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
     Params<T> p{t.data_ptr<T>(), dy.data_ptr<T>(), nullptr, A.data_ptr<float>(), B.data_ptr<float>(),
                 nullptr, nullptr, nullptr, K.data_ptr<float>(), C, HW, dyP, C};
     if (L == Layout::NHWC) {
+      const int64_t chunk_fit = (M + nchunk - 1) / nchunk;
       const dim3 grid(static_cast<unsigned>((C + kColCh - 1) / kColCh), static_cast<unsigned>(nchunk));
       const dim3 block(kColCh, kColLanes);
       sums_nhwc_kernel<T><<<grid, block, 0, stream>>>(p, M, chunk_fit, part.data_ptr<double>());
     } else {
+      // a vector stays in one plane when HW is a multiple of it (dy's slice offsets are then too)
+      constexpr int kVec = static_cast<int>(16 / sizeof(T));
+      const bool vec = HW % kVec == 0 && aligned16(p.t) && aligned16(p.dy);
+      const int64_t Mv = vec ? M / kVec : M;
+      const int64_t chunk_fit = (Mv + nchunk - 1) / nchunk;  // in vectors
       const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(nchunk));
-      sums_kernel<T><<<grid, kThreads, 0, stream>>>(p, N, chunk_fit, part.data_ptr<double>());
+      if (vec) {
+        sums_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(p, N, chunk_fit, part.data_ptr<double>());
+      } else {
+        sums_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p, N, chunk_fit, part.data_ptr<double>());
+      }
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

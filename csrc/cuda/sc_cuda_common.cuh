@@ -72,6 +72,32 @@ __device__ __forceinline__ void unflatten(I flat, I C, I H, I W, I& n, I& c, I& 
   }
 }
 
+// The values of one channel of an NCHW tensor, V at a time: vector u (of the channel's N * HW / V, HW a
+// multiple of V) lies in plane n at column j * V. A thread starts at its first vector (one division) and
+// steps `step` vectors at a time by addition (no 64-bit division per value: those are calls).
+struct ChannelWalk {
+  int64_t n, j, dn, dj, HWv;
+  __device__ __forceinline__ ChannelWalk(int64_t u, int64_t HWv_, int64_t step) : HWv(HWv_) {
+    n = u / HWv;
+    j = u - n * HWv;
+    dn = step / HWv;
+    dj = step - dn * HWv;
+  }
+  // element offset of the current vector in a tensor of channel pitch `pitch` (C when dense)
+  template <int V>
+  __device__ __forceinline__ int64_t offset(int64_t c, int64_t pitch) const {
+    return (n * pitch + c) * (HWv * V) + j * V;
+  }
+  __device__ __forceinline__ void advance() {
+    n += dn;
+    j += dj;
+    if (j >= HWv) {
+      j -= HWv;
+      ++n;
+    }
+  }
+};
+
 // Block-wide sum of one double per thread (blockDim.x == kThreads) in a fixed tree order; the result
 // is returned to every thread. smem: kThreads doubles of shared memory.
 __device__ __forceinline__ double block_sum(double v, double* smem) {

@@ -14,7 +14,8 @@
 //                           dsmall[n, c, a, b] and writes that cell's partial sums of g and
 //                           g * (k3 - center); no atomics.
 //   channel_sum_kernel      per-channel sums of the cell partials, in a fixed order.
-//   stats_*_kernel          per-channel shifted sums (x - K, (x - K)^2) per chunk, then
+//   stats_*_kernel          per-channel shifted sums (x - K, (x - K)^2) per chunk (NCHW: a 16-byte
+//                           Pack per step where HW and the pointer allow), then
 //   stats_finalize_kernel   mean and biased variance, chunks summed in a fixed order.
 // Every reduction order depends on the shape alone, so results are deterministic.
 #include <ATen/ATen.h>
@@ -260,7 +261,9 @@ __global__ void __launch_bounds__(kThreads) channel_sum_kernel(const float* part
 // Channel statistics. Values are shifted by K[c] (the channel's first element) before summing.
 // part: [C, nchunk, 2] doubles.
 // ------------------------------------------------------------------------------------------------
-template <typename T>
+// NCHW: one block per (channel, chunk of `chunk` vectors of V values); V = 16 / sizeof(T) (one 16-byte
+// Pack) when HW is a multiple of it and t is aligned, else 1.
+template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) stats_nchw_kernel(const T* t, int64_t N, int64_t C, int64_t HW,
                                                               int64_t chunk, double* part) {
   __shared__ double smem[kThreads];
@@ -268,15 +271,22 @@ __global__ void __launch_bounds__(kThreads) stats_nchw_kernel(const T* t, int64_
   const int64_t k = blockIdx.y;
   const int64_t nchunk = gridDim.y;
   const float K = static_cast<float>(t[c * HW]);
-  const int64_t M = N * HW;
-  const int64_t m0 = k * chunk;
-  const int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
+  const int64_t HWv = HW / V, Mv = N * HWv;
+  const int64_t u0 = k * chunk + threadIdx.x;
+  const int64_t u1 = k * chunk + chunk < Mv ? k * chunk + chunk : Mv;
   float s1 = 0.0f, s2 = 0.0f;
-  for (int64_t m = m0 + threadIdx.x; m < m1; m += kThreads) {
-    const int64_t n = m / HW;
-    const float d = static_cast<float>(t[(n * C + c) * HW + (m - n * HW)]) - K;
-    s1 += d;
-    s2 += d * d;
+  if (u0 < u1) {
+    ChannelWalk w(u0, HWv, kThreads);
+    for (int64_t u = u0; u < u1; u += kThreads, w.advance()) {
+      float v[V];
+      load_f<T, V>(t + w.offset<V>(c, C), v);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float d = v[e] - K;
+        s1 += d;
+        s2 += d * d;
+      }
+    }
   }
   const double t1 = block_sum(static_cast<double>(s1), smem);
   const double t2 = block_sum(static_cast<double>(s2), smem);
@@ -566,12 +576,19 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& t_in) {
     int64_t nchunk, kstride;
     at::Tensor part;
     if (L == Layout::NCHW) {
+      constexpr int kVec = static_cast<int>(16 / sizeof(T));
+      const bool vec = HW % kVec == 0 && aligned16(tp);
       nchunk = std::min<int64_t>(64, (M + 4095) / 4096);
-      const int64_t chunk = (M + nchunk - 1) / nchunk;
+      const int64_t Mv = vec ? M / kVec : M;
+      const int64_t chunk = (Mv + nchunk - 1) / nchunk;  // in vectors
       part = at::empty({C * nchunk * 2}, t.options().dtype(at::kDouble));
       TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), op, ": too many channels (", C, ")");
       const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(nchunk));
-      stats_nchw_kernel<T><<<grid, kThreads, 0, stream>>>(tp, N, C, HW, chunk, part.data_ptr<double>());
+      if (vec) {
+        stats_nchw_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(tp, N, C, HW, chunk, part.data_ptr<double>());
+      } else {
+        stats_nchw_kernel<T, 1><<<grid, kThreads, 0, stream>>>(tp, N, C, HW, chunk, part.data_ptr<double>());
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       kstride = HW;
     } else {
