@@ -465,6 +465,8 @@ def test_small_scnet_sgd_losses_match(channels_last):
         assert history[-1][1] < 0.5 * history[0][1], history
         verdicts.append((all(abs(lf - lt) <= 3 * abs(lr - lt) + 1e-4 * max(1.0, lt) for lr, lf, lt in history),
                          history))
+        if sum(v for v, _ in verdicts) >= 2:  # two of three: the third input cannot change the verdict
+            break
     assert sum(v for v, _ in verdicts) >= 2, verdicts
     ref.eval(), fused.eval()
     with torch.no_grad():
