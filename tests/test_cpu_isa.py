@@ -72,10 +72,11 @@ def test_cpu_detection_agrees_with_proc_cpuinfo():
 def test_each_runnable_build_matches_the_reference(isa):
     if isa not in _cpp.runnable_isas():
         pytest.skip(f"the {isa} build is not built or this CPU does not run it")
-    probe = _run(["-c", "from scnet_fused.ops import _cpp; print(_cpp.cpu_isa())"], SCNET_FUSED_CPU_ISA=isa)
-    assert probe.returncode == 0, probe.stdout
-    assert probe.stdout.strip().splitlines()[-1] == isa
-    check = _run(["-m", "scnet_fused", "check", "--backends", "cpu"], SCNET_FUSED_CPU_ISA=isa)
+    # one process: the build it loaded, then the parity check of `python -m scnet_fused check` under it
+    check = _run(["-c", "from scnet_fused.ops import _cpp; print('loaded build:', _cpp.cpu_isa(), flush=True)\n"
+                        "from scnet_fused.__main__ import main\n"
+                        "raise SystemExit(main(['check', '--backends', 'cpu']))"], SCNET_FUSED_CPU_ISA=isa)
+    assert check.stdout.startswith(f"loaded build: {isa}\n"), check.stdout[:2000]
     assert check.returncode == 0 and "0 failing case(s)" in check.stdout, check.stdout[-4000:]
 
 
