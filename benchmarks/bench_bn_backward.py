@@ -5,6 +5,7 @@
     python benchmarks/bench_bn_backward.py --op bn_relu     # BatchNorm + ReLU
     python benchmarks/bench_bn_backward.py --op gate_bn_forward
     python benchmarks/bench_bn_backward.py --op gate         # the gate without an affine to train
+    python benchmarks/bench_bn_backward.py --op gate_bn,bn_relu   # several, one after the other
 
 ``--op gate_bn`` (default):
 
@@ -171,30 +172,15 @@ def make_inputs(op, N, C, H, W, dtype, fmt):
     return t
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--op", default="gate_bn", choices=tuple(OPS), help="which op (default gate_bn: its backward)")
-    ap.add_argument("--shapes", help="comma list of CxHxW (default: SCNet-50 stage shapes)")
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    ap.add_argument("--batch-size", type=_args.positive_int, default=8)
-    ap.add_argument("--rounds", type=_args.positive_int, default=5)
-    ap.add_argument("--min-run-time", type=_args.positive_float, default=0.3)
-    bench.add_cpu_kernel_args(ap)
-    ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    shapes = bench.shapes_from_arg(ap, args.shapes)
-    P, isa, allocator = bench.cpu_kernels_from_args(ap, args)
+def run_op(op, args, shapes, P, isa, allocator, dtype, fmt, N):
+    """One op's strategies over the shapes, interleaved round by round; writes its JSON and Markdown."""
     device = torch.device("cpu")
-    dtype = bench.parse_dtype(args.dtype)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    N = args.batch_size
-    spec = OPS[args.op]
+    spec = OPS[op]
     strategies = spec["strategies"]
     names = tuple(strategies)
     rows = []
     for C, H, W in shapes:
-        t = make_inputs(args.op, N, C, H, W, dtype, fmt)
+        t = make_inputs(op, N, C, H, W, dtype, fmt)
         where = bench.shape_str((N, C, H, W))
         outs = [strategies[s](P, t).float() for s in names]
         base = outs[0].abs().max().clamp_min(1e-30)
@@ -207,7 +193,7 @@ def main(argv=None) -> int:
                     samples[s].append(bench.time_cpu(lambda: f(P, t), args.min_run_time).median_ms)
         for s, diff in zip(names, diffs):
             ts = samples[s]
-            rows.append(dict(op=args.op, mode=spec.get("mode", "backward"), strategy=s, shape=where, dtype=args.dtype,
+            rows.append(dict(op=op, mode=spec.get("mode", "backward"), strategy=s, shape=where, dtype=args.dtype,
                              channels_last=args.channels_last, device=bench.device_name(device),
                              versions=bench.versions(), cpu_isa=isa, threads=torch.get_num_threads(),
                              median_ms=statistics.median(ts), rounds_ms=ts, max_rel_diff=diff,
@@ -215,6 +201,32 @@ def main(argv=None) -> int:
         bench.log_stderr(f"{where}: " + ", ".join(f"{s}: {statistics.median(ts):.3f} ms" for s, ts in samples.items()))
     stem = spec["stem"] + ("_channels_last" if args.channels_last else "")
     bench.write_script_results(rows, args.out or bench.default_out_dir(device), stem, markdown(rows, spec))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--op", default="gate_bn",
+                    help=f"comma list of {', '.join(OPS)} (default gate_bn: its backward); each writes its own files")
+    ap.add_argument("--shapes", help="comma list of CxHxW (default: SCNet-50 stage shapes)")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    ap.add_argument("--batch-size", type=_args.positive_int, default=8)
+    ap.add_argument("--rounds", type=_args.positive_int, default=5)
+    ap.add_argument("--min-run-time", type=_args.positive_float, default=0.3)
+    bench.add_cpu_kernel_args(ap)
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    ops = [o.strip() for o in args.op.split(",")]
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        ap.error(f"--op: unknown op(s) {', '.join(map(repr, bad))}; choose from {', '.join(OPS)}")
+    shapes = bench.shapes_from_arg(ap, args.shapes)
+    P, isa, allocator = bench.cpu_kernels_from_args(ap, args)
+    dtype = bench.parse_dtype(args.dtype)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    N = args.batch_size
+    for op in ops:
+        run_op(op, args, shapes, P, isa, allocator, dtype, fmt, N)
     return 0
 
 

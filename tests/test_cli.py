@@ -32,8 +32,9 @@ def _script(name, *args):
     return [os.path.join(ROOT, "benchmarks", f"{name}.py"), *args, "--out", "{out}"]
 
 
-_BN_BACKWARD_EXTRA = ([], ["--channels-last", "--default-malloc", "--threads", "1"], ["--op", "gate_bn_forward"],
-                      ["--op", "bn_relu"], ["--op", "gate"])
+# two processes: four ops one after the other in the first, the channels_last variant of the default op
+_BN_BACKWARD_EXTRA = (["--op", "gate_bn,gate_bn_forward,bn_relu,gate"],
+                      ["--channels-last", "--default-malloc", "--threads", "1"])
 
 # The script tests' processes, run in the background while the other tests run (tests/_background.py),
 # the longest first.
@@ -797,15 +798,16 @@ def test_bench_bn_backward_script(tmp_path, capsys):
     if _dispatch.available("cpu") is not None:
         pytest.skip(_dispatch.available("cpu"))
     gate = ("recompute", "from g", "one call")
-    runs = [("bn_backward", gate, _BN_BACKWARD_EXTRA[0]),
-            ("bn_backward_channels_last", gate, _BN_BACKWARD_EXTRA[1]),
-            ("bn_forward", ("two passes", "one call"), _BN_BACKWARD_EXTRA[2]),
-            ("bn_relu_backward", ("aten", "two passes", "one call"), _BN_BACKWARD_EXTRA[3]),
-            ("gate_backward_sums", ("with sums", "without sums"), _BN_BACKWARD_EXTRA[4])]
+    # (files' stem, strategies, which of the two processes wrote them)
+    runs = [("bn_backward", gate, 0), ("bn_forward", ("two passes", "one call"), 0),
+            ("bn_relu_backward", ("aten", "two passes", "one call"), 0),
+            ("gate_backward_sums", ("with sums", "without sums"), 0), ("bn_backward_channels_last", gate, 1)]
     done, out = _bg("bn_backward")
-    assert len(done) == len(runs)
-    for (stem, strategies, extra), r in zip(runs, done):
+    assert len(done) == len(_BN_BACKWARD_EXTRA)
+    for r in done:
         assert r.returncode == 0, r.stderr[-3000:]
+    for stem, strategies, proc in runs:
+        extra = _BN_BACKWARD_EXTRA[proc]
         rows = json.loads((out / f"{stem}.json").read_text())
         assert sorted((row["shape"], row["strategy"]) for row in rows) == sorted(
             (s, k) for s in ("2x3x16x16", "2x2x7x7") for k in strategies)
@@ -822,7 +824,7 @@ def test_bench_bn_backward_script(tmp_path, capsys):
         assert f"| {strategies[-1]} vs {strategies[0]} |" in md
     _script_usage_errors("bench_bn_backward", tmp_path, capsys,
                          [(["--shapes", "0x4x4"], "0x4x4"), (["--rounds", "0"], "--rounds"), (["--dtype", "fp64"], "fp64"),
-                          (["--op", "relu"], "relu")])
+                          (["--op", "relu"], "relu"), (["--op", "gate,"], "unknown op")])
 
 
 @pytest.mark.background("stream_stores")
