@@ -142,6 +142,20 @@ __device__ __forceinline__ void backward_element(float xv, float kv, float dv, f
   acc_gk += g * (kv - ct);
 }
 
+// The V elements at offset off (one Pack of x, k3 and dy in, one of dx and dk3 out): element(e, x, k3,
+// dy, dx, dk3) computes each (the caller's per-channel constants and cell sums).
+template <typename T, int V, typename I, typename F>
+__device__ __forceinline__ void backward_pack(const BackwardParams<T>& p, I off, F&& element) {
+  float xv[V], kv[V], dv[V], dxo[V], dko[V];
+  load_f<T, V>(p.x + off, xv);
+  load_f<T, V>(p.k + off, kv);
+  load_f<T, V>(p.dy + off, dv);
+#pragma unroll
+  for (int e = 0; e < V; ++e) element(e, xv[e], kv[e], dv[e], dxo[e], dko[e]);
+  store_f<T, V>(p.dx + off, dxo);
+  if (p.dk3 != nullptr) store_f<T, V>(p.dk3 + off, dko);
+}
+
 template <typename T, typename I, bool kNHWC, int V>
 __global__ void __launch_bounds__(kThreads) backward_cells_kernel(const BackwardParams<T> p, const I nunits) {
   const I C = static_cast<I>(p.C), H = static_cast<I>(p.H), W = static_cast<I>(p.W);
@@ -173,17 +187,10 @@ __global__ void __launch_bounds__(kThreads) backward_cells_kernel(const Backward
       const float ct = p.center ? p.center[c] : 0.0f;
       float acc_dz = 0.0f, acc_g = 0.0f, acc_gk = 0.0f;
       for (I i = i0; i < i1; ++i) {
-        const I off = ((n * C + c) * H + i) * W + j0;
-        float xv[V], kv[V], dv[V], dxo[V], dko[V];
-        load_f<T, V>(p.x + off, xv);
-        load_f<T, V>(p.k + off, kv);
-        load_f<T, V>(p.dy + off, dv);
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          backward_element(xv[e], kv[e], dv[e], up, sc, sf, ct, dxo[e], dko[e], acc_dz, acc_g, acc_gk);
-        }
-        store_f<T, V>(p.dx + off, dxo);
-        if (p.dk3 != nullptr) store_f<T, V>(p.dk3 + off, dko);
+        backward_pack<T, V>(p, ((n * C + c) * H + i) * W + j0,
+                            [&](int, float xv, float kv, float dv, float& dxo, float& dko) {
+                              backward_element(xv, kv, dv, up, sc, sf, ct, dxo, dko, acc_dz, acc_g, acc_gk);
+                            });
       }
       p.dsmall[sidx] = static_cast<T>(acc_dz);
       if (p.part_g != nullptr) {
@@ -211,17 +218,9 @@ __global__ void __launch_bounds__(kThreads) backward_cells_kernel(const Backward
     for (I i = i0; i < i1; ++i) {
       for (I j = j0; j < j1; ++j) {
         const I off = kNHWC ? ((n * H + i) * W + j) * C + c0 : ((n * C + c0) * H + i) * W + j;
-        float xv[V], kv[V], dv[V], dxo[V], dko[V];
-        load_f<T, V>(p.x + off, xv);
-        load_f<T, V>(p.k + off, kv);
-        load_f<T, V>(p.dy + off, dv);
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          backward_element(xv[e], kv[e], dv[e], up[e], sc[e], sf[e], ct[e], dxo[e], dko[e], acc_dz[e], acc_g[e],
-                           acc_gk[e]);
-        }
-        store_f<T, V>(p.dx + off, dxo);
-        if (p.dk3 != nullptr) store_f<T, V>(p.dk3 + off, dko);
+        backward_pack<T, V>(p, off, [&](int e, float xv, float kv, float dv, float& dxo, float& dko) {
+          backward_element(xv, kv, dv, up[e], sc[e], sf[e], ct[e], dxo, dko, acc_dz[e], acc_g[e], acc_gk[e]);
+        });
       }
     }
 #pragma unroll
