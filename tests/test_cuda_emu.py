@@ -133,6 +133,20 @@ def test_gate_backward_nchw_runs_of_four_match_the_one_element_path(emu, dtype):
         assert torch.equal(a, b)
 
 
+def test_gate_channel_sums_cross_planes_inside_a_thread_step(emu, cpu):
+    """The backward's per-channel sums walk N * h * w cell partials a block step (256) at a time: with
+    small maps of 9, 196 and 42 cells and several images, a thread's next partial lies one or many
+    planes on. The sums match the CPU kernels'."""
+    for shape in [(40, 2, 6, 6, 3, 3), (5, 3, 28, 28, 14, 14), (9, 2, 56, 14, 14, 3)]:
+        x, small, k3, dy, scale, shift, center = K.make_inputs(shape, seed=4)
+        got = emu.gate_backward(dy, x, small, k3, scale, shift, center, True)
+        want = cpu.gate_backward(dy, x, small, k3, scale, shift, center, True)
+        assert shape[0] * shape[4] * shape[5] > 256
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert "scnet_fused::cuda::channel_sum_kernel" in E.take_log()
+
+
 def test_gate_clear_errors(emu):
     x, small, k3, dy, scale, shift, center = K.make_inputs(K.SHAPES[0])
     with pytest.raises(RuntimeError, match="4-D"):

@@ -242,9 +242,9 @@ __global__ void __launch_bounds__(kThreads) channel_sum_kernel(const float* part
   const int64_t c = blockIdx.x;
   const int64_t M = N * hw;
   double sg = 0.0, sgk = 0.0;
-  for (int64_t m = threadIdx.x; m < M; m += kThreads) {
-    const int64_t n = m / hw;
-    const int64_t idx = (n * C + c) * hw + (m - n * hw);
+  ChannelWalk at(threadIdx.x, hw, kThreads);
+  for (int64_t m = threadIdx.x; m < M; m += kThreads, at.advance()) {
+    const int64_t idx = at.offset<1>(c, C);
     sg += static_cast<double>(part_g[idx]);
     sgk += static_cast<double>(part_gk[idx]);
   }
