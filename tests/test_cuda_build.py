@@ -231,8 +231,10 @@ VECTOR_FAMILIES = {("sc_gate_cuda.cu", "pointwise_kernel"), ("sc_gate_cuda.cu", 
                    ("sc_pool_cuda.cu", "avgpool_fwd_kernel"), ("sc_pool_cuda.cu", "avgpool_bwd_kernel"),
                    ("sc_bn_relu_cuda.cu", "pointwise_kernel"),
                    # the NCHW reductions (64-bit offsets, no index template): they store per-block partials
-                   ("sc_gate_cuda.cu", "stats_nchw_kernel"), ("sc_bn_relu_cuda.cu", "sums_kernel")}
-_REDUCTIONS = {"stats_nchw_kernel", "sums_kernel"}
+                   ("sc_gate_cuda.cu", "stats_nchw_kernel"), ("sc_bn_relu_cuda.cu", "sums_kernel"),
+                   # and the NHWC ones reading Packs of channels
+                   ("sc_gate_cuda.cu", "stats_nhwc_pack_kernel"), ("sc_bn_relu_cuda.cu", "sums_nhwc_pack_kernel")}
+_REDUCTIONS = {"stats_nchw_kernel", "sums_kernel", "stats_nhwc_pack_kernel", "sums_nhwc_pack_kernel"}
 _VEC = {"float": 4, "c10::Half": 8, "c10::BFloat16": 8}
 
 

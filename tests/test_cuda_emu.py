@@ -272,6 +272,9 @@ def test_bn_relu_matches_cpu_kernels(emu, cpu, dtype, layout):
         dyh = torch.randn(shape[0], 2 * C, *shape[2:]).to(dtype).contiguous(memory_format=fmt)[:, C:]
         _close(emu.affine_relu_backward_apply(dyh, t, scale, shift, p, q, r),
                cpu.affine_relu_backward_apply(dyh.contiguous(memory_format=fmt), t, scale, shift, p, q, r), dtype)
+        for a, b in zip(emu.affine_relu_backward_sums(dyh, t, scale, shift, center),
+                        cpu.affine_relu_backward_sums(dyh.contiguous(memory_format=fmt), t, scale, shift, center)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # 16-byte vectors (4 floats, 8 halves) where every pointer is aligned and a vector stays in one
     # channel (NCHW) or one position (NHWC); one element per thread otherwise. (A vector access at a
     # misaligned address would have raised: the model checks every one.)
@@ -284,6 +287,11 @@ def test_bn_relu_matches_cpu_kernels(emu, cpu, dtype, layout):
     sums = f"scnet_fused::cuda_bn_relu::sums_kernel<{_CPP_T[dtype]}, "
     assert (sums + f"{v}>" in log) == (layout == "contiguous"), sorted(log)
     assert nhwc == "true" or sums + "1>" in log, sorted(log)
+    # the NHWC sums: a Pack of V channels where C (16, 40, 8, 24 here) and dy's pitch are multiples of it
+    # and both are aligned; one channel a thread otherwise (C = 5, 3, 9; dy a misaligned slice)
+    pack = f"scnet_fused::cuda_bn_relu::sums_nhwc_pack_kernel<{_CPP_T[dtype]}, {v}>"
+    assert (pack in log) == (layout == "channels_last"), sorted(log)
+    assert (f"scnet_fused::cuda_bn_relu::sums_nhwc_kernel<{_CPP_T[dtype]}>" in log) == (nhwc == "true"), sorted(log)
     for apply in ("true", "false"):
         for width in (1, v):
             k = f"scnet_fused::cuda_bn_relu::pointwise_kernel<{_CPP_T[dtype]}, unsigned int, {nhwc}, {apply}, {width}>"
@@ -304,6 +312,37 @@ def test_channel_stats_match_cpu_kernels(emu, cpu, dtype, layout):
     stats = f"scnet_fused::cuda::stats_nchw_kernel<{_CPP_T[dtype]}, "
     assert (stats + f"{v}>" in log) == (layout == "contiguous"), sorted(log)
     assert layout.endswith("cl") or layout == "channels_last" or stats + "1>" in log, sorted(log)
+    # NHWC: a Pack of V channels a step where C is a multiple of it and t is aligned
+    pack = f"scnet_fused::cuda::stats_nhwc_pack_kernel<{_CPP_T[dtype]}, {v}>"
+    assert (pack in log) == (layout == "channels_last"), sorted(log)
+    nhwc = layout in ("channels_last", "misaligned_cl")  # C = 5, 3, 9 (and every C misaligned): one channel
+    assert (f"scnet_fused::cuda::stats_nhwc_kernel<{_CPP_T[dtype]}>" in log) == nhwc, sorted(log)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nhwc_pack_reductions_over_groups_and_chunks(emu, cpu, dtype):
+    """The NHWC reductions by Packs of V channels: G = C / V channel groups a position, 256 // G lanes of
+    positions a block (G = 1, 3, 256: idle threads when G does not divide 256), several chunks of
+    positions; past 256 groups (C = 1032 floats, 2064 halves) one channel a thread. Statistics and
+    BatchNorm + ReLU sums match the CPU kernels."""
+    v = 4 if dtype == torch.float32 else 8
+    T = _CPP_T[dtype]
+    for i, (N, G, H, W) in enumerate([(40, 1, 16, 16), (30, 3, 12, 10), (2, 256, 2, 3), (3, 258, 2, 2)]):
+        shape = (N, G * v, H, W)
+        C = shape[1]
+        t = _tensor(shape, dtype, "channels_last", seed=i, scale=2.0, offset=0.7)
+        dy = _tensor(shape, dtype, "channels_last", seed=i + 5)
+        scale, shift, center = torch.rand(C) + 0.5, torch.randn(C), torch.randn(C)
+        for a, b in zip(emu.channel_stats(t), cpu.channel_stats(t)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(emu.affine_relu_backward_sums(dy, t, scale, shift, center),
+                        cpu.affine_relu_backward_sums(dy, t, scale, shift, center)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        log = E.take_log()
+        packed = G <= 256
+        assert (f"scnet_fused::cuda::stats_nhwc_pack_kernel<{T}, {v}>" in log) == packed, sorted(log)
+        assert (f"scnet_fused::cuda_bn_relu::sums_nhwc_pack_kernel<{T}, {v}>" in log) == packed, sorted(log)
+        assert (f"scnet_fused::cuda::stats_nhwc_kernel<{T}>" in log) != packed, sorted(log)
 
 
 def test_nchw_sums_cross_planes_inside_a_thread_step(emu, cpu):

@@ -9,8 +9,13 @@
 //   sums_kernel        NCHW: per (channel, chunk of N*H*W positions) block: sum g and g * (t - center)
 //                      in float per thread, double across the block in a fixed tree order; a 16-byte
 //                      Pack of t and of dy per step where HW and the pointers allow.
-//   sums_nhwc_kernel   NHWC: per (32 channels, chunk of positions) block, the channels on threadIdx.x
-//                      so a warp reads 32 consecutive values; lanes summed in double in a fixed order.
+//   sums_nhwc_pack_kernel
+//                      NHWC where C and dy's channel pitch are multiples of a 16-byte Pack (at most 256
+//                      Packs a position) and t and dy are aligned: per chunk of positions, a thread reads
+//                      a Pack of V channels of t and of dy per position (a warp 512 consecutive bytes);
+//                      lanes summed in double in a fixed order.
+//   sums_nhwc_kernel   NHWC otherwise: per (32 channels, chunk of positions) block, the channels on
+//                      threadIdx.x so a warp reads 32 consecutive values; lanes summed likewise.
 //   finalize_kernel    per channel: the chunks summed in order. Deterministic, no atomics.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -205,6 +210,52 @@ __global__ void __launch_bounds__(kColCh* kColLanes) sums_nhwc_kernel(const Para
   }
 }
 
+// NHWC by 16-byte Packs of t and dy (PackRows: C and dy's channel pitch multiples of V, at most
+// kThreads Packs a position, both aligned): one block per chunk of `chunk` positions, each thread V
+// channels of float partials. Same part layout as sums_kernel.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) sums_nhwc_pack_kernel(const Params<T> p, int64_t P, int64_t chunk,
+                                                                  double* part) {
+  const int64_t C = p.C;
+  const PackRows r(C, V);
+  const int64_t k = blockIdx.x;
+  const int64_t nchunk = gridDim.x;
+  const int64_t q1 = k * chunk + chunk < P ? k * chunk + chunk : P;
+  float s1[V], s2[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) s1[e] = s2[e] = 0.0f;
+  if (r.active()) {
+    const int64_t c0 = static_cast<int64_t>(r.g) * V;
+    float a[V], b[V], kc[V], tv[V], d[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      a[e] = p.A[c0 + e];
+      b[e] = p.B[c0 + e];
+      kc[e] = p.K[c0 + e];
+    }
+#pragma unroll 4  // several Packs in flight a thread
+    for (int64_t q = k * chunk + r.l; q < q1; q += r.lanes) {
+      load_f<T, V>(p.t + q * C + c0, tv);
+      load_f<T, V>(p.dy + q * p.dyP + c0, d);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float g = mask_f(d[e], tv[e] * a[e] + b[e]);
+        s1[e] += g;
+        s2[e] += g * (tv[e] - kc[e]);
+      }
+    }
+  }
+  double a1[V], a2[V];
+  if (group_sums<V>(r, s1, s2, a1, a2)) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const int64_t c = static_cast<int64_t>(r.g) * V + e;
+      part[(c * nchunk + k) * 2 + 0] = a1[e];
+      part[(c * nchunk + k) * 2 + 1] = a2[e];
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) finalize_kernel(const double* part, int64_t C, int64_t nchunk, float* sum_g,
                                                             float* sum_gc) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
@@ -357,13 +408,24 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
   TORCH_CHECK(C <= 2147483647, op, ": more than 2^31-1 channels");
   // About 16 blocks of work per channel, at least 16 positions per thread.
   const int64_t chunk = std::max<int64_t>(16 * kThreads, (M + 15) / 16);
-  const int64_t nchunk = std::min<int64_t>((M + chunk - 1) / chunk, 65535);
-  at::Tensor part = at::empty({C, nchunk, 2}, t.options().dtype(at::kDouble));
+  int64_t nchunk = std::min<int64_t>((M + chunk - 1) / chunk, 65535);
+  at::Tensor part;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
   dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     Params<T> p{t.data_ptr<T>(), dy.data_ptr<T>(), nullptr, A.data_ptr<float>(), B.data_ptr<float>(),
                 nullptr, nullptr, nullptr, K.data_ptr<float>(), C, HW, dyP, C};
+    constexpr int kPack = kPackOf<T>;
+    if (L == Layout::NHWC && pack_rows_fit(C, kPack) && dyP % kPack == 0 && aligned16(p.t) && aligned16(p.dy)) {
+      const int64_t chunk_rows = pack_rows_chunk(M, C, kPack);
+      nchunk = (M + chunk_rows - 1) / chunk_rows;
+      part = at::empty({C, nchunk, 2}, t.options().dtype(at::kDouble));
+      sums_nhwc_pack_kernel<T, kPack><<<static_cast<unsigned>(nchunk), kThreads, 0, stream>>>(
+          p, M, chunk_rows, part.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    part = at::empty({C, nchunk, 2}, t.options().dtype(at::kDouble));
     if (L == Layout::NHWC) {
       const int64_t chunk_fit = (M + nchunk - 1) / nchunk;
       const dim3 grid(static_cast<unsigned>((C + kColCh - 1) / kColCh), static_cast<unsigned>(nchunk));

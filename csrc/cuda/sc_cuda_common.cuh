@@ -137,6 +137,63 @@ __device__ __forceinline__ bool column_sums(float s1, float s2, double& a1, doub
   return true;
 }
 
+// Elements of T in one 16-byte Pack.
+template <typename T>
+constexpr int kPackOf = static_cast<int>(16 / sizeof(T));
+
+// NHWC reductions by 16-byte Packs: a tensor of P positions x C channels (C a multiple of V) is P rows
+// of G = C / V Packs. A block of kThreads threads takes a chunk of positions; thread tid below
+// lanes * G (lanes = kThreads / G, so G <= kThreads) keeps the channel group g = tid % G and walks the
+// positions l = tid / G, l + lanes, ... of the chunk: the threads of a warp read consecutive Packs
+// (512 bytes). The threads from lanes * G on only join the block's sums.
+struct PackRows {
+  int G, lanes, g, l;
+  __device__ __forceinline__ PackRows(int64_t C, int V)
+      : G(static_cast<int>(C / V)), lanes(kThreads / G), g(static_cast<int>(threadIdx.x) % G),
+        l(static_cast<int>(threadIdx.x) / G) {}
+  __device__ __forceinline__ bool active() const { return l < lanes; }
+};
+
+// The sums of a PackRows block per channel: each thread gives V float partials of two sums (zeros from
+// the idle threads); thread g < G gets its group's V channel sums over the lanes, in double, lanes added
+// in order (deterministic), and returns true; the others return false.
+template <int V>
+__device__ __forceinline__ bool group_sums(const PackRows& r, const float (&s1)[V], const float (&s2)[V],
+                                           double (&a1)[V], double (&a2)[V]) {
+  __shared__ double m1[kThreads];
+  __shared__ double m2[kThreads];
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    m1[tid] = s1[e];
+    m2[tid] = s2[e];
+    __syncthreads();
+    if (tid < r.G) {
+      double x1 = 0.0, x2 = 0.0;
+      for (int l = 0; l < r.lanes; ++l) {
+        x1 += m1[l * r.G + tid];
+        x2 += m2[l * r.G + tid];
+      }
+      a1[e] = x1;
+      a2[e] = x2;
+    }
+    __syncthreads();
+  }
+  return tid < r.G;
+}
+
+// Positions per block of a PackRows reduction over P positions: at least 16 Packs a thread, at most
+// kMaxChunks blocks.
+constexpr int64_t kMaxChunks = 256;
+inline int64_t pack_rows_chunk(int64_t P, int64_t C, int V) {
+  const int64_t lanes = kThreads / (C / V);
+  const int64_t nchunk = std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, P / (16 * lanes)));
+  return (P + nchunk - 1) / nchunk;
+}
+
+// Whether a PackRows reduction can read a tensor of C channels: whole Packs, at most kThreads of them.
+inline bool pack_rows_fit(int64_t C, int V) { return C % V == 0 && C / V <= kThreads; }
+
 inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Every non-null pointer aligned to `bytes` (a Pack's size).

@@ -14,8 +14,9 @@
 //                           dsmall[n, c, a, b] and writes that cell's partial sums of g and
 //                           g * (k3 - center); no atomics.
 //   channel_sum_kernel      per-channel sums of the cell partials, in a fixed order.
-//   stats_*_kernel          per-channel shifted sums (x - K, (x - K)^2) per chunk (NCHW: a 16-byte
-//                           Pack per step where HW and the pointer allow), then
+//   stats_*_kernel          per-channel shifted sums (x - K, (x - K)^2) per chunk, a 16-byte Pack per
+//                           step where the pointer allows and (NCHW) HW or (NHWC, stats_nhwc_pack_kernel)
+//                           C is a multiple of it (NHWC: at most 256 Packs a position), then
 //   stats_finalize_kernel   mean and biased variance, chunks summed in a fixed order.
 // Every reduction order depends on the shape alone, so results are deterministic.
 #include <ATen/ATen.h>
@@ -319,6 +320,43 @@ __global__ void __launch_bounds__(kColCh* kColLanes) stats_nhwc_kernel(const T* 
   }
 }
 
+// NHWC by 16-byte Packs (PackRows: C a multiple of V, at most kThreads Packs a position, t aligned):
+// one block per chunk of `chunk` positions, each thread V channels of float partials.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) stats_nhwc_pack_kernel(const T* t, int64_t P, int64_t C, int64_t chunk,
+                                                                   double* part) {
+  const PackRows r(C, V);
+  const int64_t k = blockIdx.x;
+  const int64_t nchunk = gridDim.x;
+  const int64_t q1 = k * chunk + chunk < P ? k * chunk + chunk : P;
+  float s1[V], s2[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) s1[e] = s2[e] = 0.0f;
+  if (r.active()) {
+    float K[V], v[V];
+    load_f<T, V>(t + r.g * V, K);
+#pragma unroll 4  // several Packs in flight a thread
+    for (int64_t q = k * chunk + r.l; q < q1; q += r.lanes) {
+      load_f<T, V>(t + q * C + r.g * V, v);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float d = v[e] - K[e];
+        s1[e] += d;
+        s2[e] += d * d;
+      }
+    }
+  }
+  double a1[V], a2[V];
+  if (group_sums<V>(r, s1, s2, a1, a2)) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const int64_t c = static_cast<int64_t>(r.g) * V + e;
+      part[(c * nchunk + k) * 2 + 0] = a1[e];
+      part[(c * nchunk + k) * 2 + 1] = a2[e];
+    }
+  }
+}
+
 // K[c] = t[c * kstride]; count = values per channel.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) stats_finalize_kernel(const T* t, int64_t C, int64_t kstride,
@@ -590,6 +628,14 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& t_in) {
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       kstride = HW;
+    } else if (pack_rows_fit(C, kPackOf<T>) && aligned16(tp)) {
+      const int64_t chunk = pack_rows_chunk(M, C, kPackOf<T>);
+      nchunk = (M + chunk - 1) / chunk;
+      part = at::empty({C * nchunk * 2}, t.options().dtype(at::kDouble));
+      stats_nhwc_pack_kernel<T, kPackOf<T>><<<static_cast<unsigned>(nchunk), kThreads, 0, stream>>>(
+          tp, M, C, chunk, part.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      kstride = 1;
     } else {
       nchunk = std::min<int64_t>(64, (M + 255) / 256);
       const int64_t chunk = (M + nchunk - 1) / nchunk;
