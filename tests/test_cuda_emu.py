@@ -319,6 +319,17 @@ def test_channel_stats_match_cpu_kernels(emu, cpu, dtype, layout):
     assert (f"scnet_fused::cuda::stats_nhwc_kernel<{_CPP_T[dtype]}>" in log) == nhwc, sorted(log)
 
 
+def _reductions_match(emu, cpu, t, dy):
+    """Channel statistics of t and BatchNorm + ReLU sums of (t, dy), host model against CPU kernels."""
+    C = t.shape[1]
+    scale, shift, center = torch.rand(C) + 0.5, torch.randn(C), torch.randn(C)
+    for a, b in zip(emu.channel_stats(t), cpu.channel_stats(t)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(emu.affine_relu_backward_sums(dy, t, scale, shift, center),
+                    cpu.affine_relu_backward_sums(dy, t, scale, shift, center)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nhwc_pack_reductions_over_groups_and_chunks(emu, cpu, dtype):
     """The NHWC reductions by Packs of V channels: G = C / V channel groups a position, 256 // G lanes of
@@ -329,15 +340,9 @@ def test_nhwc_pack_reductions_over_groups_and_chunks(emu, cpu, dtype):
     T = _CPP_T[dtype]
     for i, (N, G, H, W) in enumerate([(40, 1, 16, 16), (30, 3, 12, 10), (2, 256, 2, 3), (3, 258, 2, 2)]):
         shape = (N, G * v, H, W)
-        C = shape[1]
         t = _tensor(shape, dtype, "channels_last", seed=i, scale=2.0, offset=0.7)
         dy = _tensor(shape, dtype, "channels_last", seed=i + 5)
-        scale, shift, center = torch.rand(C) + 0.5, torch.randn(C), torch.randn(C)
-        for a, b in zip(emu.channel_stats(t), cpu.channel_stats(t)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        for a, b in zip(emu.affine_relu_backward_sums(dy, t, scale, shift, center),
-                        cpu.affine_relu_backward_sums(dy, t, scale, shift, center)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        _reductions_match(emu, cpu, t, dy)
         log = E.take_log()
         packed = G <= 256
         assert (f"scnet_fused::cuda::stats_nhwc_pack_kernel<{T}, {v}>" in log) == packed, sorted(log)
@@ -352,13 +357,7 @@ def test_nchw_sums_cross_planes_inside_a_thread_step(emu, cpu):
     for shape in [(300, 3, 2, 2), (1000, 2, 1, 1), (257, 5, 4, 1), (90, 2, 8, 9)]:
         t = _tensor(shape, torch.float32, "contiguous", seed=1, scale=2.0, offset=0.3)
         dy = _tensor(shape, torch.float32, "contiguous", seed=2)
-        C = shape[1]
-        scale, shift, center = torch.rand(C) + 0.5, torch.randn(C), torch.randn(C)
-        for a, b in zip(emu.channel_stats(t), cpu.channel_stats(t)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        for a, b in zip(emu.affine_relu_backward_sums(dy, t, scale, shift, center),
-                        cpu.affine_relu_backward_sums(dy, t, scale, shift, center)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        _reductions_match(emu, cpu, t, dy)
     log = E.take_log()
     assert "scnet_fused::cuda::stats_nchw_kernel<float, 4>" in log and "scnet_fused::cuda::stats_nchw_kernel<float, 1>" in log
     assert "scnet_fused::cuda_bn_relu::sums_kernel<float, 4>" in log

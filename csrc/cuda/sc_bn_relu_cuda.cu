@@ -219,11 +219,8 @@ __global__ void __launch_bounds__(kThreads) sums_nhwc_pack_kernel(const Params<T
   const int64_t C = p.C;
   const PackRows r(C, V);
   const int64_t k = blockIdx.x;
-  const int64_t nchunk = gridDim.x;
   const int64_t q1 = k * chunk + chunk < P ? k * chunk + chunk : P;
-  float s1[V], s2[V];
-#pragma unroll
-  for (int e = 0; e < V; ++e) s1[e] = s2[e] = 0.0f;
+  float s1[V] = {}, s2[V] = {};
   if (r.active()) {
     const int64_t c0 = static_cast<int64_t>(r.g) * V;
     float a[V], b[V], kc[V], tv[V], d[V];
@@ -245,15 +242,7 @@ __global__ void __launch_bounds__(kThreads) sums_nhwc_pack_kernel(const Params<T
       }
     }
   }
-  double a1[V], a2[V];
-  if (group_sums<V>(r, s1, s2, a1, a2)) {
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      const int64_t c = static_cast<int64_t>(r.g) * V + e;
-      part[(c * nchunk + k) * 2 + 0] = a1[e];
-      part[(c * nchunk + k) * 2 + 1] = a2[e];
-    }
-  }
+  store_group_sums<V>(r, s1, s2, part);
 }
 
 __global__ void __launch_bounds__(kThreads) finalize_kernel(const double* part, int64_t C, int64_t nchunk, float* sum_g,

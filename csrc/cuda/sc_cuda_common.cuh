@@ -182,6 +182,22 @@ __device__ __forceinline__ bool group_sums(const PackRows& r, const float (&s1)[
   return tid < r.G;
 }
 
+// group_sums, then thread g < G writes its channels' sums for chunk blockIdx.x to part[c][chunk][2] (the
+// layout the finalize kernels read).
+template <int V>
+__device__ __forceinline__ void store_group_sums(const PackRows& r, const float (&s1)[V], const float (&s2)[V],
+                                                 double* part) {
+  double a1[V], a2[V];
+  if (!group_sums<V>(r, s1, s2, a1, a2)) return;
+  const int64_t k = blockIdx.x, nchunk = gridDim.x;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const int64_t c = static_cast<int64_t>(r.g) * V + e;
+    part[(c * nchunk + k) * 2 + 0] = a1[e];
+    part[(c * nchunk + k) * 2 + 1] = a2[e];
+  }
+}
+
 // Positions per block of a PackRows reduction over P positions: at least 16 Packs a thread, at most
 // kMaxChunks blocks.
 constexpr int64_t kMaxChunks = 256;

@@ -327,11 +327,8 @@ __global__ void __launch_bounds__(kThreads) stats_nhwc_pack_kernel(const T* t, i
                                                                    double* part) {
   const PackRows r(C, V);
   const int64_t k = blockIdx.x;
-  const int64_t nchunk = gridDim.x;
   const int64_t q1 = k * chunk + chunk < P ? k * chunk + chunk : P;
-  float s1[V], s2[V];
-#pragma unroll
-  for (int e = 0; e < V; ++e) s1[e] = s2[e] = 0.0f;
+  float s1[V] = {}, s2[V] = {};
   if (r.active()) {
     float K[V], v[V];
     load_f<T, V>(t + r.g * V, K);
@@ -346,15 +343,7 @@ __global__ void __launch_bounds__(kThreads) stats_nhwc_pack_kernel(const T* t, i
       }
     }
   }
-  double a1[V], a2[V];
-  if (group_sums<V>(r, s1, s2, a1, a2)) {
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      const int64_t c = static_cast<int64_t>(r.g) * V + e;
-      part[(c * nchunk + k) * 2 + 0] = a1[e];
-      part[(c * nchunk + k) * 2 + 1] = a2[e];
-    }
-  }
+  store_group_sums<V>(r, s1, s2, part);
 }
 
 // K[c] = t[c * kstride]; count = values per channel.
