@@ -90,6 +90,7 @@ def test_gate_fp32_matches_reference(emu):
               "backward_cells_kernel<float, unsigned int, false, 4>",  # NCHW runs of 4 (56 -> 14)
               "channel_sum_kernel",
               "stats_nchw_kernel<float, 1>", "stats_nchw_kernel<float, 4>", "stats_nhwc_kernel<float>",
+              "stats_nhwc_pack_kernel<float, 4>",
               "stats_finalize_kernel<float>"):
         assert f"scnet_fused::cuda::{k}" in names, f"{k} never launched: {sorted(names)}"
 
