@@ -216,32 +216,26 @@ __global__ void __launch_bounds__(kColCh* kColLanes) sums_nhwc_kernel(const Para
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) sums_nhwc_pack_kernel(const Params<T> p, int64_t P, int64_t chunk,
                                                                   double* part) {
-  const int64_t C = p.C;
-  const PackRows r(C, V);
-  const int64_t k = blockIdx.x;
-  const int64_t q1 = k * chunk + chunk < P ? k * chunk + chunk : P;
-  float s1[V] = {}, s2[V] = {};
-  if (r.active()) {
-    const int64_t c0 = static_cast<int64_t>(r.g) * V;
-    float a[V], b[V], kc[V], tv[V], d[V];
+  const PackRows r(p.C, V);
+  const int64_t c0 = static_cast<int64_t>(r.g) * V;
+  float s1[V] = {}, s2[V] = {}, a[V], b[V], kc[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) {  // (every channel index below C: g < G for the idle threads too)
+    a[e] = p.A[c0 + e];
+    b[e] = p.B[c0 + e];
+    kc[e] = p.K[c0 + e];
+  }
+  walk_positions(r, chunk, P, [&](int64_t q) {
+    float tv[V], d[V];
+    load_f<T, V>(p.t + q * p.C + c0, tv);
+    load_f<T, V>(p.dy + q * p.dyP + c0, d);
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      a[e] = p.A[c0 + e];
-      b[e] = p.B[c0 + e];
-      kc[e] = p.K[c0 + e];
+      const float g = mask_f(d[e], tv[e] * a[e] + b[e]);
+      s1[e] += g;
+      s2[e] += g * (tv[e] - kc[e]);
     }
-#pragma unroll 4  // several Packs in flight a thread
-    for (int64_t q = k * chunk + r.l; q < q1; q += r.lanes) {
-      load_f<T, V>(p.t + q * C + c0, tv);
-      load_f<T, V>(p.dy + q * p.dyP + c0, d);
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const float g = mask_f(d[e], tv[e] * a[e] + b[e]);
-        s1[e] += g;
-        s2[e] += g * (tv[e] - kc[e]);
-      }
-    }
-  }
+  });
   store_group_sums<V>(r, s1, s2, part);
 }
 
@@ -341,7 +335,7 @@ at::Tensor pointwise_op(const char* op, const at::Tensor& t_in, const at::Tensor
     const bool idx32 = fits_int32(numel) && fits_int32(span);
     // 16-byte vectors: a vector's elements share their channel (NCHW) or are neighbouring channels of
     // one position, also in the pitched tensors (NHWC), and every pointer is aligned
-    constexpr int kVec = static_cast<int>(16 / sizeof(T));
+    constexpr int kVec = kPackOf<T>;
     const bool vec = (nhwc ? t.size(1) % kVec == 0 && dyP % kVec == 0 && outP % kVec == 0
                            : (t.size(2) * t.size(3)) % kVec == 0) &&
                      aligned16(p.t) && aligned16(p.dy) && aligned16(p.out);
@@ -404,12 +398,12 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
     using T = decltype(tag);
     Params<T> p{t.data_ptr<T>(), dy.data_ptr<T>(), nullptr, A.data_ptr<float>(), B.data_ptr<float>(),
                 nullptr, nullptr, nullptr, K.data_ptr<float>(), C, HW, dyP, C};
-    constexpr int kPack = kPackOf<T>;
-    if (L == Layout::NHWC && pack_rows_fit(C, kPack) && dyP % kPack == 0 && aligned16(p.t) && aligned16(p.dy)) {
-      const int64_t chunk_rows = pack_rows_chunk(M, C, kPack);
+    constexpr int kVec = kPackOf<T>;
+    if (L == Layout::NHWC && pack_rows_fit(C, kVec) && dyP % kVec == 0 && aligned16(p.t) && aligned16(p.dy)) {
+      const int64_t chunk_rows = pack_rows_chunk(M, C, kVec);
       nchunk = (M + chunk_rows - 1) / chunk_rows;
       part = at::empty({C, nchunk, 2}, t.options().dtype(at::kDouble));
-      sums_nhwc_pack_kernel<T, kPack><<<static_cast<unsigned>(nchunk), kThreads, 0, stream>>>(
+      sums_nhwc_pack_kernel<T, kVec><<<static_cast<unsigned>(nchunk), kThreads, 0, stream>>>(
           p, M, chunk_rows, part.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
@@ -422,7 +416,6 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
       sums_nhwc_kernel<T><<<grid, block, 0, stream>>>(p, M, chunk_fit, part.data_ptr<double>());
     } else {
       // a vector stays in one plane when HW is a multiple of it (dy's slice offsets are then too)
-      constexpr int kVec = static_cast<int>(16 / sizeof(T));
       const bool vec = HW % kVec == 0 && aligned16(p.t) && aligned16(p.dy);
       const int64_t Mv = vec ? M / kVec : M;
       const int64_t chunk_fit = (Mv + nchunk - 1) / nchunk;  // in vectors

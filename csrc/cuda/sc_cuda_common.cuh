@@ -18,6 +18,10 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
+// Elements of T in one 16-byte Pack (the launchers' vector width).
+template <typename T>
+constexpr int kPackOf = static_cast<int>(16 / sizeof(T));
+
 // One Pack read or written at p (p aligned to the Pack, which the launchers check before choosing V > 1;
 // the host model of csrc/emu/ checks it at every access).
 template <typename T, int V>
@@ -137,10 +141,6 @@ __device__ __forceinline__ bool column_sums(float s1, float s2, double& a1, doub
   return true;
 }
 
-// Elements of T in one 16-byte Pack.
-template <typename T>
-constexpr int kPackOf = static_cast<int>(16 / sizeof(T));
-
 // NHWC reductions by 16-byte Packs: a tensor of P positions x C channels (C a multiple of V) is P rows
 // of G = C / V Packs. A block of kThreads threads takes a chunk of positions; thread tid below
 // lanes * G (lanes = kThreads / G, so G <= kThreads) keeps the channel group g = tid % G and walks the
@@ -153,6 +153,17 @@ struct PackRows {
         l(static_cast<int>(threadIdx.x) / G) {}
   __device__ __forceinline__ bool active() const { return l < lanes; }
 };
+
+// step(q) for the positions of this thread in chunk blockIdx.x of `chunk` positions (of P); nothing
+// for the idle threads. Unrolled by 4 so that several Packs are in flight a thread.
+template <typename F>
+__device__ __forceinline__ void walk_positions(const PackRows& r, int64_t chunk, int64_t P, F&& step) {
+  if (!r.active()) return;
+  const int64_t k = blockIdx.x;
+  const int64_t q1 = k * chunk + chunk < P ? k * chunk + chunk : P;
+#pragma unroll 4
+  for (int64_t q = k * chunk + r.l; q < q1; q += r.lanes) step(q);
+}
 
 // The sums of a PackRows block per channel: each thread gives V float partials of two sums (zeros from
 // the idle threads); thread g < G gets its group's V channel sums over the lanes, in double, lanes added

@@ -326,23 +326,19 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) stats_nhwc_pack_kernel(const T* t, int64_t P, int64_t C, int64_t chunk,
                                                                    double* part) {
   const PackRows r(C, V);
-  const int64_t k = blockIdx.x;
-  const int64_t q1 = k * chunk + chunk < P ? k * chunk + chunk : P;
-  float s1[V] = {}, s2[V] = {};
-  if (r.active()) {
-    float K[V], v[V];
-    load_f<T, V>(t + r.g * V, K);
-#pragma unroll 4  // several Packs in flight a thread
-    for (int64_t q = k * chunk + r.l; q < q1; q += r.lanes) {
-      load_f<T, V>(t + q * C + r.g * V, v);
+  const int64_t c0 = static_cast<int64_t>(r.g) * V;
+  float s1[V] = {}, s2[V] = {}, K[V];
+  load_f<T, V>(t + c0, K);  // position 0 (g < G for the idle threads too)
+  walk_positions(r, chunk, P, [&](int64_t q) {
+    float v[V];
+    load_f<T, V>(t + q * C + c0, v);
 #pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const float d = v[e] - K[e];
-        s1[e] += d;
-        s2[e] += d * d;
-      }
+    for (int e = 0; e < V; ++e) {
+      const float d = v[e] - K[e];
+      s1[e] += d;
+      s2[e] += d * d;
     }
-  }
+  });
   store_group_sums<V>(r, s1, s2, part);
 }
 
@@ -430,7 +426,7 @@ at::Tensor pointwise_op(const char* op, bool k3_mode, const at::Tensor& x_in, co
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    constexpr int kVec = static_cast<int>(16 / sizeof(T));
+    constexpr int kVec = kPackOf<T>;
     PointwiseParams<T> p;
     p.x = x.data_ptr<T>();
     p.dy = dy.defined() ? dy.data_ptr<T>() : nullptr;
@@ -532,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    constexpr int kVec = static_cast<int>(16 / sizeof(T));
+    constexpr int kVec = kPackOf<T>;
     BackwardParams<T> p;
     p.dy = dy.data_ptr<T>();
     p.x = x.data_ptr<T>();
@@ -598,11 +594,11 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& t_in) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
   dispatch_dtype(t.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
+    constexpr int kVec = kPackOf<T>;
     const T* tp = t.data_ptr<T>();
     int64_t nchunk, kstride;
     at::Tensor part;
     if (L == Layout::NCHW) {
-      constexpr int kVec = static_cast<int>(16 / sizeof(T));
       const bool vec = HW % kVec == 0 && aligned16(tp);
       nchunk = std::min<int64_t>(64, (M + 4095) / 4096);
       const int64_t Mv = vec ? M / kVec : M;
@@ -617,11 +613,11 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& t_in) {
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       kstride = HW;
-    } else if (pack_rows_fit(C, kPackOf<T>) && aligned16(tp)) {
-      const int64_t chunk = pack_rows_chunk(M, C, kPackOf<T>);
+    } else if (pack_rows_fit(C, kVec) && aligned16(tp)) {
+      const int64_t chunk = pack_rows_chunk(M, C, kVec);
       nchunk = (M + chunk - 1) / chunk;
       part = at::empty({C * nchunk * 2}, t.options().dtype(at::kDouble));
-      stats_nhwc_pack_kernel<T, kPackOf<T>><<<static_cast<unsigned>(nchunk), kThreads, 0, stream>>>(
+      stats_nhwc_pack_kernel<T, kVec><<<static_cast<unsigned>(nchunk), kThreads, 0, stream>>>(
           tp, M, C, chunk, part.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       kstride = 1;

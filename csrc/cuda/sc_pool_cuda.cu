@@ -160,7 +160,7 @@ at::Tensor avgpool(const at::Tensor& x_in, int64_t r) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    constexpr int kVec = static_cast<int>(16 / sizeof(T));
+    constexpr int kVec = kPackOf<T>;
     PoolParams<T> p{x.data_ptr<T>(), y.data_ptr<T>(), C, H, W, H / r, W / r, r, 1.0f / static_cast<float>(r * r)};
     if (L == Layout::NHWC) {
       if (C % kVec == 0 && aligned16(p.in) && aligned16(p.out)) {
@@ -192,7 +192,7 @@ at::Tensor avgpool_backward(const at::Tensor& dy_in, int64_t H, int64_t W, int64
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dy.device().index()).stream();
   dispatch_dtype(dy.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    constexpr int kVec = static_cast<int>(16 / sizeof(T));
+    constexpr int kVec = kPackOf<T>;
     PoolParams<T> p{dy.data_ptr<T>(), dx.data_ptr<T>(), C, H, W, H / r, W / r, r, 1.0f / static_cast<float>(r * r)};
     const bool aligned = aligned16(p.in) && aligned16(p.out);
     if (L == Layout::NHWC) {
