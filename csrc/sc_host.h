@@ -10,7 +10,8 @@
 namespace scnet_fused {
 namespace host {
 
-// SCNET_FUSED_POISON set and not "0": every output is NaN-filled before a kernel writes it.
+// SCNET_FUSED_POISON set and not "0": every output (and every per-block partial buffer of the CUDA
+// reductions) is NaN-filled before a kernel writes it.
 inline bool poison_enabled() {
   const char* e = std::getenv("SCNET_FUSED_POISON");
   return e != nullptr && e[0] != '\0' && std::strcmp(e, "0") != 0;

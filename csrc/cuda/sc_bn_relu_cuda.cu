@@ -402,13 +402,13 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
     if (L == Layout::NHWC && pack_rows_fit(C, kVec) && dyP % kVec == 0 && aligned16(p.t) && aligned16(p.dy)) {
       const int64_t chunk_rows = pack_rows_chunk(M, C, kVec);
       nchunk = (M + chunk_rows - 1) / chunk_rows;
-      part = at::empty({C, nchunk, 2}, t.options().dtype(at::kDouble));
+      part = new_output({C, nchunk, 2}, t.options().dtype(at::kDouble));
       sums_nhwc_pack_kernel<T, kVec><<<static_cast<unsigned>(nchunk), kThreads, 0, stream>>>(
           p, M, chunk_rows, part.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    part = at::empty({C, nchunk, 2}, t.options().dtype(at::kDouble));
+    part = new_output({C, nchunk, 2}, t.options().dtype(at::kDouble));
     if (L == Layout::NHWC) {
       const int64_t chunk_fit = (M + nchunk - 1) / nchunk;
       const dim3 grid(static_cast<unsigned>((C + kColCh - 1) / kColCh), static_cast<unsigned>(nchunk));

@@ -524,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_back
   }
   TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), op, ": too many channels (", C, ")");
   const int64_t hw = small.size(2) * small.size(3);
-  at::Tensor part = at::empty({need_sums ? 2 * N * C * hw : 0}, x.options().dtype(at::kFloat));
+  at::Tensor part = new_output({need_sums ? 2 * N * C * hw : 0}, x.options().dtype(at::kFloat));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
@@ -603,7 +603,7 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& t_in) {
       nchunk = std::min<int64_t>(64, (M + 4095) / 4096);
       const int64_t Mv = vec ? M / kVec : M;
       const int64_t chunk = (Mv + nchunk - 1) / nchunk;  // in vectors
-      part = at::empty({C * nchunk * 2}, t.options().dtype(at::kDouble));
+      part = new_output({C * nchunk * 2}, t.options().dtype(at::kDouble));
       TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), op, ": too many channels (", C, ")");
       const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(nchunk));
       if (vec) {
@@ -616,7 +616,7 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& t_in) {
     } else if (pack_rows_fit(C, kVec) && aligned16(tp)) {
       const int64_t chunk = pack_rows_chunk(M, C, kVec);
       nchunk = (M + chunk - 1) / chunk;
-      part = at::empty({C * nchunk * 2}, t.options().dtype(at::kDouble));
+      part = new_output({C * nchunk * 2}, t.options().dtype(at::kDouble));
       stats_nhwc_pack_kernel<T, kVec><<<static_cast<unsigned>(nchunk), kThreads, 0, stream>>>(
           tp, M, C, chunk, part.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -624,7 +624,7 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& t_in) {
     } else {
       nchunk = std::min<int64_t>(64, (M + 255) / 256);
       const int64_t chunk = (M + nchunk - 1) / nchunk;
-      part = at::empty({C * nchunk * 2}, t.options().dtype(at::kDouble));
+      part = new_output({C * nchunk * 2}, t.options().dtype(at::kDouble));
       const dim3 grid(static_cast<unsigned>((C + kColCh - 1) / kColCh), static_cast<unsigned>(nchunk));
       const dim3 block(kColCh, kColLanes);
       stats_nhwc_kernel<T><<<grid, block, 0, stream>>>(tp, M, C, chunk, part.data_ptr<double>());
