@@ -5,7 +5,9 @@ Environment:
                            build of torch of the same CUDA major version are found, with a note when
                            not; a GPU is not needed to build them)
   CUDA_HOME                the toolkit root (found from /usr/local/cuda* or nvcc otherwise)
-  TORCH_CUDA_ARCH_LIST     default "8.0;9.0"
+  TORCH_CUDA_ARCH_LIST     default "8.0;9.0+PTX": SASS for sm_80 (which sm_86 / sm_89 GPUs run too) and
+                           sm_90, and sm_90's PTX, which the driver compiles for newer GPUs (sm_100,
+                           sm_120) on first load
   SCNET_FUSED_CPU_ISAS     comma list of instruction sets to build the CPU kernels for, each into a
                            module of its own (scnet_fused._cpu_<isa>; the best one the running CPU
                            supports is loaded): default, avx2, avx512. Default: all three on x86-64
@@ -42,7 +44,7 @@ toolkit = _load_toolkit()
 CUDA_HOME = toolkit.find_cuda_home()
 if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME  # cpp_extension reads it at import time
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402

@@ -4,15 +4,59 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <utility>
 
 #include "cpu/sc_isa.h"
+#ifdef SCNET_FUSED_WITH_CUDA
+#include "cuda/sc_cuda_load.h"
+#endif
 
 namespace py = pybind11;
+
+#ifdef SCNET_FUSED_WITH_CUDA
+namespace {
+
+// "" when CUDA device `index` loads the kernels of every CUDA file of this build, else why it does not
+// (the runtime's error, naming the file). The current device is restored, and the probe's error is taken
+// off the runtime's last-error slot so that the next launch check does not report it.
+std::string cuda_kernel_problem(int index) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || index < 0 || index >= count) {
+    cudaGetLastError();
+    return "no CUDA device " + std::to_string(index) + " (" + std::to_string(count) + " visible)";
+  }
+  int previous = -1;
+  if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
+  std::string problem;
+  if (const cudaError_t err = cudaSetDevice(index); err != cudaSuccess) {
+    problem = std::string("cudaSetDevice(") + std::to_string(index) + "): " + cudaGetErrorString(err);
+  } else {
+    using Probe = cudaError_t (*)();
+    const std::pair<const char*, Probe> probes[] = {{"sc_gate_cuda.cu", &scnet_fused::gate_kernels_load_status},
+                                                    {"sc_pool_cuda.cu", &scnet_fused::pool_kernels_load_status},
+                                                    {"sc_bn_relu_cuda.cu", &scnet_fused::bn_relu_kernels_load_status}};
+    for (const auto& [file, probe] : probes) {
+      if (const cudaError_t err = probe(); err != cudaSuccess) {
+        problem = std::string("the kernels of ") + file + " do not load: " + cudaGetErrorString(err);
+        break;
+      }
+    }
+  }
+  cudaGetLastError();
+  if (previous >= 0) cudaSetDevice(previous);
+  return problem;
+}
+
+}  // namespace
+#endif
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "scnet_fused compiled kernels (ops live in torch.ops.scnet_fused)";
 #ifdef SCNET_FUSED_WITH_CUDA
   m.attr("with_cuda") = true;
+  m.attr("cuda_arch_list") = std::string(scnet_fused::cuda_arch_list());
+  m.def("cuda_kernel_problem", &cuda_kernel_problem, py::arg("device"),
+        "'' when CUDA device `device` can load this build's CUDA kernels, else why it cannot.");
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -449,6 +449,15 @@ def cmd_info(args) -> int:
             note = f" on CUDA tensors only: on CPU tensors {interp_problem}"
         if why is None and b == "cuda" and not torch.cuda.is_available():
             note = " (built; runs on CUDA tensors, and this machine has no GPU)"
+        if why is None and b == "cuda" and torch.cuda.is_available():
+            from .ops import _cpp
+
+            problems = [p for p in (_cpp.cuda_device_problem(torch.device("cuda", i))
+                                    for i in range(torch.cuda.device_count())) if p]
+            if problems and len(problems) == torch.cuda.device_count():
+                why = "; ".join(problems)
+            elif problems:
+                note = " on some GPUs only: " + "; ".join(problems)
         print(f"  {b:<10} {'available' + note if why is None else 'unavailable: ' + why}")
     why = bench.fused_modules_reason()
     print(f"fused modules (SCConv, SCBottleneck): {'available' if why is None else why}")

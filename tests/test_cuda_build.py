@@ -276,6 +276,62 @@ def test_cuda_vector_paths_compile_to_16_byte_accesses():
     assert not missing, "no 16-byte vector instantiation of: " + ", ".join(map(str, sorted(missing)))
 
 
+def test_the_extension_carries_sass_for_each_arch_and_ptx_for_newer_gpus():
+    """The built scnet_fused._C: a cubin for every architecture it was compiled for (nvcc's
+    __CUDA_ARCH_LIST__, ``_C.cuda_arch_list``), and the last one's PTX, which the driver compiles for
+    GPUs newer than any of them (sm_100, sm_120); without it they would have no kernel image to load."""
+    from scnet_fused.ops import _cpp
+
+    if _cpp.unavailable_reason("cuda") is not None:
+        pytest.skip(_cpp.unavailable_reason("cuda"))
+    arch_env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch_env is not None and "+PTX" not in arch_env.upper():
+        pytest.skip(f"TORCH_CUDA_ARCH_LIST={arch_env!r} asks for no PTX")
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (Triton's bundled one or the toolkit's)")
+    from scnet_fused import _C
+
+    archs = [int(a) // 10 for a in _C.cuda_arch_list.split(",")]
+    assert archs, _C.cuda_arch_list
+    listing = {}
+    for kind in ("elf", "ptx"):
+        out = subprocess.run([tool, f"--list-{kind}", _C.__file__], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        listing[kind] = out.stdout
+    for src in ("sc_gate_cuda", "sc_pool_cuda", "sc_bn_relu_cuda"):
+        for a in archs:
+            assert f"{src}.sm_{a}.cubin" in listing["elf"], (src, a, listing["elf"])
+        assert f"{src}.sm_{archs[-1]}.ptx" in listing["ptx"], (src, listing["ptx"])
+
+    # What the driver does with that PTX on a Blackwell GPU, done here by the toolkit's ptxas: it must
+    # assemble for the data-centre (sm_100) and the workstation (sm_120) parts, without spills on sm_100.
+    # (nvcc 13.0's ptxas spills 4 to 12 bytes in four kernels for sm_120: README, "Build details".)
+    home = find_cuda_home()
+    ptxas = os.path.join(home, "bin", "ptxas") if home else None
+    if not ptxas or not os.path.exists(ptxas):
+        pytest.skip("no toolkit ptxas to assemble the PTX with")
+    known = subprocess.run([ptxas, "--help"], capture_output=True, text=True, timeout=60).stdout
+    targets = [t for t in ("sm_100", "sm_120") if f"'{t}'" in known]
+    if not targets:
+        pytest.skip("this toolkit's ptxas knows neither sm_100 nor sm_120")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([tool, "-xptx", "all", _C.__file__], cwd=tmp, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        files = sorted(f for f in os.listdir(tmp) if f.endswith(".ptx"))
+        assert len(files) == 3, files
+        for f in files:
+            for t in targets:
+                res = subprocess.run([ptxas, f"-arch={t}", "-v", f, "-o", os.devnull], cwd=tmp, capture_output=True,
+                                     text=True, timeout=300)
+                assert res.returncode == 0, f"{f} for {t}: {res.stderr[-2000:]}"
+                spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
+                assert spills, res.stderr[-2000:]
+                if t == "sm_100":
+                    assert all(a == "0" and b == "0" for a, b in spills), f"{f} for {t} spills: {set(spills)}"
+
+
 if __name__ == "__main__":  # pragma: no cover
     rows, version = compile_sources()
     print(f"ptxas: {len(rows)} kernel entries ({version})" if rows is not None else f"ptxas: skipped ({version})")

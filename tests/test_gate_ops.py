@@ -242,6 +242,76 @@ def test_triton_interpreter_with_an_incompatible_numpy_is_a_clear_error(monkeypa
         assert _dispatch.interpreter_problem() is None, (tv, nv)
 
 
+
+def test_cuda_arch_names():
+    from scnet_fused.ops import _cpp
+
+    assert _cpp.arch_names("800,900") == "8.0, 9.0"
+    assert _cpp.arch_names("750, 860,1000,1210") == "7.5, 8.6, 10.0, 12.1"
+    assert _cpp.arch_names("") == "unknown archs"
+
+
+def test_a_gpu_without_a_kernel_image_is_named_and_asked_once(monkeypatch):
+    """The CUDA runtime's answer for a GPU the build has no image for (one older than every architecture
+    of the build) becomes a reason naming the GPU, its capability, the build's and the rebuild command;
+    the runtime is asked once per device."""
+    from scnet_fused.ops import _cpp
+
+    asked = []
+
+    class FakeC:
+        cuda_arch_list = "800,900"
+
+        @staticmethod
+        def cuda_kernel_problem(index):
+            asked.append(index)
+            return ("the kernels of sc_gate_cuda.cu do not load: no kernel image is available for execution "
+                    "on the device") if index == 1 else ""
+
+    monkeypatch.setattr(_cpp, "_C", FakeC)
+    monkeypatch.setattr(_cpp, "_import_error", None)
+    monkeypatch.setattr(_cpp, "_cuda_problems", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Tesla T4")
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    reason = _cpp.cuda_device_problem(gpu1)
+    for part in ("GPU 1 (Tesla T4, compute capability 7.5)", "no kernel image is available",
+                 "compiled for compute capability 8.0, 9.0", 'TORCH_CUDA_ARCH_LIST="7.5"'):
+        assert part in reason, (part, reason)
+    assert _cpp.cuda_device_problem(gpu1) == reason and _cpp.cuda_device_problem(gpu0) is None
+    assert _cpp.cuda_device_problem(gpu0) is None and asked == [1, 0]
+    monkeypatch.setattr(_cpp, "_import_error", "not built")  # no extension: the backend's own reason says so
+    monkeypatch.setattr(_cpp, "_cuda_problems", {})
+    assert _cpp.cuda_device_problem(gpu1) is None
+
+
+def test_a_gpu_without_a_kernel_image_is_refused_before_any_kernel(monkeypatch):
+    """backend("cuda") on such a GPU is a clear error before any kernel runs; auto goes on past the cuda
+    backend (to the reference, with one warning giving each skipped backend's reason)."""
+    import warnings
+
+    from scnet_fused.ops import _cpp, _dispatch
+
+    reason = "the CUDA kernels of this build cannot run on GPU 0 (Tesla T4, compute capability 7.5): ..."
+    monkeypatch.setattr(_cpp, "cuda_device_problem", lambda device: reason)
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    real_load = _dispatch._load
+    monkeypatch.setattr(_dispatch, "_load", lambda name: "triton is not installed" if name == "triton"
+                        else object() if name == "cuda" else real_load(name))
+    dev = torch.device("cuda", 0)
+    with scnet_fused.backend("cuda"), pytest.raises(BackendUnavailable, match="compute capability 7.5"):
+        _dispatch.select(dev, torch.float32)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        name, _ = _dispatch.select(dev, torch.float32)
+    assert name == "reference"
+    assert len(seen) == 1 and "triton: triton is not installed" in str(seen[0].message)
+    assert f"cuda: {reason}" in str(seen[0].message)
+    monkeypatch.setattr(_cpp, "cuda_device_problem", lambda device: None)  # a GPU it runs on
+    with pytest.warns(RuntimeWarning, match="using cuda"):
+        assert _dispatch.select(dev, torch.float32)[0] == "cuda"
+
+
 def test_backend_context_is_per_thread(monkeypatch):
     monkeypatch.delenv("SCNET_FUSED_BACKEND", raising=False)
     seen = {}

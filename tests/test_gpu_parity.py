@@ -227,6 +227,34 @@ def _need(backend):
 
 
 @pytest.mark.gpu
+def test_the_cuda_kernels_load_on_every_gpu_here():
+    """Every GPU of compute capability 8.0 or more loads the CUDA kernels (sm_80 / sm_90 SASS, or the
+    PTX on a newer one) and runs the cuda backend; an older one is refused by name before any kernel.
+    The load probe leaves no error behind for the next launch to report."""
+    from scnet_fused.ops import BackendUnavailable, _cpp
+
+    if _cpp.unavailable_reason("cuda") is not None:
+        pytest.skip(_cpp.unavailable_reason("cuda"))
+    from scnet_fused import _C
+
+    for i in range(torch.cuda.device_count()):
+        dev = torch.device("cuda", i)
+        problem = _C.cuda_kernel_problem(i)
+        x, k3 = torch.randn(2, 8, 9, 9, device=dev), torch.randn(2, 8, 9, 9, device=dev)
+        small = torch.randn(2, 8, 2, 2, device=dev)
+        torch.cuda.synchronize(dev)
+        if torch.cuda.get_device_capability(i) >= (8, 0):
+            assert problem == "", problem
+            with scnet_fused.backend("cuda"):
+                torch.testing.assert_close(sc_gate(x, small, k3), eager_gate(x, small, k3), rtol=1e-5, atol=1e-5)
+        else:
+            assert "do not load" in problem
+            with scnet_fused.backend("cuda"), pytest.raises(BackendUnavailable, match="compute capability"):
+                sc_gate(x, small, k3)
+        torch.cuda.synchronize(dev)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", _gpu_backends())
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -27,6 +27,7 @@
 #include <cstdint>
 
 #include "sc_cuda_common.cuh"
+#include "sc_cuda_load.h"
 #include "sc_host.h"
 
 namespace scnet_fused {
@@ -437,6 +438,14 @@ std::tuple<at::Tensor, at::Tensor> affine_relu_backward_sums(const at::Tensor& d
 
 }  // namespace
 }  // namespace cuda_bn_relu
+
+#ifndef SCNET_FUSED_CUDA_EMU
+cudaError_t bn_relu_kernels_load_status() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, cuda_bn_relu::finalize_kernel);
+}
+#endif
+
 }  // namespace scnet_fused
 
 TORCH_LIBRARY_IMPL(scnet_fused, CUDA, m) {

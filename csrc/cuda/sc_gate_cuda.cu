@@ -33,6 +33,7 @@
 
 #include "sc_cuda_common.cuh"
 #include "sc_gate_math.h"
+#include "sc_cuda_load.h"
 #include "sc_host.h"
 
 namespace scnet_fused {
@@ -642,6 +643,24 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& t_in) {
 
 }  // namespace
 }  // namespace cuda
+
+#ifndef SCNET_FUSED_CUDA_EMU
+cudaError_t gate_kernels_load_status() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, cuda::channel_sum_kernel);
+}
+
+#define SCNET_FUSED_STR2(...) #__VA_ARGS__
+#define SCNET_FUSED_STR(...) SCNET_FUSED_STR2(__VA_ARGS__)
+const char* cuda_arch_list() {
+#ifdef __CUDA_ARCH_LIST__
+  return SCNET_FUSED_STR(__CUDA_ARCH_LIST__);
+#else
+  return "";
+#endif
+}
+#endif
+
 }  // namespace scnet_fused
 
 TORCH_LIBRARY_IMPL(scnet_fused, CUDA, m) {

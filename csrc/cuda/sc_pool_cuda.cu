@@ -21,6 +21,7 @@
 #include <limits>
 
 #include "sc_cuda_common.cuh"
+#include "sc_cuda_load.h"
 #include "sc_host.h"
 
 namespace scnet_fused {
@@ -208,6 +209,14 @@ at::Tensor avgpool_backward(const at::Tensor& dy_in, int64_t H, int64_t W, int64
 
 }  // namespace
 }  // namespace cuda_pool
+
+#ifndef SCNET_FUSED_CUDA_EMU
+cudaError_t pool_kernels_load_status() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, cuda_pool::avgpool_fwd_kernel<float, uint32_t, false, 4>);
+}
+#endif
+
 }  // namespace scnet_fused
 
 TORCH_LIBRARY_IMPL(scnet_fused, CUDA, m) {

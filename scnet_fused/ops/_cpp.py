@@ -165,6 +165,41 @@ def unavailable_reason(name: str) -> Optional[str]:
     return None
 
 
+
+def arch_names(arch_list: str) -> str:
+    """nvcc's __CUDA_ARCH_LIST__ ("800,900") as compute capabilities ("8.0, 9.0")."""
+    out = []
+    for item in arch_list.split(","):
+        item = item.strip()
+        if item.isdigit():
+            n = int(item)
+            out.append(f"{n // 100}.{n % 100 // 10}")
+    return ", ".join(out) or "unknown archs"
+
+
+_cuda_problems: dict = {}
+
+
+def cuda_device_problem(device: torch.device) -> Optional[str]:
+    """None when CUDA ``device`` loads this build's CUDA kernels, else why not (asked of the CUDA runtime
+    once per device: a GPU older than every architecture of the build has no image to load; a newer one
+    compiles the build's PTX)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index in _cuda_problems:
+        return _cuda_problems[index]
+    probe = getattr(_C, "cuda_kernel_problem", None) if _import_error is None else None
+    result: Optional[str] = None
+    if probe is not None:
+        problem = probe(index)
+        if problem:
+            major, minor = torch.cuda.get_device_capability(index)
+            result = (f"the CUDA kernels of this build cannot run on GPU {index} ({torch.cuda.get_device_name(index)}, "
+                      f"compute capability {major}.{minor}): {problem}; they were compiled for compute capability "
+                      f"{arch_names(getattr(_C, 'cuda_arch_list', ''))}; rebuild with "
+                      f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" (pip install -e . --no-build-isolation)")
+    _cuda_problems[index] = result
+    return result
+
 class Primitives:
     """The primitives of ``scnet_fused.ops._dispatch`` over the extension's ops."""
 

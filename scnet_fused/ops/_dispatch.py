@@ -202,7 +202,11 @@ def _device_ok(name: str, device: torch.device) -> Optional[str]:
     if name == "cpu":
         return None if device.type == "cpu" else f"the cpu backend needs CPU tensors, got {device}"
     if name == "cuda":
-        return None if device.type == "cuda" else f"the cuda backend needs CUDA tensors, got {device}"
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device}"
+        from . import _cpp
+
+        return _cpp.cuda_device_problem(device)
     if name == "triton":
         if device.type == "cuda":
             return None
@@ -210,6 +214,16 @@ def _device_ok(name: str, device: torch.device) -> Optional[str]:
             return interpreter_problem()
         return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}"
     return f"no backend {name}"
+
+
+def _usable(name: str, device: torch.device):
+    """Backend ``name``'s primitives for ``auto`` on ``device``, or why it cannot run there (a str): the
+    cuda backend also needs a GPU that loads its kernels (one older than every architecture of the build
+    does not: ``auto`` goes on to the next backend)."""
+    mod = _load(name)
+    if name == "cuda" and not isinstance(mod, str):
+        return _device_ok(name, device) or mod
+    return mod
 
 
 def _auto_order(device: torch.device, dtype: torch.dtype):
@@ -287,7 +301,7 @@ def _after(name: str, device: torch.device, dtype: torch.dtype):
     """``(name, primitives_module)`` of the first available backend after ``name`` in ``auto``'s order."""
     order = _auto_order(device, dtype)
     for cand in order[order.index(name) + 1:]:
-        mod = _load(cand)
+        mod = _usable(cand, device)
         if not isinstance(mod, str):
             return cand, mod
     raise BackendUnavailable(f"no scnet_fused backend after {name} can run {device} tensors")  # pragma: no cover
@@ -325,12 +339,15 @@ def select(device: torch.device, dtype: torch.dtype):
                 return name, mod
         raise BackendUnavailable(f"scnet_fused backend {name!r} was requested but cannot run: {bad}")
     order = _auto_order(device, dtype)
+    skipped = []
     for i, cand in enumerate(order):
-        mod = _load(cand)
-        if not isinstance(mod, str):
+        mod = _usable(cand, device)
+        if isinstance(mod, str):
+            skipped.append(f"{cand}: {mod}")
+        else:
             if i > 0 and cand == "reference" and dtype != torch.float64:
                 _warn_once(f"{device.type}", f"scnet_fused: no fused backend for {device.type} tensors "
-                           f"({order[0]}: {_load(order[0])}); using the reference backend")
+                           f"({'; '.join(skipped)}); using the reference backend")
             elif i > 0:
                 _warn_once(f"{device.type}:{cand}", f"scnet_fused: backend {order[0]} unavailable "
                            f"({_load(order[0])}); using {cand}")
