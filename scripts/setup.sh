@@ -19,7 +19,7 @@ VPY=.venv/bin/python
 pipq() { "$VPY" -m pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
-  pipq "torch>=2.11"
+  pipq "torch>=2.10"
 fi
 pipq pybind11 ninja numpy pytest pytest-benchmark matplotlib scikit-learn "setuptools>=64" wheel
 "$VPY" -c "import triton" >/dev/null 2>&1 || pipq "triton>=3.6" || \
