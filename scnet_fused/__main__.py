@@ -430,7 +430,9 @@ def cmd_info(args) -> int:
 
         from .ops import _cpp
 
-        print(f"scnet_fused._C: {_C.__file__}; with_cuda={getattr(_C, 'with_cuda', '?')}")
+        archs = getattr(_C, "cuda_arch_list", None)
+        print(f"scnet_fused._C: {_C.__file__}; with_cuda={getattr(_C, 'with_cuda', '?')}"
+              + (f" (CUDA kernels compiled for compute capability {_cpp.arch_names(archs)})" if archs else ""))
         print(f"CPU kernels: {_cpp.cpu_isa() or 'none loaded'} (built: {', '.join(_cpp.built_isas()) or 'none'}; "
               f"this CPU runs: {', '.join(i for i in _cpp.CPU_ISAS if _C.cpu_supports_isa(i))})")
     except Exception as exc:

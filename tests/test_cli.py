@@ -90,6 +90,12 @@ def test_info_runs():
     assert r.returncode == 0, r.stderr
     for word in ("torch", "backends:", "reference", "TRITON_INTERPRET", "archs"):
         assert word in r.stdout
+    from scnet_fused.ops import _cpp
+
+    if _cpp.unavailable_reason("cuda") is None:  # a CUDA build names the architectures it carries
+        from scnet_fused import _C
+
+        assert f"CUDA kernels compiled for compute capability {_cpp.arch_names(_C.cuda_arch_list)}" in r.stdout
 
 
 def test_check_passes():
