@@ -27,6 +27,33 @@ def test_wheel_metadata_has_the_license_and_entry_point(tmp_path):
     assert "SetuptoolsDeprecationWarning" not in proc.stderr, proc.stderr[-4000:]
 
 
+def test_the_source_distribution_carries_what_a_build_needs(tmp_path):
+    """The sdist (what `python -m build` builds the wheel from, and what an index serves): every file
+    under csrc/ (headers and CUDA sources included, whatever this machine builds), CMakeLists.txt,
+    LICENSE, the tests; no compiled object or build folder."""
+    import shutil
+    import tarfile
+
+    # From a copy of the tree without the checkout's egg-info: setuptools also packs the files an
+    # earlier build listed there (its SOURCES.txt), which a clean tree does not have.
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "results",
+                                                              "*.so", "__pycache__"))
+    code = "import sys, setuptools.build_meta as b\nprint(b.build_sdist(sys.argv[1]))\n"
+    env = dict(os.environ, SCNET_FUSED_CUDA="0")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with tarfile.open(tmp_path / proc.stdout.strip().splitlines()[-1]) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    want = {os.path.relpath(os.path.join(d, f), ROOT).replace(os.sep, "/")
+            for d, _, files in os.walk(os.path.join(ROOT, "csrc")) for f in files}
+    want |= {"CMakeLists.txt", "LICENSE", "setup.py", "pyproject.toml", "README.md", "tests/conftest.py"}
+    assert any(n.endswith(".cuh") for n in want) and any(n.endswith(".cu") for n in want)
+    assert not want - names, sorted(want - names)
+    assert not [n for n in names if n.endswith((".so", ".o")) or n.startswith("build/")]
+
+
 def test_an_extension_built_against_another_torch_says_so():
     """setup.py records the torch it compiles against; an import that fails under another torch (pip
     upgraded torch 2.10 to 2.14.1 after building against 2.10, to meet the dependency, and the
