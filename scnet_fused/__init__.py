@@ -15,7 +15,7 @@ from .ops._dispatch import _release
 
 # The oldest torch the whole test suite has passed on (README, "Supported"). An older one can still
 # reach this package (an install without dependencies, a build in place): say so once, at import.
-MIN_TORCH = (2, 10)
+MIN_TORCH = (2, 9)
 if _release(_torch.__version__) < MIN_TORCH:
     _warnings.warn(f"scnet_fused needs torch >= {'.'.join(map(str, MIN_TORCH))}; this is torch {_torch.__version__}, "
                    "on which parts of it fail (on torch 2.6: torch.compile / torch.export integration, "

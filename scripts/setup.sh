@@ -19,10 +19,10 @@ VPY=.venv/bin/python
 pipq() { "$VPY" -m pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
-  pipq "torch>=2.10"
+  pipq "torch>=2.9"
 fi
 pipq pybind11 ninja numpy pytest pytest-benchmark matplotlib scikit-learn "setuptools>=64" wheel
-"$VPY" -c "import triton" >/dev/null 2>&1 || pipq "triton>=3.6" || \
+"$VPY" -c "import triton" >/dev/null 2>&1 || pipq "triton>=3.5" || \
   echo "setup: triton could not be installed; the triton backend will be unavailable" >&2
 # Before triton 3.7 the Triton interpreter (how the tests run the Triton kernels without a GPU) fails
 # with numpy 2.4 and later.

@@ -84,8 +84,8 @@ def test_import_under_an_older_torch_warns():
             "    import scnet_fused\n"
             "print([str(x.message) for x in w if 'scnet_fused needs torch' in str(x.message)])")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for version, warned in (("2.9.1+cu128", True), ("2.10.0+cu128", False), (torch.__version__, False)):
+    for version, warned in (("2.8.0+cu128", True), ("2.9.1+cu128", False), (torch.__version__, False)):
         out = subprocess.run([sys.executable, "-c", code.format(v=version)], cwd=root, capture_output=True,
                              text=True, check=True).stdout
-        assert ("needs torch >= 2.10" in out and version in out) == warned, out
-    assert scnet_fused.MIN_TORCH == (2, 10)
+        assert ("needs torch >= 2.9" in out and version in out) == warned, out
+    assert scnet_fused.MIN_TORCH == (2, 9)
