@@ -165,7 +165,6 @@ def unavailable_reason(name: str) -> Optional[str]:
     return None
 
 
-
 def arch_names(arch_list: str) -> str:
     """nvcc's __CUDA_ARCH_LIST__ ("800,900") as compute capabilities ("8.0, 9.0")."""
     out = []
@@ -199,6 +198,7 @@ def cuda_device_problem(device: torch.device) -> Optional[str]:
                       f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" (pip install -e . --no-build-isolation)")
     _cuda_problems[index] = result
     return result
+
 
 class Primitives:
     """The primitives of ``scnet_fused.ops._dispatch`` over the extension's ops."""
