@@ -1,5 +1,6 @@
 """The public gate ops: semantics on every backend here, input checks, opcheck, gradcheck, compile."""
 
+import os
 import threading
 
 import pytest
@@ -249,6 +250,21 @@ def test_cuda_arch_names():
     assert _cpp.arch_names("800,900") == "8.0, 9.0"
     assert _cpp.arch_names("750, 860,1000,1210") == "7.5, 8.6, 10.0, 12.1"
     assert _cpp.arch_names("") == "unknown archs"
+
+
+def test_the_kernel_load_probe_names_a_device_that_is_not_there():
+    """The extension's probe itself (a CUDA build): an index past the visible devices (all of them on a
+    machine without a GPU) is an answer naming it, not a CUDA error or an empty 'loads fine'."""
+    from scnet_fused.ops import _cpp
+
+    if _cpp.unavailable_reason("cuda") is not None:
+        pytest.skip(_cpp.unavailable_reason("cuda"))
+    from scnet_fused import _C
+
+    visible = torch.cuda.device_count()
+    for index in (visible, visible + 3, -1):
+        assert _C.cuda_kernel_problem(index) == f"no CUDA device {index} ({visible} visible)"
+    assert _cpp.arch_names(_C.cuda_arch_list) == "8.0, 9.0" or "TORCH_CUDA_ARCH_LIST" in os.environ
 
 
 def test_a_gpu_without_a_kernel_image_is_named_and_asked_once(monkeypatch):
