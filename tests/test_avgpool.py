@@ -105,6 +105,43 @@ def test_low_precision_rounding_is_exact(name, dtype, layout):
     assert y.isnan().sum() == 1 and y.isinf().sum() == 2
 
 
+@pytest.mark.parametrize("name,dtype", [(n, d) for n in backends_here() if n != "reference"
+                                        for d in (torch.float32, torch.float16, torch.bfloat16)
+                                        if not (n == "triton" and d == torch.bfloat16)])
+@pytest.mark.parametrize("H,W,r", [(7, 7, 4), (3, 3, 2), (2, 3, 2), (4, 5, 4), (9, 15, 8)])
+def test_one_window_per_plane(name, dtype, H, W, r):
+    """Planes with one pooling window (r <= H, W < 2r: SCNet's 7x7 maps at r = 4), which the CPU kernels
+    read and write as whole planes with a mask of the window: planes of fewer and more elements than a
+    vector, NaN and infinities inside the window (propagated) and outside it (dropped: nothing of them
+    reaches y, and their gradient is exactly zero), power-of-two rates and values whose means are exact,
+    so the results are bit for bit (SHAPES has rates 3 and 5 in this case too, to a tolerance);
+    contiguous only (channels_last has its own kernel)."""
+    g = torch.Generator().manual_seed(H * 100 + W * 10 + r)
+    N, C = 3, 11
+    x = (torch.randint(-128, 128, (N, C, H, W), generator=g) / 16).to(dtype)
+    # outside the window (every shape here has W > r; the last one below is in a dropped row where H > r)
+    x[0, 1, H - 1, W - 1], x[1, 2, 0, W - 1] = float("nan"), float("inf")
+    x[2, 3, H - 1 if H > r else 1, 0 if H > r else W - 1] = -float("inf")
+    x[0, 4, 0, 0], x[1, 5, r - 1, r - 1], x[2, 6, r - 1, 0] = float("nan"), float("inf"), -float("inf")
+    x.requires_grad_()
+    with backend(name):
+        y = sc_avgpool(x, r)
+    expected = F.avg_pool2d(x.detach().float(), r, r).to(dtype)
+    assert y.shape == (N, C, 1, 1)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+    assert y.isnan().sum() == 1 and y.isinf().sum() == 2
+    dy = (torch.randint(-64, 64, (N, C, 1, 1), generator=g) / 4).to(dtype)
+    dy[0, 0], dy[1, 1], dy[2, 2] = float("nan"), float("inf"), -float("inf")
+    with backend(name):
+        (dx,) = torch.autograd.grad(y, x, dy)
+    dref = (dy.float() / (r * r)).expand(N, C, r, r).to(dtype)
+    assert dx.is_contiguous()
+    torch.testing.assert_close(dx[:, :, :r, :r], dref, rtol=0, atol=0, equal_nan=True)
+    outside = torch.ones(H, W, dtype=torch.bool)
+    outside[:r, :r] = False
+    assert torch.all(dx[:, :, outside] == 0)  # exactly zero: no 0 * inf, no poisoned memory
+
+
 def test_float64_gradcheck_and_opcheck():
     x = torch.randn(2, 3, 9, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: sc_avgpool(t, 3), (x,))
