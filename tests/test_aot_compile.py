@@ -238,6 +238,11 @@ def test_aot_compile_sm80_sm90(tmp_path):
         if side and not any(r["accesses"].get(f"{side}{w}") for w in (64, 128)):
             scalar.append(f"{r['variant']} {r['arch']}: {access_summary(r['accesses'])}")
     assert not scalar, f"no vector {side} where the alignment is known:\n" + "\n".join(scalar)
+    # the row-vector pool forward reads every window row as one vector whatever the integers are (W = 56
+    # or 28 is no multiple of 16): no load narrower than R = 4 elements
+    narrow = [f"{r['variant']} {r['ints']} {r['arch']}: {access_summary(r['accesses'])}" for r in rows
+              if r["variant"].endswith("_rowvec") and any(k in r["accesses"] for k in ("ld8", "ld16", "ld32"))]
+    assert not narrow, "row-vector pool loads narrower than a row:\n" + "\n".join(narrow)
     spilled = [f"{r['variant']} {r['ints']} {r['arch']}: {r['spill_bytes']} bytes" for r in rows if r["spill_bytes"]]
     import triton
 

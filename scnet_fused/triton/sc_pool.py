@@ -49,8 +49,13 @@ def _avgpool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, h, w, inv,
     if ROW_VEC:
         cols = tl.arange(0, R)
         rows = tl.zeros([BLOCK_E, R], dtype=tl.float32)
+        # The row starts are built as multiples of the constexpr R (W and the window's column are): a
+        # tl.multiple_of hint on base + di * W is lost where di = 0 folds it to base, and that row was
+        # read one element a lane.
+        Wr = W // R
+        base_r = (((n * C + c) * H + p * R) * Wr + q) * R
         for di in tl.static_range(R):
-            start = tl.multiple_of(base + di * s_row, R)  # W and the window's column are multiples of R
+            start = base_r + di * (Wr * R)
             rows += tl.load(x_ptr + start[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
         acc = tl.sum(rows, axis=1)
     else:
