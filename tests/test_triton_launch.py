@@ -98,6 +98,45 @@ def test_grid_limits_are_checked_before_the_launch(monkeypatch):
         sc_bn_relu.affine_relu_backward_sums(x, x, v, v, v)
 
 
+class _LaunchRecorder:
+    """Stands in for a kernel: records each launch's keyword arguments and launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_position_chunk_kernels_go_64_bit_before_their_loop_counters_wrap(monkeypatch, channels_last):
+    """The statistics and BatchNorm-sums kernels walk (n, h, w) positions in chunks; the last program's
+    chunk end and loop counter run past N*H*W by up to a chunk and a block. With the 32-bit limit just
+    above the tensor's elements (a single-channel tensor just under 2**31, scaled down) both take the
+    64-bit path, and give the reference's values."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(5)
+    t, dy = (torch.randn(3, 1, 20, 24, generator=g).to(DEVICE).contiguous(memory_format=fmt) for _ in range(2))
+    for module in (tg, sc_bn_relu):
+        monkeypatch.setattr(module, "INT32_LIMIT", t.numel() + 1)
+    stats = _LaunchRecorder(tg._channel_stats_kernel)
+    sums = _LaunchRecorder(sc_bn_relu._affine_relu_sums_kernel)
+    monkeypatch.setattr(tg, "_channel_stats_kernel", stats)
+    monkeypatch.setattr(sc_bn_relu, "_affine_relu_sums_kernel", sums)
+    mean, var = tg.channel_stats(t)
+    torch.testing.assert_close(mean, t.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var, t.var(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+    v = torch.randn(1, generator=g).to(DEVICE)
+    got = sc_bn_relu.affine_relu_backward_sums(dy, t, v, v, v)
+    for u, w in zip(got, ref.affine_relu_backward_sums(dy, t, v, v, v)):
+        torch.testing.assert_close(u, w.float(), rtol=1e-5, atol=1e-4)
+    assert [k["BIG"] for k in stats.launches] == [True] and [k["BIG"] for k in sums.launches] == [True]
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_bn_relu_int64_offsets_path(monkeypatch, channels_last):
     """The 64-bit index path of the BatchNorm + ReLU kernels (taken at 2**31 elements), on a small

@@ -200,7 +200,9 @@ def affine_relu_backward_sums(dy, t, scale, shift, center):
     part = new_empty((2, q_progs, C), torch.float32, t.device)
     _affine_relu_sums_kernel[check_grid("affine_relu_backward_sums", (q_progs, c_blocks), f"a tensor of {C} channels")](
         t, dy, _vec(scale), _vec(shift), _vec(center), part[0], part[1], C, H * W, nhw, chunk, dy_pitch,
-        SLICED=dy_pitch != C, CHANNELS_LAST=channels_last, BIG=N * max(C, dy_pitch) * H * W >= INT32_LIMIT, BLOCK_C=block_c, BLOCK_P=block_p,
+        SLICED=dy_pitch != C, CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_P=block_p,
+        # 64-bit offsets from 2**31 elements, or where the last chunk's end and loop counter would pass it
+        BIG=max(N * max(C, dy_pitch) * H * W, nhw + chunk + block_p) >= INT32_LIMIT,
         num_warps=_num_warps(block_c * block_p))
     return part[0].sum(dim=0), part[1].sum(dim=0)
 

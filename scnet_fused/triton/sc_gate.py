@@ -569,7 +569,10 @@ def channel_stats(t: torch.Tensor):
     part = new_empty((2, q_progs, C), torch.float32, t.device)
     _channel_stats_kernel[grid](
         t, part[0], part[1], C, H * W, nhw, chunk,
-        CHANNELS_LAST=channels_last, BIG=t.numel() >= INT32_LIMIT, BLOCK_C=block_c, BLOCK_P=block_p,
+        # 64-bit offsets from 2**31 elements, or where the last program's chunk end and loop counter
+        # (past nhw by up to chunk + block_p) would pass it (a single-channel tensor just below 2**31)
+        CHANNELS_LAST=channels_last, BIG=max(t.numel(), nhw + chunk + block_p) >= INT32_LIMIT,
+        BLOCK_C=block_c, BLOCK_P=block_p,
         num_warps=_num_warps(block_c * block_p))
     # One more launch merges the programs' partials (not a dozen small torch operations).
     mean = new_empty((C,), torch.float32, t.device)
