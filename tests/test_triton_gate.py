@@ -151,7 +151,9 @@ def test_long_runs_and_channel_blocks(shape, channels_last):
 def test_uniform_runs_take_the_run_path_bit_for_bit(monkeypatch, big):
     """NCHW maps whose column runs are all one power-of-two length (56 -> 14 and 28 -> 7 in SCNet-50;
     12 -> 3 here) run the gate kernels with RUN set, their runs' lanes provably contiguous and aligned
-    (vector accesses when compiled); the results are the table path's, bit for bit."""
+    (vector accesses when compiled); the results are the table path's, bit for bit (on a GPU the
+    reductions over a run to within rounding: the two paths' thread layouts add its lanes in other
+    orders)."""
     assert tg.nchw_run(56, 14, 4, False) == 4 and tg.nchw_run(28, 7, 4, False) == 4
     assert tg.nchw_run(14, 3, 8, False) == 0 and tg.nchw_run(7, 1, 8, False) == 0
     assert tg.nchw_run(56, 14, 4, True) == 0 and tg.nchw_run(13, 3, 8, False) == 0
@@ -177,7 +179,10 @@ def test_uniform_runs_take_the_run_path_bit_for_bit(monkeypatch, big):
     table = run_all()
     assert len(with_run) == len(table) >= 10
     for a, b in zip(with_run, table):
-        assert torch.equal(a, b)
+        if a.shape == x.shape or DEVICE == "cpu":
+            assert torch.equal(a, b)
+        else:  # compiled, a run's sums (dsmall, the per-channel sums) add in the two layouts' lane orders
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     _close_to_f64(with_run[0], ref.gate_forward(x.double(), small.double(), k3.double(), _d(scale), _d(shift)))
 
 
