@@ -8,6 +8,8 @@
 
 #include "cpu/sc_isa.h"
 #ifdef SCNET_FUSED_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+
 #include "cuda/sc_cuda_load.h"
 #endif
 
@@ -17,20 +19,20 @@ namespace py = pybind11;
 namespace {
 
 // "" when CUDA device `index` loads the kernels of every CUDA file of this build, else why it does not
-// (the runtime's error, naming the file). The current device is restored, and the probe's error is taken
-// off the runtime's last-error slot so that the next launch check does not report it.
+// (the runtime's error, naming the file). The device is selected and restored the way torch's own
+// guards do it (c10::cuda::CUDAGuard: the previous device is set back only where it has a context, so
+// a probe of cuda:1 from a process that never touched cuda:0 creates no context there), and a failed
+// probe's error is taken off the runtime's last-error slot so that the next launch check does not
+// report it.
 std::string cuda_kernel_problem(int index) {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || index < 0 || index >= count) {
     cudaGetLastError();
     return "no CUDA device " + std::to_string(index) + " (" + std::to_string(count) + " visible)";
   }
-  int previous = -1;
-  if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
   std::string problem;
-  if (const cudaError_t err = cudaSetDevice(index); err != cudaSuccess) {
-    problem = std::string("cudaSetDevice(") + std::to_string(index) + "): " + cudaGetErrorString(err);
-  } else {
+  try {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(index));
     using Probe = cudaError_t (*)();
     const std::pair<const char*, Probe> probes[] = {{"sc_gate_cuda.cu", &scnet_fused::gate_kernels_load_status},
                                                     {"sc_pool_cuda.cu", &scnet_fused::pool_kernels_load_status},
@@ -38,12 +40,14 @@ std::string cuda_kernel_problem(int index) {
     for (const auto& [file, probe] : probes) {
       if (const cudaError_t err = probe(); err != cudaSuccess) {
         problem = std::string("the kernels of ") + file + " do not load: " + cudaGetErrorString(err);
+        cudaGetLastError();
         break;
       }
     }
+  } catch (const c10::Error& e) {
+    problem = "selecting CUDA device " + std::to_string(index) + ": " + e.what_without_backtrace();
+    cudaGetLastError();
   }
-  cudaGetLastError();
-  if (previous >= 0) cudaSetDevice(previous);
   return problem;
 }
 

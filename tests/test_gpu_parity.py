@@ -254,6 +254,45 @@ def test_the_cuda_kernels_load_on_every_gpu_here():
         torch.cuda.synchronize(dev)
 
 
+_PROBE_SCRIPT = """
+import torch, scnet_fused
+from scnet_fused import _C
+last = torch.cuda.device_count() - 1
+x = torch.randn(2, 8, 9, 9, device=f"cuda:{last}")  # plain torch first: its own contexts are the baseline
+torch.cuda.synchronize(last)
+before = [torch._C._cuda_hasPrimaryContext(i) for i in range(last + 1)]
+current = torch.cuda.current_device()
+assert _C.cuda_kernel_problem(last) == ""
+with scnet_fused.backend("cuda"):
+    scnet_fused.ops.sc_gate(x, torch.randn(2, 8, 2, 2, device=x.device), x)
+torch.cuda.synchronize(last)
+after = [torch._C._cuda_hasPrimaryContext(i) for i in range(last + 1)]
+assert torch.cuda.current_device() == current, (torch.cuda.current_device(), current)
+assert after == before, (before, after)
+print("ok", before)
+"""
+
+
+@pytest.mark.gpu
+def test_the_load_probe_leaves_the_current_device_and_other_gpus_alone():
+    """The first cuda-backend call on the last GPU probes it (a fresh process): the current device is
+    the same afterwards, and no GPU gets a CUDA context that plain torch on that GPU did not create
+    (a probe that set the previous device back unconditionally made one on cuda:0, several hundred MB
+    of memory in every process of a multi-GPU job)."""
+    import subprocess
+    import sys
+
+    from scnet_fused.ops import _cpp
+
+    if _cpp.unavailable_reason("cuda") is not None:
+        pytest.skip(_cpp.unavailable_reason("cuda"))
+    if torch.cuda.get_device_capability(torch.cuda.device_count() - 1) < (8, 0):
+        pytest.skip("the last GPU is older than sm_80: the cuda backend refuses it")
+    run = subprocess.run([sys.executable, "-c", _PROBE_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.startswith("ok")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", _gpu_backends())
 @pytest.mark.parametrize("shape", SHAPES)

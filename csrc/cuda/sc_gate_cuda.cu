@@ -18,7 +18,8 @@
 //                           step where the pointer allows and (NCHW) HW or (NHWC, stats_nhwc_pack_kernel)
 //                           C is a multiple of it (NHWC: at most 256 Packs a position), then
 //   stats_finalize_kernel   mean and biased variance, chunks summed in a fixed order.
-// Every reduction order depends on the shape alone, so results are deterministic.
+// Every reduction order depends on the shape and on whether the pointers allow 16-byte Packs (a view
+// at an odd offset sums in another grouping than its copy), never on timing: a run repeats bit for bit.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
