@@ -10,7 +10,7 @@ from scnet_fused.ops import available, backend, sc_avgpool
 
 from _util import backends_here
 
-# (N, C, H, W, r): divisible and not (trailing rows / columns dropped), r = 1 .. 5, a 1x1 pooled map.
+# (N, C, H, W, r): divisible and not (trailing rows / columns dropped), r = 1 .. 5 and 16, a 1x1 pooled map.
 SHAPES = [
     (2, 3, 8, 8, 4),
     (2, 5, 14, 14, 4),
@@ -20,6 +20,7 @@ SHAPES = [
     (1, 2, 5, 5, 5),
     (2, 3, 4, 6, 1),
     (1, 17, 6, 7, 4),
+    (1, 3, 37, 40, 16),  # a rate the Triton forward loops over instead of unrolling
 ]
 
 TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2)}
@@ -140,6 +141,17 @@ def test_one_window_per_plane(name, dtype, H, W, r):
     outside = torch.ones(H, W, dtype=torch.bool)
     outside[:r, :r] = False
     assert torch.all(dx[:, :, outside] == 0)  # exactly zero: no 0 * inf, no poisoned memory
+
+
+def test_triton_row_vectors_only_at_unrolled_power_of_two_rates():
+    """The Triton forward reads window rows as vectors at SCNet's widths (r = 4 dividing W, NCHW), never
+    past the unrolled rates (its [block, r] row tile would take 170 registers at r = 16)."""
+    sc_pool = pytest.importorskip("scnet_fused.triton.sc_pool")
+    assert sc_pool.row_vectors(56, 4, False) and sc_pool.row_vectors(28, 4, False)
+    assert not sc_pool.row_vectors(14, 4, False) and not sc_pool.row_vectors(56, 4, True)
+    assert not sc_pool.row_vectors(63, 3, False) and not sc_pool.row_vectors(64, 1, False)
+    assert sc_pool.row_vectors(64, sc_pool.UNROLL_MAX_R, False)
+    assert not sc_pool.row_vectors(64, 2 * sc_pool.UNROLL_MAX_R, False)
 
 
 def test_float64_gradcheck_and_opcheck():

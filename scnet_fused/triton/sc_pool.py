@@ -24,6 +24,10 @@ from .._alloc import new_empty
 from ._common import INT32_LIMIT, flat_block, layout as _layout, offset4, on_tensor_device, unflatten
 
 _BLOCK = 1024
+# Rates up to this unroll the forward's window (R * R loads; SCNet's r = 4); larger ones loop over it,
+# and read no window row as a vector (a [BLOCK, R] row tile: 170 registers at R = 16, spills at 32).
+UNROLL_MAX_R = 8
+_UNROLL_MAX_R: tl.constexpr = tl.constexpr(UNROLL_MAX_R)
 
 
 @triton.jit
@@ -58,10 +62,15 @@ def _avgpool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, h, w, inv,
             start = base_r + di * (Wr * R)
             rows += tl.load(x_ptr + start[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
         acc = tl.sum(rows, axis=1)
-    else:
+    elif R <= _UNROLL_MAX_R:
         acc = tl.zeros([BLOCK_E], dtype=tl.float32)
         for di in tl.static_range(R):
             for dj in tl.static_range(R):
+                acc += tl.load(x_ptr + base + di * s_row + dj * s_col, mask=mask, other=0.0).to(tl.float32)
+    else:  # a large rate: loops, not R * R unrolled loads (minutes of compile at r = 32)
+        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for di in range(R):
+            for dj in range(R):
                 acc += tl.load(x_ptr + base + di * s_row + dj * s_col, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + o, (acc * inv).to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -85,8 +94,8 @@ def _num_warps() -> int:
 
 def row_vectors(W: int, r: int, channels_last: bool) -> bool:
     """Whether the forward reads each window row as one vector (its ROW_VEC): NCHW maps whose width is
-    a multiple of a power-of-two rate (SCNet's r = 4 at 56 and 28 px; not at 14 or 7)."""
-    return not channels_last and r > 1 and r & (r - 1) == 0 and W % r == 0
+    a multiple of a power-of-two rate up to UNROLL_MAX_R (SCNet's r = 4 at 56 and 28 px; not at 14 or 7)."""
+    return not channels_last and 1 < r <= UNROLL_MAX_R and r & (r - 1) == 0 and W % r == 0
 
 
 @on_tensor_device
@@ -134,7 +143,8 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 
 def aot_kernels():
-    """(name, kernel, signature, constexprs) of the pool kernels at SCNet's rate 4, both layouts."""
+    """(name, kernel, signature, constexprs) of the pool kernels at SCNet's rate 4, both layouts (and the
+    forward at a rate that loops)."""
     entries = []
     ints = {nm: "i32" for nm in ("total", "C", "H", "W", "h", "w")}
     for dtype in (torch.float32, torch.bfloat16):
@@ -155,4 +165,9 @@ def aot_kernels():
     sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", **ints, "total": "i64", "inv": "fp32",
            **{k: "constexpr" for k in const}}
     entries.append(("avgpool_fwd_nhwc_bf16_r4_int64", _avgpool_fwd_kernel, sig, const))
+    # a rate past UNROLL_MAX_R: the forward loops over its window (unrolled, r = 32 took minutes to compile)
+    for cl in (False, True):
+        const = dict(CHANNELS_LAST=cl, BIG=False, R=32, BLOCK_E=_BLOCK, ROW_VEC=False)
+        sig = {"x_ptr": "*fp32", "y_ptr": "*fp32", **ints, "inv": "fp32", **{k: "constexpr" for k in const}}
+        entries.append((f"avgpool_fwd_{'nhwc' if cl else 'nchw'}_fp32_r32", _avgpool_fwd_kernel, sig, const))
     return entries
