@@ -406,8 +406,18 @@ def _bn_relu(conv: nn.Module, bn: nn.Module, relu: nn.Module, x: Tensor) -> Tens
     (:func:`scnet_fused.ops.bn_relu.bn_relu_train`) and the running statistics updated as nn.BatchNorm2d
     does; otherwise as the modules (inference folds conv + eval BN, see :func:`_conv_bn`)."""
     if not _batch_stats_bn(bn):
-        return relu(_conv_bn(conv, bn, x))
+        return _relu(relu, _conv_bn(conv, bn, x))
     return _bn_relu_of(bn, relu, _conv(conv, x))
+
+
+def _relu(relu: nn.Module, t: Tensor) -> Tensor:
+    """``relu(t)`` for a norm's output ``t``. A norm that hands back its input (``nn.Identity`` in a
+    norm-free block) can hand back a view: a half of the stacked entry convolution or a matrix-product
+    convolution's output, views autograd lets no in-place op modify. An in-place activation then
+    gets a copy (the reference's convolutions give it a tensor of its own)."""
+    if t._base is not None and torch.is_grad_enabled() and getattr(relu, "inplace", False):
+        t = t.clone()
+    return relu(t)
 
 
 def _bn_stats_ok(t: Tensor) -> bool:
@@ -418,7 +428,8 @@ def _bn_stats_ok(t: Tensor) -> bool:
 def _bn_relu_of(bn: nn.Module, relu: nn.Module, t: Tensor) -> Tensor:
     """``relu(bn(t))``, BatchNorm + ReLU fused where ``bn`` uses batch statistics."""
     if not (_batch_stats_bn(bn) and _bn_stats_ok(t)):
-        return relu(bn(t))  # empty batch, or one value per channel: BatchNorm2d's own handling / error
+        # any other norm; an empty batch, or one value per channel: BatchNorm2d's own handling / error
+        return _relu(relu, bn(t))
     factor = _bn_momentum(bn)
     weight, bias = _affine_params(bn, t)
     y, mean, var = bn_relu_train(t, weight, bias, bn.eps)
@@ -431,10 +442,14 @@ def _bn_of(bn: nn.Module, t: Tensor) -> Tensor:
     op ``_bn_train_ag`` (the one-call kernels of bn_relu_train without the ReLU, NCHW channel by
     channel), 1.4x-2.2x faster than ATen's CPU BatchNorm forward + backward at SCNet's stage shapes
     (``benchmarks/results/cpu-xeon/k4_norm.md``); running statistics as nn.BatchNorm2d. Otherwise (other
-    devices and dtypes, torch.compile, hooks, eval) the module."""
+    devices and dtypes, torch.compile, hooks, eval) the module; a norm other than a BatchNorm with its
+    gradient in its output's layout (:func:`_norm_module_out`: in a bottleneck, the concatenation's
+    backward hands SCConv's output a gradient in the block's layout)."""
     if not (_batch_stats_bn(bn) and _bn_stats_ok(t) and t.dtype == torch.float32 and t.device.type == "cpu"
             and t.shape[1] == bn.num_features and _tensors_on(bn, t) and cpp_autograd(t)):
-        return bn(t)
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            return bn(t)
+        return _norm_module_out(bn, t)
     factor = _bn_momentum(bn)
     weight, bias = _affine_params(bn, t)
     y, mean, var = torch.ops.scnet_fused._bn_train_ag(t, weight, bias, bn.eps)

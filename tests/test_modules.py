@@ -151,15 +151,22 @@ def test_other_norm_layers(norm):
         _step_and_compare(ref.eval(), fused.eval(), x, steps=1)
 
 
-@pytest.mark.parametrize("block", ["scconv", "bottleneck"])
+@pytest.mark.parametrize("block", ["scconv", "bottleneck", "bottleneck_k4"])
 def test_instance_norm_on_one_channels_last_image(block):
     """InstanceNorm2d on one channels_last image: its output is NCHW, and ATen's backward given a
     channels_last gradient for it computes wrong values; the gradients the fused gate returns in x's
-    layout reach it in its output's layout, so they match the reference."""
+    layout reach it in its output's layout, so they match the reference. ``bottleneck_k4``: only the
+    SCConv's k4 is an InstanceNorm, the other norms BatchNorms, so the concatenation's backward hands
+    k4's NCHW output a channels_last gradient (k1's half is channels_last)."""
     norm = lambda c: nn.InstanceNorm2d(c, affine=True)  # noqa: E731
     if block == "scconv":
         ref, fused = _pair(R.SCConv, 16, 16, 1, 1, 1, 1, 4, norm)
         x = torch.randn(1, 16, 8, 8)
+    elif block == "bottleneck_k4":  # norm_layer's calls: bn1_a, bn1_b, k1, k2, k3, k4, bn3
+        kinds = iter([nn.BatchNorm2d] * 5 + [norm, nn.BatchNorm2d])
+        ref, fused = _pair(R.SCBottleneck, 16, 4, norm_layer=lambda c: next(kinds)(c))
+        assert isinstance(ref.scconv.k4[1], nn.InstanceNorm2d) and isinstance(ref.bn3, nn.BatchNorm2d)
+        x = torch.randn(1, 16, 12, 12)
     else:
         ref, fused = _pair(R.SCBottleneck, 32, 8, norm_layer=norm)
         x = torch.randn(1, 32, 8, 8)
@@ -230,6 +237,24 @@ def test_bottleneck_norm_layers(norm):
     x = torch.randn(2, 32, 13, 14)
     _step_and_compare(ref.train(), fused.train(), x, steps=2)
     _step_and_compare(ref.eval(), fused.eval(), x, steps=1)
+
+
+@pytest.mark.parametrize("inplanes,planes,channels_last", [(32, 8, False), (1024, 256, True)],
+                         ids=["stacked-nchw", "matmul-channels_last"])
+def test_norm_free_bottleneck_on_one_image(inplanes, planes, channels_last):
+    """``norm_layer=nn.Identity`` (a norm-free block) on one image: the entry convolutions' outputs reach
+    the block's in-place ReLU through the Identity as views (the stacked convolution's NCHW halves; a
+    channels_last matrix-product convolution's output where the weights outweigh the input), which
+    autograd refuses to modify in place. Outputs and gradients as the reference, with the input
+    requiring grad or not, and at inference."""
+    ref, fused = _pair(R.SCBottleneck, inplanes, planes, norm_layer=lambda c: nn.Identity())
+    x = torch.randn(1, inplanes, 8, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    _step_and_compare(ref.train(), fused.train(), x, steps=1)
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)  # x without grad, weights with
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-4)
 
 
 # The stacked path on every backend in both memory formats; the variants choose between paths in the
