@@ -923,6 +923,12 @@ class SCConv(reference.SCConv):
         x_amp = _autocast_input(x, conv3)
         k3 = _conv(conv3, x if x_amp is None else x_amp)
         if k3.shape[-2:] != x.shape[-2:]:
+            # the reference fails at the product, after k2 and k3 ran in full: their norms count this
+            # batch there (running statistics), so they do here
+            with torch.no_grad(), contextlib.suppress(Exception):
+                if norm2 is not None:
+                    norm2(small)
+                norm3(k3)
             raise ValueError(f"SCConv: k3 changed the spatial size {tuple(x.shape[-2:])} -> "
                              f"{tuple(k3.shape[-2:])}; the gate needs them equal")
         k3_train = k3.numel() > 0 and _batch_stats_bn(norm3)

@@ -568,6 +568,28 @@ def _assert_same_state(got, want):
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("block", ["scconv", "bottleneck"])
+def test_k3_changing_the_size_errs_with_the_references_side_effects(block):
+    """A padding other than the dilation makes k3's output larger than x: the fused SCConv refuses it
+    with a clear error before the gate, and its norms have counted the batch as the reference's have
+    (the reference runs k2 and k3 in full and fails at the product); in a bottleneck k1's too."""
+    if block == "scconv":
+        ref = R.SCConv(8, 8, stride=1, padding=2, dilation=1, groups=1, pooling_r=4, norm_layer=nn.BatchNorm2d)
+    else:
+        ref = R.SCBottleneck(16, 4, norm_layer=nn.BatchNorm2d)
+        ref.scconv.k3[0].padding = (2, 2)
+    randomize_norms(ref)
+    fused = scnet_fused.convert(ref)
+    x = torch.randn(2, ref.conv1_a.in_channels if block == "bottleneck" else 8, 12, 12)
+    with pytest.raises(RuntimeError):  # the reference: the product's size mismatch
+        ref.train()(x)
+    with pytest.raises(ValueError, match="k3 changed the spatial size"):
+        fused.train()(x)
+    _assert_same_state(fused.state_dict(), ref.state_dict())
+    assert fused.state_dict() != {} and any(
+        k.endswith("num_batches_tracked") and v.item() == 1 for k, v in fused.state_dict().items())
+
+
 @pytest.mark.parametrize("where", ["k2", "k3", "k4", "k1", "bn1_a", "bn3"])
 def test_training_eps_of_zero_errs_with_the_references_side_effects(where):
     """eps = 0 in a training BatchNorm of a fused bottleneck: ATen's error, and afterwards the same state
