@@ -107,10 +107,13 @@ template <typename T>
 void backward_nchw_one_window(const T* dy, T* dx, int64_t planes, int64_t H, int64_t W, int64_t r) {
   const int64_t hw = H * W;
   const float inv = 1.0f / static_cast<float>(r * r);
-  std::vector<float> mask(static_cast<size_t>(hw));
-  const uint32_t ones = 0xFFFFFFFFu, none = 0u;
-  for (int64_t i = 0; i < H; ++i)
-    for (int64_t j = 0; j < W; ++j) std::memcpy(&mask[i * W + j], (i < r && j < r) ? &ones : &none, sizeof(float));
+  std::vector<float> mask;  // the window's bit mask, where the masked stores use it
+  if constexpr (kMaskedPlanes) {
+    mask.resize(static_cast<size_t>(hw));
+    const uint32_t ones = 0xFFFFFFFFu, none = 0u;
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < W; ++j) std::memcpy(&mask[i * W + j], (i < r && j < r) ? &ones : &none, sizeof(float));
+  }
   at::parallel_for(0, planes, grain_for(hw), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       T* out = dx + p * hw;
