@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from . import reference
 from .checkpoint import load_pretrained, wants_pretrained
 from .modules import MaxPool2d, SCBottleneck, scnet_stem
-from .ops._dispatch import exporting, standard_ops_only
+from .ops._dispatch import exporting, fx_symbolic, standard_ops_only
 
 __all__ = ["scnet50", "scnet50_v1d", "scnet101", "scnet101_v1d", "SCNetFeatures", "build"]
 
@@ -57,8 +57,7 @@ class SCNetFeatures(reference.SCNet):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
     def forward(self, x: Tensor) -> List[Tensor]:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"SCNet expects an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
+        x = reference.checked_image_batch(x)
         x = self.stem(x)
         outs = []
         for i in range(1, 5):
@@ -112,8 +111,8 @@ def _cpu_channels_last(x: Tensor, training: bool, policy) -> bool:
     ``torch.func`` transform (vmap cannot convert a batched tensor's memory format) or with a
     forward-mode AD level open: there the modules run the reference computation anyway.
     """
-    if x.dim() != 4 or x.device.type != "cpu" or policy is False:
-        return False
+    if fx_symbolic(x) or x.dim() != 4 or x.device.type != "cpu" or policy is False:
+        return False  # (a torch.fx graph keeps the caller's layout)
     if torch.compiler.is_compiling():
         return not exporting()
     if torch.jit.is_scripting() or standard_ops_only():  # tracing, torch.func transforms, forward-mode AD

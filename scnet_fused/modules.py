@@ -39,7 +39,7 @@ from torch.nn.modules import module as _nn_module
 from . import reference
 from .ops import sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
 from .ops.bn_relu import affine_add_relu, bn_add_relu_train, bn_relu_cat_train, bn_relu_train
-from .ops._dispatch import cpp_autograd, cpp_glue, standard_ops_only
+from .ops._dispatch import cpp_autograd, cpp_glue, fx_symbolic, standard_ops_only
 from .ops.relu_cat import relu_cat
 from .ops.sc_gate import _format, affine_fold
 from .ops import _cpp, _plain, conv1x1, winograd
@@ -885,6 +885,8 @@ class SCConv(reference.SCConv):
     fuse_k2_norm = True
 
     def forward(self, x: Tensor) -> Tensor:
+        if fx_symbolic(x):  # torch.fx symbolic tracing: the reference's graph
+            return reference.SCConv.forward(self, x)
         if standard_ops_only():
             return self._portable_forward(x)
         if (_reference_inference(x.numel(), SCCONV_INFERENCE_MIN_ELEMENTS) or not self._fusable()
@@ -1157,6 +1159,8 @@ class SCBottleneck(reference.SCBottleneck):
     stack_conv1 = True
 
     def forward(self, x: Tensor) -> Tensor:
+        if fx_symbolic(x):  # torch.fx symbolic tracing: the reference's graph (its SCConv's too)
+            return reference.SCBottleneck.forward(self, x)
         if (not _plain_relu(self.relu) or x.dim() != 4 or standard_ops_only()
                 or _reference_inference(self._map_elements(x), BOTTLENECK_INFERENCE_MIN_ELEMENTS)
                 or (self.avd and not self._plain_avd()) or _bad_train_norms(self)):
@@ -1285,6 +1289,11 @@ class MaxPool2d(nn.MaxPool2d):
     ``return_indices=True``, as ``nn.MaxPool2d``. The fused models use it for the stem's pool."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if fx_symbolic(x):
+            # torch.fx symbolic tracing: a call of this module, as the tracer records an nn.MaxPool2d
+            # (a leaf); the traced graph then runs it, on the package's kernel
+            tracer = x.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (x,), {})
         if self.return_indices or standard_ops_only():
             return super().forward(x)
         return max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
@@ -1300,7 +1309,7 @@ def scnet_stem(conv1: nn.Module, bn1: nn.Module, relu: nn.Module, maxpool: nn.Mo
     paths take; ``maxpool`` always runs as its module. The v1d models' deep stem (``conv1`` a Sequential
     of convolution, BatchNorm, ReLU, ..., convolution) runs its convolution + BatchNorm + ReLU triples
     the same way, and its last convolution with ``bn1``."""
-    if standard_ops_only() or x.dim() != 4 or not _plain_relu(relu):
+    if fx_symbolic(x) or standard_ops_only() or x.dim() != 4 or not _plain_relu(relu):
         return maxpool(relu(bn1(conv1(x))))
     if type(conv1) is nn.Sequential and len(conv1) > 0 and isinstance(conv1[-1], nn.Conv2d) and _hookless(conv1):
         mods = list(conv1)

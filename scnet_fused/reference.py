@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -48,6 +49,25 @@ def _check_sc_input(x: Tensor, inplanes: int, pooling_r: int) -> None:
             f"SCConv expects {inplanes} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
         )
     check_pooled_size(x.shape[2], x.shape[3], pooling_r)
+
+
+def checked_sc_input(x: Tensor, inplanes: int, pooling_r: int) -> Tensor:
+    """``x``, once it passed SCConv's input checks. Under ``torch.fx.symbolic_trace`` this call is a node
+    of the graph (``torch.fx.wrap``), so a traced model checks its inputs as the module does."""
+    _check_sc_input(x, inplanes, pooling_r)
+    return x
+
+
+def checked_image_batch(x: Tensor) -> Tensor:
+    """``x``, once it is an ``(N, 3, H, W)`` image batch (a node of a torch.fx graph, as above)."""
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"SCNet expects an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
+    return x
+
+
+# torch.fx: symbolic tracing records these two as calls (their Python checks cannot run on a Proxy)
+torch.fx.wrap("checked_sc_input")
+torch.fx.wrap("checked_image_batch")
 
 
 class SCConv(nn.Module):
@@ -93,7 +113,7 @@ class SCConv(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_sc_input(x, self.inplanes, self.pooling_r)
+        x = checked_sc_input(x, self.inplanes, self.pooling_r)
         identity = x
         up = F.interpolate(self.k2(x), size=identity.shape[2:], mode="nearest")
         out = torch.sigmoid(torch.add(identity, up))
@@ -276,8 +296,7 @@ class SCNet(nn.Module):
         return self.layer4(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"SCNet expects an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
+        x = checked_image_batch(x)
         x = self.forward_features(x)
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)

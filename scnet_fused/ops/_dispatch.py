@@ -92,6 +92,7 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.fx
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 _ENV = "SCNET_FUSED_BACKEND"
@@ -411,6 +412,25 @@ def exporting() -> bool:
     reads the flag that export sets. (torch 2.6 has no ``is_exporting``: False there.)"""
     flag = getattr(torch.compiler, "is_exporting", None)
     return bool(flag()) if flag is not None else False
+
+
+def fx_symbolic(x) -> bool:
+    """Whether ``x`` is a ``torch.fx`` symbolic-tracing Proxy. The fused modules then record the reference
+    computation: a graph of standard modules and functions, the published model's, which FX tools
+    (feature extraction, quantization, graph rewrites) read. A tracer that keeps a fused module as a
+    leaf never gets here: its graph calls the module, which runs fused."""
+    return isinstance(x, torch.fx.Proxy)
+
+
+def fx_record(fn, outputs: int, *args):
+    """``fn(*args)`` recorded as one node of the torch.fx graph being traced (the first Proxy among
+    ``args`` names the tracer): a public op called on a Proxy, whose input checks cannot run on one. The
+    graph calls the op when it runs, fused, with its checks. ``outputs``: 1 for an op returning a
+    tensor, else the length of the tuple it returns, given back as a tuple of Proxies (so that
+    ``y, *_ = op(...)`` and ``op(...)[0]`` trace as they run)."""
+    tracer = next(a.tracer for a in args if isinstance(a, torch.fx.Proxy))
+    out = tracer.create_proxy("call_function", fn, args, {})
+    return out if outputs == 1 else tuple(out[i] for i in range(outputs))
 
 
 def standard_ops_only() -> bool:

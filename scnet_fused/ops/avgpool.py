@@ -104,6 +104,8 @@ def sc_avgpool(x: Tensor, r: int) -> Tensor:
     float16, bfloat16, float32 (float64 on the reference backend); contiguous or channels_last (other
     strides are copied to contiguous first); the output keeps x's memory format. Differentiable.
     """
+    if _dispatch.fx_symbolic(x):
+        return _dispatch.fx_record(sc_avgpool, 1, x, r)
     check_avgpool_input(x, r)
     path = _dispatch.route(x)
     if path is _dispatch.PLAIN:

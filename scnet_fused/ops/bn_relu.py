@@ -144,6 +144,8 @@ def bn_relu_train(t: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) ->
     channels_last (y keeps the format); weight, bias: ``[C]``. ``mean`` and biased ``var`` are the
     float32 batch statistics (update running statistics with them; unbiased = var * M / (M - 1)).
     """
+    if _dispatch.fx_symbolic(t):  # torch.fx symbolic tracing: one node, the op
+        return _dispatch.fx_record(bn_relu_train, 3, t, weight, bias, eps)
     check_bn_relu_inputs(t, weight, bias)
     eps = checked_eps("bn_relu_train", eps)
     path = _dispatch.route(t)
@@ -264,6 +266,8 @@ def bn_relu_cat_train(ta: Tensor, wa: Tensor, ba: Tensor, tb: Tensor, wb: Tensor
     the output gradient in place (no copy of the halves) and saves ta, tb and per-channel vectors.
     Eager: two BatchNorms write their outputs, the ReLUs and the concatenation read and write them again.
     """
+    if _dispatch.fx_symbolic(ta):
+        return _dispatch.fx_record(bn_relu_cat_train, 5, ta, wa, ba, tb, wb, bb, eps_a, eps_b)
     check_bn_relu_cat_inputs(ta, wa, ba, tb, wb, bb)
     eps_a, eps_b = checked_eps("bn_relu_cat_train", eps_a, "eps_a"), checked_eps("bn_relu_cat_train", eps_b, "eps_b")
     path = _dispatch.route(ta)
@@ -375,6 +379,8 @@ def bn_add_relu_train(t: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
     and device (any memory format; read in t's); ``mean`` and biased ``var`` as :func:`bn_relu_train`.
     Differentiable in t, weight, bias and residual.
     """
+    if _dispatch.fx_symbolic(t):
+        return _dispatch.fx_record(bn_add_relu_train, 3, t, weight, bias, residual, eps)
     check_bn_add_relu_inputs(t, weight, bias, residual)
     eps = checked_eps("bn_add_relu_train", eps)
     path = _dispatch.route(t)
@@ -420,6 +426,8 @@ def affine_add_relu(t: Tensor, residual: Tensor, scale: Tensor, shift: Tensor) -
     """``relu(t * scale[c] + shift[c] + residual)`` in one pass, for inference (no autograd): an eval-mode
     BatchNorm folded to ``scale`` / ``shift``, the shortcut's addition and the ReLU at a bottleneck's end
     (eager: the BatchNorm, the sum and the ReLU each read and write a full-size tensor). y like t."""
+    if _dispatch.fx_symbolic(t):
+        return _dispatch.fx_record(affine_add_relu, 1, t, residual, scale, shift)
     _check_affine_add_relu(t, residual, scale, shift)
     if torch.is_grad_enabled() and any(v.requires_grad for v in (t, residual, scale, shift)):
         raise RuntimeError("affine_add_relu is for inference: call it under torch.no_grad() "

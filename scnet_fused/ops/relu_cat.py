@@ -86,6 +86,8 @@ _relu_cat.register_autograd(_backward, setup_context=_setup)
 
 def relu_cat(a: Tensor, b: Tensor) -> Tensor:
     """``torch.cat([torch.relu(a), torch.relu(b)], dim=1)`` in one buffer (a's memory format)."""
+    if _dispatch.fx_symbolic(a):  # torch.fx symbolic tracing: one node, the op
+        return _dispatch.fx_record(relu_cat, 1, a, b)
     _check(a, b)
     if _dispatch.standard_ops_only():
         return _plain.relu_cat(a, b)

@@ -272,6 +272,8 @@ def sc_gate(x: Tensor, small: Tensor, k3: Tensor, scale: Optional[Tensor] = None
     the kernels read small. The output has x's memory format (contiguous or channels_last).
     Differentiable in every input.
     """
+    if _dispatch.fx_symbolic(x):  # torch.fx symbolic tracing: one node, the op
+        return _dispatch.fx_record(sc_gate, 1, x, small, k3, scale, shift, small_scale, small_shift)
     check_gate_inputs(x, small, k3, scale, shift, small_scale, small_shift, names=_GATE_NAMES)
     path = _dispatch.route(x)
     if path is _dispatch.CPP:
@@ -410,6 +412,8 @@ def sc_gate_bn_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias:
     ``[C]``) are the batch statistics, for updating running stats. Differentiable in x, small, k3,
     weight and bias.
     """
+    if _dispatch.fx_symbolic(x):
+        return _dispatch.fx_record(sc_gate_bn_train, 3, x, small, k3, weight, bias, eps)
     _check_bn(x, small, k3, weight, bias)
     eps = checked_eps("sc_gate_bn_train", eps)
     path = _dispatch.route(x)
@@ -531,6 +535,9 @@ def sc_gate_bn2_train(x: Tensor, small: Tensor, k3: Tensor, weight: Tensor, bias
     statistics (biased variances, float32, ``[C]``) of k3 and of small, for updating running stats.
     Differentiable in x, small, k3 and the four BatchNorm parameters.
     """
+    if _dispatch.fx_symbolic(x):
+        return _dispatch.fx_record(sc_gate_bn2_train, 5, x, small, k3, weight, bias, eps, small_weight, small_bias,
+                                   small_eps)
     _check_bn2(x, small, k3, weight, bias, small_weight, small_bias)
     eps, small_eps = checked_eps("sc_gate_bn2_train", eps), checked_eps("sc_gate_bn2_train", small_eps, "small_eps")
     path = _dispatch.route(x)

@@ -473,6 +473,8 @@ def conv3x3_winograd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
     transforms, forward-mode AD) and under torch.export it is ``F.conv2d``; under torch.compile the
     graph op ``scnet_fused::conv3x3``, which runs this (or ``F.conv2d`` where :func:`winograd_applies`
     says no)."""
+    if _dispatch.fx_symbolic(x):  # torch.fx symbolic tracing: one node, the op
+        return _dispatch.fx_record(conv3x3_winograd, 1, x, weight, bias)
     _check(x, weight, bias)
     if not _kernels_present():
         from . import _cpp
