@@ -1291,9 +1291,15 @@ class MaxPool2d(nn.MaxPool2d):
     def forward(self, x: Tensor) -> Tensor:
         if fx_symbolic(x):
             # torch.fx symbolic tracing: a call of this module, as the tracer records an nn.MaxPool2d
-            # (a leaf); the traced graph then runs it, on the package's kernel
-            tracer = x.tracer
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), (x,), {})
+            # (a leaf); the traced graph then runs it, on the package's kernel. The module traced on its
+            # own, or one the traced module does not hold: F.max_pool2d's node.
+            try:
+                path = x.tracer.path_of_module(self)
+            except NameError:
+                path = ""
+            if path:
+                return x.tracer.create_proxy("call_module", path, (x,), {})
+            return super().forward(x)
         if self.return_indices or standard_ops_only():
             return super().forward(x)
         return max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)

@@ -255,3 +255,11 @@ def test_public_ops_trace_as_single_nodes():
     t, r, sc, sh = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5), torch.rand(8), torch.randn(8)
     with torch.no_grad():
         assert torch.equal(gf(t, r, sc, sh), scnet_fused.ops.affine_add_relu(t, r, sc, sh))
+
+
+def test_the_fused_stem_pool_traced_on_its_own():
+    pool = fused_modules.MaxPool2d(3, 2, 1)
+    gm = torch.fx.symbolic_trace(pool)  # the root itself: the pool's function, not a call of the root
+    assert not [c for c in _calls(gm) if c[0] == "module"]
+    x = torch.randn(2, 4, 9, 8)
+    assert torch.equal(gm(x), nn.functional.max_pool2d(x, 3, 2, 1))
