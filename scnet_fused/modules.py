@@ -42,7 +42,8 @@ from .ops.bn_relu import affine_add_relu, bn_add_relu_train, bn_relu_cat_train, 
 from .ops._dispatch import cpp_autograd, cpp_glue, fx_symbolic, standard_ops_only
 from .ops.relu_cat import relu_cat
 from .ops.sc_gate import _format, affine_fold
-from .ops import _cpp, _plain, conv1x1, winograd
+from .ops import _cpp, _plain, compiled_convs, conv1x1, winograd
+from .ops._dispatch import exporting
 from .ops.maxpool import max_pool2d
 
 __all__ = ["SCConv", "SCBottleneck", "MaxPool2d", "scnet_stem"]
@@ -724,6 +725,13 @@ class _ParamConv(torch.autograd.Function):
         return (grad_x, None, None, None, None, *grads_w)
 
 
+def _compiled_graph() -> bool:
+    """Under torch.compile, not torch.export: the convolutions with backwards of their own enter the graph
+    as custom ops (:mod:`scnet_fused.ops.compiled_convs`), which AOTAutograd's cache takes, instead of
+    as autograd.Functions, which it does not."""
+    return torch.compiler.is_compiling() and not exporting() and not torch.onnx.is_in_onnx_export()
+
+
 def _param_weight(weights, dtype: Optional[torch.dtype] = None) -> Tensor:
     """The weight the parameters make: the one, or several stacked; cast to ``dtype`` if given."""
     w = weights[0] if len(weights) == 1 else torch.cat(weights)
@@ -746,12 +754,13 @@ def _param_conv(x: Tensor, weights, stride, padding, dilation, groups: int) -> T
     ok, dtype = _autocast_dtype(x, weights)
     if not (ok and torch.is_grad_enabled() and x.dim() == 4):
         return F.conv2d(x, _param_weight(weights), None, stride, padding, dilation, groups)
+    apply = compiled_convs.param_conv if _compiled_graph() else _ParamConv.apply
     if dtype is None:
-        return _ParamConv.apply(x, _pair(stride), _pair(padding), _pair(dilation), groups, *weights)
+        return apply(x, _pair(stride), _pair(padding), _pair(dilation), groups, *weights)
     with torch.autocast(x.device.type, enabled=False):
         # x cast as autocast would (recorded: its gradient comes back in x's dtype, and a second
         # derivative reaches x through it); the cast of the weights inside
-        return _ParamConv.apply(x.to(dtype), _pair(stride), _pair(padding), _pair(dilation), groups, *weights)
+        return apply(x.to(dtype), _pair(stride), _pair(padding), _pair(dilation), groups, *weights)
 
 
 class _CentreTaps(torch.autograd.Function):
@@ -1005,6 +1014,9 @@ class SCConv(reference.SCConv):
         if small_scale is not None:
             small_scale, small_shift = small_scale.detach(), small_shift.detach()
         with torch.autocast(y.device.type, enabled=False) if amp_device else contextlib.nullcontext():
+            if _compiled_graph():
+                return compiled_convs.conv_of_gate(y, weight, x, small, k3, scale, shift, small_scale, small_shift,
+                                                   conv4.stride, conv4.padding, conv4.dilation, conv4.groups)
             return _ConvOfGate.apply(y, weight, x, small, k3, scale, shift, small_scale, small_shift,
                                      _pair(conv4.stride), _pair(conv4.padding), _pair(conv4.dilation), conv4.groups,
                                      regate)

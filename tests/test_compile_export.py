@@ -241,3 +241,42 @@ def test_exporting_is_true_only_under_export():
     for strict in (False, True):
         exported = torch.export.export(probe, (x,), strict=strict)
         assert torch.equal(exported.module()(x), x + 1), f"strict={strict}"
+
+
+@pytest.mark.parametrize("stride,channels_last", [(1, False), (2, True)])
+def test_compiled_graph_holds_custom_ops_not_autograd_functions(stride, channels_last):
+    """Under torch.compile k4's convolution of the recomputed gate and the stacked conv1 enter the graph as
+    the custom ops ``scnet_fused::conv_of_gate`` and ``param_conv`` (AOTAutograd caches a graph of custom
+    ops; one holding autograd.Functions it traces again in every process), with eager's results."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    downsample = nn.Sequential(nn.Conv2d(32, 128, 1, stride, bias=False), nn.BatchNorm2d(128))
+    eager = scnet_fused.SCBottleneck(32, 32, stride=stride, downsample=downsample).train()
+    _randomize_norms(eager)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    eager = eager.to(memory_format=fmt)
+    compiled_mod = copy.deepcopy(eager)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(compiled_mod, backend=capture, fullgraph=True)
+    x = torch.randn(2, 32, 40, 40).contiguous(memory_format=fmt)  # the gate output: 2x32x40x40 (recomputed)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with scnet_fused.backend(BACKEND):
+        out_e, out_c = eager(xe), compiled(xc)
+        g = torch.randn_like(out_e)
+        out_e.backward(g), out_c.backward(g)
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert not [t for t in targets if "autograd_function_apply" in t]
+    assert sum("scnet_fused.conv_of_gate" in t for t in targets) == 1
+    assert sum("scnet_fused.param_conv" in t for t in targets) == 1
+    torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
+    ge, gc = _grads(eager), _grads(compiled_mod)
+    for n in ge:
+        atol = 1e-5 * max(1.0, ge[n].abs().max().item())
+        torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=atol, msg=lambda m: f"grad {n}: {m}")
+    _assert_same_state(compiled_mod, eager, rtol=1e-5, atol=1e-6)
