@@ -655,6 +655,19 @@ def test_bench_compile_model_script(tmp_path, capsys):
         (["--layers", "1,0,1,1"], "--layers")])
 
 
+def test_bench_compile_time_script_usage_errors(tmp_path, capsys):
+    """benchmarks/bench_compile_time.py refuses bad arguments before it starts a process. (Its runs are
+    fresh processes that compile an SCNet, a minute or more of CPU even for a small one: measured by hand,
+    benchmarks/results/cpu-xeon/compile_time.md, not run here.)"""
+    _script_usage_errors("bench_compile_time", tmp_path, capsys, [
+        (["--variants", "fused:jit"], "--variants must name"),
+        (["--variants", ","], "--variants must name"),
+        (["--layers", "1,0,1,1"], "--layers"),
+        (["--layers", "1,1,1"], "--layers"),
+        (["--rounds", "0"], "--rounds must be a positive integer"),
+        (["--image-size", "64"], "at least 128")])
+
+
 @pytest.mark.background("eager_layout")
 def test_bench_eager_layout_script(tmp_path, capsys):
     """benchmarks/bench_eager_layout.py: a small fused SCNet's training step and eval forward with NCHW
