@@ -280,3 +280,50 @@ def test_compiled_graph_holds_custom_ops_not_autograd_functions(stride, channels
         atol = 1e-5 * max(1.0, ge[n].abs().max().item())
         torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=atol, msg=lambda m: f"grad {n}: {m}")
     _assert_same_state(compiled_mod, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_conv_ops_opcheck_and_gradients(channels_last):
+    """``scnet_fused::conv_of_gate`` and ``param_conv``: opcheck (schema, fake tensors, autograd
+    registration, AOT dispatch), and their gradients against the convolution of the gate output and of
+    the stacked weights (autograd through standard operators)."""
+    from scnet_fused.ops import compiled_convs
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    C = 8
+    x = torch.randn(2, C, 13, 12).contiguous(memory_format=fmt).requires_grad_()
+    small = torch.randn(2, C, 3, 3, requires_grad=True)
+    k3 = torch.randn(2, C, 13, 12).contiguous(memory_format=fmt).requires_grad_()
+    scale, shift = torch.rand(C) + 0.5, torch.randn(C)
+    w = torch.randn(C, C, 3, 3, requires_grad=True)
+    with scnet_fused.backend(BACKEND):
+        for stride, wop in ((1, True), (1, False), (2, False)):
+            y = scnet_fused.sc_gate(x, small, k3, scale, shift).detach().requires_grad_()
+            args = (y, w, x.detach(), small.detach(), k3.detach(), scale, shift, None, None, [stride] * 2, [1, 1],
+                    [1, 1], 1, wop and available("cpu") is None)
+            torch.library.opcheck(torch.ops.scnet_fused.conv_of_gate.default, args)
+            out = torch.ops.scnet_fused.conv_of_gate(*args)
+            assert out.is_contiguous(memory_format=fmt)
+            ref = nn.functional.conv2d(y, w, None, stride, 1)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+            g = torch.randn_like(ref)
+            got = torch.autograd.grad(out, (y, w), g)
+            want = torch.autograd.grad(ref, (y, w), g)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        w1, w2 = torch.randn(5, C, 1, 1, requires_grad=True), torch.randn(3, C, 1, 1, requires_grad=True)
+        xp = torch.randn(2, C, 6, 7).contiguous(memory_format=fmt).requires_grad_()
+        args = (xp, [w1, w2], [1, 1], [0, 0], [1, 1], 1)
+        torch.library.opcheck(torch.ops.scnet_fused.param_conv.default, args)
+        out = compiled_convs.param_conv(xp, 1, 0, 1, 1, w1, w2)
+        ref = nn.functional.conv2d(xp, torch.cat([w1, w2]))
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(out, (xp, w1, w2), g), torch.autograd.grad(ref, (xp, w1, w2), g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # only one of the stacked weights requires grad: the other gets none
+        w2.requires_grad_(False)
+        gw1, = torch.autograd.grad(compiled_convs.param_conv(xp.detach(), 1, 0, 1, 1, w1, w2), (w1,), g)
+        ref1 = nn.functional.conv2d(xp.detach(), torch.cat([w1, w2]))
+        torch.testing.assert_close(gw1, torch.autograd.grad(ref1, (w1,), g)[0], rtol=1e-5, atol=1e-5)
