@@ -39,11 +39,10 @@ from torch.nn.modules import module as _nn_module
 from . import reference
 from .ops import sc_avgpool, sc_gate, sc_gate_bn2_train, sc_gate_bn_train
 from .ops.bn_relu import affine_add_relu, bn_add_relu_train, bn_relu_cat_train, bn_relu_train
-from .ops._dispatch import cpp_autograd, cpp_glue, fx_symbolic, standard_ops_only
+from .ops._dispatch import cpp_autograd, cpp_glue, exporting, fx_symbolic, standard_ops_only
 from .ops.relu_cat import relu_cat
 from .ops.sc_gate import _format, affine_fold
 from .ops import _cpp, _plain, compiled_convs, conv1x1, winograd
-from .ops._dispatch import exporting
 from .ops.maxpool import max_pool2d
 
 __all__ = ["SCConv", "SCBottleneck", "MaxPool2d", "scnet_stem"]
@@ -732,10 +731,7 @@ def _compiled_graph() -> bool:
     return torch.compiler.is_compiling() and not exporting() and not torch.onnx.is_in_onnx_export()
 
 
-def _param_weight(weights, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """The weight the parameters make: the one, or several stacked; cast to ``dtype`` if given."""
-    w = weights[0] if len(weights) == 1 else torch.cat(weights)
-    return w if dtype is None else w.to(dtype)
+_param_weight = compiled_convs.param_weight
 
 
 def _autocast_dtype(x: Tensor, weights) -> Tuple[bool, Optional[torch.dtype]]:

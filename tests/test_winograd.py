@@ -1255,7 +1255,7 @@ def test_compiled_scconv_runs_its_convolutions_as_the_graph_op(monkeypatch, mode
             out_e.backward(g)
             calls.clear()
             out_c.backward(g)
-            # the input gradients of k3 and k4 (k2's input is the pool's output: its gradient too)
+            # the input gradients of k2, k3 and k4 (Winograd with the flipped filters)
             assert len(calls) == 3, f"the backward ran Winograd for {calls}"
             torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-4 * xe.grad.abs().max().item())
             assert xc.grad.stride() == xe.grad.stride()

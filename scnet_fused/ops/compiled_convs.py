@@ -5,12 +5,14 @@ convolution of the gate output, which recomputes that output in its backward ins
 ``modules._ParamConv``: a convolution whose weight is a parameter cast, or several stacked, saving the
 parameters instead of that new weight-sized tensor). A compiled graph holding an autograd.Function
 cannot go to AOTAutograd's cache (torch bypasses it for them), so every process that compiled a fused
-model traced its forward and backward graphs again: 8.6 s of a 20.7 s first step for scnet50 on the
-Intel Xeon with warm caches. Under torch.compile (not torch.export) the modules take these ops instead:
-the same computations and saved tensors, their backward formulas registered with ``register_autograd``.
+model traced its forward and backward graphs again (scnet50's first compiled forward + backward at
+2x3x128x128, caches warm, Intel Xeon: 23.9 s, and 13.3 s with these ops;
+``benchmarks/results/cpu-xeon/compile_time.md``). Under torch.compile (not torch.export) the modules
+take these ops instead: the same computations and saved tensors, their backward formulas registered
+with ``register_autograd``.
 
 ``conv_of_gate``: ``conv2d(y, weight)`` with ``y = sc_gate(x, small, k3, scale, shift, small_scale,
-small_shift)`` rebuilt in the backward. ``winograd``: the graph's decision (``winograd._graph_op_applies``,
+small_shift)`` rebuilt in the backward. ``winograd_op``: the graph's decision (``winograd._graph_op_applies``,
 made while dynamo traces): the body then runs ``scnet_fused::conv3x3``'s (Winograd where the size rule
 says so on the real tensors, else ATen's convolution) and the backward ``conv3x3_backward``; otherwise
 ATen's convolution and its backward. The output has y's layout (dense NCHW or channels_last), as the
@@ -32,22 +34,18 @@ from . import winograd
 from .sc_gate import sc_gate
 
 
-def _out_shape(x: Tensor, weight: Tensor, stride, padding, dilation):
-    N, _, H, W = x.shape
-    K, _, R, S = weight.shape
-    Ho = (H + 2 * padding[0] - dilation[0] * (R - 1) - 1) // stride[0] + 1
-    Wo = (W + 2 * padding[1] - dilation[1] * (S - 1) - 1) // stride[1] + 1
-    return N, K, Ho, Wo
+def _conv_like(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    """The fake output: ATen's convolution on the fake tensors gives the shape, in x's graph layout (the
+    layout the bodies return)."""
+    out = F.conv2d(x, weight.to(x.dtype), None, stride, padding, dilation, groups)
+    return torch.empty(out.shape, dtype=x.dtype, device=x.device, memory_format=winograd._graph_format(x))
 
 
-def _empty_like_conv(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
-    return torch.empty(_out_shape(x, weight, stride, padding, dilation), dtype=x.dtype, device=x.device,
-                       memory_format=winograd._graph_format(x))
-
-
-def _weight_of(weights: List[Tensor], dtype: torch.dtype) -> Tensor:
+def param_weight(weights, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The weight the parameters make: the one, or several stacked; cast to ``dtype`` if given (also
+    ``modules._ParamConv``'s)."""
     w = weights[0] if len(weights) == 1 else torch.cat(weights)
-    return w.to(dtype)
+    return w if dtype is None else w.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,7 +67,7 @@ def _conv_of_gate(y: Tensor, weight: Tensor, x: Tensor, small: Tensor, k3: Tenso
 @_conv_of_gate.register_fake
 def _(y, weight, x, small, k3, scale, shift, small_scale, small_shift, stride, padding, dilation, groups,
       winograd_op):
-    return _empty_like_conv(y, weight, stride, padding, dilation)
+    return _conv_like(y, weight, stride, padding, dilation, groups)
 
 
 def _conv_of_gate_setup(ctx, inputs, output):
@@ -117,14 +115,13 @@ def conv_of_gate(y: Tensor, weight: Tensor, x: Tensor, small: Tensor, k3: Tensor
 @torch.library.custom_op("scnet_fused::param_conv", mutates_args=())
 def _param_conv(x: Tensor, weights: List[Tensor], stride: List[int], padding: List[int], dilation: List[int],
                 groups: int) -> Tensor:
-    out = F.conv2d(x, _weight_of(weights, x.dtype), None, stride, padding, dilation, groups)
+    out = F.conv2d(x, param_weight(weights, x.dtype), None, stride, padding, dilation, groups)
     return winograd._in_format(out, winograd._graph_format(x))
 
 
 @_param_conv.register_fake
 def _(x, weights, stride, padding, dilation, groups):
-    K = sum(w.shape[0] for w in weights)
-    return _empty_like_conv(x, weights[0].new_empty((K,) + tuple(weights[0].shape[1:])), stride, padding, dilation)
+    return _conv_like(x, param_weight(weights), stride, padding, dilation, groups)
 
 
 def _param_conv_setup(ctx, inputs, output):
@@ -139,7 +136,7 @@ def _param_conv_bwd(ctx, grad_out):
     need_x, need_ws = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # (a list for the Tensor[] input)
     need_w = any(need_ws)
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_out, x, _weight_of(weights, x.dtype), None, list(stride), list(padding), list(dilation), False,
+        grad_out, x, param_weight(weights, x.dtype), None, list(stride), list(padding), list(dilation), False,
         [0, 0], groups, [need_x, need_w, False])
     grads_w = [None] * len(weights)
     if need_w:
